@@ -1,0 +1,1 @@
+"""Plugins with no dependency beyond the core's, registered like any third-party plugin."""

@@ -1,0 +1,407 @@
+"""The ``none`` and ``dynamic`` batchers.
+
+Both bound their queue (a full queue answers 503 ``queue_full`` at once, without running the
+model), answer a request whose queue wait passed ``queue_timeout_ms`` with 503
+``queue_timeout`` and never run it, and never run a request whose caller has gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from typing import Annotated, Any
+
+import msgspec
+import numpy as np
+
+from infercore.components import Batcher, BatchObserver, ComponentContext, Model, Tensors
+from infercore.errors import (
+    BackendError,
+    DeadlineExceeded,
+    InfercoreError,
+    QueueFull,
+    QueueTimeout,
+)
+from infercore.hookspecs import hookimpl
+
+log = logging.getLogger("infercore.batching")
+
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+NonNegative = Annotated[float, msgspec.Meta(ge=0)]
+PositiveMs = Annotated[float, msgspec.Meta(gt=0)]
+
+_QUEUED, _RUNNING, _DONE = 0, 1, 2
+
+
+def _check_outputs(model: Model, outputs: Any, rows: int) -> Tensors:
+    """Outputs must be a mapping of arrays with one row per input row when batched."""
+    if not isinstance(outputs, dict):
+        raise BackendError(f"model returned {type(outputs).__name__}, expected a dict of arrays")
+    for spec in model.outputs:
+        value = outputs.get(spec.name)
+        if not isinstance(value, np.ndarray):
+            raise BackendError(f"model output {spec.name!r} is missing or not an array")
+        if spec.batched and (value.ndim == 0 or value.shape[0] != rows):
+            raise BackendError(
+                f"model output {spec.name!r} has {value.shape[0] if value.ndim else 0} rows, "
+                f"expected {rows}"
+            )
+    return outputs
+
+
+async def _call_model(model: Model, inputs: Tensors, rows: int) -> Tensors:
+    try:
+        outputs = await model.predict(inputs)
+    except InfercoreError:
+        raise
+    except Exception as exc:
+        log.error("model %s raised %s: %s", model.context.path, type(exc).__name__, exc)
+        raise BackendError("the model failed on this request") from exc
+    return _check_outputs(model, outputs, rows)
+
+
+def _rows(model: Model, inputs: Tensors) -> int:
+    for spec in model.inputs:
+        if spec.batched and spec.name in inputs:
+            return int(inputs[spec.name].shape[0])
+    return 1
+
+
+class NoBatcherConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    #: Model calls running at once; further requests wait in the queue.
+    max_concurrency: PositiveInt = 4
+    #: Requests waiting for a slot; beyond this: 503 queue_full.
+    max_queue_size: PositiveInt = 512
+    #: Longest wait for a slot; then 503 queue_timeout and the request never runs.
+    queue_timeout_ms: PositiveMs = 1000
+
+
+class NoBatcher(Batcher):
+    """Calls the model once per request, at most ``max_concurrency`` at a time."""
+
+    kind = "none"
+    Config = NoBatcherConfig
+    config: NoBatcherConfig
+
+    def __init__(
+        self,
+        config: NoBatcherConfig,
+        context: ComponentContext,
+        model: Model,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        super().__init__(config, context, model, observer)
+        self._slots = asyncio.Semaphore(config.max_concurrency)
+        self._waiting = 0
+
+    @property
+    def queue_depth(self) -> int:
+        return self._waiting
+
+    async def submit(self, inputs: Tensors, *, deadline: float) -> Tensors:
+        loop = asyncio.get_running_loop()
+        if self._slots.locked():
+            if self._waiting >= self.config.max_queue_size:
+                raise QueueFull(f"queue of model {self.context.model_name!r} is full")
+            start = loop.time()
+            limit = start + self.config.queue_timeout_ms / 1000
+            self._waiting += 1
+            self.observer.set_queue_depth(self._waiting)
+            try:
+                async with asyncio.timeout_at(min(limit, deadline)):
+                    await self._slots.acquire()
+            except TimeoutError:
+                if deadline <= limit:
+                    raise DeadlineExceeded("deadline exceeded while queued") from None
+                raise QueueTimeout(
+                    f"waited over {self.config.queue_timeout_ms:g} ms in the queue"
+                ) from None
+            finally:
+                self._waiting -= 1
+                self.observer.set_queue_depth(self._waiting)
+            self.observer.observe_queue_wait(loop.time() - start)
+        else:
+            await self._slots.acquire()
+            self.observer.observe_queue_wait(0.0)
+        try:
+            rows = _rows(self.model, inputs)
+            t0 = loop.time()
+            outputs = await _call_model(self.model, inputs, rows)
+            self.observer.observe_batch(rows, loop.time() - t0)
+            return outputs
+        finally:
+            self._slots.release()
+
+
+class DynamicBatcherConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    #: Most rows in one model call. A request with more rows runs alone.
+    max_batch_size: PositiveInt = 32
+    #: Longest wait, from the first queued request, for a batch to fill. 0: take what is there.
+    max_queue_delay_ms: NonNegative = 0.0
+    #: Requests waiting; beyond this: 503 queue_full.
+    max_queue_size: PositiveInt = 512
+    #: Longest queue wait; then 503 queue_timeout and the request never runs.
+    queue_timeout_ms: PositiveMs = 1000
+    #: Model calls in flight at once.
+    max_concurrent_batches: PositiveInt = 1
+
+
+class _Item:
+    __slots__ = ("enqueued", "future", "inputs", "key", "rows", "state", "timer")
+
+    def __init__(self, inputs: Tensors, rows: int, key: tuple[Any, ...], future: Any, t: float):
+        self.inputs = inputs
+        self.rows = rows
+        self.key = key
+        self.future: asyncio.Future[Tensors] = future
+        self.enqueued = t
+        self.state = _QUEUED
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class DynamicBatcher(Batcher):
+    """Stacks concurrent requests along the batch dimension into one model call.
+
+    A collector task takes the oldest waiting request and adds the following ones while the
+    batch has room and their tensors are compatible (same dtypes and trailing shapes). With
+    ``max_queue_delay_ms`` = 0 it never waits: at low load a lone request goes at once, and
+    under load the queue fills while the previous batch runs. Each request gets exactly its
+    own rows back. If a batch of several requests fails, each request is retried alone, so
+    one poisoned request cannot fail its batch-mates. A model whose tensors have no batch
+    dimension is called once per request.
+    """
+
+    kind = "dynamic"
+    Config = DynamicBatcherConfig
+    config: DynamicBatcherConfig
+
+    def __init__(
+        self,
+        config: DynamicBatcherConfig,
+        context: ComponentContext,
+        model: Model,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        super().__init__(config, context, model, observer)
+        self._queue: collections.deque[_Item] = collections.deque()
+        self._waiting = 0
+        self._wakeup: asyncio.Event | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[None]] = set()
+        self._batched_names: tuple[str, ...] = ()
+
+    @property
+    def queue_depth(self) -> int:
+        return self._waiting
+
+    async def start(self) -> None:
+        self._wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(self.config.max_concurrent_batches)
+        self._batched_names = tuple(s.name for s in self.model.inputs if s.batched)
+        self._task = asyncio.create_task(self._collect(), name=f"batcher:{self.context.path}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
+        while self._queue:
+            item = self._queue.popleft()
+            if item.state == _QUEUED and not item.future.done():
+                item.future.set_exception(QueueTimeout("the batcher stopped"))
+
+    async def submit(self, inputs: Tensors, *, deadline: float) -> Tensors:
+        if self._task is None or self._wakeup is None:
+            raise RuntimeError("DynamicBatcher.submit() before start()")
+        if self._waiting >= self.config.max_queue_size:
+            raise QueueFull(f"queue of model {self.context.model_name!r} is full")
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        rows = _rows(self.model, inputs)
+        key = tuple(
+            (name, arr.dtype.str, arr.shape[1:]) for name, arr in sorted(inputs.items())
+        )
+        item = _Item(inputs, rows, key, loop.create_future(), now)
+        limit = now + self.config.queue_timeout_ms / 1000
+        item.timer = loop.call_at(min(limit, deadline), self._expire, item, deadline <= limit)
+        self._queue.append(item)
+        self._waiting += 1
+        self.observer.set_queue_depth(self._waiting)
+        self._wakeup.set()
+        try:
+            return await item.future
+        except asyncio.CancelledError:
+            # The caller has gone (client disconnect or deadline): never run its work.
+            self._abandon(item)
+            raise
+
+    def _abandon(self, item: _Item) -> None:
+        if item.state == _QUEUED:
+            item.state = _DONE
+            self._waiting -= 1
+            self.observer.set_queue_depth(self._waiting)
+        if item.timer is not None:
+            item.timer.cancel()
+
+    def _expire(self, item: _Item, by_deadline: bool) -> None:
+        if item.state != _QUEUED:
+            return
+        item.state = _DONE
+        self._waiting -= 1
+        self.observer.set_queue_depth(self._waiting)
+        if not item.future.done():
+            if by_deadline:
+                item.future.set_exception(DeadlineExceeded("deadline exceeded while queued"))
+            else:
+                item.future.set_exception(
+                    QueueTimeout(f"waited over {self.config.queue_timeout_ms:g} ms in the queue")
+                )
+
+    def _next_live(self) -> _Item | None:
+        while self._queue:
+            item = self._queue[0]
+            if item.state == _QUEUED:
+                return item
+            self._queue.popleft()
+        return None
+
+    def _take(self, item: _Item, loop: asyncio.AbstractEventLoop) -> None:
+        self._queue.popleft()
+        item.state = _RUNNING
+        self._waiting -= 1
+        if item.timer is not None:
+            item.timer.cancel()
+        self.observer.observe_queue_wait(loop.time() - item.enqueued)
+
+    async def _collect(self) -> None:
+        assert self._wakeup is not None and self._slots is not None
+        loop = asyncio.get_running_loop()
+        max_rows = self.config.max_batch_size
+        delay = self.config.max_queue_delay_ms / 1000
+        batchable = self.model.batchable
+        while True:
+            first = self._next_live()
+            if first is None:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            # Wait for a free model slot before forming the batch: requests keep arriving
+            # meanwhile, so the batch is as full as it can be when the model is free.
+            await self._slots.acquire()
+            first = self._next_live()
+            if first is None:
+                self._slots.release()
+                continue
+            self._take(first, loop)
+            batch = [first]
+            rows = first.rows
+            if batchable:
+                fill_until = first.enqueued + delay
+                while rows < max_rows:
+                    nxt = self._next_live()
+                    if nxt is None:
+                        remaining = fill_until - loop.time()
+                        if remaining <= 0:
+                            break
+                        self._wakeup.clear()
+                        try:
+                            async with asyncio.timeout(remaining):
+                                await self._wakeup.wait()
+                        except TimeoutError:
+                            break
+                        continue
+                    if nxt.key != first.key or rows + nxt.rows > max_rows:
+                        break
+                    self._take(nxt, loop)
+                    batch.append(nxt)
+                    rows += nxt.rows
+            self.observer.set_queue_depth(self._waiting)
+            task = asyncio.create_task(self._execute(batch, rows))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _execute(self, batch: list[_Item], rows: int) -> None:
+        assert self._slots is not None
+        loop = asyncio.get_running_loop()
+        try:
+            live = [it for it in batch if not it.future.done()]
+            if not live:
+                return
+            if len(live) < len(batch):
+                rows = sum(it.rows for it in live)
+            try:
+                t0 = loop.time()
+                outputs = await _call_model(self.model, self._stack(live), rows)
+                self.observer.observe_batch(rows, loop.time() - t0)
+            except Exception as exc:
+                if len(live) == 1:
+                    self._fail(live[0], exc)
+                    return
+                # Isolate the failure: run each request alone so one bad request fails alone.
+                for item in live:
+                    if item.future.done():
+                        continue
+                    try:
+                        t0 = loop.time()
+                        alone = await _call_model(self.model, item.inputs, item.rows)
+                        self.observer.observe_batch(item.rows, loop.time() - t0)
+                    except Exception as exc_alone:
+                        self._fail(item, exc_alone)
+                    else:
+                        if not item.future.done():
+                            item.future.set_result(alone)
+                return
+            self._split(live, outputs)
+        finally:
+            for it in batch:
+                it.state = _DONE
+            self._slots.release()
+
+    def _stack(self, live: list[_Item]) -> Tensors:
+        if len(live) == 1:
+            return live[0].inputs
+        first = live[0].inputs
+        out: Tensors = {}
+        for name, value in first.items():
+            if name in self._batched_names:
+                out[name] = np.concatenate([it.inputs[name] for it in live], axis=0)
+            else:
+                out[name] = value
+        return out
+
+    def _split(self, live: list[_Item], outputs: Tensors) -> None:
+        if len(live) == 1:
+            if not live[0].future.done():
+                live[0].future.set_result(outputs)
+            return
+        batched = {s.name for s in self.model.outputs if s.batched}
+        start = 0
+        for item in live:
+            end = start + item.rows
+            result = {
+                name: (value[start:end] if name in batched else value)
+                for name, value in outputs.items()
+            }
+            start = end
+            if not item.future.done():
+                item.future.set_result(result)
+
+    @staticmethod
+    def _fail(item: _Item, exc: BaseException) -> None:
+        if item.future.done():
+            return
+        if not isinstance(exc, InfercoreError):
+            exc = BackendError("the model failed on this request")
+        item.future.set_exception(exc)
+
+
+@hookimpl
+def register_batchers() -> list[type[Batcher]]:
+    return [NoBatcher, DynamicBatcher]

@@ -1,0 +1,66 @@
+"""The ``request`` feature source: model inputs come from the request itself."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import msgspec
+import numpy as np
+
+from infercore.components import FeatureSource, Tensors
+from infercore.errors import InvalidInput
+from infercore.hookspecs import hookimpl
+
+
+class RequestFeatureSourceConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    #: Assemble named request fields into one 2-D input, column by column:
+    #: ``{input: [field_a, field_b, ...]}``. Fields not named here pass through unchanged.
+    assemble: dict[str, list[str]] = {}
+
+
+class RequestFeatureSource(FeatureSource):
+    """Passes the request's tensors to the model, optionally stacking named fields.
+
+    With ``assemble: {input: [sepal_length, sepal_width, petal_length, petal_width]}`` a V1
+    request of objects (``{"instances": [{"sepal_length": 5.1, ...}]}``) becomes one ``[N, 4]``
+    tensor named ``input``.
+    """
+
+    kind = "request"
+    Config = RequestFeatureSourceConfig
+    config: RequestFeatureSourceConfig
+
+    async def fetch(self, fields: Mapping[str, np.ndarray], *, deadline: float) -> Tensors:
+        if not self.config.assemble:
+            return dict(fields)
+        out: Tensors = {}
+        used: set[str] = set()
+        for input_name, columns in self.config.assemble.items():
+            if input_name in fields and not any(c in fields for c in columns):
+                out[input_name] = fields[input_name]  # the client sent the tensor whole
+                continue
+            parts = []
+            for column in columns:
+                value = fields.get(column)
+                if value is None:
+                    raise InvalidInput(
+                        f"missing field {column!r} (needed for input {input_name!r})",
+                        hint=f"send every field of: {', '.join(columns)}",
+                    )
+                if value.ndim != 1:
+                    raise InvalidInput(f"field {column!r}: expected one scalar per instance")
+                parts.append(value)
+                used.add(column)
+            lengths = {len(p) for p in parts}
+            if len(lengths) > 1:
+                raise InvalidInput(f"input {input_name!r}: fields have different row counts")
+            out[input_name] = np.stack(parts, axis=1)
+        for name, value in fields.items():
+            if name not in used and name not in out:
+                out[name] = value
+        return out
+
+
+@hookimpl
+def register_feature_sources() -> list[type[FeatureSource]]:
+    return [RequestFeatureSource]

@@ -1,0 +1,31 @@
+"""The abstract interfaces every plugin component implements."""
+
+from infercore.components.base import Component, ComponentContext, EmptyConfig
+from infercore.components.batching import Batcher, BatchObserver, NullObserver
+from infercore.components.drift import Action, DriftDetector, DriftEvent, DriftResult
+from infercore.components.features import FeatureSource
+from infercore.components.model import Model, Tensors
+from infercore.components.routing import RouteRequest, Router, RoutingTable
+from infercore.components.tensors import V2_TO_NUMPY, TensorSpec, v2_datatype
+
+__all__ = [
+    "V2_TO_NUMPY",
+    "Action",
+    "BatchObserver",
+    "Batcher",
+    "Component",
+    "ComponentContext",
+    "DriftDetector",
+    "DriftEvent",
+    "DriftResult",
+    "EmptyConfig",
+    "FeatureSource",
+    "Model",
+    "NullObserver",
+    "RouteRequest",
+    "Router",
+    "RoutingTable",
+    "TensorSpec",
+    "Tensors",
+    "v2_datatype",
+]

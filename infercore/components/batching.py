@@ -1,0 +1,69 @@
+"""The batcher interface: queues requests for one model version and calls the model."""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Protocol
+
+from infercore.components.base import Component, ComponentContext
+from infercore.components.model import Model, Tensors
+
+
+class BatchObserver(Protocol):
+    """Where a batcher reports what it did (infercore binds it to the version's metrics)."""
+
+    def observe_batch(self, rows: int, inference_seconds: float) -> None: ...
+
+    def observe_queue_wait(self, seconds: float) -> None: ...
+
+    def set_queue_depth(self, depth: int) -> None: ...
+
+
+class NullObserver:
+    """An observer that records nothing (for tests and embedding)."""
+
+    def observe_batch(self, rows: int, inference_seconds: float) -> None:
+        pass
+
+    def observe_queue_wait(self, seconds: float) -> None:
+        pass
+
+    def set_queue_depth(self, depth: int) -> None:
+        pass
+
+
+class Batcher(Component):
+    """Stands between requests and one loaded model version.
+
+    Constructed as ``Batcher(config, context, model, observer)``. :meth:`submit` is called once per
+    request with that request's validated inputs; it returns exactly that request's outputs.
+    A batcher must bound its queue (raise :class:`~infercore.errors.QueueFull`), must never run
+    a request whose caller gave up or whose queue wait exceeded its limit
+    (:class:`~infercore.errors.QueueTimeout`), and must keep one request's failure from failing
+    another's.
+    """
+
+    def __init__(
+        self,
+        config: Any,
+        context: ComponentContext,
+        model: Model,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        super().__init__(config, context)
+        self.model = model
+        self.observer: BatchObserver = observer or NullObserver()
+
+    @abc.abstractmethod
+    async def submit(self, inputs: Tensors, *, deadline: float) -> Tensors:
+        """Run one request's inputs through the model.
+
+        Args:
+            inputs: The request's tensors; batched ones have the request's rows on axis 0.
+            deadline: Event-loop time (``loop.time()``) by which the request must be answered.
+        """
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting (not yet running)."""
+        return 0

@@ -1,0 +1,33 @@
+"""The feature source interface: turns request fields into model inputs."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+
+import numpy as np
+
+from infercore.components.base import Component
+from infercore.components.model import Tensors
+
+
+class FeatureSource(Component):
+    """Builds a model's input tensors from the fields of a request.
+
+    The protocol codec decodes a request into named columns: a V2 request gives one array per
+    input; a V1 request with ``instances`` of objects gives one array per field. A feature
+    source may add features from elsewhere (a feature store) and must return the tensors the
+    model expects by name. It runs on the event loop: blocking reads belong in a thread.
+    """
+
+    @abc.abstractmethod
+    async def fetch(self, fields: Mapping[str, np.ndarray], *, deadline: float) -> Tensors:
+        """Return the model's inputs for the rows of one request.
+
+        Args:
+            fields: Named request columns, each with the request's rows along axis 0.
+            deadline: Event-loop time (``loop.time()``) by which the whole request must finish.
+
+        Returns:
+            One array per model input name.
+        """

@@ -1,0 +1,65 @@
+"""The model interface: what a ``model_loader`` plugin provides."""
+
+from __future__ import annotations
+
+import abc
+from typing import ClassVar
+
+import numpy as np
+
+from infercore.components.base import Component
+from infercore.components.tensors import TensorSpec
+
+Tensors = dict[str, np.ndarray]
+
+
+class Model(Component):
+    """A loaded model version that turns named input tensors into named output tensors.
+
+    A ``model_loader`` plugin registers a subclass. infercore constructs it with its validated
+    ``Config`` and a :class:`~infercore.components.base.ComponentContext` (``model_name`` and
+    ``version`` set), then awaits :meth:`start`, which must load the artifact and set
+    :attr:`inputs` and :attr:`outputs`, and then :meth:`warmup`. Only after both succeeded
+    does the version receive traffic.
+
+    :meth:`predict` receives a batch: every tensor whose spec is batched has the rows of one
+    or more requests stacked along its first dimension, and must return one row per input row
+    for every batched output. It runs on the event loop, so a blocking runtime must hand the
+    work to a thread itself (``await asyncio.to_thread(...)``).
+    """
+
+    #: Shown as ``platform`` in the V2 model metadata, e.g. ``onnxruntime_onnx``.
+    platform: ClassVar[str] = ""
+
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+    @abc.abstractmethod
+    async def predict(self, inputs: Tensors) -> Tensors:
+        """Run the model on a batch.
+
+        Args:
+            inputs: One array per input name, validated against :attr:`inputs`.
+
+        Returns:
+            One array per output name listed in :attr:`outputs`.
+        """
+
+    async def warmup(self) -> None:
+        """Run one prediction on a zero-filled row so the first request pays no start-up cost.
+
+        Raises whatever :meth:`predict` raises; a failed warm-up fails the load.
+        """
+        batch: Tensors = {}
+        for spec in self.inputs:
+            shape = tuple(1 if d < 0 else d for d in spec.shape)
+            if spec.datatype == "BYTES":
+                batch[spec.name] = np.full(shape, b"", dtype=object)
+            else:
+                batch[spec.name] = np.zeros(shape, dtype=spec.dtype)
+        await self.predict(batch)
+
+    @property
+    def batchable(self) -> bool:
+        """Whether requests may be stacked into one call (every tensor has a batch dimension)."""
+        return all(s.batched for s in self.inputs) and all(s.batched for s in self.outputs)

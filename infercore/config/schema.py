@@ -1,0 +1,76 @@
+"""The closed schema of a composed infercore config.
+
+Component nodes (``loader``, ``batching``, ``routing``, ``features``) are kept as plain
+mappings here and validated against their kind's own ``Config`` by the registry.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+import msgspec
+
+#: Model names and versions: no path separators, no dots at the start, bounded length.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$"
+VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_\-.]{0,31}$"
+NAME_RE = re.compile(NAME_PATTERN)
+VERSION_RE = re.compile(VERSION_PATTERN)
+
+Node = dict[str, Any]
+
+
+class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The inference listener and request limits."""
+
+    host: str = "127.0.0.1"
+    port: int = msgspec.field(default=8080)
+    workers: int = 1
+    #: Largest request body read, in bytes; larger bodies get 413 before being read whole.
+    max_body_bytes: int = 8 * 1024 * 1024
+    #: Most rows (first-dimension entries) one request may carry.
+    max_request_rows: int = 4096
+    #: End-to-end deadline for one request: features, queue, inference and encoding.
+    request_timeout_ms: int = 10_000
+    #: Seconds given to in-flight requests after SIGTERM.
+    graceful_timeout_s: float = 30.0
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
+    access_log: bool = False
+    #: Serve OpenAPI schema and docs under /schema.
+    openapi: bool = True
+
+
+class VersionConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """One version of a model: how to load it."""
+
+    loader: Node
+    warmup: bool = True
+
+
+class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """One served model with its versions and the components in front of it."""
+
+    versions: dict[str, VersionConfig]
+    #: The version that serves unversioned requests; default: the only (or highest) version.
+    primary: str | None = None
+    #: A required model that fails to load stops start-up; an optional one fails alone.
+    required: bool = True
+    description: str = ""
+    #: Override the top-level component nodes for this model.
+    batching: Node | None = None
+    routing: Node | None = None
+    features: Node | None = None
+
+
+class InfercoreConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The root of a composed config."""
+
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    #: Folder every model artifact path resolves inside (relative paths: to the recipes folder).
+    model_root: str = "."
+    description: str = ""
+    batching: Node = msgspec.field(default_factory=lambda: {"kind": "none"})
+    routing: Node = msgspec.field(default_factory=lambda: {"kind": "single"})
+    features: Node = msgspec.field(default_factory=lambda: {"kind": "request"})
+    models: dict[str, ModelConfig] = msgspec.field(default_factory=dict)

@@ -1,0 +1,105 @@
+"""V1 (TensorFlow Serving style): ``{"instances": [...]}`` -> ``{"predictions": [...]}``.
+
+``instances`` is a list with one entry per row: either values for the model's only input
+(numbers or nested lists), or objects whose keys are input or field names. The columnar form
+``{"inputs": {name: [...]}}`` is accepted too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from infercore.errors import InvalidInput
+
+_decoder = msgspec.json.Decoder()
+_encoder = msgspec.json.Encoder()
+
+
+def _column(name: str, values: list[Any]) -> np.ndarray:
+    try:
+        arr = np.array(values)
+    except ValueError:
+        raise InvalidInput(f"field {name!r}: instances have values of different shapes") from None
+    if arr.dtype == object:
+        if all(isinstance(v, str) for v in values):
+            return arr
+        raise InvalidInput(
+            f"field {name!r}: values must be numbers, booleans or strings (got null or mixed)"
+        )
+    return arr
+
+
+def decode(body: bytes, *, default_input: str | None, max_rows: int) -> dict[str, np.ndarray]:
+    """Decode a V1 predict body into named columns (rows along axis 0)."""
+    try:
+        doc = _decoder.decode(body)
+    except msgspec.DecodeError as exc:
+        raise InvalidInput(f"malformed JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise InvalidInput("the body must be a JSON object with `instances` or `inputs`")
+    if "instances" in doc:
+        instances = doc["instances"]
+        if not isinstance(instances, list):
+            raise InvalidInput("`instances` must be a list")
+        if not instances:
+            raise InvalidInput("`instances` is empty", hint="send at least one instance")
+        if len(instances) > max_rows:
+            raise InvalidInput(
+                f"`instances` has {len(instances)} entries; the limit is {max_rows}",
+                hint="split the request (server.max_request_rows)",
+            )
+        if all(isinstance(i, dict) for i in instances):
+            keys = list(instances[0])
+            for n, inst in enumerate(instances):
+                if list(inst) != keys and set(inst) != set(keys):
+                    missing = set(keys) ^ set(inst)
+                    raise InvalidInput(
+                        f"instances[{n}]: fields differ from instances[0] "
+                        f"({', '.join(sorted(missing))})"
+                    )
+            return {k: _column(k, [inst[k] for inst in instances]) for k in keys}
+        if any(isinstance(i, dict) for i in instances):
+            raise InvalidInput("`instances` mixes objects and values")
+        if default_input is None:
+            raise InvalidInput(
+                "this model has several inputs: send instances as objects keyed by input name"
+            )
+        return {default_input: _column(default_input, instances)}
+    if "inputs" in doc:
+        inputs = doc["inputs"]
+        if isinstance(inputs, dict):
+            return {k: _column(k, v if isinstance(v, list) else [v]) for k, v in inputs.items()}
+        if default_input is None:
+            raise InvalidInput("this model has several inputs: send `inputs` as an object")
+        return {default_input: _column(default_input, inputs if isinstance(inputs, list) else
+                                       [inputs])}
+    raise InvalidInput("the body needs `instances` (a list) or `inputs`")
+
+
+def _row_value(arr: np.ndarray, i: int) -> Any:
+    v = arr[i]
+    if isinstance(v, np.ndarray):
+        return v.tolist() if v.dtype != object else [_scalar(x) for x in v.reshape(-1)]
+    return _scalar(v)
+
+
+def _scalar(v: Any) -> Any:
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "replace")
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def encode(outputs: dict[str, np.ndarray], rows: int) -> bytes:
+    """``{"predictions": [...]}``: one entry per row; an object per row for several outputs."""
+    names = list(outputs)
+    if len(names) == 1:
+        arr = outputs[names[0]]
+        preds = arr.tolist() if arr.dtype != object else [_row_value(arr, i) for i in range(rows)]
+    else:
+        preds = [{n: _row_value(outputs[n], i) for n in names} for i in range(rows)]
+    return _encoder.encode({"predictions": preds})

@@ -1,0 +1,173 @@
+"""kind -> class registries built from the ``register_*`` hooks.
+
+This is the only module that calls ``pm.hook``. It checks every registered class (a ``kind``,
+a ``Config`` Struct, the right base class), refuses a kind registered by two plugins (naming
+both), and builds components from config nodes ``{kind: NAME, ...options}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import msgspec
+import pluggy
+
+from infercore.components import (
+    Action,
+    Batcher,
+    Component,
+    ComponentContext,
+    DriftDetector,
+    FeatureSource,
+    Model,
+    Router,
+)
+from infercore.config.validation import convert
+from infercore.errors import ConfigError, PluginError
+
+C = TypeVar("C", bound=Component)
+
+
+@dataclass(frozen=True, slots=True)
+class KindSpec:
+    """One component role: its name in messages, its hook and its base class."""
+
+    role: str
+    hook: str
+    base: type[Component]
+
+
+KINDS: tuple[KindSpec, ...] = (
+    KindSpec("model_loader", "register_model_loaders", Model),
+    KindSpec("feature_source", "register_feature_sources", FeatureSource),
+    KindSpec("batcher", "register_batchers", Batcher),
+    KindSpec("router", "register_routers", Router),
+    KindSpec("drift_detector", "register_drift_detectors", DriftDetector),
+    KindSpec("action", "register_actions", Action),
+)
+ROLES = {k.role: k for k in KINDS}
+
+
+@dataclass(frozen=True, slots=True)
+class Registered:
+    cls: type[Component]
+    plugin: str
+
+
+class Registry:
+    """Every component class the installed plugins provide, by role and kind."""
+
+    def __init__(self, pm: pluggy.PluginManager) -> None:
+        self.pm = pm
+        self._by_role: dict[str, dict[str, Registered]] = {}
+        for spec in KINDS:
+            self._by_role[spec.role] = self._collect(spec)
+
+    def _collect(self, spec: KindSpec) -> dict[str, Registered]:
+        found: dict[str, Registered] = {}
+        caller = getattr(self.pm.hook, spec.hook)
+        for impl in caller.get_hookimpls():
+            plugin_name = impl.plugin_name
+            try:
+                classes = impl.function()
+            except Exception as exc:
+                raise PluginError(
+                    f"plugin {plugin_name!r}: {spec.hook}() raised {type(exc).__name__}: {exc}"
+                ) from exc
+            if classes is None:
+                continue
+            if not isinstance(classes, list | tuple):
+                raise PluginError(
+                    f"plugin {plugin_name!r}: {spec.hook}() must return a list of classes, "
+                    f"got {type(classes).__name__}"
+                )
+            for cls in classes:
+                self._check_class(spec, plugin_name, cls)
+                kind = cls.kind
+                if kind in found:
+                    raise PluginError(
+                        f"{spec.role} kind {kind!r} is registered by two plugins: "
+                        f"{found[kind].plugin!r} and {plugin_name!r}",
+                        hint="uninstall one, or disable it with INFERCORE_DISABLE_PLUGINS",
+                    )
+                found[kind] = Registered(cls, plugin_name)
+        return found
+
+    @staticmethod
+    def _check_class(spec: KindSpec, plugin: str, cls: Any) -> None:
+        where = f"plugin {plugin!r}: {spec.hook}() returned {cls!r}"
+        if not (isinstance(cls, type) and issubclass(cls, spec.base)):
+            raise PluginError(f"{where}, which is not a subclass of {spec.base.__name__}")
+        kind = getattr(cls, "kind", None)
+        if not isinstance(kind, str) or not kind:
+            raise PluginError(f"{where}, which has no `kind` string")
+        config = getattr(cls, "Config", None)
+        if not (isinstance(config, type) and issubclass(config, msgspec.Struct)):
+            raise PluginError(f"{where}, whose `Config` is not a msgspec.Struct")
+
+    def kinds(self, role: str) -> dict[str, Registered]:
+        """Registered classes of a role (``model_loader``, ``batcher`` …) by kind."""
+        return self._by_role[role]
+
+    def kinds_by_plugin(self) -> dict[str, dict[str, list[str]]]:
+        """plugin name -> role -> kinds it adds."""
+        out: dict[str, dict[str, list[str]]] = {}
+        for role, table in self._by_role.items():
+            for kind, reg in table.items():
+                out.setdefault(reg.plugin, {}).setdefault(role, []).append(kind)
+        return out
+
+    def resolve(
+        self, role: str, node: Any, *, path: str, context: str = ""
+    ) -> tuple[type[Component], msgspec.Struct]:
+        """Look up ``node['kind']`` and validate the rest of ``node`` into its ``Config``.
+
+        Raises:
+            ConfigError: No ``kind``, an unknown kind (listing the available ones), or options
+                the kind's ``Config`` rejects (naming the path).
+        """
+        suffix = f" ({context})" if context else ""
+        if not isinstance(node, Mapping):
+            raise ConfigError(
+                f"{path}: expected a mapping with a `kind` key, got {node!r}{suffix}"
+            )
+        kind = node.get("kind")
+        table = self._by_role[role]
+        available = ", ".join(sorted(table)) or "none installed"
+        if kind is None:
+            raise ConfigError(
+                f"{path}.kind: required key is missing{suffix}",
+                hint=f"available {role} kinds: {available}",
+            )
+        reg = table.get(kind)
+        if reg is None:
+            raise ConfigError(
+                f"{path}.kind: unknown {role} {kind!r}; available: {available}{suffix}",
+                hint="install the plugin that provides it (see `infercore plugins`)",
+            )
+        options = {k: v for k, v in node.items() if k != "kind"}
+        cfg = convert(options, reg.cls.Config, path=path, context=context)
+        return reg.cls, cfg
+
+    def normalize(self, role: str, node: Any, *, path: str, context: str = "") -> dict[str, Any]:
+        """``node`` validated, with every option's default filled in."""
+        cls, cfg = self.resolve(role, node, path=path, context=context)
+        return {"kind": cls.kind, **msgspec.to_builtins(cfg)}
+
+    def build(
+        self, role: str, node: Any, context: ComponentContext, *args: Any, label: str = ""
+    ) -> Component:
+        """Resolve ``node`` and construct the component."""
+        cls, cfg = self.resolve(role, node, path=context.path, context=label)
+        try:
+            return cls(cfg, context, *args)
+        except ConfigError:
+            raise
+        except Exception as exc:
+            raise PluginError(
+                f"{context.path}: {role} {cls.kind!r} from plugin "
+                f"{self._by_role[role][cls.kind].plugin!r} failed to initialise: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc

@@ -1,0 +1,88 @@
+"""Checking a request's tensors against the model's signature before they are queued."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from infercore.components import Tensors, TensorSpec
+from infercore.errors import InvalidInput
+from infercore.protocol.tensors import coerce
+
+
+def prepare_inputs(
+    specs: Sequence[TensorSpec],
+    tensors: Mapping[str, np.ndarray],
+    *,
+    declared: Mapping[str, str] | None,
+    max_rows: int,
+) -> Tensors:
+    """Match tensors to the model's inputs by name, datatype and shape.
+
+    Args:
+        specs: The model's inputs.
+        tensors: The request's tensors (after the feature source).
+        declared: V2 datatypes the client declared, by input name; those must match the model
+            exactly. Tensors without a declared datatype (V1, feature sources) are converted
+            to the model's datatype where that loses nothing.
+        max_rows: Most rows (batch-dimension entries) one request may carry.
+
+    Raises:
+        InvalidInput: A missing or unknown input, a wrong datatype or shape, mismatched row
+            counts, or too many rows.
+    """
+    out: Tensors = {}
+    rows: int | None = None
+    for spec in specs:
+        arr = tensors.get(spec.name)
+        if arr is None:
+            raise InvalidInput(
+                f"missing input {spec.name!r}",
+                hint=f"the model's inputs are: {', '.join(s.name for s in specs)}",
+            )
+        dt = declared.get(spec.name) if declared else None
+        if dt is not None:
+            if dt != spec.datatype:
+                raise InvalidInput(
+                    f"input {spec.name!r}: datatype {dt} does not match the model's "
+                    f"{spec.datatype}"
+                )
+        elif arr.dtype != spec.dtype or spec.datatype == "BYTES":
+            arr = coerce(spec.name, arr, spec.datatype)
+        if arr.ndim != len(spec.shape):
+            raise InvalidInput(
+                f"input {spec.name!r}: shape {list(arr.shape)} does not match the model's "
+                f"{list(spec.shape)} (rank {arr.ndim} vs {len(spec.shape)})"
+            )
+        for got, want in zip(arr.shape, spec.shape, strict=True):
+            if want >= 0 and got != want:
+                raise InvalidInput(
+                    f"input {spec.name!r}: shape {list(arr.shape)} does not match the model's "
+                    f"{list(spec.shape)}"
+                )
+        if spec.batched:
+            n = arr.shape[0]
+            if rows is None:
+                rows = n
+            elif n != rows:
+                raise InvalidInput(
+                    f"input {spec.name!r} has {n} rows but other inputs have {rows}",
+                    hint="every batched input needs the same first dimension",
+                )
+        out[spec.name] = arr
+    if len(out) != len(tensors):
+        unknown = sorted(set(tensors) - set(out))
+        raise InvalidInput(
+            f"unknown input {unknown[0]!r}",
+            hint=f"the model's inputs are: {', '.join(s.name for s in specs)}",
+        )
+    if rows is not None:
+        if rows == 0:
+            raise InvalidInput("the request has no rows")
+        if rows > max_rows:
+            raise InvalidInput(
+                f"the request has {rows} rows; the limit is {max_rows}",
+                hint="split the request (server.max_request_rows)",
+            )
+    return out

@@ -1,0 +1,373 @@
+"""``create_app(runtime)``: the Litestar app of the inference listener.
+
+Handlers are closures over the runtime (no per-request lookups of config or plugins); bodies
+are decoded with msgspec straight from bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import numpy as np
+from litestar import Litestar, Request, Response, get, post
+from litestar.openapi import OpenAPIConfig
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from infercore.errors import (
+    DeadlineExceeded,
+    InfercoreError,
+    InvalidInput,
+    UnsupportedMediaType,
+)
+from infercore.metrics import ResponseCounters, VersionMetrics
+from infercore.protocol import v1, v2
+from infercore.runtime import Runtime, ServedModel, ServedVersion
+from infercore.server.errors import EXCEPTION_HANDLERS, from_infercore_error
+
+log = logging.getLogger("infercore.server")
+
+JSON = "application/json"
+_ALLOWED_TYPES = ("application/json", "application/octet-stream")
+
+
+def _content_type_ok(request: Request[Any, Any, Any], binary: bool) -> None:
+    raw = request.headers.get("content-type")
+    if raw is None:
+        return
+    media = raw.split(";", 1)[0].strip().lower()
+    if media not in _ALLOWED_TYPES:
+        raise UnsupportedMediaType(
+            f"content type {media!r} is not accepted",
+            hint="send application/json (or application/octet-stream with "
+            "Inference-Header-Content-Length)",
+        )
+    encoding = request.headers.get("content-encoding")
+    if encoding and encoding.lower() != "identity":
+        raise UnsupportedMediaType(
+            f"content encoding {encoding!r} is not accepted", hint="send the body uncompressed"
+        )
+    if media == "application/octet-stream" and not binary:
+        raise UnsupportedMediaType(
+            "application/octet-stream needs the Inference-Header-Content-Length header"
+        )
+
+
+def _request_id(request: Request[Any, Any, Any]) -> str:
+    rid = request.headers.get("x-request-id")
+    if rid and len(rid) <= 128 and rid.isprintable():
+        return rid
+    return uuid.uuid4().hex
+
+
+def _header_length(request: Request[Any, Any, Any]) -> int | None:
+    raw = request.headers.get("inference-header-content-length")
+    if raw is None:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise InvalidInput("Inference-Header-Content-Length must be an integer") from None
+
+
+def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> Litestar:
+    """Build the inference app around a runtime.
+
+    Args:
+        runtime: A built (not necessarily started) runtime.
+        manage_runtime: Start the runtime's models in the app's lifespan and stop them at
+            shutdown. The CLI passes ``False`` because it starts models beside the server so
+            that liveness answers while they load.
+    """
+    cfg = runtime.config.server
+    metrics = runtime.metrics
+    timeout_s = cfg.request_timeout_ms / 1000
+    max_elements = cfg.max_body_bytes  # no tensor can hold more elements than the body has bytes
+    max_rows = cfg.max_request_rows
+    unrouted: dict[tuple[str, str], ResponseCounters] = {}
+
+    def failure_metrics(model: str, version: str) -> ResponseCounters:
+        key = (model, version)
+        counters = unrouted.get(key)
+        if counters is None:
+            counters = unrouted[key] = metrics.responses(model, version)
+        return counters
+
+    def served_or_404(name: str) -> ServedModel:
+        return runtime.model(name)
+
+    async def run_request(
+        request: Request[Any, Any, Any],
+        model_name: str,
+        version: str | None,
+        protocol: str,
+    ) -> Response[bytes]:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        deadline = start + timeout_s
+        rid = _request_id(request)
+        vm: VersionMetrics | None = None
+        counters: ResponseCounters | None = None
+        sv: ServedVersion | None = None
+        try:
+            served = served_or_404(model_name)
+            header_length = _header_length(request) if protocol == "v2" else None
+            _content_type_ok(request, header_length is not None)
+            body = await request.body()
+            headers = request.headers
+            if protocol == "v2":
+                decoded = v2.decode(body, header_length, max_elements=max_elements)
+                sv = served.pick(version, headers, decoded.id or rid)
+                vm = sv.metrics
+                fields: dict[str, np.ndarray] = decoded.tensors
+                declared: dict[str, str] | None = decoded.datatypes
+            else:
+                fields = v1.decode(body, default_input=served.default_input, max_rows=max_rows)
+                sv = served.pick(version, headers, rid)
+                vm = sv.metrics
+                declared = None
+            vm.inflight.inc()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    outputs = await runtime.infer(
+                        served, sv, fields, declared=declared, deadline=deadline
+                    )
+            except TimeoutError:
+                raise DeadlineExceeded(
+                    f"request did not finish within {cfg.request_timeout_ms} ms",
+                    hint="raise server.request_timeout_ms or add capacity",
+                ) from None
+            finally:
+                vm.inflight.dec()
+            if protocol == "v2":
+                if decoded.outputs is not None:
+                    for name in decoded.outputs:
+                        if name not in outputs:
+                            raise InvalidInput(
+                                f"unknown output {name!r}",
+                                hint=f"the model's outputs are: {', '.join(outputs)}",
+                            )
+                content, head_len = v2.encode(
+                    model_name=served.name,
+                    model_version=sv.version,
+                    request_id=decoded.id,
+                    outputs=outputs,
+                    requested=decoded.outputs,
+                    binary_default=decoded.binary_default,
+                )
+                resp_headers = {"x-request-id": rid}
+                media = JSON
+                if head_len is not None:
+                    resp_headers["inference-header-content-length"] = str(head_len)
+                    media = "application/octet-stream"
+            else:
+                rows = next(iter(outputs.values())).shape[0] if outputs else 0
+                content = v1.encode(outputs, rows)
+                resp_headers = {"x-request-id": rid}
+                media = JSON
+            vm.count_response(200)
+            vm.request_duration.observe(loop.time() - start)
+            return Response(content, media_type=media, headers=resp_headers)
+        except InfercoreError as exc:
+            counters = vm
+            if counters is None:
+                known = model_name in runtime.models
+                counters = failure_metrics(
+                    model_name if known else "", (version or "") if known else ""
+                )
+            counters.count_response(exc.status_code)
+            counters.count_failure(exc.reason)
+            if exc.status_code >= 500:
+                log.warning(
+                    "request failed: %s", exc,
+                    extra={"request_id": rid, "model": model_name, "reason": exc.reason},
+                )
+            response = from_infercore_error(exc)
+            response.headers["x-request-id"] = rid
+            return response
+        except asyncio.CancelledError:
+            # The client went away: counted, never answered (nobody is listening).
+            counters = vm or failure_metrics("", "")
+            counters.count_failure("cancelled")
+            raise
+
+    # --- health -------------------------------------------------------------------------
+    @get("/v2/health/live", tags=["health"], summary="Liveness")
+    async def live() -> Response[bytes]:
+        return Response(b'{"live":true}', media_type=JSON)
+
+    @get("/v2/health/ready", tags=["health"], summary="Readiness")
+    async def ready() -> Response[bytes]:
+        if runtime.ready:
+            return Response(b'{"ready":true}', media_type=JSON)
+        return Response(b'{"ready":false}', media_type=JSON, status_code=503,
+                        headers={"Retry-After": "1"})
+
+    @get("/v2", tags=["v2"], summary="Server metadata")
+    async def server_metadata() -> dict[str, Any]:
+        from infercore import __version__
+
+        return {
+            "name": "infercore",
+            "version": __version__,
+            "extensions": ["binary_tensor_data"],
+        }
+
+    # --- model metadata -----------------------------------------------------------------
+    def metadata(served: ServedModel, sv: ServedVersion) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "name": served.name,
+            "versions": list(served.versions),
+            "platform": sv.model.platform or sv.model.kind,
+        }
+        if sv.ready:
+            doc["inputs"] = [s.to_metadata() for s in sv.model.inputs]
+            doc["outputs"] = [s.to_metadata() for s in sv.model.outputs]
+        else:
+            doc["inputs"] = []
+            doc["outputs"] = []
+            doc["state"] = sv.state
+        return doc
+
+    def lookup_version(model_name: str, version: str | None) -> tuple[ServedModel, ServedVersion]:
+        served = served_or_404(model_name)
+        v = served.primary if version is None else version
+        sv = served.versions.get(v)
+        if sv is None:
+            from infercore.errors import ModelNotFound
+
+            raise ModelNotFound(
+                f"model {model_name!r} has no version {v!r}",
+                hint=f"versions: {', '.join(served.versions)}",
+            )
+        return served, sv
+
+    @get("/v2/models/{model_name:str}", tags=["v2"], summary="Model metadata")
+    async def model_metadata(model_name: str) -> dict[str, Any]:
+        return metadata(*lookup_version(model_name, None))
+
+    @get("/v2/models/{model_name:str}/versions/{version:str}", tags=["v2"],
+         summary="Model version metadata")
+    async def model_version_metadata(model_name: str, version: str) -> dict[str, Any]:
+        return metadata(*lookup_version(model_name, version))
+
+    def readiness(served: ServedModel, sv: ServedVersion) -> Response[bytes]:
+        body = v2.encode_json({"name": served.name, "ready": sv.ready})
+        return Response(body, media_type=JSON, status_code=200 if sv.ready else 503)
+
+    @get("/v2/models/{model_name:str}/ready", tags=["v2"], summary="Model readiness")
+    async def model_ready(model_name: str) -> Response[bytes]:
+        return readiness(*lookup_version(model_name, None))
+
+    @get("/v2/models/{model_name:str}/versions/{version:str}/ready", tags=["v2"],
+         summary="Model version readiness")
+    async def model_version_ready(model_name: str, version: str) -> Response[bytes]:
+        return readiness(*lookup_version(model_name, version))
+
+    # --- inference ----------------------------------------------------------------------
+    @post("/v2/models/{model_name:str}/infer", tags=["v2"], summary="Inference (routed)",
+          status_code=200)
+    async def infer(request: Request[Any, Any, Any], model_name: str) -> Response[bytes]:
+        return await run_request(request, model_name, None, "v2")
+
+    @post("/v2/models/{model_name:str}/versions/{version:str}/infer", tags=["v2"],
+          summary="Inference (one version)", status_code=200)
+    async def infer_version(
+        request: Request[Any, Any, Any], model_name: str, version: str
+    ) -> Response[bytes]:
+        return await run_request(request, model_name, version, "v2")
+
+    @post("/v1/models/{target:str}", tags=["v1"], summary="V1 predict (`{model}:predict`)",
+          status_code=200)
+    async def v1_predict(request: Request[Any, Any, Any], target: str) -> Response[bytes]:
+        name, sep, verb = target.partition(":")
+        if not sep or verb != "predict":
+            return from_infercore_error(
+                InvalidInput(f"unknown V1 verb in {target!r}", hint="POST /v1/models/NAME:predict")
+            )
+        return await run_request(request, name, None, "v1")
+
+    @post("/v1/models/{model_name:str}/versions/{target:str}", tags=["v1"],
+          summary="V1 predict on one version (`{version}:predict`)", status_code=200)
+    async def v1_predict_version(
+        request: Request[Any, Any, Any], model_name: str, target: str
+    ) -> Response[bytes]:
+        version, sep, verb = target.partition(":")
+        if not sep or verb != "predict":
+            return from_infercore_error(
+                InvalidInput(f"unknown V1 verb in {target!r}",
+                             hint="POST /v1/models/NAME/versions/VERSION:predict")
+            )
+        return await run_request(request, model_name, version, "v1")
+
+    @get("/v1/models/{model_name:str}", tags=["v1"], summary="V1 model status")
+    async def v1_status(model_name: str) -> dict[str, Any]:
+        served = served_or_404(model_name)
+        return {
+            "model_version_status": [
+                {"version": v, "state": "AVAILABLE" if sv.ready else sv.state.upper()}
+                for v, sv in served.versions.items()
+            ]
+        }
+
+    # --- operations ---------------------------------------------------------------------
+    @get("/metrics", tags=["ops"], summary="Prometheus metrics", include_in_schema=True)
+    async def prometheus() -> Response[bytes]:
+        for served in runtime.models.values():
+            for sv in served.versions.values():
+                sv.metrics.set_queue_depth(sv.batcher.queue_depth)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @get("/-/plugins", tags=["ops"], summary="Installed plugins")
+    async def plugins() -> list[dict[str, Any]]:
+        return [
+            {
+                "name": p.name,
+                "distribution": p.distribution,
+                "version": p.version,
+                "license": p.license,
+                "builtin": p.builtin,
+                "kinds": p.kinds,
+            }
+            for p in runtime.plugins.values()
+        ]
+
+    handlers: list[Any] = [
+        live, ready, server_metadata, model_metadata, model_version_metadata, model_ready,
+        model_version_ready, infer, infer_version, v1_predict, v1_predict_version, v1_status,
+        prometheus, plugins,
+    ]
+    for extra in runtime.pm.hook.register_routes(runtime=runtime):
+        handlers.extend(extra or [])
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        if manage_runtime:
+            await runtime.start()
+        try:
+            yield
+        finally:
+            if manage_runtime:
+                await runtime.stop()
+
+    from infercore import __version__
+
+    return Litestar(
+        route_handlers=handlers,
+        exception_handlers=EXCEPTION_HANDLERS,
+        request_max_body_size=cfg.max_body_bytes,
+        openapi_config=OpenAPIConfig(
+            title="infercore", version=__version__,
+            description="Open Inference Protocol (V2) and V1 inference API.",
+        ) if cfg.openapi else None,
+        lifespan=[lifespan],
+        debug=False,
+        logging_config=None,
+    )
+
+

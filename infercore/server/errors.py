@@ -1,0 +1,89 @@
+"""The one error-mapping layer: every non-2xx body is ``{"error": ..., "reason": ...}``.
+
+Bodies never carry paths, tokens or tracebacks (RELIABILITY.md S6): unexpected exceptions are
+logged with the request id and answered with a generic 500 ``internal``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import msgspec
+from litestar import Request, Response
+from litestar.exceptions import HTTPException
+
+from infercore.errors import InfercoreError
+
+log = logging.getLogger("infercore.server")
+
+_encoder = msgspec.json.Encoder()
+
+_HTTP_REASONS = {
+    400: "invalid_input",
+    401: "unauthorized",
+    403: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+    429: "too_many_requests",
+    503: "unavailable",
+}
+
+
+def error_response(
+    status: int, reason: str, message: str, headers: dict[str, str] | None = None
+) -> Response[bytes]:
+    return Response(
+        _encoder.encode({"error": message, "reason": reason}),
+        status_code=status,
+        media_type="application/json",
+        headers=headers,
+    )
+
+
+def from_infercore_error(exc: InfercoreError) -> Response[bytes]:
+    status = exc.status_code
+    if status >= 500 and exc.reason in ("backend_error", "internal", "model_load_failed"):
+        # The detail may name files or internals: log it, send a generic message.
+        message = "the model failed to process the request" if exc.reason == "backend_error" \
+            else "internal error"
+    else:
+        message = str(exc)
+    return error_response(status, exc.reason, message, dict(exc.headers) or None)
+
+
+def handle_infercore_error(request: Request[Any, Any, Any], exc: InfercoreError) -> Response[bytes]:
+    return from_infercore_error(exc)
+
+
+def handle_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
+    status = exc.status_code
+    reason = _HTTP_REASONS.get(status, "internal" if status >= 500 else "invalid_input")
+    if status == 413:
+        message = "request body too large (server.max_body_bytes)"
+    elif status == 404:
+        message = f"no route for {request.method} {request.url.path}"
+    elif status >= 500:
+        log.error("%s %s failed: %s", request.method, request.url.path, exc.detail)
+        message = "internal error"
+    else:
+        message = str(exc.detail)
+    return error_response(status, reason, message, dict(exc.headers or {}) or None)
+
+
+def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    log.error(
+        "unexpected error on %s %s: %s: %s",
+        request.method, request.url.path, type(exc).__name__, exc,
+        exc_info=log.isEnabledFor(logging.DEBUG),
+    )
+    return error_response(500, "internal", "internal error")
+
+
+EXCEPTION_HANDLERS: dict[Any, Any] = {
+    InfercoreError: handle_infercore_error,
+    HTTPException: handle_http_exception,
+    Exception: handle_unexpected,
+}
