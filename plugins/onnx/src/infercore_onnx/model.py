@@ -1,0 +1,290 @@
+"""The ``onnx`` model loader: one ONNX Runtime ``InferenceSession`` per model version."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+import numpy as np
+
+from infercore.artifacts import resolve_artifact, verify_sha256
+from infercore.components import ComponentContext, Model, Tensors, TensorSpec
+from infercore.errors import BackendError, InvalidInput, ModelLoadError, ModelNotReady
+from infercore_onnx.external_data import check_external_data
+from infercore_onnx.feed import prepare_input
+from infercore_onnx.signature import tensor_specs
+
+logger = logging.getLogger("infercore.onnx")
+
+_CPU = "CPUExecutionProvider"
+_CUDA = "CUDAExecutionProvider"
+_GPU_HINT = (
+    "install onnxruntime-gpu (`pip install 'infercore-onnx[gpu]'`) in an environment without "
+    "the CPU onnxruntime package, with a matching CUDA and cuDNN; or set device: cpu"
+)
+
+_EXECUTION_MODES = {"sequential": "ORT_SEQUENTIAL", "parallel": "ORT_PARALLEL"}
+_OPTIMIZATION_LEVELS = {
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
+}
+
+# What each ORT load failure usually means, so the one-line error can say it without quoting
+# ORT's message, which contains the model's absolute path (RELIABILITY S6).
+_LOAD_FAILURES = {
+    "InvalidProtobuf": "the file is not a valid ONNX model (corrupt or truncated)",
+    "InvalidArgument": "the file is not a valid ONNX model (empty, corrupt or truncated)",
+    "InvalidGraph": "the ONNX graph is invalid",
+    "NoSuchFile": "a file the model needs (external data?) is missing",
+    "NotImplemented": "the model uses an operator or opset this onnxruntime does not support",
+}
+
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*")
+
+
+@dataclass(frozen=True, slots=True)
+class _Loaded:
+    session: Any
+    ort: Any
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    providers: list[str]
+
+
+def _scrub(text: str, root: Path) -> str:
+    # ORT quotes the absolute path it was given; every artifact lives under the model root.
+    return text.replace(str(root), "<model_root>")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(_ORT_PREFIX.sub("", text).split())
+
+
+class OnnxModel(Model):
+    """A model version served by ONNX Runtime (``loader: {kind: onnx, path: ...}``).
+
+    :meth:`start` resolves the artifact inside the model root, checks its pinned digest and its
+    external data, creates the ``InferenceSession`` in a worker thread and reads the signature
+    from it. :meth:`predict` runs the session in a worker thread, so the event loop never waits
+    on ONNX Runtime. ``onnxruntime`` is imported by :meth:`start`, not with this module.
+
+    Attributes:
+        providers: The execution providers the session ended up with, best first.
+    """
+
+    kind = "onnx"
+    platform = "onnxruntime_onnx"
+
+    class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+        """Options of ``loader: {kind: onnx, ...}``.
+
+        Attributes:
+            path: The ``.onnx`` file, relative to the model root.
+            sha256: The file's expected hex SHA-256; checked before ONNX Runtime reads it.
+            intra_op_num_threads: Threads inside one operator; 0 lets ONNX Runtime choose.
+            inter_op_num_threads: Threads across operators (parallel mode); 0 lets ONNX Runtime
+                choose.
+            execution_mode: ``sequential`` or ``parallel`` operator scheduling.
+            graph_optimization_level: ``disable``, ``basic``, ``extended`` or ``all``.
+            device: ``cpu``; ``cuda`` (fail unless CUDA works); ``auto`` (CUDA when available,
+                otherwise CPU with one INFO line).
+        """
+
+        path: Annotated[str, msgspec.Meta(min_length=1)]
+        sha256: Annotated[str, msgspec.Meta(pattern="^[0-9a-fA-F]{64}$")] | None = None
+        intra_op_num_threads: Annotated[int, msgspec.Meta(ge=0)] = 1
+        inter_op_num_threads: Annotated[int, msgspec.Meta(ge=0)] = 1
+        execution_mode: Literal["sequential", "parallel"] = "sequential"
+        graph_optimization_level: Literal["disable", "basic", "extended", "all"] = "all"
+        device: Literal["auto", "cpu", "cuda"] = "cpu"
+
+    def __init__(self, config: OnnxModel.Config, context: ComponentContext) -> None:
+        super().__init__(config, context)
+        self.config: OnnxModel.Config = config
+        self.inputs = []
+        self.outputs = []
+        self.providers: list[str] = []
+        self._session: Any = None
+        self._ort: Any = None
+        self._output_names: list[str] = []
+
+    async def start(self) -> None:
+        """Load the model; on any failure nothing is kept and the error says why.
+
+        Raises:
+            ConfigError: ``path`` escapes the model root (``..`` or a symlink).
+            ModelLoadError: The file is missing, fails its digest, is corrupt, has external data
+                outside its folder, has a non-tensor input or output, or CUDA was required and
+                is not usable.
+        """
+        loaded = await asyncio.to_thread(self._load)
+        # Assigned only once everything succeeded, so a failed start leaves nothing half-loaded.
+        self._ort = loaded.ort
+        self.inputs = loaded.inputs
+        self.outputs = loaded.outputs
+        self.providers = loaded.providers
+        self._output_names = [spec.name for spec in loaded.outputs]
+        self._session = loaded.session
+        logger.info(
+            "%s: ONNX model loaded (%d inputs, %d outputs, providers: %s)",
+            self.context.path,
+            len(self.inputs),
+            len(self.outputs),
+            ", ".join(self.providers),
+        )
+
+    async def stop(self) -> None:
+        """Drop the session; ONNX Runtime frees it once in-flight runs finish."""
+        self._session = None
+        self._ort = None
+
+    async def predict(self, inputs: Tensors) -> Tensors:
+        """Run the session on a batch in a worker thread.
+
+        Raises:
+            ModelNotReady: The model is not started (or already stopped).
+            InvalidInput: An input is missing, cannot take the model's dtype, or ONNX Runtime
+                rejects its shape or type.
+            BackendError: ONNX Runtime failed while running (details go to the log).
+        """
+        session, ort = self._session, self._ort
+        if session is None:
+            raise ModelNotReady(f"{self.context.path}: the model is not loaded")
+        feed: dict[str, Any] = {}
+        for spec in self.inputs:
+            try:
+                array = inputs[spec.name]
+            except KeyError:
+                raise InvalidInput(f"missing input {spec.name!r}") from None
+            feed[spec.name] = prepare_input(spec, array)
+        run_options = ort.RunOptions()
+        try:
+            results = await asyncio.to_thread(session.run, None, feed, run_options)
+        except asyncio.CancelledError:
+            # The worker thread cannot be cancelled; this makes ORT abandon the run early.
+            run_options.terminate = True
+            raise
+        except Exception as exc:
+            detail = _one_line(str(exc))
+            if type(exc).__name__ == "InvalidArgument":
+                # ORT's input checks (rank, dims, element type): the caller's fault, not a 5xx.
+                raise InvalidInput(f"input does not match the model: {detail}") from exc
+            logger.error(
+                "%s: onnxruntime run failed: %s: %s", self.context.path, type(exc).__name__, detail
+            )
+            raise BackendError(f"{self.context.path}: the model failed to run") from exc
+        if len(results) != len(self._output_names) or not all(
+            isinstance(r, np.ndarray) for r in results
+        ):
+            logger.error("%s: onnxruntime returned non-tensor outputs", self.context.path)
+            raise BackendError(f"{self.context.path}: the model returned malformed output")
+        return dict(zip(self._output_names, results, strict=True))
+
+    # -- loading (runs in a worker thread) ---------------------------------------------------
+
+    def _import_ort(self) -> Any:
+        try:
+            return importlib.import_module("onnxruntime")
+        except ImportError as exc:
+            raise ModelLoadError(
+                f"{self.context.path}: onnxruntime is not installed ({exc.name or 'import'} "
+                "failed)",
+                hint="pip install infercore-onnx (or infercore-onnx[gpu] for CUDA)",
+            ) from None
+
+    def _requested_providers(self, ort: Any) -> list[str]:
+        device = self.config.device
+        if device == "cpu":
+            return [_CPU]
+        if _CUDA in ort.get_available_providers():
+            return [_CUDA, _CPU]
+        if device == "cuda":
+            raise ModelLoadError(
+                f"{self.context.path}.device: 'cuda' requested, but this onnxruntime build has "
+                "no CUDAExecutionProvider",
+                hint=_GPU_HINT,
+            )
+        logger.info(
+            "%s: device=auto: this onnxruntime build has no CUDAExecutionProvider; using CPU",
+            self.context.path,
+        )
+        return [_CPU]
+
+    def _session_options(self, ort: Any) -> Any:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.config.intra_op_num_threads
+        options.inter_op_num_threads = self.config.inter_op_num_threads
+        options.execution_mode = getattr(
+            ort.ExecutionMode, _EXECUTION_MODES[self.config.execution_mode]
+        )
+        options.graph_optimization_level = getattr(
+            ort.GraphOptimizationLevel, _OPTIMIZATION_LEVELS[self.config.graph_optimization_level]
+        )
+        return options
+
+    def _create_session(self, ort: Any, artifact: Path, providers: list[str]) -> Any:
+        root = self.context.model_root.resolve()
+        try:
+            return ort.InferenceSession(
+                str(artifact), sess_options=self._session_options(ort), providers=providers
+            )
+        except Exception as exc:
+            name = type(exc).__name__
+            logger.warning(
+                "%s: onnxruntime could not load the model: %s: %s",
+                self.context.path,
+                name,
+                _one_line(_scrub(str(exc), root)),
+            )
+            what = _LOAD_FAILURES.get(name, f"onnxruntime failed to load it ({name})")
+            # `from None`: ORT's message (with the absolute path) must not ride along.
+            raise ModelLoadError(
+                f"{self.context.path}.path: cannot load the ONNX model: {what}",
+                hint="see the infercore.onnx log for onnxruntime's message",
+            ) from None
+
+    def _check_providers(self, requested: list[str], actual: list[str]) -> None:
+        if _CUDA not in requested or _CUDA in actual:
+            return
+        # ORT silently falls back to CPU when the CUDA provider cannot start (no driver, or
+        # CUDA/cuDNN libraries missing).
+        if self.config.device == "cuda":
+            raise ModelLoadError(
+                f"{self.context.path}.device: 'cuda' requested, but the CUDA execution provider "
+                "failed to start",
+                hint=_GPU_HINT,
+            )
+        logger.info(
+            "%s: device=auto: the CUDA execution provider failed to start; using CPU",
+            self.context.path,
+        )
+
+    def _load(self) -> _Loaded:
+        path = self.context.path
+        ort = self._import_ort()
+        providers = self._requested_providers(ort)
+        artifact = resolve_artifact(
+            self.context.model_root, self.config.path, config_path=f"{path}.path"
+        )
+        if not artifact.is_file():
+            raise ModelLoadError(
+                f"{path}.path: the artifact is not a file",
+                hint="point path at the .onnx file itself",
+            )
+        if self.config.sha256 is not None:
+            verify_sha256(artifact, self.config.sha256, config_path=f"{path}.sha256")
+        check_external_data(artifact, config_path=f"{path}.path")
+        session = self._create_session(ort, artifact, providers)
+        inputs = tensor_specs(session.get_inputs(), role="input", config_path=path)
+        outputs = tensor_specs(session.get_outputs(), role="output", config_path=path)
+        actual = list(session.get_providers())
+        self._check_providers(providers, actual)
+        return _Loaded(session, ort, inputs, outputs, actual)

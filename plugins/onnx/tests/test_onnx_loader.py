@@ -1,0 +1,653 @@
+"""The ``onnx`` model loader against real ONNX models built at fixture time with ``onnx.helper``."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import importlib.metadata as md
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import infercore_onnx
+import msgspec
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+from infercore_onnx import OnnxModel, external_data
+from infercore_onnx.feed import prepare_input
+from onnx import TensorProto, helper, numpy_helper
+
+from infercore.components import ComponentContext, TensorSpec
+from infercore.errors import (
+    BackendError,
+    ConfigError,
+    InvalidInput,
+    ModelLoadError,
+    ModelNotReady,
+)
+
+CONFIG_PATH = "models.iris.versions.1.loader"
+HAS_CUDA = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+W = np.arange(8, dtype=np.float32).reshape(4, 2) / 10
+B = np.array([0.5, -1.0], dtype=np.float32)
+
+
+# -- model builders -----------------------------------------------------------------------
+
+
+def _model(graph: onnx.GraphProto, *, ml: bool = False) -> onnx.ModelProto:
+    # Opset 17 / IR 8: old enough for every onnxruntime this plugin supports (>= 1.18).
+    opsets = [helper.make_opsetid("", 17)]
+    if ml:
+        opsets.append(helper.make_opsetid("ai.onnx.ml", 1))
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 8
+    return model
+
+
+def linear_model() -> onnx.ModelProto:
+    """Y = X @ W + B with a symbolic batch dimension."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["X", "W"], ["XW"]),
+            helper.make_node("Add", ["XW", "B"], ["Y"]),
+        ],
+        "linear",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 2])],
+        [numpy_helper.from_array(W, "W"), numpy_helper.from_array(B, "B")],
+    )
+    onnx.checker.check_model(_model(graph))
+    return _model(graph)
+
+
+def int64_model() -> onnx.ModelProto:
+    """Y = X * 3 for int64 tensors, batch dimension left unnamed."""
+    three = numpy_helper.from_array(np.array([3], dtype=np.int64), "three")
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["X", "three"], ["Y"])],
+        "int64",
+        [helper.make_tensor_value_info("X", TensorProto.INT64, [None, 3])],
+        [helper.make_tensor_value_info("Y", TensorProto.INT64, [None, 3])],
+        [three],
+    )
+    return _model(graph)
+
+
+def string_model() -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["S"], ["T"])],
+        "strings",
+        [helper.make_tensor_value_info("S", TensorProto.STRING, ["N", 2])],
+        [helper.make_tensor_value_info("T", TensorProto.STRING, ["N", 2])],
+    )
+    return _model(graph)
+
+
+DTYPES = {
+    TensorProto.BOOL: "BOOL",
+    TensorProto.INT8: "INT8",
+    TensorProto.INT16: "INT16",
+    TensorProto.INT32: "INT32",
+    TensorProto.INT64: "INT64",
+    TensorProto.UINT8: "UINT8",
+    TensorProto.UINT16: "UINT16",
+    TensorProto.UINT32: "UINT32",
+    TensorProto.UINT64: "UINT64",
+    TensorProto.FLOAT16: "FP16",
+    TensorProto.FLOAT: "FP32",
+    TensorProto.DOUBLE: "FP64",
+    TensorProto.STRING: "BYTES",
+}
+
+
+def all_dtypes_model() -> onnx.ModelProto:
+    """One Identity per element type, so the signature holds every mapped type."""
+    nodes, ins, outs = [], [], []
+    for proto_type, name in DTYPES.items():
+        nodes.append(helper.make_node("Identity", [f"in_{name}"], [f"out_{name}"]))
+        ins.append(helper.make_tensor_value_info(f"in_{name}", proto_type, ["batch", 3]))
+        outs.append(helper.make_tensor_value_info(f"out_{name}", proto_type, ["batch", 3]))
+    return _model(helper.make_graph(nodes, "dtypes", ins, outs))
+
+
+def zipmap_model() -> onnx.ModelProto:
+    """What skl2onnx exports for a classifier by default: probabilities as seq(map)."""
+    zipmap_type = helper.make_sequence_type_proto(
+        helper.make_map_type_proto(
+            TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, [])
+        )
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node(
+                "ZipMap",
+                ["P"],
+                ["output_probability"],
+                domain="ai.onnx.ml",
+                classlabels_int64s=[0, 1],
+            )
+        ],
+        "zipmap",
+        [helper.make_tensor_value_info("P", TensorProto.FLOAT, ["N", 2])],
+        [helper.make_value_info("output_probability", zipmap_type)],
+    )
+    return _model(graph, ml=True)
+
+
+def sequence_model() -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [helper.make_node("SequenceConstruct", ["X"], ["S"])],
+        "sequence",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 2])],
+        [helper.make_tensor_sequence_value_info("S", TensorProto.FLOAT, None)],
+    )
+    return _model(graph)
+
+
+def failing_model() -> onnx.ModelProto:
+    """Valid signature, but Reshape of N*4 values into 3 fails at run time for any N."""
+    shape = numpy_helper.from_array(np.array([3], dtype=np.int64), "shape")
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["X", "shape"], ["Y"])],
+        "failing",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [3])],
+        [shape],
+    )
+    return _model(graph)
+
+
+def external_data_model(location: str) -> onnx.ModelProto:
+    """The linear model with W stored externally at ``location`` (written verbatim)."""
+    weight = TensorProto(name="W", data_type=TensorProto.FLOAT, dims=[4, 2])
+    weight.data_location = TensorProto.EXTERNAL
+    entry = weight.external_data.add()
+    entry.key, entry.value = "location", location
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["X", "W"], ["Y"])],
+        "external",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 2])],
+        [weight],
+    )
+    return _model(graph)
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    model_root = tmp_path / "models"
+    (model_root / "iris" / "artifacts").mkdir(parents=True)
+    return model_root
+
+
+def save(root: Path, model: onnx.ModelProto, rel: str = "iris/artifacts/model.onnx") -> Path:
+    target = root / rel
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Raw bytes instead of onnx.save: the external-data tests need locations onnx.save refuses.
+    target.write_bytes(model.SerializeToString())
+    return target
+
+
+def make(root: Path, **options: Any) -> OnnxModel:
+    options.setdefault("path", "iris/artifacts/model.onnx")
+    config = msgspec.convert(options, OnnxModel.Config)
+    context = ComponentContext(path=CONFIG_PATH, model_root=root, model_name="iris", version="1")
+    return OnnxModel(config, context)
+
+
+def load(root: Path, **options: Any) -> OnnxModel:
+    model = make(root, **options)
+    asyncio.run(model.start())
+    return model
+
+
+def load_error(root: Path, error: type[Exception], **options: Any) -> Exception:
+    model = make(root, **options)
+    with pytest.raises(error) as info:
+        asyncio.run(model.start())
+    # A failed load keeps nothing: no signature, and predict refuses.
+    assert model.inputs == [] and model.outputs == []
+    with pytest.raises(ModelNotReady):
+        asyncio.run(model.predict({}))
+    return info.value
+
+
+def assert_no_paths(message: str, root: Path) -> None:
+    assert str(root.parent) not in message
+    assert str(root.resolve().parent) not in message
+
+
+# -- plugin ---------------------------------------------------------------------------------
+
+
+def test_hook_registers_the_onnx_loader() -> None:
+    assert infercore_onnx.register_model_loaders() == [OnnxModel]
+    assert OnnxModel.kind == "onnx"
+    assert OnnxModel.platform == "onnxruntime_onnx"
+
+
+def test_entry_point_points_at_the_plugin_module() -> None:
+    eps = {ep.name: ep.value for ep in md.entry_points(group="infercore")}
+    assert eps.get("onnx") == "infercore_onnx"
+
+
+def test_importing_the_plugin_does_not_import_onnxruntime() -> None:
+    code = "import sys, infercore_onnx; print('onnxruntime' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert out.stdout.strip() == "False"
+
+
+# -- config ---------------------------------------------------------------------------------
+
+
+def test_config_defaults() -> None:
+    config = msgspec.convert({"path": "m.onnx"}, OnnxModel.Config)
+    assert config == OnnxModel.Config(path="m.onnx")
+    assert (config.sha256, config.intra_op_num_threads, config.inter_op_num_threads) == (None, 1, 1)
+    assert (config.execution_mode, config.graph_optimization_level, config.device) == (
+        "sequential",
+        "all",
+        "cpu",
+    )
+
+
+@pytest.mark.parametrize(
+    ("options", "needle"),
+    [
+        ({"path": "m.onnx", "devcie": "cpu"}, "unknown field `devcie`"),
+        ({}, "missing required field `path`"),
+        ({"path": ""}, "length >= 1"),
+        ({"path": "m.onnx", "intra_op_num_threads": -1}, ">= 0"),
+        ({"path": "m.onnx", "inter_op_num_threads": -2}, ">= 0"),
+        ({"path": "m.onnx", "device": "gpu"}, "Invalid enum value 'gpu'"),
+        ({"path": "m.onnx", "execution_mode": "fast"}, "Invalid enum value 'fast'"),
+        ({"path": "m.onnx", "graph_optimization_level": "max"}, "Invalid enum value 'max'"),
+        ({"path": "m.onnx", "sha256": "abc"}, "matching regex"),
+    ],
+)
+def test_config_rejects_bad_options(options: dict[str, Any], needle: str) -> None:
+    with pytest.raises(msgspec.ValidationError, match=needle):
+        msgspec.convert(options, OnnxModel.Config)
+
+
+def test_session_options_follow_the_config(root: Path) -> None:
+    save(root, linear_model())
+    model = load(
+        root,
+        intra_op_num_threads=2,
+        inter_op_num_threads=3,
+        execution_mode="parallel",
+        graph_optimization_level="basic",
+    )
+    options = model._session.get_session_options()
+    assert options.intra_op_num_threads == 2
+    assert options.inter_op_num_threads == 3
+    assert options.execution_mode == onnxruntime.ExecutionMode.ORT_PARALLEL
+    assert options.graph_optimization_level == onnxruntime.GraphOptimizationLevel.ORT_ENABLE_BASIC
+
+
+# -- signature ------------------------------------------------------------------------------
+
+
+def test_signature_of_the_linear_model(root: Path) -> None:
+    save(root, linear_model())
+    model = load(root)
+    assert model.inputs == [TensorSpec("X", "FP32", (-1, 4))]
+    assert model.outputs == [TensorSpec("Y", "FP32", (-1, 2))]
+    assert model.batchable
+    assert model.providers == ["CPUExecutionProvider"]
+
+
+def test_signature_maps_every_element_type(root: Path) -> None:
+    save(root, all_dtypes_model())
+    model = load(root)
+    assert {s.name: s.datatype for s in model.inputs} == {f"in_{n}": n for n in DTYPES.values()}
+    assert {s.name: s.datatype for s in model.outputs} == {f"out_{n}": n for n in DTYPES.values()}
+    assert {s.shape for s in model.inputs + model.outputs} == {(-1, 3)}
+
+
+def test_unnamed_dimension_becomes_minus_one(root: Path) -> None:
+    save(root, int64_model())
+    model = load(root)
+    assert model.inputs == [TensorSpec("X", "INT64", (-1, 3))]
+
+
+def test_zipmap_output_is_refused_with_a_hint(root: Path) -> None:
+    save(root, zipmap_model())
+    error = load_error(root, ModelLoadError)
+    assert "output_probability" in str(error)
+    assert "seq(map(int64,tensor(float)))" in str(error)
+    assert "zipmap" in str(error).lower()
+    assert CONFIG_PATH in str(error)
+
+
+def test_sequence_output_is_refused(root: Path) -> None:
+    save(root, sequence_model())
+    error = load_error(root, ModelLoadError)
+    assert "'S'" in str(error) and "not a tensor" in str(error)
+
+
+def test_skl2onnx_classifier_with_and_without_zipmap(root: Path) -> None:
+    skl2onnx = pytest.importorskip("skl2onnx")
+    linear_model_module = pytest.importorskip("sklearn.linear_model")
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(60, 4)).astype(np.float32)
+    y = (x[:, 0] + x[:, 1] > 0).astype(np.int64)
+    clf = linear_model_module.LogisticRegression().fit(x, y)
+
+    save(root, skl2onnx.to_onnx(clf, x[:1], target_opset=17))
+    error = load_error(root, ModelLoadError)
+    assert "zipmap" in str(error).lower()
+
+    save(root, skl2onnx.to_onnx(clf, x[:1], options={"zipmap": False}, target_opset=17))
+    model = load(root)
+    assert [s.datatype for s in model.outputs] == ["INT64", "FP32"]
+    out = asyncio.run(model.predict({"X": x[:5]}))
+    np.testing.assert_array_equal(out["label"], clf.predict(x[:5]))
+    np.testing.assert_allclose(out["probabilities"], clf.predict_proba(x[:5]), rtol=1e-4)
+
+
+# -- predict --------------------------------------------------------------------------------
+
+
+def test_predict_matches_numpy_for_a_batch(root: Path) -> None:
+    save(root, linear_model())
+    model = load(root)
+    x = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
+    out = asyncio.run(model.predict({"X": x}))
+    assert list(out) == ["Y"]
+    assert out["Y"].shape == (5, 2)
+    np.testing.assert_allclose(out["Y"], x @ W + B, rtol=1e-5, atol=1e-6)
+
+
+def test_predict_rows_are_independent(root: Path) -> None:
+    save(root, linear_model())
+    model = load(root)
+    x = np.random.default_rng(1).normal(size=(3, 4)).astype(np.float32)
+    batch = asyncio.run(model.predict({"X": x}))["Y"]
+    for i in range(3):
+        row = asyncio.run(model.predict({"X": x[i : i + 1]}))["Y"]
+        np.testing.assert_allclose(batch[i : i + 1], row, rtol=1e-6)
+
+
+def test_predict_accepts_float64_and_non_contiguous_arrays(root: Path) -> None:
+    save(root, linear_model())
+    model = load(root)
+    wide = np.random.default_rng(2).normal(size=(3, 8))
+    x = wide[:, ::2]  # float64, strided
+    assert not x.flags.c_contiguous
+    out = asyncio.run(model.predict({"X": x}))
+    np.testing.assert_allclose(out["Y"], x.astype(np.float32) @ W + B, rtol=1e-5, atol=1e-6)
+
+
+def test_prepare_input_does_not_copy_a_ready_array() -> None:
+    spec = TensorSpec("X", "FP32", (-1, 4))
+    ready = np.zeros((2, 4), dtype=np.float32)
+    assert prepare_input(spec, ready) is ready
+    fortran = np.asfortranarray(np.zeros((2, 4), dtype=np.float32))
+    prepared = prepare_input(spec, fortran)
+    assert prepared.flags.c_contiguous and prepared.dtype == np.float32
+
+
+def test_prepare_input_refuses_floats_for_an_integer_input() -> None:
+    with pytest.raises(InvalidInput, match="'X'"):
+        prepare_input(TensorSpec("X", "INT64", (-1, 3)), np.ones((1, 3)))
+
+
+def test_int64_model_predicts_and_warms_up(root: Path) -> None:
+    save(root, int64_model())
+    model = load(root)
+    asyncio.run(model.warmup())
+    x = np.array([[1, 2, 3], [-4, 5, 2**40]], dtype=np.int64)
+    out = asyncio.run(model.predict({"X": x}))
+    assert out["Y"].dtype == np.int64
+    np.testing.assert_array_equal(out["Y"], x * 3)
+
+
+def test_string_model_takes_bytes_and_str(root: Path) -> None:
+    save(root, string_model())
+    model = load(root)
+    assert model.inputs == [TensorSpec("S", "BYTES", (-1, 2))]
+    asyncio.run(model.warmup())
+    s = np.array([[b"caf\xc3\xa9", "tea"], [b"", "x"]], dtype=object)
+    out = asyncio.run(model.predict({"S": s}))
+    assert out["T"].tolist() == [["café", "tea"], ["", "x"]]
+
+
+def test_string_input_that_is_not_utf8_is_invalid_input(root: Path) -> None:
+    save(root, string_model())
+    model = load(root)
+    with pytest.raises(InvalidInput, match="UTF-8"):
+        asyncio.run(model.predict({"S": np.array([[b"\xff", b"ok"]], dtype=object)}))
+
+
+def test_warmup_covers_every_element_type(root: Path) -> None:
+    save(root, all_dtypes_model())
+    model = load(root)
+    calls: list[dict[str, np.ndarray]] = []
+    predict = model.predict
+
+    async def spy(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = await predict(inputs)
+        calls.append(out)
+        return out
+
+    model.predict = spy  # type: ignore[method-assign]
+    asyncio.run(model.warmup())
+    assert len(calls) == 1
+    assert {k: v.shape for k, v in calls[0].items()} == {
+        f"out_{n}": (1, 3) for n in DTYPES.values()
+    }
+
+
+def test_missing_input_is_invalid_input(root: Path) -> None:
+    save(root, linear_model())
+    model = load(root)
+    with pytest.raises(InvalidInput, match="'X'"):
+        asyncio.run(model.predict({}))
+
+
+def test_shape_rejected_by_onnxruntime_is_invalid_input(root: Path) -> None:
+    save(root, linear_model())
+    model = load(root)
+    with pytest.raises(InvalidInput, match="dimensions"):
+        asyncio.run(model.predict({"X": np.ones((2, 3), dtype=np.float32)}))
+
+
+def test_runtime_failure_is_a_backend_error_with_a_generic_message(
+    root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    save(root, failing_model())
+    model = load(root)
+    x = np.ones((1, 4), dtype=np.float32)
+    with (
+        caplog.at_level(logging.ERROR, logger="infercore.onnx"),
+        pytest.raises(BackendError) as info,
+    ):
+        asyncio.run(model.predict({"X": x}))
+    assert info.value.message == f"{CONFIG_PATH}: the model failed to run"
+    logged = [r.getMessage() for r in caplog.records if r.name == "infercore.onnx"]
+    assert any("Reshape" in line for line in logged)
+
+
+def test_stop_drops_the_session(root: Path) -> None:
+    save(root, linear_model())
+    model = load(root)
+    asyncio.run(model.stop())
+    with pytest.raises(ModelNotReady):
+        asyncio.run(model.predict({"X": np.ones((1, 4), dtype=np.float32)}))
+
+
+# -- artifacts ------------------------------------------------------------------------------
+
+
+def test_pinned_sha256_that_matches_loads(root: Path) -> None:
+    artifact = save(root, linear_model())
+    digest = hashlib.sha256(artifact.read_bytes()).hexdigest()
+    model = load(root, sha256=digest.upper())
+    assert model.inputs == [TensorSpec("X", "FP32", (-1, 4))]
+
+
+def test_pinned_sha256_mismatch_loads_nothing(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    save(root, linear_model())
+    sessions: list[Any] = []
+    real = onnxruntime.InferenceSession
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        sessions.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", spy)
+    error = load_error(root, ModelLoadError, sha256="0" * 64)
+    assert "sha256 mismatch" in str(error)
+    assert f"{CONFIG_PATH}.sha256" in str(error)
+    assert sessions == []
+
+
+def test_missing_file_is_a_load_error(root: Path) -> None:
+    error = load_error(root, ModelLoadError, path="iris/artifacts/nope.onnx")
+    assert CONFIG_PATH in str(error)
+
+
+def test_directory_is_a_load_error(root: Path) -> None:
+    error = load_error(root, ModelLoadError, path="iris/artifacts")
+    assert "not a file" in str(error)
+
+
+@pytest.mark.parametrize("with_onnx_check", [True, False], ids=["onnx-check", "ort-only"])
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_corrupt_file_is_a_load_error_without_paths(
+    root: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    damage: str,
+    with_onnx_check: bool,
+) -> None:
+    if not with_onnx_check:
+        # As on a server without the `onnx` package: only onnxruntime reads the file.
+        monkeypatch.setattr(external_data, "_onnx", lambda: None)
+    good = linear_model().SerializeToString()
+    data = {
+        "truncated": good[: len(good) // 2],
+        "garbage": b"\x08\x07not a model at all" * 4,
+        "empty": b"",
+    }[damage]
+    (root / "iris/artifacts/model.onnx").write_bytes(data)
+    with caplog.at_level(logging.INFO, logger="infercore.onnx"):
+        error = load_error(root, ModelLoadError)
+    message = str(error)
+    assert CONFIG_PATH in message
+    assert "\n" not in message
+    assert_no_paths(message, root)
+    for record in caplog.records:
+        assert_no_paths(record.getMessage(), root)
+
+
+def test_path_traversal_is_a_config_error(root: Path) -> None:
+    save(root, linear_model(), rel="../x.onnx")  # exists, just outside the root
+    error = load_error(root, ConfigError, path="../x.onnx")
+    assert f"{CONFIG_PATH}.path" in str(error)
+
+
+def test_symlink_out_of_the_root_is_a_config_error(root: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "elsewhere" / "model.onnx"
+    outside.parent.mkdir()
+    outside.write_bytes(linear_model().SerializeToString())
+    os.symlink(outside, root / "iris/artifacts/model.onnx")
+    load_error(root, ConfigError)
+
+
+def test_external_data_inside_the_folder_loads(root: Path) -> None:
+    save(root, external_data_model("weights.bin"))
+    (root / "iris/artifacts/weights.bin").write_bytes(W.tobytes())
+    model = load(root)
+    x = np.ones((2, 4), dtype=np.float32)
+    np.testing.assert_allclose(asyncio.run(model.predict({"X": x}))["Y"], x @ W, rtol=1e-6)
+
+
+@pytest.mark.parametrize("with_onnx_check", [True, False], ids=["onnx-check", "ort-only"])
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink"])
+def test_external_data_outside_the_folder_is_refused(
+    root: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    kind: str,
+    with_onnx_check: bool,
+) -> None:
+    secret = root / "iris" / "secret.bin"  # inside the model root, outside the model's folder
+    secret.write_bytes(W.tobytes())
+    location = {"dotdot": "../secret.bin", "absolute": str(secret), "symlink": "link.bin"}[kind]
+    if kind == "symlink":
+        os.symlink(secret, root / "iris/artifacts/link.bin")
+    save(root, external_data_model(location))
+    if not with_onnx_check:
+        monkeypatch.setattr(external_data, "_onnx", lambda: None)
+        probe = make(root)
+        try:
+            asyncio.run(probe.start())
+        except ModelLoadError:
+            pass
+        else:  # pragma: no cover - depends on the installed onnxruntime
+            pytest.skip("this onnxruntime does not validate external data locations itself")
+    with caplog.at_level(logging.INFO, logger="infercore.onnx"):
+        error = load_error(root, ModelLoadError)
+    assert CONFIG_PATH in str(error)
+    assert_no_paths(str(error), root)
+    if with_onnx_check:
+        assert "outside the model file's folder" in str(error)
+    for record in caplog.records:
+        assert_no_paths(record.getMessage(), root)
+
+
+def test_external_data_check_reports_whether_it_ran(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    artifact = save(root, linear_model())
+    assert external_data.check_external_data(artifact, config_path=CONFIG_PATH) is True
+    monkeypatch.setattr(external_data, "_onnx", lambda: None)
+    assert external_data.check_external_data(artifact, config_path=CONFIG_PATH) is False
+
+
+# -- devices --------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="this onnxruntime build has CUDA")
+def test_device_cuda_without_cuda_is_a_load_error(root: Path) -> None:
+    save(root, linear_model())
+    error = load_error(root, ModelLoadError, device="cuda")
+    assert f"{CONFIG_PATH}.device" in str(error)
+    assert "gpu" in str(error)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="this onnxruntime build has CUDA")
+def test_device_auto_falls_back_to_cpu_with_a_log_line(
+    root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    save(root, linear_model())
+    with caplog.at_level(logging.INFO, logger="infercore.onnx"):
+        model = load(root, device="auto")
+    assert model.providers == ["CPUExecutionProvider"]
+    fallback = [r for r in caplog.records if "device=auto" in r.getMessage()]
+    assert len(fallback) == 1
+    assert fallback[0].levelno == logging.INFO
+    assert "CPU" in fallback[0].getMessage()
+
+
+def test_device_cpu_logs_no_fallback(root: Path, caplog: pytest.LogCaptureFixture) -> None:
+    save(root, linear_model())
+    with caplog.at_level(logging.INFO, logger="infercore.onnx"):
+        load(root, device="cpu")
+    assert not [r for r in caplog.records if "device=auto" in r.getMessage()]
