@@ -55,6 +55,33 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def read_verified(path: Path, sha256: str | None, *, config_path: str) -> bytes:
+    """Read an artifact once and check its digest, so the bytes checked are the bytes loaded.
+
+    Prefer this to :func:`verify_sha256` when the loader can deserialize from bytes: a file
+    swapped between the check and the load cannot slip through.
+
+    Args:
+        path: A path from :func:`resolve_artifact`.
+        sha256: The pinned hex digest, or ``None`` for no check.
+        config_path: The config key of the artifact, for the message.
+
+    Raises:
+        ModelLoadError: The digest differs from ``sha256``; nothing was deserialized.
+    """
+    data = path.read_bytes()
+    if sha256 is not None:
+        actual = hashlib.sha256(data).hexdigest()
+        if not hmac.compare_digest(actual, sha256.strip().lower()):
+            raise ModelLoadError(
+                f"{config_path}.sha256: mismatch (expected {sha256[:12]}…, got {actual[:12]}…); "
+                "the artifact was not deserialized",
+                hint="the artifact changed since its digest was pinned: re-pin it or restore "
+                "the file",
+            )
+    return data
+
+
 def verify_sha256(path: Path, expected: str, *, config_path: str) -> None:
     """Raise :class:`ModelLoadError` unless the file's SHA-256 equals ``expected``.
 

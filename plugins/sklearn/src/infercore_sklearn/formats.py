@@ -8,11 +8,9 @@ it trusts by default plus the ones the operator lists.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import io
 import pickle
-from pathlib import Path, PurePath
+from pathlib import PurePath
 from typing import Any, Literal
 
 from infercore.errors import ConfigError, ModelLoadError
@@ -80,25 +78,6 @@ def check_trust(fmt: Format, *, trusted: bool, sha256: str | None, config_path: 
             hint="set `sha256:` to the output of `sha256sum FILE`; it is checked before any "
             "byte is deserialized",
         )
-
-
-def read_verified(path: Path, sha256: str | None, *, config_path: str) -> bytes:
-    """Read the artifact once and check its digest, so the bytes checked are the bytes loaded.
-
-    Raises:
-        ModelLoadError: The digest differs from ``sha256``.
-    """
-    data = path.read_bytes()
-    if sha256 is not None:
-        actual = hashlib.sha256(data).hexdigest()
-        if not hmac.compare_digest(actual, sha256.strip().lower()):
-            raise ModelLoadError(
-                f"{config_path}.sha256: mismatch (expected {sha256[:12]}…, got {actual[:12]}…); "
-                "the artifact was not deserialized",
-                hint="the artifact changed since its digest was pinned: re-pin it or restore "
-                "the file",
-            )
-    return data
 
 
 def deserialize(data: bytes, fmt: Format, *, trusted_types: list[str], config_path: str) -> Any:
