@@ -70,14 +70,19 @@ def run(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         if args.debug:
             raise
-        print(f"infercore: config error: {exc}", file=sys.stderr)
+        print(f"infercore: config error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_CONFIG
     except InfercoreError as exc:
         if args.debug:
             raise
-        print(f"infercore: error: {exc}", file=sys.stderr)
+        print(f"infercore: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_FAILURE
+
+
+def _one_line(exc: BaseException) -> str:
+    """The error as one line, whatever a plugin's message contained."""
+    return " ".join(str(exc).split())
 
 
 def _compose(overrides: list[str]) -> Any:
@@ -88,29 +93,37 @@ def _compose(overrides: list[str]) -> Any:
 
 def _config_show(overrides: list[str]) -> int:
     from infercore.config.compose import redact, to_yaml
-
     from infercore.runtime import Runtime
 
     composed = _compose(overrides)
     runtime = Runtime(composed)  # validates every component node against its kind
     reg, label = runtime.registry, composed.label
     data = msgspec.to_builtins(composed.config)
-    for key, role in (("batching", "batcher"), ("routing", "router"), ("features",
-                                                                        "feature_source")):
+    for key, role in (
+        ("batching", "batcher"),
+        ("routing", "router"),
+        ("features", "feature_source"),
+    ):
         data[key] = reg.normalize(role, data[key], path=key, context=label)
     for name, model in data["models"].items():
         for version, vc in model["versions"].items():
             vc["loader"] = reg.normalize(
-                "model_loader", vc["loader"],
-                path=f"models.{name}.versions.{version}.loader", context=label,
+                "model_loader",
+                vc["loader"],
+                path=f"models.{name}.versions.{version}.loader",
+                context=label,
             )
-        for key, role in (("batching", "batcher"), ("routing", "router"),
-                          ("features", "feature_source")):
+        for key, role in (
+            ("batching", "batcher"),
+            ("routing", "router"),
+            ("features", "feature_source"),
+        ):
             if model[key] is None:
                 del model[key]
             else:
-                model[key] = reg.normalize(role, model[key], path=f"models.{name}.{key}",
-                                           context=label)
+                model[key] = reg.normalize(
+                    role, model[key], path=f"models.{name}.{key}", context=label
+                )
     header = " ".join(f"{k}={v}" for k, v in sorted(composed.choices.items()))
     print(f"# composed: {header}")
     print(to_yaml(redact(data)), end="")
@@ -131,8 +144,9 @@ def _config_validate(overrides: list[str]) -> int:
             path = vc.loader.get("path")
             if isinstance(path, str):
                 try:
-                    resolve_artifact(root, path,
-                                     config_path=f"models.{name}.versions.{version}.loader.path")
+                    resolve_artifact(
+                        root, path, config_path=f"models.{name}.versions.{version}.loader.path"
+                    )
                 except InfercoreError as exc:
                     raise ConfigError(str(exc)) from None
     label = composed.label or "no recipe"
@@ -183,11 +197,9 @@ def _serve(overrides: list[str]) -> int:
     app = create_app(runtime, manage_runtime=False)
     try:
         import uvloop
-
-        runner = uvloop.run
     except ImportError:  # pragma: no cover - uvloop ships with uvicorn[standard]
-        runner = asyncio.run
-    return runner(_serve_async(app, runtime, composed.label))
+        return asyncio.run(_serve_async(app, runtime, composed.label))
+    return uvloop.run(_serve_async(app, runtime, composed.label))
 
 
 async def _serve_async(app: Any, runtime: Any, label: str) -> int:
@@ -234,8 +246,9 @@ async def _serve_async(app: Any, runtime: Any, label: str) -> int:
             server.should_exit = True
             code = EXIT_FAILURE
         else:
-            log.info("ready: %s", ", ".join(
-                f"{m.name}@{m.primary}" for m in runtime.models.values()))
+            log.info(
+                "ready: %s", ", ".join(f"{m.name}@{m.primary}" for m in runtime.models.values())
+            )
     else:
         start_task.cancel()
     try:
@@ -246,3 +259,7 @@ async def _serve_async(app: Any, runtime: Any, label: str) -> int:
         code = EXIT_FAILURE
     await runtime.stop()
     return code
+
+
+if __name__ == "__main__":
+    main()

@@ -50,12 +50,13 @@ def _env_list(name: str) -> set[str] | None:
 def _licence(dist: md.Distribution) -> str:
     meta = dist.metadata
     for key in ("License-Expression", "License"):
-        value = meta.get(key)
-        if value and value.strip() and value.strip().upper() != "UNKNOWN":
+        values = meta.get_all(key) or []
+        value = values[0] if values else None
+        if isinstance(value, str) and value.strip() and value.strip().upper() != "UNKNOWN":
             return value.strip().splitlines()[0]
     for classifier in meta.get_all("Classifier") or []:
         if classifier.startswith("License ::"):
-            return classifier.rsplit("::", 1)[-1].strip()
+            return str(classifier.rsplit("::", 1)[-1].strip())
     return "unknown"
 
 
@@ -66,6 +67,12 @@ def _register(pm: pluggy.PluginManager, name: str, plugin: object) -> None:
         raise PluginError(
             f"plugin {name!r} does not match infercore's hooks: {exc}",
             hint="check the hook's argument names against infercore.hookspecs",
+        ) from None
+    except ValueError as exc:  # pluggy: the name, or the same object, is registered already
+        raise PluginError(
+            f"plugin {name!r} cannot be registered: {exc}",
+            hint="each plugin needs its own name and object; disable the duplicate with "
+            "INFERCORE_DISABLE_PLUGINS",
         ) from None
 
 

@@ -106,6 +106,40 @@ class Registry:
         config = getattr(cls, "Config", None)
         if not (isinstance(config, type) and issubclass(config, msgspec.Struct)):
             raise PluginError(f"{where}, whose `Config` is not a msgspec.Struct")
+        # The bases are not ABCMeta classes, so Python would not refuse these itself.
+        missing = sorted(
+            name
+            for name in dir(cls)
+            if getattr(getattr(cls, name, None), "__isabstractmethod__", False)
+        )
+        if missing:
+            raise PluginError(f"{where}, which does not implement {', '.join(missing)}")
+
+    def routes(self, runtime: Any) -> list[Any]:
+        """Route handlers from every ``register_routes`` hook, in registration order.
+
+        Raises:
+            PluginError: A hook raised, or returned something other than a list (naming the
+                plugin).
+        """
+        handlers: list[Any] = []
+        for impl in self.pm.hook.register_routes.get_hookimpls():
+            try:
+                extra = impl.function(runtime=runtime)
+            except Exception as exc:
+                raise PluginError(
+                    f"plugin {impl.plugin_name!r}: register_routes() raised "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+            if extra is None:
+                continue
+            if not isinstance(extra, list | tuple):
+                raise PluginError(
+                    f"plugin {impl.plugin_name!r}: register_routes() must return a list of "
+                    f"route handlers, got {type(extra).__name__}"
+                )
+            handlers.extend(extra)
+        return handlers
 
     def kinds(self, role: str) -> dict[str, Registered]:
         """Registered classes of a role (``model_loader``, ``batcher`` …) by kind."""
@@ -130,15 +164,18 @@ class Registry:
         """
         suffix = f" ({context})" if context else ""
         if not isinstance(node, Mapping):
-            raise ConfigError(
-                f"{path}: expected a mapping with a `kind` key, got {node!r}{suffix}"
-            )
+            raise ConfigError(f"{path}: expected a mapping with a `kind` key, got {node!r}{suffix}")
         kind = node.get("kind")
         table = self._by_role[role]
         available = ", ".join(sorted(table)) or "none installed"
         if kind is None:
             raise ConfigError(
                 f"{path}.kind: required key is missing{suffix}",
+                hint=f"available {role} kinds: {available}",
+            )
+        if not isinstance(kind, str):
+            raise ConfigError(
+                f"{path}.kind: expected a string, got {kind!r}{suffix}",
                 hint=f"available {role} kinds: {available}",
             )
         reg = table.get(kind)

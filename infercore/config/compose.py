@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import tempfile
@@ -15,7 +16,7 @@ from typing import Any
 import msgspec
 
 from infercore.config.schema import NAME_RE, VERSION_RE, InfercoreConfig
-from infercore.config.validation import convert
+from infercore.config.validation import allowed_fields, convert
 from infercore.errors import ConfigError
 
 _PKG = Path(__file__).resolve().parent.parent
@@ -65,17 +66,51 @@ class Composed:
 
 
 _HYDRA_NOT_FOUND = re.compile(r"Could not find '(?P<what>[^']+)'")
-_HYDRA_AVAILABLE = re.compile(r"Available options in '(?P<group>[^']+)':\n(?P<opts>(?:\t[^\n]*\n?)*)")
+_HYDRA_AVAILABLE = re.compile(
+    r"Available options in '(?P<group>[^']+)':\n(?P<opts>(?:\t[^\n]*\n?)*)"
+)
 _HYDRA_KEY = re.compile(r"Could not override '(?P<key>[^']+)'")
+
+
+def _override_value(overrides: list[str], key: str) -> str | None:
+    for item in overrides:
+        name, sep, value = item.partition("=")
+        if sep and name.lstrip("~+") == key:
+            return value
+    return None
+
+
+def _keys_here(exc: Exception, key: str) -> list[str]:
+    """Keys valid next to ``key``: the schema's fields there, then those the config sets."""
+    parent_path = key.split(".")[:-1]
+    names = allowed_fields(InfercoreConfig, list(parent_path))
+    parent = getattr(exc.__cause__, "parent_node", None)
+    try:
+        present = [str(k) for k in parent] if parent is not None else []
+    except Exception:  # a node that cannot list its keys: show the schema's only
+        present = []
+    return names + [k for k in present if k not in names]
 
 
 def _hydra_error(exc: Exception, overrides: list[str]) -> ConfigError:
     text = str(exc).strip()
     key = _HYDRA_KEY.search(text)
     if key:
+        name = key.group("key")
+        value = _override_value(overrides, name)
+        # The first missing key on the way to `name` (models.irs for models.irs.versions.1...).
+        missing = str(getattr(exc.__cause__, "full_key", "") or name)
+        if not name.startswith(missing):
+            missing = name
+        shown = f" (value {value!r})" if value is not None else ""
+        if missing != name:
+            shown = f" (override {name}={value})" if value is not None else f" (override {name})"
+        keys = _keys_here(exc, missing)
+        choices = f"; keys here: {', '.join(keys)}" if keys else ""
         return ConfigError(
-            f"{key.group('key')}: unknown key in override",
-            hint=f"check its spelling; to add a new key use +{key.group('key')}=VALUE",
+            f"{missing}: no such key in the composed config{shown}{choices}",
+            hint=f"check its spelling; to add a key the config does not set yet use "
+            f"+{name}={value if value is not None else 'VALUE'}",
         )
     nf = _HYDRA_NOT_FOUND.search(text)
     if nf:
@@ -121,7 +156,9 @@ def compose(
     conf_dir = (conf_dir or default_conf_dir()).resolve()
     recipes_dir = (recipes_dir or default_recipes_dir()).resolve()
     if not conf_dir.is_dir():
-        raise ConfigError(f"config folder {conf_dir.name!r} not found", hint="set INFERCORE_CONF_DIR")
+        raise ConfigError(
+            f"config folder {conf_dir.name!r} not found", hint="set INFERCORE_CONF_DIR"
+        )
 
     with tempfile.TemporaryDirectory(prefix="infercore-recipes-") as tmp:
         # Hydra maps folders to groups: expose the recipes folder as the group `recipe`.
@@ -146,8 +183,7 @@ def compose(
                     data = OmegaConf.to_container(cfg, resolve=True)
                 except OmegaConfBaseException as exc:
                     raise ConfigError(
-                        f"{getattr(exc, 'full_key', '') or '<config>'}: "
-                        f"{str(exc).splitlines()[0]}",
+                        f"{getattr(exc, 'full_key', '') or '<config>'}: {str(exc).splitlines()[0]}",
                         hint="an ${oc.env:VAR} needs the variable set, or a default: "
                         "${oc.env:VAR,default}",
                     ) from None
@@ -159,46 +195,105 @@ def compose(
             GlobalHydra.instance().clear()
 
     assert isinstance(data, dict)
+    plain: dict[str, Any] = {str(k): v for k, v in data.items()}
+    _versions_as_strings(plain)
     label = f"recipe={choices['recipe']}" if "recipe" in choices else ""
-    config = convert(data, InfercoreConfig, path="", context=label)
+    if isinstance(plain.get("recipe"), dict) and "recipe" in choices:
+        # Without the package header Hydra nests the whole recipe under `recipe:`.
+        raise ConfigError(
+            f"recipe {choices['recipe']!r}: its keys ended up under `recipe:` ({label})",
+            hint=f"start {choices['recipe']}.yaml with the line `# @package _global_`",
+        )
+    if isinstance(plain.get("recipe"), str | int) and "recipe" not in choices:
+        # No recipe files: Hydra took `+recipe=NAME` for a plain key.
+        raise ConfigError(
+            f"recipe: unknown option {str(plain['recipe'])!r}; no recipes in {str(recipes_dir)!r}",
+            hint="set INFERCORE_RECIPES_DIR to the folder holding NAME.yaml, or run from the "
+            "project folder",
+        )
+    config = convert(plain, InfercoreConfig, path="", context=label)
     _check_names(config, label)
-    return Composed(config, data, choices, overrides, recipes_dir)
+    return Composed(config, plain, choices, overrides, recipes_dir)
+
+
+def _versions_as_strings(data: dict[str, Any]) -> None:
+    """Version names typed as numbers (``primary=2``, ``versions: {1: ...}``) become strings.
+
+    Hydra and YAML read ``2`` as an int; a version is a name, so ``2`` means ``"2"``.
+    """
+    models = data.get("models")
+    if not isinstance(models, dict):
+        return
+    for model in models.values():
+        if not isinstance(model, dict):
+            continue
+        if isinstance(model.get("primary"), int) and not isinstance(model["primary"], bool):
+            model["primary"] = str(model["primary"])
+        versions = model.get("versions")
+        if isinstance(versions, dict) and any(type(k) is int for k in versions):
+            if any(str(k) in versions for k in versions if type(k) is int):
+                continue  # both 1 and "1": leave it for validation to report
+            model["versions"] = {str(k) if type(k) is int else k: v for k, v in versions.items()}
+
+
+def _key(base: str, key: str) -> str:
+    """``base.key``, or ``base['key']`` where the key would make the path ambiguous."""
+    return f"{base}.{key}" if re.fullmatch(r"[A-Za-z0-9_\-]+", key) else f"{base}[{key!r}]"
 
 
 def _check_names(config: InfercoreConfig, label: str) -> None:
     suffix = f" ({label})" if label else ""
     for name, model in config.models.items():
+        base = _key("models", name)
         if not NAME_RE.match(name):
             raise ConfigError(
-                f"models.{name}: invalid model name {name!r}{suffix}",
+                f"{base}: invalid model name {name!r}{suffix}",
                 hint="use letters, digits, '_' and '-' (at most 64, no '/' or '..')",
             )
         if not model.versions:
-            raise ConfigError(f"models.{name}.versions: at least one version is needed{suffix}")
+            raise ConfigError(f"{base}.versions: at least one version is needed{suffix}")
         for version in model.versions:
             if not VERSION_RE.match(version):
                 raise ConfigError(
-                    f"models.{name}.versions.{version}: invalid version {version!r}{suffix}",
+                    f"{_key(base + '.versions', version)}: invalid version {version!r}{suffix}",
                     hint="use letters, digits, '_', '-' and '.' (at most 32)",
                 )
         if model.primary is not None and model.primary not in model.versions:
             raise ConfigError(
-                f"models.{name}.primary: {model.primary!r} is not one of the versions "
+                f"{base}.primary: {model.primary!r} is not one of the versions "
                 f"({', '.join(model.versions)}){suffix}"
             )
 
 
-_SECRET_KEY = re.compile(r"(token|secret|password|passwd|api[_-]?key|credential)", re.I)
-_URL_CREDS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.\-]*://)(?P<creds>[^@/\s]+)@", re.I)
+#: Words of a key name (split at ``_``, ``-``, ``.`` and camelCase) that mark its value secret;
+#: whole words, so ``max_tokens`` and ``tokenizer`` stay visible.
+_SECRET_WORDS = frozenset(
+    {"token", "secret", "password", "passwd", "pwd", "apikey", "credential", "credentials"}
+)
+_KEY_WORD = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
+# Everything between the scheme and the last '@' before the path is userinfo.
+_URL_CREDS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.\-]*://)(?P<creds>[^/\s]+)@", re.I)
+
+
+def _secret_key(key: str) -> bool:
+    words = [w.lower() for w in _KEY_WORD.findall(key)]
+    joined = {a + b for a, b in itertools.pairwise(words)}  # api_key -> apikey
+    return bool(_SECRET_WORDS.intersection(words) or _SECRET_WORDS.intersection(joined))
 
 
 def redact(value: Any, key: str = "") -> Any:
-    """A copy of config data with secret-looking values replaced by ``'***'``."""
+    """A copy of config data with secret-looking values replaced by ``'***'``.
+
+    A value is secret when its key names one (``token``, ``password``, ``api_key`` …); the
+    credentials in a URL (``redis://:pw@host``) are masked wherever the URL appears.
+    """
+    secret = bool(key) and _secret_key(key)
     if isinstance(value, dict):
-        return {k: redact(v, str(k)) for k, v in value.items()}
+        # Below a secret key (``credentials: {user: …, key: …}``) everything is secret.
+        return {k: redact(v, key if secret else str(k)) for k, v in value.items()}
     if isinstance(value, list):
         return [redact(v, key) for v in value]
-    if key and _SECRET_KEY.search(key) and value not in (None, "", False):
+    if secret and value not in (None, "", False):
         return "***"
     if isinstance(value, str):
         return _URL_CREDS.sub(lambda m: f"{m.group('scheme')}***@", value)

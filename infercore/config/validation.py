@@ -12,17 +12,69 @@ from infercore.errors import ConfigError
 
 T = TypeVar("T")
 
-_AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
+_AT = re.compile(r"^(?P<msg>.*?)(?: - at (?P<key>`key` in )?`\$(?P<path>[^`]*)`)?$", re.S)
 _UNKNOWN = re.compile(r"Object contains unknown field `(?P<field>[^`]+)`")
 _MISSING = re.compile(r"Object missing required field `(?P<field>[^`]+)`")
 _EXPECTED = re.compile(r"Expected `(?P<want>[^`]+)`, got `(?P<got>[^`]+)`")
-_SEGMENT = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
+# msgspec writes a mapping key it does not name as `[...]`.
+_SEGMENT = re.compile(r"\.([^.\[]+)|\[(\d+)\]|\[(\.\.\.)\]")
 
 
-def _segments(path: str) -> list[str | int]:
-    out: list[str | int] = []
+def _segments(path: str) -> list[str | int | None]:
+    """Path segments; ``None`` stands for a mapping key msgspec did not name."""
+    out: list[str | int | None] = []
     for m in _SEGMENT.finditer(path):
-        out.append(m.group(1) if m.group(1) is not None else int(m.group(2)))
+        if m.group(1) is not None:
+            out.append(m.group(1))
+        elif m.group(2) is not None:
+            out.append(int(m.group(2)))
+        else:
+            out.append(None)
+    return out
+
+
+def _child_type(tp: Any, seg: Any) -> Any:
+    """The declared type at ``seg`` inside ``tp`` (a Struct field, or a container's items)."""
+    tp = _unwrap_optional(tp)
+    if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
+        if not isinstance(seg, str):
+            return None
+        return {f.encode_name: f.type for f in msgspec.structs.fields(tp)}.get(seg)
+    args = getattr(tp, "__args__", ())
+    return args[-1] if args else None
+
+
+def _failing_key(data: Any, tp: Any, *, keys_only: bool = False) -> Any:
+    """The first key of mapping ``data`` whose key or value does not convert into ``tp``."""
+    tp = _unwrap_optional(tp)
+    args: tuple[Any, ...] = getattr(tp, "__args__", ())
+    if not isinstance(data, Mapping) or len(args) != 2:
+        return None
+    key_type, value_type = args
+    for key, value in data.items():
+        try:
+            msgspec.convert(key, key_type, strict=False)
+            if not keys_only:
+                msgspec.convert(value, value_type, strict=False)
+        except msgspec.ValidationError:
+            return key
+    return None
+
+
+def _resolve(data: Any, target: Any, raw: list[str | int | None]) -> list[str | int]:
+    """``raw`` with every unnamed mapping key replaced by the key that failed validation."""
+    out: list[str | int] = []
+    cur, tp = data, target
+    for seg in raw:
+        key = _failing_key(cur, tp) if seg is None else seg
+        if key is None:
+            key = "?"
+        out.append(key if isinstance(key, int) else str(key))
+        tp = _child_type(tp, key)
+        try:
+            cur = cur[key]
+        except (KeyError, IndexError, TypeError):
+            cur = None
     return out
 
 
@@ -82,15 +134,30 @@ def describe(
     text = str(exc)
     m = _AT.match(text)
     msg = m.group("msg") if m else text
-    segs = _segments(m.group("path") or "") if m else []
+    segs = _resolve(data, target, _segments(m.group("path") or "")) if m else []
     suffix = f" ({context})" if context else ""
+    if m and m.group("key"):
+        # The failure is a mapping key at `segs`, not a value.
+        found, mapping = _lookup(data, segs)
+        tp: Any = target
+        for seg in segs:
+            tp = _child_type(tp, seg)
+        bad = _failing_key(mapping, tp, keys_only=True) if found else None
+        full = join_path(path, segs) or "<root>"
+        expected = _EXPECTED.search(msg)
+        want = f"expected {expected.group('want')}" if expected else msg
+        shown = f" {bad!r}" if bad is not None else ""
+        return ConfigError(
+            f"{full}: invalid key{shown}: {want}{suffix}",
+            hint='quote keys that look like numbers, e.g. "1"',
+        )
     unknown = _UNKNOWN.search(msg)
     if unknown:
         name = unknown.group("field")
         full = join_path(path, [*segs, name])
         _, parent = _lookup(data, segs)
         value = parent.get(name) if isinstance(parent, Mapping) else None
-        allowed = _allowed_fields(target, segs)
+        allowed = allowed_fields(target, segs)
         choices = f"; valid keys here: {', '.join(allowed)}" if allowed else ""
         return ConfigError(
             f"{full}: unknown key (value {value!r}){choices}{suffix}",
@@ -113,7 +180,7 @@ def describe(
     return ConfigError(f"{full}: {msg[0].lower()}{msg[1:]}{shown}{suffix}")
 
 
-def _allowed_fields(target: Any, segs: list[str | int]) -> list[str]:
+def allowed_fields(target: Any, segs: list[str | int]) -> list[str]:
     """Field names of the Struct at ``segs`` inside ``target``, where it can be followed."""
     cur = target
     for seg in segs:

@@ -1,0 +1,409 @@
+"""The ``infercore`` command, run as a user runs it: a subprocess, exit codes, stdout and stderr."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+IRIS_ONNX = REPO / "recipes" / "iris" / "artifacts" / "model.onnx"
+SCRIPT = Path(sys.executable).parent / "infercore"
+INFERCORE = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "infercore.cli"]
+ERROR_PREFIX = "infercore: config error:"
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERCORE_")}
+    env.update(extra)
+    return env
+
+
+def run(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*INFERCORE, *args],
+        cwd=REPO,
+        env=env or _env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def _write_recipe(folder: Path, name: str, body: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.yaml").write_text("# @package _global_\n" + textwrap.dedent(body))
+    return folder
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+@pytest.fixture(scope="session")
+def iris_artifact() -> Path:
+    """The iris ONNX model, which another job builds; wait for it rather than build it here."""
+    deadline = time.monotonic() + 600
+    while not IRIS_ONNX.exists():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{IRIS_ONNX} did not appear (build it: recipes/iris/train.py)")
+        time.sleep(5)
+    return IRIS_ONNX
+
+
+@pytest.fixture
+def missing_model_recipes(tmp_path: Path) -> Path:
+    """A recipes folder whose recipe ``missing`` points at an ONNX file that does not exist."""
+    return _write_recipe(
+        tmp_path / "recipes",
+        "missing",
+        """\
+        models:
+          m:
+            versions:
+              "1":
+                loader: {kind: onnx, path: nowhere/model.onnx}
+        """,
+    )
+
+
+def _assert_one_config_error(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(ERROR_PREFIX), lines[0]
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+    return lines[0]
+
+
+# --- config show ---
+
+
+@pytest.mark.timeout(660)
+def test_config_show_prints_the_composed_config_with_defaults(iris_artifact: Path) -> None:
+    result = run("config", "show", "+recipe=iris")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("# composed: ")
+    assert "recipe=iris" in result.stdout.splitlines()[0]
+    assert "kind: dynamic" in result.stdout
+    data = yaml.safe_load(result.stdout)
+    assert data["batching"]["kind"] == "dynamic"
+    assert data["batching"]["max_concurrent_batches"] == 1  # a default the YAML does not set
+    assert data["batching"]["max_batch_size"] == 32
+    loader = data["models"]["iris"]["versions"]["1"]["loader"]
+    assert loader["kind"] == "onnx"
+    assert loader["path"] == "iris/artifacts/model.onnx"
+    assert len(loader) > 2, "the loader's defaults are filled in"
+    assert data["server"]["port"] == 8080
+    assert "***" not in result.stdout  # nothing secret in iris
+
+
+def test_config_show_applies_overrides_and_env() -> None:
+    result = run(
+        "config",
+        "show",
+        "+recipe=iris",
+        "env=prod",
+        "deploy=k8s",
+        "batching.max_batch_size=64",
+        env=_env(INFERCORE_PORT="9321"),
+    )
+    assert result.returncode == 0, result.stderr
+    data = yaml.safe_load(result.stdout)
+    assert data["server"]["port"] == 9321
+    assert data["server"]["host"] == "0.0.0.0"
+    assert data["server"]["log_format"] == "json"
+    assert data["batching"]["max_batch_size"] == 64
+    assert "env=prod" in result.stdout.splitlines()[0]
+
+
+def test_config_show_redacts_credentials(tmp_path: Path) -> None:
+    recipes = _write_recipe(
+        tmp_path / "recipes",
+        "secretive",
+        """\
+        description: "features cached in redis://:hunter2@cache:6379/0"
+        models:
+          m:
+            versions:
+              "1":
+                loader: {kind: onnx, path: m.onnx}
+        """,
+    )
+    result = run(
+        "config", "show", "+recipe=secretive", env=_env(INFERCORE_RECIPES_DIR=str(recipes))
+    )
+    assert result.returncode == 0, result.stderr
+    assert "hunter2" not in result.stdout
+    assert "redis://***@cache:6379/0" in result.stdout
+
+
+# --- config validate ---
+
+
+@pytest.mark.timeout(660)
+def test_config_validate_iris(iris_artifact: Path) -> None:
+    result = run("config", "validate", "+recipe=iris")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ok:")
+    assert "recipe=iris" in result.stdout
+    assert result.stderr == ""
+
+
+@pytest.mark.timeout(660)
+def test_module_entry_point_runs_the_cli(iris_artifact: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "infercore.cli", "config", "validate", "+recipe=iris"],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ok:")
+
+
+def test_config_validate_missing_artifact(missing_model_recipes: Path) -> None:
+    result = run(
+        "config",
+        "validate",
+        "+recipe=missing",
+        env=_env(INFERCORE_RECIPES_DIR=str(missing_model_recipes)),
+    )
+    line = _assert_one_config_error(result)
+    assert "models.m.versions.1.loader.path" in line
+    assert "'nowhere/model.onnx'" in line
+    assert "not found" in line
+
+
+# --- config errors: one line, exit 2 ---
+
+CONFIG_ERRORS = {
+    "wrong-type": (["batching.max_batch_size=abc"], ["batching.max_batch_size", "'abc'", "int"]),
+    "typo-without-plus": (
+        ["batching.max_bach_size=3"],
+        ["batching.max_bach_size", "'3'", "max_batch_size", "+batching.max_bach_size=3"],
+    ),
+    "typo-with-plus": (
+        ["+batching.max_bach_size=3"],
+        ["batching.max_bach_size", "unknown key", "max_batch_size, max_queue_delay_ms"],
+    ),
+    "unknown-kind": (
+        ["models.iris.versions.1.loader.kind=onx"],
+        ["models.iris.versions.1.loader.kind", "'onx'", "available:", "onnx", "sklearn"],
+    ),
+    "unknown-group-option": (["batching=dynamc"], ["batching", "'dynamc'", "dynamic, none"]),
+    "primary-not-a-version": (
+        ["+models.iris.primary=2"],
+        ["models.iris.primary", "'2'", "not one of the versions"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONFIG_ERRORS))
+@pytest.mark.parametrize("command", [["config", "show"], ["config", "validate"], ["serve"]])
+def test_config_error_is_one_line_and_exit_2(case: str, command: list[str]) -> None:
+    overrides, expected = CONFIG_ERRORS[case]
+    result = run(*command, "+recipe=iris", *overrides)
+    line = _assert_one_config_error(result)
+    for text in expected:
+        assert text in line, (text, line)
+
+
+def test_unknown_recipe_lists_recipes() -> None:
+    line = _assert_one_config_error(run("config", "show", "+recipe=nope"))
+    assert "'nope'" in line
+    assert "iris" in line.split("available:")[1]
+
+
+def test_recipes_dir_from_the_environment(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere"
+    line = _assert_one_config_error(
+        run("config", "show", "+recipe=iris", env=_env(INFERCORE_RECIPES_DIR=str(missing)))
+    )
+    assert str(missing) in line
+
+
+def test_invalid_model_name_in_a_recipe(tmp_path: Path) -> None:
+    recipes = _write_recipe(
+        tmp_path / "recipes",
+        "dotdot",
+        """\
+        models:
+          "../x":
+            versions:
+              "1":
+                loader: {kind: onnx, path: m.onnx}
+        """,
+    )
+    line = _assert_one_config_error(
+        run("config", "validate", "+recipe=dotdot", env=_env(INFERCORE_RECIPES_DIR=str(recipes)))
+    )
+    assert "invalid model name '../x'" in line
+
+
+def test_debug_shows_the_traceback() -> None:
+    result = run("--debug", "config", "show", "+recipe=iris", "batching=dynamc")
+    assert result.returncode != 0
+    assert "Traceback (most recent call last)" in result.stderr
+    assert "ConfigError" in result.stderr
+    assert "'dynamc'" in result.stderr
+
+
+def test_unknown_subcommand_is_a_usage_error() -> None:
+    result = run("srve")
+    assert result.returncode == 2
+    assert "usage: infercore" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# --- plugins ---
+
+
+def test_plugins_lists_builtins_and_first_party_plugins() -> None:
+    result = run("plugins")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["PLUGIN", "DISTRIBUTION", "VERSION", "LICENCE", "KINDS"]
+    rows = {line.split()[0]: line for line in lines[1:]}
+    expected_kinds = {
+        "builtins.features": "feature_source: request",
+        "builtins.batchers": "batcher: dynamic, none",
+        "builtins.routers": "router: single",
+        "onnx": "model_loader: onnx",
+        "sklearn": "model_loader: sklearn",
+    }
+    for name, kinds in expected_kinds.items():
+        assert name in rows, result.stdout
+        cols = rows[name].split()
+        assert cols[3] == "Apache-2.0", rows[name]
+        assert cols[2][0].isdigit(), rows[name]  # a version
+        assert rows[name].rstrip().endswith(kinds), rows[name]
+    assert rows["onnx"].split()[1] == "infercore-onnx"
+
+
+def test_plugins_respects_the_deny_list() -> None:
+    result = run("plugins", env=_env(INFERCORE_DISABLE_PLUGINS="sklearn"))
+    assert result.returncode == 0, result.stderr
+    names = [line.split()[0] for line in result.stdout.splitlines()[1:]]
+    assert "sklearn" not in names
+    assert "onnx" in names
+
+
+# --- serve ---
+
+
+def test_serve_with_a_missing_model_exits_with_one_clear_line(missing_model_recipes: Path) -> None:
+    result = run(
+        "serve",
+        "+recipe=missing",
+        f"server.port={_free_port()}",
+        env=_env(INFERCORE_RECIPES_DIR=str(missing_model_recipes)),
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("infercore: ")]
+    assert len(errors) == 1, result.stderr
+    assert errors[0].startswith("infercore: error:")
+    assert "models.m.versions.1.loader" in errors[0]
+    assert "not found" in errors[0]
+
+
+@pytest.fixture
+def log_files(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    yield tmp_path / "stdout.log", tmp_path / "stderr.log"
+
+
+@pytest.mark.timeout(720)
+def test_serve_iris_becomes_ready_and_stops_on_sigterm(
+    iris_artifact: Path, log_files: tuple[Path, Path]
+) -> None:
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    out_path, err_path = log_files
+    with out_path.open("w") as out, err_path.open("w") as err:
+        proc = subprocess.Popen(
+            [*INFERCORE, "serve", "+recipe=iris", f"server.port={port}"],
+            cwd=REPO,
+            env=_env(),
+            stdout=out,
+            stderr=err,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        status = None
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, f"server exited early:\n{err_path.read_text()}"
+            try:
+                status, _ = _get(f"{base}/v2/health/ready")
+            except OSError:
+                status = None
+            if status == 200:
+                break
+            time.sleep(0.2)
+        assert status == 200, f"not ready within 30 s:\n{err_path.read_text()}"
+
+        body = json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "input",
+                        "shape": [1, 4],
+                        "datatype": "FP32",
+                        "data": [5.1, 3.5, 1.4, 0.2],
+                    }
+                ]
+            }
+        ).encode()
+        request = urllib.request.Request(
+            f"{base}/v2/models/iris/infer",
+            data=body,
+            headers={"content-type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            doc = json.loads(response.read())
+        outputs = {o["name"]: o for o in doc["outputs"]}
+        assert outputs["label"]["data"] == [0]  # setosa
+
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+        assert code == 0, err_path.read_text()
+        assert "Traceback" not in err_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def test_serve_refuses_an_unsupported_worker_count() -> None:
+    line = _assert_one_config_error(run("serve", "+recipe=iris", "server.workers=2"))
+    assert "server.workers" in line

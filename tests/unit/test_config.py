@@ -1,0 +1,502 @@
+"""Composing and validating configs: every shipped recipe, every environment, every error."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from infercore.config.compose import Composed, compose, redact
+from infercore.errors import ConfigError
+from infercore.runtime import Runtime
+
+REPO = Path(__file__).resolve().parents[2]
+CONF = REPO / "conf"
+RECIPES_DIR = REPO / "recipes"
+RECIPES = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+ENVS = sorted(p.stem for p in (CONF / "env").glob("*.yaml"))
+DEPLOYS = sorted(p.stem for p in (CONF / "deploy").glob("*.yaml"))
+
+#: Top-level keys a recipe may set (pipeline keys) and an env file may set (deployment keys).
+RECIPE_KEYS = {
+    "description",
+    "features",
+    "batching",
+    "routing",
+    "models",
+    "model_root",
+    "defaults",
+}
+DEPLOYMENT_KEYS = {"server", "defaults"}
+
+_ENV_VARS = (
+    "INFERCORE_PORT",
+    "INFERCORE_HOST",
+    "INFERCORE_RECIPES_DIR",
+    "INFERCORE_CONF_DIR",
+    "INFERCORE_LOAD_PLUGINS",
+    "INFERCORE_DISABLE_PLUGINS",
+)
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in _ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+
+def _yaml(path: Path) -> dict[str, Any]:
+    data = yaml.safe_load(path.read_text())
+    return data or {}
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict) and data:
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: data}
+
+
+def _recipe(tmp_path: Path, name: str, body: str) -> Path:
+    (tmp_path / f"{name}.yaml").write_text("# @package _global_\n" + textwrap.dedent(body))
+    return tmp_path
+
+
+def _error(overrides: list[str], *, recipes_dir: Path = RECIPES_DIR) -> str:
+    """The one-line message of the ConfigError composing (and building) ``overrides`` raises."""
+    with pytest.raises(ConfigError) as info:
+        Runtime(compose(overrides, recipes_dir=recipes_dir))
+    text = str(info.value)
+    assert "\n" not in text, text
+    return text
+
+
+def test_there_are_shipped_recipes_and_environments() -> None:
+    assert "iris" in RECIPES
+    assert ENVS == ["dev", "prod", "staging"]
+    assert DEPLOYS == ["k8s", "sidecar", "standalone"]
+
+
+@pytest.mark.parametrize("deploy", DEPLOYS)
+@pytest.mark.parametrize("env", ENVS)
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_composes_and_validates_in_every_env_and_deploy(
+    recipe: str, env: str, deploy: str
+) -> None:
+    composed = compose(
+        [f"+recipe={recipe}", f"env={env}", f"deploy={deploy}"], recipes_dir=RECIPES_DIR
+    )
+    assert composed.choices["recipe"] == recipe
+    assert composed.choices["env"] == env
+    assert composed.choices["deploy"] == deploy
+    assert composed.config.models, f"recipe {recipe} serves no model"
+    runtime = Runtime(composed)  # resolves every component node against its kind
+    assert set(runtime.models) == set(composed.config.models)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_files_set_only_pipeline_keys(recipe: str) -> None:
+    path = RECIPES_DIR / f"{recipe}.yaml"
+    assert path.read_text().startswith("# @package _global_"), path
+    keys = set(_yaml(path))
+    assert keys <= RECIPE_KEYS, f"{path.name} sets {sorted(keys - RECIPE_KEYS)}"
+
+
+@pytest.mark.parametrize("group", ["env", "deploy"])
+def test_env_and_deploy_files_set_only_deployment_keys(group: str) -> None:
+    for path in sorted((CONF / group).glob("*.yaml")):
+        keys = set(_yaml(path))
+        assert keys <= DEPLOYMENT_KEYS, f"{group}/{path.name} sets {sorted(keys - DEPLOYMENT_KEYS)}"
+
+
+def test_recipe_keys_and_env_keys_are_disjoint() -> None:
+    recipe_keys = set().union(*(set(_yaml(RECIPES_DIR / f"{r}.yaml")) for r in RECIPES))
+    env_keys = set().union(
+        *(set(_yaml(p)) for group in ("env", "deploy") for p in (CONF / group).glob("*.yaml"))
+    )
+    assert recipe_keys & env_keys <= {"defaults"}
+    assert "server" not in recipe_keys
+
+
+@pytest.mark.parametrize("env", ["staging", "prod"])
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_env_changes_only_deployment_keys(recipe: str, env: str) -> None:
+    dev = _flatten(compose([f"+recipe={recipe}", "env=dev"], recipes_dir=RECIPES_DIR).data)
+    other = _flatten(compose([f"+recipe={recipe}", f"env={env}"], recipes_dir=RECIPES_DIR).data)
+    changed = {k for k in dev.keys() | other.keys() if dev.get(k, ...) != other.get(k, ...)}
+    assert changed, f"env={env} changes nothing"
+    assert all(k.startswith("server.") for k in changed), sorted(changed)
+
+
+def test_prod_reads_port_and_host_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    default = compose(["+recipe=iris", "env=prod"], recipes_dir=RECIPES_DIR)
+    assert default.config.server.port == 8080
+    monkeypatch.setenv("INFERCORE_PORT", "9123")
+    monkeypatch.setenv("INFERCORE_HOST", "0.0.0.0")
+    composed = compose(["+recipe=iris", "env=prod"], recipes_dir=RECIPES_DIR)
+    assert composed.config.server.port == 9123
+    assert isinstance(composed.config.server.port, int)
+    assert composed.config.server.host == "0.0.0.0"
+    assert composed.config.server.log_format == "json"
+
+
+def test_prod_port_that_is_not_a_number_names_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("INFERCORE_PORT", "eighty")
+    text = _error(["+recipe=iris", "env=prod"])
+    assert text.startswith("server.port:")
+    assert "'eighty'" in text
+    assert "expected int" in text
+
+
+def test_command_line_override_beats_the_recipe_and_env() -> None:
+    composed = compose(
+        ["+recipe=iris", "env=prod", "server.port=9001", "batching.max_batch_size=7"],
+        recipes_dir=RECIPES_DIR,
+    )
+    assert composed.config.server.port == 9001
+    assert composed.config.batching["max_batch_size"] == 7
+    assert composed.label == "recipe=iris"
+
+
+def test_default_groups_without_a_recipe() -> None:
+    composed = compose([], recipes_dir=RECIPES_DIR)
+    assert composed.config.models == {}
+    assert composed.config.batching == {"kind": "none"}
+    assert composed.label == ""
+
+
+# --- errors: one line naming the path, the bad value, what was expected and the choices ---
+
+
+def test_wrong_type_in_override() -> None:
+    text = _error(["+recipe=iris", "batching.max_batch_size=abc"])
+    assert text.startswith("batching.max_batch_size:")
+    assert "expected int" in text
+    assert "'abc'" in text
+    assert "recipe=iris" in text
+
+
+def test_value_out_of_range_names_the_path() -> None:
+    text = _error(["+recipe=iris", "batching.max_batch_size=0"])
+    assert text.startswith("batching.max_batch_size:")
+    assert ">= 1" in text
+    assert "0" in text
+
+
+def test_typo_in_existing_key_without_plus() -> None:
+    text = _error(["+recipe=iris", "batching.max_bach_size=3"])
+    assert text.startswith("batching.max_bach_size:")
+    assert "'3'" in text
+    assert "max_batch_size" in text.split("keys here:")[1]
+    assert "+batching.max_bach_size=3" in text
+
+
+def test_typo_in_a_missing_parent_names_the_first_missing_key() -> None:
+    text = _error(["+recipe=iris", "models.irs.versions.1.loader.path=x.onnx"])
+    assert text.startswith("models.irs:")
+    assert "iris" in text.split("keys here:")[1]
+
+
+def test_schema_key_the_config_does_not_set_needs_plus() -> None:
+    text = _error(["+recipe=iris", "models.iris.primary=1"])
+    assert text.startswith("models.iris.primary:")
+    assert "+models.iris.primary=1" in text
+    assert "primary" in text.split("keys here:")[1]
+
+
+def test_typo_with_plus_lists_the_valid_keys() -> None:
+    text = _error(["+recipe=iris", "+batching.max_bach_size=3"])
+    assert text.startswith("batching.max_bach_size:")
+    assert "unknown key" in text
+    assert "3" in text
+    valid = text.split("valid keys here:")[1]
+    for key in ("max_batch_size", "max_queue_delay_ms", "max_queue_size", "queue_timeout_ms"):
+        assert key in valid
+
+
+def test_typo_with_plus_in_a_schema_node() -> None:
+    text = _error(["+recipe=iris", "+server.prot=1"])
+    assert text.startswith("server.prot:")
+    assert "port" in text.split("valid keys here:")[1]
+
+
+def test_unknown_kind_lists_available_kinds() -> None:
+    text = _error(["+recipe=iris", "models.iris.versions.1.loader.kind=onx"])
+    assert text.startswith("models.iris.versions.1.loader.kind:")
+    assert "'onx'" in text
+    available = text.split("available:")[1]
+    assert "onnx" in available
+    assert "sklearn" in available
+
+
+def test_unknown_batcher_kind() -> None:
+    text = _error(["+recipe=iris", "batching.kind=dynamc"])
+    assert text.startswith("batching.kind:")
+    assert "'dynamc'" in text
+    assert "dynamic, none" in text
+
+
+def test_unknown_group_option_lists_options() -> None:
+    text = _error(["+recipe=iris", "batching=dynamc"])
+    assert text.startswith("batching:")
+    assert "'dynamc'" in text
+    assert "available: dynamic, none" in text
+
+
+def test_unknown_env_lists_options() -> None:
+    text = _error(["+recipe=iris", "env=production"])
+    assert "'production'" in text
+    assert "dev, prod, staging" in text
+
+
+def test_unknown_recipe_lists_recipes() -> None:
+    text = _error(["+recipe=nope"])
+    assert text.startswith("recipe:")
+    assert "'nope'" in text
+    listed = {r.strip() for r in text.split("available:")[1].split("(")[0].split(",")}
+    assert listed == set(RECIPES)
+    assert "+recipe=NAME" in text
+
+
+def test_unknown_recipe_in_own_recipes_dir(tmp_path: Path) -> None:
+    _recipe(tmp_path, "alpha", "description: a\n")
+    _recipe(tmp_path, "beta", "description: b\n")
+    text = _error(["+recipe=gamma"], recipes_dir=tmp_path)
+    assert "'gamma'" in text
+    assert "available: alpha, beta" in text
+
+
+def test_recipe_with_no_recipes_folder_says_where_it_looked(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-folder"
+    text = _error(["+recipe=iris"], recipes_dir=missing)
+    assert text.startswith("recipe:")
+    assert "'iris'" in text
+    assert str(missing) in text
+    assert "INFERCORE_RECIPES_DIR" in text
+
+
+def test_invalid_model_name(tmp_path: Path) -> None:
+    _recipe(
+        tmp_path,
+        "bad",
+        """\
+        models:
+          "../x":
+            versions:
+              "1":
+                loader: {kind: onnx, path: m.onnx}
+        """,
+    )
+    text = _error(["+recipe=bad"], recipes_dir=tmp_path)
+    assert "models['../x']" in text
+    assert "invalid model name '../x'" in text
+    assert "recipe=bad" in text
+
+
+def test_invalid_version_name(tmp_path: Path) -> None:
+    _recipe(
+        tmp_path,
+        "bad",
+        """\
+        models:
+          m:
+            versions:
+              "../1":
+                loader: {kind: onnx, path: m.onnx}
+        """,
+    )
+    text = _error(["+recipe=bad"], recipes_dir=tmp_path)
+    assert "models.m.versions['../1']" in text
+    assert "invalid version '../1'" in text
+
+
+def test_model_without_versions(tmp_path: Path) -> None:
+    _recipe(tmp_path, "bad", "models:\n  m:\n    versions: {}\n")
+    text = _error(["+recipe=bad"], recipes_dir=tmp_path)
+    assert text.startswith("models.m.versions:")
+    assert "at least one version" in text
+
+
+def test_primary_not_among_versions() -> None:
+    text = _error(["+recipe=iris", "+models.iris.primary=2"])
+    assert text.startswith("models.iris.primary:")
+    assert "'2'" in text
+    assert "(1)" in text
+
+
+def test_numeric_versions_and_primary_are_names(tmp_path: Path) -> None:
+    _recipe(
+        tmp_path,
+        "numeric",
+        """\
+        models:
+          m:
+            primary: 1
+            versions:
+              1: {loader: {kind: onnx, path: a.onnx}}
+              2: {loader: {kind: onnx, path: b.onnx}}
+        """,
+    )
+    composed = compose(["+recipe=numeric"], recipes_dir=tmp_path)
+    model = composed.config.models["m"]
+    assert list(model.versions) == ["1", "2"]
+    assert model.primary == "1"
+    assert Runtime(composed).models["m"].primary == "1"
+
+
+def test_error_inside_second_model_names_its_path(tmp_path: Path) -> None:
+    _recipe(
+        tmp_path,
+        "two",
+        """\
+        models:
+          a:
+            versions:
+              "1": {loader: {kind: onnx, path: a.onnx}}
+          b:
+            versions:
+              "1": {loader: {kind: onnx, path: b.onnx}, warmup: sometimes}
+        """,
+    )
+    text = _error(["+recipe=two"], recipes_dir=tmp_path)
+    assert text.startswith("models.b.versions.1.warmup:")
+    assert "expected bool" in text
+    assert "'sometimes'" in text
+
+
+def test_numeric_model_name_is_a_key_error(tmp_path: Path) -> None:
+    _recipe(
+        tmp_path,
+        "num",
+        """\
+        models:
+          7:
+            versions:
+              "1": {loader: {kind: onnx, path: a.onnx}}
+        """,
+    )
+    text = _error(["+recipe=num"], recipes_dir=tmp_path)
+    assert text.startswith("models:")
+    assert "invalid key 7" in text
+    assert "expected str" in text
+
+
+def test_loader_option_typo_names_the_loader_path(tmp_path: Path) -> None:
+    _recipe(
+        tmp_path,
+        "typo",
+        """\
+        models:
+          m:
+            versions:
+              "1": {loader: {kind: onnx, pth: a.onnx}}
+        """,
+    )
+    text = _error(["+recipe=typo"], recipes_dir=tmp_path)
+    assert text.startswith("models.m.versions.1.loader.pth:")
+    assert "'a.onnx'" in text
+    assert "path" in text.split("valid keys here:")[1]
+
+
+def test_loader_without_kind(tmp_path: Path) -> None:
+    _recipe(tmp_path, "nokind", 'models:\n  m:\n    versions:\n      "1": {loader: {path: a}}\n')
+    text = _error(["+recipe=nokind"], recipes_dir=tmp_path)
+    assert text.startswith("models.m.versions.1.loader.kind: required key is missing")
+    assert "onnx" in text
+
+
+def test_recipe_without_package_header(tmp_path: Path) -> None:
+    (tmp_path / "headless.yaml").write_text("description: no header\n")
+    text = _error(["+recipe=headless"], recipes_dir=tmp_path)
+    assert "headless" in text
+    assert "# @package _global_" in text
+
+
+def test_missing_environment_variable_in_recipe(tmp_path: Path) -> None:
+    _recipe(tmp_path, "envvar", "description: ${oc.env:INFERCORE_TEST_SURELY_UNSET}\n")
+    text = _error(["+recipe=envvar"], recipes_dir=tmp_path)
+    assert text.startswith("description:")
+    assert "INFERCORE_TEST_SURELY_UNSET" in text
+    assert "oc.env" in text
+
+
+def test_unknown_top_level_key_with_plus() -> None:
+    text = _error(["+recipe=iris", "+modles.x=1"])
+    assert text.startswith("modles:")
+    assert "models" in text.split("valid keys here:")[1]
+
+
+def test_composed_records_what_it_came_from() -> None:
+    composed = compose(["+recipe=iris", "env=staging"], recipes_dir=RECIPES_DIR)
+    assert isinstance(composed, Composed)
+    assert composed.overrides == ["+recipe=iris", "env=staging"]
+    assert composed.recipes_dir == RECIPES_DIR.resolve()
+    assert composed.model_root == RECIPES_DIR.resolve()
+
+
+# --- redact ---
+
+
+def test_redact_masks_secret_keys() -> None:
+    data = {
+        "token": "t0k",
+        "api_key": "k3y",
+        "apiKey": "k3y",
+        "x-api-key": "k3y",
+        "password": "pw",
+        "db_password": "pw",
+        "AUTH_TOKEN": "t",
+        "client_secret": "s",
+        "nested": {"credentials": {"user": "u", "key": "k"}},
+        "list": [{"password": "pw"}],
+    }
+    out = redact(data)
+    assert out["token"] == out["api_key"] == out["apiKey"] == out["x-api-key"] == "***"
+    assert out["password"] == out["db_password"] == out["AUTH_TOKEN"] == "***"
+    assert out["client_secret"] == "***"
+    assert out["nested"]["credentials"] == {"user": "***", "key": "***"}
+    assert out["list"] == [{"password": "***"}]
+    assert "t0k" not in repr(out) and "k3y" not in repr(out) and "pw" not in repr(out)
+    assert data["token"] == "t0k", "redact must not change its input"
+
+
+def test_redact_masks_url_credentials() -> None:
+    out = redact(
+        {
+            "online_store": "redis://:pw@host:6379/0",
+            "db": "postgresql://user:s3cret@db.local/feast",
+            "odd": "https://user:p@ss@host/path@x",
+            "text": "cache at redis://admin:hunter2@cache:6379 and more",
+        }
+    )
+    assert out["online_store"] == "redis://***@host:6379/0"
+    assert out["db"] == "postgresql://***@db.local/feast"
+    assert out["odd"] == "https://***@host/path@x"
+    assert out["text"] == "cache at redis://***@cache:6379 and more"
+
+
+def test_redact_leaves_ordinary_values_alone() -> None:
+    data = {
+        "host": "127.0.0.1",
+        "port": 8080,
+        "max_tokens": 128,
+        "tokenizer": "tok.json",
+        "path": "iris/artifacts/model.onnx",
+        "url": "https://example.com/model.onnx",
+        "email": "someone@example.com",
+        "token": None,
+        "password": "",
+        "keys": ["a", "b"],
+        "enabled": True,
+    }
+    assert redact(data) == data
+
+
+def test_redact_the_composed_iris_config_changes_nothing() -> None:
+    data = compose(["+recipe=iris"], recipes_dir=RECIPES_DIR).data
+    assert redact(data) == data
