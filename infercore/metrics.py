@@ -9,11 +9,25 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 # The *_created series double every counter and histogram for no use in dashboards.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 _LATENCY_BUCKETS = (
-    0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5,
-    5.0, 10.0,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.0075,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
 )
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 _LABELS = ("model", "version")
@@ -28,52 +42,66 @@ class Metrics:
         self.request_duration = Histogram(
             "infercore_request_duration_seconds",
             "Time from reading a request to its response, by model and version.",
-            _LABELS, buckets=_LATENCY_BUCKETS, registry=r,
+            _LABELS,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.queue_wait = Histogram(
             "infercore_queue_wait_seconds",
             "Time a request waited in the batcher queue before its model call began.",
-            _LABELS, buckets=_LATENCY_BUCKETS, registry=r,
+            _LABELS,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.inference_duration = Histogram(
             "infercore_inference_duration_seconds",
             "Duration of one model call (one batch).",
-            _LABELS, buckets=_LATENCY_BUCKETS, registry=r,
+            _LABELS,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.batch_size = Histogram(
             "infercore_batch_size",
             "Rows per model call.",
-            _LABELS, buckets=_BATCH_BUCKETS, registry=r,
+            _LABELS,
+            buckets=_BATCH_BUCKETS,
+            registry=r,
         )
         self.requests = Counter(
             "infercore_requests",
             "Inference requests answered, by status code.",
-            (*_LABELS, "code"), registry=r,
+            (*_LABELS, "code"),
+            registry=r,
         )
         self.failures = Counter(
             "infercore_request_failures",
             "Inference requests that failed, by reason.",
-            (*_LABELS, "reason"), registry=r,
+            (*_LABELS, "reason"),
+            registry=r,
         )
         self.queue_depth = Gauge(
             "infercore_queue_depth",
             "Requests waiting in the batcher queue.",
-            _LABELS, registry=r,
+            _LABELS,
+            registry=r,
         )
         self.inflight = Gauge(
             "infercore_inflight_requests",
             "Inference requests being processed.",
-            _LABELS, registry=r,
+            _LABELS,
+            registry=r,
         )
         self.model_ready = Gauge(
             "infercore_model_ready",
             "1 when the model version is loaded, warmed and serving.",
-            _LABELS, registry=r,
+            _LABELS,
+            registry=r,
         )
         self.model_load_failures = Counter(
             "infercore_model_load_failures",
             "Model version loads that failed.",
-            _LABELS, registry=r,
+            _LABELS,
+            registry=r,
         )
 
     def version(self, model: str, version: str) -> VersionMetrics:
@@ -115,7 +143,11 @@ class VersionMetrics(ResponseCounters):
     """
 
     __slots__ = (
-        "batch_size", "inference_duration", "inflight", "queue_depth", "queue_wait",
+        "batch_size",
+        "inference_duration",
+        "inflight",
+        "queue_depth",
+        "queue_wait",
         "request_duration",
     )
 

@@ -104,8 +104,9 @@ class FakePlugin:
         return [FakeModel]
 
 
-def composed_from_dict(data: dict[str, Any], *, recipes_dir: Path | None = None,
-                       choices: dict[str, str] | None = None) -> Composed:
+def composed_from_dict(
+    data: dict[str, Any], *, recipes_dir: Path | None = None, choices: dict[str, str] | None = None
+) -> Composed:
     """A :class:`Composed` from a plain dict, validated like a composed Hydra config."""
     config = convert(data, InfercoreConfig, path="")
     return Composed(config, data, choices or {}, [], (recipes_dir or Path.cwd()).resolve())
@@ -123,8 +124,12 @@ def fake_model_config(**options: Any) -> dict[str, Any]:
     }
 
 
-def runtime_from_dict(data: dict[str, Any], *, extra_plugins: list[tuple[str, object]] | None = None,
-                      recipes_dir: Path | None = None) -> Any:
+def runtime_from_dict(
+    data: dict[str, Any],
+    *,
+    extra_plugins: list[tuple[str, object]] | None = None,
+    recipes_dir: Path | None = None,
+) -> Any:
     """A built (not started) runtime, with :class:`FakePlugin` registered."""
     from infercore.runtime import Runtime
 

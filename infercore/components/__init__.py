@@ -5,7 +5,7 @@ from infercore.components.batching import Batcher, BatchObserver, NullObserver
 from infercore.components.drift import Action, DriftDetector, DriftEvent, DriftResult
 from infercore.components.features import FeatureSource
 from infercore.components.model import Model, Tensors
-from infercore.components.routing import RouteRequest, Router, RoutingTable
+from infercore.components.routing import Router, RouteRequest, RoutingTable
 from infercore.components.tensors import V2_TO_NUMPY, TensorSpec, v2_datatype
 
 __all__ = [

@@ -51,8 +51,8 @@ class Component:
         self.config = config
         self.context = context
 
-    async def start(self) -> None:  # noqa: B027 - optional hook
+    async def start(self) -> None:
         """Acquire resources (load a model, open a connection). Default: nothing."""
 
-    async def stop(self) -> None:  # noqa: B027 - optional hook
+    async def stop(self) -> None:
         """Release resources. Called once, after the HTTP server stopped. Default: nothing."""

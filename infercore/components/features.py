@@ -4,11 +4,33 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Mapping
+from contextvars import ContextVar
 
 import numpy as np
 
 from infercore.components.base import Component
 from infercore.components.model import Tensors
+
+
+_degraded: ContextVar[set[str] | None] = ContextVar("infercore_degraded", default=None)
+
+
+def mark_degraded(part: str) -> None:
+    """Record that this request was served in a degraded way (e.g. default features).
+
+    The server answers it with ``X-Infercore-Degraded: <part>[, ...]``. Call it from a feature
+    source (or any component) while handling the request; outside a request it does nothing.
+    """
+    parts = _degraded.get()
+    if parts is not None:
+        parts.add(part)
+
+
+def begin_request() -> set[str]:
+    """Start collecting degraded parts for the current request (called by the server)."""
+    parts: set[str] = set()
+    _degraded.set(parts)
+    return parts
 
 
 class FeatureSource(Component):

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 #: V2 datatype name -> numpy dtype. BYTES holds Python ``bytes`` objects in an object array.
-V2_TO_NUMPY: dict[str, np.dtype[object]] = {
+V2_TO_NUMPY: dict[str, np.dtype[Any]] = {
     "BOOL": np.dtype(np.bool_),
     "INT8": np.dtype(np.int8),
     "INT16": np.dtype(np.int16),
@@ -23,12 +24,12 @@ V2_TO_NUMPY: dict[str, np.dtype[object]] = {
     "BYTES": np.dtype(object),
 }
 
-NUMPY_TO_V2: dict[np.dtype[object], str] = {
+NUMPY_TO_V2: dict[np.dtype[Any], str] = {
     dt: name for name, dt in V2_TO_NUMPY.items() if name != "BYTES"
 }
 
 
-def v2_datatype(dtype: np.dtype[object]) -> str:
+def v2_datatype(dtype: np.dtype[Any]) -> str:
     """The V2 datatype name of a numpy dtype (strings and objects are ``BYTES``)."""
     if dtype.kind in "OSU":
         return "BYTES"
@@ -58,7 +59,7 @@ class TensorSpec:
             raise ValueError(f"tensor {self.name!r}: unknown datatype {self.datatype!r}")
 
     @property
-    def dtype(self) -> np.dtype[object]:
+    def dtype(self) -> np.dtype[Any]:
         return V2_TO_NUMPY[self.datatype]
 
     @property
