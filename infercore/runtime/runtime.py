@@ -15,8 +15,8 @@ from infercore.components import (
     ComponentContext,
     FeatureSource,
     Model,
-    RouteRequest,
     Router,
+    RouteRequest,
     RoutingTable,
     Tensors,
 )
@@ -69,7 +69,6 @@ class ServedModel:
     versions: dict[str, ServedVersion]
     primary: str
     table: RoutingTable = field(init=False)
-    default_input: str | None = None
 
     def __post_init__(self) -> None:
         self.refresh()
@@ -83,8 +82,9 @@ class ServedModel:
     def ready(self) -> bool:
         return self.primary in self.table.ready
 
-    def pick(self, version: str | None, headers: Mapping[str, str], request_id: str
-             ) -> ServedVersion:
+    def pick(
+        self, version: str | None, headers: Mapping[str, str], request_id: str
+    ) -> ServedVersion:
         """The version that serves a request: the asked one, or the router's choice."""
         if version is None:
             version = self.router.route(RouteRequest(headers, request_id), self.table)
@@ -141,29 +141,45 @@ class Runtime:
             routing_node = mc.routing if mc.routing is not None else cfg.routing
             batching_node = mc.batching if mc.batching is not None else cfg.batching
             features = self.registry.build(
-                "feature_source", features_node,
-                ComponentContext(f"{base}.features" if mc.features else "features", model_root,
-                                 model_name=name), label=label,
+                "feature_source",
+                features_node,
+                ComponentContext(
+                    f"{base}.features" if mc.features else "features", model_root, model_name=name
+                ),
+                label=label,
             )
             router = self.registry.build(
-                "router", routing_node,
-                ComponentContext(f"{base}.routing" if mc.routing else "routing", model_root,
-                                 model_name=name), label=label,
+                "router",
+                routing_node,
+                ComponentContext(
+                    f"{base}.routing" if mc.routing else "routing", model_root, model_name=name
+                ),
+                label=label,
             )
             versions: dict[str, ServedVersion] = {}
             for version, vc in mc.versions.items():
                 vpath = f"{base}.versions.{version}"
                 model = self.registry.build(
-                    "model_loader", vc.loader,
-                    ComponentContext(f"{vpath}.loader", model_root, model_name=name,
-                                     version=version), label=label,
+                    "model_loader",
+                    vc.loader,
+                    ComponentContext(
+                        f"{vpath}.loader", model_root, model_name=name, version=version
+                    ),
+                    label=label,
                 )
                 vm = self.metrics.version(name, version)
                 batcher = self.registry.build(
-                    "batcher", batching_node,
-                    ComponentContext(f"{base}.batching" if mc.batching else "batching",
-                                     model_root, model_name=name, version=version),
-                    model, vm, label=label,
+                    "batcher",
+                    batching_node,
+                    ComponentContext(
+                        f"{base}.batching" if mc.batching else "batching",
+                        model_root,
+                        model_name=name,
+                        version=version,
+                    ),
+                    model,
+                    vm,
+                    label=label,
                 )
                 assert isinstance(model, Model) and isinstance(batcher, Batcher)
                 versions[version] = ServedVersion(name, version, model, batcher, vm, vc.warmup)
@@ -245,9 +261,6 @@ class Runtime:
             log.error("model %s version %s failed to load: %s", sv.name, sv.version, exc)
             return
         sv.state = READY
-        served.default_input = (
-            sv.model.inputs[0].name if len(sv.model.inputs) == 1 else served.default_input
-        )
         self.metrics.model_ready.labels(sv.name, sv.version).set(1)
         log.info("model %s version %s ready in %.2fs", sv.name, sv.version, loop.time() - t0)
 
@@ -264,11 +277,11 @@ class Runtime:
                 sv.state = STOPPED
                 self.metrics.model_ready.labels(sv.name, sv.version).set(0)
             served.refresh()
-            for part in (served.router, served.features):
+            for component in (served.router, served.features):
                 try:
-                    await part.stop()
+                    await component.stop()
                 except Exception:
-                    log.exception("stopping %s failed", part.context.path)
+                    log.exception("stopping %s failed", component.context.path)
 
     async def infer(
         self,
@@ -284,7 +297,9 @@ class Runtime:
             raise ShuttingDown("the server is shutting down")
         inputs = await served.features.fetch(fields, deadline=deadline)
         prepared = prepare_inputs(
-            sv.model.inputs, inputs, declared=declared,
+            sv.model.inputs,
+            inputs,
+            declared=declared,
             max_rows=self.config.server.max_request_rows,
         )
         return await sv.batcher.submit(prepared, deadline=deadline)

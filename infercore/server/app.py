@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,10 +15,13 @@ from typing import Any
 
 import numpy as np
 from litestar import Litestar, Request, Response, get, post
+from litestar.exceptions import HTTPException
+from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from litestar.openapi import OpenAPIConfig
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from infercore.errors import (
+    BodyTooLarge,
     DeadlineExceeded,
     InfercoreError,
     InvalidInput,
@@ -37,6 +39,13 @@ _ALLOWED_TYPES = ("application/json", "application/octet-stream")
 
 
 def _content_type_ok(request: Request[Any, Any, Any], binary: bool) -> None:
+    # The encoding is checked whether or not a content type was sent: a compressed body
+    # without a Content-Type header is still not JSON.
+    encoding = request.headers.get("content-encoding")
+    if encoding and encoding.strip().lower() != "identity":
+        raise UnsupportedMediaType(
+            f"content encoding {encoding!r} is not accepted", hint="send the body uncompressed"
+        )
     raw = request.headers.get("content-type")
     if raw is None:
         return
@@ -46,11 +55,6 @@ def _content_type_ok(request: Request[Any, Any, Any], binary: bool) -> None:
             f"content type {media!r} is not accepted",
             hint="send application/json (or application/octet-stream with "
             "Inference-Header-Content-Length)",
-        )
-    encoding = request.headers.get("content-encoding")
-    if encoding and encoding.lower() != "identity":
-        raise UnsupportedMediaType(
-            f"content encoding {encoding!r} is not accepted", hint="send the body uncompressed"
         )
     if media == "application/octet-stream" and not binary:
         raise UnsupportedMediaType(
@@ -101,6 +105,36 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> Litestar:
     def served_or_404(name: str) -> ServedModel:
         return runtime.model(name)
 
+    def reject(
+        exc: InfercoreError,
+        model_name: str,
+        version: str | None,
+        rid: str,
+        vm: VersionMetrics | None = None,
+    ) -> Response[bytes]:
+        """The error response of an inference request, counted once by code and reason."""
+        counters: ResponseCounters | None = vm
+        if counters is None:
+            # Label values come from the config, never from the URL: unknown names would
+            # otherwise add a series each (unbounded label cardinality).
+            served = runtime.models.get(model_name)
+            if served is None:
+                counters = failure_metrics("", "")
+            else:
+                known_version = version if version in served.versions else ""
+                counters = failure_metrics(model_name, known_version)
+        counters.count_response(exc.status_code)
+        counters.count_failure(exc.reason)
+        if exc.status_code >= 500 and exc.reason != "internal":  # internal: logged already
+            log.warning(
+                "request failed: %s",
+                exc,
+                extra={"request_id": rid, "model": model_name, "reason": exc.reason},
+            )
+        response = from_infercore_error(exc)
+        response.headers["x-request-id"] = rid
+        return response
+
     async def run_request(
         request: Request[Any, Any, Any],
         model_name: str,
@@ -112,13 +146,19 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> Litestar:
         deadline = start + timeout_s
         rid = _request_id(request)
         vm: VersionMetrics | None = None
-        counters: ResponseCounters | None = None
         sv: ServedVersion | None = None
         try:
             served = served_or_404(model_name)
             header_length = _header_length(request) if protocol == "v2" else None
             _content_type_ok(request, header_length is not None)
-            body = await request.body()
+            try:
+                body = await request.body()
+            except RequestEntityTooLarge:
+                # Raised here (not by the framework) so that the rejection is counted.
+                raise BodyTooLarge(
+                    f"the request body is larger than {cfg.max_body_bytes} bytes",
+                    hint="send less per request (server.max_body_bytes)",
+                ) from None
             headers = request.headers
             if protocol == "v2":
                 decoded = v2.decode(body, header_length, max_elements=max_elements)
@@ -126,10 +166,22 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> Litestar:
                 vm = sv.metrics
                 fields: dict[str, np.ndarray] = decoded.tensors
                 declared: dict[str, str] | None = decoded.datatypes
+                if decoded.outputs is not None:
+                    # Checked before the model runs: a bad request never costs a model call.
+                    known_outputs = [spec.name for spec in sv.model.outputs]
+                    for name in decoded.outputs:
+                        if name not in known_outputs:
+                            raise InvalidInput(
+                                f"unknown output {name!r}",
+                                hint=f"the model's outputs are: {', '.join(known_outputs)}",
+                            )
             else:
-                fields = v1.decode(body, default_input=served.default_input, max_rows=max_rows)
+                # The version first: a model that is not ready is a 503, whatever the body.
                 sv = served.pick(version, headers, rid)
                 vm = sv.metrics
+                specs = sv.model.inputs
+                default_input = specs[0].name if len(specs) == 1 else None
+                fields = v1.decode(body, default_input=default_input, max_rows=max_rows)
                 declared = None
             vm.inflight.inc()
             try:
@@ -145,13 +197,6 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> Litestar:
             finally:
                 vm.inflight.dec()
             if protocol == "v2":
-                if decoded.outputs is not None:
-                    for name in decoded.outputs:
-                        if name not in outputs:
-                            raise InvalidInput(
-                                f"unknown output {name!r}",
-                                hint=f"the model's outputs are: {', '.join(outputs)}",
-                            )
                 content, head_len = v2.encode(
                     model_name=served.name,
                     model_version=sv.version,
@@ -174,27 +219,23 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> Litestar:
             vm.request_duration.observe(loop.time() - start)
             return Response(content, media_type=media, headers=resp_headers)
         except InfercoreError as exc:
-            counters = vm
-            if counters is None:
-                known = model_name in runtime.models
-                counters = failure_metrics(
-                    model_name if known else "", (version or "") if known else ""
-                )
-            counters.count_response(exc.status_code)
-            counters.count_failure(exc.reason)
-            if exc.status_code >= 500:
-                log.warning(
-                    "request failed: %s", exc,
-                    extra={"request_id": rid, "model": model_name, "reason": exc.reason},
-                )
-            response = from_infercore_error(exc)
-            response.headers["x-request-id"] = rid
-            return response
+            return reject(exc, model_name, version, rid, vm)
         except asyncio.CancelledError:
             # The client went away: counted, never answered (nobody is listening).
-            counters = vm or failure_metrics("", "")
-            counters.count_failure("cancelled")
+            (vm or failure_metrics("", "")).count_failure("cancelled")
             raise
+        except HTTPException:
+            raise  # the framework's own (e.g. a client that disconnected mid-body)
+        except Exception as exc:
+            # A bug, not a bad request: still one counted 500 `internal`; details only in the log.
+            log.error(
+                "request failed unexpectedly: %s: %s",
+                type(exc).__name__,
+                exc,
+                extra={"request_id": rid, "model": model_name},
+                exc_info=log.isEnabledFor(logging.DEBUG),
+            )
+            return reject(InfercoreError("internal error"), model_name, version, rid, vm)
 
     # --- health -------------------------------------------------------------------------
     @get("/v2/health/live", tags=["health"], summary="Liveness")
@@ -205,8 +246,15 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> Litestar:
     async def ready() -> Response[bytes]:
         if runtime.ready:
             return Response(b'{"ready":true}', media_type=JSON)
-        return Response(b'{"ready":false}', media_type=JSON, status_code=503,
-                        headers={"Retry-After": "1"})
+        # Like every non-2xx body: `error` and `reason` (plus `ready` for probes that read it).
+        if runtime.draining:
+            reason, message = "shutting_down", "the server is shutting down"
+        elif not runtime.started:
+            reason, message = "model_not_ready", "the models are still loading"
+        else:
+            reason, message = "model_not_ready", "a required model is not ready"
+        body = v2.encode_json({"ready": False, "error": message, "reason": reason})
+        return Response(body, media_type=JSON, status_code=503, headers={"Retry-After": "1"})
 
     @get("/v2", tags=["v2"], summary="Server metadata")
     async def server_metadata() -> dict[str, Any]:
@@ -251,57 +299,96 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> Litestar:
     async def model_metadata(model_name: str) -> dict[str, Any]:
         return metadata(*lookup_version(model_name, None))
 
-    @get("/v2/models/{model_name:str}/versions/{version:str}", tags=["v2"],
-         summary="Model version metadata")
+    @get(
+        "/v2/models/{model_name:str}/versions/{version:str}",
+        tags=["v2"],
+        summary="Model version metadata",
+    )
     async def model_version_metadata(model_name: str, version: str) -> dict[str, Any]:
         return metadata(*lookup_version(model_name, version))
 
     def readiness(served: ServedModel, sv: ServedVersion) -> Response[bytes]:
-        body = v2.encode_json({"name": served.name, "ready": sv.ready})
-        return Response(body, media_type=JSON, status_code=200 if sv.ready else 503)
+        if sv.ready:
+            return Response(v2.encode_json({"name": served.name, "ready": True}), media_type=JSON)
+        body = v2.encode_json(
+            {
+                "name": served.name,
+                "ready": False,
+                "error": f"model {served.name!r} version {sv.version!r} is {sv.state}",
+                "reason": "model_not_ready",
+            }
+        )
+        return Response(body, media_type=JSON, status_code=503, headers={"Retry-After": "1"})
 
     @get("/v2/models/{model_name:str}/ready", tags=["v2"], summary="Model readiness")
     async def model_ready(model_name: str) -> Response[bytes]:
         return readiness(*lookup_version(model_name, None))
 
-    @get("/v2/models/{model_name:str}/versions/{version:str}/ready", tags=["v2"],
-         summary="Model version readiness")
+    @get(
+        "/v2/models/{model_name:str}/versions/{version:str}/ready",
+        tags=["v2"],
+        summary="Model version readiness",
+    )
     async def model_version_ready(model_name: str, version: str) -> Response[bytes]:
         return readiness(*lookup_version(model_name, version))
 
     # --- inference ----------------------------------------------------------------------
-    @post("/v2/models/{model_name:str}/infer", tags=["v2"], summary="Inference (routed)",
-          status_code=200)
+    @post(
+        "/v2/models/{model_name:str}/infer",
+        tags=["v2"],
+        summary="Inference (routed)",
+        status_code=200,
+    )
     async def infer(request: Request[Any, Any, Any], model_name: str) -> Response[bytes]:
         return await run_request(request, model_name, None, "v2")
 
-    @post("/v2/models/{model_name:str}/versions/{version:str}/infer", tags=["v2"],
-          summary="Inference (one version)", status_code=200)
+    @post(
+        "/v2/models/{model_name:str}/versions/{version:str}/infer",
+        tags=["v2"],
+        summary="Inference (one version)",
+        status_code=200,
+    )
     async def infer_version(
         request: Request[Any, Any, Any], model_name: str, version: str
     ) -> Response[bytes]:
         return await run_request(request, model_name, version, "v2")
 
-    @post("/v1/models/{target:str}", tags=["v1"], summary="V1 predict (`{model}:predict`)",
-          status_code=200)
+    @post(
+        "/v1/models/{target:str}",
+        tags=["v1"],
+        summary="V1 predict (`{model}:predict`)",
+        status_code=200,
+    )
     async def v1_predict(request: Request[Any, Any, Any], target: str) -> Response[bytes]:
         name, sep, verb = target.partition(":")
         if not sep or verb != "predict":
-            return from_infercore_error(
-                InvalidInput(f"unknown V1 verb in {target!r}", hint="POST /v1/models/NAME:predict")
+            return reject(
+                InvalidInput(f"unknown V1 verb in {target!r}", hint="POST /v1/models/NAME:predict"),
+                name,
+                None,
+                _request_id(request),
             )
         return await run_request(request, name, None, "v1")
 
-    @post("/v1/models/{model_name:str}/versions/{target:str}", tags=["v1"],
-          summary="V1 predict on one version (`{version}:predict`)", status_code=200)
+    @post(
+        "/v1/models/{model_name:str}/versions/{target:str}",
+        tags=["v1"],
+        summary="V1 predict on one version (`{version}:predict`)",
+        status_code=200,
+    )
     async def v1_predict_version(
         request: Request[Any, Any, Any], model_name: str, target: str
     ) -> Response[bytes]:
         version, sep, verb = target.partition(":")
         if not sep or verb != "predict":
-            return from_infercore_error(
-                InvalidInput(f"unknown V1 verb in {target!r}",
-                             hint="POST /v1/models/NAME/versions/VERSION:predict")
+            return reject(
+                InvalidInput(
+                    f"unknown V1 verb in {target!r}",
+                    hint="POST /v1/models/NAME/versions/VERSION:predict",
+                ),
+                model_name,
+                version,
+                _request_id(request),
             )
         return await run_request(request, model_name, version, "v1")
 
@@ -338,9 +425,20 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> Litestar:
         ]
 
     handlers: list[Any] = [
-        live, ready, server_metadata, model_metadata, model_version_metadata, model_ready,
-        model_version_ready, infer, infer_version, v1_predict, v1_predict_version, v1_status,
-        prometheus, plugins,
+        live,
+        ready,
+        server_metadata,
+        model_metadata,
+        model_version_metadata,
+        model_ready,
+        model_version_ready,
+        infer,
+        infer_version,
+        v1_predict,
+        v1_predict_version,
+        v1_status,
+        prometheus,
+        plugins,
     ]
     for extra in runtime.pm.hook.register_routes(runtime=runtime):
         handlers.extend(extra or [])
@@ -362,12 +460,13 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> Litestar:
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=cfg.max_body_bytes,
         openapi_config=OpenAPIConfig(
-            title="infercore", version=__version__,
+            title="infercore",
+            version=__version__,
             description="Open Inference Protocol (V2) and V1 inference API.",
-        ) if cfg.openapi else None,
+        )
+        if cfg.openapi
+        else None,
         lifespan=[lifespan],
         debug=False,
         logging_config=None,
     )
-
-

@@ -47,8 +47,11 @@ def from_infercore_error(exc: InfercoreError) -> Response[bytes]:
     status = exc.status_code
     if status >= 500 and exc.reason in ("backend_error", "internal", "model_load_failed"):
         # The detail may name files or internals: log it, send a generic message.
-        message = "the model failed to process the request" if exc.reason == "backend_error" \
+        message = (
+            "the model failed to process the request"
+            if exc.reason == "backend_error"
             else "internal error"
+        )
     else:
         message = str(exc)
     return error_response(status, exc.reason, message, dict(exc.headers) or None)
@@ -76,7 +79,10 @@ def handle_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -
 def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     log.error(
         "unexpected error on %s %s: %s: %s",
-        request.method, request.url.path, type(exc).__name__, exc,
+        request.method,
+        request.url.path,
+        type(exc).__name__,
+        exc,
         exc_info=log.isEnabledFor(logging.DEBUG),
     )
     return error_response(500, "internal", "internal error")

@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Any
 
-_STD = set(vars(logging.makeLogRecord({})))
+_STD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "color_message", "taskName"}
 
 
 class JsonFormatter(logging.Formatter):

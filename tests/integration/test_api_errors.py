@@ -1,0 +1,526 @@
+"""The status-code table of DESIGN.md, one condition at a time, in process.
+
+Every non-2xx body is JSON ``{"error", "reason"}`` and carries no traceback, file path or
+exception text (RELIABILITY S6); bad input is never a 5xx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+import infercore
+from infercore.components import Model, Tensors, TensorSpec
+from infercore.hookspecs import hookimpl
+from infercore.server import create_app
+from infercore.testing import app_client, fake_model_config, runtime_from_dict
+
+ROW = [1.0, 2.0, 3.0, 4.0]
+POISON = 13.0
+
+# Strings that must never reach a client: tracebacks, source and install paths, internals.
+_LEAKS = (
+    "Traceback",
+    'File "',
+    ".py",
+    str(Path(infercore.__file__).resolve().parent.parent),
+    sys.prefix,
+    "ValueError",
+    "poisoned",
+    "models.m.versions",
+)
+
+
+def body(rows: list[list[float]] | None = None, **extra: Any) -> dict[str, Any]:
+    rows = rows or [ROW]
+    return {
+        "inputs": [
+            {
+                "name": "x",
+                "shape": [len(rows), len(rows[0])],
+                "datatype": "FP32",
+                "data": [v for r in rows for v in r],
+            }
+        ],
+        **extra,
+    }
+
+
+def assert_error(response: httpx.Response, status: int, reason: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    doc = response.json()
+    assert set(doc) == {"error", "reason"}, doc
+    assert doc["reason"] == reason
+    assert isinstance(doc["error"], str) and doc["error"]
+    for leak in _LEAKS:
+        assert leak not in response.text, (leak, response.text)
+    return doc
+
+
+def no_warmup(**loader: Any) -> dict[str, Any]:
+    """One version of the fake model, without the warm-up call (it would sleep latency_s)."""
+    return {"1": {"loader": {"kind": "fake", **loader}, "warmup": False}}
+
+
+@asynccontextmanager
+async def served(runtime: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """An httpx client over ASGI with the runtime started here, for concurrent requests."""
+    app = create_app(runtime, manage_runtime=False)
+    await runtime.start()
+    try:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            yield client
+    finally:
+        await runtime.stop()
+
+
+@pytest.fixture
+def client() -> Iterator[Any]:
+    cfg = fake_model_config(fail_on_value=POISON, server={"max_body_bytes": 4096})
+    with app_client(runtime_from_dict(cfg)) as c:
+        yield c
+
+
+def post_raw(
+    client: Any, content: bytes, path: str = "/v2/models/m/infer", **headers: str
+) -> httpx.Response:
+    return client.post(
+        path, content=content, headers={"content-type": "application/json", **headers}
+    )
+
+
+# --- 400 ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"{", b"", b"not json", b'{"inputs": [', b"\xff\xfe", b'{"inputs": [{"name": "x"}]} x'],
+)
+def test_malformed_json_is_400(client: Any, content: bytes) -> None:
+    assert_error(post_raw(client, content), 400, "invalid_input")
+
+
+@pytest.mark.parametrize(
+    ("inputs", "named"),
+    [
+        ([{"name": "z", "shape": [1, 4], "datatype": "FP32", "data": ROW}], "'x'"),
+        (
+            [
+                {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": ROW},
+                {"name": "z", "shape": [1, 4], "datatype": "FP32", "data": ROW},
+            ],
+            "'z'",
+        ),
+        ([{"name": "x", "shape": [1, 3], "datatype": "FP32", "data": ROW[:3]}], "'x'"),
+        ([{"name": "x", "shape": [4], "datatype": "FP32", "data": ROW}], "'x'"),
+        ([{"name": "x", "shape": [1, 4], "datatype": "FP64", "data": ROW}], "'x'"),
+        ([{"name": "x", "shape": [1, 4], "datatype": "INT32", "data": [1, 2, 3, 4]}], "'x'"),
+        ([{"name": "x", "shape": [1, 4], "datatype": "FP99", "data": ROW}], "'x'"),
+        ([{"name": "x", "shape": [2, 4], "datatype": "FP32", "data": ROW}], "'x'"),
+        ([{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": ["a", "b", "c", "d"]}], "'x'"),
+        ([{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, None, 3, 4]}], "'x'"),
+        ([{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [[1, 2], [3]]}], "'x'"),
+        ([{"name": "x", "shape": [1, 4], "datatype": "FP32"}], "'x'"),
+        ([{"name": "x", "shape": [1, -4], "datatype": "FP32", "data": ROW}], "'x'"),
+        ([{"name": "x", "shape": [100000, 100000], "datatype": "FP32", "data": ROW}], "'x'"),
+        ([{"name": "x", "shape": [0, 4], "datatype": "FP32", "data": []}], "rows"),
+        (
+            [
+                {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": ROW},
+                {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": ROW},
+            ],
+            "'x'",
+        ),
+        ([{"name": "x", "shape": "1,4", "datatype": "FP32", "data": ROW}], "shape"),
+        ([], "inputs"),
+    ],
+)
+def test_wrong_name_shape_or_dtype_is_400_naming_the_field(
+    client: Any, inputs: list[dict[str, Any]], named: str
+) -> None:
+    doc = assert_error(
+        client.post("/v2/models/m/infer", json={"inputs": inputs}), 400, "invalid_input"
+    )
+    assert named in doc["error"]
+
+
+@pytest.mark.parametrize("literal", [b"NaN", b"Infinity", b"-Infinity"])
+def test_non_json_number_literals_are_400(client: Any, literal: bytes) -> None:
+    content = (
+        b'{"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, '
+        + literal
+        + b"]}]}"
+    )
+    assert_error(post_raw(client, content), 400, "invalid_input")
+
+
+# --- 413 / 415 ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "application/x-python-pickle",
+        "multipart/form-data; boundary=x",
+        "application/msgpack",
+    ],
+)
+def test_unsupported_content_type_is_415(client: Any, content_type: str) -> None:
+    r = client.post(
+        "/v2/models/m/infer",
+        content=httpx.Response(200, json=body()).content,
+        headers={"content-type": content_type},
+    )
+    assert_error(r, 415, "unsupported_media_type")
+
+
+@pytest.mark.parametrize("with_content_type", [True, False])
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "GZIP"])
+def test_compressed_bodies_are_415(client: Any, encoding: str, with_content_type: bool) -> None:
+    headers = {"content-encoding": encoding}
+    if with_content_type:
+        headers["content-type"] = "application/json"
+    r = client.post("/v2/models/m/infer", content=b"\x1f\x8b\x08\x00compressed", headers=headers)
+    assert "encoding" in assert_error(r, 415, "unsupported_media_type")["error"]
+
+
+def test_identity_encoding_is_fine(client: Any) -> None:
+    r = client.post("/v2/models/m/infer", json=body(), headers={"content-encoding": "identity"})
+    assert r.status_code == 200, r.text
+
+
+def test_octet_stream_without_the_header_length_is_415(client: Any) -> None:
+    r = client.post(
+        "/v2/models/m/infer",
+        content=httpx.Response(200, json=body()).content,
+        headers={"content-type": "application/octet-stream"},
+    )
+    assert_error(r, 415, "unsupported_media_type")
+
+
+def test_body_over_the_limit_is_413_and_the_server_keeps_serving(client: Any) -> None:
+    big = httpx.Response(200, json=body([ROW] * 400)).content
+    assert len(big) > 4096
+    for path in ("/v2/models/m/infer", "/v1/models/m:predict"):
+        assert_error(post_raw(client, big, path), 413, "body_too_large")
+    # Streamed without a Content-Length: counted while reading, still 413.
+    chunks = iter([big[:2000], big[2000:4000], big[4000:]])
+    r = client.post(
+        "/v2/models/m/infer", content=chunks, headers={"content-type": "application/json"}
+    )
+    assert_error(r, 413, "body_too_large")
+    for _ in range(3):
+        r = client.post("/v2/models/m/infer", json=body())
+        assert r.status_code == 200, r.text
+
+
+def test_a_body_exactly_at_the_limit_is_read() -> None:
+    content = httpx.Response(200, json=body()).content
+    cfg = fake_model_config(server={"max_body_bytes": len(content)})
+    with app_client(runtime_from_dict(cfg)) as c:
+        assert post_raw(c, content).status_code == 200
+        assert_error(post_raw(c, content + b" "), 413, "body_too_large")
+
+
+# --- 404 / 405 ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/v2/models/nope/infer"),
+        ("POST", "/v2/models/nope/versions/1/infer"),
+        ("POST", "/v2/models/m/versions/7/infer"),
+        ("GET", "/v2/models/nope"),
+        ("GET", "/v2/models/nope/ready"),
+        ("GET", "/v2/models/m/versions/7"),
+        ("POST", "/v1/models/nope:predict"),
+        ("GET", "/v1/models/nope"),
+        ("POST", "/v2/models/m..x/infer"),
+    ],
+)
+def test_unknown_model_or_version_is_404(client: Any, method: str, path: str) -> None:
+    r = client.request(method, path, json=body() if method == "POST" else None)
+    assert_error(r, 404, "model_not_found")
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/nope",
+        "/v3/models/m/infer",
+        "/v2/models/m/explain",
+        "/v2/repository/index",
+        "/admin",
+        "/v2/models/..%2F..%2Fetc/passwd/infer",
+    ],
+)
+def test_unknown_route_is_404_json(client: Any, path: str) -> None:
+    assert_error(client.get(path), 404, "not_found")
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/v2/models/m/infer"),
+        ("PUT", "/v2/models/m/infer"),
+        ("DELETE", "/v2/models/m"),
+        ("POST", "/v2/health/live"),
+        ("POST", "/metrics"),
+        ("GET", "/v2/models/m/versions/1/infer"),
+    ],
+)
+def test_wrong_method_is_405_json(client: Any, method: str, path: str) -> None:
+    assert_error(client.request(method, path), 405, "method_not_allowed")
+
+
+# --- 503 / 504 ------------------------------------------------------------------------------
+
+
+def test_queue_full_is_503_with_retry_after_and_never_runs_the_model() -> None:
+    cfg = fake_model_config(
+        batching={
+            "kind": "none",
+            "max_concurrency": 1,
+            "max_queue_size": 1,
+            "queue_timeout_ms": 5000,
+        },
+        versions=no_warmup(latency_s=0.3),
+    )
+    runtime = runtime_from_dict(cfg)
+
+    async def scenario() -> list[httpx.Response]:
+        async with served(runtime) as c:
+            return list(
+                await asyncio.gather(*(c.post("/v2/models/m/infer", json=body()) for _ in range(6)))
+            )
+
+    responses = asyncio.run(scenario())
+    codes = sorted(r.status_code for r in responses)
+    # One runs, one waits for the slot, the other four are turned away at once.
+    assert codes == [200, 200, 503, 503, 503, 503], [r.text for r in responses]
+    for r in responses:
+        if r.status_code == 503:
+            assert_error(r, 503, "queue_full")
+            assert r.headers["retry-after"] == "1"
+    assert runtime.models["m"].versions["1"].model.calls == 2
+
+
+def test_queue_full_with_the_dynamic_batcher() -> None:
+    cfg = fake_model_config(
+        batching={
+            "kind": "dynamic",
+            "max_batch_size": 1,
+            "max_queue_size": 2,
+            "queue_timeout_ms": 5000,
+        },
+        versions=no_warmup(latency_s=0.3),
+    )
+    runtime = runtime_from_dict(cfg)
+
+    async def scenario() -> list[httpx.Response]:
+        async with served(runtime) as c:
+            return list(
+                await asyncio.gather(*(c.post("/v2/models/m/infer", json=body()) for _ in range(6)))
+            )
+
+    responses = asyncio.run(scenario())
+    ok = [r for r in responses if r.status_code == 200]
+    full = [r for r in responses if r.status_code == 503]
+    assert len(ok) + len(full) == 6
+    assert len(full) >= 3  # at most one running and two queued when the burst arrives
+    for r in full:
+        assert_error(r, 503, "queue_full")
+        assert r.headers["retry-after"] == "1"
+    assert runtime.models["m"].versions["1"].model.calls == len(ok)
+
+
+def test_queue_timeout_is_503_and_the_request_never_runs() -> None:
+    cfg = fake_model_config(
+        batching={"kind": "none", "max_concurrency": 1, "queue_timeout_ms": 50},
+        versions=no_warmup(latency_s=0.4),
+    )
+    runtime = runtime_from_dict(cfg)
+
+    async def scenario() -> list[httpx.Response]:
+        async with served(runtime) as c:
+            return list(
+                await asyncio.gather(*(c.post("/v2/models/m/infer", json=body()) for _ in range(3)))
+            )
+
+    responses = asyncio.run(scenario())
+    assert sorted(r.status_code for r in responses) == [200, 503, 503]
+    for r in responses:
+        if r.status_code == 503:
+            assert_error(r, 503, "queue_timeout")
+            assert r.headers["retry-after"] == "1"
+    assert runtime.models["m"].versions["1"].model.calls == 1
+
+
+def test_deadline_is_504() -> None:
+    cfg = fake_model_config(server={"request_timeout_ms": 50}, versions=no_warmup(latency_s=0.3))
+    runtime = runtime_from_dict(cfg)
+    with app_client(runtime) as c:
+        doc = assert_error(c.post("/v2/models/m/infer", json=body()), 504, "deadline_exceeded")
+        assert "50 ms" in doc["error"]
+        assert_error(
+            c.post("/v1/models/m:predict", json={"instances": [ROW]}), 504, "deadline_exceeded"
+        )
+
+
+def test_deadline_while_queued_is_504() -> None:
+    cfg = fake_model_config(
+        server={"request_timeout_ms": 100},
+        batching={"kind": "none", "max_concurrency": 1, "queue_timeout_ms": 5000},
+        versions=no_warmup(latency_s=0.4),
+    )
+    runtime = runtime_from_dict(cfg)
+
+    async def scenario() -> list[httpx.Response]:
+        async with served(runtime) as c:
+            return list(
+                await asyncio.gather(*(c.post("/v2/models/m/infer", json=body()) for _ in range(2)))
+            )
+
+    for r in asyncio.run(scenario()):
+        assert_error(r, 504, "deadline_exceeded")
+
+
+def test_a_caller_that_gives_up_keeps_its_slot_until_the_model_returns() -> None:
+    # A starts at 0 ms and gives up at 100 ms; its model call lasts 400 ms. B arrives at 50 ms
+    # and may wait until 150 ms: the one slot is busy until 400 ms, so B must never run.
+    # (NoBatcher once released the slot when A was cancelled, and B ran beside A's call.)
+    cfg = fake_model_config(
+        server={"request_timeout_ms": 100},
+        batching={"kind": "none", "max_concurrency": 1, "queue_timeout_ms": 5000},
+        versions=no_warmup(latency_s=0.4),
+    )
+    runtime = runtime_from_dict(cfg)
+
+    async def scenario() -> list[httpx.Response]:
+        async with served(runtime) as c:
+
+            async def later() -> httpx.Response:
+                await asyncio.sleep(0.05)
+                return await c.post("/v2/models/m/infer", json=body())
+
+            first = c.post("/v2/models/m/infer", json=body())
+            return list(await asyncio.gather(first, later()))
+
+    for r in asyncio.run(scenario()):
+        assert_error(r, 504, "deadline_exceeded")
+    assert runtime.models["m"].versions["1"].model.calls == 1
+
+
+def test_shutting_down_is_503_with_retry_after() -> None:
+    runtime = runtime_from_dict(fake_model_config())
+
+    async def scenario() -> httpx.Response:
+        async with served(runtime) as c:
+            runtime.draining = True
+            return await c.post("/v2/models/m/infer", json=body())
+
+    r = asyncio.run(scenario())
+    assert_error(r, 503, "shutting_down")
+    assert r.headers["retry-after"] == "1"
+
+
+def test_model_not_ready_is_503_with_retry_after() -> None:
+    cfg = fake_model_config()
+    cfg["models"]["bad"] = {"required": False, "versions": no_warmup(fail_load=True)}
+    with app_client(runtime_from_dict(cfg)) as c:
+        for path in ("/v2/models/bad/infer", "/v2/models/bad/versions/1/infer"):
+            r = c.post(path, json=body())
+            assert_error(r, 503, "model_not_ready")
+            assert r.headers["retry-after"] == "1"
+
+
+# --- 500 ------------------------------------------------------------------------------------
+
+
+def test_a_model_that_raises_is_500_backend_error_without_details(client: Any) -> None:
+    r = client.post("/v2/models/m/infer", json=body([[POISON, 0, 0, 0]]))
+    doc = assert_error(r, 500, "backend_error")
+    assert doc["error"] == "the model failed to process the request"
+    # The next request is fine.
+    assert client.post("/v2/models/m/infer", json=body()).status_code == 200
+
+
+def test_a_malformed_model_output_is_500_backend_error() -> None:
+    with app_client(runtime_from_dict(fake_model_config(malformed=True))) as c:
+        for _ in range(2):
+            r = c.post("/v2/models/m/infer", json=body([ROW, ROW]))
+            assert_error(r, 500, "backend_error")
+        assert_error(
+            c.post("/v1/models/m:predict", json={"instances": [ROW, ROW]}), 500, "backend_error"
+        )
+
+
+def test_bad_input_never_fails_a_batch_mate() -> None:
+    cfg = fake_model_config(
+        batching={"kind": "dynamic", "max_batch_size": 32, "max_queue_delay_ms": 100},
+        versions=no_warmup(fail_on_value=POISON),
+    )
+    runtime = runtime_from_dict(cfg)
+
+    async def scenario() -> list[httpx.Response]:
+        async with served(runtime) as c:
+            reqs = [
+                c.post("/v2/models/m/infer", json=body([[float(i), 1, 1, 1]])) for i in range(8)
+            ]
+            reqs.insert(4, c.post("/v2/models/m/infer", json=body([[POISON, 0, 0, 0]])))
+            reqs.insert(2, c.post("/v2/models/m/infer", json={"inputs": []}))
+            return list(await asyncio.gather(*reqs))
+
+    responses = asyncio.run(scenario())
+    assert_error(responses[2], 400, "invalid_input")
+    assert_error(responses[5], 500, "backend_error")
+    good = [r for i, r in enumerate(responses) if i not in (2, 5)]
+    assert [r.json()["outputs"][0]["data"] for r in good] == [[float(i) + 3] for i in range(8)]
+
+
+class _ComplexModel(Model):
+    """Returns an output whose dtype has no Open Inference Protocol datatype (a server bug)."""
+
+    kind = "complex_out"
+
+    async def start(self) -> None:
+        self.inputs = [TensorSpec("x", "FP32", (-1, 4))]
+        self.outputs = [TensorSpec("z", "FP32", (-1,))]
+
+    async def predict(self, inputs: Tensors) -> Tensors:
+        return {"z": inputs["x"][:, 0].astype(np.complex64)}
+
+
+class _ComplexPlugin:
+    @hookimpl
+    def register_model_loaders(self) -> list[type[Model]]:
+        return [_ComplexModel]
+
+
+def test_an_unexpected_failure_is_a_counted_500_internal_without_details() -> None:
+    cfg = fake_model_config(versions={"1": {"loader": {"kind": "complex_out"}, "warmup": False}})
+    runtime = runtime_from_dict(cfg, extra_plugins=[("complex", _ComplexPlugin())])
+    with app_client(runtime) as c:
+        r = c.post("/v2/models/m/infer", json=body())
+        doc = assert_error(r, 500, "internal")
+        assert doc["error"] == "internal error"
+        assert "complex" not in r.text
+        assert r.headers["x-request-id"]
+        metrics = c.get("/metrics").text
+    assert 'infercore_requests_total{code="500",model="m",version="1"} 1.0' in metrics
+    assert (
+        'infercore_request_failures_total{model="m",reason="internal",version="1"} 1.0' in metrics
+    )
