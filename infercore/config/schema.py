@@ -48,6 +48,20 @@ class VersionConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     warmup: bool = True
 
 
+class OutputMapping(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """One response output derived from a model output.
+
+    ``{source: probabilities, column: 1}`` exposes the second column of ``probabilities``;
+    adding ``threshold: 0.5`` exposes ``column >= 0.5`` as BOOL instead.
+    """
+
+    source: str
+    #: Take this column of a 2-D output ([N, k] -> [N]).
+    column: int | None = None
+    #: Compare with this value: the output becomes BOOL (value >= threshold).
+    threshold: float | None = None
+
+
 class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """One served model with its versions and the components in front of it."""
 
@@ -57,6 +71,8 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: A required model that fails to load stops start-up; an optional one fails alone.
     required: bool = True
     description: str = ""
+    #: What responses expose, derived from the model's outputs (default: every model output).
+    outputs: dict[str, OutputMapping] | None = None
     #: Override the top-level component nodes for this model.
     batching: Node | None = None
     routing: Node | None = None

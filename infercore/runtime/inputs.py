@@ -45,8 +45,7 @@ def prepare_inputs(
         if dt is not None:
             if dt != spec.datatype:
                 raise InvalidInput(
-                    f"input {spec.name!r}: datatype {dt} does not match the model's "
-                    f"{spec.datatype}"
+                    f"input {spec.name!r}: datatype {dt} does not match the model's {spec.datatype}"
                 )
         elif arr.dtype != spec.dtype or spec.datatype == "BYTES":
             arr = coerce(spec.name, arr, spec.datatype)

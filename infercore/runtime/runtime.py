@@ -19,6 +19,7 @@ from infercore.components import (
     RouteRequest,
     RoutingTable,
     Tensors,
+    TensorSpec,
 )
 from infercore.config.compose import Composed
 from infercore.config.schema import ModelConfig
@@ -34,6 +35,7 @@ from infercore.metrics import Metrics, VersionMetrics
 from infercore.plugin_manager import PluginInfo, make_plugin_manager
 from infercore.registry import Registry
 from infercore.runtime.inputs import prepare_inputs
+from infercore.runtime.outputs import OutputPlan, plan_outputs
 
 log = logging.getLogger("infercore.runtime")
 
@@ -52,6 +54,14 @@ class ServedVersion:
     warmup: bool
     state: str = LOADING
     error: str | None = None
+    outputs_plan: OutputPlan | None = None
+
+    @property
+    def output_specs(self) -> list[TensorSpec]:
+        """The outputs clients see: the recipe's mapping, or the model's own outputs."""
+        if self.outputs_plan is not None:
+            return list(self.outputs_plan.specs)
+        return self.model.outputs
 
     @property
     def ready(self) -> bool:
@@ -134,6 +144,8 @@ class Runtime:
         self.models: dict[str, ServedModel] = {}
         model_root = composed.model_root
         label = composed.label
+        # Components may register their own metric families on the app's registry.
+        shared = {"metrics_registry": self.metrics.registry}
         cfg = self.config
         for name, mc in cfg.models.items():
             base = f"models.{name}"
@@ -144,7 +156,10 @@ class Runtime:
                 "feature_source",
                 features_node,
                 ComponentContext(
-                    f"{base}.features" if mc.features else "features", model_root, model_name=name
+                    f"{base}.features" if mc.features else "features",
+                    model_root,
+                    model_name=name,
+                    extra=dict(shared),
                 ),
                 label=label,
             )
@@ -152,7 +167,10 @@ class Runtime:
                 "router",
                 routing_node,
                 ComponentContext(
-                    f"{base}.routing" if mc.routing else "routing", model_root, model_name=name
+                    f"{base}.routing" if mc.routing else "routing",
+                    model_root,
+                    model_name=name,
+                    extra=dict(shared),
                 ),
                 label=label,
             )
@@ -163,7 +181,11 @@ class Runtime:
                     "model_loader",
                     vc.loader,
                     ComponentContext(
-                        f"{vpath}.loader", model_root, model_name=name, version=version
+                        f"{vpath}.loader",
+                        model_root,
+                        model_name=name,
+                        version=version,
+                        extra=dict(shared),
                     ),
                     label=label,
                 )
@@ -176,6 +198,7 @@ class Runtime:
                         model_root,
                         model_name=name,
                         version=version,
+                        extra=dict(shared),
                     ),
                     model,
                     vm,
@@ -244,6 +267,11 @@ class Runtime:
         try:
             try:
                 await sv.model.start()
+                sv.outputs_plan = plan_outputs(
+                    served.config.outputs,
+                    sv.model.outputs,
+                    config_path=f"models.{served.name}.outputs",
+                )
                 if sv.warmup:
                     await sv.model.warmup()
                 await sv.batcher.start()
@@ -302,4 +330,6 @@ class Runtime:
             declared=declared,
             max_rows=self.config.server.max_request_rows,
         )
-        return await sv.batcher.submit(prepared, deadline=deadline)
+        outputs = await sv.batcher.submit(prepared, deadline=deadline)
+        plan = sv.outputs_plan
+        return outputs if plan is None else plan.apply(outputs)

@@ -18,8 +18,10 @@ from litestar import Litestar, Request, Response, get, post
 from litestar.exceptions import HTTPException
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from litestar.openapi import OpenAPIConfig
+from litestar.params import FromPath
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from infercore.components.features import begin_request
 from infercore.errors import (
     BodyTooLarge,
     DeadlineExceeded,
@@ -168,7 +170,7 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> Litestar:
                 declared: dict[str, str] | None = decoded.datatypes
                 if decoded.outputs is not None:
                     # Checked before the model runs: a bad request never costs a model call.
-                    known_outputs = [spec.name for spec in sv.model.outputs]
+                    known_outputs = [spec.name for spec in sv.output_specs]
                     for name in decoded.outputs:
                         if name not in known_outputs:
                             raise InvalidInput(
@@ -183,6 +185,7 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> Litestar:
                 default_input = specs[0].name if len(specs) == 1 else None
                 fields = v1.decode(body, default_input=default_input, max_rows=max_rows)
                 declared = None
+            degraded = begin_request()
             vm.inflight.inc()
             try:
                 async with asyncio.timeout_at(deadline):
@@ -215,6 +218,8 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> Litestar:
                 content = v1.encode(outputs, rows)
                 resp_headers = {"x-request-id": rid}
                 media = JSON
+            if degraded:
+                resp_headers["x-infercore-degraded"] = ", ".join(sorted(degraded))
             vm.count_response(200)
             vm.request_duration.observe(loop.time() - start)
             return Response(content, media_type=media, headers=resp_headers)
@@ -275,7 +280,7 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> Litestar:
         }
         if sv.ready:
             doc["inputs"] = [s.to_metadata() for s in sv.model.inputs]
-            doc["outputs"] = [s.to_metadata() for s in sv.model.outputs]
+            doc["outputs"] = [s.to_metadata() for s in sv.output_specs]
         else:
             doc["inputs"] = []
             doc["outputs"] = []
@@ -296,7 +301,7 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> Litestar:
         return served, sv
 
     @get("/v2/models/{model_name:str}", tags=["v2"], summary="Model metadata")
-    async def model_metadata(model_name: str) -> dict[str, Any]:
+    async def model_metadata(model_name: FromPath[str]) -> dict[str, Any]:
         return metadata(*lookup_version(model_name, None))
 
     @get(
@@ -304,7 +309,9 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> Litestar:
         tags=["v2"],
         summary="Model version metadata",
     )
-    async def model_version_metadata(model_name: str, version: str) -> dict[str, Any]:
+    async def model_version_metadata(
+        model_name: FromPath[str], version: FromPath[str]
+    ) -> dict[str, Any]:
         return metadata(*lookup_version(model_name, version))
 
     def readiness(served: ServedModel, sv: ServedVersion) -> Response[bytes]:
@@ -321,7 +328,7 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> Litestar:
         return Response(body, media_type=JSON, status_code=503, headers={"Retry-After": "1"})
 
     @get("/v2/models/{model_name:str}/ready", tags=["v2"], summary="Model readiness")
-    async def model_ready(model_name: str) -> Response[bytes]:
+    async def model_ready(model_name: FromPath[str]) -> Response[bytes]:
         return readiness(*lookup_version(model_name, None))
 
     @get(
@@ -329,7 +336,9 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> Litestar:
         tags=["v2"],
         summary="Model version readiness",
     )
-    async def model_version_ready(model_name: str, version: str) -> Response[bytes]:
+    async def model_version_ready(
+        model_name: FromPath[str], version: FromPath[str]
+    ) -> Response[bytes]:
         return readiness(*lookup_version(model_name, version))
 
     # --- inference ----------------------------------------------------------------------
@@ -339,7 +348,7 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> Litestar:
         summary="Inference (routed)",
         status_code=200,
     )
-    async def infer(request: Request[Any, Any, Any], model_name: str) -> Response[bytes]:
+    async def infer(request: Request[Any, Any, Any], model_name: FromPath[str]) -> Response[bytes]:
         return await run_request(request, model_name, None, "v2")
 
     @post(
@@ -349,7 +358,7 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> Litestar:
         status_code=200,
     )
     async def infer_version(
-        request: Request[Any, Any, Any], model_name: str, version: str
+        request: Request[Any, Any, Any], model_name: FromPath[str], version: FromPath[str]
     ) -> Response[bytes]:
         return await run_request(request, model_name, version, "v2")
 
@@ -359,7 +368,7 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> Litestar:
         summary="V1 predict (`{model}:predict`)",
         status_code=200,
     )
-    async def v1_predict(request: Request[Any, Any, Any], target: str) -> Response[bytes]:
+    async def v1_predict(request: Request[Any, Any, Any], target: FromPath[str]) -> Response[bytes]:
         name, sep, verb = target.partition(":")
         if not sep or verb != "predict":
             return reject(
@@ -377,7 +386,7 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> Litestar:
         status_code=200,
     )
     async def v1_predict_version(
-        request: Request[Any, Any, Any], model_name: str, target: str
+        request: Request[Any, Any, Any], model_name: FromPath[str], target: FromPath[str]
     ) -> Response[bytes]:
         version, sep, verb = target.partition(":")
         if not sep or verb != "predict":
@@ -393,7 +402,7 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> Litestar:
         return await run_request(request, model_name, version, "v1")
 
     @get("/v1/models/{model_name:str}", tags=["v1"], summary="V1 model status")
-    async def v1_status(model_name: str) -> dict[str, Any]:
+    async def v1_status(model_name: FromPath[str]) -> dict[str, Any]:
         served = served_or_404(model_name)
         return {
             "model_version_status": [
@@ -440,8 +449,7 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> Litestar:
         prometheus,
         plugins,
     ]
-    for extra in runtime.pm.hook.register_routes(runtime=runtime):
-        handlers.extend(extra or [])
+    handlers.extend(runtime.registry.routes(runtime))
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
