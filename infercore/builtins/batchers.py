@@ -2,7 +2,8 @@
 
 Both bound their queue (a full queue answers 503 ``queue_full`` at once, without running the
 model), answer a request whose queue wait passed ``queue_timeout_ms`` with 503
-``queue_timeout`` and never run it, and never run a request whose caller has gone.
+``queue_timeout`` and never run it, and never run a request whose caller has gone. Only the
+outputs the model declares are passed on.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from infercore.errors import (
     InfercoreError,
     QueueFull,
     QueueTimeout,
+    ShuttingDown,
 )
 from infercore.hookspecs import hookimpl
 
@@ -35,9 +37,14 @@ _QUEUED, _RUNNING, _DONE = 0, 1, 2
 
 
 def _check_outputs(model: Model, outputs: Any, rows: int) -> Tensors:
-    """Outputs must be a mapping of arrays with one row per input row when batched."""
+    """Outputs must be a mapping of arrays with one row per input row when batched.
+
+    Returns the declared outputs only: an undeclared one is never split per request, so
+    passing it on could hand one request the rows of its batch-mates.
+    """
     if not isinstance(outputs, dict):
         raise BackendError(f"model returned {type(outputs).__name__}, expected a dict of arrays")
+    checked: Tensors = {}
     for spec in model.outputs:
         value = outputs.get(spec.name)
         if not isinstance(value, np.ndarray):
@@ -47,7 +54,8 @@ def _check_outputs(model: Model, outputs: Any, rows: int) -> Tensors:
                 f"model output {spec.name!r} has {value.shape[0] if value.ndim else 0} rows, "
                 f"expected {rows}"
             )
-    return outputs
+        checked[spec.name] = value
+    return checked
 
 
 async def _call_model(model: Model, inputs: Tensors, rows: int) -> Tensors:
@@ -78,7 +86,12 @@ class NoBatcherConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, k
 
 
 class NoBatcher(Batcher):
-    """Calls the model once per request, at most ``max_concurrency`` at a time."""
+    """Calls the model once per request, at most ``max_concurrency`` at a time.
+
+    A model call keeps its slot until the model returns, even when its caller has gone.
+    :meth:`stop` refuses new requests and returns once the running and queued ones are
+    answered (each queued one still runs or times out).
+    """
 
     kind = "none"
     Config = NoBatcherConfig
@@ -94,12 +107,32 @@ class NoBatcher(Batcher):
         super().__init__(config, context, model, observer)
         self._slots = asyncio.Semaphore(config.max_concurrency)
         self._waiting = 0
+        self._stopping = False
+        self._calls: set[asyncio.Task[None]] = set()
 
     @property
     def queue_depth(self) -> int:
         return self._waiting
 
+    async def start(self) -> None:
+        self._stopping = False
+
+    async def stop(self) -> None:
+        self._stopping = True
+        # Slots go to waiters first come, first served: holding every slot means that each
+        # request queued before this call has run or timed out.
+        held = 0
+        try:
+            for _ in range(self.config.max_concurrency):
+                await self._slots.acquire()
+                held += 1
+        finally:
+            for _ in range(held):
+                self._slots.release()
+
     async def submit(self, inputs: Tensors, *, deadline: float) -> Tensors:
+        if self._stopping:
+            raise ShuttingDown("the model version is stopping")
         loop = asyncio.get_running_loop()
         if self._slots.locked():
             if self._waiting >= self.config.max_queue_size:
@@ -124,13 +157,34 @@ class NoBatcher(Batcher):
         else:
             await self._slots.acquire()
             self.observer.observe_queue_wait(0.0)
+        # The model call runs in its own task, which owns the slot until the model returns: a
+        # caller that goes (disconnect, deadline) cannot stop a call already running in a
+        # worker thread, so the slot must stay taken until then, or the next request would
+        # run beside it.
+        result: asyncio.Future[Tensors] = loop.create_future()
+        call = asyncio.create_task(self._run(inputs, result))
+        self._calls.add(call)
+        call.add_done_callback(self._calls.discard)
+        return await result  # cancelling the caller cancels ``result``
+
+    async def _run(self, inputs: Tensors, result: asyncio.Future[Tensors]) -> None:
+        """One model call; holds a slot, which it releases when the model has returned."""
+        loop = asyncio.get_running_loop()
         try:
+            if result.done():
+                return  # the caller went before the call began: it never runs
             rows = _rows(self.model, inputs)
             t0 = loop.time()
             outputs = await _call_model(self.model, inputs, rows)
             self.observer.observe_batch(rows, loop.time() - t0)
-            return outputs
+            if not result.done():
+                result.set_result(outputs)
+        except Exception as exc:
+            if not result.done():
+                result.set_exception(exc)
         finally:
+            if not result.done():  # this task itself was cancelled
+                result.cancel()
             self._slots.release()
 
 
@@ -169,7 +223,8 @@ class DynamicBatcher(Batcher):
     under load the queue fills while the previous batch runs. Each request gets exactly its
     own rows back. If a batch of several requests fails, each request is retried alone, so
     one poisoned request cannot fail its batch-mates. A model whose tensors have no batch
-    dimension is called once per request.
+    dimension is called once per request. :meth:`stop` refuses new requests and finishes the
+    queued ones (each still runs or times out) before it returns.
     """
 
     kind = "dynamic"
@@ -191,43 +246,59 @@ class DynamicBatcher(Batcher):
         self._task: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
         self._batched_names: tuple[str, ...] = ()
+        self._stopping = False
 
     @property
     def queue_depth(self) -> int:
         return self._waiting
 
     async def start(self) -> None:
+        self._stopping = False
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(self.config.max_concurrent_batches)
         self._batched_names = tuple(s.name for s in self.model.inputs if s.batched)
         self._task = asyncio.create_task(self._collect(), name=f"batcher:{self.context.path}")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        task = self._task
+        if task is None or self._wakeup is None:
+            return
+        self._stopping = True
+        self._wakeup.set()
+        try:
+            # The collector returns once the queue is empty: every queued request has been
+            # taken into a batch or has timed out.
+            await asyncio.wait({task})
+            if self._running:
+                await asyncio.wait(set(self._running))
+        finally:
+            # Early only when stop() itself is cancelled: answer whatever still waits.
+            task.cancel()
+            while self._queue:
+                item = self._queue.popleft()
+                if item.state == _QUEUED:
+                    self._abandon(item)
+                    if not item.future.done():
+                        item.future.set_exception(ShuttingDown("the model version stopped"))
             self._task = None
-        if self._running:
-            await asyncio.gather(*self._running, return_exceptions=True)
-        while self._queue:
-            item = self._queue.popleft()
-            if item.state == _QUEUED and not item.future.done():
-                item.future.set_exception(QueueTimeout("the batcher stopped"))
 
     async def submit(self, inputs: Tensors, *, deadline: float) -> Tensors:
+        if self._stopping:
+            raise ShuttingDown("the model version is stopping")
         if self._task is None or self._wakeup is None:
             raise RuntimeError("DynamicBatcher.submit() before start()")
         if self._waiting >= self.config.max_queue_size:
             raise QueueFull(f"queue of model {self.context.model_name!r} is full")
+        if len(self._queue) >= 2 * self.config.max_queue_size:
+            # Timed-out and abandoned requests stay in the deque until they reach its head;
+            # drop them so that memory stays bounded while the model is slow or stuck.
+            live = [it for it in self._queue if it.state == _QUEUED]
+            self._queue.clear()
+            self._queue.extend(live)
         loop = asyncio.get_running_loop()
         now = loop.time()
         rows = _rows(self.model, inputs)
-        key = tuple(
-            (name, arr.dtype.str, arr.shape[1:]) for name, arr in sorted(inputs.items())
-        )
+        key = tuple((name, arr.dtype.str, arr.shape[1:]) for name, arr in sorted(inputs.items()))
         item = _Item(inputs, rows, key, loop.create_future(), now)
         limit = now + self.config.queue_timeout_ms / 1000
         item.timer = loop.call_at(min(limit, deadline), self._expire, item, deadline <= limit)
@@ -289,6 +360,8 @@ class DynamicBatcher(Batcher):
         while True:
             first = self._next_live()
             if first is None:
+                if self._stopping:
+                    return
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
@@ -302,13 +375,12 @@ class DynamicBatcher(Batcher):
             self._take(first, loop)
             batch = [first]
             rows = first.rows
-            if batchable:
-                fill_until = first.enqueued + delay
-                while rows < max_rows:
+            try:
+                while batchable and rows < max_rows:
                     nxt = self._next_live()
                     if nxt is None:
-                        remaining = fill_until - loop.time()
-                        if remaining <= 0:
+                        remaining = first.enqueued + delay - loop.time()
+                        if remaining <= 0 or self._stopping:
                             break
                         self._wakeup.clear()
                         try:
@@ -322,6 +394,14 @@ class DynamicBatcher(Batcher):
                     self._take(nxt, loop)
                     batch.append(nxt)
                     rows += nxt.rows
+            except BaseException:
+                # Cancelled while filling: the requests already taken must still be answered.
+                for it in batch:
+                    it.state = _DONE
+                    if not it.future.done():
+                        it.future.set_exception(ShuttingDown("the model version stopped"))
+                self._slots.release()
+                raise
             self.observer.set_queue_depth(self._waiting)
             task = asyncio.create_task(self._execute(batch, rows))
             self._running.add(task)

@@ -6,10 +6,15 @@ the data sent, and never exceeds what the body could hold.
 
 from __future__ import annotations
 
+import functools
 import math
+import re
 import struct
+import warnings
+from types import GenericAlias
 from typing import Any
 
+import msgspec
 import numpy as np
 
 from infercore.components.tensors import V2_TO_NUMPY
@@ -19,20 +24,27 @@ MAX_DIMS = 8
 
 
 def check_shape(name: str, shape: Any, *, max_elements: int) -> int:
-    """Validate a declared shape; return its element count."""
+    """Validate a declared shape; return its element count.
+
+    Every dimension counts towards the limit except zeros, so an empty tensor cannot declare
+    dimensions numpy could not even represent.
+    """
     if not isinstance(shape, list) or len(shape) > MAX_DIMS:
         raise InvalidInput(f"input {name!r}: shape must be a list of at most {MAX_DIMS} integers")
     count = 1
+    extent = 1  # product of the non-zero dimensions
     for dim in shape:
         if type(dim) is not int or dim < 0:
-            raise InvalidInput(f"input {name!r}: shape {shape} has a dimension that is not a "
-                               "non-negative integer")
+            raise InvalidInput(
+                f"input {name!r}: shape {shape} has a dimension that is not a non-negative integer"
+            )
         count *= dim
-    if count > max_elements:
-        raise InvalidInput(
-            f"input {name!r}: shape {shape} declares {count} elements, more than the request "
-            "body can carry"
-        )
+        extent *= max(dim, 1)
+        if extent > max_elements:
+            raise InvalidInput(
+                f"input {name!r}: shape {shape} declares more elements than the request body "
+                "can carry"
+            )
     return count
 
 
@@ -45,7 +57,8 @@ def coerce(name: str, arr: np.ndarray, datatype: str) -> np.ndarray:
     """Convert an array inferred from JSON to ``datatype``, refusing lossy or wrong-kind values.
 
     Strings never become numbers, booleans never become numbers (or the other way round),
-    non-integral values never become integers, and integers must fit the target type.
+    non-integral values never become integers, integers must fit the target type, and finite
+    values must stay finite.
     """
     kind = arr.dtype.kind
     target = V2_TO_NUMPY[datatype]
@@ -59,24 +72,28 @@ def coerce(name: str, arr: np.ndarray, datatype: str) -> np.ndarray:
         if kind == "b":
             return arr
         raise InvalidInput(f"input {name!r}: expected true/false for BOOL, got {_describe(arr)}")
-    if kind not in "iuf" or arr.dtype == object:
+    if kind not in "iuf":
         raise InvalidInput(f"input {name!r}: expected numbers for {datatype}, got {_describe(arr)}")
     if target.kind in "iu":
-        if kind == "f":
-            if arr.size and not np.all(np.isfinite(arr) & (arr == np.floor(arr))):
-                raise InvalidInput(f"input {name!r}: expected integers for {datatype}")
         if arr.size:
             lo, hi = _integral_range(target)
-            amin, amax = arr.min(), arr.max()
-            if amin < lo or amax > hi:
+            if kind == "f":
+                if not np.all(np.isfinite(arr) & (arr == np.floor(arr))):
+                    raise InvalidInput(f"input {name!r}: expected integers for {datatype}")
+                # Python compares float with int exactly; hi + 1 is a power of two.
+                bad = float(arr.min()) < lo or float(arr.max()) >= hi + 1
+            else:
+                bad = int(arr.min()) < lo or int(arr.max()) > hi
+            if bad:
                 raise InvalidInput(
                     f"input {name!r}: value out of range for {datatype} ({lo}..{hi})"
                 )
-    elif target.kind == "f" and arr.size and target.itemsize < arr.dtype.itemsize and kind == "f":
-        finfo = np.finfo(target)
-        if np.any(np.abs(arr[np.isfinite(arr)]) > finfo.max):
-            raise InvalidInput(f"input {name!r}: value out of range for {datatype}")
-    return arr.astype(target, copy=False)
+        return arr.astype(target, copy=False)
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = arr.astype(target, copy=False)
+    if out is not arr and out.size and not np.all(np.isfinite(out) | ~np.isfinite(arr)):
+        raise InvalidInput(f"input {name!r}: value out of range for {datatype}")
+    return out
 
 
 def _describe(arr: np.ndarray) -> str:
@@ -86,34 +103,148 @@ def _describe(arr: np.ndarray) -> str:
     if kind == "b":
         return "booleans"
     if kind == "O":
+        if all(isinstance(v, str | bytes) for v in arr.flat):
+            return "strings"
         return "mixed or null values"
     return "numbers"
+
+
+_Number = int | float
+_EXPECTED: dict[Any, str] = {_Number: "numbers", bool: "true/false", str: "strings"}
+_GOT = re.compile(r"got `([^`]+)` - at `\$([^`]*)`")
+
+
+def _leaf_type(datatype: str) -> Any:
+    """The JSON values a V2 datatype accepts (booleans are not numbers, nor the reverse)."""
+    if datatype == "BYTES":
+        return str
+    if datatype == "BOOL":
+        return bool
+    return _Number
+
+
+@functools.lru_cache(maxsize=64)
+def _nested(leaf: Any, depth: int) -> Any:
+    typ = leaf
+    for _ in range(depth):
+        typ = GenericAlias(list, (typ,))  # list[typ]
+    return typ
+
+
+def _first_leaf(data: list[Any]) -> tuple[int, Any]:
+    """The nesting depth of ``data`` along its first elements, and its first leaf (or ``[]``)."""
+    depth, value = 0, data
+    while isinstance(value, list):
+        depth += 1
+        if not value:
+            break
+        value = value[0]
+    return depth, value
+
+
+def json_array(what: str, data: list[Any], datatype: str | None = None) -> np.ndarray:
+    """An array from JSON ``data`` (nested lists) whose leaves must all be of one JSON type.
+
+    Integers stay exact (int64, else uint64); only a float ``datatype`` takes integers beyond
+    64 bits.
+
+    Args:
+        what: How errors name the data, e.g. ``input 'x'``.
+        data: Decoded JSON lists.
+        datatype: The V2 datatype the data is for; ``None``: leaves of the first leaf's type.
+
+    Raises:
+        InvalidInput: Mixed leaf types (``true`` among numbers, a number among strings), nulls,
+            objects, ragged nesting, nesting deeper than ``MAX_DIMS``, or out-of-range numbers.
+    """
+    depth, first = _first_leaf(data)
+    if depth > MAX_DIMS:
+        raise InvalidInput(f"{what}: data is nested deeper than {MAX_DIMS} levels")
+    leaf = None if datatype is None else _leaf_type(datatype)
+    if leaf is None:
+        if isinstance(first, bool):
+            leaf = bool
+        elif isinstance(first, str):
+            leaf = str
+        elif isinstance(first, int | float | list):  # a list: no leaves at all
+            leaf = _Number
+        else:
+            raise InvalidInput(
+                f"{what}: values must be numbers, booleans or strings, got "
+                f"{'null' if first is None else type(first).__name__}"
+            )
+    out_of_range = f"{what}: value out of range for {datatype or '64 bits'}"
+    try:
+        if leaf is _Number and _conforms(data, _nested(int, depth)):
+            ints = _exact_ints(data)
+            if ints is not None:
+                return ints
+            if datatype is None or V2_TO_NUMPY[datatype].kind != "f":
+                raise InvalidInput(out_of_range)
+            return np.array(data, dtype=np.float64)
+        msgspec.convert(data, _nested(leaf, depth))
+        if leaf is not str:
+            return np.array(data)
+        # Not numpy's fixed-width strings: they drop trailing NUL characters.
+        arr = np.array(data, dtype=object)
+        if arr.ndim != depth:  # numpy makes an array of lists of ragged ones
+            raise ValueError("ragged")
+        return arr
+    except msgspec.ValidationError as exc:
+        found = _GOT.search(str(exc))
+        detail = f"{found.group(1)} at data{found.group(2)}" if found else str(exc)
+        raise InvalidInput(f"{what}: expected {_EXPECTED[leaf]}, got {detail}") from None
+    except ValueError:
+        raise InvalidInput(f"{what}: data is ragged (nested lists of different lengths)") from None
+    except OverflowError:
+        raise InvalidInput(out_of_range) from None
+
+
+def _conforms(data: list[Any], typ: Any) -> bool:
+    try:
+        msgspec.convert(data, typ)
+    except msgspec.ValidationError:
+        return False
+    return True
+
+
+def _exact_ints(data: list[Any]) -> np.ndarray | None:
+    """JSON integers as int64, else uint64; ``None`` beyond 64 bits.
+
+    ``np.array`` alone would turn ``[1, 2**63]`` into float64 and lose the large value.
+    """
+    try:
+        return np.array(data, dtype=np.int64)
+    except OverflowError:
+        pass
+    try:
+        with warnings.catch_warnings():
+            # numpy 1.x wraps a negative value into uint64 with only a DeprecationWarning.
+            warnings.simplefilter("error", DeprecationWarning)
+            return np.array(data, dtype=np.uint64)
+    except (OverflowError, DeprecationWarning):
+        return None
 
 
 def from_json(name: str, data: Any, shape: list[int], datatype: str, count: int) -> np.ndarray:
     """A tensor from V2 JSON ``data`` (flat or nested, row-major) and its declared shape."""
     if not isinstance(data, list):
         data = [data]
-    try:
-        arr = np.array(data)
-    except ValueError:
-        raise InvalidInput(
-            f"input {name!r}: data is ragged (nested lists of different lengths)"
-        ) from None
-    if arr.dtype == object and datatype != "BYTES":
-        raise InvalidInput(
-            f"input {name!r}: data must be numbers (no nulls or nested objects) for {datatype}"
-        )
+    arr = json_array(f"input {name!r}", data, datatype)
     if arr.size != count:
         raise InvalidInput(
             f"input {name!r}: shape {shape} needs {count} elements, data has {arr.size}"
         )
+    target = V2_TO_NUMPY[datatype]
+    if count == 0:
+        return np.empty(shape, dtype=target)
     arr = coerce(name, arr, datatype)
     return arr.reshape(shape)
 
 
-def from_binary(name: str, raw: memoryview, shape: list[int], datatype: str, count: int
-                ) -> np.ndarray:
+def from_binary(
+    name: str, raw: memoryview, shape: list[int], datatype: str, count: int
+) -> np.ndarray:
     """A tensor from the binary tensor extension (little-endian, row-major)."""
     if datatype == "BYTES":
         items: list[bytes] = []
@@ -126,7 +257,7 @@ def from_binary(name: str, raw: memoryview, shape: list[int], datatype: str, cou
             offset += 4
             if offset + length > size:
                 raise InvalidInput(f"input {name!r}: BYTES element runs past its data")
-            items.append(bytes(raw[offset:offset + length]))
+            items.append(bytes(raw[offset : offset + length]))
             offset += length
         if len(items) != count:
             raise InvalidInput(
@@ -141,6 +272,8 @@ def from_binary(name: str, raw: memoryview, shape: list[int], datatype: str, cou
             f"input {name!r}: shape {shape} of {datatype} needs {count * dtype.itemsize} bytes, "
             f"got {len(raw)}"
         )
+    if datatype == "BOOL" and count and int(np.frombuffer(raw, dtype=np.uint8).max()) > 1:
+        raise InvalidInput(f"input {name!r}: BOOL bytes must be 0 or 1")
     return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
 

@@ -13,23 +13,15 @@ import msgspec
 import numpy as np
 
 from infercore.errors import InvalidInput
+from infercore.protocol.tensors import json_array
 
 _decoder = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
 
 
 def _column(name: str, values: list[Any]) -> np.ndarray:
-    try:
-        arr = np.array(values)
-    except ValueError:
-        raise InvalidInput(f"field {name!r}: instances have values of different shapes") from None
-    if arr.dtype == object:
-        if all(isinstance(v, str) for v in values):
-            return arr
-        raise InvalidInput(
-            f"field {name!r}: values must be numbers, booleans or strings (got null or mixed)"
-        )
-    return arr
+    """One field's values across instances; every value must have the type of the first."""
+    return json_array(f"field {name!r}", values)
 
 
 def decode(body: bytes, *, default_input: str | None, max_rows: int) -> dict[str, np.ndarray]:
@@ -74,19 +66,22 @@ def decode(body: bytes, *, default_input: str | None, max_rows: int) -> dict[str
             return {k: _column(k, v if isinstance(v, list) else [v]) for k, v in inputs.items()}
         if default_input is None:
             raise InvalidInput("this model has several inputs: send `inputs` as an object")
-        return {default_input: _column(default_input, inputs if isinstance(inputs, list) else
-                                       [inputs])}
+        return {
+            default_input: _column(default_input, inputs if isinstance(inputs, list) else [inputs])
+        }
     raise InvalidInput("the body needs `instances` (a list) or `inputs`")
 
 
 def _row_value(arr: np.ndarray, i: int) -> Any:
-    v = arr[i]
+    return _to_json(arr[i])
+
+
+def _to_json(v: Any) -> Any:
+    """Plain JSON values; nested lists keep their shape, bytes become strings."""
     if isinstance(v, np.ndarray):
-        return v.tolist() if v.dtype != object else [_scalar(x) for x in v.reshape(-1)]
-    return _scalar(v)
-
-
-def _scalar(v: Any) -> Any:
+        if v.dtype != object:
+            return v.tolist()
+        return [_to_json(x) for x in v]
     if isinstance(v, bytes):
         return v.decode("utf-8", "replace")
     if isinstance(v, np.generic):

@@ -19,8 +19,9 @@ from infercore.protocol.tensors import check_shape, from_binary, from_json, to_b
 
 class V2Input(msgspec.Struct):
     name: str
-    shape: list[int]
-    datatype: str
+    # Checked by ``decode`` itself, so that the error names the input.
+    shape: Any
+    datatype: Any
     data: Any = None
     parameters: dict[str, Any] | None = None
 
@@ -93,7 +94,7 @@ def decode(body: bytes, header_length: int | None, *, max_elements: int) -> Deco
         name = inp.name
         if name in tensors:
             raise InvalidInput(f"input {name!r} appears twice")
-        if inp.datatype not in V2_TO_NUMPY:
+        if not isinstance(inp.datatype, str) or inp.datatype not in V2_TO_NUMPY:
             raise InvalidInput(
                 f"input {name!r}: unknown datatype {inp.datatype!r}",
                 hint=f"one of {', '.join(V2_TO_NUMPY)}",
@@ -103,7 +104,7 @@ def decode(body: bytes, header_length: int | None, *, max_elements: int) -> Deco
         if size is not None:
             if type(size) is not int or size < 0 or offset + size > len(blob):
                 raise InvalidInput(f"input {name!r}: binary_data_size runs past the body")
-            arr = from_binary(name, blob[offset:offset + size], inp.shape, inp.datatype, count)
+            arr = from_binary(name, blob[offset : offset + size], inp.shape, inp.datatype, count)
             offset += size
         else:
             if inp.data is None:

@@ -1,0 +1,783 @@
+"""The ``none`` and ``dynamic`` batchers: separation, bounds, timeouts, cancellation, faults."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import weakref
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from infercore.builtins.batchers import DynamicBatcher, NoBatcher
+from infercore.components import Batcher, ComponentContext, Tensors, TensorSpec
+from infercore.errors import (
+    BackendError,
+    DeadlineExceeded,
+    QueueFull,
+    QueueTimeout,
+    ShuttingDown,
+)
+from infercore.testing import FakeModel
+
+FEATURES = 4
+POISON = -1.0
+MODEL_CTX = ComponentContext("models.m.versions.1.loader", Path("."), model_name="m", version="1")
+BATCH_CTX = ComponentContext("models.m.versions.1.batching", Path("."), model_name="m", version="1")
+
+
+class RecordingModel(FakeModel):
+    """A FakeModel that keeps a copy of every batch it is called with, and its concurrency.
+
+    Set ``gate`` to an unset event and calls block on it (a stuck model) until it is set:
+    the tests then control exactly what is queued while the model is busy.
+    """
+
+    def __init__(self, config: Any, context: Any) -> None:
+        super().__init__(config, context)
+        self.seen: list[np.ndarray] = []
+        self.active = 0
+        self.max_active = 0
+        self.gate: asyncio.Event | None = None
+
+    async def predict(self, inputs: Tensors) -> Tensors:
+        self.seen.append(inputs["x"].copy())
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            if self.gate is not None:
+                await self.gate.wait()
+            return await super().predict(inputs)
+        finally:
+            self.active -= 1
+
+    def entered(self, n: int) -> Callable[[], bool]:
+        return lambda: len(self.seen) >= n
+
+    def ids_seen(self) -> set[int]:
+        return {int(v) for batch in self.seen for v in batch[:, 1]}
+
+
+class VariableWidthModel(RecordingModel):
+    """``x`` is [-1, -1]: requests of different widths have incompatible tensors."""
+
+    async def start(self) -> None:
+        await super().start()
+        self.inputs = [TensorSpec("x", "FP32", (-1, -1))]
+        self.outputs = [TensorSpec("y", "FP32", (-1,)), TensorSpec("echo", "FP32", (-1, -1))]
+
+
+class ExtraOutputModel(RecordingModel):
+    """Returns an undeclared output holding the whole batch."""
+
+    async def predict(self, inputs: Tensors) -> Tensors:
+        out = await super().predict(inputs)
+        return {**out, "whole_batch": inputs["x"].copy()}
+
+
+class Observer:
+    def __init__(self) -> None:
+        self.depths: list[int] = []
+        self.batch_rows: list[int] = []
+
+    def observe_batch(self, rows: int, inference_seconds: float) -> None:
+        self.batch_rows.append(rows)
+
+    def observe_queue_wait(self, seconds: float) -> None:
+        assert seconds >= 0
+
+    def set_queue_depth(self, depth: int) -> None:
+        self.depths.append(depth)
+
+
+async def make_model(
+    cls: type[RecordingModel] = RecordingModel, *, gated: bool = False, **config: Any
+) -> Any:
+    model = cls(FakeModel.Config(features=FEATURES, **config), MODEL_CTX)
+    await model.start()
+    if gated:
+        model.gate = asyncio.Event()
+    return model
+
+
+async def make_dynamic(
+    model: FakeModel, observer: Observer | None = None, **config: Any
+) -> DynamicBatcher:
+    batcher = DynamicBatcher(DynamicBatcher.Config(**config), BATCH_CTX, model, observer)
+    await batcher.start()
+    return batcher
+
+
+async def make_none(model: FakeModel, observer: Observer | None = None, **config: Any) -> NoBatcher:
+    batcher = NoBatcher(NoBatcher.Config(**config), BATCH_CTX, model, observer)
+    await batcher.start()
+    return batcher
+
+
+def request(rid: int, n: int = 1, *, poisoned: bool = False, width: int = FEATURES) -> Tensors:
+    """Rows that say whose they are: column 1 is the request id, column 2 the row index."""
+    x = np.zeros((n, width), np.float32)
+    x[:, 0] = POISON if poisoned else 1.0
+    if width > 1:
+        x[:, 1] = rid
+    if width > 2:
+        x[:, 2] = np.arange(n)
+    if width > 3:
+        x[:, 3:] = (np.arange(n * (width - 3)).reshape(n, width - 3) * 7 + rid) % 13
+    return {"x": x}
+
+
+def check_result(inputs: Tensors, outputs: Tensors, offset: float = 0.0) -> None:
+    x = inputs["x"]
+    assert set(outputs) == {"y", "echo"}
+    np.testing.assert_array_equal(outputs["echo"], x)
+    np.testing.assert_array_equal(
+        outputs["y"], x.sum(axis=1, dtype=np.float32) + np.float32(offset)
+    )
+
+
+def later(seconds: float = 30.0) -> float:
+    return asyncio.get_running_loop().time() + seconds
+
+
+async def until(condition: Callable[[], bool], limit: float = 10.0) -> None:
+    """Wait (on the loop) until ``condition()`` holds; fail instead of hanging."""
+    async with asyncio.timeout(limit):
+        while not condition():
+            await asyncio.sleep(0.001)
+
+
+async def finish(*aws: Awaitable[Any], limit: float = 20.0) -> list[Any]:
+    """Gather with exceptions, failing the test instead of hanging."""
+    async with asyncio.timeout(limit):
+        return await asyncio.gather(*aws, return_exceptions=True)
+
+
+def run(coro: Awaitable[Any]) -> Any:
+    return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- properties
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(
+    arrivals=st.lists(
+        st.tuples(st.integers(1, 5), st.sampled_from([0.0, 0.0, 0.0005, 0.002])),
+        min_size=1,
+        max_size=14,
+    ),
+    max_batch=st.integers(1, 8),
+    delay_ms=st.sampled_from([0.0, 0.5, 3.0]),
+    concurrent=st.integers(1, 2),
+    latency=st.sampled_from([0.0, 0.002]),
+)
+def test_property_each_request_gets_exactly_its_own_rows(
+    arrivals: list[tuple[int, float]],
+    max_batch: int,
+    delay_ms: float,
+    concurrent: int,
+    latency: float,
+) -> None:
+    async def scenario() -> None:
+        model = await make_model(offset=0.25, latency_s=latency)
+        observer = Observer()
+        batcher = await make_dynamic(
+            model,
+            observer,
+            max_batch_size=max_batch,
+            max_queue_delay_ms=delay_ms,
+            queue_timeout_ms=30_000,
+            max_concurrent_batches=concurrent,
+            max_queue_size=64,
+        )
+        reqs = [request(rid, n) for rid, (n, _) in enumerate(arrivals)]
+        tasks = []
+        for req, (_, gap) in zip(reqs, arrivals, strict=True):
+            tasks.append(asyncio.create_task(batcher.submit(req, deadline=later())))
+            await asyncio.sleep(gap)
+        results = await finish(*tasks)
+        await batcher.stop()
+        for req, res in zip(reqs, results, strict=True):
+            assert not isinstance(res, BaseException), res
+            check_result(req, res, offset=0.25)
+        # Every call: whole requests only, at most max_batch rows unless one big request.
+        sizes = dict(enumerate(n for n, _ in arrivals))
+        ran: list[int] = []
+        for batch in model.seen:
+            ids = list(dict.fromkeys(int(v) for v in batch[:, 1]))
+            assert sum(sizes[i] for i in ids) == len(batch)
+            for i in ids:
+                rows = batch[batch[:, 1] == i]
+                assert rows[:, 2].tolist() == list(range(sizes[i]))  # its rows, in order
+            if len(batch) > max_batch:
+                assert len(ids) == 1
+            ran.extend(ids)
+        assert sorted(ran) == list(range(len(arrivals)))  # each request ran exactly once
+        assert model.batches == [len(b) for b in model.seen]
+        assert sorted(observer.batch_rows) == sorted(model.batches)
+        assert max(observer.depths) <= 64
+
+    run(scenario())
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    arrivals=st.lists(
+        st.tuples(st.integers(1, 4), st.booleans(), st.sampled_from([0.0, 0.001])),
+        min_size=1,
+        max_size=10,
+    ),
+    max_batch=st.integers(1, 8),
+)
+def test_property_invalid_requests_never_fail_their_batch_mates(
+    arrivals: list[tuple[int, bool, float]],
+    max_batch: int,
+) -> None:
+    async def scenario() -> None:
+        model = await make_model(fail_on_value=POISON, latency_s=0.001)
+        batcher = await make_dynamic(model, max_batch_size=max_batch, queue_timeout_ms=30_000)
+        reqs = [request(rid, n, poisoned=bad) for rid, (n, bad, _) in enumerate(arrivals)]
+        tasks = []
+        for req, (_, _, gap) in zip(reqs, arrivals, strict=True):
+            tasks.append(asyncio.create_task(batcher.submit(req, deadline=later())))
+            await asyncio.sleep(gap)
+        results = await finish(*tasks)
+        await batcher.stop()
+        for req, (_, bad, _), res in zip(reqs, arrivals, results, strict=True):
+            if bad:
+                assert isinstance(res, BackendError), res
+            else:
+                assert not isinstance(res, BaseException), res
+                check_result(req, res)
+        assert all(len(b) <= max_batch or len({*b[:, 1].tolist()}) == 1 for b in model.seen)
+
+    run(scenario())
+
+
+# ------------------------------------------------------------------------ dynamic batcher
+
+
+def test_batches_form_under_concurrency() -> None:
+    async def scenario() -> None:
+        model = await make_model(latency_s=0.02)
+        batcher = await make_dynamic(model, max_batch_size=8)
+        reqs = [request(i) for i in range(24)]
+        results = await finish(*(batcher.submit(r, deadline=later()) for r in reqs))
+        await batcher.stop()
+        for req, res in zip(reqs, results, strict=True):
+            check_result(req, res)
+        assert model.calls < len(reqs)
+        assert max(model.batches) > 1
+        assert max(model.batches) <= 8
+        assert sum(model.batches) == len(reqs)
+
+    run(scenario())
+
+
+def test_lone_request_without_delay_runs() -> None:
+    async def scenario() -> None:
+        model = await make_model()
+        batcher = await make_dynamic(model, max_queue_delay_ms=0)
+        req = request(1, 3)
+        check_result(req, await batcher.submit(req, deadline=later()))
+        assert model.batches == [3]
+        await batcher.stop()
+
+    run(scenario())
+
+
+def test_lone_request_with_a_delay_runs_after_the_delay() -> None:
+    async def scenario() -> None:
+        model = await make_model()
+        batcher = await make_dynamic(model, max_batch_size=8, max_queue_delay_ms=5)
+        req = request(1, 2)
+        check_result(req, await asyncio.wait_for(batcher.submit(req, deadline=later()), 10))
+        assert model.batches == [2]
+        await batcher.stop()
+
+    run(scenario())
+
+
+def test_a_full_batch_is_not_held_for_the_delay() -> None:
+    async def scenario() -> None:
+        model = await make_model()
+        # An hour of delay: finishing at all proves the full batch went at once.
+        batcher = await make_dynamic(
+            model, max_batch_size=4, max_queue_delay_ms=3_600_000, queue_timeout_ms=3_600_000
+        )
+        reqs = [request(1, 1), request(2, 3)]
+        results = await finish(*(batcher.submit(r, deadline=later(7200)) for r in reqs), limit=15)
+        for req, res in zip(reqs, results, strict=True):
+            check_result(req, res)
+        assert model.batches == [4]
+        big = request(3, 4)  # a batch on its own
+        check_result(big, await asyncio.wait_for(batcher.submit(big, deadline=later()), 15))
+        assert model.batches == [4, 4]
+        await batcher.stop()
+
+    run(scenario())
+
+
+def test_delay_gathers_requests_into_one_batch() -> None:
+    async def scenario() -> None:
+        model = await make_model()
+        batcher = await make_dynamic(
+            model, max_batch_size=16, max_queue_delay_ms=3_600_000, queue_timeout_ms=3_600_000
+        )
+        tasks = [
+            asyncio.create_task(batcher.submit(request(i, 2), deadline=later(7200)))
+            for i in range(7)
+        ]
+        await asyncio.sleep(0.02)
+        assert model.calls == 0 and not any(t.done() for t in tasks)  # waiting for company
+        last = request(7, 2)  # rows 14 -> 16: the batch is full and goes
+        results = await finish(*tasks, batcher.submit(last, deadline=later()), limit=15)
+        assert model.batches == [16]
+        check_result(last, results[-1])
+        await batcher.stop()
+
+    run(scenario())
+
+
+def test_full_queue_rejects_at_once_without_running_the_model() -> None:
+    async def scenario() -> None:
+        model = await make_model(gated=True)
+        observer = Observer()
+        batcher = await make_dynamic(
+            model, observer, max_batch_size=1, max_queue_size=3, queue_timeout_ms=30_000
+        )
+        running = asyncio.create_task(batcher.submit(request(0), deadline=later()))
+        await until(model.entered(1))
+        queued = [
+            asyncio.create_task(batcher.submit(request(i), deadline=later())) for i in (1, 2, 3)
+        ]
+        await until(lambda: batcher.queue_depth == 3)
+        coro = batcher.submit(request(9), deadline=later())
+        with pytest.raises(QueueFull):
+            coro.send(None)  # rejected on the first step: it never waits
+        more = await finish(*(batcher.submit(request(10 + i), deadline=later()) for i in range(5)))
+        assert all(isinstance(r, QueueFull) for r in more)
+        assert len(model.seen) == 1
+        model.gate.set()
+        results = await finish(running, *queued)
+        assert not any(isinstance(r, BaseException) for r in results)
+        assert model.calls == 4
+        assert 9 not in model.ids_seen() and not model.ids_seen() & set(range(10, 15))
+        assert max(observer.depths) == 3
+        assert observer.depths[-1] == 0
+        await batcher.stop()
+
+    run(scenario())
+
+
+def test_queue_timeout_answers_and_never_runs() -> None:
+    async def scenario() -> None:
+        model = await make_model(gated=True)
+        batcher = await make_dynamic(model, max_batch_size=1, queue_timeout_ms=40)
+        tasks = [
+            asyncio.create_task(batcher.submit(request(i), deadline=later())) for i in range(6)
+        ]
+        waited = await finish(*tasks[1:])
+        assert all(isinstance(r, QueueTimeout) for r in waited), waited
+        assert batcher.queue_depth == 0
+        model.gate.set()
+        check_result(request(0), await tasks[0])
+        await batcher.stop()  # a wrongly surviving request would run before this returns
+        assert model.calls == 1  # = the number of successes (P2)
+        assert model.ids_seen() == {0}
+
+    run(scenario())
+
+
+def test_deadline_before_queue_timeout_is_deadline_exceeded() -> None:
+    async def scenario() -> None:
+        model = await make_model(gated=True)
+        batcher = await make_dynamic(model, max_batch_size=1, queue_timeout_ms=30_000)
+        first = asyncio.create_task(batcher.submit(request(0), deadline=later()))
+        await until(model.entered(1))
+        with pytest.raises(DeadlineExceeded):
+            await batcher.submit(request(1), deadline=later(0.03))
+        model.gate.set()
+        check_result(request(0), await first)
+        await batcher.stop()
+        assert model.calls == 1 and model.ids_seen() == {0}
+
+    run(scenario())
+
+
+def test_a_deadline_already_passed_never_runs() -> None:
+    async def scenario() -> None:
+        model = await make_model(gated=True)
+        batcher = await make_dynamic(model, max_batch_size=1)
+        first = asyncio.create_task(batcher.submit(request(0), deadline=later()))
+        await until(model.entered(1))
+        with pytest.raises(DeadlineExceeded):
+            await batcher.submit(request(1), deadline=later(-1))
+        model.gate.set()
+        await first
+        await batcher.stop()
+        assert model.ids_seen() == {0}
+
+    run(scenario())
+
+
+def test_cancelled_while_queued_is_never_run() -> None:
+    async def scenario() -> None:
+        model = await make_model(gated=True)
+        batcher = await make_dynamic(model, max_batch_size=4)
+        first = asyncio.create_task(batcher.submit(request(0), deadline=later()))
+        await until(model.entered(1))
+        gone = asyncio.create_task(batcher.submit(request(1), deadline=later()))
+        kept = asyncio.create_task(batcher.submit(request(2), deadline=later()))
+        await until(lambda: batcher.queue_depth == 2)
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        assert batcher.queue_depth == 1
+        model.gate.set()
+        results = await finish(first, kept)
+        check_result(request(0), results[0])
+        check_result(request(2), results[1])
+        assert model.ids_seen() == {0, 2}
+        assert model.batches == [1, 1]
+        await batcher.stop()
+
+    run(scenario())
+
+
+def test_poisoned_request_fails_alone() -> None:
+    async def scenario() -> None:
+        model = await make_model(gated=True, fail_on_value=POISON)
+        batcher = await make_dynamic(model, max_batch_size=8)
+        first = asyncio.create_task(batcher.submit(request(0), deadline=later()))
+        await until(model.entered(1))
+        mates = [request(1, 2), request(2, 1, poisoned=True), request(3, 3)]
+        tasks = [asyncio.create_task(batcher.submit(r, deadline=later())) for r in mates]
+        await until(lambda: batcher.queue_depth == 3)
+        model.gate.set()
+        results = await finish(first, *tasks)
+        check_result(request(0), results[0])
+        check_result(mates[0], results[1])
+        assert isinstance(results[2], BackendError)
+        assert "poisoned" not in str(results[2])  # the model's own message is not passed on
+        check_result(mates[2], results[3])
+        # They were batched together first (P13: the batch failed, each then ran alone).
+        assert {1, 2, 3} <= {int(v) for v in model.seen[1][:, 1]}
+        await batcher.stop()
+
+    run(scenario())
+
+
+def test_malformed_output_is_a_backend_error_and_the_batcher_keeps_serving() -> None:
+    async def scenario() -> None:
+        model = await make_model(malformed=True, latency_s=0.02)
+        batcher = await make_dynamic(model, max_batch_size=8)
+        results = await finish(*(batcher.submit(request(i, 2), deadline=later()) for i in range(4)))
+        assert all(isinstance(r, BackendError) for r in results), results
+        model.config = FakeModel.Config(features=FEATURES)  # the model recovers
+        req = request(9, 2)
+        check_result(req, await asyncio.wait_for(batcher.submit(req, deadline=later()), 10))
+        await batcher.stop()
+
+    run(scenario())
+
+
+def test_undeclared_outputs_never_carry_batch_mates_rows() -> None:
+    async def scenario() -> None:
+        model = await make_model(ExtraOutputModel, gated=True)
+        batcher = await make_dynamic(model, max_batch_size=8)
+        first = asyncio.create_task(batcher.submit(request(0), deadline=later()))
+        await until(model.entered(1))
+        reqs = [request(i, 2) for i in (1, 2, 3)]
+        tasks = [asyncio.create_task(batcher.submit(r, deadline=later())) for r in reqs]
+        await until(lambda: batcher.queue_depth == 3)
+        model.gate.set()
+        results = await finish(first, *tasks)
+        assert model.batches == [1, 6]
+        for req, res in zip(reqs, results[1:], strict=True):
+            check_result(req, res)  # exactly y and echo: no "whole_batch"
+        await batcher.stop()
+
+    run(scenario())
+
+
+def test_incompatible_requests_are_not_stacked() -> None:
+    async def scenario() -> None:
+        model = await make_model(VariableWidthModel, gated=True)
+        batcher = await make_dynamic(model, max_batch_size=16)
+        first = asyncio.create_task(batcher.submit(request(0, width=2), deadline=later()))
+        await until(model.entered(1))
+        reqs = [
+            request(1, width=2),
+            request(2, width=2),
+            request(3, width=3),
+            request(4, width=3),
+            request(5, width=2),
+        ]
+        tasks = []
+        for n, r in enumerate(reqs, 1):
+            tasks.append(asyncio.create_task(batcher.submit(r, deadline=later())))
+            await until(lambda n=n: batcher.queue_depth == n)  # queued in this order
+        model.gate.set()
+        results = await finish(first, *tasks)
+        for req, res in zip([request(0, width=2), *reqs], results, strict=True):
+            check_result(req, res)
+        # [0] [1 2] [3 4] [5]: FIFO, one width per call, and no failed stacking (no retries).
+        assert [b.shape for b in model.seen] == [(1, 2), (2, 2), (2, 3), (1, 2)]
+        await batcher.stop()
+
+    run(scenario())
+
+
+def test_timed_out_requests_do_not_pile_up_in_memory() -> None:
+    async def scenario() -> None:
+        model = await make_model(gated=True)
+        batcher = await make_dynamic(model, max_batch_size=1, max_queue_size=2, queue_timeout_ms=1)
+        first = asyncio.create_task(batcher.submit(request(0), deadline=later()))
+        await until(model.entered(1))
+        refs = []
+        for i in range(1, 30):
+            req = request(i)
+            refs.append(weakref.ref(req["x"]))
+            with pytest.raises(QueueTimeout):
+                await batcher.submit(req, deadline=later())
+            del req
+        gc.collect()
+        alive = sum(r() is not None for r in refs)
+        assert alive <= 2 * 2  # bounded by the queue size, not by the arrivals
+        model.gate.set()
+        await first
+        await batcher.stop()
+        assert model.ids_seen() == {0}
+
+    run(scenario())
+
+
+# ----------------------------------------------------------------------------- stopping
+
+
+def test_stop_answers_queued_requests() -> None:
+    async def scenario() -> None:
+        model = await make_model(latency_s=0.03)
+        batcher = await make_dynamic(model, max_batch_size=1, queue_timeout_ms=30_000)
+        reqs = [request(i) for i in range(5)]
+        tasks = [asyncio.create_task(batcher.submit(r, deadline=later())) for r in reqs]
+        await until(lambda: model.calls == 1)
+        await asyncio.wait_for(batcher.stop(), 10)
+        assert all(t.done() for t in tasks)
+        for req, task in zip(reqs, tasks, strict=True):
+            check_result(req, task.result())  # queued work finished, not dropped
+        with pytest.raises(ShuttingDown):
+            await batcher.submit(request(9), deadline=later())
+        assert 9 not in model.ids_seen()
+
+    run(scenario())
+
+
+def test_stop_while_a_batch_waits_to_fill() -> None:
+    async def scenario() -> None:
+        model = await make_model()
+        batcher = await make_dynamic(
+            model, max_batch_size=8, max_queue_delay_ms=3_600_000, queue_timeout_ms=3_600_000
+        )
+        req = request(1, 2)
+        task = asyncio.create_task(batcher.submit(req, deadline=later(7200)))
+        await asyncio.sleep(0.02)
+        # The collector has taken it and holds it, waiting for more rows.
+        assert batcher.queue_depth == 0 and model.calls == 0 and not task.done()
+        await asyncio.wait_for(batcher.stop(), 10)
+        assert task.done()
+        check_result(req, task.result())
+
+    run(scenario())
+
+
+def test_cancelled_stop_still_answers_everything() -> None:
+    async def scenario() -> None:
+        model = await make_model(gated=True)
+        batcher = await make_dynamic(model, max_batch_size=1, queue_timeout_ms=30_000)
+        first = asyncio.create_task(batcher.submit(request(0), deadline=later()))
+        await until(model.entered(1))
+        queued = asyncio.create_task(batcher.submit(request(1), deadline=later()))
+        await until(lambda: batcher.queue_depth == 1)
+        stopping = asyncio.create_task(batcher.stop())
+        await asyncio.sleep(0.02)
+        assert not stopping.done()  # it waits for the stuck model
+        stopping.cancel()
+        results = await finish(queued, stopping, limit=10)
+        assert isinstance(results[0], ShuttingDown)
+        assert isinstance(results[1], asyncio.CancelledError)
+        model.gate.set()
+        check_result(request(0), await asyncio.wait_for(first, 10))
+        await asyncio.sleep(0.02)
+        assert model.ids_seen() == {0}
+
+    run(scenario())
+
+
+def test_stop_before_start_and_twice() -> None:
+    async def scenario() -> None:
+        model = await make_model()
+        batcher = DynamicBatcher(DynamicBatcher.Config(), BATCH_CTX, model)
+        await batcher.stop()
+        await batcher.start()
+        check_result(request(1), await batcher.submit(request(1), deadline=later()))
+        await batcher.stop()
+        await batcher.stop()
+
+    run(scenario())
+
+
+# ---------------------------------------------------------------------------- none batcher
+
+
+def test_none_batcher_bounds_concurrency() -> None:
+    async def scenario() -> None:
+        model = await make_model(latency_s=0.02)
+        batcher = await make_none(model, max_concurrency=2, queue_timeout_ms=30_000)
+        reqs = [request(i, 1 + i % 3) for i in range(10)]
+        results = await finish(*(batcher.submit(r, deadline=later()) for r in reqs))
+        for req, res in zip(reqs, results, strict=True):
+            check_result(req, res)
+        assert model.max_active == 2
+        assert model.batches == [1 + i % 3 for i in range(10)]  # one call per request
+
+    run(scenario())
+
+
+def test_none_batcher_full_queue_rejects_at_once() -> None:
+    async def scenario() -> None:
+        model = await make_model(gated=True)
+        observer = Observer()
+        batcher = await make_none(
+            model, observer, max_concurrency=1, max_queue_size=2, queue_timeout_ms=30_000
+        )
+        running = asyncio.create_task(batcher.submit(request(0), deadline=later()))
+        await until(model.entered(1))
+        queued = [asyncio.create_task(batcher.submit(request(i), deadline=later())) for i in (1, 2)]
+        await until(lambda: batcher.queue_depth == 2)
+        coro = batcher.submit(request(9), deadline=later())
+        with pytest.raises(QueueFull):
+            coro.send(None)
+        assert len(model.seen) == 1
+        model.gate.set()
+        results = await finish(running, *queued)
+        assert not any(isinstance(r, BaseException) for r in results)
+        assert model.calls == 3 and 9 not in model.ids_seen()
+        assert max(observer.depths) == 2 and observer.depths[-1] == 0
+
+    run(scenario())
+
+
+def test_none_batcher_queue_timeout_never_runs() -> None:
+    async def scenario() -> None:
+        model = await make_model(gated=True)
+        batcher = await make_none(model, max_concurrency=1, queue_timeout_ms=40)
+        tasks = [
+            asyncio.create_task(batcher.submit(request(i), deadline=later())) for i in range(5)
+        ]
+        waited = await finish(*tasks[1:])
+        assert all(isinstance(r, QueueTimeout) for r in waited), waited
+        assert batcher.queue_depth == 0
+        model.gate.set()
+        check_result(request(0), await tasks[0])
+        await asyncio.sleep(0.02)
+        assert model.calls == 1 and model.ids_seen() == {0}
+
+    run(scenario())
+
+
+def test_none_batcher_deadline_and_cancel() -> None:
+    async def scenario() -> None:
+        model = await make_model(gated=True)
+        batcher = await make_none(model, max_concurrency=1, queue_timeout_ms=30_000)
+        first = asyncio.create_task(batcher.submit(request(0), deadline=later()))
+        await until(model.entered(1))
+        with pytest.raises(DeadlineExceeded):
+            await batcher.submit(request(1), deadline=later(0.02))
+        gone = asyncio.create_task(batcher.submit(request(2), deadline=later()))
+        await until(lambda: batcher.queue_depth == 1)
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        assert batcher.queue_depth == 0
+        model.gate.set()
+        check_result(request(0), await first)
+        check_result(request(3), await batcher.submit(request(3), deadline=later()))
+        assert model.ids_seen() == {0, 3}
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("make", [make_none, make_dynamic])
+def test_a_caller_that_gives_up_keeps_its_slot_until_the_model_returns(
+    make: Callable[..., Awaitable[Batcher]],
+) -> None:
+    async def scenario() -> None:
+        model = await make_model(gated=True)
+        one_slot = {"max_concurrency": 1} if make is make_none else {"max_batch_size": 1}
+        batcher = await make(model, queue_timeout_ms=30_000, **one_slot)
+        first = asyncio.create_task(batcher.submit(request(0), deadline=later()))
+        await until(model.entered(1))
+        queued = asyncio.create_task(batcher.submit(request(1), deadline=later()))
+        await until(lambda: batcher.queue_depth == 1)
+        first.cancel()  # the caller goes (disconnect, deadline); its model call goes on
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        await asyncio.sleep(0.02)
+        assert len(model.seen) == 1 and not queued.done()  # the slot is still taken
+        model.gate.set()
+        check_result(request(1), await asyncio.wait_for(queued, 10))
+        assert model.max_active == 1
+        await batcher.stop()
+
+    run(scenario())
+
+
+def test_none_batcher_stop_waits_for_running_and_queued_requests() -> None:
+    async def scenario() -> None:
+        model = await make_model(gated=True)
+        batcher = await make_none(model, max_concurrency=1, queue_timeout_ms=30_000)
+        first = asyncio.create_task(batcher.submit(request(0), deadline=later()))
+        await until(model.entered(1))
+        queued = asyncio.create_task(batcher.submit(request(1), deadline=later()))
+        await until(lambda: batcher.queue_depth == 1)
+        stopping = asyncio.create_task(batcher.stop())
+        await asyncio.sleep(0.02)
+        assert not stopping.done()  # the model is still busy with accepted work
+        with pytest.raises(ShuttingDown):
+            await batcher.submit(request(9), deadline=later())
+        model.gate.set()
+        await asyncio.wait_for(stopping, 10)
+        assert first.done() and queued.done()
+        check_result(request(0), first.result())
+        check_result(request(1), queued.result())
+        assert model.ids_seen() == {0, 1}
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("make", [make_none, make_dynamic])
+def test_model_failures_are_backend_errors(make: Callable[..., Awaitable[Batcher]]) -> None:
+    async def scenario() -> None:
+        model = await make_model(malformed=True)
+        batcher = await make(model)
+        with pytest.raises(BackendError):
+            await batcher.submit(request(1, 3), deadline=later())
+        model.config = FakeModel.Config(features=FEATURES, fail_on_value=POISON)
+        with pytest.raises(BackendError):
+            await batcher.submit(request(2, poisoned=True), deadline=later())
+        check_result(request(3), await batcher.submit(request(3), deadline=later()))
+        await batcher.stop()
+
+    run(scenario())
