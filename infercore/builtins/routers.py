@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from infercore.components import RouteRequest, Router, RoutingTable
+from infercore.components import Router, RouteRequest, RoutingTable
 from infercore.hookspecs import hookimpl
 
 

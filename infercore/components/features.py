@@ -11,7 +11,6 @@ import numpy as np
 from infercore.components.base import Component
 from infercore.components.model import Tensors
 
-
 _degraded: ContextVar[set[str] | None] = ContextVar("infercore_degraded", default=None)
 
 

@@ -71,8 +71,7 @@ def plan_outputs(
             width = shape[1]
             if m.column < 0 or (width >= 0 and m.column >= width):
                 raise ModelLoadError(
-                    f"{where}.column: {m.column} is out of range for {m.source!r} "
-                    f"(width {width})"
+                    f"{where}.column: {m.column} is out of range for {m.source!r} (width {width})"
                 )
             shape = shape[:1]
         if m.threshold is not None:

@@ -214,7 +214,8 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> Litestar:
                     resp_headers["inference-header-content-length"] = str(head_len)
                     media = "application/octet-stream"
             else:
-                rows = next(iter(outputs.values())).shape[0] if outputs else 0
+                batched = [outputs[s.name] for s in sv.output_specs if s.batched]
+                rows = batched[0].shape[0] if batched else 1
                 content = v1.encode(outputs, rows)
                 resp_headers = {"x-request-id": rid}
                 media = JSON

@@ -12,16 +12,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import infercore_onnx
 import msgspec
 import numpy as np
 import onnx
 import onnxruntime
 import pytest
-from infercore_onnx import OnnxModel, external_data
-from infercore_onnx.feed import prepare_input
 from onnx import TensorProto, helper, numpy_helper
 
+import infercore_onnx
 from infercore.components import ComponentContext, TensorSpec
 from infercore.errors import (
     BackendError,
@@ -30,6 +28,8 @@ from infercore.errors import (
     ModelLoadError,
     ModelNotReady,
 )
+from infercore_onnx import OnnxModel, external_data
+from infercore_onnx.feed import prepare_input
 
 CONFIG_PATH = "models.iris.versions.1.loader"
 HAS_CUDA = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
