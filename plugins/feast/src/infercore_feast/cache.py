@@ -1,0 +1,72 @@
+"""A bounded LRU cache whose entries expire after a fixed time to live."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+V = TypeVar("V")
+
+
+class _Missing:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+#: What :meth:`TTLCache.get` returns for a key it does not hold (or holds expired).
+MISSING = _Missing()
+
+
+class TTLCache(Generic[V]):
+    """Recent values by key: least recently used entries go first, every entry lives ``ttl_s``.
+
+    A ``ttl_s`` or ``max_entries`` of 0 turns the cache off (every lookup misses). Not
+    thread-safe: the feature source uses it from the event loop only.
+
+    Attributes:
+        clock: Monotonic seconds; tests may replace it.
+    """
+
+    __slots__ = ("_data", "clock", "max_entries", "ttl_s")
+
+    def __init__(
+        self, ttl_s: float, max_entries: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self.clock = clock
+        self._data: OrderedDict[str, tuple[float, V]] = OrderedDict()
+
+    @property
+    def enabled(self) -> bool:
+        return self.ttl_s > 0 and self.max_entries > 0
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def get(self, key: str) -> V | _Missing:
+        """The value cached for ``key``, or :data:`MISSING`."""
+        entry = self._data.get(key)
+        if entry is None:
+            return MISSING
+        if entry[0] <= self.clock():
+            del self._data[key]
+            return MISSING
+        self._data.move_to_end(key)
+        return entry[1]
+
+    def put(self, key: str, value: V) -> None:
+        """Cache ``value`` for ``ttl_s``, evicting the least recently used entries when full."""
+        if not self.enabled:
+            return
+        self._data[key] = (self.clock() + self.ttl_s, value)
+        self._data.move_to_end(key)
+        while len(self._data) > self.max_entries:
+            self._data.popitem(last=False)
+
+    def clear(self) -> None:
+        self._data.clear()

@@ -1,0 +1,230 @@
+"""Options of ``features: {kind: feast, ...}`` and the checks that need no feature store."""
+
+from __future__ import annotations
+
+import math
+import re
+import urllib.parse
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+import msgspec
+
+from infercore.errors import ConfigError
+
+NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+NonNegative = Annotated[float, msgspec.Meta(ge=0)]
+
+_PROJECT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]*$")
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+NUMERIC = ("FP32", "FP64", "INT64")
+
+
+class EntitySpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """Which request field carries the entity key, and the Feast join key it fills.
+
+    Attributes:
+        field: The request field with one key per row, e.g. ``card_id``.
+        join_key: The Feast entity's join key, e.g. ``card_id``.
+    """
+
+    field: NonEmpty
+    join_key: NonEmpty
+
+
+class InputSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """One model input, in the order the model expects them.
+
+    Attributes:
+        name: The input name (and, for ``source: request``, the request field it comes from).
+        source: ``request`` (taken from the request) or ``feast`` (read from the online store).
+        feature: For ``feast`` inputs: ``"view:feature"``, e.g. ``card_features:txn_count_24h``.
+        datatype: ``FP32``, ``FP64``, ``INT64`` or ``BYTES``.
+        default: For ``feast`` inputs (required there): the value used when the store has
+            none for the entity, and for every row when ``on_failure: fail_open`` applies.
+    """
+
+    name: NonEmpty
+    source: Literal["request", "feast"]
+    feature: str | None = None
+    datatype: Literal["FP32", "FP64", "INT64", "BYTES"] = "FP32"
+    default: float | int | str | None = None
+
+
+class FeastSourceConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """Options of ``features: {kind: feast, ...}`` (every option is listed in the README)."""
+
+    repo: NonEmpty
+    project: Annotated[str, msgspec.Meta(pattern=_PROJECT.pattern)]
+    entity: EntitySpec
+    inputs: Annotated[list[InputSpec], msgspec.Meta(min_length=1)]
+    online_store: Literal["sqlite", "redis"] = "sqlite"
+    redis_url: NonEmpty = "redis://127.0.0.1:6379"
+    redis_socket_timeout_s: Positive = 1.0
+    sqlite_path: str | None = None
+    registry_path: str | None = None
+    layout: Literal["columns", "matrix"] = "columns"
+    matrix_input: NonEmpty = "input"
+    batch_window_ms: NonNegative = 1.0
+    max_batch_entities: PositiveInt = 256
+    cache_ttl_s: NonNegative = 5.0
+    cache_max_entries: Annotated[int, msgspec.Meta(ge=0)] = 100_000
+    timeout_ms: Positive = 50.0
+    on_failure: Literal["fail_closed", "fail_open"] = "fail_closed"
+    breaker_failures: PositiveInt = 5
+    breaker_reset_s: Positive = 5.0
+    materialize_on_start: bool = True
+    read_threads: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
+
+
+@dataclass(frozen=True, slots=True)
+class FeastInput:
+    """A ``feast`` input, checked: its view, feature and typed default."""
+
+    index: int
+    name: str
+    view: str
+    feature: str
+    datatype: str
+    default: float | int | bytes
+
+    @property
+    def ref(self) -> str:
+        return f"{self.view}:{self.feature}"
+
+
+def check_config(config: FeastSourceConfig, path: str) -> list[FeastInput]:
+    """Check what msgspec cannot; return the ``feast`` inputs with typed defaults.
+
+    Raises:
+        ConfigError: Naming the option, the value and the fix.
+    """
+    seen: set[str] = set()
+    feast_inputs: list[FeastInput] = []
+    for i, spec in enumerate(config.inputs):
+        where = f"{path}.inputs[{i}]"
+        if spec.name in seen:
+            raise ConfigError(
+                f"{where}.name: input {spec.name!r} is declared twice",
+                hint="every model input appears once in `inputs`",
+            )
+        seen.add(spec.name)
+        if config.layout == "matrix" and spec.datatype not in NUMERIC:
+            raise ConfigError(
+                f"{where}.datatype: layout 'matrix' stacks inputs into one FP32 tensor, but "
+                f"input {spec.name!r} is {spec.datatype}",
+                hint="use layout: columns, or make every input numeric",
+            )
+        if spec.source == "request":
+            if spec.feature is not None:
+                raise ConfigError(
+                    f"{where}.feature: input {spec.name!r} comes from the request; `feature` "
+                    "applies only to source: feast",
+                    hint="remove `feature`, or set source: feast",
+                )
+            if spec.default is not None:
+                raise ConfigError(
+                    f"{where}.default: input {spec.name!r} comes from the request, which must "
+                    "send it; `default` applies only to source: feast",
+                    hint="remove `default`",
+                )
+            continue
+        if spec.feature is None or spec.feature.count(":") != 1:
+            raise ConfigError(
+                f"{where}.feature: feast input {spec.name!r} needs `feature: view:feature`, "
+                f"got {spec.feature!r}",
+                hint="e.g. feature: card_features:txn_count_24h",
+            )
+        view, feature = spec.feature.split(":")
+        if not (_NAME.match(view) and _NAME.match(feature)):
+            raise ConfigError(
+                f"{where}.feature: {spec.feature!r} is not 'view:feature' with two names",
+                hint="e.g. feature: card_features:txn_count_24h",
+            )
+        default = _typed_default(spec, where)
+        feast_inputs.append(FeastInput(i, spec.name, view, feature, spec.datatype, default))
+    if config.online_store == "redis":
+        redis_connection_string(config.redis_url, path=f"{path}.redis_url")
+    return feast_inputs
+
+
+def _typed_default(spec: InputSpec, where: str) -> float | int | bytes:
+    value = spec.default
+    if value is None:
+        raise ConfigError(
+            f"{where}.default: feast input {spec.name!r} has no default",
+            hint="set `default` (the value used when the store has no row for an entity, or "
+            "when on_failure: fail_open applies)",
+        )
+    if spec.datatype == "BYTES":
+        if not isinstance(value, str):
+            raise ConfigError(
+                f"{where}.default: BYTES input {spec.name!r} needs a string default, got {value!r}"
+            )
+        return value.encode()
+    if isinstance(value, str | bool):
+        raise ConfigError(
+            f"{where}.default: {spec.datatype} input {spec.name!r} needs a numeric default, "
+            f"got {value!r}"
+        )
+    if spec.datatype == "INT64":
+        if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+            raise ConfigError(
+                f"{where}.default: INT64 input {spec.name!r} needs an integer default, "
+                f"got {value!r}"
+            )
+        return int(value)
+    return float(value)
+
+
+def redis_connection_string(url: str, *, path: str, socket_timeout_s: float | None = None) -> str:
+    """``redis://[user:password@]host:port/db`` as Feast's ``host:port,db=N[,...]``.
+
+    ``rediss://`` adds ``ssl=true``. Messages never show the password.
+
+    Raises:
+        ConfigError: Not a redis URL, a bad port or database, or a value Feast's comma
+            separated format cannot carry.
+    """
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port or 6379
+    except ValueError:
+        raise ConfigError(
+            f"{path}: not a valid redis URL", hint="e.g. redis://127.0.0.1:6379/0"
+        ) from None
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise ConfigError(
+            f"{path}: expected redis://host:port/db or rediss://…, got scheme "
+            f"{parts.scheme or 'none'!r}",
+            hint="e.g. redis://127.0.0.1:6379/0",
+        )
+    db_text = parts.path.lstrip("/") or "0"
+    if not db_text.isdigit():
+        raise ConfigError(f"{path}: the database must be a number (redis://host:port/0)")
+    if parts.query or parts.fragment:
+        raise ConfigError(f"{path}: query parameters are not supported in the redis URL")
+    host = parts.hostname
+    if ":" in host:
+        raise ConfigError(
+            f"{path}: IPv6 hosts are not supported by Feast's redis connection string",
+            hint="use a host name",
+        )
+    items = [f"{host}:{port}", f"db={int(db_text)}"]
+    if parts.username:
+        items.append(f"username={urllib.parse.unquote(parts.username)}")
+    if parts.password:
+        items.append(f"password={urllib.parse.unquote(parts.password)}")
+    if parts.scheme == "rediss":
+        items.append("ssl=true")
+    if socket_timeout_s is not None:
+        items.append(f"socket_timeout={socket_timeout_s}")
+        items.append(f"socket_connect_timeout={socket_timeout_s}")
+    if any("," in item for item in items[1:]):
+        raise ConfigError(
+            f"{path}: the user name or password contains a comma, which Feast's redis "
+            "connection string cannot carry"
+        )
+    return ",".join(items)

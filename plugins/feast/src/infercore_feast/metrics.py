@@ -1,0 +1,109 @@
+"""The feature source's Prometheus families, registered once per registry.
+
+Several models may each have a ``feast`` feature source in one app; they share the families
+of the app's registry and differ by the ``model`` label. Until the core hands components its
+registry, a source without one gets a private registry (see the README).
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Feast reads of a few rows take well under a millisecond; a timeout is tens of ms.
+_READ_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.00075,
+    0.001,
+    0.0025,
+    0.005,
+    0.0075,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+)
+_ENTITY_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class FeatureMetrics:
+    """Every family the ``feast`` source reports into, for one registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.fetch_seconds = Histogram(
+            "infercore_feature_fetch_seconds",
+            "Duration of one online read from the feature store (one merged read).",
+            ("model",),
+            buckets=_READ_BUCKETS,
+            registry=r,
+        )
+        self.read_entities = Histogram(
+            "infercore_feature_read_entities",
+            "Distinct entity keys per online read (after merging and de-duplication).",
+            ("model",),
+            buckets=_ENTITY_BUCKETS,
+            registry=r,
+        )
+        self.failures = Counter(
+            "infercore_feature_fetch_failures",
+            "Feature fetches that got no values from the feature store, by reason "
+            "(timeout, error, breaker_open).",
+            ("model", "reason"),
+            registry=r,
+        )
+        self.degraded = Counter(
+            "infercore_feature_degraded",
+            "Feature fetches answered with default values because the feature store failed "
+            "(on_failure: fail_open), by reason.",
+            ("model", "reason"),
+            registry=r,
+        )
+        self.defaults = Counter(
+            "infercore_feature_defaults",
+            "Feature values replaced by their default because the store had none for the "
+            "entity (unknown entity or null value).",
+            ("model", "feature"),
+            registry=r,
+        )
+        self.cache_hits = Counter(
+            "infercore_feature_cache_hits",
+            "Entity lookups answered from the feature cache.",
+            ("model",),
+            registry=r,
+        )
+        self.cache_misses = Counter(
+            "infercore_feature_cache_misses",
+            "Entity lookups that needed a feature store read.",
+            ("model",),
+            registry=r,
+        )
+        self.breaker_open = Gauge(
+            "infercore_feature_breaker_open",
+            "1 while the feature store circuit breaker is open or half-open, else 0.",
+            ("model",),
+            registry=r,
+        )
+
+
+_lock = threading.Lock()
+_by_registry: weakref.WeakKeyDictionary[CollectorRegistry, FeatureMetrics] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def feature_metrics(registry: CollectorRegistry) -> FeatureMetrics:
+    """The families of ``registry``, registered on first use."""
+    with _lock:
+        found = _by_registry.get(registry)
+        if found is None:
+            found = _by_registry[registry] = FeatureMetrics(registry)
+        return found

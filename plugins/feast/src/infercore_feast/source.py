@@ -1,0 +1,363 @@
+"""The ``feast`` feature source: request fields plus Feast online features, merged and cached."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from prometheus_client import CollectorRegistry
+
+from infercore.components import ComponentContext, FeatureSource, Tensors
+from infercore.components.features import mark_degraded
+from infercore.components.tensors import V2_TO_NUMPY
+from infercore.errors import (
+    DeadlineExceeded,
+    FeatureStoreUnavailable,
+    InfercoreError,
+    InvalidInput,
+    PluginError,
+)
+from infercore.protocol.tensors import coerce
+from infercore_feast import store as feast_store
+from infercore_feast.breaker import CLOSED, OPEN, CircuitBreaker
+from infercore_feast.cache import MISSING, TTLCache
+from infercore_feast.config import FeastInput, FeastSourceConfig, check_config
+from infercore_feast.merging import ReadFailed, ReadMerger
+from infercore_feast.metrics import feature_metrics
+
+log = logging.getLogger("infercore.feast")
+
+#: One entity's values, in the order of the source's distinct feature references; ``None``
+#: for an entity the store does not know.
+Row = tuple[Any, ...] | None
+
+_UNREAD = object()  # a key whose read failed (fail_open): defaults, but not "unknown entity"
+
+
+class FeastFeatureSource(FeatureSource):
+    """Model inputs from the request and from Feast's online store (``kind: feast``).
+
+    Per request: the entity keys come from the ``entity.field`` column; keys held in the TTL
+    cache are answered at once; the others join a merged read that collects keys from every
+    concurrent request for at most ``batch_window_ms`` (or ``max_batch_entities`` keys), reads
+    them with one ``get_online_features`` call in a worker thread, caches and fans the rows
+    out. A read is abandoned after ``timeout_ms``; a request waits no longer than its
+    deadline. Failed reads apply ``on_failure`` and count towards the circuit breaker.
+
+    ``feast`` is imported by :meth:`start` (it takes seconds), never with this module.
+    """
+
+    kind = "feast"
+    Config = FeastSourceConfig
+    config: FeastSourceConfig
+
+    def __init__(self, config: FeastSourceConfig, context: ComponentContext) -> None:
+        super().__init__(config, context)
+        self.config = config
+        self._feast_inputs: list[FeastInput] = check_config(config, context.path)
+        self._refs: list[str] = list(dict.fromkeys(i.ref for i in self._feast_inputs))
+        # Feast's full feature names (view__feature), in the order of self._refs.
+        self._columns = [ref.replace(":", "__") for ref in self._refs]
+        self._slot = {i.name: self._refs.index(i.ref) for i in self._feast_inputs}
+        self._feast_by_name = {i.name: i for i in self._feast_inputs}
+        self._timeout_s = config.timeout_ms / 1000
+        model = context.model_name or context.path
+        registry = context.extra.get("metrics_registry")
+        if not isinstance(registry, CollectorRegistry):
+            registry = CollectorRegistry(auto_describe=True)
+        #: The registry the metrics are in (a private one until the core passes its own).
+        self.metrics_registry: CollectorRegistry = registry
+        m = feature_metrics(registry)
+        self._m_fetch = m.fetch_seconds.labels(model)
+        self._m_entities = m.read_entities.labels(model)
+        self._m_hits = m.cache_hits.labels(model)
+        self._m_misses = m.cache_misses.labels(model)
+        self._m_breaker = m.breaker_open.labels(model)
+        self._m_breaker.set(0)
+        self._m_failures = {
+            r: m.failures.labels(model, r) for r in ("timeout", "error", "breaker_open")
+        }
+        self._m_degraded = {
+            r: m.degraded.labels(model, r) for r in ("timeout", "error", "breaker_open")
+        }
+        self._m_defaults = {i.name: m.defaults.labels(model, i.ref) for i in self._feast_inputs}
+        self.cache: TTLCache[Row] = TTLCache(config.cache_ttl_s, config.cache_max_entries)
+        self.breaker = CircuitBreaker(
+            config.breaker_failures,
+            config.breaker_reset_s,
+            on_change=self._breaker_changed,
+        )
+        self.merger: ReadMerger[Row] = ReadMerger(
+            self._read,
+            window_s=config.batch_window_ms / 1000,
+            max_keys=config.max_batch_entities,
+        )
+        #: The ``feast.FeatureStore`` used for reads (after :meth:`start`).
+        self.store: Any = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._where: feast_store.StoreLocation | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the store (applying and materializing first with ``materialize_on_start``).
+
+        Raises:
+            ConfigError: A bad repo path, or an input naming a view or feature the registry
+                does not have.
+            PluginError: Feast failed (the message carries no local paths or passwords).
+        """
+        path = self.context.path
+        where = self._where = feast_store.locate(self.config, self.context.model_root, path)
+        try:
+            self.store = await asyncio.to_thread(
+                feast_store.prepare_store, self.config, where, self._feast_inputs, path=path
+            )
+        except InfercoreError:
+            raise
+        except Exception as exc:
+            raise PluginError(
+                f"{path}: the Feast {self.config.online_store} store could not be prepared: "
+                f"{type(exc).__name__}: {self._scrub(str(exc))}",
+                hint="for sqlite, materialize_on_start: true builds the store; for redis, "
+                "check INFERCORE_REDIS_URL and that the server is up",
+            ) from exc
+        self._executor = ThreadPoolExecutor(
+            max_workers=self.config.read_threads, thread_name_prefix="infercore-feast"
+        )
+
+    async def stop(self) -> None:
+        await self.merger.close()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    def _scrub(self, text: str) -> str:
+        """``text`` fit for a log line or an error: no local paths, no redis URL (S6)."""
+        if self._where is not None:
+            text = self._where.scrub(text)
+        if self.config.online_store == "redis":
+            text = text.replace(self.config.redis_url, "<redis_url>")
+        return " ".join(text.split())[:300]
+
+    def _breaker_changed(self, state: str) -> None:
+        self._m_breaker.set(0 if state == CLOSED else 1)
+        if state == OPEN:
+            log.warning(
+                "feast circuit breaker open for model %s: reads skipped for %.1fs (policy %s)",
+                self.context.model_name,
+                self.config.breaker_reset_s,
+                self.config.on_failure,
+            )
+        elif state == CLOSED:
+            log.info("feast circuit breaker closed for model %s", self.context.model_name)
+
+    # -- the request path ----------------------------------------------------------------
+
+    async def fetch(self, fields: Mapping[str, npt.NDArray[Any]], *, deadline: float) -> Tensors:
+        keys = self._entity_keys(fields)
+        rows = len(keys)
+        request_columns = self._request_columns(fields, rows)
+        found: dict[str, Any] = {}
+        misses: list[str] = []
+        for key in dict.fromkeys(keys):
+            value = self.cache.get(key)
+            if value is MISSING:
+                misses.append(key)
+            else:
+                found[key] = value
+        if found:
+            self._m_hits.inc(len(found))
+        if misses:
+            self._m_misses.inc(len(misses))
+            reason = await self._lookup(misses, found, deadline)
+            if reason is not None:
+                self._m_failures[reason].inc()
+                if self.config.on_failure == "fail_closed":
+                    raise FeatureStoreUnavailable(
+                        f"feature store unavailable ({reason.replace('_', ' ')})",
+                        hint="retry later; the operator may set on_failure: fail_open",
+                    )
+                self._m_degraded[reason].inc()
+                mark_degraded("features")
+                for key in misses:
+                    found.setdefault(key, _UNREAD)
+        return self._assemble(keys, found, request_columns)
+
+    async def _lookup(self, keys: list[str], found: dict[str, Any], deadline: float) -> str | None:
+        """Read ``keys`` through the merger into ``found``; the failure reason, if any."""
+        if not self.breaker.allow():
+            return "breaker_open"
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            raise DeadlineExceeded("deadline exceeded before fetching features")
+        futures = [self.merger.submit(key) for key in keys]
+        # asyncio.wait never cancels the (shared) futures; the merged read bounds itself by
+        # timeout_ms, the deadline bounds this request. No time left means no useful answer,
+        # whatever the failure policy: 504, as for any stage that passes the deadline (P3).
+        _, pending = await asyncio.wait(futures, timeout=remaining)
+        if pending:
+            self._m_failures["timeout"].inc()
+            raise DeadlineExceeded("deadline exceeded while fetching features")
+        reason: str | None = None
+        for key, fut in zip(keys, futures, strict=True):
+            exc = fut.exception()
+            if exc is None:
+                found[key] = fut.result()
+            elif isinstance(exc, ReadFailed) and exc.reason in self._m_failures:
+                reason = reason or exc.reason
+            else:
+                reason = reason or "error"
+        return reason
+
+    async def _read(self, keys: list[str]) -> list[Row]:
+        """One merged read: a worker thread, bounded by ``timeout_ms``; results cached."""
+        executor = self._executor
+        if executor is None:
+            raise ReadFailed("error")
+        loop = asyncio.get_running_loop()
+        self.breaker.on_dispatch()
+        self._m_entities.observe(len(keys))
+        t0 = time.perf_counter()
+        try:
+            rows = await asyncio.wait_for(
+                loop.run_in_executor(executor, self._read_blocking, keys), self._timeout_s
+            )
+        except TimeoutError:
+            self._m_fetch.observe(time.perf_counter() - t0)
+            self.breaker.record_failure()
+            raise ReadFailed("timeout") from None
+        except Exception as exc:
+            self._m_fetch.observe(time.perf_counter() - t0)
+            self.breaker.record_failure()
+            log.warning(
+                "feast read of %d keys failed: %s: %s",
+                len(keys),
+                type(exc).__name__,
+                self._scrub(str(exc)),
+            )
+            raise ReadFailed("error") from None
+        self._m_fetch.observe(time.perf_counter() - t0)
+        self.breaker.record_success()
+        for key, row in zip(keys, rows, strict=True):
+            self.cache.put(key, row)
+        return rows
+
+    def _read_blocking(self, keys: list[str]) -> list[Row]:
+        response = self.store.get_online_features(
+            features=self._refs,
+            entity_rows={self.config.entity.join_key: keys},
+            full_feature_names=True,
+        ).to_dict()
+        columns = [response[name] for name in self._columns]
+        out: list[Row] = []
+        for i in range(len(keys)):
+            row = tuple(column[i] for column in columns)
+            out.append(None if all(v is None for v in row) else row)
+        return out
+
+    # -- request fields and tensors -------------------------------------------------------
+
+    def _entity_keys(self, fields: Mapping[str, npt.NDArray[Any]]) -> list[str]:
+        name = self.config.entity.field
+        column = fields.get(name)
+        if column is None:
+            raise InvalidInput(
+                f"missing field {name!r} (the entity key for the feature store)",
+                hint=f"send {name!r} with every instance",
+            )
+        column = _one_per_row(name, column)
+        if column.dtype.kind == "U":
+            return [str(v) for v in column.tolist()]
+        if column.dtype.kind in "OS":
+            keys: list[str] = []
+            for value in column.tolist():
+                if isinstance(value, bytes):
+                    try:
+                        value = value.decode()
+                    except UnicodeDecodeError:
+                        raise InvalidInput(f"field {name!r}: keys must be UTF-8 text") from None
+                if not isinstance(value, str):
+                    raise InvalidInput(f"field {name!r}: expected a string key per instance")
+                keys.append(value)
+            return keys
+        raise InvalidInput(
+            f"field {name!r}: expected string keys, got numbers or booleans",
+            hint=f'send e.g. "{name}": "c_000042"',
+        )
+
+    def _request_columns(self, fields: Mapping[str, npt.NDArray[Any]], rows: int) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for spec in self.config.inputs:
+            if spec.source != "request":
+                continue
+            column = fields.get(spec.name)
+            if column is None:
+                raise InvalidInput(
+                    f"missing field {spec.name!r}",
+                    hint="send every request field of the model: "
+                    + ", ".join(s.name for s in self.config.inputs if s.source == "request"),
+                )
+            column = _one_per_row(spec.name, column)
+            if len(column) != rows:
+                raise InvalidInput(
+                    f"field {spec.name!r} has {len(column)} rows but "
+                    f"{self.config.entity.field!r} has {rows}"
+                )
+            out[spec.name] = coerce(spec.name, column, spec.datatype)
+        return out
+
+    def _assemble(
+        self, keys: Sequence[str], found: Mapping[str, Any], request_columns: dict[str, Any]
+    ) -> Tensors:
+        rows = len(keys)
+        columns: list[npt.NDArray[Any]] = []
+        for spec in self.config.inputs:
+            item = self._feast_by_name.get(spec.name)
+            if item is None:
+                columns.append(request_columns[spec.name])
+                continue
+            slot = self._slot[spec.name]
+            values: list[Any] = []
+            defaults = 0
+            for key in keys:
+                row = found[key]
+                if row is _UNREAD:
+                    values.append(item.default)
+                    continue
+                value = None if row is None else row[slot]
+                if value is None:
+                    defaults += 1
+                    values.append(item.default)
+                elif item.datatype == "BYTES":
+                    values.append(value.encode() if isinstance(value, str) else value)
+                else:
+                    values.append(value)
+            if defaults:
+                self._m_defaults[spec.name].inc(defaults)
+            columns.append(np.array(values, dtype=V2_TO_NUMPY[item.datatype]).reshape(rows))
+        if self.config.layout == "matrix":
+            matrix = np.empty((rows, len(columns)), dtype=np.float32)
+            for j, column in enumerate(columns):
+                matrix[:, j] = column
+            return {self.config.matrix_input: matrix}
+        return {
+            spec.name: column.reshape(rows, 1)
+            for spec, column in zip(self.config.inputs, columns, strict=True)
+        }
+
+
+def _one_per_row(name: str, column: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    if column.ndim == 2 and column.shape[1] == 1:
+        return column.reshape(-1)
+    if column.ndim != 1:
+        raise InvalidInput(
+            f"field {name!r}: expected one value per instance, got shape {list(column.shape)}"
+        )
+    return column

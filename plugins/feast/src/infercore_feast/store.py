@@ -1,0 +1,341 @@
+"""Everything that touches Feast at start-up: config, apply, materialize, checks.
+
+``feast`` (3 s to import) and ``pyarrow`` are imported here, inside the functions, never when
+the plugin is imported. Every function here blocks: the feature source runs them in a thread.
+Feast is used only as an in-process client; its feature, registry and UI servers are never
+started (feast-dev/feast#6810, CVE-2026-23536).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import itertools
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from infercore.artifacts import resolve_artifact
+from infercore.errors import ConfigError
+from infercore_feast.config import FeastInput, FeastSourceConfig, redis_connection_string
+
+log = logging.getLogger("infercore.feast")
+
+_module_ids = itertools.count()
+
+# Feast value types each input datatype can hold without a surprise.
+_COMPATIBLE = {
+    "FP32": {"FLOAT", "DOUBLE", "INT32", "INT64", "BOOL"},
+    "FP64": {"FLOAT", "DOUBLE", "INT32", "INT64", "BOOL"},
+    "INT64": {"INT32", "INT64", "BOOL"},
+    "BYTES": {"STRING", "BYTES"},
+}
+
+
+@dataclass(frozen=True, slots=True)
+class StoreLocation:
+    """Where the feature repo and the store's files are (resolved)."""
+
+    model_root: Path
+    repo_dir: Path
+    registry: Path
+    sqlite: Path
+
+    def scrub(self, text: str) -> str:
+        """``text`` without the local paths (error lines must not carry them: S6)."""
+        for path, label in (
+            (self.registry, "<registry>"),
+            (self.sqlite, "<online_store>"),
+            (self.repo_dir, "<feature_repo>"),
+            (self.model_root, "<model_root>"),
+        ):
+            text = text.replace(str(path), label)
+        return text
+
+
+def locate(config: FeastSourceConfig, model_root: Path, path: str) -> StoreLocation:
+    """Resolve the repo folder inside the model root, and the registry and SQLite files.
+
+    The registry and the SQLite online store are state, not artifacts: an absolute path may
+    point outside the model root (a writable volume when the model volume is read-only); a
+    relative one is taken from the repo folder.
+    """
+    repo_dir = resolve_artifact(model_root, config.repo, config_path=f"{path}.repo")
+    if not repo_dir.is_dir():
+        raise ConfigError(
+            f"{path}.repo: {config.repo!r} is not a folder",
+            hint="point `repo` at the Feast feature repo folder",
+        )
+
+    def state(value: str | None, default: str) -> Path:
+        p = Path(value or default)
+        return p if p.is_absolute() else repo_dir / p
+
+    return StoreLocation(
+        model_root=model_root.resolve(),
+        repo_dir=repo_dir,
+        registry=state(config.registry_path, "data/registry.db"),
+        sqlite=state(config.sqlite_path, "data/online_store.db"),
+    )
+
+
+def import_feast() -> Any:
+    return importlib.import_module("feast")
+
+
+def repo_config(
+    config: FeastSourceConfig, where: StoreLocation, *, path: str, serving: bool
+) -> Any:
+    """A Feast ``RepoConfig`` built in code (no ``feature_store.yaml`` needed).
+
+    ``serving`` stores bound Redis socket operations by ``redis_socket_timeout_s`` so a read
+    thread never hangs on a dead server; the store that materializes has no such bound.
+    """
+    feast = import_feast()
+    if config.online_store == "redis":
+        online: dict[str, Any] = {
+            "type": "redis",
+            "connection_string": redis_connection_string(
+                config.redis_url,
+                path=f"{path}.redis_url",
+                socket_timeout_s=config.redis_socket_timeout_s if serving else None,
+            ),
+        }
+    else:
+        online = {"type": "sqlite", "path": str(where.sqlite)}
+    return feast.RepoConfig(
+        project=config.project,
+        provider="local",
+        # cache_ttl_seconds=0: load the registry once; a refresh would stall a read.
+        registry={"registry_type": "file", "path": str(where.registry), "cache_ttl_seconds": 0},
+        online_store=online,
+        offline_store={"type": "file"},
+        entity_key_serialization_version=3,
+        repo_path=where.repo_dir,
+    )
+
+
+def load_definitions(where: StoreLocation, path: str) -> list[Any]:
+    """The Feast objects defined in the repo folder's top-level ``*.py`` files.
+
+    This runs the files, as ``feast apply`` does: they are code, part of the recipe, and must
+    come from whoever writes the recipe. Each resolves inside the model root.
+    """
+    feast = import_feast()
+    data_source = importlib.import_module("feast.data_source").DataSource
+    kinds = (
+        feast.Entity,
+        feast.FeatureView,
+        feast.OnDemandFeatureView,
+        feast.FeatureService,
+        data_source,
+    )
+    files = sorted(p for p in where.repo_dir.glob("*.py") if p.name != "__init__.py")
+    if not files:
+        raise ConfigError(
+            f"{path}.repo: the feature repo has no *.py definitions",
+            hint="add the file defining the entity and feature views",
+        )
+    objects: list[Any] = []
+    for file in files:
+        resolved = resolve_artifact(where.model_root, str(file), config_path=f"{path}.repo")
+        name = f"_infercore_feast_repo_{next(_module_ids)}"
+        spec = importlib.util.spec_from_file_location(name, resolved)
+        if spec is None or spec.loader is None:
+            raise ConfigError(f"{path}.repo: cannot load {file.name}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        finally:
+            sys.modules.pop(name, None)
+        for value in vars(module).values():
+            if isinstance(value, kinds) and not any(value is o for o in objects):
+                objects.append(value)
+    return objects
+
+
+def check_inputs(store: Any, inputs: list[FeastInput], *, path: str) -> dict[str, Any]:
+    """Every feast input names a view and feature the registry has, of a fitting type.
+
+    Returns:
+        The feature views used, by name.
+    """
+    views: dict[str, Any] = {}
+    for item in inputs:
+        where = f"{path}.inputs[{item.index}].feature"
+        view = views.get(item.view)
+        if view is None:
+            try:
+                view = store.get_feature_view(item.view)
+            except Exception as exc:
+                if type(exc).__name__ != "FeatureViewNotFoundException":
+                    raise
+                known = sorted(v.name for v in store.list_feature_views())
+                raise ConfigError(
+                    f"{where}: feature view {item.view!r} is not in the Feast registry; "
+                    f"registered: {', '.join(known) or 'none'}",
+                    hint="fix the name, or apply the repo (materialize_on_start: true or "
+                    "`feast apply`)",
+                ) from None
+            views[item.view] = view
+        fields = {f.name: f for f in view.features}
+        found = fields.get(item.feature)
+        if found is None:
+            raise ConfigError(
+                f"{where}: feature view {item.view!r} has no feature {item.feature!r}; "
+                f"available: {', '.join(sorted(fields))}",
+            )
+        value_type = found.dtype.to_value_type().name
+        if value_type not in _COMPATIBLE[item.datatype]:
+            raise ConfigError(
+                f"{path}.inputs[{item.index}].datatype: {item.datatype} cannot hold feature "
+                f"{item.ref!r} of Feast type {value_type}",
+            )
+    return views
+
+
+@dataclass(frozen=True, slots=True)
+class OfflineSpan:
+    """The time range of a view's offline rows and the key of its newest row."""
+
+    start: datetime
+    end: datetime
+    rows: int
+    newest_key: Any
+
+
+def offline_span(view: Any, where: StoreLocation) -> OfflineSpan | None:
+    """Read the time range of a local parquet source (two columns); ``None`` if not local."""
+    source = view.batch_source
+    uri = getattr(source, "path", None)
+    if not isinstance(uri, str) or "://" in uri:
+        return None
+    file = Path(uri) if Path(uri).is_absolute() else where.repo_dir / uri
+    if not file.exists():
+        raise ConfigError(
+            f"the offline source of feature view {view.name!r} does not exist "
+            f"({where.scrub(str(file))})",
+            hint="build the recipe's data first (see its README)",
+        )
+    pq = importlib.import_module("pyarrow.parquet")
+    pc = importlib.import_module("pyarrow.compute")
+    join_key = view.entity_columns[0].name if view.entity_columns else None
+    columns = [source.timestamp_field] + ([join_key] if join_key else [])
+    table = pq.read_table(str(file), columns=columns)
+    if table.num_rows == 0:
+        return OfflineSpan(datetime.now(UTC), datetime.now(UTC), 0, None)
+    ts = table.column(source.timestamp_field)
+    bounds = pc.min_max(ts).as_py()
+    lo, hi = bounds["min"], bounds["max"]
+    if not isinstance(lo, datetime) or not isinstance(hi, datetime):
+        return None
+    newest = table.column(join_key)[int(pc.index(ts, hi).as_py())].as_py() if join_key else None
+    return OfflineSpan(_utc(lo), _utc(hi) + timedelta(seconds=1), table.num_rows, newest)
+
+
+def _utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _view_is_empty(store: Any, view: Any, key: Any) -> bool:
+    if key is None or not view.entity_columns:
+        return True
+    refs = [f"{view.name}:{f.name}" for f in view.features]
+    join_key = view.entity_columns[0].name
+    found = store.get_online_features(
+        features=refs, entity_rows={join_key: [key]}, full_feature_names=True
+    ).to_dict()
+    return all(values[0] is None for name, values in found.items() if name != join_key)
+
+
+def prepare_store(
+    config: FeastSourceConfig, where: StoreLocation, inputs: list[FeastInput], *, path: str
+) -> Any:
+    """Open the serving ``FeatureStore``; apply and materialize first when asked.
+
+    With ``materialize_on_start`` the repo's definitions are applied (idempotent) and every
+    view the inputs use whose online store has no row for the offline source's newest entity
+    is materialized over the source's time range. Then one read checks the store answers.
+    """
+    feast = import_feast()
+    if config.materialize_on_start:
+        where.registry.parent.mkdir(parents=True, exist_ok=True)
+        if config.online_store == "sqlite":
+            where.sqlite.parent.mkdir(parents=True, exist_ok=True)
+        admin = feast.FeatureStore(
+            repo_path=str(where.repo_dir),
+            config=repo_config(config, where, path=path, serving=False),
+        )
+        objects = load_definitions(where, path)
+        t0 = time.perf_counter()
+        admin.apply(objects)
+        log.info(
+            "feast: applied %d definitions of project %s in %.2fs",
+            len(objects),
+            config.project,
+            time.perf_counter() - t0,
+        )
+    elif not where.registry.exists():
+        raise ConfigError(
+            f"{path}: the Feast registry does not exist and materialize_on_start is false",
+            hint="run `feast apply` in the repo folder, set registry_path, or set "
+            "materialize_on_start: true",
+        )
+    store = feast.FeatureStore(
+        repo_path=str(where.repo_dir), config=repo_config(config, where, path=path, serving=True)
+    )
+    views = check_inputs(store, inputs, path=path)
+    if config.materialize_on_start:
+        for view in views.values():
+            _materialize_if_empty(admin, store, view, where, config.online_store)
+    # One read end to end: connections open, registry cached, and a broken store fails here.
+    first = inputs[0]
+    store.get_online_features(
+        features=[i.ref for i in inputs],
+        entity_rows={config.entity.join_key: ["__infercore_warmup__"]},
+        full_feature_names=True,
+    ).to_dict()
+    log.info(
+        "feast: feature source ready (project %s, %s online store, %d features, e.g. %s)",
+        config.project,
+        config.online_store,
+        len(inputs),
+        first.ref,
+    )
+    return store
+
+
+def _materialize_if_empty(
+    admin: Any, store: Any, view: Any, where: StoreLocation, kind: str
+) -> None:
+    span = offline_span(view, where)
+    if span is not None and span.rows == 0:
+        log.warning(
+            "feast: the offline source of %s has no rows; nothing to materialize", view.name
+        )
+        return
+    if span is not None and not _view_is_empty(store, view, span.newest_key):
+        log.info("feast: %s is already in the %s online store; not materializing", view.name, kind)
+        return
+    if span is None:
+        end = datetime.now(UTC)
+        ttl = view.ttl if view.ttl else timedelta(days=3650)
+        start, rows = end - ttl, "?"
+    else:
+        start, end, rows = span.start, span.end, str(span.rows)
+    log.info(
+        "feast: materializing %s (%s offline rows, %s .. %s) into the %s online store",
+        view.name,
+        rows,
+        start.isoformat(),
+        end.isoformat(),
+        kind,
+    )
+    t0 = time.perf_counter()
+    admin.materialize(start, end, feature_views=[view.name])
+    log.info("feast: materialized %s in %.2fs", view.name, time.perf_counter() - t0)

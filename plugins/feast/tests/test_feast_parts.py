@@ -1,0 +1,250 @@
+"""The parts of the ``feast`` source that need no feature store: cache, breaker, merger,
+redis URLs, plugin registration and the lazy ``feast`` import."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+from conftest import run
+from infercore_feast.breaker import CircuitBreaker
+from infercore_feast.cache import MISSING, TTLCache
+from infercore_feast.config import redis_connection_string
+from infercore_feast.merging import ReadFailed, ReadMerger
+
+from infercore.errors import ConfigError
+from infercore.plugin_manager import make_plugin_manager
+from infercore.registry import Registry
+
+# -- cache ---------------------------------------------------------------------------------
+
+
+def test_cache_expires_after_its_ttl() -> None:
+    now = [0.0]
+    cache: TTLCache[int | None] = TTLCache(2.0, 10, clock=lambda: now[0])
+    cache.put("a", 1)
+    cache.put("gone", None)  # unknown entities are cached too
+    now[0] = 1.9
+    assert cache.get("a") == 1 and cache.get("gone") is None
+    now[0] = 2.0
+    assert cache.get("a") is MISSING and cache.get("gone") is MISSING
+    assert len(cache) == 0
+
+
+def test_cache_evicts_the_least_recently_used() -> None:
+    cache: TTLCache[int] = TTLCache(60.0, 2)
+    cache.put("a", 1)
+    cache.put("b", 2)
+    assert cache.get("a") == 1  # a is now the most recent
+    cache.put("c", 3)
+    assert cache.get("b") is MISSING and cache.get("a") == 1 and cache.get("c") == 3
+
+
+@pytest.mark.parametrize(("ttl", "size"), [(0.0, 10), (5.0, 0)])
+def test_cache_can_be_turned_off(ttl: float, size: int) -> None:
+    cache: TTLCache[int] = TTLCache(ttl, size)
+    cache.put("a", 1)
+    assert cache.get("a") is MISSING
+
+
+# -- breaker -------------------------------------------------------------------------------
+
+
+def test_breaker_counts_consecutive_failures_only() -> None:
+    now = [0.0]
+    changes: list[str] = []
+    b = CircuitBreaker(3, 10.0, clock=lambda: now[0], on_change=changes.append)
+    b.record_failure()
+    b.record_failure()
+    b.record_success()  # resets the count
+    b.record_failure()
+    b.record_failure()
+    assert b.state == "closed" and b.allow()
+    b.record_failure()
+    assert b.state == "open" and not b.allow()
+    now[0] = 9.99
+    assert not b.allow()
+    now[0] = 10.0
+    assert b.state == "half_open" and b.allow()
+    b.on_dispatch()
+    assert not b.allow()  # one probe at a time
+    b.record_success()
+    assert b.state == "closed" and b.allow()
+    assert changes == ["open", "half_open", "closed"]
+
+
+def test_breaker_reopens_when_the_probe_fails() -> None:
+    now = [0.0]
+    b = CircuitBreaker(1, 5.0, clock=lambda: now[0])
+    b.record_failure()
+    now[0] = 5.0
+    assert b.allow()
+    b.on_dispatch()
+    b.record_failure()
+    assert b.state == "open" and not b.allow()
+    now[0] = 9.9
+    assert not b.allow()
+    now[0] = 10.0
+    assert b.allow()
+
+
+# -- merger --------------------------------------------------------------------------------
+
+
+class FakeReads:
+    def __init__(self, fail: BaseException | None = None) -> None:
+        self.calls: list[list[str]] = []
+        self.fail = fail
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def __call__(self, keys: list[str]) -> list[str]:
+        self.calls.append(keys)
+        await self.gate.wait()
+        if self.fail is not None:
+            raise self.fail
+        return [k.upper() for k in keys]
+
+
+def test_merger_batches_a_window_and_dedupes() -> None:
+    async def main() -> FakeReads:
+        reads = FakeReads()
+        merger: ReadMerger[str] = ReadMerger(reads, window_s=0.01, max_keys=100)
+        futures = [merger.submit(k) for k in ["a", "b", "a", "c"]]
+        assert futures[0] is futures[2]
+        assert [await f for f in futures] == ["A", "B", "A", "C"]
+        assert merger.waiting == 0
+        return reads
+
+    assert run(main(), timeout=10).calls == [["a", "b", "c"]]
+
+
+def test_merger_joins_a_read_in_flight() -> None:
+    async def main() -> FakeReads:
+        reads = FakeReads()
+        reads.gate.clear()
+        merger: ReadMerger[str] = ReadMerger(reads, window_s=0, max_keys=100)
+        first = merger.submit("a")
+        await asyncio.sleep(0.01)  # the read of "a" is now in flight
+        assert reads.calls == [["a"]]
+        second = merger.submit("a")
+        assert second is first
+        reads.gate.set()
+        assert await second == "A"
+        return reads
+
+    assert run(main(), timeout=10).calls == [["a"]]
+
+
+def test_merger_flushes_when_full() -> None:
+    async def main() -> FakeReads:
+        reads = FakeReads()
+        merger: ReadMerger[str] = ReadMerger(reads, window_s=60, max_keys=2)
+        futures = [merger.submit(k) for k in "abcd"]
+        # The 60 s window never fires within the bound: both full batches were read.
+        await asyncio.wait_for(asyncio.gather(*futures), 5)
+        return reads
+
+    assert run(main(), timeout=10).calls == [["a", "b"], ["c", "d"]]
+
+
+@pytest.mark.parametrize(
+    ("fail", "reason"), [(ReadFailed("timeout"), "timeout"), (OSError("x"), "error")]
+)
+def test_merger_fails_every_waiter_of_a_failed_read(fail: BaseException, reason: str) -> None:
+    async def main() -> list[str]:
+        merger: ReadMerger[str] = ReadMerger(FakeReads(fail), window_s=0, max_keys=100)
+        futures = [merger.submit(k) for k in "ab"]
+        await asyncio.wait(futures, timeout=5)
+        out = []
+        for f in futures:
+            exc = f.exception()
+            assert isinstance(exc, ReadFailed)
+            out.append(exc.reason)
+        return out
+
+    assert run(main(), timeout=10) == [reason, reason]
+
+
+def test_merger_close_fails_waiters_and_cancels_reads() -> None:
+    async def main() -> list[Any]:
+        reads = FakeReads()
+        reads.gate.clear()
+        merger: ReadMerger[str] = ReadMerger(reads, window_s=0, max_keys=100)
+        in_flight = merger.submit("a")
+        await asyncio.sleep(0.01)
+        merger.window_s = 60
+        queued = merger.submit("b")
+        await merger.close()
+        late = merger.submit("c")
+        return [f.exception() for f in (in_flight, queued, late)]
+
+    excs = run(main(), timeout=10)
+    assert all(isinstance(e, ReadFailed) and e.reason == "cancelled" for e in excs)
+
+
+# -- redis URLs ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("redis://127.0.0.1:6379", "127.0.0.1:6379,db=0"),
+        ("redis://cache.internal:6380/3", "cache.internal:6380,db=3"),
+        ("redis://cache", "cache:6379,db=0"),
+        ("redis://:s3cr%40t@cache:6379/1", "cache:6379,db=1,password=s3cr@t"),
+        ("redis://user:pw@cache:6379/0", "cache:6379,db=0,username=user,password=pw"),
+        ("rediss://cache:6379/0", "cache:6379,db=0,ssl=true"),
+    ],
+)
+def test_redis_url_to_feast_connection_string(url: str, expected: str) -> None:
+    assert redis_connection_string(url, path="features.redis_url") == expected
+
+
+def test_redis_connection_string_with_socket_timeouts() -> None:
+    assert redis_connection_string("redis://h:1/0", path="p", socket_timeout_s=0.5) == (
+        "h:1,db=0,socket_timeout=0.5,socket_connect_timeout=0.5"
+    )
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://cache:6379/0",
+        "redis://cache:6379/x",
+        "redis://cache:99999/0",
+        "redis://:a,b@cache:6379/0",
+        "redis://cache:6379/0?ssl=1",
+    ],
+)
+def test_bad_redis_urls_fail_without_showing_the_password(url: str) -> None:
+    with pytest.raises(ConfigError, match=r"features\.redis_url") as info:
+        redis_connection_string(url, path="features.redis_url")
+    assert "a,b" not in str(info.value)
+
+
+# -- registration and the lazy import ------------------------------------------------------
+
+
+def test_the_plugin_registers_kind_feast_through_its_entry_point() -> None:
+    pm, plugins = make_plugin_manager()
+    registry = Registry(pm)
+    assert registry.kinds("feature_source")["feast"].plugin == "feast"
+    assert "feast" in plugins
+
+
+def test_importing_the_plugin_does_not_import_feast() -> None:
+    code = (
+        "import sys, infercore_feast\n"
+        "from infercore.plugin_manager import make_plugin_manager\n"
+        "from infercore.registry import Registry\n"
+        "Registry(make_plugin_manager()[0])\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('feast', 'pyarrow'))\n"
+        "print(heavy)\n"
+        "sys.exit(1 if heavy else 0)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -1,0 +1,678 @@
+"""The ``feast`` feature source against a real Feast store (SQLite online store in tmp_path)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import (
+    CARDS,
+    NULL_CARD,
+    ReadSpy,
+    card,
+    latest,
+    make_source,
+    run,
+    sample,
+)
+from infercore_feast import FeastFeatureSource
+from prometheus_client import CollectorRegistry
+
+from infercore.components.features import begin_request
+from infercore.errors import (
+    ConfigError,
+    DeadlineExceeded,
+    FeatureStoreUnavailable,
+    InvalidInput,
+)
+
+FEAST_INPUTS = ["txn_count_24h", "amount_sum_24h", "cross_border_ratio_7d", "txn_count_7d"]
+DEFAULTS = {
+    "txn_count_24h": -1,
+    "amount_sum_24h": -2.0,
+    "cross_border_ratio_7d": -3.0,
+    "txn_count_7d": -4,
+}
+
+
+def fields(cards: list[str], amounts: list[float] | None = None) -> dict[str, np.ndarray]:
+    amounts = amounts if amounts is not None else [float(i) for i in range(len(cards))]
+    return {"card_id": np.array(cards), "amount": np.array(amounts)}
+
+
+async def started(source: FeastFeatureSource) -> FeastFeatureSource:
+    await source.start()
+    return source
+
+
+async def fetch(source: FeastFeatureSource, cards: list[str], **kw: Any) -> dict[str, np.ndarray]:
+    deadline = asyncio.get_running_loop().time() + kw.pop("budget_s", 10.0)
+    return await source.fetch(fields(cards, **kw), deadline=deadline)
+
+
+def expected_row(i: int) -> dict[str, Any]:
+    want = latest(i)
+    return {
+        "txn_count_24h": want["txn_count_24h"],
+        "amount_sum_24h": want["amount_sum_24h"],
+        "cross_border_ratio_7d": np.float32(want["cross_border_ratio_7d"]),  # stored Float32
+        "txn_count_7d": DEFAULTS["txn_count_7d"]
+        if want["txn_count_7d"] is None
+        else want["txn_count_7d"],
+    }
+
+
+# -- values ---------------------------------------------------------------------------------
+
+
+def test_fetch_returns_feast_values_in_declared_order(model_root: Path) -> None:
+    async def main() -> dict[str, np.ndarray]:
+        source = await started(make_source(model_root))
+        try:
+            return await fetch(source, [card(3), card(1), card(3)], amounts=[5.5, 6.5, 7.5])
+        finally:
+            await source.stop()
+
+    out = run(main())
+    assert list(out) == ["amount", *FEAST_INPUTS]
+    assert out["amount"].dtype == np.float32 and out["amount"].shape == (3, 1)
+    np.testing.assert_array_equal(out["amount"][:, 0], [5.5, 6.5, 7.5])
+    assert out["txn_count_24h"].dtype == np.int64
+    assert out["amount_sum_24h"].dtype == np.float32
+    assert out["cross_border_ratio_7d"].dtype == np.float64
+    for row, i in enumerate([3, 1, 3]):
+        want = expected_row(i)
+        for name in FEAST_INPUTS:
+            assert out[name].shape == (3, 1)
+            assert out[name][row, 0] == pytest.approx(want[name]), (name, i)
+
+
+def test_matrix_layout_stacks_inputs_in_declared_order(model_root: Path) -> None:
+    async def main() -> dict[str, np.ndarray]:
+        source = await started(make_source(model_root, layout="matrix", matrix_input="x"))
+        try:
+            return await fetch(source, [card(2), card(7)], amounts=[1.0, 2.0])
+        finally:
+            await source.stop()
+
+    out = run(main())
+    assert list(out) == ["x"]
+    assert out["x"].dtype == np.float32 and out["x"].shape == (2, 5)
+    for row, (i, amount) in enumerate([(2, 1.0), (7, 2.0)]):
+        want = expected_row(i)
+        expected = [amount, *(want[n] for n in FEAST_INPUTS)]
+        np.testing.assert_allclose(out["x"][row], np.array(expected, dtype=np.float32))
+
+
+def test_unknown_card_gets_defaults_and_is_counted(model_root: Path) -> None:
+    async def main() -> tuple[dict[str, np.ndarray], FeastFeatureSource]:
+        source = await started(make_source(model_root))
+        try:
+            return await fetch(source, [card(4), "c_999999", "c_999999"]), source
+        finally:
+            await source.stop()
+
+    out, source = run(main())
+    for name in FEAST_INPUTS:
+        assert out[name][1, 0] == DEFAULTS[name] and out[name][2, 0] == DEFAULTS[name]
+        assert out[name][0, 0] == pytest.approx(expected_row(4)[name])
+    # Two rows of the unknown card, per feature.
+    assert (
+        sample(source, "infercore_feature_defaults_total", feature="card_features:txn_count_24h")
+        == 2
+    )
+    assert (
+        sample(source, "infercore_feature_defaults_total", feature="card_features:amount_sum_24h")
+        == 2
+    )
+
+
+def test_null_feature_value_gets_its_default(model_root: Path) -> None:
+    async def main() -> tuple[dict[str, np.ndarray], FeastFeatureSource]:
+        source = await started(make_source(model_root))
+        try:
+            return await fetch(source, [NULL_CARD]), source
+        finally:
+            await source.stop()
+
+    out, source = run(main())
+    assert out["txn_count_7d"][0, 0] == DEFAULTS["txn_count_7d"]
+    assert out["txn_count_24h"][0, 0] == latest(CARDS - 1)["txn_count_24h"]
+    assert (
+        sample(source, "infercore_feature_defaults_total", feature="card_features:txn_count_7d")
+        == 1
+    )
+    assert (
+        sample(source, "infercore_feature_defaults_total", feature="card_features:txn_count_24h")
+        == 0
+    )
+
+
+# -- merged reads, de-duplication, cache ------------------------------------------------------
+
+
+def test_concurrent_fetches_share_one_read(model_root: Path) -> None:
+    async def main() -> tuple[list[dict[str, np.ndarray]], ReadSpy, FeastFeatureSource]:
+        source = await started(make_source(model_root, batch_window_ms=20))
+        spy = ReadSpy(source.store)
+        try:
+            outs = await asyncio.gather(*(fetch(source, [card(i)]) for i in range(12)))
+            return outs, spy, source
+        finally:
+            await source.stop()
+
+    outs, spy, source = run(main())
+    assert len(spy.calls) == 1
+    assert sorted(spy.calls[0]) == sorted(card(i) for i in range(12))
+    for i, out in enumerate(outs):
+        assert out["txn_count_24h"][0, 0] == latest(i)["txn_count_24h"]
+    assert sample(source, "infercore_feature_fetch_seconds_count") == 1
+    assert sample(source, "infercore_feature_read_entities_sum") == 12
+
+
+def test_fetches_arriving_within_the_window_share_a_read(model_root: Path) -> None:
+    async def main() -> ReadSpy:
+        source = await started(make_source(model_root, batch_window_ms=1000))
+        spy = ReadSpy(source.store)
+        try:
+            first = asyncio.ensure_future(fetch(source, [card(1)]))
+            await asyncio.sleep(0.01)  # a later turn of the event loop, well inside the window
+            second = asyncio.ensure_future(fetch(source, [card(2)]))
+            await asyncio.gather(first, second)
+            return spy
+        finally:
+            await source.stop()
+
+    assert run(main()).calls == [[card(1), card(2)]]
+
+
+def test_without_merging_each_fetch_reads(model_root: Path) -> None:
+    async def main() -> ReadSpy:
+        source = await started(make_source(model_root, batch_window_ms=0, max_batch_entities=1))
+        spy = ReadSpy(source.store)
+        try:
+            await asyncio.gather(*(fetch(source, [card(i)]) for i in range(12)))
+            return spy
+        finally:
+            await source.stop()
+
+    assert len(run(main()).calls) == 12
+
+
+def test_max_batch_entities_splits_reads(model_root: Path) -> None:
+    async def main() -> ReadSpy:
+        source = await started(make_source(model_root, batch_window_ms=50, max_batch_entities=4))
+        spy = ReadSpy(source.store)
+        try:
+            await fetch(source, [card(i) for i in range(10)])
+            return spy
+        finally:
+            await source.stop()
+
+    assert sorted(len(c) for c in run(main()).calls) == [2, 4, 4]
+
+
+def test_duplicate_keys_are_read_once(model_root: Path) -> None:
+    async def main() -> tuple[ReadSpy, list[dict[str, np.ndarray]]]:
+        source = await started(make_source(model_root, batch_window_ms=20, cache_ttl_s=0))
+        spy = ReadSpy(source.store)
+        try:
+            outs = await asyncio.gather(
+                *(fetch(source, [card(5)]) for _ in range(8)),
+                fetch(source, [card(5), card(6), card(5)]),
+            )
+            return spy, outs
+        finally:
+            await source.stop()
+
+    spy, outs = run(main())
+    assert spy.calls == [[card(5), card(6)]]
+    assert all(o["txn_count_24h"][0, 0] == latest(5)["txn_count_24h"] for o in outs)
+    np.testing.assert_array_equal(outs[-1]["txn_count_24h"][:, 0], [15, 16, 15])
+
+
+def test_cache_hit_avoids_a_read_and_expires(model_root: Path) -> None:
+    now = [1000.0]
+
+    async def main() -> tuple[ReadSpy, FeastFeatureSource]:
+        source = await started(make_source(model_root, cache_ttl_s=5))
+        source.cache.clock = lambda: now[0]
+        spy = ReadSpy(source.store)
+        try:
+            await fetch(source, [card(1), "c_unknown"])
+            assert len(spy.calls) == 1
+            out = await fetch(source, [card(1), "c_unknown"])  # both cached (unknown too)
+            assert len(spy.calls) == 1
+            assert out["txn_count_24h"][:, 0].tolist() == [11, -1]
+            now[0] += 4.9
+            await fetch(source, [card(1)])
+            assert len(spy.calls) == 1
+            now[0] += 0.2  # past the TTL of the first read
+            await fetch(source, [card(1)])
+            assert spy.calls[-1] == [card(1)] and len(spy.calls) == 2
+            return spy, source
+        finally:
+            await source.stop()
+
+    _, source = run(main())
+    assert sample(source, "infercore_feature_cache_hits_total") == 3
+    assert sample(source, "infercore_feature_cache_misses_total") == 3
+
+
+# -- failures: timeout, errors, breaker -------------------------------------------------------
+
+
+def hang(release: threading.Event) -> Any:
+    def behaviour() -> None:
+        release.wait(10)  # bounded; released at the end of the test
+
+    return behaviour
+
+
+@pytest.mark.parametrize("policy", ["fail_closed", "fail_open"])
+def test_slow_read_times_out_and_applies_the_policy(model_root: Path, policy: str) -> None:
+    release = threading.Event()
+
+    async def main() -> tuple[Any, set[str], FeastFeatureSource]:
+        source = await started(make_source(model_root, timeout_ms=30, on_failure=policy))
+        spy = ReadSpy(source.store)
+        spy.behaviour = hang(release)
+        degraded = begin_request()
+        try:
+            try:
+                result: Any = await fetch(source, [card(1), card(2)], amounts=[3.0, 4.0])
+            except FeatureStoreUnavailable as exc:
+                result = exc
+            return result, degraded, source
+        finally:
+            release.set()
+            await source.stop()
+
+    result, degraded, source = run(main())
+    assert sample(source, "infercore_feature_fetch_failures_total", reason="timeout") == 1
+    if policy == "fail_closed":
+        assert isinstance(result, FeatureStoreUnavailable)
+        assert result.status_code == 503 and result.reason == "feature_store_unavailable"
+        assert degraded == set()
+    else:
+        assert degraded == {"features"}
+        np.testing.assert_array_equal(result["amount"][:, 0], [3.0, 4.0])
+        for name in FEAST_INPUTS:
+            assert result[name][:, 0].tolist() == [DEFAULTS[name]] * 2
+        assert sample(source, "infercore_feature_degraded_total", reason="timeout") == 1
+        # Defaults for an unreachable store are not "unknown entity" defaults.
+        assert (
+            sample(
+                source, "infercore_feature_defaults_total", feature="card_features:txn_count_24h"
+            )
+            == 0
+        )
+
+
+@pytest.mark.parametrize("policy", ["fail_closed", "fail_open"])
+def test_store_error_applies_the_policy(
+    model_root: Path, policy: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    def boom() -> None:
+        raise RuntimeError(f"disk I/O error at {model_root}/secret.db")
+
+    async def main() -> tuple[Any, set[str], FeastFeatureSource]:
+        source = await started(make_source(model_root, on_failure=policy))
+        ReadSpy(source.store).behaviour = boom
+        degraded = begin_request()
+        try:
+            try:
+                result: Any = await fetch(source, [card(1)])
+            except FeatureStoreUnavailable as exc:
+                result = exc
+            return result, degraded, source
+        finally:
+            await source.stop()
+
+    with caplog.at_level(logging.WARNING, logger="infercore.feast"):
+        result, degraded, source = run(main())
+    assert sample(source, "infercore_feature_fetch_failures_total", reason="error") == 1
+    if policy == "fail_closed":
+        assert isinstance(result, FeatureStoreUnavailable)
+        assert "disk" not in str(result) and str(model_root) not in str(result)
+        assert degraded == set()
+    else:
+        assert degraded == {"features"}
+        assert result["txn_count_24h"][0, 0] == DEFAULTS["txn_count_24h"]
+    assert any("RuntimeError" in r.getMessage() for r in caplog.records)
+
+
+def test_fail_open_keeps_cached_values(model_root: Path) -> None:
+    async def main() -> dict[str, np.ndarray]:
+        source = await started(make_source(model_root, on_failure="fail_open"))
+        spy = ReadSpy(source.store)
+        try:
+            await fetch(source, [card(1)])
+
+            def boom() -> None:
+                raise RuntimeError("down")
+
+            spy.behaviour = boom
+            begin_request()
+            return await fetch(source, [card(1), card(2)])
+        finally:
+            await source.stop()
+
+    out = run(main())
+    assert out["txn_count_24h"][:, 0].tolist() == [11, DEFAULTS["txn_count_24h"]]
+
+
+def test_breaker_opens_after_consecutive_failures_and_closes_after_a_probe(
+    model_root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    now = [0.0]
+    failing = [True]
+
+    def maybe_fail() -> None:
+        if failing[0]:
+            raise ConnectionError("refused")
+
+    async def main() -> None:
+        source = await started(
+            make_source(
+                model_root,
+                breaker_failures=3,
+                breaker_reset_s=30,
+                cache_ttl_s=0,
+            )
+        )
+        source.breaker.clock = lambda: now[0]
+        spy = ReadSpy(source.store)
+        spy.behaviour = maybe_fail
+        gauge = "infercore_feature_breaker_open"
+        try:
+            for _ in range(3):
+                with pytest.raises(FeatureStoreUnavailable, match="error"):
+                    await fetch(source, [card(1)])
+            assert len(spy.calls) == 3 and sample(source, gauge) == 1
+            with pytest.raises(FeatureStoreUnavailable, match="breaker open"):
+                await fetch(source, [card(1)])
+            assert len(spy.calls) == 3  # skipped at once, no read
+            assert (
+                sample(source, "infercore_feature_fetch_failures_total", reason="breaker_open") == 1
+            )
+            now[0] += 31  # half-open: one probe; it fails and the breaker opens again
+            with pytest.raises(FeatureStoreUnavailable, match="error"):
+                await fetch(source, [card(1)])
+            assert len(spy.calls) == 4
+            with pytest.raises(FeatureStoreUnavailable, match="breaker open"):
+                await fetch(source, [card(1)])
+            assert len(spy.calls) == 4
+            failing[0] = False
+            now[0] += 31  # the next probe succeeds and closes the breaker
+            out = await fetch(source, [card(2)])
+            assert out["txn_count_24h"][0, 0] == latest(2)["txn_count_24h"]
+            assert sample(source, gauge) == 0
+            await fetch(source, [card(3)])
+            assert len(spy.calls) == 6
+        finally:
+            await source.stop()
+
+    with caplog.at_level(logging.INFO, logger="infercore.feast"):
+        run(main())
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("circuit breaker open for model fraud" in m for m in messages)
+    assert any("circuit breaker closed for model fraud" in m for m in messages)
+
+
+def test_half_open_lets_only_the_probe_batch_through(model_root: Path) -> None:
+    now = [0.0]
+    release = threading.Event()
+
+    async def main() -> None:
+        source = await started(
+            make_source(
+                model_root,
+                breaker_failures=1,
+                breaker_reset_s=10,
+                timeout_ms=2000,
+                cache_ttl_s=0,
+            )
+        )
+        source.breaker.clock = lambda: now[0]
+        spy = ReadSpy(source.store)
+        spy.behaviour = lambda: (_ for _ in ()).throw(ConnectionError("refused"))
+        try:
+            with pytest.raises(FeatureStoreUnavailable):
+                await fetch(source, [card(1)])
+            now[0] += 11
+            spy.behaviour = hang(release)  # the probe hangs until released
+            probe = asyncio.ensure_future(fetch(source, [card(2)]))
+            for _ in range(500):  # wait (bounded, 5 s) until the probe read is in flight
+                if len(spy.calls) == 2:
+                    break
+                await asyncio.sleep(0.01)
+            assert len(spy.calls) == 2
+            with pytest.raises(FeatureStoreUnavailable, match="breaker open"):
+                await fetch(source, [card(3)])
+            release.set()
+            out = await probe
+            assert out["txn_count_24h"][0, 0] == latest(2)["txn_count_24h"]
+            assert source.breaker.state == "closed"
+        finally:
+            release.set()
+            await source.stop()
+
+    run(main())
+
+
+def test_request_deadline_caps_the_wait(model_root: Path) -> None:
+    release = threading.Event()
+
+    async def main() -> None:
+        source = await started(make_source(model_root, timeout_ms=5000, on_failure="fail_open"))
+        ReadSpy(source.store).behaviour = hang(release)
+        try:
+            with pytest.raises(DeadlineExceeded):
+                await fetch(source, [card(1)], budget_s=0.05)
+            with pytest.raises(DeadlineExceeded):
+                await fetch(source, [card(2)], budget_s=-1)
+        finally:
+            release.set()
+            await source.stop()
+
+    run(main())
+
+
+# -- request validation ------------------------------------------------------------------------
+
+
+def test_request_validation(model_root: Path) -> None:
+    async def main() -> None:
+        source = await started(make_source(model_root))
+        loop = asyncio.get_running_loop()
+        try:
+            with pytest.raises(InvalidInput, match="'amount'"):
+                await source.fetch({"card_id": np.array([card(1)])}, deadline=loop.time() + 5)
+            with pytest.raises(InvalidInput, match="'card_id'"):
+                await source.fetch({"amount": np.array([1.0])}, deadline=loop.time() + 5)
+            with pytest.raises(InvalidInput, match="string keys"):
+                await source.fetch(
+                    {"card_id": np.array([42]), "amount": np.array([1.0])}, deadline=loop.time() + 5
+                )
+            with pytest.raises(InvalidInput, match="rows"):
+                await source.fetch(
+                    {"card_id": np.array([card(1)]), "amount": np.array([1.0, 2.0])},
+                    deadline=loop.time() + 5,
+                )
+            with pytest.raises(InvalidInput, match="amount"):
+                await source.fetch(
+                    {"card_id": np.array([card(1)]), "amount": np.array(["abc"])},
+                    deadline=loop.time() + 5,
+                )
+            # V2 BYTES columns arrive as object arrays of bytes: accepted as keys.
+            out = await source.fetch(
+                {
+                    "card_id": np.array([card(1).encode()], dtype=object),
+                    "amount": np.array([[1.0]]),
+                },
+                deadline=loop.time() + 5,
+            )
+            assert out["txn_count_24h"][0, 0] == latest(1)["txn_count_24h"]
+        finally:
+            await source.stop()
+
+    run(main())
+
+
+# -- start-up --------------------------------------------------------------------------------
+
+
+def test_materialize_on_start_populates_an_empty_store_once(
+    model_root: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import feast
+
+    calls: list[Any] = []
+    real = feast.FeatureStore.materialize
+
+    def counting(self: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs.get("feature_views"))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(feast.FeatureStore, "materialize", counting)
+    db = model_root / "fraud" / "feature_repo" / "data" / "online_store.db"
+    assert not db.exists()
+
+    async def once() -> int:
+        source = await started(make_source(model_root))
+        try:
+            out = await fetch(source, [card(8)])
+            return int(out["txn_count_24h"][0, 0])
+        finally:
+            await source.stop()
+
+    with caplog.at_level(logging.INFO, logger="infercore.feast"):
+        assert run(once()) == latest(8)["txn_count_24h"]
+        assert calls == [["card_features"]] and db.exists()
+        assert run(once()) == latest(8)["txn_count_24h"]
+    assert calls == [["card_features"]]  # the second start found the store populated
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("materializing card_features" in m for m in messages)
+    assert any("not materializing" in m for m in messages)
+
+
+def test_without_materialize_on_start_the_store_must_exist(model_root: Path) -> None:
+    with pytest.raises(ConfigError, match="registry does not exist"):
+        run(make_source(model_root, materialize_on_start=False).start())
+
+    async def prepared() -> int:
+        first = await started(make_source(model_root))
+        await first.stop()
+        source = await started(make_source(model_root, materialize_on_start=False))
+        try:
+            return int((await fetch(source, [card(9)]))["txn_count_24h"][0, 0])
+        finally:
+            await source.stop()
+
+    assert run(prepared()) == latest(9)["txn_count_24h"]
+
+
+def test_state_files_may_live_outside_the_model_root(model_root: Path, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+
+    async def main() -> int:
+        source = await started(
+            make_source(
+                model_root,
+                sqlite_path=str(state / "online.db"),
+                registry_path=str(state / "registry.db"),
+            )
+        )
+        try:
+            return int((await fetch(source, [card(2)]))["txn_count_24h"][0, 0])
+        finally:
+            await source.stop()
+
+    assert run(main()) == latest(2)["txn_count_24h"]
+    assert (state / "online.db").exists() and (state / "registry.db").exists()
+    assert not (model_root / "fraud" / "feature_repo" / "data").exists()
+
+
+def _input(index: int, **changes: Any) -> list[dict[str, Any]]:
+    from conftest import INPUTS
+
+    inputs = [dict(i) for i in INPUTS]
+    inputs[index].update(changes)
+    return [i for i in inputs if i.get("name")]
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        (
+            {"inputs": _input(1, default=None)},
+            r"inputs\[1\]\.default: feast input "
+            r"'txn_count_24h' has no default",
+        ),
+        ({"inputs": _input(1, feature="card_features")}, r"inputs\[1\]\.feature"),
+        ({"inputs": _input(0, default=1.0)}, r"inputs\[0\]\.default: .*comes from the request"),
+        ({"inputs": _input(1, default=1.5)}, r"inputs\[1\]\.default: INT64 .*integer"),
+        ({"inputs": _input(2, name="txn_count_24h")}, "declared twice"),
+        ({"inputs": _input(0, datatype="BYTES"), "layout": "matrix"}, "layout 'matrix'"),
+        ({"online_store": "redis", "redis_url": "http://x:1/0"}, "redis_url"),
+    ],
+)
+def test_config_errors_are_clear(model_root: Path, options: dict[str, Any], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        make_source(model_root, **options)
+
+
+def test_unknown_layout_is_refused(model_root: Path) -> None:
+    # The core's message names the path and the value; listing the choices is the core's job
+    # (infercore.config.validation.describe does not list Literal choices yet).
+    with pytest.raises(ConfigError, match=r"features\.layout: .*'rows'"):
+        make_source(model_root, layout="rows")
+
+
+@pytest.mark.parametrize(
+    ("feature", "match"),
+    [
+        ("card_features:txn_count_1y", "has no feature 'txn_count_1y'; available: amount_avg_7d"),
+        ("merchant_stats:txn_count_1h", "feature view 'merchant_stats' is not in the Feast"),
+    ],
+)
+def test_unknown_features_fail_start_up(model_root: Path, feature: str, match: str) -> None:
+    source = make_source(model_root, inputs=_input(1, feature=feature))
+    with pytest.raises(ConfigError, match=match):
+        run(source.start())
+
+
+def test_datatype_must_fit_the_feast_type(model_root: Path) -> None:
+    source = make_source(model_root, inputs=_input(2, datatype="BYTES", default="x"))
+    with pytest.raises(ConfigError, match="BYTES cannot hold feature 'card_features:amount_sum"):
+        run(source.start())
+
+
+def test_repo_must_stay_inside_the_model_root(model_root: Path) -> None:
+    with pytest.raises(ConfigError, match="outside the model root"):
+        run(make_source(model_root, repo="../../etc").start())
+
+
+def test_metrics_go_to_the_registry_the_host_passes(model_root: Path) -> None:
+    registry = CollectorRegistry()
+
+    async def main() -> None:
+        a = await started(make_source(model_root, extra={"metrics_registry": registry}))
+        # A second source in the same registry (another model) must not clash.
+        b = make_source(model_root, extra={"metrics_registry": registry})
+        try:
+            await fetch(a, [card(1)])
+            assert b.metrics_registry is registry
+        finally:
+            await a.stop()
+
+    run(main())
+    assert (
+        registry.get_sample_value("infercore_feature_fetch_seconds_count", {"model": "fraud"}) == 1
+    )
