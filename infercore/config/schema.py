@@ -79,10 +79,19 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     features: Node | None = None
 
 
+class FeatureStoreSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Where feature stores live in this deployment (set by ``env``; recipes refer to it as
+    ``${feature_store.online_store}`` and ``${feature_store.redis_url}``)."""
+
+    online_store: Literal["sqlite", "redis"] = "sqlite"
+    redis_url: str = "redis://127.0.0.1:6379"
+
+
 class InfercoreConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """The root of a composed config."""
 
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    feature_store: FeatureStoreSettings = msgspec.field(default_factory=FeatureStoreSettings)
     #: Folder every model artifact path resolves inside (relative paths: to the recipes folder).
     model_root: str = "."
     description: str = ""

@@ -324,6 +324,10 @@ class Runtime:
         if self.draining:
             raise ShuttingDown("the server is shutting down")
         inputs = await served.features.fetch(fields, deadline=deadline)
+        if declared:
+            # A client's declared datatypes bind only tensors that reach the model unchanged;
+            # a feature source that built an input has already converted it.
+            declared = {k: v for k, v in declared.items() if inputs.get(k) is fields.get(k)}
         prepared = prepare_inputs(
             sv.model.inputs,
             inputs,

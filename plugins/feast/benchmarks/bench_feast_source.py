@@ -33,10 +33,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from infercore_feast import FeastFeatureSource, FeastSourceConfig
 
 from infercore.components import ComponentContext
 from infercore.config.validation import convert
+from infercore_feast import FeastFeatureSource, FeastSourceConfig
 
 REPO_SRC = Path(__file__).resolve().parents[3] / "recipes" / "fraud" / "feature_repo"
 FEATURES = [

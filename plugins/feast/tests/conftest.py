@@ -11,10 +11,10 @@ from typing import Any, TypeVar
 
 import pandas as pd
 import pytest
-from infercore_feast import FeastFeatureSource, FeastSourceConfig
 
 from infercore.components import ComponentContext
 from infercore.config.validation import convert
+from infercore_feast import FeastFeatureSource, FeastSourceConfig
 
 T = TypeVar("T")
 

@@ -10,14 +10,14 @@ from typing import Any
 
 import pytest
 from conftest import run
-from infercore_feast.breaker import CircuitBreaker
-from infercore_feast.cache import MISSING, TTLCache
-from infercore_feast.config import redis_connection_string
-from infercore_feast.merging import ReadFailed, ReadMerger
 
 from infercore.errors import ConfigError
 from infercore.plugin_manager import make_plugin_manager
 from infercore.registry import Registry
+from infercore_feast.breaker import CircuitBreaker
+from infercore_feast.cache import MISSING, TTLCache
+from infercore_feast.config import redis_connection_string
+from infercore_feast.merging import ReadFailed, ReadMerger
 
 # -- cache ---------------------------------------------------------------------------------
 

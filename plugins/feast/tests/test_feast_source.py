@@ -20,7 +20,6 @@ from conftest import (
     run,
     sample,
 )
-from infercore_feast import FeastFeatureSource
 from prometheus_client import CollectorRegistry
 
 from infercore.components.features import begin_request
@@ -30,6 +29,7 @@ from infercore.errors import (
     FeatureStoreUnavailable,
     InvalidInput,
 )
+from infercore_feast import FeastFeatureSource
 
 FEAST_INPUTS = ["txn_count_24h", "amount_sum_24h", "cross_border_ratio_7d", "txn_count_7d"]
 DEFAULTS = {

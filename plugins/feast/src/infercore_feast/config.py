@@ -44,6 +44,8 @@ class InputSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only
         datatype: ``FP32``, ``FP64``, ``INT64`` or ``BYTES``.
         default: For ``feast`` inputs (required there): the value used when the store has
             none for the entity, and for every row when ``on_failure: fail_open`` applies.
+        min: For numeric ``request`` inputs: the smallest value accepted (400 below it).
+        max: For numeric ``request`` inputs: the largest value accepted (400 above it).
     """
 
     name: NonEmpty
@@ -51,6 +53,8 @@ class InputSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only
     feature: str | None = None
     datatype: Literal["FP32", "FP64", "INT64", "BYTES"] = "FP32"
     default: float | int | str | None = None
+    min: float | None = None
+    max: float | None = None
 
 
 class FeastSourceConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -117,6 +121,15 @@ def check_config(config: FeastSourceConfig, path: str) -> list[FeastInput]:
                 f"input {spec.name!r} is {spec.datatype}",
                 hint="use layout: columns, or make every input numeric",
             )
+        if spec.min is not None or spec.max is not None:
+            if spec.source != "request" or spec.datatype == "BYTES":
+                raise ConfigError(
+                    f"{where}: min/max apply to numeric request inputs only "
+                    f"({spec.name!r} is {spec.source}, {spec.datatype})",
+                    hint="remove min/max from this input",
+                )
+            if spec.min is not None and spec.max is not None and spec.min > spec.max:
+                raise ConfigError(f"{where}: min {spec.min} is greater than max {spec.max}")
         if spec.source == "request":
             if spec.feature is not None:
                 raise ConfigError(

@@ -310,7 +310,10 @@ class FeastFeatureSource(FeatureSource):
                     f"field {spec.name!r} has {len(column)} rows but "
                     f"{self.config.entity.field!r} has {rows}"
                 )
-            out[spec.name] = coerce(spec.name, column, spec.datatype)
+            value = coerce(spec.name, column, spec.datatype)
+            if spec.datatype != "BYTES":
+                _check_range(spec.name, value, spec.min, spec.max)
+            out[spec.name] = value
         return out
 
     def _assemble(
@@ -351,6 +354,16 @@ class FeastFeatureSource(FeatureSource):
             spec.name: column.reshape(rows, 1)
             for spec, column in zip(self.config.inputs, columns, strict=True)
         }
+
+
+def _check_range(name: str, value: npt.NDArray[Any], low: float | None, high: float | None) -> None:
+    """Request values must be finite and inside the recipe's bounds (a 400 otherwise)."""
+    if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
+        raise InvalidInput(f"field {name!r}: values must be finite numbers")
+    if low is not None and np.any(value < low):
+        raise InvalidInput(f"field {name!r}: values must be at least {low:g}", hint="fix the value")
+    if high is not None and np.any(value > high):
+        raise InvalidInput(f"field {name!r}: values must be at most {high:g}", hint="fix the value")
 
 
 def _one_per_row(name: str, column: npt.NDArray[Any]) -> npt.NDArray[Any]:
