@@ -55,6 +55,8 @@ class ServedVersion:
     state: str = LOADING
     error: str | None = None
     outputs_plan: OutputPlan | None = None
+    #: The model's input names, known once it has loaded.
+    input_names: frozenset[str] = frozenset()
 
     @property
     def output_specs(self) -> list[TensorSpec]:
@@ -267,6 +269,7 @@ class Runtime:
         try:
             try:
                 await sv.model.start()
+                sv.input_names = frozenset(spec.name for spec in sv.model.inputs)
                 sv.outputs_plan = plan_outputs(
                     served.config.outputs,
                     sv.model.outputs,
@@ -324,6 +327,12 @@ class Runtime:
         if self.draining:
             raise ShuttingDown("the server is shutting down")
         inputs = await served.features.fetch(fields, deadline=deadline)
+        wanted = sv.input_names
+        if any(k not in wanted and inputs[k] is not fields.get(k) for k in inputs):
+            # A feature source may build inputs for every version of the model (a challenger
+            # with more features); each version takes its own. Tensors the client sent stay,
+            # so an unknown input name is still a 400.
+            inputs = {k: v for k, v in inputs.items() if k in wanted or v is fields.get(k)}
         if declared:
             # A client's declared datatypes bind only tensors that reach the model unchanged;
             # a feature source that built an input has already converted it.
