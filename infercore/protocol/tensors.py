@@ -303,3 +303,42 @@ def to_binary(arr: np.ndarray) -> bytes:
 
 def element_count(shape: tuple[int, ...]) -> int:
     return math.prod(shape)
+
+
+def malformed_json(exc: Exception, body: bytes) -> InvalidInput:
+    """The 400 for a body msgspec could not decode, naming the field where that is possible.
+
+    msgspec refuses numbers that overflow a double (``1e999``) without naming the key; the
+    standard library parses them as infinity, so on that (rare) path the field is found by a
+    second, slower parse.
+    """
+    text = str(exc)
+    if "out of range" in text:
+        import json
+
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            doc = None
+        where = _first_non_finite(doc, "")
+        if where:
+            return InvalidInput(
+                f"{where}: number out of range (values must be finite)", hint="fix the value"
+            )
+    return InvalidInput(f"malformed JSON: {text}")
+
+
+def _first_non_finite(value: Any, path: str) -> str | None:
+    if isinstance(value, float) and not math.isfinite(value):
+        return path or "<body>"
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _first_non_finite(item, f"{path}.{key}" if path else str(key))
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _first_non_finite(item, f"{path}[{i}]")
+            if found:
+                return found
+    return None

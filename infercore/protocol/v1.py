@@ -13,7 +13,7 @@ import msgspec
 import numpy as np
 
 from infercore.errors import InvalidInput
-from infercore.protocol.tensors import json_array
+from infercore.protocol.tensors import json_array, malformed_json
 
 _decoder = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
@@ -29,7 +29,7 @@ def decode(body: bytes, *, default_input: str | None, max_rows: int) -> dict[str
     try:
         doc = _decoder.decode(body)
     except msgspec.DecodeError as exc:
-        raise InvalidInput(f"malformed JSON: {exc}") from None
+        raise malformed_json(exc, body) from None
     if not isinstance(doc, dict):
         raise InvalidInput("the body must be a JSON object with `instances` or `inputs`")
     if "instances" in doc:

@@ -14,7 +14,14 @@ import numpy as np
 
 from infercore.components.tensors import V2_TO_NUMPY, v2_datatype
 from infercore.errors import InvalidInput
-from infercore.protocol.tensors import check_shape, from_binary, from_json, to_binary, to_json_data
+from infercore.protocol.tensors import (
+    check_shape,
+    from_binary,
+    from_json,
+    malformed_json,
+    to_binary,
+    to_json_data,
+)
 
 
 class V2Input(msgspec.Struct):
@@ -84,7 +91,7 @@ def decode(body: bytes, header_length: int | None, *, max_elements: int) -> Deco
     except msgspec.ValidationError as exc:
         raise InvalidInput(f"invalid V2 request: {_validation_message(exc)}") from None
     except msgspec.DecodeError as exc:
-        raise InvalidInput(f"malformed JSON: {exc}") from None
+        raise malformed_json(exc, head) from None
     if not req.inputs:
         raise InvalidInput("`inputs` is empty", hint="send at least one input tensor")
     tensors: dict[str, np.ndarray] = {}

@@ -250,3 +250,16 @@ def test_strings_keep_trailing_nul_characters() -> None:
 
 def test_ragged_strings() -> None:
     bad({"instances": [["a"], ["b", "c"]]}, "'x'", "ragged")
+
+
+def test_an_overflowing_number_is_a_400_naming_its_field() -> None:
+    from infercore.errors import InvalidInput
+    from infercore.protocol import v1, v2
+
+    with pytest.raises(InvalidInput, match=r"instances\[1\]\.amount: number out of range"):
+        v1.decode(
+            b'{"instances":[{"amount":1.0},{"amount":1e999}]}', default_input=None, max_rows=10
+        )
+    body = b'{"inputs":[{"name":"x","shape":[1],"datatype":"FP64","data":[-1e999]}]}'
+    with pytest.raises(InvalidInput, match=r"(?i)out of range.*inputs\[0\]\.data\[0\]"):
+        v2.decode(body, None, max_elements=100)
