@@ -8,12 +8,16 @@ started (feast-dev/feast#6810, CVE-2026-23536).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
+import io
 import itertools
 import logging
 import sys
 import time
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -84,7 +88,27 @@ def locate(config: FeastSourceConfig, model_root: Path, path: str) -> StoreLocat
 
 
 def import_feast() -> Any:
+    # Feast 0.49's online-store config models shadow a pydantic attribute and warn when they
+    # are first built: not ours to fix, and a stray warning line breaks JSON logs.
+    warnings.filterwarnings(
+        "ignore", message=r"Field name .* shadows an attribute in parent", category=UserWarning
+    )
     return importlib.import_module("feast")
+
+
+@contextlib.contextmanager
+def _quiet_feast(what: str) -> Iterator[None]:
+    """Keep Feast's own console output (banners, progress bars) out of the server's logs.
+
+    It is captured and logged at DEBUG, so JSON logs stay JSON. Start-up only: the serving path
+    never prints.
+    """
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        yield
+    captured = (out.getvalue() + err.getvalue()).strip()
+    if captured:
+        log.debug("feast %s output: %s", what, captured[-2000:])
 
 
 def repo_config(
@@ -273,7 +297,8 @@ def prepare_store(
         )
         objects = load_definitions(where, path)
         t0 = time.perf_counter()
-        admin.apply(objects)
+        with _quiet_feast("apply"):
+            admin.apply(objects)
         log.info(
             "feast: applied %d definitions of project %s in %.2fs",
             len(objects),
@@ -337,5 +362,6 @@ def _materialize_if_empty(
         kind,
     )
     t0 = time.perf_counter()
-    admin.materialize(start, end, feature_views=[view.name])
+    with _quiet_feast("materialize"):
+        admin.materialize(start, end, feature_views=[view.name])
     log.info("feast: materialized %s in %.2fs", view.name, time.perf_counter() - t0)
