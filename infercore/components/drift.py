@@ -1,4 +1,4 @@
-"""The drift detector and action interfaces (the drift monitor that drives them is to come)."""
+"""The drift detector and action interfaces, driven by :class:`infercore.drift.DriftMonitor`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 
 from infercore.components.base import Component
 from infercore.components.model import Tensors
+from infercore.errors import InfercoreError
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,18 +20,29 @@ class DriftResult:
         drift: Whether drift was detected.
         scores: Per-feature test statistic.
         p_values: Per-feature p-value, where the test has one.
+        feature_drift: Per-feature drift flag, where the test decides per feature (after any
+            multiple-testing correction).
+        info: Detector-specific details that are plain JSON values (the corrected threshold,
+            the correction used …); shown in the event history.
     """
 
     detector: str
     drift: bool
     scores: dict[str, float] = field(default_factory=dict)
     p_values: dict[str, float] = field(default_factory=dict)
+    feature_drift: dict[str, bool] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 class DriftDetector(Component):
     """Compares a window of live model inputs with a reference sample.
 
-    :meth:`detect` runs off the event loop (in a worker thread), never on the request path.
+    :meth:`detect` runs off the event loop (in the drift monitor's worker thread), never on
+    the request path; it may block. The monitor hands it one window as *columns*: one 1-D
+    array per feature column, all of the same length, numbers as ``float64`` and categories
+    as ``object`` arrays of ``str`` (see :mod:`infercore.drift.columns` for how tensors become
+    columns). An exception it raises is counted and logged by the monitor and affects
+    nothing else.
     """
 
     @abc.abstractmethod
@@ -48,9 +60,35 @@ class DriftEvent:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+class ActionFailed(InfercoreError):
+    """An action that ran and failed; ``details`` (plain JSON values) go to the event history.
+
+    Args:
+        message: What failed (no secrets, no absolute paths).
+        details: E.g. ``{"exit_code": 3, "output_tail": "..."}`` for a command.
+    """
+
+    reason = "action_failed"
+
+    def __init__(
+        self, message: str, *, details: dict[str, Any] | None = None, hint: str | None = None
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.details = dict(details or {})
+
+
 class Action(Component):
-    """Something done when drift is detected: a log line, a webhook, a retraining command."""
+    """Something done when drift is detected: a log line, a webhook, a retraining command.
+
+    The drift monitor runs :meth:`run` on the event loop as its own task, never two runs of
+    the same action at once, and not again within the monitor's cooldown.
+    """
 
     @abc.abstractmethod
-    async def run(self, event: DriftEvent) -> None:
-        """Carry out the action; raise on failure."""
+    async def run(self, event: DriftEvent) -> dict[str, Any] | None:
+        """Carry out the action; raise on failure (:class:`ActionFailed` to attach details).
+
+        Returns:
+            Optional details (plain JSON values) recorded in the event history, e.g. the
+            HTTP status of a webhook or the exit code of a command.
+        """

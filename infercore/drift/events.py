@@ -1,0 +1,83 @@
+"""The JSON form of drift events and results (webhook bodies, command files, the admin API)."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from infercore.components.drift import DriftEvent, DriftResult
+
+_ABS_PATH = re.compile(r"(?<![\w.])/(?:[\w.\-]+/)+[\w.\-]*")
+
+
+def finite(value: float) -> float | None:
+    """``value`` as a float, or ``None`` for NaN and infinities (JSON has neither)."""
+    f = float(value)
+    return f if math.isfinite(f) else None
+
+
+def plain(value: Any) -> Any:
+    """``value`` with numpy scalars, tuples and non-finite floats made JSON-safe."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return finite(value)
+    item = getattr(value, "item", None)  # numpy scalars
+    if callable(item):
+        return plain(item())
+    return str(value)
+
+
+def result_to_json(result: DriftResult) -> dict[str, Any]:
+    """A detector result as plain JSON values (NaN and infinities become ``null``)."""
+    return {
+        "detector": result.detector,
+        "drift": bool(result.drift),
+        "scores": {k: finite(v) for k, v in result.scores.items()},
+        "p_values": {k: finite(v) for k, v in result.p_values.items()},
+        "feature_drift": {k: bool(v) for k, v in result.feature_drift.items()},
+        "info": plain(result.info),
+    }
+
+
+def event_to_json(event: DriftEvent) -> dict[str, Any]:
+    """What a webhook receives and a command reads from its event file.
+
+    Keys: ``type`` (``"drift"``), ``id``, ``time`` (Unix seconds), ``model``, ``version``,
+    ``detector``, ``drift``, ``features`` (the drifted feature columns), ``scores``,
+    ``p_values``, ``feature_drift``, ``info``, ``window`` (the detector's window number),
+    ``samples`` (rows in the window).
+    """
+    body = result_to_json(event.result)
+    extra = plain(event.extra)
+    return {
+        "type": "drift",
+        "id": extra.get("id"),
+        "time": extra.get("time"),
+        "model": event.model,
+        "version": event.version,
+        "detector": body["detector"],
+        "drift": body["drift"],
+        "features": sorted(k for k, v in event.result.feature_drift.items() if v),
+        "scores": body["scores"],
+        "p_values": body["p_values"],
+        "feature_drift": body["feature_drift"],
+        "info": body["info"],
+        "window": extra.get("window"),
+        "samples": extra.get("samples"),
+    }
+
+
+def scrub(text: str, limit: int = 300) -> str:
+    """An error message fit for the admin API and INFO logs: absolute paths replaced by
+    ``<path>``, one line, at most ``limit`` characters (RELIABILITY S6)."""
+    line = text.splitlines()[0] if text else ""
+    line = _ABS_PATH.sub("<path>", line)
+    return line if len(line) <= limit else line[: limit - 1] + "…"

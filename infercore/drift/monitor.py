@@ -1,0 +1,713 @@
+"""The drift monitor of one model: sample, queue, window, test, record, act.
+
+The request path calls :meth:`DriftMonitor.offer` with a request's model inputs and outputs;
+``offer`` never blocks and never raises: it samples (``sample_rate``), appends references to
+the arrays to a bounded queue (``queue_size`` rows) and counts what it drops when the queue
+is full (``infercore_drift_samples_dropped_total``). Nothing is copied or converted there.
+
+A background task takes windows off the queue (``schedule: window``: every ``window_size``
+rows; ``schedule: interval``: what is waiting every ``interval_s``), turns them into columns
+(:mod:`infercore.drift.columns`) and runs every detector on them in the monitor's own worker
+thread, one detector after the other, so neither the event loop nor the default executor
+(which model runtimes use) waits for a drift test. A detector that raises is counted
+(``infercore_drift_detector_errors_total``), logged, and recorded in :meth:`latest_results`;
+the other detectors and the monitor go on.
+
+A window where a detector reports drift becomes a drift event, kept in a bounded in-memory
+history (:meth:`events`). Its actions then run as tasks on the event loop, unless a previous
+event ran actions less than ``cooldown_s`` ago (the event is recorded with every action
+``skipped: cooldown``); an action still running from an earlier event is not started again
+(``skipped: busy``): no two runs of one action overlap.
+
+For the server, three calls suffice: :meth:`DriftMonitor.build` when the runtime is built
+(config errors surface then), :meth:`start` / :meth:`stop` with the model, and :meth:`offer`
+after each successful inference; :meth:`latest_results`, :meth:`events` and :meth:`status`
+feed the admin API and ``infercore events``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import itertools
+import logging
+import random
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from infercore.components import Action, ComponentContext, DriftDetector, Tensors
+from infercore.components.drift import ActionFailed, DriftEvent, DriftResult
+from infercore.config.validation import convert
+from infercore.drift.columns import Array, Columns, concat_columns, row_count, to_columns
+from infercore.drift.config import DETECTOR_NAME_PATTERN, DriftConfig
+from infercore.drift.events import event_to_json, result_to_json, scrub
+from infercore.errors import ConfigError, InfercoreError, PluginError
+from infercore.metrics import Metrics
+from infercore.registry import Registry
+
+log = logging.getLogger("infercore.drift")
+
+_NAME_RE = re.compile(DETECTOR_NAME_PATTERN)
+#: The ``feature`` label of a detector's overall verdict.
+OVERALL = "*"
+
+_Item = tuple[Mapping[str, Array], Mapping[str, Array] | None, int]
+
+
+def _rows_of(tensors: Mapping[str, Array]) -> int:
+    for value in tensors.values():
+        return int(value.shape[0])
+    return 0
+
+
+def _head(tensors: Mapping[str, Array], n: int, rows: int) -> dict[str, Array]:
+    return {k: v[:n] for k, v in tensors.items() if v.ndim and v.shape[0] == rows}
+
+
+def _tail(tensors: Mapping[str, Array], n: int, rows: int) -> dict[str, Array]:
+    return {k: v[n:] for k, v in tensors.items() if v.ndim and v.shape[0] == rows}
+
+
+class DriftMonitor:
+    """Samples one model's traffic and runs its drift detectors and actions off the request path.
+
+    Args:
+        config: The model's validated ``drift`` node.
+        model: The model name (metric label, event field).
+        detectors: Built detectors by config name (see :meth:`build`).
+        actions: Built actions with their names (``log``, ``webhook``, ``webhook#2`` …).
+        metrics: The app's metrics; a private set when ``None``.
+        version: The version events report: a string, or a callable returning the current
+            primary version (called when an event is made).
+        path: The config path of the ``drift`` node, for messages.
+    """
+
+    def __init__(
+        self,
+        config: DriftConfig,
+        *,
+        model: str,
+        detectors: Mapping[str, DriftDetector],
+        actions: list[tuple[str, Action]] | None = None,
+        metrics: Metrics | None = None,
+        version: str | Callable[[], str] = "",
+        path: str = "drift",
+    ) -> None:
+        if config.schedule == "window" and config.queue_size < config.window_size:
+            raise ConfigError(
+                f"{path}.queue_size: {config.queue_size} is smaller than window_size "
+                f"({config.window_size}); a window would never fill",
+                hint="make queue_size at least window_size (a few windows is a good size)",
+            )
+        self.config = config
+        self.model = model
+        self.detectors = dict(detectors)
+        self.actions = list(actions or [])
+        self.metrics = metrics or Metrics()
+        self._version = version
+        self._features = None if config.features is None else frozenset(config.features)
+        self._outputs = frozenset(config.outputs)
+        self._rate = float(config.sample_rate)
+        self._rng = random.Random(config.seed)
+        self._lock = threading.Lock()
+        self._items: deque[_Item] = deque()
+        self._pending = 0
+        self._capacity = config.queue_size
+        self._window_size = config.window_size
+        self._accepting = True
+        self._offered = 0
+        self._sampled = 0
+        self._dropped = 0
+        self._invalid = 0
+        self._windows = 0
+        self._event_ids = itertools.count(1)
+        self._history: deque[dict[str, Any]] = deque(maxlen=config.history_size)
+        self._latest: dict[str, dict[str, Any]] = {}
+        self._errors: dict[str, int] = dict.fromkeys(self.detectors, 0)
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._last_trigger: float | None = None
+        self._warned: set[str] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._wake: asyncio.Event | None = None
+        self._wake_requested = False
+        self._task: asyncio.Task[None] | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._busy: asyncio.Lock | None = None
+        self._started = False
+        m = self.metrics
+        self._dropped_counter = m.drift_samples_dropped.labels(model)
+        self._det_metrics = {
+            name: (
+                m.drift_windows.labels(model, name),
+                m.drift_last_run.labels(model, name),
+                m.drift_detector_errors.labels(model, name),
+            )
+            for name in self.detectors
+        }
+        for name in self.detectors:
+            m.drift_detected.labels(model, name, OVERALL).set(0)
+
+    # --- building -------------------------------------------------------------------------
+
+    @classmethod
+    def build(
+        cls,
+        registry: Registry,
+        config: DriftConfig | Mapping[str, Any],
+        *,
+        model: str,
+        model_root: Path,
+        path: str | None = None,
+        metrics: Metrics | None = None,
+        version: str | Callable[[], str] = "",
+        label: str = "",
+        extra: Mapping[str, Any] | None = None,
+    ) -> DriftMonitor:
+        """Validate a model's ``drift`` node and build its detectors and actions.
+
+        Call it when the runtime is built, so that a typo, an unknown kind or a webhook host
+        off the allow-list fails start-up before any model loads.
+
+        Args:
+            registry: The app's registry (kinds of the ``drift_detector`` and ``action`` roles).
+            config: The validated :class:`DriftConfig`, or the plain ``drift`` mapping.
+            model: The model name.
+            model_root: The folder reference files and commands resolve inside.
+            path: The config path of the node (default ``models.<model>.drift``).
+            metrics: The app's metrics (``Runtime.metrics``).
+            version: See the class.
+            label: Appended to config error messages (e.g. ``recipe=fraud``).
+            extra: Passed to every component's ``ComponentContext.extra``.
+
+        Raises:
+            ConfigError: Invalid options, an unknown kind, a bad detector name, or an option
+                a component refuses.
+            PluginError: A component failed to initialise for another reason.
+        """
+        path = path or f"models.{model}.drift"
+        cfg = (
+            config
+            if isinstance(config, DriftConfig)
+            else convert(dict(config), DriftConfig, path=path, context=label)
+        )
+        shared: dict[str, Any] = dict(extra or {})
+        if metrics is not None:
+            shared.setdefault("metrics_registry", metrics.registry)
+        detectors: dict[str, DriftDetector] = {}
+        for name, node in cfg.detectors.items():
+            if not _NAME_RE.match(name):
+                raise ConfigError(
+                    f"{path}.detectors: invalid detector name {name!r}",
+                    hint="use letters, digits, '_' and '-' (at most 64), starting with a "
+                    "letter or digit",
+                )
+            det = registry.build(
+                "drift_detector",
+                node,
+                ComponentContext(
+                    f"{path}.detectors.{name}",
+                    model_root,
+                    model_name=model,
+                    extra={**shared, "detector_name": name},
+                ),
+                label=label,
+            )
+            assert isinstance(det, DriftDetector)
+            detectors[name] = det
+        actions: list[tuple[str, Action]] = []
+        seen: dict[str, int] = {}
+        for i, node in enumerate(cfg.actions):
+            act = registry.build(
+                "action",
+                node,
+                ComponentContext(
+                    f"{path}.actions[{i}]", model_root, model_name=model, extra=shared
+                ),
+                label=label,
+            )
+            assert isinstance(act, Action)
+            seen[act.kind] = seen.get(act.kind, 0) + 1
+            name = act.kind if seen[act.kind] == 1 else f"{act.kind}#{seen[act.kind]}"
+            actions.append((name, act))
+        return cls(
+            cfg,
+            model=model,
+            detectors=detectors,
+            actions=actions,
+            metrics=metrics,
+            version=version,
+            path=path,
+        )
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the detectors (they load their references) and actions, then the background task.
+
+        Raises:
+            InfercoreError: A detector or action failed to start (naming its config path).
+        """
+        if self._started:
+            return
+        for component in [*self.detectors.values(), *(a for _, a in self.actions)]:
+            try:
+                await component.start()
+            except InfercoreError:
+                raise
+            except Exception as exc:
+                raise PluginError(
+                    f"{component.context.path}: {type(component).__name__} failed to start: "
+                    f"{type(exc).__name__}: {scrub(str(exc))}"
+                ) from exc
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._wake = asyncio.Event()
+        self._busy = asyncio.Lock()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"infercore-drift-{self.model}")
+        self._started = True
+        self._accepting = True
+        self._task = asyncio.create_task(self._loop_forever(), name=f"drift-monitor-{self.model}")
+        if self._pending >= self._window_size:
+            self._request_wake()
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Stop sampling and the background task; give running actions ``timeout`` seconds,
+        then cancel them; stop detectors and actions. A window being tested is abandoned."""
+        self._accepting = False
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            except Exception:
+                log.exception("drift monitor of model %s: background task failed", self.model)
+            self._task = None
+        running = [t for t in self._running.values() if not t.done()]
+        if running:
+            _, late = await asyncio.wait(running, timeout=timeout)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.gather(*late, return_exceptions=True)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+        for component in [*self.detectors.values(), *(a for _, a in self.actions)]:
+            try:
+                await component.stop()
+            except Exception:
+                log.exception("stopping %s failed", component.context.path)
+        self._started = False
+
+    # --- the request path -------------------------------------------------------------------
+
+    def offer(self, inputs: Tensors, outputs: Tensors | None = None) -> None:
+        """Hand one request's (or batch's) tensors to the monitor. Never blocks, never raises.
+
+        Rows go along the first dimension of every tensor. The arrays are kept by reference
+        until their window is tested: do not modify them afterwards. A request is sampled
+        whole with probability ``sample_rate``; a sampled request that does not fit in the
+        queue is dropped whole and its rows counted in
+        ``infercore_drift_samples_dropped_total``.
+        """
+        try:
+            if not self._accepting:
+                return
+            n = _rows_of(inputs)
+            if n <= 0:
+                return
+            self._offered += n  # approximate if offered from several threads at once
+            rate = self._rate
+            if rate < 1.0 and (rate <= 0.0 or self._rng.random() >= rate):
+                return
+            with self._lock:
+                if self._pending + n > self._capacity:
+                    self._dropped += n
+                    dropped = True
+                else:
+                    self._items.append((inputs, outputs, n))
+                    self._pending += n
+                    self._sampled += n
+                    dropped = False
+                    full = self._pending >= self._window_size
+            if dropped:
+                self._dropped_counter.inc(n)
+            elif full and self.config.schedule == "window" and not self._wake_requested:
+                self._request_wake()
+        except Exception as exc:  # never let the request path see a monitoring problem
+            self._warn_once("offer", "drift monitor of model %s: offer failed: %s", exc)
+
+    def _request_wake(self) -> None:
+        loop, wake = self._loop, self._wake
+        if loop is None or wake is None:
+            return
+        self._wake_requested = True
+        if threading.get_ident() == self._loop_thread:
+            wake.set()
+        else:
+            loop.call_soon_threadsafe(wake.set)
+
+    # --- windows ----------------------------------------------------------------------------
+
+    def _take(self, want: int) -> list[_Item]:
+        """Up to ``want`` rows off the queue, splitting the last request if needed."""
+        taken: list[_Item] = []
+        got = 0
+        with self._lock:
+            while self._items and got < want:
+                inputs, outputs, n = self._items[0]
+                if got + n <= want:
+                    self._items.popleft()
+                    taken.append((inputs, outputs, n))
+                    got += n
+                    continue
+                k = want - got
+                taken.append(
+                    (
+                        _head(inputs, k, n),
+                        None if outputs is None else _head(outputs, k, n),
+                        k,
+                    )
+                )
+                self._items[0] = (
+                    _tail(inputs, k, n),
+                    None if outputs is None else _tail(outputs, k, n),
+                    n - k,
+                )
+                got += k
+            self._pending -= got
+        return taken
+
+    def _assemble(self, items: list[_Item]) -> Columns:
+        """Items -> one column set (runs in the worker thread)."""
+        parts: list[Columns] = []
+        for inputs, outputs, n in items:
+            try:
+                cols = to_columns(inputs, self._features)
+                if outputs is not None and self._outputs:
+                    for name, col in to_columns(outputs, self._outputs).items():
+                        if name in cols:
+                            self._warn_once(
+                                f"collide:{name}",
+                                "drift monitor of model %s: output column %r has the name of "
+                                "an input column and is not monitored",
+                                name,
+                            )
+                            continue
+                        cols[name] = col
+                if row_count(cols) != n:
+                    raise ValueError("the monitored tensors do not have the request's rows")
+                parts.append(cols)
+            except Exception as exc:
+                with self._lock:
+                    self._invalid += n
+                self._warn_once(
+                    "assemble", "drift monitor of model %s: a sample was left out: %s", exc
+                )
+        return concat_columns(parts)
+
+    async def _loop_forever(self) -> None:
+        assert self._wake is not None
+        while True:
+            try:
+                if self.config.schedule == "window":
+                    await self._wake.wait()
+                    self._wake.clear()
+                    self._wake_requested = False
+                    await self.flush()
+                else:
+                    await asyncio.sleep(self.config.interval_s)
+                    await self.flush(min_rows=self.config.min_samples)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # keep monitoring whatever happened to one window
+                log.exception("drift monitor of model %s: a window failed", self.model)
+
+    async def flush(self, min_rows: int | None = None) -> int:
+        """Test every full window waiting now; then, when ``min_rows`` is given and at least
+        that many rows are left, test them as one more (shorter) window.
+
+        The background task calls this; tests and benchmarks may too. Returns the number of
+        windows tested. Actions started by them may still be running (see
+        :meth:`wait_actions`).
+        """
+        if not self._started or self._busy is None:
+            raise RuntimeError("the drift monitor is not started")
+        done = 0
+        async with self._busy:
+            while True:
+                with self._lock:
+                    pending = self._pending
+                if pending >= self._window_size:
+                    want = self._window_size
+                elif min_rows is not None and pending >= max(min_rows, 1):
+                    want = pending
+                    min_rows = None  # one short window at most
+                else:
+                    break
+                items = self._take(want)
+                if not items:
+                    break
+                await self._test_window(items)
+                done += 1
+        return done
+
+    async def _test_window(self, items: list[_Item]) -> None:
+        loop = asyncio.get_running_loop()
+        executor = self._executor
+        window = await loop.run_in_executor(executor, self._assemble, items)
+        rows = row_count(window)
+        if rows < 2:
+            return
+        number = self._windows + 1
+        try:
+            await self._run_detectors(window, number, rows)
+        finally:
+            self._windows = number  # counted once every detector had its turn
+
+    async def _run_detectors(self, window: Columns, number: int, rows: int) -> None:
+        loop = asyncio.get_running_loop()
+        executor = self._executor
+        for name, detector in self.detectors.items():
+            started = time.perf_counter()
+            try:
+                result = await loop.run_in_executor(executor, detector.detect, window)
+                if not isinstance(result, DriftResult):
+                    raise TypeError(f"detect() returned {type(result).__name__}, not DriftResult")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._record_error(name, detector, exc, number, rows)
+                continue
+            if result.detector != name:
+                result = dataclasses.replace(result, detector=name)
+            self._record_result(name, detector, result, number, rows, time.perf_counter() - started)
+            if result.drift:
+                self._on_drift(result, number, rows)
+
+    # --- results ----------------------------------------------------------------------------
+
+    def _record_error(
+        self, name: str, detector: DriftDetector, exc: Exception, window: int, rows: int
+    ) -> None:
+        self._errors[name] = self._errors.get(name, 0) + 1
+        self._det_metrics[name][2].inc()
+        message = scrub(f"{type(exc).__name__}: {exc}")
+        log.error(
+            "drift detector %s of model %s failed on window %d: %s",
+            name,
+            self.model,
+            window,
+            message,
+        )
+        log.debug("drift detector %s traceback", name, exc_info=exc)
+        self._latest[name] = {
+            "detector": name,
+            "kind": detector.kind,
+            "drift": None,
+            "time": time.time(),
+            "window": window,
+            "samples": rows,
+            "error": message,
+            "errors": self._errors[name],
+        }
+
+    def _record_result(
+        self,
+        name: str,
+        detector: DriftDetector,
+        result: DriftResult,
+        window: int,
+        rows: int,
+        seconds: float,
+    ) -> None:
+        m = self.metrics
+        model = self.model
+        for feature, score in result.scores.items():
+            m.drift_score.labels(model, name, feature).set(float(score))
+        for feature, p in result.p_values.items():
+            m.drift_p_value.labels(model, name, feature).set(float(p))
+        for feature, flag in result.feature_drift.items():
+            m.drift_detected.labels(model, name, feature).set(1 if flag else 0)
+        m.drift_detected.labels(model, name, OVERALL).set(1 if result.drift else 0)
+        windows, last_run, _ = self._det_metrics[name]
+        windows.inc()
+        now = time.time()
+        last_run.set(now)
+        self._latest[name] = {
+            **result_to_json(result),
+            "kind": detector.kind,
+            "time": now,
+            "window": window,
+            "samples": rows,
+            "duration_s": round(seconds, 6),
+            "error": None,
+            "errors": self._errors.get(name, 0),
+        }
+
+    def _current_version(self) -> str:
+        try:
+            return self._version() if callable(self._version) else self._version
+        except Exception:
+            return ""
+
+    def _on_drift(self, result: DriftResult, window: int, rows: int) -> None:
+        event_id = next(self._event_ids)
+        event = DriftEvent(
+            model=self.model,
+            version=self._current_version(),
+            result=result,
+            extra={"id": event_id, "time": time.time(), "window": window, "samples": rows},
+        )
+        record = event_to_json(event)
+        record["actions"] = {}
+        self._history.append(record)
+        log.warning(
+            "drift detected: model %s detector %s window %d features %s",
+            self.model,
+            result.detector,
+            window,
+            ", ".join(record["features"]) or "-",
+        )
+        if not self.actions:
+            return
+        now = time.monotonic()
+        cooling = (
+            self._last_trigger is not None and now - self._last_trigger < self.config.cooldown_s
+        )
+        if not cooling:
+            self._last_trigger = now
+        for name, action in self.actions:
+            if cooling:
+                record["actions"][name] = {"status": "skipped", "reason": "cooldown"}
+                self.metrics.drift_actions.labels(self.model, name, "cooldown").inc()
+            elif name in self._running:
+                record["actions"][name] = {"status": "skipped", "reason": "busy"}
+                self.metrics.drift_actions.labels(self.model, name, "busy").inc()
+            else:
+                state: dict[str, Any] = {"status": "running", "started": time.time()}
+                record["actions"][name] = state
+                task = asyncio.create_task(
+                    self._run_action(name, action, event, state), name=f"drift-action-{name}"
+                )
+                self._running[name] = task
+
+    async def _run_action(
+        self, name: str, action: Action, event: DriftEvent, state: dict[str, Any]
+    ) -> None:
+        outcome = "error"
+        try:
+            details = await action.run(event)
+            state["status"] = "ok"
+            if details:
+                state["details"] = dict(details)
+            outcome = "ok"
+        except asyncio.CancelledError:
+            state["status"] = "cancelled"
+            raise
+        except ActionFailed as exc:
+            state["status"] = "error"
+            state["error"] = scrub(exc.message)
+            if exc.details:
+                state["details"] = dict(exc.details)
+            log.error("drift action %s of model %s failed: %s", name, self.model, state["error"])
+        except Exception as exc:
+            state["status"] = "error"
+            state["error"] = scrub(f"{type(exc).__name__}: {exc}")
+            log.error("drift action %s of model %s failed: %s", name, self.model, state["error"])
+            log.debug("drift action %s traceback", name, exc_info=exc)
+        finally:
+            state["finished"] = time.time()
+            self._running.pop(name, None)
+            self.metrics.drift_actions.labels(self.model, name, outcome).inc()
+
+    async def wait_actions(self, timeout: float | None = None) -> None:
+        """Wait until no action is running (or ``timeout`` seconds passed)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._running:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return
+            await asyncio.wait(list(self._running.values()), timeout=left)
+
+    def _warn_once(self, key: str, msg: str, *args: Any) -> None:
+        if key in self._warned:
+            log.debug(msg, self.model, *args)
+            return
+        self._warned.add(key)
+        log.warning(msg, self.model, *args)
+
+    # --- what the admin API shows -----------------------------------------------------------
+
+    def latest_results(self) -> dict[str, dict[str, Any]]:
+        """Each detector's latest result (or error), by detector name, as plain JSON values.
+
+        A result: ``detector``, ``kind``, ``drift``, ``scores``, ``p_values``,
+        ``feature_drift``, ``info``, ``time``, ``window``, ``samples``, ``duration_s``,
+        ``error`` (``null``) and ``errors`` (the detector's error count). After a failed run:
+        ``drift`` is ``null`` and ``error`` the message (paths scrubbed).
+        """
+        return copy.deepcopy(self._latest)
+
+    def events(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """Drift events, oldest first (the last ``limit`` when given), as plain JSON values.
+
+        An event has the keys of :func:`infercore.drift.events.event_to_json` plus
+        ``actions``: action name -> ``{status: running|ok|error|skipped|cancelled, reason
+        (skipped: cooldown|busy), started, finished, error, details}``.
+        """
+        items = list(self._history)
+        if limit is not None:
+            items = items[-limit:] if limit > 0 else []
+        return copy.deepcopy(items)
+
+    def status(self) -> dict[str, Any]:
+        """Counters of the monitor: queue, sampling, drops, windows, actions, cooldown.
+
+        ``offered_rows``: rows handed to :meth:`offer`; ``sampled_rows``: rows the sampler
+        kept and the queue took; ``dropped_rows``: rows sampled but dropped (queue full);
+        ``invalid_rows``: queued rows left out of a window (tensors that could not become
+        columns).
+        """
+        with self._lock:
+            pending = self._pending
+            offered, sampled, dropped, invalid = (
+                self._offered,
+                self._sampled,
+                self._dropped,
+                self._invalid,
+            )
+        cooldown_left = 0.0
+        if self._last_trigger is not None:
+            cooldown_left = max(
+                0.0, self.config.cooldown_s - (time.monotonic() - self._last_trigger)
+            )
+        return {
+            "model": self.model,
+            "running": self._started,
+            "schedule": self.config.schedule,
+            "sample_rate": self.config.sample_rate,
+            "window_size": self.config.window_size,
+            "queue_rows": pending,
+            "queue_size": self._capacity,
+            "offered_rows": offered,
+            "sampled_rows": sampled,
+            "dropped_rows": dropped,
+            "invalid_rows": invalid,
+            "windows": self._windows,
+            "detectors": list(self.detectors),
+            "detector_errors": dict(self._errors),
+            "actions": [name for name, _ in self.actions],
+            "running_actions": sorted(self._running),
+            "cooldown_remaining_s": round(cooldown_left, 3),
+            "events": len(self._history),
+        }
