@@ -1,0 +1,801 @@
+"""Kubernetes manifests for a recipe: ``infercore deploy k8s +recipe=NAME [env=…] [options]``.
+
+``deploy=k8s`` (the default here) renders a ConfigMap with the composed recipe, a Deployment, a
+Service, a HorizontalPodAutoscaler, a PodDisruptionBudget and a Prometheus ServiceMonitor, and a
+KServe ServingRuntime + InferenceService (with their own ConfigMap). ``deploy=sidecar`` renders
+the ConfigMap and a strategic-merge patch that adds infercore to an application's Deployment as
+a native sidecar serving on a Unix socket in a shared ``emptyDir``.
+
+Every value that the shutdown sequence depends on is derived from the composed
+``server`` config (:func:`timings`) and checked again on the rendered Deployment
+(:func:`check_timings`): the readiness probe notices the drain within ``drain_delay_s``, and
+``terminationGracePeriodSeconds`` covers preStop + drain delay + graceful timeout + a margin.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from infercore.config.compose import Composed
+from infercore.config.schema import ServerConfig
+from infercore.deploy.recipe import compose_for_deploy, env_references, render_recipe, set_path
+from infercore.errors import ConfigError
+
+#: The image's non-root user (see the Dockerfile).
+RUN_AS = 10001
+RECIPES_MOUNT = "/etc/infercore/recipes"
+MODELS_MOUNT = "/models"
+KSERVE_MODELS = "/mnt/models"
+STATE_MOUNT = "/var/lib/infercore"
+SOCKET_DIR = "/var/run/infercore"
+SOCKET_PATH = f"{SOCKET_DIR}/infercore.sock"
+LIVE, READY = "/v2/health/live", "/v2/health/ready"
+#: Seconds beyond preStop + drain delay + graceful timeout: idle-connection linger, component
+#: stop and process exit.
+MARGIN_S = 5
+#: Readiness failures in a row before a pod leaves rotation.
+READINESS_FAILURES = 2
+#: Startup budget (import, config, model load) before liveness applies.
+STARTUP_PERIOD_S, STARTUP_FAILURES = 2, 60
+LIVENESS_PERIOD_S, LIVENESS_FAILURES = 10, 3
+PROBE_TIMEOUT_S = 2
+SIDECAR_READINESS_PERIOD_S = 5
+_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+@dataclass
+class Options:
+    """What ``infercore deploy k8s`` takes besides the Hydra overrides."""
+
+    image: str = "infercore:latest"
+    name: str | None = None
+    namespace: str | None = None
+    replicas: int = 2
+    max_replicas: int = 10
+    cpu: str = "1"
+    memory: str = "2Gi"
+    cpu_target_percent: int = 70
+    #: Also scale on ``infercore_inflight_requests`` per pod (needs a custom-metrics adapter).
+    inflight_target: int | None = None
+    #: PersistentVolumeClaim holding the recipe's assets (default ``<name>-models``).
+    models_claim: str | None = None
+    #: Models are in the image (``/app/recipes``): no model volume.
+    baked_models: bool = False
+    prestop_sleep_s: int = 0
+    #: ``stable`` renders everything; ``canary`` only a ``NAME-canary`` Deployment (and its
+    #: ConfigMap) whose pods the stable Service also selects: traffic splits by replica count.
+    track: str = "stable"
+    #: ``deploy=sidecar``: the application's Deployment and container to patch.
+    app: str = "my-app"
+    app_container: str = "app"
+
+
+@dataclass(frozen=True)
+class Timings:
+    drain_delay_s: float
+    graceful_timeout_s: float
+    prestop_s: int
+    readiness_period_s: int
+    readiness_failures: int
+    termination_grace_s: int
+
+
+@dataclass
+class Rendered:
+    """Manifests by file name (relative to the output folder), each a list of documents."""
+
+    files: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def documents(self, prefix: str = "") -> list[dict[str, Any]]:
+        return [d for name, docs in self.files.items() if name.startswith(prefix) for d in docs]
+
+
+def timings(server: ServerConfig, prestop_s: int = 0) -> Timings:
+    """Probe and termination timings that agree with the server's shutdown settings."""
+    window = prestop_s + server.drain_delay_s
+    if window < 1:
+        raise ConfigError(
+            f"server.drain_delay_s: {server.drain_delay_s} leaves Kubernetes no time to take "
+            "the pod out of rotation before it stops accepting",
+            hint="use deploy=k8s (drain_delay_s: 5), set server.drain_delay_s>=1, or pass "
+            "--prestop-sleep",
+        )
+    period = max(1, min(5, math.floor(window / READINESS_FAILURES)))
+    grace = math.ceil(prestop_s + server.drain_delay_s + server.graceful_timeout_s + MARGIN_S)
+    return Timings(
+        drain_delay_s=server.drain_delay_s,
+        graceful_timeout_s=server.graceful_timeout_s,
+        prestop_s=prestop_s,
+        readiness_period_s=period,
+        readiness_failures=READINESS_FAILURES,
+        termination_grace_s=grace,
+    )
+
+
+def check_timings(deployment: dict[str, Any], server: ServerConfig) -> list[str]:
+    """What disagrees between a rendered Deployment and the server's shutdown settings."""
+    problems: list[str] = []
+    spec = deployment["spec"]["template"]["spec"]
+    container = next(c for c in spec["containers"] if c["name"] == "infercore")
+    prestop = 0
+    hook = container.get("lifecycle", {}).get("preStop")
+    if hook is not None:
+        command = hook.get("exec", {}).get("command", [])
+        if len(command) != 2 or command[0] != "sleep":
+            problems.append(f"preStop is not `sleep N`: {hook}")
+        else:
+            prestop = int(command[1])
+    grace = spec.get("terminationGracePeriodSeconds", 30)
+    needed = prestop + server.drain_delay_s + server.graceful_timeout_s + MARGIN_S
+    if grace < needed:
+        problems.append(
+            f"terminationGracePeriodSeconds {grace} < preStop {prestop} + drain_delay_s "
+            f"{server.drain_delay_s} + graceful_timeout_s {server.graceful_timeout_s} + "
+            f"{MARGIN_S}"
+        )
+    ready = container.get("readinessProbe", {})
+    live = container.get("livenessProbe", {})
+    startup = container.get("startupProbe", {})
+    for probe, path, what in ((ready, READY, "readiness"), (live, LIVE, "liveness")):
+        got = probe.get("httpGet", {}).get("path")
+        if got != path:
+            problems.append(f"{what} probe path {got!r} is not {path}")
+    if startup.get("httpGet", {}).get("path") != LIVE:
+        problems.append("startup probe does not use /v2/health/live")
+    noticed = ready.get("periodSeconds", 10) * ready.get("failureThreshold", 3)
+    if noticed > prestop + server.drain_delay_s:
+        problems.append(
+            f"readiness notices the drain after {noticed}s, later than preStop {prestop} + "
+            f"drain_delay_s {server.drain_delay_s}"
+        )
+    for probe, what in ((ready, "readiness"), (live, "liveness"), (startup, "startup")):
+        if probe.get("timeoutSeconds", 1) > probe.get("periodSeconds", 10):
+            problems.append(f"{what} probe timeout is longer than its period")
+    port = next(p["containerPort"] for p in container["ports"] if p["name"] == "http")
+    if port != server.port:
+        problems.append(f"containerPort {port} is not server.port {server.port}")
+    return problems
+
+
+# --- building blocks ---------------------------------------------------------------------
+
+
+def _dns_name(text: str, what: str) -> str:
+    name = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")[:63].strip("-")
+    if not _LABEL.match(name):
+        raise ConfigError(f"{what}: {text!r} does not make a Kubernetes name")
+    return name
+
+
+def _labels(name: str, component: str = "inference") -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "infercore",
+        "app.kubernetes.io/instance": name,
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/managed-by": "infercore-deploy",
+    }
+
+
+def _selector(name: str) -> dict[str, str]:
+    """What the Service, PDB and ServiceMonitor select: stable and canary pods alike."""
+    return {"app.kubernetes.io/name": "infercore", "app.kubernetes.io/instance": name}
+
+
+TRACK_LABEL = "infercore.dev/track"
+
+
+def _meta(name: str, namespace: str | None, labels: dict[str, str]) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "labels": dict(labels)}
+    if namespace:
+        meta["namespace"] = namespace
+    return meta
+
+
+def _container_security() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS,
+        "runAsGroup": RUN_AS,
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _feast_nodes(composed: Composed) -> list[str]:
+    """Config paths of the feature-source nodes of kind ``feast`` (their state needs a volume)."""
+    cfg = composed.config
+    paths: list[str] = []
+    if cfg.features.get("kind") == "feast" and any(m.features is None for m in cfg.models.values()):
+        paths.append("features")
+    for name, model in cfg.models.items():
+        if model.features is not None and model.features.get("kind") == "feast":
+            paths.append(f"models.{name}.features")
+    return paths
+
+
+def _recipe_configmap(
+    composed: Composed,
+    data: dict[str, Any],
+    *,
+    name: str,
+    namespace: str | None,
+    labels: dict[str, str],
+    model_root: str,
+    source: list[str],
+    extra: dict[str, Any],
+) -> tuple[dict[str, Any], str, str]:
+    """(ConfigMap, recipe name, sha256 of the recipe text)."""
+    recipe = composed.choices.get("recipe")
+    if not recipe:
+        raise ConfigError("deploy: no recipe given", hint="add +recipe=NAME")
+    body = dict(data)
+    body["model_root"] = model_root
+    for key, value in extra.items():
+        set_path(body, key, value)
+    state = [k for k in extra if k.endswith("registry_path")]
+    note = (
+        f"model_root is the model volume ({model_root}); "
+        + (f"Feast state ({', '.join(state)}) lives in {STATE_MOUNT}." if state else "")
+    ).strip()
+    text = render_recipe(composed, body, source=source, note=note)
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    cm = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(name, namespace, labels),
+        "data": {f"{recipe}.yaml": text},
+    }
+    return cm, recipe, digest
+
+
+def _feast_state(composed: Composed) -> dict[str, Any]:
+    extra: dict[str, Any] = {}
+    for i, path in enumerate(_feast_nodes(composed)):
+        folder = f"{STATE_MOUNT}/feast/{i}"
+        extra[f"{path}.registry_path"] = f"{folder}/registry.db"
+        extra[f"{path}.sqlite_path"] = f"{folder}/online_store.db"
+    return extra
+
+
+def _env(port: int | None, secret: str, *, uds: bool = False) -> dict[str, Any]:
+    env: list[dict[str, Any]] = [
+        {"name": "INFERCORE_RECIPES_DIR", "value": RECIPES_MOUNT},
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "FEAST_USAGE", "value": "False"},
+        {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},
+    ]
+    if port is not None:
+        env.append({"name": "INFERCORE_PORT", "value": str(port)})
+    if uds:
+        env.append({"name": "INFERCORE_UDS", "value": SOCKET_PATH})
+    return {
+        "env": env,
+        # Addresses and secrets the recipe reads with ${oc.env:VAR} (INFERCORE_REDIS_URL …).
+        "envFrom": [{"secretRef": {"name": secret, "optional": True}}],
+    }
+
+
+def _volumes(
+    recipe_cm: str, *, claim: str | None, feast: bool, prefix: str = "", socket: bool = False
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(volumes, mounts) for the infercore container."""
+    volumes: list[dict[str, Any]] = [
+        {"name": f"{prefix}recipe", "configMap": {"name": recipe_cm}},
+        {"name": f"{prefix}tmp", "emptyDir": {"sizeLimit": "256Mi"}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": f"{prefix}recipe", "mountPath": RECIPES_MOUNT, "readOnly": True},
+        {"name": f"{prefix}tmp", "mountPath": "/tmp"},
+    ]
+    if claim is not None:
+        volumes.append(
+            {
+                "name": f"{prefix}models",
+                "persistentVolumeClaim": {"claimName": claim, "readOnly": True},
+            }
+        )
+        mounts.append({"name": f"{prefix}models", "mountPath": MODELS_MOUNT, "readOnly": True})
+    if feast:
+        volumes.append({"name": f"{prefix}state", "emptyDir": {"sizeLimit": "1Gi"}})
+        mounts.append({"name": f"{prefix}state", "mountPath": STATE_MOUNT})
+    if socket:
+        volumes.append(
+            {"name": f"{prefix}socket", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}}
+        )
+        mounts.append({"name": f"{prefix}socket", "mountPath": SOCKET_DIR})
+    return volumes, mounts
+
+
+def _resources(opts: Options) -> dict[str, Any]:
+    # No CPU limit: throttling shows up as tail latency; memory is guaranteed (request = limit).
+    return {
+        "requests": {"cpu": opts.cpu, "memory": opts.memory},
+        "limits": {"memory": opts.memory},
+    }
+
+
+def _http_probe(path: str, period: int, failures: int) -> dict[str, Any]:
+    return {
+        "httpGet": {"path": path, "port": "http"},
+        "periodSeconds": period,
+        "timeoutSeconds": min(PROBE_TIMEOUT_S, period),
+        "failureThreshold": failures,
+    }
+
+
+def _exec_probe(path: str, period: int, failures: int) -> dict[str, Any]:
+    timeout = min(PROBE_TIMEOUT_S, period)
+    return {
+        "exec": {
+            "command": [
+                "python",
+                "-m",
+                "infercore.deploy.probe",
+                "--timeout",
+                str(timeout),
+                "--uds",
+                SOCKET_PATH,
+                path,
+            ]
+        },
+        "periodSeconds": period,
+        "timeoutSeconds": timeout + 1,
+        "failureThreshold": failures,
+    }
+
+
+# --- the shapes --------------------------------------------------------------------------
+
+
+def render(overrides: list[str], opts: Options) -> Rendered:
+    """Compose the overrides (``deploy=k8s`` unless another shape is named) and render."""
+    overrides = list(overrides)
+    if not any(o.lstrip("+~").startswith("deploy=") for o in overrides):
+        overrides.append("deploy=k8s")
+    composed, data = compose_for_deploy(overrides)
+    shape = composed.choices.get("deploy")
+    if shape == "k8s":
+        return _render_k8s(composed, data, overrides, opts)
+    if shape == "sidecar":
+        return _render_sidecar(composed, data, overrides, opts)
+    raise ConfigError(
+        f"deploy: infercore deploy k8s renders deploy=k8s or deploy=sidecar, not {shape!r}",
+        hint="drop the deploy= override, or use deploy=sidecar",
+    )
+
+
+def _render_k8s(
+    composed: Composed, data: dict[str, Any], overrides: list[str], opts: Options
+) -> Rendered:
+    server = composed.config.server
+    if server.uds is not None:
+        raise ConfigError("server.uds: a pod serves on TCP; set server.uds=null")
+    if server.host not in ("0.0.0.0", "::"):
+        raise ConfigError(
+            f"server.host: {server.host!r} is not reachable from outside the pod",
+            hint="keep deploy=k8s's 0.0.0.0",
+        )
+    recipe = composed.choices.get("recipe", "")
+    name = _dns_name(opts.name or f"infercore-{recipe}", "--name")
+    if opts.track not in ("stable", "canary"):
+        raise ConfigError(f"--track: {opts.track!r}; use stable or canary")
+    canary = opts.track == "canary"
+    deploy_name = f"{name}-canary" if canary else name
+    ns = opts.namespace
+    labels = _labels(name)
+    t = timings(server, opts.prestop_sleep_s)
+    claim = None if opts.baked_models else (opts.models_claim or f"{name}-models")
+    model_root = "/app/recipes" if opts.baked_models else MODELS_MOUNT
+    feast = _feast_state(composed)
+    cm, recipe, digest = _recipe_configmap(
+        composed,
+        data,
+        name=f"{deploy_name}-recipe",
+        namespace=ns,
+        labels=labels,
+        model_root=model_root,
+        source=overrides,
+        extra=feast,
+    )
+    secret = f"{name}-env"
+    volumes, mounts = _volumes(f"{deploy_name}-recipe", claim=claim, feast=bool(feast))
+    container: dict[str, Any] = {
+        "name": "infercore",
+        "image": opts.image,
+        "imagePullPolicy": "IfNotPresent",
+        "args": ["serve", f"+recipe={recipe}"],
+        **_env(server.port, secret),
+        "ports": [{"name": "http", "containerPort": server.port, "protocol": "TCP"}],
+        "startupProbe": _http_probe(LIVE, STARTUP_PERIOD_S, STARTUP_FAILURES),
+        "livenessProbe": _http_probe(LIVE, LIVENESS_PERIOD_S, LIVENESS_FAILURES),
+        "readinessProbe": _http_probe(READY, t.readiness_period_s, t.readiness_failures),
+        "resources": _resources(opts),
+        "securityContext": _container_security(),
+        "volumeMounts": mounts,
+    }
+    if t.prestop_s > 0:
+        container["lifecycle"] = {"preStop": {"exec": {"command": ["sleep", str(t.prestop_s)]}}}
+    selector = _selector(name)
+    tracked = {**selector, TRACK_LABEL: opts.track}
+    pod_labels = {**labels, TRACK_LABEL: opts.track}
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta(deploy_name, ns, pod_labels),
+        "spec": {
+            "replicas": opts.replicas,
+            "revisionHistoryLimit": 5,
+            "selector": {"matchLabels": tracked},
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+            },
+            "template": {
+                "metadata": {
+                    "labels": pod_labels,
+                    "annotations": {"infercore.dev/recipe-sha256": digest},
+                },
+                "spec": {
+                    "automountServiceAccountToken": False,
+                    "enableServiceLinks": False,
+                    "terminationGracePeriodSeconds": t.termination_grace_s,
+                    "securityContext": {
+                        "runAsNonRoot": True,
+                        "runAsUser": RUN_AS,
+                        "runAsGroup": RUN_AS,
+                        "fsGroup": RUN_AS,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                    "topologySpreadConstraints": [
+                        {
+                            "maxSkew": 1,
+                            "topologyKey": "kubernetes.io/hostname",
+                            "whenUnsatisfiable": "ScheduleAnyway",
+                            "labelSelector": {"matchLabels": selector},
+                        }
+                    ],
+                    "containers": [container],
+                    "volumes": volumes,
+                },
+            },
+        },
+    }
+    problems = check_timings(deployment, server)
+    if problems:  # pragma: no cover - timings() derives them; this guards future edits
+        raise ConfigError("deploy: inconsistent shutdown timings: " + "; ".join(problems))
+    if canary:
+        out = Rendered()
+        out.files["configmap.yaml"] = [cm]
+        out.files["deployment.yaml"] = [deployment]
+        out.files["kustomization.yaml"] = [
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": ["configmap.yaml", "deployment.yaml"],
+            }
+        ]
+        out.notes.append(
+            f"the Service {name!r} of the stable track also selects these pods: the canary takes "
+            f"about {opts.replicas}/(stable replicas + {opts.replicas}) of the traffic"
+        )
+        return out
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(name, ns, labels),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector,
+            "ports": [
+                {"name": "http", "port": server.port, "targetPort": "http", "protocol": "TCP"}
+            ],
+        },
+    }
+    metrics: list[dict[str, Any]] = [
+        {
+            "type": "Resource",
+            "resource": {
+                "name": "cpu",
+                "target": {"type": "Utilization", "averageUtilization": opts.cpu_target_percent},
+            },
+        }
+    ]
+    if opts.inflight_target is not None:
+        metrics.append(
+            {
+                "type": "Pods",
+                "pods": {
+                    "metric": {"name": "infercore_inflight_requests"},
+                    "target": {"type": "AverageValue", "averageValue": str(opts.inflight_target)},
+                },
+            }
+        )
+    hpa = {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": _meta(name, ns, labels),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+            "minReplicas": opts.replicas,
+            "maxReplicas": max(opts.max_replicas, opts.replicas),
+            "metrics": metrics,
+            "behavior": {
+                "scaleDown": {
+                    "stabilizationWindowSeconds": 300,
+                    "policies": [{"type": "Pods", "value": 1, "periodSeconds": 60}],
+                }
+            },
+        },
+    }
+    pdb = {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _meta(name, ns, labels),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector}},
+    }
+    monitor = {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "ServiceMonitor",
+        "metadata": _meta(name, ns, labels),
+        "spec": {
+            "selector": {"matchLabels": selector},
+            "endpoints": [
+                {"port": "http", "path": "/metrics", "interval": "15s", "scrapeTimeout": "10s"}
+            ],
+        },
+    }
+    out = Rendered()
+    out.files["configmap.yaml"] = [cm]
+    out.files["deployment.yaml"] = [deployment]
+    out.files["service.yaml"] = [service]
+    out.files["hpa.yaml"] = [hpa]
+    out.files["pdb.yaml"] = [pdb]
+    out.files["servicemonitor.yaml"] = [monitor]
+    out.files["kustomization.yaml"] = [
+        {
+            "apiVersion": "kustomize.config.k8s.io/v1beta1",
+            "kind": "Kustomization",
+            "resources": [
+                "configmap.yaml",
+                "deployment.yaml",
+                "service.yaml",
+                "hpa.yaml",
+                "pdb.yaml",
+                "servicemonitor.yaml",
+            ],
+        }
+    ]
+    _render_kserve(out, composed, data, overrides, opts, name=name, secret=secret, feast=feast)
+    out.notes.extend(_notes(data, name, claim, secret, opts))
+    return out
+
+
+def _render_kserve(
+    out: Rendered,
+    composed: Composed,
+    data: dict[str, Any],
+    overrides: list[str],
+    opts: Options,
+    *,
+    name: str,
+    secret: str,
+    feast: dict[str, Any],
+) -> None:
+    """A V2 custom runtime for teams on KServe; models come from ``storageUri`` at /mnt/models."""
+    server = composed.config.server
+    ns = opts.namespace
+    labels = _labels(name, "kserve")
+    cm, recipe, digest = _recipe_configmap(
+        composed,
+        data,
+        name=f"{name}-kserve-recipe",
+        namespace=ns,
+        labels=labels,
+        model_root="/app/recipes" if opts.baked_models else KSERVE_MODELS,
+        source=overrides,
+        extra=feast,
+    )
+    volumes, mounts = _volumes(f"{name}-kserve-recipe", claim=None, feast=bool(feast))
+    port = 8080  # KServe routes to the runtime's 8080
+    runtime = {
+        "apiVersion": "serving.kserve.io/v1alpha1",
+        "kind": "ServingRuntime",
+        "metadata": _meta(name, ns, labels),
+        "spec": {
+            "annotations": {
+                "prometheus.kserve.io/port": str(port),
+                "prometheus.kserve.io/path": "/metrics",
+                "infercore.dev/recipe-sha256": digest,
+            },
+            "supportedModelFormats": [{"name": name, "version": "1", "autoSelect": True}],
+            "protocolVersions": ["v2"],
+            "multiModel": False,
+            "containers": [
+                {
+                    "name": "kserve-container",
+                    "image": opts.image,
+                    "args": ["serve", f"+recipe={recipe}", f"server.port={port}"],
+                    **_env(port, secret),
+                    "ports": [{"containerPort": port, "protocol": "TCP"}],
+                    "resources": _resources(opts),
+                    "securityContext": _container_security(),
+                    "volumeMounts": mounts,
+                }
+            ],
+            "volumes": volumes,
+        },
+    }
+    models = list(composed.config.models)
+    isvc_name = _dns_name(models[0] if len(models) == 1 else name, "InferenceService name")
+    claim = opts.models_claim or f"{name}-models"
+    isvc = {
+        "apiVersion": "serving.kserve.io/v1beta1",
+        "kind": "InferenceService",
+        "metadata": _meta(isvc_name, ns, labels),
+        "spec": {
+            "predictor": {
+                "minReplicas": opts.replicas,
+                "maxReplicas": max(opts.max_replicas, opts.replicas),
+                "terminationGracePeriodSeconds": timings(
+                    server, opts.prestop_sleep_s
+                ).termination_grace_s,
+                "model": {
+                    "modelFormat": {"name": name},
+                    "runtime": name,
+                    "protocolVersion": "v2",
+                    # Baked models: nothing for KServe's storage initializer to fetch.
+                    **({} if opts.baked_models else {"storageUri": f"pvc://{claim}"}),
+                },
+            }
+        },
+    }
+    out.files["kserve/configmap.yaml"] = [cm]
+    out.files["kserve/servingruntime.yaml"] = [runtime]
+    out.files["kserve/inferenceservice.yaml"] = [isvc]
+
+
+def _render_sidecar(
+    composed: Composed, data: dict[str, Any], overrides: list[str], opts: Options
+) -> Rendered:
+    server = composed.config.server
+    if server.uds is None:
+        raise ConfigError(
+            "server.uds: the rendered sidecar serves on a Unix socket in a shared emptyDir",
+            hint="keep deploy=sidecar's server.uds",
+        )
+    recipe = composed.choices.get("recipe", "")
+    name = _dns_name(opts.name or f"infercore-{recipe}", "--name")
+    ns = opts.namespace
+    labels = _labels(name, "sidecar")
+    claim = None if opts.baked_models else (opts.models_claim or f"{name}-models")
+    feast = _feast_state(composed)
+    cm, recipe, digest = _recipe_configmap(
+        composed,
+        data,
+        name=f"{name}-recipe",
+        namespace=ns,
+        labels=labels,
+        model_root="/app/recipes" if opts.baked_models else MODELS_MOUNT,
+        source=overrides,
+        extra={**feast, "server.uds": "${oc.env:INFERCORE_UDS," + SOCKET_PATH + "}"},
+    )
+    secret = f"{name}-env"
+    volumes, mounts = _volumes(
+        f"{name}-recipe", claim=claim, feast=bool(feast), prefix="infercore-", socket=True
+    )
+    sidecar: dict[str, Any] = {
+        "name": "infercore",
+        "image": opts.image,
+        "imagePullPolicy": "IfNotPresent",
+        "args": ["serve", f"+recipe={recipe}"],
+        **_env(None, secret, uds=True),
+        # A native sidecar (Kubernetes >= 1.29): started before the application's containers,
+        # stopped after them, so the application can call it until it has drained.
+        "restartPolicy": "Always",
+        "startupProbe": _exec_probe(LIVE, STARTUP_PERIOD_S, STARTUP_FAILURES),
+        "livenessProbe": _exec_probe(LIVE, LIVENESS_PERIOD_S, LIVENESS_FAILURES),
+        "readinessProbe": _exec_probe(READY, SIDECAR_READINESS_PERIOD_S, READINESS_FAILURES),
+        "resources": _resources(opts),
+        "securityContext": _container_security(),
+        "volumeMounts": mounts,
+    }
+    patch = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": opts.app, **({"namespace": ns} if ns else {})},
+        "spec": {
+            "template": {
+                "metadata": {"annotations": {"infercore.dev/recipe-sha256": digest}},
+                "spec": {
+                    "initContainers": [sidecar],
+                    "containers": [
+                        {
+                            "name": opts.app_container,
+                            "env": [{"name": "INFERCORE_SOCKET", "value": SOCKET_PATH}],
+                            "volumeMounts": [{"name": "infercore-socket", "mountPath": SOCKET_DIR}],
+                        }
+                    ],
+                    "volumes": volumes,
+                },
+            }
+        },
+    }
+    out = Rendered()
+    out.files["configmap.yaml"] = [cm]
+    out.files["sidecar-patch.yaml"] = [patch]
+    out.files["kustomization.yaml"] = [
+        {
+            "apiVersion": "kustomize.config.k8s.io/v1beta1",
+            "kind": "Kustomization",
+            "resources": ["configmap.yaml"],
+            "patches": [{"path": "sidecar-patch.yaml"}],
+        }
+    ]
+    grace = math.ceil(server.graceful_timeout_s + MARGIN_S)
+    out.notes.append(
+        f"add the application's own Deployment to kustomization.yaml's resources; the pod's "
+        f"terminationGracePeriodSeconds must cover the application's drain plus {grace}s for "
+        "infercore (it stops after the application's containers)"
+    )
+    out.notes.append(f"the application calls http://localhost/... over {SOCKET_PATH}")
+    out.notes.extend(_notes(data, name, claim, secret, opts))
+    return out
+
+
+def _notes(
+    data: dict[str, Any], name: str, claim: str | None, secret: str, opts: Options
+) -> list[str]:
+    notes: list[str] = []
+    if claim is not None:
+        notes.append(
+            f"models: a PersistentVolumeClaim {claim!r} holding the recipes folder's assets "
+            f"(mounted read-only at {MODELS_MOUNT}); or --baked-models with an image built "
+            "with RECIPES=baked"
+        )
+    wanted = [
+        v
+        for v in env_references(data)
+        if v not in ("INFERCORE_PORT", "INFERCORE_HOST", "INFERCORE_UDS")
+    ]
+    if wanted:
+        notes.append(
+            f"environment: the recipe reads {', '.join(wanted)}; put them in the Secret "
+            f"{secret!r} (kubectl create secret generic {secret} --from-literal=NAME=VALUE)"
+        )
+    return notes
+
+
+# --- output ------------------------------------------------------------------------------
+
+
+def to_yaml(docs: list[dict[str, Any]]) -> str:
+    import yaml
+
+    class _Dumper(yaml.SafeDumper):  # type: ignore[misc]
+        def ignore_aliases(self, data: Any) -> bool:  # no &id001 anchors in manifests
+            return True
+
+    def _str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+        style = "|" if "\n" in value else None
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+    _Dumper.add_representer(str, _str)
+    return "---\n".join(yaml.dump(d, Dumper=_Dumper, sort_keys=False, width=100) for d in docs)
+
+
+def write(rendered: Rendered, folder: Path) -> list[Path]:
+    written: list[Path] = []
+    for name, docs in rendered.files.items():
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(to_yaml(docs))
+        written.append(path)
+    return written

@@ -1,0 +1,307 @@
+"""Graceful shutdown of the inference listener (RELIABILITY P11).
+
+The sequence, the same in every deploy shape::
+
+    SERVING ──signal──► DRAINING ──server.drain_delay_s──► CLOSING ──► stopped ──► components stop
+                        readiness 503 shutting_down        listener closed; in-flight and
+                        requests still served, each        queued requests finish within
+                        answered with Connection: close     server.graceful_timeout_s; a request
+                                                            arriving on a still-open connection
+                                                            gets 503 shutting_down + close
+
+* DRAINING gives load balancers and Kubernetes endpoint controllers time to notice (readiness is
+  false at once) while the server keeps answering: nothing sent in that window is refused. Every
+  response carries ``Connection: close``, so keep-alive clients open new connections, which a
+  load balancer sends elsewhere.
+* CLOSING closes the listening socket (new connections are refused: nothing was read, so nothing
+  is lost). uvicorn lets in-flight responses finish; an idle keep-alive connection is kept open
+  for :data:`IDLE_LINGER_S` instead of being closed at once, so a request already on its way on
+  it is answered ``503 shutting_down`` rather than reset. A request still running when the
+  graceful timeout ends is answered ``503 shutting_down`` if nothing of its response was sent.
+* A second signal stops waiting: the server exits without waiting for in-flight requests.
+
+The HTTP server finishes first; the caller stops the runtime's components after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+log = logging.getLogger("infercore.server")
+
+SERVING, DRAINING, CLOSING, FORCED = "serving", "draining", "closing", "forced"
+
+#: How long an idle keep-alive connection stays open once the listener has closed. A request
+#: that arrives on it meanwhile is answered 503 shutting_down with Connection: close.
+IDLE_LINGER_S = 1.0
+
+SHUTTING_DOWN_BODY = b'{"error":"the server is shutting down","reason":"shutting_down"}'
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+#: Any ASGI 3 application (Litestar's own signature is narrower than this module needs).
+ASGIApp = Callable[..., Awaitable[None]]
+
+
+class ShutdownState:
+    """Where the shutdown sequence is; read by the app (readiness, late arrivals)."""
+
+    __slots__ = ("phase", "signals")
+
+    def __init__(self) -> None:
+        self.phase = SERVING
+        self.signals = 0
+
+    @property
+    def draining(self) -> bool:
+        """A signal arrived: readiness is false (requests may still be served)."""
+        return self.phase != SERVING
+
+    @property
+    def closing(self) -> bool:
+        """The listener is closing or closed: a request arriving now is a late arrival."""
+        return self.phase in (CLOSING, FORCED)
+
+
+class ShutdownMiddleware:
+    """ASGI wrapper: ``Connection: close`` once draining; 503 for work cut off at the timeout."""
+
+    def __init__(self, app: ASGIApp, state: ShutdownState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = self.state
+        started = False
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                if state.phase != SERVING:
+                    headers = [
+                        (k, v) for k, v in message.get("headers", ()) if k.lower() != b"connection"
+                    ]
+                    headers.append((b"connection", b"close"))
+                    message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except asyncio.CancelledError:
+            # uvicorn cancels what still runs when the graceful timeout ends: answer rather
+            # than let the client see a reset (or a bare 500).
+            if started or not state.closing:
+                raise
+            log.warning("request cut off by the shutdown timeout: %s", scope.get("path", ""))
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 503,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(SHUTTING_DOWN_BODY)).encode()),
+                        (b"retry-after", b"1"),
+                        (b"connection", b"close"),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": SHUTTING_DOWN_BODY})
+
+
+def http_protocol(linger_s: float = IDLE_LINGER_S) -> type[asyncio.Protocol]:
+    """uvicorn's httptools protocol, except that shutdown lets idle connections linger.
+
+    uvicorn closes an idle keep-alive connection the moment shutdown starts; a request the
+    client sent at that moment is then lost (the client sees a reset). Here the connection
+    stays open for ``linger_s`` and a request arriving on it is answered (the app says 503
+    shutting_down with ``Connection: close``); an active connection finishes its response and
+    then closes, as in uvicorn.
+    """
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class DrainingHttpToolsProtocol(HttpToolsProtocol):
+        def shutdown(self) -> None:
+            cycle = self.cycle
+            if cycle is None or cycle.response_complete:
+                if self.transport.is_closing():
+                    return
+                # Re-arm the keep-alive timer with the linger: data_received cancels it when
+                # a request arrives; otherwise the connection closes when it fires.
+                self._unset_keepalive_if_required()
+                self.timeout_keep_alive_task = self.loop.call_later(
+                    linger_s, self.timeout_keep_alive_handler
+                )
+            else:
+                cycle.keep_alive = False
+
+    return DrainingHttpToolsProtocol
+
+
+class GracefulShutdown:
+    """Turns SIGTERM/SIGINT into the sequence above for one uvicorn server.
+
+    Args:
+        server: The ``uvicorn.Server`` (its ``should_exit``/``force_exit`` are set here).
+        state: Shared with the app and the middleware.
+        drain_delay_s: Seconds of DRAINING before the listener closes.
+        is_ready: Whether the server was ready when the signal came; a server that never was
+            ready has nobody to tell, so it skips the drain delay.
+    """
+
+    def __init__(
+        self,
+        server: Any,
+        state: ShutdownState,
+        *,
+        drain_delay_s: float,
+        is_ready: Callable[[], bool] = lambda: True,
+    ) -> None:
+        self.server = server
+        self.state = state
+        self.drain_delay_s = drain_delay_s
+        self.is_ready = is_ready
+        self.closing_at: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._adopting: set[asyncio.Task[None]] = set()
+
+    def install(self, loop: asyncio.AbstractEventLoop) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.on_signal, sig)
+
+    def on_signal(self, sig: int) -> None:
+        state = self.state
+        state.signals += 1
+        name = signal.Signals(sig).name
+        if state.phase == SERVING:
+            state.phase = DRAINING
+            delay = self.drain_delay_s if self.is_ready() else 0.0
+            if delay > 0:
+                log.info(
+                    "received %s: readiness is false; serving on for %.1fs, then draining "
+                    "(a second signal stops at once)",
+                    name,
+                    delay,
+                )
+                self._timer = asyncio.get_running_loop().call_later(delay, self.close)
+            else:
+                log.info("received %s: draining (a second signal stops at once)", name)
+                self.close()
+            return
+        if state.phase == FORCED:
+            return
+        log.warning(
+            "received %s again: stopping without waiting for %d request(s)",
+            name,
+            len(getattr(getattr(self.server, "server_state", None), "tasks", ())),
+        )
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.closing_at is None:
+            self.closing_at = asyncio.get_running_loop().time()
+        state.phase = FORCED
+        self.server.should_exit = True
+        self.server.force_exit = True
+
+    def close(self) -> None:
+        """End DRAINING: close the listener and let in-flight work finish."""
+        self._timer = None
+        if self.state.phase in (CLOSING, FORCED):
+            return
+        self.state.phase = CLOSING
+        self.closing_at = asyncio.get_running_loop().time()
+        # Stop accepting now rather than at uvicorn's next tick (up to 0.1 s later): every
+        # connection accepted meanwhile would only get a 503.
+        adopted = self._close_listeners()
+        if adopted:
+            log.info("adopted %d queued connection(s) before closing the listener", adopted)
+        self.server.should_exit = True
+
+    def _close_listeners(self) -> int:
+        """Close the listening sockets, first taking what the kernel has queued on them.
+
+        Closing a listener resets the connections in its accept queue: their clients may have
+        sent a request already and would see a reset. Accepted here instead (in the same
+        callback as the close, so nothing queues in between), each is served like an idle
+        keep-alive connection: a request on it is answered 503 shutting_down.
+        """
+        server = self.server
+        loop = asyncio.get_running_loop()
+        factory = _protocol_factory(server)
+        adopted = 0
+        for listener in getattr(server, "servers", ()):
+            if factory is not None:
+                for tsock in list(listener.sockets or ()):
+                    for conn in _accept_queued(tsock):
+                        adopted += 1
+                        task = loop.create_task(_adopt(loop, factory, conn))
+                        self._adopting.add(task)
+                        task.add_done_callback(self._adopting.discard)
+            listener.close()
+        return adopted
+
+    @property
+    def forced(self) -> bool:
+        return self.state.phase == FORCED
+
+
+def _protocol_factory(server: Any) -> Callable[[], asyncio.Protocol] | None:
+    """The factory uvicorn's listener uses, rebuilt (None when the server is not uvicorn's)."""
+    config = getattr(server, "config", None)
+    lifespan = getattr(server, "lifespan", None)
+    state = getattr(server, "server_state", None)
+    protocol_class = getattr(config, "http_protocol_class", None)
+    if config is None or lifespan is None or state is None or protocol_class is None:
+        return None
+
+    def factory() -> asyncio.Protocol:
+        protocol: asyncio.Protocol = protocol_class(
+            config=config, server_state=state, app_state=lifespan.state
+        )
+        return protocol
+
+    return factory
+
+
+def _accept_queued(listener: Any) -> list[socket.socket]:
+    """Connections waiting in a listening socket's accept queue (never blocks)."""
+    try:
+        dup = socket.socket(listener.family, listener.type, fileno=os.dup(listener.fileno()))
+    except OSError:
+        return []
+    accepted: list[socket.socket] = []
+    with dup:
+        dup.setblocking(False)
+        while len(accepted) < 1024:
+            try:
+                conn, _ = dup.accept()
+            except OSError:  # BlockingIOError: the queue is empty
+                break
+            conn.setblocking(False)
+            accepted.append(conn)
+    return accepted
+
+
+async def _adopt(
+    loop: asyncio.AbstractEventLoop, factory: Callable[[], asyncio.Protocol], conn: socket.socket
+) -> None:
+    try:
+        _, protocol = await loop.connect_accepted_socket(factory, conn)
+    except OSError:
+        conn.close()
+        return
+    shutdown = getattr(protocol, "shutdown", None)
+    if shutdown is not None:
+        shutdown()  # uvicorn's shutdown pass is over or about to run: linger like the others

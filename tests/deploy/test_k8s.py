@@ -1,0 +1,419 @@
+"""``infercore deploy k8s``: every rendered manifest validates offline against the Kubernetes
+schemas (``kubernetes-validate`` bundles them), CRDs keep their minimal structure, and the probe
+and shutdown timings agree with the composed ``server`` config."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from infercore.cli import run
+from infercore.config.compose import compose
+from infercore.deploy import k8s
+from infercore.errors import ConfigError
+
+#: The oldest Kubernetes the manifests target (native sidecars: restartPolicy on init
+#: containers) and the newest schema the package bundles.
+K8S_VERSIONS = ("1.29", kubernetes_validate.latest_version())
+CRDS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("serving.kserve.io/v1alpha1", "ServingRuntime"),
+    ("serving.kserve.io/v1beta1", "InferenceService"),
+    ("kustomize.config.k8s.io/v1beta1", "Kustomization"),
+}
+FRAUD_PROD = ["+recipe=fraud", "env=prod"]
+
+
+def _validate(doc: dict[str, Any]) -> None:
+    for version in K8S_VERSIONS:
+        # strict: unknown fields are errors too (a typo would otherwise pass silently).
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+@pytest.fixture(scope="module")
+def fraud() -> k8s.Rendered:
+    return k8s.render(FRAUD_PROD, k8s.Options(image="registry.example/infercore:1.2.3"))
+
+
+@pytest.fixture(scope="module")
+def server() -> Any:
+    return compose([*FRAUD_PROD, "deploy=k8s"]).config.server
+
+
+def _one(rendered: k8s.Rendered, kind: str, prefix: str = "") -> dict[str, Any]:
+    docs = [d for d in rendered.documents(prefix) if d["kind"] == kind]
+    if prefix == "":
+        docs = [
+            d
+            for name, ds in rendered.files.items()
+            if not name.startswith("kserve/")
+            for d in ds
+            if d["kind"] == kind
+        ]
+    assert len(docs) == 1, kind
+    return docs[0]
+
+
+def _container(deployment: dict[str, Any]) -> dict[str, Any]:
+    return next(
+        c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "infercore"
+    )
+
+
+def test_every_builtin_manifest_validates_against_the_kubernetes_schemas(
+    fraud: k8s.Rendered,
+) -> None:
+    kinds = set()
+    for doc in fraud.documents():
+        if (doc["apiVersion"], doc["kind"]) in CRDS:
+            continue
+        _validate(doc)
+        kinds.add(doc["kind"])
+    assert kinds == {
+        "ConfigMap",
+        "Deployment",
+        "Service",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+    }
+
+
+def test_the_validator_is_not_a_rubber_stamp(fraud: k8s.Rendered) -> None:
+    bad = copy.deepcopy(_one(fraud, "Deployment"))
+    _container(bad)["readinessProbe"]["httpGet"]["pathh"] = "/typo"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, K8S_VERSIONS[0], strict=True)
+    bad = copy.deepcopy(_one(fraud, "Deployment"))
+    bad["spec"]["replicas"] = "two"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, K8S_VERSIONS[0], strict=True)
+
+
+def test_crds_have_their_minimal_structure(fraud: k8s.Rendered) -> None:
+    monitor = _one(fraud, "ServiceMonitor")
+    service = _one(fraud, "Service")
+    assert monitor["spec"]["selector"]["matchLabels"] == service["spec"]["selector"]
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] == service["spec"]["ports"][0]["name"] == "http"
+    assert endpoint["path"] == "/metrics"
+
+    runtime = _one(fraud, "ServingRuntime", "kserve/")
+    isvc = _one(fraud, "InferenceService", "kserve/")
+    spec = runtime["spec"]
+    assert spec["protocolVersions"] == ["v2"]
+    (container,) = spec["containers"]
+    assert container["name"] == "kserve-container"
+    assert container["ports"][0]["containerPort"] == 8080
+    fmt = spec["supportedModelFormats"][0]["name"]
+    model = isvc["spec"]["predictor"]["model"]
+    assert model["runtime"] == runtime["metadata"]["name"]
+    assert model["modelFormat"]["name"] == fmt
+    assert model["protocolVersion"] == "v2"
+    assert model["storageUri"].startswith("pvc://")
+    assert isvc["metadata"]["name"] == "fraud"  # the V2 model name KServe routes by
+    # The runtime's pod parts are Kubernetes core types: validate them as a pod.
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "kserve-runtime-check"},
+        "spec": {"containers": spec["containers"], "volumes": spec["volumes"]},
+    }
+    _validate(pod)
+    mounts = {m["name"] for m in container["volumeMounts"]}
+    assert mounts <= {v["name"] for v in spec["volumes"]}
+    cm = _one(fraud, "ConfigMap", "kserve/")
+    assert "model_root: /mnt/models" in next(iter(cm["data"].values()))
+
+
+def test_probe_and_shutdown_timings_agree(fraud: k8s.Rendered, server: Any) -> None:
+    deployment = _one(fraud, "Deployment")
+    assert k8s.check_timings(deployment, server) == []
+    spec = deployment["spec"]["template"]["spec"]
+    c = _container(deployment)
+    # The readiness probe sees the drain (503 at once) well inside the drain delay ...
+    ready = c["readinessProbe"]
+    assert ready["httpGet"]["path"] == "/v2/health/ready"
+    assert ready["periodSeconds"] * ready["failureThreshold"] <= server.drain_delay_s
+    # ... and the pod gets drain delay + graceful timeout + margin before SIGKILL.
+    assert spec["terminationGracePeriodSeconds"] >= (
+        server.drain_delay_s + server.graceful_timeout_s + k8s.MARGIN_S
+    )
+    assert c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    assert c["startupProbe"]["httpGet"]["path"] == "/v2/health/live"
+    assert "lifecycle" not in c  # infercore drains itself: no preStop sleep by default
+    isvc = _one(fraud, "InferenceService", "kserve/")
+    assert (
+        isvc["spec"]["predictor"]["terminationGracePeriodSeconds"]
+        == spec["terminationGracePeriodSeconds"]
+    )
+
+
+def test_check_timings_catches_disagreements(fraud: k8s.Rendered, server: Any) -> None:
+    deployment = copy.deepcopy(_one(fraud, "Deployment"))
+    spec = deployment["spec"]["template"]["spec"]
+    spec["terminationGracePeriodSeconds"] = 30
+    _container(deployment)["readinessProbe"]["periodSeconds"] = 10
+    _container(deployment)["livenessProbe"]["httpGet"]["path"] = "/v2/health/ready"
+    problems = " | ".join(k8s.check_timings(deployment, server))
+    assert "terminationGracePeriodSeconds 30" in problems
+    assert "readiness notices the drain after 20s" in problems
+    assert "liveness probe path '/v2/health/ready'" in problems
+
+
+def test_baked_models_need_no_model_volume() -> None:
+    rendered = k8s.render(FRAUD_PROD, k8s.Options(baked_models=True))
+    deployment = _one(rendered, "Deployment")
+    volumes = {v["name"] for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert volumes == {"recipe", "tmp", "state"}
+    for prefix in ("", "kserve/"):
+        text = next(iter(_one(rendered, "ConfigMap", prefix)["data"].values()))
+        assert "model_root: /app/recipes" in text  # the image's RECIPES=baked folder
+    assert (
+        "storageUri"
+        not in _one(rendered, "InferenceService", "kserve/")["spec"]["predictor"]["model"]
+    )
+    _validate(deployment)
+
+
+def test_prestop_sleep_and_custom_timings_are_reflected() -> None:
+    overrides = [*FRAUD_PROD, "server.drain_delay_s=0", "server.graceful_timeout_s=12"]
+    rendered = k8s.render(overrides, k8s.Options(prestop_sleep_s=3))
+    deployment = _one(rendered, "Deployment")
+    c = _container(deployment)
+    assert c["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "3"]
+    assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 3 + 12 + 5
+    server = compose([*overrides, "deploy=k8s"]).config.server
+    assert k8s.check_timings(deployment, server) == []
+    _validate(deployment)
+    with pytest.raises(ConfigError, match="drain_delay_s"):
+        k8s.render(overrides, k8s.Options())  # no drain delay and no preStop: no time to leave
+
+
+def test_security_defaults(fraud: k8s.Rendered) -> None:
+    deployment = _one(fraud, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    c = _container(deployment)
+    sc = c["securityContext"]
+    assert sc["runAsNonRoot"] is True and sc["runAsUser"] != 0
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["automountServiceAccountToken"] is False
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert mounts[k8s.MODELS_MOUNT]["readOnly"] is True
+    assert volumes["models"]["persistentVolumeClaim"]["readOnly"] is True
+    assert mounts[k8s.RECIPES_MOUNT]["readOnly"] is True
+    # Writable places are emptyDirs only: /tmp and the Feast state.
+    writable = {p for p, m in mounts.items() if not m.get("readOnly")}
+    assert writable == {"/tmp", k8s.STATE_MOUNT}
+    assert all("emptyDir" in volumes[mounts[p]["name"]] for p in writable)
+    assert c["resources"]["requests"]["cpu"] and c["resources"]["limits"]["memory"]
+    assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
+
+
+def test_configmap_recipe_composes_back_to_the_same_config(
+    fraud: k8s.Rendered, tmp_path: Path
+) -> None:
+    """The pod composes ``+recipe=fraud`` from the ConfigMap alone: same config, except where
+    the rendering moved things (model volume, Feast state), and no secret or address written
+    into it (``${oc.env:…}`` kept)."""
+    cm = _one(fraud, "ConfigMap")
+    ((key, text),) = cm["data"].items()
+    assert key == "fraud.yaml"
+    assert "${oc.env:INFERCORE_REDIS_URL" in text
+    (tmp_path / key).write_text(text)
+    original = compose([*FRAUD_PROD, "deploy=k8s"])
+    again = compose(["+recipe=fraud"], recipes_dir=tmp_path)
+    assert again.choices == original.choices
+    a, b = dict(original.data), dict(again.data)
+    assert b.pop("model_root") == k8s.MODELS_MOUNT
+    a.pop("model_root")
+    fa, fb = dict(a.pop("features")), dict(b.pop("features"))
+    assert fb.pop("registry_path").startswith(k8s.STATE_MOUNT)
+    assert fb.pop("sqlite_path").startswith(k8s.STATE_MOUNT)
+    assert fa == fb
+    assert a == b
+    deployment = _one(fraud, "Deployment")
+    env = {e["name"]: e.get("value") for e in _container(deployment)["env"]}
+    assert env["INFERCORE_RECIPES_DIR"] == k8s.RECIPES_MOUNT
+    assert _container(deployment)["args"] == ["serve", "+recipe=fraud"]
+    assert _container(deployment)["envFrom"][0]["secretRef"]["name"] == "infercore-fraud-env"
+
+
+def test_hpa_custom_metric_pdb_and_canary_track() -> None:
+    rendered = k8s.render(
+        ["+recipe=iris", "env=prod"], k8s.Options(inflight_target=8, replicas=3, max_replicas=6)
+    )
+    hpa = _one(rendered, "HorizontalPodAutoscaler")
+    assert [m["type"] for m in hpa["spec"]["metrics"]] == ["Resource", "Pods"]
+    assert hpa["spec"]["metrics"][1]["pods"]["metric"]["name"] == "infercore_inflight_requests"
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (3, 6)
+    pdb = _one(rendered, "PodDisruptionBudget")
+    service = _one(rendered, "Service")
+    assert pdb["spec"]["selector"]["matchLabels"] == service["spec"]["selector"]
+    for doc in rendered.documents():
+        if (doc["apiVersion"], doc["kind"]) not in CRDS:
+            _validate(doc)
+    # No feast source in iris: no state volume.
+    volumes = {
+        v["name"] for v in _one(rendered, "Deployment")["spec"]["template"]["spec"]["volumes"]
+    }
+    assert volumes == {"recipe", "tmp", "models"}
+
+    canary = k8s.render(["+recipe=iris", "env=prod"], k8s.Options(track="canary", replicas=1))
+    assert set(canary.files) == {"configmap.yaml", "deployment.yaml", "kustomization.yaml"}
+    dep = _one(canary, "Deployment")
+    stable = _one(rendered, "Deployment")
+    _validate(dep)
+    assert dep["metadata"]["name"] == "infercore-iris-canary"
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    # The stable Service selects canary pods; the two Deployments' selectors do not overlap.
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert dep["spec"]["selector"] != stable["spec"]["selector"]
+    assert not (
+        stable["spec"]["selector"]["matchLabels"].items()
+        <= dep["spec"]["template"]["metadata"]["labels"].items()
+    )
+
+
+def _merge_sidecar(app: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """What ``kubectl patch --type strategic`` / kustomize does with the rendered patch."""
+    out = copy.deepcopy(app)
+    spec = out["spec"]["template"]["spec"]
+    pspec = patch["spec"]["template"]["spec"]
+    spec.setdefault("initContainers", []).extend(pspec["initContainers"])
+    spec.setdefault("volumes", []).extend(pspec["volumes"])
+    for pc in pspec["containers"]:
+        target = next(c for c in spec["containers"] if c["name"] == pc["name"])
+        target.setdefault("env", []).extend(pc["env"])
+        target.setdefault("volumeMounts", []).extend(pc["volumeMounts"])
+    meta = out["spec"]["template"].setdefault("metadata", {})
+    meta.setdefault("annotations", {}).update(patch["spec"]["template"]["metadata"]["annotations"])
+    return out
+
+
+def test_sidecar_patch_merged_into_an_app_validates(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("INFERCORE_UDS", raising=False)
+    rendered = k8s.render(
+        ["+recipe=fraud", "env=prod", "deploy=sidecar"],
+        k8s.Options(app="payments", app_container="api"),
+    )
+    assert set(rendered.files) == {"configmap.yaml", "sidecar-patch.yaml", "kustomization.yaml"}
+    (patch,) = rendered.files["sidecar-patch.yaml"]
+    assert patch["metadata"]["name"] == "payments"
+    app = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "payments"},
+        "spec": {
+            "selector": {"matchLabels": {"app": "payments"}},
+            "template": {
+                "metadata": {"labels": {"app": "payments"}},
+                "spec": {"containers": [{"name": "api", "image": "payments:1"}]},
+            },
+        },
+    }
+    merged = _merge_sidecar(app, patch)
+    _validate(merged)
+    _validate(rendered.files["configmap.yaml"][0])
+    spec = merged["spec"]["template"]["spec"]
+    (sidecar,) = spec["initContainers"]
+    assert sidecar["restartPolicy"] == "Always"  # native sidecar: stops after the app
+    assert "ports" not in sidecar  # nothing on the network
+    env = {e["name"]: e["value"] for e in sidecar["env"]}
+    assert env["INFERCORE_UDS"] == k8s.SOCKET_PATH
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        command = sidecar[probe]["exec"]["command"]
+        assert command[:3] == ["python", "-m", "infercore.deploy.probe"]
+        assert k8s.SOCKET_PATH in command
+    assert sidecar["readinessProbe"]["exec"]["command"][-1] == "/v2/health/ready"
+    api = spec["containers"][0]
+    assert {"name": "infercore-socket", "mountPath": k8s.SOCKET_DIR} in api["volumeMounts"]
+    assert sidecar["securityContext"]["readOnlyRootFilesystem"] is True
+    models = next(m for m in sidecar["volumeMounts"] if m["mountPath"] == k8s.MODELS_MOUNT)
+    assert models["readOnly"] is True
+    text = next(iter(rendered.files["configmap.yaml"][0]["data"].values()))
+    recipes = tmp_recipes(text)
+    sidecar_cfg = compose(["+recipe=fraud"], recipes_dir=recipes).config.server
+    assert sidecar_cfg.uds == k8s.SOCKET_PATH
+    assert sidecar_cfg.workers == 1
+
+
+def tmp_recipes(text: str) -> Path:
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="infercore-recipes-"))
+    (folder / "fraud.yaml").write_text(text)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("overrides", "opts", "message"),
+    [
+        (["+recipe=iris", "deploy=standalone"], {}, "deploy=k8s or deploy=sidecar"),
+        (["env=prod"], {}, "no recipe given"),
+        (["+recipe=iris", "server.host=127.0.0.1"], {}, "not reachable from outside the pod"),
+        (
+            ["+recipe=fraud", "feature_store.redis_url=redis://:hunter2@redis:6379/0"],
+            {},
+            "feature_store.redis_url: a secret written literally",
+        ),
+        (["+recipe=iris"], {"track": "blue"}, "--track"),
+        (["+recipe=iris", "deploy=sidecar", "server.uds=null"], {}, "Unix socket"),
+    ],
+)
+def test_render_refuses_what_cannot_work(
+    overrides: list[str], opts: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        k8s.render(overrides, k8s.Options(**opts))
+
+
+def test_cli_writes_files_options_before_or_after_overrides(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "rendered"
+    code = run(
+        ["deploy", "k8s", "+recipe=fraud", "--image", "img:9", "env=prod", "--out", str(out)]
+    )
+    assert code == 0
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.yaml"))
+    assert files == [
+        "configmap.yaml",
+        "deployment.yaml",
+        "hpa.yaml",
+        "kserve/configmap.yaml",
+        "kserve/inferenceservice.yaml",
+        "kserve/servingruntime.yaml",
+        "kustomization.yaml",
+        "pdb.yaml",
+        "service.yaml",
+        "servicemonitor.yaml",
+    ]
+    kustomization = yaml.safe_load((out / "kustomization.yaml").read_text())
+    for name in kustomization["resources"]:
+        assert (out / name).is_file()
+    deployment = yaml.safe_load((out / "deployment.yaml").read_text())
+    assert _container(deployment)["image"] == "img:9"
+    _validate(deployment)
+    err = capsys.readouterr().err
+    assert "INFERCORE_REDIS_URL" in err  # the note says which variables the Secret needs
+
+    # stdout: one multi-document stream, every document parseable.
+    assert run(["deploy", "k8s", "--name", "scoring", "+recipe=iris", "env=prod"]) == 0
+    docs = list(yaml.safe_load_all(capsys.readouterr().out))
+    assert {d["metadata"]["name"] for d in docs if d["kind"] == "Deployment"} == {"scoring"}
+    assert "&id" not in yaml.safe_dump(docs)  # no YAML anchors
+
+
+def test_cli_config_error_is_one_line_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["deploy", "k8s", "+recipe=iris", "deploy=standalone"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("infercore: config error: deploy:")
