@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
-import numpy as np
+import numpy.typing as npt
 
 from infercore.components import Tensors, TensorSpec
 from infercore.errors import InvalidInput
@@ -13,7 +14,7 @@ from infercore.protocol.tensors import coerce
 
 def prepare_inputs(
     specs: Sequence[TensorSpec],
-    tensors: Mapping[str, np.ndarray],
+    tensors: Mapping[str, npt.NDArray[Any]],
     *,
     declared: Mapping[str, str] | None,
     max_rows: int,

@@ -1,14 +1,30 @@
-"""The runtime: models, their versions and components, built from a validated config."""
+"""The runtime: models, their versions and components, built from a validated config.
+
+A model has several versions loaded at once. Each version has a load state (``loading``,
+``ready``, ``failed``, ``unloading``, ``unloaded``, ``stopped``) and a stage in its rollout
+(``candidate``, ``shadow``, ``canary`` with a weight, ``primary``, ``retired``). Every change
+builds a new :class:`~infercore.components.RoutingTable` and swaps it in with one assignment;
+a version that is not ready is never in it, so it gets no routed traffic.
+
+Run-time changes (:meth:`Runtime.load`, :meth:`Runtime.unload`, :meth:`Runtime.set_stage`,
+:meth:`Runtime.set_weights`, :meth:`Runtime.rollback`) validate everything before changing
+anything: a refused or failed call leaves the model serving exactly as before. A reload builds
+a fresh instance beside the serving one, loads and warms it, swaps it in, then drains and
+stops the old one, so no request is dropped.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+import math
+import time
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+import numpy.typing as npt
 
 from infercore.components import (
     Batcher,
@@ -17,98 +33,70 @@ from infercore.components import (
     Model,
     Router,
     RouteRequest,
-    RoutingTable,
     Tensors,
-    TensorSpec,
+    WrappingRouter,
 )
 from infercore.config.compose import Composed
-from infercore.config.schema import ModelConfig
+from infercore.config.schema import VERSION_RE, ModelConfig
 from infercore.errors import (
+    ConfigError,
     InfercoreError,
+    InvalidInput,
     ModelLoadError,
     ModelNotFound,
-    ModelNotReady,
     PluginError,
     ShuttingDown,
 )
-from infercore.metrics import Metrics, VersionMetrics
+from infercore.metrics import Metrics
 from infercore.plugin_manager import PluginInfo, make_plugin_manager
 from infercore.registry import Registry
+from infercore.runtime.errors import Conflict, LoadFailed
+from infercore.runtime.guard import Verdict, Window, judge
 from infercore.runtime.inputs import prepare_inputs
-from infercore.runtime.outputs import OutputPlan, plan_outputs
+from infercore.runtime.outputs import plan_outputs
+from infercore.runtime.repository import Repository, check_template
+from infercore.runtime.served import (
+    CANARY,
+    CANDIDATE,
+    FAILED,
+    PRIMARY,
+    READY,
+    RETIRED,
+    SHADOW,
+    STAGES,
+    STOPPED,
+    UNLOADED,
+    UNLOADING,
+    Event,
+    Node,
+    ServedModel,
+    ServedVersion,
+)
+from infercore.runtime.shadow import ShadowRunner
+
+if TYPE_CHECKING:
+    from infercore.lifecycle import Lifecycle
+
+Array = npt.NDArray[Any]
 
 log = logging.getLogger("infercore.runtime")
 
-LOADING, READY, FAILED, STOPPED = "loading", "ready", "failed", "stopped"
+__all__ = [
+    "CANARY",
+    "CANDIDATE",
+    "PRIMARY",
+    "RETIRED",
+    "SHADOW",
+    "STAGES",
+    "Event",
+    "Runtime",
+    "ServedModel",
+    "ServedVersion",
+]
 
-
-@dataclass(slots=True)
-class ServedVersion:
-    """One loaded (or loading) version of a model."""
-
-    name: str
-    version: str
-    model: Model
-    batcher: Batcher
-    metrics: VersionMetrics
-    warmup: bool
-    state: str = LOADING
-    error: str | None = None
-    outputs_plan: OutputPlan | None = None
-    #: The model's input names, known once it has loaded.
-    input_names: frozenset[str] = frozenset()
-
-    @property
-    def output_specs(self) -> list[TensorSpec]:
-        """The outputs clients see: the recipe's mapping, or the model's own outputs."""
-        if self.outputs_plan is not None:
-            return list(self.outputs_plan.specs)
-        return self.model.outputs
-
-    @property
-    def ready(self) -> bool:
-        return self.state == READY
-
-
-@dataclass(slots=True)
-class ServedModel:
-    """A model with its versions, feature source and router."""
-
-    name: str
-    config: ModelConfig
-    features: FeatureSource
-    router: Router
-    versions: dict[str, ServedVersion]
-    primary: str
-    table: RoutingTable = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.refresh()
-
-    def refresh(self) -> None:
-        """Recompute the routing table after a version changed state."""
-        ready = frozenset(v for v, sv in self.versions.items() if sv.ready)
-        self.table = RoutingTable(primary=self.primary, ready=ready)
-
-    @property
-    def ready(self) -> bool:
-        return self.primary in self.table.ready
-
-    def pick(
-        self, version: str | None, headers: Mapping[str, str], request_id: str
-    ) -> ServedVersion:
-        """The version that serves a request: the asked one, or the router's choice."""
-        if version is None:
-            version = self.router.route(RouteRequest(headers, request_id), self.table)
-        served = self.versions.get(version)
-        if served is None:
-            raise ModelNotFound(
-                f"model {self.name!r} has no version {version!r}",
-                hint=f"versions: {', '.join(self.versions)}",
-            )
-        if not served.ready:
-            raise ModelNotReady(f"model {self.name!r} version {version!r} is not ready")
-        return served
+#: Previous primaries remembered for rollback.
+_HISTORY = 16
+_NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 
 
 def _default_primary(versions: Mapping[str, Any]) -> str:
@@ -144,16 +132,24 @@ class Runtime:
         self.draining = False
         self.started = False
         self.models: dict[str, ServedModel] = {}
+        #: Called with every rollout event (loads, stage changes, guard trips).
+        self.listeners: list[Callable[[Event], None]] = []
+        self._lifecycle: Lifecycle | None = None
+        self._batching: dict[str, tuple[Node, str]] = {}
         model_root = composed.model_root
         label = composed.label
         # Components may register their own metric families on the app's registry.
-        shared = {"metrics_registry": self.metrics.registry}
+        self._shared = {"metrics_registry": self.metrics.registry}
         cfg = self.config
         for name, mc in cfg.models.items():
             base = f"models.{name}"
             features_node = mc.features if mc.features is not None else cfg.features
             routing_node = mc.routing if mc.routing is not None else cfg.routing
             batching_node = mc.batching if mc.batching is not None else cfg.batching
+            self._batching[name] = (
+                batching_node,
+                f"{base}.batching" if mc.batching else "batching",
+            )
             features = self.registry.build(
                 "feature_source",
                 features_node,
@@ -161,61 +157,176 @@ class Runtime:
                     f"{base}.features" if mc.features else "features",
                     model_root,
                     model_name=name,
-                    extra=dict(shared),
+                    extra=dict(self._shared),
                 ),
                 label=label,
             )
-            router = self.registry.build(
-                "router",
+            router = self._build_router(
                 routing_node,
                 ComponentContext(
                     f"{base}.routing" if mc.routing else "routing",
                     model_root,
                     model_name=name,
-                    extra=dict(shared),
+                    extra=dict(self._shared),
                 ),
-                label=label,
+                label,
             )
+            primary = mc.primary or _default_primary(mc.versions)
             versions: dict[str, ServedVersion] = {}
             for version, vc in mc.versions.items():
                 vpath = f"{base}.versions.{version}"
-                model = self.registry.build(
-                    "model_loader",
-                    vc.loader,
-                    ComponentContext(
-                        f"{vpath}.loader",
-                        model_root,
-                        model_name=name,
-                        version=version,
-                        extra=dict(shared),
-                    ),
-                    label=label,
+                sv = self._build_version(name, version, vc.loader, vc.warmup, f"{vpath}.loader")
+                self._check_stage(name, version, vc.stage, vc.weight, primary, router, vpath)
+                sv.stage = PRIMARY if version == primary else vc.stage
+                sv.weight = vc.weight
+                sv.outputs_config = vc.outputs
+                versions[version] = sv
+            total = sum(sv.weight for sv in versions.values())
+            if total > 100:
+                raise ConfigError(
+                    f"{base}.versions: canary weights add up to {total:g}; at most 100",
+                    hint="the primary takes what the canaries leave",
                 )
-                vm = self.metrics.version(name, version)
-                batcher = self.registry.build(
-                    "batcher",
-                    batching_node,
-                    ComponentContext(
-                        f"{base}.batching" if mc.batching else "batching",
-                        model_root,
-                        model_name=name,
-                        version=version,
-                        extra=dict(shared),
-                    ),
-                    model,
-                    vm,
-                    label=label,
+            assert isinstance(features, FeatureSource)
+            repository = None
+            if mc.repository is not None:
+                repository = self._check_repository(name, mc, model_root, label)
+            policy = router.shadow_policy()
+            shadow = None
+            if policy is not None:
+                shadow = ShadowRunner(name, policy, self.metrics, self._prepare, self._record)
+            guard = mc.rollout.guard
+            if guard is not None:
+                for sv in versions.values():
+                    sv.window = Window(guard.window_s)
+            self.models[name] = ServedModel(
+                name,
+                mc,
+                features,
+                router,
+                versions,
+                primary,
+                metrics=self.metrics,
+                shadow=shadow,
+                repository=repository,
+                guard=guard,
+            )
+
+    # -- building -------------------------------------------------------------------------
+
+    def _build_router(
+        self, node: Any, context: ComponentContext, label: str, depth: int = 0
+    ) -> Router:
+        if depth > 8:
+            raise ConfigError(f"{context.path}: routers nested too deeply")
+        router = self.registry.build("router", node, context, label=label)
+        assert isinstance(router, Router)
+        if isinstance(router, WrappingRouter):
+            inner = getattr(router.config, "inner", None)
+            if not isinstance(inner, Mapping):
+                raise ConfigError(f"{context.path}.inner: expected a router node {{kind: ...}}")
+            inner_context = dataclasses.replace(context, path=f"{context.path}.inner")
+            router.inner = self._build_router(inner, inner_context, label, depth + 1)
+        return router
+
+    def _build_version(
+        self, name: str, version: str, node: Node, warmup: bool, path: str
+    ) -> ServedVersion:
+        model_root = self.composed.model_root
+        label = self.composed.label
+        batching_node, batching_path = self._batching[name]
+        model = self.registry.build(
+            "model_loader",
+            node,
+            ComponentContext(
+                path,
+                model_root,
+                model_name=name,
+                version=version,
+                extra=dict(self._shared),
+            ),
+            label=label,
+        )
+        vm = self.metrics.version(name, version)
+        batcher = self.registry.build(
+            "batcher",
+            batching_node,
+            ComponentContext(
+                batching_path,
+                model_root,
+                model_name=name,
+                version=version,
+                extra=dict(self._shared),
+            ),
+            model,
+            vm,
+            label=label,
+        )
+        assert isinstance(model, Model) and isinstance(batcher, Batcher)
+        return ServedVersion(name, version, model, batcher, vm, warmup, node=dict(node), path=path)
+
+    @staticmethod
+    def _check_stage(
+        name: str,
+        version: str,
+        stage: str,
+        weight: float,
+        primary: str,
+        router: Router,
+        path: str,
+    ) -> None:
+        if version == primary:
+            if stage != CANDIDATE or weight:
+                raise ConfigError(
+                    f"{path}: version {version!r} is the primary; it takes no stage or weight",
+                    hint=f"remove stage/weight, or set models.{name}.primary to another version",
                 )
-                assert isinstance(model, Model) and isinstance(batcher, Batcher)
-                versions[version] = ServedVersion(name, version, model, batcher, vm, vc.warmup)
-                self.metrics.model_ready.labels(name, version).set(0)
-            assert isinstance(features, FeatureSource) and isinstance(router, Router)
-            primary = mc.primary or _default_primary(mc.versions)
-            self.models[name] = ServedModel(name, mc, features, router, versions, primary)
+            return
+        if weight and stage != CANARY:
+            raise ConfigError(f"{path}.weight: only a canary takes a weight (stage is {stage!r})")
+        if stage == CANARY and weight and not router.splits_traffic:
+            raise ConfigError(
+                f"{path}.weight: the {router.kind!r} router sends canaries no traffic",
+                hint="use routing: {kind: weighted} (or ab) for this model",
+            )
+        if stage == SHADOW and router.shadow_policy() is None:
+            raise ConfigError(
+                f"{path}.stage: shadow needs a router that copies requests to shadows",
+                hint="wrap the model's router: routing: {kind: shadow, inner: {kind: ...}}",
+            )
+
+    def _check_repository(
+        self, name: str, mc: ModelConfig, model_root: Any, label: str
+    ) -> Repository:
+        assert mc.repository is not None
+        path = f"models.{name}.repository"
+        check_template(mc.repository, path=path)
+        cls, _ = self.registry.resolve(
+            "model_loader",
+            {**mc.repository.loader, "path": "x", "sha256": "0" * 64},
+            path=f"{path}.loader",
+            context=label,
+        )
+        fields = getattr(cls.Config, "__struct_fields__", ())
+        if "path" not in fields or "sha256" not in fields:
+            raise ConfigError(
+                f"{path}.loader: loader {cls.kind!r} takes no path and sha256; a repository "
+                "version needs both (its digest is pinned by the manifest)"
+            )
+        return Repository(mc.repository, model_root, model=name)
 
     @property
     def plugin_infos(self) -> dict[str, PluginInfo]:
         return self.plugins
+
+    @property
+    def lifecycle(self) -> Lifecycle:
+        """Stage moves with approvals and the audit log (created on first use)."""
+        if self._lifecycle is None:
+            from infercore.lifecycle import Lifecycle
+
+            self._lifecycle = Lifecycle(self)
+        return self._lifecycle
 
     @property
     def ready(self) -> bool:
@@ -228,10 +339,12 @@ class Runtime:
         served = self.models.get(name)
         if served is None:
             raise ModelNotFound(
-                f"unknown model {name!r}",
+                f"unknown model {name[:64]!r}",
                 hint=f"served models: {', '.join(self.models) or 'none'}",
             )
         return served
+
+    # -- start and stop -------------------------------------------------------------------
 
     async def start(self) -> None:
         """Start feature sources and routers, then load, warm and open every version.
@@ -240,12 +353,16 @@ class Runtime:
             ModelLoadError: A required model's primary version failed to load (an optional
                 model, or a non-primary version, fails alone and is reported).
         """
+        # The lifecycle listens from the start, so that the guard's decisions are audited.
+        _ = self.lifecycle
         for served in self.models.values():
             await self._start_component(served.features, f"models.{served.name} features")
             await self._start_component(served.router, f"models.{served.name} router")
         for served in self.models.values():
             await asyncio.gather(*(self._load(served, sv) for sv in served.versions.values()))
             served.refresh()
+            if served.shadow is not None:
+                served.shadow.start()
             if served.config.required and not served.ready:
                 err = served.versions[served.primary].error or "failed to load"
                 raise ModelLoadError(err)
@@ -263,17 +380,19 @@ class Runtime:
                 f"start: {type(exc).__name__}: {exc}"
             ) from exc
 
-    async def _load(self, served: ServedModel, sv: ServedVersion) -> None:
+    async def _load(self, served: ServedModel, sv: ServedVersion) -> bool:
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         try:
             try:
                 await sv.model.start()
                 sv.input_names = frozenset(spec.name for spec in sv.model.inputs)
+                own = sv.outputs_config is not None
                 sv.outputs_plan = plan_outputs(
-                    served.config.outputs,
+                    sv.outputs_config if own else served.config.outputs,
                     sv.model.outputs,
-                    config_path=f"models.{served.name}.outputs",
+                    config_path=f"models.{served.name}."
+                    + (f"versions.{sv.version}.outputs" if own else "outputs"),
                 )
                 if sv.warmup:
                     await sv.model.warmup()
@@ -290,23 +409,34 @@ class Runtime:
             sv.error = str(exc)
             self.metrics.model_load_failures.labels(sv.name, sv.version).inc()
             log.error("model %s version %s failed to load: %s", sv.name, sv.version, exc)
-            return
+            return False
         sv.state = READY
         self.metrics.model_ready.labels(sv.name, sv.version).set(1)
         log.info("model %s version %s ready in %.2fs", sv.name, sv.version, loop.time() - t0)
+        return True
+
+    async def _stop_instance(self, sv: ServedVersion) -> None:
+        # Bounded: a model call that never returns must not hang an unload or a shutdown.
+        budget = self.config.server.request_timeout_ms / 1000 + 5.0
+        for part in (sv.batcher, sv.model):
+            try:
+                await asyncio.wait_for(part.stop(), budget)
+            except TimeoutError:
+                log.error("stopping %s took over %.0fs; abandoned", part.context.path, budget)
+            except Exception:
+                log.exception("stopping %s failed", part.context.path)
 
     async def stop(self) -> None:
-        """Stop batchers (finishing queued work), then models, routers and feature sources."""
+        """Stop shadow copies and batchers (finishing queued work), then models, routers and
+        feature sources."""
         self.draining = True
         for served in self.models.values():
+            if served.shadow is not None:
+                await served.shadow.stop()
             for sv in served.versions.values():
-                for part in (sv.batcher, sv.model):
-                    try:
-                        await part.stop()
-                    except Exception:
-                        log.exception("stopping %s failed", part.context.path)
+                if sv.state != UNLOADED:
+                    await self._stop_instance(sv)
                 sv.state = STOPPED
-                self.metrics.model_ready.labels(sv.name, sv.version).set(0)
             served.refresh()
             for component in (served.router, served.features):
                 try:
@@ -314,19 +444,15 @@ class Runtime:
                 except Exception:
                     log.exception("stopping %s failed", component.context.path)
 
-    async def infer(
+    # -- the request path -----------------------------------------------------------------
+
+    def _prepare(
         self,
-        served: ServedModel,
         sv: ServedVersion,
-        fields: Mapping[str, np.ndarray],
-        *,
+        inputs: Tensors,
+        fields: Mapping[str, Array],
         declared: Mapping[str, str] | None,
-        deadline: float,
     ) -> Tensors:
-        """Features -> input checks -> batcher -> model, for one request."""
-        if self.draining:
-            raise ShuttingDown("the server is shutting down")
-        inputs = await served.features.fetch(fields, deadline=deadline)
         wanted = sv.input_names
         if any(k not in wanted and inputs[k] is not fields.get(k) for k in inputs):
             # A feature source may build inputs for every version of the model (a challenger
@@ -337,12 +463,463 @@ class Runtime:
             # A client's declared datatypes bind only tensors that reach the model unchanged;
             # a feature source that built an input has already converted it.
             declared = {k: v for k, v in declared.items() if inputs.get(k) is fields.get(k)}
-        prepared = prepare_inputs(
+        return prepare_inputs(
             sv.model.inputs,
             inputs,
             declared=declared,
             max_rows=self.config.server.max_request_rows,
         )
-        outputs = await sv.batcher.submit(prepared, deadline=deadline)
-        plan = sv.outputs_plan
-        return outputs if plan is None else plan.apply(outputs)
+
+    def _record(self, sv: ServedVersion, elapsed: float, error: bool) -> None:
+        sv.route_duration.observe(elapsed)
+        if error:
+            sv.route_errors.inc()
+
+    async def infer(
+        self,
+        served: ServedModel,
+        sv: ServedVersion,
+        fields: Mapping[str, Array],
+        *,
+        declared: Mapping[str, str] | None,
+        deadline: float,
+    ) -> Tensors:
+        """Features -> input checks -> batcher -> model, for one request.
+
+        The primary's answer may then be copied to shadow versions (never awaited here).
+        """
+        if self.draining:
+            raise ShuttingDown("the server is shutting down")
+        sv.enter()
+        t0 = time.perf_counter()
+        error: bool | None = True  # None: the client went; nothing to judge the version by
+        try:
+            inputs = await served.features.fetch(fields, deadline=deadline)
+            prepared = self._prepare(sv, inputs, fields, declared)
+            outputs = await sv.batcher.submit(prepared, deadline=deadline)
+            plan = sv.outputs_plan
+            result = outputs if plan is None else plan.apply(outputs)
+            table = served.table
+            if table.shadows and sv.version == table.primary and served.shadow is not None:
+                targets = served.router.mirror(RouteRequest(_NO_HEADERS, "", fields), table)
+                if targets:
+                    versions = served.versions
+                    served.shadow.offer(
+                        tuple(versions[t] for t in targets if t in versions),
+                        inputs,
+                        fields,
+                        declared,
+                        result,
+                    )
+            error = False
+            return result
+        except InfercoreError as exc:
+            # A bad request is not the version's fault; a 5xx (or 504) is.
+            error = exc.status_code >= 500
+            raise
+        except asyncio.CancelledError:
+            # The deadline passed (the version was too slow), or the client went.
+            error = True if asyncio.get_running_loop().time() >= deadline else None
+            raise
+        finally:
+            self._finish(served, sv, time.perf_counter() - t0, error)
+
+    def _finish(
+        self, served: ServedModel, sv: ServedVersion, elapsed: float, error: bool | None
+    ) -> None:
+        sv.leave()
+        if error is None:
+            return
+        sv.route_duration.observe(elapsed)
+        if error:
+            sv.route_errors.inc()
+        if served.guarding and sv.window is not None:
+            now = time.monotonic()
+            sv.window.record(now, elapsed, error)
+            if now >= served.next_guard_check:
+                self.check_guard(served, now)
+
+    # -- the canary guard -----------------------------------------------------------------
+
+    def check_guard(self, served: ServedModel, now: float | None = None) -> list[str]:
+        """Judge every canary against the primary now; returns the versions dropped."""
+        guard = served.guard
+        if guard is None or not served.guarding:
+            return []
+        now = time.monotonic() if now is None else now
+        served.next_guard_check = now + guard.check_interval_s
+        primary = served.versions[served.primary]
+        if primary.window is None:
+            return []
+        base = primary.window.stats(now)
+        dropped: list[str] = []
+        for sv in list(served.versions.values()):
+            if sv.stage != CANARY or sv.weight <= 0 or sv.window is None:
+                continue
+            verdict = judge(guard, sv.window.stats(now), base)
+            if verdict is not None:
+                self._trip(served, sv, verdict)
+                dropped.append(sv.version)
+        return dropped
+
+    def _trip(self, served: ServedModel, sv: ServedVersion, verdict: Verdict) -> None:
+        was = sv.weight
+        sv.weight = 0.0
+        if sv.window is not None:
+            sv.window.reset()
+        served.refresh()
+        self.metrics.guard_trips.labels(served.name, sv.version, verdict.cause).inc()
+        log.warning(
+            "canary guard: model %s version %s weight %g -> 0 (%s: %s)",
+            served.name,
+            sv.version,
+            was,
+            verdict.cause,
+            verdict.detail,
+        )
+        self.emit(
+            {
+                "event": "guard_tripped",
+                "model": served.name,
+                "version": sv.version,
+                "actor": "guard",
+                "cause": verdict.cause,
+                "reason": verdict.detail,
+                "weight_before": was,
+            }
+        )
+
+    def emit(self, event: Event) -> None:
+        """Hand a rollout event to every listener (the lifecycle's audit log among them)."""
+        for listener in list(self.listeners):
+            try:
+                listener(event)
+            except Exception:
+                log.exception("a rollout event listener failed")
+
+    # -- run-time changes -----------------------------------------------------------------
+
+    def _scrub(self, text: str) -> str:
+        return text.replace(str(self.composed.model_root), "<model_root>")
+
+    async def load(self, name: str, version: str) -> ServedVersion:
+        """Load (or reload) a version and open it to traffic; the old instance serves until then.
+
+        A recipe version is built from its recipe node; another version from the model's
+        repository folder (its digest pinned by the folder's manifest). A reload keeps the
+        version's stage and weight; a new version starts as a ``candidate``.
+
+        Raises:
+            InvalidInput: An invalid version name, or a repository version without a pinned
+                digest or whose folder escapes the model root.
+            ModelNotFound: The model, or a version in neither the recipe nor the repository.
+            LoadFailed: The load, digest check or warm-up failed; nothing changed.
+        """
+        served = self.model(name)
+        if not VERSION_RE.match(version):
+            raise InvalidInput(
+                f"invalid version {version[:40]!r}",
+                hint="use letters, digits, '_', '-' and '.' (at most 32)",
+            )
+        if self.draining:
+            raise ShuttingDown("the server is shutting down")
+        async with served.lock:
+            current = served.versions.get(version)
+            if current is not None:
+                node, warmup, path, origin = (
+                    current.node,
+                    current.warmup,
+                    current.path,
+                    current.origin,
+                )
+            else:
+                repo = served.repository
+                if repo is None:
+                    raise ModelNotFound(
+                        f"model {name!r} has no version {version!r}",
+                        hint="the recipe lists its versions; models.<m>.repository lets the "
+                        "admin API load others from folders",
+                    )
+                node = repo.loader_node(version)
+                warmup, path, origin = (
+                    repo.config.warmup,
+                    f"models.{name}.repository.loader",
+                    "repository",
+                )
+            try:
+                fresh = self._build_version(name, version, node, warmup, path)
+            except ConfigError as exc:
+                raise InvalidInput(self._scrub(str(exc))) from None
+            fresh.origin = origin
+            if current is not None:
+                fresh.outputs_config = current.outputs_config
+            if served.guard is not None:
+                fresh.window = Window(served.guard.window_s)
+            if not await self._load(served, fresh):
+                await self._stop_instance(fresh)
+                reason = self._scrub(fresh.error or "failed to load")
+                if current is not None:
+                    current.last_load_error = reason
+                    # The old instance (if any) still serves under this label.
+                    self.metrics.model_ready.labels(name, version).set(1 if current.ready else 0)
+                self.emit(
+                    {
+                        "event": "load_failed",
+                        "model": name,
+                        "version": version,
+                        "reason": reason,
+                    }
+                )
+                raise LoadFailed(
+                    f"model {name!r} version {version!r} did not load: {reason}",
+                    hint="nothing changed: the model serves as before",
+                )
+            if current is not None:
+                fresh.stage, fresh.weight = current.stage, current.weight
+            served.versions[version] = fresh
+            served.refresh()
+            if current is not None and current.state not in (UNLOADED, STOPPED):
+                # The replaced instance: requests that picked it finish on it, then it stops.
+                serving = current.ready
+                current.state = UNLOADING  # shadow copies still queued for it are dropped
+                if serving:
+                    await self._retire_instance(current)
+                else:
+                    await self._stop_instance(current)
+                current.state = STOPPED
+        self.emit({"event": "loaded", "model": name, "version": version, "stage": fresh.stage})
+        return fresh
+
+    async def _retire_instance(self, sv: ServedVersion) -> None:
+        """Drain a replaced or unloaded instance, then stop it."""
+        budget = self.config.server.request_timeout_ms / 1000 + 1.0
+        if not await sv.drain(budget):
+            log.warning(
+                "model %s version %s: %d request(s) still running after %.1fs; stopping anyway",
+                sv.name,
+                sv.version,
+                sv.active,
+                budget,
+            )
+        await self._stop_instance(sv)
+
+    async def unload(self, name: str, version: str) -> ServedVersion:
+        """Take a version out of traffic, let its requests finish, then stop it.
+
+        A shadow or canary goes back to ``candidate``. Unloading an unloaded version does
+        nothing.
+
+        Raises:
+            ModelNotFound: Unknown model or version.
+            Conflict: The version is the primary.
+        """
+        served = self.model(name)
+        sv = served.version(version)
+        async with served.lock:
+            sv = served.version(version)
+            if version == served.primary:
+                raise Conflict(
+                    f"version {version!r} is the primary of model {name!r}",
+                    hint="promote another version to primary (or roll back) first",
+                )
+            if sv.state in (UNLOADED, STOPPED):
+                return sv
+            if sv.stage in (SHADOW, CANARY):
+                sv.stage, sv.weight = CANDIDATE, 0.0
+            was_loaded = sv.state == READY
+            sv.state = UNLOADING
+            served.refresh()
+            if was_loaded:
+                await self._retire_instance(sv)
+            else:
+                await self._stop_instance(sv)
+            sv.state = UNLOADED
+            sv.error = None
+            served.refresh()
+        self.emit({"event": "unloaded", "model": name, "version": version})
+        return sv
+
+    def set_stage(
+        self,
+        name: str,
+        version: str,
+        stage: str,
+        weight: float | None = None,
+        *,
+        dry_run: bool = False,
+    ) -> ServedVersion:
+        """Move a version to ``stage`` (synchronously, with one table swap).
+
+        Promoting to ``primary`` retires the current primary and remembers it for
+        :meth:`rollback`.
+
+        Raises:
+            InvalidInput: Unknown stage, a weight outside 0..100, a weight for a non-canary,
+                or canary weights above 100 in total.
+            ModelNotFound: Unknown model or version.
+            Conflict: The version is the primary, is not ready (for shadow, canary, primary),
+                or the model's router cannot serve the stage.
+        """
+        served = self.model(name)
+        sv = served.version(version)
+        if stage not in STAGES:
+            raise InvalidInput(f"unknown stage {stage[:20]!r}", hint=f"stages: {', '.join(STAGES)}")
+        if version == served.primary:
+            raise Conflict(
+                f"version {version!r} is the primary of model {name!r}",
+                hint="promote another version to primary, or roll back",
+            )
+        if stage in (SHADOW, CANARY, PRIMARY) and not sv.ready:
+            raise Conflict(
+                f"model {name!r} version {version!r} is {sv.state}, not ready",
+                hint="load it first (POST /v2/repository/models/NAME/load)",
+            )
+        if stage == SHADOW and served.shadow is None:
+            raise Conflict(
+                f"model {name!r}: its {served.router.kind!r} router copies no requests to shadows",
+                hint="wrap the model's router in routing: {kind: shadow, inner: {...}}",
+            )
+        w = 0.0
+        if stage == CANARY:
+            w = _check_weight(weight or 0.0)
+            if w > 0 and not served.router.splits_traffic:
+                raise Conflict(
+                    f"model {name!r}: its {served.router.kind!r} router sends canaries no traffic",
+                    hint="use routing: {kind: weighted} (or ab) for this model",
+                )
+            others = sum(
+                o.weight for o in served.versions.values() if o.stage == CANARY and o is not sv
+            )
+            if others + w > 100 + 1e-9:
+                raise InvalidInput(
+                    f"canary weights would add up to {others + w:g}; at most 100",
+                    hint="lower another canary's weight first",
+                )
+        elif weight:
+            raise InvalidInput(
+                "only a canary takes a weight", hint="drop weight, or use --to canary"
+            )
+        if dry_run:
+            return sv
+        if stage == PRIMARY:
+            old = served.versions[served.primary]
+            old.stage, old.weight = RETIRED, 0.0
+            served.previous.append(served.primary)
+            del served.previous[:-_HISTORY]
+            served.primary = version
+            if old.window is not None:
+                old.window.reset()
+        if stage == SHADOW and served.shadow is not None:
+            served.shadow.reset(version)
+        if sv.window is not None and (stage != sv.stage or w != sv.weight):
+            sv.window.reset()
+        sv.stage, sv.weight = stage, w
+        served.refresh()
+        return sv
+
+    def set_weights(
+        self, name: str, weights: Mapping[str, float], *, dry_run: bool = False
+    ) -> None:
+        """Set the traffic split: the primary and canaries, in percent, adding up to 100.
+
+        Canaries left out get 0.
+
+        Raises:
+            InvalidInput: Weights outside 0..100, not adding up to 100, or no primary.
+            ModelNotFound: Unknown model or version.
+            Conflict: A version that is neither the primary nor a canary (promote it to
+                canary first), a canary that is not ready, or a router that does not split.
+        """
+        served = self.model(name)
+        for version, value in weights.items():
+            sv = served.version(version)
+            _check_weight(value)
+            if sv.stage not in (PRIMARY, CANARY):
+                raise Conflict(
+                    f"model {name!r} version {version!r} is {sv.stage}: only the primary and "
+                    "canaries take weights",
+                    hint="promote it to canary first (that step may need an approval)",
+                )
+            if sv.stage == CANARY and value > 0:
+                if not sv.ready:
+                    raise Conflict(f"model {name!r} version {version!r} is {sv.state}, not ready")
+                if not served.router.splits_traffic:
+                    raise Conflict(
+                        f"model {name!r}: its {served.router.kind!r} router sends canaries no "
+                        "traffic",
+                        hint="use routing: {kind: weighted} (or ab) for this model",
+                    )
+        if served.primary not in weights:
+            raise InvalidInput(
+                f"the weights must include the primary ({served.primary!r})",
+                hint=f"e.g. {{{served.primary!r}: 90, 'CANARY': 10}}",
+            )
+        total = math.fsum(weights.values())
+        if abs(total - 100.0) > 1e-6:
+            raise InvalidInput(f"the weights add up to {total:g}, not 100")
+        if dry_run:
+            return
+        for sv in served.versions.values():
+            if sv.stage == CANARY:
+                new = float(weights.get(sv.version, 0.0))
+                if new != sv.weight and sv.window is not None:
+                    sv.window.reset()
+                sv.weight = new
+        served.refresh()
+
+    def previous_primary(self, name: str) -> str | None:
+        served = self.model(name)
+        for version in reversed(served.previous):
+            if version in served.versions and version != served.primary:
+                return version
+        return None
+
+    def rollback(self, name: str, *, dry_run: bool = False) -> str | None:
+        """Back to the last primary, and every canary's weight to 0; returns the new primary.
+
+        Raises:
+            Conflict: Nothing to roll back (no previous primary and no canary traffic), or the
+                previous primary is not loaded.
+        """
+        served = self.model(name)
+        target = self.previous_primary(name)
+        live = [sv for sv in served.versions.values() if sv.stage == CANARY and sv.weight > 0]
+        if target is None and not live:
+            raise Conflict(
+                f"model {name!r}: nothing to roll back (no previous primary, no canary traffic)"
+            )
+        if target is not None and not served.versions[target].ready:
+            raise Conflict(
+                f"model {name!r}: the previous primary {target!r} is "
+                f"{served.versions[target].state}",
+                hint="load it first",
+            )
+        if dry_run:
+            return target
+        for sv in live:
+            sv.weight = 0.0
+            if sv.window is not None:
+                sv.window.reset()
+        if target is not None:
+            while served.previous and served.previous[-1] != target:
+                served.previous.pop()
+            served.previous.pop()
+            current = served.versions[served.primary]
+            current.stage, current.weight = RETIRED, 0.0
+            new = served.versions[target]
+            new.stage, new.weight = PRIMARY, 0.0
+            served.primary = target
+            for sv in (current, new):
+                if sv.window is not None:
+                    sv.window.reset()
+        served.refresh()
+        return target
+
+
+def _check_weight(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidInput(f"a weight must be a number, got {value!r}")
+    w = float(value)
+    if not (0.0 <= w <= 100.0):  # NaN fails both
+        raise InvalidInput(f"a weight must be between 0 and 100, got {value!r}")
+    return w

@@ -1,0 +1,354 @@
+"""``infercore models ...``: the admin API from the command line.
+
+    infercore models list [MODEL]
+    infercore models promote fraud 2 --to canary --weight 10 --reason "shadow agrees 99.2 %"
+    infercore models approvals
+    infercore models approve 3f9a1c2e --reason "looked at the shadow summary"
+    infercore models reject 3f9a1c2e --reason "p99 too high"
+    infercore models weights fraud 1=75 2=25
+    infercore models rollback fraud --reason "complaints"
+    infercore models load fraud 3 | unload fraud 3 | shadow fraud | audit
+
+The admin URL and token come from ``--url``/``--token`` (or ``--token-file``), else from
+``INFERCORE_ADMIN_URL`` (default ``http://127.0.0.1:8081``; ``unix:/path/admin.sock`` for a
+Unix socket) and ``INFERCORE_ADMIN_TOKEN``. Only the standard library is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import http.client
+import json
+import os
+import socket
+import sys
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+DEFAULT_URL = "http://127.0.0.1:8081"
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+class AdminError(Exception):
+    """The admin API answered with an error (or could not be reached)."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
+
+
+class AdminClient:
+    """A minimal client of the admin API (``http://host:port`` or ``unix:/path``)."""
+
+    def __init__(self, url: str, token: str, *, timeout: float = 60.0) -> None:
+        self.url = url
+        self.token = token
+        self.timeout = timeout
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self.url.startswith("unix:"):
+            path = self.url[len("unix:") :]
+            if path.startswith("//"):
+                path = path[2:]
+            return _UnixConnection(path, self.timeout)
+        parts = urllib.parse.urlsplit(self.url)
+        if parts.scheme == "https":
+            return http.client.HTTPSConnection(
+                parts.hostname or "127.0.0.1", parts.port or 443, timeout=self.timeout
+            )
+        if parts.scheme != "http":
+            raise AdminError(0, "usage", f"unsupported admin URL {self.url!r} (http:// or unix:)")
+        return http.client.HTTPConnection(
+            parts.hostname or "127.0.0.1", parts.port or 80, timeout=self.timeout
+        )
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        query: dict[str, Any] | None = None,
+    ) -> tuple[int, Any]:
+        """Send one request; returns ``(status, decoded JSON)``.
+
+        Raises:
+            AdminError: A non-2xx answer (its ``error`` and ``reason``), or no connection.
+        """
+        if query:
+            path += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
+        data = json.dumps(body).encode() if body is not None else b""
+        headers = {"Authorization": f"Bearer {self.token}", "Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        conn = self._connection()
+        try:
+            conn.request(method, path, body=data or None, headers=headers)
+            response = conn.getresponse()
+            raw = response.read()
+            status = response.status
+        except OSError as exc:
+            raise AdminError(
+                0, "unreachable", f"cannot reach the admin API at {self.url}: {exc}"
+            ) from None
+        finally:
+            conn.close()
+        try:
+            doc = json.loads(raw) if raw else None
+        except ValueError:
+            doc = None
+        if status >= 400:
+            if isinstance(doc, dict):
+                raise AdminError(status, str(doc.get("reason", "")), str(doc.get("error", "")))
+            raise AdminError(status, "", raw[:200].decode(errors="replace"))
+        return status, doc
+
+
+# -- the command line ---------------------------------------------------------------------
+
+
+def add_models_parser(sub: Any) -> None:
+    """Add ``models`` and its actions to the ``infercore`` subcommands."""
+    models = sub.add_parser(
+        "models", help="versions, rollouts and approvals (the admin API)", allow_abbrev=False
+    )
+    models.add_argument("--url", help=f"admin API URL (env INFERCORE_ADMIN_URL; {DEFAULT_URL})")
+    models.add_argument("--token", help="bearer token (env INFERCORE_ADMIN_TOKEN)")
+    models.add_argument("--token-file", help="read the bearer token from this file")
+    models.add_argument("--json", action="store_true", help="print the API's JSON answer")
+    msub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+
+    def decided(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--by", help="who decides (default: your user name)")
+        p.add_argument("--reason", default="", help="why (kept in the audit log)")
+
+    p = msub.add_parser("list", help="models, versions, stages, weights and states")
+    p.add_argument("model", nargs="?")
+    p = msub.add_parser("promote", help="move a version to a stage (may need an approval)")
+    p.add_argument("model")
+    p.add_argument("version")
+    p.add_argument(
+        "--to", required=True, choices=["candidate", "shadow", "canary", "primary", "retired"]
+    )
+    p.add_argument("--weight", type=float, help="a canary's share of traffic, in percent")
+    decided(p)
+    p = msub.add_parser("weights", help="set the traffic split, e.g. 1=90 2=10")
+    p.add_argument("model")
+    p.add_argument("weights", nargs="+", metavar="VERSION=PERCENT")
+    decided(p)
+    p = msub.add_parser("approvals", help="list approvals")
+    p.add_argument(
+        "--status", default="pending", choices=["pending", "approved", "rejected", "all"]
+    )
+    for action in ("approve", "reject"):
+        p = msub.add_parser(action, help=f"{action} a pending approval")
+        p.add_argument("approval")
+        decided(p)
+    p = msub.add_parser("rollback", help="back to the last primary; canary weights to 0")
+    p.add_argument("model")
+    decided(p)
+    for action in ("load", "unload"):
+        p = msub.add_parser(action, help=f"{action} a version (recipe or repository folder)")
+        p.add_argument("model")
+        p.add_argument("version")
+        decided(p)
+    p = msub.add_parser("shadow", help="shadow copies and their agreement with the primary")
+    p.add_argument("model")
+    p = msub.add_parser("audit", help="the latest audit records")
+    p.add_argument("--limit", type=int, default=20)
+
+
+def _client(args: argparse.Namespace) -> AdminClient:
+    url = args.url or os.environ.get("INFERCORE_ADMIN_URL") or DEFAULT_URL
+    token = args.token
+    if token is None and args.token_file:
+        token = Path(args.token_file).read_text().strip()
+    if token is None:
+        token = os.environ.get("INFERCORE_ADMIN_TOKEN", "")
+    if not token:
+        raise AdminError(0, "usage", "no admin token: pass --token or set INFERCORE_ADMIN_TOKEN")
+    return AdminClient(url, token)
+
+
+def _who(args: argparse.Namespace) -> str:
+    if getattr(args, "by", None):
+        return str(args.by)
+    try:
+        return getpass.getuser()
+    except Exception:  # no user name in this environment
+        return "cli"
+
+
+def _print_models(docs: list[dict[str, Any]]) -> None:
+    rows = [("MODEL", "VERSION", "STAGE", "WEIGHT", "STATE", "NOTE")]
+    for doc in docs:
+        for v in doc["versions"]:
+            weight = ""
+            if v["stage"] == "canary":
+                weight = f"{v.get('weight', 0):g}%"
+            elif v["stage"] == "primary":
+                weight = f"{doc['primary_weight']:g}%"
+            note = v.get("last_load_error") or v.get("error") or ""
+            rows.append((doc["name"], v["version"], v["stage"], weight, v["state"], note[:60]))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[5])
+    pending = [a for doc in docs for a in doc.get("pending_approvals", [])]
+    if pending:
+        print(f"pending approvals: {', '.join(pending)} (infercore models approvals)")
+
+
+def _print_approvals(items: list[dict[str, Any]]) -> None:
+    if not items:
+        print("no approvals")
+        return
+    for a in items:
+        weight = f" weight {a['weight']:g}%" if a.get("weight") is not None else ""
+        line = (
+            f"{a['id']}  {a['status']:<8}  {a['model']} {a['version']} -> {a['to']}{weight}"
+            f"  asked by {a['requested_by']} at {a['requested_at']}"
+        )
+        if a.get("reason"):
+            line += f" ({a['reason']})"
+        if a["status"] != "pending":
+            line += f"; {a['status']} by {a['decided_by']} at {a['decided_at']}"
+        print(line)
+
+
+def _parse_weights(items: list[str]) -> dict[str, float]:
+    weights: dict[str, float] = {}
+    for item in items:
+        version, sep, value = item.partition("=")
+        if not sep:
+            raise AdminError(0, "usage", f"expected VERSION=PERCENT, got {item!r}")
+        try:
+            weights[version] = float(value)
+        except ValueError:
+            raise AdminError(0, "usage", f"{item!r}: the percent is not a number") from None
+    return weights
+
+
+def run_models(args: argparse.Namespace) -> int:
+    """Run one ``infercore models`` action; returns the exit code."""
+    try:
+        return _run(args)
+    except AdminError as exc:
+        if exc.status == 0:
+            print(f"infercore: error: {exc.message}", file=sys.stderr)
+            return EXIT_USAGE if exc.reason == "usage" else EXIT_FAILURE
+        print(f"infercore: error: {exc.message} (HTTP {exc.status} {exc.reason})", file=sys.stderr)
+        return EXIT_FAILURE
+    except OSError as exc:
+        print(f"infercore: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _run(args: argparse.Namespace) -> int:
+    client = _client(args)
+    action = args.models_command
+    q = urllib.parse.quote
+    decision = {"by": _who(args), "reason": getattr(args, "reason", "") or None}
+    if action == "list":
+        path = f"/admin/models/{q(args.model, safe='')}" if args.model else "/admin/models"
+        _, doc = client.request("GET", path)
+        docs = [doc] if args.model else doc
+        if args.json:
+            print(json.dumps(doc, indent=2))
+        else:
+            _print_models(docs)
+        return EXIT_OK
+    if action == "promote":
+        body: dict[str, Any] = {"to": args.to, **decision}
+        if args.weight is not None:
+            body["weight"] = args.weight
+        status, doc = client.request(
+            "POST",
+            f"/admin/models/{q(args.model, safe='')}/versions/{q(args.version, safe='')}/promote",
+            body,
+        )
+        if args.json:
+            print(json.dumps(doc, indent=2))
+        elif status == 202:
+            a = doc["approval"]
+            print(
+                f"approval {a['id']} pending: {a['model']} {a['version']} -> {a['to']} needs "
+                f"a person's approval (infercore models approve {a['id']})"
+            )
+        else:
+            print(f"{args.model} {args.version} is now {args.to}")
+            _print_models([doc["model"]])
+        return EXIT_OK
+    if action == "weights":
+        body = {"weights": _parse_weights(args.weights), **decision}
+        _, doc = client.request("PUT", f"/admin/models/{q(args.model, safe='')}/weights", body)
+        if args.json:
+            print(json.dumps(doc, indent=2))
+        else:
+            _print_models([doc["model"]])
+        return EXIT_OK
+    if action == "approvals":
+        status_q = None if args.status == "all" else args.status
+        _, doc = client.request("GET", "/admin/approvals", query={"status": status_q})
+        if args.json:
+            print(json.dumps(doc, indent=2))
+        else:
+            _print_approvals(doc)
+        return EXIT_OK
+    if action in ("approve", "reject"):
+        _, doc = client.request(
+            "POST", f"/admin/approvals/{q(args.approval, safe='')}/{action}", decision
+        )
+        if args.json:
+            print(json.dumps(doc, indent=2))
+        else:
+            _print_approvals([doc["approval"]])
+            if "model" in doc:
+                _print_models([doc["model"]])
+        return EXIT_OK
+    if action == "rollback":
+        _, doc = client.request(
+            "POST", f"/admin/models/{q(args.model, safe='')}/rollback", decision
+        )
+        if args.json:
+            print(json.dumps(doc, indent=2))
+        else:
+            _print_models([doc["model"]])
+        return EXIT_OK
+    if action in ("load", "unload"):
+        params = {"version": args.version, **{k: v for k, v in decision.items() if v}}
+        _, doc = client.request(
+            "POST",
+            f"/v2/repository/models/{q(args.model, safe='')}/{action}",
+            {"parameters": params},
+        )
+        if args.json:
+            print(json.dumps(doc, indent=2))
+        else:
+            v = doc["version"]
+            print(f"{args.model} {v['version']}: {v['state']} ({v['stage']})")
+        return EXIT_OK
+    if action == "shadow":
+        _, doc = client.request("GET", f"/admin/models/{q(args.model, safe='')}/shadow")
+        print(json.dumps(doc, indent=2))
+        return EXIT_OK
+    if action == "audit":
+        _, doc = client.request("GET", "/admin/audit", query={"limit": args.limit})
+        for record in doc:
+            print(json.dumps(record))
+        return EXIT_OK
+    raise AdminError(0, "usage", f"unknown action {action!r}")

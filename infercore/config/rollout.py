@@ -1,0 +1,111 @@
+"""Config of rollouts: version stages, the canary guard, approvals, repository folders, admin.
+
+These Structs are part of the closed schema (:mod:`infercore.config.schema` imports them):
+``models.<m>.versions.<v>.stage``/``weight``, ``models.<m>.rollout``, ``models.<m>.repository``
+and the top-level ``admin`` section.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+Node = dict[str, Any]
+
+#: The stages a version moves through, in order (``retired`` is off to the side).
+Stage = Literal["candidate", "shadow", "canary", "primary", "retired"]
+#: Stages a recipe may give a non-primary version at start.
+InitialStage = Literal["candidate", "shadow", "canary", "retired"]
+#: Stages whose entry a recipe may gate behind a person's approval.
+GatedStage = Literal["shadow", "canary", "primary"]
+
+Percent = Annotated[float, msgspec.Meta(ge=0, le=100)]
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+NonNegative = Annotated[float, msgspec.Meta(ge=0)]
+
+
+class GuardConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """Drops a canary's weight to 0 when it does worse than the primary over a window.
+
+    Attributes:
+        window_s: The sliding window the rates and p99s are computed over.
+        min_requests: Canary requests needed in the window before the guard judges it.
+        max_error_rate_delta: Trip when the canary's error rate (5xx, timeouts) exceeds the
+            primary's by more than this (0.05 = five percentage points).
+        max_p99_ratio: Trip when the canary's p99 latency exceeds the primary's times this,
+            plus ``p99_slack_ms`` (judged once the primary has ``min_requests`` too).
+        p99_slack_ms: Added to the bound so that sub-millisecond noise never trips it.
+        check_interval_s: How often (at most) the guard is evaluated on the request path.
+    """
+
+    window_s: Positive = 60.0
+    min_requests: Annotated[int, msgspec.Meta(ge=1)] = 50
+    max_error_rate_delta: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.05
+    max_p99_ratio: Annotated[float, msgspec.Meta(ge=1)] = 2.0
+    p99_slack_ms: NonNegative = 5.0
+    check_interval_s: NonNegative = 1.0
+
+
+class RolloutConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """How versions of a model may move between stages.
+
+    Attributes:
+        approvals: Stages whose entry needs a person's approval (``[canary, primary]``): the
+            promotion call creates a pending approval instead of acting. A move that passes a
+            gated stage (``shadow`` straight to ``primary`` when ``canary`` is gated) needs one too.
+        distinct_approver: The person approving must not be the one who asked.
+        guard: The canary guard; ``null`` turns it off.
+    """
+
+    approvals: list[GatedStage] = msgspec.field(default_factory=list)
+    distinct_approver: bool = False
+    guard: GuardConfig | None = msgspec.field(default_factory=GuardConfig)
+
+
+class RepositoryConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """Versions the admin API may load that the recipe does not list: one folder per version.
+
+    ``POST /v2/repository/models/{m}/load`` with version ``3`` loads
+    ``<model_root>/<folder>/<version_folder with {version}=3>/<loader.path>``. The folder must
+    be a real folder inside the model root (a symlink out of it is refused), and the artifact's
+    digest must be pinned in ``manifest`` (``sha256sum`` format, paths relative to ``folder``);
+    it is checked before the loader reads a byte.
+
+    Attributes:
+        folder: The repository folder, relative to the model root.
+        version_folder: Each version's folder inside it; ``{version}`` is the version name.
+        loader: The loader node; its ``path`` is relative to the version folder.
+        manifest: The digest file inside ``folder``.
+        warmup: Warm a loaded version up before it takes traffic.
+    """
+
+    folder: Annotated[str, msgspec.Meta(min_length=1)]
+    loader: Node
+    version_folder: Annotated[str, msgspec.Meta(min_length=1)] = "{version}"
+    manifest: Annotated[str, msgspec.Meta(min_length=1)] = "SHA256SUMS"
+    warmup: bool = True
+
+
+class AdminConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """The admin listener (repository extension, rollouts, approvals): off by default.
+
+    Attributes:
+        enabled: Start the admin listener beside the inference listener.
+        host: Its address; loopback by default.
+        port: Its TCP port.
+        uds: Listen on this Unix socket (created owner-only) instead of ``host:port``.
+        auth_env: The environment variable holding the bearer token.
+        auth_file: Read the token from this file instead.
+        audit_log: Append every decision here as JSON lines; unset keeps them in memory only.
+        max_body_bytes: Largest admin request body.
+    """
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8081
+    uds: str | None = None
+    auth_env: Annotated[str, msgspec.Meta(min_length=1)] = "INFERCORE_ADMIN_TOKEN"
+    auth_file: str | None = None
+    audit_log: str | None = None
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 64 * 1024

@@ -1,0 +1,446 @@
+"""Rollout decisions: stage moves, approvals, weights, rollback, loads, all audited.
+
+The runtime does the mechanics (:meth:`Runtime.set_stage` and friends, which validate before
+changing anything); :class:`Lifecycle` adds the policy: which moves are allowed, which need a
+person's approval (``models.<m>.rollout.approvals``), and a record of every decision with who
+made it, when and why in the append-only audit log.
+
+Versions move candidate -> shadow -> canary(weight) -> primary -> retired. A move may skip
+stages, but not approvals: a move that passes a gated stage (shadow straight to primary when
+``canary`` is gated) needs an approval too. Moves back (canary -> shadow, anything -> retired)
+need none. Rollback never needs one.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+from infercore.errors import InfercoreError, InvalidInput, NotFound
+from infercore.lifecycle.audit import AuditLog, now_iso
+from infercore.runtime.errors import Conflict
+from infercore.runtime.served import (
+    CANARY,
+    CANDIDATE,
+    PRIMARY,
+    RETIRED,
+    SHADOW,
+    STAGES,
+    Event,
+)
+
+if TYPE_CHECKING:
+    from infercore.runtime import Runtime
+
+#: Order along the rollout; retired counts as a fresh start.
+_ORDER = {CANDIDATE: 0, RETIRED: 0, SHADOW: 1, CANARY: 2, PRIMARY: 3}
+#: Moves a version may make from each stage (the primary moves only when replaced).
+ALLOWED: dict[str, frozenset[str]] = {
+    CANDIDATE: frozenset({SHADOW, CANARY, PRIMARY, RETIRED}),
+    SHADOW: frozenset({CANDIDATE, CANARY, PRIMARY, RETIRED}),
+    CANARY: frozenset({CANDIDATE, SHADOW, PRIMARY, RETIRED}),
+    RETIRED: frozenset({CANDIDATE, SHADOW, CANARY, PRIMARY}),
+    PRIMARY: frozenset(),
+}
+_MAX_ACTOR = 64
+_MAX_REASON = 500
+
+
+class AuditUnavailable(InfercoreError):
+    status_code = 503
+    reason = "audit_unavailable"
+
+
+def check_actor(by: Any) -> str:
+    """Who made a decision: 1-64 printable characters."""
+    if not isinstance(by, str) or not by.strip():
+        raise InvalidInput("say who decides: `by` (e.g. your user name)")
+    actor = str(by).strip()
+    if len(actor) > _MAX_ACTOR or not actor.isprintable():
+        raise InvalidInput(f"`by` must be 1-{_MAX_ACTOR} printable characters")
+    return actor
+
+
+def check_reason(reason: Any) -> str:
+    if reason is None:
+        return ""
+    if not isinstance(reason, str) or len(reason) > _MAX_REASON:
+        raise InvalidInput(f"`reason` must be text of at most {_MAX_REASON} characters")
+    return " ".join(reason.split())
+
+
+@dataclass(slots=True)
+class Approval:
+    """A rollout step waiting for (or decided by) a person."""
+
+    id: str
+    model: str
+    version: str
+    to: str
+    weight: float | None
+    requested_by: str
+    requested_at: str
+    reason: str
+    gates: list[str]
+    status: str = "pending"
+    decided_by: str | None = None
+    decided_at: str | None = None
+    decision_reason: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Lifecycle:
+    """Stage moves with approvals and an audit log, over one runtime.
+
+    Args:
+        runtime: The runtime whose models it moves.
+        audit: Where decisions go (default: ``admin.audit_log`` of the runtime's config).
+    """
+
+    def __init__(self, runtime: Runtime, audit: AuditLog | None = None) -> None:
+        self.runtime = runtime
+        self.audit = audit or AuditLog(runtime.config.admin.audit_log)
+        self.approvals: dict[str, Approval] = {}
+        runtime.listeners.append(self._on_event)
+
+    # -- records --------------------------------------------------------------------------
+
+    def _on_event(self, event: Event) -> None:
+        # The runtime's own decisions (the guard); those made here are recorded here.
+        if event.get("actor") == "guard":
+            self._record(dict(event), strict=False)
+
+    def _record(self, record: dict[str, Any], *, strict: bool = True) -> dict[str, Any]:
+        try:
+            return self.audit.append(record)
+        except OSError as exc:
+            if not strict:
+                return record
+            raise AuditUnavailable(
+                f"the audit log cannot be written ({exc.strerror}); nothing changed",
+                hint="fix admin.audit_log (a writable file)",
+            ) from None
+
+    def _pending_gauge(self, model: str) -> None:
+        n = sum(1 for a in self.approvals.values() if a.model == model and a.status == "pending")
+        self.runtime.metrics.approvals_pending.labels(model).set(n)
+
+    # -- reading --------------------------------------------------------------------------
+
+    def describe(self, model: str | None = None) -> list[dict[str, Any]]:
+        names = [model] if model is not None else list(self.runtime.models)
+        out = []
+        for name in names:
+            served = self.runtime.model(name)
+            doc = served.describe()
+            doc["approvals_required"] = list(served.config.rollout.approvals)
+            doc["pending_approvals"] = [
+                a.id for a in self.approvals.values() if a.model == name and a.status == "pending"
+            ]
+            out.append(doc)
+        return out
+
+    def list_approvals(self, status: str | None = None) -> list[dict[str, Any]]:
+        if status is not None and status not in ("pending", "approved", "rejected"):
+            raise InvalidInput(
+                f"unknown approval status {status[:20]!r}",
+                hint="pending, approved or rejected",
+            )
+        return [a.to_dict() for a in self.approvals.values() if status in (None, a.status)]
+
+    def shadow_summary(self, model: str) -> dict[str, Any]:
+        served = self.runtime.model(model)
+        runner = served.shadow
+        versions: dict[str, Any] = {}
+        if runner is not None:
+            for version, stats in runner.stats.items():
+                sv = served.versions.get(version)
+                doc = stats.summary()
+                doc["stage"] = sv.stage if sv is not None else None
+                versions[version] = doc
+        return {
+            "model": model,
+            "primary": served.primary,
+            "mirroring": runner is not None,
+            "queue_depth": runner.depth if runner is not None else 0,
+            "queue_size": runner.policy.queue_size if runner is not None else 0,
+            "versions": versions,
+        }
+
+    # -- decisions ------------------------------------------------------------------------
+
+    def gates(self, model: str, current: str, target: str) -> list[str]:
+        """The gated stages a move from ``current`` to ``target`` passes (needs approval)."""
+        served = self.runtime.model(model)
+        gated = served.config.rollout.approvals
+        lo, hi = _ORDER[current], _ORDER.get(target, 0)
+        return [s for s in (SHADOW, CANARY, PRIMARY) if s in gated and lo < _ORDER[s] <= hi]
+
+    def _check_move(self, model: str, version: str, to: str, weight: float | None) -> str:
+        served = self.runtime.model(model)
+        sv = served.version(version)
+        if to not in STAGES:
+            raise InvalidInput(f"unknown stage {to[:20]!r}", hint=f"stages: {', '.join(STAGES)}")
+        current = sv.stage
+        if to == current:
+            raise Conflict(
+                f"model {model!r} version {version!r} is already {to}",
+                hint="to change a canary's weight, set the weights",
+            )
+        if to not in ALLOWED[current]:
+            raise Conflict(
+                f"model {model!r} version {version!r} is the primary; it moves only when "
+                "another version is promoted, or by a rollback"
+            )
+        # Everything the runtime would refuse, refused now (nothing changes on a dry run).
+        self.runtime.set_stage(model, version, to, weight, dry_run=True)
+        return current
+
+    async def promote(
+        self,
+        model: str,
+        version: str,
+        to: str,
+        *,
+        weight: float | None = None,
+        by: str,
+        reason: str | None = None,
+    ) -> dict[str, Any]:
+        """Move a version to stage ``to``, or ask for an approval when the recipe gates it.
+
+        Returns ``{"status": "applied", "model": ...}`` or ``{"status": "pending",
+        "approval": ...}``.
+        """
+        by, why = check_actor(by), check_reason(reason)
+        current = self._check_move(model, version, to, weight)
+        gates = self.gates(model, current, to)
+        if gates:
+            for a in self.approvals.values():
+                if (a.model, a.version, a.to, a.status) == (model, version, to, "pending"):
+                    raise Conflict(
+                        f"approval {a.id} for this step is already pending",
+                        hint=f"approve or reject it: infercore models approve {a.id}",
+                    )
+            approval = Approval(
+                id=secrets.token_hex(4),
+                model=model,
+                version=version,
+                to=to,
+                weight=weight,
+                requested_by=by,
+                requested_at=now_iso(),
+                reason=why,
+                gates=gates,
+            )
+            self._record(
+                {
+                    "event": "approval_requested",
+                    "approval": approval.id,
+                    "model": model,
+                    "version": version,
+                    "from": current,
+                    "to": to,
+                    "weight": weight,
+                    "actor": by,
+                    "reason": why,
+                    "gates": gates,
+                }
+            )
+            self.approvals[approval.id] = approval
+            self._pending_gauge(model)
+            return {"status": "pending", "approval": approval.to_dict()}
+        self._apply(model, version, current, to, weight, by=by, reason=why, approval=None)
+        return {"status": "applied", "model": self.describe(model)[0]}
+
+    def _apply(
+        self,
+        model: str,
+        version: str,
+        current: str,
+        to: str,
+        weight: float | None,
+        *,
+        by: str,
+        reason: str,
+        approval: Approval | None,
+    ) -> None:
+        previous = self.runtime.model(model).primary
+        record: dict[str, Any] = {
+            "event": "promoted",
+            "model": model,
+            "version": version,
+            "from": current,
+            "to": to,
+            "actor": by,
+            "reason": reason,
+        }
+        if weight is not None:
+            record["weight"] = weight
+        if to == PRIMARY:
+            record["previous_primary"] = previous
+        if approval is not None:
+            record["approval"] = approval.id
+            record["requested_by"] = approval.requested_by
+        self._record(record)
+        self.runtime.set_stage(model, version, to, weight)
+
+    async def approve(
+        self, approval_id: str, *, by: str, reason: str | None = None
+    ) -> dict[str, Any]:
+        """Approve a pending step and carry it out (checked again against the state now)."""
+        by, why = check_actor(by), check_reason(reason)
+        a = self._pending(approval_id)
+        served = self.runtime.model(a.model)
+        if served.config.rollout.distinct_approver and by == a.requested_by:
+            raise Conflict(
+                f"approval {a.id} was requested by {by!r}; another person must approve it"
+            )
+        current = self._check_move(a.model, a.version, a.to, a.weight)
+        decided_at = now_iso()
+        self._record(
+            {
+                "event": "approved",
+                "approval": a.id,
+                "model": a.model,
+                "version": a.version,
+                "to": a.to,
+                "actor": by,
+                "reason": why,
+                "requested_by": a.requested_by,
+            }
+        )
+        a.status, a.decided_by, a.decided_at, a.decision_reason = "approved", by, decided_at, why
+        self._pending_gauge(a.model)
+        self._apply(a.model, a.version, current, a.to, a.weight, by=by, reason=why, approval=a)
+        return {"status": "applied", "approval": a.to_dict(), "model": self.describe(a.model)[0]}
+
+    async def reject(
+        self, approval_id: str, *, by: str, reason: str | None = None
+    ) -> dict[str, Any]:
+        """Reject a pending step; nothing moves."""
+        by, why = check_actor(by), check_reason(reason)
+        a = self._pending(approval_id)
+        self._record(
+            {
+                "event": "rejected",
+                "approval": a.id,
+                "model": a.model,
+                "version": a.version,
+                "to": a.to,
+                "actor": by,
+                "reason": why,
+                "requested_by": a.requested_by,
+            }
+        )
+        a.status, a.decided_by, a.decided_at, a.decision_reason = "rejected", by, now_iso(), why
+        self._pending_gauge(a.model)
+        return {"status": "rejected", "approval": a.to_dict()}
+
+    def _pending(self, approval_id: str) -> Approval:
+        a = self.approvals.get(approval_id)
+        if a is None:
+            raise NotFound(f"no approval {approval_id[:20]!r}", hint="infercore models approvals")
+        if a.status != "pending":
+            raise Conflict(
+                f"approval {a.id} was already {a.status} by {a.decided_by} at {a.decided_at}"
+            )
+        return a
+
+    async def set_weights(
+        self, model: str, weights: dict[str, float], *, by: str, reason: str | None = None
+    ) -> dict[str, Any]:
+        """Set the primary's and canaries' shares (adding up to 100)."""
+        by, why = check_actor(by), check_reason(reason)
+        if not isinstance(weights, dict) or not weights:
+            raise InvalidInput("give the weights: {version: percent, ...}")
+        self.runtime.set_weights(model, weights, dry_run=True)
+        self._record(
+            {
+                "event": "weights_set",
+                "model": model,
+                "weights": weights,
+                "actor": by,
+                "reason": why,
+            }
+        )
+        self.runtime.set_weights(model, weights)
+        return {"status": "applied", "model": self.describe(model)[0]}
+
+    async def rollback(self, model: str, *, by: str, reason: str | None = None) -> dict[str, Any]:
+        """Back to the last primary (loading it if it was unloaded); canary weights to 0."""
+        by, why = check_actor(by), check_reason(reason)
+        runtime = self.runtime
+        served = runtime.model(model)
+        target = runtime.previous_primary(model)
+        if target is not None and not served.versions[target].ready:
+            await self.load(model, target, by=by, reason=f"rollback: {why}".strip(": "))
+        current = served.primary
+        runtime.rollback(model, dry_run=True)
+        self._record(
+            {
+                "event": "rolled_back",
+                "model": model,
+                "from": current,
+                "to": target or current,
+                "actor": by,
+                "reason": why,
+            }
+        )
+        runtime.rollback(model)
+        return {"status": "applied", "model": self.describe(model)[0]}
+
+    async def load(
+        self, model: str, version: str, *, by: str, reason: str | None = None
+    ) -> dict[str, Any]:
+        by, why = check_actor(by), check_reason(reason)
+        try:
+            sv = await self.runtime.load(model, version)
+        except InfercoreError as exc:
+            if exc.status_code != 404 and exc.reason != "invalid_input":
+                self._record(
+                    {
+                        "event": "load_failed",
+                        "model": model,
+                        "version": version,
+                        "actor": by,
+                        "reason": why,
+                        "error": exc.message,
+                    },
+                    strict=False,
+                )
+            raise
+        self._record(
+            {
+                "event": "loaded",
+                "model": model,
+                "version": version,
+                "stage": sv.stage,
+                "actor": by,
+                "reason": why,
+            },
+            strict=False,
+        )
+        return {"status": "loaded", "version": sv.describe()}
+
+    async def unload(
+        self, model: str, version: str, *, by: str, reason: str | None = None
+    ) -> dict[str, Any]:
+        by, why = check_actor(by), check_reason(reason)
+        served = self.runtime.model(model)
+        stage = served.version(version).stage
+        sv = await self.runtime.unload(model, version)
+        self._record(
+            {
+                "event": "unloaded",
+                "model": model,
+                "version": version,
+                "stage_before": stage,
+                "actor": by,
+                "reason": why,
+            },
+            strict=False,
+        )
+        return {"status": "unloaded", "version": sv.describe()}

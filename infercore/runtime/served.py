@@ -1,0 +1,298 @@
+"""A served model and its versions: load state, rollout stage, and the routing table.
+
+Every change to a version (loaded, unloaded, moved to another stage, given a weight) ends with
+:meth:`ServedModel.refresh`, which builds a new :class:`~infercore.components.RoutingTable` and
+swaps it in with one assignment: a router never sees a half-made change, and a version that is
+not ready is never in it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import numpy.typing as npt
+
+from infercore.components import (
+    Batcher,
+    FeatureSource,
+    Model,
+    Router,
+    RouteRequest,
+    RoutingTable,
+    TensorSpec,
+)
+from infercore.config.rollout import GuardConfig
+from infercore.config.schema import ModelConfig, OutputMapping
+from infercore.errors import ModelNotFound, ModelNotReady
+from infercore.metrics import Metrics, VersionMetrics
+from infercore.runtime.guard import Window
+from infercore.runtime.outputs import OutputPlan
+from infercore.runtime.repository import Repository
+from infercore.runtime.shadow import ShadowRunner
+
+Array = npt.NDArray[Any]
+
+LOADING, READY, FAILED, STOPPED = "loading", "ready", "failed", "stopped"
+UNLOADING, UNLOADED = "unloading", "unloaded"
+
+CANDIDATE, SHADOW, CANARY, PRIMARY, RETIRED = "candidate", "shadow", "canary", "primary", "retired"
+STAGES = (CANDIDATE, SHADOW, CANARY, PRIMARY, RETIRED)
+
+Node = dict[str, Any]
+Event = dict[str, Any]
+
+
+@dataclass(slots=True)
+class ServedVersion:
+    """One loaded (or loading) version of a model."""
+
+    name: str
+    version: str
+    model: Model
+    batcher: Batcher
+    metrics: VersionMetrics
+    warmup: bool
+    state: str = LOADING
+    error: str | None = None
+    outputs_plan: OutputPlan | None = None
+    #: The model's input names, known once it has loaded.
+    input_names: frozenset[str] = frozenset()
+    #: Its rollout stage and, for a canary, its share of routed traffic in percent.
+    stage: str = CANDIDATE
+    weight: float = 0.0
+    #: The loader node it was built from (a reload builds it again), and that node's path.
+    node: Node = field(default_factory=dict)
+    path: str = ""
+    #: ``recipe`` or ``repository``.
+    origin: str = "recipe"
+    #: The version's own output mapping (``None``: the model's).
+    outputs_config: dict[str, OutputMapping] | None = None
+    #: Why the latest load at run time failed (the version kept serving as before).
+    last_load_error: str | None = None
+    #: Requests (and shadow copies) inside the pipeline right now; unload waits for 0.
+    active: int = 0
+    window: Window | None = None
+    route_requests: Any = None
+    route_errors: Any = None
+    route_duration: Any = None
+    route_role: str = ""
+    _idle: asyncio.Event | None = None
+
+    @property
+    def output_specs(self) -> list[TensorSpec]:
+        """The outputs clients see: the recipe's mapping, or the model's own outputs."""
+        if self.outputs_plan is not None:
+            return list(self.outputs_plan.specs)
+        return self.model.outputs
+
+    @property
+    def ready(self) -> bool:
+        return self.state == READY
+
+    @property
+    def default_input(self) -> str | None:
+        """The input a V1 instance of plain values fills (a model with one input)."""
+        specs = self.model.inputs
+        return specs[0].name if len(specs) == 1 else None
+
+    def enter(self) -> None:
+        self.active += 1
+
+    def leave(self) -> None:
+        self.active -= 1
+        if self.active <= 0 and self._idle is not None:
+            self._idle.set()
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Wait until no request is inside this version; ``False`` when ``timeout_s`` passed."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + timeout_s
+        while self.active > 0:
+            self._idle = asyncio.Event()
+            left = until - loop.time()
+            if left <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self._idle.wait(), left)
+            except TimeoutError:
+                return False
+        return True
+
+    def describe(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "version": self.version,
+            "stage": self.stage,
+            "state": self.state,
+            "ready": self.ready,
+            "origin": self.origin,
+        }
+        if self.stage == CANARY:
+            doc["weight"] = self.weight
+        if self.error:
+            doc["error"] = self.error
+        if self.last_load_error:
+            doc["last_load_error"] = self.last_load_error
+        return doc
+
+
+@dataclass(slots=True)
+class ServedModel:
+    """A model with its versions, feature source and router."""
+
+    name: str
+    config: ModelConfig
+    features: FeatureSource
+    router: Router
+    versions: dict[str, ServedVersion]
+    primary: str
+    metrics: Metrics | None = None
+    shadow: ShadowRunner | None = None
+    repository: Repository | None = None
+    guard: GuardConfig | None = None
+    #: Primaries before the current one, latest last (rollback target).
+    previous: list[str] = field(default_factory=list)
+    table: RoutingTable = field(init=False)
+    #: A canary takes traffic and the guard is on: versions record into their windows.
+    guarding: bool = field(init=False, default=False)
+    next_guard_check: float = 0.0
+    _lock: asyncio.Lock | None = None
+
+    def __post_init__(self) -> None:
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Recompute the routing table (and the stage metrics) after a version changed."""
+        versions = self.versions
+        ready = frozenset(v for v, sv in versions.items() if sv.ready)
+        split: tuple[tuple[str, float], ...] = ()
+        canaries = sorted(
+            (v, sv.weight)
+            for v, sv in versions.items()
+            if sv.stage == CANARY and sv.weight > 0 and sv.ready
+        )
+        if canaries and self.router.splits_traffic:
+            entries: list[tuple[str, float]] = []
+            acc = max(0.0, 100.0 - sum(w for _, w in canaries))
+            if acc > 0:
+                entries.append((self.primary, acc))
+            for version, weight in canaries:
+                acc += weight
+                entries.append((version, acc))
+            # The last slice reaches past 100, so that rounding can never fall off the end.
+            entries[-1] = (entries[-1][0], math.inf)
+            split = tuple(entries)
+        shadows: tuple[str, ...] = ()
+        if self.shadow is not None:
+            shadows = tuple(
+                sorted(v for v, sv in versions.items() if sv.stage == SHADOW and sv.ready)
+            )
+        stages = MappingProxyType({v: sv.stage for v, sv in versions.items()})
+        self.table = RoutingTable(self.primary, ready, split, shadows, stages)
+        self.guarding = self.guard is not None and any(v != self.primary for v, _ in split)
+        if self.metrics is not None:
+            self._publish(self.metrics)
+
+    def _publish(self, metrics: Metrics) -> None:
+        for v, sv in self.versions.items():
+            metrics.model_ready.labels(self.name, v).set(1 if sv.ready else 0)
+            for stage in STAGES:
+                metrics.model_stage.labels(self.name, v, stage).set(1 if sv.stage == stage else 0)
+            metrics.canary_weight.labels(self.name, v).set(sv.weight if sv.stage == CANARY else 0)
+            if sv.route_role != sv.stage or sv.route_requests is None:
+                labels = (self.name, v, self.router.variant(v), sv.stage)
+                sv.route_requests = metrics.route_requests.labels(*labels)
+                sv.route_errors = metrics.route_errors.labels(*labels)
+                sv.route_duration = metrics.route_duration.labels(*labels)
+                sv.route_role = sv.stage
+
+    @property
+    def ready(self) -> bool:
+        return self.primary in self.table.ready
+
+    @property
+    def lock(self) -> asyncio.Lock:
+        """Serializes run-time changes (loads, unloads) of this model."""
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        return self._lock
+
+    def version(self, version: str) -> ServedVersion:
+        served = self.versions.get(version)
+        if served is None:
+            raise ModelNotFound(
+                f"model {self.name!r} has no version {version[:40]!r}",
+                hint=f"versions: {', '.join(self.versions)}",
+            )
+        return served
+
+    def pick(
+        self,
+        version: str | None,
+        headers: Mapping[str, str],
+        request_id: str,
+        fields: Mapping[str, Array] | None = None,
+    ) -> ServedVersion:
+        """The version that serves a request: the asked one, or the router's choice.
+
+        Raises:
+            ModelNotFound: The version (asked for, or named by a header) is unknown.
+            ModelNotReady: It is not ready; a version that is not ready never takes traffic.
+        """
+        if version is None:
+            request = (
+                RouteRequest(headers, request_id)
+                if fields is None
+                else RouteRequest(headers, request_id, fields)
+            )
+            version = self.router.route(request, self.table)
+        served = self.versions.get(version)
+        if served is None:
+            raise ModelNotFound(
+                f"model {self.name!r} has no version {version[:40]!r}",
+                hint=f"versions: {', '.join(self.versions)}",
+            )
+        if not served.ready:
+            raise ModelNotReady(f"model {self.name!r} version {version!r} is not ready")
+        served.route_requests.inc()
+        return served
+
+    def pick_v1(
+        self,
+        version: str | None,
+        headers: Mapping[str, str],
+        request_id: str,
+        decode: Callable[[str | None], dict[str, Array]],
+    ) -> tuple[ServedVersion, dict[str, Array]]:
+        """Pick a version for a body whose decoding depends on it (V1's default input name).
+
+        Readiness comes first (a model that is not ready is a 503 whatever the body). A
+        router that routes by request fields sees the fields decoded for the primary.
+        """
+        if version is not None or not self.router.uses_fields:
+            sv = self.pick(version, headers, request_id)
+            return sv, decode(sv.default_input)
+        first = self.versions[self.primary]
+        if not first.ready:
+            raise ModelNotReady(f"model {self.name!r} version {self.primary!r} is not ready")
+        fields = decode(first.default_input)
+        sv = self.pick(None, headers, request_id, fields)
+        if sv is not first and sv.default_input != first.default_input:
+            fields = decode(sv.default_input)
+        return sv, fields
+
+    def describe(self) -> dict[str, Any]:
+        canary_total = sum(sv.weight for sv in self.versions.values() if sv.stage == CANARY)
+        return {
+            "name": self.name,
+            "primary": self.primary,
+            "ready": self.ready,
+            "router": self.router.kind,
+            "primary_weight": max(0.0, 100.0 - canary_total),
+            "previous_primaries": list(self.previous),
+            "versions": [sv.describe() for sv in self.versions.values()],
+        }

@@ -1,0 +1,510 @@
+"""The admin listener: the V2 repository extension and infercore's rollout routes.
+
+A separate Litestar app on its own uvicorn server, started by ``infercore serve`` only when
+``admin.enabled`` is true (off by default), on loopback or a Unix socket by default
+(RELIABILITY.md S1). Every request needs ``Authorization: Bearer <token>``; the token comes
+from an environment variable (``admin.auth_env``) or a file (``admin.auth_file``) and is
+compared in constant time. No request is routed before it is authenticated: 401 without a
+token, 403 with a wrong one. The inference listener mounts none of these routes, so there
+they answer 404.
+
+Routes::
+
+    POST /v2/repository/index                       versions and their states (V2 repository)
+    POST /v2/repository/models/{m}/load             {"parameters": {"version": "2"}}
+    POST /v2/repository/models/{m}/unload           {"parameters": {"version": "2"}}
+    GET  /admin/models[/{m}]                        stages, weights, states, pending approvals
+    POST /admin/models/{m}/versions/{v}/promote     {"to": "canary", "weight": 10, "by": ...}
+    PUT  /admin/models/{m}/weights                  {"weights": {"1": 90, "2": 10}, "by": ...}
+    POST /admin/models/{m}/rollback                 {"by": ..., "reason": ...}
+    GET  /admin/models/{m}/shadow                   shadow copies and agreement
+    GET  /admin/approvals[?status=pending]
+    POST /admin/approvals/{id}/approve | reject     {"by": ..., "reason": ...}
+    GET  /admin/audit[?limit=100]                   the latest audit records
+
+No route takes a server-side path (S4): a load names a version, whose folder comes from the
+recipe (``models.<m>.versions``) or the model's repository folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import os
+import socket
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from litestar import Litestar, Request, Response, get, post, put
+from litestar.params import FromPath, FromQuery
+
+from infercore.config.rollout import AdminConfig
+from infercore.config.schema import NAME_RE, VERSION_RE
+from infercore.errors import ConfigError, InfercoreError, InvalidInput
+from infercore.runtime import Runtime
+from infercore.server.errors import EXCEPTION_HANDLERS
+
+log = logging.getLogger("infercore.admin")
+
+JSON = "application/json"
+#: Shortest token accepted: a guessable token is no protection.
+MIN_TOKEN_CHARS = 16
+_REPOSITORY_PARAMETERS = frozenset({"version", "by", "reason"})
+#: Sent by tritonclient's unload_model; infercore has no ensembles, so it changes nothing.
+_UNLOAD_PARAMETERS = _REPOSITORY_PARAMETERS | {"unload_dependents"}
+_encoder = msgspec.json.Encoder()
+
+
+class _PromoteBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    to: str
+    by: str
+    weight: float | None = None
+    reason: str | None = None
+
+
+class _WeightsBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    weights: dict[str, float]
+    by: str
+    reason: str | None = None
+
+
+class _DecisionBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    by: str
+    reason: str | None = None
+
+
+class _RepositoryBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    parameters: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class _IndexBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    ready: bool = False
+
+
+def _decode(body: bytes, kind: type[Any], *, empty_ok: bool = False) -> Any:
+    if not body.strip():
+        if empty_ok:
+            return kind()
+        raise InvalidInput("the request needs a JSON body")
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError as exc:
+        raise InvalidInput(f"invalid request body: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise InvalidInput(f"malformed JSON: {exc}") from None
+
+
+def _model_name(name: str) -> str:
+    if not NAME_RE.match(name):
+        raise InvalidInput(
+            f"invalid model name {name[:64]!r}",
+            hint="letters, digits, '_' and '-' (no '/', no '..')",
+        )
+    return name
+
+
+def _version_name(version: str) -> str:
+    if not VERSION_RE.match(version) or ".." in version:
+        raise InvalidInput(
+            f"invalid version {version[:40]!r}",
+            hint="letters, digits, '_', '-' and '.' (at most 32; no '..')",
+        )
+    return version
+
+
+def _json(doc: Any, status: int = 200) -> Response[bytes]:
+    return Response(_encoder.encode(doc), media_type=JSON, status_code=status)
+
+
+def load_token(config: AdminConfig, environ: Mapping[str, str] | None = None) -> str:
+    """The admin bearer token, from ``admin.auth_file`` or the ``admin.auth_env`` variable.
+
+    Raises:
+        ConfigError: No token, or one shorter than :data:`MIN_TOKEN_CHARS`.
+    """
+    env = os.environ if environ is None else environ
+    if config.auth_file:
+        try:
+            token = Path(config.auth_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"admin.auth_file: cannot read the token file ({exc.strerror})",
+                hint="point admin.auth_file at a readable file holding the token",
+            ) from None
+        where = "admin.auth_file"
+    else:
+        token = env.get(config.auth_env, "").strip()
+        where = f"${config.auth_env}"
+        if not token:
+            raise ConfigError(
+                f"admin.enabled: the admin API needs a bearer token; {where} is not set",
+                hint=f"export {config.auth_env}=$(openssl rand -hex 24), or set admin.auth_file",
+            )
+    if len(token) < MIN_TOKEN_CHARS:
+        raise ConfigError(
+            f"{where}: the admin token is shorter than {MIN_TOKEN_CHARS} characters",
+            hint="use a long random token, e.g. openssl rand -hex 24",
+        )
+    return token
+
+
+class BearerAuth:
+    """ASGI middleware: every HTTP request carries ``Authorization: Bearer <token>``.
+
+    Runs before routing, so an unauthenticated caller learns nothing about the routes.
+    Compared in constant time over SHA-256 digests (the token's length does not leak either).
+    """
+
+    def __init__(self, app: Any, token: str) -> None:
+        self.app = app
+        self._digest = hashlib.sha256(token.encode()).digest()
+
+    def check(self, header: bytes | None) -> int:
+        """0 when authorized, else the status to answer (401 no token, 403 a wrong one)."""
+        if not header:
+            return 401
+        scheme, _, given = header.partition(b" ")
+        if scheme.lower() != b"bearer" or not given.strip():
+            return 401
+        ok = hmac.compare_digest(hashlib.sha256(given.strip()).digest(), self._digest)
+        return 0 if ok else 403
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        header = None
+        for name, value in scope.get("headers", ()):
+            if name == b"authorization":
+                header = value
+                break
+        status = self.check(header)
+        if status == 0:
+            await self.app(scope, receive, send)
+            return
+        if status == 401:
+            body = b'{"error":"the admin API needs a bearer token","reason":"unauthorized"}'
+            extra = [(b"www-authenticate", b"Bearer")]
+        else:
+            body = b'{"error":"the bearer token is not valid","reason":"unauthorized"}'
+            extra = []
+        log.warning("admin: refused %s %s (%d)", scope.get("method"), scope.get("path"), status)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    *extra,
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+def create_admin_app(runtime: Runtime, token: str) -> BearerAuth:
+    """The admin ASGI app (Litestar behind :class:`BearerAuth`) for ``runtime``."""
+    lifecycle = runtime.lifecycle
+    cfg = runtime.config.admin
+
+    def actor(value: Any, default: str) -> str:
+        return value if isinstance(value, str) and value.strip() else default
+
+    def repository_version(
+        params: Mapping[str, Any], allowed: frozenset[str] = _REPOSITORY_PARAMETERS
+    ) -> str | None:
+        unknown = sorted(set(params) - allowed)
+        if unknown:
+            raise InvalidInput(
+                f"parameter {unknown[0][:40]!r} is not accepted",
+                hint='name a version ({"parameters": {"version": "2"}}); versions come '
+                "from the recipe or the model's repository folder, never from a path or a "
+                "config in the request",
+            )
+        version = params.get("version")
+        if version is None:
+            return None
+        if isinstance(version, int) and not isinstance(version, bool):
+            version = str(version)
+        if not isinstance(version, str):
+            raise InvalidInput("parameters.version must be a string")
+        return _version_name(version)
+
+    # --- the V2 repository extension ---------------------------------------------------
+    @post("/v2/repository/index", status_code=200)
+    async def repository_index(request: Request[Any, Any, Any]) -> Response[bytes]:
+        body = _decode(await request.body(), _IndexBody, empty_ok=True)
+        rows: list[dict[str, Any]] = []
+        for name, served in runtime.models.items():
+            known = dict(served.versions)
+            for version, sv in known.items():
+                if body.ready and not sv.ready:
+                    continue
+                row = {
+                    "name": name,
+                    "version": version,
+                    "state": "READY" if sv.ready else "UNAVAILABLE",
+                    "reason": "" if sv.ready else sv.state,
+                    "stage": sv.stage,
+                }
+                rows.append(row)
+            if served.repository is not None and not body.ready:
+                for version in served.repository.versions():
+                    if version not in known:
+                        rows.append(
+                            {
+                                "name": name,
+                                "version": version,
+                                "state": "UNAVAILABLE",
+                                "reason": "unloaded",
+                                "stage": None,
+                            }
+                        )
+        return _json(rows)
+
+    @post("/v2/repository/models/{model_name:str}/load", status_code=200)
+    async def repository_load(
+        request: Request[Any, Any, Any], model_name: FromPath[str]
+    ) -> Response[bytes]:
+        name = _model_name(model_name)
+        body = _decode(await request.body(), _RepositoryBody, empty_ok=True)
+        params = body.parameters
+        version = repository_version(params)
+        served = runtime.model(name)
+        by = actor(params.get("by"), "repository-api")
+        reason = params.get("reason")
+        if version is not None:
+            return _json(await lifecycle.load(name, version, by=by, reason=reason))
+        # The whole model: every recipe version that is not serving (a V2 client's load).
+        loaded = []
+        for v, sv in list(served.versions.items()):
+            if not sv.ready:
+                loaded.append((await lifecycle.load(name, v, by=by, reason=reason))["version"])
+        return _json({"status": "loaded", "versions": loaded})
+
+    @post("/v2/repository/models/{model_name:str}/unload", status_code=200)
+    async def repository_unload(
+        request: Request[Any, Any, Any], model_name: FromPath[str]
+    ) -> Response[bytes]:
+        name = _model_name(model_name)
+        body = _decode(await request.body(), _RepositoryBody, empty_ok=True)
+        params = body.parameters
+        version = repository_version(params, _UNLOAD_PARAMETERS)
+        runtime.model(name)
+        if version is None:
+            from infercore.runtime.errors import Conflict
+
+            raise Conflict(
+                f"unloading all of model {name!r} would stop serving it",
+                hint='name a version that is not the primary: {"parameters": {"version": "2"}}',
+            )
+        by = actor(params.get("by"), "repository-api")
+        return _json(await lifecycle.unload(name, version, by=by, reason=params.get("reason")))
+
+    # --- rollouts ------------------------------------------------------------------------
+    @get("/admin/models")
+    async def list_models() -> Response[bytes]:
+        return _json(lifecycle.describe())
+
+    @get("/admin/models/{model_name:str}")
+    async def show_model(model_name: FromPath[str]) -> Response[bytes]:
+        return _json(lifecycle.describe(_model_name(model_name))[0])
+
+    @post("/admin/models/{model_name:str}/versions/{version:str}/promote", status_code=200)
+    async def promote(
+        request: Request[Any, Any, Any], model_name: FromPath[str], version: FromPath[str]
+    ) -> Response[bytes]:
+        name, v = _model_name(model_name), _version_name(version)
+        body = _decode(await request.body(), _PromoteBody)
+        result = await lifecycle.promote(
+            name, v, body.to, weight=body.weight, by=body.by, reason=body.reason
+        )
+        return _json(result, 202 if result["status"] == "pending" else 200)
+
+    @put("/admin/models/{model_name:str}/weights", status_code=200)
+    async def weights(
+        request: Request[Any, Any, Any], model_name: FromPath[str]
+    ) -> Response[bytes]:
+        name = _model_name(model_name)
+        body = _decode(await request.body(), _WeightsBody)
+        return _json(
+            await lifecycle.set_weights(name, body.weights, by=body.by, reason=body.reason)
+        )
+
+    @post("/admin/models/{model_name:str}/rollback", status_code=200)
+    async def rollback(
+        request: Request[Any, Any, Any], model_name: FromPath[str]
+    ) -> Response[bytes]:
+        name = _model_name(model_name)
+        body = _decode(await request.body(), _DecisionBody)
+        return _json(await lifecycle.rollback(name, by=body.by, reason=body.reason))
+
+    @get("/admin/models/{model_name:str}/shadow")
+    async def shadow(model_name: FromPath[str]) -> Response[bytes]:
+        return _json(lifecycle.shadow_summary(_model_name(model_name)))
+
+    @get("/admin/approvals")
+    async def approvals(status: FromQuery[str | None] = None) -> Response[bytes]:
+        return _json(lifecycle.list_approvals(status))
+
+    @post("/admin/approvals/{approval_id:str}/approve", status_code=200)
+    async def approve(
+        request: Request[Any, Any, Any], approval_id: FromPath[str]
+    ) -> Response[bytes]:
+        body = _decode(await request.body(), _DecisionBody)
+        return _json(await lifecycle.approve(approval_id, by=body.by, reason=body.reason))
+
+    @post("/admin/approvals/{approval_id:str}/reject", status_code=200)
+    async def reject(
+        request: Request[Any, Any, Any], approval_id: FromPath[str]
+    ) -> Response[bytes]:
+        body = _decode(await request.body(), _DecisionBody)
+        return _json(await lifecycle.reject(approval_id, by=body.by, reason=body.reason))
+
+    @get("/admin/audit")
+    async def audit(limit: FromQuery[int] = 100) -> Response[bytes]:
+        if not 0 <= limit <= 10_000:
+            raise InvalidInput("limit must be between 0 and 10000")
+        return _json(lifecycle.audit.recent(limit))
+
+    app = Litestar(
+        route_handlers=[
+            repository_index,
+            repository_load,
+            repository_unload,
+            list_models,
+            show_model,
+            promote,
+            weights,
+            rollback,
+            shadow,
+            approvals,
+            approve,
+            reject,
+            audit,
+        ],
+        exception_handlers=EXCEPTION_HANDLERS,
+        request_max_body_size=cfg.max_body_bytes,
+        openapi_config=None,
+        debug=False,
+        logging_config=None,
+    )
+    return BearerAuth(app, token)
+
+
+@contextlib.contextmanager
+def _umask(mask: int) -> Iterator[None]:
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+@contextlib.contextmanager
+def _no_signal_capture() -> Iterator[None]:
+    yield
+
+
+class AdminListener:
+    """The admin app on its own uvicorn server, beside the inference listener."""
+
+    def __init__(self, runtime: Runtime, token: str) -> None:
+        self.runtime = runtime
+        self.config = runtime.config.admin
+        self.app = create_admin_app(runtime, token)
+        self._server: Any = None
+        self._task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def from_runtime(
+        cls, runtime: Runtime, environ: Mapping[str, str] | None = None
+    ) -> AdminListener | None:
+        """``None`` unless ``admin.enabled``; checks the token first (ConfigError: exit 2)."""
+        cfg = runtime.config.admin
+        if not cfg.enabled:
+            return None
+        token = load_token(cfg, environ)
+        if cfg.uds is None and cfg.host not in ("127.0.0.1", "::1", "localhost"):
+            log.warning(
+                "the admin API listens on %s, not loopback; keep it off untrusted networks",
+                cfg.host,
+            )
+        if cfg.audit_log is None:
+            log.warning("admin.audit_log is not set: rollout decisions are not persisted")
+        return cls(runtime, token)
+
+    @property
+    def where(self) -> str:
+        cfg = self.config
+        return f"unix:{cfg.uds}" if cfg.uds else f"http://{cfg.host}:{cfg.port}"
+
+    def _socket(self) -> socket.socket:
+        path = self.config.uds
+        assert path is not None
+        with contextlib.suppress(FileNotFoundError):
+            if Path(path).is_socket():
+                os.unlink(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with _umask(0o177):  # created owner-only: no window in which others could connect
+            sock.bind(path)
+        sock.listen(128)
+        sock.setblocking(False)
+        return sock
+
+    async def start(self) -> None:
+        """Listen; returns once the server accepts connections.
+
+        Raises:
+            InfercoreError: The listener could not start (address in use, bad socket path).
+        """
+        import uvicorn
+
+        cfg = self.config
+        config = uvicorn.Config(
+            self.app,
+            host=cfg.host,
+            port=cfg.port,
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            server_header=False,
+        )
+        server = uvicorn.Server(config)
+        server.capture_signals = _no_signal_capture  # type: ignore[method-assign]
+        try:
+            sockets = [self._socket()] if cfg.uds else None
+        except OSError as exc:
+            raise InfercoreError(
+                f"admin.uds: cannot listen on the socket ({exc.strerror})"
+            ) from None
+        self._server = server
+        self._task = asyncio.create_task(server.serve(sockets=sockets), name="admin-listener")
+        while not server.started:
+            if self._task.done():
+                break
+            await asyncio.sleep(0.01)
+        if not server.started:
+            with contextlib.suppress(BaseException):
+                await self._task
+            raise InfercoreError(f"the admin listener could not start on {self.where}")
+        log.info("admin API on %s", self.where)
+
+    async def stop(self) -> None:
+        server, task = self._server, self._task
+        if server is None or task is None:
+            return
+        server.should_exit = True
+        try:
+            await asyncio.wait_for(task, timeout=5.0)
+        except (TimeoutError, Exception):
+            task.cancel()
+        if self.config.uds:
+            with contextlib.suppress(OSError):
+                os.unlink(self.config.uds)
