@@ -115,6 +115,7 @@ def v2_body(txns: list[dict[str, Any]]) -> dict[str, Any]:
             column("cross_border", "FP32"),
             column("merchant_category", "BYTES"),
             column("channel", "BYTES"),
+            column("country", "BYTES"),
         ]
     }
 

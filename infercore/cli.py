@@ -4,6 +4,7 @@
     infercore config show +recipe=iris env=prod
     infercore config validate +recipe=iris
     infercore plugins
+    infercore new-plugin NAME --kind model_loader [--dir PATH]
 
 Config errors print one line and exit 2; a model that fails to load exits 1. ``--debug``
 shows tracebacks.
@@ -15,7 +16,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import signal
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -49,7 +50,54 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("overrides", nargs="*")
 
     sub.add_parser("plugins", help="installed plugins, the kinds each adds, and licences")
+
+    from infercore.scaffold.command import add_parser as add_new_plugin_parser
+
+    add_new_plugin_parser(sub)
+
+    from infercore.admin_client import add_models_parser
+
+    add_models_parser(sub)
+
+    deploy = sub.add_parser("deploy", help="render deployment manifests")
+    dsub = deploy.add_subparsers(dest="deploy_command", required=True, metavar="TARGET")
+    k8s = dsub.add_parser(
+        "k8s",
+        help="Kubernetes manifests (deploy=k8s: Deployment …; deploy=sidecar: a pod patch)",
+        description="Render Kubernetes manifests for a recipe. Options may come before or "
+        "after the Hydra overrides; see docs/deploy.md.",
+    )
+    k8s.add_argument("overrides", nargs="*", help="e.g. +recipe=fraud env=prod")
+    _add_k8s_options(k8s)
     return p
+
+
+def _add_k8s_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image", default="infercore:latest", help="container image")
+    p.add_argument("--out", help="write one file per manifest into this folder (else stdout)")
+    p.add_argument("--name", help="resource name (default infercore-RECIPE)")
+    p.add_argument("--namespace", help="metadata.namespace of every resource")
+    p.add_argument("--replicas", type=int, default=2, help="replicas / HPA minimum (2)")
+    p.add_argument("--max-replicas", type=int, default=10, help="HPA maximum (10)")
+    p.add_argument("--cpu", default="1", help="CPU request (1)")
+    p.add_argument("--memory", default="2Gi", help="memory request and limit (2Gi)")
+    p.add_argument("--cpu-target", type=int, default=70, help="HPA CPU utilization, %% (70)")
+    p.add_argument(
+        "--inflight-target",
+        type=int,
+        help="also scale on infercore_inflight_requests per pod (needs a metrics adapter)",
+    )
+    p.add_argument("--models-claim", help="PVC with the recipe assets (default NAME-models)")
+    p.add_argument("--baked-models", action="store_true", help="models are in the image")
+    p.add_argument("--prestop-sleep", type=int, default=0, help="preStop sleep, s (0: none)")
+    p.add_argument(
+        "--track",
+        choices=("stable", "canary"),
+        default="stable",
+        help="canary: only a NAME-canary Deployment that the stable Service also selects",
+    )
+    p.add_argument("--app", default="my-app", help="deploy=sidecar: the app's Deployment")
+    p.add_argument("--app-container", default="app", help="deploy=sidecar: its container")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -57,7 +105,13 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def run(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # `deploy k8s` takes options before and after its Hydra overrides.
+        if args.command != "deploy" or any(e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides.extend(extra)
     try:
         if args.command == "serve":
             return _serve(args.overrides)
@@ -67,6 +121,16 @@ def run(argv: Sequence[str] | None = None) -> int:
             return _config_validate(args.overrides)
         if args.command == "plugins":
             return _plugins()
+        if args.command == "new-plugin":
+            from infercore.scaffold.command import run_new_plugin
+
+            return run_new_plugin(args)
+        if args.command == "deploy":
+            return _deploy_k8s(args)
+        if args.command == "models":
+            from infercore.admin_client import run_models
+
+            return run_models(args)
     except ConfigError as exc:
         if args.debug:
             raise
@@ -172,6 +236,45 @@ def _plugins() -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[4])
+    notes = [(name, info.note) for name, info in infos.items() if info.note]
+    if notes:
+        print()
+        for name, note in notes:
+            print(f"note: {name}: {note}")
+    return 0
+
+
+def _deploy_k8s(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from infercore.deploy import k8s
+
+    opts = k8s.Options(
+        image=args.image,
+        name=args.name,
+        namespace=args.namespace,
+        replicas=args.replicas,
+        max_replicas=args.max_replicas,
+        cpu=args.cpu,
+        memory=args.memory,
+        cpu_target_percent=args.cpu_target,
+        inflight_target=args.inflight_target,
+        models_claim=args.models_claim,
+        baked_models=args.baked_models,
+        prestop_sleep_s=args.prestop_sleep,
+        track=args.track,
+        app=args.app,
+        app_container=args.app_container,
+    )
+    rendered = k8s.render(args.overrides, opts)
+    if args.out:
+        for path in k8s.write(rendered, Path(args.out)):
+            print(f"wrote {path}", file=sys.stderr)
+    else:
+        main_docs = [d for n, ds in rendered.files.items() if n != "kustomization.yaml" for d in ds]
+        print(k8s.to_yaml(main_docs), end="")
+    for note in rendered.notes:
+        print(f"note: {note}", file=sys.stderr)
     return 0
 
 
@@ -184,57 +287,125 @@ def _serve(overrides: list[str]) -> int:
     from infercore.runtime import Runtime
     from infercore.server import create_app
     from infercore.server.logs import configure
+    from infercore.server.shutdown import ShutdownMiddleware, ShutdownState
 
     composed = _compose(overrides)
     cfg = composed.config.server
-    configure(cfg.log_level, cfg.log_format)
+    configure(cfg.log_level, cfg.log_format, cfg.log_stream)
     if cfg.workers != 1:
         raise ConfigError(
             f"server.workers: {cfg.workers} is not supported yet; use 1 and run more "
             "processes behind a load balancer"
         )
+    if cfg.uds is not None:
+        _check_uds(cfg.uds)
     runtime = Runtime(composed)
-    app = create_app(runtime, manage_runtime=False)
+    from infercore.server.admin import AdminListener
+
+    admin = AdminListener.from_runtime(runtime)  # None unless admin.enabled; checks the token
+    state = ShutdownState()
+    app = ShutdownMiddleware(create_app(runtime, manage_runtime=False, shutdown=state), state)
+    deploy = composed.choices.get("deploy", "")
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop ships with uvicorn[standard]
-        return asyncio.run(_serve_async(app, runtime, composed.label))
-    return uvloop.run(_serve_async(app, runtime, composed.label))
+        return asyncio.run(_serve_async(app, runtime, composed.label, state, deploy, admin))
+    return uvloop.run(_serve_async(app, runtime, composed.label, state, deploy, admin))
 
 
-async def _serve_async(app: Any, runtime: Any, label: str) -> int:
+#: Longest Unix socket path the kernel accepts (sun_path is 108 bytes on Linux).
+_UDS_MAX = 107
+
+
+def _check_uds(path: str) -> None:
+    """The socket's folder exists (created 0700 if missing); nothing but a stale socket there."""
+    import os
+    import stat
+    from pathlib import Path
+
+    if len(os.fsencode(path)) > _UDS_MAX:
+        raise ConfigError(
+            f"server.uds: the socket path is {len(os.fsencode(path))} bytes; the limit is "
+            f"{_UDS_MAX}",
+            hint="use a shorter path, e.g. /tmp/infercore/infercore.sock",
+        )
+    sock = Path(path)
+    if sock.exists():
+        if not stat.S_ISSOCK(sock.stat().st_mode):
+            raise ConfigError(
+                "server.uds: the path exists and is not a socket", hint="choose another path"
+            )
+        # A socket file is left behind by a process that died; one that answers is in use
+        # (binding would silently take it over from the running server).
+        import socket
+
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(1.0)
+            try:
+                probe.connect(path)
+            except OSError:
+                pass
+            else:
+                raise ConfigError(
+                    "server.uds: another server is listening on this socket",
+                    hint="stop it, or choose another path",
+                )
+    try:
+        sock.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"server.uds: cannot create the socket's folder ({exc.strerror})",
+            hint="point server.uds into a writable folder",
+        ) from None
+
+
+async def _serve_async(
+    app: Any, runtime: Any, label: str, state: Any = None, deploy: str = "", admin: Any = None
+) -> int:
+    import math
+
     import uvicorn
 
+    from infercore.server.shutdown import (
+        IDLE_LINGER_S,
+        GracefulShutdown,
+        ShutdownState,
+        http_protocol,
+    )
+
     cfg = runtime.config.server
+    state = state or ShutdownState()
+    linger = min(IDLE_LINGER_S, cfg.graceful_timeout_s / 2)
     config = uvicorn.Config(
         app,
         host=cfg.host,
         port=cfg.port,
-        http="httptools",
+        uds=cfg.uds,
+        http=http_protocol(linger),
         lifespan="on",
         log_config=None,
         access_log=cfg.access_log,
-        timeout_graceful_shutdown=int(cfg.graceful_timeout_s),
+        timeout_graceful_shutdown=math.ceil(cfg.graceful_timeout_s),
         server_header=False,
     )
     server = uvicorn.Server(config)
     # infercore owns the signals: uvicorn would re-raise them after exit, skipping our stop.
     server.capture_signals = _no_signal_capture  # type: ignore[method-assign]
     loop = asyncio.get_running_loop()
+    shutdown = GracefulShutdown(
+        server, state, drain_delay_s=cfg.drain_delay_s, is_ready=lambda: runtime.ready
+    )
+    shutdown.install(loop)
 
-    def on_signal(sig: int) -> None:
-        runtime.draining = True  # readiness goes false at once
-        log.info("received %s, shutting down", signal.Signals(sig).name)
-        if server.should_exit:
-            server.force_exit = True
-        server.should_exit = True
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal, sig)
-
-    if cfg.host in ("0.0.0.0", "::"):
-        log.warning("listening on all interfaces (%s); is that intended?", cfg.host)
-    log.info("starting %s on http://%s:%d", label or "infercore", cfg.host, cfg.port)
+    if cfg.uds is not None:
+        where = f"unix:{cfg.uds}"
+    else:
+        if cfg.host in ("0.0.0.0", "::") and deploy != "k8s":
+            log.warning("listening on all interfaces (%s); is that intended?", cfg.host)
+        where = f"http://{cfg.host}:{cfg.port}"
+    log.info("starting %s on %s", label or "infercore", where)
+    if admin is not None:
+        await admin.start()  # the admin listener (infercore.server.admin), its own server
     serve_task = asyncio.create_task(server.serve())
     start_task = asyncio.create_task(runtime.start())
     done, _ = await asyncio.wait({serve_task, start_task}, return_when=asyncio.FIRST_COMPLETED)
@@ -257,7 +428,21 @@ async def _serve_async(app: Any, runtime: Any, label: str) -> int:
         code = int(exc.code or EXIT_FAILURE)
     if not serve_task.cancelled() and server.started is False and code == 0:
         code = EXIT_FAILURE
-    await runtime.stop()
+    if admin is not None:
+        await admin.stop()
+    # Components close after the HTTP server, within what is left of the graceful timeout.
+    closing_at = shutdown.closing_at if shutdown.closing_at is not None else loop.time()
+    left = 2.0 if shutdown.forced else max(2.0, closing_at + cfg.graceful_timeout_s - loop.time())
+    try:
+        await asyncio.wait_for(runtime.stop(), timeout=left)
+    except TimeoutError:
+        log.error("components did not stop within %.1fs", left)
+        code = code or EXIT_FAILURE
+    if cfg.uds is not None and server.started:
+        with contextlib.suppress(OSError):
+            os.unlink(cfg.uds)
+    if code == 0 and state.signals:
+        log.info("stopped")
     return code
 
 

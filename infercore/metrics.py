@@ -31,6 +31,7 @@ _LATENCY_BUCKETS = (
 )
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 _LABELS = ("model", "version")
+_DRIFT_LABELS = ("model", "detector", "feature")
 
 
 class Metrics:
@@ -101,6 +102,116 @@ class Metrics:
             "infercore_model_load_failures",
             "Model version loads that failed.",
             _LABELS,
+            registry=r,
+        )
+        # Drift monitoring (infercore.drift): per model, detector and feature column. The
+        # feature label "*" carries a detector's overall verdict.
+        self.drift_score = Gauge(
+            "infercore_drift_score",
+            "Latest drift test statistic per detector and feature column.",
+            _DRIFT_LABELS,
+            registry=r,
+        )
+        self.drift_p_value = Gauge(
+            "infercore_drift_p_value",
+            "Latest drift test p-value per detector and feature column (tests that have one).",
+            _DRIFT_LABELS,
+            registry=r,
+        )
+        self.drift_detected = Gauge(
+            "infercore_drift_detected",
+            '1 when the latest window drifted (feature="*": the detector\'s overall verdict).',
+            _DRIFT_LABELS,
+            registry=r,
+        )
+        self.drift_samples_dropped = Counter(
+            "infercore_drift_samples_dropped",
+            "Sampled rows the drift monitor dropped because its queue was full.",
+            ("model",),
+            registry=r,
+        )
+        self.drift_detector_errors = Counter(
+            "infercore_drift_detector_errors",
+            "Drift detector runs that raised.",
+            ("model", "detector"),
+            registry=r,
+        )
+        self.drift_windows = Counter(
+            "infercore_drift_windows",
+            "Windows a drift detector tested (the window count).",
+            ("model", "detector"),
+            registry=r,
+        )
+        self.drift_last_run = Gauge(
+            "infercore_drift_last_run_timestamp_seconds",
+            "Unix time of a drift detector's latest completed run.",
+            ("model", "detector"),
+            registry=r,
+        )
+        self.drift_actions = Counter(
+            "infercore_drift_actions",
+            "Drift actions by outcome: ok, error, cooldown (skipped), busy (skipped).",
+            ("model", "action", "outcome"),
+            registry=r,
+        )
+
+        # Rollouts (infercore.runtime, infercore.lifecycle): per variant (an A/B arm's name, or
+        # the version) and role (the version's stage: primary, canary, shadow, candidate ...).
+        route = (*_LABELS, "variant", "role")
+        self.route_requests = Counter(
+            "infercore_route_requests",
+            "Requests a version took, by variant and role (shadow copies not included).",
+            route,
+            registry=r,
+        )
+        self.route_errors = Counter(
+            "infercore_route_errors",
+            "Requests (and shadow copies) that failed in a version (5xx, timeouts).",
+            route,
+            registry=r,
+        )
+        self.route_duration = Histogram(
+            "infercore_route_duration_seconds",
+            "Time in the pipeline (features, queue, model) by variant and role.",
+            route,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.shadow_requests = Counter(
+            "infercore_shadow_requests",
+            "Copies of requests sent to a shadow version, by outcome: ok, error, timeout, "
+            "dropped (queue full or version not ready).",
+            (*_LABELS, "outcome"),
+            registry=r,
+        )
+        self.shadow_rows = Counter(
+            "infercore_shadow_rows",
+            "Rows a shadow version answered, by agreement with the primary: agree, disagree.",
+            (*_LABELS, "result"),
+            registry=r,
+        )
+        self.model_stage = Gauge(
+            "infercore_model_stage",
+            "1 for the stage each version is in (candidate, shadow, canary, primary, retired).",
+            (*_LABELS, "stage"),
+            registry=r,
+        )
+        self.canary_weight = Gauge(
+            "infercore_canary_weight",
+            "Share of routed traffic (percent) a canary version is set to take.",
+            _LABELS,
+            registry=r,
+        )
+        self.guard_trips = Counter(
+            "infercore_canary_guard_trips",
+            "Canaries whose weight the guard set to 0, by cause: error_rate, latency.",
+            (*_LABELS, "cause"),
+            registry=r,
+        )
+        self.approvals_pending = Gauge(
+            "infercore_approvals_pending",
+            "Rollout steps waiting for a person's approval.",
+            ("model",),
             registry=r,
         )
 

@@ -25,6 +25,7 @@ BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
     ("builtins.features", "infercore.builtins.features"),
     ("builtins.batchers", "infercore.builtins.batchers"),
     ("builtins.routers", "infercore.builtins.routers"),
+    ("builtins.actions", "infercore.builtins.actions"),
 )
 
 
@@ -38,6 +39,8 @@ class PluginInfo:
     license: str
     builtin: bool
     kinds: dict[str, list[str]] = field(default_factory=dict)
+    #: A plugin module's ``LICENCE_NOTE``: e.g. the licence of a library it wraps.
+    note: str = ""
 
 
 def _env_list(name: str) -> set[str] | None:
@@ -125,6 +128,7 @@ def make_plugin_manager(
             dist.version if dist else "?",
             _licence(dist) if dist else "unknown",
             builtin=False,
+            note=str(getattr(plugin, "LICENCE_NOTE", "") or ""),
         )
 
     for name, plugin in extra_plugins or []:

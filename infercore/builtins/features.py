@@ -8,6 +8,7 @@ import msgspec
 import numpy as np
 
 from infercore.components import FeatureSource, Tensors
+from infercore.components.model import Array
 from infercore.errors import InvalidInput
 from infercore.hookspecs import hookimpl
 
@@ -30,7 +31,7 @@ class RequestFeatureSource(FeatureSource):
     Config = RequestFeatureSourceConfig
     config: RequestFeatureSourceConfig
 
-    async def fetch(self, fields: Mapping[str, np.ndarray], *, deadline: float) -> Tensors:
+    async def fetch(self, fields: Mapping[str, Array], *, deadline: float) -> Tensors:
         if not self.config.assemble:
             return dict(fields)
         out: Tensors = {}

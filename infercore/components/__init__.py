@@ -4,13 +4,20 @@ from infercore.components.base import Component, ComponentContext, EmptyConfig
 from infercore.components.batching import Batcher, BatchObserver, NullObserver
 from infercore.components.drift import Action, DriftDetector, DriftEvent, DriftResult
 from infercore.components.features import FeatureSource
-from infercore.components.model import Model, Tensors
-from infercore.components.routing import Router, RouteRequest, RoutingTable
+from infercore.components.model import Array, Model, Tensors
+from infercore.components.routing import (
+    Router,
+    RouteRequest,
+    RoutingTable,
+    ShadowPolicy,
+    WrappingRouter,
+)
 from infercore.components.tensors import V2_TO_NUMPY, TensorSpec, v2_datatype
 
 __all__ = [
     "V2_TO_NUMPY",
     "Action",
+    "Array",
     "BatchObserver",
     "Batcher",
     "Component",
@@ -25,7 +32,9 @@ __all__ = [
     "RouteRequest",
     "Router",
     "RoutingTable",
+    "ShadowPolicy",
     "TensorSpec",
     "Tensors",
+    "WrappingRouter",
     "v2_datatype",
 ]

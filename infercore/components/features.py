@@ -6,10 +6,8 @@ import abc
 from collections.abc import Mapping
 from contextvars import ContextVar
 
-import numpy as np
-
 from infercore.components.base import Component
-from infercore.components.model import Tensors
+from infercore.components.model import Array, Tensors
 
 _degraded: ContextVar[set[str] | None] = ContextVar("infercore_degraded", default=None)
 
@@ -42,7 +40,7 @@ class FeatureSource(Component):
     """
 
     @abc.abstractmethod
-    async def fetch(self, fields: Mapping[str, np.ndarray], *, deadline: float) -> Tensors:
+    async def fetch(self, fields: Mapping[str, Array], *, deadline: float) -> Tensors:
         """Return the model's inputs for the rows of one request.
 
         Args:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import abc
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
+import numpy.typing as npt
 
 from infercore.components.base import Component
 from infercore.components.tensors import TensorSpec
 
-Tensors = dict[str, np.ndarray]
+#: A numpy array of any dtype and shape (the type of every tensor infercore passes around).
+Array = npt.NDArray[Any]
+Tensors = dict[str, Array]
 
 
 class Model(Component):

@@ -7,9 +7,17 @@ mappings here and validated against their kind's own ``Config`` by the registry.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
+
+from infercore.config.rollout import (
+    AdminConfig,
+    InitialStage,
+    Percent,
+    RepositoryConfig,
+    RolloutConfig,
+)
 
 #: Model names and versions: no path separators, no dots at the start, bounded length.
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$"
@@ -25,6 +33,8 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     host: str = "127.0.0.1"
     port: int = msgspec.field(default=8080)
+    #: Serve on this Unix domain socket instead of host:port (deploy=sidecar sets one).
+    uds: str | None = None
     workers: int = 1
     #: Largest request body read, in bytes; larger bodies get 413 before being read whole.
     max_body_bytes: int = 8 * 1024 * 1024
@@ -32,10 +42,15 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_request_rows: int = 4096
     #: End-to-end deadline for one request: features, queue, inference and encoding.
     request_timeout_ms: int = 10_000
-    #: Seconds given to in-flight requests after SIGTERM.
-    graceful_timeout_s: float = 30.0
+    #: After SIGTERM: seconds of serving on with readiness false (so load balancers and
+    #: endpoint controllers notice) before the listener closes.
+    drain_delay_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    #: Seconds given to in-flight and queued requests once the listener has closed.
+    graceful_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
+    #: Where logs go (deploy=k8s: stdout, for the cluster's log collector).
+    log_stream: Literal["stderr", "stdout"] = "stderr"
     access_log: bool = False
     #: Serve OpenAPI schema and docs under /schema.
     openapi: bool = True
@@ -46,6 +61,12 @@ class VersionConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     loader: Node
     warmup: bool = True
+    #: Where a non-primary version starts (``candidate``, ``shadow``, ``canary``, ``retired``).
+    stage: InitialStage = "candidate"
+    #: A canary's share of routed traffic, in percent (the primary takes the rest).
+    weight: Percent = 0.0
+    #: This version's own response outputs (e.g. its own threshold); default: the model's.
+    outputs: dict[str, OutputMapping] | None = None
 
 
 class OutputMapping(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -77,6 +98,10 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     batching: Node | None = None
     routing: Node | None = None
     features: Node | None = None
+    #: Approvals and the canary guard (``infercore.config.rollout.RolloutConfig``).
+    rollout: RolloutConfig = msgspec.field(default_factory=RolloutConfig)
+    #: Versions the admin API may load from folders (``RepositoryConfig``); none by default.
+    repository: RepositoryConfig | None = None
 
 
 class FeatureStoreSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -99,3 +124,5 @@ class InfercoreConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     routing: Node = msgspec.field(default_factory=lambda: {"kind": "single"})
     features: Node = msgspec.field(default_factory=lambda: {"kind": "request"})
     models: dict[str, ModelConfig] = msgspec.field(default_factory=dict)
+    #: The admin listener (off by default; ``infercore.config.rollout.AdminConfig``).
+    admin: AdminConfig = msgspec.field(default_factory=AdminConfig)

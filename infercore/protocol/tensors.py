@@ -17,6 +17,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from infercore.components.model import Array
 from infercore.components.tensors import V2_TO_NUMPY
 from infercore.errors import InvalidInput
 
@@ -53,7 +54,7 @@ def _integral_range(dtype: np.dtype[Any]) -> tuple[int, int]:
     return int(info.min), int(info.max)
 
 
-def coerce(name: str, arr: np.ndarray, datatype: str) -> np.ndarray:
+def coerce(name: str, arr: Array, datatype: str) -> Array:
     """Convert an array inferred from JSON to ``datatype``, refusing lossy or wrong-kind values.
 
     Strings never become numbers, booleans never become numbers (or the other way round),
@@ -96,7 +97,7 @@ def coerce(name: str, arr: np.ndarray, datatype: str) -> np.ndarray:
     return out
 
 
-def _describe(arr: np.ndarray) -> str:
+def _describe(arr: Array) -> str:
     kind = arr.dtype.kind
     if kind in "US":
         return "strings"
@@ -142,7 +143,7 @@ def _first_leaf(data: list[Any]) -> tuple[int, Any]:
     return depth, value
 
 
-def json_array(what: str, data: list[Any], datatype: str | None = None) -> np.ndarray:
+def json_array(what: str, data: list[Any], datatype: str | None = None) -> Array:
     """An array from JSON ``data`` (nested lists) whose leaves must all be of one JSON type.
 
     Integers stay exact (int64, else uint64); only a float ``datatype`` takes integers beyond
@@ -208,7 +209,7 @@ def _conforms(data: list[Any], typ: Any) -> bool:
     return True
 
 
-def _exact_ints(data: list[Any]) -> np.ndarray | None:
+def _exact_ints(data: list[Any]) -> Array | None:
     """JSON integers as int64, else uint64; ``None`` beyond 64 bits.
 
     ``np.array`` alone would turn ``[1, 2**63]`` into float64 and lose the large value.
@@ -226,7 +227,7 @@ def _exact_ints(data: list[Any]) -> np.ndarray | None:
         return None
 
 
-def from_json(name: str, data: Any, shape: list[int], datatype: str, count: int) -> np.ndarray:
+def from_json(name: str, data: Any, shape: list[int], datatype: str, count: int) -> Array:
     """A tensor from V2 JSON ``data`` (flat or nested, row-major) and its declared shape."""
     if not isinstance(data, list):
         data = [data]
@@ -242,9 +243,7 @@ def from_json(name: str, data: Any, shape: list[int], datatype: str, count: int)
     return arr.reshape(shape)
 
 
-def from_binary(
-    name: str, raw: memoryview, shape: list[int], datatype: str, count: int
-) -> np.ndarray:
+def from_binary(name: str, raw: memoryview, shape: list[int], datatype: str, count: int) -> Array:
     """A tensor from the binary tensor extension (little-endian, row-major)."""
     if datatype == "BYTES":
         items: list[bytes] = []
@@ -277,19 +276,17 @@ def from_binary(
     return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
 
-def to_json_data(arr: np.ndarray) -> list[Any]:
+def to_json_data(arr: Array) -> list[Any]:
     """Flat row-major JSON data. Non-finite floats become ``null`` (P15: always valid JSON)."""
     flat = arr.reshape(-1)
     if flat.dtype == object or flat.dtype.kind in "SU":
         return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in flat]
-    if flat.dtype.kind == "f":
-        values = flat.tolist()
-        # msgspec writes NaN and ±Inf as null; say so by the same rule everywhere.
-        return values
-    return flat.tolist()
+    # Floats go out as they are: msgspec writes NaN and ±Inf as null (P15: valid JSON).
+    values: list[Any] = flat.tolist()
+    return values
 
 
-def to_binary(arr: np.ndarray) -> bytes:
+def to_binary(arr: Array) -> bytes:
     """Binary tensor extension encoding of one output."""
     if arr.dtype == object or arr.dtype.kind in "SU":
         parts = []

@@ -12,6 +12,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from infercore.components.model import Array
 from infercore.errors import InvalidInput
 from infercore.protocol.tensors import json_array, malformed_json
 
@@ -19,12 +20,12 @@ _decoder = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
 
 
-def _column(name: str, values: list[Any]) -> np.ndarray:
+def _column(name: str, values: list[Any]) -> Array:
     """One field's values across instances; every value must have the type of the first."""
     return json_array(f"field {name!r}", values)
 
 
-def decode(body: bytes, *, default_input: str | None, max_rows: int) -> dict[str, np.ndarray]:
+def decode(body: bytes, *, default_input: str | None, max_rows: int) -> dict[str, Array]:
     """Decode a V1 predict body into named columns (rows along axis 0)."""
     try:
         doc = _decoder.decode(body)
@@ -72,7 +73,7 @@ def decode(body: bytes, *, default_input: str | None, max_rows: int) -> dict[str
     raise InvalidInput("the body needs `instances` (a list) or `inputs`")
 
 
-def _row_value(arr: np.ndarray, i: int) -> Any:
+def _row_value(arr: Array, i: int) -> Any:
     return _to_json(arr[i])
 
 
@@ -89,7 +90,7 @@ def _to_json(v: Any) -> Any:
     return v
 
 
-def encode(outputs: dict[str, np.ndarray], rows: int) -> bytes:
+def encode(outputs: dict[str, Array], rows: int) -> bytes:
     """``{"predictions": [...]}``: one entry per row; an object per row for several outputs."""
     names = list(outputs)
     if len(names) == 1:

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
-import numpy as np
 
+from infercore.components.model import Array
 from infercore.components.tensors import V2_TO_NUMPY, v2_datatype
 from infercore.errors import InvalidInput
 from infercore.protocol.tensors import (
@@ -54,7 +54,7 @@ class DecodedV2:
     """A decoded V2 request: tensors by name, plus what the response must look like."""
 
     id: str | None
-    tensors: dict[str, np.ndarray]
+    tensors: dict[str, Array]
     datatypes: dict[str, str]
     #: Requested output names (``None``: all), each with whether it goes back as binary.
     outputs: dict[str, bool] | None
@@ -94,7 +94,7 @@ def decode(body: bytes, header_length: int | None, *, max_elements: int) -> Deco
         raise malformed_json(exc, head) from None
     if not req.inputs:
         raise InvalidInput("`inputs` is empty", hint="send at least one input tensor")
-    tensors: dict[str, np.ndarray] = {}
+    tensors: dict[str, Array] = {}
     datatypes: dict[str, str] = {}
     offset = 0
     for inp in req.inputs:
@@ -136,7 +136,7 @@ def encode(
     model_name: str,
     model_version: str,
     request_id: str | None,
-    outputs: dict[str, np.ndarray],
+    outputs: dict[str, Array],
     requested: dict[str, bool] | None,
     binary_default: bool,
 ) -> tuple[bytes, int | None]:

@@ -11,7 +11,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from litestar import Litestar, Request, Response, get, post
@@ -27,12 +27,16 @@ from infercore.errors import (
     DeadlineExceeded,
     InfercoreError,
     InvalidInput,
+    ShuttingDown,
     UnsupportedMediaType,
 )
 from infercore.metrics import ResponseCounters, VersionMetrics
 from infercore.protocol import v1, v2
 from infercore.runtime import Runtime, ServedModel, ServedVersion
 from infercore.server.errors import EXCEPTION_HANDLERS, from_infercore_error
+
+if TYPE_CHECKING:
+    from infercore.server.shutdown import ShutdownState
 
 log = logging.getLogger("infercore.server")
 
@@ -81,7 +85,9 @@ def _header_length(request: Request[Any, Any, Any]) -> int | None:
         raise InvalidInput("Inference-Header-Content-Length must be an integer") from None
 
 
-def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> Litestar:
+def create_app(
+    runtime: Runtime, *, manage_runtime: bool = True, shutdown: ShutdownState | None = None
+) -> Litestar:
     """Build the inference app around a runtime.
 
     Args:
@@ -89,6 +95,9 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> Litestar:
         manage_runtime: Start the runtime's models in the app's lifespan and stop them at
             shutdown. The CLI passes ``False`` because it starts models beside the server so
             that liveness answers while they load.
+        shutdown: The CLI's shutdown sequence (:mod:`infercore.server.shutdown`): once a
+            signal came readiness is false; once the listener closes, an inference request
+            that arrives is answered 503 shutting_down.
     """
     cfg = runtime.config.server
     metrics = runtime.metrics
@@ -150,6 +159,9 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> Litestar:
         vm: VersionMetrics | None = None
         sv: ServedVersion | None = None
         try:
+            if shutdown is not None and shutdown.closing:
+                # A late arrival on a connection still open after the listener closed.
+                raise ShuttingDown("the server is shutting down")
             served = served_or_404(model_name)
             header_length = _header_length(request) if protocol == "v2" else None
             _content_type_ok(request, header_length is not None)
@@ -164,9 +176,9 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> Litestar:
             headers = request.headers
             if protocol == "v2":
                 decoded = v2.decode(body, header_length, max_elements=max_elements)
-                sv = served.pick(version, headers, decoded.id or rid)
+                sv = served.pick(version, headers, decoded.id or rid, decoded.tensors)
                 vm = sv.metrics
-                fields: dict[str, np.ndarray] = decoded.tensors
+                fields: dict[str, np.ndarray[Any, Any]] = decoded.tensors
                 declared: dict[str, str] | None = decoded.datatypes
                 if decoded.outputs is not None:
                     # Checked before the model runs: a bad request never costs a model call.
@@ -179,11 +191,15 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> Litestar:
                             )
             else:
                 # The version first: a model that is not ready is a 503, whatever the body.
-                sv = served.pick(version, headers, rid)
+                sv, fields = served.pick_v1(
+                    version,
+                    headers,
+                    rid,
+                    lambda default_input: v1.decode(
+                        body, default_input=default_input, max_rows=max_rows
+                    ),
+                )
                 vm = sv.metrics
-                specs = sv.model.inputs
-                default_input = specs[0].name if len(specs) == 1 else None
-                fields = v1.decode(body, default_input=default_input, max_rows=max_rows)
                 declared = None
             degraded = begin_request()
             vm.inflight.inc()
@@ -250,10 +266,11 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> Litestar:
 
     @get("/v2/health/ready", tags=["health"], summary="Readiness")
     async def ready() -> Response[bytes]:
-        if runtime.ready:
+        draining = runtime.draining or (shutdown is not None and shutdown.draining)
+        if runtime.ready and not draining:
             return Response(b'{"ready":true}', media_type=JSON)
         # Like every non-2xx body: `error` and `reason` (plus `ready` for probes that read it).
-        if runtime.draining:
+        if draining:
             reason, message = "shutting_down", "the server is shutting down"
         elif not runtime.started:
             reason, message = "model_not_ready", "the models are still loading"
@@ -430,6 +447,7 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> Litestar:
                 "license": p.license,
                 "builtin": p.builtin,
                 "kinds": p.kinds,
+                "note": p.note,
             }
             for p in runtime.plugins.values()
         ]

@@ -40,9 +40,9 @@ class TextFormatter(logging.Formatter):
         return base
 
 
-def configure(level: str = "info", fmt: str = "text") -> None:
-    """Route infercore's (and uvicorn's) logs to stderr in the chosen format."""
-    handler = logging.StreamHandler(sys.stderr)
+def configure(level: str = "info", fmt: str = "text", stream: str = "stderr") -> None:
+    """Route infercore's (and uvicorn's) logs to stderr (or stdout) in the chosen format."""
+    handler = logging.StreamHandler(sys.stdout if stream == "stdout" else sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     for name in ("infercore", "uvicorn", "uvicorn.error"):
         logger = logging.getLogger(name)

@@ -291,13 +291,15 @@ def test_unknown_subcommand_is_a_usage_error() -> None:
 def test_plugins_lists_builtins_and_first_party_plugins() -> None:
     result = run("plugins")
     assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
+    table, _, notes = result.stdout.partition("\n\n")
+    lines = table.splitlines()
     assert lines[0].split() == ["PLUGIN", "DISTRIBUTION", "VERSION", "LICENCE", "KINDS"]
     rows = {line.split()[0]: line for line in lines[1:]}
+    # A plugin wrapping a differently licensed library says so under the table.
+    assert "note: alibi-detect:" in notes and "Business Source License" in notes
     expected_kinds = {
         "builtins.features": "feature_source: request",
         "builtins.batchers": "batcher: dynamic, none",
-        "builtins.routers": "router: single",
         "onnx": "model_loader: onnx",
         "sklearn": "model_loader: sklearn",
     }
@@ -313,7 +315,8 @@ def test_plugins_lists_builtins_and_first_party_plugins() -> None:
 def test_plugins_respects_the_deny_list() -> None:
     result = run("plugins", env=_env(INFERCORE_DISABLE_PLUGINS="sklearn"))
     assert result.returncode == 0, result.stderr
-    names = [line.split()[0] for line in result.stdout.splitlines()[1:]]
+    table = result.stdout.partition("\n\n")[0]
+    names = [line.split()[0] for line in table.splitlines()[1:]]
     assert "sklearn" not in names
     assert "onnx" in names
 

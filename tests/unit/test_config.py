@@ -30,7 +30,7 @@ RECIPE_KEYS = {
     "model_root",
     "defaults",
 }
-DEPLOYMENT_KEYS = {"server", "feature_store", "defaults"}
+DEPLOYMENT_KEYS = {"server", "feature_store", "admin", "defaults"}
 
 _ENV_VARS = (
     "INFERCORE_PORT",
@@ -133,12 +133,9 @@ def test_env_changes_only_deployment_keys(recipe: str, env: str) -> None:
     assert changed, f"env={env} changes nothing"
     # A recipe key may change only by interpolating a deployment key (e.g. the online store).
     raw = _flatten(_yaml(RECIPES_DIR / f"{recipe}.yaml"))
-    derived = {
-        k for k, v in raw.items() if isinstance(v, str) and "${feature_store." in v
-    }
+    derived = {k for k, v in raw.items() if isinstance(v, str) and "${feature_store." in v}
     outside = {
-        k for k in changed
-        if not k.startswith(("server.", "feature_store.")) and k not in derived
+        k for k in changed if not k.startswith(("server.", "feature_store.")) and k not in derived
     }
     assert not outside, sorted(outside)
 

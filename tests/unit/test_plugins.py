@@ -90,7 +90,7 @@ def test_builtins_are_present_with_their_kinds() -> None:
     assert set(registry.kinds("feature_source")) >= {"request"}
     by_plugin = registry.kinds_by_plugin()
     assert set(by_plugin["builtins.batchers"]["batcher"]) == {"none", "dynamic"}
-    assert by_plugin["builtins.routers"] == {"router": ["single"]}
+    assert "single" in by_plugin["builtins.routers"]["router"]
 
 
 def test_first_party_plugins_come_from_entry_points() -> None:
@@ -118,7 +118,7 @@ def test_disable_removes_a_plugin_and_its_kinds(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_disable_takes_a_comma_separated_list(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("INFERCORE_DISABLE_PLUGINS", " sklearn , onnx ,")
+    monkeypatch.setenv("INFERCORE_DISABLE_PLUGINS", " sklearn , onnx , lightgbm,")
     assert _kinds("model_loader") == set()
 
 

@@ -43,7 +43,9 @@ class InputSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only
         feature: For ``feast`` inputs: ``"view:feature"``, e.g. ``card_features:txn_count_24h``.
         datatype: ``FP32``, ``FP64``, ``INT64`` or ``BYTES``.
         default: For ``feast`` inputs (required there): the value used when the store has
-            none for the entity, and for every row when ``on_failure: fail_open`` applies.
+            none for the entity, and for every row when ``on_failure: fail_open`` applies. For
+            ``request`` inputs (optional): makes the field optional; a request that omits it
+            gets this value.
         min: For numeric ``request`` inputs: the smallest value accepted (400 below it).
         max: For numeric ``request`` inputs: the largest value accepted (400 above it).
     """
@@ -138,11 +140,8 @@ def check_config(config: FeastSourceConfig, path: str) -> list[FeastInput]:
                     hint="remove `feature`, or set source: feast",
                 )
             if spec.default is not None:
-                raise ConfigError(
-                    f"{where}.default: input {spec.name!r} comes from the request, which must "
-                    "send it; `default` applies only to source: feast",
-                    hint="remove `default`",
-                )
+                # An optional request field: requests that omit it get the default.
+                _typed_default(spec, where)
             continue
         if spec.feature is None or spec.feature.count(":") != 1:
             raise ConfigError(

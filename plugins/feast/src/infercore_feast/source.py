@@ -298,11 +298,24 @@ class FeastFeatureSource(FeatureSource):
             if spec.source != "request":
                 continue
             column = fields.get(spec.name)
+            if column is None and spec.default is not None:
+                value = spec.default
+                fill = np.empty(rows, dtype=object) if spec.datatype == "BYTES" else None
+                if fill is not None:
+                    fill[:] = value
+                    out[spec.name] = fill
+                else:
+                    out[spec.name] = np.full(rows, value, dtype=V2_TO_NUMPY[spec.datatype])
+                continue
             if column is None:
                 raise InvalidInput(
                     f"missing field {spec.name!r}",
-                    hint="send every request field of the model: "
-                    + ", ".join(s.name for s in self.config.inputs if s.source == "request"),
+                    hint="send every required request field of the model: "
+                    + ", ".join(
+                        s.name
+                        for s in self.config.inputs
+                        if s.source == "request" and s.default is None
+                    ),
                 )
             column = _one_per_row(spec.name, column)
             if len(column) != rows:
