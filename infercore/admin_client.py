@@ -7,7 +7,7 @@
     infercore models reject 3f9a1c2e --reason "p99 too high"
     infercore models weights fraud 1=75 2=25
     infercore models rollback fraud --reason "complaints"
-    infercore models load fraud 3 | unload fraud 3 | shadow fraud | audit
+    infercore models load fraud 3 | unload fraud 3 | shadow fraud | drift fraud | audit
 
 The admin URL and token come from ``--url``/``--token`` (or ``--token-file``), else from
 ``INFERCORE_ADMIN_URL`` (default ``http://127.0.0.1:8081``; ``unix:/path/admin.sock`` for a
@@ -167,6 +167,8 @@ def add_models_parser(sub: Any) -> None:
         p.add_argument("model")
         p.add_argument("version")
         decided(p)
+    p = msub.add_parser("drift", help="drift monitor: latest result per detector and events")
+    p.add_argument("model")
     p = msub.add_parser("shadow", help="shadow copies and their agreement with the primary")
     p.add_argument("model")
     p = msub.add_parser("audit", help="the latest audit records")
@@ -341,6 +343,10 @@ def _run(args: argparse.Namespace) -> int:
         else:
             v = doc["version"]
             print(f"{args.model} {v['version']}: {v['state']} ({v['stage']})")
+        return EXIT_OK
+    if action == "drift":
+        _, doc = client.request("GET", f"/admin/models/{q(args.model, safe='')}/drift")
+        print(json.dumps(doc, indent=2))
         return EXIT_OK
     if action == "shadow":
         _, doc = client.request("GET", f"/admin/models/{q(args.model, safe='')}/shadow")

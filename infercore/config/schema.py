@@ -102,6 +102,9 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     rollout: RolloutConfig = msgspec.field(default_factory=RolloutConfig)
     #: Versions the admin API may load from folders (``RepositoryConfig``); none by default.
     repository: RepositoryConfig | None = None
+    #: Drift monitoring of this model's live inputs (``infercore.drift.DriftConfig``: sampling,
+    #: windows, detectors, actions); validated when the runtime is built.
+    drift: Node | None = None
 
 
 class FeatureStoreSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -211,6 +211,21 @@ class Runtime:
                 repository=repository,
                 guard=guard,
             )
+            if mc.drift is not None:
+                from infercore.drift import DriftMonitor
+
+                served_model = self.models[name]
+                served_model.drift = DriftMonitor.build(
+                    self.registry,
+                    mc.drift,
+                    model=name,
+                    model_root=model_root,
+                    path=f"{base}.drift",
+                    metrics=self.metrics,
+                    version=lambda m=served_model: m.primary,  # type: ignore[misc]
+                    label=label,
+                    extra=self._shared,
+                )
 
     # -- building -------------------------------------------------------------------------
 
@@ -363,6 +378,8 @@ class Runtime:
             served.refresh()
             if served.shadow is not None:
                 served.shadow.start()
+            if served.drift is not None:
+                await served.drift.start()
             if served.config.required and not served.ready:
                 err = served.versions[served.primary].error or "failed to load"
                 raise ModelLoadError(err)
@@ -431,6 +448,8 @@ class Runtime:
         feature sources."""
         self.draining = True
         for served in self.models.values():
+            if served.drift is not None:
+                await served.drift.stop()
             if served.shadow is not None:
                 await served.shadow.stop()
             for sv in served.versions.values():
@@ -499,6 +518,9 @@ class Runtime:
             outputs = await sv.batcher.submit(prepared, deadline=deadline)
             plan = sv.outputs_plan
             result = outputs if plan is None else plan.apply(outputs)
+            if served.drift is not None:
+                # The feature source's full output (every version's inputs): never blocks.
+                served.drift.offer(inputs, outputs)
             table = served.table
             if table.shadows and sv.version == table.primary and served.shadow is not None:
                 targets = served.router.mirror(RouteRequest(_NO_HEADERS, "", fields), table)

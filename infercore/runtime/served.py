@@ -13,7 +13,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy.typing as npt
 
@@ -34,6 +34,9 @@ from infercore.runtime.guard import Window
 from infercore.runtime.outputs import OutputPlan
 from infercore.runtime.repository import Repository
 from infercore.runtime.shadow import ShadowRunner
+
+if TYPE_CHECKING:
+    from infercore.drift import DriftMonitor
 
 Array = npt.NDArray[Any]
 
@@ -154,6 +157,8 @@ class ServedModel:
     shadow: ShadowRunner | None = None
     repository: Repository | None = None
     guard: GuardConfig | None = None
+    #: The drift monitor of the model's inputs, when the recipe configures one.
+    drift: DriftMonitor | None = None
     #: Primaries before the current one, latest last (rollback target).
     previous: list[str] = field(default_factory=list)
     table: RoutingTable = field(init=False)

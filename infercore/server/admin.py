@@ -349,6 +349,22 @@ def create_admin_app(runtime: Runtime, token: str) -> BearerAuth:
     async def shadow(model_name: FromPath[str]) -> Response[bytes]:
         return _json(lifecycle.shadow_summary(_model_name(model_name)))
 
+    @get("/admin/models/{model_name:str}/drift")
+    async def drift(model_name: FromPath[str]) -> Response[bytes]:
+        served = runtime.model(_model_name(model_name))
+        monitor = served.drift
+        if monitor is None:
+            return _json({"model": served.name, "monitored": False})
+        return _json(
+            {
+                "model": served.name,
+                "monitored": True,
+                "status": monitor.status(),
+                "latest": monitor.latest_results(),
+                "events": monitor.events(50),
+            }
+        )
+
     @get("/admin/approvals")
     async def approvals(status: FromQuery[str | None] = None) -> Response[bytes]:
         return _json(lifecycle.list_approvals(status))
@@ -384,6 +400,7 @@ def create_admin_app(runtime: Runtime, token: str) -> BearerAuth:
             weights,
             rollback,
             shadow,
+            drift,
             approvals,
             approve,
             reject,
