@@ -92,6 +92,29 @@ def test_fetch_returns_feast_values_in_declared_order(model_root: Path) -> None:
             assert out[name][row, 0] == pytest.approx(want[name]), (name, i)
 
 
+def test_a_request_input_with_a_default_is_optional(model_root: Path) -> None:
+    async def main() -> tuple[dict[str, np.ndarray], str]:
+        source = await started(make_source(model_root, inputs=_input(0, default=2.5)))
+        strict = await started(make_source(model_root))
+        try:
+            deadline = asyncio.get_running_loop().time() + 10
+            without = {"card_id": np.array([card(1), card(2)], dtype=object)}
+            out = await source.fetch(without, deadline=deadline)
+            try:
+                await strict.fetch(without, deadline=deadline)
+            except InvalidInput as exc:
+                return out, str(exc)
+            return out, ""
+        finally:
+            await source.stop()
+            await strict.stop()
+
+    out, error = run(main())
+    assert out["amount"].dtype == np.float32 and out["amount"].shape == (2, 1)
+    np.testing.assert_array_equal(out["amount"][:, 0], [2.5, 2.5])
+    assert "missing field 'amount'" in error  # without a default the field stays required
+
+
 def test_matrix_layout_stacks_inputs_in_declared_order(model_root: Path) -> None:
     async def main() -> dict[str, np.ndarray]:
         source = await started(make_source(model_root, layout="matrix", matrix_input="x"))
@@ -616,7 +639,7 @@ def _input(index: int, **changes: Any) -> list[dict[str, Any]]:
             r"'txn_count_24h' has no default",
         ),
         ({"inputs": _input(1, feature="card_features")}, r"inputs\[1\]\.feature"),
-        ({"inputs": _input(0, default=1.0)}, r"inputs\[0\]\.default: .*comes from the request"),
+        ({"inputs": _input(0, default="abc")}, r"inputs\[0\]\.default: FP32 .*numeric default"),
         ({"inputs": _input(1, default=1.5)}, r"inputs\[1\]\.default: INT64 .*integer"),
         ({"inputs": _input(2, name="txn_count_24h")}, "declared twice"),
         ({"inputs": _input(0, datatype="BYTES"), "layout": "matrix"}, "layout 'matrix'"),
