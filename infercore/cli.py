@@ -406,7 +406,7 @@ async def _serve_async(
     log.info("starting %s on %s", label or "infercore", where)
     if admin is not None:
         await admin.start()  # the admin listener (infercore.server.admin), its own server
-    serve_task = asyncio.create_task(server.serve())
+    serve_task = asyncio.create_task(_run_uvicorn(server))
     start_task = asyncio.create_task(runtime.start())
     done, _ = await asyncio.wait({serve_task, start_task}, return_when=asyncio.FIRST_COMPLETED)
     code = 0
@@ -422,10 +422,10 @@ async def _serve_async(
             )
     else:
         start_task.cancel()
-    try:
-        await serve_task
-    except SystemExit as exc:  # uvicorn exits this way when it cannot bind
-        code = int(exc.code or EXIT_FAILURE)
+    serve_code = await serve_task
+    if serve_code:
+        code = serve_code
+        print(f"infercore: error: could not listen on {where} (see the log above)", file=sys.stderr)
     if not serve_task.cancelled() and server.started is False and code == 0:
         code = EXIT_FAILURE
     if admin is not None:
@@ -444,6 +444,18 @@ async def _serve_async(
     if code == 0 and state.signals:
         log.info("stopped")
     return code
+
+
+async def _run_uvicorn(server: Any) -> int:
+    """``server.serve()``, with uvicorn's ``sys.exit`` on a failed bind turned into a code.
+
+    A ``SystemExit`` escaping a task would tear through the event loop and skip the shutdown.
+    """
+    try:
+        await server.serve()
+    except SystemExit as exc:
+        return int(exc.code or EXIT_FAILURE)
+    return 0
 
 
 if __name__ == "__main__":

@@ -410,3 +410,19 @@ def test_serve_iris_becomes_ready_and_stops_on_sigterm(
 def test_serve_refuses_an_unsupported_worker_count() -> None:
     line = _assert_one_config_error(run("serve", "+recipe=iris", "server.workers=2"))
     assert "server.workers" in line
+
+
+def test_serve_on_a_port_in_use_exits_with_one_clear_line() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run("serve", "+recipe=iris", f"server.port={port}")
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("infercore: ")]
+    assert errors == [
+        f"infercore: error: could not listen on http://127.0.0.1:{port} (see the log above)"
+    ]
