@@ -141,6 +141,15 @@ class Registry:
             handlers.extend(extra)
         return handlers
 
+    def plugin_of(self, component: object) -> str:
+        """The name of the plugin that registered ``component``'s class (``?`` if none did)."""
+        cls = type(component)
+        for table in self._by_role.values():
+            for reg in table.values():
+                if reg.cls is cls:
+                    return reg.plugin
+        return "?"
+
     def kinds(self, role: str) -> dict[str, Registered]:
         """Registered classes of a role (``model_loader``, ``batcher`` …) by kind."""
         return self._by_role[role]

@@ -385,16 +385,16 @@ class Runtime:
                 raise ModelLoadError(err)
         self.started = True
 
-    @staticmethod
-    async def _start_component(component: Any, what: str) -> None:
+    async def _start_component(self, component: Any, what: str) -> None:
         try:
             await component.start()
         except InfercoreError:
             raise
         except Exception as exc:
             raise PluginError(
-                f"{component.context.path}: {type(component).__name__} ({what}) failed to "
-                f"start: {type(exc).__name__}: {exc}"
+                f"{component.context.path}: {type(component).__name__} ({what}, plugin "
+                f"{self.registry.plugin_of(component)!r}) failed to start: "
+                f"{type(exc).__name__}: {exc}"
             ) from exc
 
     async def _load(self, served: ServedModel, sv: ServedVersion) -> bool:
@@ -418,7 +418,8 @@ class Runtime:
                 raise
             except Exception as exc:
                 raise ModelLoadError(
-                    f"{sv.model.context.path}: {type(sv.model).__name__} failed to load: "
+                    f"{sv.model.context.path}: {type(sv.model).__name__} (plugin "
+                    f"{self.registry.plugin_of(sv.model)!r}) failed to load: "
                     f"{type(exc).__name__}: {exc}"
                 ) from exc
         except InfercoreError as exc:

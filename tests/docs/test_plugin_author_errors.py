@@ -201,6 +201,7 @@ def test_a_component_failing_to_start_names_the_path_and_the_class(site: Path) -
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("infercore: ")]
     assert errors == [
-        "infercore: error: models.m.versions.1.loader: Exploding failed to load: "
+        "infercore: error: models.m.versions.1.loader: Exploding (plugin 'models') failed to "
+        "load: "
         "OSError: weights.bin: permission denied"
     ], result.stderr
