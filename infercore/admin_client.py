@@ -23,6 +23,7 @@ import json
 import os
 import socket
 import sys
+import time
 import urllib.parse
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,47 @@ class AdminClient:
 
 
 # -- the command line ---------------------------------------------------------------------
+
+
+def _connection_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", help=f"admin API URL (env INFERCORE_ADMIN_URL; {DEFAULT_URL})")
+    parser.add_argument("--token", help="bearer token (env INFERCORE_ADMIN_TOKEN)")
+    parser.add_argument("--token-file", help="read the bearer token from this file")
+    parser.add_argument("--json", action="store_true", help="print the API's JSON answer")
+
+
+def add_events_parser(sub: Any) -> None:
+    """Add ``events``: the drift monitor's event history, through the admin API."""
+    events = sub.add_parser(
+        "events", help="drift events of every monitored model (the admin API)", allow_abbrev=False
+    )
+    _connection_options(events)
+    events.add_argument("model", nargs="?", help="only this model")
+
+
+def run_events(args: argparse.Namespace) -> int:
+    """``infercore events [MODEL]``; returns the exit code."""
+    args.models_command = "events"
+    return run_models(args)
+
+
+def _print_events(model: str, doc: dict[str, Any]) -> None:
+    if not doc.get("monitored"):
+        print(f"{model}: not monitored (no drift node in the recipe)")
+        return
+    events = doc.get("events") or []
+    if not events:
+        print(f"{model}: no drift events")
+    for e in events:
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(e.get("time", 0))))
+        actions = ", ".join(
+            f"{name}={(a or {}).get('status', '?')}" for name, a in (e.get("actions") or {}).items()
+        )
+        features = ", ".join(e.get("features") or []) or "-"
+        print(
+            f"{when}  {model}  #{e.get('id')}  {e.get('detector')}  window {e.get('window')}  "
+            f"drift on: {features}  actions: {actions or '-'}"
+        )
 
 
 def add_models_parser(sub: Any) -> None:
@@ -343,6 +385,22 @@ def _run(args: argparse.Namespace) -> int:
         else:
             v = doc["version"]
             print(f"{args.model} {v['version']}: {v['state']} ({v['stage']})")
+        return EXIT_OK
+    if action == "events":
+        if args.model:
+            names = [args.model]
+        else:
+            _, docs = client.request("GET", "/admin/models")
+            names = [d["name"] for d in docs]
+        found = {
+            name: client.request("GET", f"/admin/models/{q(name, safe='')}/drift")[1]
+            for name in names
+        }
+        if args.json:
+            print(json.dumps(found, indent=2))
+        else:
+            for name, doc in found.items():
+                _print_events(name, doc)
         return EXIT_OK
     if action == "drift":
         _, doc = client.request("GET", f"/admin/models/{q(args.model, safe='')}/drift")

@@ -55,9 +55,10 @@ def _parser() -> argparse.ArgumentParser:
 
     add_new_plugin_parser(sub)
 
-    from infercore.admin_client import add_models_parser
+    from infercore.admin_client import add_events_parser, add_models_parser
 
     add_models_parser(sub)
+    add_events_parser(sub)
 
     deploy = sub.add_parser("deploy", help="render deployment manifests")
     dsub = deploy.add_subparsers(dest="deploy_command", required=True, metavar="TARGET")
@@ -127,6 +128,10 @@ def run(argv: Sequence[str] | None = None) -> int:
             return run_new_plugin(args)
         if args.command == "deploy":
             return _deploy_k8s(args)
+        if args.command == "events":
+            from infercore.admin_client import run_events
+
+            return run_events(args)
         if args.command == "models":
             from infercore.admin_client import run_models
 

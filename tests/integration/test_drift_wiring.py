@@ -96,3 +96,49 @@ def test_a_bad_drift_node_fails_when_the_runtime_is_built(tmp_path: Path) -> Non
     cfg["models"]["m"]["drift"]["detectors"]["ks"]["kind"] = "kss"  # type: ignore[index]
     with pytest.raises(ConfigError, match=r"models\.m\.drift\.detectors\.ks"):
         runtime_from_dict(cfg, recipes_dir=tmp_path)
+
+
+def test_infercore_events_lists_drift_events_through_the_admin_api(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import threading
+
+    from infercore.cli import run as cli
+    from infercore.server.admin import AdminListener
+
+    sock = tmp_path / "admin.sock"
+    cfg = _config(tmp_path)
+    cfg["admin"] = {"enabled": True, "uds": str(sock)}
+    runtime = runtime_from_dict(cfg, recipes_dir=tmp_path)
+    ready, fed, done = threading.Event(), threading.Event(), threading.Event()
+    loop = asyncio.new_event_loop()
+    rng = np.random.default_rng(3)
+
+    async def serve() -> None:
+        listener = AdminListener.from_runtime(runtime, {"INFERCORE_ADMIN_TOKEN": TOKEN})
+        assert listener is not None
+        await runtime.start()
+        await listener.start()
+        ready.set()
+        await _serve_rows(runtime, (rng.normal(size=(200, 2)) + 3).astype(np.float32))
+        fed.set()
+        while not done.is_set():
+            await asyncio.sleep(0.02)
+        await listener.stop()
+        await runtime.stop()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
+    thread.start()
+    base = ["events", "--url", f"unix:{sock}", "--token", TOKEN]
+    try:
+        assert ready.wait(30) and fed.wait(30)
+        assert cli(base) == 0
+        out = capsys.readouterr().out
+        assert "  m  #1  ks  window 1  drift on: x[0], x[1]  actions: log=ok" in out, out
+        assert cli([*base, "nope"]) == 1
+        assert "model_not_found" in capsys.readouterr().err
+        assert cli(["events", "--url", f"unix:{sock}", "--token", "wrong-token-0123456789"]) == 1
+        assert "HTTP 403" in capsys.readouterr().err
+    finally:
+        done.set()
+        thread.join(30)
