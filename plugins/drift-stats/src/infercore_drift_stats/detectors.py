@@ -9,6 +9,7 @@ thread.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import math
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -45,6 +46,9 @@ class _Base(DriftDetector):
 
     async def start(self) -> None:
         path = self.context.path
+        # scipy.stats takes about a second of CPU to import: pay it at start-up, not in the
+        # first window, where it would compete with serving for the same core.
+        await asyncio.to_thread(importlib.import_module, "scipy.stats")
         reference = await asyncio.to_thread(
             load_reference,
             self.context.model_root,
