@@ -24,7 +24,7 @@ Every answer is checked: a 200 with one ``fraud_probability`` in [0, 1] and a bo
     uv run locust -f benchmarks/locustfile_fraud.py --host http://127.0.0.1:8080
 
 ``benchmarks/run_fraud_load.sh`` starts a server and runs this headless in one command. With
-``FRAUD_LOAD_SUMMARY=path.json`` set, the final figures are written there when Locust exits.
+``INFERCORE_LOAD_SUMMARY=path.json`` set, the final figures are written there when Locust exits.
 """
 
 from __future__ import annotations
@@ -38,10 +38,10 @@ import random
 from pathlib import Path
 from typing import Any
 
+import locust_summary  # noqa: F401  (writes the JSON summary at quit)
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from locust import FastHttpUser, events, task
-from locust.env import Environment
 
 DATA = Path(__file__).resolve().parents[1] / "recipes" / "fraud" / "data"
 ZIPF = float(os.environ.get("FRAUD_LOAD_ZIPF", "1.0"))
@@ -191,37 +191,6 @@ class FraudUser(FastHttpUser):
         self._v2(BATCH, f"v2 batch {BATCH}")
 
 
-_environments: list[Environment] = []
-
-
 @events.init.add_listener
-def _remember_environment(environment: Environment, **_: Any) -> None:
-    _environments.append(environment)
+def _load_data_first(**_: Any) -> None:
     world()  # read the data before the users start, not inside the first request
-
-
-@events.quit.add_listener
-def write_summary(**_: Any) -> None:
-    """The final figures per request name and in total, as JSON (see the module docstring)."""
-    path = os.environ.get("FRAUD_LOAD_SUMMARY")
-    if not path or not _environments:
-        return
-    stats = _environments[-1].stats
-    entries = sorted(stats.entries.values(), key=lambda e: e.name)
-    rows = []
-    for entry in [*entries, stats.total]:
-        rows.append(
-            {
-                "name": entry.name,
-                "requests": entry.num_requests,
-                "failures": entry.num_failures,
-                "requests_per_s": round(entry.total_rps, 1),
-                "p50_ms": entry.get_response_time_percentile(0.50),
-                "p90_ms": entry.get_response_time_percentile(0.90),
-                "p99_ms": entry.get_response_time_percentile(0.99),
-                "max_ms": round(entry.max_response_time or 0, 1),
-            }
-        )
-    with open(path, "w") as f:
-        json.dump(rows, f, indent=2)
-        f.write("\n")

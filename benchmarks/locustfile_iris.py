@@ -13,20 +13,19 @@ Every answer is checked (status, one label per row); anything else counts as a f
     uv run locust -f benchmarks/locustfile_iris.py --host http://127.0.0.1:8080
 
 ``benchmarks/run_iris_load.sh`` starts a server and runs this headless in one command. With
-``IRIS_LOAD_SUMMARY=path.json`` set, the final figures (locust's own, taken at exit) are written
-there: locust's ``--csv`` files are snapshots refreshed once a second and may miss the last one.
+``INFERCORE_LOAD_SUMMARY=path.json`` set, the final figures (locust's own, taken at exit) are
+written there (benchmarks/locust_summary.py).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import struct
 from typing import Any
 
-from locust import FastHttpUser, events, task
-from locust.env import Environment
+import locust_summary  # noqa: F401  (writes the JSON summary at quit)
+from locust import FastHttpUser, task
 
 FIELDS = ("sepal_length", "sepal_width", "petal_length", "petal_width")
 # Per-species means and standard deviations of the four measurements (cm), from the data set.
@@ -151,38 +150,3 @@ class IrisUser(FastHttpUser):
         predictions = r.json()["predictions"]
         if len(predictions) != count or any(p["label"] not in (0, 1, 2) for p in predictions):
             r.failure(f"bad predictions for {count} rows: {predictions!r:.200}")
-
-
-_environments: list[Environment] = []
-
-
-@events.init.add_listener
-def _remember_environment(environment: Environment, **_: Any) -> None:
-    _environments.append(environment)
-
-
-@events.quit.add_listener
-def write_summary(**_: Any) -> None:
-    """The final figures per request name and in total, as JSON (see the module docstring)."""
-    path = os.environ.get("IRIS_LOAD_SUMMARY")
-    if not path or not _environments:
-        return
-    stats = _environments[-1].stats
-    entries = sorted(stats.entries.values(), key=lambda e: e.name)
-    rows = []
-    for entry in [*entries, stats.total]:
-        rows.append(
-            {
-                "name": entry.name,
-                "requests": entry.num_requests,
-                "failures": entry.num_failures,
-                "requests_per_s": round(entry.total_rps, 1),
-                "p50_ms": entry.get_response_time_percentile(0.50),
-                "p90_ms": entry.get_response_time_percentile(0.90),
-                "p99_ms": entry.get_response_time_percentile(0.99),
-                "max_ms": round(entry.max_response_time or 0, 1),
-            }
-        )
-    with open(path, "w") as f:
-        json.dump(rows, f, indent=2)
-        f.write("\n")
