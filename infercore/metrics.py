@@ -86,6 +86,12 @@ class Metrics:
             _LABELS,
             registry=r,
         )
+        self.batch_wait_target = Gauge(
+            "infercore_batch_wait_target_seconds",
+            "The adaptive batcher's current wait budget for a batch to fill.",
+            _LABELS,
+            registry=r,
+        )
         self.inflight = Gauge(
             "infercore_inflight_requests",
             "Inference requests being processed.",
@@ -280,3 +286,8 @@ class VersionMetrics(ResponseCounters):
 
     def set_queue_depth(self, depth: int) -> None:
         self.queue_depth.set(depth)
+
+    def set_batch_wait_target(self, seconds: float) -> None:
+        # Bound on first use (rarely: when the adaptive wait changes), so that versions behind
+        # other batchers export no such series.
+        self._metrics.batch_wait_target.labels(*self.labels).set(seconds)

@@ -199,17 +199,40 @@ class DynamicBatcherConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=Tr
     queue_timeout_ms: PositiveMs = 1000
     #: Model calls in flight at once.
     max_concurrent_batches: PositiveInt = 1
+    #: Batch sizes (rows) that go at once instead of waiting out ``max_queue_delay_ms``; when
+    #: the queue holds more, the batch stops at the largest preferred size it reaches (Triton's
+    #: ``preferred_batch_size``). Each at most ``max_batch_size``.
+    preferred_batch_sizes: tuple[PositiveInt, ...] = ()
+
+    def __post_init__(self) -> None:
+        too_big = [n for n in self.preferred_batch_sizes if n > self.max_batch_size]
+        if too_big:
+            # The " - at `$.field`" suffix is msgspec's own way of naming the failing field:
+            # the config error then starts with the full path (batching.preferred_batch_sizes).
+            raise ValueError(
+                f"{too_big[0]} is above max_batch_size ({self.max_batch_size}); each preferred "
+                "batch size must be at most max_batch_size - at `$.preferred_batch_sizes`"
+            )
 
 
 class _Item:
-    __slots__ = ("enqueued", "future", "inputs", "key", "rows", "state", "timer")
+    __slots__ = ("deadline", "enqueued", "future", "inputs", "key", "rows", "state", "timer")
 
-    def __init__(self, inputs: Tensors, rows: int, key: tuple[Any, ...], future: Any, t: float):
+    def __init__(
+        self,
+        inputs: Tensors,
+        rows: int,
+        key: tuple[Any, ...],
+        future: Any,
+        t: float,
+        deadline: float,
+    ):
         self.inputs = inputs
         self.rows = rows
         self.key = key
         self.future: asyncio.Future[Tensors] = future
         self.enqueued = t
+        self.deadline = deadline
         self.state = _QUEUED
         self.timer: asyncio.TimerHandle | None = None
 
@@ -218,13 +241,21 @@ class DynamicBatcher(Batcher):
     """Stacks concurrent requests along the batch dimension into one model call.
 
     A collector task takes the oldest waiting request and adds the following ones while the
-    batch has room and their tensors are compatible (same dtypes and trailing shapes). With
+    batch has room and their tensors are compatible (same dtypes and trailing shapes). The
+    batch goes at once when it is full, when the next request cannot join it, or when it
+    holds one of ``preferred_batch_sizes`` rows; otherwise it waits for more rows until
+    ``max_queue_delay_ms`` after its oldest request arrived (as Triton's dynamic batcher does:
+    the delay is an upper bound spent only while the batch is not full, and it counts the
+    time the request already waited for the model, so under load nothing waits twice). With
     ``max_queue_delay_ms`` = 0 it never waits: at low load a lone request goes at once, and
-    under load the queue fills while the previous batch runs. Each request gets exactly its
-    own rows back. If a batch of several requests fails, each request is retried alone, so
-    one poisoned request cannot fail its batch-mates. A model whose tensors have no batch
-    dimension is called once per request. :meth:`stop` refuses new requests and finishes the
-    queued ones (each still runs or times out) before it returns.
+    under load the queue fills while the previous batch runs. The ``adaptive`` batcher
+    chooses that wait from the load instead. No request waits to fill past its deadline.
+
+    Each request gets exactly its own rows back. If a batch of several requests fails, each
+    request is retried alone, so one poisoned request cannot fail its batch-mates. A model
+    whose tensors have no batch dimension is called once per request. :meth:`stop` refuses
+    new requests and finishes the queued ones (each still runs or times out) before it
+    returns.
     """
 
     kind = "dynamic"
@@ -246,6 +277,7 @@ class DynamicBatcher(Batcher):
         self._task: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
         self._batched_names: tuple[str, ...] = ()
+        self._preferred = frozenset(config.preferred_batch_sizes)
         self._stopping = False
 
     @property
@@ -299,7 +331,7 @@ class DynamicBatcher(Batcher):
         now = loop.time()
         rows = _rows(self.model, inputs)
         key = tuple((name, arr.dtype.str, arr.shape[1:]) for name, arr in sorted(inputs.items()))
-        item = _Item(inputs, rows, key, loop.create_future(), now)
+        item = _Item(inputs, rows, key, loop.create_future(), now, deadline)
         limit = now + self.config.queue_timeout_ms / 1000
         item.timer = loop.call_at(min(limit, deadline), self._expire, item, deadline <= limit)
         self._queue.append(item)
@@ -344,19 +376,33 @@ class DynamicBatcher(Batcher):
         return None
 
     def _take(self, item: _Item, loop: asyncio.AbstractEventLoop) -> None:
-        self._queue.popleft()
+        """Move ``item`` (already off the deque) from the queue into a forming batch."""
         item.state = _RUNNING
         self._waiting -= 1
         if item.timer is not None:
             item.timer.cancel()
         self.observer.observe_queue_wait(loop.time() - item.enqueued)
 
+    # Hooks for subclasses (the adaptive batcher): when to stop waiting for a batch to fill,
+    # and what happened to each batch. They run on the event loop and must not block.
+
+    def _fill_until(self, first: _Item, rows: int, loop: asyncio.AbstractEventLoop) -> float:
+        """Loop time until which a batch of ``rows`` rows, ``first`` the oldest, waits to fill.
+
+        Called once per batch, after the requests already queued have been taken and only when
+        the batch is not complete (not full, not blocked, no preferred size reached).
+        """
+        return first.enqueued + self.config.max_queue_delay_ms / 1000
+
+    def _formed(self, batch: list[_Item], rows: int, now: float) -> None:
+        """A batch of ``rows`` rows was formed and is about to run."""
+
+    def _completed(self, live: list[_Item], rows: int, seconds: float, now: float) -> None:
+        """A batch model call of ``rows`` rows answered ``live`` in ``seconds``."""
+
     async def _collect(self) -> None:
         assert self._wakeup is not None and self._slots is not None
         loop = asyncio.get_running_loop()
-        max_rows = self.config.max_batch_size
-        delay = self.config.max_queue_delay_ms / 1000
-        batchable = self.model.batchable
         while True:
             first = self._next_live()
             if first is None:
@@ -372,28 +418,11 @@ class DynamicBatcher(Batcher):
             if first is None:
                 self._slots.release()
                 continue
+            self._queue.popleft()
             self._take(first, loop)
             batch = [first]
-            rows = first.rows
             try:
-                while batchable and rows < max_rows:
-                    nxt = self._next_live()
-                    if nxt is None:
-                        remaining = first.enqueued + delay - loop.time()
-                        if remaining <= 0 or self._stopping:
-                            break
-                        self._wakeup.clear()
-                        try:
-                            async with asyncio.timeout(remaining):
-                                await self._wakeup.wait()
-                        except TimeoutError:
-                            break
-                        continue
-                    if nxt.key != first.key or rows + nxt.rows > max_rows:
-                        break
-                    self._take(nxt, loop)
-                    batch.append(nxt)
-                    rows += nxt.rows
+                rows = await self._fill(batch, loop)
             except BaseException:
                 # Cancelled while filling: the requests already taken must still be answered.
                 for it in batch:
@@ -403,9 +432,87 @@ class DynamicBatcher(Batcher):
                 self._slots.release()
                 raise
             self.observer.set_queue_depth(self._waiting)
+            self._formed(batch, rows, loop.time())
             task = asyncio.create_task(self._execute(batch, rows))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
+
+    async def _fill(self, batch: list[_Item], loop: asyncio.AbstractEventLoop) -> int:
+        """Add requests to ``batch`` (holding the oldest) until it should go; returns its rows.
+
+        It goes at once when it is full, when the next queued request cannot join it (FIFO:
+        incompatible tensors or too many rows), when it reaches a preferred size, or when the
+        version is stopping; otherwise it waits for more until :meth:`_fill_until`, and never
+        past the deadline of a request it holds.
+        """
+        assert self._wakeup is not None
+        rows = batch[0].rows
+        if not self.model.batchable:
+            return rows
+        rows, complete = self._take_ready(batch, rows, loop)
+        if complete or self._stopping:
+            return rows
+        until = min(self._fill_until(batch[0], rows, loop), min(it.deadline for it in batch))
+        while not self._stopping:
+            remaining = until - loop.time()
+            if remaining <= 0:
+                break
+            self._wakeup.clear()
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._wakeup.wait()
+            except TimeoutError:
+                break
+            taken = len(batch)
+            rows, complete = self._take_ready(batch, rows, loop)
+            if complete:
+                break
+            if len(batch) > taken:
+                until = min(until, min(it.deadline for it in batch[taken:]))
+        if self._stopping:  # stop() finishes the queue: whatever else fits goes along
+            rows, _ = self._take_ready(batch, rows, loop)
+        return rows
+
+    def _take_ready(
+        self, batch: list[_Item], rows: int, loop: asyncio.AbstractEventLoop
+    ) -> tuple[int, bool]:
+        """Take the queued requests that join ``batch`` now; True when it should go at once."""
+        max_rows = self.config.max_batch_size
+        if rows >= max_rows:
+            return rows, True
+        key = batch[0].key
+        preferred = self._preferred
+        # Look ahead before taking: with preferred sizes the batch may stop short of what is
+        # queued, at the largest preferred size the queued requests reach.
+        total = rows
+        fit = 0
+        best = 0 if rows in preferred else -1
+        complete = False
+        for it in self._queue:
+            if it.state != _QUEUED:
+                continue
+            if it.key != key or total + it.rows > max_rows:
+                complete = True  # FIFO: the batch cannot grow past this request
+                break
+            total += it.rows
+            fit += 1
+            if total in preferred:
+                best = fit
+            if total == max_rows:
+                complete = True
+                break
+        if not complete and best >= 0:
+            fit, complete = best, True
+        taken = 0
+        while taken < fit:
+            item = self._queue.popleft()
+            if item.state != _QUEUED:
+                continue
+            self._take(item, loop)
+            batch.append(item)
+            rows += item.rows
+            taken += 1
+        return rows, complete
 
     async def _execute(self, batch: list[_Item], rows: int) -> None:
         assert self._slots is not None
@@ -419,7 +526,8 @@ class DynamicBatcher(Batcher):
             try:
                 t0 = loop.time()
                 outputs = await _call_model(self.model, self._stack(live), rows)
-                self.observer.observe_batch(rows, loop.time() - t0)
+                t1 = loop.time()
+                self.observer.observe_batch(rows, t1 - t0)
             except Exception as exc:
                 if len(live) == 1:
                     self._fail(live[0], exc)
@@ -439,6 +547,7 @@ class DynamicBatcher(Batcher):
                             item.future.set_result(alone)
                 return
             self._split(live, outputs)
+            self._completed(live, rows, t1 - t0, t1)
         finally:
             for it in batch:
                 it.state = _DONE
@@ -484,4 +593,7 @@ class DynamicBatcher(Batcher):
 
 @hookimpl
 def register_batchers() -> list[type[Batcher]]:
-    return [NoBatcher, DynamicBatcher]
+    # Imported here: the adaptive batcher subclasses DynamicBatcher from this module.
+    from infercore.builtins.adaptive import AdaptiveBatcher
+
+    return [NoBatcher, DynamicBatcher, AdaptiveBatcher]

@@ -299,7 +299,7 @@ def test_plugins_lists_builtins_and_first_party_plugins() -> None:
     assert "note: alibi-detect:" in notes and "Business Source License" in notes
     expected_kinds = {
         "builtins.features": "feature_source: request",
-        "builtins.batchers": "batcher: dynamic, none",
+        "builtins.batchers": "batcher: adaptive, dynamic, none",
         "onnx": "model_loader: onnx",
         "sklearn": "model_loader: sklearn",
     }

@@ -1,4 +1,5 @@
-"""The ``none`` and ``dynamic`` batchers: separation, bounds, timeouts, cancellation, faults."""
+"""The ``none``, ``dynamic`` and ``adaptive`` batchers: separation, bounds, timeouts,
+cancellation, faults, preferred batch sizes."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from infercore.builtins.adaptive import AdaptiveBatcher
 from infercore.builtins.batchers import DynamicBatcher, NoBatcher
 from infercore.components import Batcher, ComponentContext, Tensors, TensorSpec
 from infercore.errors import (
@@ -113,6 +115,21 @@ async def make_dynamic(
     return batcher
 
 
+async def make_adaptive(
+    model: FakeModel, observer: Observer | None = None, **config: Any
+) -> AdaptiveBatcher:
+    batcher = AdaptiveBatcher(AdaptiveBatcher.Config(**config), BATCH_CTX, model, observer)
+    await batcher.start()
+    return batcher
+
+
+MakeBatcher = Callable[..., Awaitable[DynamicBatcher]]
+#: The guarantees of the dynamic batcher hold for the adaptive one, which subclasses it.
+BATCHING = pytest.mark.parametrize(
+    "make", [make_dynamic, make_adaptive], ids=["dynamic", "adaptive"]
+)
+
+
 async def make_none(model: FakeModel, observer: Observer | None = None, **config: Any) -> NoBatcher:
     batcher = NoBatcher(NoBatcher.Config(**config), BATCH_CTX, model, observer)
     await batcher.start()
@@ -166,7 +183,7 @@ def run(coro: Awaitable[Any]) -> Any:
 
 
 @settings(
-    max_examples=25,
+    max_examples=40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
@@ -180,6 +197,9 @@ def run(coro: Awaitable[Any]) -> Any:
     delay_ms=st.sampled_from([0.0, 0.5, 3.0]),
     concurrent=st.integers(1, 2),
     latency=st.sampled_from([0.0, 0.002]),
+    make=st.sampled_from([make_dynamic, make_adaptive]),
+    preferred=st.lists(st.integers(1, 8), max_size=3),
+    target_ms=st.sampled_from([1.0, 1000.0]),
 )
 def test_property_each_request_gets_exactly_its_own_rows(
     arrivals: list[tuple[int, float]],
@@ -187,11 +207,16 @@ def test_property_each_request_gets_exactly_its_own_rows(
     delay_ms: float,
     concurrent: int,
     latency: float,
+    make: MakeBatcher,
+    preferred: list[int],
+    target_ms: float,
 ) -> None:
+    extra = {"target_p99_ms": target_ms} if make is make_adaptive else {}
+
     async def scenario() -> None:
         model = await make_model(offset=0.25, latency_s=latency)
         observer = Observer()
-        batcher = await make_dynamic(
+        batcher = await make(
             model,
             observer,
             max_batch_size=max_batch,
@@ -199,6 +224,8 @@ def test_property_each_request_gets_exactly_its_own_rows(
             queue_timeout_ms=30_000,
             max_concurrent_batches=concurrent,
             max_queue_size=64,
+            preferred_batch_sizes=[n for n in preferred if n <= max_batch],
+            **extra,
         )
         reqs = [request(rid, n) for rid, (n, _) in enumerate(arrivals)]
         tasks = []
@@ -238,14 +265,16 @@ def test_property_each_request_gets_exactly_its_own_rows(
         max_size=10,
     ),
     max_batch=st.integers(1, 8),
+    make=st.sampled_from([make_dynamic, make_adaptive]),
 )
 def test_property_invalid_requests_never_fail_their_batch_mates(
     arrivals: list[tuple[int, bool, float]],
     max_batch: int,
+    make: MakeBatcher,
 ) -> None:
     async def scenario() -> None:
         model = await make_model(fail_on_value=POISON, latency_s=0.001)
-        batcher = await make_dynamic(model, max_batch_size=max_batch, queue_timeout_ms=30_000)
+        batcher = await make(model, max_batch_size=max_batch, queue_timeout_ms=30_000)
         reqs = [request(rid, n, poisoned=bad) for rid, (n, bad, _) in enumerate(arrivals)]
         tasks = []
         for req, (_, _, gap) in zip(reqs, arrivals, strict=True):
@@ -264,13 +293,59 @@ def test_property_invalid_requests_never_fail_their_batch_mates(
     run(scenario())
 
 
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    bound=st.integers(1, 5),
+    arrivals=st.lists(st.integers(1, 3), min_size=1, max_size=12),
+    max_batch=st.integers(1, 4),
+    make=st.sampled_from([make_dynamic, make_adaptive]),
+)
+def test_property_queue_bound_holds_and_rejected_requests_never_run(
+    bound: int, arrivals: list[int], max_batch: int, make: MakeBatcher
+) -> None:
+    async def scenario() -> None:
+        model = await make_model(gated=True)
+        observer = Observer()
+        batcher = await make(
+            model, observer, max_batch_size=max_batch, max_queue_size=bound, queue_timeout_ms=30_000
+        )
+        running = asyncio.create_task(batcher.submit(request(0), deadline=later()))
+        await until(model.entered(1))  # the model is stuck: everything else must queue
+        reqs = {rid: request(rid, n) for rid, n in enumerate(arrivals, 1)}
+        tasks = {}
+        rejected = []
+        for rid, req in reqs.items():
+            task = asyncio.create_task(batcher.submit(req, deadline=later()))
+            depth = len(tasks) + 1
+            await until(lambda t=task, d=depth: t.done() or batcher.queue_depth == d)
+            if task.done():
+                assert isinstance(task.exception(), QueueFull)
+                rejected.append(rid)
+            else:
+                tasks[rid] = task
+        accepted = sorted(tasks)
+        assert accepted == list(range(1, min(bound, len(arrivals)) + 1))
+        assert rejected == list(range(bound + 1, len(arrivals) + 1))
+        model.gate.set()
+        results = await finish(running, *tasks.values())
+        for rid, res in zip([0, *accepted], results, strict=True):
+            check_result(request(0) if rid == 0 else reqs[rid], res)
+        await batcher.stop()
+        assert model.ids_seen() == {0, *accepted}  # rejected requests never ran
+        assert max(observer.depths) <= bound
+        assert all(len(b) <= max_batch or len({*b[:, 1].tolist()}) == 1 for b in model.seen)
+
+    run(scenario())
+
+
 # ------------------------------------------------------------------------ dynamic batcher
 
 
-def test_batches_form_under_concurrency() -> None:
+@BATCHING
+def test_batches_form_under_concurrency(make: MakeBatcher) -> None:
     async def scenario() -> None:
         model = await make_model(latency_s=0.02)
-        batcher = await make_dynamic(model, max_batch_size=8)
+        batcher = await make(model, max_batch_size=8)
         reqs = [request(i) for i in range(24)]
         results = await finish(*(batcher.submit(r, deadline=later()) for r in reqs))
         await batcher.stop()
@@ -349,11 +424,12 @@ def test_delay_gathers_requests_into_one_batch() -> None:
     run(scenario())
 
 
-def test_full_queue_rejects_at_once_without_running_the_model() -> None:
+@BATCHING
+def test_full_queue_rejects_at_once_without_running_the_model(make: MakeBatcher) -> None:
     async def scenario() -> None:
         model = await make_model(gated=True)
         observer = Observer()
-        batcher = await make_dynamic(
+        batcher = await make(
             model, observer, max_batch_size=1, max_queue_size=3, queue_timeout_ms=30_000
         )
         running = asyncio.create_task(batcher.submit(request(0), deadline=later()))
@@ -380,10 +456,11 @@ def test_full_queue_rejects_at_once_without_running_the_model() -> None:
     run(scenario())
 
 
-def test_queue_timeout_answers_and_never_runs() -> None:
+@BATCHING
+def test_queue_timeout_answers_and_never_runs(make: MakeBatcher) -> None:
     async def scenario() -> None:
         model = await make_model(gated=True)
-        batcher = await make_dynamic(model, max_batch_size=1, queue_timeout_ms=40)
+        batcher = await make(model, max_batch_size=1, queue_timeout_ms=40)
         tasks = [
             asyncio.create_task(batcher.submit(request(i), deadline=later())) for i in range(6)
         ]
@@ -399,10 +476,11 @@ def test_queue_timeout_answers_and_never_runs() -> None:
     run(scenario())
 
 
-def test_deadline_before_queue_timeout_is_deadline_exceeded() -> None:
+@BATCHING
+def test_deadline_before_queue_timeout_is_deadline_exceeded(make: MakeBatcher) -> None:
     async def scenario() -> None:
         model = await make_model(gated=True)
-        batcher = await make_dynamic(model, max_batch_size=1, queue_timeout_ms=30_000)
+        batcher = await make(model, max_batch_size=1, queue_timeout_ms=30_000)
         first = asyncio.create_task(batcher.submit(request(0), deadline=later()))
         await until(model.entered(1))
         with pytest.raises(DeadlineExceeded):
@@ -415,10 +493,11 @@ def test_deadline_before_queue_timeout_is_deadline_exceeded() -> None:
     run(scenario())
 
 
-def test_a_deadline_already_passed_never_runs() -> None:
+@BATCHING
+def test_a_deadline_already_passed_never_runs(make: MakeBatcher) -> None:
     async def scenario() -> None:
         model = await make_model(gated=True)
-        batcher = await make_dynamic(model, max_batch_size=1)
+        batcher = await make(model, max_batch_size=1)
         first = asyncio.create_task(batcher.submit(request(0), deadline=later()))
         await until(model.entered(1))
         with pytest.raises(DeadlineExceeded):
@@ -431,10 +510,11 @@ def test_a_deadline_already_passed_never_runs() -> None:
     run(scenario())
 
 
-def test_cancelled_while_queued_is_never_run() -> None:
+@BATCHING
+def test_cancelled_while_queued_is_never_run(make: MakeBatcher) -> None:
     async def scenario() -> None:
         model = await make_model(gated=True)
-        batcher = await make_dynamic(model, max_batch_size=4)
+        batcher = await make(model, max_batch_size=4)
         first = asyncio.create_task(batcher.submit(request(0), deadline=later()))
         await until(model.entered(1))
         gone = asyncio.create_task(batcher.submit(request(1), deadline=later()))
@@ -455,10 +535,11 @@ def test_cancelled_while_queued_is_never_run() -> None:
     run(scenario())
 
 
-def test_poisoned_request_fails_alone() -> None:
+@BATCHING
+def test_poisoned_request_fails_alone(make: MakeBatcher) -> None:
     async def scenario() -> None:
         model = await make_model(gated=True, fail_on_value=POISON)
-        batcher = await make_dynamic(model, max_batch_size=8)
+        batcher = await make(model, max_batch_size=8)
         first = asyncio.create_task(batcher.submit(request(0), deadline=later()))
         await until(model.entered(1))
         mates = [request(1, 2), request(2, 1, poisoned=True), request(3, 3)]
@@ -478,10 +559,13 @@ def test_poisoned_request_fails_alone() -> None:
     run(scenario())
 
 
-def test_malformed_output_is_a_backend_error_and_the_batcher_keeps_serving() -> None:
+@BATCHING
+def test_malformed_output_is_a_backend_error_and_the_batcher_keeps_serving(
+    make: MakeBatcher,
+) -> None:
     async def scenario() -> None:
         model = await make_model(malformed=True, latency_s=0.02)
-        batcher = await make_dynamic(model, max_batch_size=8)
+        batcher = await make(model, max_batch_size=8)
         results = await finish(*(batcher.submit(request(i, 2), deadline=later()) for i in range(4)))
         assert all(isinstance(r, BackendError) for r in results), results
         model.config = FakeModel.Config(features=FEATURES)  # the model recovers
@@ -492,10 +576,11 @@ def test_malformed_output_is_a_backend_error_and_the_batcher_keeps_serving() -> 
     run(scenario())
 
 
-def test_undeclared_outputs_never_carry_batch_mates_rows() -> None:
+@BATCHING
+def test_undeclared_outputs_never_carry_batch_mates_rows(make: MakeBatcher) -> None:
     async def scenario() -> None:
         model = await make_model(ExtraOutputModel, gated=True)
-        batcher = await make_dynamic(model, max_batch_size=8)
+        batcher = await make(model, max_batch_size=8)
         first = asyncio.create_task(batcher.submit(request(0), deadline=later()))
         await until(model.entered(1))
         reqs = [request(i, 2) for i in (1, 2, 3)]
@@ -511,10 +596,11 @@ def test_undeclared_outputs_never_carry_batch_mates_rows() -> None:
     run(scenario())
 
 
-def test_incompatible_requests_are_not_stacked() -> None:
+@BATCHING
+def test_incompatible_requests_are_not_stacked(make: MakeBatcher) -> None:
     async def scenario() -> None:
         model = await make_model(VariableWidthModel, gated=True)
-        batcher = await make_dynamic(model, max_batch_size=16)
+        batcher = await make(model, max_batch_size=16)
         first = asyncio.create_task(batcher.submit(request(0, width=2), deadline=later()))
         await until(model.entered(1))
         reqs = [
@@ -539,10 +625,11 @@ def test_incompatible_requests_are_not_stacked() -> None:
     run(scenario())
 
 
-def test_timed_out_requests_do_not_pile_up_in_memory() -> None:
+@BATCHING
+def test_timed_out_requests_do_not_pile_up_in_memory(make: MakeBatcher) -> None:
     async def scenario() -> None:
         model = await make_model(gated=True)
-        batcher = await make_dynamic(model, max_batch_size=1, max_queue_size=2, queue_timeout_ms=1)
+        batcher = await make(model, max_batch_size=1, max_queue_size=2, queue_timeout_ms=1)
         first = asyncio.create_task(batcher.submit(request(0), deadline=later()))
         await until(model.entered(1))
         refs = []
@@ -563,13 +650,91 @@ def test_timed_out_requests_do_not_pile_up_in_memory() -> None:
     run(scenario())
 
 
+# ------------------------------------------------------------------ preferred batch sizes
+
+
+def test_a_preferred_size_goes_at_once() -> None:
+    async def scenario() -> None:
+        model = await make_model()
+        # An hour of delay: finishing at all proves the batch did not wait for company.
+        batcher = await make_dynamic(
+            model,
+            max_batch_size=16,
+            max_queue_delay_ms=3_600_000,
+            queue_timeout_ms=3_600_000,
+            preferred_batch_sizes=[4, 8],
+        )
+        req = request(1, 4)
+        check_result(req, await asyncio.wait_for(batcher.submit(req, deadline=later(7200)), 10))
+        assert model.batches == [4]
+        await batcher.stop()
+
+    run(scenario())
+
+
+@BATCHING
+def test_the_batch_stops_at_the_largest_preferred_size_the_queue_reaches(
+    make: MakeBatcher,
+) -> None:
+    async def scenario() -> None:
+        model = await make_model(gated=True)
+        batcher = await make(
+            model,
+            max_batch_size=16,
+            max_queue_delay_ms=3_600_000,
+            queue_timeout_ms=3_600_000,
+            preferred_batch_sizes=[2, 4],
+        )
+        first = asyncio.create_task(batcher.submit(request(0, 16), deadline=later(7200)))
+        await until(model.entered(1))
+        # Queued while the model is busy: 1, 2, 1, 3 rows -> prefix sums 1, 3, 4, 7.
+        reqs = [request(1, 1), request(2, 2), request(3, 1), request(4, 3)]
+        tasks = []
+        for n, r in enumerate(reqs, 1):
+            tasks.append(asyncio.create_task(batcher.submit(r, deadline=later(7200))))
+            await until(lambda n=n: batcher.queue_depth == n)
+        model.gate.set()
+        # 16 rows, then the largest preferred prefix (4 rows: requests 1-3) at once; request 4
+        # (3 rows, not preferred) waits for company until stop() flushes it; the adaptive
+        # batcher, which has seen too few arrivals to expect company, sends it at once.
+        await until(lambda: model.batches[:2] == [16, 4])
+        if make is make_dynamic:
+            await asyncio.sleep(0.02)
+            assert not tasks[3].done() and len(model.batches) == 2
+        await asyncio.wait_for(batcher.stop(), 10)
+        results = await finish(first, *tasks)
+        for req, res in zip([request(0, 16), *reqs], results, strict=True):
+            check_result(req, res)
+        assert model.batches == [16, 4, 3]
+
+    run(scenario())
+
+
+def test_preferred_sizes_are_checked_against_max_batch_size() -> None:
+    from infercore.errors import ConfigError
+    from infercore.testing import plugin_manager
+
+    plugins = plugin_manager()
+    for kind in ("dynamic", "adaptive"):
+        node = {"kind": kind, "max_batch_size": 8, "preferred_batch_sizes": [4, 16]}
+        with pytest.raises(ConfigError) as err:
+            plugins.build("batcher", node, plugins.build("model_loader", {"kind": "fake"}))
+        text = str(err.value)
+        assert text.startswith("batching.preferred_batch_sizes: 16 is above max_batch_size (8)")
+        assert "\n" not in text
+        with pytest.raises(ConfigError, match=r"^batching\.preferred_batch_sizes\[0\]: "):
+            node = {"kind": kind, "preferred_batch_sizes": [0]}
+            plugins.build("batcher", node, plugins.build("model_loader", {"kind": "fake"}))
+
+
 # ----------------------------------------------------------------------------- stopping
 
 
-def test_stop_answers_queued_requests() -> None:
+@BATCHING
+def test_stop_answers_queued_requests(make: MakeBatcher) -> None:
     async def scenario() -> None:
         model = await make_model(latency_s=0.03)
-        batcher = await make_dynamic(model, max_batch_size=1, queue_timeout_ms=30_000)
+        batcher = await make(model, max_batch_size=1, queue_timeout_ms=30_000)
         reqs = [request(i) for i in range(5)]
         tasks = [asyncio.create_task(batcher.submit(r, deadline=later())) for r in reqs]
         await until(lambda: model.calls == 1)
@@ -602,10 +767,11 @@ def test_stop_while_a_batch_waits_to_fill() -> None:
     run(scenario())
 
 
-def test_cancelled_stop_still_answers_everything() -> None:
+@BATCHING
+def test_cancelled_stop_still_answers_everything(make: MakeBatcher) -> None:
     async def scenario() -> None:
         model = await make_model(gated=True)
-        batcher = await make_dynamic(model, max_batch_size=1, queue_timeout_ms=30_000)
+        batcher = await make(model, max_batch_size=1, queue_timeout_ms=30_000)
         first = asyncio.create_task(batcher.submit(request(0), deadline=later()))
         await until(model.entered(1))
         queued = asyncio.create_task(batcher.submit(request(1), deadline=later()))

@@ -1,0 +1,215 @@
+"""The ``adaptive`` batcher: the dynamic batcher with a wait chosen from the load.
+
+A fixed ``max_queue_delay_ms`` is a bet on the load: too short and a busy model runs small
+batches, too long and a quiet one adds the whole delay to every request. The adaptive batcher
+keeps the dynamic batcher's queue, bounds, stacking and failure isolation (it subclasses it)
+and replaces only the decision of how long a forming batch waits for more rows, which
+:class:`WaitController` takes from what it has measured: the recent arrival rate, the model's
+cost per batch size and the p99 latency (queue wait + model call) of the last requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import math
+from collections.abc import Iterable
+from typing import Protocol, runtime_checkable
+
+from infercore.builtins.batchers import (
+    DynamicBatcher,
+    DynamicBatcherConfig,
+    NonNegative,
+    PositiveMs,
+    _Item,
+)
+from infercore.components import BatchObserver, ComponentContext, Model
+
+
+class AdaptiveBatcherConfig(
+    DynamicBatcherConfig, forbid_unknown_fields=True, frozen=True, kw_only=True
+):
+    #: Upper bound of the adaptive wait, from the oldest request's arrival.
+    max_queue_delay_ms: NonNegative = 5.0
+    #: Latency goal: the p99 of queue wait + model call per request, in milliseconds. The
+    #: wait grows while the measured p99 is under 0.8 x this and shrinks when it is over.
+    target_p99_ms: PositiveMs = 50.0
+
+
+@runtime_checkable
+class WaitTargetSink(Protocol):
+    """An observer that also shows the adaptive wait (``VersionMetrics`` does)."""
+
+    def set_batch_wait_target(self, seconds: float) -> None: ...
+
+
+class WaitController:
+    """Chooses how long a forming batch waits for more rows.
+
+    Pure bookkeeping, with no clock of its own: the batcher passes the loop time in, so tests
+    drive it with made-up times and latencies.
+
+    - :attr:`wait_s`, the wait budget, moves by AIMD every ``adjust_every`` answered requests:
+      plus ``max_wait_s / 16`` while the p99 of the last ``window`` latencies is under
+      ``increase_below x target`` and batches are not full; halved (and the window cleared,
+      so the next verdict is on fresh samples) when the p99 is over the target.
+    - :meth:`decide` spends the budget only where it can pay: never for a full batch, never
+      beyond ``max_wait_s`` since the oldest request arrived, never when less than one row is
+      expected to arrive meanwhile (the arrival rate is a time-decayed count of rows; after an
+      idle spell it is near zero, so a lone request goes at once), and never so long that the
+      oldest request's wait plus the expected model cost would pass the target.
+    """
+
+    def __init__(
+        self,
+        *,
+        target_s: float,
+        max_wait_s: float,
+        max_rows: int,
+        window: int = 256,
+        adjust_every: int = 32,
+        rate_tau_s: float = 0.1,
+        increase_below: float = 0.8,
+    ) -> None:
+        self.target_s = target_s
+        self.max_wait_s = max_wait_s
+        self.max_rows = max_rows
+        self.adjust_every = adjust_every
+        self.rate_tau_s = rate_tau_s
+        self.increase_below = increase_below
+        self.step_s = max_wait_s / 16
+        #: The current wait budget (seconds); starts at no wait.
+        self.wait_s = 0.0
+        self._latencies: collections.deque[float] = collections.deque(maxlen=window)
+        self._rate = 0.0
+        self._rate_t = 0.0
+        # Per power-of-two size bucket: EWMA of (rows, seconds) of a model call.
+        self._cost: dict[int, tuple[float, float]] = {}
+        self._samples = 0
+        self._batches = 0
+        self._rows = 0
+
+    def rate(self, now: float) -> float:
+        """Rows per second recently formed into batches (time-decayed)."""
+        if self._rate == 0.0:
+            return 0.0
+        return self._rate * math.exp(-max(0.0, now - self._rate_t) / self.rate_tau_s)
+
+    def observe_arrivals(self, rows: int, now: float) -> None:
+        """``rows`` rows arrived (were formed into a batch) by loop time ``now``."""
+        self._rate = self.rate(now) + rows / self.rate_tau_s
+        self._rate_t = now
+
+    def cost(self, rows: float) -> float:
+        """Expected seconds of one model call of ``rows`` rows (0 before any is measured)."""
+        if not self._cost:
+            return 0.0
+        bucket = max(1, math.ceil(rows)).bit_length()
+        known = self._cost.get(bucket)
+        if known is not None:
+            return known[1]
+        # The nearest measured bucket, scaled linearly: pessimistic for the usual sublinear
+        # cost, so the wait errs short.
+        near = min(self._cost, key=lambda b: abs(b - bucket))
+        mean_rows, seconds = self._cost[near]
+        return seconds * rows / mean_rows
+
+    def p99(self) -> float:
+        """p99 of the latencies in the window (0 when empty)."""
+        if not self._latencies:
+            return 0.0
+        ordered = sorted(self._latencies)
+        return ordered[max(0, math.ceil(0.99 * len(ordered)) - 1)]
+
+    def decide(self, *, now: float, rows: int, waited_s: float) -> float:
+        """Seconds a batch of ``rows`` rows whose oldest request waited ``waited_s`` waits."""
+        if rows >= self.max_rows:
+            return 0.0
+        wait = min(self.wait_s, self.max_wait_s - waited_s)
+        if wait <= 0.0:
+            return 0.0
+        expected = self.rate(now) * wait
+        if expected < 1.0:
+            return 0.0  # no company is coming: waiting would only add latency
+        rows_then = min(float(self.max_rows), rows + expected)
+        slack = self.target_s - waited_s - self.cost(rows_then)
+        return max(0.0, min(wait, slack))
+
+    def observe_batch(self, rows: int, seconds: float, latencies: Iterable[float]) -> bool:
+        """Record one answered batch; True when :attr:`wait_s` changed."""
+        bucket = rows.bit_length()
+        old = self._cost.get(bucket)
+        if old is None:
+            self._cost[bucket] = (float(rows), seconds)
+        else:
+            self._cost[bucket] = (0.8 * old[0] + 0.2 * rows, 0.8 * old[1] + 0.2 * seconds)
+        samples = list(latencies)
+        self._latencies.extend(samples)
+        self._samples += len(samples)
+        self._batches += 1
+        self._rows += rows
+        if self._samples < self.adjust_every:
+            return False
+        p99 = self.p99()
+        full = self._rows >= self.max_rows * self._batches
+        self._samples = self._batches = self._rows = 0
+        old_wait = self.wait_s
+        if p99 > self.target_s:
+            self.wait_s = old_wait / 2 if old_wait / 2 >= self.step_s / 4 else 0.0
+            self._latencies.clear()
+        elif p99 < self.increase_below * self.target_s and not full:
+            self.wait_s = min(self.max_wait_s, old_wait + self.step_s)
+        return self.wait_s != old_wait
+
+
+class AdaptiveBatcher(DynamicBatcher):
+    """A dynamic batcher whose wait for a batch to fill follows the load.
+
+    At low load a lone request goes at once (nothing is expected to join it); as the load
+    grows, the wait grows while the p99 of queue wait + model call stays under
+    ``target_p99_ms``, and it is cut as soon as the p99 passes it. ``max_queue_delay_ms``
+    bounds the wait. A batch goes at once when it is full or at a preferred size. Queue
+    bounds, timeouts, deadlines, cancellation, per-request failure isolation and
+    :meth:`stop` behave as in the ``dynamic`` batcher. The current wait budget is reported to
+    an observer that has ``set_batch_wait_target`` (the metric
+    ``infercore_batch_wait_target_seconds``).
+    """
+
+    kind = "adaptive"
+    Config = AdaptiveBatcherConfig
+    config: AdaptiveBatcherConfig
+
+    def __init__(
+        self,
+        config: AdaptiveBatcherConfig,
+        context: ComponentContext,
+        model: Model,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        super().__init__(config, context, model, observer)
+        self.controller = WaitController(
+            target_s=config.target_p99_ms / 1000,
+            max_wait_s=config.max_queue_delay_ms / 1000,
+            max_rows=config.max_batch_size,
+        )
+        sink = self.observer
+        self._wait_sink = sink if isinstance(sink, WaitTargetSink) else None
+
+    async def start(self) -> None:
+        await super().start()
+        self._show_wait()
+
+    def _show_wait(self) -> None:
+        if self._wait_sink is not None:
+            self._wait_sink.set_batch_wait_target(self.controller.wait_s)
+
+    def _fill_until(self, first: _Item, rows: int, loop: asyncio.AbstractEventLoop) -> float:
+        now = loop.time()
+        return now + self.controller.decide(now=now, rows=rows, waited_s=now - first.enqueued)
+
+    def _formed(self, batch: list[_Item], rows: int, now: float) -> None:
+        self.controller.observe_arrivals(rows, now)
+
+    def _completed(self, live: list[_Item], rows: int, seconds: float, now: float) -> None:
+        if self.controller.observe_batch(rows, seconds, [now - it.enqueued for it in live]):
+            self._show_wait()
