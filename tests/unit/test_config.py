@@ -252,7 +252,7 @@ def test_unknown_group_option_lists_options() -> None:
     text = _error(["+recipe=iris", "batching=dynamc"])
     assert text.startswith("batching:")
     assert "'dynamc'" in text
-    assert "available: dynamic, none" in text
+    assert "available: adaptive, dynamic, none" in text
 
 
 def test_unknown_env_lists_options() -> None:
