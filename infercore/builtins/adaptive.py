@@ -56,8 +56,12 @@ class WaitController:
     - :meth:`decide` spends the budget only where it can pay: never for a full batch, never
       beyond ``max_wait_s`` since the oldest request arrived, never when less than one row is
       expected to arrive meanwhile (the arrival rate is a time-decayed count of rows; after an
-      idle spell it is near zero, so a lone request goes at once), and never so long that the
-      oldest request's wait plus the expected model cost would pass the target.
+      idle spell it is near zero, so a lone request goes at once), not while recent waits
+      gathered less than half a row on average (:attr:`gain`; one probe in ``probe_every``
+      keeps that up to date), and never so long that the oldest request's wait plus the
+      expected model cost would pass the target.
+    - :meth:`quiet_s` ends a wait early when no row has come for a few mean inter-arrival
+      gaps.
     """
 
     def __init__(
@@ -70,6 +74,8 @@ class WaitController:
         adjust_every: int = 32,
         rate_tau_s: float = 0.1,
         increase_below: float = 0.8,
+        quiet_gaps: float = 3.0,
+        probe_every: int = 64,
     ) -> None:
         self.target_s = target_s
         self.max_wait_s = max_wait_s
@@ -77,6 +83,11 @@ class WaitController:
         self.adjust_every = adjust_every
         self.rate_tau_s = rate_tau_s
         self.increase_below = increase_below
+        self.quiet_gaps = quiet_gaps
+        self.probe_every = probe_every
+        #: Rows a wait gathered, EWMA; starts hopeful so that the first waits are tried.
+        self.gain = 1.0
+        self._unprobed = 0
         self.step_s = max_wait_s / 16
         #: The current wait budget (seconds); starts at no wait.
         self.wait_s = 0.0
@@ -131,9 +142,30 @@ class WaitController:
         expected = self.rate(now) * wait
         if expected < 1.0:
             return 0.0  # no company is coming: waiting would only add latency
+        if self.gain < 0.5:
+            # Recent waits gathered nothing (closed-loop clients all already in the batch, say):
+            # go at once, but probe now and then in case the load has changed.
+            self._unprobed += 1
+            if self._unprobed < self.probe_every:
+                return 0.0
+            self._unprobed = 0
         rows_then = min(float(self.max_rows), rows + expected)
         slack = self.target_s - waited_s - self.cost(rows_then)
         return max(0.0, min(wait, slack))
+
+    def quiet_s(self, now: float) -> float:
+        """How long a waiting batch waits for the next arrival before it goes anyway.
+
+        ``quiet_gaps`` mean inter-arrival gaps: a wait goes on only while rows keep coming at
+        the recent pace, so the stragglers of a burst join and the silence after it is not
+        waited out.
+        """
+        rate = self.rate(now)
+        return self.max_wait_s if rate <= 0.0 else min(self.max_wait_s, self.quiet_gaps / rate)
+
+    def observe_wait(self, gained_rows: int) -> None:
+        """A wait (one :meth:`decide` > 0) ended with ``gained_rows`` more rows in the batch."""
+        self.gain = 0.8 * self.gain + 0.2 * gained_rows
 
     def observe_batch(self, rows: int, seconds: float, latencies: Iterable[float]) -> bool:
         """Record one answered batch; True when :attr:`wait_s` changed."""
@@ -192,6 +224,8 @@ class AdaptiveBatcher(DynamicBatcher):
             max_wait_s=config.max_queue_delay_ms / 1000,
             max_rows=config.max_batch_size,
         )
+        #: While a batch waits: (its rows when the wait began, the end of its wait budget).
+        self._wait: tuple[int, float] | None = None
         sink = self.observer
         self._wait_sink = sink if isinstance(sink, WaitTargetSink) else None
 
@@ -205,9 +239,21 @@ class AdaptiveBatcher(DynamicBatcher):
 
     def _fill_until(self, first: _Item, rows: int, loop: asyncio.AbstractEventLoop) -> float:
         now = loop.time()
-        return now + self.controller.decide(now=now, rows=rows, waited_s=now - first.enqueued)
+        wait = self.controller.decide(now=now, rows=rows, waited_s=now - first.enqueued)
+        if wait <= 0.0:
+            return now
+        self._wait = (rows, now + wait)
+        return min(now + wait, now + self.controller.quiet_s(now))
+
+    def _refill_until(self, until: float, now: float) -> float:
+        if self._wait is None:
+            return until
+        return min(self._wait[1], now + self.controller.quiet_s(now))
 
     def _formed(self, batch: list[_Item], rows: int, now: float) -> None:
+        if self._wait is not None:
+            self.controller.observe_wait(rows - self._wait[0])
+            self._wait = None
         self.controller.observe_arrivals(rows, now)
 
     def _completed(self, live: list[_Item], rows: int, seconds: float, now: float) -> None:

@@ -394,6 +394,10 @@ class DynamicBatcher(Batcher):
         """
         return first.enqueued + self.config.max_queue_delay_ms / 1000
 
+    def _refill_until(self, until: float, now: float) -> float:
+        """The new end of the wait after more rows joined a waiting batch at ``now``."""
+        return until
+
     def _formed(self, batch: list[_Item], rows: int, now: float) -> None:
         """A batch of ``rows`` rows was formed and is about to run."""
 
@@ -452,7 +456,8 @@ class DynamicBatcher(Batcher):
         rows, complete = self._take_ready(batch, rows, loop)
         if complete or self._stopping:
             return rows
-        until = min(self._fill_until(batch[0], rows, loop), min(it.deadline for it in batch))
+        limit = min(it.deadline for it in batch)
+        until = min(self._fill_until(batch[0], rows, loop), limit)
         while not self._stopping:
             remaining = until - loop.time()
             if remaining <= 0:
@@ -468,7 +473,8 @@ class DynamicBatcher(Batcher):
             if complete:
                 break
             if len(batch) > taken:
-                until = min(until, min(it.deadline for it in batch[taken:]))
+                limit = min(limit, min(it.deadline for it in batch[taken:]))
+                until = min(self._refill_until(until, loop.time()), limit)
         if self._stopping:  # stop() finishes the queue: whatever else fits goes along
             rows, _ = self._take_ready(batch, rows, loop)
         return rows

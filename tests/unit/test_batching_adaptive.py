@@ -96,6 +96,29 @@ def test_the_cost_estimate_uses_the_nearest_measured_size() -> None:
     assert c.cost(32) == pytest.approx(16 * MS)  # scaled linearly from 4 rows
 
 
+def test_waits_that_gather_nothing_stop_except_for_a_rare_probe() -> None:
+    c = controller(probe_every=8)
+    c.wait_s = c.max_wait_s
+    busy(c, 100.0)
+    assert c.decide(now=100.0, rows=4, waited_s=0.0) > 0.0  # hopeful at first
+    for _ in range(4):
+        c.observe_wait(0)  # closed-loop clients: everyone was already in the batch
+    assert c.gain < 0.5
+    decisions = [c.decide(now=100.0, rows=4, waited_s=0.0) for _ in range(16)]
+    assert [d > 0 for d in decisions] == ([False] * 7 + [True]) * 2
+    for _ in range(8):
+        c.observe_wait(3)  # waits pay again
+    assert c.decide(now=100.0, rows=4, waited_s=0.0) > 0.0
+
+
+def test_a_wait_ends_after_a_few_quiet_gaps() -> None:
+    c = controller(max_wait_s=50 * MS)
+    assert c.quiet_s(100.0) == c.max_wait_s  # no rate measured: only the bound
+    busy(c, 100.0, rows_per_s=10_000.0)
+    assert c.quiet_s(100.0) == pytest.approx(3 / c.rate(100.0))
+    assert c.quiet_s(100.0) < 1 * MS
+
+
 # ------------------------------------------------------------------------------------ AIMD
 
 
@@ -223,6 +246,7 @@ def test_under_a_busy_arrival_rate_a_partial_batch_waits_for_company() -> None:
         )
         loop = asyncio.get_running_loop()
         batcher.controller.wait_s = batcher.controller.max_wait_s
+        batcher.controller.quiet_gaps = 1e9  # no early end for a quiet spell
         busy(batcher.controller, loop.time())  # as if 10,000 rows/s had been arriving
         deadline = loop.time() + 7200
         tasks = [asyncio.create_task(batcher.submit(_req(i, 2), deadline=deadline)) for i in (1, 2)]
