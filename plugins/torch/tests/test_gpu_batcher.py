@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 torch = pytest.importorskip("torch")
 
 from conftest import CONFIG_PATH, Artifacts  # noqa: E402
+
 from infercore.components import ComponentContext  # noqa: E402
 from infercore.errors import ConfigError, InvalidInput  # noqa: E402
 from infercore.testing import FakeModel  # noqa: E402

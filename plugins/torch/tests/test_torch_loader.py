@@ -16,8 +16,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import infercore_torch  # noqa: E402
 from conftest import CONFIG_PATH, Artifacts, sha256  # noqa: E402
+
+import infercore_torch  # noqa: E402
 from infercore.components import ComponentContext, TensorSpec  # noqa: E402
 from infercore.errors import ConfigError, InvalidInput, ModelLoadError  # noqa: E402
 from infercore.testing import recipe_client  # noqa: E402
@@ -274,7 +275,9 @@ def test_a_tensor_that_is_not_a_dict_is_refused(artifacts: Artifacts) -> None:
         ),
     ],
 )  # fmt: skip
-def test_bad_config_fails_in_init(artifacts: Artifacts, options: dict[str, Any], match: str) -> None:
+def test_bad_config_fails_in_init(
+    artifacts: Artifacts, options: dict[str, Any], match: str
+) -> None:
     with pytest.raises(ConfigError, match=match):
         build(artifacts.root, **options)
 
@@ -359,7 +362,12 @@ def test_served_end_to_end(artifacts: Artifacts, batching: dict[str, Any]) -> No
     }
     body = {
         "inputs": [
-            {"name": "input", "shape": list(X.shape), "datatype": "FP32", "data": X.ravel().tolist()}
+            {
+                "name": "input",
+                "shape": list(X.shape),
+                "datatype": "FP32",
+                "data": X.ravel().tolist(),
+            }
         ]
     }
     with recipe_client(recipe, ("torch", infercore_torch), fakes=False) as client:
@@ -378,4 +386,3 @@ def test_served_end_to_end(artifacts: Artifacts, batching: dict[str, Any]) -> No
             json={"inputs": [{**body["inputs"][0], "shape": [7, 5]}]},
         )
         assert bad.status_code == 400, bad.text
-

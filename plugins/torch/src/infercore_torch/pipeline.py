@@ -251,9 +251,7 @@ class StagingPipeline:
             }
         return self._run_cuda(slot, staged, rows, padded)
 
-    def _assemble(
-        self, slot: _Slot, parts: Sequence[Tensors], rows: int, padded: int
-    ) -> list[Any]:
+    def _assemble(self, slot: _Slot, parts: Sequence[Tensors], rows: int, padded: int) -> list[Any]:
         """Write each request's rows into the slot's host buffers; views of ``padded`` rows."""
         staged = []
         for spec in self.model.inputs:
