@@ -651,3 +651,38 @@ def test_device_cpu_logs_no_fallback(root: Path, caplog: pytest.LogCaptureFixtur
     with caplog.at_level(logging.INFO, logger="infercore.onnx"):
         load(root, device="cpu")
     assert not [r for r in caplog.records if "device=auto" in r.getMessage()]
+
+
+# -- I/O binding ------------------------------------------------------------------------------
+
+
+def test_io_binding_on_cpu_changes_nothing(
+    root: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    save(root, linear_model())
+    x = np.random.default_rng(3).normal(size=(6, 4)).astype(np.float32)
+    plain = asyncio.run(load(root).predict({"X": x}))
+
+    def no_binding(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("io_binding() used without the CUDA execution provider")
+
+    monkeypatch.setattr(onnxruntime.InferenceSession, "io_binding", no_binding)
+    with caplog.at_level(logging.INFO, logger="infercore.onnx"):
+        model = load(root, io_binding=True, device="cpu")
+    assert model._bind_on_cuda is False
+    bound = asyncio.run(model.predict({"X": x}))
+    np.testing.assert_array_equal(bound["Y"], plain["Y"])
+    notes = [r.getMessage() for r in caplog.records if "io_binding" in r.getMessage()]
+    assert notes == [f"{CONFIG_PATH}: io_binding: the session has no CUDA execution provider; "
+                     "running without it"]  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime-gpu with a CUDA device")
+def test_io_binding_on_cuda_matches_the_plain_run(root: Path) -> None:
+    save(root, linear_model())
+    x = np.random.default_rng(4).normal(size=(64, 4)).astype(np.float32)
+    model = load(root, io_binding=True, device="cuda")
+    assert model._bind_on_cuda is True
+    out = asyncio.run(model.predict({"X": x}))
+    np.testing.assert_allclose(out["Y"], x @ W + B, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# GPU checks of infercore-torch (and infercore-onnx io_binding), for a machine with an NVIDIA GPU.
+#   benchmarks/gpu/run_gpu_checks.sh [OUT_DIR]       # default: $OUT, else benchmarks/gpu/results
+#   ALLOW_CPU=1 benchmarks/gpu/run_gpu_checks.sh DIR  # no GPU: run the CPU parts only
+# Needs the CUDA build of torch in .venv (`uv pip install --python .venv torch`; the lock never
+# installs torch, and .ci/install-torch-cpu installs the CPU build). Bounded: about 3 minutes.
+#  1. the `gpu`-marked tests (skip without CUDA) of plugins/torch and plugins/onnx;
+#  2. bench_torch_batching.py: torch-gpu vs dynamic batching, CPU and CUDA, JSON + markdown.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+out="${1:-${OUT:-benchmarks/gpu/results}}"
+mkdir -p "$out"
+py=(.venv/bin/python)
+[ -x .venv/bin/python ] || py=(uv run --no-sync python)
+duration="${DURATION:-10}"
+
+nvidia-smi >"$out/nvidia-smi.txt" 2>&1 || echo "gpu-checks: nvidia-smi not available" >&2
+if ! "${py[@]}" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+    if [ "${ALLOW_CPU:-0}" != 1 ]; then
+        echo "gpu-checks: torch sees no CUDA device (CPU build, or no GPU); set ALLOW_CPU=1 to" \
+            "run the CPU parts anyway" >&2
+        exit 3
+    fi
+    echo "gpu-checks: no CUDA device: the gpu tests will skip and only CPU runs are measured" >&2
+fi
+"${py[@]}" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda,
+    torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no device")' \
+    | tee "$out/torch.txt"
+
+status=0
+timeout 300 "${py[@]}" -m pytest -m gpu plugins/torch plugins/onnx -q -rs -p no:cacheprovider \
+    --junitxml "$out/gpu-tests.xml" 2>&1 | tee "$out/gpu-tests.txt" || status=$?
+timeout 600 "${py[@]}" benchmarks/gpu/bench_torch_batching.py --out "$out" \
+    --duration "$duration" 2>&1 | tee "$out/bench.txt" || status=$?
+echo "gpu-checks: results in $out (exit $status)"
+exit "$status"

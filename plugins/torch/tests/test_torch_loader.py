@@ -1,0 +1,388 @@
+"""The ``torch`` model loader: formats, trust rules, signatures, devices, served end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from conftest import CONFIG_PATH, Artifacts, sha256  # noqa: E402
+
+import infercore_torch  # noqa: E402
+from infercore.components import ComponentContext, TensorSpec  # noqa: E402
+from infercore.errors import ConfigError, InvalidInput, ModelLoadError  # noqa: E402
+from infercore.testing import recipe_client  # noqa: E402
+from infercore_torch import TorchModel  # noqa: E402
+
+X = np.random.default_rng(0).normal(size=(7, 4)).astype(np.float32)
+SPECS = {
+    "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
+    "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 3]}],
+}
+
+
+def build(root: Path, **options: Any) -> TorchModel:
+    config = msgspec.convert(options, TorchModel.Config)
+    return TorchModel(config, ComponentContext(path=CONFIG_PATH, model_root=root))
+
+
+def load(root: Path, **options: Any) -> TorchModel:
+    model = build(root, **options)
+    asyncio.run(model.start())
+    return model
+
+
+def expected(module: Any, x: np.ndarray) -> np.ndarray:
+    with torch.inference_mode():
+        return np.asarray(module(torch.from_numpy(x)).numpy())
+
+
+def predict(model: TorchModel, x: np.ndarray) -> np.ndarray:
+    name = model.inputs[0].name
+    out = asyncio.run(model.predict({name: x}))
+    return out[model.outputs[0].name]
+
+
+# -- torch.export ---------------------------------------------------------------------------
+
+
+def test_export_loads_when_trusted_and_pinned(artifacts: Artifacts) -> None:
+    model = load(artifacts.root, path="mlp.pt2", trusted=True, sha256=artifacts.digest("mlp.pt2"))
+    assert model.format == "export"
+    assert model.inputs == [TensorSpec("input", "FP32", (-1, 4))]
+    assert model.outputs == [TensorSpec("output", "FP32", (-1, 3))]
+    assert model.batchable
+    np.testing.assert_allclose(predict(model, X), expected(artifacts.module, X), rtol=1e-6)
+
+
+def test_export_names_can_be_declared(artifacts: Artifacts) -> None:
+    model = load(
+        artifacts.root, path="mlp.pt2", trusted=True, sha256=artifacts.digest("mlp.pt2"), **SPECS
+    )
+    assert [s.name for s in model.inputs] == ["x"]
+    out = asyncio.run(model.predict({"x": X}))
+    np.testing.assert_allclose(out["y"], expected(artifacts.module, X), rtol=1e-6)
+
+
+def test_export_with_a_wrong_count_of_declared_outputs_fails(artifacts: Artifacts) -> None:
+    two = [SPECS["outputs"][0], {"name": "z", "datatype": "FP32", "shape": [-1, 3]}]
+    model = build(
+        artifacts.root, path="mlp.pt2", trusted=True, sha256=artifacts.digest("mlp.pt2"),
+        outputs=two,
+    )  # fmt: skip
+    with pytest.raises(ModelLoadError, match=r"outputs: 2 declared, but the exported program"):
+        asyncio.run(model.start())
+
+
+@pytest.mark.parametrize("fmt", ["mlp.pt2", "mlp.torchscript"])
+def test_code_executing_formats_are_refused_without_trust(artifacts: Artifacts, fmt: str) -> None:
+    with pytest.raises(ConfigError, match=r"\.trusted: refusing to load") as err:
+        build(artifacts.root, path=fmt, sha256=artifacts.digest(fmt), **SPECS)
+    assert "sha256" in (err.value.hint or "")
+
+
+@pytest.mark.parametrize("fmt", ["mlp.pt2", "mlp.torchscript"])
+def test_trust_without_a_pinned_digest_is_refused(artifacts: Artifacts, fmt: str) -> None:
+    with pytest.raises(ConfigError, match=r"\.sha256: a trusted artifact needs its sha256"):
+        build(artifacts.root, path=fmt, trusted=True, **SPECS)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "reader"), [("mlp.pt2", ("export", "load")), ("mlp.torchscript", ("jit", "load"))]
+)
+def test_a_wrong_digest_is_refused_before_deserializing(
+    artifacts: Artifacts, fmt: str, reader: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[object] = []
+    monkeypatch.setattr(getattr(torch, reader[0]), reader[1], lambda *a, **k: calls.append(a))
+    model = build(artifacts.root, path=fmt, trusted=True, sha256="0" * 64, **SPECS)
+    with pytest.raises(ModelLoadError, match=r"sha256: mismatch .* not deserialized"):
+        asyncio.run(model.start())
+    assert calls == []
+
+
+# -- TorchScript ----------------------------------------------------------------------------
+
+
+def test_torchscript_loads_when_trusted_and_pinned(artifacts: Artifacts) -> None:
+    digest = artifacts.digest("mlp.torchscript")
+    model = load(artifacts.root, path="mlp.torchscript", trusted=True, sha256=digest, **SPECS)
+    assert model.format == "torchscript"
+    np.testing.assert_allclose(predict(model, X), expected(artifacts.module, X), rtol=1e-6)
+
+
+def test_torchscript_needs_declared_inputs(artifacts: Artifacts) -> None:
+    digest = artifacts.digest("mlp.torchscript")
+    with pytest.raises(ConfigError, match=r"\.inputs: required for torchscript"):
+        build(artifacts.root, path="mlp.torchscript", trusted=True, sha256=digest)
+
+
+# -- state dicts ------------------------------------------------------------------------------
+
+
+def test_state_dict_replaces_the_parameters_of_an_exported_program(artifacts: Artifacts) -> None:
+    model = load(
+        artifacts.root,
+        path="other.pt",
+        architecture="mlp.pt2",
+        architecture_sha256=artifacts.digest("mlp.pt2"),
+        trusted=True,
+    )
+    assert model.format == "state_dict"
+    got = predict(model, X)
+    np.testing.assert_allclose(got, expected(artifacts.other, X), rtol=1e-6)
+    assert not np.allclose(got, expected(artifacts.module, X))  # the weights did change
+
+
+def test_state_dict_in_safetensors(artifacts: Artifacts) -> None:
+    pytest.importorskip("safetensors")
+    model = load(
+        artifacts.root,
+        path="other.safetensors",
+        architecture="mlp.pt2",
+        architecture_sha256=artifacts.digest("mlp.pt2"),
+        trusted=True,
+    )
+    np.testing.assert_allclose(predict(model, X), expected(artifacts.other, X), rtol=1e-6)
+
+
+def test_state_dict_into_an_imported_class_needs_trust(artifacts: Artifacts) -> None:
+    options: dict[str, Any] = {
+        "path": "linear.pt",
+        "architecture": "torch.nn:Linear",
+        "architecture_kwargs": {"in_features": 4, "out_features": 3},
+        **SPECS,
+    }
+    with pytest.raises(ConfigError, match=r"refusing to import 'torch.nn:Linear'"):
+        build(artifacts.root, **options)
+    model = load(artifacts.root, trusted=True, **options)
+    state = torch.load(artifacts.root / "linear.pt", weights_only=True)
+    want = X @ state["weight"].numpy().T + state["bias"].numpy()
+    np.testing.assert_allclose(predict(model, X), want, rtol=1e-5)
+
+
+def test_a_state_dict_that_does_not_fit_fails(artifacts: Artifacts) -> None:
+    model = build(
+        artifacts.root,
+        path="linear.pt",
+        architecture="mlp.pt2",
+        architecture_sha256=artifacts.digest("mlp.pt2"),
+        trusted=True,
+    )
+    with pytest.raises(ModelLoadError, match=r"architecture: the state dict does not fit"):
+        asyncio.run(model.start())
+
+
+def test_a_state_dict_needs_an_architecture(artifacts: Artifacts) -> None:
+    with pytest.raises(ConfigError, match=r"\.architecture: a state dict holds weights only"):
+        build(artifacts.root, path="other.pt")
+    with pytest.raises(ConfigError, match=r"neither a \.pt2 file nor"):
+        build(artifacts.root, path="other.pt", architecture="os.system", trusted=True)
+
+
+def _touch(path: str) -> None:  # what the smuggled pickle would run
+    Path(path).touch()
+
+
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (_touch, (str(self.marker),))
+
+
+def test_a_pickle_smuggled_into_a_state_dict_is_refused_unexecuted(
+    artifacts: Artifacts, tmp_path: Path
+) -> None:
+    marker = tmp_path / "ran"
+    bad = artifacts.root / "smuggled.pt"
+    torch.save({"0.weight": torch.zeros(8, 4), "extra": _Payload(marker)}, bad)
+    # Sanity: an unrestricted unpickle of this file does run the payload.
+    probe = tmp_path / "probe.pt"
+    torch.save(_Payload(tmp_path / "probe-ran"), probe)
+    torch.load(probe, weights_only=False)
+    assert (tmp_path / "probe-ran").exists()
+
+    model = build(
+        artifacts.root,
+        path="smuggled.pt",
+        architecture="mlp.pt2",
+        architecture_sha256=artifacts.digest("mlp.pt2"),
+        trusted=True,
+        sha256=sha256(bad),  # even trusted and pinned: state dicts are read weights-only
+    )
+    with pytest.raises(ModelLoadError, match=r"refused: the file is not weights-only data"):
+        asyncio.run(model.start())
+    assert not marker.exists()
+
+
+def test_a_whole_pickled_module_is_refused(artifacts: Artifacts) -> None:
+    torch.save(artifacts.module, artifacts.root / "whole.pt")
+    model = build(
+        artifacts.root,
+        path="whole.pt",
+        architecture="mlp.pt2",
+        architecture_sha256=artifacts.digest("mlp.pt2"),
+        trusted=True,
+    )
+    with pytest.raises(ModelLoadError, match=r"not weights-only data"):
+        asyncio.run(model.start())
+
+
+def test_a_tensor_that_is_not_a_dict_is_refused(artifacts: Artifacts) -> None:
+    torch.save([torch.zeros(3)], artifacts.root / "list.pt")
+    model = build(
+        artifacts.root,
+        path="list.pt",
+        architecture="mlp.pt2",
+        architecture_sha256=artifacts.digest("mlp.pt2"),
+        trusted=True,
+    )
+    with pytest.raises(ModelLoadError, match=r"expected a state dict .* got list"):
+        asyncio.run(model.start())
+
+
+# -- config and devices ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"path": "m.onnx"}, r"cannot tell the format of 'm.onnx'"),
+        (
+            {"path": "mlp.pt2", "trusted": True, "sha256": "0" * 64, "architecture": "a.pt2"},
+            r"only a state dict is loaded into an architecture",
+        ),
+        (
+            {"path": "other.pt", "architecture": "mlp.pt2", "trusted": True},
+            r"architecture_sha256: a trusted artifact needs",
+        ),
+        (
+            {"path": "mlp.torchscript", "trusted": True, "sha256": "0" * 64,
+             "inputs": [], "outputs": SPECS["outputs"]},
+            r"\.inputs: \[\] must name at least one tensor",
+        ),
+    ],
+)  # fmt: skip
+def test_bad_config_fails_in_init(
+    artifacts: Artifacts, options: dict[str, Any], match: str
+) -> None:
+    with pytest.raises(ConfigError, match=match):
+        build(artifacts.root, **options)
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "CPU", "cuda:"])
+def test_bad_device_strings_do_not_validate(device: str) -> None:
+    with pytest.raises(msgspec.ValidationError, match="device"):
+        msgspec.convert({"path": "m.pt2", "device": device}, TorchModel.Config)
+
+
+def test_unknown_options_do_not_validate() -> None:
+    with pytest.raises(msgspec.ValidationError, match="pickle"):
+        msgspec.convert({"path": "m.pt2", "pickle": True}, TorchModel.Config)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA path")
+def test_auto_falls_back_to_cpu_with_one_line(
+    artifacts: Artifacts, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="infercore.torch"):
+        model = load(
+            artifacts.root, path="mlp.pt2", trusted=True, sha256=artifacts.digest("mlp.pt2")
+        )
+    assert model.device.type == "cpu"
+    lines = [r.getMessage() for r in caplog.records if "no CUDA device" in r.getMessage()]
+    assert lines == [f"{CONFIG_PATH}: device=auto: no CUDA device; running on the CPU"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA path")
+def test_cuda_without_a_device_fails_the_load(artifacts: Artifacts) -> None:
+    model = build(
+        artifacts.root, path="mlp.pt2", trusted=True, sha256=artifacts.digest("mlp.pt2"),
+        device="cuda:0",
+    )  # fmt: skip
+    with pytest.raises(ModelLoadError, match=r"device: 'cuda:0' requested, but torch sees no"):
+        asyncio.run(model.start())
+
+
+def test_paths_outside_the_model_root_are_refused(artifacts: Artifacts, tmp_path: Path) -> None:
+    model = build(tmp_path, path="../x.pt2", trusted=True, sha256="0" * 64)
+    with pytest.raises(ConfigError, match="resolves outside the model root"):
+        asyncio.run(model.start())
+
+
+def test_inputs_of_another_kind_are_invalid(artifacts: Artifacts) -> None:
+    model = load(artifacts.root, path="mlp.pt2", trusted=True, sha256=artifacts.digest("mlp.pt2"))
+    with pytest.raises(InvalidInput, match="expected FP32"):
+        asyncio.run(model.predict({"input": np.ones((1, 4), dtype=np.complex64)}))
+    with pytest.raises(InvalidInput, match="missing input 'input'"):
+        asyncio.run(model.predict({"x": X}))
+
+
+def test_importing_the_plugin_does_not_import_torch() -> None:
+    code = (
+        "import sys, infercore_torch\n"
+        "from infercore_torch import TorchModel, TorchGpuBatcher\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=os.environ
+    )
+    assert result.returncode == 0, result.stderr
+
+
+# -- served end to end ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "batching",
+    [{"kind": "none"}, {"kind": "dynamic"}, {"kind": "torch-gpu", "max_batch_size": 8}],
+    ids=["none", "dynamic", "torch-gpu"],
+)
+def test_served_end_to_end(artifacts: Artifacts, batching: dict[str, Any]) -> None:
+    loader = {
+        "kind": "torch", "path": "mlp.pt2", "trusted": True, "sha256": artifacts.digest("mlp.pt2"),
+        "device": "cpu",
+    }  # fmt: skip
+    recipe = {
+        "model_root": str(artifacts.root),
+        "batching": batching,
+        "models": {"mlp": {"versions": {"1": {"loader": loader}}}},
+    }
+    body = {
+        "inputs": [
+            {
+                "name": "input",
+                "shape": list(X.shape),
+                "datatype": "FP32",
+                "data": X.ravel().tolist(),
+            }
+        ]
+    }
+    with recipe_client(recipe, ("torch", infercore_torch), fakes=False) as client:
+        assert client.get("/v2/health/ready").status_code == 200
+        meta = client.get("/v2/models/mlp").json()
+        assert meta["platform"] == "pytorch"
+        assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 4]}]
+        response = client.post("/v2/models/mlp/infer", json=body)
+        assert response.status_code == 200, response.text
+        (out,) = response.json()["outputs"]
+        assert out["name"] == "output" and out["shape"] == [7, 3]
+        got = np.array(out["data"], dtype=np.float32).reshape(7, 3)
+        np.testing.assert_allclose(got, expected(artifacts.module, X), rtol=1e-5, atol=1e-6)
+        bad = client.post(
+            "/v2/models/mlp/infer",
+            json={"inputs": [{**body["inputs"][0], "shape": [7, 5]}]},
+        )
+        assert bad.status_code == 400, bad.text
