@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 
-from conftest import CONFIG_PATH, Artifacts  # noqa: E402
+from torch_test_support import CONFIG_PATH, Artifacts  # noqa: E402
 
 from infercore.components import ComponentContext  # noqa: E402
 from infercore.errors import ConfigError, InvalidInput  # noqa: E402
@@ -271,12 +271,19 @@ def test_without_cuda_it_batches_on_the_cpu_and_says_so_once(
     assert lines == ["batching: no CUDA device; torch-gpu batches on the CPU"]
 
 
+def test_preferred_size_above_max_fails_in_the_config() -> None:
+    # The dynamic batcher's own rule, inherited: the config error names the option.
+    with pytest.raises(msgspec.ValidationError, match="16 is above max_batch_size"):
+        msgspec.convert(
+            {"max_batch_size": 8, "preferred_batch_sizes": [4, 16]}, TorchGpuBatcher.Config
+        )
+
+
 @pytest.mark.parametrize(
     ("options", "match"),
     [
         ({"preferred_batch_sizes": [8, 4]}, "ascending without repeats"),
         ({"preferred_batch_sizes": [4, 4]}, "ascending without repeats"),
-        ({"max_batch_size": 8, "preferred_batch_sizes": [4, 16]}, "16 is above max_batch_size"),
         ({"pad_to_preferred": True}, "pad_to_preferred: needs preferred_batch_sizes"),
         (
             {"max_batch_size": 32, "preferred_batch_sizes": [8, 16], "pad_to_preferred": True},

@@ -16,7 +16,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import CONFIG_PATH, Artifacts, sha256  # noqa: E402
+from torch_test_support import CONFIG_PATH, Artifacts, sha256  # noqa: E402
 
 import infercore_torch  # noqa: E402
 from infercore.components import ComponentContext, TensorSpec  # noqa: E402

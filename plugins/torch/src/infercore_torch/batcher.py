@@ -36,8 +36,8 @@ class TorchGpuBatcherConfig(
 
     #: Batches in flight at once, each with its own buffers, stream and event.
     max_concurrent_batches: Annotated[int, msgspec.Meta(ge=1, le=8)] = 2
-    #: Batch sizes the model runs best (or only) at, e.g. [8, 16, 32].
-    preferred_batch_sizes: list[PositiveInt] = []
+    # preferred_batch_sizes (the dynamic batcher's option, each at most max_batch_size): here
+    # also the sizes a batch is padded to with pad_to_preferred, so they must ascend.
     #: Pad each batch with zero rows up to the smallest preferred size that holds it.
     pad_to_preferred: bool = False
 
@@ -108,12 +108,6 @@ class TorchGpuBatcher(DynamicBatcher):
         if preferred != sorted(set(preferred)):
             raise ConfigError(
                 f"{path}.preferred_batch_sizes: {preferred!r} must be ascending without repeats"
-            )
-        if preferred and preferred[-1] > config.max_batch_size:
-            raise ConfigError(
-                f"{path}.preferred_batch_sizes: {preferred[-1]} is above max_batch_size "
-                f"({config.max_batch_size})",
-                hint="raise max_batch_size or drop the larger sizes",
             )
         if config.pad_to_preferred and (not preferred or preferred[-1] != config.max_batch_size):
             raise ConfigError(
