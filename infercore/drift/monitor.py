@@ -729,8 +729,8 @@ class DriftMonitor:
         """Drift events, oldest first (the last ``limit`` when given), as plain JSON values.
 
         An event has the keys of :func:`infercore.drift.events.event_to_json` plus
-        ``actions``: action name -> ``{status: pending|running|ok|error|skipped|cancelled, reason
-        (skipped: cooldown|busy), started, finished, error, details}``.
+        ``actions``: action name -> ``{status: pending|running|ok|error|skipped|cancelled,
+        reason (skipped: cooldown|busy), started, finished, error, details}``.
         """
         items = list(self._history)
         if limit is not None:
