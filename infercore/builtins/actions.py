@@ -1,4 +1,5 @@
-"""Built-in drift actions: ``log``, ``webhook`` and ``command``.
+"""Built-in drift actions: ``log``, ``webhook`` and ``command`` (and ``register_candidate``,
+:mod:`infercore.builtins.candidate`).
 
 The drift monitor runs an action when a detector reports drift, as its own task, never two
 runs of one action at once and not again within the monitor's cooldown (see
@@ -344,4 +345,6 @@ class CommandAction(Action):
 
 @hookimpl
 def register_actions() -> list[type[Action]]:
-    return [LogAction, WebhookAction, CommandAction]
+    from infercore.builtins.candidate import RegisterCandidateAction
+
+    return [LogAction, WebhookAction, CommandAction, RegisterCandidateAction]

@@ -2,7 +2,13 @@
 
 from infercore.components.base import Component, ComponentContext, EmptyConfig
 from infercore.components.batching import Batcher, BatchObserver, NullObserver
-from infercore.components.drift import Action, DriftDetector, DriftEvent, DriftResult
+from infercore.components.drift import (
+    Action,
+    DriftDetector,
+    DriftEvent,
+    DriftResult,
+    ModelRollout,
+)
 from infercore.components.features import FeatureSource
 from infercore.components.model import Array, Model, Tensors
 from infercore.components.routing import (
@@ -28,6 +34,7 @@ __all__ = [
     "EmptyConfig",
     "FeatureSource",
     "Model",
+    "ModelRollout",
     "NullObserver",
     "RouteRequest",
     "Router",

@@ -47,8 +47,12 @@ class DriftConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, froz
     min_samples: Annotated[int, msgspec.Meta(ge=2)] = 100
     #: Detector name -> ``{kind: ..., ...options}``; each tests every window.
     detectors: dict[str, Node] = msgspec.field(default_factory=dict)
-    #: ``[{kind: ..., ...options}]`` run (in order of start, concurrently) on a drift event.
+    #: ``[{kind: ..., ...options}]`` run on a drift event (see ``action_order``).
     actions: list[Node] = msgspec.field(default_factory=list)
+    #: ``concurrent``: every action of an event starts at once, each as its own task.
+    #: ``sequential``: one after the other in list order, each seeing the results of those
+    #: before it (``DriftEvent.actions``): a retraining ``command`` then ``register_candidate``.
+    action_order: Literal["concurrent", "sequential"] = "concurrent"
     #: Seconds after actions ran during which a further drift event runs none (it is still
     #: recorded in the event history).
     cooldown_s: Annotated[float, msgspec.Meta(ge=0.0)] = 600.0

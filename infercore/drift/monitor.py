@@ -17,7 +17,14 @@ A window where a detector reports drift becomes a drift event, kept in a bounded
 history (:meth:`events`). Its actions then run as tasks on the event loop, unless a previous
 event ran actions less than ``cooldown_s`` ago (the event is recorded with every action
 ``skipped: cooldown``); an action still running from an earlier event is not started again
-(``skipped: busy``): no two runs of one action overlap.
+(``skipped: busy``): no two runs of one action overlap. With ``action_order: sequential`` the
+actions of one event run one after the other in one task, in list order (each ``pending``
+until its turn), and each sees what the earlier ones did (``DriftEvent.actions``): a retraining
+``command`` followed by ``register_candidate``.
+
+Inside a server the lifecycle hands the monitor the model's rollout control
+(:meth:`bind_rollout`); it reaches every action (``Action.bind_rollout``) and every event
+(``DriftEvent.rollout``).
 
 For the server, three calls suffice: :meth:`DriftMonitor.build` when the runtime is built
 (config errors surface then), :meth:`start` / :meth:`stop` with the model, and :meth:`offer`
@@ -43,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from infercore.components import Action, ComponentContext, DriftDetector, Tensors
-from infercore.components.drift import ActionFailed, DriftEvent, DriftResult
+from infercore.components.drift import ActionFailed, DriftEvent, DriftResult, ModelRollout
 from infercore.config.validation import convert
 from infercore.drift.columns import Array, Columns, concat_columns, row_count, to_columns
 from infercore.drift.config import DETECTOR_NAME_PATTERN, DriftConfig
@@ -142,6 +149,8 @@ class DriftMonitor:
         self._executor: ThreadPoolExecutor | None = None
         self._busy: asyncio.Lock | None = None
         self._started = False
+        #: The model's rollout control (see :meth:`bind_rollout`).
+        self.rollout: ModelRollout | None = None
         m = self.metrics
         self._dropped_counter = m.drift_samples_dropped.labels(model)
         self._det_metrics = {
@@ -248,6 +257,18 @@ class DriftMonitor:
         )
 
     # --- lifecycle --------------------------------------------------------------------------
+
+    def bind_rollout(self, rollout: ModelRollout) -> None:
+        """Give the actions (``Action.bind_rollout``) and events the model's rollout control.
+
+        The server's lifecycle calls it before the monitor starts.
+
+        Raises:
+            ConfigError: An action cannot work with this model (e.g. it needs a repository).
+        """
+        for _, action in self.actions:
+            action.bind_rollout(rollout)
+        self.rollout = rollout
 
     async def start(self) -> None:
         """Start the detectors (they load their references) and actions, then the background task.
@@ -567,6 +588,7 @@ class DriftMonitor:
             version=self._current_version(),
             result=result,
             extra={"id": event_id, "time": time.time(), "window": window, "samples": rows},
+            rollout=self.rollout,
         )
         record = event_to_json(event)
         record["actions"] = {}
@@ -586,6 +608,9 @@ class DriftMonitor:
         )
         if not cooling:
             self._last_trigger = now
+        if self.config.action_order == "sequential":
+            self._start_sequence(event, record["actions"], cooling)
+            return
         for name, action in self.actions:
             if cooling:
                 record["actions"][name] = {"status": "skipped", "reason": "cooldown"}
@@ -601,8 +626,49 @@ class DriftMonitor:
                 )
                 self._running[name] = task
 
+    def _start_sequence(self, event: DriftEvent, states: dict[str, Any], cooling: bool) -> None:
+        names = [name for name, _ in self.actions]
+        busy = any(name in self._running for name in names)
+        if cooling or busy:
+            reason = "cooldown" if cooling else "busy"
+            for name in names:
+                states[name] = {"status": "skipped", "reason": reason}
+                self.metrics.drift_actions.labels(self.model, name, reason).inc()
+            return
+        for name in names:
+            states[name] = {"status": "pending"}
+        task = asyncio.create_task(
+            self._run_sequence(event, states), name=f"drift-actions-{self.model}"
+        )
+        for name in names:
+            self._running[name] = task
+
+    async def _run_sequence(self, event: DriftEvent, states: dict[str, Any]) -> None:
+        try:
+            done: dict[str, dict[str, Any]] = {}
+            for name, action in self.actions:
+                state = states[name]
+                state.update(status="running", started=time.time())
+                seen = dataclasses.replace(event, actions=copy.deepcopy(done))
+                await self._run_action(name, action, seen, state, release=False)
+                done[name] = {k: v for k, v in state.items() if k != "started"}
+        except asyncio.CancelledError:
+            for state in states.values():
+                if state.get("status") == "pending":
+                    state["status"] = "cancelled"
+            raise
+        finally:
+            for name, _ in self.actions:
+                self._running.pop(name, None)
+
     async def _run_action(
-        self, name: str, action: Action, event: DriftEvent, state: dict[str, Any]
+        self,
+        name: str,
+        action: Action,
+        event: DriftEvent,
+        state: dict[str, Any],
+        *,
+        release: bool = True,
     ) -> None:
         outcome = "error"
         try:
@@ -627,7 +693,8 @@ class DriftMonitor:
             log.debug("drift action %s traceback", name, exc_info=exc)
         finally:
             state["finished"] = time.time()
-            self._running.pop(name, None)
+            if release:
+                self._running.pop(name, None)
             self.metrics.drift_actions.labels(self.model, name, outcome).inc()
 
     async def wait_actions(self, timeout: float | None = None) -> None:
@@ -662,8 +729,8 @@ class DriftMonitor:
         """Drift events, oldest first (the last ``limit`` when given), as plain JSON values.
 
         An event has the keys of :func:`infercore.drift.events.event_to_json` plus
-        ``actions``: action name -> ``{status: running|ok|error|skipped|cancelled, reason
-        (skipped: cooldown|busy), started, finished, error, details}``.
+        ``actions``: action name -> ``{status: pending|running|ok|error|skipped|cancelled,
+        reason (skipped: cooldown|busy), started, finished, error, details}``.
         """
         items = list(self._history)
         if limit is not None:

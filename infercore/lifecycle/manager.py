@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from infercore.errors import InfercoreError, InvalidInput, NotFound
 from infercore.lifecycle.audit import AuditLog, now_iso
+from infercore.lifecycle.control import LifecycleRollout
 from infercore.runtime.errors import Conflict
 from infercore.runtime.served import (
     CANARY,
@@ -104,6 +105,11 @@ class Lifecycle:
         self.runtime = runtime
         self.audit = audit or AuditLog(runtime.config.admin.audit_log)
         self.approvals: dict[str, Approval] = {}
+        # Drift actions (a retrained version registered as a candidate) act through the same
+        # lifecycle as the admin API; an action that cannot work refuses here, at start-up.
+        for name, served in runtime.models.items():
+            if served.drift is not None:
+                served.drift.bind_rollout(LifecycleRollout(self, name))
         runtime.listeners.append(self._on_event)
 
     # -- records --------------------------------------------------------------------------

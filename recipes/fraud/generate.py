@@ -272,15 +272,62 @@ def _fraud(
     }
 
 
+def _new_tactic(
+    rng: np.random.Generator, prof: dict[str, Array], days: int, n: int, since: float
+) -> dict[str, Array]:
+    """A fraud tactic the models never saw: a night-time "account takeover" wave.
+
+    Domestic (never cross-border, so the card's home country), card-not-present electronics
+    and gambling, between 01:00 and 04:59, amounts around 400 (log-normal): every card may be
+    hit, from ``since`` (a fraction of the window) on.
+    """
+    n_cards = len(prof["home"])
+    card = rng.integers(0, n_cards, n)
+    first_day = int(days * since)
+    day = rng.integers(first_day, days, n)
+    hour = rng.integers(1, 5, n)
+    secs = day * 86_400 + hour * 3_600 + rng.integers(0, 3_600, n)
+    cat = np.where(
+        rng.random(n) < 0.7, CATEGORIES.index("electronics"), CATEGORIES.index("gambling")
+    )
+    amount = np.maximum(np.round(np.exp(rng.normal(np.log(400.0), 0.35, n)), 2), 1.0)
+    return {
+        "card": card,
+        "secs": secs.astype(np.int64),
+        "cat": cat,
+        "channel": np.full(n, CHANNELS.index("online")),
+        "amount": amount,
+        "country": prof["home"][card].copy(),
+        "is_fraud": np.ones(n, dtype=np.int8),
+    }
+
+
 def generate(
-    seed: int = DEFAULT_SEED, n_cards: int = DEFAULT_CARDS, days: int = DEFAULT_DAYS
+    seed: int = DEFAULT_SEED,
+    n_cards: int = DEFAULT_CARDS,
+    days: int = DEFAULT_DAYS,
+    *,
+    shift: float = 0.0,
+    shift_since: float = 0.5,
 ) -> pd.DataFrame:
-    """Return the transactions of ``n_cards`` cards over the ``days`` days that end at END."""
+    """Return the transactions of ``n_cards`` cards over the ``days`` days that end at END.
+
+    ``shift`` > 0 adds a new fraud tactic (:func:`_new_tactic`): ``shift`` new-tactic
+    transactions per legitimate one, from ``shift_since`` of the window on. Everything else is
+    the same world, transaction for transaction (the tactic draws from its own seeded
+    generator), so ``shift=0`` writes exactly the original data.
+    """
     rng = np.random.default_rng(seed)
     prof = _profiles(rng, n_cards, days)
     legit = _legit(rng, prof, days)
     fraud = _fraud(rng, prof, days, len(legit["card"]))
-    cols = {k: np.concatenate([legit[k], fraud[k]]) for k in legit}
+    parts = [legit, fraud]
+    if shift > 0:
+        # the legit rows after shift_since, times shift: the wave's share of that period
+        later = int((legit["secs"] >= days * 86_400 * shift_since).sum())
+        tactic_rng = np.random.default_rng([seed, 1])
+        parts.append(_new_tactic(tactic_rng, prof, days, int(later * shift), shift_since))
+    cols = {k: np.concatenate([p[k] for p in parts]) for k in legit}
     keep = (cols["secs"] >= 0) & (cols["secs"] < days * 86_400)  # bursts may run past the end
     cols = {k: v[keep] for k, v in cols.items()}
 
@@ -325,11 +372,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cards", type=int, default=DEFAULT_CARDS)
     p.add_argument("--days", type=int, default=DEFAULT_DAYS)
     p.add_argument("--out", type=Path, default=HERE / "data")
+    p.add_argument(
+        "--shift",
+        type=float,
+        default=0.0,
+        help="new-tactic fraud transactions per legitimate one (0: the original world)",
+    )
     a = p.parse_args(argv)
     from features import write_parquet  # this script's folder is on sys.path
 
     t0 = time.perf_counter()
-    df = generate(a.seed, a.cards, a.days)
+    df = generate(a.seed, a.cards, a.days, shift=a.shift)
     out = a.out / "transactions.parquet"
     write_parquet(df, out)
     print(
