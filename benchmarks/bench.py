@@ -607,8 +607,11 @@ def plot(results: dict[str, Any], dest: Path) -> str | None:
             label=f"{t['name']} p50",
         )
     ax2.axhline(results["p99_limit_ms"], color="grey", lw=0.8, ls=":")
+    ticks = sorted({r["concurrency"] for t in results["targets"] for r in t.get("closed", [])})
     for ax in (ax1, ax2):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [str(c) for c in ticks])
+        ax.minorticks_off()
         ax.set_xlabel("concurrency (closed loop, wrk)")
         ax.grid(True, alpha=0.3)
     ax1.set_ylabel("requests/s")

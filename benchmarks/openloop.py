@@ -272,6 +272,8 @@ async def sweep(
 ) -> tuple[float | None, list[OpenLoopResult]]:
     """Run rates in increasing order until one fails; then ``refine`` bisection steps.
 
+    When the lowest rate fails already, the rate is halved (up to three times) before bisecting.
+
     Returns the highest rate that passed (p99 under the limit, no errors, every request answered;
     None if none did) and every run.
     """
@@ -299,6 +301,15 @@ async def sweep(
         else:
             failed = rate
             break
+    # Not even the lowest rate passed: halve it (three times at most) to find one that does.
+    for _ in range(3 if best is None and failed is not None else 0):
+        rate = round(failed / 2)  # type: ignore[operator]
+        if rate < 1:
+            break
+        if await attempt(rate):
+            best = rate
+            break
+        failed = rate
     for _ in range(refine if failed is not None else 0):
         low = best or 0.0
         mid = round((low + failed) / 2)  # type: ignore[operator]
