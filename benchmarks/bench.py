@@ -658,7 +658,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("recipe", choices=sorted(RECIPES), help="the recipe to benchmark")
     p.add_argument("--concurrency", default="1,8,32,64", help="closed-loop connections (1,8,32,64)")
     p.add_argument("--duration", type=float, default=10, help="seconds per concurrency (10)")
-    p.add_argument("--peers", default="floor,mlserver", help="floor, mlserver, both, or none ('')")
+    p.add_argument(
+        "--peers",
+        default="floor,mlserver",
+        help="comma-separated peers: floor,mlserver (default), floor, mlserver, or '' for none",
+    )
     p.add_argument(
         "--variants",
         default=None,
