@@ -1,0 +1,250 @@
+"""The pure parts of the benchmark tools: open-loop scheduling and accounting, percentiles, tables.
+
+The open-loop generator runs against a tiny asyncio HTTP server on loopback. Assertions are on
+counts, and on latencies only as lower bounds the server's behaviour forces (a request cannot be
+answered before the server answers it), never on how fast anything ran.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import bench
+import openloop
+
+Handler = Callable[[int, bytes], Awaitable[int | None]]
+
+
+async def _serve(handler: Handler) -> tuple[asyncio.Server, int]:
+    """HTTP/1.1 keep-alive server: handler(request number, body) -> status (None: hang up)."""
+    count = 0
+
+    async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal count
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                body = await reader.readexactly(length)
+                n, count = count, count + 1
+                status = await handler(n, body)
+                if status is None:
+                    writer.close()
+                    return
+                payload = b'{"ok":true}'
+                writer.write(
+                    b"HTTP/1.1 %d X\r\nContent-Length: %d\r\n\r\n%s"
+                    % (status, len(payload), payload)
+                )
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            writer.close()
+
+    server = await asyncio.start_server(on_conn, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+def _reqs(port: int, bodies: list[bytes]) -> list[bytes]:
+    return [
+        openloop.encode_post("127.0.0.1", port, "/infer", b, "application/json") for b in bodies
+    ]
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = list(range(100, 0, -1))  # 1..100, unsorted
+    assert openloop.percentile(values, 50) == 50
+    assert openloop.percentile(values, 99) == 99
+    assert openloop.percentile(values, 100) == 100
+    assert openloop.percentile([7.0], 99) == 7.0
+    assert math.isnan(openloop.percentile([], 50))
+
+
+def test_schedule_uniform_and_poisson() -> None:
+    uniform = openloop.schedule(100, 1.0, "uniform")
+    assert len(uniform) == 100
+    assert uniform[1] - uniform[0] == pytest.approx(0.01)
+    poisson = openloop.schedule(1000, 2.0, "poisson", seed=3)
+    assert poisson == sorted(poisson)
+    assert all(0 < t < 2.0 for t in poisson)
+    assert 1700 < len(poisson) < 2300  # 2000 expected; a fixed seed, so this is deterministic
+    assert poisson == openloop.schedule(1000, 2.0, "poisson", seed=3)
+    with pytest.raises(ValueError):
+        openloop.schedule(10, 1.0, "bursty")
+
+
+def test_counts_statuses_and_errors() -> None:
+    async def handler(n: int, body: bytes) -> int:
+        return 500 if b"bad" in body else 200
+
+    async def go() -> openloop.OpenLoopResult:
+        server, port = await _serve(handler)
+        async with server:
+            reqs = _reqs(port, [b'{"x":"good"}', b'{"x":"bad"}'])
+            return await openloop.run("127.0.0.1", port, reqs, 200, 0.1, arrival="uniform")
+
+    r = asyncio.run(go())
+    assert r.scheduled == 20
+    assert r.completed == 20
+    assert r.status == {"200": 10, "500": 10}
+    assert r.errors == 10
+    assert not r.passes(1000.0)
+    assert len(r.latencies_ms) == 20 and all(x > 0 for x in r.latencies_ms)
+
+
+def test_latency_is_measured_from_the_scheduled_time() -> None:
+    """One connection, a server that takes 50 ms per request, five requests due within 4 ms:
+    the last one cannot be answered before 5 x 50 ms, so its latency from its scheduled time is
+    at least ~246 ms although it spends only 50 ms on the wire after being sent."""
+
+    async def handler(n: int, body: bytes) -> int:
+        await asyncio.sleep(0.05)
+        return 200
+
+    async def go() -> openloop.OpenLoopResult:
+        server, port = await _serve(handler)
+        async with server:
+            return await openloop.run(
+                "127.0.0.1",
+                port,
+                _reqs(port, [b"{}"]),
+                1000,
+                0.005,
+                arrival="uniform",
+                connections=1,
+                max_connections=1,
+            )
+
+    r = asyncio.run(go())
+    assert r.scheduled == r.completed == 5
+    assert r.waited == 4  # every request after the first found the only connection busy
+    assert r.connections_added == 0
+    assert r.max_ms >= 5 * 50 - 5
+    assert r.send_lag_p99_ms >= 4 * 50 - 5  # the generator reports how late it sent
+    assert r.errors == 0
+
+
+def test_busy_connections_grow_the_pool_and_hang_ups_are_errors() -> None:
+    arrived = 0
+    release = asyncio.Event()
+
+    async def handler(n: int, body: bytes) -> int | None:
+        nonlocal arrived
+        arrived += 1
+        if arrived == 6:
+            release.set()
+        await release.wait()  # every answer waits until all six requests are in
+        return None if n == 5 else 200
+
+    async def go() -> openloop.OpenLoopResult:
+        server, port = await _serve(handler)
+        async with server:
+            return await openloop.run(
+                "127.0.0.1",
+                port,
+                _reqs(port, [b"{}"]),
+                100,
+                0.06,
+                arrival="uniform",
+                connections=2,
+            )
+
+    r = asyncio.run(go())
+    assert r.scheduled == 6
+    assert r.connections_added == 4  # six requests in flight at once on two pre-opened ones
+    assert r.waited == 0
+    assert r.status == {"200": 5, "connection_error": 1}
+    assert r.errors == 1
+    # The first request, scheduled first, was held until the sixth was sent 50 ms later.
+    assert r.max_ms >= 50 - 5
+
+
+def test_unanswered_requests_time_out_as_errors() -> None:
+    async def handler(n: int, body: bytes) -> int:
+        await asyncio.sleep(30)
+        return 200
+
+    async def go() -> openloop.OpenLoopResult:
+        server, port = await _serve(handler)
+        async with server:
+            reqs = _reqs(port, [b"{}"])
+            return await openloop.run("127.0.0.1", port, reqs, 100, 0.03, timeout=0.2)
+
+    r = asyncio.run(go())
+    assert r.completed == 0
+    assert r.errors == r.scheduled == r.status["timeout"]
+
+
+def _results(floor_rps: float, mls_rps: float, infercore_p99: float) -> dict[str, object]:
+    def closed(rps: float, p99: float) -> list[dict[str, float]]:
+        return [
+            {"concurrency": 1, "rps": rps / 4, "p50_ms": 1.0, "p99_ms": 2.0, "errors": 0,
+             "gen_cpu_pct": 5.0},
+            {"concurrency": 64, "rps": rps, "p50_ms": 10.0, "p99_ms": p99, "errors": 0,
+             "gen_cpu_pct": 9.0},
+        ]  # fmt: skip
+
+    return {
+        "recipe": "iris",
+        "date": "20261201",
+        "command": "bench.py iris",
+        "machine": {"cpu": "x", "cpus": 2, "loadavg": "0"},
+        "server_cpu": 0,
+        "load_cpu": 1,
+        "duration_s": 10,
+        "openloop_duration_s": 5,
+        "p99_limit_ms": 100.0,
+        "targets": [
+            {
+                "name": "infercore",
+                "kind": "infercore",
+                "target_vs_floor": 0.8,
+                "closed": closed(900, infercore_p99),
+                "openloop": {"max_rate": 800},
+            },
+            {
+                "name": "floor",
+                "kind": "floor",
+                "closed": closed(1000, 5),
+                "openloop": {"max_rate": 1000},
+            },
+            {
+                "name": "mlserver",
+                "kind": "mlserver",
+                "closed": closed(mls_rps, 50),
+                "openloop": {"max_rate": None},
+            },
+        ],
+        "notes": [],
+    }
+
+
+def test_ratios_and_verdicts() -> None:
+    results = _results(floor_rps=1000, mls_rps=300, infercore_p99=150.0)
+    (row,) = bench.ratios(results)
+    assert row["vs_floor"] == pytest.approx(0.9)
+    assert row["openloop_vs_floor"] == pytest.approx(0.8)
+    assert row["vs_mlserver"] == pytest.approx(3.0)
+    assert row["openloop_vs_mlserver"] is None  # MLServer passed no rate
+    assert row["max_concurrency"] == 64 and row["p99_ms_at_max_concurrency"] == 150.0
+    results["ratios"] = [row]
+    table = bench.table_md(results)
+    line = next(x for x in table.splitlines() if x.startswith("| infercore | 0.90"))
+    assert "≥ 0.8 met" in line
+    assert "| 3.00 | NOT met |" in line  # below 4x MLServer
+    assert line.rstrip().endswith("NOT met |")  # p99 150 ms at c=64
+    assert "| floor | 64 | 1,000 | 10.0 | 5.0 | 0 | 9 |" in table
+
+
+def test_results_json_has_no_nan() -> None:
+    cleaned = bench._no_nan({"a": math.nan, "b": [1.0, math.nan], "c": {"d": math.nan}})
+    assert cleaned == {"a": None, "b": [1.0, None], "c": {"d": None}}
