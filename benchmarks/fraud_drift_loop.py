@@ -159,6 +159,10 @@ def make_recipes(tmp: Path, args: argparse.Namespace, hook_port: int) -> Path:
         ignore=shutil.ignore_patterns("__pycache__", "*.db", "data_store*", "v3*"),
     )
     doc = yaml.safe_load((REPO / "recipes" / "fraud.yaml").read_text())
+    # The recipe's 50 ms feature-read budget answers 503 (fail-closed) when a busy machine
+    # stalls the server for a moment; this measures drift, not latency, and a failed request
+    # would leave its transactions out of the windows.
+    doc["features"]["timeout_ms"] = 2_000
     drift = doc["models"]["fraud"]["drift"]
     drift.update(
         sample_rate=1.0,
