@@ -12,9 +12,12 @@ What it does, printing each step with a timestamp:
    and ``register_candidate`` (``after: command``, ``shadow: true``);
 2. starts ``infercore serve +recipe=fraud_loop`` with the admin listener, all on 127.0.0.1;
 3. (a) sends transactions of the original world's held-out days for ``--windows`` windows and
-   counts windows tested and windows flagged: the false-alarm rate;
-4. (b) sends transactions of the same days with a new fraud tactic (``generate.py --shift``)
-   until drift is reported: requests and transactions until detection;
+   counts windows tested and windows flagged: the false-alarm rate. The detectors compare with
+   ``reference_served.parquet`` (inputs as served, drawn from a seeded quarter of those days);
+   only the other three quarters are replayed (``reference.replay_mask``), so no window holds
+   a row of its own reference;
+4. (b) sends transactions of the same days with a new fraud tactic (``generate.py --shift``,
+   the same replay part) until drift is reported: requests and transactions until detection;
 5. (c) the webhook receiver gets the event; (d) the command retrains (exit code, output);
    (e) ``register_candidate`` loads the new version 3 and moves it to shadow (admin API);
 6. (f) a person asks to put v3 on canary at ``--canary-weight`` %, which the recipe gates:
@@ -127,7 +130,8 @@ def loop_actions(hook_port: int) -> list[dict[str, Any]]:
 
 
 def detectors(kind: str) -> dict[str, Any]:
-    ref = "fraud/artifacts/reference.parquet"
+    # inputs as served (recipes/fraud/reference.py), as in recipes/fraud.yaml
+    ref = "fraud/artifacts/reference_served.parquet"
     numeric = ["amount", "hour", "txn_count_1h", "txn_count_24h", "amount_avg_7d"]
     cats = ["merchant_category", "channel"]
     if kind == "alibi":
@@ -155,6 +159,10 @@ def make_recipes(tmp: Path, args: argparse.Namespace, hook_port: int) -> Path:
         ignore=shutil.ignore_patterns("__pycache__", "*.db", "data_store*", "v3*"),
     )
     doc = yaml.safe_load((REPO / "recipes" / "fraud.yaml").read_text())
+    # The recipe's 50 ms feature-read budget answers 503 (fail-closed) when a busy machine
+    # stalls the server for a moment; this measures drift, not latency, and a failed request
+    # would leave its transactions out of the windows.
+    doc["features"]["timeout_ms"] = 2_000
     drift = doc["models"]["fraud"]["drift"]
     drift.update(
         sample_rate=1.0,
@@ -179,17 +187,21 @@ def make_recipes(tmp: Path, args: argparse.Namespace, hook_port: int) -> Path:
 
 
 def transactions(recipes: Path, shift: float, seed: int) -> list[dict[str, Any]]:
-    """The held-out days (the last 6 of 30) of the original world, or of the shifted one."""
+    """The held-out days (the last 6 of 30) of the original world, or of the shifted one.
+
+    Only the replay part: the rest of those days is where the served reference comes from.
+    """
     sys.path.insert(0, str(recipes / "fraud"))
     import pandas as pd
     from generate import generate
+    from reference import held_out, replay_mask
 
     df = (
         generate(shift=shift)
         if shift > 0
         else pd.read_parquet(recipes / "fraud/data/transactions.parquet")
     )
-    df = df[df["event_timestamp"] >= pd.Timestamp("2026-10-26T00:00Z")]
+    df = df[held_out(df) & replay_mask(df)]
     df = df.sample(frac=1.0, random_state=seed)
     df["hour"] = df["hour"].astype(float)
     df["cross_border"] = df["cross_border"].astype(float)
@@ -319,6 +331,11 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
 
         # (a) normal traffic: windows tested, windows flagged
         need = args.windows * args.window
+        if need > len(normal):
+            raise StepFailed(
+                f"(a) {args.windows} windows of {args.window} need {need:,} transactions; "
+                f"the replay part of the held-out days has {len(normal):,}"
+            )
         sent = 0
         for batch in chunks(normal[:need], args.batch):
             post(infer, {"instances": batch})

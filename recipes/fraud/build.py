@@ -1,4 +1,7 @@
-"""Rebuild the ``fraud`` recipe's data and models end to end: generate -> features -> train.
+"""Rebuild the ``fraud`` recipe's data and models end to end.
+
+generate -> features -> train -> reference (the served-inputs drift reference; it also pins
+every artifact in ``artifacts/SHA256SUMS``, so it runs again whenever ``train`` has run).
 
     uv run python recipes/fraud/build.py            # runs only the steps whose inputs changed
     uv run python recipes/fraud/build.py --force    # runs every step
@@ -57,6 +60,7 @@ def _steps(a: argparse.Namespace) -> list[Step]:
     tx, cf = data / "transactions.parquet", data / "card_features.parquet"
     defaults = art / "feature_defaults.json"
     models = tuple(art / v / f for v in ("v1", "v2") for f in ("model.onnx", "metrics.json"))
+    reference = art / "reference.parquet"
     return [
         Step(
             "generate",
@@ -89,7 +93,17 @@ def _steps(a: argparse.Namespace) -> list[Step]:
             ("--data", str(data), "--out", str(art)),
             ("train.py", "features.py"),
             (tx, defaults),
-            (*models, art / "reference.parquet", art / "SHA256SUMS"),
+            # train.py writes SHA256SUMS too, but the reference step has the last word on it
+            (*models, reference),
+        ),
+        Step(
+            "reference",
+            "reference.py",
+            ("--data", str(data), "--out", str(art)),
+            ("reference.py", "train.py", "features.py"),
+            # the other files are read for their digests in SHA256SUMS
+            (tx, cf, defaults, *models, reference),
+            (art / "reference_served.parquet", art / "SHA256SUMS"),
         ),
     ]
 

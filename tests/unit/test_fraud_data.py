@@ -36,6 +36,7 @@ def _load(name: str) -> ModuleType:
 
 gen = _load("generate")
 feat = _load("features")
+refmod = _load("reference")
 
 
 def _metrics(version: str) -> dict[str, Any]:
@@ -321,6 +322,122 @@ def test_reference_sample_holds_the_v2_inputs() -> None:
     assert list(ref.columns) == [s["name"] for s in _metrics("v2")["inputs"]]
     assert len(ref) == 2_000
     assert ref.notna().all().all()
+
+
+# --- the served reference (recipes/fraud/reference.py) -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def transactions() -> pd.DataFrame:
+    return pd.read_parquet(RECIPE / "data" / "transactions.parquet")
+
+
+def test_served_reference_is_rebuilt_byte_for_byte(
+    defaults: dict[str, float], tmp_path: Path
+) -> None:
+    committed = ARTIFACTS / refmod.FILE
+    ref = refmod.build(RECIPE / "data", defaults)
+    pd.testing.assert_frame_equal(ref, pd.read_parquet(committed))
+    feat.write_parquet(ref, tmp_path / refmod.FILE)
+    assert (tmp_path / refmod.FILE).read_bytes() == committed.read_bytes()
+    assert list(ref.columns) == [s["name"] for s in _metrics("v2")["inputs"]]
+    assert len(ref) == refmod.REFERENCE_ROWS
+    assert ref.notna().all().all()
+
+
+def test_reference_pool_and_replay_part_are_disjoint(transactions: pd.DataFrame) -> None:
+    held = refmod.held_out(transactions)
+    pool = refmod.reference_pool_mask(transactions)
+    replay = held & refmod.replay_mask(transactions)
+    assert not (pool & replay).any()
+    assert ((pool | replay) == held).all()
+    assert (transactions.loc[pool, "event_timestamp"] >= feat.split_time(transactions)).all()
+    assert 0.23 < pool.sum() / held.sum() < 0.27
+    # seeded: the same split every time, another one with another seed
+    np.testing.assert_array_equal(pool, refmod.reference_pool_mask(transactions))
+    assert (pool != refmod.reference_pool_mask(transactions, seed=1)).any()
+
+
+def test_the_split_survives_the_shifted_world(transactions: pd.DataFrame) -> None:
+    """generate.py --shift renumbers transactions; a transaction keeps its side of the split."""
+    small = gen.generate(seed=3, n_cards=300, days=10)
+    shifted = gen.generate(seed=3, n_cards=300, days=10, shift=0.2)
+    assert len(shifted) > len(small)
+    key = ["card_id", "event_timestamp"]
+    a = small.assign(replay=refmod.replay_mask(small))
+    b = shifted.assign(replay=refmod.replay_mask(shifted))
+    both = a.merge(b, on=[*key, "amount"], suffixes=("_a", "_b"))
+    assert len(both) > 0.9 * len(small)
+    assert (both["replay_a"] == both["replay_b"]).all()
+    assert not (both["transaction_id_a"] == both["transaction_id_b"]).all()
+
+
+def test_served_reference_holds_what_the_online_store_serves(
+    defaults: dict[str, float],
+) -> None:
+    table = pd.read_parquet(RECIPE / "data" / "card_features.parquet")
+    online = refmod.online_snapshot(table)
+    assert online.index.is_unique
+    assert len(online) == table["card_id"].nunique()
+    last = table.loc[table.groupby("card_id")["event_timestamp"].idxmax()].set_index("card_id")
+    pd.testing.assert_frame_equal(online.sort_index(), last[list(feat.CARD_FEATURES)].sort_index())
+    # a snapshot counts the card's own latest transaction: a served count is never 0, while
+    # the training inputs hold the defaults (0) for a card's first transaction
+    served = pd.read_parquet(ARTIFACTS / refmod.FILE)
+    training = pd.read_parquet(ARTIFACTS / "reference.parquet")
+    assert (served["txn_count_24h"] >= 1).all()
+    assert (training["txn_count_24h"] == 0).any()
+    # a card the store does not know gets the defaults
+    unknown = pd.DataFrame(
+        {"card_id": ["c_nobody"], "amount": [1.0], "hour": [3], "cross_border": [0],
+         "merchant_category": ["fuel"], "country": ["US"], "channel": ["pos"]}
+    )  # fmt: skip
+    row = refmod.served_inputs(unknown, online, defaults).iloc[0]
+    for f in feat.CARD_FEATURES:
+        assert row[f] == pytest.approx(defaults[f]), f
+
+
+def test_the_recipe_monitors_against_the_served_reference() -> None:
+    import yaml
+
+    doc = yaml.safe_load((RECIPE.parent / "fraud.yaml").read_text())
+    detectors = doc["models"]["fraud"]["drift"]["detectors"]
+    assert {d["reference"] for d in detectors.values()} == {f"fraud/artifacts/{refmod.FILE}"}
+    monitored = {f for d in detectors.values() for f in d["features"]}
+    assert monitored == {*refmod.MONITORED_NUMERIC, *refmod.MONITORED_CATEGORICAL}
+
+
+def test_served_windows_flag_the_training_reference_not_the_served_one(
+    transactions: pd.DataFrame, defaults: dict[str, float]
+) -> None:
+    """The skew the served reference removes, measured as the recipe's KS would see it."""
+    from scipy.stats import ks_2samp
+
+    online = refmod.online_snapshot(pd.read_parquet(RECIPE / "data" / "card_features.parquet"))
+    replay = transactions[refmod.held_out(transactions) & refmod.replay_mask(transactions)]
+    served = refmod.served_inputs(replay, online, defaults).reset_index(drop=True)
+    refs = {
+        "training": pd.read_parquet(ARTIFACTS / "reference.parquet"),
+        "served": pd.read_parquet(ARTIFACTS / refmod.FILE),
+    }
+    rng = np.random.default_rng(5)
+    level = refmod.P_VAL / 7
+    flagged = dict.fromkeys(refs, 0)
+    for _ in range(60):
+        win = served.iloc[rng.choice(len(served), size=refmod.WINDOW, replace=False)]
+        for name, ref in refs.items():
+            p = min(ks_2samp(ref[f], win[f]).pvalue for f in refmod.MONITORED_NUMERIC)
+            flagged[name] += p < level
+    assert flagged["served"] <= 2, flagged  # 60 windows at 0.01: about 0.6 expected
+    assert flagged["training"] >= 4, flagged  # measured 12 % of windows (README)
+
+
+def test_pin_updates_one_line_and_keeps_the_others(tmp_path: Path) -> None:
+    (tmp_path / "b.txt").write_text("b")
+    (tmp_path / "SHA256SUMS").write_text(f"{'0' * 64}  z/other\n{'1' * 64}  b.txt\n")
+    refmod.pin(tmp_path, "b.txt")
+    lines = (tmp_path / "SHA256SUMS").read_text().splitlines()
+    assert lines == [f"{hashlib.sha256(b'b').hexdigest()}  b.txt", f"{'0' * 64}  z/other"]
 
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
