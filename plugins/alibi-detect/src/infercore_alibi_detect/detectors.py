@@ -40,12 +40,28 @@ from infercore_alibi_detect.artifact import load_checked
 Sha256 = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-fA-F]{64}$")]
 PVal = Annotated[float, msgspec.Meta(gt=0.0, lt=1.0)]
 Correction = Literal["bonferroni", "fdr"]
+#: Device of the ``pytorch`` and ``keops`` backends (MMD, LSDD).
+Device = Literal["cpu", "cuda", "auto"]
 #: Column -> ``null`` (categorical; categories from the reference), an int ``n`` (a numeric
 #: column holding codes ``0 … n-1``), or the list of a string column's categories in code order.
 Categories = dict[str, int | list[str] | None]
 
 #: Package to install for each backend.
 BACKENDS = {"pytorch": "torch", "tensorflow": "tensorflow", "keops": "pykeops"}
+
+
+def _backend_hint(backend: str) -> str:
+    if backend == "pytorch":
+        fix = (
+            "install torch (not part of infercore's lock; the CPU build: .ci/install-torch-cpu, "
+            "or pip install torch --index-url https://download.pytorch.org/whl/cpu)"
+        )
+    else:
+        fix = (
+            f"use backend: pytorch (the tested one), or pip install {BACKENDS[backend]} "
+            "(not part of infercore's lock)"
+        )
+    return f"{fix}; alibi-ks, alibi-cvm, alibi-chi2 and alibi-tabular need no backend"
 
 
 class WindowError(ValueError):
@@ -96,15 +112,22 @@ class TabularConfig(_Common, forbid_unknown_fields=True, frozen=True, kw_only=Tr
 class MMDConfig(_Common, forbid_unknown_fields=True, frozen=True, kw_only=True):
     #: ``pytorch``, ``tensorflow`` or ``keops``; the package must be installed.
     backend: Literal["pytorch", "tensorflow", "keops"] = "pytorch"
-    #: Permutations of the permutation test.
+    #: Permutations of the permutation test: each costs a pass over the window's and the
+    #: reference's kernel matrix; 100 resolves p-values to 0.01, enough for a serving window.
     n_permutations: Annotated[int, msgspec.Meta(ge=10, le=100_000)] = 100
+    #: Where ``pytorch`` and ``keops`` compute: ``cpu`` (the default: the GPU stays the
+    #: model's), ``cuda`` (refused at start when no GPU is visible) or ``auto`` (a GPU when
+    #: one is visible). TensorFlow places its ops itself: only ``cpu`` is accepted with it.
+    device: Device = "cpu"
 
 
 class LSDDConfig(_Common, forbid_unknown_fields=True, frozen=True, kw_only=True):
     #: ``pytorch`` or ``tensorflow``; the package must be installed.
     backend: Literal["pytorch", "tensorflow"] = "pytorch"
-    #: Permutations of the permutation test.
+    #: Permutations of the permutation test (see :class:`MMDConfig`).
     n_permutations: Annotated[int, msgspec.Meta(ge=10, le=100_000)] = 100
+    #: ``cpu``, ``cuda`` or ``auto`` (see :class:`MMDConfig`).
+    device: Device = "cpu"
 
 
 class AlibiDetector(DriftDetector):
@@ -149,14 +172,18 @@ class AlibiDetector(DriftDetector):
             raise ConfigError(f"{path}.features: a column is named twice")
         backend = getattr(config, "backend", None)
         if backend is not None:
+            if backend == "tensorflow" and config.device != "cpu":
+                raise ConfigError(
+                    f"{path}.device: {config.device!r} is for the pytorch and keops backends; "
+                    "TensorFlow places its operations itself",
+                    hint="remove `device`, or use backend: pytorch",
+                )
             module = BACKENDS[backend]
             if importlib.util.find_spec(module) is None:
                 raise ConfigError(
                     f"{path}.backend: {self.kind} with backend {backend!r} needs {module!r}, "
                     "which is not installed",
-                    hint=f"pip install {'torch' if module == 'torch' else module} (not part of "
-                    "infercore's lock); or use alibi-ks, alibi-cvm, alibi-chi2 or alibi-tabular, "
-                    "which need no backend",
+                    hint=_backend_hint(backend),
                 )
         self.name = str(context.extra.get("detector_name", self.kind))
         self.features: list[str] = []
@@ -345,6 +372,27 @@ def _cd() -> Any:
     return cd
 
 
+def _device(backend: str, device: str, path: str) -> dict[str, Any]:
+    """alibi-detect's ``device`` argument: none for TensorFlow, ``None`` for ``auto``.
+
+    Raises:
+        ConfigError: ``cuda`` asked for with the pytorch backend and no GPU visible to torch.
+    """
+    if backend == "tensorflow":
+        return {}
+    if device == "auto":
+        return {"device": None}
+    if device == "cuda" and backend == "pytorch":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"{path}.device: 'cuda', but torch sees no GPU (torch {torch.__version__})",
+                hint="use device: cpu (or auto), or install a CUDA build of torch",
+            )
+    return {"device": device}
+
+
 class AlibiKS(AlibiDetector):
     """``KSDrift``: two-sample Kolmogorov-Smirnov per numeric feature, corrected."""
 
@@ -418,6 +466,7 @@ class AlibiMMD(AlibiDetector):
             backend=self.config.backend,
             p_val=self.config.p_val,
             n_permutations=self.config.n_permutations,
+            **_device(self.config.backend, self.config.device, self.context.path),
         )
 
 
@@ -436,6 +485,7 @@ class AlibiLSDD(AlibiDetector):
             backend=self.config.backend,
             p_val=self.config.p_val,
             n_permutations=self.config.n_permutations,
+            **_device(self.config.backend, self.config.device, self.context.path),
         )
 
 
