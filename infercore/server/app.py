@@ -19,7 +19,7 @@ from litestar.exceptions import HTTPException
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from litestar.openapi import OpenAPIConfig
 from litestar.params import FromPath
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from infercore.components.features import begin_request
 from infercore.errors import (
@@ -267,12 +267,13 @@ def create_app(
     @get("/v2/health/ready", tags=["health"], summary="Readiness")
     async def ready() -> Response[bytes]:
         draining = runtime.draining or (shutdown is not None and shutdown.draining)
-        if runtime.ready and not draining:
+        peers_ready = shutdown is None or shutdown.peers_ready
+        if runtime.ready and not draining and peers_ready:
             return Response(b'{"ready":true}', media_type=JSON)
         # Like every non-2xx body: `error` and `reason` (plus `ready` for probes that read it).
         if draining:
             reason, message = "shutting_down", "the server is shutting down"
-        elif not runtime.started:
+        elif not runtime.started or not peers_ready:
             reason, message = "model_not_ready", "the models are still loading"
         else:
             reason, message = "model_not_ready", "a required model is not ready"
@@ -435,7 +436,7 @@ def create_app(
         for served in runtime.models.values():
             for sv in served.versions.values():
                 sv.metrics.set_queue_depth(sv.batcher.queue_depth)
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @get("/-/plugins", tags=["ops"], summary="Installed plugins")
     async def plugins() -> list[dict[str, Any]]:
