@@ -46,7 +46,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
@@ -188,7 +188,6 @@ class _Slot:
     restart_at: float = 0.0
     #: Signals forwarded to the current process.
     signalled: int = 0
-    codes: list[int] = field(default_factory=list)
 
 
 class Supervisor:
@@ -315,7 +314,6 @@ class Supervisor:
         self._poll_ready(slot)
         self._close_ready(slot)
         slot.process = None
-        slot.codes.append(code)
         from prometheus_client import multiprocess
 
         # Live gauges (inflight, queue depth, readiness) of a dead worker no longer count.
