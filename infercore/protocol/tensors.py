@@ -189,7 +189,12 @@ def json_array(what: str, data: list[Any], datatype: str | None = None) -> Array
             )
     out_of_range = f"{what}: value out of range for {datatype or '64 bits'}"
     try:
-        if leaf is _Number and _conforms(data, _nested(int, depth)):
+        # A float first leaf rules integers out without a failed conversion (an exception).
+        if (
+            leaf is _Number
+            and not isinstance(first, float)
+            and _conforms(data, _nested(int, depth))
+        ):
             ints = _exact_ints(data)
             if ints is not None:
                 return ints
