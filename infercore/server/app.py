@@ -7,6 +7,7 @@ are decoded with msgspec straight from bytes.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 from collections.abc import AsyncIterator, Mapping
@@ -95,8 +96,13 @@ def _request_id(headers: Mapping[str, str]) -> str:
     rid = headers.get("x-request-id")
     if rid and len(rid) <= 128 and rid.isprintable():
         return rid
-    # 128 random bits, as uuid4().hex carries (122), for a fifth of its cost.
-    return os.urandom(16).hex()
+    # Unique without a system call: a random per-process prefix and a counter (32 hex digits,
+    # like uuid4().hex; a restarted or second worker process draws another prefix).
+    return f"{_RID_PREFIX}{next(_rid_counter):016x}"
+
+
+_RID_PREFIX = os.urandom(8).hex()
+_rid_counter = itertools.count()
 
 
 def _header_length(headers: Mapping[str, str]) -> int | None:
