@@ -201,3 +201,28 @@ def test_a_broken_model_stops_start_up_with_its_error(launcher: object, tmp_path
     assert "infercore: error:" in log and "models.iris.versions.1.loader" in log, log
     assert "before any worker was ready" in log
     assert "Traceback" not in log
+
+
+def test_two_workers_on_the_sidecar_unix_socket(launcher: object, tmp_path: Path) -> None:
+    sock = tmp_path / "s.sock"
+    server = launcher.start(  # type: ignore[attr-defined]
+        ["+recipe=iris", "deploy=sidecar", "server.workers=2", f"server.uds={sock}"], ready=False
+    )
+    transport = httpx.HTTPTransport(uds=str(sock))
+    deadline = time.monotonic() + e2e.READY_WAIT_S
+    with httpx.Client(transport=transport, base_url="http://localhost", timeout=5.0) as client:
+        while True:
+            assert server.process.poll() is None, server.log_text()
+            try:
+                if client.get("/v2/health/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, server.log_text()
+            time.sleep(0.1)
+        for _ in range(10):
+            assert client.post(INFER, json=BODY).status_code == 200
+        assert _requests_total(client.get("/metrics").text) == {"200": 10.0}
+    assert len(_workers(server)) == 2
+    assert launcher.stop(server) == 0, server.log_text()  # type: ignore[attr-defined]
+    assert not sock.exists(), "the socket file outlived the server"
