@@ -15,6 +15,10 @@ its own whose connections the kernel would reset; and it works for Unix sockets,
 ``SO_REUSEPORT`` does not balance. The cost: under light load one worker may take most
 connections (a busy worker is not in ``accept``, so under load the spread evens out).
 
+Readiness: the first workers listen at once (liveness answers while models load) and each
+answers ``/v2/health/ready`` 200 only once the supervisor has seen every worker ready, so a
+probe never reports a server ready while one of its workers would still answer 503.
+
 Signals: SIGTERM or SIGINT is forwarded to every worker (a second one too: the workers then stop
 at once), the supervisor closes its own copy of the socket (the last worker to close its copy
 adopts what is queued, see :mod:`infercore.server.shutdown`), waits for every worker, and exits
