@@ -115,7 +115,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         args.overrides.extend(extra)
     try:
         if args.command == "serve":
-            return _serve(args.overrides)
+            return _serve(args.overrides, debug=args.debug)
         if args.command == "config":
             if args.config_command == "show":
                 return _config_show(args.overrides)
@@ -288,34 +288,37 @@ def _no_signal_capture() -> Iterator[None]:
     yield
 
 
-def _serve(overrides: list[str]) -> int:
+def _serve(overrides: list[str], *, debug: bool = False) -> int:
     from infercore.runtime import Runtime
     from infercore.server import create_app
     from infercore.server.logs import configure
     from infercore.server.shutdown import ShutdownMiddleware, ShutdownState
+    from infercore.server.workers import check_config, supervise, worker_context, worker_count
 
     composed = _compose(overrides)
     cfg = composed.config.server
     configure(cfg.log_level, cfg.log_format, cfg.log_stream)
-    if cfg.workers != 1:
-        raise ConfigError(
-            f"server.workers: {cfg.workers} is not supported yet; use 1 and run more "
-            "processes behind a load balancer"
-        )
-    if cfg.uds is not None:
+    worker = worker_context()  # set when a supervisor started this process
+    workers = worker_count(cfg.workers)
+    check_config(composed.config, workers)
+    if worker is None and cfg.uds is not None:
         _check_uds(cfg.uds)
-    runtime = Runtime(composed)
+    runtime = Runtime(composed)  # validates every component before anything listens
+    if worker is None and workers > 1:
+        del runtime
+        return supervise(composed.config, overrides, workers, debug=debug)
     from infercore.server.admin import AdminListener
 
     admin = AdminListener.from_runtime(runtime)  # None unless admin.enabled; checks the token
     state = ShutdownState()
     app = ShutdownMiddleware(create_app(runtime, manage_runtime=False, shutdown=state), state)
     deploy = composed.choices.get("deploy", "")
+    serve = _serve_async(app, runtime, composed.label, state, deploy, admin, worker)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop ships with uvicorn[standard]
-        return asyncio.run(_serve_async(app, runtime, composed.label, state, deploy, admin))
-    return uvloop.run(_serve_async(app, runtime, composed.label, state, deploy, admin))
+        return asyncio.run(serve)
+    return uvloop.run(serve)
 
 
 #: Longest Unix socket path the kernel accepts (sun_path is 108 bytes on Linux).
@@ -365,7 +368,13 @@ def _check_uds(path: str) -> None:
 
 
 async def _serve_async(
-    app: Any, runtime: Any, label: str, state: Any = None, deploy: str = "", admin: Any = None
+    app: Any,
+    runtime: Any,
+    label: str,
+    state: Any = None,
+    deploy: str = "",
+    admin: Any = None,
+    worker: Any = None,
 ) -> int:
     import math
 
@@ -405,14 +414,29 @@ async def _serve_async(
     if cfg.uds is not None:
         where = f"unix:{cfg.uds}"
     else:
-        if cfg.host in ("0.0.0.0", "::") and deploy != "k8s":
+        if cfg.host in ("0.0.0.0", "::") and deploy != "k8s" and worker is None:
             log.warning("listening on all interfaces (%s); is that intended?", cfg.host)
         where = f"http://{cfg.host}:{cfg.port}"
-    log.info("starting %s on %s", label or "infercore", where)
+    sockets = None
+    if worker is None:
+        log.info("starting %s on %s", label or "infercore", where)
+    else:
+        # The supervisor's socket (infercore.server.workers); the supervisor removes a Unix
+        # socket's file at exit.
+        sockets = [worker.listener()]
+        log.info("worker %d (pid %d) starting %s", worker.index, os.getpid(), label or "infercore")
+        watch = asyncio.create_task(_watch_supervisor(worker, shutdown))
+        state.peers_ready = False
+        worker.watch_peers(loop, lambda: setattr(state, "peers_ready", True))
     if admin is not None:
         await admin.start()  # the admin listener (infercore.server.admin), its own server
-    serve_task = asyncio.create_task(_run_uvicorn(server))
     start_task = asyncio.create_task(runtime.start())
+    if worker is not None and worker.defer_listen:
+        # A restarted worker beside serving ones: it takes connections once it can answer them.
+        await asyncio.wait({start_task})
+        if start_task.exception() is not None or state.draining:
+            sockets = []  # nothing to serve: never accept a connection only to drop it
+    serve_task = asyncio.create_task(_run_uvicorn(server, sockets))
     done, _ = await asyncio.wait({serve_task, start_task}, return_when=asyncio.FIRST_COMPLETED)
     code = 0
     if start_task in done:
@@ -425,6 +449,8 @@ async def _serve_async(
             log.info(
                 "ready: %s", ", ".join(f"{m.name}@{m.primary}" for m in runtime.models.values())
             )
+            if worker is not None:
+                worker.report_ready()
     else:
         start_task.cancel()
     serve_code = await serve_task
@@ -443,21 +469,33 @@ async def _serve_async(
     except TimeoutError:
         log.error("components did not stop within %.1fs", left)
         code = code or EXIT_FAILURE
-    if cfg.uds is not None and server.started:
+    if cfg.uds is not None and server.started and worker is None:
         with contextlib.suppress(OSError):
             os.unlink(cfg.uds)
+    if worker is not None:
+        watch.cancel()
     if code == 0 and state.signals:
         log.info("stopped")
     return code
 
 
-async def _run_uvicorn(server: Any) -> int:
+async def _watch_supervisor(worker: Any, shutdown: Any) -> None:
+    """A worker whose supervisor died (SIGKILL, OOM) stops as if it got SIGTERM."""
+    import signal
+
+    while not worker.orphaned():
+        await asyncio.sleep(1.0)
+    log.warning("worker %d: the supervisor is gone; stopping", worker.index)
+    shutdown.on_signal(signal.SIGTERM)
+
+
+async def _run_uvicorn(server: Any, sockets: list[Any] | None = None) -> int:
     """``server.serve()``, with uvicorn's ``sys.exit`` on a failed bind turned into a code.
 
     A ``SystemExit`` escaping a task would tear through the event loop and skip the shutdown.
     """
     try:
-        await server.serve()
+        await server.serve(sockets=sockets)
     except SystemExit as exc:
         return int(exc.code or EXIT_FAILURE)
     return 0

@@ -2,11 +2,28 @@
 
 Label children are bound once per model version at start-up (:class:`VersionMetrics`), so the
 request path only calls ``observe``/``inc`` on prepared objects.
+
+Under ``server.workers`` > 1 (:mod:`infercore.server.workers`) every worker writes its samples
+into the supervisor's ``PROMETHEUS_MULTIPROC_DIR`` and :meth:`Metrics.exposition` answers with
+the totals of all workers: counters and histograms add up (a dead worker's counts stay);
+gauges follow their ``multiprocess_mode``: ``livesum`` for what is in progress (in-flight
+requests, queue depth), ``livemin`` for readiness (1 only when every live worker is ready),
+``mostrecent`` for state set by a decision (stages, weights, drift verdicts). With one worker
+the registry is the plain in-process one.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+import os
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 
 # The *_created series double every counter and histogram for no use in dashboards.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -34,11 +51,23 @@ _LABELS = ("model", "version")
 _DRIFT_LABELS = ("model", "detector", "feature")
 
 
+#: Set by the supervisor of several workers (``infercore.server.workers``) for each worker.
+_WORKER_ENV = "INFERCORE_WORKER"
+
+
+def multiprocess_dir() -> str | None:
+    """The folder every worker's samples go to, when this process is one of several workers."""
+    if not os.environ.get(_WORKER_ENV):
+        return None
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
 class Metrics:
     """Every metric family of one app."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
+        self._exposed: CollectorRegistry | None = None
         r = self.registry
         self.request_duration = Histogram(
             "infercore_request_duration_seconds",
@@ -84,6 +113,7 @@ class Metrics:
             "infercore_queue_depth",
             "Requests waiting in the batcher queue.",
             _LABELS,
+            multiprocess_mode="livesum",
             registry=r,
         )
         self.batch_wait_target = Gauge(
@@ -96,12 +126,14 @@ class Metrics:
             "infercore_inflight_requests",
             "Inference requests being processed.",
             _LABELS,
+            multiprocess_mode="livesum",
             registry=r,
         )
         self.model_ready = Gauge(
             "infercore_model_ready",
             "1 when the model version is loaded, warmed and serving.",
             _LABELS,
+            multiprocess_mode="livemin",
             registry=r,
         )
         self.model_load_failures = Counter(
@@ -116,18 +148,21 @@ class Metrics:
             "infercore_drift_score",
             "Latest drift test statistic per detector and feature column.",
             _DRIFT_LABELS,
+            multiprocess_mode="mostrecent",
             registry=r,
         )
         self.drift_p_value = Gauge(
             "infercore_drift_p_value",
             "Latest drift test p-value per detector and feature column (tests that have one).",
             _DRIFT_LABELS,
+            multiprocess_mode="mostrecent",
             registry=r,
         )
         self.drift_detected = Gauge(
             "infercore_drift_detected",
             '1 when the latest window drifted (feature="*": the detector\'s overall verdict).',
             _DRIFT_LABELS,
+            multiprocess_mode="mostrecent",
             registry=r,
         )
         self.drift_samples_dropped = Counter(
@@ -152,6 +187,7 @@ class Metrics:
             "infercore_drift_last_run_timestamp_seconds",
             "Unix time of a drift detector's latest completed run.",
             ("model", "detector"),
+            multiprocess_mode="max",
             registry=r,
         )
         self.drift_actions = Counter(
@@ -200,12 +236,14 @@ class Metrics:
             "infercore_model_stage",
             "1 for the stage each version is in (candidate, shadow, canary, primary, retired).",
             (*_LABELS, "stage"),
+            multiprocess_mode="mostrecent",
             registry=r,
         )
         self.canary_weight = Gauge(
             "infercore_canary_weight",
             "Share of routed traffic (percent) a canary version is set to take.",
             _LABELS,
+            multiprocess_mode="mostrecent",
             registry=r,
         )
         self.guard_trips = Counter(
@@ -218,8 +256,23 @@ class Metrics:
             "infercore_approvals_pending",
             "Rollout steps waiting for a person's approval.",
             ("model",),
+            multiprocess_mode="mostrecent",
             registry=r,
         )
+
+    def exposition(self) -> bytes:
+        """``/metrics`` in the Prometheus text format: this process's registry, or the totals
+        of every worker when there are several."""
+        if self._exposed is None:
+            path = multiprocess_dir()
+            if path is None:
+                self._exposed = self.registry
+            else:
+                from prometheus_client import multiprocess
+
+                self._exposed = CollectorRegistry()
+                multiprocess.MultiProcessCollector(self._exposed, path=path)  # type: ignore[no-untyped-call]
+        return generate_latest(self._exposed)
 
     def version(self, model: str, version: str) -> VersionMetrics:
         return VersionMetrics(self, model, version)

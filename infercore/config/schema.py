@@ -35,7 +35,10 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     port: int = msgspec.field(default=8080)
     #: Serve on this Unix domain socket instead of host:port (deploy=sidecar sets one).
     uds: str | None = None
-    workers: int = 1
+    #: Server processes sharing the listener (``auto``: one per CPU this process may use).
+    #: Above 1, a supervisor starts them (``infercore.server.workers``); metrics add up
+    #: across them; the admin API needs 1.
+    workers: Annotated[int, msgspec.Meta(ge=1, le=256)] | Literal["auto"] = 1
     #: Largest request body read, in bytes; larger bodies get 413 before being read whole.
     max_body_bytes: int = 8 * 1024 * 1024
     #: Most rows (first-dimension entries) one request may carry.

@@ -90,11 +90,24 @@ def coerce(name: str, arr: Array, datatype: str) -> Array:
                     f"input {name!r}: value out of range for {datatype} ({lo}..{hi})"
                 )
         return arr.astype(target, copy=False)
+    if arr.dtype == target:
+        return arr
+    if arr.size:
+        # Finite and within the target's range (NaN fails both comparisons): the cast can
+        # neither overflow nor warn, so it needs no errstate (a tenth of a small request).
+        bound = _float_max(target)
+        if -bound <= arr.min() and arr.max() <= bound:
+            return arr.astype(target)
     with np.errstate(over="ignore", invalid="ignore"):
         out = arr.astype(target, copy=False)
     if out is not arr and out.size and not np.all(np.isfinite(out) | ~np.isfinite(arr)):
         raise InvalidInput(f"input {name!r}: value out of range for {datatype}")
     return out
+
+
+@functools.lru_cache(maxsize=8)
+def _float_max(dtype: np.dtype[Any]) -> float:
+    return float(np.finfo(dtype).max)
 
 
 def _describe(arr: Array) -> str:
@@ -176,7 +189,12 @@ def json_array(what: str, data: list[Any], datatype: str | None = None) -> Array
             )
     out_of_range = f"{what}: value out of range for {datatype or '64 bits'}"
     try:
-        if leaf is _Number and _conforms(data, _nested(int, depth)):
+        # A float first leaf rules integers out without a failed conversion (an exception).
+        if (
+            leaf is _Number
+            and not isinstance(first, float)
+            and _conforms(data, _nested(int, depth))
+        ):
             ints = _exact_ints(data)
             if ints is not None:
                 return ints

@@ -97,5 +97,14 @@ def encode(outputs: dict[str, Array], rows: int) -> bytes:
         arr = outputs[names[0]]
         preds = arr.tolist() if arr.dtype != object else [_row_value(arr, i) for i in range(rows)]
     else:
-        preds = [{n: _row_value(outputs[n], i) for n in names} for i in range(rows)]
+        # One tolist() per output, not one numpy scalar per row and output: the same values.
+        columns = {n: _column_values(outputs[n], rows) for n in names}
+        preds = [{n: columns[n][i] for n in names} for i in range(rows)]
     return _encoder.encode({"predictions": preds})
+
+
+def _column_values(arr: Array, rows: int) -> list[Any]:
+    if arr.dtype != object and arr.ndim >= 1:
+        values: list[Any] = arr.tolist()
+        return values
+    return [_row_value(arr, i) for i in range(rows)]

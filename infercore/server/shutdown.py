@@ -54,11 +54,14 @@ ASGIApp = Callable[..., Awaitable[None]]
 class ShutdownState:
     """Where the shutdown sequence is; read by the app (readiness, late arrivals)."""
 
-    __slots__ = ("phase", "signals")
+    __slots__ = ("peers_ready", "phase", "signals")
 
     def __init__(self) -> None:
         self.phase = SERVING
         self.signals = 0
+        #: False while other worker processes of the same server still load their models
+        #: (``server.workers`` > 1): readiness waits for the whole server.
+        self.peers_ready = True
 
     @property
     def draining(self) -> bool:

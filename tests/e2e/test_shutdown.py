@@ -116,10 +116,13 @@ def _await_ready_503(url: str, within_s: float) -> tuple[float, httpx.Response]:
             time.sleep(0.01)
 
 
-def test_sigterm_under_keep_alive_load_loses_nothing(launcher: object) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_under_keep_alive_load_loses_nothing(launcher: object, workers: int) -> None:
+    # workers=2: the supervisor forwards the signal; each worker runs the same sequence.
     server = launcher.start(  # type: ignore[attr-defined]
         [
             "+recipe=iris",
+            f"server.workers={workers}",
             "batching.max_batch_size=8",
             "batching.max_queue_delay_ms=15",  # requests wait in the queue: queued work exists
             f"server.drain_delay_s={DRAIN_S}",

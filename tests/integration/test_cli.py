@@ -407,9 +407,17 @@ def test_serve_iris_becomes_ready_and_stops_on_sigterm(
             proc.wait(timeout=10)
 
 
-def test_serve_refuses_an_unsupported_worker_count() -> None:
-    line = _assert_one_config_error(run("serve", "+recipe=iris", "server.workers=2"))
+def test_serve_refuses_an_invalid_worker_count() -> None:
+    line = _assert_one_config_error(run("serve", "+recipe=iris", "server.workers=0"))
     assert "server.workers" in line
+
+
+def test_serve_refuses_the_admin_api_with_several_workers() -> None:
+    # Each worker would keep its own versions and stages: an admin call would change one.
+    line = _assert_one_config_error(
+        run("serve", "+recipe=iris", "server.workers=2", "admin.enabled=true")
+    )
+    assert "server.workers" in line and "admin.enabled" in line
 
 
 def test_serve_on_a_port_in_use_exits_with_one_clear_line() -> None:
