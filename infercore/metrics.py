@@ -121,6 +121,8 @@ class Metrics:
             "The adaptive batcher's current wait budget for a batch to fill.",
             _LABELS,
             registry=r,
+            # Each worker adapts its own wait: the largest live one bounds the added latency.
+            multiprocess_mode="livemax",
         )
         self.inflight = Gauge(
             "infercore_inflight_requests",
