@@ -89,7 +89,7 @@ def test_builtins_are_present_with_their_kinds() -> None:
     assert set(registry.kinds("router")) >= {"single"}
     assert set(registry.kinds("feature_source")) >= {"request"}
     by_plugin = registry.kinds_by_plugin()
-    assert set(by_plugin["builtins.batchers"]["batcher"]) == {"none", "dynamic"}
+    assert set(by_plugin["builtins.batchers"]["batcher"]) == {"none", "dynamic", "adaptive"}
     assert "single" in by_plugin["builtins.routers"]["router"]
 
 
@@ -118,7 +118,7 @@ def test_disable_removes_a_plugin_and_its_kinds(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_disable_takes_a_comma_separated_list(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("INFERCORE_DISABLE_PLUGINS", " sklearn , onnx , lightgbm,")
+    monkeypatch.setenv("INFERCORE_DISABLE_PLUGINS", " sklearn , onnx , lightgbm, torch,")
     assert _kinds("model_loader") == set()
 
 
@@ -147,7 +147,8 @@ def test_disable_wins_over_load(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_a_builtin_is_disabled_by_its_name(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("INFERCORE_DISABLE_PLUGINS", "builtins.batchers")
+    # infercore-torch adds a batcher of its own (torch-gpu): disabled too.
+    monkeypatch.setenv("INFERCORE_DISABLE_PLUGINS", "builtins.batchers,torch")
     pm, infos = make_plugin_manager()
     assert "builtins.batchers" not in infos
     assert Registry(pm).kinds("batcher") == {}

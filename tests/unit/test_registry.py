@@ -215,7 +215,8 @@ def test_resolve_unknown_kind_lists_the_available_kinds(registry: Registry) -> N
 
 
 def test_resolve_unknown_kind_when_none_is_installed(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("INFERCORE_DISABLE_PLUGINS", "builtins.batchers")
+    # infercore-torch adds a batcher of its own (torch-gpu): disabled too.
+    monkeypatch.setenv("INFERCORE_DISABLE_PLUGINS", "builtins.batchers,torch")
     registry = _registry()
     with pytest.raises(ConfigError, match=r"unknown batcher 'none'.*none installed"):
         registry.resolve("batcher", {"kind": "none"}, path="batching")

@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 import pytest
-from conftest import run
+from feast_test_support import run
 
 from infercore.errors import ConfigError
 from infercore.plugin_manager import make_plugin_manager

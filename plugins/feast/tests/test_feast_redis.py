@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import card, latest, make_source, run
+from feast_test_support import card, latest, make_source, run
 
 from infercore.errors import PluginError
 

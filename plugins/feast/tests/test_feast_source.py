@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import (
+from feast_test_support import (
     CARDS,
     NULL_CARD,
     ReadSpy,
@@ -623,7 +623,7 @@ def test_state_files_may_live_outside_the_model_root(model_root: Path, tmp_path:
 
 
 def _input(index: int, **changes: Any) -> list[dict[str, Any]]:
-    from conftest import INPUTS
+    from feast_test_support import INPUTS
 
     inputs = [dict(i) for i in INPUTS]
     inputs[index].update(changes)

@@ -1,0 +1,160 @@
+"""Fixtures: a copy of the fraud recipe's feature repo over a tiny card table, in tmp_path."""
+# (A module with its own name: every test folder of the workspace has a conftest.py, so
+# ``from conftest import`` would find whichever conftest was imported last.)
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pandas as pd
+import pytest
+
+from infercore.components import ComponentContext
+from infercore.config.validation import convert
+from infercore_feast import FeastFeatureSource, FeastSourceConfig
+
+T = TypeVar("T")
+
+REPO_SRC = Path(__file__).resolve().parents[3] / "recipes" / "fraud" / "feature_repo"
+CARDS = 20
+NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
+
+#: The model's inputs, in its order: one from the request, four from Feast.
+INPUTS: list[dict[str, Any]] = [
+    {"name": "amount", "source": "request", "datatype": "FP32"},
+    {
+        "name": "txn_count_24h",
+        "source": "feast",
+        "feature": "card_features:txn_count_24h",
+        "datatype": "INT64",
+        "default": -1,
+    },
+    {
+        "name": "amount_sum_24h",
+        "source": "feast",
+        "feature": "card_features:amount_sum_24h",
+        "datatype": "FP32",
+        "default": -2.0,
+    },
+    {
+        "name": "cross_border_ratio_7d",
+        "source": "feast",
+        "feature": "card_features:cross_border_ratio_7d",
+        "datatype": "FP64",
+        "default": -3.0,
+    },
+    {
+        "name": "txn_count_7d",
+        "source": "feast",
+        "feature": "card_features:txn_count_7d",
+        "datatype": "INT64",
+        "default": -4,
+    },
+]
+NULL_CARD = f"c_{CARDS - 1:06d}"  # its txn_count_7d is null in the table
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Emitted by pydantic when feast is imported (feast 0.49's SqliteOnlineStoreConfig); noise.
+    config.addinivalue_line("filterwarnings", 'ignore:Field name "vector_enabled":UserWarning')
+
+
+def card(i: int) -> str:
+    return f"c_{i:06d}"
+
+
+def latest(i: int) -> dict[str, Any]:
+    """The newest row of card ``i`` (what the online store must serve)."""
+    return {
+        "txn_count_1h": i,
+        "txn_count_24h": 10 + i,
+        "txn_count_7d": None if card(i) == NULL_CARD else 100 + i,
+        "amount_sum_24h": 1.5 * i,
+        "amount_avg_7d": 0.25 * i,
+        "amount_max_7d": 2.0 * i,
+        "distinct_countries_7d": i % 3,
+        "night_ratio_7d": i / 64,
+        "cross_border_ratio_7d": i / 32,
+    }
+
+
+def card_table() -> pd.DataFrame:
+    """Two snapshots per card; the older one's values are off by 1000 to catch stale reads."""
+    rows = []
+    for i in range(CARDS):
+        for age_days, offset in ((2, 1000), (1, 0)):
+            ts = NOW - timedelta(days=age_days, minutes=i)
+            values = {k: (None if v is None else v + offset) for k, v in latest(i).items()}
+            rows.append(
+                {"card_id": card(i), "event_timestamp": ts, "created_timestamp": ts, **values}
+            )
+    df = pd.DataFrame(rows)
+    for col in ("txn_count_1h", "txn_count_24h", "txn_count_7d", "distinct_countries_7d"):
+        df[col] = df[col].astype("Int64")
+    return df
+
+
+@pytest.fixture
+def model_root(tmp_path: Path) -> Path:
+    """``<tmp>/models`` holding ``fraud/feature_repo`` (the shipped definitions) and
+    ``fraud/data/card_features.parquet`` (a tiny table with the generator's schema)."""
+    root = tmp_path / "models"
+    shutil.copytree(
+        REPO_SRC,
+        root / "fraud" / "feature_repo",
+        ignore=shutil.ignore_patterns("data", "__pycache__"),
+    )
+    (root / "fraud" / "data").mkdir(parents=True)
+    card_table().to_parquet(root / "fraud" / "data" / "card_features.parquet")
+    return root
+
+
+def make_source(
+    model_root: Path, extra: dict[str, Any] | None = None, **options: Any
+) -> FeastFeatureSource:
+    node: dict[str, Any] = {
+        "repo": "fraud/feature_repo",
+        "project": "fraud",
+        "entity": {"field": "card_id", "join_key": "card_id"},
+        "inputs": INPUTS,
+        **options,
+    }
+    cfg = convert(node, FeastSourceConfig, path="features")
+    ctx = ComponentContext("features", model_root, model_name="fraud", extra=extra or {})
+    return FeastFeatureSource(cfg, ctx)
+
+
+def run(coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
+    """asyncio.run with a bound, so a hang fails the test instead of stalling the suite."""
+
+    async def bounded() -> T:
+        return await asyncio.wait_for(coro, timeout)
+
+    return asyncio.run(bounded())
+
+
+def sample(source: FeastFeatureSource, name: str, **labels: str) -> float:
+    value = source.metrics_registry.get_sample_value(name, {"model": "fraud", **labels})
+    return 0.0 if value is None else value
+
+
+class ReadSpy:
+    """Wraps ``store.get_online_features``: records each call's keys; can fail or block."""
+
+    def __init__(self, store: Any, join_key: str = "card_id") -> None:
+        self.real = store.get_online_features
+        self.join_key = join_key
+        self.calls: list[list[str]] = []
+        self.behaviour: Callable[[], None] | None = None
+        store.get_online_features = self
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls.append(list(kwargs["entity_rows"][self.join_key]))
+        if self.behaviour is not None:
+            self.behaviour()
+        return self.real(*args, **kwargs)
