@@ -10,9 +10,9 @@ import asyncio
 import itertools
 import logging
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from litestar import Litestar, Request, Response, get, post
@@ -35,7 +35,7 @@ from infercore.errors import (
 from infercore.metrics import ResponseCounters, VersionMetrics
 from infercore.protocol import v1, v2
 from infercore.runtime import Runtime, ServedModel, ServedVersion
-from infercore.server.errors import EXCEPTION_HANDLERS, from_infercore_error
+from infercore.server.errors import EXCEPTION_HANDLERS, error_body
 
 if TYPE_CHECKING:
     from infercore.server.shutdown import ShutdownState
@@ -47,21 +47,79 @@ _ALLOWED_TYPES = ("application/json", "application/octet-stream")
 
 
 class _Answer:
-    """A 200 inference response as its two ASGI messages, built with nothing in between.
+    """An inference response as its two ASGI messages, built with nothing in between.
 
     The same messages Litestar's ``ASGIResponse`` sends (the handler's headers, then
     content-type and content-length), at a tenth of its cost on this path.
     """
 
-    __slots__ = ("body", "headers")
+    __slots__ = ("body", "headers", "status")
 
-    def __init__(self, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    def __init__(self, body: bytes, headers: list[tuple[bytes, bytes]], status: int = 200) -> None:
         self.body = body
         self.headers = headers
+        self.status = status
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": self.headers})
+        await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
         await send({"type": "http.response.body", "body": self.body, "more_body": False})
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its request body arrived."""
+
+
+class InferenceApp(Litestar):
+    """The Litestar app, with inference requests answered before Litestar's routing.
+
+    ``POST`` to the inference routes (V2 ``…/infer``, V1 ``…:predict``) goes straight to the
+    request path: the work is the same as in the routes' handlers (which stay, for the
+    OpenAPI schema and for anything the fast path declines), without the framework's
+    per-request routing, ``Request`` and header objects, which cost about as much CPU as
+    infercore's own request path (benchmarks/README.md). Everything else is Litestar's.
+    """
+
+    #: ``(scope, receive, send) -> handled``; set by :func:`create_app`.
+    inference_fast_path: Callable[[Scope, Receive, Send], Awaitable[bool]] | None = None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        fast = self.inference_fast_path
+        if (
+            fast is not None
+            and scope["type"] == "http"
+            and scope["method"] == "POST"
+            and await fast(scope, receive, send)
+        ):
+            return
+        await super().__call__(scope, receive, send)
+
+
+def _inference_target(path: str) -> tuple[str, str | None, str] | None:
+    """``(model, version, protocol)`` of an inference path, or ``None`` (Litestar routes it).
+
+    Only the shapes the inference routes match, with non-empty segments; anything else (an
+    unknown V1 verb, empty names, extra segments) is left to the routes' own handling.
+    """
+    if path.startswith("/v2/models/") and path.endswith("/infer"):
+        parts = path[11:-6].split("/")
+        if len(parts) == 1 and parts[0]:
+            return parts[0], None, "v2"
+        if len(parts) == 3 and parts[1] == "versions" and parts[0] and parts[2]:
+            return parts[0], parts[2], "v2"
+        return None
+    if path.startswith("/v1/models/") and path.endswith(":predict"):
+        parts = path[11:-8].split("/")
+        if len(parts) == 1 and parts[0] and ":" not in parts[0]:
+            return parts[0], None, "v1"
+        if (
+            len(parts) == 3
+            and parts[1] == "versions"
+            and parts[0]
+            and parts[2]
+            and ":" not in parts[2]
+        ):
+            return parts[0], parts[2], "v1"
+    return None
 
 
 _JSON_TYPE = (b"content-type", JSON.encode())
@@ -116,7 +174,11 @@ def _header_length(headers: Mapping[str, str]) -> int | None:
 
 
 def create_app(
-    runtime: Runtime, *, manage_runtime: bool = True, shutdown: ShutdownState | None = None
+    runtime: Runtime,
+    *,
+    manage_runtime: bool = True,
+    shutdown: ShutdownState | None = None,
+    fast_path: bool = True,
 ) -> Litestar:
     """Build the inference app around a runtime.
 
@@ -128,6 +190,8 @@ def create_app(
         shutdown: The CLI's shutdown sequence (:mod:`infercore.server.shutdown`): once a
             signal came readiness is false; once the listener closes, an inference request
             that arrives is answered 503 shutting_down.
+        fast_path: Answer inference requests before Litestar's routing (:class:`InferenceApp`);
+            ``False`` sends them through the routes' handlers (same answers, more CPU).
     """
     cfg = runtime.config.server
     metrics = runtime.metrics
@@ -152,7 +216,7 @@ def create_app(
         version: str | None,
         rid: str,
         vm: VersionMetrics | None = None,
-    ) -> ASGIApp:
+    ) -> _Answer:
         """The error response of an inference request, counted once by code and reason."""
         counters: ResponseCounters | None = vm
         if counters is None:
@@ -172,22 +236,33 @@ def create_app(
                 exc,
                 extra={"request_id": rid, "model": model_name, "reason": exc.reason},
             )
-        response = from_infercore_error(exc)
-        response.headers["x-request-id"] = rid
-        # Handlers are annotated ASGIApp (their success path answers an ASGIResponse); Litestar
-        # still turns a Response they return into one.
-        return cast("ASGIApp", response)
+        body = error_body(exc)
+        headers = [(b"x-request-id", rid.encode("latin-1"))]
+        headers.extend(
+            (name.lower().encode("latin-1"), value.encode("latin-1"))
+            for name, value in exc.headers.items()
+        )
+        headers.append(_JSON_TYPE)
+        headers.append((b"content-length", b"%d" % len(body)))
+        return _Answer(body, headers, exc.status_code)
+
+    def too_large() -> BodyTooLarge:
+        return BodyTooLarge(
+            f"the request body is larger than {cfg.max_body_bytes} bytes",
+            hint="send less per request (server.max_body_bytes)",
+        )
 
     async def run_request(
-        request: Request[Any, Any, Any],
+        headers: Mapping[str, str],
+        read_body: Callable[[], Awaitable[bytes]],
         model_name: str,
         version: str | None,
         protocol: str,
-    ) -> ASGIApp:
+    ) -> _Answer | None:
+        """One inference request, answered (``None``: the client went before its body came)."""
         loop = asyncio.get_running_loop()
         start = loop.time()
         deadline = start + timeout_s
-        headers = request.headers
         rid = _request_id(headers)
         vm: VersionMetrics | None = None
         sv: ServedVersion | None = None
@@ -199,13 +274,10 @@ def create_app(
             header_length = _header_length(headers) if protocol == "v2" else None
             _content_type_ok(headers, header_length is not None)
             try:
-                body = await request.body()
+                body = await read_body()
             except RequestEntityTooLarge:
                 # Raised here (not by the framework) so that the rejection is counted.
-                raise BodyTooLarge(
-                    f"the request body is larger than {cfg.max_body_bytes} bytes",
-                    hint="send less per request (server.max_body_bytes)",
-                ) from None
+                raise too_large() from None
             if protocol == "v2":
                 decoded = v2.decode(body, header_length, max_elements=max_elements)
                 sv = served.pick(version, headers, decoded.id or rid, decoded.tensors)
@@ -277,6 +349,9 @@ def create_app(
             return _Answer(content, resp_headers)
         except InfercoreError as exc:
             return reject(exc, model_name, version, rid, vm)
+        except _ClientGone:
+            (vm or failure_metrics("", "")).count_failure("cancelled")
+            return None
         except asyncio.CancelledError:
             # The client went away: counted, never answered (nobody is listening).
             (vm or failure_metrics("", "")).count_failure("cancelled")
@@ -293,6 +368,49 @@ def create_app(
                 exc_info=log.isEnabledFor(logging.DEBUG),
             )
             return reject(InfercoreError("internal error"), model_name, version, rid, vm)
+
+    async def via_litestar(
+        request: Request[Any, Any, Any], model_name: str, version: str | None, protocol: str
+    ) -> ASGIApp:
+        answer = await run_request(request.headers, request.body, model_name, version, protocol)
+        if answer is None:  # only the fast path's body reader reports a client that went
+            raise RuntimeError("no answer")
+        return answer
+
+    max_body = cfg.max_body_bytes
+
+    async def answer_fast(scope: Scope, receive: Receive, send: Send) -> bool:
+        """The inference routes without Litestar's routing (see :class:`InferenceApp`)."""
+        target = _inference_target(scope["path"])
+        if target is None or scope.get("root_path"):
+            return False
+        # ASGI header names are lower-case bytes; the first of repeated headers counts.
+        headers: dict[str, str] = {}
+        for k, v in scope["headers"]:
+            headers.setdefault(k.decode("latin-1"), v.decode("latin-1"))
+
+        async def read_body() -> bytes:
+            declared = headers.get("content-length")
+            if declared is not None and declared.isdigit() and int(declared) > max_body:
+                raise too_large()
+            chunks: list[bytes] = []
+            size = 0
+            while True:
+                message: Any = await receive()
+                if message["type"] == "http.disconnect":
+                    raise _ClientGone
+                chunk: bytes = message.get("body", b"")
+                size += len(chunk)
+                if size > max_body:
+                    raise too_large()
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+        answer = await run_request(headers, read_body, *target)
+        if answer is not None:
+            await answer(scope, receive, send)
+        return True
 
     # --- health -------------------------------------------------------------------------
     @get("/v2/health/live", tags=["health"], summary="Liveness")
@@ -403,7 +521,7 @@ def create_app(
         status_code=200,
     )
     async def infer(request: Request[Any, Any, Any], model_name: FromPath[str]) -> ASGIApp:
-        return await run_request(request, model_name, None, "v2")
+        return await via_litestar(request, model_name, None, "v2")
 
     @post(
         "/v2/models/{model_name:str}/versions/{version:str}/infer",
@@ -414,7 +532,7 @@ def create_app(
     async def infer_version(
         request: Request[Any, Any, Any], model_name: FromPath[str], version: FromPath[str]
     ) -> ASGIApp:
-        return await run_request(request, model_name, version, "v2")
+        return await via_litestar(request, model_name, version, "v2")
 
     @post(
         "/v1/models/{target:str}",
@@ -431,7 +549,7 @@ def create_app(
                 None,
                 _request_id(request.headers),
             )
-        return await run_request(request, name, None, "v1")
+        return await via_litestar(request, name, None, "v1")
 
     @post(
         "/v1/models/{model_name:str}/versions/{target:str}",
@@ -453,7 +571,7 @@ def create_app(
                 version,
                 _request_id(request.headers),
             )
-        return await run_request(request, model_name, version, "v1")
+        return await via_litestar(request, model_name, version, "v1")
 
     @get("/v1/models/{model_name:str}", tags=["v1"], summary="V1 model status")
     async def v1_status(model_name: FromPath[str]) -> dict[str, Any]:
@@ -518,7 +636,7 @@ def create_app(
 
     from infercore import __version__
 
-    return Litestar(
+    app = InferenceApp(
         route_handlers=handlers,
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=cfg.max_body_bytes,
@@ -533,3 +651,6 @@ def create_app(
         debug=False,
         logging_config=None,
     )
+    if fast_path:
+        app.inference_fast_path = answer_fast
+    return app

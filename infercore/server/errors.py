@@ -43,18 +43,27 @@ def error_response(
     )
 
 
-def from_infercore_error(exc: InfercoreError) -> Response[bytes]:
-    status = exc.status_code
-    if status >= 500 and exc.reason in ("backend_error", "internal", "model_load_failed"):
+def public_message(exc: InfercoreError) -> str:
+    """What the client is told: the error's own message, or a generic one for server faults."""
+    if exc.status_code >= 500 and exc.reason in ("backend_error", "internal", "model_load_failed"):
         # The detail may name files or internals: log it, send a generic message.
-        message = (
+        return (
             "the model failed to process the request"
             if exc.reason == "backend_error"
             else "internal error"
         )
-    else:
-        message = str(exc)
-    return error_response(status, exc.reason, message, dict(exc.headers) or None)
+    return str(exc)
+
+
+def error_body(exc: InfercoreError) -> bytes:
+    """The JSON body of an error response: ``{"error": ..., "reason": ...}``."""
+    return _encoder.encode({"error": public_message(exc), "reason": exc.reason})
+
+
+def from_infercore_error(exc: InfercoreError) -> Response[bytes]:
+    return error_response(
+        exc.status_code, exc.reason, public_message(exc), dict(exc.headers) or None
+    )
 
 
 def handle_infercore_error(request: Request[Any, Any, Any], exc: InfercoreError) -> Response[bytes]:
