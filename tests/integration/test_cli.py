@@ -111,9 +111,9 @@ def test_config_show_prints_the_composed_config_with_defaults(iris_artifact: Pat
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("# composed: ")
     assert "recipe=iris" in result.stdout.splitlines()[0]
-    assert "kind: dynamic" in result.stdout
+    assert "kind: adaptive" in result.stdout
     data = yaml.safe_load(result.stdout)
-    assert data["batching"]["kind"] == "dynamic"
+    assert data["batching"]["kind"] == "adaptive"
     assert data["batching"]["max_concurrent_batches"] == 1  # a default the YAML does not set
     assert data["batching"]["max_batch_size"] == 32
     loader = data["models"]["iris"]["versions"]["1"]["loader"]
