@@ -399,7 +399,7 @@ def test_batching_under_concurrency_with_a_fill_window(
     offline: tuple[np.ndarray, np.ndarray],
 ) -> None:
     """With a 50 ms fill window, concurrent requests share model calls (batch size > 1)."""
-    server = launcher.start(["+recipe=iris", "batching.max_queue_delay_ms=50"])
+    server = launcher.start(["+recipe=iris", "batching=dynamic", "batching.max_queue_delay_ms=50"])
     results = _run_mixed_load(server.url, iris_rows, n_requests=96, threads=16, bad_every=0, seed=2)
     ok, rows, _ = _check_load_results(results, offline)
     with httpx.Client(base_url=server.url) as c:

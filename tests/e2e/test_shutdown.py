@@ -123,6 +123,7 @@ def test_sigterm_under_keep_alive_load_loses_nothing(launcher: object, workers: 
         [
             "+recipe=iris",
             f"server.workers={workers}",
+            "batching=dynamic",  # a fixed fill window (iris itself batches adaptively)
             "batching.max_batch_size=8",
             "batching.max_queue_delay_ms=15",  # requests wait in the queue: queued work exists
             f"server.drain_delay_s={DRAIN_S}",
@@ -232,6 +233,7 @@ def test_work_cut_off_by_the_graceful_timeout_is_answered_503(launcher: object) 
     server = launcher.start(  # type: ignore[attr-defined]
         [
             "+recipe=iris",
+            "batching=dynamic",  # a fixed fill window (iris itself batches adaptively)
             "batching.max_batch_size=64",
             "batching.max_queue_delay_ms=4000",
             "batching.queue_timeout_ms=10000",
@@ -259,6 +261,7 @@ def test_a_second_signal_stops_without_waiting(launcher: object) -> None:
     server = launcher.start(  # type: ignore[attr-defined]
         [
             "+recipe=iris",
+            "batching=dynamic",  # a fixed fill window (iris itself batches adaptively)
             "batching.max_batch_size=64",
             "batching.max_queue_delay_ms=8000",
             "batching.queue_timeout_ms=10000",
