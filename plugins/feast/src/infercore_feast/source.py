@@ -323,10 +323,10 @@ class FeastFeatureSource(FeatureSource):
                     f"field {spec.name!r} has {len(column)} rows but "
                     f"{self.config.entity.field!r} has {rows}"
                 )
-            value = coerce(spec.name, column, spec.datatype)
+            coerced = coerce(spec.name, column, spec.datatype)
             if spec.datatype != "BYTES":
-                _check_range(spec.name, value, spec.min, spec.max)
-            out[spec.name] = value
+                _check_range(spec.name, coerced, spec.min, spec.max)
+            out[spec.name] = coerced
         return out
 
     def _assemble(

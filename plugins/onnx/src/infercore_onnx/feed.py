@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from infercore.components import TensorSpec
+from infercore.components import Array, TensorSpec
 from infercore.errors import InvalidInput
 
 
@@ -24,7 +24,7 @@ def _as_str(value: object, name: str) -> str:
     )
 
 
-def _string_tensor(array: np.ndarray, name: str) -> np.ndarray:
+def _string_tensor(array: Array, name: str) -> Array:
     # ORT string tensors take str objects only; the codec hands over bytes or str.
     if array.dtype.kind == "U":
         return array
@@ -38,7 +38,7 @@ def _string_tensor(array: np.ndarray, name: str) -> np.ndarray:
     return out
 
 
-def prepare_input(spec: TensorSpec, array: np.ndarray) -> np.ndarray:
+def prepare_input(spec: TensorSpec, array: Array) -> Array:
     """An array of exactly the dtype ``spec`` asks for, C-contiguous; ``array`` itself if it is.
 
     Args:

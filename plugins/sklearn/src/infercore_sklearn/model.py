@@ -155,7 +155,7 @@ class SklearnModel(Model):
             log.debug("%s: prediction traceback", self.context.path, exc_info=exc)
             raise BackendError("the sklearn model failed on this request") from exc
 
-    def _predict(self, estimator: Any, x: np.ndarray) -> Tensors:
+    def _predict(self, estimator: Any, x: np.ndarray[Any, Any]) -> Tensors:
         out: Tensors = {}
         for spec in self.outputs:
             if spec.name == "probabilities":
