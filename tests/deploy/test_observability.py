@@ -161,10 +161,11 @@ def test_promql_lint(expr: str) -> None:
 
 
 def _load_e2e_conftest() -> ModuleType:
-    name = "_infercore_e2e_conftest"
+    """The e2e folder's server helpers (``tests/e2e/e2e_support.py``), loaded by path."""
+    name = "e2e_support"
     if name in sys.modules:
         return sys.modules[name]
-    path = REPO / "tests/e2e/conftest.py"
+    path = REPO / "tests/e2e/e2e_support.py"
     spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

@@ -19,17 +19,15 @@ Servers (each stopped with SIGTERM at the end of the module, which must exit 0):
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
+import e2e_support as e2e
 import httpx
 import numpy as np
 import pytest
@@ -85,24 +83,6 @@ CATEGORIES = (
 COUNTRIES = ("US", "GB", "DE", "FR", "ES", "CA", "IT", "NL", "BR")
 
 
-def _load_e2e_conftest() -> ModuleType:
-    """The server helpers of this folder's conftest.py (start, wait_ready, stop), reused.
-
-    Loaded by path under a private name: ``import conftest`` would get whichever conftest
-    pytest imported last (plugins/feast/tests has one too).
-    """
-    name = "_infercore_e2e_conftest"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("conftest.py"))
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-e2e = _load_e2e_conftest()
 Server = e2e.Server
 
 

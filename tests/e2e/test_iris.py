@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sklearn.datasets import load_iris
 
 if TYPE_CHECKING:
-    from conftest import Launcher, Server
+    from e2e_support import Launcher, Server
 
 pytestmark = pytest.mark.e2e
 

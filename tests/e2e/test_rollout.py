@@ -9,18 +9,16 @@ decision lands in the audit log. SIGTERM at the end must exit 0 with no tracebac
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
+import e2e_support as e2e
 import httpx
 import pytest
 
@@ -31,21 +29,6 @@ READY_WAIT_S = 90.0
 HTTP_TIMEOUT = 10.0
 COUNTRIES = ("US", "GB", "DE", "FR", "ES", "CA")
 CATEGORIES = ("grocery", "restaurant", "online_retail", "fuel", "electronics", "travel")
-
-
-def _load_e2e_conftest() -> ModuleType:
-    name = "_infercore_e2e_conftest"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("conftest.py"))
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-e2e = _load_e2e_conftest()
 
 
 @dataclass(frozen=True)

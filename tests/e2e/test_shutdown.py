@@ -10,37 +10,20 @@ signal — a 503 ``shutting_down``.
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import signal
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 
+import e2e_support as e2e
 import httpx
 import pytest
 
 pytestmark = pytest.mark.e2e
 
-
-def _load_e2e_conftest() -> ModuleType:
-    """This folder's conftest helpers under a private name (``import conftest`` is ambiguous)."""
-    name = "_infercore_e2e_conftest"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("conftest.py"))
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-e2e = _load_e2e_conftest()
 
 BODY = {
     "inputs": [

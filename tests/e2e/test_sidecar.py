@@ -5,7 +5,6 @@ its socket when it stops (exit 0)."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import signal
@@ -16,28 +15,14 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 
+import e2e_support as e2e
 import httpx
 import pytest
 
 pytestmark = pytest.mark.e2e
 
 
-def _load_e2e_conftest() -> ModuleType:
-    """This folder's conftest helpers under a private name (``import conftest`` is ambiguous)."""
-    name = "_infercore_e2e_conftest"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("conftest.py"))
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-e2e = _load_e2e_conftest()
 READY_WAIT_S = 60.0  # the fraud recipe applies and materializes its Feast store first
 TXN = {
     "card_id": "c_000042",

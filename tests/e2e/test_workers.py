@@ -8,36 +8,19 @@ and a broken model stops start-up with its error line and a non-zero exit.
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
-from types import ModuleType
 
+import e2e_support as e2e
 import httpx
 import psutil
 import pytest
 
 pytestmark = pytest.mark.e2e
 
-
-def _load_e2e_conftest() -> ModuleType:
-    """This folder's conftest helpers under a private name (``import conftest`` is ambiguous)."""
-    name = "_infercore_e2e_conftest"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("conftest.py"))
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-e2e = _load_e2e_conftest()
 
 BODY = {
     "inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [5.1, 3.5, 1.4, 0.2]}]
