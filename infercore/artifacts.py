@@ -7,11 +7,46 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from pathlib import Path
+from collections.abc import Mapping
+from pathlib import Path, PurePath
+from typing import TypeVar
 
 from infercore.errors import ConfigError, ModelLoadError
 
 _CHUNK = 1 << 20
+
+F = TypeVar("F", bound=str)
+
+
+def display_name(path: str) -> str:
+    """The file name of a configured path: enough to recognise it, never an absolute path."""
+    return PurePath(path).name or path
+
+
+def format_from_suffix(
+    path: str, declared: str, by_suffix: Mapping[str, F], *, config_path: str
+) -> F:
+    """The artifact format: ``declared`` when it names one of ``by_suffix``'s formats (a
+    loader's ``format:`` option), else the one the suffix of ``path`` names (``auto``).
+
+    Raises:
+        ConfigError: The format is ``auto`` and the suffix names no known format.
+    """
+    names = list(dict.fromkeys(by_suffix.values()))
+    for name in names:
+        if declared == name:
+            return name
+    suffix = PurePath(path).suffix.lower()
+    fmt = by_suffix.get(suffix)
+    if fmt is None:
+        known = ", ".join(sorted(by_suffix))
+        choices = ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
+        raise ConfigError(
+            f"{config_path}.path: cannot tell the format of {display_name(path)!r} from its "
+            f"suffix {suffix or '(none)'!r}; known suffixes: {known}",
+            hint=f"rename the file or set `format:` to {choices}",
+        )
+    return fmt
 
 
 def resolve_artifact(model_root: Path, path: str, *, config_path: str) -> Path:

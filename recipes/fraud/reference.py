@@ -50,11 +50,9 @@ from features import (  # noqa: E402
     split_time,
     write_parquet,
 )
-from train import V2_FEATURES, model_frame  # noqa: E402
+from train import REFERENCE_ROWS, SEED, V2_FEATURES, model_frame  # noqa: E402
 
 Array = NDArray[Any]
-SEED = 0
-REFERENCE_ROWS = 2_000
 #: Share of the held-out transactions in the reference pool; the rest is replayed.
 REFERENCE_SHARE = 0.25
 FILE = "reference_served.parquet"

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import io
 import pickle
-from pathlib import PurePath
 from typing import Any, Literal
 
+from infercore.artifacts import format_from_suffix
 from infercore.errors import ConfigError, ModelLoadError
 
 Format = Literal["skops", "pickle", "joblib"]
@@ -25,36 +25,17 @@ FORMAT_BY_SUFFIX: dict[str, Format] = {
     ".joblib": "joblib",
 }
 
-_BY_NAME: dict[str, Format] = {"skops": "skops", "pickle": "pickle", "joblib": "joblib"}
-
 #: Formats whose loading can execute code embedded in the file.
 CODE_EXECUTING: frozenset[Format] = frozenset({"pickle", "joblib"})
 
 
-def display_name(path: str) -> str:
-    """The file name of a configured path: enough to recognise it, never an absolute path."""
-    return PurePath(path).name or path
-
-
 def detect_format(path: str, declared: str, *, config_path: str) -> Format:
-    """The format of ``path``: ``declared`` unless it is ``auto``, else from the suffix.
+    """``declared`` unless it is ``auto``; else the format the suffix of ``path`` names.
 
     Raises:
         ConfigError: ``auto`` and a suffix that names no known format.
     """
-    named = _BY_NAME.get(declared)
-    if named is not None:
-        return named
-    suffix = PurePath(path).suffix.lower()
-    fmt = FORMAT_BY_SUFFIX.get(suffix)
-    if fmt is None:
-        known = ", ".join(sorted(FORMAT_BY_SUFFIX))
-        raise ConfigError(
-            f"{config_path}.path: cannot tell the format of {display_name(path)!r} from its "
-            f"suffix {suffix or '(none)'!r}; known suffixes: {known}",
-            hint="rename the file or set `format:` to skops, pickle or joblib",
-        )
-    return fmt
+    return format_from_suffix(path, declared, FORMAT_BY_SUFFIX, config_path=config_path)
 
 
 def check_trust(fmt: Format, *, trusted: bool, sha256: str | None, config_path: str) -> None:

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 import numpy as np
 
-from infercore.artifacts import read_verified, resolve_artifact
+from infercore.artifacts import display_name, read_verified, resolve_artifact
 from infercore.components import ComponentContext, Model, Tensors
 from infercore.errors import (
     BackendError,
@@ -24,7 +24,6 @@ from infercore_sklearn.formats import (
     check_trust,
     deserialize,
     detect_format,
-    display_name,
 )
 from infercore_sklearn.signature import INPUT_NAME, Signature, describe
 

@@ -18,6 +18,7 @@ import re
 from pathlib import PurePath
 from typing import Literal
 
+from infercore.artifacts import format_from_suffix
 from infercore.errors import ConfigError
 
 Format = Literal["export", "torchscript", "state_dict"]
@@ -40,29 +41,13 @@ CODE_EXECUTING: frozenset[Format] = frozenset({"export", "torchscript"})
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
-def display_name(path: str) -> str:
-    """The file name of a configured path: enough to recognise it, never an absolute path."""
-    return PurePath(path).name or path
-
-
 def detect_format(path: str, declared: str, *, config_path: str) -> Format:
     """``declared`` unless it is ``auto``; else the format the suffix of ``path`` names.
 
     Raises:
         ConfigError: ``auto`` and a suffix that names no known format.
     """
-    if declared in ("export", "torchscript", "state_dict"):
-        return declared  # type: ignore[return-value]
-    suffix = PurePath(path).suffix.lower()
-    fmt = FORMAT_BY_SUFFIX.get(suffix)
-    if fmt is None:
-        known = ", ".join(sorted(FORMAT_BY_SUFFIX))
-        raise ConfigError(
-            f"{config_path}.path: cannot tell the format of {display_name(path)!r} from its "
-            f"suffix {suffix or '(none)'!r}; known suffixes: {known}",
-            hint="rename the file or set `format:` to export, torchscript or state_dict",
-        )
-    return fmt
+    return format_from_suffix(path, declared, FORMAT_BY_SUFFIX, config_path=config_path)
 
 
 def check_trust(

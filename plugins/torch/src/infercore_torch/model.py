@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 import numpy as np
 
-from infercore.artifacts import read_verified, resolve_artifact
+from infercore.artifacts import display_name, read_verified, resolve_artifact
 from infercore.components import Array, ComponentContext, Model, Tensors, TensorSpec
 from infercore.errors import (
     BackendError,
@@ -36,7 +36,6 @@ from infercore_torch.formats import (
     architecture_kind,
     check_trust,
     detect_format,
-    display_name,
 )
 from infercore_torch.signature import as_input, exported_specs
 
