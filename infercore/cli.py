@@ -443,6 +443,13 @@ async def _serve_async(
         exc = start_task.exception()
         if exc is not None:
             print(f"infercore: error: {exc}", file=sys.stderr)
+            # Let uvicorn finish starting first (bounded): told to exit in the middle of its
+            # start-up it returns without shutting the lifespan down, and the lifespan task,
+            # cancelled when the loop closes, is logged with a traceback.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(10):
+                    while not server.started and not serve_task.done():
+                        await asyncio.sleep(0.01)
             server.should_exit = True
             code = EXIT_FAILURE
         else:
