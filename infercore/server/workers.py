@@ -33,7 +33,14 @@ ready. A worker that exits before any worker was ever ready stops the server wit
 
 Metrics: the supervisor gives the workers a fresh private folder (``0700``, removed at exit) as
 ``PROMETHEUS_MULTIPROC_DIR``; every worker writes its samples there and answers ``/metrics``
-with the totals of all workers (:mod:`infercore.metrics`).
+with the totals of all workers (:mod:`infercore.metrics`). The folder is made inside
+``$INFERCORE_METRICS_DIR`` when that is set (``infercore deploy k8s`` points it at a
+memory-backed ``emptyDir``: the pod's root filesystem is read-only), else in the temporary
+folder (``$TMPDIR``, ``/tmp``).
+
+``server.workers=auto``: one worker per CPU this process may use, which is the smaller of the
+affinity mask and the cgroup CPU quota rounded up (a container's CPU limit; without it a pod
+would start one worker per CPU of the node).
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import shutil
 import signal
@@ -51,6 +59,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -61,6 +70,10 @@ log = logging.getLogger("infercore.workers")
 #: ``"INDEX:LISTEN_FD:READY_FD:GO_FD:PARENT_PID:DEFER"``, set by the supervisor for each worker.
 WORKER_ENV = "INFERCORE_WORKER"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+#: Where the supervisor makes its private metrics folder (default: the temporary folder).
+METRICS_PARENT_ENV = "INFERCORE_METRICS_DIR"
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_SELF_CGROUP = Path("/proc/self/cgroup")
 
 #: Start-up failures in a row (a worker that exits before it is ready) before giving up.
 MAX_START_FAILURES = 5
@@ -138,14 +151,110 @@ def worker_context() -> WorkerContext | None:
 
 
 def worker_count(value: int | str) -> int:
-    """``server.workers`` as a number (``auto``: the CPUs this process may run on)."""
+    """``server.workers`` as a number (``auto``: :func:`available_cpus`)."""
     if value == "auto":
-        try:
-            return max(1, len(os.sched_getaffinity(0)))
-        except AttributeError:  # pragma: no cover - not Linux
-            return max(1, os.cpu_count() or 1)
+        return available_cpus()
     assert isinstance(value, int)
     return value
+
+
+def available_cpus(cgroup_root: Path | None = None, proc_cgroup: Path | None = None) -> int:
+    """The CPUs this process may use: its affinity mask, capped by its cgroup CPU quota.
+
+    A container's CPU limit is a quota (``cpu.max`` or ``cpu.cfs_quota_us``), not a smaller
+    affinity mask, so the mask alone would count every CPU of the node. A fractional quota
+    rounds up (a 1.5-CPU limit runs two workers); the result is at least 1.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cpus = os.cpu_count() or 1
+    quota = cgroup_cpu_quota(cgroup_root, proc_cgroup)
+    if quota is not None:
+        cpus = min(cpus, math.ceil(quota))
+    return max(1, cpus)
+
+
+def cgroup_cpu_quota(
+    cgroup_root: Path | None = None, proc_cgroup: Path | None = None
+) -> float | None:
+    """CPUs the cgroup CPU quota allows this process (quota / period), ``None`` without one.
+
+    cgroup v2 (``cpu.max``: ``"QUOTA PERIOD"`` or ``"max PERIOD"``) first, then v1
+    (``cpu.cfs_quota_us``, -1 for none, and ``cpu.cfs_period_us``). The process's own cgroup
+    (``/proc/self/cgroup``) and each of its ancestors may set one: the smallest applies. Inside
+    a container with its own cgroup namespace the mount's root is the container's cgroup; with
+    v1, the runtime mounts the container's cgroup at the controller's root, so the root's own
+    files are read too.
+    """
+    # Resolved here, not as defaults, so that tests can point the module at fake files.
+    cgroup_root = cgroup_root or CGROUP_ROOT
+    try:
+        lines = (proc_cgroup or PROC_SELF_CGROUP).read_text().splitlines()
+    except OSError:
+        lines = []
+    v2_path, v1_path = "/", "/"
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if parts[0] == "0" and controllers == "":
+            v2_path = path
+        elif "cpu" in controllers.split(","):
+            v1_path = path
+    quotas = [q for d in _ancestors(cgroup_root, v2_path) if (q := _v2_quota(d)) is not None]
+    v2 = (cgroup_root / "cgroup.controllers").exists()
+    if not v2:
+        for name in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
+            base = cgroup_root / name
+            if base.is_dir():
+                quotas += [q for d in _ancestors(base, v1_path) if (q := _v1_quota(d)) is not None]
+                break
+    return min(quotas) if quotas else None
+
+
+def _ancestors(base: Path, path: str) -> list[Path]:
+    """``base/path`` and each of its parents up to ``base`` (those that exist)."""
+    parts = [p for p in path.split("/") if p and p not in (".", "..")]
+    folders = [base.joinpath(*parts[:i]) for i in range(len(parts), -1, -1)]
+    return [f for f in folders if f.is_dir()]
+
+
+def _v2_quota(folder: Path) -> float | None:
+    try:
+        quota, period = (folder / "cpu.max").read_text().split()[:2]
+        if quota == "max":
+            return None
+        return _ratio(int(quota), int(period))
+    except (OSError, ValueError):
+        return None
+
+
+def _v1_quota(folder: Path) -> float | None:
+    try:
+        quota = int((folder / "cpu.cfs_quota_us").read_text())
+        period = int((folder / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return _ratio(quota, period)
+
+
+def _ratio(quota: int, period: int) -> float | None:
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def make_metrics_dir() -> str:
+    """A fresh ``0700`` folder for the workers' Prometheus samples (see the module docstring)."""
+    parent = os.environ.get(METRICS_PARENT_ENV) or None
+    try:
+        return tempfile.mkdtemp(prefix="infercore-metrics-", dir=parent)
+    except OSError as exc:
+        where = f"{METRICS_PARENT_ENV}={parent}" if parent else "the temporary folder"
+        raise InfercoreError(
+            f"server.workers: could not make the metrics folder in {where}: {exc.strerror or exc}",
+            hint=f"point {METRICS_PARENT_ENV} (or TMPDIR) at a writable folder",
+        ) from None
 
 
 def check_config(config: Any, workers: int) -> None:
@@ -205,13 +314,15 @@ class Supervisor:
         *,
         stop_timeout_s: float,
         uds: str | None = None,
+        metrics_dir: str | None = None,
     ) -> None:
         self.command = command
         self.listener: socket.socket | None = listener
         self.uds = uds
         self.stop_timeout_s = stop_timeout_s
         self.slots = [_Slot(i) for i in range(workers)]
-        self.metrics_dir = tempfile.mkdtemp(prefix="infercore-metrics-")  # created 0700
+        #: Removed at exit, like the folder made here when none is given.
+        self.metrics_dir = metrics_dir if metrics_dir is not None else make_metrics_dir()
         self.signals = 0
         self.signum: int = signal.SIGTERM
         self.stop_deadline: float | None = None
@@ -445,7 +556,13 @@ def _describe(code: int) -> str:
 def supervise(config: Any, overrides: list[str], workers: int, *, debug: bool = False) -> int:
     """Run ``workers`` copies of ``infercore serve OVERRIDES`` on one socket until stopped."""
     cfg = config.server
-    listener = bind(cfg)
+    # Before binding: a metrics folder that cannot be made fails with nothing to undo.
+    metrics_dir = make_metrics_dir()
+    try:
+        listener = bind(cfg)
+    except BaseException:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        raise
     where = f"unix:{cfg.uds}" if cfg.uds is not None else f"http://{cfg.host}:{cfg.port}"
     log.info("supervising %d workers on %s (pid %d)", workers, where, os.getpid())
     command = [sys.executable, "-m", "infercore.cli", *(["--debug"] if debug else []), "serve"]
@@ -456,5 +573,6 @@ def supervise(config: Any, overrides: list[str], workers: int, *, debug: bool = 
         # The workers' own bound, plus time to start Python and stop the components.
         stop_timeout_s=cfg.drain_delay_s + cfg.graceful_timeout_s + 15.0,
         uds=cfg.uds,
+        metrics_dir=metrics_dir,
     )
     return supervisor.run()

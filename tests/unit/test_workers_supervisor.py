@@ -100,6 +100,21 @@ def test_sigterm_stops_every_worker_with_exit_0(tmp_path: Path, listener: socket
     assert not metrics_dir.exists()  # removed at exit
 
 
+def test_workers_get_a_metrics_folder_inside_infercore_metrics_dir(
+    tmp_path: Path, listener: socket.socket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What `infercore deploy k8s` sets: the pod's root filesystem is read-only.
+    parent = tmp_path / "pod-metrics"
+    parent.mkdir()
+    monkeypatch.setenv(workers.METRICS_PARENT_ENV, str(parent))
+    sup = _supervisor("serve", tmp_path, listener)
+    _stop_when(lambda: sup.all_ready)
+    assert sup.run() == 0
+    metrics_dir = Path((tmp_path / "metrics-dir-0").read_text())
+    assert metrics_dir.parent == parent
+    assert list(parent.iterdir()) == []  # removed at exit
+
+
 def test_a_worker_that_fails_before_any_was_ready_stops_the_server(
     tmp_path: Path, listener: socket.socket, capfd: pytest.CaptureFixture[str]
 ) -> None:
