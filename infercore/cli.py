@@ -80,8 +80,12 @@ def _add_k8s_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--namespace", help="metadata.namespace of every resource")
     p.add_argument("--replicas", type=int, default=2, help="replicas / HPA minimum (2)")
     p.add_argument("--max-replicas", type=int, default=10, help="HPA maximum (10)")
-    p.add_argument("--cpu", default="1", help="CPU request (1)")
-    p.add_argument("--memory", default="2Gi", help="memory request and limit (2Gi)")
+    p.add_argument(
+        "--cpu",
+        help="CPU request (1 per worker); with server.workers=auto also the limit, which sets "
+        "the number of workers",
+    )
+    p.add_argument("--memory", help="memory request and limit (2Gi per worker)")
     p.add_argument("--cpu-target", type=int, default=70, help="HPA CPU utilization, %% (70)")
     p.add_argument(
         "--inflight-target",

@@ -10,6 +10,12 @@ Every value that the shutdown sequence depends on is derived from the composed
 ``server`` config (:func:`timings`) and checked again on the rendered Deployment
 (:func:`check_timings`): the readiness probe notices the drain within ``drain_delay_s``, and
 ``terminationGracePeriodSeconds`` covers preStop + drain delay + graceful timeout + a margin.
+
+``server.workers`` shapes the container (:func:`resources`): each worker is a separate process
+with its own copy of the models, so the default CPU request and memory scale with the number of
+workers; ``auto`` gets a CPU limit, which is what ``auto`` follows inside the container
+(:func:`infercore.server.workers.available_cpus`). Every pod mounts a memory-backed ``emptyDir``
+for the workers' Prometheus multiprocess folder (the root filesystem is read-only).
 """
 
 from __future__ import annotations
@@ -34,6 +40,16 @@ KSERVE_MODELS = "/mnt/models"
 STATE_MOUNT = "/var/lib/infercore"
 SOCKET_DIR = "/var/run/infercore"
 SOCKET_PATH = f"{SOCKET_DIR}/infercore.sock"
+#: Parent of the workers' private Prometheus multiprocess folder (``INFERCORE_METRICS_DIR``).
+METRICS_MOUNT = "/var/run/infercore-metrics"
+#: ``infercore.server.workers.METRICS_PARENT_ENV`` (not imported: it would load the server).
+METRICS_PARENT_ENV = "INFERCORE_METRICS_DIR"
+#: tmpfs pages count against the container's memory limit; the sample files are sparse and
+#: small (kilobytes per worker process, restarts included), so this is a generous ceiling.
+METRICS_SIZE = "64Mi"
+#: Per worker process, when ``--cpu`` / ``--memory`` are not given.
+CPU_PER_WORKER = 1
+MEMORY_PER_WORKER_GI = 2
 LIVE, READY = "/v2/health/live", "/v2/health/ready"
 #: Seconds beyond preStop + drain delay + graceful timeout: idle-connection linger, component
 #: stop and process exit.
@@ -57,8 +73,10 @@ class Options:
     namespace: str | None = None
     replicas: int = 2
     max_replicas: int = 10
-    cpu: str = "1"
-    memory: str = "2Gi"
+    #: CPU request (``auto``: request and limit); default 1 per worker.
+    cpu: str | None = None
+    #: Memory request and limit; default 2Gi per worker.
+    memory: str | None = None
     cpu_target_percent: int = 70
     #: Also scale on ``infercore_inflight_requests`` per pod (needs a custom-metrics adapter).
     inflight_target: int | None = None
@@ -271,6 +289,8 @@ def _env(port: int | None, secret: str, *, uds: bool = False) -> dict[str, Any]:
         {"name": "HOME", "value": "/tmp"},
         {"name": "FEAST_USAGE", "value": "False"},
         {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},
+        # server.workers > 1: the supervisor's private metrics folder goes in a writable tmpfs.
+        {"name": METRICS_PARENT_ENV, "value": METRICS_MOUNT},
     ]
     if port is not None:
         env.append({"name": "INFERCORE_PORT", "value": str(port)})
@@ -290,10 +310,15 @@ def _volumes(
     volumes: list[dict[str, Any]] = [
         {"name": f"{prefix}recipe", "configMap": {"name": recipe_cm}},
         {"name": f"{prefix}tmp", "emptyDir": {"sizeLimit": "256Mi"}},
+        # Mounted whatever server.workers says (harmless with one): a worker count changed in
+        # the ConfigMap or the args later still finds it. Memory-backed, as Prometheus
+        # suggests for multiprocess mode (samples are mmapped files written on every update).
+        {"name": f"{prefix}metrics", "emptyDir": {"medium": "Memory", "sizeLimit": METRICS_SIZE}},
     ]
     mounts: list[dict[str, Any]] = [
         {"name": f"{prefix}recipe", "mountPath": RECIPES_MOUNT, "readOnly": True},
         {"name": f"{prefix}tmp", "mountPath": "/tmp"},
+        {"name": f"{prefix}metrics", "mountPath": METRICS_MOUNT},
     ]
     if claim is not None:
         volumes.append(
@@ -314,12 +339,44 @@ def _volumes(
     return volumes, mounts
 
 
-def _resources(opts: Options) -> dict[str, Any]:
-    # No CPU limit: throttling shows up as tail latency; memory is guaranteed (request = limit).
-    return {
-        "requests": {"cpu": opts.cpu, "memory": opts.memory},
-        "limits": {"memory": opts.memory},
-    }
+def cpu_cores(quantity: str) -> float:
+    """A Kubernetes CPU quantity (``2``, ``1.5``, ``500m``) in cores."""
+    text = quantity.strip()
+    try:
+        cores = float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+    except ValueError:
+        cores = -1.0
+    if not math.isfinite(cores) or cores <= 0:
+        raise ConfigError(
+            f"--cpu: {quantity!r} is not a CPU quantity", hint="use cores (2, 1.5) or 500m"
+        )
+    return cores
+
+
+def pod_workers(server: ServerConfig, opts: Options) -> int:
+    """Worker processes in each pod: ``server.workers``, or for ``auto`` the CPU limit
+    rounded up (what :func:`infercore.server.workers.available_cpus` will find)."""
+    if server.workers == "auto":
+        return max(1, math.ceil(cpu_cores(opts.cpu or str(CPU_PER_WORKER))))
+    return server.workers
+
+
+def resources(server: ServerConfig, opts: Options) -> dict[str, Any]:
+    """Requests and limits of the infercore container.
+
+    ``--cpu`` and ``--memory``, each when given, are taken as they are. Otherwise the CPU
+    request is 1 per worker and memory (request = limit) 2Gi per worker: workers are spawned,
+    not forked, so none shares its models or Python heap with another. No CPU limit
+    (throttling shows up as tail latency), except with ``server.workers=auto``: there the
+    limit (= the request) is what ``auto`` counts, so the pod decides the number of workers.
+    """
+    if opts.cpu is not None:
+        cpu_cores(opts.cpu)  # a typo fails here, not at kubectl apply
+    n = pod_workers(server, opts)
+    cpu = opts.cpu or str(CPU_PER_WORKER * (1 if server.workers == "auto" else n))
+    memory = opts.memory or f"{MEMORY_PER_WORKER_GI * n}Gi"
+    limits = {"cpu": cpu, "memory": memory} if server.workers == "auto" else {"memory": memory}
+    return {"requests": {"cpu": cpu, "memory": memory}, "limits": limits}
 
 
 def _http_probe(path: str, period: int, failures: int) -> dict[str, Any]:
@@ -417,7 +474,7 @@ def _render_k8s(
         "startupProbe": _http_probe(LIVE, STARTUP_PERIOD_S, STARTUP_FAILURES),
         "livenessProbe": _http_probe(LIVE, LIVENESS_PERIOD_S, LIVENESS_FAILURES),
         "readinessProbe": _http_probe(READY, t.readiness_period_s, t.readiness_failures),
-        "resources": _resources(opts),
+        "resources": resources(server, opts),
         "securityContext": _container_security(),
         "volumeMounts": mounts,
     }
@@ -574,6 +631,7 @@ def _render_k8s(
         }
     ]
     _render_kserve(out, composed, data, overrides, opts, name=name, secret=secret, feast=feast)
+    out.notes.extend(_workers_notes(server, opts))
     out.notes.extend(_notes(data, name, claim, secret, opts))
     return out
 
@@ -625,7 +683,7 @@ def _render_kserve(
                     "args": ["serve", f"+recipe={recipe}", f"server.port={port}"],
                     **_env(port, secret),
                     "ports": [{"containerPort": port, "protocol": "TCP"}],
-                    "resources": _resources(opts),
+                    "resources": resources(server, opts),
                     "securityContext": _container_security(),
                     "volumeMounts": mounts,
                 }
@@ -703,7 +761,7 @@ def _render_sidecar(
         "startupProbe": _exec_probe(LIVE, STARTUP_PERIOD_S, STARTUP_FAILURES),
         "livenessProbe": _exec_probe(LIVE, LIVENESS_PERIOD_S, LIVENESS_FAILURES),
         "readinessProbe": _exec_probe(READY, SIDECAR_READINESS_PERIOD_S, READINESS_FAILURES),
-        "resources": _resources(opts),
+        "resources": resources(server, opts),
         "securityContext": _container_security(),
         "volumeMounts": mounts,
     }
@@ -746,8 +804,22 @@ def _render_sidecar(
         "infercore (it stops after the application's containers)"
     )
     out.notes.append(f"the application calls http://localhost/... over {SOCKET_PATH}")
+    out.notes.extend(_workers_notes(server, opts))
     out.notes.extend(_notes(data, name, claim, secret, opts))
     return out
+
+
+def _workers_notes(server: ServerConfig, opts: Options) -> list[str]:
+    if server.workers == 1:
+        return []
+    n = pod_workers(server, opts)
+    res = resources(server, opts)["requests"]
+    if server.workers == "auto":
+        return [
+            f"server.workers=auto: {n} worker process(es) per pod, following the CPU limit "
+            f"{res['cpu']} (--cpu); memory {res['memory']}"
+        ]
+    return [f"server.workers={n}: requests cpu {res['cpu']}, memory {res['memory']} per pod"]
 
 
 def _notes(

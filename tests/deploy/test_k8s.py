@@ -169,7 +169,7 @@ def test_baked_models_need_no_model_volume() -> None:
     rendered = k8s.render(FRAUD_PROD, k8s.Options(baked_models=True))
     deployment = _one(rendered, "Deployment")
     volumes = {v["name"] for v in deployment["spec"]["template"]["spec"]["volumes"]}
-    assert volumes == {"recipe", "tmp", "state"}
+    assert volumes == {"recipe", "tmp", "metrics", "state"}
     for prefix in ("", "kserve/"):
         text = next(iter(_one(rendered, "ConfigMap", prefix)["data"].values()))
         assert "model_root: /app/recipes" in text  # the image's RECIPES=baked folder
@@ -210,9 +210,9 @@ def test_security_defaults(fraud: k8s.Rendered) -> None:
     assert mounts[k8s.MODELS_MOUNT]["readOnly"] is True
     assert volumes["models"]["persistentVolumeClaim"]["readOnly"] is True
     assert mounts[k8s.RECIPES_MOUNT]["readOnly"] is True
-    # Writable places are emptyDirs only: /tmp and the Feast state.
+    # Writable places are emptyDirs only: /tmp, the workers' metrics and the Feast state.
     writable = {p for p, m in mounts.items() if not m.get("readOnly")}
-    assert writable == {"/tmp", k8s.STATE_MOUNT}
+    assert writable == {"/tmp", k8s.METRICS_MOUNT, k8s.STATE_MOUNT}
     assert all("emptyDir" in volumes[mounts[p]["name"]] for p in writable)
     assert c["resources"]["requests"]["cpu"] and c["resources"]["limits"]["memory"]
     assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
@@ -265,7 +265,7 @@ def test_hpa_custom_metric_pdb_and_canary_track() -> None:
     volumes = {
         v["name"] for v in _one(rendered, "Deployment")["spec"]["template"]["spec"]["volumes"]
     }
-    assert volumes == {"recipe", "tmp", "models"}
+    assert volumes == {"recipe", "tmp", "metrics", "models"}
 
     canary = k8s.render(["+recipe=iris", "env=prod"], k8s.Options(track="canary", replicas=1))
     assert set(canary.files) == {"configmap.yaml", "deployment.yaml", "kustomization.yaml"}

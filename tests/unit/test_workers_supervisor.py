@@ -123,7 +123,9 @@ def test_a_worker_that_fails_before_any_was_ready_stops_the_server(
     err = capfd.readouterr().err
     assert "infercore: error: model broken" in err
     assert "before any worker was ready; stopping" in err
-    assert _starts(tmp_path, 0) == 1  # no restart of a broken start-up
+    # No restart of a broken start-up. Which worker fails first is a race: the other one may
+    # be stopped before its first line ran.
+    assert max(_starts(tmp_path, 0), _starts(tmp_path, 1)) == 1
 
 
 def test_a_worker_that_dies_is_restarted(tmp_path: Path, listener: socket.socket) -> None:
