@@ -44,8 +44,8 @@ SOCKET_PATH = f"{SOCKET_DIR}/infercore.sock"
 METRICS_MOUNT = "/var/run/infercore-metrics"
 #: ``infercore.server.workers.METRICS_PARENT_ENV`` (not imported: it would load the server).
 METRICS_PARENT_ENV = "INFERCORE_METRICS_DIR"
-#: tmpfs pages count against the container's memory limit; the sample files are sparse and
-#: small (kilobytes per worker process, restarts included), so this is a generous ceiling.
+#: tmpfs pages count against the container's memory limit; prometheus_client keeps a few
+#: files per worker process (restarts included), each 64 KiB at first, so this is ample.
 METRICS_SIZE = "64Mi"
 #: Per worker process, when ``--cpu`` / ``--memory`` are not given.
 CPU_PER_WORKER = 1
