@@ -1,17 +1,24 @@
 """Shadow copies: requests the primary answered, run again on shadow versions, off the path.
 
-The request path only offers a copy (``put_nowait`` on a bounded queue; a full queue drops it
-and counts it). A few worker tasks take copies, run them through the shadow version's own
-input checks and batcher under a timeout, and compare the outputs with the primary's. The
-caller's response was computed before the copy was offered, so a shadow that raises, hangs
-or is slow never delays or changes it; the worker count bounds the threads a hanging shadow
-can hold.
+The request path only offers a copy (an append to a bounded queue; a full queue drops it and
+counts it). A few worker tasks take copies, run them through the shadow version's own input
+checks and batcher under a timeout, and compare the outputs with the primary's. The caller's
+response was computed before the copy was offered, so a shadow that raises, hangs or is slow
+never delays or changes it; the worker count bounds the threads a hanging shadow can hold.
+
+A worker takes every copy already waiting for the same version (up to that version's batch
+size in rows), checks each one's inputs on its own (a copy the shadow rejects counts
+``error`` alone), and sends the rest as one submission: one batcher call, one outputs plan
+and one vectorised comparison for the lot instead of one per copy. Outcomes and statistics
+are still counted per copy, exactly as if each copy had run alone: a submission of several
+copies that fails is run again copy by copy so that only the failing ones count ``error``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -31,6 +38,9 @@ Array = npt.NDArray[Any]
 log = logging.getLogger("infercore.shadow")
 
 OUTCOMES = ("ok", "error", "timeout", "dropped")
+
+#: Rows of one submission when the shadow's batcher does not say (``max_batch_size``).
+DEFAULT_GROUP_ROWS = 64
 
 
 @dataclass(slots=True)
@@ -105,6 +115,61 @@ class _Copy:
     fields: Mapping[str, Array]
     declared: Mapping[str, str] | None
     primary: Tensors
+    #: The shadow's own inputs, once checked (a copy put back keeps them), its rows and the
+    #: key that copies must share to be concatenated (names, dtypes, trailing shapes).
+    prepared: Tensors | None = None
+    rows: int = 0
+    key: tuple[tuple[str, str, tuple[int, ...]], ...] = ()
+
+
+def _group_rows(sv: ServedVersion) -> int:
+    """Most rows of one submission to ``sv``: its batcher's ``max_batch_size``, if it has one.
+
+    A model whose tensors are not all batched is called once per copy (rows cannot be
+    concatenated along a batch dimension it does not have).
+    """
+    if not sv.model.batchable:
+        return 1
+    size = getattr(getattr(sv.batcher, "config", None), "max_batch_size", None)
+    return size if isinstance(size, int) and size > 0 else DEFAULT_GROUP_ROWS
+
+
+def _rows_of(sv: ServedVersion, inputs: Tensors) -> int:
+    for spec in sv.model.inputs:
+        if spec.batched:
+            value = inputs.get(spec.name)
+            if value is not None and value.ndim:
+                return int(value.shape[0])
+    return 1
+
+
+def _concat(parts: list[Tensors]) -> Tensors:
+    first = parts[0]
+    return {name: np.concatenate([p[name] for p in parts]) for name in first}
+
+
+def _concat_primaries(group: list[_Copy]) -> Tensors | None:
+    """The primaries' outputs stacked, when comparing the stack equals comparing each copy.
+
+    That holds when every copy's primary has the same outputs (same dtypes, trailing shapes)
+    each with exactly the copy's rows; otherwise ``None`` (compare copy by copy).
+    """
+    first = group[0].primary
+    names = tuple(first)
+    for copy in group:
+        p = copy.primary
+        if tuple(p) != names:
+            return None
+        for name in names:
+            a, b = p[name], first[name]
+            if (
+                a.ndim == 0
+                or a.shape[0] != copy.rows
+                or a.dtype != b.dtype
+                or a.shape[1:] != b.shape[1:]
+            ):
+                return None
+    return {name: np.concatenate([c.primary[name] for c in group]) for name in names}
 
 
 class ShadowRunner:
@@ -123,48 +188,67 @@ class ShadowRunner:
         self._metrics = metrics
         self._prepare = prepare
         self._record = record
-        self._queue: asyncio.Queue[_Copy] | None = None
+        self._pending: deque[_Copy] = deque()
+        self._wake: asyncio.Event | None = None
+        self._running = False
         self._workers: list[asyncio.Task[None]] = []
         self.stats: dict[str, ShadowStats] = {}
         self._counters: dict[tuple[str, str], Any] = {}
+        self._row_counters: dict[tuple[str, str], Any] = {}
 
     def reset(self, version: str) -> None:
         """Start counting afresh (a version entering the shadow stage)."""
         self.stats[version] = ShadowStats()
 
-    def _count(self, version: str, outcome: str) -> None:
+    def _stats(self, version: str) -> ShadowStats:
         stats = self.stats.get(version)
         if stats is None:
             stats = self.stats[version] = ShadowStats()
-        stats.outcomes[outcome] += 1
+        return stats
+
+    def _count(self, version: str, outcome: str, copies: int = 1) -> None:
+        self._stats(version).outcomes[outcome] += copies
         key = (version, outcome)
         child = self._counters.get(key)
         if child is None:
             child = self._counters[key] = self._metrics.shadow_requests.labels(
                 self.model, version, outcome
             )
-        child.inc()
+        child.inc(copies)
+
+    def _count_rows(self, version: str, result: str, rows: int) -> None:
+        key = (version, result)
+        child = self._row_counters.get(key)
+        if child is None:
+            child = self._row_counters[key] = self._metrics.shadow_rows.labels(
+                self.model, version, result
+            )
+        child.inc(rows)
 
     @property
     def depth(self) -> int:
-        return self._queue.qsize() if self._queue is not None else 0
+        return len(self._pending)
 
     def start(self) -> None:
-        if self._queue is not None:
+        if self._running:
             return
-        self._queue = asyncio.Queue(maxsize=self.policy.queue_size)
+        self._running = True
+        self._pending.clear()
+        self._wake = asyncio.Event()
         self._workers = [
             asyncio.create_task(self._work(), name=f"shadow:{self.model}:{i}")
             for i in range(self.policy.workers)
         ]
 
     async def stop(self) -> None:
+        self._running = False
         workers, self._workers = self._workers, []
         for task in workers:
             task.cancel()
         if workers:
             await asyncio.gather(*workers, return_exceptions=True)
-        self._queue = None
+        self._pending.clear()
+        self._wake = None
 
     def offer(
         self,
@@ -175,77 +259,204 @@ class ShadowRunner:
         primary: Tensors,
     ) -> None:
         """Queue a copy for each target, or drop it (counted). Never blocks, never raises."""
-        queue = self._queue
+        pending = self._pending
+        room = self.policy.queue_size
+        queued = False
         for sv in targets:
-            if queue is None:
+            if not self._running or len(pending) >= room:
                 self._count(sv.version, "dropped")
                 continue
-            try:
-                queue.put_nowait(_Copy(sv, inputs, fields, declared, primary))
-            except asyncio.QueueFull:
-                self._count(sv.version, "dropped")
+            pending.append(_Copy(sv, inputs, fields, declared, primary))
+            queued = True
+        if queued and self._wake is not None:
+            self._wake.set()
+
+    def _take(self) -> list[_Copy]:
+        """The oldest copy and every other waiting copy for its version, up to the version's
+        batch size in copies (each copy has at least one row); other versions' copies keep
+        their places."""
+        pending = self._pending
+        first = pending.popleft()
+        sv = first.sv
+        group = [first]
+        limit = _group_rows(sv)
+        if limit <= 1 or not pending:
+            return group
+        others: list[_Copy] = []
+        while pending and len(group) < limit:
+            copy = pending.popleft()
+            if copy.sv is sv:
+                group.append(copy)
+            else:
+                others.append(copy)
+        pending.extendleft(reversed(others))
+        return group
 
     async def _work(self) -> None:
-        assert self._queue is not None
-        queue = self._queue
+        wake = self._wake
+        assert wake is not None
+        pending = self._pending
         loop = asyncio.get_running_loop()
-        timeout = self.policy.timeout_s
         while True:
-            item = await queue.get()
+            if not pending:
+                wake.clear()
+                await wake.wait()
+                continue
+            group = self._take()
             try:
-                await self._run(item, loop, timeout)
+                await self._run_group(group, loop)
             except asyncio.CancelledError:
                 raise
             except BaseException:  # a bug here must not stop the worker
-                log.exception("shadow copy for model %s failed unexpectedly", self.model)
+                log.exception("shadow copies for model %s failed unexpectedly", self.model)
 
-    async def _run(self, item: _Copy, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
-        sv = item.sv
+    async def _run_group(self, group: list[_Copy], loop: asyncio.AbstractEventLoop) -> None:
+        sv = group[0].sv
         version = sv.version
         if not sv.ready:
-            self._count(version, "dropped")
+            self._count(version, "dropped", len(group))
             return
-        sv.enter()
-        t0 = loop.time()
-        outcome = "ok"
-        outputs: Tensors | None = None
+        ready: list[_Copy] = []
+        for copy in group:
+            if copy.prepared is not None:
+                ready.append(copy)
+                continue
+            t0 = loop.time()
+            try:
+                prepared = self._prepare(sv, copy.inputs, copy.fields, copy.declared)
+            except Exception as exc:
+                # The shadow rejects this copy's inputs: it alone counts an error.
+                log.debug("shadow %s@%s rejected a copy: %s", self.model, version, exc)
+                self._count(version, "error")
+                self._record(sv, loop.time() - t0, True)
+                continue
+            copy.prepared = prepared
+            copy.rows = _rows_of(sv, prepared)
+            copy.key = tuple(
+                (name, value.dtype.str, value.shape[1:]) for name, value in prepared.items()
+            )
+            ready.append(copy)
+        limit = _group_rows(sv)
+        batch: list[_Copy] = []
+        rows = 0
+        for copy in ready:
+            if batch and (rows + copy.rows > limit or copy.key != batch[0].key):
+                await self._run_batch(sv, batch, rows, loop)
+                batch, rows = [], 0
+            batch.append(copy)
+            rows += copy.rows
+        if batch:
+            await self._run_batch(sv, batch, rows, loop)
+
+    async def _submit(
+        self, sv: ServedVersion, inputs: Tensors, until: float
+    ) -> tuple[str, Tensors | None, Exception | None]:
+        """One submission to the shadow's batcher: ``(outcome, raw outputs, error)``."""
         try:
-            async with asyncio.timeout(timeout):
-                prepared = self._prepare(sv, item.inputs, item.fields, item.declared)
-                raw = await sv.batcher.submit(prepared, deadline=t0 + timeout)
-                plan = sv.outputs_plan
-                outputs = raw if plan is None else plan.apply(raw)
+            async with asyncio.timeout_at(until):
+                return "ok", await sv.batcher.submit(inputs, deadline=until), None
         except (TimeoutError, DeadlineExceeded, QueueTimeout):
-            outcome = "timeout"
+            return "timeout", None, None
         except QueueFull:
-            outcome = "dropped"
+            return "dropped", None, None
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            outcome = "error"
-            log.debug("shadow %s@%s raised %s: %s", self.model, version, type(exc).__name__, exc)
+            return "error", None, exc
+
+    async def _run_batch(
+        self, sv: ServedVersion, batch: list[_Copy], rows: int, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        version = sv.version
+        t0 = loop.time()
+        until = t0 + self.policy.timeout_s
+        sv.enter()
+        try:
+            if len(batch) == 1:
+                inputs = batch[0].prepared
+                assert inputs is not None
+            else:
+                inputs = _concat([c.prepared for c in batch if c.prepared is not None])
+            outcome, raw, exc = await self._submit(sv, inputs, until)
+            if outcome == "error" and len(batch) > 1:
+                # Which copy failed? Each runs alone, as it would have without grouping.
+                await self._run_alone(sv, batch, t0, until, loop)
+                return
         finally:
             sv.leave()
-        self._count(version, outcome)
+        elapsed = loop.time() - t0
+        n = len(batch)
+        self._count(version, outcome, n)
         if outcome != "dropped":
-            self._record(sv, loop.time() - t0, outcome != "ok")
-        if outputs is None:
-            return
-        stats = self.stats[version]
+            for _ in range(n):
+                self._record(sv, elapsed, outcome != "ok")
+        if exc is not None:
+            log.debug("shadow %s@%s raised %s: %s", self.model, version, type(exc).__name__, exc)
+        if raw is not None:
+            self._compare(sv, batch, rows, raw)
+
+    async def _run_alone(
+        self,
+        sv: ServedVersion,
+        batch: list[_Copy],
+        t0: float,
+        until: float,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        version = sv.version
+        for copy in batch:
+            assert copy.prepared is not None
+            outcome, raw, exc = await self._submit(sv, copy.prepared, until)
+            self._count(version, outcome)
+            if outcome != "dropped":
+                self._record(sv, loop.time() - t0, outcome != "ok")
+            if exc is not None:
+                log.debug(
+                    "shadow %s@%s raised %s: %s", self.model, version, type(exc).__name__, exc
+                )
+            if raw is not None:
+                self._compare(sv, [copy], copy.rows, raw)
+
+    def _compare(self, sv: ServedVersion, batch: list[_Copy], rows: int, raw: Tensors) -> None:
+        """Compare a submission's outputs with its copies' primaries and count the rows."""
+        try:
+            self._compare_rows(sv, batch, rows, raw)
+        except Exception:  # outcomes are counted already; other submissions go on
+            log.exception("comparing shadow copies of model %s failed", self.model)
+
+    def _compare_rows(self, sv: ServedVersion, batch: list[_Copy], rows: int, raw: Tensors) -> None:
+        plan = sv.outputs_plan
         policy = self.policy
-        rows, agreeing = compare_rows(
-            item.primary,
-            outputs,
-            policy.compare,
-            atol=policy.atol,
-            rtol=policy.rtol,
-            stats=stats,
-        )
-        stats.rows += rows
+        stats = self._stats(sv.version)
+        pairs: list[tuple[Tensors, Tensors]]
+        primary = batch[0].primary if len(batch) == 1 else _concat_primaries(batch)
+        if primary is not None and (
+            len(batch) == 1 or all(v.ndim and v.shape[0] == rows for v in raw.values())
+        ):
+            pairs = [(primary, raw if plan is None else plan.apply(raw))]
+        else:
+            # Copy by copy: the primaries cannot be stacked, or the shadow returned an
+            # output without the submission's rows (it is then every copy's own).
+            pairs = []
+            start = 0
+            for copy in batch:
+                end = start + copy.rows
+                own = {
+                    k: (v[start:end] if v.ndim and v.shape[0] == rows else v)
+                    for k, v in raw.items()
+                }
+                pairs.append((copy.primary, own if plan is None else plan.apply(own)))
+                start = end
+        compared = agreeing = 0
+        for p, s in pairs:
+            r, a = compare_rows(
+                p, s, policy.compare, atol=policy.atol, rtol=policy.rtol, stats=stats
+            )
+            compared += r
+            agreeing += a
+        stats.rows += compared
         stats.agreeing_rows += agreeing
-        if rows:
-            m = self._metrics.shadow_rows
-            if agreeing:
-                m.labels(self.model, version, "agree").inc(agreeing)
-            if rows - agreeing:
-                m.labels(self.model, version, "disagree").inc(rows - agreeing)
+        if agreeing:
+            self._count_rows(sv.version, "agree", agreeing)
+        if compared - agreeing:
+            self._count_rows(sv.version, "disagree", compared - agreeing)

@@ -526,3 +526,84 @@ def test_config_defaults_and_action_names(registry: Registry) -> None:
         model_root=Path("."),
     )
     assert [name for name, _ in mon.actions] == ["record", "gate", "record#2"]
+
+
+# --- assembling a window --------------------------------------------------------------------
+
+
+def _reference_window(mon: DriftMonitor, items: list[Any]) -> tuple[dict[str, Array], int]:
+    """Each request turned into columns alone, then stacked (how a window was always made)."""
+    from infercore.drift.columns import concat_columns, row_count, to_columns
+
+    parts, invalid = [], 0
+    for inputs, outputs, n in items:
+        try:
+            cols = to_columns(inputs, mon._features)
+            if outputs is not None and mon._outputs:
+                for name, col in to_columns(outputs, mon._outputs).items():
+                    cols.setdefault(name, col)
+            if row_count(cols) != n:
+                raise ValueError("rows")
+        except ValueError:
+            invalid += n
+            continue
+        parts.append(cols)
+    return concat_columns(parts), invalid
+
+
+def test_a_window_stacks_alike_requests_and_sees_what_each_request_would_give(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import infercore.drift.monitor as monitor_module
+
+    mon = build(registry, features=["amount", "channel", "wide"], outputs=["score"])
+    rng = np.random.default_rng(3)
+
+    def request(n: int, *, amount_dtype: Any = np.float32, channel: Any = None) -> Any:
+        inputs = {
+            "amount": rng.random(n).astype(amount_dtype).reshape(n, 1),
+            # BYTES tensors arrive as object arrays of bytes (invalid UTF-8 included).
+            "channel": np.array(
+                [[rng.choice([b"pos", b"web", b"\xff"])] for _ in range(n)], dtype=object
+            )
+            if channel is None
+            else channel,
+            "wide": rng.random((n, 3)),
+            "ignored": np.zeros((n, 2)),
+        }
+        return inputs, {"score": rng.random(n), "other": np.zeros(n)}, n
+
+    bad_rows = request(2)
+    bad_rows[0]["amount"] = np.zeros((3, 1), np.float32)  # three rows in a request of two
+    numeric_channel = request(1, channel=np.array([[7.0]]))  # a client that sent numbers
+    items = [
+        *(request(int(rng.integers(1, 4))) for _ in range(20)),
+        bad_rows,
+        *(request(1) for _ in range(5)),
+        request(2, amount_dtype=np.float64),
+        numeric_channel,
+        *(request(1) for _ in range(4)),
+        (request(1)[0], None, 1),  # no outputs
+    ]
+    items = [(dict(i), None if o is None else dict(o), n) for i, o, n in items]
+    expected, expected_invalid = _reference_window(mon, items)
+
+    calls = []
+    real = monitor_module.to_columns
+
+    def counting(tensors: Any, names: Any = None) -> Any:
+        calls.append(1)
+        return real(tensors, names)
+
+    monkeypatch.setattr(monitor_module, "to_columns", counting)
+    window = mon._assemble(items)
+
+    assert list(window) == list(expected) == ["amount", "channel", "wide[0]", "wide[1]", "wide[2]"]
+    for name, column in expected.items():
+        assert window[name].dtype == column.dtype, name
+        assert window[name].tolist() == column.tolist(), name
+    assert mon.status()["invalid_rows"] == expected_invalid == 2
+    # Alike neighbours are converted together: the twenty first requests once, the five and
+    # the four once each, the four odd ones alone; two calls each (inputs, outputs), but one
+    # for the request without outputs and one for the bad one (its inputs fail).
+    assert len(calls) == 2 * 7 - 2 < len(items)

@@ -1,0 +1,208 @@
+"""Shadow copies in groups: one submission per group, outcomes and statistics per copy.
+
+Copies are offered straight to a started runtime's :class:`ShadowRunner` without yielding to
+the event loop in between, so that they are all waiting when a worker wakes up: the fake
+shadow model's ``batches`` (rows of each call) then shows how they were grouped. Primary
+outputs are handed in directly, so agreement is known row by row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+from infercore.runtime.shadow import ShadowStats, compare_rows
+from infercore.testing import runtime_from_dict
+
+Array = np.ndarray[Any, Any]
+
+
+def shadow_runtime(
+    *shadows: dict[str, Any], batching: dict[str, Any] | None = None, **routing: Any
+) -> Any:
+    versions: dict[str, Any] = {"1": {"loader": {"kind": "fake"}}}
+    for i, loader in enumerate(shadows, start=2):
+        versions[str(i)] = {"loader": {"kind": "fake", **loader}, "stage": "shadow"}
+    model = {
+        "versions": versions,
+        "primary": "1",
+        "routing": {"kind": "shadow", "workers": 1, **routing},
+    }
+    return runtime_from_dict({"batching": batching or {"kind": "none"}, "models": {"m": model}})
+
+
+def rows(first: float, n: int = 1, width: int = 4) -> Array:
+    x = np.arange(n * width, dtype=np.float32).reshape(n, width)
+    x[:, 0] = first
+    return x
+
+
+def primary_of(x: Array, shift: Array | None = None) -> dict[str, Array]:
+    """Version 1's answer (``y = sum(x)``), with ``shift`` added to ``y`` row by row."""
+    y = x.sum(axis=1, dtype=np.float32)
+    return {"y": y if shift is None else y + shift.astype(np.float32), "echo": x}
+
+
+async def settle(rt: Any, version: str, copies: int) -> dict[str, int]:
+    runner = rt.models["m"].shadow
+    for _ in range(500):
+        stats = runner.stats.get(version)
+        outcomes = dict(stats.outcomes) if stats is not None else {}
+        if sum(outcomes.values()) >= copies:
+            return outcomes
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"copies never settled: {runner.stats}")
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            head, _, value = line.rpartition(" ")
+            if all(f'{k}="{v}"' in head for k, v in labels.items()):
+                total += float(value)
+    return total
+
+
+def run(rt: Any, scenario: Callable[[Any], Any]) -> Any:
+    async def main() -> Any:
+        await rt.start()
+        try:
+            return await scenario(rt)
+        finally:
+            await rt.stop()
+
+    return asyncio.run(main())
+
+
+def offer(rt: Any, versions: tuple[str, ...], x: Array, primary: dict[str, Array]) -> None:
+    served = rt.models["m"]
+    targets = tuple(served.versions[v] for v in versions)
+    served.shadow.offer(targets, {"x": x}, {"x": x}, None, primary)
+
+
+def test_copies_waiting_together_run_as_one_submission_and_invalid_ones_fail_alone() -> None:
+    rt = shadow_runtime({})
+
+    async def scenario(rt: Any) -> tuple[dict[str, int], list[int], ShadowStats]:
+        for i in range(10):
+            if i in (3, 7):
+                bad = rows(float(i), width=3)  # the shadow wants 4 features: a 400 for it
+                offer(rt, ("2",), bad, primary_of(bad))
+            else:
+                offer(rt, ("2",), rows(float(i)), primary_of(rows(float(i))))
+        outcomes = await settle(rt, "2", 10)
+        return outcomes, rt.models["m"].versions["2"].model.batches, rt.models["m"].shadow.stats
+
+    outcomes, batches, stats = run(rt, scenario)
+    assert outcomes == {"ok": 8, "error": 2, "timeout": 0, "dropped": 0}
+    assert batches == [8]  # one model call for the eight valid copies
+    assert stats["2"].rows == 8 and stats["2"].agreeing_rows == 8
+
+
+def test_a_group_larger_than_the_batch_size_goes_in_several_submissions() -> None:
+    rt = shadow_runtime({}, batching={"kind": "dynamic", "max_batch_size": 4})
+    sizes = [1, 1, 3, 1, 1, 1, 1, 2, 1]
+
+    async def scenario(rt: Any) -> tuple[dict[str, int], list[int], ShadowStats]:
+        for i, n in enumerate(sizes):
+            x = rows(float(i), n)
+            offer(rt, ("2",), x, primary_of(x))
+        outcomes = await settle(rt, "2", len(sizes))
+        return outcomes, rt.models["m"].versions["2"].model.batches, rt.models["m"].shadow.stats
+
+    outcomes, batches, stats = run(rt, scenario)
+    assert outcomes["ok"] == len(sizes) and sum(outcomes.values()) == len(sizes)
+    # A worker takes at most four copies (each has a row at least): 1, 1, 3, 1 rows go as
+    # [1, 1] and [3, 1]; then 1, 1, 1, 2 as [1, 1, 1] and [2]; then the last copy.
+    assert batches == [2, 4, 3, 2, 1]
+    assert stats["2"].rows == sum(sizes) == stats["2"].agreeing_rows
+
+
+def test_a_group_that_times_out_counts_a_timeout_per_copy() -> None:
+    rt = shadow_runtime({"latency_s": 0.5}, timeout_ms=50)
+
+    async def scenario(rt: Any) -> tuple[dict[str, int], list[int], str]:
+        for i in range(5):
+            offer(rt, ("2",), rows(float(i)), primary_of(rows(float(i))))
+        outcomes = await settle(rt, "2", 5)
+        return (
+            outcomes,
+            rt.models["m"].versions["2"].model.batches,
+            rt.metrics.exposition().decode(),
+        )
+
+    outcomes, batches, text = run(rt, scenario)
+    assert outcomes == {"ok": 0, "error": 0, "timeout": 5, "dropped": 0}
+    assert batches == [5]
+    assert metric(text, "infercore_shadow_requests_total", outcome="timeout") == 5
+    assert metric(text, "infercore_route_errors_total", version="2") == 5
+
+
+def test_a_poisoned_copy_fails_alone_when_its_group_fails() -> None:
+    rt = shadow_runtime({"fail_on_value": 4.0})
+
+    async def scenario(rt: Any) -> tuple[dict[str, int], list[int], ShadowStats]:
+        for i in range(6):
+            offer(rt, ("2",), rows(float(i)), primary_of(rows(float(i))))
+        outcomes = await settle(rt, "2", 6)
+        return outcomes, rt.models["m"].versions["2"].model.batches, rt.models["m"].shadow.stats
+
+    outcomes, batches, stats = run(rt, scenario)
+    assert outcomes == {"ok": 5, "error": 1, "timeout": 0, "dropped": 0}
+    assert batches == [6, 1, 1, 1, 1, 1, 1]  # the group, then each copy alone
+    assert stats["2"].rows == 5
+
+
+@pytest.mark.parametrize("offset", [0.0, 0.5])
+def test_agreement_counts_equal_comparing_each_copy_alone(offset: float) -> None:
+    rng = np.random.default_rng(7)
+    rt = shadow_runtime({"offset": offset}, atol=0.1, rtol=0.0)
+    copies = []
+    for i in range(12):
+        x = rows(float(i), int(rng.integers(1, 4)))
+        # Some rows of the primary disagree with the shadow by more than atol, some less.
+        shift = rng.choice([0.0, 0.05, 0.3, -0.7, 0.5, 0.52], size=x.shape[0])
+        copies.append((x, primary_of(x, shift)))
+
+    async def scenario(rt: Any) -> tuple[list[int], ShadowStats]:
+        for x, primary in copies:
+            offer(rt, ("2",), x, primary)
+        await settle(rt, "2", len(copies))
+        return rt.models["m"].versions["2"].model.batches, rt.models["m"].shadow.stats["2"]
+
+    batches, stats = run(rt, scenario)
+    assert batches == [sum(x.shape[0] for x, _ in copies)]
+    expected = ShadowStats()
+    for x, primary in copies:
+        shadow = {"y": x.sum(axis=1, dtype=np.float32) + np.float32(offset), "echo": x}
+        n, agree = compare_rows(primary, shadow, (), atol=0.1, rtol=0.0, stats=expected)
+        expected.rows += n
+        expected.agreeing_rows += agree
+    assert 0 < expected.agreeing_rows < expected.rows
+    assert (stats.rows, stats.agreeing_rows) == (expected.rows, expected.agreeing_rows)
+    assert stats.abs_diff_rows == expected.abs_diff_rows
+    for name, total in expected.abs_diff_sum.items():
+        assert stats.abs_diff_sum[name] == pytest.approx(total)
+
+
+def test_copies_for_two_shadows_are_grouped_per_version() -> None:
+    rt = shadow_runtime({}, {"offset": 1.0})
+
+    async def scenario(rt: Any) -> tuple[Any, ...]:
+        for i in range(7):
+            offer(rt, ("2", "3"), rows(float(i)), primary_of(rows(float(i))))
+        two = await settle(rt, "2", 7)
+        three = await settle(rt, "3", 7)
+        versions = rt.models["m"].versions
+        stats = rt.models["m"].shadow.stats
+        return two, three, versions["2"].model.batches, versions["3"].model.batches, stats
+
+    two, three, batches2, batches3, stats = run(rt, scenario)
+    assert two["ok"] == three["ok"] == 7
+    assert batches2 == [7] and batches3 == [7]
+    assert stats["2"].agreeing_rows == 7 and stats["3"].agreeing_rows == 0
