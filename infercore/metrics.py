@@ -10,11 +10,24 @@ gauges follow their ``multiprocess_mode``: ``livesum`` for what is in progress (
 requests, queue depth), ``livemin`` for readiness (1 only when every live worker is ready),
 ``mostrecent`` for state set by a decision (stages, weights, drift verdicts). With one worker
 the registry is the plain in-process one.
+
+The families updated on every request (request and queue-wait durations, response counts,
+in-flight requests, queue depth, per-variant routing) are then :class:`LoopCounter`,
+:class:`LoopGauge` and :class:`LoopHistogram`: the same families, names, labels, buckets and
+exposition, with values kept in plain floats instead of behind a lock per value (a
+``prometheus_client`` histogram observation is a Python loop over the buckets and two locked
+increments; these take a ``bisect`` and two additions). They must only be updated from one
+thread, the event loop's (every request-path update is); reading them (``/metrics``) may
+happen anywhere. Several workers keep ``prometheus_client``'s own classes, whose values live
+in the shared files.
 """
 
 from __future__ import annotations
 
 import os
+import time
+from bisect import bisect_left
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -23,6 +36,7 @@ from prometheus_client import (
     Histogram,
     disable_created_metrics,
     generate_latest,
+    values,
 )
 
 # The *_created series double every counter and histogram for no use in dashboards.
@@ -62,6 +76,87 @@ def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 
+class _LoopValue:
+    """A metric value without a lock: written from one thread only (see the module doc)."""
+
+    __slots__ = ("_exemplar", "value")
+
+    def __init__(self) -> None:
+        self.value = 0.0
+        self._exemplar: Any = None
+
+    def inc(self, amount: float) -> None:
+        self.value += amount
+
+    def set(self, value: float, timestamp: float | None = None) -> None:
+        self.value = value
+
+    def set_exemplar(self, exemplar: Any) -> None:
+        self._exemplar = exemplar
+
+    def get(self) -> float:
+        return self.value
+
+    def get_exemplar(self) -> Any:
+        return self._exemplar
+
+
+class LoopCounter(Counter):
+    """A :class:`~prometheus_client.Counter` updated from the event loop's thread only."""
+
+    def _metric_init(self) -> None:
+        self._value: Any = _LoopValue()
+        self._created = time.time()
+
+    def inc(self, amount: float = 1, exemplar: dict[str, str] | None = None) -> None:
+        if amount < 0 or exemplar:
+            super().inc(amount, exemplar)  # the checks (and the exemplar) of the base class
+            return
+        self._value.value += amount
+
+
+class LoopGauge(Gauge):
+    """A :class:`~prometheus_client.Gauge` updated from the event loop's thread only."""
+
+    def _metric_init(self) -> None:
+        self._value: Any = _LoopValue()
+
+    def inc(self, amount: float = 1) -> None:
+        self._value.value += amount
+
+    def dec(self, amount: float = 1) -> None:
+        self._value.value -= amount
+
+    def set(self, value: float) -> None:
+        self._value.value = float(value)
+
+
+class LoopHistogram(Histogram):
+    """A :class:`~prometheus_client.Histogram` updated from the event loop's thread only."""
+
+    def _metric_init(self) -> None:
+        self._created = time.time()
+        self._sum: Any = _LoopValue()
+        self._buckets: Any = [_LoopValue() for _ in self._upper_bounds]
+
+    def observe(self, amount: float, exemplar: dict[str, str] | None = None) -> None:
+        if exemplar:
+            super().observe(amount, exemplar)
+            return
+        self._sum.value += amount
+        bounds = self._upper_bounds
+        i = bisect_left(bounds, amount)
+        # The base class counts a value in the first bucket whose bound it is <= to (NaN in
+        # none): bisect finds that bucket, the comparison keeps NaN out.
+        if i < len(bounds) and amount <= bounds[i]:
+            self._buckets[i].value += 1
+
+
+def _single_process() -> bool:
+    """Values live in this process (not in ``prometheus_client``'s multiprocess files)."""
+    return multiprocess_dir() is None and values.ValueClass is values.MutexValue
+
+
 class Metrics:
     """Every metric family of one app."""
 
@@ -69,47 +164,52 @@ class Metrics:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         self._exposed: CollectorRegistry | None = None
         r = self.registry
-        self.request_duration = Histogram(
+        # The families the request path updates: lock-free in a single process.
+        local = _single_process()
+        hot_histogram = LoopHistogram if local else Histogram
+        hot_counter = LoopCounter if local else Counter
+        hot_gauge = LoopGauge if local else Gauge
+        self.request_duration = hot_histogram(
             "infercore_request_duration_seconds",
             "Time from reading a request to its response, by model and version.",
             _LABELS,
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.queue_wait = Histogram(
+        self.queue_wait = hot_histogram(
             "infercore_queue_wait_seconds",
             "Time a request waited in the batcher queue before its model call began.",
             _LABELS,
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.inference_duration = Histogram(
+        self.inference_duration = hot_histogram(
             "infercore_inference_duration_seconds",
             "Duration of one model call (one batch).",
             _LABELS,
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.batch_size = Histogram(
+        self.batch_size = hot_histogram(
             "infercore_batch_size",
             "Rows per model call.",
             _LABELS,
             buckets=_BATCH_BUCKETS,
             registry=r,
         )
-        self.requests = Counter(
+        self.requests = hot_counter(
             "infercore_requests",
             "Inference requests answered, by status code.",
             (*_LABELS, "code"),
             registry=r,
         )
-        self.failures = Counter(
+        self.failures = hot_counter(
             "infercore_request_failures",
             "Inference requests that failed, by reason.",
             (*_LABELS, "reason"),
             registry=r,
         )
-        self.queue_depth = Gauge(
+        self.queue_depth = hot_gauge(
             "infercore_queue_depth",
             "Requests waiting in the batcher queue.",
             _LABELS,
@@ -124,7 +224,7 @@ class Metrics:
             # Each worker adapts its own wait: the largest live one bounds the added latency.
             multiprocess_mode="livemax",
         )
-        self.inflight = Gauge(
+        self.inflight = hot_gauge(
             "infercore_inflight_requests",
             "Inference requests being processed.",
             _LABELS,
@@ -202,19 +302,19 @@ class Metrics:
         # Rollouts (infercore.runtime, infercore.lifecycle): per variant (an A/B arm's name, or
         # the version) and role (the version's stage: primary, canary, shadow, candidate ...).
         route = (*_LABELS, "variant", "role")
-        self.route_requests = Counter(
+        self.route_requests = hot_counter(
             "infercore_route_requests",
             "Requests a version took, by variant and role (shadow copies not included).",
             route,
             registry=r,
         )
-        self.route_errors = Counter(
+        self.route_errors = hot_counter(
             "infercore_route_errors",
             "Requests (and shadow copies) that failed in a version (5xx, timeouts).",
             route,
             registry=r,
         )
-        self.route_duration = Histogram(
+        self.route_duration = hot_histogram(
             "infercore_route_duration_seconds",
             "Time in the pipeline (features, queue, model) by variant and role.",
             route,

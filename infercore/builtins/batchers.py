@@ -237,6 +237,23 @@ class _Item:
         self.timer: asyncio.TimerHandle | None = None
 
 
+class _Filling:
+    """A batch waiting to fill, as :meth:`DynamicBatcher.submit` sees it.
+
+    ``rows``: the batch's rows plus those of the compatible requests queued since the collector
+    last took what was ready; ``until``: when the collector's wait ends unless woken; ``last``:
+    the loop time of the latest arrival.
+    """
+
+    __slots__ = ("key", "last", "rows", "until")
+
+    def __init__(self, key: tuple[Any, ...], rows: int, until: float, now: float) -> None:
+        self.key = key
+        self.rows = rows
+        self.until = until
+        self.last = now
+
+
 class DynamicBatcher(Batcher):
     """Stacks concurrent requests along the batch dimension into one model call.
 
@@ -279,6 +296,7 @@ class DynamicBatcher(Batcher):
         self._batched_names: tuple[str, ...] = ()
         self._preferred = frozenset(config.preferred_batch_sizes)
         self._stopping = False
+        self._filling: _Filling | None = None
 
     @property
     def queue_depth(self) -> int:
@@ -337,7 +355,26 @@ class DynamicBatcher(Batcher):
         self._queue.append(item)
         self._waiting += 1
         self.observer.set_queue_depth(self._waiting)
-        self._wakeup.set()
+        fill = self._filling
+        if fill is None:
+            self._wakeup.set()
+        else:
+            # A batch is waiting to fill: wake its collector only when this request completes
+            # it (full, a preferred size, a request that cannot join) or must shorten its wait
+            # (an earlier deadline); otherwise the collector takes it when its wait ends (what
+            # it would have done on waking now: see _fill), which saves a task wake-up, a
+            # timeout and a look at the queue per request.
+            fill.last = now
+            if key != fill.key:
+                self._wakeup.set()
+            else:
+                fill.rows += rows
+                if (
+                    fill.rows >= self.config.max_batch_size
+                    or fill.rows in self._preferred
+                    or deadline < fill.until
+                ):
+                    self._wakeup.set()
         try:
             return await item.future
         except asyncio.CancelledError:
@@ -345,11 +382,18 @@ class DynamicBatcher(Batcher):
             self._abandon(item)
             raise
 
+    def _unfill(self, item: _Item) -> None:
+        """A queued request left before the filling batch took it: it no longer counts."""
+        fill = self._filling
+        if fill is not None and item.key == fill.key:
+            fill.rows -= item.rows
+
     def _abandon(self, item: _Item) -> None:
         if item.state == _QUEUED:
             item.state = _DONE
             self._waiting -= 1
             self.observer.set_queue_depth(self._waiting)
+            self._unfill(item)
         if item.timer is not None:
             item.timer.cancel()
 
@@ -359,6 +403,7 @@ class DynamicBatcher(Batcher):
         item.state = _DONE
         self._waiting -= 1
         self.observer.set_queue_depth(self._waiting)
+        self._unfill(item)
         if not item.future.done():
             if by_deadline:
                 item.future.set_exception(DeadlineExceeded("deadline exceeded while queued"))
@@ -458,23 +503,33 @@ class DynamicBatcher(Batcher):
             return rows
         limit = min(it.deadline for it in batch)
         until = min(self._fill_until(batch[0], rows, loop), limit)
-        while not self._stopping:
-            remaining = until - loop.time()
-            if remaining <= 0:
-                break
-            self._wakeup.clear()
-            try:
-                async with asyncio.timeout(remaining):
-                    await self._wakeup.wait()
-            except TimeoutError:
-                break
-            taken = len(batch)
-            rows, complete = self._take_ready(batch, rows, loop)
-            if complete:
-                break
-            if len(batch) > taken:
-                limit = min(limit, min(it.deadline for it in batch[taken:]))
-                until = min(self._refill_until(until, loop.time()), limit)
+        # Requests that arrive while the batch waits stay queued unless they complete it or
+        # shorten its wait (submit() wakes the collector for those); when the wait ends they
+        # are taken and the wait is extended as it would have been at the latest arrival
+        # (_refill_until is non-decreasing in time, so nothing would have ended it sooner).
+        fill = self._filling = _Filling(batch[0].key, rows, until, loop.time())
+        try:
+            while not self._stopping:
+                remaining = until - loop.time()
+                if remaining <= 0:
+                    break
+                fill.rows = rows
+                fill.until = until
+                self._wakeup.clear()
+                try:
+                    async with asyncio.timeout(remaining):
+                        await self._wakeup.wait()
+                except TimeoutError:
+                    pass
+                taken = len(batch)
+                rows, complete = self._take_ready(batch, rows, loop)
+                if complete:
+                    break
+                if len(batch) > taken:
+                    limit = min(limit, min(it.deadline for it in batch[taken:]))
+                    until = min(self._refill_until(until, fill.last), limit)
+        finally:
+            self._filling = None
         if self._stopping:  # stop() finishes the queue: whatever else fits goes along
             rows, _ = self._take_ready(batch, rows, loop)
         return rows

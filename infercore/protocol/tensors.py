@@ -251,10 +251,69 @@ def _exact_ints(data: list[Any]) -> Array | None:
         return None
 
 
+def _flat_bounds() -> dict[str, tuple[type, float | int, float | int]]:
+    """Per datatype: the Python leaf type a flat list may hold, and the values' range."""
+    bounds: dict[str, tuple[type, float | int, float | int]] = {}
+    for name, dtype in V2_TO_NUMPY.items():
+        if dtype.kind == "f":
+            bounds[name] = (float, -float(np.finfo(dtype).max), float(np.finfo(dtype).max))
+        elif dtype.kind in "iu":
+            bounds[name] = (int, *_integral_range(dtype))
+    bounds["BOOL"] = (bool, False, True)
+    bounds["BYTES"] = (str, 0, 0)
+    return bounds
+
+
+_FLAT = _flat_bounds()
+#: Integers up to this magnitude are exact as doubles, so numpy converts them to a float type
+#: with one rounding, as it does an int64 array.
+_EXACT_INT = 2**53
+
+
+def _from_flat_json(data: list[Any], datatype: str, count: int) -> Array | None:
+    """A small flat list of plain leaves of the datatype's own kind, built at once.
+
+    The common case (a few values per input) without the general path's type inference,
+    conversions and checks, which give the same array for these inputs; ``None`` where that
+    path is needed (nesting, other leaf types, values out of range, errors to word).
+    """
+    if len(data) != count or count > 64:
+        return None
+    leaf, lo, hi = _FLAT[datatype]
+    if leaf is float:
+        for v in data:
+            t = type(v)
+            if t is float:
+                if not lo <= v <= hi:
+                    return None
+            elif t is not int or not -_EXACT_INT <= v <= _EXACT_INT or not lo <= v <= hi:
+                return None
+    elif leaf is int:
+        for v in data:
+            if type(v) is not int or not lo <= v <= hi:
+                return None
+    else:
+        for v in data:
+            if type(v) is not leaf:
+                return None
+        if leaf is str:
+            return np.array(data, dtype=object)
+    return np.array(data, dtype=V2_TO_NUMPY[datatype])
+
+
 def from_json(name: str, data: Any, shape: list[int], datatype: str, count: int) -> Array:
     """A tensor from V2 JSON ``data`` (flat or nested, row-major) and its declared shape."""
     if not isinstance(data, list):
         data = [data]
+    if count:
+        flat = _from_flat_json(data, datatype, count)
+        if flat is not None:
+            return flat.reshape(shape)
+    return _from_json(name, data, shape, datatype, count)
+
+
+def _from_json(name: str, data: list[Any], shape: list[int], datatype: str, count: int) -> Array:
+    """:func:`from_json` by the general path: any nesting, every check, worded errors."""
     arr = json_array(f"input {name!r}", data, datatype)
     if arr.size != count:
         raise InvalidInput(

@@ -710,6 +710,75 @@ def test_the_batch_stops_at_the_largest_preferred_size_the_queue_reaches(
     run(scenario())
 
 
+async def _filling(batcher: DynamicBatcher, first: Tensors) -> asyncio.Task[Tensors]:
+    """Submit ``first`` and return once its batch waits for company."""
+    task = asyncio.create_task(batcher.submit(first, deadline=later(7200)))
+    await until(lambda: batcher._filling is not None)
+    return task
+
+
+def test_arrivals_join_a_filling_batch_that_goes_once_full() -> None:
+    async def scenario() -> None:
+        model = await make_model()
+        batcher = await make_dynamic(
+            model, max_batch_size=4, max_queue_delay_ms=3_600_000, queue_timeout_ms=3_600_000
+        )
+        reqs = [request(i) for i in range(4)]
+        tasks = [await _filling(batcher, reqs[0])]
+        for r in reqs[1:]:
+            tasks.append(asyncio.create_task(batcher.submit(r, deadline=later(7200))))
+        for req, res in zip(reqs, await finish(*tasks, limit=10), strict=True):
+            check_result(req, res)
+        assert model.batches == [4]
+        await batcher.stop()
+
+    run(scenario())
+
+
+def test_a_request_that_leaves_a_filling_batch_no_longer_counts_towards_it() -> None:
+    async def scenario() -> None:
+        model = await make_model()
+        batcher = await make_dynamic(
+            model,
+            max_batch_size=8,
+            max_queue_delay_ms=3_600_000,
+            queue_timeout_ms=3_600_000,
+            preferred_batch_sizes=[3],
+        )
+        first = await _filling(batcher, request(0))
+        gone = asyncio.create_task(batcher.submit(request(1), deadline=later(7200)))
+        await until(lambda: batcher.queue_depth == 1)
+        gone.cancel()
+        await until(lambda: batcher.queue_depth == 0)
+        # 1 + 2 rows: the preferred size, so the batch goes at once (counting the request that
+        # left, it would be 4 rows and wait an hour).
+        last = asyncio.create_task(batcher.submit(request(2, 2), deadline=later(7200)))
+        results = await finish(first, last, limit=10)
+        check_result(request(0), results[0])
+        check_result(request(2, 2), results[1])
+        assert model.batches == [3]
+        await batcher.stop()
+
+    run(scenario())
+
+
+def test_an_arrival_with_an_earlier_deadline_shortens_the_wait_of_a_filling_batch() -> None:
+    async def scenario() -> None:
+        model = await make_model()
+        batcher = await make_dynamic(
+            model, max_batch_size=8, max_queue_delay_ms=3_600_000, queue_timeout_ms=3_600_000
+        )
+        first = await _filling(batcher, request(0))
+        soon = asyncio.create_task(batcher.submit(request(1), deadline=later(0.05)))
+        results = await finish(first, soon, limit=10)
+        check_result(request(0), results[0])
+        check_result(request(1), results[1])
+        assert model.batches == [2]  # it went at the deadline, with both
+        await batcher.stop()
+
+    run(scenario())
+
+
 def test_preferred_sizes_are_checked_against_max_batch_size() -> None:
     from infercore.errors import ConfigError
     from infercore.testing import plugin_manager
