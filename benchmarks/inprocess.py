@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import sys
 import tempfile
@@ -78,10 +79,22 @@ async def _drive(
         for i in counter:
             await one(bodies[i % len(bodies)])
 
+    gc_s = [0.0, 0.0]  # seconds in the collector, start of the current collection
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            gc_s[1] = time.perf_counter()
+        else:
+            gc_s[0] += time.perf_counter() - gc_s[1]
+
+    gc.callbacks.append(on_gc)
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(concurrency)))
+    try:
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+    finally:
+        gc.callbacks.remove(on_gc)
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-    return {"statuses": statuses, "cpu_s": cpu, "wall_s": wall}
+    return {"statuses": statuses, "cpu_s": cpu, "wall_s": wall, "gc_s": gc_s[0]}
 
 
 async def _lifespan(
@@ -119,6 +132,10 @@ async def main(args: argparse.Namespace) -> None:
         app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, inbox.get, outbox.put)
     )
     await _lifespan(app, "startup", inbox, outbox)
+    if os.environ.get("GCFREEZE"):
+        gc.collect()
+        gc.freeze()
+        print("frozen", gc.get_freeze_count(), gc.get_threshold())
     path = f"/v2/models/{args.recipe}/infer"
     bodies = _bodies(args.recipe, 2000)
     await _drive(app, path, bodies, min(args.requests // 5, 5000), args.concurrency)  # warm up
@@ -128,7 +145,8 @@ async def main(args: argparse.Namespace) -> None:
         print(
             f"{'floor' if args.floor else args.recipe}: {n} requests, "
             f"{n / r['wall_s']:,.0f} req/s, "
-            f"{r['cpu_s'] / n * 1e6:.1f} µs CPU per request, statuses {r['statuses']}",
+            f"{r['cpu_s'] / n * 1e6:.1f} µs CPU per request "
+            f"({r['gc_s'] / n * 1e6:.1f} in the garbage collector), statuses {r['statuses']}",
             flush=True,
         )
     await _lifespan(app, "shutdown", inbox, outbox)

@@ -434,3 +434,19 @@ def test_serve_on_a_port_in_use_exits_with_one_clear_line() -> None:
     assert errors == [
         f"infercore: error: could not listen on http://127.0.0.1:{port} (see the log above)"
     ]
+
+
+def test_freeze_heap_moves_live_objects_out_of_the_collectors_generations() -> None:
+    import gc
+
+    from infercore.cli import freeze_heap
+
+    before = gc.get_freeze_count()
+    survivors = [[i] for i in range(1000)]  # tracked containers alive at "start-up"
+    try:
+        frozen = freeze_heap()
+        assert frozen == gc.get_freeze_count()
+        assert frozen >= before + len(survivors)
+    finally:
+        gc.unfreeze()
+    del survivors
