@@ -33,9 +33,7 @@ from infercore_feast.metrics import feature_metrics
 
 log = logging.getLogger("infercore.feast")
 
-#: One entity's values, in the order of the source's distinct feature references; ``None``
-#: for an entity the store does not know.
-Row = tuple[Any, ...] | None
+Row = feast_store.Row
 
 _UNREAD = object()  # a key whose read failed (fail_open): defaults, but not "unknown entity"
 
@@ -46,9 +44,10 @@ class FeastFeatureSource(FeatureSource):
     Per request: the entity keys come from the ``entity.field`` column; keys held in the TTL
     cache are answered at once; the others join a merged read that collects keys from every
     concurrent request for at most ``batch_window_ms`` (or ``max_batch_entities`` keys), reads
-    them with one ``get_online_features`` call in a worker thread, caches and fans the rows
-    out. A read is abandoned after ``timeout_ms``; a request waits no longer than its
-    deadline. Failed reads apply ``on_failure`` and count towards the circuit breaker.
+    them in a worker thread with one ``online_read`` per feature view (for views it cannot
+    read that way, one ``get_online_features`` call; see ``store.online_reader``), caches and
+    fans the rows out. A read is abandoned after ``timeout_ms``; a request waits no longer
+    than its deadline. Failed reads apply ``on_failure`` and count towards the circuit breaker.
 
     ``feast`` is imported by :meth:`start` (it takes seconds), never with this module.
     """
@@ -62,8 +61,6 @@ class FeastFeatureSource(FeatureSource):
         self.config = config
         self._feast_inputs: list[FeastInput] = check_config(config, context.path)
         self._refs: list[str] = list(dict.fromkeys(i.ref for i in self._feast_inputs))
-        # Feast's full feature names (view__feature), in the order of self._refs.
-        self._columns = [ref.replace(":", "__") for ref in self._refs]
         self._slot = {i.name: self._refs.index(i.ref) for i in self._feast_inputs}
         self._feast_by_name = {i.name: i for i in self._feast_inputs}
         self._timeout_s = config.timeout_ms / 1000
@@ -98,8 +95,11 @@ class FeastFeatureSource(FeatureSource):
             window_s=config.batch_window_ms / 1000,
             max_keys=config.max_batch_entities,
         )
-        #: The ``feast.FeatureStore`` used for reads (after :meth:`start`).
+        #: The ``feast.FeatureStore`` (after :meth:`start`).
         self.store: Any = None
+        #: Reads rows, blocking (after :meth:`start`): through the online store's
+        #: ``online_read`` where the views allow it, else through ``self.store``.
+        self.reader: feast_store.RowReader | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._where: feast_store.StoreLocation | None = None
 
@@ -116,9 +116,7 @@ class FeastFeatureSource(FeatureSource):
         path = self.context.path
         where = self._where = feast_store.locate(self.config, self.context.model_root, path)
         try:
-            self.store = await asyncio.to_thread(
-                feast_store.prepare_store, self.config, where, self._feast_inputs, path=path
-            )
+            self.store, self.reader = await asyncio.to_thread(self._open, where)
         except InfercoreError:
             raise
         except Exception as exc:
@@ -131,6 +129,16 @@ class FeastFeatureSource(FeatureSource):
         self._executor = ThreadPoolExecutor(
             max_workers=self.config.read_threads, thread_name_prefix="infercore-feast"
         )
+
+    def _open(self, where: feast_store.StoreLocation) -> tuple[Any, feast_store.RowReader]:
+        store = feast_store.prepare_store(
+            self.config, where, self._feast_inputs, path=self.context.path
+        )
+        reader, how = feast_store.online_reader(store, self._refs, self.config.entity.join_key)
+        # One read through the reader too: its own connections open here, not on a request.
+        reader(["__infercore_warmup__"])
+        log.info("feast: model %s reads through %s", self.context.model_name, how)
+        return store, reader
 
     async def stop(self) -> None:
         await self.merger.close()
@@ -218,8 +226,8 @@ class FeastFeatureSource(FeatureSource):
 
     async def _read(self, keys: list[str]) -> list[Row]:
         """One merged read: a worker thread, bounded by ``timeout_ms``; results cached."""
-        executor = self._executor
-        if executor is None:
+        executor, reader = self._executor, self.reader
+        if executor is None or reader is None:
             raise ReadFailed("error")
         loop = asyncio.get_running_loop()
         self.breaker.on_dispatch()
@@ -227,7 +235,7 @@ class FeastFeatureSource(FeatureSource):
         t0 = time.perf_counter()
         try:
             rows = await asyncio.wait_for(
-                loop.run_in_executor(executor, self._read_blocking, keys), self._timeout_s
+                loop.run_in_executor(executor, reader, keys), self._timeout_s
             )
         except TimeoutError:
             self._m_fetch.observe(time.perf_counter() - t0)
@@ -248,19 +256,6 @@ class FeastFeatureSource(FeatureSource):
         for key, row in zip(keys, rows, strict=True):
             self.cache.put(key, row)
         return rows
-
-    def _read_blocking(self, keys: list[str]) -> list[Row]:
-        response = self.store.get_online_features(
-            features=self._refs,
-            entity_rows={self.config.entity.join_key: keys},
-            full_feature_names=True,
-        ).to_dict()
-        columns = [response[name] for name in self._columns]
-        out: list[Row] = []
-        for i in range(len(keys)):
-            row = tuple(column[i] for column in columns)
-            out.append(None if all(v is None for v in row) else row)
-        return out
 
     # -- request fields and tensors -------------------------------------------------------
 
