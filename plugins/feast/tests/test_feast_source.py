@@ -732,3 +732,30 @@ def test_views_it_cannot_read_directly_go_through_the_sdk(model_root: Path) -> N
         assert how == "card_features's entity joins on 'card_id'"
     finally:
         run(source.stop())
+
+
+def test_one_row_requests_get_what_each_row_of_a_batch_gets(model_root: Path) -> None:
+    # One transaction per request takes a shorter way to its tensors: same values, dtypes,
+    # shapes and default counts as the general one.
+    cards = [card(3), NULL_CARD, "c_nobody", card(3)]
+
+    async def main() -> tuple[list[dict[str, np.ndarray]], dict[str, np.ndarray], list[float]]:
+        source = await started(make_source(model_root))
+        try:
+            singles = [await fetch(source, [c], amounts=[float(i)]) for i, c in enumerate(cards)]
+            counted = [
+                sample(source, "infercore_feature_defaults_total", feature=f"card_features:{f}")
+                for f in ("txn_count_7d", "txn_count_24h")
+            ]
+            return singles, await fetch(source, cards), counted
+        finally:
+            await source.stop()
+
+    singles, batch, counted = run(main())
+    assert counted == [2, 1]  # NULL_CARD's null and c_nobody: 2; c_nobody only: 1
+    for i, single in enumerate(singles):
+        assert list(single) == list(batch)
+        for name, tensor in single.items():
+            assert tensor.shape == (1, 1) and tensor.dtype == batch[name].dtype, name
+            assert tensor[0, 0] == batch[name][i, 0], (name, i)
+    assert batch["txn_count_7d"][:, 0].tolist() == [103, -4, -4, 103]

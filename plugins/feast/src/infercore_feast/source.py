@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +37,10 @@ log = logging.getLogger("infercore.feast")
 
 Row = feast_store.Row
 
-_UNREAD = object()  # a key whose read failed (fail_open): defaults, but not "unknown entity"
+#: An entity's row as :meth:`FeastFeatureSource._assemble` uses it (and as the cache holds
+#: it): each feast input's value in the order of the feast inputs, its default where the
+#: store has none and BYTES encoded; and the positions of the inputs that took their default.
+Prepared = tuple[tuple[Any, ...], tuple[int, ...]]
 
 
 class FeastFeatureSource(FeatureSource):
@@ -61,8 +66,23 @@ class FeastFeatureSource(FeatureSource):
         self.config = config
         self._feast_inputs: list[FeastInput] = check_config(config, context.path)
         self._refs: list[str] = list(dict.fromkeys(i.ref for i in self._feast_inputs))
-        self._slot = {i.name: self._refs.index(i.ref) for i in self._feast_inputs}
-        self._feast_by_name = {i.name: i for i in self._feast_inputs}
+        # Per feast input: its slot in a Row, its default, whether it is BYTES.
+        self._feast_plan = [
+            (self._refs.index(i.ref), i.default, i.datatype == "BYTES") for i in self._feast_inputs
+        ]
+        defaults = tuple(i.default for i in self._feast_inputs)
+        # An entity the store does not know: every input takes (and counts) its default.
+        self._unknown: Prepared = (defaults, tuple(range(len(defaults))))
+        # A key whose read failed (fail_open): defaults, not counted as defaults.
+        self._unread: Prepared = (defaults, ())
+        feast_index = {i.name: j for j, i in enumerate(self._feast_inputs)}
+        # Per model input, in order: its name, its feast input's position (-1 for a request
+        # input) and the dtype of a feast input's tensor.
+        self._plan = [
+            (spec.name, feast_index.get(spec.name, -1), V2_TO_NUMPY[spec.datatype])
+            for spec in config.inputs
+        ]
+        self._request_specs = [spec for spec in config.inputs if spec.source == "request"]
         self._timeout_s = config.timeout_ms / 1000
         model = context.model_name or context.path
         registry = context.extra.get("metrics_registry")
@@ -83,14 +103,14 @@ class FeastFeatureSource(FeatureSource):
         self._m_degraded = {
             r: m.degraded.labels(model, r) for r in ("timeout", "error", "breaker_open")
         }
-        self._m_defaults = {i.name: m.defaults.labels(model, i.ref) for i in self._feast_inputs}
-        self.cache: TTLCache[Row] = TTLCache(config.cache_ttl_s, config.cache_max_entries)
+        self._m_defaults = [m.defaults.labels(model, i.ref) for i in self._feast_inputs]
+        self.cache: TTLCache[Prepared] = TTLCache(config.cache_ttl_s, config.cache_max_entries)
         self.breaker = CircuitBreaker(
             config.breaker_failures,
             config.breaker_reset_s,
             on_change=self._breaker_changed,
         )
-        self.merger: ReadMerger[Row] = ReadMerger(
+        self.merger: ReadMerger[Prepared] = ReadMerger(
             self._read,
             window_s=config.batch_window_ms / 1000,
             max_keys=config.max_batch_entities,
@@ -195,7 +215,7 @@ class FeastFeatureSource(FeatureSource):
                 self._m_degraded[reason].inc()
                 mark_degraded("features")
                 for key in misses:
-                    found.setdefault(key, _UNREAD)
+                    found.setdefault(key, self._unread)
         return self._assemble(keys, found, request_columns)
 
     async def _lookup(self, keys: list[str], found: dict[str, Any], deadline: float) -> str | None:
@@ -224,7 +244,7 @@ class FeastFeatureSource(FeatureSource):
                 reason = reason or "error"
         return reason
 
-    async def _read(self, keys: list[str]) -> list[Row]:
+    async def _read(self, keys: list[str]) -> list[Prepared]:
         """One merged read: a worker thread, bounded by ``timeout_ms``; results cached."""
         executor, reader = self._executor, self.reader
         if executor is None or reader is None:
@@ -235,7 +255,7 @@ class FeastFeatureSource(FeatureSource):
         t0 = time.perf_counter()
         try:
             rows = await asyncio.wait_for(
-                loop.run_in_executor(executor, reader, keys), self._timeout_s
+                loop.run_in_executor(executor, self._read_blocking, reader, keys), self._timeout_s
             )
         except TimeoutError:
             self._m_fetch.observe(time.perf_counter() - t0)
@@ -256,6 +276,25 @@ class FeastFeatureSource(FeatureSource):
         for key, row in zip(keys, rows, strict=True):
             self.cache.put(key, row)
         return rows
+
+    def _read_blocking(self, reader: feast_store.RowReader, keys: list[str]) -> list[Prepared]:
+        return [self._prepare(row) for row in reader(keys)]
+
+    def _prepare(self, row: Row) -> Prepared:
+        if row is None:
+            return self._unknown
+        values: list[Any] = []
+        defaulted: list[int] = []
+        for j, (slot, default, is_bytes) in enumerate(self._feast_plan):
+            value = row[slot]
+            if value is None:
+                defaulted.append(j)
+                values.append(default)
+            elif is_bytes and isinstance(value, str):
+                values.append(value.encode())
+            else:
+                values.append(value)
+        return tuple(values), tuple(defaulted)
 
     # -- request fields and tensors -------------------------------------------------------
 
@@ -289,9 +328,7 @@ class FeastFeatureSource(FeatureSource):
 
     def _request_columns(self, fields: Mapping[str, npt.NDArray[Any]], rows: int) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for spec in self.config.inputs:
-            if spec.source != "request":
-                continue
+        for spec in self._request_specs:
             column = fields.get(spec.name)
             if column is None and spec.default is not None:
                 value = spec.default
@@ -306,11 +343,7 @@ class FeastFeatureSource(FeatureSource):
                 raise InvalidInput(
                     f"missing field {spec.name!r}",
                     hint="send every required request field of the model: "
-                    + ", ".join(
-                        s.name
-                        for s in self.config.inputs
-                        if s.source == "request" and s.default is None
-                    ),
+                    + ", ".join(s.name for s in self._request_specs if s.default is None),
                 )
             column = _one_per_row(spec.name, column)
             if len(column) != rows:
@@ -325,53 +358,80 @@ class FeastFeatureSource(FeatureSource):
         return out
 
     def _assemble(
-        self, keys: Sequence[str], found: Mapping[str, Any], request_columns: dict[str, Any]
+        self, keys: Sequence[str], found: Mapping[str, Prepared], request_columns: dict[str, Any]
     ) -> Tensors:
         rows = len(keys)
-        columns: list[npt.NDArray[Any]] = []
-        for spec in self.config.inputs:
-            item = self._feast_by_name.get(spec.name)
-            if item is None:
-                columns.append(request_columns[spec.name])
-                continue
-            slot = self._slot[spec.name]
-            values: list[Any] = []
-            defaults = 0
-            for key in keys:
-                row = found[key]
-                if row is _UNREAD:
-                    values.append(item.default)
-                    continue
-                value = None if row is None else row[slot]
-                if value is None:
-                    defaults += 1
-                    values.append(item.default)
-                elif item.datatype == "BYTES":
-                    values.append(value.encode() if isinstance(value, str) else value)
-                else:
-                    values.append(value)
-            if defaults:
-                self._m_defaults[spec.name].inc(defaults)
-            columns.append(np.array(values, dtype=V2_TO_NUMPY[item.datatype]).reshape(rows))
+        if rows == 1 and self.config.layout == "columns":
+            # One transaction, the common request: each tensor in one step.
+            values, defaulted = found[keys[0]]
+            for j in defaulted:
+                self._m_defaults[j].inc()
+            return {
+                name: request_columns[name].reshape(1, 1)
+                if j < 0
+                else np.array([[values[j]]], dtype=dtype)
+                for name, j, dtype in self._plan
+            }
+        prepared = [found[key] for key in keys]
+        counts = [0] * len(self._feast_inputs)
+        for _, defaulted in prepared:
+            for j in defaulted:
+                counts[j] += 1
+        for j, count in enumerate(counts):
+            if count:
+                self._m_defaults[j].inc(count)
+        columns: list[npt.NDArray[Any]] = [
+            request_columns[name]
+            if j < 0
+            else np.array([p[0][j] for p in prepared], dtype=dtype).reshape(rows)
+            for name, j, dtype in self._plan
+        ]
         if self.config.layout == "matrix":
             matrix = np.empty((rows, len(columns)), dtype=np.float32)
             for j, column in enumerate(columns):
                 matrix[:, j] = column
             return {self.config.matrix_input: matrix}
         return {
-            spec.name: column.reshape(rows, 1)
-            for spec, column in zip(self.config.inputs, columns, strict=True)
+            name: column.reshape(rows, 1)
+            for (name, _, _), column in zip(self._plan, columns, strict=True)
         }
+
+
+# A few values (one field of one transaction, say): Python compares them faster than numpy
+# starts its reductions.
+_FEW = 8
 
 
 def _check_range(name: str, value: npt.NDArray[Any], low: float | None, high: float | None) -> None:
     """Request values must be finite and inside the recipe's bounds (a 400 otherwise)."""
+    if value.dtype.kind == "f" and value.size <= _FEW:
+        values = value.ravel().tolist()
+        if not all(map(math.isfinite, values)):
+            raise InvalidInput(f"field {name!r}: values must be finite numbers")
+        if low is not None and any(v < _bound(value.dtype, low) for v in values):
+            raise InvalidInput(
+                f"field {name!r}: values must be at least {low:g}", hint="fix the value"
+            )
+        if high is not None and any(v > _bound(value.dtype, high) for v in values):
+            raise InvalidInput(
+                f"field {name!r}: values must be at most {high:g}", hint="fix the value"
+            )
+        return
     if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
         raise InvalidInput(f"field {name!r}: values must be finite numbers")
     if low is not None and np.any(value < low):
         raise InvalidInput(f"field {name!r}: values must be at least {low:g}", hint="fix the value")
     if high is not None and np.any(value > high):
         raise InvalidInput(f"field {name!r}: values must be at most {high:g}", hint="fix the value")
+
+
+@functools.lru_cache(maxsize=256)
+def _bound(dtype: np.dtype[Any], bound: float) -> float:
+    """``bound`` as numpy compares it with an array of ``dtype``: rounded to float32 for a
+    float32 array where it fits (numpy 1's value-based casting), so the Python comparison
+    of the array's values gives numpy's answer exactly."""
+    common = np.result_type(dtype, bound)
+    return float(common.type(bound))
 
 
 def _one_per_row(name: str, column: npt.NDArray[Any]) -> npt.NDArray[Any]:
