@@ -729,7 +729,7 @@ def test_views_it_cannot_read_directly_go_through_the_sdk(model_root: Path) -> N
         # An entity joined on another key than the source's (here: a join key it does not use).
         reader, how = online_reader(source.store, ["card_features:txn_count_24h"], "account_id")
         assert not isinstance(reader, OnlineStoreReader)
-        assert how == "card_features's entity joins on 'card_id'"
+        assert how == "get_online_features (card_features's entity joins on 'card_id')"
     finally:
         run(source.stop())
 

@@ -468,7 +468,7 @@ def online_reader(store: Any, refs: list[str], join_key: str) -> tuple[RowReader
             view = store.get_feature_view(view_name)
             why = _unusual_view(store, view, feast, value_type, join_key)
             if why is not None:
-                return sdk_reader(store, refs, join_key), why
+                return sdk_reader(store, refs, join_key), f"get_online_features ({why})"
             group = groups[view_name] = (view, [], [])
         group[1].append(feature)
         group[2].append(slot)
