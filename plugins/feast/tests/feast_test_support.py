@@ -99,6 +99,77 @@ def card_table() -> pd.DataFrame:
     return df
 
 
+#: A second view over the same table, for reads that span two views (only a view is defined
+#: here: the ``card`` entity it names comes from the shipped definitions).
+SECOND_VIEW = """
+from datetime import timedelta
+from pathlib import Path
+
+from feast import Entity, FeatureView, Field, FileSource, ValueType
+from feast.types import Float32, Int64
+
+card_recent = FeatureView(
+    name="card_recent",
+    entities=[Entity(name="card", join_keys=["card_id"], value_type=ValueType.STRING)],
+    ttl=timedelta(days=3650),
+    schema=[Field(name="txn_count_1h", dtype=Int64), Field(name="amount_avg_7d", dtype=Float32)],
+    source=FileSource(
+        name="card_recent_table",
+        path=str(Path(__file__).resolve().parent.parent / "data" / "card_features.parquet"),
+        timestamp_field="event_timestamp",
+        created_timestamp_column="created_timestamp",
+    ),
+)
+"""
+
+#: Feature references spanning both views, interleaved (rows keep this order).
+TWO_VIEW_REFS = [
+    "card_features:txn_count_24h",
+    "card_recent:txn_count_1h",
+    "card_features:txn_count_7d",
+    "card_features:cross_border_ratio_7d",
+    "card_recent:amount_avg_7d",
+    "card_features:amount_sum_24h",
+]
+
+#: An input of the second view (adding it to INPUTS makes the source materialize that view).
+SECOND_VIEW_INPUT: dict[str, Any] = {
+    "name": "recent_txn_count_1h",
+    "source": "feast",
+    "feature": "card_recent:txn_count_1h",
+    "datatype": "INT64",
+    "default": -5,
+}
+
+
+def add_second_view(model_root: Path) -> None:
+    (model_root / "fraud" / "feature_repo" / "recent.py").write_text(SECOND_VIEW)
+
+
+def assert_readers_agree(store: Any) -> None:
+    """The direct reader answers as ``get_online_features`` does: known cards, a card with a
+    null value, unknown and empty keys, across two views."""
+    from infercore_feast.store import OnlineStoreReader, online_reader, sdk_reader
+
+    direct, how = online_reader(store, TWO_VIEW_REFS, "card_id")
+    assert isinstance(direct, OnlineStoreReader), how
+    keys = [card(i) for i in range(CARDS)] + ["c_nobody", ""]
+    got, want = direct(keys), sdk_reader(store, TWO_VIEW_REFS, "card_id")(keys)
+    assert got == want
+    assert [r and [type(v) for v in r] for r in got] == [r and [type(v) for v in r] for r in want]
+    # ... and both are the table's newest values.
+    for i in range(CARDS):
+        row = got[i]
+        assert row is not None
+        want_i = latest(i)
+        assert row[0] == want_i["txn_count_24h"]
+        assert row[1] == want_i["txn_count_1h"]
+        assert row[2] == want_i["txn_count_7d"]  # None for NULL_CARD
+        assert row[4] == pytest.approx(want_i["amount_avg_7d"])
+    assert got[CARDS - 1] is not None and got[CARDS - 1][2] is None
+    assert got[-2:] == [None, None]
+
+
 @pytest.fixture
 def model_root(tmp_path: Path) -> Path:
     """``<tmp>/models`` holding ``fraud/feature_repo`` (the shipped definitions) and
@@ -144,17 +215,17 @@ def sample(source: FeastFeatureSource, name: str, **labels: str) -> float:
 
 
 class ReadSpy:
-    """Wraps ``store.get_online_features``: records each call's keys; can fail or block."""
+    """Wraps the source's row reader: records each read's keys; can fail or block."""
 
-    def __init__(self, store: Any, join_key: str = "card_id") -> None:
-        self.real = store.get_online_features
-        self.join_key = join_key
+    def __init__(self, source: FeastFeatureSource) -> None:
+        assert source.reader is not None, "start the source first"
+        self.real = source.reader
         self.calls: list[list[str]] = []
         self.behaviour: Callable[[], None] | None = None
-        store.get_online_features = self
+        source.reader = self
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        self.calls.append(list(kwargs["entity_rows"][self.join_key]))
+    def __call__(self, keys: list[str]) -> list[Any]:
+        self.calls.append(list(keys))
         if self.behaviour is not None:
             self.behaviour()
-        return self.real(*args, **kwargs)
+        return self.real(keys)

@@ -8,16 +8,20 @@ import subprocess
 import sys
 from typing import Any
 
+import numpy as np
 import pytest
 from feast_test_support import run
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from infercore.errors import ConfigError
+from infercore.errors import ConfigError, InvalidInput
 from infercore.plugin_manager import make_plugin_manager
 from infercore.registry import Registry
 from infercore_feast.breaker import CircuitBreaker
 from infercore_feast.cache import MISSING, TTLCache
 from infercore_feast.config import redis_connection_string
 from infercore_feast.merging import ReadFailed, ReadMerger
+from infercore_feast.source import _check_range
 
 # -- cache ---------------------------------------------------------------------------------
 
@@ -248,3 +252,71 @@ def test_importing_the_plugin_does_not_import_feast() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+# -- request value checks ----------------------------------------------------------------------
+
+
+def _numpy_range_check(value: np.ndarray, low: float | None, high: float | None) -> str | None:
+    """The rule as numpy reductions state it (what the checks did for every size)."""
+    if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
+        return "finite"
+    if low is not None and np.any(value < low):
+        return "at least"
+    if high is not None and np.any(value > high):
+        return "at most"
+    return None
+
+
+def _outcome(value: np.ndarray, low: float | None, high: float | None) -> str | None:
+    try:
+        _check_range("x", value, low, high)
+    except InvalidInput as exc:
+        for what in ("finite", "at least", "at most"):
+            if what in str(exc):
+                return what
+        raise
+    return None
+
+
+_EDGES = [0.01, 0.0099999998, 0.010000001, 0.0, -0.0, 23.0, 23.000001, 1.0, 1e39, -1e39]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64])
+@pytest.mark.parametrize("low,high", [(0.01, None), (0.0, 23.0), (None, 1.0), (1e-50, 1e39)])
+def test_range_check_of_a_few_values_answers_as_numpy_does(
+    dtype: Any, low: float | None, high: float | None
+) -> None:
+    # Bounds rounded to float32 (0.01 is 0.0099999998 there): a value that numpy accepts
+    # must not be refused, nor the other way round; NaN and infinities always fail.
+    specials = [] if dtype is np.int64 else [np.nan, np.inf, -np.inf]
+    values = [*_EDGES, *specials] if dtype is not np.int64 else [0, 1, 23, 24, -1]
+    for v in values:
+        with np.errstate(over="ignore"):
+            arr = np.array([v]).astype(dtype)
+        assert _outcome(arr, low, high) == _numpy_range_check(arr, low, high), (dtype, v)
+    with np.errstate(over="ignore"):
+        many = np.array(values[:8]).astype(dtype)
+    assert _outcome(many, low, high) == _numpy_range_check(many, low, high)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.floats(width=32), min_size=1, max_size=12),
+    st.one_of(st.none(), st.floats(allow_nan=False)),
+    st.one_of(st.none(), st.floats(allow_nan=False)),
+    st.sampled_from([np.float32, np.float64]),
+)
+def test_range_check_matches_numpy_for_any_values(
+    values: list[float], low: float | None, high: float | None, dtype: Any
+) -> None:
+    arr = np.array(values, dtype=dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        assert _outcome(arr, low, high) == _numpy_range_check(arr, low, high)
+
+
+def test_range_check_names_the_field_and_the_bound() -> None:
+    with pytest.raises(InvalidInput, match=r"field 'hour': values must be at most 23"):
+        _check_range("hour", np.array([23.5], dtype=np.float32), 0, 23)
+    with pytest.raises(InvalidInput, match=r"field 'amount': values must be finite numbers"):
+        _check_range("amount", np.array([np.nan], dtype=np.float32), 0.01, None)

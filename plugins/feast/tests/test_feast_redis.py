@@ -15,7 +15,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from feast_test_support import card, latest, make_source, run
+from feast_test_support import (
+    INPUTS,
+    SECOND_VIEW_INPUT,
+    add_second_view,
+    assert_readers_agree,
+    card,
+    latest,
+    make_source,
+    run,
+)
 
 from infercore.errors import PluginError
 
@@ -105,6 +114,24 @@ def test_materializes_into_redis_and_reads_through_the_source(
         client.close()
     # The SQLite online store was not touched.
     assert not (model_root / "fraud" / "feature_repo" / "data" / "online_store.db").exists()
+
+
+def test_direct_redis_reads_answer_as_the_sdk_does(model_root: Path, redis_url: str) -> None:
+    from infercore_feast.store import OnlineStoreReader
+
+    add_second_view(model_root)
+    source = make_source(
+        model_root,
+        online_store="redis",
+        redis_url=redis_url,
+        inputs=[*INPUTS, SECOND_VIEW_INPUT],
+    )
+    run(source.start())
+    try:
+        assert isinstance(source.reader, OnlineStoreReader)
+        assert_readers_agree(source.store)
+    finally:
+        run(source.stop())
 
 
 def test_redis_down_at_start_fails_clearly(model_root: Path) -> None:

@@ -12,8 +12,12 @@ import numpy as np
 import pytest
 from feast_test_support import (
     CARDS,
+    INPUTS,
     NULL_CARD,
+    SECOND_VIEW_INPUT,
     ReadSpy,
+    add_second_view,
+    assert_readers_agree,
     card,
     latest,
     make_source,
@@ -30,6 +34,7 @@ from infercore.errors import (
     InvalidInput,
 )
 from infercore_feast import FeastFeatureSource
+from infercore_feast.store import OnlineStoreReader, online_reader
 
 FEAST_INPUTS = ["txn_count_24h", "amount_sum_24h", "cross_border_ratio_7d", "txn_count_7d"]
 DEFAULTS = {
@@ -182,7 +187,7 @@ def test_null_feature_value_gets_its_default(model_root: Path) -> None:
 def test_concurrent_fetches_share_one_read(model_root: Path) -> None:
     async def main() -> tuple[list[dict[str, np.ndarray]], ReadSpy, FeastFeatureSource]:
         source = await started(make_source(model_root, batch_window_ms=20))
-        spy = ReadSpy(source.store)
+        spy = ReadSpy(source)
         try:
             outs = await asyncio.gather(*(fetch(source, [card(i)]) for i in range(12)))
             return outs, spy, source
@@ -201,7 +206,7 @@ def test_concurrent_fetches_share_one_read(model_root: Path) -> None:
 def test_fetches_arriving_within_the_window_share_a_read(model_root: Path) -> None:
     async def main() -> ReadSpy:
         source = await started(make_source(model_root, batch_window_ms=1000))
-        spy = ReadSpy(source.store)
+        spy = ReadSpy(source)
         try:
             first = asyncio.ensure_future(fetch(source, [card(1)]))
             await asyncio.sleep(0.01)  # a later turn of the event loop, well inside the window
@@ -217,7 +222,7 @@ def test_fetches_arriving_within_the_window_share_a_read(model_root: Path) -> No
 def test_without_merging_each_fetch_reads(model_root: Path) -> None:
     async def main() -> ReadSpy:
         source = await started(make_source(model_root, batch_window_ms=0, max_batch_entities=1))
-        spy = ReadSpy(source.store)
+        spy = ReadSpy(source)
         try:
             await asyncio.gather(*(fetch(source, [card(i)]) for i in range(12)))
             return spy
@@ -230,7 +235,7 @@ def test_without_merging_each_fetch_reads(model_root: Path) -> None:
 def test_max_batch_entities_splits_reads(model_root: Path) -> None:
     async def main() -> ReadSpy:
         source = await started(make_source(model_root, batch_window_ms=50, max_batch_entities=4))
-        spy = ReadSpy(source.store)
+        spy = ReadSpy(source)
         try:
             await fetch(source, [card(i) for i in range(10)])
             return spy
@@ -243,7 +248,7 @@ def test_max_batch_entities_splits_reads(model_root: Path) -> None:
 def test_duplicate_keys_are_read_once(model_root: Path) -> None:
     async def main() -> tuple[ReadSpy, list[dict[str, np.ndarray]]]:
         source = await started(make_source(model_root, batch_window_ms=20, cache_ttl_s=0))
-        spy = ReadSpy(source.store)
+        spy = ReadSpy(source)
         try:
             outs = await asyncio.gather(
                 *(fetch(source, [card(5)]) for _ in range(8)),
@@ -265,7 +270,7 @@ def test_cache_hit_avoids_a_read_and_expires(model_root: Path) -> None:
     async def main() -> tuple[ReadSpy, FeastFeatureSource]:
         source = await started(make_source(model_root, cache_ttl_s=5))
         source.cache.clock = lambda: now[0]
-        spy = ReadSpy(source.store)
+        spy = ReadSpy(source)
         try:
             await fetch(source, [card(1), "c_unknown"])
             assert len(spy.calls) == 1
@@ -303,7 +308,7 @@ def test_slow_read_times_out_and_applies_the_policy(model_root: Path, policy: st
 
     async def main() -> tuple[Any, set[str], FeastFeatureSource]:
         source = await started(make_source(model_root, timeout_ms=30, on_failure=policy))
-        spy = ReadSpy(source.store)
+        spy = ReadSpy(source)
         spy.behaviour = hang(release)
         degraded = begin_request()
         try:
@@ -346,7 +351,7 @@ def test_store_error_applies_the_policy(
 
     async def main() -> tuple[Any, set[str], FeastFeatureSource]:
         source = await started(make_source(model_root, on_failure=policy))
-        ReadSpy(source.store).behaviour = boom
+        ReadSpy(source).behaviour = boom
         degraded = begin_request()
         try:
             try:
@@ -373,7 +378,7 @@ def test_store_error_applies_the_policy(
 def test_fail_open_keeps_cached_values(model_root: Path) -> None:
     async def main() -> dict[str, np.ndarray]:
         source = await started(make_source(model_root, on_failure="fail_open"))
-        spy = ReadSpy(source.store)
+        spy = ReadSpy(source)
         try:
             await fetch(source, [card(1)])
 
@@ -410,7 +415,7 @@ def test_breaker_opens_after_consecutive_failures_and_closes_after_a_probe(
             )
         )
         source.breaker.clock = lambda: now[0]
-        spy = ReadSpy(source.store)
+        spy = ReadSpy(source)
         spy.behaviour = maybe_fail
         gauge = "infercore_feature_breaker_open"
         try:
@@ -463,7 +468,7 @@ def test_half_open_lets_only_the_probe_batch_through(model_root: Path) -> None:
             )
         )
         source.breaker.clock = lambda: now[0]
-        spy = ReadSpy(source.store)
+        spy = ReadSpy(source)
         spy.behaviour = lambda: (_ for _ in ()).throw(ConnectionError("refused"))
         try:
             with pytest.raises(FeatureStoreUnavailable):
@@ -494,7 +499,7 @@ def test_request_deadline_caps_the_wait(model_root: Path) -> None:
 
     async def main() -> None:
         source = await started(make_source(model_root, timeout_ms=5000, on_failure="fail_open"))
-        ReadSpy(source.store).behaviour = hang(release)
+        ReadSpy(source).behaviour = hang(release)
         try:
             with pytest.raises(DeadlineExceeded):
                 await fetch(source, [card(1)], budget_s=0.05)
@@ -699,3 +704,58 @@ def test_metrics_go_to_the_registry_the_host_passes(model_root: Path) -> None:
     assert (
         registry.get_sample_value("infercore_feature_fetch_seconds_count", {"model": "fraud"}) == 1
     )
+
+
+# -- the direct reader ------------------------------------------------------------------------
+
+
+def test_direct_reads_answer_as_the_sdk_does(model_root: Path) -> None:
+    add_second_view(model_root)
+
+    async def main() -> FeastFeatureSource:
+        return await started(make_source(model_root, inputs=[*INPUTS, SECOND_VIEW_INPUT]))
+
+    source = run(main())
+    try:
+        assert isinstance(source.reader, OnlineStoreReader)
+        assert_readers_agree(source.store)
+    finally:
+        run(source.stop())
+
+
+def test_views_it_cannot_read_directly_go_through_the_sdk(model_root: Path) -> None:
+    source = run(started(make_source(model_root)))
+    try:
+        # An entity joined on another key than the source's (here: a join key it does not use).
+        reader, how = online_reader(source.store, ["card_features:txn_count_24h"], "account_id")
+        assert not isinstance(reader, OnlineStoreReader)
+        assert how == "get_online_features (card_features's entity joins on 'card_id')"
+    finally:
+        run(source.stop())
+
+
+def test_one_row_requests_get_what_each_row_of_a_batch_gets(model_root: Path) -> None:
+    # One transaction per request takes a shorter way to its tensors: same values, dtypes,
+    # shapes and default counts as the general one.
+    cards = [card(3), NULL_CARD, "c_nobody", card(3)]
+
+    async def main() -> tuple[list[dict[str, np.ndarray]], dict[str, np.ndarray], list[float]]:
+        source = await started(make_source(model_root))
+        try:
+            singles = [await fetch(source, [c], amounts=[float(i)]) for i, c in enumerate(cards)]
+            counted = [
+                sample(source, "infercore_feature_defaults_total", feature=f"card_features:{f}")
+                for f in ("txn_count_7d", "txn_count_24h")
+            ]
+            return singles, await fetch(source, cards), counted
+        finally:
+            await source.stop()
+
+    singles, batch, counted = run(main())
+    assert counted == [2, 1]  # NULL_CARD's null and c_nobody: 2; c_nobody only: 1
+    for i, single in enumerate(singles):
+        assert list(single) == list(batch)
+        for name, tensor in single.items():
+            assert tensor.shape == (1, 1) and tensor.dtype == batch[name].dtype, name
+            assert tensor[0, 0] == batch[name][i, 0], (name, i)
+    assert batch["txn_count_7d"][:, 0].tolist() == [103, -4, -4, 103]

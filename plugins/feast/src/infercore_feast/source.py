@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -33,11 +35,12 @@ from infercore_feast.metrics import feature_metrics
 
 log = logging.getLogger("infercore.feast")
 
-#: One entity's values, in the order of the source's distinct feature references; ``None``
-#: for an entity the store does not know.
-Row = tuple[Any, ...] | None
+Row = feast_store.Row
 
-_UNREAD = object()  # a key whose read failed (fail_open): defaults, but not "unknown entity"
+#: An entity's row as :meth:`FeastFeatureSource._assemble` uses it (and as the cache holds
+#: it): each feast input's value in the order of the feast inputs, its default where the
+#: store has none and BYTES encoded; and the positions of the inputs that took their default.
+Prepared = tuple[tuple[Any, ...], tuple[int, ...]]
 
 
 class FeastFeatureSource(FeatureSource):
@@ -46,9 +49,10 @@ class FeastFeatureSource(FeatureSource):
     Per request: the entity keys come from the ``entity.field`` column; keys held in the TTL
     cache are answered at once; the others join a merged read that collects keys from every
     concurrent request for at most ``batch_window_ms`` (or ``max_batch_entities`` keys), reads
-    them with one ``get_online_features`` call in a worker thread, caches and fans the rows
-    out. A read is abandoned after ``timeout_ms``; a request waits no longer than its
-    deadline. Failed reads apply ``on_failure`` and count towards the circuit breaker.
+    them in a worker thread with one ``online_read`` per feature view (for views it cannot
+    read that way, one ``get_online_features`` call; see ``store.online_reader``), caches and
+    fans the rows out. A read is abandoned after ``timeout_ms``; a request waits no longer
+    than its deadline. Failed reads apply ``on_failure`` and count towards the circuit breaker.
 
     ``feast`` is imported by :meth:`start` (it takes seconds), never with this module.
     """
@@ -62,10 +66,23 @@ class FeastFeatureSource(FeatureSource):
         self.config = config
         self._feast_inputs: list[FeastInput] = check_config(config, context.path)
         self._refs: list[str] = list(dict.fromkeys(i.ref for i in self._feast_inputs))
-        # Feast's full feature names (view__feature), in the order of self._refs.
-        self._columns = [ref.replace(":", "__") for ref in self._refs]
-        self._slot = {i.name: self._refs.index(i.ref) for i in self._feast_inputs}
-        self._feast_by_name = {i.name: i for i in self._feast_inputs}
+        # Per feast input: its slot in a Row, its default, whether it is BYTES.
+        self._feast_plan = [
+            (self._refs.index(i.ref), i.default, i.datatype == "BYTES") for i in self._feast_inputs
+        ]
+        defaults = tuple(i.default for i in self._feast_inputs)
+        # An entity the store does not know: every input takes (and counts) its default.
+        self._unknown: Prepared = (defaults, tuple(range(len(defaults))))
+        # A key whose read failed (fail_open): defaults, not counted as defaults.
+        self._unread: Prepared = (defaults, ())
+        feast_index = {i.name: j for j, i in enumerate(self._feast_inputs)}
+        # Per model input, in order: its name, its feast input's position (-1 for a request
+        # input) and the dtype of a feast input's tensor.
+        self._plan = [
+            (spec.name, feast_index.get(spec.name, -1), V2_TO_NUMPY[spec.datatype])
+            for spec in config.inputs
+        ]
+        self._request_specs = [spec for spec in config.inputs if spec.source == "request"]
         self._timeout_s = config.timeout_ms / 1000
         model = context.model_name or context.path
         registry = context.extra.get("metrics_registry")
@@ -86,20 +103,23 @@ class FeastFeatureSource(FeatureSource):
         self._m_degraded = {
             r: m.degraded.labels(model, r) for r in ("timeout", "error", "breaker_open")
         }
-        self._m_defaults = {i.name: m.defaults.labels(model, i.ref) for i in self._feast_inputs}
-        self.cache: TTLCache[Row] = TTLCache(config.cache_ttl_s, config.cache_max_entries)
+        self._m_defaults = [m.defaults.labels(model, i.ref) for i in self._feast_inputs]
+        self.cache: TTLCache[Prepared] = TTLCache(config.cache_ttl_s, config.cache_max_entries)
         self.breaker = CircuitBreaker(
             config.breaker_failures,
             config.breaker_reset_s,
             on_change=self._breaker_changed,
         )
-        self.merger: ReadMerger[Row] = ReadMerger(
+        self.merger: ReadMerger[Prepared] = ReadMerger(
             self._read,
             window_s=config.batch_window_ms / 1000,
             max_keys=config.max_batch_entities,
         )
-        #: The ``feast.FeatureStore`` used for reads (after :meth:`start`).
+        #: The ``feast.FeatureStore`` (after :meth:`start`).
         self.store: Any = None
+        #: Reads rows, blocking (after :meth:`start`): through the online store's
+        #: ``online_read`` where the views allow it, else through ``self.store``.
+        self.reader: feast_store.RowReader | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._where: feast_store.StoreLocation | None = None
 
@@ -116,9 +136,7 @@ class FeastFeatureSource(FeatureSource):
         path = self.context.path
         where = self._where = feast_store.locate(self.config, self.context.model_root, path)
         try:
-            self.store = await asyncio.to_thread(
-                feast_store.prepare_store, self.config, where, self._feast_inputs, path=path
-            )
+            self.store, self.reader = await asyncio.to_thread(self._open, where)
         except InfercoreError:
             raise
         except Exception as exc:
@@ -131,6 +149,16 @@ class FeastFeatureSource(FeatureSource):
         self._executor = ThreadPoolExecutor(
             max_workers=self.config.read_threads, thread_name_prefix="infercore-feast"
         )
+
+    def _open(self, where: feast_store.StoreLocation) -> tuple[Any, feast_store.RowReader]:
+        store = feast_store.prepare_store(
+            self.config, where, self._feast_inputs, path=self.context.path
+        )
+        reader, how = feast_store.online_reader(store, self._refs, self.config.entity.join_key)
+        # One read through the reader too: its own connections open here, not on a request.
+        reader(["__infercore_warmup__"])
+        log.info("feast: model %s reads through %s", self.context.model_name, how)
+        return store, reader
 
     async def stop(self) -> None:
         await self.merger.close()
@@ -187,7 +215,7 @@ class FeastFeatureSource(FeatureSource):
                 self._m_degraded[reason].inc()
                 mark_degraded("features")
                 for key in misses:
-                    found.setdefault(key, _UNREAD)
+                    found.setdefault(key, self._unread)
         return self._assemble(keys, found, request_columns)
 
     async def _lookup(self, keys: list[str], found: dict[str, Any], deadline: float) -> str | None:
@@ -216,10 +244,10 @@ class FeastFeatureSource(FeatureSource):
                 reason = reason or "error"
         return reason
 
-    async def _read(self, keys: list[str]) -> list[Row]:
+    async def _read(self, keys: list[str]) -> list[Prepared]:
         """One merged read: a worker thread, bounded by ``timeout_ms``; results cached."""
-        executor = self._executor
-        if executor is None:
+        executor, reader = self._executor, self.reader
+        if executor is None or reader is None:
             raise ReadFailed("error")
         loop = asyncio.get_running_loop()
         self.breaker.on_dispatch()
@@ -227,7 +255,7 @@ class FeastFeatureSource(FeatureSource):
         t0 = time.perf_counter()
         try:
             rows = await asyncio.wait_for(
-                loop.run_in_executor(executor, self._read_blocking, keys), self._timeout_s
+                loop.run_in_executor(executor, self._read_blocking, reader, keys), self._timeout_s
             )
         except TimeoutError:
             self._m_fetch.observe(time.perf_counter() - t0)
@@ -249,18 +277,24 @@ class FeastFeatureSource(FeatureSource):
             self.cache.put(key, row)
         return rows
 
-    def _read_blocking(self, keys: list[str]) -> list[Row]:
-        response = self.store.get_online_features(
-            features=self._refs,
-            entity_rows={self.config.entity.join_key: keys},
-            full_feature_names=True,
-        ).to_dict()
-        columns = [response[name] for name in self._columns]
-        out: list[Row] = []
-        for i in range(len(keys)):
-            row = tuple(column[i] for column in columns)
-            out.append(None if all(v is None for v in row) else row)
-        return out
+    def _read_blocking(self, reader: feast_store.RowReader, keys: list[str]) -> list[Prepared]:
+        return [self._prepare(row) for row in reader(keys)]
+
+    def _prepare(self, row: Row) -> Prepared:
+        if row is None:
+            return self._unknown
+        values: list[Any] = []
+        defaulted: list[int] = []
+        for j, (slot, default, is_bytes) in enumerate(self._feast_plan):
+            value = row[slot]
+            if value is None:
+                defaulted.append(j)
+                values.append(default)
+            elif is_bytes and isinstance(value, str):
+                values.append(value.encode())
+            else:
+                values.append(value)
+        return tuple(values), tuple(defaulted)
 
     # -- request fields and tensors -------------------------------------------------------
 
@@ -294,9 +328,7 @@ class FeastFeatureSource(FeatureSource):
 
     def _request_columns(self, fields: Mapping[str, npt.NDArray[Any]], rows: int) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for spec in self.config.inputs:
-            if spec.source != "request":
-                continue
+        for spec in self._request_specs:
             column = fields.get(spec.name)
             if column is None and spec.default is not None:
                 value = spec.default
@@ -311,11 +343,7 @@ class FeastFeatureSource(FeatureSource):
                 raise InvalidInput(
                     f"missing field {spec.name!r}",
                     hint="send every required request field of the model: "
-                    + ", ".join(
-                        s.name
-                        for s in self.config.inputs
-                        if s.source == "request" and s.default is None
-                    ),
+                    + ", ".join(s.name for s in self._request_specs if s.default is None),
                 )
             column = _one_per_row(spec.name, column)
             if len(column) != rows:
@@ -330,53 +358,80 @@ class FeastFeatureSource(FeatureSource):
         return out
 
     def _assemble(
-        self, keys: Sequence[str], found: Mapping[str, Any], request_columns: dict[str, Any]
+        self, keys: Sequence[str], found: Mapping[str, Prepared], request_columns: dict[str, Any]
     ) -> Tensors:
         rows = len(keys)
-        columns: list[npt.NDArray[Any]] = []
-        for spec in self.config.inputs:
-            item = self._feast_by_name.get(spec.name)
-            if item is None:
-                columns.append(request_columns[spec.name])
-                continue
-            slot = self._slot[spec.name]
-            values: list[Any] = []
-            defaults = 0
-            for key in keys:
-                row = found[key]
-                if row is _UNREAD:
-                    values.append(item.default)
-                    continue
-                value = None if row is None else row[slot]
-                if value is None:
-                    defaults += 1
-                    values.append(item.default)
-                elif item.datatype == "BYTES":
-                    values.append(value.encode() if isinstance(value, str) else value)
-                else:
-                    values.append(value)
-            if defaults:
-                self._m_defaults[spec.name].inc(defaults)
-            columns.append(np.array(values, dtype=V2_TO_NUMPY[item.datatype]).reshape(rows))
+        if rows == 1 and self.config.layout == "columns":
+            # One transaction, the common request: each tensor in one step.
+            values, defaulted = found[keys[0]]
+            for j in defaulted:
+                self._m_defaults[j].inc()
+            return {
+                name: request_columns[name].reshape(1, 1)
+                if j < 0
+                else np.array([[values[j]]], dtype=dtype)
+                for name, j, dtype in self._plan
+            }
+        prepared = [found[key] for key in keys]
+        counts = [0] * len(self._feast_inputs)
+        for _, defaulted in prepared:
+            for j in defaulted:
+                counts[j] += 1
+        for j, count in enumerate(counts):
+            if count:
+                self._m_defaults[j].inc(count)
+        columns: list[npt.NDArray[Any]] = [
+            request_columns[name]
+            if j < 0
+            else np.array([p[0][j] for p in prepared], dtype=dtype).reshape(rows)
+            for name, j, dtype in self._plan
+        ]
         if self.config.layout == "matrix":
             matrix = np.empty((rows, len(columns)), dtype=np.float32)
             for j, column in enumerate(columns):
                 matrix[:, j] = column
             return {self.config.matrix_input: matrix}
         return {
-            spec.name: column.reshape(rows, 1)
-            for spec, column in zip(self.config.inputs, columns, strict=True)
+            name: column.reshape(rows, 1)
+            for (name, _, _), column in zip(self._plan, columns, strict=True)
         }
+
+
+# A few values (one field of one transaction, say): Python compares them faster than numpy
+# starts its reductions.
+_FEW = 8
 
 
 def _check_range(name: str, value: npt.NDArray[Any], low: float | None, high: float | None) -> None:
     """Request values must be finite and inside the recipe's bounds (a 400 otherwise)."""
+    if value.dtype.kind == "f" and value.size <= _FEW:
+        values = value.ravel().tolist()
+        if not all(map(math.isfinite, values)):
+            raise InvalidInput(f"field {name!r}: values must be finite numbers")
+        if low is not None and any(v < _bound(value.dtype, low) for v in values):
+            raise InvalidInput(
+                f"field {name!r}: values must be at least {low:g}", hint="fix the value"
+            )
+        if high is not None and any(v > _bound(value.dtype, high) for v in values):
+            raise InvalidInput(
+                f"field {name!r}: values must be at most {high:g}", hint="fix the value"
+            )
+        return
     if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
         raise InvalidInput(f"field {name!r}: values must be finite numbers")
     if low is not None and np.any(value < low):
         raise InvalidInput(f"field {name!r}: values must be at least {low:g}", hint="fix the value")
     if high is not None and np.any(value > high):
         raise InvalidInput(f"field {name!r}: values must be at most {high:g}", hint="fix the value")
+
+
+@functools.lru_cache(maxsize=256)
+def _bound(dtype: np.dtype[Any], bound: float) -> float:
+    """``bound`` as numpy compares it with an array of ``dtype``: rounded to float32 for a
+    float32 array where it fits (numpy 1's value-based casting), so the Python comparison
+    of the array's values gives numpy's answer exactly."""
+    common = np.result_type(dtype, bound)
+    return float(common.type(bound))
 
 
 def _one_per_row(name: str, column: npt.NDArray[Any]) -> npt.NDArray[Any]:
