@@ -107,6 +107,7 @@ async def _lifespan(
 
 
 async def main(args: argparse.Namespace) -> None:
+    from infercore.cli import freeze_heap, set_switch_interval
     from infercore.config.compose import compose
     from infercore.runtime import Runtime
     from infercore.server import create_app
@@ -121,6 +122,7 @@ async def main(args: argparse.Namespace) -> None:
     os.chdir(REPO / "recipes")
     cfg = compose(overrides)
     runtime = Runtime(cfg)
+    set_switch_interval(runtime.config.server.gil_switch_interval_ms)  # as `infercore serve`
     app = create_app(runtime, fast_path=not args.no_fast_path)
     if args.floor:  # the bare Litestar endpoint of bench.py, on the same requests
         import floor_app
@@ -132,10 +134,7 @@ async def main(args: argparse.Namespace) -> None:
         app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, inbox.get, outbox.put)
     )
     await _lifespan(app, "startup", inbox, outbox)
-    if os.environ.get("GCFREEZE"):
-        gc.collect()
-        gc.freeze()
-        print("frozen", gc.get_freeze_count(), gc.get_threshold())
+    freeze_heap()  # as `infercore serve` once its models are ready
     path = f"/v2/models/{args.recipe}/infer"
     bodies = _bodies(args.recipe, 2000)
     await _drive(app, path, bodies, min(args.requests // 5, 5000), args.concurrency)  # warm up
@@ -149,8 +148,51 @@ async def main(args: argparse.Namespace) -> None:
             f"({r['gc_s'] / n * 1e6:.1f} in the garbage collector), statuses {r['statuses']}",
             flush=True,
         )
+    if args.threads:
+        _print_thread_cpu()
+        _print_model_calls(runtime)
     await _lifespan(app, "shutdown", inbox, outbox)
     await lifespan
+
+
+def _print_model_calls(runtime: Any) -> None:
+    """Model calls, rows per call and seconds per call of every version, from its metrics."""
+    found: dict[tuple[str, str], dict[str, float]] = {}
+    for family in runtime.metrics.registry.collect():
+        if family.name not in ("infercore_batch_size", "infercore_inference_duration_seconds"):
+            continue
+        for sample in family.samples:
+            if sample.name.endswith(("_count", "_sum")):
+                key = (sample.labels.get("model", ""), sample.labels.get("version", ""))
+                suffix = sample.name.rsplit("_", 1)[1]
+                found.setdefault(key, {})[f"{family.name[10:]}_{suffix}"] = sample.value
+    for (model, version), v in sorted(found.items()):
+        calls = v.get("batch_size_count", 0)
+        if calls:
+            print(
+                f"  {model}@{version}: {calls:,.0f} model calls, "
+                f"{v.get('batch_size_sum', 0) / calls:.1f} rows per call, "
+                f"{v.get('inference_duration_seconds_sum', 0) / calls * 1e6:.0f} µs per call"
+            )
+
+
+def _print_thread_cpu() -> None:
+    """CPU seconds per thread of this process so far (Linux /proc), busiest first."""
+    import threading
+
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    tick = os.sysconf("SC_CLK_TCK")
+    rows = []
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            comm = (task / "comm").read_text().strip()
+        except OSError:
+            continue
+        cpu = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+        rows.append((cpu, names.get(int(task.name), comm)))
+    for cpu, name in sorted(rows, reverse=True)[:12]:
+        print(f"  {cpu:8.2f} s  {name}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -161,6 +203,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=20000)
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", action="store_true", help="print CPU time per thread at the end")
     p.add_argument("--floor", action="store_true", help="drive benchmarks/floor_app.py instead")
     p.add_argument("--no-fast-path", action="store_true", help="route inference through Litestar")
     argv = sys.argv[1:] if argv is None else argv

@@ -57,6 +57,11 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     access_log: bool = False
     #: Serve OpenAPI schema and docs under /schema.
     openapi: bool = True
+    #: How long a thread may hold the GIL while another waits for it, in ms (Python's
+    #: ``sys.setswitchinterval``; Python's default is 5). The event loop shares the GIL with
+    #: model, feature-store and drift threads: each time one of them finishes a call that
+    #: released the GIL, the loop can wait this long to get it back (benchmarks/README.md).
+    gil_switch_interval_ms: Annotated[float, msgspec.Meta(ge=0.05, le=100)] = 0.5
 
 
 class VersionConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -450,3 +450,29 @@ def test_freeze_heap_moves_live_objects_out_of_the_collectors_generations() -> N
     finally:
         gc.unfreeze()
     del survivors
+
+
+def test_set_switch_interval_follows_the_config() -> None:
+    import sys
+
+    from infercore.cli import set_switch_interval
+    from infercore.config.compose import compose
+
+    before = sys.getswitchinterval()
+    try:
+        cfg = compose(["+recipe=iris"]).config.server
+        assert cfg.gil_switch_interval_ms == 0.5
+        set_switch_interval(cfg.gil_switch_interval_ms)
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+        set_switch_interval(2.0)
+        assert sys.getswitchinterval() == pytest.approx(0.002)
+    finally:
+        sys.setswitchinterval(before)
+
+
+def test_a_switch_interval_out_of_range_is_a_config_error() -> None:
+    from infercore.config.compose import compose
+    from infercore.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="gil_switch_interval_ms"):
+        compose(["+recipe=iris", "server.gil_switch_interval_ms=0"])

@@ -275,6 +275,9 @@ def test_config_defaults() -> None:
         ({"path": "m.onnx", "execution_mode": "fast"}, "Invalid enum value 'fast'"),
         ({"path": "m.onnx", "graph_optimization_level": "max"}, "Invalid enum value 'max'"),
         ({"path": "m.onnx", "sha256": "abc"}, "matching regex"),
+        ({"path": "m.onnx", "run_on": "gpu"}, "Invalid enum value 'gpu'"),
+        ({"path": "m.onnx", "loop_max_ms": -1}, ">= 0"),
+        ({"path": "m.onnx", "loop_max_ms": 5000}, "<= 1000"),
     ],
 )
 def test_config_rejects_bad_options(options: dict[str, Any], needle: str) -> None:
@@ -370,6 +373,72 @@ def test_predict_matches_numpy_for_a_batch(root: Path) -> None:
     assert list(out) == ["Y"]
     assert out["Y"].shape == (5, 2)
     np.testing.assert_allclose(out["Y"], x @ W + B, rtol=1e-5, atol=1e-6)
+
+
+class _ThreadCalls:
+    """Counts the calls ``asyncio.to_thread`` gets from the plugin (and still runs them)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls = 0
+        real = asyncio.to_thread
+
+        async def to_thread(fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            return await real(fn, *args, **kwargs)
+
+        monkeypatch.setattr(infercore_onnx.model.asyncio, "to_thread", to_thread)
+
+
+async def _predict_n(model: OnnxModel, n: int) -> list[Any]:
+    x = np.ones((2, 4), dtype=np.float32)
+    return [await model.predict({"X": x}) for _ in range(n)]
+
+
+@pytest.mark.parametrize(("run_on", "threaded"), [("loop", 0), ("thread", 5), ("auto", 0)])
+def test_run_on_chooses_where_a_call_runs(
+    root: Path, monkeypatch: pytest.MonkeyPatch, run_on: str, threaded: int
+) -> None:
+    save(root, linear_model())
+    model = load(root, run_on=run_on)
+    spy = _ThreadCalls(monkeypatch)
+    outs = asyncio.run(_predict_n(model, 5))
+    assert spy.calls == threaded
+    for out in outs:  # same answers wherever it ran
+        np.testing.assert_allclose(out["Y"], np.ones((2, 4)) @ W + B, rtol=1e-5, atol=1e-6)
+
+
+def test_run_on_auto_moves_a_slow_model_to_a_thread_and_probes_it_again(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    save(root, linear_model())
+    model = load(root, loop_max_ms=0.5)
+    session = model._session
+    real_run = session.run
+    slow = [True]
+
+    class SlowSession:  # a model whose calls take 5 ms while `slow` holds
+        def __getattr__(self, name: str) -> Any:
+            return getattr(session, name)
+
+        def run(self, *args: Any) -> Any:
+            if slow[0]:
+                import time
+
+                time.sleep(0.005)
+            return real_run(*args)
+
+    model._session = SlowSession()
+    spy = _ThreadCalls(monkeypatch)
+    asyncio.run(_predict_n(model, 1))  # measured on the loop: too slow for it
+    assert spy.calls == 0
+    asyncio.run(_predict_n(model, 10))
+    assert spy.calls == 10
+    # Once in _PROBE_EVERY thread calls it is measured on the loop again; fast now, it stays.
+    slow[0] = False
+    asyncio.run(_predict_n(model, infercore_onnx.model._PROBE_EVERY - 10))
+    calls = spy.calls
+    asyncio.run(_predict_n(model, 5))
+    assert spy.calls == calls, "a model that became fast went on running in a thread"
 
 
 def test_predict_rows_are_independent(root: Path) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import importlib
 import logging
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -24,6 +25,12 @@ logger = logging.getLogger("infercore.onnx")
 
 _CPU = "CPUExecutionProvider"
 _CUDA = "CUDAExecutionProvider"
+# In `run_on: auto`, a model whose calls outgrew `loop_max_ms` is measured on the event loop
+# again once in this many calls, so it comes back when its batches shrink.
+_PROBE_EVERY = 256
+# Weight of the newest call in the running estimate of a call's time.
+_EWMA = 0.2
+
 _GPU_HINT = (
     "install onnxruntime-gpu (`pip install 'infercore-onnx[gpu]'`) in an environment without "
     "the CPU onnxruntime package, with a matching CUDA and cuDNN; or set device: cpu"
@@ -73,8 +80,9 @@ class OnnxModel(Model):
 
     :meth:`start` resolves the artifact inside the model root, checks its pinned digest and its
     external data, creates the ``InferenceSession`` in a worker thread and reads the signature
-    from it. :meth:`predict` runs the session in a worker thread, so the event loop never waits
-    on ONNX Runtime. ``onnxruntime`` is imported by :meth:`start`, not with this module.
+    from it. :meth:`predict` runs a call that takes less than ``loop_max_ms`` on the event loop
+    and a longer one in a worker thread (``run_on``). ``onnxruntime`` is imported by
+    :meth:`start`, not with this module.
 
     Attributes:
         providers: The execution providers the session ended up with, best first.
@@ -99,6 +107,13 @@ class OnnxModel(Model):
             io_binding: When the session runs on the CUDA execution provider, bind inputs and
                 outputs on the device with ``io_binding()`` instead of ``session.run``; without
                 CUDA it changes nothing.
+            run_on: Where a call runs. ``thread``: always in a worker thread. ``loop``: always
+                on the event loop. ``auto``: on the event loop while a call takes less than
+                ``loop_max_ms`` (a running estimate; a slower model moves to a thread, and is
+                measured on the loop again once in 256 calls). A worker thread hands the GIL
+                back and forth with the event loop, which for a small model costs more CPU
+                than the call itself; a long call on the loop would hold up every request.
+            loop_max_ms: The longest call ``auto`` runs on the event loop.
         """
 
         path: Annotated[str, msgspec.Meta(min_length=1)]
@@ -109,6 +124,8 @@ class OnnxModel(Model):
         graph_optimization_level: Literal["disable", "basic", "extended", "all"] = "all"
         device: Literal["auto", "cpu", "cuda"] = "cpu"
         io_binding: bool = False
+        run_on: Literal["auto", "loop", "thread"] = "auto"
+        loop_max_ms: Annotated[float, msgspec.Meta(ge=0, le=1000)] = 1.0
 
     def __init__(self, config: OnnxModel.Config, context: ComponentContext) -> None:
         super().__init__(config, context)
@@ -120,6 +137,9 @@ class OnnxModel(Model):
         self._ort: Any = None
         self._output_names: list[str] = []
         self._bind_on_cuda = False
+        self._loop_max_s = config.loop_max_ms / 1000
+        self._estimate_s = 0.0  # running estimate of a call on the event loop
+        self._thread_calls = 0
 
     async def start(self) -> None:
         """Load the model; on any failure nothing is kept and the error says why.
@@ -180,7 +200,15 @@ class OnnxModel(Model):
         try:
             if self._bind_on_cuda:
                 results = await asyncio.to_thread(self._run_bound, session, ort, feed, run_options)
+            elif self._on_loop():
+                t0 = time.perf_counter()
+                try:
+                    results = session.run(None, feed, run_options)
+                finally:
+                    took = time.perf_counter() - t0
+                    self._estimate_s += _EWMA * (took - self._estimate_s)
             else:
+                self._thread_calls += 1
                 results = await asyncio.to_thread(session.run, None, feed, run_options)
         except asyncio.CancelledError:
             # The worker thread cannot be cancelled; this makes ORT abandon the run early.
@@ -201,6 +229,19 @@ class OnnxModel(Model):
             logger.error("%s: onnxruntime returned non-tensor outputs", self.context.path)
             raise BackendError(f"{self.context.path}: the model returned malformed output")
         return dict(zip(self._output_names, results, strict=True))
+
+    def _on_loop(self) -> bool:
+        run_on = self.config.run_on
+        if run_on != "auto":
+            return run_on == "loop"
+        if self._estimate_s <= self._loop_max_s:
+            return True
+        if self._thread_calls >= _PROBE_EVERY:
+            # Measure it on the loop again (its batches may have shrunk): one call in many.
+            self._thread_calls = 0
+            self._estimate_s = self._loop_max_s
+            return True
+        return False
 
     def _run_bound(
         self, session: Any, ort: Any, feed: dict[str, Any], run_options: Any
