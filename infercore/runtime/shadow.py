@@ -316,6 +316,13 @@ class ShadowRunner:
         if not sv.ready:
             self._count(version, "dropped", len(group))
             return
+        together = self._prepare_together(sv, group)
+        alone = False
+        if together is not None:
+            inputs, rows = together
+            if await self._run_batch(sv, group, rows, loop, inputs=inputs, quiet_error=True):
+                return
+            alone = True  # the model raised on the whole group: which copy failed?
         ready: list[_Copy] = []
         for copy in group:
             if copy.prepared is not None:
@@ -336,6 +343,14 @@ class ShadowRunner:
                 (name, value.dtype.str, value.shape[1:]) for name, value in prepared.items()
             )
             ready.append(copy)
+        if alone:
+            t0 = loop.time()
+            sv.enter()
+            try:
+                await self._run_alone(sv, ready, t0, t0 + self.policy.timeout_s, loop)
+            finally:
+                sv.leave()
+            return
         limit = _group_rows(sv)
         batch: list[_Copy] = []
         rows = 0
@@ -347,6 +362,63 @@ class ShadowRunner:
             rows += copy.rows
         if batch:
             await self._run_batch(sv, batch, rows, loop)
+
+    def _prepare_together(
+        self, sv: ServedVersion, group: list[_Copy]
+    ) -> tuple[Tensors, int] | None:
+        """The group's inputs checked once, as one stack: ``(inputs, rows)``, or ``None``.
+
+        Copies of one model's requests usually carry the same tensors (a feature source builds
+        them alike), so the shadow's input checks run once on their concatenation instead of
+        once per copy: same checks, same result when they pass. ``None`` (each copy is then
+        checked alone, and a bad one fails alone) when the copies differ in their tensors'
+        names, dtypes or trailing shapes, when a client's declared datatype binds a tensor,
+        when the rows exceed one submission, or when the stack fails a check.
+        """
+        if len(group) < 2:
+            return None
+        wanted = sv.input_names
+        sig: tuple[tuple[str, str, tuple[int, ...]], ...] | None = None
+        parts: list[list[Array]] = []
+        rows = 0
+        for copy in group:
+            if copy.prepared is not None:
+                return None
+            fields = copy.fields
+            kept: list[tuple[str, Array]] = []
+            for name, value in copy.inputs.items():
+                sent = value is fields.get(name)
+                if sent and copy.declared and name in copy.declared:
+                    return None  # a client's declared datatype: checked copy by copy
+                if sent or name in wanted:
+                    kept.append((name, value))
+            key = tuple((name, value.dtype.str, value.shape[1:]) for name, value in kept)
+            if sig is None:
+                sig = key
+                parts = [[] for _ in kept]
+            elif key != sig:
+                return None
+            n = -1
+            for (name, value), part in zip(kept, parts, strict=True):
+                if value.ndim == 0:
+                    return None
+                if name in wanted and n < 0:
+                    n = int(value.shape[0])
+                part.append(value)
+            copy.rows = max(n, 1)
+            rows += copy.rows
+        if sig is None or rows > _group_rows(sv):
+            return None
+        stacked = {
+            name: np.concatenate(part) for (name, _, _), part in zip(sig, parts, strict=True)
+        }
+        try:
+            prepared = self._prepare(sv, stacked, {}, None)
+        except Exception:
+            return None
+        if _rows_of(sv, prepared) != rows:
+            return None
+        return prepared, rows
 
     async def _submit(
         self, sv: ServedVersion, inputs: Tensors, until: float
@@ -365,23 +437,35 @@ class ShadowRunner:
             return "error", None, exc
 
     async def _run_batch(
-        self, sv: ServedVersion, batch: list[_Copy], rows: int, loop: asyncio.AbstractEventLoop
-    ) -> None:
+        self,
+        sv: ServedVersion,
+        batch: list[_Copy],
+        rows: int,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        inputs: Tensors | None = None,
+        quiet_error: bool = False,
+    ) -> bool:
+        """Submit a batch of copies and count them; False only when ``quiet_error`` and the
+        model raised (nothing counted: the caller runs the copies again, one by one)."""
         version = sv.version
         t0 = loop.time()
         until = t0 + self.policy.timeout_s
         sv.enter()
         try:
-            if len(batch) == 1:
-                inputs = batch[0].prepared
-                assert inputs is not None
-            else:
-                inputs = _concat([c.prepared for c in batch if c.prepared is not None])
+            if inputs is None:
+                if len(batch) == 1:
+                    inputs = batch[0].prepared
+                    assert inputs is not None
+                else:
+                    inputs = _concat([c.prepared for c in batch if c.prepared is not None])
             outcome, raw, exc = await self._submit(sv, inputs, until)
             if outcome == "error" and len(batch) > 1:
+                if quiet_error:
+                    return False
                 # Which copy failed? Each runs alone, as it would have without grouping.
                 await self._run_alone(sv, batch, t0, until, loop)
-                return
+                return True
         finally:
             sv.leave()
         elapsed = loop.time() - t0
@@ -394,6 +478,7 @@ class ShadowRunner:
             log.debug("shadow %s@%s raised %s: %s", self.model, version, type(exc).__name__, exc)
         if raw is not None:
             self._compare(sv, batch, rows, raw)
+        return True
 
     async def _run_alone(
         self,

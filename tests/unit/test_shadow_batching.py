@@ -206,3 +206,51 @@ def test_copies_for_two_shadows_are_grouped_per_version() -> None:
     assert two["ok"] == three["ok"] == 7
     assert batches2 == [7] and batches3 == [7]
     assert stats["2"].agreeing_rows == 7 and stats["3"].agreeing_rows == 0
+
+
+def test_alike_copies_are_checked_once_as_one_stack() -> None:
+    rt = shadow_runtime({})
+    runner = rt.models["m"].shadow
+    checked: list[int] = []
+    real = runner._prepare
+
+    def prepare(sv: Any, inputs: Any, fields: Any, declared: Any) -> Any:
+        checked.append(len(inputs["x"]))
+        return real(sv, inputs, fields, declared)
+
+    runner._prepare = prepare
+
+    async def scenario(rt: Any) -> tuple[dict[str, int], list[int], ShadowStats]:
+        for i in range(8):
+            offer(rt, ("2",), rows(float(i), 1 + i % 2), primary_of(rows(float(i), 1 + i % 2)))
+        outcomes = await settle(rt, "2", 8)
+        return outcomes, rt.models["m"].versions["2"].model.batches, runner.stats["2"]
+
+    outcomes, batches, stats = run(rt, scenario)
+    assert outcomes == {"ok": 8, "error": 0, "timeout": 0, "dropped": 0}
+    assert checked == [12]  # one check of the 12-row stack, not one per copy
+    assert batches == [12]
+    assert (stats.rows, stats.agreeing_rows) == (12, 12)
+
+
+def test_copies_with_different_tensors_are_checked_one_by_one() -> None:
+    rt = shadow_runtime({})
+    runner = rt.models["m"].shadow
+    checked: list[int] = []
+    real = runner._prepare
+
+    def prepare(sv: Any, inputs: Any, fields: Any, declared: Any) -> Any:
+        checked.append(len(inputs["x"]))
+        return real(sv, inputs, fields, declared)
+
+    runner._prepare = prepare
+
+    async def scenario(rt: Any) -> dict[str, int]:
+        offer(rt, ("2",), rows(1.0), primary_of(rows(1.0)))
+        wide = rows(2.0, 1, width=5)  # not the model's shape: this copy alone fails its check
+        offer(rt, ("2",), wide, primary_of(wide))
+        offer(rt, ("2",), rows(3.0), primary_of(rows(3.0)))
+        return await settle(rt, "2", 3)
+
+    assert run(rt, scenario) == {"ok": 2, "error": 1, "timeout": 0, "dropped": 0}
+    assert checked == [1, 1, 1]

@@ -201,12 +201,23 @@ class OnnxModel(Model):
             if self._bind_on_cuda:
                 results = await asyncio.to_thread(self._run_bound, session, ort, feed, run_options)
             elif self._on_loop():
-                t0 = time.perf_counter()
+                # CPU time, not wall time: waiting for the GIL (another thread's turn) or for
+                # the core is not the model's cost, and would move a fast model to a thread.
+                t0 = time.thread_time()
                 try:
                     results = session.run(None, feed, run_options)
                 finally:
-                    took = time.perf_counter() - t0
+                    took = time.thread_time() - t0
                     self._estimate_s += _EWMA * (took - self._estimate_s)
+                    if self._estimate_s > self._loop_max_s and self.config.run_on == "auto":
+                        logger.debug(
+                            "%s: a call takes about %.2f ms (last %.2f ms, %d rows), above "
+                            "loop_max_ms: running calls in a worker thread",
+                            self.context.path,
+                            self._estimate_s * 1000,
+                            took * 1000,
+                            len(next(iter(feed.values()), ())),
+                        )
             else:
                 self._thread_calls += 1
                 results = await asyncio.to_thread(session.run, None, feed, run_options)
