@@ -208,9 +208,8 @@ def test_copies_for_two_shadows_are_grouped_per_version() -> None:
     assert stats["2"].agreeing_rows == 7 and stats["3"].agreeing_rows == 0
 
 
-def test_alike_copies_are_checked_once_as_one_stack() -> None:
-    rt = shadow_runtime({})
-    runner = rt.models["m"].shadow
+def count_checks(runner: Any) -> list[int]:
+    """The rows of every input check the runner makes from now on (it still makes them)."""
     checked: list[int] = []
     real = runner._prepare
 
@@ -219,6 +218,13 @@ def test_alike_copies_are_checked_once_as_one_stack() -> None:
         return real(sv, inputs, fields, declared)
 
     runner._prepare = prepare
+    return checked
+
+
+def test_alike_copies_are_checked_once_as_one_stack() -> None:
+    rt = shadow_runtime({})
+    runner = rt.models["m"].shadow
+    checked = count_checks(runner)
 
     async def scenario(rt: Any) -> tuple[dict[str, int], list[int], ShadowStats]:
         for i in range(8):
@@ -235,15 +241,7 @@ def test_alike_copies_are_checked_once_as_one_stack() -> None:
 
 def test_copies_with_different_tensors_are_checked_one_by_one() -> None:
     rt = shadow_runtime({})
-    runner = rt.models["m"].shadow
-    checked: list[int] = []
-    real = runner._prepare
-
-    def prepare(sv: Any, inputs: Any, fields: Any, declared: Any) -> Any:
-        checked.append(len(inputs["x"]))
-        return real(sv, inputs, fields, declared)
-
-    runner._prepare = prepare
+    checked = count_checks(rt.models["m"].shadow)
 
     async def scenario(rt: Any) -> dict[str, int]:
         offer(rt, ("2",), rows(1.0), primary_of(rows(1.0)))
