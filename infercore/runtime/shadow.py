@@ -193,8 +193,8 @@ class ShadowRunner:
         self._running = False
         self._workers: list[asyncio.Task[None]] = []
         self.stats: dict[str, ShadowStats] = {}
-        self._counters: dict[tuple[str, str], Any] = {}
-        self._row_counters: dict[tuple[str, str], Any] = {}
+        # Label children by (family, version, label value), looked up once each.
+        self._children: dict[tuple[Any, str, str], Any] = {}
 
     def reset(self, version: str) -> None:
         """Start counting afresh (a version entering the shadow stage)."""
@@ -206,24 +206,19 @@ class ShadowRunner:
             stats = self.stats[version] = ShadowStats()
         return stats
 
+    def _inc(self, family: Any, version: str, label: str, amount: int) -> None:
+        key = (family, version, label)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = family.labels(self.model, version, label)
+        child.inc(amount)
+
     def _count(self, version: str, outcome: str, copies: int = 1) -> None:
         self._stats(version).outcomes[outcome] += copies
-        key = (version, outcome)
-        child = self._counters.get(key)
-        if child is None:
-            child = self._counters[key] = self._metrics.shadow_requests.labels(
-                self.model, version, outcome
-            )
-        child.inc(copies)
+        self._inc(self._metrics.shadow_requests, version, outcome, copies)
 
     def _count_rows(self, version: str, result: str, rows: int) -> None:
-        key = (version, result)
-        child = self._row_counters.get(key)
-        if child is None:
-            child = self._row_counters[key] = self._metrics.shadow_rows.labels(
-                self.model, version, result
-            )
-        child.inc(rows)
+        self._inc(self._metrics.shadow_rows, version, result, rows)
 
     @property
     def depth(self) -> int:
@@ -378,7 +373,7 @@ class ShadowRunner:
         if len(group) < 2:
             return None
         wanted = sv.input_names
-        sig: tuple[tuple[str, str, tuple[int, ...]], ...] | None = None
+        sig: tuple[tuple[str, np.dtype[Any], tuple[int, ...]], ...] | None = None
         parts: list[list[Array]] = []
         rows = 0
         for copy in group:
@@ -392,7 +387,7 @@ class ShadowRunner:
                     return None  # a client's declared datatype: checked copy by copy
                 if sent or name in wanted:
                     kept.append((name, value))
-            key = tuple((name, value.dtype.str, value.shape[1:]) for name, value in kept)
+            key = tuple((name, value.dtype, value.shape[1:]) for name, value in kept)
             if sig is None:
                 sig = key
                 parts = [[] for _ in kept]

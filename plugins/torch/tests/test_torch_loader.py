@@ -134,9 +134,7 @@ def test_state_dict_replaces_the_parameters_of_an_exported_program(artifacts: Ar
     model = load(
         artifacts.root,
         path="other.pt",
-        architecture="mlp.pt2",
-        architecture_sha256=artifacts.digest("mlp.pt2"),
-        trusted=True,
+        **artifacts.mlp_architecture(),
     )
     assert model.format == "state_dict"
     got = predict(model, X)
@@ -149,9 +147,7 @@ def test_state_dict_in_safetensors(artifacts: Artifacts) -> None:
     model = load(
         artifacts.root,
         path="other.safetensors",
-        architecture="mlp.pt2",
-        architecture_sha256=artifacts.digest("mlp.pt2"),
-        trusted=True,
+        **artifacts.mlp_architecture(),
     )
     np.testing.assert_allclose(predict(model, X), expected(artifacts.other, X), rtol=1e-6)
 
@@ -175,9 +171,7 @@ def test_a_state_dict_that_does_not_fit_fails(artifacts: Artifacts) -> None:
     model = build(
         artifacts.root,
         path="linear.pt",
-        architecture="mlp.pt2",
-        architecture_sha256=artifacts.digest("mlp.pt2"),
-        trusted=True,
+        **artifacts.mlp_architecture(),
     )
     with pytest.raises(ModelLoadError, match=r"architecture: the state dict does not fit"):
         asyncio.run(model.start())
@@ -217,9 +211,7 @@ def test_a_pickle_smuggled_into_a_state_dict_is_refused_unexecuted(
     model = build(
         artifacts.root,
         path="smuggled.pt",
-        architecture="mlp.pt2",
-        architecture_sha256=artifacts.digest("mlp.pt2"),
-        trusted=True,
+        **artifacts.mlp_architecture(),
         sha256=sha256(bad),  # even trusted and pinned: state dicts are read weights-only
     )
     with pytest.raises(ModelLoadError, match=r"refused: the file is not weights-only data"):
@@ -232,9 +224,7 @@ def test_a_whole_pickled_module_is_refused(artifacts: Artifacts) -> None:
     model = build(
         artifacts.root,
         path="whole.pt",
-        architecture="mlp.pt2",
-        architecture_sha256=artifacts.digest("mlp.pt2"),
-        trusted=True,
+        **artifacts.mlp_architecture(),
     )
     with pytest.raises(ModelLoadError, match=r"not weights-only data"):
         asyncio.run(model.start())
@@ -245,9 +235,7 @@ def test_a_tensor_that_is_not_a_dict_is_refused(artifacts: Artifacts) -> None:
     model = build(
         artifacts.root,
         path="list.pt",
-        architecture="mlp.pt2",
-        architecture_sha256=artifacts.digest("mlp.pt2"),
-        trusted=True,
+        **artifacts.mlp_architecture(),
     )
     with pytest.raises(ModelLoadError, match=r"expected a state dict .* got list"):
         asyncio.run(model.start())

@@ -30,3 +30,11 @@ class Artifacts:
 
     def digest(self, name: str) -> str:
         return sha256(self.root / name)
+
+    def mlp_architecture(self) -> dict[str, Any]:
+        """Loader options that give a state dict the trusted, pinned ``mlp.pt2`` to fill."""
+        return {
+            "architecture": "mlp.pt2",
+            "architecture_sha256": self.digest("mlp.pt2"),
+            "trusted": True,
+        }

@@ -109,7 +109,7 @@ class OnnxModel(Model):
                 CUDA it changes nothing.
             run_on: Where a call runs. ``thread``: always in a worker thread. ``loop``: always
                 on the event loop. ``auto``: on the event loop while a call takes less than
-                ``loop_max_ms`` (a running estimate; a slower model moves to a thread, and is
+                ``loop_max_ms`` of CPU (a running estimate; a slower model moves to a thread, and is
                 measured on the loop again once in 256 calls). A worker thread hands the GIL
                 back and forth with the event loop, which for a small model costs more CPU
                 than the call itself; a long call on the loop would hold up every request.
