@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping
 from contextvars import ContextVar
+from typing import ClassVar
 
 from infercore.components.base import Component
 from infercore.components.model import Array, Tensors
@@ -23,11 +24,20 @@ def mark_degraded(part: str) -> None:
         parts.add(part)
 
 
-def begin_request() -> set[str]:
-    """Start collecting degraded parts for the current request (called by the server)."""
-    parts: set[str] = set()
+def begin_request(parts: set[str] | None = None) -> set[str]:
+    """Start collecting degraded parts for the current request (called by the server).
+
+    ``parts``: collect into this set (a request's own, when its work runs in another task).
+    """
+    if parts is None:
+        parts = set()
     _degraded.set(parts)
     return parts
+
+
+def degraded_parts() -> set[str] | None:
+    """The set the current request's degraded parts go to (``None`` outside a request)."""
+    return _degraded.get()
 
 
 class FeatureSource(Component):
@@ -38,6 +48,13 @@ class FeatureSource(Component):
     source may add features from elsewhere (a feature store) and must return the tensors the
     model expects by name. It runs on the event loop: blocking reads belong in a thread.
     """
+
+    #: Whether the runtime may fetch once for several requests that arrive together
+    #: (``server.group_requests``): true when row *i* of :meth:`fetch`'s answer depends only
+    #: on row *i* of the fields, so the answer for the stacked fields of several requests,
+    #: split by rows, is what each request would have got alone. An error or a
+    #: :func:`mark_degraded` during a grouped fetch makes each request run alone again.
+    groupable: ClassVar[bool] = False
 
     @abc.abstractmethod
     async def fetch(self, fields: Mapping[str, Array], *, deadline: float) -> Tensors:

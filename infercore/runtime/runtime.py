@@ -20,7 +20,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
@@ -33,9 +33,11 @@ from infercore.components import (
     Model,
     Router,
     RouteRequest,
+    RoutingTable,
     Tensors,
     WrappingRouter,
 )
+from infercore.components.features import degraded_parts
 from infercore.config.compose import Composed
 from infercore.config.schema import VERSION_RE, ModelConfig
 from infercore.errors import (
@@ -51,6 +53,13 @@ from infercore.metrics import Metrics
 from infercore.plugin_manager import PluginInfo, make_plugin_manager
 from infercore.registry import Registry
 from infercore.runtime.errors import Conflict, LoadFailed
+from infercore.runtime.grouping import (
+    DEFAULT_GROUP_ROWS,
+    DEFAULT_GROUP_WAITING,
+    RequestGroups,
+    RunAlone,
+    batcher_option,
+)
 from infercore.runtime.guard import Verdict, Window, judge
 from infercore.runtime.inputs import prepare_inputs
 from infercore.runtime.outputs import plan_outputs
@@ -428,10 +437,42 @@ class Runtime:
             self.metrics.model_load_failures.labels(sv.name, sv.version).inc()
             log.error("model %s version %s failed to load: %s", sv.name, sv.version, exc)
             return False
+        sv.groups = self._groups(served, sv)
         sv.state = READY
         self.metrics.model_ready.labels(sv.name, sv.version).set(1)
         log.info("model %s version %s ready in %.2fs", sv.name, sv.version, loop.time() - t0)
         return True
+
+    def _groups(self, served: ServedModel, sv: ServedVersion) -> RequestGroups | None:
+        """Request groups for ``sv``, when its model and feature source allow them."""
+        if not (
+            self.config.server.group_requests and served.features.groupable and sv.model.batchable
+        ):
+            return None
+
+        async def run_group(
+            members: Sequence[Mapping[str, Array]],
+            fields: Mapping[str, Array],
+            declared: Mapping[str, str] | None,
+            deadline: float,
+        ) -> Tensors:
+            return await self._run_group(served, sv, members, fields, declared, deadline)
+
+        async def run_alone(
+            fields: Mapping[str, Array], declared: Mapping[str, str] | None, deadline: float
+        ) -> Tensors:
+            return await self._run_alone(served, sv, fields, declared, deadline)
+
+        return RequestGroups(
+            run_group,
+            run_alone,
+            max_rows=min(
+                batcher_option(sv.batcher, "max_batch_size", DEFAULT_GROUP_ROWS),
+                self.config.server.max_request_rows,
+            ),
+            max_waiting=batcher_option(sv.batcher, "max_queue_size", DEFAULT_GROUP_WAITING),
+            model_name=served.name,
+        )
 
     async def _stop_instance(self, sv: ServedVersion) -> None:
         # Bounded: a model call that never returns must not hang an unload or a shutdown.
@@ -506,6 +547,7 @@ class Runtime:
     ) -> Tensors:
         """Features -> input checks -> batcher -> model, for one request.
 
+        Requests that arrive together may share that work (:mod:`infercore.runtime.grouping`).
         The primary's answer may then be copied to shadow versions (never awaited here).
         """
         if self.draining:
@@ -514,26 +556,12 @@ class Runtime:
         t0 = time.perf_counter()
         error: bool | None = True  # None: the client went; nothing to judge the version by
         try:
-            inputs = await served.features.fetch(fields, deadline=deadline)
-            prepared = self._prepare(sv, inputs, fields, declared)
-            outputs = await sv.batcher.submit(prepared, deadline=deadline)
-            plan = sv.outputs_plan
-            result = outputs if plan is None else plan.apply(outputs)
-            if served.drift is not None:
-                # The feature source's full output (every version's inputs): never blocks.
-                served.drift.offer(inputs, outputs)
-            table = served.table
-            if table.shadows and sv.version == table.primary and served.shadow is not None:
-                targets = served.router.mirror(RouteRequest(_NO_HEADERS, "", fields), table)
-                if targets:
-                    versions = served.versions
-                    served.shadow.offer(
-                        tuple(versions[t] for t in targets if t in versions),
-                        inputs,
-                        fields,
-                        declared,
-                        result,
-                    )
+            groups = sv.groups
+            result = None
+            if groups is not None:
+                result = await groups.submit(fields, declared, deadline)
+            if result is None:
+                result = await self._run_alone(served, sv, fields, declared, deadline)
             error = False
             return result
         except InfercoreError as exc:
@@ -546,6 +574,114 @@ class Runtime:
             raise
         finally:
             self._finish(served, sv, time.perf_counter() - t0, error)
+
+    async def _run_alone(
+        self,
+        served: ServedModel,
+        sv: ServedVersion,
+        fields: Mapping[str, Array],
+        declared: Mapping[str, str] | None,
+        deadline: float,
+    ) -> Tensors:
+        """One request through the pipeline on its own."""
+        inputs = await served.features.fetch(fields, deadline=deadline)
+        prepared = self._prepare(sv, inputs, fields, declared)
+        outputs = await sv.batcher.submit(prepared, deadline=deadline)
+        plan = sv.outputs_plan
+        result = outputs if plan is None else plan.apply(outputs)
+        if served.drift is not None:
+            # The feature source's full output (every version's inputs): never blocks.
+            served.drift.offer(inputs, outputs)
+        table = served.table
+        if table.shadows and sv.version == table.primary and served.shadow is not None:
+            targets = served.router.mirror(RouteRequest(_NO_HEADERS, "", fields), table)
+            if targets:
+                versions = served.versions
+                served.shadow.offer(
+                    tuple(versions[t] for t in targets if t in versions),
+                    inputs,
+                    fields,
+                    declared,
+                    result,
+                )
+        return result
+
+    async def _run_group(
+        self,
+        served: ServedModel,
+        sv: ServedVersion,
+        members: Sequence[Mapping[str, Array]],
+        fields: Mapping[str, Array],
+        declared: Mapping[str, str] | None,
+        deadline: float,
+    ) -> Tensors:
+        """Several requests' stacked ``fields`` through the pipeline at once.
+
+        Raises:
+            RunAlone: The inputs fail a check, or do not keep the requests' rows: each
+                request runs alone (and meets its own error).
+        """
+        inputs = await served.features.fetch(fields, deadline=deadline)
+        if degraded_parts():
+            # Default features for some rows: each request learns alone whether it was one.
+            raise RunAlone("some rows were served degraded")
+        try:
+            prepared = self._prepare(sv, inputs, fields, declared)
+        except InvalidInput as exc:
+            raise RunAlone(str(exc)) from None
+        rows = next(iter(fields.values())).shape[0]
+        if any(v.ndim == 0 or v.shape[0] != rows for v in prepared.values()):
+            raise RunAlone("the inputs do not have the requests' rows")
+        outputs = await sv.batcher.submit(prepared, deadline=deadline)
+        plan = sv.outputs_plan
+        result = outputs if plan is None else plan.apply(outputs)
+        if served.drift is not None:
+            served.drift.offer(inputs, outputs)
+        table = served.table
+        if table.shadows and sv.version == table.primary and served.shadow is not None:
+            self._mirror_group(served, table, members, inputs, fields, declared, result)
+        return result
+
+    def _mirror_group(
+        self,
+        served: ServedModel,
+        table: RoutingTable,
+        members: Sequence[Mapping[str, Array]],
+        inputs: Tensors,
+        fields: Mapping[str, Array],
+        declared: Mapping[str, str] | None,
+        result: Tensors,
+    ) -> None:
+        """Shadow copies of a group: one copy of the whole group when every request goes to
+        the same shadows (counted as that many copies), else one per request."""
+        shadow = served.shadow
+        assert shadow is not None
+        router, versions = served.router, served.versions
+        targets = [router.mirror(RouteRequest(_NO_HEADERS, "", m), table) for m in members]
+        first = targets[0]
+        if all(t == first for t in targets):
+            if first:
+                shadow.offer(
+                    tuple(versions[t] for t in first if t in versions),
+                    inputs,
+                    fields,
+                    declared,
+                    result,
+                    copies=len(members),
+                )
+            return
+        start = 0
+        for own, m in zip(targets, members, strict=True):
+            end = start + next(iter(m.values())).shape[0]
+            if own:
+                shadow.offer(
+                    tuple(versions[t] for t in own if t in versions),
+                    {k: v[start:end] for k, v in inputs.items()},
+                    m,
+                    declared,
+                    {k: v[start:end] for k, v in result.items()},
+                )
+            start = end
 
     def _finish(
         self, served: ServedModel, sv: ServedVersion, elapsed: float, error: bool | None

@@ -30,6 +30,7 @@ from infercore.config.rollout import GuardConfig
 from infercore.config.schema import ModelConfig, OutputMapping
 from infercore.errors import ModelNotFound, ModelNotReady
 from infercore.metrics import Metrics, VersionMetrics
+from infercore.runtime.grouping import RequestGroups
 from infercore.runtime.guard import Window
 from infercore.runtime.outputs import OutputPlan
 from infercore.runtime.repository import Repository
@@ -84,6 +85,8 @@ class ServedVersion:
     route_errors: Any = None
     route_duration: Any = None
     route_role: str = ""
+    #: Its request groups (``None``: each request runs alone), set when it loads.
+    groups: RequestGroups | None = None
     _idle: asyncio.Event | None = None
 
     @property

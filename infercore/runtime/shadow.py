@@ -29,6 +29,7 @@ import numpy.typing as npt
 from infercore.components import ShadowPolicy, Tensors
 from infercore.errors import DeadlineExceeded, QueueFull, QueueTimeout
 from infercore.metrics import Metrics
+from infercore.runtime.grouping import DEFAULT_GROUP_ROWS, batcher_option
 
 if TYPE_CHECKING:
     from infercore.runtime.served import ServedVersion
@@ -38,9 +39,6 @@ Array = npt.NDArray[Any]
 log = logging.getLogger("infercore.shadow")
 
 OUTCOMES = ("ok", "error", "timeout", "dropped")
-
-#: Rows of one submission when the shadow's batcher does not say (``max_batch_size``).
-DEFAULT_GROUP_ROWS = 64
 
 
 @dataclass(slots=True)
@@ -115,6 +113,8 @@ class _Copy:
     fields: Mapping[str, Array]
     declared: Mapping[str, str] | None
     primary: Tensors
+    #: Requests this copy stands for (a request group is copied once, as its requests).
+    copies: int = 1
     #: The shadow's own inputs, once checked (a copy put back keeps them), its rows and the
     #: key that copies must share to be concatenated (names, dtypes, trailing shapes).
     prepared: Tensors | None = None
@@ -130,8 +130,7 @@ def _group_rows(sv: ServedVersion) -> int:
     """
     if not sv.model.batchable:
         return 1
-    size = getattr(getattr(sv.batcher, "config", None), "max_batch_size", None)
-    return size if isinstance(size, int) and size > 0 else DEFAULT_GROUP_ROWS
+    return batcher_option(sv.batcher, "max_batch_size", DEFAULT_GROUP_ROWS)
 
 
 def _rows_of(sv: ServedVersion, inputs: Tensors) -> int:
@@ -252,16 +251,20 @@ class ShadowRunner:
         fields: Mapping[str, Array],
         declared: Mapping[str, str] | None,
         primary: Tensors,
+        copies: int = 1,
     ) -> None:
-        """Queue a copy for each target, or drop it (counted). Never blocks, never raises."""
+        """Queue a copy for each target, or drop it (counted). Never blocks, never raises.
+
+        ``copies``: how many requests the copy stands for (a request group's stacked rows).
+        """
         pending = self._pending
         room = self.policy.queue_size
         queued = False
         for sv in targets:
             if not self._running or len(pending) >= room:
-                self._count(sv.version, "dropped")
+                self._count(sv.version, "dropped", copies)
                 continue
-            pending.append(_Copy(sv, inputs, fields, declared, primary))
+            pending.append(_Copy(sv, inputs, fields, declared, primary, copies))
             queued = True
         if queued and self._wake is not None:
             self._wake.set()
@@ -309,7 +312,7 @@ class ShadowRunner:
         sv = group[0].sv
         version = sv.version
         if not sv.ready:
-            self._count(version, "dropped", len(group))
+            self._count(version, "dropped", sum(c.copies for c in group))
             return
         together = self._prepare_together(sv, group)
         alone = False
@@ -329,8 +332,9 @@ class ShadowRunner:
             except Exception as exc:
                 # The shadow rejects this copy's inputs: it alone counts an error.
                 log.debug("shadow %s@%s rejected a copy: %s", self.model, version, exc)
-                self._count(version, "error")
-                self._record(sv, loop.time() - t0, True)
+                self._count(version, "error", copy.copies)
+                for _ in range(copy.copies):
+                    self._record(sv, loop.time() - t0, True)
                 continue
             copy.prepared = prepared
             copy.rows = _rows_of(sv, prepared)
@@ -464,7 +468,7 @@ class ShadowRunner:
         finally:
             sv.leave()
         elapsed = loop.time() - t0
-        n = len(batch)
+        n = sum(c.copies for c in batch)
         self._count(version, outcome, n)
         if outcome != "dropped":
             for _ in range(n):
@@ -487,9 +491,10 @@ class ShadowRunner:
         for copy in batch:
             assert copy.prepared is not None
             outcome, raw, exc = await self._submit(sv, copy.prepared, until)
-            self._count(version, outcome)
+            self._count(version, outcome, copy.copies)
             if outcome != "dropped":
-                self._record(sv, loop.time() - t0, outcome != "ok")
+                for _ in range(copy.copies):
+                    self._record(sv, loop.time() - t0, outcome != "ok")
             if exc is not None:
                 log.debug(
                     "shadow %s@%s raised %s: %s", self.model, version, type(exc).__name__, exc

@@ -60,6 +60,9 @@ class FeastFeatureSource(FeatureSource):
     kind = "feast"
     Config = FeastSourceConfig
     config: FeastSourceConfig
+    # Each row's features depend on its own key and fields only: requests that arrive together
+    # may be fetched as one stack (server.group_requests).
+    groupable = True
 
     def __init__(self, config: FeastSourceConfig, context: ComponentContext) -> None:
         super().__init__(config, context)
