@@ -194,12 +194,16 @@ class RequestGroups:
             return await member.future
         except asyncio.CancelledError:
             # The caller went before its answer: out of the group; the last one out cancels
-            # the group's work.
-            if not member.future.done():
+            # the group's work. Cancelling the caller has usually cancelled its future already
+            # (the future it awaits), so "not answered" is "not done, or cancelled".
+            if not member.future.done() or member.future.cancelled():
                 member.future.cancel()
                 group.live -= 1
                 if group.live <= 0 and group.task is not None:
                     group.task.cancel()
+                    # A task cancelled before its first step never runs _run (nor its
+                    # _close): a later request must not join a group that will never run.
+                    self._close(group)
             raise
         finally:
             self.waiting -= 1
