@@ -362,7 +362,7 @@ def from_binary(name: str, raw: memoryview, shape: list[int], datatype: str, cou
 def to_json_data(arr: Array) -> list[Any]:
     """Flat row-major JSON data. Non-finite floats become ``null`` (P15: always valid JSON)."""
     flat = arr.reshape(-1)
-    if flat.dtype == object or flat.dtype.kind in "SU":
+    if flat.dtype.kind in "OSU":  # objects, bytes, str
         return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in flat]
     # Floats go out as they are: msgspec writes NaN and ±Inf as null (P15: valid JSON).
     values: list[Any] = flat.tolist()
