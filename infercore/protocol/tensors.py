@@ -54,6 +54,9 @@ def _integral_range(dtype: np.dtype[Any]) -> tuple[int, int]:
     return int(info.min), int(info.max)
 
 
+_TEXT = (str, bytes)
+
+
 def coerce(name: str, arr: Array, datatype: str) -> Array:
     """Convert an array inferred from JSON to ``datatype``, refusing lossy or wrong-kind values.
 
@@ -61,14 +64,23 @@ def coerce(name: str, arr: Array, datatype: str) -> Array:
     non-integral values never become integers, integers must fit the target type, and finite
     values must stay finite.
     """
-    kind = arr.dtype.kind
+    dtype = arr.dtype
+    kind = dtype.kind
     target = V2_TO_NUMPY[datatype]
     if datatype == "BYTES":
         if kind in "US":
             return arr.astype(object)
-        if kind == "O" and all(isinstance(v, str | bytes) for v in arr.flat):
-            return arr
+        if kind == "O":
+            # A loop, not all() over a generator: most BYTES tensors hold one or two values.
+            for v in arr.flat:
+                if not isinstance(v, _TEXT):
+                    break
+            else:
+                return arr
         raise InvalidInput(f"input {name!r}: expected strings for BYTES, got {_describe(arr)}")
+    if dtype == target:
+        # Already the type: nothing to convert, and every value fits its own type.
+        return arr
     if datatype == "BOOL":
         if kind == "b":
             return arr
@@ -90,8 +102,6 @@ def coerce(name: str, arr: Array, datatype: str) -> Array:
                     f"input {name!r}: value out of range for {datatype} ({lo}..{hi})"
                 )
         return arr.astype(target, copy=False)
-    if arr.dtype == target:
-        return arr
     if arr.size:
         # Finite and within the target's range (NaN fails both comparisons): the cast can
         # neither overflow nor warn, so it needs no errstate (a tenth of a small request).
@@ -362,7 +372,7 @@ def from_binary(name: str, raw: memoryview, shape: list[int], datatype: str, cou
 def to_json_data(arr: Array) -> list[Any]:
     """Flat row-major JSON data. Non-finite floats become ``null`` (P15: always valid JSON)."""
     flat = arr.reshape(-1)
-    if flat.dtype == object or flat.dtype.kind in "SU":
+    if flat.dtype.kind in "OSU":  # objects, bytes, str
         return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in flat]
     # Floats go out as they are: msgspec writes NaN and ±Inf as null (P15: valid JSON).
     values: list[Any] = flat.tolist()

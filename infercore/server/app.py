@@ -10,6 +10,7 @@ import asyncio
 import itertools
 import logging
 import os
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -92,6 +93,119 @@ class InferenceApp(Litestar):
         ):
             return
         await super().__call__(scope, receive, send)
+
+
+class _Watch:
+    """One request's deadline, watched by :class:`_Deadlines`."""
+
+    __slots__ = ("cancelling", "deadline", "state", "task", "timer")
+
+    def __init__(self, task: asyncio.Task[Any], deadline: float) -> None:
+        self.task = task
+        self.deadline = deadline
+        self.cancelling = task.cancelling()
+        self.state = _LIVE
+        #: Its own timer, when it is not in the shared queue.
+        self.timer: asyncio.TimerHandle | None = None
+
+    def expire(self) -> None:
+        if self.state == _LIVE:
+            self.state = _EXPIRED
+            self.task.cancel()
+
+
+_LIVE, _EXPIRED, _RELEASED = 0, 1, 2
+
+
+class _Deadlines:
+    """Cancels each request's task at its deadline, as ``asyncio.timeout_at`` would, with one
+    timer for all of them.
+
+    ``asyncio.timeout_at`` starts and stops a timer (a libuv handle under uvloop) and builds a
+    ``Timeout`` per request: about 6 µs, a sixth of a small request's CPU. Requests are
+    watched in arrival order and their deadlines are a fixed time after arrival, so the
+    deadlines come in order: a queue in deadline order and one timer, set for the earliest
+    live deadline, serve them all. A request whose deadline comes before the last one queued
+    (it waited for its body), or that runs on another event loop while this one's requests
+    are live, gets a timer of its own. Semantics are ``asyncio.Timeout``'s: the task is
+    cancelled at the deadline, and :meth:`release` says whether that cancellation is the one
+    the request ended with (no other cancellation came meanwhile).
+    """
+
+    __slots__ = ("_epoch", "_live", "_loop", "_queue", "_timer")
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._epoch = 0  # counts the loops watched, so that a timer knows when it is stale
+        self._queue: deque[_Watch] = deque()
+        self._live = 0  # queued watches not yet released
+        self._timer: asyncio.TimerHandle | None = None
+
+    def watch(self, loop: asyncio.AbstractEventLoop, deadline: float) -> _Watch:
+        """Cancel the current task at ``deadline`` (``loop.time()``), unless released first."""
+        task = asyncio.current_task(loop)
+        if task is None:
+            raise RuntimeError("a request deadline needs a task")
+        w = _Watch(task, deadline)
+        queue = self._queue
+        if loop is not self._loop:
+            if self._live:
+                w.timer = loop.call_at(deadline, w.expire)
+                return w
+            # Another loop (a test's new client, say): the old loop's timer is left to fire
+            # there, where it finds itself stale.
+            self._loop = loop
+            self._epoch += 1
+            queue.clear()
+            self._timer = None
+        elif queue and deadline < queue[-1].deadline:
+            w.timer = loop.call_at(deadline, w.expire)
+            return w
+        queue.append(w)
+        self._live += 1
+        if self._timer is None:
+            self._timer = loop.call_at(deadline, self._fire, loop, self._epoch, deadline)
+        return w
+
+    def release(self, w: _Watch) -> bool:
+        """Stop watching ``w``; ``True`` when its deadline cancelled the task and no other
+        cancellation is pending (the request then ends in a timeout, not a cancellation)."""
+        if w.timer is not None:
+            w.timer.cancel()
+        elif w.state == _LIVE:
+            w.state = _RELEASED
+            self._live -= 1
+            queue = self._queue
+            while queue and queue[0].state != _LIVE:
+                queue.popleft()
+            if len(queue) > 2 * self._live + 64:
+                # A long request at the head holds released ones behind it: drop them.
+                live = [q for q in queue if q.state == _LIVE]
+                queue.clear()
+                queue.extend(live)
+            return False
+        if w.state == _EXPIRED:
+            w.state = _RELEASED
+            return w.task.uncancel() <= w.cancelling
+        w.state = _RELEASED
+        return False
+
+    def _fire(self, loop: asyncio.AbstractEventLoop, epoch: int, armed: float) -> None:
+        if epoch != self._epoch:
+            return  # a timer of a loop no longer watched
+        self._timer = None
+        queue = self._queue
+        while queue:
+            w = queue[0]
+            if w.state == _LIVE:
+                # Timers may fire a little early (libuv counts milliseconds): what the timer
+                # was set for is due, as asyncio's own timeout would have it.
+                if w.deadline > armed:
+                    self._timer = loop.call_at(w.deadline, self._fire, loop, epoch, w.deadline)
+                    return
+                self._live -= 1
+                w.expire()
+            queue.popleft()
 
 
 def _inference_target(path: str) -> tuple[str, str | None, str] | None:
@@ -199,6 +313,7 @@ def create_app(
     max_elements = cfg.max_body_bytes  # no tensor can hold more elements than the body has bytes
     max_rows = cfg.max_request_rows
     unrouted: dict[tuple[str, str], ResponseCounters] = {}
+    deadlines = _Deadlines()
 
     def failure_metrics(model: str, version: str) -> ResponseCounters:
         key = (model, version)
@@ -308,10 +423,17 @@ def create_app(
             degraded = begin_request()
             vm.inflight.inc()
             try:
-                async with asyncio.timeout_at(deadline):
+                watch = deadlines.watch(loop, deadline)
+                try:
                     outputs = await runtime.infer(
                         served, sv, fields, declared=declared, deadline=deadline
                     )
+                except BaseException as exc:
+                    # Cancelled by its deadline (and by nothing else): a timeout.
+                    if deadlines.release(watch) and type(exc) is asyncio.CancelledError:
+                        raise TimeoutError from None
+                    raise
+                deadlines.release(watch)
             except TimeoutError:
                 raise DeadlineExceeded(
                     f"request did not finish within {cfg.request_timeout_ms} ms",
