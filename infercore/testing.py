@@ -23,8 +23,8 @@ import importlib.metadata as md
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -50,6 +50,7 @@ from infercore.errors import DeadlineExceeded, FeatureStoreUnavailable, ModelLoa
 from infercore.hookspecs import hookimpl
 
 if TYPE_CHECKING:
+    import httpx
     import pluggy
     from litestar import Litestar
     from litestar.testing import TestClient
@@ -503,6 +504,37 @@ def app_client(runtime: Any) -> Iterator[TestClient[Litestar]]:
 
     with TestClient(create_app(runtime), raise_server_exceptions=False) as client:
         yield client
+
+
+@asynccontextmanager
+async def async_app_client(runtime: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """An ``httpx.AsyncClient`` over the app of ``runtime`` (started on entry, stopped on exit),
+    for tests that send requests concurrently (``asyncio.gather``) on one event loop."""
+    import httpx
+
+    from infercore.server import create_app
+
+    app = create_app(runtime, manage_runtime=False)
+    await runtime.start()
+    try:
+        transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            yield client
+    finally:
+        await runtime.stop()
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples of ``name`` in Prometheus text ``text`` whose labels include
+    ``labels`` (0.0 when there is none)."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        head, _, value = line.rpartition(" ")
+        if all(f'{k}="{v}"' in head for k, v in labels.items()):
+            total += float(value)
+    return total
 
 
 @contextmanager

@@ -586,12 +586,7 @@ class Runtime:
         """One request through the pipeline on its own."""
         inputs = await served.features.fetch(fields, deadline=deadline)
         prepared = self._prepare(sv, inputs, fields, declared)
-        outputs = await sv.batcher.submit(prepared, deadline=deadline)
-        plan = sv.outputs_plan
-        result = outputs if plan is None else plan.apply(outputs)
-        if served.drift is not None:
-            # The feature source's full output (every version's inputs): never blocks.
-            served.drift.offer(inputs, outputs)
+        result = await self._run_model(served, sv, inputs, prepared, deadline)
         table = served.table
         if table.shadows and sv.version == table.primary and served.shadow is not None:
             targets = served.router.mirror(RouteRequest(_NO_HEADERS, "", fields), table)
@@ -604,6 +599,23 @@ class Runtime:
                     declared,
                     result,
                 )
+        return result
+
+    async def _run_model(
+        self,
+        served: ServedModel,
+        sv: ServedVersion,
+        inputs: Tensors,
+        prepared: Tensors,
+        deadline: float,
+    ) -> Tensors:
+        """Batcher and model, the outputs plan, and the drift offer: the answer's tensors."""
+        outputs = await sv.batcher.submit(prepared, deadline=deadline)
+        plan = sv.outputs_plan
+        result = outputs if plan is None else plan.apply(outputs)
+        if served.drift is not None:
+            # The feature source's full output (every version's inputs): never blocks.
+            served.drift.offer(inputs, outputs)
         return result
 
     async def _run_group(
@@ -632,11 +644,7 @@ class Runtime:
         rows = next(iter(fields.values())).shape[0]
         if any(v.ndim == 0 or v.shape[0] != rows for v in prepared.values()):
             raise RunAlone("the inputs do not have the requests' rows")
-        outputs = await sv.batcher.submit(prepared, deadline=deadline)
-        plan = sv.outputs_plan
-        result = outputs if plan is None else plan.apply(outputs)
-        if served.drift is not None:
-            served.drift.offer(inputs, outputs)
+        result = await self._run_model(served, sv, inputs, prepared, deadline)
         table = served.table
         if table.shadows and sv.version == table.primary and served.shadow is not None:
             self._mirror_group(served, table, members, inputs, fields, declared, result)

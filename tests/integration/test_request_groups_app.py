@@ -12,8 +12,7 @@ the source's and the model's call counts show whether they were grouped. No timi
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Mapping
 from typing import Any
 
 import httpx
@@ -24,8 +23,7 @@ from infercore import hookimpl
 from infercore.components import ComponentContext, FeatureSource, Tensors
 from infercore.components.features import mark_degraded
 from infercore.errors import InvalidInput
-from infercore.server import create_app
-from infercore.testing import fake_model_config, runtime_from_dict
+from infercore.testing import async_app_client, fake_model_config, metric_value, runtime_from_dict
 
 INVALID = -2.0
 DEGRADED = -1.0
@@ -87,29 +85,6 @@ def shadow_runtime() -> Any:
     cfg["models"]["m"]["routing"] = {"kind": "shadow"}
     cfg["features"] = {"kind": "computing"}
     return runtime_from_dict(cfg, extra_plugins=[("computing", ComputingPlugin())])
-
-
-@asynccontextmanager
-async def serving(rt: Any) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(rt, manage_runtime=False)
-    await rt.start()
-    try:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-            yield client
-    finally:
-        await rt.stop()
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        head, _, value = line.rpartition(" ")
-        if all(f'{k}="{v}"' in head for k, v in labels.items()):
-            total += float(value)
-    return total
 
 
 def requests(n: int, special: Mapping[int, float] | None = None) -> list[list[list[float]]]:
@@ -179,7 +154,7 @@ def test_concurrent_requests_share_fetches_and_model_calls_and_get_their_own_ans
     bodies = requests(n)
 
     async def scenario() -> tuple[list[httpx.Response], str]:
-        async with serving(rt) as client:
+        async with async_app_client(rt) as client:
             responses = await send_all(client, bodies, protocol)
             return responses, (await client.get("/metrics")).text
 
@@ -193,7 +168,7 @@ def test_concurrent_requests_share_fetches_and_model_calls_and_get_their_own_ans
     assert source.rows == sum(len(rows) for rows in bodies)  # each row fetched once
     assert model.calls == source.calls  # one batcher submission per group
     assert sum(model.batches) == source.rows
-    assert metric(text, "infercore_requests_total", model="m", code="200") == n
+    assert metric_value(text, "infercore_requests_total", model="m", code="200") == n
 
 
 @pytest.mark.parametrize(
@@ -209,7 +184,7 @@ def test_one_bad_request_gets_its_error_and_the_others_their_answers(
     bodies = requests(n, {bad: marker})
 
     async def scenario() -> tuple[list[httpx.Response], str]:
-        async with serving(rt) as client:
+        async with async_app_client(rt) as client:
             responses = await send_all(client, bodies)
             return responses, (await client.get("/metrics")).text
 
@@ -222,8 +197,8 @@ def test_one_bad_request_gets_its_error_and_the_others_their_answers(
             assert_own_answer(resp, rows, i, "v2")
     # The bad request's group was tried once, then each of its requests ran alone.
     assert rt.models["m"].features.calls > n
-    assert metric(text, "infercore_requests_total", model="m", code="200") == n - 1
-    assert metric(text, "infercore_requests_total", model="m", code=str(status)) == 1
+    assert metric_value(text, "infercore_requests_total", model="m", code="200") == n - 1
+    assert metric_value(text, "infercore_requests_total", model="m", code=str(status)) == 1
 
 
 def test_only_requests_with_degraded_rows_carry_the_header() -> None:
@@ -233,7 +208,7 @@ def test_only_requests_with_degraded_rows_carry_the_header() -> None:
     bodies = requests(n, {i: DEGRADED for i in degraded})
 
     async def scenario() -> list[httpx.Response]:
-        async with serving(rt) as client:
+        async with async_app_client(rt) as client:
             return await send_all(client, bodies)
 
     responses = asyncio.run(scenario())
@@ -259,7 +234,7 @@ def test_without_groups_each_request_is_fetched_and_run_on_its_own(
     bodies = requests(n)
 
     async def scenario() -> list[httpx.Response]:
-        async with serving(rt) as client:
+        async with async_app_client(rt) as client:
             return await send_all(client, bodies)
 
     responses = asyncio.run(scenario())
@@ -274,7 +249,7 @@ def test_groups_are_on_by_default_for_a_groupable_source() -> None:
     rt = runtime()
 
     async def scenario() -> None:
-        async with serving(rt) as client:
+        async with async_app_client(rt) as client:
             resp = await client.post("/v2/models/m/infer", json=v2_body([[1.0, 2.0]], "r0"))
             assert_own_answer(resp, [[1.0, 2.0]], 0, "v2")
 
@@ -292,7 +267,7 @@ def test_a_grouped_requests_shadow_copies_count_one_per_request() -> None:
     total_rows = sum(len(rows) for rows in bodies)
 
     async def scenario() -> tuple[list[httpx.Response], dict[str, Any], str]:
-        async with serving(rt) as client:
+        async with async_app_client(rt) as client:
             responses = await send_all(client, bodies)
             summary: dict[str, Any] = {}
             for _ in range(500):  # bounded wait for the copies to finish (not a timing check)
@@ -310,6 +285,6 @@ def test_a_grouped_requests_shadow_copies_count_one_per_request() -> None:
     assert summary["rows_compared"] == total_rows
     assert summary["mean_abs_diff"]["y"] == pytest.approx(0.5)
     assert summary["copies"]["ok"] == n
-    assert metric(text, "infercore_shadow_requests_total", version="2", outcome="ok") == n
-    assert metric(text, "infercore_shadow_requests_total", version="2") == n
-    assert metric(text, "infercore_requests_total", model="m", code="200") == n
+    assert metric_value(text, "infercore_shadow_requests_total", version="2", outcome="ok") == n
+    assert metric_value(text, "infercore_shadow_requests_total", version="2") == n
+    assert metric_value(text, "infercore_requests_total", model="m", code="200") == n

@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import math
 import shutil
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,8 @@ from infercore.artifacts import sha256_file
 from infercore.errors import ConfigError
 from infercore.runtime.errors import LoadFailed
 from infercore.server import create_app
-from infercore.testing import runtime_from_dict
+from infercore.testing import async_app_client, runtime_from_dict
+from infercore.testing import metric_value as metric
 
 REPO = Path(__file__).resolve().parents[2]
 IRIS_ONNX = REPO / "recipes" / "iris" / "artifacts" / "model.onnx"
@@ -58,29 +57,6 @@ def within_binomial(count: int, n: int, p: float, sigmas: float = 5.0) -> bool:
     return abs(count - n * p) <= sigmas * math.sqrt(n * p * (1 - p)) + 1
 
 
-@asynccontextmanager
-async def serving(runtime: Any) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(runtime, manage_runtime=False)
-    await runtime.start()
-    try:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-            yield client
-    finally:
-        await runtime.stop()
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        head, _, value = line.rpartition(" ")
-        if all(f'{k}="{v}"' in head for k, v in labels.items()):
-            total += float(value)
-    return total
-
-
 # -- versions and routing ----------------------------------------------------------------
 
 
@@ -88,7 +64,7 @@ def test_versioned_endpoints_reach_a_version_and_unversioned_ones_are_routed() -
     rt = runtime_from_dict(config({"1": {"loader": fake(0)}, "2": {"loader": fake(100)}}))
 
     async def scenario() -> None:
-        async with serving(rt) as c:
+        async with async_app_client(rt) as c:
             r = await c.post("/v2/models/m/versions/2/infer", json=body())
             assert (r.json()["model_version"], r.json()["outputs"][0]["data"]) == ("2", [110.0])
             r = await c.post("/v2/models/m/infer", json=body())
@@ -112,7 +88,7 @@ def test_canary_share_over_http_is_within_binomial_tolerance_and_counted() -> No
 
     async def scenario() -> tuple[dict[str, int], str]:
         counts = {"1": 0, "2": 0}
-        async with serving(rt) as c:
+        async with async_app_client(rt) as c:
             for _ in range(n):
                 r = await c.post("/v2/models/m/infer", json=body())
                 counts[r.json()["model_version"]] += 1
@@ -150,7 +126,7 @@ def test_sticky_v1_routing_by_a_request_field() -> None:
 
     async def scenario() -> dict[int, set[float]]:
         offsets: dict[int, set[float]] = {}
-        async with serving(rt) as c:
+        async with async_app_client(rt) as c:
             for _ in range(3):
                 for i in range(60):
                     instance = {"a": i, "b": 2, "c": 3, "d": 4}
@@ -177,7 +153,7 @@ def test_a_canary_that_is_not_ready_gets_no_traffic() -> None:
     )
 
     async def scenario() -> tuple[set[str], int, str]:
-        async with serving(rt) as c:
+        async with async_app_client(rt) as c:
             seen = set()
             for _ in range(200):
                 r = await c.post("/v2/models/m/infer", json=body())
@@ -238,7 +214,7 @@ def shadow_config(shadow_loader: dict[str, Any], **shadow: Any) -> dict[str, Any
 
 
 async def _answers(rt: Any, n: int) -> tuple[list[tuple[int, bytes]], Any]:
-    async with serving(rt) as c:
+    async with async_app_client(rt) as c:
         answers = []
         for i in range(n):
             r = await c.post("/v2/models/m/infer", json={**body(float(i)), "id": f"r{i}"})
@@ -256,7 +232,7 @@ def test_shadow_answers_are_compared_and_never_returned() -> None:
         plain, _ = await _answers(base, 30)
         shadowed, _ = await _answers(same, 30)
         # Wait (bounded) for the copies, then read the summary of a live runtime.
-        async with serving(other) as c:
+        async with async_app_client(other) as c:
             for i in range(30):
                 await c.post("/v2/models/m/infer", json=body(float(i)))
             for _ in range(200):
@@ -349,7 +325,7 @@ def test_a_full_shadow_queue_drops_copies_and_counts_them() -> None:
     )
 
     async def scenario() -> tuple[list[int], dict[str, int]]:
-        async with serving(rt) as c:
+        async with async_app_client(rt) as c:
             statuses = [
                 r.status_code
                 for r in await asyncio.gather(
@@ -379,7 +355,7 @@ def test_the_guard_drops_a_failing_canary_and_says_why() -> None:
     rt = runtime_from_dict(guarded(fake(100, fail_on_value=1.0)))
 
     async def scenario() -> tuple[list[tuple[int, str]], str, list[dict[str, Any]]]:
-        async with serving(rt) as c:
+        async with async_app_client(rt) as c:
             seen = []
             for _ in range(400):
                 r = await c.post("/v2/models/m/infer", json=body(1.0))
@@ -405,7 +381,7 @@ def test_the_guard_drops_a_slow_canary() -> None:
     rt = runtime_from_dict(guarded(fake(100, latency_s=0.25), min_requests=10, p99_slack_ms=20))
 
     async def scenario() -> None:
-        async with serving(rt) as c:
+        async with async_app_client(rt) as c:
             for _ in range(60):
                 await asyncio.gather(*(c.post("/v2/models/m/infer", json=body()) for _ in range(8)))
                 if rt.models["m"].versions["2"].weight == 0:
@@ -420,7 +396,7 @@ def test_a_healthy_canary_keeps_its_weight() -> None:
     rt = runtime_from_dict(guarded(fake(100)))
 
     async def scenario() -> None:
-        async with serving(rt) as c:
+        async with async_app_client(rt) as c:
             for _ in range(300):
                 assert (await c.post("/v2/models/m/infer", json=body())).status_code == 200
 
@@ -456,7 +432,7 @@ def test_a_promotion_under_load_loses_no_request_and_switches_every_later_one() 
     async def scenario() -> tuple[list[tuple[int, int, str, int]], int]:
         log: list[tuple[int, int, str, int]] = []
         clock = [0]
-        async with serving(rt) as c:
+        async with async_app_client(rt) as c:
             await rt.unload("m", "2")
             stop = asyncio.Event()
             workers = [asyncio.create_task(_load_loop(c, stop, log, clock)) for _ in range(6)]
@@ -571,7 +547,7 @@ def test_a_warm_up_failure_leaves_the_version_unloaded() -> None:
     rt = runtime_from_dict(config({"1": {"loader": fake(0)}, "2": {"loader": fake(100)}}))
 
     async def scenario() -> None:
-        async with serving(rt) as c:
+        async with async_app_client(rt) as c:
             await rt.unload("m", "2")
             sv = rt.models["m"].versions["2"]
             sv.node = fake(100, fail_warmup=True)  # the artifact changed: its warm-up fails
@@ -600,7 +576,7 @@ def test_ab_arms_are_sticky_and_counted_by_arm_name() -> None:
 
     async def scenario() -> tuple[dict[str, set[str]], str]:
         arms: dict[str, set[str]] = {}
-        async with serving(rt) as c:
+        async with async_app_client(rt) as c:
             for _ in range(2):
                 for i in range(100):
                     r = await c.post("/v2/models/m/infer", json=body(), headers={"x-user": f"u{i}"})

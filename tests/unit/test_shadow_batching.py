@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from infercore.runtime.shadow import ShadowStats, compare_rows
-from infercore.testing import runtime_from_dict
+from infercore.testing import metric_value, runtime_from_dict
 
 Array = np.ndarray[Any, Any]
 
@@ -56,16 +56,6 @@ async def settle(rt: Any, version: str, copies: int) -> dict[str, int]:
             return outcomes
         await asyncio.sleep(0.01)
     raise AssertionError(f"copies never settled: {runner.stats}")
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{"):
-            head, _, value = line.rpartition(" ")
-            if all(f'{k}="{v}"' in head for k, v in labels.items()):
-                total += float(value)
-    return total
 
 
 def run(rt: Any, scenario: Callable[[Any], Any]) -> Any:
@@ -139,8 +129,8 @@ def test_a_group_that_times_out_counts_a_timeout_per_copy() -> None:
     outcomes, batches, text = run(rt, scenario)
     assert outcomes == {"ok": 0, "error": 0, "timeout": 5, "dropped": 0}
     assert batches == [5]
-    assert metric(text, "infercore_shadow_requests_total", outcome="timeout") == 5
-    assert metric(text, "infercore_route_errors_total", version="2") == 5
+    assert metric_value(text, "infercore_shadow_requests_total", outcome="timeout") == 5
+    assert metric_value(text, "infercore_route_errors_total", version="2") == 5
 
 
 def test_a_poisoned_copy_fails_alone_when_its_group_fails() -> None:
