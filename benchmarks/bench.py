@@ -556,8 +556,8 @@ def table_md(results: dict[str, Any]) -> str:
             "Load generators against the floor (their own ceiling; one core each): "
             f"wrk used {fmt(gen['wrk_cpu_pct'])} % of its core at {fmt(gen['wrk_rps'])} req/s "
             f"(≈ {fmt(gen['wrk_req_per_cpu_s'])} requests per CPU-second); openloop.py used "
-            f"{fmt(gen['openloop_cpu_pct'])} % of its core, ≈ "
-            f"{fmt(gen['openloop_req_per_cpu_s'])} requests per CPU-second.",
+            f"{fmt(gen.get('openloop_cpu_pct'))} % of its core, ≈ "
+            f"{fmt(gen.get('openloop_req_per_cpu_s'))} requests per CPU-second.",
         ]
     lines += [
         "",
