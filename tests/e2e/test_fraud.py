@@ -424,6 +424,55 @@ def test_a_batch_is_scored_like_its_transactions_one_by_one(
     np.testing.assert_allclose(probs, want, rtol=0, atol=BATCH_ATOL)
 
 
+def test_concurrent_requests_are_grouped_and_scored_as_each_alone(
+    sqlite_server: SqliteServer,
+    transactions: list[dict[str, Any]],
+    single_answers: tuple[np.ndarray, np.ndarray],
+) -> None:
+    """Requests that arrive together share a feature fetch and a model call (request groups),
+    and each still gets exactly the answer it gets alone, V1 and V2 alike."""
+    import asyncio
+
+    url = sqlite_server.server.url
+    before = metric_samples(url)
+    rounds = 4
+
+    async def send_all() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=64)
+        async with httpx.AsyncClient(base_url=url, timeout=HTTP_TIMEOUT, limits=limits) as c:
+            sends = []
+            for _ in range(rounds):
+                for i, txn in enumerate(transactions):
+                    if i % 2:
+                        sends.append(c.post("/v1/models/fraud:predict", json={"instances": [txn]}))
+                    else:
+                        sends.append(c.post("/v2/models/fraud/infer", json=v2_body([txn])))
+            return list(await asyncio.gather(*sends))
+
+    responses = asyncio.run(send_all())
+    n = len(transactions)
+    for k, response in enumerate(responses):
+        i = k % n
+        if i % 2:
+            probs, flags = probabilities(response)
+        else:
+            probs, flags = v2_outputs(response, 1)
+        assert abs(float(probs[0]) - float(single_answers[0][i])) <= BATCH_ATOL, (k, i)
+        assert bool(flags[0]) == bool(single_answers[1][i]), (k, i)
+    after = metric_samples(url)
+    labels = {"model": "fraud", "version": "1"}
+    answered = metric(after, "infercore_requests_total", code="200", **labels) - metric(
+        before, "infercore_requests_total", code="200", **labels
+    )
+    submissions = metric(after, "infercore_queue_wait_seconds_count", **labels) - metric(
+        before, "infercore_queue_wait_seconds_count", **labels
+    )
+    assert answered == len(responses)
+    # Requests that arrived together shared batcher submissions (V1 and V2 requests may
+    # decode to different dtypes and then form groups of their own).
+    assert 0 < submissions < answered, (submissions, answered)
+
+
 def test_v2_request_one_named_input_per_field(
     http: httpx.Client,
     reference: Reference,
