@@ -393,7 +393,10 @@ def test_the_guard_drops_a_slow_canary() -> None:
 
 
 def test_a_healthy_canary_keeps_its_weight() -> None:
-    rt = runtime_from_dict(guarded(fake(100)))
+    # A p99 over 20 requests is their slowest one: on a shared machine one scheduling hiccup
+    # of a few ms in the canary's window would trip the default 5 ms slack. The latency
+    # bound has its own test above; here the slack is wide, so only a real fault trips it.
+    rt = runtime_from_dict(guarded(fake(100), p99_slack_ms=1000))
 
     async def scenario() -> None:
         async with async_app_client(rt) as c:
