@@ -125,6 +125,16 @@ async def send_all(
     return list(await asyncio.gather(*calls))
 
 
+def serve_all(rt: Any, bodies: list[list[list[float]]]) -> list[httpx.Response]:
+    """Start ``rt``, send every V2 body at once, stop it; the responses in order."""
+
+    async def scenario() -> list[httpx.Response]:
+        async with async_app_client(rt) as client:
+            return await send_all(client, bodies)
+
+    return asyncio.run(scenario())
+
+
 def assert_own_answer(resp: httpx.Response, rows: list[list[float]], i: int, protocol: str) -> None:
     assert resp.status_code == 200, resp.text
     y, echo = expected(rows)
@@ -206,12 +216,7 @@ def test_only_requests_with_degraded_rows_carry_the_header() -> None:
     n = 12
     degraded = {2, 7}
     bodies = requests(n, {i: DEGRADED for i in degraded})
-
-    async def scenario() -> list[httpx.Response]:
-        async with async_app_client(rt) as client:
-            return await send_all(client, bodies)
-
-    responses = asyncio.run(scenario())
+    responses = serve_all(rt, bodies)
     for i, (resp, rows) in enumerate(zip(responses, bodies, strict=True)):
         assert_own_answer(resp, rows, i, "v2")
         if i in degraded:
@@ -232,12 +237,7 @@ def test_without_groups_each_request_is_fetched_and_run_on_its_own(
     rt = runtime(source, server=server)
     n = 12
     bodies = requests(n)
-
-    async def scenario() -> list[httpx.Response]:
-        async with async_app_client(rt) as client:
-            return await send_all(client, bodies)
-
-    responses = asyncio.run(scenario())
+    responses = serve_all(rt, bodies)
     for i, (resp, rows) in enumerate(zip(responses, bodies, strict=True)):
         assert_own_answer(resp, rows, i, "v2")
     assert rt.models["m"].versions["1"].groups is None
