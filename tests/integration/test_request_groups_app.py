@@ -224,6 +224,9 @@ def test_only_requests_with_degraded_rows_carry_the_header() -> None:
         else:
             assert "x-infercore-degraded" not in resp.headers, i
     assert rt.models["m"].features.calls > n  # a group was tried, then each ran alone
+    # The degraded group stopped before its model call: the model ran once per request only
+    # (no wasted call, and no drift or shadow offer of rows that are offered again alone).
+    assert rt.models["m"].versions["1"].model.calls == n
 
 
 @pytest.mark.parametrize(
