@@ -1,21 +1,25 @@
 """Benchmark a recipe against the floor (bare Litestar) and the peer (MLServer), in one run.
 
-For each target -- ``infercore serve +recipe=RECIPE`` (plus variants), the floor
+Targets: ``infercore serve +recipe=RECIPE`` (plus variants), the floor
 (``benchmarks/floor_app.py``: a bare Litestar endpoint on the same runner that only parses the
 V2 JSON request) and MLServer serving the same ONNX file with adaptive batching
-(``benchmarks/mlserver/``; iris only) -- one after the other:
+(``benchmarks/mlserver/``; iris only).
 
-1. start the server on a free 127.0.0.1 port, pinned to the server CPU (``taskset``); time from
-   process start to the first 200 of its readiness endpoint (start-up);
-2. check one request answers 200 with V2 outputs; warm up for 2 s;
-3. closed loop: ``wrk`` (pinned to the load CPU) at each concurrency for ``--duration`` seconds,
-   cycling through pre-built V2 requests (iris: iris-like rows; fraud: real card ids, Zipf
-   popularity, 2 % unknown cards, as ``locustfile_fraud.py``); throughput, p50, p99, errors and
-   wrk's own CPU use;
-4. open loop: ``benchmarks/openloop.py`` (in this process, pinned to the load CPU) at rates
-   around the closed-loop peak, latency from the scheduled send time; the highest rate with
-   p99 under ``--p99-limit-ms`` and no errors;
-5. read the server's peak RSS (VmHWM, summed over its processes), stop it (SIGTERM, SIGKILL
+1. start every target, one after the other, on a free 127.0.0.1 port, pinned to the server CPU
+   (``taskset``); time from process start to the first 200 of its readiness endpoint
+   (start-up); check one request answers 200 with V2 outputs; warm each up for 2 s. They stay
+   up together (an idle server costs the core next to nothing);
+2. closed loop: ``wrk`` (pinned to the load CPU) at each concurrency for ``--duration`` seconds
+   per target, in ``--rounds`` interleaved windows: the targets take turns, so a slow spell of
+   the shared machine falls on all of them alike (run one after the other, the same target
+   measured 0.4x and 0.8x the floor in two runs minutes apart). Requests cycle through pre-built
+   V2 bodies (iris: iris-like rows; fraud: real card ids, Zipf popularity, 2 % unknown cards,
+   as ``locustfile_fraud.py``); throughput, p50, p99, errors and wrk's own CPU use; each
+   ratio to the floor is also given round by round;
+3. open loop: ``benchmarks/openloop.py`` (in this process, pinned to the load CPU), one target
+   after the other, at rates around its closed-loop peak, latency from the scheduled send
+   time; the highest rate with p99 under ``--p99-limit-ms`` and no errors;
+4. read each server's peak RSS (VmHWM, summed over its processes), stop it (SIGTERM, SIGKILL
    after 15 s; every server is stopped on every exit path, Ctrl-C included).
 
 The load generators' own ceilings are measured against the floor in the same run: their CPU
@@ -48,6 +52,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -264,6 +269,20 @@ class Server:
             total += int(m.group(1)) if m else 0
         return total / 1024
 
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system) used so far by the server and its descendants."""
+        if self.proc is None:
+            return math.nan
+        tick = os.sysconf("SC_CLK_TCK")
+        total = 0
+        for pid in [self.proc.pid, *descendants(self.proc.pid)]:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        return total / tick
+
     def stop(self) -> None:
         proc, self.proc = self.proc, None
         if proc is not None and proc.poll() is None:
@@ -437,6 +456,42 @@ def run_wrk(
     }
 
 
+def combine_windows(windows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One target's interleaved wrk windows at one concurrency as one result.
+
+    req/s is over all the windows' requests and time; p50/p90/p99 are the median of the
+    windows' (``p99_max_ms`` the worst); ``rounds_rps`` keeps each window's rate, in round
+    order, for the per-round ratios.
+    """
+    requests = sum(w["requests"] for w in windows)
+    secs = sum(w["requests"] / w["rps"] for w in windows if w["rps"])
+    gen_cpu_s = sum(w["requests"] / w["gen_req_per_cpu_s"] for w in windows if w["requests"])
+
+    def median(key: str) -> float:
+        return float(statistics.median(w[key] for w in windows))
+
+    return {
+        "concurrency": windows[0]["concurrency"],
+        "requests": requests,
+        "errors": sum(w["errors"] for w in windows),
+        "rps": requests / secs if secs else 0.0,
+        "p50_ms": median("p50_ms"),
+        "p90_ms": median("p90_ms"),
+        "p99_ms": median("p99_ms"),
+        "p99_max_ms": max(w["p99_ms"] for w in windows),
+        "max_ms": max(w["max_ms"] for w in windows),
+        "gen_cpu_pct": statistics.fmean(w["gen_cpu_pct"] for w in windows),
+        "gen_req_per_cpu_s": requests / gen_cpu_s if gen_cpu_s else math.nan,
+        "rounds_rps": [w["rps"] for w in windows],
+        # The server's CPU per answered request (its processes' user + system time).
+        "server_cpu_us": (
+            1e6 * sum(w.get("server_cpu_s", math.nan) for w in windows) / requests
+            if requests
+            else math.nan
+        ),
+    }
+
+
 def run_openloop(
     port: int, reqs: list[bytes], rates: list[float], secs: float, p99_limit: float
 ) -> dict[str, Any]:
@@ -495,6 +550,20 @@ def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
         row["max_concurrency"] = last["concurrency"]
         if floor and floor.get("closed"):
             row["vs_floor"] = best_rps(t) / best_rps(floor)
+            # Round by round at infercore's best concurrency: each ratio from two windows run
+            # back to back, so the spread shows how much the machine moved during the run.
+            top = max(t["closed"], key=lambda r: r["rps"])
+            same = [r for r in floor["closed"] if r["concurrency"] == top["concurrency"]]
+            mine, theirs = top.get("rounds_rps", []), same[0].get("rounds_rps", []) if same else []
+            per_round = [a / b for a, b in zip(mine, theirs, strict=False) if b]
+            if per_round:
+                row["per_round"] = {
+                    "concurrency": top["concurrency"],
+                    "ratios": per_round,
+                    "median": statistics.median(per_round),
+                    "min": min(per_round),
+                    "max": max(per_round),
+                }
             ol, fl = (
                 t.get("openloop", {}).get("max_rate"),
                 floor.get("openloop", {}).get("max_rate"),
@@ -519,20 +588,24 @@ def table_md(results: dict[str, Any]) -> str:
         "",
         f"Machine: {m['cpu']}, {m['cpus']} CPUs, load average before the run {m['loadavg']}; "
         f"server on CPU {results['server_cpu']}, load generators on CPU {results['load_cpu']}. "
-        f"Closed loop: wrk, {results['duration_s']:g} s per concurrency. Open loop: "
+        f"Closed loop: wrk, {results['duration_s']:g} s per concurrency and target, in "
+        f"{results.get('rounds', 1)} interleaved windows (the targets take turns; req/s over "
+        "all windows, p50 and p99 the median window's). Open loop: "
         f"openloop.py, {results['openloop_duration_s']:g} s per rate, Poisson arrivals, "
         "latency from the scheduled send time.",
         "",
         "`" + results["command"] + "`",
         "",
-        "| target | concurrency | req/s | p50 ms | p99 ms | errors | wrk CPU % |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| target | concurrency | req/s | p50 ms | p99 ms | errors | wrk CPU % "
+        "| server CPU µs/request |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for t in results["targets"]:
         for r in t.get("closed", []):
             lines.append(
                 f"| {t['name']} | {r['concurrency']} | {fmt(r['rps'])} | {fmt(r['p50_ms'], 1)} "
-                f"| {fmt(r['p99_ms'], 1)} | {r['errors']} | {fmt(r['gen_cpu_pct'])} |"
+                f"| {fmt(r['p99_ms'], 1)} | {r['errors']} | {fmt(r['gen_cpu_pct'])} "
+                f"| {fmt(r.get('server_cpu_us'))} |"
             )
     lines += [
         "",
@@ -561,16 +634,23 @@ def table_md(results: dict[str, Any]) -> str:
         ]
     lines += [
         "",
-        "| infercore | / floor (best req/s) | target | / floor (open loop) | / MLServer "
-        "(best req/s) | target ≥ 4 | p99 at max concurrency | target < "
-        f"{results['p99_limit_ms']:g} ms |",
-        "|---|---:|---|---:|---:|---|---:|---|",
+        "| infercore | / floor (best req/s) | target | / floor per round: median (range) "
+        "| / floor (open loop) | / MLServer (best req/s) | target ≥ 4 | p99 at max concurrency "
+        f"| target < {results['p99_limit_ms']:g} ms |",
+        "|---|---:|---|---:|---:|---:|---|---:|---|",
     ]
     for r in results["ratios"]:
         vf, vm, tf = r.get("vs_floor"), r.get("vs_mlserver"), r.get("target_vs_floor")
         p99 = r["p99_ms_at_max_concurrency"]
+        pr = r.get("per_round")
+        rounds = (
+            f"{pr['median']:.2f} ({pr['min']:.2f}-{pr['max']:.2f}, c={pr['concurrency']})"
+            if pr
+            else "-"
+        )
         lines.append(
             f"| {r['name']} | {fmt(vf, 2)} | ≥ {tf} {verdict(None if vf is None else vf >= tf)} "
+            f"| {rounds} "
             f"| {fmt(r.get('openloop_vs_floor'), 2)} | {fmt(vm, 2)} "
             f"| {verdict(None if vm is None else vm >= 4)} | {fmt(p99, 1)} ms "
             f"(c={r['max_concurrency']}) | {verdict(p99 < results['p99_limit_ms'])} |"
@@ -657,7 +737,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("recipe", choices=sorted(RECIPES), help="the recipe to benchmark")
     p.add_argument("--concurrency", default="1,8,32,64", help="closed-loop connections (1,8,32,64)")
-    p.add_argument("--duration", type=float, default=10, help="seconds per concurrency (10)")
+    p.add_argument(
+        "--duration", type=float, default=10, help="seconds per concurrency and target (10)"
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="interleaved windows per concurrency: targets take turns, duration/rounds "
+        "seconds each (5)",
+    )
     p.add_argument(
         "--peers",
         default="floor,mlserver",
@@ -705,6 +794,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                 )
     if args.duration <= 0 or args.openloop_duration <= 0:
         p.error("--duration and --openloop-duration must be positive")
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
+    if args.duration / args.rounds < 1:
+        p.error(
+            f"--duration {args.duration:g} / --rounds {args.rounds} is under 1 s, wrk's "
+            "shortest run; lower --rounds or raise --duration"
+        )
     return args
 
 
@@ -785,6 +881,7 @@ def _run(
         "server_cpu": server_cpu,
         "load_cpu": load_cpu,
         "duration_s": args.duration,
+        "rounds": args.rounds,
         "openloop_duration_s": args.openloop_duration,
         "p99_limit_ms": args.p99_limit_ms,
         "targets": [],
@@ -803,6 +900,7 @@ def _run(
         else:
             plans.append(("mlserver", "mlserver", None))
 
+    started: list[tuple[dict[str, Any], Server]] = []
     for kind, name, variant in plans:
         port = free_port()
         log = out / f"{name}-server.log"
@@ -881,28 +979,48 @@ def _run(
             raise BenchError(
                 f"{name}: a V2 request was answered {status} {body[:200]!r}; log: {log}"
             )
-        run_wrk(port, path, script, max(args.concurrency), 2, load_cpu)  # warm-up, discarded
+        started.append((target, server))
+        results["targets"].append(target)
+
+    for _, server in started:  # warm-up, discarded
+        run_wrk(server.port, path, script, max(args.concurrency), 2, load_cpu)
+    names = [t["name"] for t, _ in started]
+    for target, _ in started:
         target["closed"] = []
-        for c in args.concurrency:
-            r = run_wrk(port, path, script, c, args.duration, load_cpu)
+    window_s = args.duration / args.rounds
+    for c in args.concurrency:
+        windows: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+        for n in range(args.rounds):
+            # Targets take turns, each round starting one further along: a slow spell of the
+            # shared machine falls on all of them alike, not on whichever ran then.
+            for target, server in started[n % len(started) :] + started[: n % len(started)]:
+                cpu0 = server.cpu_s()
+                w = run_wrk(server.port, path, script, c, window_s, load_cpu)
+                w["server_cpu_s"] = server.cpu_s() - cpu0
+                windows[target["name"]].append(w)
+        for target, _ in started:
+            r = combine_windows(windows[target["name"]])
             target["closed"].append(r)
             print(
-                f"  closed loop c={c:<4} {r['rps']:8.0f} req/s  p50 {r['p50_ms']:7.1f} ms  "
-                f"p99 {r['p99_ms']:7.1f} ms  errors {r['errors']}  "
-                f"wrk CPU {r['gen_cpu_pct']:.0f} %",
+                f"  {target['name']:<18} c={c:<4} {r['rps']:8.0f} req/s  p50 {r['p50_ms']:7.1f} ms"
+                f"  p99 {r['p99_ms']:7.1f} ms  errors {r['errors']}  "
+                f"wrk CPU {r['gen_cpu_pct']:.0f} %  server {r['server_cpu_us']:.0f} µs/req  rounds "
+                + " ".join(f"{x:.0f}" for x in r["rounds_rps"]),
                 flush=True,
             )
+    for target, server in started:
         if not args.no_openloop:
             peak = best_rps(target)
             rates = sorted({max(10, round(peak * f, -1)) for f in (0.5, 0.7, 0.85, 1.0, 1.15)})
+            print(f"{target['name']}: open loop ...", flush=True)
             target["openloop"] = run_openloop(
-                port, reqs, rates, args.openloop_duration, args.p99_limit_ms
+                server.port, reqs, rates, args.openloop_duration, args.p99_limit_ms
             )
             print(f"  open loop: highest rate passing {target['openloop']['max_rate']}", flush=True)
+    for target, server in started:
         target["peak_rss_mb"] = server.peak_rss_mb()
         server.stop()
-        print(f"  stopped; peak RSS {target['peak_rss_mb']:.0f} MiB", flush=True)
-        results["targets"].append(target)
+        print(f"{target['name']}: stopped; peak RSS {target['peak_rss_mb']:.0f} MiB", flush=True)
 
     floor = next((t for t in results["targets"] if t["name"] == "floor" and t.get("closed")), None)
     if floor:

@@ -245,6 +245,40 @@ def test_ratios_and_verdicts() -> None:
     assert "| floor | 64 | 1,000 | 10.0 | 5.0 | 0 | 9 |" in table
 
 
+def _window(requests: int, rps: float, p99: float) -> dict[str, float]:
+    return {"concurrency": 64, "requests": requests, "rps": rps, "errors": 1, "p50_ms": p99 / 2,
+            "p90_ms": p99 * 0.8, "p99_ms": p99, "max_ms": p99 * 2, "gen_cpu_pct": 10.0,
+            "gen_req_per_cpu_s": 10 * rps, "server_cpu_s": requests * 100e-6}  # fmt: skip
+
+
+def test_interleaved_windows_combine_over_all_requests_and_time() -> None:
+    # 1,000 requests in 1 s, 3,000 in 2 s, 500 in 1 s: 4,500 over 4 s (the mean of the three
+    # rates would say 1,000).
+    r = bench.combine_windows(
+        [_window(1000, 1000, 5), _window(3000, 1500, 9), _window(500, 500, 7)]
+    )
+    assert r["rps"] == pytest.approx(1125)
+    assert r["requests"] == 4500 and r["errors"] == 3
+    assert r["p99_ms"] == 7 and r["p99_max_ms"] == 9  # the median window's, and the worst
+    assert r["rounds_rps"] == [1000, 1500, 500]  # round order kept for the per-round ratios
+    assert r["gen_req_per_cpu_s"] == pytest.approx(4500 / 0.4)  # 0.1 + 0.2 + 0.1 CPU-s
+    assert r["server_cpu_us"] == pytest.approx(100)
+
+
+def test_ratio_per_round_pairs_the_windows_run_back_to_back() -> None:
+    results = _results(floor_rps=1000, mls_rps=300, infercore_p99=50.0)
+    mine, floor = results["targets"][0]["closed"][1], results["targets"][1]["closed"][1]
+    mine["rounds_rps"], floor["rounds_rps"] = [800, 600, 900], [1000, 1200, 1000]
+    (row,) = bench.ratios(results)
+    assert row["vs_floor"] == pytest.approx(0.9)  # the best rates, as before
+    pr = row["per_round"]
+    assert pr["concurrency"] == 64
+    assert pr["ratios"] == pytest.approx([0.8, 0.5, 0.9])
+    assert (pr["median"], pr["min"], pr["max"]) == pytest.approx((0.8, 0.5, 0.9))
+    results["ratios"] = [row]
+    assert "| 0.80 (0.50-0.90, c=64) |" in bench.table_md(results)
+
+
 def test_results_json_has_no_nan() -> None:
     cleaned = bench._no_nan({"a": math.nan, "b": [1.0, math.nan], "c": {"d": math.nan}})
     assert cleaned == {"a": None, "b": [1.0, None], "c": {"d": None}}
