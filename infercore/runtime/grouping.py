@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import copy
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
@@ -65,6 +66,21 @@ def batcher_option(batcher: Any, name: str, default: int) -> int:
     """An int option of a batcher's config (``max_batch_size``, ``max_queue_size``), if any."""
     value = getattr(getattr(batcher, "config", None), name, None)
     return value if isinstance(value, int) and value > 0 else default
+
+
+def _own_copy(exc: BaseException) -> BaseException:
+    """A group member's own copy of a shared failure.
+
+    Each caller raises its answer again; one object raised in every caller would collect all
+    of their tracebacks. Same type, message, hint and cause.
+    """
+    try:
+        twin = copy.copy(exc)
+    except Exception:  # an exception class that cannot be rebuilt from its args
+        return exc
+    twin.__cause__ = exc.__cause__
+    twin.__suppress_context__ = exc.__suppress_context__
+    return twin
 
 
 class RunAlone(Exception):
@@ -258,9 +274,9 @@ class RequestGroups:
             if any(v.ndim == 0 or v.shape[0] != total for v in result.values()):
                 raise RunAlone("outputs without the group's rows")
         except SHARED_FAILURES as exc:
-            for m in members:
+            for i, m in enumerate(members):
                 if not m.future.done():
-                    m.future.set_exception(exc)
+                    m.future.set_exception(exc if i == 0 else _own_copy(exc))
             return
         except Exception:
             # Which request was it? Each runs alone and meets its own answer.

@@ -327,7 +327,13 @@ def test_a_failure_every_request_shares_is_every_requests_answer(failure: type[E
 
     results = run(scenario())
     assert len(r.groups) == 1 and r.alone == []
-    assert all(result is error for result in results), results
+    assert results[0] is error
+    # Each caller gets its own object (one raised in every caller would collect every
+    # caller's traceback), alike in type, message and status.
+    assert len({id(result) for result in results}) == 3, results
+    for result in results:
+        assert type(result) is failure and str(result) == str(error)
+        assert getattr(result, "status_code", None) == getattr(error, "status_code", None)
 
 
 def test_degraded_marks_inside_a_group_send_every_request_alone() -> None:
