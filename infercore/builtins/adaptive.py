@@ -5,7 +5,9 @@ batches, too long and a quiet one adds the whole delay to every request. The ada
 keeps the dynamic batcher's queue, bounds, stacking and failure isolation (it subclasses it)
 and replaces only the decision of how long a forming batch waits for more rows, which
 :class:`WaitController` takes from what it has measured: the recent arrival rate, the model's
-cost per batch size and the p99 latency (queue wait + model call) of the last requests.
+cost per batch size and the p99 latency (queue wait + model call) of the last requests,
+and which ends a wait as soon as the event loop has nothing else to do (see
+:class:`AdaptiveBatcher`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import math
+import time
 from collections.abc import Iterable
 from typing import Protocol, runtime_checkable
 
@@ -62,6 +65,9 @@ class WaitController:
       expected model cost would pass the target.
     - :meth:`quiet_s` ends a wait early when no row has come for a few mean inter-arrival
       gaps.
+
+    The batcher also ends a wait at once when the event loop goes idle (see
+    :class:`AdaptiveBatcher`); that needs the loop, not bookkeeping, so it is not done here.
     """
 
     def __init__(
@@ -200,8 +206,21 @@ class AdaptiveBatcher(DynamicBatcher):
     At low load a lone request goes at once (nothing is expected to join it); as the load
     grows, the wait grows while the p99 of queue wait + model call stays under
     ``target_p99_ms``, and it is cut as soon as the p99 passes it. ``max_queue_delay_ms``
-    bounds the wait. A batch goes at once when it is full or at a preferred size. Queue
-    bounds, timeouts, deadlines, cancellation, per-request failure isolation and
+    bounds the wait. A batch goes at once when it is full or at a preferred size.
+
+    A wait also ends as soon as the event loop goes idle: a turn of the loop that ran nothing
+    but the batcher's own check (no request to parse, no response to write, no socket
+    readable) took under :attr:`idle_turn_s`. A wait pays only while the core is busy with
+    other work -- the requests that will join the batch are being read and decoded meanwhile.
+    Once the loop is idle, every request that has reached the loop is in the batch or beyond
+    it, and waiting on leaves the core idle and only adds latency: closed-loop clients (each
+    waits for its answer before it sends again) are then in the batch or on their way, and
+    their throughput is clients / latency. Under a saturating load the loop is never idle, so
+    the waits run as the controller chose. The check is one callback per turn of the loop
+    while a batch waits, and it stops at the first idle turn; it cannot see work in other
+    threads (a model or feature fetch running in a worker thread does not keep a wait going).
+
+    Queue bounds, timeouts, deadlines, cancellation, per-request failure isolation and
     :meth:`stop` behave as in the ``dynamic`` batcher. The current wait budget is reported to
     an observer that has ``set_batch_wait_target`` (the metric
     ``infercore_batch_wait_target_seconds``).
@@ -210,6 +229,12 @@ class AdaptiveBatcher(DynamicBatcher):
     kind = "adaptive"
     Config = AdaptiveBatcherConfig
     config: AdaptiveBatcherConfig
+
+    #: A turn of the event loop shorter than this ran nothing but the idle check (and a poll
+    #: that found nothing): an idle loop takes 1-3 µs a turn; reading one HTTP request,
+    #: or any task step of one, takes tens of µs. A noisy machine can only make a turn look
+    #: longer (busy), which lets the wait run on as before, never end it wrongly early.
+    idle_turn_s: float = 20e-6
 
     def __init__(
         self,
@@ -226,6 +251,12 @@ class AdaptiveBatcher(DynamicBatcher):
         )
         #: While a batch waits: (its rows when the wait began, the end of its wait budget).
         self._wait: tuple[int, float] | None = None
+        #: The idle check: the time of its last turn (``perf_counter``: the loop's own clock
+        #: may tick in whole milliseconds, as uvloop's does), its pending callback, and whether
+        #: it found the loop idle during the current wait.
+        self._turn_t = 0.0
+        self._idle_check: asyncio.Handle | None = None
+        self._idle = False
         sink = self.observer
         self._wait_sink = sink if isinstance(sink, WaitTargetSink) else None
 
@@ -243,14 +274,40 @@ class AdaptiveBatcher(DynamicBatcher):
         if wait <= 0.0:
             return now
         self._wait = (rows, now + wait)
+        self._idle = False
+        self._turn_t = time.perf_counter()
+        self._idle_check = loop.call_soon(self._check_idle, loop)
         return min(now + wait, now + self.controller.quiet_s(now))
+
+    def _check_idle(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Once per turn of the loop while a batch waits: end the wait at the first idle turn.
+
+        Callbacks scheduled with ``call_soon`` during a turn run in the next one, after that
+        turn's poll for I/O: the time between two runs of this check is one whole turn of the
+        loop, everything else it ran included.
+        """
+        self._idle_check = None
+        if self._wait is None or self._filling is None or self._wakeup is None:
+            return  # the wait is over (or the collector was cancelled during it)
+        t = time.perf_counter()
+        if t - self._turn_t < self.idle_turn_s:
+            self._idle = True
+            self._wakeup.set()  # the collector ends the wait: see _refill_until
+            return
+        self._turn_t = t
+        self._idle_check = loop.call_soon(self._check_idle, loop)
 
     def _refill_until(self, until: float, now: float) -> float:
         if self._wait is None:
             return until
+        if self._idle:
+            return now  # the loop went idle: no other request is on its way through it
         return min(self._wait[1], now + self.controller.quiet_s(now))
 
     def _formed(self, batch: list[_Item], rows: int, now: float) -> None:
+        if self._idle_check is not None:
+            self._idle_check.cancel()
+            self._idle_check = None
         if self._wait is not None:
             self.controller.observe_wait(rows - self._wait[0])
             self._wait = None

@@ -440,7 +440,11 @@ class DynamicBatcher(Batcher):
         return first.enqueued + self.config.max_queue_delay_ms / 1000
 
     def _refill_until(self, until: float, now: float) -> float:
-        """The new end of the wait after more rows joined a waiting batch at ``now``."""
+        """The new end of the wait each time the collector wakes, ``now`` the latest arrival.
+
+        Called after more rows joined the waiting batch, and also when the collector was woken
+        without them (a subclass may wake it to end the wait: returning ``now`` does).
+        """
         return until
 
     def _formed(self, batch: list[_Item], rows: int, now: float) -> None:
@@ -527,7 +531,7 @@ class DynamicBatcher(Batcher):
                     break
                 if len(batch) > taken:
                     limit = min(limit, min(it.deadline for it in batch[taken:]))
-                    until = min(self._refill_until(until, fill.last), limit)
+                until = min(self._refill_until(until, fill.last), limit)
         finally:
             self._filling = None
         if self._stopping:  # stop() finishes the queue: whatever else fits goes along

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from pathlib import Path
 from typing import Any
 
@@ -236,19 +237,41 @@ def test_a_lone_request_goes_at_once_even_with_an_hour_of_allowed_wait() -> None
     asyncio.run(scenario())
 
 
-def test_under_a_busy_arrival_rate_a_partial_batch_waits_for_company() -> None:
+async def _keep_the_loop_busy(stop: asyncio.Event, step_s: float = 200e-6) -> None:
+    """Other work on the event loop, as requests being read and decoded: steps of ``step_s``.
+
+    Every turn of the loop then takes at least ``step_s``, far over ``idle_turn_s``, however
+    fast or slow the machine: the loop is never seen idle.
+    """
+    while not stop.is_set():
+        end = time.perf_counter() + step_s
+        while time.perf_counter() < end:
+            pass
+        await asyncio.sleep(0)
+
+
+async def _waiting_batcher() -> tuple[FakeModel, AdaptiveBatcher]:
+    """An hour of wait granted, 10,000 rows/s arriving lately, no early end for quiet."""
+    model, batcher = await _batcher(
+        max_batch_size=8,
+        max_queue_delay_ms=3_600_000,
+        queue_timeout_ms=3_600_000,
+        target_p99_ms=7_200_000,
+    )
+    batcher.controller.wait_s = batcher.controller.max_wait_s
+    batcher.controller.quiet_gaps = 1e9
+    busy(batcher.controller, asyncio.get_running_loop().time())
+    return model, batcher
+
+
+def test_while_the_loop_is_busy_a_partial_batch_waits_for_company() -> None:
+    # Until the idle check, this test waited with nothing else running on the loop; a wait
+    # now goes on only while the loop has other work (the requests that will join it).
     async def scenario() -> None:
-        model, batcher = await _batcher(
-            max_batch_size=8,
-            max_queue_delay_ms=3_600_000,
-            queue_timeout_ms=3_600_000,
-            target_p99_ms=7_200_000,
-        )
-        loop = asyncio.get_running_loop()
-        batcher.controller.wait_s = batcher.controller.max_wait_s
-        batcher.controller.quiet_gaps = 1e9  # no early end for a quiet spell
-        busy(batcher.controller, loop.time())  # as if 10,000 rows/s had been arriving
-        deadline = loop.time() + 7200
+        model, batcher = await _waiting_batcher()
+        deadline = asyncio.get_running_loop().time() + 7200
+        stop = asyncio.Event()
+        other_work = asyncio.create_task(_keep_the_loop_busy(stop))
         tasks = [asyncio.create_task(batcher.submit(_req(i, 2), deadline=deadline)) for i in (1, 2)]
         await asyncio.sleep(0.02)
         assert model.calls == 0 and not any(t.done() for t in tasks)  # waiting for company
@@ -259,6 +282,43 @@ def test_under_a_busy_arrival_rate_a_partial_batch_waits_for_company() -> None:
             results = await asyncio.gather(*tasks)
         assert model.batches == [8]  # full: it went without waiting out the hour
         assert [r["y"].tolist() for r in results] == [[2.0 * i] * 2 for i in (1, 2, 3, 4)]
+        stop.set()
+        await other_work
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_waiting_batch_goes_as_soon_as_the_loop_is_idle() -> None:
+    async def scenario() -> None:
+        model, batcher = await _waiting_batcher()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 7200
+        # The controller grants the wait (busy arrivals, an hour allowed, no quiet limit) ...
+        assert batcher.controller.decide(now=loop.time(), rows=4, waited_s=0.0) > 1.0
+        tasks = [asyncio.create_task(batcher.submit(_req(i, 2), deadline=deadline)) for i in (1, 2)]
+        # ... but nothing else runs on the loop: nobody can join, the batch goes at once
+        # (waiting would take the hour; the 5 s limit fails the test instead).
+        async with asyncio.timeout(5):
+            first = await asyncio.gather(*tasks)
+        assert model.batches == [4]
+        assert [r["y"].tolist() for r in first] == [[2.0 * i] * 2 for i in (1, 2)]
+        # The next wait is judged afresh: with the loop busy, it waits for company again, also
+        # after a request with an earlier deadline has woken it up (not a sign of idleness).
+        busy(batcher.controller, loop.time())
+        stop = asyncio.Event()
+        other_work = asyncio.create_task(_keep_the_loop_busy(stop))
+        tasks = [asyncio.create_task(batcher.submit(_req(i, 2), deadline=deadline)) for i in (3, 4)]
+        await asyncio.sleep(0.02)
+        tasks.append(asyncio.create_task(batcher.submit(_req(5, 2), deadline=deadline - 3600)))
+        await asyncio.sleep(0.02)
+        assert model.batches == [4] and not any(t.done() for t in tasks)
+        tasks.append(asyncio.create_task(batcher.submit(_req(6, 2), deadline=deadline)))
+        async with asyncio.timeout(10):
+            await asyncio.gather(*tasks)
+        assert model.batches == [4, 8]
+        stop.set()
+        await other_work
         await batcher.stop()
 
     asyncio.run(scenario())
