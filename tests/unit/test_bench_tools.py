@@ -282,3 +282,14 @@ def test_ratio_per_round_pairs_the_windows_run_back_to_back() -> None:
 def test_results_json_has_no_nan() -> None:
     cleaned = bench._no_nan({"a": math.nan, "b": [1.0, math.nan], "c": {"d": math.nan}})
     assert cleaned == {"a": None, "b": [1.0, None], "c": {"d": None}}
+
+
+def test_each_target_leads_one_round_in_turn() -> None:
+    targets = ["infercore", "nodrift", "floor"]
+    orders = [bench._turns(targets, n) for n in range(4)]
+    assert orders[:3] == [
+        ["infercore", "nodrift", "floor"],
+        ["nodrift", "floor", "infercore"],
+        ["floor", "infercore", "nodrift"],
+    ]
+    assert orders[3] == orders[0]
