@@ -37,6 +37,7 @@ from infercore.metrics import ResponseCounters, VersionMetrics
 from infercore.protocol import v1, v2
 from infercore.runtime import Runtime, ServedModel, ServedVersion
 from infercore.server.errors import EXCEPTION_HANDLERS, error_body
+from infercore.server.logs import FailureLog
 
 if TYPE_CHECKING:
     from infercore.server.shutdown import ShutdownState
@@ -314,6 +315,7 @@ def create_app(
     max_rows = cfg.max_request_rows
     unrouted: dict[tuple[str, str], ResponseCounters] = {}
     deadlines = _Deadlines()
+    failure_log = FailureLog(log)
 
     def failure_metrics(model: str, version: str) -> ResponseCounters:
         key = (model, version)
@@ -346,7 +348,10 @@ def create_app(
         counters.count_response(exc.status_code)
         counters.count_failure(exc.reason)
         if exc.status_code >= 500 and exc.reason != "internal":  # internal: logged already
-            log.warning(
+            # At most one line per model and reason every few seconds: an overloaded server
+            # answers thousands of 503s a second (all counted above).
+            failure_log.warning(
+                (model_name if model_name in runtime.models else "", exc.reason),
                 "request failed: %s",
                 exc,
                 extra={"request_id": rid, "model": model_name, "reason": exc.reason},

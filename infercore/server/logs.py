@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 _STD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "color_message", "taskName"}
@@ -38,6 +39,47 @@ class TextFormatter(logging.Formatter):
         if extras:
             base += " " + " ".join(f"{k}={v}" for k, v in extras.items())
         return base
+
+
+class FailureLog:
+    """Warnings about failed requests, at most one line per key and interval.
+
+    Under overload a server answers thousands of 503s a second; a log line for each would
+    cost the core more than the rejection itself and bury everything else in the log. The
+    first failure of a key (model, reason) is logged at once; the ones after it within
+    ``interval_s`` go to DEBUG only, and the next line logged for that key says how many
+    there were. Every failure is counted in the metrics whatever is logged.
+
+    Args:
+        logger: Where the lines go.
+        interval_s: Shortest time between two WARNING lines of one key.
+        clock: Seconds, monotonic (tests pass their own).
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        interval_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._log = logger
+        self._interval_s = interval_s
+        self._clock = clock
+        #: key -> (time of the next line allowed, failures not logged since the last line)
+        self._state: dict[tuple[str, str], tuple[float, int]] = {}
+
+    def warning(self, key: tuple[str, str], msg: str, *args: Any, extra: dict[str, Any]) -> None:
+        now = self._clock()
+        due, held = self._state.get(key, (0.0, 0))
+        if now < due:
+            self._state[key] = (due, held + 1)
+            self._log.debug(msg, *args, extra=extra)
+            return
+        self._state[key] = (now + self._interval_s, 0)
+        if held:
+            msg += " (and %d more like it in the last %.0f s, logged at DEBUG)"
+            args = (*args, held, self._interval_s)
+        self._log.warning(msg, *args, extra=extra)
 
 
 def configure(level: str = "info", fmt: str = "text", stream: str = "stderr") -> None:

@@ -318,6 +318,36 @@ def test_queue_full_is_503_with_retry_after_and_never_runs_the_model() -> None:
     assert runtime.models["m"].versions["1"].model.calls == 2
 
 
+def test_a_burst_of_503s_logs_one_warning_and_counts_every_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # An overloaded server answers thousands of 503s a second: one WARNING line each would
+    # cost more than the rejections. The first is logged, the rest go to DEBUG.
+    cfg = fake_model_config(
+        batching={"kind": "none", "max_concurrency": 1, "max_queue_size": 1},
+        versions=no_warmup(latency_s=0.3),
+    )
+    runtime = runtime_from_dict(cfg)
+
+    async def scenario() -> list[httpx.Response]:
+        async with served(runtime) as c:
+            return list(
+                await asyncio.gather(
+                    *(c.post("/v2/models/m/infer", json=body()) for _ in range(12))
+                )
+            )
+
+    with caplog.at_level("DEBUG", logger="infercore.server"):
+        responses = asyncio.run(scenario())
+    rejected = [r for r in responses if r.status_code == 503]
+    assert len(rejected) == 10, [r.status_code for r in responses]
+    lines = [r for r in caplog.records if r.getMessage().startswith("request failed")]
+    warnings = [r for r in lines if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and warnings[0].reason == "queue_full"  # type: ignore[attr-defined]
+    assert len(lines) == 10  # the other nine at DEBUG, each with its request id
+    assert len({r.request_id for r in lines}) == 10  # type: ignore[attr-defined]
+
+
 def test_queue_full_with_the_dynamic_batcher() -> None:
     cfg = fake_model_config(
         batching={
