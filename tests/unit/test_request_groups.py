@@ -10,6 +10,7 @@ callers reach their group, the group's task is queued behind them).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -92,13 +93,16 @@ class Runners:
             mark_degraded("features")
         return answer(fields)
 
-    def make(self, *, max_rows: int = 64, max_waiting: int = 512) -> RequestGroups:
+    def make(
+        self, *, max_rows: int = 64, max_waiting: int = 512, busy_turns: int = 3
+    ) -> RequestGroups:
         return RequestGroups(
             self.run_group,
             self.run_alone,
             max_rows=max_rows,
             max_waiting=max_waiting,
             model_name="m",
+            busy_turns=busy_turns,
         )
 
 
@@ -172,6 +176,52 @@ def test_requests_of_later_turns_form_new_groups() -> None:
 
     run(scenario())
     assert [g[1]["x"][:, 0].tolist() for g in r.groups] == [[1, 2], [3, 4]]
+
+
+async def keep_busy(stop: asyncio.Event, step_s: float = 300e-6) -> None:
+    """Keep the event loop busy: each turn spends ``step_s`` here, as reading requests would."""
+    while not stop.is_set():
+        end = time.perf_counter() + step_s
+        while time.perf_counter() < end:
+            pass
+        await asyncio.sleep(0)
+
+
+def submit_turn_by_turn(r: Runners, busy_turns: int, firsts: list[float]) -> list[list[float]]:
+    """One request per turn of a busy loop; the first row of each group's requests."""
+
+    async def scenario() -> None:
+        groups = r.make(busy_turns=busy_turns)
+        stop = asyncio.Event()
+        busy = asyncio.create_task(keep_busy(stop))
+        calls = []
+        for first in firsts:
+            calls.append(asyncio.ensure_future(submit(groups, x(first))))
+            await asyncio.sleep(0)
+        results = await asyncio.gather(*calls)
+        stop.set()
+        await busy
+        for result, first in zip(results, firsts, strict=True):
+            assert_own_answer(result, x(first))
+
+    run(scenario())
+    groups = [g[1]["x"][:, 0].tolist() for g in r.groups]
+    return groups + [[a["x"][0, 0]] for a in r.alone]
+
+
+@pytest.mark.parametrize("busy_turns", [0, 3])
+def test_while_the_loop_is_busy_a_group_waits_a_few_turns_for_company(busy_turns: int) -> None:
+    # Under load the next requests are being read while a group forms: it stays open while
+    # the loop is busy (each turn here takes 300 µs), up to busy_turns turns.
+    r = Runners()
+    groups = submit_turn_by_turn(r, busy_turns, [1, 2, 3, 4, 5, 6, 7, 8])
+    assert sorted(v for g in groups for v in g) == [1, 2, 3, 4, 5, 6, 7, 8]
+    if busy_turns == 0:
+        assert all(len(g) == 1 for g in groups), groups  # each went in its own turn
+    else:
+        assert len(groups[0]) > 1, groups  # later turns' requests joined the first group
+        # ... but for busy_turns turns at most: one request joins per turn.
+        assert all(len(g) <= busy_turns + 1 for g in groups), groups
 
 
 def test_a_group_closes_at_max_rows_and_the_next_request_opens_another() -> None:
