@@ -289,6 +289,17 @@ def test_wrong_method_is_405_json(client: Any, method: str, path: str) -> None:
 # --- 503 / 504 ------------------------------------------------------------------------------
 
 
+def burst(runtime: Any, n: int) -> list[httpx.Response]:
+    """The answers to ``n`` concurrent V2 requests to model ``m`` of a served runtime."""
+
+    async def scenario() -> list[httpx.Response]:
+        async with served(runtime) as c:
+            calls = (c.post("/v2/models/m/infer", json=body()) for _ in range(n))
+            return list(await asyncio.gather(*calls))
+
+    return asyncio.run(scenario())
+
+
 def test_queue_full_is_503_with_retry_after_and_never_runs_the_model() -> None:
     cfg = fake_model_config(
         batching={
@@ -301,13 +312,7 @@ def test_queue_full_is_503_with_retry_after_and_never_runs_the_model() -> None:
     )
     runtime = runtime_from_dict(cfg)
 
-    async def scenario() -> list[httpx.Response]:
-        async with served(runtime) as c:
-            return list(
-                await asyncio.gather(*(c.post("/v2/models/m/infer", json=body()) for _ in range(6)))
-            )
-
-    responses = asyncio.run(scenario())
+    responses = burst(runtime, 6)
     codes = sorted(r.status_code for r in responses)
     # One runs, one waits for the slot, the other four are turned away at once.
     assert codes == [200, 200, 503, 503, 503, 503], [r.text for r in responses]
@@ -329,16 +334,8 @@ def test_a_burst_of_503s_logs_one_warning_and_counts_every_one(
     )
     runtime = runtime_from_dict(cfg)
 
-    async def scenario() -> list[httpx.Response]:
-        async with served(runtime) as c:
-            return list(
-                await asyncio.gather(
-                    *(c.post("/v2/models/m/infer", json=body()) for _ in range(12))
-                )
-            )
-
     with caplog.at_level("DEBUG", logger="infercore.server"):
-        responses = asyncio.run(scenario())
+        responses = burst(runtime, 12)
     rejected = [r for r in responses if r.status_code == 503]
     assert len(rejected) == 10, [r.status_code for r in responses]
     lines = [r for r in caplog.records if r.getMessage().startswith("request failed")]
@@ -360,13 +357,7 @@ def test_queue_full_with_the_dynamic_batcher() -> None:
     )
     runtime = runtime_from_dict(cfg)
 
-    async def scenario() -> list[httpx.Response]:
-        async with served(runtime) as c:
-            return list(
-                await asyncio.gather(*(c.post("/v2/models/m/infer", json=body()) for _ in range(6)))
-            )
-
-    responses = asyncio.run(scenario())
+    responses = burst(runtime, 6)
     ok = [r for r in responses if r.status_code == 200]
     full = [r for r in responses if r.status_code == 503]
     assert len(ok) + len(full) == 6
@@ -384,13 +375,7 @@ def test_queue_timeout_is_503_and_the_request_never_runs() -> None:
     )
     runtime = runtime_from_dict(cfg)
 
-    async def scenario() -> list[httpx.Response]:
-        async with served(runtime) as c:
-            return list(
-                await asyncio.gather(*(c.post("/v2/models/m/infer", json=body()) for _ in range(3)))
-            )
-
-    responses = asyncio.run(scenario())
+    responses = burst(runtime, 3)
     assert sorted(r.status_code for r in responses) == [200, 503, 503]
     for r in responses:
         if r.status_code == 503:
@@ -418,13 +403,7 @@ def test_deadline_while_queued_is_504() -> None:
     )
     runtime = runtime_from_dict(cfg)
 
-    async def scenario() -> list[httpx.Response]:
-        async with served(runtime) as c:
-            return list(
-                await asyncio.gather(*(c.post("/v2/models/m/infer", json=body()) for _ in range(2)))
-            )
-
-    for r in asyncio.run(scenario()):
+    for r in burst(runtime, 2):
         assert_error(r, 504, "deadline_exceeded")
 
 
