@@ -15,7 +15,9 @@ Who may be grouped, and what stays per request:
   ``server.group_requests`` is on.
 - A request joins the open group of its shape (same field names, dtypes, trailing shapes and
   declared datatypes) while that group has not started and has room (the batcher's
-  ``max_batch_size`` in rows); the group starts on the next turn of the loop.
+  ``max_batch_size`` in rows). The group starts on the next turn of the loop, or, while the
+  loop is busy (other requests are being read and decoded), up to ``BUSY_TURNS`` turns later;
+  an idle turn (under ``IDLE_TURN_S``: nothing else is on its way) starts it at once.
 - A group of one request runs exactly as that request alone would.
 - When a group of several fails in a way that one request could have caused (a bad value, a
   model error, a feature-store failure, default features served to some of them), nothing is
