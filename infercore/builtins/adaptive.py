@@ -27,6 +27,7 @@ from infercore.builtins.batchers import (
     _Item,
 )
 from infercore.components import BatchObserver, ComponentContext, Model
+from infercore.components.batching import IDLE_TURN_S
 
 
 class AdaptiveBatcherConfig(
@@ -230,11 +231,8 @@ class AdaptiveBatcher(DynamicBatcher):
     Config = AdaptiveBatcherConfig
     config: AdaptiveBatcherConfig
 
-    #: A turn of the event loop shorter than this ran nothing but the idle check (and a poll
-    #: that found nothing): an idle loop takes 1-3 µs a turn; reading one HTTP request,
-    #: or any task step of one, takes tens of µs. A noisy machine can only make a turn look
-    #: longer (busy), which lets the wait run on as before, never end it wrongly early.
-    idle_turn_s: float = 20e-6
+    #: The longest turn of the event loop counted as idle (``IDLE_TURN_S``).
+    idle_turn_s: float = IDLE_TURN_S
 
     def __init__(
         self,

@@ -45,6 +45,7 @@ import numpy as np
 import numpy.typing as npt
 
 from infercore.components import Tensors
+from infercore.components.batching import IDLE_TURN_S
 from infercore.components.features import begin_request, degraded_parts
 from infercore.errors import (
     DeadlineExceeded,
@@ -59,9 +60,6 @@ Array = npt.NDArray[Any]
 #: Failures that every request of a group would have met alone: answered to all of them.
 #: Turns a group stays open while the event loop is busy (``RequestGroups.busy_turns``).
 BUSY_TURNS = 3
-#: A turn of the event loop shorter than this ran nothing but the check: the loop is idle.
-IDLE_TURN_S = 20e-6
-
 SHARED_FAILURES = (QueueFull, QueueTimeout, ShuttingDown, DeadlineExceeded, ModelNotReady)
 
 #: Rows of one group (and one shadow submission) when the batcher does not say.
