@@ -57,9 +57,10 @@ from infercore.errors import (
 
 Array = npt.NDArray[Any]
 
-#: Failures that every request of a group would have met alone: answered to all of them.
 #: Turns a group stays open while the event loop is busy (``RequestGroups.busy_turns``).
 BUSY_TURNS = 3
+
+#: Failures that every request of a group would have met alone: answered to all of them.
 SHARED_FAILURES = (QueueFull, QueueTimeout, ShuttingDown, DeadlineExceeded, ModelNotReady)
 
 #: Rows of one group (and one shadow submission) when the batcher does not say.
