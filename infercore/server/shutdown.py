@@ -123,18 +123,79 @@ class ShutdownMiddleware:
             await send({"type": "http.response.body", "body": SHUTTING_DOWN_BODY})
 
 
-def http_protocol(linger_s: float = IDLE_LINGER_S) -> type[asyncio.Protocol]:
-    """uvicorn's httptools protocol, except that shutdown lets idle connections linger.
+class OneSendTransport:
+    """A connection's transport that sends a response's head together with its body.
 
-    uvicorn closes an idle keep-alive connection the moment shutdown starts; a request the
-    client sent at that moment is then lost (the client sees a reset). Here the connection
-    stays open for ``linger_s`` and a request arriving on it is answered (the app says 503
-    shutting_down with ``Connection: close``); an active connection finishes its response and
-    then closes, as in uvicorn.
+    uvicorn writes the status line and headers when the app starts its response, and the body
+    in a second write: two ``send`` calls and two TCP segments per response on a connection
+    with ``TCP_NODELAY``, for a response of a few hundred bytes. This wrapper holds a complete
+    response head (a non-1xx status line through the blank line) until the next write, and
+    sends both as one; a response that writes no body (``HEAD``) is flushed when it completes
+    (:meth:`flush`), and on ``close``. Everything else passes straight through: interim
+    ``100 Continue`` answers, uvicorn's own complete error responses, body chunks.
+    """
+
+    __slots__ = ("transport", "_head")
+
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+        self._head: bytes | None = None
+
+    def write(self, data: bytes) -> None:
+        head = self._head
+        if head is not None:
+            self._head = None
+            self.transport.write(head + data)
+        elif data[-4:] == b"\r\n\r\n" and data[:9] == b"HTTP/1.1 " and data[9:10] != b"1":
+            self._head = bytes(data)
+        else:
+            self.transport.write(data)
+
+    def flush(self) -> None:
+        """Send a held response head (a response that ended without a body write)."""
+        head = self._head
+        if head is not None:
+            self._head = None
+            self.transport.write(head)
+
+    def close(self) -> None:
+        if self.transport.is_closing():
+            self._head = None  # the connection is gone (connection_lost closes it again)
+        else:
+            self.flush()
+        self.transport.close()
+
+    def is_closing(self) -> bool:
+        return bool(self.transport.is_closing())
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
+
+
+def http_protocol(linger_s: float = IDLE_LINGER_S) -> type[asyncio.Protocol]:
+    """uvicorn's httptools protocol, with one send per response and lingering idle connections.
+
+    * Each response leaves in one ``send`` (:class:`OneSendTransport`): uvicorn's protocol
+      writes its head and its body separately.
+    * uvicorn closes an idle keep-alive connection the moment shutdown starts; a request the
+      client sent at that moment is then lost (the client sees a reset). Here the connection
+      stays open for ``linger_s`` and a request arriving on it is answered (the app says 503
+      shutting_down with ``Connection: close``); an active connection finishes its response
+      and then closes, as in uvicorn.
     """
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     class DrainingHttpToolsProtocol(HttpToolsProtocol):
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            # Flow control (pause/resume writing) keeps the real transport; requests write
+            # through the wrapper.
+            self.transport = OneSendTransport(transport)
+
+        def on_response_complete(self) -> None:
+            self.transport.flush()
+            super().on_response_complete()
+
         def shutdown(self) -> None:
             cycle = self.cycle
             if cycle is None or cycle.response_complete:

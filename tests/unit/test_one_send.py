@@ -1,0 +1,200 @@
+"""One ``send`` per response: the listener's transport wrapper and the protocol that uses it.
+
+uvicorn's httptools protocol writes a response's head and its body separately; infercore's
+protocol (``http_protocol``) sends them together. The protocol tests run the real protocol on
+a loopback socket and record what it hands to the transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from infercore.server.shutdown import OneSendTransport, http_protocol
+
+HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n"
+
+
+class Recorder:
+    """A transport that records each write (and whether it was closed)."""
+
+    def __init__(self, inner: Any = None) -> None:
+        self.inner = inner
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+        if self.inner is not None:
+            self.inner.write(data)
+
+    def close(self) -> None:
+        self.closed = True
+        if self.inner is not None:
+            self.inner.close()
+
+    def is_closing(self) -> bool:
+        return self.closed if self.inner is None else self.inner.is_closing()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_a_head_and_its_body_leave_in_one_write() -> None:
+    rec = Recorder()
+    t = OneSendTransport(rec)
+    t.write(HEAD)
+    assert rec.writes == []  # held for the body
+    t.write(b"{}")
+    assert rec.writes == [HEAD + b"{}"]
+    t.flush()  # nothing held any more
+    assert rec.writes == [HEAD + b"{}"]
+
+
+def test_chunks_after_the_first_pass_straight_through() -> None:
+    rec = Recorder()
+    t = OneSendTransport(rec)
+    head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+    t.write(head)
+    t.write(b"2\r\n{}\r\n")
+    t.write(b"0\r\n\r\n")
+    assert rec.writes == [head + b"2\r\n{}\r\n", b"0\r\n\r\n"]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"HTTP/1.1 100 Continue\r\n\r\n",  # the client waits for it before sending its body
+        b"HTTP/1.1 400 Bad Request\r\ncontent-length: 7\r\n\r\nInvalid",  # complete: no body follows
+        b"{}",
+    ],
+)
+def test_what_is_not_a_response_head_is_written_at_once(data: bytes) -> None:
+    rec = Recorder()
+    OneSendTransport(rec).write(data)
+    assert rec.writes == [data]
+
+
+def test_a_held_head_is_sent_by_flush_and_by_close() -> None:
+    rec = Recorder()
+    t = OneSendTransport(rec)
+    t.write(HEAD)
+    t.flush()
+    assert rec.writes == [HEAD]
+    t.write(HEAD)
+    t.close()
+    assert rec.writes == [HEAD, HEAD] and rec.closed
+
+
+def test_a_head_held_when_the_connection_is_already_gone_is_dropped() -> None:
+    rec = Recorder()
+    t = OneSendTransport(rec)
+    t.write(HEAD)
+    rec.closed = True  # the peer went away
+    t.close()
+    assert rec.writes == []
+
+
+def test_other_transport_calls_reach_the_transport() -> None:
+    class Inner(Recorder):
+        def get_extra_info(self, name: str, default: Any = None) -> Any:
+            return ("127.0.0.1", 1) if name == "peername" else default
+
+    t = OneSendTransport(Inner())
+    assert t.get_extra_info("peername") == ("127.0.0.1", 1)
+    assert t.is_closing() is False
+
+
+# --- the protocol on a loopback socket ------------------------------------------------------
+
+
+async def _app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] == "lifespan":
+        return
+    body = b""
+    more = True
+    while more:
+        message = await receive()
+        body += message.get("body", b"")
+        more = message.get("more_body", False)
+    answer = b'{"got":%d}' % len(body)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(answer)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": answer})
+
+
+async def _exchange(request: bytes, *, then: bytes = b"") -> tuple[bytes, list[bytes]]:
+    """Send ``request`` (and ``then`` after the first answer) to the protocol; its writes."""
+    from uvicorn.config import Config
+    from uvicorn.server import ServerState
+
+    # Keep-alive outlasts the 10 s limit: a head held back is not sent by the idle close.
+    config = Config(_app, lifespan="off", log_config=None, timeout_keep_alive=60)
+    config.load()
+    state = ServerState()
+    recorders: list[Recorder] = []
+    base = http_protocol(0.1)
+
+    class Recording(base):  # type: ignore[misc, valid-type]
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            recorders.append(Recorder(transport))
+            super().connection_made(recorders[-1])  # type: ignore[arg-type]
+
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: Recording(config=config, server_state=state, app_state={}, _loop=loop),
+        "127.0.0.1",
+        0,
+    )
+    port = server.sockets[0].getsockname()[1]
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request)
+        await writer.drain()
+        received = b""
+        async with asyncio.timeout(10):
+            if then:
+                received += await reader.readuntil(b"\r\n\r\n")  # the interim 100 Continue
+                writer.write(then)
+                await writer.drain()
+            received += await reader.readuntil(b"\r\n\r\n")
+            if b"content-length: 0" not in received.lower() and not request.startswith(b"HEAD"):
+                received += await reader.read(100)
+        writer.close()
+        await writer.wait_closed()
+    finally:
+        server.close()
+        await server.wait_closed()
+    return received, recorders[0].writes
+
+
+def test_the_protocol_sends_each_response_in_one_write() -> None:
+    request = b"POST /x HTTP/1.1\r\nhost: t\r\ncontent-length: 2\r\n\r\n{}"
+    received, writes = asyncio.run(_exchange(request))
+    assert received.startswith(b"HTTP/1.1 200 OK\r\n") and received.endswith(b'{"got":2}')
+    assert len(writes) == 1 and writes[0] == received
+
+
+def test_a_head_request_is_answered_without_waiting_for_a_body() -> None:
+    received, writes = asyncio.run(_exchange(b"HEAD /x HTTP/1.1\r\nhost: t\r\n\r\n"))
+    assert received.startswith(b"HTTP/1.1 200 OK\r\n") and received.endswith(b"\r\n\r\n")
+    assert writes == [received]  # the head alone, flushed when the response completed
+
+
+def test_100_continue_is_sent_before_the_body_arrives() -> None:
+    request = (
+        b"POST /x HTTP/1.1\r\nhost: t\r\nexpect: 100-continue\r\ncontent-length: 2\r\n\r\n"
+    )
+    received, writes = asyncio.run(_exchange(request, then=b"{}"))
+    assert received.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n")
+    assert writes[0] == b"HTTP/1.1 100 Continue\r\n\r\n" and len(writes) == 2
