@@ -135,7 +135,7 @@ class OneSendTransport:
     ``100 Continue`` answers, uvicorn's own complete error responses, body chunks.
     """
 
-    __slots__ = ("transport", "_head")
+    __slots__ = ("_head", "transport")
 
     def __init__(self, transport: Any) -> None:
         self.transport = transport
@@ -190,10 +190,11 @@ def http_protocol(linger_s: float = IDLE_LINGER_S) -> type[asyncio.Protocol]:
             super().connection_made(transport)
             # Flow control (pause/resume writing) keeps the real transport; requests write
             # through the wrapper.
-            self.transport = OneSendTransport(transport)
+            self.one_send = OneSendTransport(transport)
+            self.transport = self.one_send  # type: ignore[assignment]
 
         def on_response_complete(self) -> None:
-            self.transport.flush()
+            self.one_send.flush()
             super().on_response_complete()
 
         def shutdown(self) -> None:

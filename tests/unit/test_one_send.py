@@ -67,7 +67,8 @@ def test_chunks_after_the_first_pass_straight_through() -> None:
     "data",
     [
         b"HTTP/1.1 100 Continue\r\n\r\n",  # the client waits for it before sending its body
-        b"HTTP/1.1 400 Bad Request\r\ncontent-length: 7\r\n\r\nInvalid",  # complete: no body follows
+        # complete (uvicorn's own error answers): no body follows
+        b"HTTP/1.1 400 Bad Request\r\ncontent-length: 7\r\n\r\nInvalid",
         b"{}",
     ],
 )
@@ -192,9 +193,7 @@ def test_a_head_request_is_answered_without_waiting_for_a_body() -> None:
 
 
 def test_100_continue_is_sent_before_the_body_arrives() -> None:
-    request = (
-        b"POST /x HTTP/1.1\r\nhost: t\r\nexpect: 100-continue\r\ncontent-length: 2\r\n\r\n"
-    )
+    request = b"POST /x HTTP/1.1\r\nhost: t\r\nexpect: 100-continue\r\ncontent-length: 2\r\n\r\n"
     received, writes = asyncio.run(_exchange(request, then=b"{}"))
     assert received.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n")
     assert writes[0] == b"HTTP/1.1 100 Continue\r\n\r\n" and len(writes) == 2
