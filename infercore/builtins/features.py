@@ -29,6 +29,8 @@ class RequestFeatureSource(FeatureSource):
 
     kind = "request"
     Config = RequestFeatureSourceConfig
+    #: Row *i* of the answer is row *i* of the fields (assembled or passed through).
+    groupable = True
     config: RequestFeatureSourceConfig
 
     def __init__(self, config: RequestFeatureSourceConfig, context: ComponentContext) -> None:

@@ -302,6 +302,8 @@ def burst(runtime: Any, n: int) -> list[httpx.Response]:
 
 def test_queue_full_is_503_with_retry_after_and_never_runs_the_model() -> None:
     cfg = fake_model_config(
+        # The batcher's own queue, request by request: groups off (they would share one call).
+        server={"group_requests": False},
         batching={
             "kind": "none",
             "max_concurrency": 1,
@@ -329,6 +331,8 @@ def test_a_burst_of_503s_logs_one_warning_and_counts_every_one(
     # An overloaded server answers thousands of 503s a second: one WARNING line each would
     # cost more than the rejections. The first is logged, the rest go to DEBUG.
     cfg = fake_model_config(
+        # The batcher's own queue, request by request: groups off (they would share one call).
+        server={"group_requests": False},
         batching={"kind": "none", "max_concurrency": 1, "max_queue_size": 1},
         versions=no_warmup(latency_s=0.3),
     )
@@ -370,6 +374,8 @@ def test_queue_full_with_the_dynamic_batcher() -> None:
 
 def test_queue_timeout_is_503_and_the_request_never_runs() -> None:
     cfg = fake_model_config(
+        # The batcher's own queue, request by request: groups off (they would share one call).
+        server={"group_requests": False},
         batching={"kind": "none", "max_concurrency": 1, "queue_timeout_ms": 50},
         versions=no_warmup(latency_s=0.4),
     )

@@ -200,6 +200,8 @@ async def served(runtime: Any) -> AsyncIterator[httpx.AsyncClient]:
 
 def test_rejections_under_overload_are_counted_with_their_reason() -> None:
     cfg = fake_model_config(
+        # The batcher's own queue, request by request: groups off (they would share one call).
+        server={"group_requests": False},
         batching={
             "kind": "none",
             "max_concurrency": 1,
@@ -233,7 +235,9 @@ def test_rejections_under_overload_are_counted_with_their_reason() -> None:
 
 def test_dynamic_batching_shows_in_batch_size() -> None:
     # A long fill window: a burst of concurrent requests all land in one batch.
+    # The dynamic batcher's own batching: groups off (a group would be one submission).
     cfg = fake_model_config(
+        server={"group_requests": False},
         batching={"kind": "dynamic", "max_batch_size": 64, "max_queue_delay_ms": 300},
         versions={"1": {"loader": {"kind": "fake"}, "warmup": False}},
     )

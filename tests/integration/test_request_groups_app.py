@@ -260,6 +260,47 @@ def test_groups_are_on_by_default_for_a_groupable_source() -> None:
     assert rt.models["m"].versions["1"].groups is not None
 
 
+@pytest.mark.parametrize("protocol", ["v2", "v1"])
+def test_the_built_in_request_source_groups_requests_that_arrive_together(protocol: str) -> None:
+    # features: {kind: request}, as iris: V2 tensors pass through; V1 instances of objects
+    # are assembled column by column. Row i of either is row i of the request.
+    cfg = fake_model_config(features=2)
+    cfg["features"] = {"kind": "request", "assemble": {"x": ["a", "b"]}}
+    rt = runtime_from_dict(cfg)
+    n = 24
+    bodies = requests(n)
+
+    async def scenario() -> list[httpx.Response]:
+        async with async_app_client(rt) as client:
+            if protocol == "v2":
+                calls = [
+                    client.post("/v2/models/m/infer", json=v2_body(rows, f"r{i}"))
+                    for i, rows in enumerate(bodies)
+                ]
+            else:
+                calls = [
+                    client.post(
+                        "/v1/models/m:predict",
+                        json={"instances": [{"a": r[0], "b": r[1]} for r in rows]},
+                    )
+                    for rows in bodies
+                ]
+            return list(await asyncio.gather(*calls))
+
+    responses = asyncio.run(scenario())
+    for i, (resp, rows) in enumerate(zip(responses, bodies, strict=True)):
+        assert resp.status_code == 200, resp.text
+        y = [float(np.float32(a) + np.float32(b)) for a, b in rows]
+        if protocol == "v2":
+            body = resp.json()
+            assert body["id"] == f"r{i}"
+            assert {o["name"]: o["data"] for o in body["outputs"]}["y"] == y
+        else:
+            assert [p["y"] for p in resp.json()["predictions"]] == y
+    assert rt.models["m"].versions["1"].groups is not None
+    assert rt.models["m"].versions["1"].model.calls < n  # requests shared model calls
+
+
 # -- shadows -------------------------------------------------------------------------------
 
 

@@ -320,9 +320,10 @@ def test_a_shadow_that_raises_hangs_or_is_slow_is_invisible_to_callers(behaviour
 
 
 def test_a_full_shadow_queue_drops_copies_and_counts_them() -> None:
-    rt = runtime_from_dict(
-        shadow_config(fake(0, latency_s=0.2), queue_size=1, workers=1, timeout_ms=5000)
-    )
+    cfg = shadow_config(fake(0, latency_s=0.2), queue_size=1, workers=1, timeout_ms=5000)
+    # One copy per request: groups off (a group's requests would be one copy).
+    cfg["server"] = {"group_requests": False}
+    rt = runtime_from_dict(cfg)
 
     async def scenario() -> tuple[list[int], dict[str, int]]:
         async with async_app_client(rt) as c:
