@@ -58,6 +58,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,7 +91,13 @@ class Recipe:
     variants: dict[str, tuple[list[str], float]]
     #: MLServer model-settings folder under benchmarks/mlserver/ (None: no MLServer peer)
     mlserver: str | None
+    #: The request bodies the load generators send (to every target)
+    bodies: Callable[[], list[bytes]]
     why_no_mlserver: str = ""
+    #: The recipe infercore serves (``+recipe=``), when not the benchmark's own name
+    recipe: str = ""
+    #: INFERCORE_RECIPES_DIR for infercore, relative to the project (None: the project's recipes)
+    recipes_dir: str | None = None
 
 
 RECIPES = {
@@ -102,6 +109,7 @@ RECIPES = {
         feast=False,
         variants={"infercore": ([], 0.8)},
         mlserver="iris",
+        bodies=lambda: iris_bodies(1000),
     ),
     "fraud": Recipe(
         model="fraud",
@@ -119,10 +127,29 @@ RECIPES = {
             "infercore-nodrift": (["models.fraud.drift=null"], 0.8),
         },
         mlserver=None,
+        bodies=lambda: fraud_bodies(2000),
         why_no_mlserver=(
             "MLServer for fraud skipped: the model's inputs are 3 request fields plus 5 Feast "
-            "features; MLServer has no feature store, so it would not do the same work"
+            "features; MLServer has no feature store, so it would not do the same work "
+            "(`bench.py fraud-model` compares the model alone)"
         ),
+    ),
+    # The fraud champion alone, every input in the request: the work MLServer can do too.
+    "fraud-model": Recipe(
+        model="fraud",
+        artifacts=[
+            "recipes/fraud/artifacts/v1/model.onnx",
+            "recipes/fraud/data/card_features.parquet",
+            "recipes/fraud/data/transactions.parquet",
+        ],
+        build="uv run python recipes/fraud/build.py",
+        ready_s=60,
+        feast=False,
+        variants={"infercore": ([], 0.8)},
+        mlserver="fraud-model",
+        bodies=lambda: fraud_model_bodies(2000),
+        recipe="fraud_model",
+        recipes_dir="benchmarks/recipes",
     ),
 }
 
@@ -188,6 +215,36 @@ def fraud_bodies(n: int, seed: int = 8, zipf: float = 1.0, unknown: float = 0.02
             ]
         }
         out.append(json.dumps(body, separators=(",", ":")).encode())
+    return out
+
+
+def fraud_model_bodies(n: int, seed: int = 8) -> list[bytes]:
+    """V2 requests that carry every input of the fraud champion (v1), each ``[1, 1]``.
+
+    The transaction's fields are drawn as :func:`fraud_bodies` draws them; the card's three
+    features come from a random row of the feature table (what Feast would have read).
+    """
+    import pyarrow.parquet as pq
+
+    data = REPO / "recipes" / "fraud" / "data"
+    feature_cols = ("txn_count_1h", "txn_count_24h", "amount_avg_7d")
+    features = pq.read_table(data / "card_features.parquet", columns=list(feature_cols))
+    card_rows = list(zip(*(features.column(c).to_pylist() for c in feature_cols), strict=True))
+    rng = random.Random(seed)
+    out = []
+    for body in fraud_bodies(n, seed):
+        fields = {i["name"]: i for i in json.loads(body)["inputs"]}
+        values = dict(zip(feature_cols, rng.choice(card_rows), strict=True))
+        cols = [
+            (name, fields[name]["datatype"], fields[name]["data"])
+            for name in ("amount", "hour", "cross_border", "merchant_category", "channel")
+        ]
+        cols += [(name, "FP32", [round(float(values[name]), 4)]) for name in feature_cols]
+        inputs = [
+            {"name": name, "shape": [1, 1], "datatype": dtype, "data": value}
+            for name, dtype, value in cols
+        ]
+        out.append(json.dumps({"inputs": inputs}, separators=(",", ":")).encode())
     return out
 
 
@@ -874,7 +931,7 @@ def _run(
     load_cpu: int | None,
 ) -> int:
     path = f"/v2/models/{recipe.model}/infer"
-    bodies = iris_bodies(1000) if args.recipe == "iris" else fraud_bodies(2000)
+    bodies = recipe.bodies()
     script = wrk_script(path, bodies, tmp / "load.lua")
     reqs = [openloop.encode_post("127.0.0.1", None, path, b, "application/json") for b in bodies]
     ready_s = args.ready_timeout or recipe.ready_s
@@ -918,8 +975,11 @@ def _run(
             overrides, goal = variant
             target["target_vs_floor"] = goal
             target["overrides"] = [*overrides, *args.overrides]
-            argv = [str(bin_dir / "infercore"), "serve", f"+recipe={args.recipe}"]
+            argv = [str(bin_dir / "infercore"), "serve", f"+recipe={recipe.recipe or args.recipe}"]
             argv += [f"server.port={port}", *overrides, *args.overrides]
+            env = dict(os.environ)
+            if recipe.recipes_dir is not None:
+                env["INFERCORE_RECIPES_DIR"] = str(REPO / recipe.recipes_dir)
             cleanup = []
             if recipe.feast:  # a fresh registry and online store, outside the recipe folder
                 feast_dir = tmp / f"feast-{name}"
@@ -929,7 +989,9 @@ def _run(
                     f"++features.sqlite_path={feast_dir}/online_store.db",
                 ]
                 cleanup.append(feast_dir)
-            server = Server(name, [*pin(server_cpu), *argv], port, "/v2/health/ready", ready_s, log)
+            server = Server(
+                name, [*pin(server_cpu), *argv], port, "/v2/health/ready", ready_s, log, env=env
+            )
             server.cleanup = cleanup
         elif kind == "floor":
             argv = [sys.executable, str(BENCH / "floor_app.py"), "--port", str(port)]
