@@ -100,6 +100,13 @@ class Recipe:
     recipes_dir: str | None = None
 
 
+#: What the fraud targets serve (the champion) and draw their requests from.
+FRAUD_ARTIFACTS = [
+    "recipes/fraud/artifacts/v1/model.onnx",
+    "recipes/fraud/data/card_features.parquet",
+    "recipes/fraud/data/transactions.parquet",
+]
+
 RECIPES = {
     "iris": Recipe(
         model="iris",
@@ -113,11 +120,7 @@ RECIPES = {
     ),
     "fraud": Recipe(
         model="fraud",
-        artifacts=[
-            "recipes/fraud/artifacts/v1/model.onnx",
-            "recipes/fraud/data/card_features.parquet",
-            "recipes/fraud/data/transactions.parquet",
-        ],
+        artifacts=FRAUD_ARTIFACTS,
         build="uv run python recipes/fraud/build.py",
         ready_s=120,  # the first start imports Feast and materializes the online store
         feast=True,
@@ -137,11 +140,7 @@ RECIPES = {
     # The fraud champion alone, every input in the request: the work MLServer can do too.
     "fraud-model": Recipe(
         model="fraud",
-        artifacts=[
-            "recipes/fraud/artifacts/v1/model.onnx",
-            "recipes/fraud/data/card_features.parquet",
-            "recipes/fraud/data/transactions.parquet",
-        ],
+        artifacts=FRAUD_ARTIFACTS,
         build="uv run python recipes/fraud/build.py",
         ready_s=60,
         feast=False,
