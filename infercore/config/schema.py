@@ -64,8 +64,8 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     gil_switch_interval_ms: Annotated[float, msgspec.Meta(ge=0.05, le=100)] = 0.5
     #: Requests for one version that arrive together share one feature fetch, one input
     #: check, one batcher submission and one outputs pass, when the feature source allows it
-    #: (``FeatureSource.groupable``; the Feast source does). Each request still gets exactly
-    #: its own answer (infercore/runtime/grouping.py).
+    #: (``FeatureSource.groupable``; the Feast and ``request`` sources do). Each request still
+    #: gets exactly its own answer (infercore/runtime/grouping.py).
     group_requests: bool = True
 
 
