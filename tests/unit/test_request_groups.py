@@ -490,6 +490,51 @@ def test_a_request_whose_caller_left_before_its_group_ran_is_not_in_it() -> None
     assert_own_answer(third, values[2])
 
 
+def test_when_the_first_caller_leaves_while_its_group_waits_the_others_still_run() -> None:
+    # The request that opened the group leaves before it ran: the others' group goes on.
+    r = Runners()
+    values = [x(1), x(2), x(3)]
+
+    async def scenario() -> list[Any]:
+        groups = r.make()
+        tasks = [asyncio.ensure_future(submit(groups, v)) for v in values]
+        await asyncio.sleep(0)  # each caller takes its step into the group
+        assert groups.waiting == 3 and r.groups == []
+        tasks[0].cancel()
+        results = list(await asyncio.gather(*tasks, return_exceptions=True))
+        assert groups.waiting == 0
+        # A request of the same shape arriving now opens a group of its own.
+        assert_own_answer(await submit(groups, x(4)), x(4))
+        return results
+
+    first, second, third = run(scenario())
+    assert isinstance(first, asyncio.CancelledError)
+    assert len(r.groups) == 1
+    members, stacked, _, _ = r.groups[0]
+    np.testing.assert_array_equal(stacked["x"], np.concatenate([values[1], values[2]]))
+    assert len(members) == 2
+    assert_own_answer(second, values[1])
+    assert_own_answer(third, values[2])
+    assert [a["x"][:, 0].tolist() for a in r.alone] == [[4]]
+
+
+def test_when_the_first_caller_leaves_while_its_group_waits_one_other_runs_as_alone() -> None:
+    r = Runners()
+
+    async def scenario() -> list[Any]:
+        groups = r.make()
+        tasks = [asyncio.ensure_future(submit(groups, x(v))) for v in (1, 2)]
+        await asyncio.sleep(0)
+        tasks[0].cancel()
+        return list(await asyncio.gather(*tasks, return_exceptions=True))
+
+    first, second = run(scenario())
+    assert isinstance(first, asyncio.CancelledError)
+    assert r.groups == []
+    assert [a["x"][:, 0].tolist() for a in r.alone] == [[2]]
+    assert_own_answer(second, x(2))
+
+
 def test_when_every_caller_leaves_before_the_group_runs_it_never_runs() -> None:
     r = Runners()
 
