@@ -466,7 +466,8 @@ def test_requests_beyond_max_waiting_are_queue_full() -> None:
 # -- callers that leave --------------------------------------------------------------------
 
 
-def test_a_request_whose_caller_left_before_its_group_ran_is_not_in_it() -> None:
+@pytest.mark.parametrize("leaving", [1, 0], ids=["a-later-one", "the-one-that-opened-it"])
+def test_a_request_whose_caller_left_before_its_group_ran_is_not_in_it(leaving: int) -> None:
     r = Runners()
     values = [x(1), x(2), x(3)]
 
@@ -475,46 +476,22 @@ def test_a_request_whose_caller_left_before_its_group_ran_is_not_in_it() -> None
         tasks = [asyncio.ensure_future(submit(groups, v)) for v in values]
         await asyncio.sleep(0)  # each caller takes its step into the group
         assert groups.waiting == 3 and r.groups == []  # the group has not run yet
-        tasks[1].cancel()
-        results = list(await asyncio.gather(*tasks, return_exceptions=True))
-        assert groups.waiting == 0
-        return results
-
-    first, second, third = run(scenario())
-    assert isinstance(second, asyncio.CancelledError)
-    assert len(r.groups) == 1
-    members, stacked, _, _ = r.groups[0]
-    np.testing.assert_array_equal(stacked["x"], np.concatenate([values[0], values[2]]))
-    assert len(members) == 2
-    assert_own_answer(first, values[0])
-    assert_own_answer(third, values[2])
-
-
-def test_when_the_first_caller_leaves_while_its_group_waits_the_others_still_run() -> None:
-    # The request that opened the group leaves before it ran: the others' group goes on.
-    r = Runners()
-    values = [x(1), x(2), x(3)]
-
-    async def scenario() -> list[Any]:
-        groups = r.make()
-        tasks = [asyncio.ensure_future(submit(groups, v)) for v in values]
-        await asyncio.sleep(0)  # each caller takes its step into the group
-        assert groups.waiting == 3 and r.groups == []
-        tasks[0].cancel()
+        tasks[leaving].cancel()
         results = list(await asyncio.gather(*tasks, return_exceptions=True))
         assert groups.waiting == 0
         # A request of the same shape arriving now opens a group of its own.
         assert_own_answer(await submit(groups, x(4)), x(4))
         return results
 
-    first, second, third = run(scenario())
-    assert isinstance(first, asyncio.CancelledError)
+    results = run(scenario())
+    assert isinstance(results[leaving], asyncio.CancelledError)
+    stayed = [i for i in range(3) if i != leaving]
     assert len(r.groups) == 1
     members, stacked, _, _ = r.groups[0]
-    np.testing.assert_array_equal(stacked["x"], np.concatenate([values[1], values[2]]))
+    np.testing.assert_array_equal(stacked["x"], np.concatenate([values[i] for i in stayed]))
     assert len(members) == 2
-    assert_own_answer(second, values[1])
-    assert_own_answer(third, values[2])
+    for i in stayed:
+        assert_own_answer(results[i], values[i])
     assert [a["x"][:, 0].tolist() for a in r.alone] == [[4]]
 
 
