@@ -231,6 +231,9 @@ class ShadowRouterConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True
         atol: Absolute tolerance when comparing float outputs with the primary's.
         rtol: Relative tolerance when comparing float outputs.
         compare: Outputs to compare (default: every output both versions return).
+        max_loop_busy: Copies wait while the event loop was busy more than this share of the
+            last 50 ms (the shadow yields to the requests; under saturation its queue fills
+            and drops, counted ``dropped``). 1.0 runs copies whatever the load.
         inner: The router that picks the version answering the caller.
     """
 
@@ -241,6 +244,7 @@ class ShadowRouterConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True
     atol: Annotated[float, msgspec.Meta(ge=0)] = 1e-6
     rtol: Annotated[float, msgspec.Meta(ge=0)] = 1e-4
     compare: list[str] = msgspec.field(default_factory=list)
+    max_loop_busy: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.8
     inner: Node = msgspec.field(default_factory=lambda: {"kind": "single"})
 
 
@@ -250,6 +254,8 @@ class ShadowRouter(WrappingRouter):
     The caller's response is the primary's, unchanged and not delayed: copies run after it
     is computed, from a bounded queue, and their outcomes and agreement with the primary are
     only counted (``infercore_shadow_requests_total``, ``infercore_shadow_rows_total``).
+    Copies wait while the event loop is busier than ``max_loop_busy``, so that the shadow
+    uses only the time the requests leave.
     """
 
     kind = "shadow"
@@ -267,6 +273,7 @@ class ShadowRouter(WrappingRouter):
             atol=config.atol,
             rtol=config.rtol,
             compare=tuple(config.compare),
+            max_loop_busy=config.max_loop_busy,
         )
 
     def mirror(self, request: RouteRequest, table: RoutingTable) -> tuple[str, ...]:

@@ -102,6 +102,9 @@ class ShadowPolicy:
         atol: Absolute tolerance when comparing float outputs with the primary's.
         rtol: Relative tolerance when comparing float outputs.
         compare: Output names to compare; empty means every output both versions return.
+        max_loop_busy: Copies wait while the event loop's thread was busy (running or waiting
+            for a CPU) more than this share of the last 50 ms, so that the shadow only uses
+            the time the primary leaves; 1.0 never holds them back.
     """
 
     queue_size: int = 256
@@ -110,6 +113,7 @@ class ShadowPolicy:
     atol: float = 1e-6
     rtol: float = 1e-4
     compare: tuple[str, ...] = ()
+    max_loop_busy: float = 0.8
 
 
 class Router(Component):

@@ -12,6 +12,12 @@ size in rows), checks each one's inputs on its own (a copy the shadow rejects co
 and one vectorised comparison for the lot instead of one per copy. Outcomes and statistics
 are still counted per copy, exactly as if each copy had run alone: a submission of several
 copies that fails is run again copy by copy so that only the failing ones count ``error``.
+
+The shadow gets only the time the primary leaves. Before each submission a worker looks at
+how busy the event loop's thread was over the last 50 ms (:mod:`infercore.runtime.loop_load`);
+above ``ShadowPolicy.max_loop_busy`` it holds the copies back and looks again 20 ms later.
+Under saturation the queue therefore fills and drops (counted ``dropped``) instead of taking
+CPU from the requests; the copies run again once the load falls.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from infercore.components import ShadowPolicy, Tensors
 from infercore.errors import DeadlineExceeded, QueueFull, QueueTimeout
 from infercore.metrics import Metrics
 from infercore.runtime.grouping import DEFAULT_GROUP_ROWS, batcher_option
+from infercore.runtime.loop_load import LoopLoad
 
 if TYPE_CHECKING:
     from infercore.runtime.served import ServedVersion
@@ -39,6 +46,9 @@ Array = npt.NDArray[Any]
 log = logging.getLogger("infercore.shadow")
 
 OUTCOMES = ("ok", "error", "timeout", "dropped")
+
+#: How long a worker holding copies back (the loop too busy) waits before looking again.
+HOLD_S = 0.02
 
 
 @dataclass(slots=True)
@@ -191,6 +201,7 @@ class ShadowRunner:
         self._wake: asyncio.Event | None = None
         self._running = False
         self._workers: list[asyncio.Task[None]] = []
+        self._load: LoopLoad | None = None
         self.stats: dict[str, ShadowStats] = {}
         # Label children by (family, version, label value), looked up once each.
         self._children: dict[tuple[Any, str, str], Any] = {}
@@ -229,6 +240,8 @@ class ShadowRunner:
         self._running = True
         self._pending.clear()
         self._wake = asyncio.Event()
+        # Created here, on the loop's thread: it reads that thread's scheduler counters.
+        self._load = LoopLoad() if self.policy.max_loop_busy < 1.0 else None
         self._workers = [
             asyncio.create_task(self._work(), name=f"shadow:{self.model}:{i}")
             for i in range(self.policy.workers)
@@ -295,10 +308,17 @@ class ShadowRunner:
         assert wake is not None
         pending = self._pending
         loop = asyncio.get_running_loop()
+        limit = self.policy.max_loop_busy
         while True:
             if not pending:
                 wake.clear()
                 await wake.wait()
+                continue
+            load = self._load
+            if load is not None and load.share() > limit:
+                # The requests keep the loop busy: the copies wait (or are dropped when the
+                # queue fills) rather than take time from them.
+                await asyncio.sleep(HOLD_S)
                 continue
             group = self._take()
             try:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from infercore.runtime import shadow as shadow_module
 from infercore.runtime.shadow import ShadowStats, compare_rows
 from infercore.testing import metric_value, runtime_from_dict
 
@@ -242,3 +243,55 @@ def test_copies_with_different_tensors_are_checked_one_by_one() -> None:
 
     assert run(rt, scenario) == {"ok": 2, "error": 1, "timeout": 0, "dropped": 0}
     assert checked == [1, 1, 1]
+
+
+class FixedLoad:
+    """Stands in for :class:`LoopLoad`: the loop's busy share is whatever the test sets."""
+
+    busy = 0.0
+    created = 0
+
+    def __init__(self) -> None:
+        FixedLoad.created += 1
+
+    def share(self) -> float:
+        return FixedLoad.busy
+
+
+def test_copies_wait_while_the_loop_is_busy_and_a_full_queue_drops(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(shadow_module, "LoopLoad", FixedLoad)
+    monkeypatch.setattr(FixedLoad, "busy", 0.95)  # above the default limit, 0.8
+    rt = shadow_runtime({}, queue_size=3)
+    model = rt.models["m"].versions["2"].model
+
+    async def scenario(rt: Any) -> tuple[list[int], int, dict[str, int], dict[str, int]]:
+        for i in range(5):
+            offer(rt, ("2",), rows(float(i)), primary_of(rows(float(i))))
+        await asyncio.sleep(10 * shadow_module.HOLD_S)  # ten looks at a busy loop
+        held = list(model.batches), rt.models["m"].shadow.depth
+        during = dict(rt.models["m"].shadow.stats["2"].outcomes)
+        FixedLoad.busy = 0.5
+        return *held, during, await settle(rt, "2", 5)
+
+    batches, depth, during, after = run(rt, scenario)
+    assert (batches, depth) == ([], 3)  # nothing ran; the queue's three copies still wait
+    assert during == {"ok": 0, "error": 0, "timeout": 0, "dropped": 2}
+    assert after == {"ok": 3, "error": 0, "timeout": 0, "dropped": 2}
+    assert model.batches == [3]  # once the load fell, the three went together
+
+
+def test_max_loop_busy_1_runs_copies_whatever_the_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shadow_module, "LoopLoad", FixedLoad)
+    monkeypatch.setattr(FixedLoad, "busy", 1.0)
+    monkeypatch.setattr(FixedLoad, "created", 0)
+    rt = shadow_runtime({}, max_loop_busy=1.0)
+
+    async def scenario(rt: Any) -> dict[str, int]:
+        for i in range(3):
+            offer(rt, ("2",), rows(float(i)), primary_of(rows(float(i))))
+        return await settle(rt, "2", 3)
+
+    assert run(rt, scenario) == {"ok": 3, "error": 0, "timeout": 0, "dropped": 0}
+    assert FixedLoad.created == 0  # the load is not even measured
