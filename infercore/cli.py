@@ -538,6 +538,13 @@ async def _run_uvicorn(server: Any, sockets: list[Any] | None = None) -> int:
         await server.serve(sockets=sockets)
     except SystemExit as exc:
         return int(exc.code or EXIT_FAILURE)
+    lifespan = getattr(server, "lifespan", None)
+    if server.force_exit and lifespan is not None and not lifespan.shutdown_event.is_set():
+        # A forced stop (a second signal) skips uvicorn's lifespan shutdown; the lifespan
+        # task, cancelled when the loop closes, would then be logged as an error with a
+        # traceback. The app's lifespan holds nothing slow (components stop after this).
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(lifespan.shutdown(), timeout=1.0)
     return 0
 
 

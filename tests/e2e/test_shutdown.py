@@ -264,6 +264,8 @@ def test_a_second_signal_stops_without_waiting(launcher: object) -> None:
     code = server.process.wait(timeout=6.0)
     assert code == 0, server.log_text()
     assert time.monotonic() - t_second < 4.0
-    assert "again: stopping without waiting" in server.log_text()
+    log = server.log_text()
+    assert "again: stopping without waiting" in log
+    assert "Traceback" not in log and "Exception in" not in log, log
     t.join(timeout=5.0)
     assert not t.is_alive()
