@@ -92,16 +92,26 @@ class OpenLoopResult:
     send_lag_mean_ms: float = math.nan
     send_lag_p99_ms: float = math.nan
     achieved_rps: float = 0.0
+    #: Error answers by the ``reason`` of their JSON body (``"?"`` when it has none).
+    reasons: dict[str, int] = field(default_factory=dict)
+    #: 503 answers without a ``Retry-After`` header.
+    retry_after_missing: int = 0
+    #: Latency percentiles of the 2xx answers and of the error answers, apart.
+    ok_p99_ms: float = math.nan
+    rejected_p50_ms: float = math.nan
+    rejected_p99_ms: float = math.nan
     connections_opened: int = 0
     #: Connections opened during the run because every open one was busy.
     connections_added: int = 0
     #: Sends that had to wait for a free connection (max_connections reached).
     waited: int = 0
     latencies_ms: list[float] = field(default_factory=list, repr=False)
+    rejected_ms: list[float] = field(default_factory=list, repr=False)
 
     def summary(self) -> dict[str, object]:
         d = asdict(self)
         d.pop("latencies_ms")
+        d.pop("rejected_ms")
         return d
 
     def passes(self, p99_limit_ms: float) -> bool:
@@ -120,12 +130,20 @@ class _Conn:
             self.writer.close()
 
 
-async def _read_response(reader: asyncio.StreamReader) -> int:
-    """Read one HTTP/1.1 response (Content-Length or chunked); return its status code."""
+@dataclass(slots=True)
+class _Response:
+    status: int
+    retry_after: bool
+    #: The body of an error answer (``b""`` for a 2xx, which is not kept).
+    body: bytes
+
+
+async def _read_response(reader: asyncio.StreamReader) -> _Response:
+    """Read one HTTP/1.1 response (Content-Length or chunked)."""
     head = await reader.readuntil(b"\r\n\r\n")
     lines = head.split(b"\r\n")
     status = int(lines[0].split(b" ", 2)[1])
-    length, chunked = 0, False
+    length, chunked, retry_after = 0, False, False
     for line in lines[1:]:
         name, _, value = line.partition(b":")
         name = name.strip().lower()
@@ -133,15 +151,29 @@ async def _read_response(reader: asyncio.StreamReader) -> int:
             length = int(value)
         elif name == b"transfer-encoding" and b"chunked" in value.lower():
             chunked = True
+        elif name == b"retry-after":
+            retry_after = True
+    body = b""
     if chunked:
+        parts = []
         while True:
             size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
-            await reader.readexactly(size + 2)
+            parts.append((await reader.readexactly(size + 2))[:-2])
             if size == 0:
                 break
+        body = b"".join(parts)
     elif length:
-        await reader.readexactly(length)
-    return status
+        body = await reader.readexactly(length)
+    return _Response(status, retry_after, body if status >= 400 else b"")
+
+
+def _reason(body: bytes) -> str:
+    """The ``reason`` of an infercore error body (``"?"`` when there is none)."""
+    try:
+        reason = json.loads(body).get("reason")
+    except (ValueError, AttributeError):
+        return "?"
+    return reason if isinstance(reason, str) else "?"
 
 
 async def run(
@@ -177,7 +209,10 @@ async def run(
         idle.append(conn)
     result.connections_opened = opened
     statuses: Counter[str] = Counter()
+    reasons: Counter[str] = Counter()
     latencies: list[float] = []
+    rejected: list[float] = []
+    ok: list[float] = []
     lags: list[float] = []
 
     async def release(conn: _Conn | None) -> None:
@@ -207,11 +242,19 @@ async def run(
                     conn = idle.popleft()
             lags.append(time.perf_counter() - scheduled_at)
             conn.writer.write(requests[i % len(requests)])
-            status = await _read_response(conn.reader)
-            latencies.append(time.perf_counter() - scheduled_at)
+            response = await _read_response(conn.reader)
+            latency = time.perf_counter() - scheduled_at
+            latencies.append(latency)
+            status = response.status
             statuses[str(status)] += 1
             if status >= 400:
                 result.errors += 1
+                rejected.append(latency)
+                reasons[_reason(response.body)] += 1
+                if status == 503 and not response.retry_after:
+                    result.retry_after_missing += 1
+            else:
+                ok.append(latency)
             await release(conn)
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
             statuses["connection_error"] += 1
@@ -245,7 +288,14 @@ async def run(
 
     result.completed = len(latencies)
     result.status = dict(statuses)
+    result.reasons = dict(reasons)
     result.latencies_ms = [x * 1000 for x in latencies]
+    result.rejected_ms = [x * 1000 for x in rejected]
+    if ok:
+        result.ok_p99_ms = 1000 * percentile(ok, 99)
+    if rejected:
+        result.rejected_p50_ms = percentile(result.rejected_ms, 50)
+        result.rejected_p99_ms = percentile(result.rejected_ms, 99)
     if latencies:
         result.p50_ms = percentile(result.latencies_ms, 50)
         result.p90_ms = percentile(result.latencies_ms, 90)

@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import bench
 import openloop
 
-Handler = Callable[[int, bytes], Awaitable[int | None]]
+#: handler(request number, body) -> status, or (status, extra header lines, body); None hangs up.
+Handler = Callable[[int, bytes], Awaitable[int | tuple[int, bytes, bytes] | None]]
 
 
 async def _serve(handler: Handler) -> tuple[asyncio.Server, int]:
@@ -41,10 +42,12 @@ async def _serve(handler: Handler) -> tuple[asyncio.Server, int]:
                 if status is None:
                     writer.close()
                     return
-                payload = b'{"ok":true}'
+                extra, payload = b"", b'{"ok":true}'
+                if isinstance(status, tuple):
+                    status, extra, payload = status
                 writer.write(
-                    b"HTTP/1.1 %d X\r\nContent-Length: %d\r\n\r\n%s"
-                    % (status, len(payload), payload)
+                    b"HTTP/1.1 %d X\r\n%sContent-Length: %d\r\n\r\n%s"
+                    % (status, extra, len(payload), payload)
                 )
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
@@ -99,6 +102,33 @@ def test_counts_statuses_and_errors() -> None:
     assert r.errors == 10
     assert not r.passes(1000.0)
     assert len(r.latencies_ms) == 20 and all(x > 0 for x in r.latencies_ms)
+
+
+def test_error_answers_are_counted_by_reason_and_503s_without_retry_after() -> None:
+    full = b'{"error":"queue is full","reason":"queue_full"}'
+
+    async def handler(n: int, body: bytes) -> tuple[int, bytes, bytes]:
+        if n % 4 == 1:
+            return 503, b"Retry-After: 1\r\n", full
+        if n % 4 == 2:
+            return 503, b"", full  # no Retry-After
+        if n % 4 == 3:
+            return 400, b"", b"not json"
+        return 200, b"", b'{"outputs":[]}'
+
+    async def go() -> openloop.OpenLoopResult:
+        server, port = await _serve(handler)
+        async with server:
+            reqs = _reqs(port, [b"{}"])
+            return await openloop.run(
+                "127.0.0.1", port, reqs, 200, 0.04, arrival="uniform", connections=1
+            )
+
+    r = asyncio.run(go())
+    assert r.status == {"200": 2, "503": 4, "400": 2}
+    assert r.reasons == {"queue_full": 4, "?": 2}
+    assert r.retry_after_missing == 2
+    assert r.rejected_p99_ms > 0 and r.ok_p99_ms > 0
 
 
 def test_latency_is_measured_from_the_scheduled_time() -> None:
