@@ -54,6 +54,8 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     log_format: Literal["text", "json"] = "text"
     #: Where logs go (deploy=k8s: stdout, for the cluster's log collector).
     log_stream: Literal["stderr", "stdout"] = "stderr"
+    #: uvicorn's access log; with it on, ``X-Forwarded-For``/``-Proto`` from the addresses in
+    #: ``FORWARDED_ALLOW_IPS`` (default 127.0.0.1) set the client address it shows.
     access_log: bool = False
     #: Serve OpenAPI schema and docs under /schema.
     openapi: bool = True

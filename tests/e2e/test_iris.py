@@ -416,6 +416,24 @@ def test_batching_under_concurrency_with_a_fill_window(
     assert single < calls, "no batch had more than one row"
 
 
+@pytest.mark.parametrize("access_log", [True, False])
+def test_the_access_log_shows_the_forwarded_client_of_a_trusted_proxy(
+    launcher: Launcher, iris_onnx: Path, access_log: bool
+) -> None:
+    """X-Forwarded-For from 127.0.0.1 (uvicorn's default trusted proxy) names the client in
+    the access log; without the access log there is no line (and the header goes unread)."""
+    server = launcher.start(["+recipe=iris", f"server.access_log={str(access_log).lower()}"])
+    with httpx.Client(base_url=server.url) as c:
+        r = c.get("/v2/health/live", headers={"X-Forwarded-For": "203.0.113.7"})
+        assert r.status_code == 200
+    assert launcher.stop(server) == 0, server.log_text()
+    log = server.log_text()
+    if access_log:
+        assert '203.0.113.7:0 - "GET /v2/health/live HTTP/1.1" 200' in log, log
+    else:
+        assert "/v2/health/live" not in log and "203.0.113.7" not in log, log
+
+
 def test_a_required_model_that_fails_to_load_exits_non_zero(
     launcher: Launcher, iris_onnx: Path
 ) -> None:
