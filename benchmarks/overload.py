@@ -6,7 +6,7 @@
 1. Builds a model heavy enough for a Python open-loop generator to outrun one server core
    several times over: an MLP in ONNX (``--layers`` tanh layers of ``--width``, one shared
    seeded random weight matrix, so the file stays small), and a recipe that serves it with the
-   ``dynamic`` batcher at its defaults (queue 512, queue timeout 1 s), in the results folder.
+   ``dynamic`` batcher at its defaults (queue 512, queue timeout 1 s), in a temporary folder.
 2. Starts ``infercore serve`` on CPU 0. Closed loop (wrk, 64 connections, on CPU 1) measures
    its capacity: 200s per second at saturation.
 3. Drives it open loop (:mod:`openloop`, in this process, pinned to CPU 1) at ``--factor``
@@ -30,6 +30,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -234,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = args.out or bench.BENCH / "results" / f"overload-{stamp}"
     out.mkdir(parents=True, exist_ok=True)
-    recipes = out / "recipes"
+    # The model (a few MiB, rebuilt in a second) stays out of the results folder.
+    recipes = Path(tempfile.mkdtemp(prefix="infercore-overload-"))
     write_recipe(recipes, width=args.width, layers=args.layers)
     port = bench.free_port()
     server = bench.Server(
@@ -252,13 +254,14 @@ def main(argv: list[str] | None = None) -> int:
         120,
         out / "server.log",
         env={**os.environ, "INFERCORE_RECIPES_DIR": str(recipes)},
+        cleanup=[recipes],
     )
     path = f"/v2/models/{MODEL}/infer"
     sample = bodies(2000)
     server.start()
     try:
         print(f"server ready in {server.startup_s:.1f} s (pid {server.proc.pid}, CPU 0)")  # type: ignore[union-attr]
-        script = bench.wrk_script(path, sample, out / "bodies.lua")
+        script = bench.wrk_script(path, sample, recipes / "bodies.lua")
         bench.run_wrk(port, path, script, 64, 2, 1)  # warm-up
         closed = bench.run_wrk(port, path, script, 64, args.capacity_s, 1)
         if closed["errors"]:
