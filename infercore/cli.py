@@ -316,9 +316,19 @@ def _serve(overrides: list[str], *, debug: bool = False) -> int:
 
     admin = AdminListener.from_runtime(runtime)  # None unless admin.enabled; checks the token
     state = ShutdownState()
-    app = ShutdownMiddleware(create_app(runtime, manage_runtime=False, shutdown=state), state)
+    inference = create_app(runtime, manage_runtime=False, shutdown=state)
+    app = ShutdownMiddleware(inference, state)
     deploy = composed.choices.get("deploy", "")
-    serve = _serve_async(app, runtime, composed.label, state, deploy, admin, worker)
+    serve = _serve_async(
+        app,
+        runtime,
+        composed.label,
+        state,
+        deploy,
+        admin,
+        worker,
+        reject_before_body=getattr(inference, "reject_before_body", None),
+    )
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop ships with uvicorn[standard]
@@ -380,6 +390,7 @@ async def _serve_async(
     deploy: str = "",
     admin: Any = None,
     worker: Any = None,
+    reject_before_body: Any = None,
 ) -> int:
     import math
 
@@ -400,7 +411,7 @@ async def _serve_async(
         host=cfg.host,
         port=cfg.port,
         uds=cfg.uds,
-        http=http_protocol(linger),
+        http=http_protocol(linger, reject_before_body),
         lifespan="on",
         log_config=None,
         access_log=cfg.access_log,

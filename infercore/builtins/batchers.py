@@ -114,6 +114,10 @@ class NoBatcher(Batcher):
     def queue_depth(self) -> int:
         return self._waiting
 
+    @property
+    def full(self) -> bool:
+        return self._waiting >= self.config.max_queue_size
+
     async def start(self) -> None:
         self._stopping = False
 
@@ -301,6 +305,10 @@ class DynamicBatcher(Batcher):
     @property
     def queue_depth(self) -> int:
         return self._waiting
+
+    @property
+    def full(self) -> bool:
+        return self._waiting >= self.config.max_queue_size
 
     async def start(self) -> None:
         self._stopping = False

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Collection, Mapping
 from typing import Annotated, Any
 
 import msgspec
@@ -56,6 +57,9 @@ class SingleRouter(Router):
 
     def route(self, request: RouteRequest, table: RoutingTable) -> str:
         return table.primary
+
+    def candidates(self, headers: Mapping[str, str], table: RoutingTable) -> tuple[str, ...]:
+        return (table.primary,)
 
 
 class WeightedRouterConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -111,6 +115,12 @@ class WeightedCanaryRouter(Router):
         if not table.split:
             return table.primary
         return table.choose(self.share(request))
+
+    def candidates(self, headers: Mapping[str, str], table: RoutingTable) -> tuple[str, ...]:
+        # Sticky keys may be in the body: any slice of the split (an A/B router's too).
+        if not table.split:
+            return (table.primary,)
+        return tuple(version for version, _ in table.split)
 
 
 class ABRouterConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -173,6 +183,11 @@ class ABRouter(WeightedCanaryRouter):
             return table.primary
         return table.choose(sticky_share(self._salt, key))
 
+    def candidates(self, headers: Mapping[str, str], table: RoutingTable) -> tuple[str, ...]:
+        # A request without the key goes to the primary, even with no slice of the split.
+        split = super().candidates(headers, table)
+        return split if table.primary in split else (table.primary, *split)
+
     def variant(self, version: str) -> str:
         return self._arms.get(version, version)
 
@@ -215,6 +230,12 @@ class HeaderRouter(WrappingRouter):
         if request.headers.get(self._header):
             return ()
         return self.inner.mirror(request, table)
+
+    def candidates(self, headers: Mapping[str, str], table: RoutingTable) -> Collection[str] | None:
+        wanted = headers.get(self._header)
+        if wanted:
+            return (wanted[:_MAX_VARIANT],)
+        return self.inner.candidates(headers, table)
 
 
 Fraction = Annotated[float, msgspec.Meta(ge=0, le=1)]

@@ -73,3 +73,13 @@ class Batcher(Component):
     def queue_depth(self) -> int:
         """Requests waiting (not yet running)."""
         return 0
+
+    @property
+    def full(self) -> bool:
+        """Whether :meth:`submit` would raise :class:`~infercore.errors.QueueFull` now.
+
+        While it is true, infercore may answer a request for this version 503 ``queue_full``
+        from its headers alone, before reading its body (``server.reject_before_body``). The
+        default, ``False``, never rejects early: override it when the queue has a bound.
+        """
+        return False

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -134,6 +134,16 @@ class Router(Component):
         """
         return ()
 
+    def candidates(self, headers: Mapping[str, str], table: RoutingTable) -> Collection[str] | None:
+        """Every version :meth:`route` may choose for a request with these headers.
+
+        Asked before the request's body is read: while every candidate's queue is full, the
+        request is answered 503 ``queue_full`` at once (``server.reject_before_body``).
+        Default ``None``: any version in ``table.ready`` (a router that routes by the body,
+        by the request id, or by anything else the headers do not settle).
+        """
+        return None
+
     def variant(self, version: str) -> str:
         """The name metrics give ``version`` (an A/B arm's name). Default: the version."""
         return version
@@ -167,6 +177,9 @@ class WrappingRouter(Router):
 
     def mirror(self, request: RouteRequest, table: RoutingTable) -> tuple[str, ...]:
         return self.inner.mirror(request, table)
+
+    def candidates(self, headers: Mapping[str, str], table: RoutingTable) -> Collection[str] | None:
+        return self.inner.candidates(headers, table)
 
     def variant(self, version: str) -> str:
         return self.inner.variant(version)

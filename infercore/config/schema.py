@@ -69,6 +69,13 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: (``FeatureSource.groupable``; the Feast and ``request`` sources do). Each request still
     #: gets exactly its own answer (infercore/runtime/grouping.py).
     group_requests: bool = True
+    #: While every version that could serve an inference request has a full queue, answer it
+    #: 503 ``queue_full`` as soon as its headers are read: the request line and headers are
+    #: checked as usual (404, 415, 413 first), the body is read and dropped unchecked. Such a
+    #: rejection takes a fraction of the event loop's CPU that decoding the request would, CPU
+    #: the model's threads need under overload. ``false``: the body is decoded first, so a
+    #: malformed request gets its 400 even then. Off while ``access_log`` is on.
+    reject_before_body: bool = True
 
 
 class VersionConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

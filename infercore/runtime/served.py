@@ -106,6 +106,18 @@ class ServedVersion:
         specs = self.model.inputs
         return specs[0].name if len(specs) == 1 else None
 
+    @property
+    def full(self) -> bool:
+        """Whether a request for this version would now be answered 503 ``queue_full``.
+
+        With request groups, the requests inside them count against the queue bound (the
+        batcher sees a group as one request); without, the batcher's own queue.
+        """
+        groups = self.groups
+        if groups is not None:
+            return groups.waiting >= groups.max_waiting
+        return self.batcher.full
+
     def enter(self) -> None:
         self.active += 1
 
@@ -237,6 +249,31 @@ class ServedModel:
                 hint=f"versions: {', '.join(self.versions)}",
             )
         return served
+
+    def full_version(self, version: str | None, headers: Mapping[str, str]) -> ServedVersion | None:
+        """The version a request is turned away by (503 ``queue_full``) from its headers alone.
+
+        ``version`` (asked for in the URL) when it is ready and full. For a routed request,
+        when every version the router may choose (:meth:`Router.candidates`; every ready
+        version when it cannot tell) is ready and full: the primary if it is one of them.
+        ``None``: the request may be admitted, or the request path decides.
+        """
+        versions = self.versions
+        if version is not None:
+            sv = versions.get(version)
+            return sv if sv is not None and sv.ready and sv.full else None
+        table = self.table
+        names = self.router.candidates(headers, table)
+        if names is None:
+            names = table.ready
+        found: ServedVersion | None = None
+        for name in names:
+            sv = versions.get(name)
+            if sv is None or not sv.ready or not sv.full:
+                return None
+            if found is None or name == table.primary:
+                found = sv
+        return found
 
     def pick(
         self,

@@ -30,6 +30,7 @@ from infercore.errors import (
     DeadlineExceeded,
     InfercoreError,
     InvalidInput,
+    QueueFull,
     ShuttingDown,
     UnsupportedMediaType,
 )
@@ -83,6 +84,10 @@ class InferenceApp(Litestar):
 
     #: ``(scope, receive, send) -> handled``; set by :func:`create_app`.
     inference_fast_path: Callable[[Scope, Receive, Send], Awaitable[bool]] | None = None
+    #: ``(target, headers) -> answer``: an inference request's 503 ``queue_full`` from its
+    #: request target and headers alone, or ``None``; set by :func:`create_app`, called by
+    #: the HTTP protocol (:func:`infercore.server.shutdown.http_protocol`).
+    reject_before_body: Callable[[bytes, list[tuple[bytes, bytes]]], _Answer | None] | None = None
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         fast = self.inference_fast_path
@@ -539,6 +544,52 @@ def create_app(
             await answer(scope, receive, send)
         return True
 
+    def reject_before_body(target: bytes, raw: list[tuple[bytes, bytes]]) -> _Answer | None:
+        """503 ``queue_full`` for an inference request whose versions are all full, or ``None``.
+
+        Called with the request line's target and the headers, before the body is read
+        (``server.reject_before_body``). Whatever the headers alone would answer otherwise
+        (unknown model or version, not ready, content type, body size, shutting down) is left
+        to the request path, as is anything unusual (percent-escapes, repeated headers are
+        taken first-wins as there).
+        """
+        if shutdown is not None and shutdown.closing:
+            return None
+        path = target.split(b"?", 1)[0]
+        if b"%" in path:
+            return None
+        found = _inference_target(path.decode("latin-1"))
+        if found is None:
+            return None
+        model_name, version, protocol = found
+        served = runtime.models.get(model_name)
+        if served is None:
+            return None
+        for candidate in served.versions.values():
+            if candidate.full:
+                break
+        else:
+            return None  # the usual case: nothing is full
+        headers: dict[str, str] = {}
+        for k, v in raw:
+            headers.setdefault(k.decode("latin-1"), v.decode("latin-1"))
+        sv = served.full_version(version, headers)
+        if sv is None:
+            return None
+        declared = headers.get("content-length")
+        try:
+            binary = protocol == "v2" and _header_length(headers) is not None
+            _content_type_ok(headers, binary)
+            if declared is not None and declared.isdigit() and int(declared) > max_body:
+                return None
+        except InfercoreError:
+            return None
+        sv.route_requests.inc()  # routed (or asked for) and turned away, as in the request path
+        exc = QueueFull(f"queue of model {model_name!r} is full")
+        return reject(exc, model_name, version, _request_id(headers), sv.metrics)
+
+    # --- health -------------------------------------------------------------------------
+
     # --- health -------------------------------------------------------------------------
     @get("/v2/health/live", tags=["health"], summary="Liveness")
     async def live() -> Response[bytes]:
@@ -780,4 +831,6 @@ def create_app(
     )
     if fast_path:
         app.inference_fast_path = answer_fast
+    if cfg.reject_before_body and not cfg.access_log:
+        app.reject_before_body = reject_before_body
     return app

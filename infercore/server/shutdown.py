@@ -172,7 +172,10 @@ class OneSendTransport:
         return getattr(self.transport, name)
 
 
-def http_protocol(linger_s: float = IDLE_LINGER_S) -> type[asyncio.Protocol]:
+def http_protocol(
+    linger_s: float = IDLE_LINGER_S,
+    reject_before_body: Callable[[bytes, list[tuple[bytes, bytes]]], Any] | None = None,
+) -> type[asyncio.Protocol]:
     """uvicorn's httptools protocol, with one send per response and lingering idle connections.
 
     * Each response leaves in one ``send`` (:class:`OneSendTransport`): uvicorn's protocol
@@ -182,10 +185,70 @@ def http_protocol(linger_s: float = IDLE_LINGER_S) -> type[asyncio.Protocol]:
       stays open for ``linger_s`` and a request arriving on it is answered (the app says 503
       shutting_down with ``Connection: close``); an active connection finishes its response
       and then closes, as in uvicorn.
+    * With ``reject_before_body`` (the app's, :func:`infercore.server.app.create_app`): when
+      it answers a ``POST``'s request target and headers (a full queue), that answer is sent
+      once the body has arrived, which is read and dropped; no ASGI request cycle, task or
+      app call is made. That is a fraction of the event loop's CPU of a rejection made by the
+      app, and under overload the loop shares its core with the model. Only a plain
+      HTTP/1.1 request with nothing before it on its connection (no pipelined request still
+      answering, no ``Expect: 100-continue``, no upgrade) is answered so.
     """
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
     class DrainingHttpToolsProtocol(HttpToolsProtocol):
+        #: The answer to send when the current request's body has arrived (rejected early).
+        early: Any = None
+
+        #: Set by :meth:`shutdown`: an early answer then closes its connection.
+        stopping = False
+
+        def on_headers_complete(self) -> None:
+            if reject_before_body is not None and self._may_answer_early():
+                try:
+                    answer = reject_before_body(self.url, self.headers)
+                except Exception:
+                    # A bug must not cost the request: the app answers it as usual.
+                    log.exception("rejecting a request before its body failed")
+                    answer = None
+                if answer is not None:
+                    self.early = answer
+                    return
+            super().on_headers_complete()
+
+        def _may_answer_early(self) -> bool:
+            cycle = self.cycle
+            parser = self.parser
+            return (
+                (cycle is None or cycle.response_complete)
+                and not self.expect_100_continue
+                and parser.get_method() == b"POST"
+                and parser.get_http_version() == "1.1"
+                and not parser.should_upgrade()
+            )
+
+        def on_body(self, body: bytes) -> None:
+            if self.early is None:
+                super().on_body(body)
+
+        def on_message_complete(self) -> None:
+            answer = self.early
+            if answer is None:
+                super().on_message_complete()
+                return
+            self.early = None
+            head = [STATUS_LINE[answer.status]]
+            for name, value in self.server_state.default_headers:
+                head += (name, b": ", value, b"\r\n")
+            for name, value in answer.headers:
+                head += (name, b": ", value, b"\r\n")
+            if self.stopping:
+                head += (b"connection: close\r\n",)
+            head += (b"\r\n", answer.body)
+            self.one_send.write(b"".join(head))
+            if self.stopping:
+                self.transport.close()
+            self.on_response_complete()
+
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             # Flow control (pause/resume writing) keeps the real transport; requests write
@@ -198,6 +261,7 @@ def http_protocol(linger_s: float = IDLE_LINGER_S) -> type[asyncio.Protocol]:
             super().on_response_complete()
 
         def shutdown(self) -> None:
+            self.stopping = True
             cycle = self.cycle
             if cycle is None or cycle.response_complete:
                 if self.transport.is_closing():

@@ -197,3 +197,192 @@ def test_100_continue_is_sent_before_the_body_arrives() -> None:
     received, writes = asyncio.run(_exchange(request, then=b"{}"))
     assert received.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n")
     assert writes[0] == b"HTTP/1.1 100 Continue\r\n\r\n" and len(writes) == 2
+
+
+# --- answers before the body (``reject_before_body``) ---------------------------------------
+
+EARLY_BODY = b'{"error":"full","reason":"queue_full"}'
+
+
+class Early:
+    """An answer as the app's ``reject_before_body`` returns it."""
+
+    status = 503
+    body = EARLY_BODY
+    headers = [
+        (b"retry-after", b"1"),
+        (b"content-type", b"application/json"),
+        (b"content-length", b"%d" % len(EARLY_BODY)),
+    ]
+
+
+async def _slow_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] == "http" and scope["path"] == "/slow":
+        await asyncio.sleep(0.2)
+    await _app(scope, receive, send)
+
+
+class EarlyServer:
+    """The protocol on a loopback socket, with a ``reject_before_body`` that answers ``/full``."""
+
+    def __init__(self, *, broken: bool = False) -> None:
+        self.asked: list[bytes] = []
+        self.broken = broken
+        self.protocols: list[Any] = []
+        self.writes: list[bytes] = []
+
+    def reject(self, target: bytes, headers: list[tuple[bytes, bytes]]) -> Early | None:
+        self.asked.append(target)
+        if self.broken:
+            raise RuntimeError("a bug")
+        return Early() if target.startswith(b"/full") else None
+
+    async def __aenter__(self) -> EarlyServer:
+        from uvicorn.config import Config
+        from uvicorn.server import ServerState
+
+        config = Config(_slow_app, lifespan="off", log_config=None, timeout_keep_alive=60)
+        config.load()
+        state = ServerState()
+        base = http_protocol(0.1, self.reject)
+        outer = self
+
+        class Recording(base):  # type: ignore[misc, valid-type]
+            def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+                outer.protocols.append(self)
+                rec = Recorder(transport)
+                rec.writes = outer.writes  # every connection's writes, in order
+                super().connection_made(rec)  # type: ignore[arg-type]
+
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(
+            lambda: Recording(config=config, server_state=state, app_state={}, _loop=loop),
+            "127.0.0.1",
+            0,
+        )
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection("127.0.0.1", self.port)
+
+
+async def _response(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One response's head and body (bodies here always carry Content-Length)."""
+    async with asyncio.timeout(10):
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":", 1)[1])
+            for line in head.lower().split(b"\r\n")
+            if line.startswith(b"content-length:")
+        )
+        return head, await reader.readexactly(length)
+
+
+def _post(path: bytes, body: bytes = b"{}", *extra: bytes) -> bytes:
+    head = [b"POST " + path + b" HTTP/1.1", b"host: t", b"content-length: %d" % len(body)]
+    return b"\r\n".join([*head, *extra, b"", b""]) + body
+
+
+def test_an_early_answer_goes_once_the_body_is_in_and_the_connection_serves_on() -> None:
+    async def scenario() -> None:
+        async with EarlyServer() as srv:
+            reader, writer = await srv.connect()
+            request = _post(b"/full?x=1", b'{"not": json')
+            writer.write(request[:-5])  # the head and part of the body
+            await writer.drain()
+            await asyncio.sleep(0.1)
+            assert srv.asked == [b"/full?x=1"] and srv.writes == []  # decided, not yet sent
+            writer.write(request[-5:])
+            head, body = await _response(reader)
+            assert head.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+            assert b"retry-after: 1\r\n" in head and body == EARLY_BODY
+            assert len(srv.writes) == 1  # one send, as every response
+            # Keep-alive: the next request on the connection reaches the app.
+            writer.write(_post(b"/x", b"[1]"))
+            head, body = await _response(reader)
+            assert head.startswith(b"HTTP/1.1 200 OK") and body == b'{"got":3}'
+            writer.close()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("request_", "why"),
+    [
+        (_post(b"/full", b"{}", b"expect: 100-continue"), "the client waits for 100 Continue"),
+        (b"POST /full HTTP/1.0\r\ncontent-length: 2\r\n\r\n{}", "HTTP/1.0"),
+        (b"PUT /full HTTP/1.1\r\nhost: t\r\ncontent-length: 2\r\n\r\n{}", "not a POST"),
+    ],
+)
+def test_what_may_not_be_answered_early_reaches_the_app(request_: bytes, why: str) -> None:
+    async def scenario() -> None:
+        async with EarlyServer() as srv:
+            reader, writer = await srv.connect()
+            writer.write(request_)
+            if b"100-continue" in request_:
+                async with asyncio.timeout(10):
+                    assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+            head, body = await _response(reader)
+            assert head.startswith(b"HTTP/1.") and b" 200 OK" in head, why
+            assert body == b'{"got":2}'
+            assert srv.asked == [], why
+            writer.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_pipelined_request_is_not_answered_before_the_one_ahead_of_it() -> None:
+    async def scenario() -> None:
+        async with EarlyServer() as srv:
+            reader, writer = await srv.connect()
+            writer.write(_post(b"/slow", b"[1]") + _post(b"/full", b"[22]"))
+            first = await _response(reader)
+            second = await _response(reader)
+            assert first[1] == b'{"got":3}' and second[1] == b'{"got":4}'  # the app, in order
+            assert srv.asked == [b"/slow"]  # /full came while /slow was still answering
+            writer.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_failing_reject_before_body_leaves_the_request_to_the_app(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def scenario() -> None:
+        async with EarlyServer(broken=True) as srv:
+            reader, writer = await srv.connect()
+            writer.write(_post(b"/full"))
+            head, body = await _response(reader)
+            assert head.startswith(b"HTTP/1.1 200 OK") and body == b'{"got":2}'
+            writer.close()
+
+    with caplog.at_level("ERROR", logger="infercore.server"):
+        asyncio.run(scenario())
+    assert [r.getMessage() for r in caplog.records] == [
+        "rejecting a request before its body failed"
+    ]
+
+
+def test_an_early_answer_after_shutdown_began_closes_its_connection() -> None:
+    async def scenario() -> None:
+        async with EarlyServer() as srv:
+            reader, writer = await srv.connect()
+            request = _post(b"/full")
+            writer.write(request[:-2])  # decided on the head; the body is late
+            await writer.drain()
+            await asyncio.sleep(0.1)
+            srv.protocols[0].shutdown()
+            writer.write(request[-2:])
+            head, body = await _response(reader)
+            assert head.startswith(b"HTTP/1.1 503") and b"connection: close\r\n" in head
+            assert body == EARLY_BODY
+            async with asyncio.timeout(10):
+                assert await reader.read() == b""  # closed by the server
+            writer.close()
+
+    asyncio.run(scenario())

@@ -244,3 +244,55 @@ def test_a_canary_at_100_percent_takes_every_request() -> None:
     assert weighted(key_field="card_id").route(card("c_000001"), t) == "2"
     ab = ABRouter(ABRouterConfig(arms={"a": "1", "b": "2"}, key_field="card_id"), CTX)
     assert ab.route(card("c_000001"), t) == "2"
+
+
+def _composed(kind: str) -> Any:
+    """Each built-in router, and the fraud recipe's stack (header -> shadow -> weighted)."""
+    if kind == "single":
+        return SingleRouter(EmptyConfig(), CTX)
+    if kind == "weighted":
+        return weighted(key_field="user", key_header="x-user")
+    if kind == "ab":
+        return ABRouter(ABRouterConfig(arms={"c": "1", "t": "2"}, key_field="user"), CTX)
+    header = HeaderRouter(HeaderRouterConfig(), CTX)
+    shadow = ShadowRouter(ShadowRouterConfig(fraction=1.0), CTX)
+    shadow.inner = weighted(key_field="user")
+    header.inner = shadow
+    return header
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    kind=st.sampled_from(["single", "weighted", "ab", "stack"]),
+    weights=st.lists(st.integers(min_value=0, max_value=50), min_size=0, max_size=3),
+    user=st.one_of(st.none(), st.text(max_size=8)),
+    header_user=st.one_of(st.none(), st.text(alphabet="abc", min_size=1, max_size=4)),
+    variant=st.one_of(st.none(), st.sampled_from(["1", "2", "3", "9"])),
+)
+def test_a_router_only_ever_routes_to_one_of_its_candidates(
+    kind: str,
+    weights: list[int],
+    user: str | None,
+    header_user: str | None,
+    variant: str | None,
+) -> None:
+    # What reject_before_body relies on: the headers alone bound where a request can go.
+    r = _composed(kind)
+    t = table(canaries={str(i + 2): w for i, w in enumerate(weights) if w}, shadows=("9",))
+    headers = {}
+    if header_user is not None:
+        headers["x-user"] = header_user
+    if variant is not None:
+        headers["x-infercore-variant"] = variant
+    fields = {} if user is None else {"user": np.array([user], dtype=object)}
+    candidates = r.candidates(headers, t)
+    assert candidates is not None and len(candidates) >= 1
+    for _ in range(5):  # random shares too
+        assert r.route(RouteRequest(headers, "rid", fields), t) in candidates
+
+
+def test_without_canaries_a_weighted_router_has_one_candidate() -> None:
+    assert weighted().candidates({}, table()) == ("1",)
+    assert weighted().candidates({}, table(canaries={"2": 10.0})) == ("1", "2")
+    # A canary at 100 %: the primary takes nothing.
+    assert weighted().candidates({}, table(canaries={"2": 100.0})) == ("2",)
