@@ -2,6 +2,7 @@
 
     uv run python benchmarks/overload.py                       # 5x capacity for 10 s
     uv run python benchmarks/overload.py --factor 3 --duration 20 -- batching.max_queue_size=128
+    uv run python benchmarks/overload.py --storm                # the cost of one rejection
 
 1. Builds a model heavy enough for a Python open-loop generator to outrun one server core
    several times over: an MLP in ONNX (``--layers`` tanh layers of ``--width``, one shared
@@ -12,6 +13,11 @@
 3. Drives it open loop (:mod:`openloop`, in this process, pinned to CPU 1) at ``--factor``
    times that capacity for ``--duration`` s, Poisson arrivals, sampling the server's RSS every
    100 ms; then checks that it is still ready and answers.
+
+``--storm`` measures instead what one rejection costs the event loop: the same model behind a
+queue of one, wrk at 64 connections for 5 s (nearly every answer a 503 ``queue_full``), the
+server's event-loop thread CPU time divided by the answers; ``server.reject_before_body`` off
+and on, interleaved, ``--rounds`` times.
 
 The checks are RELIABILITY.md's overload scenario: only 200 and 503 ``queue_full``; every 503
 carries ``Retry-After``; rejections answered fast (p99 < 5 ms); goodput at least 90 % of
@@ -29,6 +35,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -218,6 +225,85 @@ def checks(
     ]
 
 
+def thread_cpu_s(pid: int, tid: int) -> float:
+    """User + system CPU seconds of one thread of a process."""
+    fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def storm(args: argparse.Namespace, out: Path, recipes: Path, stamp: str) -> int:
+    """Event-loop CPU per rejection, ``reject_before_body`` off and on (see the docstring)."""
+    path = f"/v2/models/{MODEL}/infer"
+    script = bench.wrk_script(path, bodies(500), recipes / "bodies.lua")
+    rows: list[dict[str, Any]] = []
+    for rnd in range(args.rounds):
+        for early in (False, True):
+            port = bench.free_port()
+            server = bench.Server(
+                "infercore",
+                [
+                    *bench.pin(0),
+                    str(bench.REPO / ".venv" / "bin" / "infercore"),
+                    "serve",
+                    "+recipe=overload",
+                    f"server.port={port}",
+                    "batching.max_queue_size=1",
+                    f"server.reject_before_body={str(early).lower()}",
+                    *args.overrides,
+                ],
+                port,
+                "/v2/health/ready",
+                120,
+                out / "server.log",
+                env={**os.environ, "INFERCORE_RECIPES_DIR": str(recipes)},
+            )
+            server.start()
+            try:
+                pid = server.proc.pid  # type: ignore[union-attr]
+                bench.run_wrk(port, path, script, 64, 1, 1)  # warm-up
+                cpu0 = thread_cpu_s(pid, pid)  # the main thread runs the event loop
+                closed = bench.run_wrk(port, path, script, 64, args.capacity_s, 1)
+                cpu = thread_cpu_s(pid, pid) - cpu0
+            finally:
+                server.stop()
+            answers = closed["rps"] * args.capacity_s
+            row = {
+                "round": rnd + 1,
+                "reject_before_body": early,
+                "answers_per_s": closed["rps"],
+                "loop_cpu_s": cpu,
+                "loop_us_per_answer": 1e6 * cpu / answers if answers else math.nan,
+                "p99_ms": closed["p99_ms"],
+                "errors": closed["errors"],
+            }
+            rows.append(row)
+            print(
+                f"round {rnd + 1} reject_before_body={str(early).lower():5s} "
+                f"{row['answers_per_s']:9,.0f} answers/s  event loop "
+                f"{row['loop_us_per_answer']:5.1f} µs each  p99 {row['p99_ms']:.1f} ms",
+                flush=True,
+            )
+    report = {"machine": bench.machine(), "overrides": args.overrides, "storm": rows}
+    (out / "storm.json").write_text(json.dumps(bench._no_nan(report), indent=1))
+    lines = [
+        f"# Rejection storm ({stamp})",
+        "",
+        f"queue of 1, wrk at 64 connections for {args.capacity_s:g} s per run, server on CPU 0",
+        "",
+        "| round | reject_before_body | answers/s | event-loop CPU per answer | p99 |",
+        "|---|---|---:|---:|---:|",
+        *(
+            f"| {r['round']} | {str(r['reject_before_body']).lower()} | "
+            f"{r['answers_per_s']:,.0f} | {r['loop_us_per_answer']:.1f} µs | "
+            f"{r['p99_ms']:.1f} ms |"
+            for r in rows
+        ),
+    ]
+    (out / "storm.md").write_text("\n".join(lines) + "\n")
+    print(f"\nresults: {out.relative_to(bench.REPO) if out.is_relative_to(bench.REPO) else out}")
+    return 0
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -227,6 +313,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--capacity-s", type=float, default=5.0, help="seconds of closed loop (5)")
     p.add_argument("--layers", type=int, default=96, help="hidden layers of the MLP (96)")
     p.add_argument("--width", type=int, default=1024, help="their width (1024)")
+    p.add_argument("--storm", action="store_true", help="measure one rejection's cost instead")
+    p.add_argument("--rounds", type=int, default=2, help="storm rounds (2)")
     p.add_argument("--out", type=Path, help="results folder (default: a new one under results/)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for the server, after --")
     return p.parse_args(argv)
@@ -235,11 +323,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = args.out or bench.BENCH / "results" / f"overload-{stamp}"
+    kind = "storm" if args.storm else "overload"
+    out = args.out or bench.BENCH / "results" / f"{kind}-{stamp}"
     out.mkdir(parents=True, exist_ok=True)
     # The model (a few MiB, rebuilt in a second) stays out of the results folder.
     recipes = Path(tempfile.mkdtemp(prefix="infercore-overload-"))
     write_recipe(recipes, width=args.width, layers=args.layers)
+    if args.storm:
+        try:
+            return storm(args, out, recipes, stamp)
+        finally:
+            shutil.rmtree(recipes, ignore_errors=True)
     port = bench.free_port()
     server = bench.Server(
         "infercore",
