@@ -107,7 +107,7 @@ async def _lifespan(
 
 
 async def main(args: argparse.Namespace) -> None:
-    from infercore.cli import freeze_heap, set_switch_interval
+    from infercore.cli import freeze_heap, set_gc_threshold, set_switch_interval
     from infercore.config.compose import compose
     from infercore.runtime import Runtime
     from infercore.server import create_app
@@ -123,6 +123,7 @@ async def main(args: argparse.Namespace) -> None:
     cfg = compose(overrides)
     runtime = Runtime(cfg)
     set_switch_interval(runtime.config.server.gil_switch_interval_ms)  # as `infercore serve`
+    set_gc_threshold(runtime.config.server.gc_gen0_threshold)
     app = create_app(runtime, fast_path=not args.no_fast_path)
     if args.floor:  # the bare Litestar endpoint of bench.py, on the same requests
         import floor_app

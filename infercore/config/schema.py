@@ -64,6 +64,12 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: model, feature-store and drift threads: each time one of them finishes a call that
     #: released the GIL, the loop can wait this long to get it back (benchmarks/README.md).
     gil_switch_interval_ms: Annotated[float, msgspec.Meta(ge=0.05, le=100)] = 0.5
+    #: Net allocations of container objects between two young collections of Python's
+    #: garbage collector (``gc.set_threshold``; Python's default is 700). A collection walks
+    #: every object still alive since the last one: under load, those of the requests in
+    #: flight, however much garbage there is. Fewer collections cost the event loop less and
+    #: stall it less often (benchmarks/README.md: Overload).
+    gc_gen0_threshold: Annotated[int, msgspec.Meta(ge=100, le=1_000_000)] = 10_000
     #: Requests for one version that arrive together share one feature fetch, one input
     #: check, one batcher submission and one outputs pass, when the feature source allows it
     #: (``FeatureSource.groupable``; the Feast and ``request`` sources do). Each request still

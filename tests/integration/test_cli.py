@@ -476,3 +476,29 @@ def test_a_switch_interval_out_of_range_is_a_config_error() -> None:
 
     with pytest.raises(ConfigError, match="gil_switch_interval_ms"):
         compose(["+recipe=iris", "server.gil_switch_interval_ms=0"])
+
+
+def test_set_gc_threshold_follows_the_config_and_keeps_the_older_generations() -> None:
+    import gc
+
+    from infercore.cli import set_gc_threshold
+    from infercore.config.compose import compose
+    from infercore.errors import ConfigError
+
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 11, 12)
+        cfg = compose(["+recipe=iris"]).config.server
+        assert cfg.gc_gen0_threshold == 10_000
+        set_gc_threshold(cfg.gc_gen0_threshold)
+        assert gc.get_threshold() == (10_000, 11, 12)
+        set_gc_threshold(
+            compose(
+                ["+recipe=iris", "server.gc_gen0_threshold=700"]
+            ).config.server.gc_gen0_threshold
+        )
+        assert gc.get_threshold() == (700, 11, 12)
+    finally:
+        gc.set_threshold(*before)
+    with pytest.raises(ConfigError, match=r"server\.gc_gen0_threshold"):
+        compose(["+recipe=iris", "server.gc_gen0_threshold=10"])
