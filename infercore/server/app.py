@@ -549,12 +549,12 @@ def create_app(
 
         Called with the request line's target and the headers, before the body is read
         (``server.reject_before_body``). Whatever the headers alone would answer otherwise
-        (unknown model or version, not ready, content type, body size, shutting down) is left
-        to the request path, as is anything unusual (percent-escapes, repeated headers are
-        taken first-wins as there).
+        (unknown model or version, not ready, content type, body size) is left to the request
+        path, as is anything unusual (percent-escapes; repeated headers are taken first-wins
+        as there), and every request once a shutdown began (its answers close connections).
         """
-        if shutdown is not None and shutdown.closing:
-            return None
+        if shutdown is not None and shutdown.draining:
+            return None  # answered by the request path, with Connection: close
         path = target.split(b"?", 1)[0]
         if b"%" in path:
             return None

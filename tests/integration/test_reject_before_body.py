@@ -20,7 +20,7 @@ import pytest
 from infercore.components import Router, RouteRequest, RoutingTable
 from infercore.hookspecs import hookimpl
 from infercore.server import create_app
-from infercore.server.shutdown import http_protocol
+from infercore.server.shutdown import DRAINING, ShutdownState, http_protocol
 from infercore.testing import fake_model_config, metric_value, runtime_from_dict
 
 ROW = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
@@ -292,3 +292,40 @@ def test_without_request_groups_the_batcher_says_when_it_is_full() -> None:
             assert [(await t).status_code for t in (first, second)] == [200, 200]
 
     asyncio.run(scenario())
+
+
+def test_once_a_shutdown_began_the_request_path_answers_with_connection_close() -> None:
+    # While draining, every answer must carry Connection: close (ShutdownMiddleware), which
+    # an answer made before the body would not.
+    runtime = runtime_from_dict(full_config())
+    state = ShutdownState()
+    app = create_app(runtime, manage_runtime=False, shutdown=state)
+    head = [(b"content-type", b"application/json")]
+
+    async def scenario() -> None:
+        await runtime.start()
+        try:
+            sv = runtime.models["m"].versions["1"]
+            assert sv.groups is not None
+            sv.groups.waiting = sv.groups.max_waiting
+            answer = app.reject_before_body(b"/v2/models/m/infer", head)  # type: ignore[attr-defined]
+            assert answer is not None and answer.status == 503
+            state.phase = DRAINING
+            assert app.reject_before_body(b"/v2/models/m/infer", head) is None  # type: ignore[attr-defined]
+            sv.groups.waiting = 0
+        finally:
+            await runtime.stop()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("server", "on"),
+    [({}, True), ({"reject_before_body": False}, False), ({"access_log": True}, False)],
+)
+def test_the_app_offers_it_unless_turned_off_or_the_access_log_is_on(
+    server: dict[str, Any], on: bool
+) -> None:
+    # The access log is written in the ASGI cycle, which an early answer skips.
+    app = create_app(runtime_from_dict(full_config(**server)), manage_runtime=False)
+    assert (app.reject_before_body is not None) is on  # type: ignore[attr-defined]
