@@ -68,6 +68,31 @@ class _Answer:
         await send({"type": "http.response.body", "body": self.body, "more_body": False})
 
 
+class _EarlyAnswer:
+    """An answer made from a request's line and headers, to send once its body has arrived.
+
+    The HTTP protocol calls :meth:`sent` once it wrote it, or :meth:`abandoned` when the
+    connection closed first: it is counted as what happened to it.
+    """
+
+    __slots__ = ("_abandoned", "_sent", "body", "headers", "status")
+
+    def __init__(
+        self, answer: _Answer, sent: Callable[[], None], abandoned: Callable[[], None]
+    ) -> None:
+        self.body = answer.body
+        self.headers = answer.headers
+        self.status = answer.status
+        self._sent = sent
+        self._abandoned = abandoned
+
+    def sent(self) -> None:
+        self._sent()
+
+    def abandoned(self) -> None:
+        self._abandoned()
+
+
 class _ClientGone(Exception):
     """The client disconnected before its request body arrived."""
 
@@ -87,7 +112,9 @@ class InferenceApp(Litestar):
     #: ``(target, headers) -> answer``: an inference request's 503 ``queue_full`` from its
     #: request target and headers alone, or ``None``; set by :func:`create_app`, called by
     #: the HTTP protocol (:func:`infercore.server.shutdown.http_protocol`).
-    reject_before_body: Callable[[bytes, list[tuple[bytes, bytes]]], _Answer | None] | None = None
+    reject_before_body: Callable[[bytes, list[tuple[bytes, bytes]]], _EarlyAnswer | None] | None = (
+        None
+    )
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         fast = self.inference_fast_path
@@ -340,6 +367,16 @@ def create_app(
         vm: VersionMetrics | None = None,
     ) -> _Answer:
         """The error response of an inference request, counted once by code and reason."""
+        count_rejection(exc, model_name, version, rid, vm)
+        return error_answer(exc, rid)
+
+    def count_rejection(
+        exc: InfercoreError,
+        model_name: str,
+        version: str | None,
+        rid: str,
+        vm: VersionMetrics | None,
+    ) -> None:
         counters: ResponseCounters | None = vm
         if counters is None:
             # Label values come from the config, never from the URL: unknown names would
@@ -361,6 +398,8 @@ def create_app(
                 exc,
                 extra={"request_id": rid, "model": model_name, "reason": exc.reason},
             )
+
+    def error_answer(exc: InfercoreError, rid: str) -> _Answer:
         body = error_body(exc)
         headers = [(b"x-request-id", rid.encode("latin-1"))]
         headers.extend(
@@ -544,7 +583,7 @@ def create_app(
             await answer(scope, receive, send)
         return True
 
-    def reject_before_body(target: bytes, raw: list[tuple[bytes, bytes]]) -> _Answer | None:
+    def reject_before_body(target: bytes, raw: list[tuple[bytes, bytes]]) -> _EarlyAnswer | None:
         """503 ``queue_full`` for an inference request whose versions are all full, or ``None``.
 
         Called with the request line's target and the headers, before the body is read
@@ -584,11 +623,18 @@ def create_app(
                 return None
         except InfercoreError:
             return None
-        sv.route_requests.inc()  # routed (or asked for) and turned away, as in the request path
         exc = QueueFull(f"queue of model {model_name!r} is full")
-        return reject(exc, model_name, version, _request_id(headers), sv.metrics)
+        rid = _request_id(headers)
 
-    # --- health -------------------------------------------------------------------------
+        def sent() -> None:
+            sv.route_requests.inc()  # routed (or asked for) and turned away, as on the path
+            count_rejection(exc, model_name, version, rid, sv.metrics)
+
+        def abandoned() -> None:
+            # The client went before its body came: counted as the request path counts it.
+            failure_metrics("", "").count_failure("cancelled")
+
+        return _EarlyAnswer(error_answer(exc, rid), sent, abandoned)
 
     # --- health -------------------------------------------------------------------------
     @get("/v2/health/live", tags=["health"], summary="Liveness")

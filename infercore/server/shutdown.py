@@ -187,7 +187,8 @@ def http_protocol(
       and then closes, as in uvicorn.
     * With ``reject_before_body`` (the app's, :func:`infercore.server.app.create_app`): when
       it answers a ``POST``'s request target and headers (a full queue), that answer is sent
-      once the body has arrived, which is read and dropped; no ASGI request cycle, task or
+      once the body has arrived, which is read and dropped, and the answer's ``sent()`` is
+      called (``abandoned()`` if the connection closes first); no ASGI request cycle, task or
       app call is made. That is a fraction of the event loop's CPU of a rejection made by the
       app, and under overload the loop shares its core with the model. Only a plain
       HTTP/1.1 request with nothing before it on its connection (no pipelined request still
@@ -245,9 +246,23 @@ def http_protocol(
                 head += (b"connection: close\r\n",)
             head += (b"\r\n", answer.body)
             self.one_send.write(b"".join(head))
+            try:
+                answer.sent()
+            except Exception:
+                log.exception("counting a request rejected before its body failed")
             if self.stopping:
                 self.transport.close()
             self.on_response_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            answer = self.early
+            if answer is not None:  # the client went before its body came
+                self.early = None
+                try:
+                    answer.abandoned()
+                except Exception:
+                    log.exception("counting a request rejected before its body failed")
+            super().connection_lost(exc)
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)

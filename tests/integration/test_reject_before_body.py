@@ -329,3 +329,33 @@ def test_the_app_offers_it_unless_turned_off_or_the_access_log_is_on(
     # The access log is written in the ASGI cycle, which an early answer skips.
     app = create_app(runtime_from_dict(full_config(**server)), manage_runtime=False)
     assert (app.reject_before_body is not None) is on  # type: ignore[attr-defined]
+
+
+def test_a_client_gone_before_its_body_is_counted_cancelled_not_rejected() -> None:
+    runtime = runtime_from_dict(full_config())
+
+    async def scenario() -> None:
+        async with listening(runtime) as client:
+            held = await hold_the_queue(runtime, client)
+            port = client.base_url.port
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(
+                b"POST /v2/models/m/infer HTTP/1.1\r\nhost: t\r\n"
+                b"content-type: application/json\r\ncontent-length: 100\r\n\r\n{"
+            )
+            await writer.drain()
+            await asyncio.sleep(0.1)
+            writer.close()
+            await writer.wait_closed()
+            await held
+            async with asyncio.timeout(5):
+                while True:
+                    text = (await client.get("/metrics")).text
+                    if metric_value(text, "infercore_request_failures_total", reason="cancelled"):
+                        break
+                    await asyncio.sleep(0.02)
+        assert metric_value(text, "infercore_request_failures_total", reason="cancelled") == 1
+        assert metric_value(text, "infercore_request_failures_total", reason="queue_full") == 0
+        assert metric_value(text, "infercore_requests_total", code="503") == 0
+
+    asyncio.run(scenario())

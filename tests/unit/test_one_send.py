@@ -205,7 +205,7 @@ EARLY_BODY = b'{"error":"full","reason":"queue_full"}'
 
 
 class Early:
-    """An answer as the app's ``reject_before_body`` returns it."""
+    """An answer as the app's ``reject_before_body`` returns it; records what became of it."""
 
     status = 503
     body = EARLY_BODY
@@ -214,6 +214,15 @@ class Early:
         (b"content-type", b"application/json"),
         (b"content-length", b"%d" % len(EARLY_BODY)),
     ]
+
+    def __init__(self, fate: list[str]) -> None:
+        self.fate = fate
+
+    def sent(self) -> None:
+        self.fate.append("sent")
+
+    def abandoned(self) -> None:
+        self.fate.append("abandoned")
 
 
 async def _slow_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -227,6 +236,7 @@ class EarlyServer:
 
     def __init__(self, *, broken: bool = False) -> None:
         self.asked: list[bytes] = []
+        self.fates: list[str] = []
         self.broken = broken
         self.protocols: list[Any] = []
         self.writes: list[bytes] = []
@@ -235,7 +245,7 @@ class EarlyServer:
         self.asked.append(target)
         if self.broken:
             raise RuntimeError("a bug")
-        return Early() if target.startswith(b"/full") else None
+        return Early(self.fates) if target.startswith(b"/full") else None
 
     async def __aenter__(self) -> EarlyServer:
         from uvicorn.config import Config
@@ -297,11 +307,13 @@ def test_an_early_answer_goes_once_the_body_is_in_and_the_connection_serves_on()
             await writer.drain()
             await asyncio.sleep(0.1)
             assert srv.asked == [b"/full?x=1"] and srv.writes == []  # decided, not yet sent
+            assert srv.fates == []
             writer.write(request[-5:])
             head, body = await _response(reader)
             assert head.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
             assert b"retry-after: 1\r\n" in head and body == EARLY_BODY
             assert len(srv.writes) == 1  # one send, as every response
+            assert srv.fates == ["sent"]
             # Keep-alive: the next request on the connection reaches the app.
             writer.write(_post(b"/x", b"[1]"))
             head, body = await _response(reader)
@@ -384,5 +396,22 @@ def test_an_early_answer_after_shutdown_began_closes_its_connection() -> None:
             async with asyncio.timeout(10):
                 assert await reader.read() == b""  # closed by the server
             writer.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_client_that_leaves_before_its_body_is_not_answered_and_is_counted_so() -> None:
+    async def scenario() -> None:
+        async with EarlyServer() as srv:
+            _, writer = await srv.connect()
+            writer.write(_post(b"/full", b"[1, 2, 3]")[:-4])
+            await writer.drain()
+            await asyncio.sleep(0.1)
+            writer.close()
+            await writer.wait_closed()
+            async with asyncio.timeout(10):
+                while not srv.fates:
+                    await asyncio.sleep(0.01)
+            assert srv.fates == ["abandoned"] and srv.writes == []
 
     asyncio.run(scenario())
