@@ -231,6 +231,22 @@ def thread_cpu_s(pid: int, tid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def overload_server(recipes: Path, log: Path, overrides: list[str]) -> tuple[int, bench.Server]:
+    """``infercore serve +recipe=overload`` on CPU 0 and a free port (not started)."""
+    port = bench.free_port()
+    argv = [str(bench.REPO / ".venv" / "bin" / "infercore"), "serve", "+recipe=overload"]
+    server = bench.Server(
+        "infercore",
+        [*bench.pin(0), *argv, f"server.port={port}", *overrides],
+        port,
+        "/v2/health/ready",
+        120,
+        log,
+        env={**os.environ, "INFERCORE_RECIPES_DIR": str(recipes)},
+    )
+    return port, server
+
+
 def storm(args: argparse.Namespace, out: Path, recipes: Path, stamp: str) -> int:
     """Event-loop CPU per rejection, ``reject_before_body`` off and on (see the docstring)."""
     path = f"/v2/models/{MODEL}/infer"
@@ -238,25 +254,12 @@ def storm(args: argparse.Namespace, out: Path, recipes: Path, stamp: str) -> int
     rows: list[dict[str, Any]] = []
     for rnd in range(args.rounds):
         for early in (False, True):
-            port = bench.free_port()
-            server = bench.Server(
-                "infercore",
-                [
-                    *bench.pin(0),
-                    str(bench.REPO / ".venv" / "bin" / "infercore"),
-                    "serve",
-                    "+recipe=overload",
-                    f"server.port={port}",
-                    "batching.max_queue_size=1",
-                    f"server.reject_before_body={str(early).lower()}",
-                    *args.overrides,
-                ],
-                port,
-                "/v2/health/ready",
-                120,
-                out / "server.log",
-                env={**os.environ, "INFERCORE_RECIPES_DIR": str(recipes)},
-            )
+            overrides = [
+                "batching.max_queue_size=1",
+                f"server.reject_before_body={str(early).lower()}",
+                *args.overrides,
+            ]
+            port, server = overload_server(recipes, out / "server.log", overrides)
             server.start()
             try:
                 pid = server.proc.pid  # type: ignore[union-attr]
@@ -334,24 +337,8 @@ def main(argv: list[str] | None = None) -> int:
             return storm(args, out, recipes, stamp)
         finally:
             shutil.rmtree(recipes, ignore_errors=True)
-    port = bench.free_port()
-    server = bench.Server(
-        "infercore",
-        [
-            *bench.pin(0),
-            str(bench.REPO / ".venv" / "bin" / "infercore"),
-            "serve",
-            "+recipe=overload",
-            f"server.port={port}",
-            *args.overrides,
-        ],
-        port,
-        "/v2/health/ready",
-        120,
-        out / "server.log",
-        env={**os.environ, "INFERCORE_RECIPES_DIR": str(recipes)},
-        cleanup=[recipes],
-    )
+    port, server = overload_server(recipes, out / "server.log", args.overrides)
+    server.cleanup = [recipes]
     path = f"/v2/models/{MODEL}/infer"
     sample = bodies(2000)
     server.start()

@@ -75,22 +75,36 @@ class _EarlyAnswer:
     connection closed first: it is counted as what happened to it.
     """
 
-    __slots__ = ("_abandoned", "_sent", "body", "headers", "status")
+    __slots__ = ("body", "count", "error", "gone", "headers", "model", "rid", "status", "sv")
 
     def __init__(
-        self, answer: _Answer, sent: Callable[[], None], abandoned: Callable[[], None]
+        self,
+        answer: _Answer,
+        error: InfercoreError,
+        model: str,
+        sv: ServedVersion,
+        rid: str,
+        count: Callable[[InfercoreError, str, str | None, str, VersionMetrics | None], None],
+        gone: ResponseCounters,
     ) -> None:
         self.body = answer.body
         self.headers = answer.headers
         self.status = answer.status
-        self._sent = sent
-        self._abandoned = abandoned
+        self.error = error
+        self.model = model
+        self.sv = sv
+        self.rid = rid
+        self.count = count
+        self.gone = gone
 
     def sent(self) -> None:
-        self._sent()
+        sv = self.sv
+        sv.route_requests.inc()  # routed (or asked for) and turned away, as on the path
+        self.count(self.error, self.model, sv.version, self.rid, sv.metrics)
 
     def abandoned(self) -> None:
-        self._abandoned()
+        # The client went before its body came: counted as the request path counts it.
+        self.gone.count_failure("cancelled")
 
 
 class _ClientGone(Exception):
@@ -583,6 +597,8 @@ def create_app(
             await answer(scope, receive, send)
         return True
 
+    unknown = failure_metrics("", "")
+
     def reject_before_body(target: bytes, raw: list[tuple[bytes, bytes]]) -> _EarlyAnswer | None:
         """503 ``queue_full`` for an inference request whose versions are all full, or ``None``.
 
@@ -625,16 +641,8 @@ def create_app(
             return None
         exc = QueueFull(f"queue of model {model_name!r} is full")
         rid = _request_id(headers)
-
-        def sent() -> None:
-            sv.route_requests.inc()  # routed (or asked for) and turned away, as on the path
-            count_rejection(exc, model_name, version, rid, sv.metrics)
-
-        def abandoned() -> None:
-            # The client went before its body came: counted as the request path counts it.
-            failure_metrics("", "").count_failure("cancelled")
-
-        return _EarlyAnswer(error_answer(exc, rid), sent, abandoned)
+        answer = error_answer(exc, rid)
+        return _EarlyAnswer(answer, exc, model_name, sv, rid, count_rejection, unknown)
 
     # --- health -------------------------------------------------------------------------
     @get("/v2/health/live", tags=["health"], summary="Liveness")
