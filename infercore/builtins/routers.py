@@ -255,6 +255,9 @@ class ShadowRouterConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True
         max_loop_busy: Copies wait while the event loop was busy more than this share of the
             last 50 ms (the shadow yields to the requests; under saturation its queue fills
             and drops, counted ``dropped``). 1.0 runs copies whatever the load.
+        batch_delay_ms: How long a copy may wait for others to run with it, as one model
+            call and one comparison (a full batch goes at once). Nobody waits for a copy, and
+            under steady traffic copies then share calls instead of each costing one.
         inner: The router that picks the version answering the caller.
     """
 
@@ -266,6 +269,7 @@ class ShadowRouterConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True
     rtol: Annotated[float, msgspec.Meta(ge=0)] = 1e-4
     compare: list[str] = msgspec.field(default_factory=list)
     max_loop_busy: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.8
+    batch_delay_ms: Annotated[float, msgspec.Meta(ge=0, le=1000)] = 10.0
     inner: Node = msgspec.field(default_factory=lambda: {"kind": "single"})
 
 
@@ -295,6 +299,7 @@ class ShadowRouter(WrappingRouter):
             rtol=config.rtol,
             compare=tuple(config.compare),
             max_loop_busy=config.max_loop_busy,
+            batch_delay_s=config.batch_delay_ms / 1000,
         )
 
     def mirror(self, request: RouteRequest, table: RoutingTable) -> tuple[str, ...]:

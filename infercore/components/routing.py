@@ -105,6 +105,8 @@ class ShadowPolicy:
         max_loop_busy: Copies wait while the event loop's thread was busy (running or waiting
             for a CPU) more than this share of the last 50 ms, so that the shadow only uses
             the time the primary leaves; 1.0 never holds them back.
+        batch_delay_s: How long the oldest waiting copy may wait for others to run with it
+            (a full batch goes at once); 0 runs copies as soon as a worker is free.
     """
 
     queue_size: int = 256
@@ -114,6 +116,7 @@ class ShadowPolicy:
     rtol: float = 1e-4
     compare: tuple[str, ...] = ()
     max_loop_busy: float = 0.8
+    batch_delay_s: float = 0.0
 
 
 class Router(Component):

@@ -12,6 +12,9 @@ size in rows), checks each one's inputs on its own (a copy the shadow rejects co
 and one vectorised comparison for the lot instead of one per copy. Outcomes and statistics
 are still counted per copy, exactly as if each copy had run alone: a submission of several
 copies that fails is run again copy by copy so that only the failing ones count ``error``.
+Under steady traffic copies arrive one at a time, so a worker lets the oldest wait up to
+``ShadowPolicy.batch_delay_s`` for others (a full batch goes at once): nobody waits for a
+copy's answer, and one call and one comparison for many cost little more than for one.
 
 The shadow gets only the time the primary leaves. Before each submission a worker looks at
 how busy the event loop's thread was over the last 50 ms (:mod:`infercore.runtime.loop_load`);
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -130,6 +134,8 @@ class _Copy:
     prepared: Tensors | None = None
     rows: int = 0
     key: tuple[tuple[str, str, tuple[int, ...]], ...] = ()
+    #: When it was offered (``time.monotonic()``).
+    at: float = 0.0
 
 
 def _group_rows(sv: ServedVersion) -> int:
@@ -277,7 +283,8 @@ class ShadowRunner:
             if not self._running or len(pending) >= room:
                 self._count(sv.version, "dropped", copies)
                 continue
-            pending.append(_Copy(sv, inputs, fields, declared, primary, copies))
+            copy = _Copy(sv, inputs, fields, declared, primary, copies, at=time.monotonic())
+            pending.append(copy)
             queued = True
         if queued and self._wake is not None:
             self._wake.set()
@@ -309,6 +316,7 @@ class ShadowRunner:
         pending = self._pending
         loop = asyncio.get_running_loop()
         limit = self.policy.max_loop_busy
+        delay = self.policy.batch_delay_s
         while True:
             if not pending:
                 wake.clear()
@@ -320,6 +328,14 @@ class ShadowRunner:
                 # queue fills) rather than take time from them.
                 await asyncio.sleep(HOLD_S)
                 continue
+            if delay > 0.0:
+                # Let copies gather: one call and one comparison for several costs little
+                # more than for one, and nobody waits for a copy's answer.
+                first = pending[0]
+                wait = first.at + delay - time.monotonic()
+                if wait > 0.0 and len(pending) < _group_rows(first.sv):
+                    await asyncio.sleep(wait)
+                    continue
             group = self._take()
             try:
                 await self._run_group(group, loop)

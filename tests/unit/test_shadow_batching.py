@@ -295,3 +295,47 @@ def test_max_loop_busy_1_runs_copies_whatever_the_load(monkeypatch: pytest.Monke
 
     assert run(rt, scenario) == {"ok": 3, "error": 0, "timeout": 0, "dropped": 0}
     assert FixedLoad.created == 0  # the load is not even measured
+
+
+@pytest.mark.parametrize(("delay_ms", "expected"), [(300.0, [3]), (0.0, [1, 1, 1])])
+def test_copies_offered_apart_wait_for_each_other_up_to_the_batch_delay(
+    delay_ms: float, expected: list[int]
+) -> None:
+    rt = shadow_runtime({}, batch_delay_ms=delay_ms)
+
+    async def scenario(rt: Any) -> tuple[dict[str, int], list[int]]:
+        for i in range(3):
+            offer(rt, ("2",), rows(float(i)), primary_of(rows(float(i))))
+            await asyncio.sleep(0.03)  # the worker is free: without the delay, it runs it now
+        outcomes = await settle(rt, "2", 3)
+        return outcomes, rt.models["m"].versions["2"].model.batches
+
+    outcomes, batches = run(rt, scenario)
+    assert outcomes["ok"] == 3
+    assert batches == expected
+
+
+def test_a_full_batch_of_copies_does_not_wait_for_the_delay() -> None:
+    rt = shadow_runtime({}, batching={"kind": "dynamic", "max_batch_size": 4}, batch_delay_ms=1000)
+
+    async def scenario(rt: Any) -> tuple[dict[str, int], list[int]]:
+        for i in range(4):
+            offer(rt, ("2",), rows(float(i)), primary_of(rows(float(i))))
+        runner = rt.models["m"].shadow
+        for _ in range(60):  # well under the 1 s delay
+            stats = runner.stats.get("2")
+            if stats is not None and stats.outcomes["ok"] == 4:
+                break
+            await asyncio.sleep(0.01)
+        outcomes = dict(runner.stats["2"].outcomes) if "2" in runner.stats else {}
+        return outcomes, rt.models["m"].versions["2"].model.batches
+
+    outcomes, batches = run(rt, scenario)
+    assert outcomes.get("ok") == 4 and batches == [4]
+
+
+def test_the_batch_delay_is_bounded() -> None:
+    from infercore.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="batch_delay_ms"):
+        shadow_runtime({}, batch_delay_ms=5000)
