@@ -279,7 +279,10 @@ def test_a_shadow_that_raises_hangs_or_is_slow_is_invisible_to_callers(behaviour
     """Same bytes as without a shadow. A hanging shadow with a 60 s timeout would hang this
     test (and fail it on pytest's timeout) if a caller ever waited for a copy."""
     base = runtime_from_dict(config({"1": {"loader": fake(0)}}))
-    rt = runtime_from_dict(shadow_config(fake(0), timeout_ms=60_000, queue_size=4, workers=1))
+    # batch_delay_ms=0: the worker takes the first copy alone, so exactly one copy hangs.
+    rt = runtime_from_dict(
+        shadow_config(fake(0), timeout_ms=60_000, queue_size=4, workers=1, batch_delay_ms=0)
+    )
     n = 40
 
     async def scenario() -> tuple[Any, Any, dict[str, int]]:
