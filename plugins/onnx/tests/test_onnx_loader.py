@@ -443,6 +443,37 @@ def test_run_on_auto_moves_a_slow_model_to_a_thread_and_probes_it_again(
     assert spy.calls == calls, "a model that became fast went on running in a thread"
 
 
+def test_run_on_auto_never_probes_a_model_much_slower_than_loop_max_ms_on_the_loop(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A probe runs one whole call on the event loop; for a heavy model (an MLP of 30 ms a
+    # batch) every request in flight would wait that long. Its calls in the worker thread say
+    # it is still far too slow, so it is not probed.
+    save(root, linear_model())
+    model = load(root, loop_max_ms=0.5)
+    session = model._session
+    real_run = session.run
+
+    class SlowSession:  # 3 ms of CPU a call: six times loop_max_ms
+        def __getattr__(self, name: str) -> Any:
+            return getattr(session, name)
+
+        def run(self, *args: Any) -> Any:
+            import time
+
+            until = time.thread_time() + 0.003
+            while time.thread_time() < until:
+                pass
+            return real_run(*args)
+
+    model._session = SlowSession()
+    spy = _ThreadCalls(monkeypatch)
+    asyncio.run(_predict_n(model, 1))  # measured on the loop: too slow for it
+    n = infercore_onnx.model._PROBE_EVERY + 20
+    asyncio.run(_predict_n(model, n))
+    assert spy.calls == n  # every one in a thread: no call probed on the loop
+
+
 def test_predict_rows_are_independent(root: Path) -> None:
     save(root, linear_model())
     model = load(root)

@@ -26,8 +26,12 @@ logger = logging.getLogger("infercore.onnx")
 _CPU = "CPUExecutionProvider"
 _CUDA = "CUDAExecutionProvider"
 # In `run_on: auto`, a model whose calls outgrew `loop_max_ms` is measured on the event loop
-# again once in this many calls, so it comes back when its batches shrink.
+# again once in this many calls, so it comes back when its batches shrink; only while its calls
+# in the worker thread take under _PROBE_BELOW times `loop_max_ms` of CPU, so that a heavy model
+# never stalls the loop for a whole call (a worker's measure also counts its GIL hand-overs, so
+# it alone cannot bring a model back).
 _PROBE_EVERY = 256
+_PROBE_BELOW = 2.0
 # Weight of the newest call in the running estimate of a call's time.
 _EWMA = 0.2
 
@@ -139,6 +143,7 @@ class OnnxModel(Model):
         self._bind_on_cuda = False
         self._loop_max_s = config.loop_max_ms / 1000
         self._estimate_s = 0.0  # running estimate of a call on the event loop
+        self._thread_estimate_s = 0.0  # and of a call in a worker thread
         self._thread_calls = 0
 
     async def start(self) -> None:
@@ -220,7 +225,8 @@ class OnnxModel(Model):
                         )
             else:
                 self._thread_calls += 1
-                results = await asyncio.to_thread(session.run, None, feed, run_options)
+                results, took = await asyncio.to_thread(_timed_run, session, feed, run_options)
+                self._thread_estimate_s += _EWMA * (took - self._thread_estimate_s)
         except asyncio.CancelledError:
             # The worker thread cannot be cancelled; this makes ORT abandon the run early.
             run_options.terminate = True
@@ -247,7 +253,10 @@ class OnnxModel(Model):
             return run_on == "loop"
         if self._estimate_s <= self._loop_max_s:
             return True
-        if self._thread_calls >= _PROBE_EVERY:
+        if (
+            self._thread_calls >= _PROBE_EVERY
+            and self._thread_estimate_s <= _PROBE_BELOW * self._loop_max_s
+        ):
             # Measure it on the loop again (its batches may have shrunk): one call in many.
             self._thread_calls = 0
             self._estimate_s = self._loop_max_s
@@ -372,3 +381,10 @@ class OnnxModel(Model):
         actual = list(session.get_providers())
         self._check_providers(providers, actual)
         return _Loaded(session, ort, inputs, outputs, actual)
+
+
+def _timed_run(session: Any, feed: dict[str, Any], run_options: Any) -> tuple[list[Any], float]:
+    """``session.run`` in a worker thread, and the CPU time it took there."""
+    t0 = time.thread_time()
+    results = session.run(None, feed, run_options)
+    return results, time.thread_time() - t0
