@@ -525,7 +525,8 @@ def set_gc_threshold(gen0: int) -> None:
     load most of them belong to requests still in flight, so its cost hardly depends on how
     much garbage there is, and fewer collections cost proportionally less. At five times
     capacity (benchmarks/overload.py) Python's 700 spent ~120 ms of every 5 s in collections
-    of up to 17 ms, which set rejections' p99 (10-15 ms); 10,000 spent 4-16 ms, p99 4.6-5 ms.
+    of up to 17-23 ms, which set rejections' p99 (10-16 ms); 10,000 spent 4-16 ms, p99
+    4.3-5.4 ms in nine runs of ten.
     The older generations keep Python's thresholds.
     """
     import gc

@@ -389,6 +389,26 @@ class _ThreadCalls:
         monkeypatch.setattr(infercore_onnx.model.asyncio, "to_thread", to_thread)
 
 
+class _SlowSession:
+    """A model's session whose every call first spends ``cpu_s`` seconds of CPU (the
+    ``run_on: auto`` estimate counts CPU time, not waiting)."""
+
+    def __init__(self, session: Any, cpu_s: float) -> None:
+        self.session = session
+        self.cpu_s = cpu_s
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.session, name)
+
+    def run(self, *args: Any) -> Any:
+        import time
+
+        until = time.thread_time() + self.cpu_s
+        while time.thread_time() < until:
+            pass
+        return self.session.run(*args)
+
+
 async def _predict_n(model: OnnxModel, n: int) -> list[Any]:
     x = np.ones((2, 4), dtype=np.float32)
     return [await model.predict({"X": x}) for _ in range(n)]
@@ -412,31 +432,14 @@ def test_run_on_auto_moves_a_slow_model_to_a_thread_and_probes_it_again(
 ) -> None:
     save(root, linear_model())
     model = load(root, loop_max_ms=0.5)
-    session = model._session
-    real_run = session.run
-    slow = [True]
-
-    class SlowSession:  # a model whose calls take 5 ms while `slow` holds
-        def __getattr__(self, name: str) -> Any:
-            return getattr(session, name)
-
-        def run(self, *args: Any) -> Any:
-            if slow[0]:  # 5 ms of CPU: the estimate counts CPU time, not waiting
-                import time
-
-                until = time.thread_time() + 0.005
-                while time.thread_time() < until:
-                    pass
-            return real_run(*args)
-
-    model._session = SlowSession()
+    slow = model._session = _SlowSession(model._session, 0.005)  # ten times loop_max_ms
     spy = _ThreadCalls(monkeypatch)
     asyncio.run(_predict_n(model, 1))  # measured on the loop: too slow for it
     assert spy.calls == 0
     asyncio.run(_predict_n(model, 10))
     assert spy.calls == 10
     # Once in _PROBE_EVERY thread calls it is measured on the loop again; fast now, it stays.
-    slow[0] = False
+    slow.cpu_s = 0.0
     asyncio.run(_predict_n(model, infercore_onnx.model._PROBE_EVERY - 10))
     calls = spy.calls
     asyncio.run(_predict_n(model, 5))
@@ -451,22 +454,7 @@ def test_run_on_auto_never_probes_a_model_much_slower_than_loop_max_ms_on_the_lo
     # it is still far too slow, so it is not probed.
     save(root, linear_model())
     model = load(root, loop_max_ms=0.5)
-    session = model._session
-    real_run = session.run
-
-    class SlowSession:  # 3 ms of CPU a call: six times loop_max_ms
-        def __getattr__(self, name: str) -> Any:
-            return getattr(session, name)
-
-        def run(self, *args: Any) -> Any:
-            import time
-
-            until = time.thread_time() + 0.003
-            while time.thread_time() < until:
-                pass
-            return real_run(*args)
-
-    model._session = SlowSession()
+    model._session = _SlowSession(model._session, 0.003)  # six times loop_max_ms
     spy = _ThreadCalls(monkeypatch)
     asyncio.run(_predict_n(model, 1))  # measured on the loop: too slow for it
     n = infercore_onnx.model._PROBE_EVERY + 20
