@@ -40,6 +40,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -231,6 +232,64 @@ def thread_cpu_s(pid: int, tid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_run_s(pid: int) -> dict[int, float]:
+    """Seconds each thread of a process has run (``schedstat``: nanoseconds, not ticks)."""
+    out: dict[int, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            out[int(task.name)] = int((task / "schedstat").read_text().split()[0]) / 1e9
+        except (OSError, ValueError, IndexError):
+            continue  # a thread that ended meanwhile
+    return out
+
+
+def model_rows(port: int) -> float:
+    """Rows the server's models have run (``infercore_batch_size_sum`` over every label)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("infercore_batch_size_sum")
+    )
+
+
+def steal_s(cpu: int) -> float:
+    """Seconds the hypervisor ran other work while ``cpu`` wanted to run (``/proc/stat``)."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith(f"cpu{cpu} "):
+            fields = line.split()
+            return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
+    return 0.0
+
+
+class CoreShare:
+    """Where the server's core went over a phase: the event loop's share, the other threads'
+    (the model's), the rows the model ran per second of those threads' CPU, and the share of CPU 0
+    the hypervisor gave to other guests (steal: this machine is a shared virtual machine)."""
+
+    def __init__(self, pid: int, port: int) -> None:
+        self.pid, self.port = pid, port
+        self.t0, self.run0, self.rows0 = time.monotonic(), thread_run_s(pid), model_rows(port)
+        self.steal0 = steal_s(0)
+
+    def result(self) -> dict[str, float]:
+        seconds = time.monotonic() - self.t0
+        run = thread_run_s(self.pid)
+        rows = model_rows(self.port) - self.rows0
+        spent = {tid: s - self.run0.get(tid, 0.0) for tid, s in run.items()}
+        loop = spent.pop(self.pid, 0.0)  # the main thread runs the event loop
+        others = sum(spent.values())
+        return {
+            "seconds": seconds,
+            "loop_share": loop / seconds,
+            "other_threads_share": others / seconds,
+            "rows_per_s": rows / seconds,
+            "rows_per_other_cpu_s": rows / others if others else math.nan,
+            "cpu0_steal_share": (steal_s(0) - self.steal0) / seconds,
+        }
+
+
 def overload_server(recipes: Path, log: Path, overrides: list[str]) -> tuple[int, bench.Server]:
     """``infercore serve +recipe=overload`` on CPU 0 and a free port (not started)."""
     port = bench.free_port()
@@ -346,7 +405,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"server ready in {server.startup_s:.1f} s (pid {server.proc.pid}, CPU 0)")  # type: ignore[union-attr]
         script = bench.wrk_script(path, sample, recipes / "bodies.lua")
         bench.run_wrk(port, path, script, 64, 2, 1)  # warm-up
+        pid = server.proc.pid  # type: ignore[union-attr]
+        share = CoreShare(pid, port)
         closed = bench.run_wrk(port, path, script, 64, args.capacity_s, 1)
+        core = {"capacity": share.result()}
         if closed["errors"]:
             raise bench.BenchError(f"closed loop at 64 connections had errors: {closed}")
         capacity = closed["rps"]
@@ -365,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         if 1 in affinity:
             os.sched_setaffinity(0, {1})
         sampler.start()
+        share = CoreShare(pid, port)
         try:
             run = bench._asyncio_run(
                 openloop.run(
@@ -380,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         finally:
             rss = sampler.stop()
+            core["overload"] = share.result()
             os.sched_setaffinity(0, affinity)
         time.sleep(1.0)
         ready = bench.http_status(port, "GET", "/v2/health/ready")[0]
@@ -398,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         "offered_rps": rate,
         "open_loop": result,
         "rss_mb": rss,
+        "core": core,
         "after": {"ready": ready, "infer": answer},
         "generator_lagging": lagging,
         "checks": [c.__dict__ for c in found],
@@ -414,6 +479,18 @@ def main(argv: list[str] | None = None) -> int:
         "| check | result | measured |",
         "|---|---|---|",
         *(f"| {c.name} | {'pass' if c.ok else 'FAIL'} | {c.detail} |" for c in found),
+        "",
+        "Where the server's core went (run time of its threads, `/proc/<pid>/task/*/schedstat`):",
+        "",
+        "| phase | event loop | other threads (the model) | rows/s | rows per CPU second of those "
+        "| CPU 0 stolen by the host |",
+        "|---|---:|---:|---:|---:|---:|",
+        *(
+            f"| {phase} | {c['loop_share']:.0%} | {c['other_threads_share']:.0%} | "
+            f"{c['rows_per_s']:,.0f} | {c['rows_per_other_cpu_s']:,.0f} | "
+            f"{c['cpu0_steal_share']:.0%} |"
+            for phase, c in core.items()
+        ),
     ]
     if lagging:
         lines += [
