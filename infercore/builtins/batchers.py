@@ -1,7 +1,9 @@
 """The ``none`` and ``dynamic`` batchers.
 
 Both bound their queue (a full queue answers 503 ``queue_full`` at once, without running the
-model), answer a request whose queue wait passed ``queue_timeout_ms`` with 503
+model): by its length, and with ``reject_expected_timeouts`` by the time the model takes to run
+what it holds (:class:`_Drain`), so that a request that could only time out is told at once.
+They answer a request whose queue wait passed ``queue_timeout_ms`` with 503
 ``queue_timeout`` and never run it, and never run a request whose caller has gone. Only the
 outputs the model declares are passed on.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 from typing import Annotated, Any
 
 import msgspec
@@ -76,6 +79,75 @@ def _rows(model: Model, inputs: Tensors) -> int:
     return 1
 
 
+#: The share of ``queue_timeout_ms`` that the work queued ahead of a request may take (with
+#: ``reject_expected_timeouts``). The rest absorbs the model slowing down while the request waits:
+#: under overload on one shared core its rate varied by a third from batch to batch
+#: (benchmarks/README.md: Overload), and with the whole timeout 4-17 % of the admitted requests
+#: timed out all the same; with this share, under 1 %.
+HEADROOM = 0.8
+
+
+class _Drain:
+    """How fast a queue empties while it is backlogged, and how much it may hold by that.
+
+    :meth:`took` is told of each take from the queue (a batch formed, a slot won) and whether
+    requests were left behind. Between two takes that both left requests queued, the model was
+    never idle for want of work: the units taken over that interval measure the drain rate
+    (throughput, all concurrent calls together). ``limit`` is the number of units (queued, or
+    in calls that have not returned) that take ``horizon_s`` to drain at the rate of the last
+    ``window`` such intervals: a request behind more would wait past ``horizon_s``. It is
+    infinite until ``min_samples`` intervals were measured, and always when the check is off
+    (``horizon_s`` ``None``).
+    """
+
+    __slots__ = ("_last", "_samples", "_seconds", "_units", "horizon_s", "limit", "min_samples")
+
+    def __init__(self, horizon_s: float | None, window: int = 8, min_samples: int = 1) -> None:
+        self.horizon_s = horizon_s
+        self.min_samples = min_samples
+        self.limit = math.inf
+        self._last: float | None = None
+        self._samples: collections.deque[tuple[int, float]] = collections.deque(maxlen=window)
+        self._units = 0
+        self._seconds = 0.0
+
+    def took(self, units: int, now: float, backlog_left: bool) -> None:
+        last, self._last = self._last, (now if backlog_left else None)
+        if last is None or self.horizon_s is None:
+            return
+        samples = self._samples
+        if len(samples) == samples.maxlen:
+            old_units, old_seconds = samples[0]
+            self._units -= old_units
+            self._seconds -= old_seconds
+        seconds = now - last
+        samples.append((units, seconds))
+        self._units += units
+        self._seconds += seconds
+        if len(samples) >= self.min_samples and self._seconds > 0:
+            self.limit = self._units / self._seconds * self.horizon_s
+
+    def wait_ms(self, queued: int) -> float:
+        """The estimated wait, in ms, behind ``queued`` units (for error messages)."""
+        if self.horizon_s is None or not self._units:
+            return math.nan
+        return 1000 * queued * self._seconds / self._units
+
+
+def _horizon_s(queue_timeout_ms: float, on: bool) -> float | None:
+    return queue_timeout_ms / 1000 * HEADROOM if on else None
+
+
+def _late(
+    model_name: str | None, queued: int, unit: str, drain: _Drain, timeout_ms: float
+) -> QueueFull:
+    return QueueFull(
+        f"queue of model {model_name!r} is full: the {queued} {unit} queued or running take "
+        f"about {drain.wait_ms(queued):,.0f} ms, over {HEADROOM:.0%} of queue_timeout_ms "
+        f"({timeout_ms:g})"
+    )
+
+
 class NoBatcherConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     #: Model calls running at once; further requests wait in the queue.
     max_concurrency: PositiveInt = 4
@@ -83,6 +155,10 @@ class NoBatcherConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, k
     max_queue_size: PositiveInt = 512
     #: Longest wait for a slot; then 503 queue_timeout and the request never runs.
     queue_timeout_ms: PositiveMs = 1000
+    #: Also answer 503 queue_full, at once, a request that would wait past
+    #: ``queue_timeout_ms``: more requests queued than the model, at the rate measured while
+    #: requests were waiting, runs in that time.
+    reject_expected_timeouts: bool = True
 
 
 class NoBatcher(Batcher):
@@ -107,6 +183,7 @@ class NoBatcher(Batcher):
         super().__init__(config, context, model, observer)
         self._slots = asyncio.Semaphore(config.max_concurrency)
         self._waiting = 0
+        self._drain = _Drain(_horizon_s(config.queue_timeout_ms, config.reject_expected_timeouts))
         self._stopping = False
         self._calls: set[asyncio.Task[None]] = set()
 
@@ -116,7 +193,10 @@ class NoBatcher(Batcher):
 
     @property
     def full(self) -> bool:
-        return self._waiting >= self.config.max_queue_size
+        return (
+            self._waiting >= self.config.max_queue_size
+            or self._waiting + len(self._calls) > self._drain.limit
+        )
 
     async def start(self) -> None:
         self._stopping = False
@@ -141,6 +221,15 @@ class NoBatcher(Batcher):
         if self._slots.locked():
             if self._waiting >= self.config.max_queue_size:
                 raise QueueFull(f"queue of model {self.context.model_name!r} is full")
+            ahead = self._waiting + len(self._calls)
+            if ahead > self._drain.limit:
+                raise _late(
+                    self.context.model_name,
+                    ahead,
+                    "requests",
+                    self._drain,
+                    self.config.queue_timeout_ms,
+                )
             start = loop.time()
             limit = start + self.config.queue_timeout_ms / 1000
             self._waiting += 1
@@ -157,7 +246,9 @@ class NoBatcher(Batcher):
             finally:
                 self._waiting -= 1
                 self.observer.set_queue_depth(self._waiting)
-            self.observer.observe_queue_wait(loop.time() - start)
+            now = loop.time()
+            self._drain.took(1, now, self._waiting > 0)
+            self.observer.observe_queue_wait(now - start)
         else:
             await self._slots.acquire()
             self.observer.observe_queue_wait(0.0)
@@ -201,6 +292,10 @@ class DynamicBatcherConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=Tr
     max_queue_size: PositiveInt = 512
     #: Longest queue wait; then 503 queue_timeout and the request never runs.
     queue_timeout_ms: PositiveMs = 1000
+    #: Also answer 503 queue_full, at once, a request that would wait past
+    #: ``queue_timeout_ms``: more rows queued than the model, at the rate measured while
+    #: requests were waiting, runs in that time.
+    reject_expected_timeouts: bool = True
     #: Model calls in flight at once.
     max_concurrent_batches: PositiveInt = 1
     #: Batch sizes (rows) that go at once instead of waiting out ``max_queue_delay_ms``; when
@@ -293,6 +388,9 @@ class DynamicBatcher(Batcher):
         super().__init__(config, context, model, observer)
         self._queue: collections.deque[_Item] = collections.deque()
         self._waiting = 0
+        self._queued_rows = 0
+        self._running_rows = 0  # rows of batches formed and not yet answered
+        self._drain = _Drain(_horizon_s(config.queue_timeout_ms, config.reject_expected_timeouts))
         self._wakeup: asyncio.Event | None = None
         self._slots: asyncio.Semaphore | None = None
         self._task: asyncio.Task[None] | None = None
@@ -308,7 +406,10 @@ class DynamicBatcher(Batcher):
 
     @property
     def full(self) -> bool:
-        return self._waiting >= self.config.max_queue_size
+        return (
+            self._waiting >= self.config.max_queue_size
+            or self._queued_rows + self._running_rows > self._drain.limit
+        )
 
     async def start(self) -> None:
         self._stopping = False
@@ -347,6 +448,15 @@ class DynamicBatcher(Batcher):
             raise RuntimeError("DynamicBatcher.submit() before start()")
         if self._waiting >= self.config.max_queue_size:
             raise QueueFull(f"queue of model {self.context.model_name!r} is full")
+        ahead = self._queued_rows + self._running_rows
+        if ahead > self._drain.limit:
+            raise _late(
+                self.context.model_name,
+                ahead,
+                "rows",
+                self._drain,
+                self.config.queue_timeout_ms,
+            )
         if len(self._queue) >= 2 * self.config.max_queue_size:
             # Timed-out and abandoned requests stay in the deque until they reach its head;
             # drop them so that memory stays bounded while the model is slow or stuck.
@@ -362,6 +472,7 @@ class DynamicBatcher(Batcher):
         item.timer = loop.call_at(min(limit, deadline), self._expire, item, deadline <= limit)
         self._queue.append(item)
         self._waiting += 1
+        self._queued_rows += rows
         self.observer.set_queue_depth(self._waiting)
         fill = self._filling
         if fill is None:
@@ -400,6 +511,7 @@ class DynamicBatcher(Batcher):
         if item.state == _QUEUED:
             item.state = _DONE
             self._waiting -= 1
+            self._queued_rows -= item.rows
             self.observer.set_queue_depth(self._waiting)
             self._unfill(item)
         if item.timer is not None:
@@ -410,6 +522,7 @@ class DynamicBatcher(Batcher):
             return
         item.state = _DONE
         self._waiting -= 1
+        self._queued_rows -= item.rows
         self.observer.set_queue_depth(self._waiting)
         self._unfill(item)
         if not item.future.done():
@@ -432,6 +545,7 @@ class DynamicBatcher(Batcher):
         """Move ``item`` (already off the deque) from the queue into a forming batch."""
         item.state = _RUNNING
         self._waiting -= 1
+        self._queued_rows -= item.rows
         if item.timer is not None:
             item.timer.cancel()
         self.observer.observe_queue_wait(loop.time() - item.enqueued)
@@ -493,7 +607,10 @@ class DynamicBatcher(Batcher):
                 self._slots.release()
                 raise
             self.observer.set_queue_depth(self._waiting)
-            self._formed(batch, rows, loop.time())
+            now = loop.time()
+            self._drain.took(rows, now, self._waiting > 0)
+            self._formed(batch, rows, now)
+            self._running_rows += rows
             task = asyncio.create_task(self._execute(batch, rows))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
@@ -590,6 +707,7 @@ class DynamicBatcher(Batcher):
     async def _execute(self, batch: list[_Item], rows: int) -> None:
         assert self._slots is not None
         loop = asyncio.get_running_loop()
+        formed = rows
         try:
             live = [it for it in batch if not it.future.done()]
             if not live:
@@ -624,6 +742,7 @@ class DynamicBatcher(Batcher):
         finally:
             for it in batch:
                 it.state = _DONE
+            self._running_rows -= formed
             self._slots.release()
 
     def _stack(self, live: list[_Item]) -> Tensors:

@@ -145,6 +145,9 @@ class RequestGroups:
         max_rows: Most rows in one group.
         max_waiting: Most requests inside groups at once; beyond it, ``queue_full``.
         model_name: For messages.
+        batcher_full: The batcher's own ``full``: while it is true (its queue holds more than
+            the model runs in its queue timeout, say), a request is answered ``queue_full`` at
+            once instead of joining a group.
         busy_turns: Turns of the event loop a group stays open past its first while the loop
             is busy: requests that arrive meanwhile join it. A turn that took under
             ``idle_turn_s`` ran nothing else (the loop is idle: no request is on its way), and
@@ -162,6 +165,7 @@ class RequestGroups:
         max_rows: int,
         max_waiting: int,
         model_name: str,
+        batcher_full: Callable[[], bool] = lambda: False,
         busy_turns: int = BUSY_TURNS,
         idle_turn_s: float = IDLE_TURN_S,
     ) -> None:
@@ -170,11 +174,17 @@ class RequestGroups:
         self.max_rows = max_rows
         self.max_waiting = max_waiting
         self._model_name = model_name
+        self.batcher_full = batcher_full
         self.busy_turns = busy_turns
         self.idle_turn_s = idle_turn_s
         self._open: dict[tuple[Any, ...], _Group] = {}
         #: Requests inside groups (from arrival until answered).
         self.waiting = 0
+
+    @property
+    def full(self) -> bool:
+        """Whether a request would now be answered ``queue_full``."""
+        return self.waiting >= self.max_waiting or self.batcher_full()
 
     def _key(self, fields: Mapping[str, Array], declared: Mapping[str, str] | None) -> Any:
         """``(key, rows)`` of a request that may join a group, or ``None``."""
@@ -201,13 +211,13 @@ class RequestGroups:
         """This request's outputs from its group, or ``None``: it must run alone.
 
         Raises:
-            QueueFull: Too many requests inside groups.
+            QueueFull: Too many requests inside groups, or the batcher is full.
             Whatever the group's run raised that every request shares.
         """
         keyed = self._key(fields, declared)
         if keyed is None:
             return None
-        if self.waiting >= self.max_waiting:
+        if self.full:
             raise QueueFull(f"queue of model {self._model_name!r} is full")
         key, rows = keyed
         loop = asyncio.get_running_loop()

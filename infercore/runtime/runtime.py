@@ -472,6 +472,7 @@ class Runtime:
             ),
             max_waiting=batcher_option(sv.batcher, "max_queue_size", DEFAULT_GROUP_WAITING),
             model_name=served.name,
+            batcher_full=lambda: sv.batcher.full,
         )
 
     async def _stop_instance(self, sv: ServedVersion) -> None:

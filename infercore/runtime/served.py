@@ -111,11 +111,13 @@ class ServedVersion:
         """Whether a request for this version would now be answered 503 ``queue_full``.
 
         With request groups, the requests inside them count against the queue bound (the
-        batcher sees a group as one request); without, the batcher's own queue.
+        batcher sees a group as one request), and the batcher's own ``full`` holds too (its
+        queue holds more than the model runs in its queue timeout, say); without, the
+        batcher's alone.
         """
         groups = self.groups
         if groups is not None:
-            return groups.waiting >= groups.max_waiting
+            return groups.full
         return self.batcher.full
 
     def enter(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import math
 import weakref
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -16,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from infercore.builtins.adaptive import AdaptiveBatcher
-from infercore.builtins.batchers import DynamicBatcher, NoBatcher
+from infercore.builtins.batchers import DynamicBatcher, NoBatcher, _Drain
 from infercore.components import Batcher, ComponentContext, Tensors, TensorSpec
 from infercore.errors import (
     BackendError,
@@ -928,6 +929,95 @@ def test_none_batcher_queue_timeout_never_runs() -> None:
         check_result(request(0), await tasks[0])
         await asyncio.sleep(0.02)
         assert model.calls == 1 and model.ids_seen() == {0}
+
+    run(scenario())
+
+
+# ------------------------------------------------------------ expected queue timeouts
+
+
+def test_drain_limit_is_the_backlogged_rate_times_the_horizon() -> None:
+    drain = _Drain(0.5, window=4, min_samples=2)
+    drain.took(8, 10.0, backlog_left=True)  # the first take: no interval yet
+    drain.took(8, 10.1, backlog_left=True)  # 8 rows in 0.1 s
+    assert drain.limit == math.inf  # one interval, two needed
+    drain.took(8, 10.2, backlog_left=False)  # 16 rows in 0.2 s: 80/s, 40 rows in 0.5 s
+    assert drain.limit == pytest.approx(40)
+    drain.took(8, 50.0, backlog_left=True)  # the queue was empty before: no interval
+    assert drain.limit == pytest.approx(40)
+    for t in (50.2, 50.4, 50.6):  # 4 rows every 0.2 s; the window keeps the last four
+        drain.took(4, t, backlog_left=True)
+    assert drain.limit == pytest.approx(20 / 0.7 * 0.5)  # (8, .1), (4, .2) x 3
+    assert drain.wait_ms(10) == pytest.approx(1000 * 10 * 0.7 / 20)
+
+
+def test_drain_without_a_horizon_never_limits() -> None:
+    drain = _Drain(None)
+    for i in range(20):
+        drain.took(3, i * 0.01, backlog_left=True)
+    assert drain.limit == math.inf and math.isnan(drain.wait_ms(5))
+
+
+@pytest.mark.parametrize("on", [True, False], ids=["on", "off"])
+@pytest.mark.parametrize(
+    "make", [make_none, make_dynamic, make_adaptive], ids=["none", "dynamic", "adaptive"]
+)
+def test_a_request_that_would_time_out_is_rejected_at_once(
+    make: Callable[..., Awaitable[Batcher]], on: bool
+) -> None:
+    """Behind more work than the model runs in queue_timeout_ms, 503 queue_full at once."""
+
+    async def scenario() -> None:
+        model = await make_model(latency_s=0.02)  # 20 ms a call: 50 calls a second
+        size = {"max_concurrency": 1} if make is make_none else {"max_batch_size": 2}
+        batcher = await make(
+            model,
+            queue_timeout_ms=300,  # 80 % of it: none 12 requests, dynamic 24 rows
+            max_queue_size=1000,
+            reject_expected_timeouts=on,
+            **size,
+        )
+        # A backlog the model clears well within the timeout: the batcher measures its rate.
+        warm = await finish(*(batcher.submit(request(i), deadline=later()) for i in range(12)))
+        assert not any(isinstance(r, BaseException) for r in warm), warm
+        assert not batcher.full
+        model.gate = asyncio.Event()  # held while the burst arrives: the queue cannot drain
+        burst = [
+            asyncio.create_task(batcher.submit(request(100 + i), deadline=later()))
+            for i in range(120)
+        ]
+        await until(model.entered(13 if make is make_none else 7))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        at_once = [t for t in burst if t.done()]  # answered before anything ran
+        if on:
+            # `full` (what reject_before_body asks) says whether the next one is refused.
+            while not batcher.full:  # the collector took a batch off the queue: room for it
+                burst.append(
+                    asyncio.create_task(batcher.submit(request(100 + len(burst)), deadline=later()))
+                )
+                await asyncio.sleep(0)
+                assert len(burst) < 125
+            coro = batcher.submit(request(999), deadline=later())
+            with pytest.raises(QueueFull, match="queue_timeout_ms"):
+                coro.send(None)  # rejected on its first step: it never waits
+        else:
+            assert not batcher.full
+        model.gate.set()
+        results = await finish(*burst)
+        full = [i for i, r in enumerate(results) if isinstance(r, QueueFull)]
+        timed_out = sum(isinstance(r, QueueTimeout) for r in results)
+        if on:
+            assert len(full) >= 80, results
+            assert len(at_once) == len(full)  # every rejection came before any model call
+            assert timed_out <= 5  # only near the estimate's edge
+            assert "over 80% of queue_timeout_ms (300)" in str(results[full[0]])
+            assert not model.ids_seen() & {100 + i for i in full}
+        else:
+            assert not full and not at_once
+            assert timed_out >= 80
+        assert model.calls <= 12 + 120 - len(full) - timed_out  # nothing else ran
+        await batcher.stop()
 
     run(scenario())
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
@@ -94,7 +94,12 @@ class Runners:
         return answer(fields)
 
     def make(
-        self, *, max_rows: int = 64, max_waiting: int = 512, busy_turns: int = 3
+        self,
+        *,
+        max_rows: int = 64,
+        max_waiting: int = 512,
+        busy_turns: int = 3,
+        batcher_full: Callable[[], bool] = lambda: False,
     ) -> RequestGroups:
         return RequestGroups(
             self.run_group,
@@ -102,6 +107,7 @@ class Runners:
             max_rows=max_rows,
             max_waiting=max_waiting,
             model_name="m",
+            batcher_full=batcher_full,
             busy_turns=busy_turns,
         )
 
@@ -461,6 +467,27 @@ def test_requests_beyond_max_waiting_are_queue_full() -> None:
     assert_own_answer(second, x(2))
     assert isinstance(third, QueueFull)
     assert [g[1]["x"][:, 0].tolist() for g in r.groups] == [[1, 2]]
+
+
+def test_while_the_batcher_is_full_a_request_is_queue_full_before_joining_a_group() -> None:
+    """The batcher's ``full`` (work over its queue timeout, say) turns requests away at once."""
+    r = Runners()
+    full = [False]
+
+    async def scenario() -> list[Any]:
+        groups = r.make(batcher_full=lambda: full[0])
+        assert not groups.full
+        full[0] = True
+        assert groups.full  # what reject_before_body asks (ServedVersion.full)
+        turned = list(await asyncio.gather(submit(groups, x(1)), return_exceptions=True))
+        full[0] = False
+        assert_own_answer(await submit(groups, x(2)), x(2))
+        return turned
+
+    (turned,) = run(scenario())
+    assert isinstance(turned, QueueFull)
+    assert all(1 not in g[1]["x"][:, 0].tolist() for g in r.groups)
+    assert not any(1 in a["x"][:, 0].tolist() for a in r.alone)
 
 
 # -- callers that leave --------------------------------------------------------------------
