@@ -2,16 +2,39 @@
 # GPU checks of infercore-torch (and infercore-onnx io_binding), for a machine with an NVIDIA GPU.
 #   benchmarks/gpu/run_gpu_checks.sh [OUT_DIR]       # default: $OUT, else benchmarks/gpu/results
 #   ALLOW_CPU=1 benchmarks/gpu/run_gpu_checks.sh DIR  # no GPU: run the CPU parts only
-# Needs the CUDA build of torch in .venv (`uv pip install --python .venv torch`; the lock never
-# installs torch, and .ci/install-torch-cpu installs the CPU build). Bounded: about 3 minutes.
+# Python: .venv's (needs the CUDA build of torch there: `uv pip install --python .venv torch`;
+# the lock never installs torch, and .ci/install-torch-cpu installs the CPU build), else
+# $PYTHON, else python3 with the wheels of benchmarks/gpu/bundle.sh (.gpu-bundle, or
+# $GPU_BUNDLE) installed into a temporary folder: a machine with torch but no package index.
+# Bounded: about 3 minutes.
 #  1. the `gpu`-marked tests (skip without CUDA) of plugins/torch and plugins/onnx;
 #  2. bench_torch_batching.py: torch-gpu vs dynamic batching, CPU and CUDA, JSON + markdown.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 out="${1:-${OUT:-benchmarks/gpu/results}}"
 mkdir -p "$out"
-py=(.venv/bin/python)
-[ -x .venv/bin/python ] || py=(uv run --no-sync python)
+bundle="${GPU_BUNDLE:-.gpu-bundle}"
+if [ -n "${PYTHON:-}" ]; then
+    py=("$PYTHON")
+elif [ -x .venv/bin/python ]; then
+    py=(.venv/bin/python)
+    bundle=""
+elif [ -d "$bundle" ]; then
+    py=(python3)
+else
+    py=(uv run --no-sync python)
+    bundle=""
+fi
+if [ -n "$bundle" ] && [ -d "$bundle" ]; then
+    # infercore's code comes from this tree; the wheels give its metadata (the plugins' entry
+    # points) and the third-party packages the machine lacks.
+    site="$(mktemp -d)/site"
+    "${py[@]}" -m pip install --quiet --no-index --no-deps --no-compile --disable-pip-version-check \
+        --target "$site" "$bundle"/*.whl
+    export PYTHONPATH="$PWD:$PWD/plugins/torch/src:$PWD/plugins/onnx/src:$site${PYTHONPATH:+:$PYTHONPATH}"
+    echo "gpu-checks: $("${py[@]}" --version) with $(ls "$bundle"/*.whl | wc -l) wheels of $bundle" \
+        "(built at $(cat "$bundle/COMMIT" 2>/dev/null || echo '?'))" >&2
+fi
 duration="${DURATION:-10}"
 
 nvidia-smi >"$out/nvidia-smi.txt" 2>&1 || echo "gpu-checks: nvidia-smi not available" >&2
