@@ -12,6 +12,7 @@ import math
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -323,3 +324,52 @@ def test_each_target_leads_one_round_in_turn() -> None:
         ["floor", "infercore", "nodrift"],
     ]
     assert orders[3] == orders[0]
+
+
+# -- the GPU checks' bundle ------------------------------------------------------------------
+
+
+def _bundle_requirements() -> object:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks" / "gpu"))
+    try:
+        import bundle_requirements
+    finally:
+        sys.path.pop(0)
+    return bundle_requirements
+
+
+def test_the_gpu_bundle_holds_every_requirement_the_machine_lacks() -> None:
+    """What infercore, infercore-torch and infercore-onnx need is on the machine or bundled."""
+    import importlib.metadata as md
+
+    from packaging.requirements import Requirement
+
+    br: Any = _bundle_requirements()
+    present = br.device_packages()
+    assert {"torch", "numpy", "pytest", "onnxruntime"} <= present
+    need = br.missing("3.12", present)
+    # Our own distributions travel as wheels built from the tree, never as "missing".
+    assert not [n for n in need if n.startswith("infercore")]
+    assert not set(need) & present
+    assert {"litestar", "msgspec", "hydra-core", "omegaconf", "uvicorn", "httptools"} <= set(need)
+    for name, version in need.items():
+        assert md.version(name) == version  # pinned to this environment's version
+    # Every direct requirement of each root, for that Python, is present or bundled.
+    for root, extra in br.ROOTS:
+        for text in md.distribution(root).requires or []:
+            req = Requirement(text)
+            if req.marker is not None and not req.marker.evaluate(br.environment("3.12", extra)):
+                continue
+            name = br.normalize(req.name)
+            assert name in present or name in need or name.startswith("infercore"), name
+
+
+def test_the_gpu_bundle_reads_the_machine_list_and_bundles_what_is_not_on_it(
+    tmp_path: Path,
+) -> None:
+    br: Any = _bundle_requirements()
+    listed = tmp_path / "packages.txt"
+    listed.write_text("# a comment\nnumpy Torch  prometheus_client\n\nPyYAML  # trailing\n")
+    assert br.device_packages(listed) == {"numpy", "torch", "prometheus-client", "pyyaml"}
+    assert "numpy" not in br.missing("3.12", {"numpy"})
+    assert "numpy" in br.missing("3.12", set())  # infercore's own requirement, when absent
