@@ -41,6 +41,10 @@ SERVING, DRAINING, CLOSING, FORCED = "serving", "draining", "closing", "forced"
 #: that arrives on it meanwhile is answered 503 shutting_down with Connection: close.
 IDLE_LINGER_S = 1.0
 
+#: How long a connection answered before its body (``Expect: 100-continue``) stays half-open,
+#: dropping what the client still sends, before it is closed (sooner when the client closes).
+DISCARD_S = 2.0
+
 SHUTTING_DOWN_BODY = b'{"error":"the server is shutting down","reason":"shutting_down"}'
 
 Scope = MutableMapping[str, Any]
@@ -192,7 +196,9 @@ def http_protocol(
       app call is made. That is a fraction of the event loop's CPU of a rejection made by the
       app, and under overload the loop shares its core with the model. Only a plain
       HTTP/1.1 request with nothing before it on its connection (no pipelined request still
-      answering, no ``Expect: 100-continue``, no upgrade) is answered so.
+      answering, no upgrade) is answered so. A request that waits for ``100 Continue`` before
+      sending its body is answered at once instead, without it, and its connection closes
+      (:meth:`_answer_before_body`).
     """
     from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
@@ -203,7 +209,18 @@ def http_protocol(
         #: Set by :meth:`shutdown`: an early answer then closes its connection.
         stopping = False
 
+        #: Set once a request was answered before its body (:meth:`_answer_before_body`):
+        #: whatever else arrives on the connection is dropped unread until it closes.
+        discarding = False
+        discard_timer: asyncio.TimerHandle | None = None
+
+        def data_received(self, data: bytes) -> None:
+            if not self.discarding:
+                super().data_received(data)
+
         def on_headers_complete(self) -> None:
+            if self.discarding:
+                return
             if reject_before_body is not None and self._may_answer_early():
                 try:
                     answer = reject_before_body(self.url, self.headers)
@@ -212,7 +229,10 @@ def http_protocol(
                     log.exception("rejecting a request before its body failed")
                     answer = None
                 if answer is not None:
-                    self.early = answer
+                    if self.expect_100_continue:
+                        self._answer_before_body(answer)
+                    else:
+                        self.early = answer
                     return
             super().on_headers_complete()
 
@@ -221,28 +241,23 @@ def http_protocol(
             parser = self.parser
             return (
                 (cycle is None or cycle.response_complete)
-                and not self.expect_100_continue
                 and parser.get_method() == b"POST"
                 and parser.get_http_version() == "1.1"
                 and not parser.should_upgrade()
             )
 
         def on_body(self, body: bytes) -> None:
-            if self.early is None:
+            if self.early is None and not self.discarding:
                 super().on_body(body)
 
-        def on_message_complete(self) -> None:
-            answer = self.early
-            if answer is None:
-                super().on_message_complete()
-                return
-            self.early = None
+        def _answer(self, answer: Any, close: bool) -> None:
+            """Write an early answer (in one send) and count it as sent."""
             head = [STATUS_LINE[answer.status]]
             for name, value in self.server_state.default_headers:
                 head += (name, b": ", value, b"\r\n")
             for name, value in answer.headers:
                 head += (name, b": ", value, b"\r\n")
-            if self.stopping:
+            if close:
                 head += (b"connection: close\r\n",)
             head += (b"\r\n", answer.body)
             self.one_send.write(b"".join(head))
@@ -250,9 +265,41 @@ def http_protocol(
                 answer.sent()
             except Exception:
                 log.exception("counting a request rejected before its body failed")
+
+        def on_message_complete(self) -> None:
+            if self.discarding:
+                return
+            answer = self.early
+            if answer is None:
+                super().on_message_complete()
+                return
+            self.early = None
+            self._answer(answer, close=self.stopping)
             if self.stopping:
                 self.transport.close()
             self.on_response_complete()
+
+        def _answer_before_body(self, answer: Any) -> None:
+            """Answer a request that waits for ``100 Continue`` now, without asking for its body.
+
+            A final status instead of ``100 Continue`` tells the client not to send the body
+            (RFC 9110, 10.1.1), but the connection cannot serve on: whether the body will still
+            come (from a client that stopped waiting) is unknown, so the next bytes could be
+            either. The answer says ``Connection: close``; the connection is half-closed after
+            it (the answer, then FIN) and drops what still arrives until the client closes, at
+            most :data:`DISCARD_S`: closing outright while a body arrives would reset the
+            connection, and a reset can discard the answer before the client read it.
+            """
+            self.discarding = True
+            self._answer(answer, close=True)
+            self.server_state.total_requests += 1
+            transport = self.one_send.transport
+            try:
+                transport.write_eof()
+            except (NotImplementedError, RuntimeError, OSError):
+                transport.close()
+                return
+            self.discard_timer = self.loop.call_later(DISCARD_S, transport.close)
 
         def connection_lost(self, exc: Exception | None) -> None:
             answer = self.early
@@ -262,6 +309,9 @@ def http_protocol(
                     answer.abandoned()
                 except Exception:
                     log.exception("counting a request rejected before its body failed")
+            if self.discard_timer is not None:
+                self.discard_timer.cancel()
+                self.discard_timer = None
             super().connection_lost(exc)
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]

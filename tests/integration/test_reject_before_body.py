@@ -120,6 +120,36 @@ def test_a_full_queue_answers_from_the_headers_without_decoding_the_body() -> No
     asyncio.run(scenario())
 
 
+def test_a_client_waiting_for_100_continue_gets_its_503_without_sending_the_body() -> None:
+    """curl's way with bodies over 1 KiB: the head, then a wait for ``100 Continue``."""
+    runtime = runtime_from_dict(full_config())
+
+    async def scenario() -> None:
+        async with listening(runtime) as client:
+            held = await hold_the_queue(runtime, client)
+            reader, writer = await asyncio.open_connection(
+                client.base_url.host, client.base_url.port
+            )
+            writer.write(
+                b"POST /v2/models/m/infer HTTP/1.1\r\nhost: t\r\ncontent-type: application/json"
+                b"\r\nx-request-id: req-9\r\nexpect: 100-continue\r\ncontent-length: 2000\r\n\r\n"
+            )
+            async with asyncio.timeout(5):  # answered while the held request still runs
+                answer = await reader.read()  # the answer, then the server's FIN
+            writer.close()
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 503 "), answer  # no 100 Continue before it
+            assert b"\r\nconnection: close" in head.lower() and b"x-request-id: req-9" in head
+            assert body == b'{"error":"queue of model \'m\' is full","reason":"queue_full"}'
+            assert not held.done()
+            assert (await held).status_code == 200
+            text = (await client.get("/metrics")).text
+        assert metric_value(text, "infercore_request_failures_total", reason="queue_full") == 1
+        assert runtime.models["m"].versions["1"].model.calls == 1
+
+    asyncio.run(scenario())
+
+
 def test_off_a_malformed_request_gets_its_400_even_while_the_queue_is_full() -> None:
     runtime = runtime_from_dict(full_config(reject_before_body=False))
 

@@ -326,7 +326,6 @@ def test_an_early_answer_goes_once_the_body_is_in_and_the_connection_serves_on()
 @pytest.mark.parametrize(
     ("request_", "why"),
     [
-        (_post(b"/full", b"{}", b"expect: 100-continue"), "the client waits for 100 Continue"),
         (b"POST /full HTTP/1.0\r\ncontent-length: 2\r\n\r\n{}", "HTTP/1.0"),
         (b"PUT /full HTTP/1.1\r\nhost: t\r\ncontent-length: 2\r\n\r\n{}", "not a POST"),
     ],
@@ -343,6 +342,88 @@ def test_what_may_not_be_answered_early_reaches_the_app(request_: bytes, why: st
             assert head.startswith(b"HTTP/1.") and b" 200 OK" in head, why
             assert body == b'{"got":2}'
             assert srv.asked == [], why
+            writer.close()
+
+    asyncio.run(scenario())
+
+
+def _expecting(path: bytes, length: int = 2) -> bytes:
+    """A request head that waits for 100 Continue before sending a body of ``length`` bytes."""
+    return b"POST %s HTTP/1.1\r\nhost: t\r\nexpect: 100-continue\r\ncontent-length: %d\r\n\r\n" % (
+        path,
+        length,
+    )
+
+
+def test_a_request_waiting_for_100_continue_is_answered_at_once_and_its_connection_closes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import infercore.server.shutdown as shutdown
+
+    monkeypatch.setattr(shutdown, "DISCARD_S", 60.0)  # the FIN below is not the timer's close
+
+    async def scenario() -> None:
+        async with EarlyServer() as srv:
+            reader, writer = await srv.connect()
+            writer.write(_expecting(b"/full"))  # and waits: no body before 100 Continue
+            head, body = await _response(reader)
+            assert head.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")  # no 100 first
+            assert b"connection: close\r\n" in head and b"retry-after: 1\r\n" in head
+            assert body == EARLY_BODY and srv.fates == ["sent"] and len(srv.writes) == 1
+            async with asyncio.timeout(10):
+                assert await reader.read() == b""  # the server's FIN follows the answer
+            assert not srv.protocols[0].one_send.transport.is_closing()  # half-closed
+            writer.close()
+            await writer.wait_closed()
+            async with asyncio.timeout(10):  # the client's close ends it, long before 60 s
+                while not srv.protocols[0].one_send.transport.is_closing():
+                    await asyncio.sleep(0.01)
+
+    asyncio.run(scenario())
+
+
+def test_a_body_sent_anyway_after_an_answer_before_it_is_dropped_unanswered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import infercore.server.shutdown as shutdown
+
+    monkeypatch.setattr(shutdown, "DISCARD_S", 0.3)
+
+    async def scenario() -> None:
+        async with EarlyServer() as srv:
+            reader, writer = await srv.connect()
+            writer.write(_expecting(b"/full", 9))
+            await _response(reader)
+            # A client that stopped waiting: the body, then another request and bytes that
+            # are no HTTP at all, on the same connection. Nothing is parsed, answered or reset.
+            writer.write(b"[1, 2, 3]" + _post(b"/x", b"[1]") + b"\x00 not HTTP\r\n\r\n")
+            await writer.drain()
+            async with asyncio.timeout(10):
+                assert await reader.read() == b""
+            await asyncio.sleep(0.1)  # the server has read them (not yet closed: 0.3 s)
+            assert srv.asked == [b"/full"] and srv.fates == ["sent"] and len(srv.writes) == 1
+            transport = srv.protocols[0].one_send.transport
+            assert not transport.is_closing()  # half-closed: still reading, to drop
+            await asyncio.sleep(0.6)
+            assert transport.is_closing()  # closed once DISCARD_S passed
+            writer.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_request_waiting_for_100_continue_that_may_be_admitted_gets_100_continue() -> None:
+    async def scenario() -> None:
+        async with EarlyServer() as srv:
+            reader, writer = await srv.connect()
+            writer.write(_expecting(b"/x"))
+            async with asyncio.timeout(10):
+                assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+            writer.write(b"{}")
+            head, body = await _response(reader)
+            assert head.startswith(b"HTTP/1.1 200 OK") and body == b'{"got":2}'
+            assert srv.asked == [b"/x"] and srv.fates == []
+            writer.write(_post(b"/x", b"[1]"))  # and the connection serves on
+            assert (await _response(reader))[1] == b'{"got":3}'
             writer.close()
 
     asyncio.run(scenario())
