@@ -289,6 +289,16 @@ class ShadowRunner:
         if queued and self._wake is not None:
             self._wake.set()
 
+    def _gathered(self, sv: ServedVersion, limit: int) -> bool:
+        """Whether ``limit`` copies for ``sv`` wait (a full batch for it: no reason to wait)."""
+        n = 0
+        for copy in self._pending:
+            if copy.sv is sv:
+                n += 1
+                if n >= limit:
+                    return True
+        return False
+
     def _take(self) -> list[_Copy]:
         """The oldest copy and every other waiting copy for its version, up to the version's
         batch size in copies (each copy has at least one row); other versions' copies keep
@@ -333,7 +343,7 @@ class ShadowRunner:
                 # more than for one, and nobody waits for a copy's answer.
                 first = pending[0]
                 wait = first.at + delay - time.monotonic()
-                if wait > 0.0 and len(pending) < _group_rows(first.sv):
+                if wait > 0.0 and not self._gathered(first.sv, _group_rows(first.sv)):
                     await asyncio.sleep(wait)
                     continue
             group = self._take()

@@ -334,6 +334,29 @@ def test_a_full_batch_of_copies_does_not_wait_for_the_delay() -> None:
     assert outcomes.get("ok") == 4 and batches == [4]
 
 
+def test_with_two_shadows_a_batch_is_full_by_its_own_versions_copies() -> None:
+    """Four copies waiting, two per version, are no full batch of four for either."""
+    rt = shadow_runtime(
+        {}, {}, batching={"kind": "dynamic", "max_batch_size": 4}, batch_delay_ms=1000
+    )
+
+    async def scenario(rt: Any) -> tuple[list[int], list[int]]:
+        for i in range(2):
+            offer(rt, ("2", "3"), rows(float(i)), primary_of(rows(float(i))))
+        await asyncio.sleep(0.1)  # well inside the delay: nothing may have run yet
+        early = list(rt.models["m"].versions["2"].model.batches)
+        for i in range(2, 4):  # now four copies for each: full batches, at once
+            offer(rt, ("2", "3"), rows(float(i)), primary_of(rows(float(i))))
+        await settle(rt, "2", 4)
+        await settle(rt, "3", 4)
+        versions = rt.models["m"].versions
+        return early, versions["2"].model.batches + versions["3"].model.batches
+
+    early, batches = run(rt, scenario)
+    assert early == []
+    assert batches == [4, 4]
+
+
 def test_the_batch_delay_is_bounded() -> None:
     from infercore.errors import ConfigError
 
