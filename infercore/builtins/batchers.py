@@ -155,9 +155,9 @@ class NoBatcherConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, k
     max_queue_size: PositiveInt = 512
     #: Longest wait for a slot; then 503 queue_timeout and the request never runs.
     queue_timeout_ms: PositiveMs = 1000
-    #: Also answer 503 queue_full, at once, a request that would wait past
-    #: ``queue_timeout_ms``: more requests queued than the model, at the rate measured while
-    #: requests were waiting, runs in that time.
+    #: Also answer 503 queue_full, at once, a request that would wait too long: when the
+    #: requests queued or running take the model more than 80 % of ``queue_timeout_ms`` at the
+    #: rate measured while requests were waiting (:data:`HEADROOM`).
     reject_expected_timeouts: bool = True
 
 
@@ -292,9 +292,9 @@ class DynamicBatcherConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=Tr
     max_queue_size: PositiveInt = 512
     #: Longest queue wait; then 503 queue_timeout and the request never runs.
     queue_timeout_ms: PositiveMs = 1000
-    #: Also answer 503 queue_full, at once, a request that would wait past
-    #: ``queue_timeout_ms``: more rows queued than the model, at the rate measured while
-    #: requests were waiting, runs in that time.
+    #: Also answer 503 queue_full, at once, a request that would wait too long: when the rows
+    #: queued or running take the model more than 80 % of ``queue_timeout_ms`` at the rate
+    #: measured while requests were waiting (:data:`HEADROOM`).
     reject_expected_timeouts: bool = True
     #: Model calls in flight at once.
     max_concurrent_batches: PositiveInt = 1
