@@ -193,9 +193,8 @@ class NoBatcher(Batcher):
 
     @property
     def full(self) -> bool:
-        return (
-            self._waiting >= self.config.max_queue_size
-            or self._waiting + len(self._calls) > self._drain.limit
+        return self._waiting >= self.config.max_queue_size or (
+            self._slots.locked() and self._waiting + len(self._calls) > self._drain.limit
         )
 
     async def start(self) -> None:
@@ -406,10 +405,21 @@ class DynamicBatcher(Batcher):
 
     @property
     def full(self) -> bool:
-        return (
-            self._waiting >= self.config.max_queue_size
-            or self._queued_rows + self._running_rows > self._drain.limit
-        )
+        return self._waiting >= self.config.max_queue_size or self._late_rows() > 0
+
+    def _late_rows(self) -> int:
+        """The rows ahead of a new request when they outlast the drain limit, else 0.
+
+        Nothing is ahead of a request that would be taken at once: none queued and a model
+        slot free (the rows of the batches running elsewhere do not delay it).
+        """
+        ahead = self._queued_rows + self._running_rows
+        if ahead <= self._drain.limit:
+            return 0
+        slots = self._slots
+        if not self._waiting and slots is not None and not slots.locked():
+            return 0
+        return ahead
 
     async def start(self) -> None:
         self._stopping = False
@@ -448,8 +458,8 @@ class DynamicBatcher(Batcher):
             raise RuntimeError("DynamicBatcher.submit() before start()")
         if self._waiting >= self.config.max_queue_size:
             raise QueueFull(f"queue of model {self.context.model_name!r} is full")
-        ahead = self._queued_rows + self._running_rows
-        if ahead > self._drain.limit:
+        ahead = self._late_rows()
+        if ahead:
             raise _late(
                 self.context.model_name,
                 ahead,

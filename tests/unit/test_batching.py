@@ -1022,6 +1022,40 @@ def test_a_request_that_would_time_out_is_rejected_at_once(
     run(scenario())
 
 
+@pytest.mark.parametrize("make", [make_none, make_dynamic], ids=["none", "dynamic"])
+def test_a_request_that_would_start_at_once_is_never_refused_as_late(
+    make: Callable[..., Awaitable[Batcher]],
+) -> None:
+    """Work running over the limit does not delay a request a free model slot takes at once;
+    once no slot is free, it does."""
+
+    async def scenario() -> None:
+        model = await make_model(gated=True)
+        if make is make_none:  # its units are requests: two calls running, a third slot free
+            size: dict[str, Any] = {"max_concurrency": 3}
+            over = [request(1), request(2)]
+        else:  # rows: one batch of three running, a second slot free
+            size = {"max_concurrent_batches": 2, "max_batch_size": 2}
+            over = [request(1, 3)]
+        batcher: Any = await make(model, queue_timeout_ms=30_000, **size)
+        batcher._drain.limit = 1.5  # as if measured: 1.5 requests (rows) run within the limit
+        running = [asyncio.create_task(batcher.submit(r, deadline=later())) for r in over]
+        await until(model.entered(len(over)))
+        assert not batcher.full  # over the limit, but a new request would start at once
+        last = request(9)
+        running.append(asyncio.create_task(batcher.submit(last, deadline=later())))
+        await until(model.entered(len(over) + 1))  # and it did, in the free slot
+        assert batcher.full  # no slot free now, and more than 1.5 ahead
+        with pytest.raises(QueueFull, match="queue_timeout_ms"):
+            batcher.submit(request(10), deadline=later()).send(None)
+        model.gate.set()
+        for req, res in zip([*over, last], await finish(*running), strict=True):
+            check_result(req, res)
+        await batcher.stop()
+
+    run(scenario())
+
+
 def test_none_batcher_deadline_and_cancel() -> None:
     async def scenario() -> None:
         model = await make_model(gated=True)
