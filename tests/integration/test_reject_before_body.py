@@ -121,7 +121,7 @@ def test_a_full_queue_answers_from_the_headers_without_decoding_the_body() -> No
 
 
 def test_a_client_waiting_for_100_continue_gets_its_503_without_sending_the_body() -> None:
-    """curl's way with bodies over 1 KiB: the head, then a wait for ``100 Continue``."""
+    """curl's way with bodies over 1 MiB: the head, then a wait for ``100 Continue``."""
     runtime = runtime_from_dict(full_config())
 
     async def scenario() -> None:
