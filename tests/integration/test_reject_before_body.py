@@ -324,6 +324,30 @@ def test_without_request_groups_the_batcher_says_when_it_is_full() -> None:
     asyncio.run(scenario())
 
 
+def test_with_request_groups_the_batchers_own_full_counts_too() -> None:
+    """A batcher full by the time its work takes (reject_expected_timeouts) turns requests
+    away from their headers although the groups have room."""
+    config = full_config()
+    config["batching"]["max_queue_size"] = 8  # room in the groups: only the batcher is full
+    runtime = runtime_from_dict(config)
+
+    async def scenario() -> None:
+        async with listening(runtime) as client:
+            sv = runtime.models["m"].versions["1"]
+            assert sv.groups is not None and not sv.full
+            sv.batcher._drain.limit = 0.5  # as if measured: half a request within the limit
+            held = asyncio.create_task(client.post("/v2/models/m/infer", json=ROW))
+            async with asyncio.timeout(5):
+                while not sv.batcher.full:  # its one call running, more than 0.5 ahead
+                    await asyncio.sleep(0.005)
+            assert sv.groups.waiting < sv.groups.max_waiting and sv.full
+            r = await client.post("/v2/models/m/infer", content=MALFORMED, headers=JSON)
+            assert r.status_code == 503 and r.json()["reason"] == "queue_full"
+            assert (await held).status_code == 200
+
+    asyncio.run(scenario())
+
+
 def test_once_a_shutdown_began_the_request_path_answers_with_connection_close() -> None:
     # While draining, every answer must carry Connection: close (ShutdownMiddleware), which
     # an answer made before the body would not.
