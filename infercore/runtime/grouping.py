@@ -145,9 +145,9 @@ class RequestGroups:
         max_rows: Most rows in one group.
         max_waiting: Most requests inside groups at once; beyond it, ``queue_full``.
         model_name: For messages.
-        batcher_full: The batcher's own ``full``: while it is true (its queue holds more than
-            the model runs in its queue timeout, say), a request is answered ``queue_full`` at
-            once instead of joining a group.
+        batcher_full: The batcher's own ``full``: while it is true (the work ahead outlasts
+            80 % of its queue timeout, say: ``reject_expected_timeouts``), a request is
+            answered ``queue_full`` at once instead of joining a group.
         busy_turns: Turns of the event loop a group stays open past its first while the loop
             is busy: requests that arrive meanwhile join it. A turn that took under
             ``idle_turn_s`` ran nothing else (the loop is idle: no request is on its way), and

@@ -111,9 +111,9 @@ class ServedVersion:
         """Whether a request for this version would now be answered 503 ``queue_full``.
 
         With request groups, the requests inside them count against the queue bound (the
-        batcher sees a group as one request), and the batcher's own ``full`` holds too (its
-        queue holds more than the model runs in its queue timeout, say); without, the
-        batcher's alone.
+        batcher sees a group as one request), and the batcher's own ``full`` holds too (the
+        work ahead outlasts 80 % of its queue timeout, say: ``reject_expected_timeouts``);
+        without, the batcher's alone.
         """
         groups = self.groups
         if groups is not None:
