@@ -2,7 +2,7 @@
 # Wheels for running benchmarks/gpu/run_gpu_checks.sh on a GPU machine that has Python, torch
 # and numpy but cannot reach a package index (the lent H200 of this workplace: Python 3.12,
 # torch 2.11 with CUDA 13, no network).
-#   benchmarks/gpu/bundle.sh [DIR]          # default .gpu-bundle (git-ignored); about 10 MB
+#   benchmarks/gpu/bundle.sh [DIR]          # default .gpu-bundle (git-ignored); about 5 MB
 #   GPU_PYTHON_VERSION=3.11 benchmarks/gpu/bundle.sh DIR   # for another Python (default 3.12)
 # DIR then holds infercore, infercore-torch and infercore-onnx as wheels (for their metadata:
 # run_gpu_checks.sh imports their code from the working tree), and the third-party packages
@@ -42,7 +42,8 @@ for pin in "${pins[@]}"; do
     for wheel in "$built"/*.whl; do
         # Built by this machine's Python: only a pure-Python wheel suits another one.
         [[ "$wheel" == *-none-any.whl ]] || {
-            echo "bundle: $pin has no wheel for CPython $pyver on x86-64 Linux" >&2
+            echo "bundle: no wheel of $pin for CPython $pyver on x86-64 Linux could be" \
+                "downloaded (none published, or no network), and it is not pure Python" >&2
             exit 2
         }
         mv "$wheel" "$dest/"

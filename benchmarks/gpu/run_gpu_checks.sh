@@ -2,10 +2,11 @@
 # GPU checks of infercore-torch (and infercore-onnx io_binding), for a machine with an NVIDIA GPU.
 #   benchmarks/gpu/run_gpu_checks.sh [OUT_DIR]       # default: $OUT, else benchmarks/gpu/results
 #   ALLOW_CPU=1 benchmarks/gpu/run_gpu_checks.sh DIR  # no GPU: run the CPU parts only
-# Python: .venv's (needs the CUDA build of torch there: `uv pip install --python .venv torch`;
-# the lock never installs torch, and .ci/install-torch-cpu installs the CPU build), else
-# $PYTHON, else python3 with the wheels of benchmarks/gpu/bundle.sh (.gpu-bundle, or
-# $GPU_BUNDLE) installed into a temporary folder: a machine with torch but no package index.
+# Python: $PYTHON when set; else .venv's (needs the CUDA build of torch there: `uv pip install
+# --python .venv torch`; the lock never installs torch, and .ci/install-torch-cpu installs the
+# CPU build); else python3. Except with .venv's, the wheels of benchmarks/gpu/bundle.sh
+# (.gpu-bundle, or $GPU_BUNDLE), when there, are installed into a temporary folder first: a
+# machine with torch but no package index.
 # Bounded: about 3 minutes.
 #  1. the `gpu`-marked tests (skip without CUDA) of plugins/torch and plugins/onnx;
 #  2. bench_torch_batching.py: torch-gpu vs dynamic batching, CPU and CUDA, JSON + markdown.
