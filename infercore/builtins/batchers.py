@@ -86,6 +86,10 @@ def _rows(model: Model, inputs: Tensors) -> int:
 #: timed out all the same; with this share, under 1 %.
 HEADROOM = 0.8
 
+#: A measured drain rate is forgotten when no interval was measured for this many horizons
+#: (8 s with the default ``queue_timeout_ms`` of 1 s): the next backlog measures its own.
+STALE_HORIZONS = 10
+
 
 class _Drain:
     """How fast a queue empties while it is backlogged, and how much it may hold by that.
@@ -97,10 +101,21 @@ class _Drain:
     in calls that have not returned) that take ``horizon_s`` to drain at the rate of the last
     ``window`` such intervals: a request behind more would wait past ``horizon_s``. It is
     infinite until ``min_samples`` intervals were measured, and always when the check is off
-    (``horizon_s`` ``None``).
+    (``horizon_s`` ``None``). Measurements are forgotten, and the limit is infinite again, at
+    the first take :data:`STALE_HORIZONS` horizons after the last interval measured: a rate
+    from an earlier backlog (a cold start, a busier host) says little about the next.
     """
 
-    __slots__ = ("_last", "_samples", "_seconds", "_units", "horizon_s", "limit", "min_samples")
+    __slots__ = (
+        "_last",
+        "_measured_at",
+        "_samples",
+        "_seconds",
+        "_units",
+        "horizon_s",
+        "limit",
+        "min_samples",
+    )
 
     def __init__(self, horizon_s: float | None, window: int = 8, min_samples: int = 1) -> None:
         self.horizon_s = horizon_s
@@ -110,12 +125,21 @@ class _Drain:
         self._samples: collections.deque[tuple[int, float]] = collections.deque(maxlen=window)
         self._units = 0
         self._seconds = 0.0
+        self._measured_at = -math.inf
 
     def took(self, units: int, now: float, backlog_left: bool) -> None:
         last, self._last = self._last, (now if backlog_left else None)
-        if last is None or self.horizon_s is None:
+        if self.horizon_s is None:
             return
         samples = self._samples
+        if samples and now - self._measured_at > STALE_HORIZONS * self.horizon_s:
+            samples.clear()
+            self._units = 0
+            self._seconds = 0.0
+            self.limit = math.inf
+        if last is None:
+            return
+        self._measured_at = now
         if len(samples) == samples.maxlen:
             old_units, old_seconds = samples[0]
             self._units -= old_units

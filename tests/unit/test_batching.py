@@ -943,12 +943,26 @@ def test_drain_limit_is_the_backlogged_rate_times_the_horizon() -> None:
     assert drain.limit == math.inf  # one interval, two needed
     drain.took(8, 10.2, backlog_left=False)  # 16 rows in 0.2 s: 80/s, 40 rows in 0.5 s
     assert drain.limit == pytest.approx(40)
-    drain.took(8, 50.0, backlog_left=True)  # the queue was empty before: no interval
-    assert drain.limit == pytest.approx(40)
-    for t in (50.2, 50.4, 50.6):  # 4 rows every 0.2 s; the window keeps the last four
+    drain.took(8, 14.0, backlog_left=True)  # the queue was empty before: no interval
+    assert drain.limit == pytest.approx(40)  # 3.8 s since the last interval: under 10 x 0.5 s
+    for t in (14.2, 14.4, 14.6):  # 4 rows every 0.2 s; the window keeps the last four
         drain.took(4, t, backlog_left=True)
     assert drain.limit == pytest.approx(20 / 0.7 * 0.5)  # (8, .1), (4, .2) x 3
     assert drain.wait_ms(10) == pytest.approx(1000 * 10 * 0.7 / 20)
+
+
+def test_drain_forgets_a_rate_measured_long_ago() -> None:
+    drain = _Drain(0.5, window=4, min_samples=1)
+    for t in (10.0, 10.5, 11.0):  # a slow spell: 2 rows every 0.5 s, 2 rows in 0.5 s
+        drain.took(2, t, backlog_left=True)
+    drain.took(2, 11.5, backlog_left=False)
+    assert drain.limit == pytest.approx(2)
+    drain.took(1, 16.4, backlog_left=False)  # 4.9 s after the last interval: kept
+    assert drain.limit == pytest.approx(2)
+    drain.took(1, 21.6, backlog_left=True)  # 10.1 s: over 10 horizons, forgotten
+    assert drain.limit == math.inf and math.isnan(drain.wait_ms(5))
+    drain.took(8, 21.7, backlog_left=True)  # the new backlog measures its own rate
+    assert drain.limit == pytest.approx(8 / 0.1 * 0.5)
 
 
 def test_drain_without_a_horizon_never_limits() -> None:
