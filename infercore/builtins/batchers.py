@@ -162,9 +162,10 @@ def _horizon_s(queue_timeout_ms: float, on: bool) -> float | None:
     return queue_timeout_ms / 1000 * HEADROOM if on else None
 
 
-def _late(
+def _expected_timeout_error(
     model_name: str | None, queued: int, unit: str, drain: _Drain, timeout_ms: float
 ) -> QueueFull:
+    """The 503 ``queue_full`` for a request refused because the work ahead outlasts the horizon."""
     return QueueFull(
         f"queue of model {model_name!r} is full: the {queued} {unit} queued or running take "
         f"about {drain.wait_ms(queued):,.0f} ms, over {HEADROOM:.0%} of queue_timeout_ms "
@@ -246,7 +247,7 @@ class NoBatcher(Batcher):
                 raise QueueFull(f"queue of model {self.context.model_name!r} is full")
             ahead = self._waiting + len(self._calls)
             if ahead > self._drain.limit:
-                raise _late(
+                raise _expected_timeout_error(
                     self.context.model_name,
                     ahead,
                     "requests",
@@ -429,9 +430,9 @@ class DynamicBatcher(Batcher):
 
     @property
     def full(self) -> bool:
-        return self._waiting >= self.config.max_queue_size or self._late_rows() > 0
+        return self._waiting >= self.config.max_queue_size or self._rows_ahead_past_horizon() > 0
 
-    def _late_rows(self) -> int:
+    def _rows_ahead_past_horizon(self) -> int:
         """The rows ahead of a new request when they outlast the drain limit, else 0.
 
         Nothing is ahead of a request that would be taken at once: none queued and a model
@@ -482,9 +483,9 @@ class DynamicBatcher(Batcher):
             raise RuntimeError("DynamicBatcher.submit() before start()")
         if self._waiting >= self.config.max_queue_size:
             raise QueueFull(f"queue of model {self.context.model_name!r} is full")
-        ahead = self._late_rows()
+        ahead = self._rows_ahead_past_horizon()
         if ahead:
-            raise _late(
+            raise _expected_timeout_error(
                 self.context.model_name,
                 ahead,
                 "rows",
