@@ -253,6 +253,42 @@ def fraud_model_bodies(n: int, seed: int = 8) -> list[bytes]:
 # Servers
 
 
+def infercore_server(
+    name: str,
+    recipe_name: str,
+    recipe: Recipe,
+    port: int,
+    log: Path,
+    overrides: list[str],
+    tmp: Path,
+    cpu: int | None,
+    bin_dir: Path,
+    ready_s: float,
+) -> Server:
+    """``infercore serve +recipe=RECIPE`` on ``port`` and ``cpu`` (not started).
+
+    A Feast recipe gets a fresh registry and online store under ``tmp``, outside the recipe
+    folder (removed when the server stops): its start-up includes materializing them.
+    """
+    argv = [str(bin_dir / "infercore"), "serve", f"+recipe={recipe_name}"]
+    argv += [f"server.port={port}", *overrides]
+    env = dict(os.environ)
+    if recipe.recipes_dir is not None:
+        env["INFERCORE_RECIPES_DIR"] = str(REPO / recipe.recipes_dir)
+    cleanup = []
+    if recipe.feast:
+        feast_dir = tmp / f"feast-{name}"
+        feast_dir.mkdir()
+        argv += [
+            f"++features.registry_path={feast_dir}/registry.db",
+            f"++features.sqlite_path={feast_dir}/online_store.db",
+        ]
+        cleanup.append(feast_dir)
+    server = Server(name, [*pin(cpu), *argv], port, "/v2/health/ready", ready_s, log, env=env)
+    server.cleanup = cleanup
+    return server
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -1006,24 +1042,18 @@ def _run(
             overrides, goal = variant
             target["target_vs_floor"] = goal
             target["overrides"] = [*overrides, *args.overrides]
-            argv = [str(bin_dir / "infercore"), "serve", f"+recipe={recipe.recipe or args.recipe}"]
-            argv += [f"server.port={port}", *overrides, *args.overrides]
-            env = dict(os.environ)
-            if recipe.recipes_dir is not None:
-                env["INFERCORE_RECIPES_DIR"] = str(REPO / recipe.recipes_dir)
-            cleanup = []
-            if recipe.feast:  # a fresh registry and online store, outside the recipe folder
-                feast_dir = tmp / f"feast-{name}"
-                feast_dir.mkdir()
-                argv += [
-                    f"++features.registry_path={feast_dir}/registry.db",
-                    f"++features.sqlite_path={feast_dir}/online_store.db",
-                ]
-                cleanup.append(feast_dir)
-            server = Server(
-                name, [*pin(server_cpu), *argv], port, "/v2/health/ready", ready_s, log, env=env
+            server = infercore_server(
+                name,
+                recipe.recipe or args.recipe,
+                recipe,
+                port,
+                log,
+                [*overrides, *args.overrides],
+                tmp,
+                server_cpu,
+                bin_dir,
+                ready_s,
             )
-            server.cleanup = cleanup
         elif kind == "floor":
             argv = [sys.executable, str(BENCH / "floor_app.py"), "--port", str(port)]
             server = Server(name, [*pin(server_cpu), *argv], port, "/v2/health/ready", ready_s, log)

@@ -19,6 +19,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import bench
 import openloop
+import soak
 
 #: handler(request number, body) -> status, or (status, extra header lines, body); None hangs up.
 Handler = Callable[[int, bytes], Awaitable[int | tuple[int, bytes, bytes] | None]]
@@ -377,3 +378,92 @@ def test_the_gpu_bundle_reads_the_machine_list_and_bundles_what_is_not_on_it(
     assert br.device_packages(listed) == {"numpy", "torch", "prometheus-client", "pyyaml"}
     assert "numpy" not in br.missing("3.12", {"numpy"})
     assert "numpy" in br.missing("3.12", set())  # infercore's own requirement, when absent
+
+
+# ------------------------------------------------------------ soak.py's checks
+
+
+def _windows(
+    n: int = 9,
+    rss: Callable[[int], float] = lambda i: 300.0,
+    p99: Callable[[int], float] = lambda i: 10.0,
+    status: dict[str, int] | None = None,
+) -> list[dict[str, Any]]:
+    return [
+        {
+            "t_s": 10.0 * (i + 1),
+            "scheduled": 1000,
+            "completed": 1000,
+            "status": dict(status or {"200": 1000}),
+            "p50_ms": 1.0,
+            "p99_ms": p99(i),
+            "rss_mb": rss(i),
+        }
+        for i in range(n)
+    ]
+
+
+def _control(soaked_cpu: float = 250.0, soaked_p99: float = 10.0) -> list[dict[str, Any]]:
+    out = []
+    for _ in range(3):
+        out.append({"server": "soaked", "cpu_us_per_request": soaked_cpu, "p99_ms": soaked_p99})
+        out.append({"server": "fresh", "cpu_us_per_request": 250.0, "p99_ms": 10.0})
+    for w in out:
+        w["p50_ms"] = 1.0
+    return out
+
+
+def _failed(found: list[soak.Check]) -> set[str]:
+    return {c.name for c in found if not c.ok}
+
+
+def test_soak_passes_a_flat_run_that_warmed_up() -> None:
+    # RSS climbs during the first third (caches, arenas), then holds.
+    windows = _windows(rss=lambda i: [280.0, 300.0, 310.0][i] if i < 3 else 312.0)
+    assert _failed(soak.soak_checks(windows, 9000, (200, 200), _control())) == set()
+
+
+def test_soak_fails_memory_that_keeps_growing() -> None:
+    windows = _windows(rss=lambda i: 300.0 + 5.0 * i)  # 5 MiB a window: 340 against 315 + 4
+    found = soak.soak_checks(windows, 9000, (200, 200), _control())
+    assert _failed(found) == {"memory flat"}
+    assert "slope +1800.0 MiB/h" in next(c.detail for c in found if c.name == "memory flat")
+
+
+def test_soak_fails_a_server_slower_than_a_fresh_one() -> None:
+    windows = _windows(p99=lambda i: 10.0 if i < 3 else 40.0)  # the machine, or the server?
+    ok = soak.soak_checks(windows, 9000, (200, 200), _control())
+    assert _failed(ok) == set()  # a fresh server beside it was as slow: the machine
+    assert "10.0 -> 40.0 ms" in next(c.detail for c in ok if c.name.startswith("latency"))
+    slow = soak.soak_checks(windows, 9000, (200, 200), _control(soaked_p99=21.5))
+    assert _failed(slow) == {"latency as a fresh server's"}  # 21.5 against 2 x 10 + 1
+    assert _failed(soak.soak_checks(windows, 9000, (200, 200), _control(soaked_p99=20.5))) == set()
+    costly = soak.soak_checks(windows, 9000, (200, 200), _control(soaked_cpu=300.0))
+    assert _failed(costly) == {"CPU per request as a fresh server's"}  # 300 against 1.15 x 250
+    missing = soak.soak_checks(windows, 9000, (200, 200), [])
+    assert _failed(missing) == {"compared with a fresh server"}
+
+
+def test_soak_fails_errors_unanswered_requests_and_miscounts() -> None:
+    control = _control()
+    errors = _windows(status={"200": 999, "503": 1})
+    assert _failed(soak.soak_checks(errors, 9000, (200, 200), control)) == {
+        "every request answered 200"
+    }
+    lost = _windows()
+    lost[4]["completed"] = 999  # one timed out: its status is "timeout", not 200
+    lost[4]["status"] = {"200": 999, "timeout": 1}
+    assert "every request answered 200" in _failed(
+        soak.soak_checks(lost, 8999, (200, 200), control)
+    )
+    assert _failed(soak.soak_checks(_windows(), 8990, (200, 200), control)) == {
+        "the server counted every request"
+    }
+    assert _failed(soak.soak_checks(_windows(), 9000, (503, 200), control)) == {
+        "ready and answering afterwards"
+    }
+
+
+def test_soak_slope_is_least_squares_per_hour() -> None:
+    assert soak.slope_per_hour([(0.0, 100.0), (1800.0, 101.0), (3600.0, 102.0)]) == pytest.approx(2)
+    assert math.isnan(soak.slope_per_hour([(5.0, 1.0)]))
