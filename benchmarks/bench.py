@@ -58,6 +58,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -287,6 +288,15 @@ def infercore_server(
     server = Server(name, [*pin(cpu), *argv], port, "/v2/health/ready", ready_s, log, env=env)
     server.cleanup = cleanup
     return server
+
+
+def metric_sum(port: int, prefix: str) -> float:
+    """The sum of every sample of a server's ``/metrics`` whose line starts with ``prefix``."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix)
+    )
 
 
 def free_port() -> int:

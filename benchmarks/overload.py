@@ -40,7 +40,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -245,13 +244,7 @@ def thread_run_s(pid: int) -> dict[int, float]:
 
 def model_rows(port: int) -> float:
     """Rows the server's models have run (``infercore_batch_size_sum`` over every label)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("infercore_batch_size_sum")
-    )
+    return bench.metric_sum(port, "infercore_batch_size_sum")
 
 
 def steal_s(cpu: int) -> float:

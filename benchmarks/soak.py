@@ -1,13 +1,15 @@
 """Soak: a real server under steady load for a long while, memory and latency flat (RELIABILITY.md).
 
-    uv run python benchmarks/soak.py                          # fraud, 0.4 of its capacity, 10 min
+    uv run python benchmarks/soak.py                          # fraud, its core 40 % busy, 10 min
     uv run python benchmarks/soak.py iris --duration 3600     # an hour
     uv run python benchmarks/soak.py fraud --rate 1500 -- models.fraud.drift=null
 
 1. Compiles the environment's bytecode (as ``bench.py`` does) and starts ``infercore serve
    +recipe=RECIPE`` on CPU 0 (a Feast recipe with a fresh registry and online store).
 2. Measures its capacity: ``wrk`` at 64 connections for 5 s on CPU 1, after a 2 s warm-up.
-3. Offers ``--load`` times that (or ``--rate`` requests a second) open loop for
+3. Offers the rate that keeps the server's core ``--busy`` (0.4) busy, from one 10 s
+   calibration window at a quarter of that capacity (open loop costs the server more per
+   request than closed loop), or ``--rate`` requests a second, open loop for
    ``--duration`` seconds, in windows of ``--window`` seconds (:mod:`openloop`, in this
    process, on CPU 1; Poisson arrivals, a different seed each window, 64 keep-alive
    connections opened at the start of each window and closed at its end, more when all are
@@ -45,7 +47,6 @@ import statistics
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,10 @@ RSS_SLACK_MB = 4.0
 P99_GROWTH = 2.0
 P99_SLACK_MS = 1.0
 CPU_GROWTH = 1.15
+#: The calibration window's rate (share of the closed-loop capacity), and the highest rate
+#: ``--busy`` may ask for.
+CALIBRATE_SHARE = 0.25
+MAX_SHARE = 0.9
 #: A window whose send lag p99 passes this did not offer the rate asked.
 LAG_LIMIT_MS = 50.0
 
@@ -91,13 +96,7 @@ def rss_mb(server: bench.Server) -> float:
 
 def requests_counted(port: int) -> float:
     """Inference requests the server has answered (``infercore_requests_total``, every label)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("infercore_requests_total{")
-    )
+    return bench.metric_sum(port, "infercore_requests_total{")
 
 
 def slope_per_hour(points: list[tuple[float, float]]) -> float:
@@ -237,8 +236,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("recipe", nargs="?", default="fraud", choices=sorted(bench.RECIPES))
     p.add_argument("--duration", type=float, default=600.0, help="seconds of load (600)")
     p.add_argument("--window", type=float, default=10.0, help="seconds per window (10)")
-    p.add_argument("--load", type=float, default=0.4, help="offered load / capacity (0.4)")
-    p.add_argument("--rate", type=float, help="requests per second instead of --load")
+    p.add_argument(
+        "--busy", type=float, default=0.4, help="share of the server's core to load (0.4)"
+    )
+    p.add_argument("--rate", type=float, help="requests per second instead of --busy")
     p.add_argument(
         "--control-rounds", type=int, default=3, help="soaked / fresh windows in turns (3)"
     )
@@ -290,17 +291,29 @@ def main(argv: list[str] | None = None) -> int:
         closed = bench.run_wrk(port, path, script, 64, 5, 1)
         if closed["errors"]:
             raise bench.BenchError(f"closed loop at 64 connections had errors: {closed}")
-        rate = args.rate or args.load * closed["rps"]
-        print(
-            f"capacity {closed['rps']:,.0f} req/s (wrk, 64 connections); offering {rate:,.0f} "
-            f"req/s open loop for {args.duration:g} s in {args.window:g} s windows",
-            flush=True,
-        )
         reqs = [
             openloop.encode_post("127.0.0.1", port, path, b, "application/json") for b in bodies
         ]
         if 1 in affinity:
             os.sched_setaffinity(0, {1})
+        rate = args.rate
+        calibration: dict[str, float] = {}
+        if rate is None:
+            # Open loop costs more CPU per request than closed loop (smaller groups, a wake-up
+            # each): size the rate by the share of the core it takes, measured.
+            trial = CALIBRATE_SHARE * closed["rps"]
+            t = time.perf_counter()
+            cpu = server.cpu_s()
+            window(server, reqs, trial, args.window, 1, t)
+            busy = (server.cpu_s() - cpu) / (time.perf_counter() - t)
+            rate = min(trial * args.busy / max(busy, 1e-3), MAX_SHARE * closed["rps"])
+            calibration = {"trial_rps": trial, "trial_busy": busy}
+            print(f"calibration: {trial:,.0f} req/s kept the server {busy:.0%} busy", flush=True)
+        print(
+            f"capacity {closed['rps']:,.0f} req/s (wrk, 64 connections); offering {rate:,.0f} "
+            f"req/s open loop for {args.duration:g} s in {args.window:g} s windows",
+            flush=True,
+        )
         time.sleep(1.0)  # wrk's last requests are still being answered when it exits
         counted0 = requests_counted(port)
         t0 = time.perf_counter()
@@ -359,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         "startup_s": server.startup_s,
         "capacity": closed,
         "offered_rps": rate,
+        "calibration": calibration,
         "window_s": args.window,
         "windows": windows,
         "control": control,
@@ -374,7 +388,13 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"capacity {closed['rps']:,.0f} req/s (wrk, 64 connections); offered {rate:,.0f} req/s "
         f"open loop (Poisson) in {len(windows)} windows of {args.window:g} s; {total:,} requests; "
-        f"start-up {server.startup_s:.1f} s; peak RSS {peak:.0f} MiB",
+        f"start-up {server.startup_s:.1f} s; peak RSS {peak:.0f} MiB"
+        + (
+            f" (the rate for {args.busy:.0%} of the core: {calibration['trial_rps']:,.0f} req/s "
+            f"had kept it {calibration['trial_busy']:.0%} busy)"
+            if calibration
+            else ""
+        ),
         "",
         "| check | result | measured |",
         "|---|---|---|",
