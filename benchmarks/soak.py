@@ -248,6 +248,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.window <= 0 or args.duration < 3 * args.window:
         p.error("--duration must hold at least three --window's")
+    if not 0 < args.busy <= 1:
+        p.error(f"--busy {args.busy:g}: a share of one core, over 0 and at most 1")
+    if args.rate is not None and args.rate <= 0:
+        p.error(f"--rate {args.rate:g}: requests per second, over 0")
+    if args.control_rounds < 1:
+        p.error("--control-rounds must be at least 1 (the soaked server is judged against them)")
     return args
 
 
