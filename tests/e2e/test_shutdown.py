@@ -161,8 +161,11 @@ def test_sigterm_under_keep_alive_load_loses_nothing(launcher: object, workers: 
     during_drain = [o for o in ok if t_signal + 0.1 <= o.sent <= t_signal + DRAIN_S - 0.2]
     assert len(during_drain) >= THREADS, "requests were not served during the drain delay"
     assert all(o.closes for o in out if o.status is not None and o.sent >= t_ready)
-    # Refused connections come only once the listener closed, after the drain delay.
-    assert all(o.sent >= t_signal + DRAIN_S - 0.2 for o in refused), refused[:5]
+    # Refused connections come only once the listener closed, after the drain delay. Judged
+    # by when the refusal came: on a busy machine a connect can wait in the SYN queue for
+    # half a second (CI, 2026-12-02: sent 0.46 s before it was refused), so one started just
+    # before the listener closed is refused just after.
+    assert all(o.done >= t_signal + DRAIN_S - 0.2 for o in refused), refused[:5]
     # Nothing the server read went unanswered: its access log counts exactly the responses
     # the clients received. A transport error is a connection the kernel refused or reset
     # before the server read anything (the accept queue at the instant the listener closed).
