@@ -101,9 +101,12 @@ class _Drain:
     in calls that have not returned) that take ``horizon_s`` to drain at the rate of the last
     ``window`` such intervals: a request behind more would wait past ``horizon_s``. It is
     infinite until ``min_samples`` intervals were measured, and always when the check is off
-    (``horizon_s`` ``None``). Measurements are forgotten, and the limit is infinite again, at
-    the first take :data:`STALE_HORIZONS` horizons after the last interval measured: a rate
-    from an earlier backlog (a cold start, a busier host) says little about the next.
+    (``horizon_s`` ``None``). Measurements are forgotten, and the limit is infinite again, once
+    :data:`STALE_HORIZONS` horizons have passed since the last interval measured: a rate from an
+    earlier backlog (a cold start, a busier host) says little about the next. :meth:`took`
+    checks that at each take, and :meth:`over` before it refuses anything, so a burst that
+    arrives after a quiet spell, before the batcher's next take, is not judged by the old rate.
+    Times are the event loop's clock (``loop.time()``).
     """
 
     __slots__ = (
@@ -111,6 +114,7 @@ class _Drain:
         "_measured_at",
         "_samples",
         "_seconds",
+        "_stale_after",
         "_units",
         "horizon_s",
         "limit",
@@ -126,17 +130,15 @@ class _Drain:
         self._units = 0
         self._seconds = 0.0
         self._measured_at = -math.inf
+        self._stale_after = math.inf if horizon_s is None else STALE_HORIZONS * horizon_s
 
     def took(self, units: int, now: float, backlog_left: bool) -> None:
         last, self._last = self._last, (now if backlog_left else None)
         if self.horizon_s is None:
             return
         samples = self._samples
-        if samples and now - self._measured_at > STALE_HORIZONS * self.horizon_s:
-            samples.clear()
-            self._units = 0
-            self._seconds = 0.0
-            self.limit = math.inf
+        if samples and now - self._measured_at > self._stale_after:
+            self._forget()
         if last is None:
             return
         self._measured_at = now
@@ -150,6 +152,24 @@ class _Drain:
         self._seconds += seconds
         if len(samples) >= self.min_samples and self._seconds > 0:
             self.limit = self._units / self._seconds * self.horizon_s
+
+    def over(self, units: int) -> bool:
+        """Whether ``units`` queued or running take longer than ``horizon_s`` to drain.
+
+        Cheap while they fit; only a refusal reads the clock, to forget a stale rate first.
+        """
+        if units <= self.limit:
+            return False
+        if asyncio.get_running_loop().time() - self._measured_at > self._stale_after:
+            self._forget()
+            return False
+        return True
+
+    def _forget(self) -> None:
+        self._samples.clear()
+        self._units = 0
+        self._seconds = 0.0
+        self.limit = math.inf
 
     def wait_ms(self, queued: int) -> float:
         """The estimated wait, in ms, behind ``queued`` units (for error messages)."""
@@ -219,7 +239,7 @@ class NoBatcher(Batcher):
     @property
     def full(self) -> bool:
         return self._waiting >= self.config.max_queue_size or (
-            self._slots.locked() and self._waiting + len(self._calls) > self._drain.limit
+            self._slots.locked() and self._drain.over(self._waiting + len(self._calls))
         )
 
     async def start(self) -> None:
@@ -246,7 +266,7 @@ class NoBatcher(Batcher):
             if self._waiting >= self.config.max_queue_size:
                 raise QueueFull(f"queue of model {self.context.model_name!r} is full")
             ahead = self._waiting + len(self._calls)
-            if ahead > self._drain.limit:
+            if self._drain.over(ahead):
                 raise _expected_timeout_error(
                     self.context.model_name,
                     ahead,
@@ -444,7 +464,7 @@ class DynamicBatcher(Batcher):
         slots = self._slots
         if not self._waiting and slots is not None and not slots.locked():
             return 0
-        return ahead
+        return ahead if self._drain.over(ahead) else 0
 
     async def start(self) -> None:
         self._stopping = False

@@ -335,7 +335,11 @@ def test_with_request_groups_the_batchers_own_full_counts_too() -> None:
         async with listening(runtime) as client:
             sv = runtime.models["m"].versions["1"]
             assert sv.groups is not None and not sv.full
-            sv.batcher._drain.limit = 0.5  # as if measured: half a request within the limit
+            drain = sv.batcher._drain  # as if measured just now: half a request in its horizon
+            now = asyncio.get_running_loop().time()
+            drain.took(0, now - drain.horizon_s / 0.5, backlog_left=True)
+            drain.took(1, now, backlog_left=False)
+            assert drain.limit == pytest.approx(0.5)
             held = asyncio.create_task(client.post("/v2/models/m/infer", json=ROW))
             async with asyncio.timeout(5):
                 while not sv.batcher.full:  # its one call running, more than 0.5 ahead

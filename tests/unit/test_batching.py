@@ -965,6 +965,60 @@ def test_drain_forgets_a_rate_measured_long_ago() -> None:
     assert drain.limit == pytest.approx(8 / 0.1 * 0.5)
 
 
+def measure(drain: _Drain, limit: float) -> None:
+    """Give ``drain`` a rate measured just now, at which ``limit`` units fill its horizon."""
+    assert drain.horizon_s is not None
+    now = asyncio.get_running_loop().time()
+    drain.took(0, now - drain.horizon_s / limit, backlog_left=True)
+    drain.took(1, now, backlog_left=False)  # the backlog ended: the next take measures nothing
+    assert drain.limit == pytest.approx(limit)
+
+
+def test_drain_forgets_a_stale_rate_before_it_refuses() -> None:
+    """A refusal checks the rate's age itself: the next take may be a loop turn away."""
+
+    async def scenario() -> None:
+        drain = _Drain(0.5, window=4)  # forgets after 10 horizons: 5 s
+        now = asyncio.get_running_loop().time()
+        drain.took(0, now - 5.3, backlog_left=True)
+        drain.took(2, now - 5.1, backlog_left=True)  # 2 rows in 0.2 s, measured 5.1 s ago
+        assert drain.limit == pytest.approx(5) and not drain.over(4)  # fits: kept
+        assert drain.limit == pytest.approx(5)
+        assert not drain.over(6) and drain.limit == math.inf  # would refuse: forgotten first
+        fresh = _Drain(0.5)
+        measure(fresh, limit=3)
+        assert fresh.over(4) and fresh.limit == pytest.approx(3)  # measured just now: refused
+
+    run(scenario())
+
+
+@pytest.mark.parametrize(
+    "make", [make_none, make_dynamic, make_adaptive], ids=["none", "dynamic", "adaptive"]
+)
+def test_a_burst_after_a_quiet_spell_is_not_judged_by_the_old_rate(
+    make: Callable[..., Awaitable[Batcher]],
+) -> None:
+    """Requests that arrive in one loop turn, before the batcher takes any, after ten
+    horizons without a backlog, are queued: the old rate is forgotten, not used to refuse."""
+
+    async def scenario() -> None:
+        model = await make_model()
+        size = {"max_concurrency": 1} if make is make_none else {"max_batch_size": 4}
+        batcher: Any = await make(model, queue_timeout_ms=100, **size)
+        drain = batcher._drain
+        now = asyncio.get_running_loop().time()
+        drain.took(0, now - 1.3, backlog_left=True)  # 1 row in 0.3 s, 1.0 s (12.5 horizons) ago
+        drain.took(1, now - 1.0, backlog_left=True)
+        assert drain.limit == pytest.approx(1 / 0.3 * 0.08)
+        burst = [request(i) for i in range(10)]
+        results = await asyncio.gather(*(batcher.submit(r, deadline=later()) for r in burst))
+        for req, res in zip(burst, results, strict=True):
+            check_result(req, res)
+        await batcher.stop()
+
+    run(scenario())
+
+
 def test_drain_without_a_horizon_never_limits() -> None:
     drain = _Drain(None)
     for i in range(20):
@@ -1052,7 +1106,7 @@ def test_a_request_that_would_start_at_once_is_never_refused_as_late(
             size = {"max_concurrent_batches": 2, "max_batch_size": 2}
             over = [request(1, 3)]
         batcher: Any = await make(model, queue_timeout_ms=30_000, **size)
-        batcher._drain.limit = 1.5  # as if measured: 1.5 requests (rows) run within the limit
+        measure(batcher._drain, limit=1.5)  # 1.5 requests (rows) run within the limit
         running = [asyncio.create_task(batcher.submit(r, deadline=later())) for r in over]
         await until(model.entered(len(over)))
         assert not batcher.full  # over the limit, but a new request would start at once
