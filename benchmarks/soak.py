@@ -28,7 +28,9 @@
    - the soaked server's CPU per request at most 1.15x the fresh one's, and its p99 at most
      twice the fresh one's plus 1 ms (medians of the control windows);
    - the server ready and answering afterwards.
-   It also reports the RSS slope over the second half (MiB per hour, least squares), the
+   It also reports the RSS slope over the second half (MiB per hour, least squares) and when
+   RSS last rose over 0.5 MiB above every earlier window (a leak keeps doing so; a single
+   step, which the slope also reads as growth, did so once, long before the end), the
    median window p99 of the run's first and last thirds, and whether the generator kept its
    schedule (send lag p99 under 50 ms in every window).
 
@@ -58,6 +60,9 @@ import openloop
 #: The last window's RSS may exceed the warm-up's highest by this share, plus ``RSS_SLACK_MB``.
 RSS_GROWTH = 0.05
 RSS_SLACK_MB = 4.0
+#: A window's RSS sets a new high (reported, not checked) when it passes every earlier one by
+#: more than this: RSS read from /proc moves by a few hundred KiB between windows.
+NEW_HIGH_MB = 0.5
 #: The soaked server's median window p99 may be this many times a fresh server's, plus
 #: ``P99_SLACK_MS``, and its CPU per request ``CPU_GROWTH`` times (windows taken in turns).
 P99_GROWTH = 2.0
@@ -112,6 +117,23 @@ def slope_per_hour(points: list[tuple[float, float]]) -> float:
     return 3600 * sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
 
 
+def last_high(points: list[tuple[float, float]], by: float = NEW_HIGH_MB) -> float:
+    """When ``(seconds, value)`` points last rose more than ``by`` over every earlier point.
+
+    A leak keeps setting new highs until the end; a step that then holds flat set its last one
+    long before, though a least-squares slope over the same points reads both as growth. NaN
+    for no points; the first point's time when none rose that far.
+    """
+    if not points:
+        return math.nan
+    when, high = points[0]
+    for t, value in points[1:]:
+        if value > high + by:
+            when = t
+        high = max(high, value)
+    return when
+
+
 def thirds(windows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The first and the last third of the windows (one each at least)."""
     n = max(1, len(windows) // 3)
@@ -150,12 +172,14 @@ def soak_checks(
     bound = warm * (1 + RSS_GROWTH) + RSS_SLACK_MB
     half = windows[len(windows) // 2 :]
     slope = slope_per_hour([(w["t_s"], w["rss_mb"]) for w in half])
+    high = last_high([(w["t_s"], w["rss_mb"]) for w in windows])
     found.append(
         Check(
             "memory flat",
             end <= bound,
             f"RSS {warm:.1f} MiB at most in the first third, {end:.1f} MiB at the end "
-            f"(bound {bound:.1f}); second half's slope {slope:+.1f} MiB/h",
+            f"(bound {bound:.1f}); second half's slope {slope:+.1f} MiB/h; last new high "
+            f"(by over {NEW_HIGH_MB:g} MiB) at {high:.0f} s of {windows[-1]['t_s']:.0f}",
         )
     )
     soaked = [w for w in control if w["server"] == "soaked"]

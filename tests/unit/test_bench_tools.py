@@ -427,7 +427,8 @@ def test_soak_fails_memory_that_keeps_growing() -> None:
     windows = _windows(rss=lambda i: 300.0 + 5.0 * i)  # 5 MiB a window: 340 against 315 + 4
     found = soak.soak_checks(windows, 9000, (200, 200), _control())
     assert _failed(found) == {"memory flat"}
-    assert "slope +1800.0 MiB/h" in next(c.detail for c in found if c.name == "memory flat")
+    detail = next(c.detail for c in found if c.name == "memory flat")
+    assert "slope +1800.0 MiB/h" in detail and "last new high (by over 0.5 MiB) at 90 s" in detail
 
 
 def test_soak_fails_a_server_slower_than_a_fresh_one() -> None:
@@ -462,6 +463,17 @@ def test_soak_fails_errors_unanswered_requests_and_miscounts() -> None:
     assert _failed(soak.soak_checks(_windows(), 9000, (503, 200), control)) == {
         "ready and answering afterwards"
     }
+
+
+def test_soak_last_high_tells_a_step_from_growth() -> None:
+    step = [(10.0 * i, 300.0 if i < 4 else 305.0) for i in range(12)]  # one step, then flat
+    assert soak.slope_per_hour(step[6:]) == 0 and soak.slope_per_hour(step[2:]) > 0
+    assert soak.last_high(step) == 40.0
+    growing = [(10.0 * i, 300.0 + 0.6 * i) for i in range(12)]
+    assert soak.last_high(growing) == 110.0
+    noisy = [(10.0 * i, 300.0 + (0.4 if i % 2 else 0.0)) for i in range(12)]
+    assert soak.last_high(noisy) == 0.0  # wobbles under 0.5 MiB set no new high
+    assert math.isnan(soak.last_high([]))
 
 
 def test_soak_slope_is_least_squares_per_hour() -> None:
