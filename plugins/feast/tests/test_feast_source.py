@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -759,3 +761,61 @@ def test_one_row_requests_get_what_each_row_of_a_batch_gets(model_root: Path) ->
             assert tensor.shape == (1, 1) and tensor.dtype == batch[name].dtype, name
             assert tensor[0, 0] == batch[name][i, 0], (name, i)
     assert batch["txn_count_7d"][:, 0].tolist() == [103, -4, -4, 103]
+
+
+def _break_definitions(model_root: Path, old: str, new: str) -> int:
+    """Replace ``old`` in the repo's definitions; the line of ``card_features = FeatureView(``."""
+    file = model_root / "fraud" / "feature_repo" / "feature_repo.py"
+    text = file.read_text()
+    assert old in text
+    file.write_text(text.replace(old, new))
+    return text.splitlines().index("card_features = FeatureView(") + 1
+
+
+def test_a_definition_that_raises_names_its_file_and_line(model_root: Path) -> None:
+    line = _break_definitions(model_root, "entities=[card],", "entities=card,")
+    with pytest.raises(ConfigError) as info:
+        run(make_source(model_root).start())
+    message = str(info.value)
+    # TypeError without Feast's type checks, TypeCheckError with them: the process's first
+    # import of Feast decided, and this test runs either way.
+    assert f"features.repo: feature_repo.py line {line} failed: " in message
+    assert 'TypeCheckError: argument "entities"' in message or "TypeError: " in message
+    assert str(model_root) not in message and str(model_root) not in (info.value.hint or "")
+    hint = info.value.hint or ""
+    assert ("check_definition_types=true" in hint) == ("TypeCheckError" not in message)
+
+
+def test_a_definition_feast_cannot_apply_is_a_config_error(model_root: Path) -> None:
+    line = _break_definitions(model_root, "ttl=timedelta(days=3650),", "ttl=3650,")
+    with pytest.raises(ConfigError) as info:
+        run(make_source(model_root).start())
+    message, hint = str(info.value), info.value.hint or ""
+    if "TypeCheckError" in message:  # checked where it was written
+        assert f'feature_repo.py line {line} failed: TypeCheckError: argument "ttl"' in message
+    else:  # taken as written, failing in Feast's apply
+        assert "features.repo: Feast could not apply the definitions: TypeError: " in message
+        assert "check_definition_types=true" in hint
+
+
+@pytest.mark.parametrize("type_checks", [False, True])
+def test_feast_is_imported_without_its_type_checks_unless_asked(type_checks: bool) -> None:
+    """Feast's typeguard checks cost about 1.5 s of import (off by default); asked for, they
+    catch a wrong argument where it is passed. typeguard's own decorator is left as it was."""
+    script = (
+        "import typeguard\n"
+        "real = typeguard.typechecked\n"
+        "from infercore_feast.store import import_feast\n"
+        f"feast = import_feast(type_checks={type_checks})\n"
+        "assert typeguard.typechecked is real, 'typeguard left patched'\n"
+        "try:\n"
+        "    feast.Field(name='x', dtype='Int64')\n"
+        "    print('unchecked')\n"
+        "except typeguard.TypeCheckError:\n"
+        "    print('checked')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["checked" if type_checks else "unchecked"]

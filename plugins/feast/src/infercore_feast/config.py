@@ -83,6 +83,7 @@ class FeastSourceConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True,
     breaker_reset_s: Positive = 5.0
     materialize_on_start: bool = True
     read_threads: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
+    check_definition_types: bool = False
 
 
 @dataclass(frozen=True, slots=True)
