@@ -1,7 +1,8 @@
 """Everything that touches Feast at start-up: config, apply, materialize, checks.
 
-``feast`` (3 s to import) and ``pyarrow`` are imported here, inside the functions, never when
-the plugin is imported. Every function here blocks: the feature source runs them in a thread.
+``feast`` (about 1 s to import, 2-3 s with its type checks: :func:`import_feast`) and
+``pyarrow`` are imported here, inside the functions, never when the plugin is imported. Every
+function here blocks: the feature source runs them in a thread.
 Feast is used only as an in-process client; its feature, registry and UI servers are never
 started (feast-dev/feast#6810, CVE-2026-23536).
 """
