@@ -143,6 +143,42 @@ def test_merger_joins_a_read_in_flight() -> None:
     assert run(main(), timeout=10).calls == [["a"]]
 
 
+def test_merger_reads_a_lone_key_at_once() -> None:
+    """No read in flight: nothing to merge with, so no window to wait for."""
+
+    async def main() -> FakeReads:
+        reads = FakeReads()
+        merger: ReadMerger[str] = ReadMerger(reads, window_s=60, max_keys=100)
+        assert await asyncio.wait_for(merger.submit("a"), 5) == "A"
+        await asyncio.sleep(0)
+        assert await asyncio.wait_for(merger.submit("b"), 5) == "B"  # and again, once idle
+        return reads
+
+    assert run(main(), timeout=10).calls == [["a"], ["b"]]
+
+
+def test_merger_gathers_keys_while_a_read_is_in_flight() -> None:
+    """Keys that arrive during a read go together once it ends (the 60 s window aside)."""
+
+    async def main() -> FakeReads:
+        reads = FakeReads()
+        reads.gate.clear()
+        merger: ReadMerger[str] = ReadMerger(reads, window_s=60, max_keys=100)
+        first = merger.submit("a")
+        await asyncio.sleep(0.01)
+        assert reads.calls == [["a"]]  # in flight
+        later = [merger.submit("b")]
+        await asyncio.sleep(0.01)
+        later.append(merger.submit("c"))  # another turn of the loop
+        await asyncio.sleep(0.01)
+        assert reads.calls == [["a"]]  # waiting for the read, not read one by one
+        reads.gate.set()
+        assert await asyncio.wait_for(asyncio.gather(first, *later), 5) == ["A", "B", "C"]
+        return reads
+
+    assert run(main(), timeout=10).calls == [["a"], ["b", "c"]]
+
+
 def test_merger_flushes_when_full() -> None:
     async def main() -> FakeReads:
         reads = FakeReads()

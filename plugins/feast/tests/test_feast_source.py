@@ -205,20 +205,39 @@ def test_concurrent_fetches_share_one_read(model_root: Path) -> None:
     assert sample(source, "infercore_feature_read_entities_sum") == 12
 
 
-def test_fetches_arriving_within_the_window_share_a_read(model_root: Path) -> None:
+def test_fetches_arriving_during_a_read_share_the_next_one(model_root: Path) -> None:
+    """A lone fetch reads at once; those that arrive while it reads wait for it (the 1 s
+    window aside) and go together."""
+
     async def main() -> ReadSpy:
         source = await started(make_source(model_root, batch_window_ms=1000))
         spy = ReadSpy(source)
+        reading, release = threading.Event(), threading.Event()
+
+        def hold() -> None:  # the first read, in its worker thread
+            reading.set()
+            release.wait(5)
+
+        spy.behaviour = hold
         try:
+            t0 = asyncio.get_running_loop().time()
             first = asyncio.ensure_future(fetch(source, [card(1)]))
-            await asyncio.sleep(0.01)  # a later turn of the event loop, well inside the window
-            second = asyncio.ensure_future(fetch(source, [card(2)]))
-            await asyncio.gather(first, second)
+            assert await asyncio.to_thread(reading.wait, 5)  # read at once, not after 1 s
+            spy.behaviour = None
+            later = [asyncio.ensure_future(fetch(source, [card(2)]))]
+            await asyncio.sleep(0.01)  # another turn of the event loop
+            later.append(asyncio.ensure_future(fetch(source, [card(3)])))
+            await asyncio.sleep(0.01)
+            assert spy.calls == [[card(1)]]  # the others wait for that read
+            release.set()
+            await asyncio.gather(first, *later)
+            assert asyncio.get_running_loop().time() - t0 < 0.9  # no window waited for
             return spy
         finally:
+            release.set()
             await source.stop()
 
-    assert run(main()).calls == [[card(1), card(2)]]
+    assert run(main()).calls == [[card(1)], [card(2), card(3)]]
 
 
 def test_without_merging_each_fetch_reads(model_root: Path) -> None:

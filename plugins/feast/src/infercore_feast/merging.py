@@ -25,13 +25,17 @@ class ReadFailed(Exception):
 class ReadMerger(Generic[V]):
     """Turns many concurrent single-key lookups into few multi-key reads.
 
-    :meth:`submit` returns a future for one key. The first key of a new batch starts a timer
-    of ``window_s``; the batch is read when the timer fires or when it holds ``max_keys``
-    keys, whichever comes first. A key already waiting (in the open batch or in a read in
-    flight) is not added again: its callers share one future, so every key is read at most
-    once at a time. ``read`` gets the keys and must return one value per key, in order; if
-    it raises, every future of the batch gets :class:`ReadFailed` (its ``reason`` taken from
-    a ``ReadFailed`` raised by ``read``, else ``error``).
+    :meth:`submit` returns a future for one key. With no read in flight, a batch is read at
+    once: in the next turn of the event loop, with the keys submitted in this one. While a
+    read is in flight, the first key of a new batch starts a timer of ``window_s``, and the
+    batch is read when the timer fires, when every read in flight has ended, or when it holds
+    ``max_keys`` keys, whichever comes first. So a lone lookup never waits for the window,
+    and under load the keys that arrive during one read go together in the next. A key
+    already waiting (in the open batch or in a read in flight) is not added again: its
+    callers share one future, so every key is read at most once at a time. ``read`` gets the
+    keys and must return one value per key, in order; if it raises, every future of the batch
+    gets :class:`ReadFailed` (its ``reason`` taken from a ``ReadFailed`` raised by ``read``,
+    else ``error``).
 
     Futures are shared: a caller must wait on them with :func:`asyncio.wait` (which does not
     cancel them), never cancel them itself. Event-loop only.
@@ -51,6 +55,7 @@ class ReadMerger(Generic[V]):
         self._batch: list[str] = []
         self._timer: asyncio.TimerHandle | asyncio.Handle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._in_flight = 0
         self._closed = False
 
     @property
@@ -74,10 +79,10 @@ class ReadMerger(Generic[V]):
         if len(self._batch) >= self.max_keys:
             self._flush()
         elif self._timer is None:
-            if self.window_s > 0:
+            if self._in_flight and self.window_s > 0:
                 self._timer = loop.call_later(self.window_s, self._flush)
             else:
-                # No window: still merge whatever arrives in this turn of the event loop.
+                # Nothing to wait for: still merge whatever arrives in this turn of the loop.
                 self._timer = loop.call_soon(self._flush)
         return fut
 
@@ -88,9 +93,17 @@ class ReadMerger(Generic[V]):
         keys, self._batch = self._batch, []
         if not keys:
             return
+        self._in_flight += 1
         task = asyncio.get_running_loop().create_task(self._run(keys))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._in_flight -= 1
+        # The window waits only for reads in flight: with none left, read what gathered.
+        if not self._in_flight and self._batch and not self._closed:
+            self._flush()
 
     async def _run(self, keys: list[str]) -> None:
         try:

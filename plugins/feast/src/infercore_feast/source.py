@@ -47,12 +47,14 @@ class FeastFeatureSource(FeatureSource):
     """Model inputs from the request and from Feast's online store (``kind: feast``).
 
     Per request: the entity keys come from the ``entity.field`` column; keys held in the TTL
-    cache are answered at once; the others join a merged read that collects keys from every
-    concurrent request for at most ``batch_window_ms`` (or ``max_batch_entities`` keys), reads
-    them in a worker thread with one ``online_read`` per feature view (for views it cannot
-    read that way, one ``get_online_features`` call; see ``store.online_reader``), caches and
-    fans the rows out. A read is abandoned after ``timeout_ms``; a request waits no longer
-    than its deadline. Failed reads apply ``on_failure`` and count towards the circuit breaker.
+    cache are answered at once; the others join a merged read (:class:`ReadMerger`: at once
+    when no read is in flight; else it collects keys from every concurrent request for at most
+    ``batch_window_ms``, until the reads in flight end, or up to ``max_batch_entities`` keys),
+    which reads them in a worker thread with one ``online_read`` per feature view (for views
+    it cannot read that way, one ``get_online_features`` call; see ``store.online_reader``),
+    caches and fans the rows out. A read is abandoned after ``timeout_ms``; a request waits no
+    longer than its deadline. Failed reads apply ``on_failure`` and count towards the circuit
+    breaker.
 
     ``feast`` is imported by :meth:`start` (it takes seconds), never with this module.
     """
