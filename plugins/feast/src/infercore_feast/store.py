@@ -89,20 +89,26 @@ def locate(config: FeastSourceConfig, model_root: Path, path: str) -> StoreLocat
     )
 
 
+#: Whether Feast's classes check their arguments in this process: false once
+#: :func:`import_feast` imported Feast without its type checks.
+_feast_type_checks = True
+
+
 def import_feast(*, type_checks: bool = False) -> Any:
     """``import feast``; without ``type_checks``, with typeguard's ``@typechecked`` a no-op.
 
     Feast decorates its definition classes (``Entity``, ``FeatureView``, ``Field``, the data
     sources ...) with typeguard's ``@typechecked``, which recompiles every annotated method of
     each from its module's parsed source, at import: ``import feast`` took 2.2-3.1 s here
-    with it and 1.0-1.1 s without (one core, bytecode compiled). What the checks give is a more precise
-    error for a wrong argument in a feature repo's definitions (``argument "entities" ...
-    is not a list`` rather than ``'Entity' object is not iterable``), which
+    with it and 1.0-1.1 s without (one core, bytecode compiled). What the checks give is a
+    more precise error for a wrong argument in a feature repo's definitions (``argument
+    "entities" ... is not a list`` rather than ``'Entity' object is not iterable``), which
     ``features.check_definition_types`` turns back on. Typeguard itself says its checks are
     not meant for production (they are off under ``python -O``). The decorator is replaced
     only while Feast's modules are first imported, and only the first import in a process
     decides: a later call, or Feast imported before, changes nothing.
     """
+    global _feast_type_checks
     # Feast 0.49's online-store config models shadow a pydantic attribute and warn when they
     # are first built: not ours to fix, and a stray warning line breaks JSON logs.
     warnings.filterwarnings(
@@ -117,7 +123,9 @@ def import_feast(*, type_checks: bool = False) -> Any:
     checked = typeguard.typechecked
     typeguard.typechecked = _unchecked
     try:
-        return importlib.import_module("feast")
+        feast = importlib.import_module("feast")
+        _feast_type_checks = False
+        return feast
     finally:
         typeguard.typechecked = checked
 
@@ -216,10 +224,14 @@ def load_definitions(where: StoreLocation, path: str) -> list[Any]:
     return objects
 
 
-_DEFINITION_TYPES_HINT = (
-    "; features.check_definition_types=true has Feast check each definition's arguments and "
-    "name the one at fault (about 1.5 s more start-up)"
-)
+def _type_checks_hint(path: str) -> str:
+    """How to have Feast name a definition's wrong argument, when its checks are off."""
+    if _feast_type_checks:
+        return ""
+    return (
+        f"; {path}.check_definition_types=true has Feast check each definition's arguments "
+        "and name the one at fault (about 1.5 s more start-up)"
+    )
 
 
 def _definition_error(
@@ -234,7 +246,7 @@ def _definition_error(
     return ConfigError(
         f"{path}.repo: {name}{line} failed: {type(exc).__name__}: {text}",
         hint="fix the definition there; Feast's definitions run as code, as `feast apply` runs "
-        "them" + ("" if type(exc).__name__ == "TypeCheckError" else _DEFINITION_TYPES_HINT),
+        "them" + _type_checks_hint(path),
     )
 
 
@@ -361,7 +373,7 @@ def prepare_store(
             raise ConfigError(
                 f"{path}.repo: Feast could not apply the definitions: {type(exc).__name__}: "
                 + " ".join(where.scrub(str(exc)).split())[:300],
-                hint=_DEFINITION_TYPES_HINT.removeprefix("; "),
+                hint="check the definitions in the feature repo" + _type_checks_hint(path),
             ) from exc
         log.info(
             "feast: applied %d definitions of project %s in %.2fs",
