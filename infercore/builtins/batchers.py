@@ -443,6 +443,7 @@ class DynamicBatcher(Batcher):
         self._preferred = frozenset(config.preferred_batch_sizes)
         self._stopping = False
         self._filling: _Filling | None = None
+        self._inline = False  # the collector is running a batch itself
 
     @property
     def queue_depth(self) -> int:
@@ -486,8 +487,11 @@ class DynamicBatcher(Batcher):
             if self._running:
                 await asyncio.wait(set(self._running))
         finally:
-            # Early only when stop() itself is cancelled: answer whatever still waits.
-            task.cancel()
+            # Early only when stop() itself is cancelled: answer whatever still waits. A
+            # batch the collector runs itself is not cut short (as one in its own task is
+            # not): the collector returns after it, the queue being empty by then.
+            if not self._inline:
+                task.cancel()
             while self._queue:
                 item = self._queue.popleft()
                 if item.state == _QUEUED:
@@ -666,6 +670,16 @@ class DynamicBatcher(Batcher):
             self._drain.took(rows, now, self._waiting > 0)
             self._formed(batch, rows, now)
             self._running_rows += rows
+            if self.config.max_concurrent_batches == 1:
+                # One batch at a time: the collector would only wait for it to end before
+                # forming the next, so it runs it itself (a task and a wake-up fewer per batch,
+                # which is what a lone request at low load pays for going through the queue).
+                self._inline = True
+                try:
+                    await self._execute(batch, rows)
+                finally:
+                    self._inline = False
+                continue
             task = asyncio.create_task(self._execute(batch, rows))
             self._running.add(task)
             task.add_done_callback(self._running.discard)

@@ -838,13 +838,21 @@ def test_stop_while_a_batch_waits_to_fill() -> None:
 
 
 @BATCHING
-def test_cancelled_stop_still_answers_everything(make: MakeBatcher) -> None:
+@pytest.mark.parametrize("slots", [1, 2], ids=["collector-runs-the-batch", "batch-tasks"])
+def test_cancelled_stop_still_answers_everything(make: MakeBatcher, slots: int) -> None:
+    """Stopping, cancelled while the model is stuck: the queued request is refused at once,
+    the calls already running finish and are answered."""
+
     async def scenario() -> None:
         model = await make_model(gated=True)
-        batcher = await make(model, max_batch_size=1, queue_timeout_ms=30_000)
-        first = asyncio.create_task(batcher.submit(request(0), deadline=later()))
-        await until(model.entered(1))
-        queued = asyncio.create_task(batcher.submit(request(1), deadline=later()))
+        batcher = await make(
+            model, max_batch_size=1, queue_timeout_ms=30_000, max_concurrent_batches=slots
+        )
+        running = [
+            asyncio.create_task(batcher.submit(request(i), deadline=later())) for i in range(slots)
+        ]
+        await until(model.entered(slots))
+        queued = asyncio.create_task(batcher.submit(request(slots), deadline=later()))
         await until(lambda: batcher.queue_depth == 1)
         stopping = asyncio.create_task(batcher.stop())
         await asyncio.sleep(0.02)
@@ -854,9 +862,10 @@ def test_cancelled_stop_still_answers_everything(make: MakeBatcher) -> None:
         assert isinstance(results[0], ShuttingDown)
         assert isinstance(results[1], asyncio.CancelledError)
         model.gate.set()
-        check_result(request(0), await asyncio.wait_for(first, 10))
+        for i, task in enumerate(running):
+            check_result(request(i), await asyncio.wait_for(task, 10))
         await asyncio.sleep(0.02)
-        assert model.ids_seen() == {0}
+        assert model.ids_seen() == set(range(slots))
 
     run(scenario())
 
