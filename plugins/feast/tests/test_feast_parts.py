@@ -126,14 +126,22 @@ def test_merger_batches_a_window_and_dedupes() -> None:
     assert run(main(), timeout=10).calls == [["a", "b", "c"]]
 
 
+async def read_of_a_in_flight(
+    window_s: float,
+) -> tuple[FakeReads, ReadMerger[str], asyncio.Future[str]]:
+    """A merger whose read of "a" has started and is held at the reads' gate."""
+    reads = FakeReads()
+    reads.gate.clear()
+    merger: ReadMerger[str] = ReadMerger(reads, window_s=window_s, max_keys=100)
+    first = merger.submit("a")
+    await asyncio.sleep(0.01)
+    assert reads.calls == [["a"]]  # in flight
+    return reads, merger, first
+
+
 def test_merger_joins_a_read_in_flight() -> None:
     async def main() -> FakeReads:
-        reads = FakeReads()
-        reads.gate.clear()
-        merger: ReadMerger[str] = ReadMerger(reads, window_s=0, max_keys=100)
-        first = merger.submit("a")
-        await asyncio.sleep(0.01)  # the read of "a" is now in flight
-        assert reads.calls == [["a"]]
+        reads, merger, first = await read_of_a_in_flight(window_s=0)
         second = merger.submit("a")
         assert second is first
         reads.gate.set()
@@ -161,12 +169,7 @@ def test_merger_gathers_keys_while_a_read_is_in_flight() -> None:
     """Keys that arrive during a read go together once it ends (the 60 s window aside)."""
 
     async def main() -> FakeReads:
-        reads = FakeReads()
-        reads.gate.clear()
-        merger: ReadMerger[str] = ReadMerger(reads, window_s=60, max_keys=100)
-        first = merger.submit("a")
-        await asyncio.sleep(0.01)
-        assert reads.calls == [["a"]]  # in flight
+        reads, merger, first = await read_of_a_in_flight(window_s=60)
         later = [merger.submit("b")]
         await asyncio.sleep(0.01)
         later.append(merger.submit("c"))  # another turn of the loop
