@@ -66,6 +66,14 @@ async def _call_model(model: Model, inputs: Tensors, rows: int) -> Tensors:
         outputs = await model.predict(inputs)
     except InfercoreError:
         raise
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is None or task.cancelling():
+            raise  # this call was cancelled (a stop, the loop closing)
+        # The model's own code let a cancellation out (a task of its own that was cancelled):
+        # a failure of this call, not the end of the batcher's collector running it.
+        log.error("model %s raised CancelledError without being cancelled", model.context.path)
+        raise BackendError("the model failed on this request") from None
     except Exception as exc:
         log.error("model %s raised %s: %s", model.context.path, type(exc).__name__, exc)
         raise BackendError("the model failed on this request") from exc

@@ -837,6 +837,41 @@ def test_stop_while_a_batch_waits_to_fill() -> None:
     run(scenario())
 
 
+class CancellingModel(RecordingModel):
+    """Lets a CancelledError of its own out of ``predict`` for the rows of request 1."""
+
+    async def predict(self, inputs: Tensors) -> Tensors:
+        if 1 in inputs["x"][:, 1]:
+            raise asyncio.CancelledError
+        return await super().predict(inputs)
+
+
+@pytest.mark.parametrize("make", [make_dynamic, make_adaptive, make_none])
+@pytest.mark.parametrize("slots", [1, 2])
+def test_a_model_that_lets_a_cancellation_out_fails_that_request_only(
+    make: Callable[..., Awaitable[Batcher]], slots: int
+) -> None:
+    """A CancelledError out of the model is that call's failure (500), not the end of the
+    batcher: the request is answered and the next ones are served."""
+
+    async def scenario() -> None:
+        model = await make_model(CancellingModel)
+        size = (
+            {"max_concurrency": slots} if make is make_none else {"max_concurrent_batches": slots}
+        )
+        batcher: Any = await make(model, queue_timeout_ms=30_000, **size)
+        with pytest.raises(BackendError):
+            await asyncio.wait_for(batcher.submit(request(1), deadline=later()), 10)
+        for rid in (2, 3):
+            check_result(
+                request(rid),
+                await asyncio.wait_for(batcher.submit(request(rid), deadline=later()), 10),
+            )
+        await asyncio.wait_for(batcher.stop(), 10)
+
+    run(scenario())
+
+
 @BATCHING
 @pytest.mark.parametrize("slots", [1, 2], ids=["collector-runs-the-batch", "batch-tasks"])
 def test_cancelled_stop_still_answers_everything(make: MakeBatcher, slots: int) -> None:
