@@ -782,6 +782,16 @@ class DynamicBatcher(Batcher):
         return rows, complete
 
     async def _execute(self, batch: list[_Item], rows: int) -> None:
+        try:
+            await self._run_batch(batch, rows)
+        except Exception:
+            # A bug past the model call (a subclass's hook, say) must not end the collector
+            # that runs the batch, nor leave its requests waiting for their deadline.
+            log.exception("batcher %s: a batch failed unexpectedly", self.context.path)
+            for item in batch:
+                self._fail(item, BackendError("the batch failed"))
+
+    async def _run_batch(self, batch: list[_Item], rows: int) -> None:
         assert self._slots is not None
         loop = asyncio.get_running_loop()
         formed = rows

@@ -872,6 +872,39 @@ def test_a_model_that_lets_a_cancellation_out_fails_that_request_only(
     run(scenario())
 
 
+@pytest.mark.parametrize("slots", [1, 2])
+def test_a_bug_after_the_model_call_does_not_stop_the_batcher(slots: int) -> None:
+    """A hook that raises after a batch (here ``_completed``, once) is logged; the batch's
+    requests are answered and the batcher goes on serving."""
+
+    class BuggyHook(DynamicBatcher):
+        raised = 0
+
+        def _completed(self, live: list[Any], rows: int, seconds: float, now: float) -> None:
+            if not BuggyHook.raised:
+                BuggyHook.raised += 1
+                raise RuntimeError("a bug in a hook")
+
+    async def scenario() -> None:
+        model = await make_model()
+        batcher = BuggyHook(
+            BuggyHook.Config(max_concurrent_batches=slots), BATCH_CTX, model, Observer()
+        )
+        await batcher.start()
+        check_result(
+            request(1), await asyncio.wait_for(batcher.submit(request(1), deadline=later()), 10)
+        )
+        assert BuggyHook.raised == 1
+        for rid in (2, 3):
+            check_result(
+                request(rid),
+                await asyncio.wait_for(batcher.submit(request(rid), deadline=later()), 10),
+            )
+        await asyncio.wait_for(batcher.stop(), 10)
+
+    run(scenario())
+
+
 @BATCHING
 @pytest.mark.parametrize("slots", [1, 2], ids=["collector-runs-the-batch", "batch-tasks"])
 def test_cancelled_stop_still_answers_everything(make: MakeBatcher, slots: int) -> None:
