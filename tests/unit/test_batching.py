@@ -837,6 +837,16 @@ def test_stop_while_a_batch_waits_to_fill() -> None:
     run(scenario())
 
 
+async def serves_the_next_and_stops(batcher: Batcher) -> None:
+    """The batcher still answers requests 2 and 3 correctly, then stops."""
+    for rid in (2, 3):
+        check_result(
+            request(rid),
+            await asyncio.wait_for(batcher.submit(request(rid), deadline=later()), 10),
+        )
+    await asyncio.wait_for(batcher.stop(), 10)
+
+
 class CancellingModel(RecordingModel):
     """Lets a CancelledError of its own out of ``predict`` for the rows of request 1."""
 
@@ -862,12 +872,7 @@ def test_a_model_that_lets_a_cancellation_out_fails_that_request_only(
         batcher: Any = await make(model, queue_timeout_ms=30_000, **size)
         with pytest.raises(BackendError):
             await asyncio.wait_for(batcher.submit(request(1), deadline=later()), 10)
-        for rid in (2, 3):
-            check_result(
-                request(rid),
-                await asyncio.wait_for(batcher.submit(request(rid), deadline=later()), 10),
-            )
-        await asyncio.wait_for(batcher.stop(), 10)
+        await serves_the_next_and_stops(batcher)
 
     run(scenario())
 
@@ -895,12 +900,7 @@ def test_a_bug_after_the_model_call_does_not_stop_the_batcher(slots: int) -> Non
             request(1), await asyncio.wait_for(batcher.submit(request(1), deadline=later()), 10)
         )
         assert BuggyHook.raised == 1
-        for rid in (2, 3):
-            check_result(
-                request(rid),
-                await asyncio.wait_for(batcher.submit(request(rid), deadline=later()), 10),
-            )
-        await asyncio.wait_for(batcher.stop(), 10)
+        await serves_the_next_and_stops(batcher)
 
     run(scenario())
 
