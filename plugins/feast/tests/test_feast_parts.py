@@ -105,9 +105,17 @@ class FakeReads:
         self.gate = asyncio.Event()
         self.gate.set()
 
+        self.active = 0
+        self.most_active = 0
+
     async def __call__(self, keys: list[str]) -> list[str]:
         self.calls.append(keys)
-        await self.gate.wait()
+        self.active += 1
+        self.most_active = max(self.most_active, self.active)
+        try:
+            await self.gate.wait()
+        finally:
+            self.active -= 1
         if self.fail is not None:
             raise self.fail
         return [k.upper() for k in keys]
@@ -192,6 +200,44 @@ def test_merger_flushes_when_full() -> None:
         return reads
 
     assert run(main(), timeout=10).calls == [["a", "b"], ["c", "d"]]
+
+
+def test_merger_keeps_at_most_max_in_flight_reads() -> None:
+    """At the limit, keys wait for a slot (no window) and gather into full batches, read
+    oldest first, one as each read ends."""
+
+    async def main() -> FakeReads:
+        reads = FakeReads()
+        reads.gate.clear()
+        merger: ReadMerger[str] = ReadMerger(reads, window_s=0, max_keys=2, max_in_flight=1)
+        futures = [merger.submit("a")]
+        await asyncio.sleep(0.01)
+        for key in "bcdef":
+            futures.append(merger.submit(key))
+            await asyncio.sleep(0.01)  # without the limit, window 0 reads each at once
+        assert reads.calls == [["a"]]
+        reads.gate.set()
+        assert await asyncio.wait_for(asyncio.gather(*futures), 5) == list("ABCDEF")
+        return reads
+
+    reads = run(main(), timeout=10)
+    assert reads.calls == [["a"], ["b", "c"], ["d", "e"], ["f"]]
+    assert reads.most_active == 1
+
+
+def test_merger_close_fails_batches_waiting_for_a_slot() -> None:
+    async def main() -> list[Any]:
+        reads = FakeReads()
+        reads.gate.clear()
+        merger: ReadMerger[str] = ReadMerger(reads, window_s=0, max_keys=1, max_in_flight=1)
+        futures = [merger.submit(k) for k in "abc"]  # a is read; b and c wait, full
+        await asyncio.sleep(0.01)
+        assert reads.calls == [["a"]]
+        await merger.close()
+        return [f.exception() for f in futures]
+
+    excs = run(main(), timeout=10)
+    assert all(isinstance(e, ReadFailed) and e.reason == "cancelled" for e in excs)
 
 
 @pytest.mark.parametrize(

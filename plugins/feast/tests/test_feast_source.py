@@ -36,6 +36,7 @@ from infercore.errors import (
     InvalidInput,
 )
 from infercore_feast import FeastFeatureSource
+from infercore_feast.cache import MISSING
 from infercore_feast.store import OnlineStoreReader, online_reader
 
 FEAST_INPUTS = ["txn_count_24h", "amount_sum_24h", "cross_border_ratio_7d", "txn_count_7d"]
@@ -240,6 +241,55 @@ def test_fetches_arriving_during_a_read_share_the_next_one(model_root: Path) -> 
     assert run(main()).calls == [[card(1)], [card(2), card(3)]]
 
 
+def test_sqlite_reads_one_at_a_time(model_root: Path) -> None:
+    """Feast's SQLite store shares one connection between threads: a second read in flight
+    would only contend with the first. Keys that arrive meanwhile wait for it (even with no
+    window) and go together."""
+
+    async def main() -> ReadSpy:
+        source = await started(make_source(model_root, batch_window_ms=0))
+        assert source.read_slots == 1
+        spy = ReadSpy(source)
+        reading, release = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            reading.set()
+            release.wait(5)
+
+        spy.behaviour = hold
+        try:
+            first = asyncio.ensure_future(fetch(source, [card(1)]))
+            assert await asyncio.to_thread(reading.wait, 5)
+            spy.behaviour = None
+            later = []
+            for i in (2, 3):
+                later.append(asyncio.ensure_future(fetch(source, [card(i)])))
+                await asyncio.sleep(0.01)
+            assert spy.calls == [[card(1)]]
+            release.set()
+            outs = await asyncio.gather(first, *later)
+            assert [o["txn_count_24h"][0, 0] for o in outs] == [
+                latest(i)["txn_count_24h"] for i in (1, 2, 3)
+            ]
+            return spy
+        finally:
+            release.set()
+            await source.stop()
+
+    assert run(main()).calls == [[card(1)], [card(2), card(3)]]
+
+
+@pytest.mark.parametrize(
+    ("options", "slots"),
+    [({}, 1), ({"online_store": "redis"}, 4), ({"read_threads": 3}, 3)],
+)
+def test_reads_in_flight_default_by_store(
+    model_root: Path, options: dict[str, Any], slots: int
+) -> None:
+    source = make_source(model_root, **options)
+    assert source.read_slots == slots and source.merger.max_in_flight == slots
+
+
 def test_without_merging_each_fetch_reads(model_root: Path) -> None:
     async def main() -> ReadSpy:
         source = await started(make_source(model_root, batch_window_ms=0, max_batch_entities=1))
@@ -361,6 +411,67 @@ def test_slow_read_times_out_and_applies_the_policy(model_root: Path, policy: st
             )
             == 0
         )
+
+
+def test_a_read_that_times_out_is_cached_when_it_ends(model_root: Path) -> None:
+    """Its callers fail at the timeout, but the rows it reads after all are kept: a burst
+    of misses that overruns the store still fills the cache."""
+    release = threading.Event()
+
+    async def main() -> tuple[dict[str, np.ndarray], ReadSpy, FeastFeatureSource]:
+        source = await started(make_source(model_root, timeout_ms=30))
+        spy = ReadSpy(source)
+        spy.behaviour = hang(release)
+        try:
+            with pytest.raises(FeatureStoreUnavailable, match="timeout"):
+                await fetch(source, [card(1)])
+            release.set()
+            for _ in range(500):  # bounded (5 s): until the late read's rows are cached
+                if source.cache.get(card(1)) is not MISSING:
+                    break
+                await asyncio.sleep(0.01)
+            out = await fetch(source, [card(1)])
+            return out, spy, source
+        finally:
+            release.set()
+            await source.stop()
+
+    out, spy, source = run(main())
+    assert spy.calls == [[card(1)]]  # the second fetch was a cache hit
+    assert out["txn_count_24h"][0, 0] == latest(1)["txn_count_24h"]
+    assert sample(source, "infercore_feature_fetch_failures_total", reason="timeout") == 1
+
+
+def test_a_hung_store_still_opens_the_breaker(model_root: Path) -> None:
+    """Reads that outlive their timeouts hold their threads (one slot, two threads); the next
+    read, queued behind them, times out unstarted and is dropped, and the failures open the
+    breaker."""
+    release = threading.Event()
+
+    async def main() -> tuple[ReadSpy, FeastFeatureSource]:
+        source = await started(make_source(model_root, timeout_ms=30, breaker_failures=3))
+        spy = ReadSpy(source)
+        spy.behaviour = hang(release)
+        try:
+            for i in (1, 2, 3):
+                with pytest.raises(FeatureStoreUnavailable, match="timeout"):
+                    await fetch(source, [card(i)])
+            with pytest.raises(FeatureStoreUnavailable, match="breaker open"):
+                await fetch(source, [card(4)])
+            release.set()
+            executor = source._executor
+            assert executor is not None
+            # Every job the pool still holds runs now: a queued third read would be read.
+            await asyncio.to_thread(executor.shutdown, wait=True)
+            return spy, source
+        finally:
+            release.set()
+            await source.stop()
+
+    spy, source = run(main())
+    assert spy.calls == [[card(1)], [card(2)]]
+    assert sample(source, "infercore_feature_fetch_failures_total", reason="timeout") == 3
+    assert sample(source, "infercore_feature_fetch_failures_total", reason="breaker_open") == 1
 
 
 @pytest.mark.parametrize("policy", ["fail_closed", "fail_open"])

@@ -82,7 +82,7 @@ class FeastSourceConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True,
     breaker_failures: PositiveInt = 5
     breaker_reset_s: Positive = 5.0
     materialize_on_start: bool = True
-    read_threads: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
+    read_threads: Annotated[int, msgspec.Meta(ge=1, le=64)] | None = None
     check_definition_types: bool = False
 
 

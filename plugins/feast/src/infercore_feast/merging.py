@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
@@ -32,10 +33,12 @@ class ReadMerger(Generic[V]):
     ``max_keys`` keys, whichever comes first. So a lone lookup never waits for the window,
     and under load the keys that arrive during one read go together in the next. A key
     already waiting (in the open batch or in a read in flight) is not added again: its
-    callers share one future, so every key is read at most once at a time. ``read`` gets the
-    keys and must return one value per key, in order; if it raises, every future of the batch
-    gets :class:`ReadFailed` (its ``reason`` taken from a ``ReadFailed`` raised by ``read``,
-    else ``error``).
+    callers share one future, so every key is read at most once at a time. With
+    ``max_in_flight``, a batch that is due while that many reads are in flight waits for one
+    of them to end (oldest first), and the keys that arrive meanwhile gather with no timer.
+    ``read`` gets the keys and must return one value per key, in order; if it raises, every
+    future of the batch gets :class:`ReadFailed` (its ``reason`` taken from a ``ReadFailed``
+    raised by ``read``, else ``error``).
 
     Futures are shared: a caller must wait on them with :func:`asyncio.wait` (which does not
     cancel them), never cancel them itself. Event-loop only.
@@ -47,12 +50,16 @@ class ReadMerger(Generic[V]):
         *,
         window_s: float,
         max_keys: int,
+        max_in_flight: int | None = None,
     ) -> None:
         self._read = read
         self.window_s = window_s
         self.max_keys = max_keys
+        self.max_in_flight = max_in_flight
         self._waiting: dict[str, asyncio.Future[V]] = {}
         self._batch: list[str] = []
+        # Batches due (full, or their window over) but waiting for a read slot, oldest first.
+        self._due: deque[list[str]] = deque()
         self._timer: asyncio.TimerHandle | asyncio.Handle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_flight = 0
@@ -78,13 +85,16 @@ class ReadMerger(Generic[V]):
         self._batch.append(key)
         if len(self._batch) >= self.max_keys:
             self._flush()
-        elif self._timer is None:
+        elif self._timer is None and not self._at_limit():
             if self._in_flight and self.window_s > 0:
                 self._timer = loop.call_later(self.window_s, self._flush)
             else:
                 # Nothing to wait for: still merge whatever arrives in this turn of the loop.
                 self._timer = loop.call_soon(self._flush)
         return fut
+
+    def _at_limit(self) -> bool:
+        return self.max_in_flight is not None and self._in_flight >= self.max_in_flight
 
     def _flush(self) -> None:
         if self._timer is not None:
@@ -93,6 +103,14 @@ class ReadMerger(Generic[V]):
         keys, self._batch = self._batch, []
         if not keys:
             return
+        if self._at_limit():
+            # No slot: the batch waits for the end of a read (new keys gather meanwhile, so
+            # the next reads are larger, and cheaper per key).
+            self._due.append(keys)
+            return
+        self._start(keys)
+
+    def _start(self, keys: list[str]) -> None:
         self._in_flight += 1
         task = asyncio.get_running_loop().create_task(self._run(keys))
         self._tasks.add(task)
@@ -101,8 +119,13 @@ class ReadMerger(Generic[V]):
     def _ended(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         self._in_flight -= 1
-        # The window waits only for reads in flight: with none left, read what gathered.
-        if not self._in_flight and self._batch and not self._closed:
+        if self._closed:
+            return
+        if self._due:
+            self._start(self._due.popleft())
+        # The window waits only for reads in flight: with none left, read what gathered. A
+        # batch without a timer was waiting for this slot.
+        elif self._batch and (not self._in_flight or self._timer is None):
             self._flush()
 
     async def _run(self, keys: list[str]) -> None:
@@ -140,6 +163,8 @@ class ReadMerger(Generic[V]):
             self._timer.cancel()
             self._timer = None
         keys, self._batch = self._batch, []
+        while self._due:
+            keys.extend(self._due.popleft())
         self._fail(keys, ReadFailed("cancelled"))
         tasks = list(self._tasks)
         for task in tasks:

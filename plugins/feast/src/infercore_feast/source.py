@@ -89,6 +89,10 @@ class FeastFeatureSource(FeatureSource):
         ]
         self._request_specs = [spec for spec in config.inputs if spec.source == "request"]
         self._timeout_s = config.timeout_ms / 1000
+        #: Merged reads in flight at once (``read_threads``). Feast's SQLite store shares one
+        #: connection between threads, so parallel reads there only contend for it and for
+        #: the GIL: one at a time, the others' keys gathering into the next read.
+        self.read_slots = config.read_threads or (1 if config.online_store == "sqlite" else 4)
         model = context.model_name or context.path
         registry = context.extra.get("metrics_registry")
         if not isinstance(registry, CollectorRegistry):
@@ -119,6 +123,7 @@ class FeastFeatureSource(FeatureSource):
             self._read,
             window_s=config.batch_window_ms / 1000,
             max_keys=config.max_batch_entities,
+            max_in_flight=self.read_slots,
         )
         #: The ``feast.FeatureStore`` (after :meth:`start`).
         self.store: Any = None
@@ -151,8 +156,11 @@ class FeastFeatureSource(FeatureSource):
                 hint="for sqlite, materialize_on_start: true builds the store; for redis, "
                 "check INFERCORE_REDIS_URL and that the server is up",
             ) from exc
+        # A spare thread per read slot: a read that outlives its timeout keeps its thread
+        # (it cannot be stopped), and the next read should not queue behind it. Reads that
+        # queue all the same (a hung store) time out unstarted, so the breaker still opens.
         self._executor = ThreadPoolExecutor(
-            max_workers=self.config.read_threads, thread_name_prefix="infercore-feast"
+            max_workers=2 * self.read_slots, thread_name_prefix="infercore-feast"
         )
 
     def _open(self, where: feast_store.StoreLocation) -> tuple[Any, feast_store.RowReader]:
@@ -258,14 +266,25 @@ class FeastFeatureSource(FeatureSource):
         self.breaker.on_dispatch()
         self._m_entities.observe(len(keys))
         t0 = time.perf_counter()
+        job = executor.submit(self._read_blocking, reader, keys)
+        read = asyncio.wrap_future(job, loop=loop)
         try:
-            rows = await asyncio.wait_for(
-                loop.run_in_executor(executor, self._read_blocking, reader, keys), self._timeout_s
-            )
-        except TimeoutError:
+            await asyncio.wait((read,), timeout=self._timeout_s)
+        except asyncio.CancelledError:
+            read.cancel()  # and the job, unless it has started
+            raise
+        if not read.done():
+            # A read that never started (the threads all busy with reads that outlived their
+            # timeouts) is dropped. One that started cannot be stopped: its rows are cached
+            # when it ends, so a burst of misses that overruns the store still fills the
+            # cache. Either way its callers fail now.
+            if not job.cancel():
+                read.add_done_callback(functools.partial(self._keep_late, keys))
             self._m_fetch.observe(time.perf_counter() - t0)
             self.breaker.record_failure()
-            raise ReadFailed("timeout") from None
+            raise ReadFailed("timeout")
+        try:
+            rows = read.result()
         except Exception as exc:
             self._m_fetch.observe(time.perf_counter() - t0)
             self.breaker.record_failure()
@@ -278,9 +297,17 @@ class FeastFeatureSource(FeatureSource):
             raise ReadFailed("error") from None
         self._m_fetch.observe(time.perf_counter() - t0)
         self.breaker.record_success()
+        self._keep(keys, rows)
+        return rows
+
+    def _keep(self, keys: list[str], rows: list[Prepared]) -> None:
         for key, row in zip(keys, rows, strict=True):
             self.cache.put(key, row)
-        return rows
+
+    def _keep_late(self, keys: list[str], read: asyncio.Future[list[Prepared]]) -> None:
+        """A read that timed out has ended: cache its rows if it succeeded."""
+        if not read.cancelled() and read.exception() is None:
+            self._keep(keys, read.result())
 
     def _read_blocking(self, reader: feast_store.RowReader, keys: list[str]) -> list[Prepared]:
         return [self._prepare(row) for row in reader(keys)]
