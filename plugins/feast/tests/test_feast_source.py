@@ -442,6 +442,44 @@ def test_a_read_that_times_out_is_cached_when_it_ends(model_root: Path) -> None:
     assert sample(source, "infercore_feature_fetch_failures_total", reason="timeout") == 1
 
 
+def test_a_late_read_does_not_replace_fresher_rows(model_root: Path) -> None:
+    """A read that timed out and ends after a later read of the same key cached its row
+    leaves that row alone."""
+    release = threading.Event()
+
+    async def main() -> tuple[dict[str, np.ndarray], list[list[str]]]:
+        source = await started(make_source(model_root, timeout_ms=30))
+        real = source.reader
+        assert real is not None
+        calls: list[list[str]] = []
+
+        def reader(keys: list[str]) -> list[Any]:
+            calls.append(list(keys))
+            if len(calls) == 1:  # the slow read: ends late, with no row (defaults)
+                release.wait(5)
+                return [None] * len(keys)
+            return real(keys)
+
+        source.reader = reader
+        try:
+            with pytest.raises(FeatureStoreUnavailable, match="timeout"):
+                await fetch(source, [card(1)])
+            await fetch(source, [card(1)])  # the second read, on the spare thread, is cached
+            release.set()
+            executor = source._executor
+            assert executor is not None
+            await asyncio.to_thread(executor.shutdown, wait=True)  # the late read has ended
+            await asyncio.sleep(0.05)  # and its callback has run
+            return await fetch(source, [card(1)]), calls
+        finally:
+            release.set()
+            await source.stop()
+
+    out, calls = run(main())
+    assert calls == [[card(1)], [card(1)]]
+    assert out["txn_count_24h"][0, 0] == latest(1)["txn_count_24h"]
+
+
 def test_a_hung_store_still_opens_the_breaker(model_root: Path) -> None:
     """Reads that outlive their timeouts hold their threads (one slot, two threads); the next
     read, queued behind them, times out unstarted and is dropped, and the failures open the

@@ -52,8 +52,10 @@ class FeastFeatureSource(FeatureSource):
     ``batch_window_ms``, until the reads in flight end, or up to ``max_batch_entities`` keys),
     which reads them in a worker thread with one ``online_read`` per feature view (for views
     it cannot read that way, one ``get_online_features`` call; see ``store.online_reader``),
-    caches and fans the rows out. A read is abandoned after ``timeout_ms``; a request waits no
-    longer than its deadline. Failed reads apply ``on_failure`` and count towards the circuit
+    caches and fans the rows out. At most ``read_threads`` reads are in flight (one for SQLite,
+    whose Feast store shares one connection between threads). A read is abandoned after
+    ``timeout_ms`` (its rows are still cached if it ends later); a request waits no longer
+    than its deadline. Failed reads apply ``on_failure`` and count towards the circuit
     breaker.
 
     ``feast`` is imported by :meth:`start` (it takes seconds), never with this module.
@@ -305,9 +307,14 @@ class FeastFeatureSource(FeatureSource):
             self.cache.put(key, row)
 
     def _keep_late(self, keys: list[str], read: asyncio.Future[list[Prepared]]) -> None:
-        """A read that timed out has ended: cache its rows if it succeeded."""
-        if not read.cancelled() and read.exception() is None:
-            self._keep(keys, read.result())
+        """A read that timed out has ended: cache its rows if it succeeded, for the keys no
+        later read has cached meanwhile (theirs are fresher)."""
+        if read.cancelled() or read.exception() is not None:
+            return
+        cache = self.cache
+        for key, row in zip(keys, read.result(), strict=True):
+            if cache.get(key) is MISSING:
+                cache.put(key, row)
 
     def _read_blocking(self, reader: feast_store.RowReader, keys: list[str]) -> list[Prepared]:
         return [self._prepare(row) for row in reader(keys)]
