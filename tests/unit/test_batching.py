@@ -938,6 +938,38 @@ def test_cancelled_stop_still_answers_everything(make: MakeBatcher, slots: int) 
     run(scenario())
 
 
+@BATCHING
+@pytest.mark.parametrize("slots", [1, 2])
+def test_with_one_slot_the_collector_runs_the_batch_itself(make: MakeBatcher, slots: int) -> None:
+    """One batch at a time: the collector calls the model itself (no task per batch, the cost
+    a lone request paid; benchmarks/batching_micro.py measures it). With more slots each
+    batch gets a task of its own, so the collector forms the next meanwhile."""
+
+    class TaskRecordingModel(RecordingModel):
+        tasks: list[asyncio.Task[Any] | None] = []
+
+        async def predict(self, inputs: Tensors) -> Tensors:
+            self.tasks.append(asyncio.current_task())
+            return await super().predict(inputs)
+
+    async def scenario() -> None:
+        model = await make_model(TaskRecordingModel)
+        batcher: Any = await make(model, max_concurrent_batches=slots)
+        for i in range(3):
+            check_result(
+                request(i), await asyncio.wait_for(batcher.submit(request(i), deadline=later()), 10)
+            )
+        collector = batcher._task
+        assert len(model.tasks) == 3
+        if slots == 1:
+            assert all(t is collector for t in model.tasks)
+        else:
+            assert all(t is not collector for t in model.tasks)
+        await batcher.stop()
+
+    run(scenario())
+
+
 def test_stop_before_start_and_twice() -> None:
     async def scenario() -> None:
         model = await make_model()
