@@ -39,6 +39,7 @@ from infercore.protocol import v1, v2
 from infercore.runtime import Runtime, ServedModel, ServedVersion
 from infercore.server.errors import EXCEPTION_HANDLERS, error_body
 from infercore.server.logs import FailureLog
+from infercore.server.openapi import V1PredictOperation, V2InferOperation
 
 if TYPE_CHECKING:
     from infercore.server.shutdown import ShutdownState
@@ -751,6 +752,7 @@ def create_app(
         tags=["v2"],
         summary="Inference (routed)",
         status_code=200,
+        operation_class=V2InferOperation,
     )
     async def infer(request: Request[Any, Any, Any], model_name: FromPath[str]) -> ASGIApp:
         return await via_litestar(request, model_name, None, "v2")
@@ -760,6 +762,7 @@ def create_app(
         tags=["v2"],
         summary="Inference (one version)",
         status_code=200,
+        operation_class=V2InferOperation,
     )
     async def infer_version(
         request: Request[Any, Any, Any], model_name: FromPath[str], version: FromPath[str]
@@ -771,6 +774,7 @@ def create_app(
         tags=["v1"],
         summary="V1 predict (`{model}:predict`)",
         status_code=200,
+        operation_class=V1PredictOperation,
     )
     async def v1_predict(request: Request[Any, Any, Any], target: FromPath[str]) -> ASGIApp:
         name, sep, verb = target.partition(":")
@@ -788,6 +792,7 @@ def create_app(
         tags=["v1"],
         summary="V1 predict on one version (`{version}:predict`)",
         status_code=200,
+        operation_class=V1PredictOperation,
     )
     async def v1_predict_version(
         request: Request[Any, Any, Any], model_name: FromPath[str], target: FromPath[str]

@@ -444,6 +444,34 @@ def test_openapi_schema_is_served(client: Any) -> None:
     assert "post" in paths["/v2/models/{model_name}/infer"]
 
 
+def test_openapi_documents_the_inference_bodies(client: Any) -> None:
+    """The handlers read raw bytes, so the bodies are documented by hand (server/openapi.py):
+    a V2 client, or a fuzzer (test_api_fuzz.py), learns them from the schema."""
+    paths = client.get("/schema/openapi.json").json()["paths"]
+    for path, request, response in [
+        ("/v2/models/{model_name}/infer", "InferenceRequest", "InferenceResponse"),
+        (
+            "/v2/models/{model_name}/versions/{version}/infer",
+            "InferenceRequest",
+            "InferenceResponse",
+        ),
+        ("/v1/models/{target}", "PredictRequest", "PredictResponse"),
+        ("/v1/models/{model_name}/versions/{target}", "PredictRequest", "PredictResponse"),
+    ]:
+        op = paths[path]["post"]
+        body = op["requestBody"]["content"]["application/json"]["schema"]
+        assert body["title"] == request, path
+        assert op["responses"]["200"]["content"]["application/json"]["schema"]["title"] == response
+        for code in ("400", "404", "413", "415", "503", "504"):
+            error = op["responses"][code]["content"]["application/json"]["schema"]
+            assert error["required"] == ["error", "reason"], (path, code)
+    v2 = paths["/v2/models/{model_name}/infer"]["post"]["requestBody"]["content"]
+    assert set(v2) == {"application/json", "application/octet-stream"}
+    tensor = v2["application/json"]["schema"]["properties"]["inputs"]["items"]
+    assert "FP32" in tensor["properties"]["datatype"]["enum"]
+    assert tensor["required"] == ["name", "shape", "datatype"]
+
+
 def test_openapi_can_be_switched_off() -> None:
     with app_client(runtime_from_dict(fake_model_config(server={"openapi": False}))) as c:
         assert_error(c.get("/schema/openapi.json"), 404, "not_found")
