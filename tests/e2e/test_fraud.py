@@ -32,6 +32,8 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from omegaconf import OmegaConf
 from prometheus_client.parser import text_string_to_metric_families
 from redis_server import REDIS_SERVER, SKIP_REASON, RedisServer
@@ -632,6 +634,86 @@ def test_bad_v2_input_is_a_400_naming_the_field(http: httpx.Client) -> None:
         assert r.json()["reason"] == "invalid_input"
         assert field in r.json()["error"], (field, r.text)
     assert http.post("/v2/models/fraud/infer", json=v2_body([GOOD])).status_code == 200
+
+
+# Any JSON value a client might send in a field's place: wrong types, huge and tiny numbers,
+# text that looks like a number, nesting.
+_ANY_VALUE = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.sampled_from([0, 1, 23, 24, -1, 0.01, 1e308, 1e-320, "", "c_000042", "12", "pos"])
+    | st.text(max_size=10),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner),
+    max_leaves=5,
+)
+
+
+# Values near the fields' bounds and types, drawn as often as anything else.
+_NEAR_VALUE = st.sampled_from(
+    [
+        *[0, 1, 0.5, 23, 23.5, 24, -1, -0.0, 0.01, 0.001, 1e-7, 3.4e38, 1e39, 2**31, 2**53 + 1],
+        *[True, False, "", " ", "0", "c_000042", "c_999999x", "é", "\x00", None, [], {}],
+    ]
+)
+_VALUE = st.one_of(_NEAR_VALUE, _ANY_VALUE)
+
+
+@st.composite
+def _transactions(draw: st.DrawFn) -> list[dict[str, Any]]:
+    """One to four transactions (mostly one): GOOD with each field, in about one draw in six,
+    replaced by another value or dropped, and sometimes a field added."""
+    rows = []
+    for _ in range(draw(st.sampled_from([1, 1, 1, 2, 4]))):  # rows that differ in fields: 400
+        txn = dict(GOOD)
+        for field in sorted(GOOD):
+            spoil = draw(st.sampled_from(["keep"] * 5 + ["replace", "drop"]))
+            if spoil == "replace":
+                txn[field] = draw(_VALUE)
+            elif spoil == "drop":
+                del txn[field]
+        if draw(st.sampled_from([False] * 4 + [True])):
+            txn[draw(st.text(min_size=1, max_size=6))] = draw(_VALUE)
+        rows.append(txn)
+    return rows
+
+
+@settings(
+    max_examples=200,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
+@given(txns=_transactions(), v2=st.booleans())
+def test_no_transaction_however_malformed_gets_a_5xx(
+    http: httpx.Client, txns: list[dict[str, Any]], v2: bool
+) -> None:
+    """Property: every request is a 200 with one answer per row, or a 400 `invalid_input`.
+    Through the whole recipe: the request fields' checks, Feast's keys, the model."""
+    if v2:  # each field a named input of its usual datatype, values as generated
+        fields = [(n, d) for n, d in V2_FIELDS if all(n in t for t in txns)]
+        body = {
+            "inputs": [
+                {"name": n, "datatype": d, "shape": [len(txns)], "data": [t[n] for t in txns]}
+                for n, d in fields
+            ]
+        }
+        r = http.post("/v2/models/fraud/infer", json=body)
+    else:
+        r = predict(http, txns)
+    assert r.status_code in (200, 400), (r.status_code, r.text)
+    doc = r.json()
+    if r.status_code == 400:
+        assert doc["reason"] == "invalid_input", doc
+        return
+    if v2:
+        fraud_probability, _ = v2_outputs(r, len(txns))
+    else:
+        fraud_probability, _ = probabilities(r)
+    assert fraud_probability.shape == (len(txns),)
+    assert np.all((fraud_probability >= 0) & (fraud_probability <= 1)), fraud_probability
 
 
 def test_sqlite_feature_metrics_are_on_the_servers_metrics(
