@@ -21,12 +21,12 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_admin import TOKEN, rollout_config  # model m: 1 primary, 2 shadow, 3 a candidate
 
 from infercore.server.admin import create_admin_app
 from infercore.testing import runtime_from_dict
 
 PENDING = "<pending>"
-TOKEN = "t0ken-for-tests-0123456789"
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
@@ -106,28 +106,6 @@ queries = st.dictionaries(
     st.sampled_from(["pending", "approved", "-1", "5", "99999999", "x"]),
     max_size=2,
 )
-
-
-def rollout_config() -> dict[str, Any]:
-    """Model m: primary 1, 2 in shadow, 3 a candidate; canary and primary need approval."""
-    return {
-        "batching": {"kind": "none"},
-        "models": {
-            "m": {
-                "primary": "1",
-                "versions": {
-                    "1": {"loader": {"kind": "fake"}},
-                    "2": {"loader": {"kind": "fake", "offset": 100}, "stage": "shadow"},
-                    "3": {"loader": {"kind": "fake", "offset": 200}},
-                },
-                "routing": {
-                    "kind": "header",
-                    "inner": {"kind": "shadow", "inner": {"kind": "weighted"}},
-                },
-                "rollout": {"approvals": ["canary", "primary"]},
-            }
-        },
-    }
 
 
 @pytest.fixture(scope="module")
