@@ -299,12 +299,9 @@ class FeastFeatureSource(FeatureSource):
             raise ReadFailed("error") from None
         self._m_fetch.observe(time.perf_counter() - t0)
         self.breaker.record_success()
-        self._keep(keys, rows)
-        return rows
-
-    def _keep(self, keys: list[str], rows: list[Prepared]) -> None:
         for key, row in zip(keys, rows, strict=True):
             self.cache.put(key, row)
+        return rows
 
     def _keep_late(self, keys: list[str], read: asyncio.Future[list[Prepared]]) -> None:
         """A read that timed out has ended: cache its rows if it succeeded, for the keys no
