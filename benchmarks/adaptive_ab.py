@@ -44,8 +44,22 @@ def parse_variant(text: str) -> tuple[str, Path, list[str]]:
     name, _, rest = text.partition("=")
     checkout, _, overrides = rest.partition(":")
     if not name or not checkout:
-        raise SystemExit(f"--variant {text!r}: expected NAME=CHECKOUT[:OVERRIDE,...]")
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=CHECKOUT[:OVERRIDE,...]")
     return name, Path(checkout).resolve(), [o for o in overrides.split(",") if o]
+
+
+def add_variant_options(parser: argparse.ArgumentParser) -> None:
+    """The options every interleaved A/B script takes: its variants, CPUs and results file."""
+    parser.add_argument(
+        "--variant",
+        action="append",
+        required=True,
+        type=parse_variant,
+        help="NAME=CHECKOUT[:OVERRIDE,...], once per variant",
+    )
+    parser.add_argument("--server-cpu", type=int, default=0)
+    parser.add_argument("--load-cpu", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=None, help="results file (JSON)")
 
 
 def summary(values: list[float]) -> str:
@@ -56,18 +70,15 @@ def summary(values: list[float]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variant", action="append", required=True)
+    add_variant_options(parser)
     parser.add_argument("--concurrency", default="1,8,64")
     parser.add_argument("--window", type=float, default=3.0, help="seconds per wrk window")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--rates", default="", help="open-loop rates (req/s), comma-separated")
     parser.add_argument("--openloop-duration", type=float, default=3.0)
     parser.add_argument("--p99-limit-ms", type=float, default=100.0)
-    parser.add_argument("--server-cpu", type=int, default=0)
-    parser.add_argument("--load-cpu", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    variants = [parse_variant(v) for v in args.variant]
+    variants: list[tuple[str, Path, list[str]]] = args.variant
     concurrencies = [int(c) for c in args.concurrency.split(",") if c]
     rates = [float(r) for r in args.rates.split(",") if r]
     os.sched_setaffinity(0, {args.load_cpu})  # the open-loop generator runs in this process

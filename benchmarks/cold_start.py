@@ -33,7 +33,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench
 import openloop
-from adaptive_ab import parse_variant
+from adaptive_ab import add_variant_options
 
 PATH = "/v2/models/fraud/infer"
 
@@ -91,18 +91,15 @@ def one_run(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variant", action="append", required=True)
+    add_variant_options(parser)
     parser.add_argument("--runs", type=int, default=6, help="fresh starts per variant and rate")
     parser.add_argument("--rates", default="2500", help="open-loop rates (req/s), comma-separated")
     parser.add_argument("--duration", type=float, default=3.0, help="seconds of load per start")
     parser.add_argument(
         "--evict", action=argparse.BooleanOptionalAction, default=True, help="(default: on)"
     )
-    parser.add_argument("--server-cpu", type=int, default=0)
-    parser.add_argument("--load-cpu", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    variants = [parse_variant(v) for v in args.variant]
+    variants: list[tuple[str, Path, list[str]]] = args.variant
     rates = [float(r) for r in args.rates.split(",") if r]
     os.sched_setaffinity(0, {args.load_cpu})  # the open-loop generator runs in this process
     reqs = [

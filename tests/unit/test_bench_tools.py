@@ -7,6 +7,7 @@ answered before the server answers it), never on how fast anything ran.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import math
 import sys
@@ -17,7 +18,9 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import adaptive_ab
 import bench
+import cold_start
 import openloop
 import soak
 
@@ -479,3 +482,21 @@ def test_soak_last_high_tells_a_step_from_growth() -> None:
 def test_soak_slope_is_least_squares_per_hour() -> None:
     assert soak.slope_per_hour([(0.0, 100.0), (1800.0, 101.0), (3600.0, 102.0)]) == pytest.approx(2)
     assert math.isnan(soak.slope_per_hour([(5.0, 1.0)]))
+
+
+@pytest.mark.parametrize("script", [adaptive_ab, cold_start])
+def test_ab_scripts_read_variants_and_refuse_a_malformed_one(
+    script: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    parser = argparse.ArgumentParser()
+    adaptive_ab.add_variant_options(parser)
+    args = parser.parse_args(
+        ["--variant", f"old={tmp_path}:a=1,b=2", "--variant", "new=.", "--load-cpu", "3"]
+    )
+    assert args.variant == [("old", tmp_path, ["a=1", "b=2"]), ("new", Path(".").resolve(), [])]
+    assert (args.server_cpu, args.load_cpu, args.out) == (0, 3, None)
+    # The script's own parser: a variant without a checkout is a usage error, not a traceback.
+    with pytest.raises(SystemExit) as exc:
+        script.main(["--variant", "old"])
+    assert exc.value.code == 2
+    assert "'old': expected NAME=CHECKOUT" in capsys.readouterr().err
