@@ -924,10 +924,16 @@ def test_redis_outage_fail_closed_and_fail_open(
         )
         assert timeouts >= 2
 
-        # 2. Redis is gone: errors, then the breaker opens; still 503 / defaults, no 500.
+        # 2. Redis is gone: errors, then the breaker opens (once reads have failed for
+        # breaker_failing_s, 1 s); still 503 / defaults, no 500.
         redis_stack.redis.stop()
         assert not redis_stack.redis.running
+        gone = time.monotonic()
         for _ in range(8):
+            check_closed(make_transaction(rng, next(picks)))
+            check_open(make_transaction(rng, next(picks)))
+        time.sleep(max(0.0, gone + 1.2 - time.monotonic()))
+        for _ in range(4):
             check_closed(make_transaction(rng, next(picks)))
             check_open(make_transaction(rng, next(picks)))
         # An unknown card is no different: the store cannot say it is unknown.

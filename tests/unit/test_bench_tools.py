@@ -23,6 +23,7 @@ import bench
 import cold_start
 import openloop
 import soak
+import store_stall
 
 #: handler(request number, body) -> status, or (status, extra header lines, body); None hangs up.
 Handler = Callable[[int, bytes], Awaitable[int | tuple[int, bytes, bytes] | None]]
@@ -484,7 +485,7 @@ def test_soak_slope_is_least_squares_per_hour() -> None:
     assert math.isnan(soak.slope_per_hour([(5.0, 1.0)]))
 
 
-@pytest.mark.parametrize("script", [adaptive_ab, cold_start])
+@pytest.mark.parametrize("script", [adaptive_ab, cold_start, store_stall])
 def test_ab_scripts_read_variants_and_refuse_a_malformed_one(
     script: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

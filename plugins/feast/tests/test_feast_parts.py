@@ -80,6 +80,40 @@ def test_breaker_counts_consecutive_failures_only() -> None:
     assert changes == ["open", "half_open", "closed"]
 
 
+def test_breaker_opens_only_once_failures_have_lasted_failing_s() -> None:
+    """A blip of failures (a stalled disk, a starved core) leaves it closed; failing on for
+    ``failing_s`` opens it, and a success in between starts the time again."""
+    now = [0.0]
+    b = CircuitBreaker(3, 5.0, failing_s=1.0, clock=lambda: now[0])
+    for t in (0.0, 0.05, 0.1, 0.15, 0.2, 0.9):
+        now[0] = t
+        b.record_failure()
+    assert b.state == "closed" and b.allow()
+    now[0] = 0.95
+    b.record_success()
+    for t in (1.0, 1.5, 1.99):  # three failures, but 0.99 s from the first of them
+        now[0] = t
+        b.record_failure()
+    assert b.state == "closed"
+    now[0] = 2.0
+    b.record_failure()
+    assert b.state == "open" and not b.allow()
+    # The probe comes reset_s after the first failure (1.0), where a count alone would put it.
+    assert b.open_for_s == pytest.approx(4.0)
+    now[0] = 5.99
+    assert not b.allow()
+    now[0] = 6.0
+    assert b.state == "half_open" and b.allow() and b.open_for_s == 0.0
+    # A failed probe opens it again, for reset_s from then.
+    b.on_dispatch()
+    b.record_failure()
+    assert b.state == "open" and b.open_for_s == pytest.approx(5.0)
+    now[0] = 10.99
+    assert not b.allow()
+    now[0] = 11.0
+    assert b.allow()
+
+
 def test_breaker_reopens_when_the_probe_fails() -> None:
     now = [0.0]
     b = CircuitBreaker(1, 5.0, clock=lambda: now[0])

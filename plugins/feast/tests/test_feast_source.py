@@ -7,6 +7,7 @@ import logging
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -483,17 +484,20 @@ def test_a_late_read_does_not_replace_fresher_rows(model_root: Path) -> None:
 def test_a_hung_store_still_opens_the_breaker(model_root: Path) -> None:
     """Reads that outlive their timeouts hold their threads (one slot, two threads); the next
     read, queued behind them, times out unstarted and is dropped, and the failures open the
-    breaker."""
+    breaker once they have gone on for ``breaker_failing_s`` (its default, 1 s)."""
     release = threading.Event()
+    now = [0.0]
 
     async def main() -> tuple[ReadSpy, FeastFeatureSource]:
         source = await started(make_source(model_root, timeout_ms=30, breaker_failures=3))
+        source.breaker.clock = lambda: now[0]
         spy = ReadSpy(source)
         spy.behaviour = hang(release)
         try:
             for i in (1, 2, 3):
                 with pytest.raises(FeatureStoreUnavailable, match="timeout"):
                     await fetch(source, [card(i)])
+                now[0] += 0.5  # failures at 0, 0.5 and 1 s
             with pytest.raises(FeatureStoreUnavailable, match="breaker open"):
                 await fetch(source, [card(4)])
             release.set()
@@ -510,6 +514,49 @@ def test_a_hung_store_still_opens_the_breaker(model_root: Path) -> None:
     assert spy.calls == [[card(1)], [card(2)]]
     assert sample(source, "infercore_feature_fetch_failures_total", reason="timeout") == 3
     assert sample(source, "infercore_feature_fetch_failures_total", reason="breaker_open") == 1
+
+
+@pytest.mark.parametrize("failing_s", [None, 0.0])
+def test_a_stall_fails_its_reads_but_opens_the_breaker_only_when_it_lasts(
+    model_root: Path, failing_s: float | None
+) -> None:
+    """Five reads in a row time out in a stall far shorter than ``breaker_failing_s`` (the
+    breaker's clock stands still): their requests fail, the breaker stays closed, and the first
+    read after the stall is served. With ``breaker_failing_s: 0`` the same stall opens it, and
+    requests after the stall are refused for ``breaker_reset_s``."""
+    release = threading.Event()
+    options: dict[str, Any] = {"timeout_ms": 30, "breaker_failures": 5}
+    if failing_s is not None:
+        options["breaker_failing_s"] = failing_s
+
+    async def main() -> tuple[Any, FeastFeatureSource]:
+        source = await started(make_source(model_root, **options))
+        source.breaker.clock = lambda: 0.0
+        spy = ReadSpy(source)
+        spy.behaviour = hang(release)
+        try:
+            for i in range(1, 6):
+                with pytest.raises(FeatureStoreUnavailable, match="timeout"):
+                    await fetch(source, [card(i)])
+            spy.behaviour = None
+            release.set()
+            await asyncio.to_thread(time.sleep, 0.05)  # the stalled reads end
+            try:
+                return await fetch(source, [card(9)]), source
+            except FeatureStoreUnavailable as exc:
+                return exc, source
+        finally:
+            release.set()
+            await source.stop()
+
+    after, source = run(main())
+    assert sample(source, "infercore_feature_fetch_failures_total", reason="timeout") == 5
+    if failing_s is None:
+        assert source.breaker.state == "closed"
+        assert after["txn_count_24h"][0, 0] == latest(9)["txn_count_24h"]
+    else:
+        assert source.breaker.state == "open"
+        assert isinstance(after, FeatureStoreUnavailable) and "breaker open" in str(after)
 
 
 @pytest.mark.parametrize("policy", ["fail_closed", "fail_open"])
@@ -589,9 +636,10 @@ def test_breaker_opens_after_consecutive_failures_and_closes_after_a_probe(
         spy.behaviour = maybe_fail
         gauge = "infercore_feature_breaker_open"
         try:
-            for _ in range(3):
+            for _ in range(3):  # failing for 1 s (breaker_failing_s' default)
                 with pytest.raises(FeatureStoreUnavailable, match="error"):
                     await fetch(source, [card(1)])
+                now[0] += 0.5
             assert len(spy.calls) == 3 and sample(source, gauge) == 1
             with pytest.raises(FeatureStoreUnavailable, match="breaker open"):
                 await fetch(source, [card(1)])
@@ -632,6 +680,7 @@ def test_half_open_lets_only_the_probe_batch_through(model_root: Path) -> None:
             make_source(
                 model_root,
                 breaker_failures=1,
+                breaker_failing_s=0,
                 breaker_reset_s=10,
                 timeout_ms=2000,
                 cache_ttl_s=0,
@@ -819,6 +868,10 @@ def _input(index: int, **changes: Any) -> list[dict[str, Any]]:
         ({"inputs": _input(2, name="txn_count_24h")}, "declared twice"),
         ({"inputs": _input(0, datatype="BYTES"), "layout": "matrix"}, "layout 'matrix'"),
         ({"online_store": "redis", "redis_url": "http://x:1/0"}, "redis_url"),
+        (
+            {"breaker_failing_s": 5},
+            r"features\.breaker_failing_s: 5 is not less than breaker_reset_s \(5\)",
+        ),
     ],
 )
 def test_config_errors_are_clear(model_root: Path, options: dict[str, Any], match: str) -> None:

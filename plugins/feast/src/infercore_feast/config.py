@@ -80,6 +80,7 @@ class FeastSourceConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True,
     timeout_ms: Positive = 50.0
     on_failure: Literal["fail_closed", "fail_open"] = "fail_closed"
     breaker_failures: PositiveInt = 5
+    breaker_failing_s: NonNegative = 1.0
     breaker_reset_s: Positive = 5.0
     materialize_on_start: bool = True
     read_threads: Annotated[int, msgspec.Meta(ge=1, le=64)] | None = None
@@ -160,6 +161,13 @@ def check_config(config: FeastSourceConfig, path: str) -> list[FeastInput]:
         feast_inputs.append(FeastInput(i, spec.name, view, feature, spec.datatype, default))
     if config.online_store == "redis":
         redis_connection_string(config.redis_url, path=f"{path}.redis_url")
+    if config.breaker_failing_s >= config.breaker_reset_s:
+        raise ConfigError(
+            f"{path}.breaker_failing_s: {config.breaker_failing_s:g} is not less than "
+            f"breaker_reset_s ({config.breaker_reset_s:g})",
+            hint="the breaker opens after reads have failed for breaker_failing_s and probes "
+            "breaker_reset_s after the first failure; lower breaker_failing_s",
+        )
     return feast_inputs
 
 

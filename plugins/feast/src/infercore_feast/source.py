@@ -119,6 +119,7 @@ class FeastFeatureSource(FeatureSource):
         self.breaker = CircuitBreaker(
             config.breaker_failures,
             config.breaker_reset_s,
+            failing_s=config.breaker_failing_s,
             on_change=self._breaker_changed,
         )
         self.merger: ReadMerger[Prepared] = ReadMerger(
@@ -195,7 +196,7 @@ class FeastFeatureSource(FeatureSource):
             log.warning(
                 "feast circuit breaker open for model %s: reads skipped for %.1fs (policy %s)",
                 self.context.model_name,
-                self.config.breaker_reset_s,
+                self.breaker.open_for_s,
                 self.config.on_failure,
             )
         elif state == CLOSED:
