@@ -7,7 +7,6 @@ import logging
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -525,7 +524,7 @@ def test_a_stall_fails_its_reads_but_opens_the_breaker_only_when_it_lasts(
     read after the stall is served. With ``breaker_failing_s: 0`` the same stall opens it, and
     requests after the stall are refused for ``breaker_reset_s``."""
     release = threading.Event()
-    options: dict[str, Any] = {"timeout_ms": 30, "breaker_failures": 5}
+    options: dict[str, Any] = {"timeout_ms": 100, "breaker_failures": 5}
     if failing_s is not None:
         options["breaker_failing_s"] = failing_s
 
@@ -540,7 +539,10 @@ def test_a_stall_fails_its_reads_but_opens_the_breaker_only_when_it_lasts(
                     await fetch(source, [card(i)])
             spy.behaviour = None
             release.set()
-            await asyncio.to_thread(time.sleep, 0.05)  # the stalled reads end
+            for _ in range(500):  # bounded (5 s): the two stalled reads have ended, and cached
+                if all(source.cache.get(card(i)) is not MISSING for i in (1, 2)):
+                    break
+                await asyncio.sleep(0.01)
             try:
                 return await fetch(source, [card(9)]), source
             except FeatureStoreUnavailable as exc:
