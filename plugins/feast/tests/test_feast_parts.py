@@ -38,6 +38,24 @@ def test_cache_expires_after_its_ttl() -> None:
     assert len(cache) == 0
 
 
+def test_cache_keeps_an_expired_entry_stale_s_longer_for_get_stale_only() -> None:
+    now = [0.0]
+    cache: TTLCache[int] = TTLCache(2.0, 10, clock=lambda: now[0], stale_s=3.0)
+    cache.put("a", 1)
+    assert cache.get_stale("a") == 1 and cache.get_stale("b") is MISSING
+    now[0] = 2.0
+    assert cache.get("a") is MISSING  # expired for get, every time it is asked
+    assert cache.get("a") is MISSING
+    assert cache.get_stale("a") == 1 and len(cache) == 1
+    now[0] = 4.99
+    assert cache.get_stale("a") == 1
+    now[0] = 5.0
+    assert cache.get_stale("a") is MISSING
+    assert cache.get("a") is MISSING and len(cache) == 0  # dropped once past both
+    cache.put("a", 2)  # a fresh read replaces it
+    assert cache.get("a") == 2
+
+
 def test_cache_evicts_the_least_recently_used() -> None:
     cache: TTLCache[int] = TTLCache(60.0, 2)
     cache.put("a", 1)

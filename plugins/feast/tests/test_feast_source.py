@@ -562,6 +562,74 @@ def test_a_stall_fails_its_reads_but_opens_the_breaker_only_when_it_lasts(
 
 
 @pytest.mark.parametrize("policy", ["fail_closed", "fail_open"])
+def test_serve_stale_answers_a_failed_read_from_rows_that_expired_recently(
+    model_root: Path, policy: str
+) -> None:
+    """With ``serve_stale_s``, a card whose row expired less than that long ago is served its
+    last row when the store fails (degraded, counted), under either policy. A card with no such
+    row gets the policy: a 503 with ``fail_closed``, its defaults with ``fail_open`` (beside the
+    stale row of the other card)."""
+    now = [0.0]
+    failing = [False]
+
+    def maybe_fail() -> None:
+        if failing[0]:
+            raise ConnectionError("refused")
+
+    async def main() -> dict[str, Any]:
+        source = await started(
+            make_source(model_root, on_failure=policy, cache_ttl_s=5, serve_stale_s=60)
+        )
+        source.cache.clock = lambda: now[0]
+        spy = ReadSpy(source)
+        spy.behaviour = maybe_fail
+        out: dict[str, Any] = {}
+        try:
+            await fetch(source, [card(1), card(2)])  # cached at 0 s
+            now[0] = 30.0  # expired 25 s ago: stale, within 60 s
+            failing[0] = True
+            degraded = begin_request()
+            out["stale"] = await fetch(source, [card(1), card(2)])
+            out["stale_degraded"] = set(degraded)
+            degraded = begin_request()
+            try:
+                out["mixed"] = await fetch(source, [card(1), card(3)])  # card 3: never read
+            except FeatureStoreUnavailable as exc:
+                out["mixed"] = exc
+            out["mixed_degraded"] = set(degraded)
+            now[0] = 65.0  # expired 60 s ago: past serve_stale_s
+            try:
+                out["too_old"] = await fetch(source, [card(1)])
+            except FeatureStoreUnavailable as exc:
+                out["too_old"] = exc
+            out["stale_rows"] = sample(source, "infercore_feature_stale_rows_total")
+            out["failures"] = sample(
+                source, "infercore_feature_fetch_failures_total", reason="error"
+            )
+            return out
+        finally:
+            await source.stop()
+
+    out = run(main())
+    stale = out["stale"]
+    for i, c in enumerate((1, 2)):
+        assert stale["txn_count_24h"][i, 0] == latest(c)["txn_count_24h"]
+    assert out["stale_degraded"] == {"features"}
+    if policy == "fail_closed":
+        assert isinstance(out["mixed"], FeatureStoreUnavailable)
+        assert isinstance(out["too_old"], FeatureStoreUnavailable)
+        assert out["stale_rows"] == 2  # the refused request's stale row is not counted
+    else:
+        mixed = out["mixed"]
+        assert mixed["txn_count_24h"][0, 0] == latest(1)["txn_count_24h"]
+        assert mixed["txn_count_24h"][1, 0] == DEFAULTS["txn_count_24h"]
+        assert out["mixed_degraded"] == {"features"}
+        assert out["too_old"]["txn_count_24h"][0, 0] == DEFAULTS["txn_count_24h"]
+        assert out["stale_rows"] == 3
+    assert out["failures"] == 2  # the mixed request and the too old one: the policy applied
+
+
+@pytest.mark.parametrize("policy", ["fail_closed", "fail_open"])
 def test_store_error_applies_the_policy(
     model_root: Path, policy: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -870,6 +938,10 @@ def _input(index: int, **changes: Any) -> list[dict[str, Any]]:
         ({"inputs": _input(2, name="txn_count_24h")}, "declared twice"),
         ({"inputs": _input(0, datatype="BYTES"), "layout": "matrix"}, "layout 'matrix'"),
         ({"online_store": "redis", "redis_url": "http://x:1/0"}, "redis_url"),
+        (
+            {"serve_stale_s": 60, "cache_ttl_s": 0},
+            r"features\.serve_stale_s: 60 needs the cache",
+        ),
         (
             {"breaker_failing_s": 5},
             r"features\.breaker_failing_s: 5 is not less than breaker_reset_s \(5\)",

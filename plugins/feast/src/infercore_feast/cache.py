@@ -24,21 +24,29 @@ MISSING = _Missing()
 class TTLCache(Generic[V]):
     """Recent values by key: least recently used entries go first, every entry lives ``ttl_s``.
 
-    A ``ttl_s`` or ``max_entries`` of 0 turns the cache off (every lookup misses). Not
-    thread-safe: the feature source uses it from the event loop only.
+    An expired entry is kept ``stale_s`` longer for :meth:`get_stale` (a fallback when the
+    source of the values fails); :meth:`get` never returns it. A ``ttl_s`` or ``max_entries``
+    of 0 turns the cache off (every lookup misses). Not thread-safe: the feature source uses
+    it from the event loop only.
 
     Attributes:
         clock: Monotonic seconds; tests may replace it.
     """
 
-    __slots__ = ("_data", "clock", "max_entries", "ttl_s")
+    __slots__ = ("_data", "clock", "max_entries", "stale_s", "ttl_s")
 
     def __init__(
-        self, ttl_s: float, max_entries: int, clock: Callable[[], float] = time.monotonic
+        self,
+        ttl_s: float,
+        max_entries: int,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        stale_s: float = 0.0,
     ) -> None:
         self.ttl_s = ttl_s
         self.max_entries = max_entries
         self.clock = clock
+        self.stale_s = stale_s
         self._data: OrderedDict[str, tuple[float, V]] = OrderedDict()
 
     @property
@@ -53,10 +61,20 @@ class TTLCache(Generic[V]):
         entry = self._data.get(key)
         if entry is None:
             return MISSING
-        if entry[0] <= self.clock():
-            del self._data[key]
+        expires_at = entry[0]
+        if expires_at <= self.clock():
+            if expires_at + self.stale_s <= self.clock():
+                del self._data[key]
             return MISSING
         self._data.move_to_end(key)
+        return entry[1]
+
+    def get_stale(self, key: str) -> V | _Missing:
+        """The value cached for ``key`` even if it expired, up to ``stale_s`` ago; else
+        :data:`MISSING`."""
+        entry = self._data.get(key)
+        if entry is None or entry[0] + self.stale_s <= self.clock():
+            return MISSING
         return entry[1]
 
     def put(self, key: str, value: V) -> None:

@@ -79,6 +79,7 @@ class FeastSourceConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True,
     cache_max_entries: Annotated[int, msgspec.Meta(ge=0)] = 100_000
     timeout_ms: Positive = 50.0
     on_failure: Literal["fail_closed", "fail_open"] = "fail_closed"
+    serve_stale_s: NonNegative = 0.0
     breaker_failures: PositiveInt = 5
     breaker_failing_s: NonNegative = 1.0
     breaker_reset_s: Positive = 5.0
@@ -161,6 +162,13 @@ def check_config(config: FeastSourceConfig, path: str) -> list[FeastInput]:
         feast_inputs.append(FeastInput(i, spec.name, view, feature, spec.datatype, default))
     if config.online_store == "redis":
         redis_connection_string(config.redis_url, path=f"{path}.redis_url")
+    if config.serve_stale_s and not (config.cache_ttl_s and config.cache_max_entries):
+        raise ConfigError(
+            f"{path}.serve_stale_s: {config.serve_stale_s:g} needs the cache, which "
+            "cache_ttl_s: 0 or cache_max_entries: 0 turns off",
+            hint="stale rows are the cache's expired ones; turn the cache on or set "
+            "serve_stale_s: 0",
+        )
     if config.breaker_failing_s >= config.breaker_reset_s:
         raise ConfigError(
             f"{path}.breaker_failing_s: {config.breaker_failing_s:g} is not less than "

@@ -67,6 +67,13 @@ class FeatureMetrics:
             ("model", "reason"),
             registry=r,
         )
+        self.stale_rows = Counter(
+            "infercore_feature_stale_rows",
+            "Entity rows served from the cache after their TTL because a read failed "
+            "(serve_stale_s).",
+            ("model",),
+            registry=r,
+        )
         self.defaults = Counter(
             "infercore_feature_defaults",
             "Feature values replaced by their default because the store had none for the "

@@ -115,7 +115,10 @@ class FeastFeatureSource(FeatureSource):
             r: m.degraded.labels(model, r) for r in ("timeout", "error", "breaker_open")
         }
         self._m_defaults = [m.defaults.labels(model, i.ref) for i in self._feast_inputs]
-        self.cache: TTLCache[Prepared] = TTLCache(config.cache_ttl_s, config.cache_max_entries)
+        self._m_stale = m.stale_rows.labels(model)
+        self.cache: TTLCache[Prepared] = TTLCache(
+            config.cache_ttl_s, config.cache_max_entries, stale_s=config.serve_stale_s
+        )
         self.breaker = CircuitBreaker(
             config.breaker_failures,
             config.breaker_reset_s,
@@ -221,6 +224,8 @@ class FeastFeatureSource(FeatureSource):
         if misses:
             self._m_misses.inc(len(misses))
             reason = await self._lookup(misses, found, deadline)
+            if reason is not None and self.cache.stale_s and self._serve_stale(misses, found):
+                reason = None
             if reason is not None:
                 self._m_failures[reason].inc()
                 if self.config.on_failure == "fail_closed":
@@ -233,6 +238,24 @@ class FeastFeatureSource(FeatureSource):
                 for key in misses:
                     found.setdefault(key, self._unread)
         return self._assemble(keys, found, request_columns)
+
+    def _serve_stale(self, keys: list[str], found: dict[str, Any]) -> bool:
+        """After a failed read: rows for the ``keys`` not in ``found`` from the cache, expired
+        up to ``serve_stale_s`` ago. Whether every key has a row now: the request is served,
+        marked degraded. Otherwise the failure policy applies; ``fail_open`` keeps the stale
+        rows it found and gives the rest their defaults."""
+        stale = {}
+        for key in keys:
+            if key not in found:
+                value = self.cache.get_stale(key)
+                if value is not MISSING:
+                    stale[key] = value
+        complete = all(key in found or key in stale for key in keys)
+        if stale and (complete or self.config.on_failure == "fail_open"):
+            found.update(stale)
+            self._m_stale.inc(len(stale))
+            mark_degraded("features")
+        return complete
 
     async def _lookup(self, keys: list[str], found: dict[str, Any], deadline: float) -> str | None:
         """Read ``keys`` through the merger into ``found``; the failure reason, if any."""
