@@ -12,9 +12,11 @@ Servers (each stopped with SIGTERM at the end of the module, which must exit 0):
   folder (``++features.registry_path`` / ``++features.sqlite_path``), so the first start
   applies and materializes afresh, independent of a developer's ``feature_repo/data/``;
 - ``redis_stack``: a throw-away ``redis-server`` (``redis_server.py``; never the system's one)
-  and two ``env=prod`` servers on it: the recipe's ``fail_closed`` (which materializes into the
-  empty Redis) and one with ``features.on_failure=fail_open`` (which finds it populated). The
-  outage test hangs Redis (SIGSTOP), then stops it, while both keep serving.
+  and three ``env=prod`` servers on it: the recipe's ``fail_closed`` (which materializes into
+  the empty Redis), one with ``features.on_failure=fail_open`` (which finds it populated), and
+  one serving rows that expired after 1 s for up to 10 minutes when a read fails
+  (``serve_stale_s``). The outage test hangs Redis (SIGSTOP), then stops it, while all keep
+  serving.
 """
 
 from __future__ import annotations
@@ -796,6 +798,7 @@ class RedisStack:
     redis: RedisServer
     closed: Server  # the recipe's on_failure: fail_closed
     open: Server  # features.on_failure=fail_open
+    stale: Server  # fail_closed, rows expire after 1 s, served up to 10 min stale on failure
 
 
 @pytest.fixture(scope="module")
@@ -828,7 +831,19 @@ def redis_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisStack
         )
         servers.append(opened)
         e2e.wait_ready(opened, READY_WAIT_S)
-        yield RedisStack(redis, closed, opened)
+        stale = start_fraud_server(
+            [
+                "env=prod",
+                "features.cache_ttl_s=1",
+                "++features.serve_stale_s=600",
+                f"++features.registry_path={folder / 'registry-stale.db'}",
+            ],
+            folder / "stale.log",
+            env=env,
+        )
+        servers.append(stale)
+        e2e.wait_ready(stale, READY_WAIT_S)
+        yield RedisStack(redis, closed, opened, stale)
     finally:
         try:
             stop_and_check(*servers)
@@ -873,6 +888,7 @@ def test_redis_outage_fail_closed_and_fail_open(
     picks = iter(rng.sample(known, 40))
     closed = httpx.Client(base_url=redis_stack.closed.url, timeout=HTTP_TIMEOUT)
     opened = httpx.Client(base_url=redis_stack.open.url, timeout=HTTP_TIMEOUT)
+    stale = httpx.Client(base_url=redis_stack.stale.url, timeout=HTTP_TIMEOUT)
     failures_503 = degraded_200 = 0
 
     def live() -> None:
@@ -905,8 +921,11 @@ def test_redis_outage_fail_closed_and_fail_open(
         # Cards seen while Redis is up: cached (cache_ttl_s=60), served through the outage.
         warm = make_transaction(rng, next(picks))
         warm_answers = {}
-        for name, client in (("closed", closed), ("open", opened)):
-            warm_answers[name] = probabilities(predict(client, [warm]))[0][0]
+        for name, client in (("closed", closed), ("open", opened), ("stale", stale)):
+            r = predict(client, [warm])
+            assert "x-infercore-degraded" not in r.headers, (name, dict(r.headers))
+            warm_answers[name] = probabilities(r)[0][0]
+        warmed = time.monotonic()
         before = metric_samples(redis_stack.closed.url)
         before_open = metric_samples(redis_stack.open.url)
         live()
@@ -943,6 +962,18 @@ def test_redis_outage_fail_closed_and_fail_open(
             r = predict(client, [warm])
             assert "x-infercore-degraded" not in r.headers, (name, dict(r.headers))
             assert probabilities(r)[0][0] == warm_answers[name], name
+        # serve_stale_s: the warm card's row expired (cache_ttl_s=1) but is served, marked
+        # degraded; a card it never read gets the policy (fail_closed).
+        time.sleep(max(0.0, warmed + 1.1 - time.monotonic()))
+        r = predict(stale, [warm])
+        assert r.headers.get("x-infercore-degraded") == "features", dict(r.headers)
+        assert probabilities(r)[0][0] == warm_answers["stale"]
+        r = predict(stale, [make_transaction(rng, next(picks))])
+        assert r.status_code == 503 and r.json()["reason"] == "feature_store_unavailable"
+        stale_rows = metric(
+            metric_samples(redis_stack.stale.url), "infercore_feature_stale_rows_total"
+        )
+        assert stale_rows == 1, stale_rows
         live()
 
         # 3. /metrics tells the story.
@@ -983,6 +1014,7 @@ def test_redis_outage_fail_closed_and_fail_open(
     finally:
         closed.close()
         opened.close()
+        stale.close()
 
 
 def test_country_is_optional_for_the_champion(http: httpx.Client) -> None:
