@@ -810,39 +810,22 @@ def redis_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisStack
     servers: list[Server] = []
     try:
         env = {"INFERCORE_REDIS_URL": redis.url}
+
+        def start(name: str, *overrides: str) -> Server:
+            server = start_fraud_server(
+                ["env=prod", *overrides, f"++features.registry_path={folder / name}.db"],
+                folder / f"{name}.log",
+                env=env,
+            )
+            servers.append(server)
+            e2e.wait_ready(server, READY_WAIT_S)
+            return server
+
         # A long cache TTL keeps "a card seen before the outage is still served" deterministic
         # on a slow machine; the failure policy is what is under test.
-        common = ["env=prod", "features.cache_ttl_s=60"]
-        closed = start_fraud_server(
-            [*common, f"++features.registry_path={folder / 'registry-closed.db'}"],
-            folder / "closed.log",
-            env=env,
-        )
-        servers.append(closed)
-        e2e.wait_ready(closed, READY_WAIT_S)
-        opened = start_fraud_server(
-            [
-                *common,
-                "features.on_failure=fail_open",
-                f"++features.registry_path={folder / 'registry-open.db'}",
-            ],
-            folder / "open.log",
-            env=env,
-        )
-        servers.append(opened)
-        e2e.wait_ready(opened, READY_WAIT_S)
-        stale = start_fraud_server(
-            [
-                "env=prod",
-                "features.cache_ttl_s=1",
-                "++features.serve_stale_s=600",
-                f"++features.registry_path={folder / 'registry-stale.db'}",
-            ],
-            folder / "stale.log",
-            env=env,
-        )
-        servers.append(stale)
-        e2e.wait_ready(stale, READY_WAIT_S)
+        closed = start("closed", "features.cache_ttl_s=60")
+        opened = start("open", "features.cache_ttl_s=60", "features.on_failure=fail_open")
+        stale = start("stale", "features.cache_ttl_s=1", "++features.serve_stale_s=600")
         yield RedisStack(redis, closed, opened, stale)
     finally:
         try:

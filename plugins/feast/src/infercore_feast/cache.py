@@ -61,9 +61,9 @@ class TTLCache(Generic[V]):
         entry = self._data.get(key)
         if entry is None:
             return MISSING
-        expires_at = entry[0]
-        if expires_at <= self.clock():
-            if expires_at + self.stale_s <= self.clock():
+        expires_at, now = entry[0], self.clock()
+        if expires_at <= now:
+            if expires_at + self.stale_s <= now:
                 del self._data[key]
             return MISSING
         self._data.move_to_end(key)
