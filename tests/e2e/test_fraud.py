@@ -34,7 +34,7 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 from prometheus_client.parser import text_string_to_metric_families
@@ -680,13 +680,7 @@ def _transactions(draw: st.DrawFn) -> list[dict[str, Any]]:
     return rows
 
 
-@settings(
-    max_examples=200,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=list(HealthCheck),
-)
+@settings(settings.get_profile("fuzz"), max_examples=200)
 @given(txns=_transactions(), v2=st.booleans())
 def test_no_transaction_however_malformed_gets_a_5xx(
     http: httpx.Client, txns: list[dict[str, Any]], v2: bool

@@ -19,7 +19,7 @@ from urllib.parse import quote
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_admin import TOKEN, rollout_config  # model m: 1 primary, 2 shadow, 3 a candidate
 
@@ -134,13 +134,7 @@ def admin() -> Iterator[tuple[asyncio.AbstractEventLoop, httpx.AsyncClient]]:
         loop.close()
 
 
-@settings(
-    max_examples=600,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=list(HealthCheck),
-)
+@settings(settings.get_profile("fuzz"), max_examples=600)
 @given(
     data=st.data(),
     model=model_names,

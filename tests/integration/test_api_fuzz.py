@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from schemathesis.generation import GenerationMode
 
 from infercore.server import create_app
@@ -84,13 +84,7 @@ def test_no_generated_request_gets_a_5xx(
     strategy = operation.as_strategy(generation_mode=mode, path_parameters=fixed)
     seen: list[int] = []
 
-    @settings(
-        max_examples=EXAMPLES,
-        deadline=None,
-        derandomize=True,
-        database=None,
-        suppress_health_check=list(HealthCheck),
-    )
+    @settings(settings.get_profile("fuzz"), max_examples=EXAMPLES)
     @given(case=strategy)
     def check(case: Any) -> None:
         response = send(client, case)
