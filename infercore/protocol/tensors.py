@@ -395,6 +395,13 @@ def element_count(shape: tuple[int, ...]) -> int:
     return math.prod(shape)
 
 
+#: What msgspec raises for a body it cannot read as JSON: a syntax error (``DecodeError``), a
+#: string that is not UTF-8 (``UnicodeDecodeError``), nesting past Python's recursion limit
+#: (``RecursionError``: a 2 KB body of brackets is enough). Each is the client's 400, never a 500.
+#: ``msgspec.ValidationError`` is a ``DecodeError``: callers that report it apart catch it first.
+UNREADABLE_JSON = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
+
+
 def malformed_json(exc: Exception, body: bytes) -> InvalidInput:
     """The 400 for a body msgspec could not decode, naming the field where that is possible.
 
@@ -402,6 +409,16 @@ def malformed_json(exc: Exception, body: bytes) -> InvalidInput:
     standard library parses them as infinity, so on that (rare) path the field is found by a
     second, slower parse.
     """
+    if isinstance(exc, UnicodeDecodeError):
+        return InvalidInput(
+            f"malformed JSON: a string is not valid UTF-8 ({exc.reason}: byte "
+            f"0x{exc.object[exc.start]:02x})",
+            hint="encode the body as UTF-8",
+        )
+    if isinstance(exc, RecursionError):
+        return InvalidInput(
+            "malformed JSON: nested too deeply", hint="arrays and objects nest a few levels deep"
+        )
     text = str(exc)
     if "out of range" in text:
         import json

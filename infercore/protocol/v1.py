@@ -14,7 +14,7 @@ import numpy as np
 
 from infercore.components.model import Array
 from infercore.errors import InvalidInput
-from infercore.protocol.tensors import json_array, malformed_json
+from infercore.protocol.tensors import UNREADABLE_JSON, json_array, malformed_json
 
 _decoder = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
@@ -29,7 +29,7 @@ def decode(body: bytes, *, default_input: str | None, max_rows: int) -> dict[str
     """Decode a V1 predict body into named columns (rows along axis 0)."""
     try:
         doc = _decoder.decode(body)
-    except msgspec.DecodeError as exc:
+    except UNREADABLE_JSON as exc:
         raise malformed_json(exc, body) from None
     if not isinstance(doc, dict):
         raise InvalidInput("the body must be a JSON object with `instances` or `inputs`")

@@ -15,6 +15,7 @@ from infercore.components.model import Array
 from infercore.components.tensors import V2_TO_NUMPY, v2_datatype
 from infercore.errors import InvalidInput
 from infercore.protocol.tensors import (
+    UNREADABLE_JSON,
     _from_flat_json,
     check_shape,
     from_binary,
@@ -114,7 +115,7 @@ def decode(body: bytes, header_length: int | None, *, max_elements: int) -> Deco
         req = _decoder.decode(head)
     except msgspec.ValidationError as exc:
         raise InvalidInput(f"invalid V2 request: {_validation_message(exc)}") from None
-    except msgspec.DecodeError as exc:
+    except UNREADABLE_JSON as exc:
         raise malformed_json(exc, head) from None
     if not req.inputs:
         raise InvalidInput("`inputs` is empty", hint="send at least one input tensor")

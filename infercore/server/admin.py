@@ -46,6 +46,7 @@ from litestar.params import FromPath, FromQuery
 from infercore.config.rollout import AdminConfig
 from infercore.config.schema import NAME_RE, VERSION_RE
 from infercore.errors import ConfigError, InfercoreError, InvalidInput
+from infercore.protocol.tensors import UNREADABLE_JSON, malformed_json
 from infercore.runtime import Runtime
 from infercore.server.errors import EXCEPTION_HANDLERS
 
@@ -95,8 +96,8 @@ def _decode(body: bytes, kind: type[Any], *, empty_ok: bool = False) -> Any:
         return msgspec.json.decode(body, type=kind)
     except msgspec.ValidationError as exc:
         raise InvalidInput(f"invalid request body: {exc}") from None
-    except msgspec.DecodeError as exc:
-        raise InvalidInput(f"malformed JSON: {exc}") from None
+    except UNREADABLE_JSON as exc:
+        raise malformed_json(exc, body) from None
 
 
 def _model_name(name: str) -> str:

@@ -286,6 +286,10 @@ def _inference_target(path: str) -> tuple[str, str | None, str] | None:
 
 _JSON_TYPE = (b"content-type", JSON.encode())
 _BINARY_TYPE = (b"content-type", b"application/octet-stream")
+#: Prometheus' text format without its charset: Litestar adds one to every text/* type.
+_METRICS_TYPE = "; ".join(
+    p for p in CONTENT_TYPE_LATEST.split("; ") if not p.startswith("charset=")
+)
 
 
 def _content_type_ok(headers: Mapping[str, str], binary: bool) -> None:
@@ -545,8 +549,12 @@ def create_app(
         except HTTPException:
             raise  # the framework's own (e.g. a client that disconnected mid-body)
         except Exception as exc:
-            # A bug, not a bad request: still one counted 500 `internal`; details only in the log.
-            log.error(
+            # A bug, not a bad request: still one counted 500 `internal`; details only in the
+            # log, at most one ERROR line per model every few seconds (a client that found the
+            # bug can send it in a loop), the rest at DEBUG.
+            failure_log.log(
+                logging.ERROR,
+                (model_name if model_name in runtime.models else "", "internal"),
                 "request failed unexpectedly: %s: %s",
                 type(exc).__name__,
                 exc,
@@ -826,7 +834,10 @@ def create_app(
         for served in runtime.models.values():
             for sv in served.versions.values():
                 sv.metrics.set_queue_depth(sv.batcher.queue_depth)
-        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+        # Litestar appends "; charset=utf-8" to a text/* type, and CONTENT_TYPE_LATEST has
+        # one already: two charset parameters make the header unparseable, and Prometheus 3
+        # then fails the scrape (unless its fallback_scrape_protocol is set).
+        return Response(metrics.exposition(), media_type=_METRICS_TYPE)
 
     @get("/-/plugins", tags=["ops"], summary="Installed plugins")
     async def plugins() -> list[dict[str, Any]]:

@@ -69,17 +69,29 @@ class FailureLog:
         self._state: dict[tuple[str, str], tuple[float, int]] = {}
 
     def warning(self, key: tuple[str, str], msg: str, *args: Any, extra: dict[str, Any]) -> None:
+        self.log(logging.WARNING, key, msg, *args, extra=extra)
+
+    def log(
+        self,
+        level: int,
+        key: tuple[str, str],
+        msg: str,
+        *args: Any,
+        extra: dict[str, Any],
+        exc_info: bool = False,
+    ) -> None:
+        """Log at ``level`` unless ``key`` was logged less than ``interval_s`` ago (DEBUG then)."""
         now = self._clock()
         due, held = self._state.get(key, (0.0, 0))
         if now < due:
             self._state[key] = (due, held + 1)
-            self._log.debug(msg, *args, extra=extra)
+            self._log.debug(msg, *args, extra=extra, exc_info=exc_info)
             return
         self._state[key] = (now + self._interval_s, 0)
         if held:
             msg += " (and %d more like it in the last %.0f s, logged at DEBUG)"
             args = (*args, held, self._interval_s)
-        self._log.warning(msg, *args, extra=extra)
+        self._log.log(level, msg, *args, extra=extra, exc_info=exc_info)
 
 
 def configure(level: str = "info", fmt: str = "text", stream: str = "stderr") -> None:

@@ -156,6 +156,28 @@ def test_admin_routes_answer_404_on_the_inference_listener() -> None:
     run(rt, scenario)
 
 
+def test_an_admin_body_msgspec_cannot_read_is_400() -> None:
+    rt = runtime_from_dict(rollout_config())
+    deep = b"[" * 1000 + b"]" * 1000
+    bodies = {
+        b'{"parameters": {"note": "\xff"}}': "not valid UTF-8",
+        b'{"parameters": {"note": ' + deep + b"}}": "nested too deeply",
+        b"{": "malformed JSON",
+    }
+
+    async def scenario(a: httpx.AsyncClient, i: httpx.AsyncClient) -> None:
+        for content, named in bodies.items():
+            r = await a.post(
+                "/v2/repository/models/m/load",
+                content=content,
+                headers={"content-type": "application/json"},
+            )
+            assert named in assert_refused(r, 400, "invalid_input")["error"]
+        assert (await a.get("/admin/models")).status_code == 200
+
+    run(rt, scenario)
+
+
 def test_the_token_comes_from_the_environment_or_a_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="INFERCORE_ADMIN_TOKEN is not set"):
         load_token(AdminConfig(enabled=True), {})

@@ -110,6 +110,47 @@ def test_malformed_json_is_400(client: Any, content: bytes) -> None:
     assert_error(post_raw(client, content), 400, "invalid_input")
 
 
+# What msgspec raises besides its DecodeError: a string that is not UTF-8 (UnicodeDecodeError)
+# and nesting past Python's recursion limit (RecursionError, from a 2 KB body). Both were 500s.
+_V2, _V1 = "/v2/models/m/infer", "/v1/models/m:predict"
+_DEEP = b"[" * 1000 + b"]" * 1000
+_UNREADABLE = {
+    "V2 name not UTF-8": (_V2, b'{"inputs": [{"name": "\xff", "shape": [1], "data": [1]}]}'),
+    "V2 id a lone surrogate": (_V2, b'{"id": "\xed\xa0\x80", "inputs": []}'),
+    "V1 field not UTF-8": (_V1, b'{"instances": [{"x": "\xe9"}]}'),
+    "V1 key not UTF-8": (_V1, b'{"instances": [{"\xe9": 1}]}'),
+    "V2 deep data": (_V2, b'{"inputs": [{"name": "x", "data": ' + _DEEP + b"}]}"),
+    "V2 deep parameters": (_V2, b'{"parameters": {"p": ' + _DEEP + b'}, "inputs": []}'),
+    "V1 deep instances": (_V1, b'{"instances": ' + _DEEP + b"}"),
+    "V1 deep inputs": (_V1, b'{"inputs": {"x": ' + _DEEP + b"}}"),
+}
+
+
+@pytest.mark.parametrize("case", list(_UNREADABLE))
+def test_a_body_msgspec_cannot_read_is_400_not_500(client: Any, case: str) -> None:
+    path, content = _UNREADABLE[case]
+    doc = assert_error(post_raw(client, content, path), 400, "invalid_input")
+    named = "nested too deeply" if "deep" in case else "not valid UTF-8"
+    assert doc["error"].startswith("malformed JSON") and named in doc["error"], doc
+    good = body() if path == _V2 else {"instances": [ROW]}
+    assert client.post(path, json=good).status_code == 200
+
+
+def test_a_binary_request_whose_json_header_is_not_utf8_is_400(client: Any) -> None:
+    head = b'{"inputs": [{"name": "\xff", "shape": [1, 4], "datatype": "FP32", ' + (
+        b'"parameters": {"binary_data_size": 16}}]}'
+    )
+    r = client.post(
+        "/v2/models/m/infer",
+        content=head + np.asarray(ROW, dtype=np.float32).tobytes(),
+        headers={
+            "content-type": "application/octet-stream",
+            "inference-header-content-length": str(len(head)),
+        },
+    )
+    assert "UTF-8" in assert_error(r, 400, "invalid_input")["error"]
+
+
 @pytest.mark.parametrize(
     ("inputs", "named"),
     [
@@ -523,6 +564,20 @@ class _ComplexPlugin:
     @hookimpl
     def register_model_loaders(self) -> list[type[Model]]:
         return [_ComplexModel]
+
+
+def test_an_unexpected_failure_repeated_logs_one_error_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A client that found a bug can send it in a loop: one ERROR line, the rest at DEBUG.
+    cfg = fake_model_config(versions={"1": {"loader": {"kind": "complex_out"}, "warmup": False}})
+    runtime = runtime_from_dict(cfg, extra_plugins=[("complex", _ComplexPlugin())])
+    with caplog.at_level("DEBUG", logger="infercore.server"), app_client(runtime) as c:
+        for _ in range(5):
+            assert_error(c.post("/v2/models/m/infer", json=body()), 500, "internal")
+    lines = [r for r in caplog.records if r.getMessage().startswith("request failed unexpect")]
+    assert [r.levelname for r in lines] == ["ERROR"] + ["DEBUG"] * 4
+    assert len({r.request_id for r in lines}) == 5  # type: ignore[attr-defined]
 
 
 def test_an_unexpected_failure_is_a_counted_500_internal_without_details() -> None:
