@@ -158,13 +158,25 @@ def decode(body: bytes, header_length: int | None, *, max_elements: int) -> Deco
     if offset != len(blob):
         raise InvalidInput("binary data left over after the last input's binary_data_size")
     params = req.parameters or {}
-    binary_default = bool(params.get("binary_data_output", False))
+    binary_default = _flag(params, "binary_data_output", False, "parameters")
     outputs: dict[str, bool] | None = None
     if req.outputs:
         outputs = {}
         for out in req.outputs:
-            outputs[out.name] = bool((out.parameters or {}).get("binary_data", binary_default))
+            where = f"output {out.name!r}: parameters"
+            outputs[out.name] = _flag(out.parameters or {}, "binary_data", binary_default, where)
     return DecodedV2(req.id, tensors, datatypes, outputs, binary_default)
+
+
+def _flag(params: dict[str, Any], key: str, default: bool, where: str) -> bool:
+    """A boolean parameter of the binary extension; ``"false"`` is not false, it is refused."""
+    value = params.get(key, default)
+    if type(value) is not bool:
+        raise InvalidInput(
+            f"{where}.{key}: expected true or false, got {value!r:.40}",
+            hint="send a JSON boolean",
+        )
+    return value
 
 
 class _Output(msgspec.Struct, omit_defaults=True):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import struct
 import tracemalloc
 from typing import Any
@@ -396,6 +397,22 @@ def test_requested_outputs_binary_flags_and_id() -> None:
     result = triton_result(out, head)
     assert result.as_numpy("y").tolist() == [0.5]
     assert result.as_numpy("z").tolist() == [1, 2]
+
+
+@pytest.mark.parametrize("value", ["false", "true", 0, 1, None, [], {}])
+@pytest.mark.parametrize("where", ["request", "output"])
+def test_a_binary_flag_that_is_not_a_boolean_is_refused(value: Any, where: str) -> None:
+    # "false" is truthy: read loosely it sent binary tensors to a client that asked for JSON.
+    flags = {"binary_data_output" if where == "request" else "binary_data": value}
+    extra: dict[str, Any] = (
+        {"parameters": flags}
+        if where == "request"
+        else {"outputs": [{"name": "y", "parameters": flags}]}
+    )
+    raw = body([{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}], **extra)
+    named = "parameters.binary_data_output" if where == "request" else "'y': parameters.binary"
+    with pytest.raises(InvalidInput, match=re.escape(named) + ".*expected true or false"):
+        decode(raw)
 
 
 def test_all_outputs_json_by_default_and_no_id_when_absent() -> None:
