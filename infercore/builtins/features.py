@@ -49,9 +49,15 @@ class RequestFeatureSource(FeatureSource):
         out = {}
         used: set[str] = set()
         for input_name, columns in self.config.assemble.items():
-            if input_name in fields and not any(c in fields for c in columns):
-                out[input_name] = fields[input_name]  # the client sent the tensor whole
-                continue
+            if not any(c in fields for c in columns):
+                if input_name in fields:
+                    out[input_name] = fields[input_name]  # the client sent the tensor whole
+                    continue
+                # Neither form: say what the client did send, not only the first field.
+                raise InvalidInput(
+                    f"missing input {input_name!r} (got {', '.join(map(repr, fields))})",
+                    hint=f"send {input_name!r} as one tensor, or its fields: {', '.join(columns)}",
+                )
             parts = []
             for column in columns:
                 value = fields.get(column)
@@ -67,11 +73,31 @@ class RequestFeatureSource(FeatureSource):
             lengths = {len(p) for p in parts}
             if len(lengths) > 1:
                 raise InvalidInput(f"input {input_name!r}: fields have different row counts")
+            _check_alike(input_name, columns, parts)
             out[input_name] = np.stack(parts, axis=1)
         for name, value in fields.items():
             if name not in used and name not in out:
                 out[name] = value
         return out
+
+
+#: What a field's values are, by numpy kind: stacking fields of different kinds would convert
+#: silently (booleans to 1.0, numbers to strings), so they are refused before.
+_KINDS = {"b": "booleans", "i": "numbers", "u": "numbers", "f": "numbers"}
+
+
+def _check_alike(input_name: str, columns: list[str], parts: list[Array]) -> None:
+    """The fields of one assembled input hold one kind of value; the odd field is named."""
+    kinds = [_KINDS.get(p.dtype.kind, "strings or mixed values") for p in parts]
+    if len(set(kinds)) == 1:
+        return
+    usual = max(kinds, key=kinds.count)
+    odd = next(i for i, k in enumerate(kinds) if k != usual)
+    raise InvalidInput(
+        f"field {columns[odd]!r}: expected {usual} like the other fields of input "
+        f"{input_name!r}, got {kinds[odd]}",
+        hint="send every field of the input as the same type",
+    )
 
 
 @hookimpl

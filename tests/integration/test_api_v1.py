@@ -188,7 +188,11 @@ def test_unknown_model_is_404(client: Any) -> None:
             "instances[1]",
         ),
         (b'{"instances": [{"a": 1, "b": 2, "c": 3, "d": 4, "zz": 5}]}', "'zz'"),
-        (b'{"instances": [{"a": "x", "b": 2, "c": 3, "d": 4}]}', "'x'"),
+        # An assembled field of another type is named, never converted (true was 1.0).
+        (b'{"instances": [{"a": "x", "b": 2, "c": 3, "d": 4}]}', "field 'a': expected numbers"),
+        (b'{"instances": [{"a": 1, "b": true, "c": 3, "d": 4}]}', "field 'b': expected numbers"),
+        (b'{"instances": [{"a": 1, "b": 2, "c": 3, "d": "4"}]}', "field 'd': expected numbers"),
+        (b'{"instances": [{"a": 1, "b": 2, "c": 3, "d": null}]}', "field 'd'"),
     ],
 )
 def test_bad_instances_are_400_naming_the_problem(client: Any, body: bytes, names: str) -> None:
@@ -197,6 +201,35 @@ def test_bad_instances_are_400_naming_the_problem(client: Any, body: bytes, name
     )
     doc = assert_error(r, 400, "invalid_input")
     assert names in doc["error"]
+
+
+@pytest.mark.parametrize(
+    ("inputs", "names"),
+    [
+        # V2 fields: a declared BOOL among FP32 fields was stacked into 1.0.
+        (
+            [
+                {"name": "c", "shape": [1], "datatype": "BOOL", "data": [True]}
+                if f == "c"
+                else {"name": f, "shape": [1], "datatype": "FP32", "data": [1]}
+                for f in FIELDS
+            ],
+            "field 'c': expected numbers like the other fields of input 'x', got booleans",
+        ),
+        # Neither the input nor its fields: the error names what was sent.
+        (
+            [{"name": "y", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}],
+            "missing input 'x' (got 'y')",
+        ),
+    ],
+)
+def test_bad_v2_fields_are_400_naming_the_problem(
+    client: Any, inputs: list[dict[str, Any]], names: str
+) -> None:
+    doc = assert_error(
+        client.post("/v2/models/m/infer", json={"inputs": inputs}), 400, "invalid_input"
+    )
+    assert names in doc["error"], doc
 
 
 def test_too_many_rows_is_400() -> None:
