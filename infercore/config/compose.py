@@ -266,9 +266,21 @@ def _check_names(config: InfercoreConfig, label: str) -> None:
 
 
 #: Words of a key name (split at ``_``, ``-``, ``.`` and camelCase) that mark its value secret;
-#: whole words, so ``max_tokens`` and ``tokenizer`` stay visible.
+#: whole words, so ``max_tokens`` and ``tokenizer`` stay visible. ``authorization`` and
+#: ``cookie`` are the HTTP headers that carry credentials (a webhook's ``headers:``).
 _SECRET_WORDS = frozenset(
-    {"token", "secret", "password", "passwd", "pwd", "apikey", "credential", "credentials"}
+    {
+        "token",
+        "secret",
+        "password",
+        "passwd",
+        "pwd",
+        "apikey",
+        "credential",
+        "credentials",
+        "authorization",
+        "cookie",
+    }
 )
 _KEY_WORD = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
 # Everything between the scheme and the last '@' before the path is userinfo.

@@ -365,6 +365,15 @@ def tmp_recipes(text: str) -> Path:
             {},
             "feature_store.redis_url: a secret written literally",
         ),
+        (
+            [
+                "+recipe=fraud",
+                "models.fraud.drift.actions=[{kind: webhook, url: 'http://hooks:9000/drift', "
+                "allow_hosts: [hooks], headers: {Authorization: 'Bearer t0k'}}]",
+            ],
+            {},
+            r"actions\[0\]\.headers\.Authorization: a secret written literally",
+        ),
         (["+recipe=iris"], {"track": "blue"}, "--track"),
         (["+recipe=iris", "deploy=sidecar", "server.uds=null"], {}, "Unix socket"),
     ],

@@ -461,8 +461,10 @@ def test_redact_masks_secret_keys() -> None:
         "client_secret": "s",
         "nested": {"credentials": {"user": "u", "key": "k"}},
         "list": [{"password": "pw"}],
+        "headers": {"Authorization": "Bearer t0k", "Proxy-Authorization": "t0k", "Cookie": "s=t0k"},
     }
     out = redact(data)
+    assert set(out["headers"].values()) == {"***"}
     assert out["token"] == out["api_key"] == out["apiKey"] == out["x-api-key"] == "***"
     assert out["password"] == out["db_password"] == out["AUTH_TOKEN"] == "***"
     assert out["client_secret"] == "***"
