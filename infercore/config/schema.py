@@ -31,8 +31,11 @@ Node = dict[str, Any]
 class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """The inference listener and request limits."""
 
-    host: str = "127.0.0.1"
-    port: int = msgspec.field(default=8080)
+    #: An empty host would make uvicorn listen on every interface (an unset variable in
+    #: ``${oc.env:INFERCORE_HOST,…}`` gives one): refused, say ``0.0.0.0`` to mean that.
+    host: Annotated[str, msgspec.Meta(min_length=1)] = "127.0.0.1"
+    #: 0: a free port the system picks (tests, one-off runs).
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
     #: Serve on this Unix domain socket instead of host:port (deploy=sidecar sets one).
     uds: str | None = None
     #: Server processes sharing the listener (``auto``: one per CPU this process may use).
@@ -40,16 +43,17 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: across them; the admin API needs 1.
     workers: Annotated[int, msgspec.Meta(ge=1, le=256)] | Literal["auto"] = 1
     #: Largest request body read, in bytes; larger bodies get 413 before being read whole.
-    max_body_bytes: int = 8 * 1024 * 1024
+    #: (Every limit here is finite and at least 1: zero would refuse every request.)
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=1, le=2**31)] = 8 * 1024 * 1024
     #: Most rows (first-dimension entries) one request may carry.
-    max_request_rows: int = 4096
+    max_request_rows: Annotated[int, msgspec.Meta(ge=1, le=10_000_000)] = 4096
     #: End-to-end deadline for one request: features, queue, inference and encoding.
-    request_timeout_ms: int = 10_000
+    request_timeout_ms: Annotated[int, msgspec.Meta(ge=1, le=3_600_000)] = 10_000
     #: After SIGTERM: seconds of serving on with readiness false (so load balancers and
     #: endpoint controllers notice) before the listener closes.
-    drain_delay_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    drain_delay_s: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 0.0
     #: Seconds given to in-flight and queued requests once the listener has closed.
-    graceful_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    graceful_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
     #: Where logs go (deploy=k8s: stdout, for the cluster's log collector).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import msgspec
 
@@ -176,8 +176,44 @@ def describe(
             f"{full}: expected {expected.group('want')}, got {got}{suffix}",
             hint="correct the value's type",
         )
+    values, others = (
+        _literal_choices(target, segs) if msg.startswith("Invalid enum value") else ([], [])
+    )
+    if values:
+        got = repr(value) if found else msg.removeprefix("Invalid enum value ")
+        besides = f" (or {' or '.join(others)})" if others else ""
+        return ConfigError(
+            f"{full}: {got} is not one of: {', '.join(map(str, values))}{besides}{suffix}",
+            hint="use one of the listed values (they are case-sensitive)",
+        )
     shown = f" (value {value!r})" if found else ""
     return ConfigError(f"{full}: {msg[0].lower()}{msg[1:]}{shown}{suffix}")
+
+
+def _literal_choices(target: Any, segs: list[str | int]) -> tuple[list[Any], list[str]]:
+    """The values a ``Literal`` field at ``segs`` allows, and the names of the other types it
+    also takes (``workers``: an int or ``auto``); empty where the field cannot be followed."""
+    tp: Any = target
+    for seg in segs:
+        tp = _child_type(tp, seg)
+        if tp is None:
+            return [], []
+    found: list[Any] = []
+    others: list[str] = []
+
+    def collect(t: Any) -> None:
+        if getattr(t, "__origin__", None) is Literal:
+            found.extend(t.__args__)
+        elif hasattr(t, "__metadata__"):  # Annotated[...]
+            collect(t.__origin__)
+        elif isinstance(t, type):
+            others.append("null" if t is type(None) else f"an {t.__name__}")
+        else:
+            for arg in getattr(t, "__args__", ()):
+                collect(arg)
+
+    collect(tp)
+    return found, others
 
 
 def allowed_fields(target: Any, segs: list[str | int]) -> list[str]:

@@ -195,6 +195,47 @@ def test_value_out_of_range_names_the_path() -> None:
     assert "0" in text
 
 
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        # An empty host made uvicorn listen on every interface (S9).
+        ("server.host=", "server.host: expected `str` of length >= 1 (value '')"),
+        ("server.port=70000", "server.port: expected `int` <= 65535"),  # bound port 4464
+        ("server.port=-1", "server.port: expected `int` >= 0"),
+        # Zero limits refused every request; inf or 1e300 never let the server stop.
+        ("server.max_body_bytes=0", "server.max_body_bytes: expected `int` >= 1"),
+        ("server.max_request_rows=0", "server.max_request_rows: expected `int` >= 1"),
+        ("server.request_timeout_ms=-1", "server.request_timeout_ms: expected `int` >= 1"),
+        ("server.graceful_timeout_s=inf", "server.graceful_timeout_s: expected `float` <= 3600"),
+        ("server.drain_delay_s=1e300", "server.drain_delay_s: expected `float` <= 3600"),
+    ],
+)
+def test_server_limits_are_finite_and_the_host_not_empty(override: str, expected: str) -> None:
+    assert _error(["+recipe=iris", override]).startswith(expected)
+
+
+def test_an_empty_host_from_the_environment_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("INFERCORE_HOST", "")  # set but empty: oc.env's default does not apply
+    assert _error(["+recipe=iris", "env=prod"]).startswith("server.host:")
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("server.log_level=DEBUG", "server.log_level: 'DEBUG' is not one of: debug, info,"),
+        ("server.workers=Auto", "server.workers: 'Auto' is not one of: auto (or an int)"),
+        (
+            "++models.iris.versions.1.loader.device=gpu",
+            "models.iris.versions.1.loader.device: 'gpu' is not one of: auto, cpu, cuda",
+        ),
+    ],
+)
+def test_a_value_outside_a_fixed_set_lists_the_choices(override: str, expected: str) -> None:
+    text = _error(["+recipe=iris", override])
+    assert text.startswith(expected), text
+    assert "case-sensitive" in text
+
+
 def test_typo_in_existing_key_without_plus() -> None:
     text = _error(["+recipe=iris", "batching.max_bach_size=3"])
     assert text.startswith("batching.max_bach_size:")
