@@ -836,6 +836,15 @@ def test_request_validation(model_root: Path) -> None:
                 deadline=loop.time() + 5,
             )
             assert out["txn_count_24h"][0, 0] == latest(1)["txn_count_24h"]
+            # A field the source does not take is refused, never dropped: a misspelled
+            # optional field would otherwise take its default without a word.
+            good = {"card_id": np.array([card(1)]), "amount": np.array([1.0])}
+            with pytest.raises(InvalidInput, match=r"unknown field 'amuont'.*card_id"):
+                await source.fetch({**good, "amuont": np.array([1.0])}, deadline=loop.time() + 5)
+            with pytest.raises(InvalidInput, match="'txn_count_24h' comes from the feature"):
+                await source.fetch(
+                    {**good, "txn_count_24h": np.array([9.0])}, deadline=loop.time() + 5
+                )
         finally:
             await source.stop()
 

@@ -90,6 +90,11 @@ class FeastFeatureSource(FeatureSource):
             for spec in config.inputs
         ]
         self._request_specs = [spec for spec in config.inputs if spec.source == "request"]
+        #: The fields a request may carry: anything else is a typo (``contry`` would silently
+        #: take ``country``'s default) or a feature the store provides, and is refused.
+        self._accepted = frozenset(
+            [config.entity.field, *(spec.name for spec in self._request_specs)]
+        )
         self._timeout_s = config.timeout_ms / 1000
         #: Merged reads in flight at once (``read_threads``). Feast's SQLite store shares one
         #: connection between threads, so parallel reads there only contend for it and for
@@ -208,6 +213,8 @@ class FeastFeatureSource(FeatureSource):
     # -- the request path ----------------------------------------------------------------
 
     async def fetch(self, fields: Mapping[str, npt.NDArray[Any]], *, deadline: float) -> Tensors:
+        if not self._accepted.issuperset(fields):
+            self._refuse_unknown(fields)
         keys = self._entity_keys(fields)
         rows = len(keys)
         request_columns = self._request_columns(fields, rows)
@@ -357,6 +364,16 @@ class FeastFeatureSource(FeatureSource):
         return tuple(values), tuple(defaulted)
 
     # -- request fields and tensors -------------------------------------------------------
+
+    def _refuse_unknown(self, fields: Mapping[str, npt.NDArray[Any]]) -> None:
+        name = next(n for n in fields if n not in self._accepted)
+        sent = ", ".join(sorted(self._accepted))
+        if any(spec.name == name for spec in self._feast_inputs):
+            raise InvalidInput(
+                f"field {name!r} comes from the feature store; the request must not send it",
+                hint=f"the request's fields are: {sent}",
+            )
+        raise InvalidInput(f"unknown field {name!r}", hint=f"the request's fields are: {sent}")
 
     def _entity_keys(self, fields: Mapping[str, npt.NDArray[Any]]) -> list[str]:
         name = self.config.entity.field
