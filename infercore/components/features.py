@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
 from typing import ClassVar
 
 from infercore.components.base import Component
 from infercore.components.model import Array, Tensors
+from infercore.components.tensors import TensorSpec
 
 _degraded: ContextVar[set[str] | None] = ContextVar("infercore_degraded", default=None)
 
@@ -55,6 +56,15 @@ class FeatureSource(Component):
     #: split by rows, is what each request would have got alone. An error or a
     #: :func:`mark_degraded` during a grouped fetch makes each request run alone again.
     groupable: ClassVar[bool] = False
+
+    def request_inputs(self) -> Sequence[TensorSpec] | None:
+        """The tensors a request carries, when they are not the model's own inputs.
+
+        V2 model metadata lists them as the model's ``inputs`` (what a client that reads the
+        metadata first, such as Triton's ``perf_analyzer``, must send). ``None`` (the default):
+        the request carries the model's inputs, and the metadata lists those.
+        """
+        return None
 
     @abc.abstractmethod
     async def fetch(self, fields: Mapping[str, Array], *, deadline: float) -> Tensors:

@@ -685,20 +685,29 @@ def create_app(
         }
 
     # --- model metadata -----------------------------------------------------------------
-    def metadata(served: ServedModel, sv: ServedVersion) -> dict[str, Any]:
+    def metadata(served: ServedModel, sv: ServedVersion) -> Response[bytes]:
         doc: dict[str, Any] = {
             "name": served.name,
             "versions": list(served.versions),
             "platform": sv.model.platform or sv.model.kind,
         }
-        if sv.ready:
-            doc["inputs"] = [s.to_metadata() for s in sv.model.inputs]
-            doc["outputs"] = [s.to_metadata() for s in sv.output_specs]
-        else:
-            doc["inputs"] = []
-            doc["outputs"] = []
+        if not sv.ready:
+            # Not 200 with no inputs: a V2 client would take that for a model without any.
             doc["state"] = sv.state
-        return doc
+            doc["error"] = f"model {served.name!r} version {sv.version!r} is {sv.state}"
+            doc["reason"] = "model_not_ready"
+            return Response(
+                v2.encode_json(doc),
+                media_type=JSON,
+                status_code=503,
+                headers={"Retry-After": "1"},
+            )
+        # What a request carries: the feature source's fields where it builds the model's
+        # inputs from them (the Feast source: the entity key and the request fields).
+        inputs = served.features.request_inputs() or sv.model.inputs
+        doc["inputs"] = [s.to_metadata() for s in inputs]
+        doc["outputs"] = [s.to_metadata() for s in sv.output_specs]
+        return Response(v2.encode_json(doc), media_type=JSON)
 
     def lookup_version(model_name: str, version: str | None) -> tuple[ServedModel, ServedVersion]:
         served = served_or_404(model_name)
@@ -714,7 +723,7 @@ def create_app(
         return served, sv
 
     @get("/v2/models/{model_name:str}", tags=["v2"], summary="Model metadata")
-    async def model_metadata(model_name: FromPath[str]) -> dict[str, Any]:
+    async def model_metadata(model_name: FromPath[str]) -> Response[bytes]:
         return metadata(*lookup_version(model_name, None))
 
     @get(
@@ -724,7 +733,7 @@ def create_app(
     )
     async def model_version_metadata(
         model_name: FromPath[str], version: FromPath[str]
-    ) -> dict[str, Any]:
+    ) -> Response[bytes]:
         return metadata(*lookup_version(model_name, version))
 
     def readiness(served: ServedModel, sv: ServedVersion) -> Response[bytes]:

@@ -547,6 +547,32 @@ def test_tritonclient_binary_and_json(
         client.close()
 
 
+def test_v2_metadata_lists_what_a_request_carries_and_a_request_built_from_it_is_served(
+    http: httpx.Client,
+) -> None:
+    # A V2 client that reads the metadata first (perf_analyzer, a generic client) must be able
+    # to build a request from it: the entity key and the request fields, not the ONNX graph's
+    # inputs (which include the Feast features the server reads itself).
+    meta = http.get("/v2/models/fraud").json()
+    inputs = {i["name"]: (i["datatype"], i["shape"]) for i in meta["inputs"]}
+    assert inputs == {
+        **{name: (datatype, [-1]) for name, datatype in V2_FIELDS},
+        "country": ("BYTES", [-1]),
+    }
+    body = {
+        "inputs": [
+            {"name": name, "datatype": dt, "shape": [1], "data": [GOOD[name]]}
+            for name, (dt, _) in inputs.items()
+        ]
+    }
+    fraud_probability, _ = v2_outputs(http.post("/v2/models/fraud/infer", json=body), 1)
+    assert 0.0 <= fraud_probability[0] <= 1.0
+    # A misspelled field is refused, not dropped (it would take country's default).
+    body["inputs"][-1]["name"] = "contry"
+    r = http.post("/v2/models/fraud/infer", json=body)
+    assert r.status_code == 400 and "unknown field 'contry'" in r.json()["error"], r.text
+
+
 def test_unknown_category_values_are_scored_not_rejected(
     http: httpx.Client, reference: Reference, transactions: list[dict[str, Any]]
 ) -> None:

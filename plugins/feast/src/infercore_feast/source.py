@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from infercore.components import ComponentContext, FeatureSource, Tensors
 from infercore.components.features import mark_degraded
-from infercore.components.tensors import V2_TO_NUMPY
+from infercore.components.tensors import V2_TO_NUMPY, TensorSpec
 from infercore.errors import (
     DeadlineExceeded,
     FeatureStoreUnavailable,
@@ -364,6 +364,11 @@ class FeastFeatureSource(FeatureSource):
         return tuple(values), tuple(defaulted)
 
     # -- request fields and tensors -------------------------------------------------------
+
+    def request_inputs(self) -> list[TensorSpec]:
+        """The entity key and the ``source: request`` inputs, one value per row each."""
+        key = TensorSpec(self.config.entity.field, "BYTES", (-1,))
+        return [key, *(TensorSpec(s.name, s.datatype, (-1,)) for s in self._request_specs)]
 
     def _refuse_unknown(self, fields: Mapping[str, npt.NDArray[Any]]) -> None:
         name = next(n for n in fields if n not in self._accepted)
