@@ -195,6 +195,18 @@ def test_wrong_name_shape_or_dtype_is_400_naming_the_field(
     assert named in doc["error"]
 
 
+def test_a_declared_datatype_of_the_same_kind_is_refused_saying_what_to_send(
+    client: Any,
+) -> None:
+    # As Triton: a V2 datatype must be the model's exactly; the hint names the one to send
+    # (clients that build tensors from numpy's default float64 meet this first).
+    inputs = [{"name": "x", "shape": [1, 4], "datatype": "FP64", "data": ROW}]
+    r = client.post("/v2/models/m/infer", json={"inputs": inputs})
+    doc = assert_error(r, 400, "invalid_input")
+    assert "datatype FP64 does not match the model's FP32" in doc["error"]
+    assert "send FP32" in doc["error"]
+
+
 @pytest.mark.parametrize("literal", [b"NaN", b"Infinity", b"-Infinity"])
 def test_non_json_number_literals_are_400(client: Any, literal: bytes) -> None:
     content = (
