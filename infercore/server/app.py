@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from litestar import Litestar, Request, Response, get, post
-from litestar.exceptions import HTTPException
+from litestar.exceptions import HTTPException, ImproperlyConfiguredException
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from litestar.openapi import OpenAPIConfig
 from litestar.params import FromPath
@@ -30,6 +30,7 @@ from infercore.errors import (
     DeadlineExceeded,
     InfercoreError,
     InvalidInput,
+    PluginError,
     QueueFull,
     ShuttingDown,
     UnsupportedMediaType,
@@ -42,6 +43,7 @@ from infercore.server.logs import FailureLog
 from infercore.server.openapi import V1PredictOperation, V2InferOperation
 
 if TYPE_CHECKING:
+    from infercore.config.schema import ServerConfig
     from infercore.server.shutdown import ShutdownState
 
 log = logging.getLogger("infercore.server")
@@ -891,9 +893,25 @@ def create_app(
             if manage_runtime:
                 await runtime.stop()
 
+    try:
+        app = _new_app(handlers, cfg, lifespan)
+    except ImproperlyConfiguredException as exc:
+        # infercore's own routes do not collide: a plugin's (register_routes) took one's path.
+        raise PluginError(
+            f"a plugin's register_routes(): {exc.detail}",
+            hint="give the plugin's routes a path of their own (e.g. under /-/<plugin>/)",
+        ) from None
+    if fast_path:
+        app.inference_fast_path = answer_fast
+    if cfg.reject_before_body and not cfg.access_log:
+        app.reject_before_body = reject_before_body
+    return app
+
+
+def _new_app(handlers: list[Any], cfg: ServerConfig, lifespan: Any) -> InferenceApp:
     from infercore import __version__
 
-    app = InferenceApp(
+    return InferenceApp(
         route_handlers=handlers,
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=cfg.max_body_bytes,
@@ -908,8 +926,3 @@ def create_app(
         debug=False,
         logging_config=None,
     )
-    if fast_path:
-        app.inference_fast_path = answer_fast
-    if cfg.reject_before_body and not cfg.access_log:
-        app.reject_before_body = reject_before_body
-    return app
