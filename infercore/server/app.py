@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 import numpy as np
 from litestar import Litestar, Request, Response, get, post
 from litestar.exceptions import HTTPException, ImproperlyConfiguredException
@@ -893,8 +894,28 @@ def create_app(
             if manage_runtime:
                 await runtime.stop()
 
+    def counted(handle: Callable[..., Response[bytes]]) -> Callable[..., Response[bytes]]:
+        """An exception handler that counts its answer, as inference rejections are counted:
+        metadata and readiness 404s, unknown routes, 405s ("every non-2xx counts one reason")."""
+
+        def handle_counted(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+            response = handle(request, exc)
+            name = request.path_params.get("model_name")
+            # Label values from the config only: a name from the URL would add a series each.
+            counters = failure_metrics(name if name in runtime.models else "", "")
+            counters.count_response(response.status_code or 500)
+            try:
+                reason = msgspec.json.decode(response.content)["reason"]
+            except (msgspec.DecodeError, KeyError, TypeError):
+                reason = "internal"
+            counters.count_failure(reason)
+            return response
+
+        return handle_counted
+
+    exception_handlers = {kind: counted(h) for kind, h in EXCEPTION_HANDLERS.items()}
     try:
-        app = _new_app(handlers, cfg, lifespan)
+        app = _new_app(handlers, exception_handlers, cfg, lifespan)
     except ImproperlyConfiguredException as exc:
         # infercore's own routes do not collide: a plugin's (register_routes) took one's path.
         raise PluginError(
@@ -908,12 +929,14 @@ def create_app(
     return app
 
 
-def _new_app(handlers: list[Any], cfg: ServerConfig, lifespan: Any) -> InferenceApp:
+def _new_app(
+    handlers: list[Any], exception_handlers: dict[Any, Any], cfg: ServerConfig, lifespan: Any
+) -> InferenceApp:
     from infercore import __version__
 
     return InferenceApp(
         route_handlers=handlers,
-        exception_handlers=EXCEPTION_HANDLERS,
+        exception_handlers=exception_handlers,
         request_max_body_size=cfg.max_body_bytes,
         openapi_config=OpenAPIConfig(
             title="infercore",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 import infercore
 from infercore.components import Model, Tensors, TensorSpec
@@ -305,8 +307,13 @@ def test_a_body_exactly_at_the_limit_is_read() -> None:
     ],
 )
 def test_unknown_model_or_version_is_404(client: Any, method: str, path: str) -> None:
+    before = counted(client)
     r = client.request(method, path, json=body() if method == "POST" else None)
     assert_error(r, 404, "model_not_found")
+    # Counted once, whether the inference path or a metadata route answered it; a model
+    # named in the config keeps its label, a name from the URL alone does not get one.
+    model = "m" if path.startswith(("/v2/models/m/", "/v2/models/m?")) else ""
+    assert counted(client) - before == {("404", "model_not_found", model): 1}
 
 
 @pytest.mark.parametrize(
@@ -321,7 +328,9 @@ def test_unknown_model_or_version_is_404(client: Any, method: str, path: str) ->
     ],
 )
 def test_unknown_route_is_404_json(client: Any, path: str) -> None:
+    before = counted(client)
     assert_error(client.get(path), 404, "not_found")
+    assert counted(client) - before == {("404", "not_found", ""): 1}
 
 
 @pytest.mark.parametrize(
@@ -336,7 +345,32 @@ def test_unknown_route_is_404_json(client: Any, path: str) -> None:
     ],
 )
 def test_wrong_method_is_405_json(client: Any, method: str, path: str) -> None:
+    before = counted(client)
     assert_error(client.request(method, path), 405, "method_not_allowed")
+    # No route matched, so no model label.
+    assert counted(client) - before == {("405", "method_not_allowed", ""): 1}
+
+
+def counted(client: Any) -> Counter[tuple[str, str, str]]:
+    """(code, reason, model) of every response counted as a failure so far, from /metrics:
+    ``requests_total{code}`` and ``request_failures_total{reason}`` go up together."""
+    codes: Counter[tuple[str, str]] = Counter()
+    reasons: Counter[tuple[str, str]] = Counter()
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for sample in family.samples:
+            labels = sample.labels
+            if sample.name == "infercore_requests_total" and labels["code"] != "200":
+                codes[labels["code"], labels["model"]] += int(sample.value)
+            elif sample.name == "infercore_request_failures_total":
+                reasons[labels["reason"], labels["model"]] += int(sample.value)
+    assert sum(codes.values()) == sum(reasons.values()), (codes, reasons)
+    # One failure per response here, so pair them up by model.
+    out: Counter[tuple[str, str, str]] = Counter()
+    for (code, model), n in codes.items():
+        for (reason, model2), m in reasons.items():
+            if model2 == model:
+                out[code, reason, model] += min(n, m)
+    return out
 
 
 # --- 503 / 504 ------------------------------------------------------------------------------

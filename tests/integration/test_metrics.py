@@ -111,10 +111,11 @@ def test_every_family_counts_what_was_sent() -> None:
             headers={"content-type": "application/json"},
         )
         send(500, "POST", "/v2/models/m/infer", json=body([[POISON, 0, 0, 0]]))
-        # Not inference requests: not counted.
+        # Successful requests that are not inference are not counted; every non-2xx is
+        # (DESIGN: every non-2xx counts one reason), an unknown route included.
         c.get("/v2/models/m")
         c.get("/v2/health/ready")
-        c.get("/nope")
+        send(404, "GET", "/nope")
 
         s = scrape(c)
         model = runtime.models["m"].versions["1"].model
