@@ -135,6 +135,10 @@ class InferenceApp(Litestar):
     )
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "HEAD":
+            # RFC 9110: what answers GET answers HEAD (uptime checks, load balancers). The app
+            # answers the GET; the HTTP server, which reads its own scope, sends no body.
+            scope = {**scope, "method": "GET"}
         fast = self.inference_fast_path
         if (
             fast is not None

@@ -464,3 +464,17 @@ def test_metrics_endpoint_is_prometheus_text(http: httpx.Client) -> None:
         "infercore_model_ready",
     ):
         assert name in names, name
+
+
+@pytest.mark.parametrize(
+    "path", ["/v2/health/live", "/v2/health/ready", "/v2/models/iris", "/v2", "/metrics"]
+)
+def test_head_answers_what_get_answers_without_a_body(http: httpx.Client, path: str) -> None:
+    # RFC 9110 §9.3.2; uptime checks and load balancers send HEAD. Over a real connection, so
+    # the body really is left out (a body here would be read as the next response).
+    get = http.get(path)
+    head = http.head(path)
+    assert (head.status_code, get.status_code) == (200, 200)
+    assert head.content == b""
+    assert head.headers["content-type"] == get.headers["content-type"]
+    assert http.get("/v2/health/live").json() == {"live": True}  # the connection still works
