@@ -10,6 +10,7 @@ import asyncio
 import itertools
 import logging
 import os
+import zlib
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -299,17 +300,28 @@ _METRICS_TYPE = "; ".join(
 )
 
 
-def _content_type_ok(headers: Mapping[str, str], binary: bool) -> None:
+#: Request body encodings accepted, as Triton accepts them (``tritonclient``'s
+#: ``request_compression_algorithm``): gzip, and deflate in its zlib wrapper (HTTP's "deflate").
+_ENCODINGS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+def _content_type_ok(headers: Mapping[str, str], binary: bool) -> str | None:
+    """Check the content type and encoding; the encoding to undo (``None``: identity)."""
     # The encoding is checked whether or not a content type was sent: a compressed body
     # without a Content-Type header is still not JSON.
     encoding = headers.get("content-encoding")
-    if encoding and encoding.strip().lower() != "identity":
-        raise UnsupportedMediaType(
-            f"content encoding {encoding!r} is not accepted", hint="send the body uncompressed"
-        )
+    if encoding:
+        encoding = encoding.strip().lower()
+        if encoding == "identity":
+            encoding = None
+        elif encoding not in _ENCODINGS:
+            raise UnsupportedMediaType(
+                f"content encoding {encoding!r} is not accepted",
+                hint="send the body uncompressed, gzip or deflate",
+            )
     raw = headers.get("content-type")
     if raw is None:
-        return
+        return encoding
     media = raw.split(";", 1)[0].strip().lower()
     if media not in _ALLOWED_TYPES:
         raise UnsupportedMediaType(
@@ -321,6 +333,26 @@ def _content_type_ok(headers: Mapping[str, str], binary: bool) -> None:
         raise UnsupportedMediaType(
             "application/octet-stream needs the Inference-Header-Content-Length header"
         )
+    return encoding
+
+
+def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
+    """A gzip or deflate body, decompressed to at most ``limit`` bytes (no zip bombs)."""
+    inflater = zlib.decompressobj(_ENCODINGS[encoding])
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error:
+        raise InvalidInput(
+            f"the body is not valid {encoding} data", hint="compress it whole, or send it plain"
+        ) from None
+    if len(out) > limit:
+        raise BodyTooLarge(
+            f"the request body is larger than {limit} bytes once decompressed",
+            hint="send less per request (server.max_body_bytes)",
+        )
+    if not inflater.eof or inflater.unused_data:
+        raise InvalidInput(f"the {encoding} body is truncated or has data after its end")
+    return out
 
 
 def _request_id(headers: Mapping[str, str]) -> str:
@@ -462,12 +494,14 @@ def create_app(
                 raise ShuttingDown("the server is shutting down")
             served = served_or_404(model_name)
             header_length = _header_length(headers) if protocol == "v2" else None
-            _content_type_ok(headers, header_length is not None)
+            encoding = _content_type_ok(headers, header_length is not None)
             try:
                 body = await read_body()
             except RequestEntityTooLarge:
                 # Raised here (not by the framework) so that the rejection is counted.
                 raise too_large() from None
+            if encoding is not None:
+                body = _inflate(body, encoding, cfg.max_body_bytes)
             if protocol == "v2":
                 decoded = v2.decode(body, header_length, max_elements=max_elements)
                 sv = served.pick(version, headers, decoded.id or rid, decoded.tensors)

@@ -158,6 +158,23 @@ def test_tritonclient_infer_binary_default(
     assert labels[:3].tolist() == [KNOWN[i] for i in (0, 50, 100)]
 
 
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+@pytest.mark.parametrize("binary", [True, False])
+def test_tritonclient_request_compression(
+    triton_client: triton.InferenceServerClient,
+    iris_rows: np.ndarray,
+    offline: tuple[np.ndarray, np.ndarray],
+    algorithm: str,
+    binary: bool,
+) -> None:
+    # tritonclient compresses the body when asked (Triton accepts gzip and deflate).
+    index = [3, 60, 120]
+    inp = triton.InferInput("input", [3, 4], "FP32")
+    inp.set_data_from_numpy(iris_rows[index], binary_data=binary)
+    result = triton_client.infer("iris", [inp], request_compression_algorithm=algorithm)
+    assert_matches(result.as_numpy("label"), result.as_numpy("probabilities"), index, offline)
+
+
 def test_tritonclient_infer_json_and_requested_outputs(
     triton_client: triton.InferenceServerClient,
     iris_rows: np.ndarray,
