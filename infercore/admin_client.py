@@ -20,6 +20,7 @@ import argparse
 import getpass
 import http.client
 import json
+import math
 import os
 import socket
 import sys
@@ -195,7 +196,9 @@ def add_models_parser(sub: Any) -> None:
     decided(p)
     p = msub.add_parser("approvals", help="list approvals")
     p.add_argument(
-        "--status", default="pending", choices=["pending", "approved", "rejected", "all"]
+        "--status",
+        default="pending",
+        choices=["pending", "approved", "rejected", "superseded", "all"],
     )
     for action in ("approve", "reject"):
         p = msub.add_parser(action, help=f"{action} a pending approval")
@@ -271,6 +274,8 @@ def _print_approvals(items: list[dict[str, Any]]) -> None:
             line += f" ({a['reason']})"
         if a["status"] != "pending":
             line += f"; {a['status']} by {a['decided_by']} at {a['decided_at']}"
+            if a["status"] == "superseded" and a.get("decision_reason"):
+                line += f": {a['decision_reason']}"
         print(line)
 
 
@@ -281,9 +286,12 @@ def _parse_weights(items: list[str]) -> dict[str, float]:
         if not sep:
             raise AdminError(0, "usage", f"expected VERSION=PERCENT, got {item!r}")
         try:
-            weights[version] = float(value)
+            percent = float(value)
         except ValueError:
             raise AdminError(0, "usage", f"{item!r}: the percent is not a number") from None
+        if not math.isfinite(percent):  # JSON has no NaN or Infinity
+            raise AdminError(0, "usage", f"{item!r}: the percent must be a finite number")
+        weights[version] = percent
     return weights
 
 
@@ -319,6 +327,8 @@ def _run(args: argparse.Namespace) -> int:
     if action == "promote":
         body: dict[str, Any] = {"to": args.to, **decision}
         if args.weight is not None:
+            if not math.isfinite(args.weight):
+                raise AdminError(0, "usage", "--weight: the percent must be a finite number")
             body["weight"] = args.weight
         status, doc = client.request(
             "POST",

@@ -304,9 +304,15 @@ class CommandAction(Action):
                     if len(tail) > limit:
                         del tail[: len(tail) - limit]
 
+            async def finish() -> None:
+                # One coroutine, not gather(): a gather cancelled with wait_for ends with a
+                # CancelledError nobody retrieves, which asyncio logs with a traceback.
+                await pump()
+                await proc.wait()
+
             timed_out = False
             try:
-                await asyncio.wait_for(asyncio.gather(pump(), proc.wait()), self.config.timeout_s)
+                await asyncio.wait_for(finish(), self.config.timeout_s)
             except TimeoutError:
                 timed_out = True
                 self._kill(proc)
@@ -315,6 +321,11 @@ class CommandAction(Action):
                 self._kill(proc)
                 with contextlib.suppress(Exception):
                     await asyncio.shield(proc.wait())
+                log.warning(
+                    "command %s cancelled after %.1f s (the server is stopping); killed",
+                    program,
+                    time.monotonic() - started,
+                )
                 raise
             seconds = round(time.monotonic() - started, 3)
         output = tail.decode("utf-8", errors="replace")

@@ -54,6 +54,7 @@ class RolloutConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_
         approvals: Stages whose entry needs a person's approval (``[canary, primary]``): the
             promotion call creates a pending approval instead of acting. A move that passes a
             gated stage (``shadow`` straight to ``primary`` when ``canary`` is gated) needs one too.
+            With ``primary`` gated, no weights may leave the primary 0 % of the traffic.
         distinct_approver: The person approving must not be the one who asked.
         guard: The canary guard; ``null`` turns it off.
     """
@@ -98,6 +99,7 @@ class AdminConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_on
         auth_env: The environment variable holding the bearer token.
         auth_file: Read the token from this file instead.
         audit_log: Append every decision here as JSON lines; unset keeps them in memory only.
+            Opened at start-up; only the file's own folder is created, inside an existing one.
         max_body_bytes: Largest admin request body.
     """
 

@@ -9,6 +9,19 @@ Versions move candidate -> shadow -> canary(weight) -> primary -> retired. A mov
 stages, but not approvals: a move that passes a gated stage (shadow straight to primary when
 ``canary`` is gated) needs an approval too. Moves back (canary -> shadow, anything -> retired)
 need none. Rollback never needs one.
+
+When ``primary`` is gated, no change of weights or stages may leave the primary with 0 % of
+the traffic: a canary taking it all would be the primary in all but name (promote it instead,
+which needs the approval). A canary's weight may otherwise be raised above the one its approval
+granted: the approval gates entering the stage, the weights are the operator's to tune.
+
+An approval is for a step from the state its request saw. Applying a stage move of a version,
+a rollback or an unload supersedes the affected versions' other pending approvals (their status
+becomes ``superseded``; approving one is a 409 that says why): ask again from the new state.
+
+A decision that could not be recorded is not made: 503 ``audit_unavailable``, nothing
+changed. Decisions are recorded before they are carried out; a load or an unload, recorded
+once done, first checks that the audit log can be opened.
 """
 
 from __future__ import annotations
@@ -46,11 +59,19 @@ ALLOWED: dict[str, frozenset[str]] = {
 }
 _MAX_ACTOR = 64
 _MAX_REASON = 500
+_STATUSES = ("pending", "approved", "rejected", "superseded")
 
 
 class AuditUnavailable(InfercoreError):
     status_code = 503
     reason = "audit_unavailable"
+
+
+def _audit_unavailable(exc: OSError) -> AuditUnavailable:
+    return AuditUnavailable(
+        f"the audit log cannot be written ({exc.strerror}); nothing changed",
+        hint="fix admin.audit_log (a writable file)",
+    )
 
 
 def check_actor(by: Any) -> str:
@@ -120,15 +141,45 @@ class Lifecycle:
             self._record(dict(event), strict=False)
 
     def _record(self, record: dict[str, Any], *, strict: bool = True) -> dict[str, Any]:
+        # strict=False: the decision is already carried out (a load, an unload, the guard);
+        # the record is then kept in memory and logged with a warning if the file fails.
         try:
-            return self.audit.append(record)
+            return self.audit.append(record, strict=strict)
         except OSError as exc:
-            if not strict:
-                return record
-            raise AuditUnavailable(
-                f"the audit log cannot be written ({exc.strerror}); nothing changed",
-                hint="fix admin.audit_log (a writable file)",
-            ) from None
+            raise _audit_unavailable(exc) from None
+
+    def _check_audit(self) -> None:
+        """Refuse a decision that could not be recorded, before anything changes."""
+        try:
+            self.audit.check()
+        except OSError as exc:
+            raise _audit_unavailable(exc) from None
+
+    def _pending_for(
+        self, model: str, versions: set[str], *, keep: Approval | None = None
+    ) -> list[Approval]:
+        """The pending approvals of ``versions`` of ``model`` (but ``keep``)."""
+        return [
+            a
+            for a in self.approvals.values()
+            if a.model == model
+            and a.version in versions
+            and a.status == "pending"
+            and a is not keep
+        ]
+
+    def _supersede(self, stale: list[Approval], *, by: str, why: str) -> None:
+        if not stale:
+            return
+        decided_at = now_iso()
+        for a in stale:
+            a.status, a.decided_by, a.decided_at, a.decision_reason = (
+                "superseded",
+                by,
+                decided_at,
+                why,
+            )
+        self._pending_gauge(stale[0].model)
 
     def _pending_gauge(self, model: str) -> None:
         n = sum(1 for a in self.approvals.values() if a.model == model and a.status == "pending")
@@ -150,10 +201,10 @@ class Lifecycle:
         return out
 
     def list_approvals(self, status: str | None = None) -> list[dict[str, Any]]:
-        if status is not None and status not in ("pending", "approved", "rejected"):
+        if status is not None and status not in _STATUSES:
             raise InvalidInput(
                 f"unknown approval status {status[:20]!r}",
-                hint="pending, approved or rejected",
+                hint=", ".join(_STATUSES),
             )
         return [a.to_dict() for a in self.approvals.values() if status in (None, a.status)]
 
@@ -203,7 +254,25 @@ class Lifecycle:
             )
         # Everything the runtime would refuse, refused now (nothing changes on a dry run).
         self.runtime.set_stage(model, version, to, weight, dry_run=True)
+        if to == CANARY:
+            others = sum(
+                o.weight for v, o in served.versions.items() if o.stage == CANARY and v != version
+            )
+            self._check_primary_share(model, 100.0 - others - float(weight or 0.0), version)
         return current
+
+    def _check_primary_share(self, model: str, share: float, canary: str) -> None:
+        """With ``primary`` gated, the primary keeps some traffic (else promote, approved)."""
+        served = self.runtime.model(model)
+        if PRIMARY not in served.config.rollout.approvals or share > 1e-6:
+            return
+        raise Conflict(
+            f"model {model!r}: this would leave the primary ({served.primary!r}) 0 % of the "
+            f"traffic, making canary {canary!r} the primary without the approval "
+            f"models.{model}.rollout.approvals requires for primary",
+            hint=f"promote it instead (needs an approval): infercore models promote {model} "
+            f"{canary} --to primary",
+        )
 
     async def promote(
         self,
@@ -290,8 +359,13 @@ class Lifecycle:
         if approval is not None:
             record["approval"] = approval.id
             record["requested_by"] = approval.requested_by
+        stale = self._pending_for(model, {version}, keep=approval)
+        if stale:
+            record["superseded"] = [a.id for a in stale]
         self._record(record)
         self.runtime.set_stage(model, version, to, weight)
+        via = f" (approval {approval.id})" if approval is not None else ""
+        self._supersede(stale, by=by, why=f"version {version!r} moved {current} -> {to}{via}")
 
     async def approve(
         self, approval_id: str, *, by: str, reason: str | None = None
@@ -349,6 +423,13 @@ class Lifecycle:
         a = self.approvals.get(approval_id)
         if a is None:
             raise NotFound(f"no approval {approval_id[:20]!r}", hint="infercore models approvals")
+        if a.status == "superseded":
+            raise Conflict(
+                f"approval {a.id} was superseded by {a.decided_by} at {a.decided_at}: "
+                f"{a.decision_reason}",
+                hint=f"ask again from the state now: infercore models promote {a.model} "
+                f"{a.version} --to {a.to}",
+            )
         if a.status != "pending":
             raise Conflict(
                 f"approval {a.id} was already {a.status} by {a.decided_by} at {a.decided_at}"
@@ -363,6 +444,10 @@ class Lifecycle:
         if not isinstance(weights, dict) or not weights:
             raise InvalidInput("give the weights: {version: percent, ...}")
         self.runtime.set_weights(model, weights, dry_run=True)
+        served = self.runtime.model(model)
+        if float(weights[served.primary]) <= 1e-6:
+            top = max((v for v in weights if v != served.primary), key=lambda v: weights[v])
+            self._check_primary_share(model, 0.0, top)
         self._record(
             {
                 "event": "weights_set",
@@ -385,23 +470,33 @@ class Lifecycle:
             await self.load(model, target, by=by, reason=f"rollback: {why}".strip(": "))
         current = served.primary
         runtime.rollback(model, dry_run=True)
-        self._record(
-            {
-                "event": "rolled_back",
-                "model": model,
-                "from": current,
-                "to": target or current,
-                "actor": by,
-                "reason": why,
-            }
-        )
+        # The versions it takes traffic from: the primary it replaces, and the live canaries.
+        touched = {v for v, sv in served.versions.items() if sv.stage == CANARY and sv.weight > 0}
+        if target is not None:
+            touched.add(current)
+        stale = self._pending_for(model, touched)
+        record: dict[str, Any] = {
+            "event": "rolled_back",
+            "model": model,
+            "from": current,
+            "to": target or current,
+            "actor": by,
+            "reason": why,
+        }
+        if stale:
+            record["superseded"] = [a.id for a in stale]
+        self._record(record)
         runtime.rollback(model)
+        self._supersede(stale, by=by, why=f"model {model!r} was rolled back by {by}")
         return {"status": "applied", "model": self.describe(model)[0]}
 
     async def load(
         self, model: str, version: str, *, by: str, reason: str | None = None
     ) -> dict[str, Any]:
+        """Load (or reload) a version; refused, before anything happens, when unrecordable."""
         by, why = check_actor(by), check_reason(reason)
+        self.runtime.model(model)
+        self._check_audit()
         try:
             sv = await self.runtime.load(model, version)
         except InfercoreError as exc:
@@ -434,19 +529,23 @@ class Lifecycle:
     async def unload(
         self, model: str, version: str, *, by: str, reason: str | None = None
     ) -> dict[str, Any]:
+        """Unload a version (its pending approvals superseded); refused when unrecordable."""
         by, why = check_actor(by), check_reason(reason)
         served = self.runtime.model(model)
         stage = served.version(version).stage
+        self._check_audit()
         sv = await self.runtime.unload(model, version)
-        self._record(
-            {
-                "event": "unloaded",
-                "model": model,
-                "version": version,
-                "stage_before": stage,
-                "actor": by,
-                "reason": why,
-            },
-            strict=False,
-        )
+        stale = self._pending_for(model, {version})
+        record: dict[str, Any] = {
+            "event": "unloaded",
+            "model": model,
+            "version": version,
+            "stage_before": stage,
+            "actor": by,
+            "reason": why,
+        }
+        if stale:
+            record["superseded"] = [a.id for a in stale]
+        self._record(record, strict=False)
+        self._supersede(stale, by=by, why=f"version {version!r} was unloaded by {by}")
         return {"status": "unloaded", "version": sv.describe()}

@@ -24,6 +24,10 @@ Routes::
 
 No route takes a server-side path (S4): a load names a version, whose folder comes from the
 recipe (``models.<m>.versions``) or the model's repository folder.
+
+Bodies are JSON: a ``Content-Type`` other than ``application/json`` (or a compressed body) is a
+415 ``unsupported_media_type`` before the body is read. A request without a ``Content-Type`` is
+read as JSON, as on the inference listener: tritonclient sends its load and unload bodies so.
 """
 
 from __future__ import annotations
@@ -41,14 +45,16 @@ from typing import Any
 
 import msgspec
 from litestar import Litestar, Request, Response, get, post, put
+from litestar.exceptions import HTTPException
 from litestar.params import FromPath, FromQuery
 
 from infercore.config.rollout import AdminConfig
 from infercore.config.schema import NAME_RE, VERSION_RE
-from infercore.errors import ConfigError, InfercoreError, InvalidInput
+from infercore.errors import ConfigError, InfercoreError, InvalidInput, UnsupportedMediaType
+from infercore.lifecycle.manager import check_actor
 from infercore.protocol.tensors import UNREADABLE_JSON, malformed_json
 from infercore.runtime import Runtime
-from infercore.server.errors import EXCEPTION_HANDLERS
+from infercore.server.errors import EXCEPTION_HANDLERS, http_exception_handler
 
 log = logging.getLogger("infercore.admin")
 
@@ -85,6 +91,28 @@ class _RepositoryBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 class _IndexBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ready: bool = False
+
+
+def _check_content_type(request: Request[Any, Any, Any]) -> None:
+    encoding = request.headers.get("content-encoding")
+    if encoding and encoding.strip().lower() != "identity":
+        raise UnsupportedMediaType(
+            f"content encoding {encoding[:40]!r} is not accepted", hint="send the body uncompressed"
+        )
+    raw = request.headers.get("content-type")
+    if raw is None:  # tritonclient sends its JSON bodies without one
+        return
+    media = raw.split(";", 1)[0].strip().lower()
+    if media != JSON:
+        raise UnsupportedMediaType(
+            f"content type {media[:60]!r} is not accepted", hint=f"send the body as {JSON}"
+        )
+
+
+async def _read(request: Request[Any, Any, Any], kind: type[Any], *, empty_ok: bool = False) -> Any:
+    """The request's JSON body as ``kind`` (415 for another content type, before reading it)."""
+    _check_content_type(request)
+    return _decode(await request.body(), kind, empty_ok=empty_ok)
 
 
 def _decode(body: bytes, kind: type[Any], *, empty_ok: bool = False) -> Any:
@@ -214,8 +242,14 @@ def create_admin_app(runtime: Runtime, token: str) -> BearerAuth:
     lifecycle = runtime.lifecycle
     cfg = runtime.config.admin
 
-    def actor(value: Any, default: str) -> str:
-        return value if isinstance(value, str) and value.strip() else default
+    def actor(params: Mapping[str, Any]) -> str:
+        # A V2 client names nobody: the repository API is the actor. A `by` that is given is
+        # checked as on every other route (a wrong actor would be recorded otherwise).
+        if "by" not in params:
+            return "repository-api"
+        if not isinstance(params["by"], str):
+            raise InvalidInput("parameters.by must be a string: who decides")
+        return check_actor(params["by"])
 
     def repository_version(
         params: Mapping[str, Any], allowed: frozenset[str] = _REPOSITORY_PARAMETERS
@@ -240,7 +274,7 @@ def create_admin_app(runtime: Runtime, token: str) -> BearerAuth:
     # --- the V2 repository extension ---------------------------------------------------
     @post("/v2/repository/index", status_code=200)
     async def repository_index(request: Request[Any, Any, Any]) -> Response[bytes]:
-        body = _decode(await request.body(), _IndexBody, empty_ok=True)
+        body = await _read(request, _IndexBody, empty_ok=True)
         rows: list[dict[str, Any]] = []
         for name, served in runtime.models.items():
             known = dict(served.versions)
@@ -274,11 +308,11 @@ def create_admin_app(runtime: Runtime, token: str) -> BearerAuth:
         request: Request[Any, Any, Any], model_name: FromPath[str]
     ) -> Response[bytes]:
         name = _model_name(model_name)
-        body = _decode(await request.body(), _RepositoryBody, empty_ok=True)
+        body = await _read(request, _RepositoryBody, empty_ok=True)
         params = body.parameters
         version = repository_version(params)
         served = runtime.model(name)
-        by = actor(params.get("by"), "repository-api")
+        by = actor(params)
         reason = params.get("reason")
         if version is not None:
             return _json(await lifecycle.load(name, version, by=by, reason=reason))
@@ -294,7 +328,7 @@ def create_admin_app(runtime: Runtime, token: str) -> BearerAuth:
         request: Request[Any, Any, Any], model_name: FromPath[str]
     ) -> Response[bytes]:
         name = _model_name(model_name)
-        body = _decode(await request.body(), _RepositoryBody, empty_ok=True)
+        body = await _read(request, _RepositoryBody, empty_ok=True)
         params = body.parameters
         version = repository_version(params, _UNLOAD_PARAMETERS)
         runtime.model(name)
@@ -305,7 +339,7 @@ def create_admin_app(runtime: Runtime, token: str) -> BearerAuth:
                 f"unloading all of model {name!r} would stop serving it",
                 hint='name a version that is not the primary: {"parameters": {"version": "2"}}',
             )
-        by = actor(params.get("by"), "repository-api")
+        by = actor(params)
         return _json(await lifecycle.unload(name, version, by=by, reason=params.get("reason")))
 
     # --- rollouts ------------------------------------------------------------------------
@@ -322,7 +356,7 @@ def create_admin_app(runtime: Runtime, token: str) -> BearerAuth:
         request: Request[Any, Any, Any], model_name: FromPath[str], version: FromPath[str]
     ) -> Response[bytes]:
         name, v = _model_name(model_name), _version_name(version)
-        body = _decode(await request.body(), _PromoteBody)
+        body = await _read(request, _PromoteBody)
         result = await lifecycle.promote(
             name, v, body.to, weight=body.weight, by=body.by, reason=body.reason
         )
@@ -333,7 +367,7 @@ def create_admin_app(runtime: Runtime, token: str) -> BearerAuth:
         request: Request[Any, Any, Any], model_name: FromPath[str]
     ) -> Response[bytes]:
         name = _model_name(model_name)
-        body = _decode(await request.body(), _WeightsBody)
+        body = await _read(request, _WeightsBody)
         return _json(
             await lifecycle.set_weights(name, body.weights, by=body.by, reason=body.reason)
         )
@@ -343,7 +377,7 @@ def create_admin_app(runtime: Runtime, token: str) -> BearerAuth:
         request: Request[Any, Any, Any], model_name: FromPath[str]
     ) -> Response[bytes]:
         name = _model_name(model_name)
-        body = _decode(await request.body(), _DecisionBody)
+        body = await _read(request, _DecisionBody)
         return _json(await lifecycle.rollback(name, by=body.by, reason=body.reason))
 
     @get("/admin/models/{model_name:str}/shadow")
@@ -374,14 +408,14 @@ def create_admin_app(runtime: Runtime, token: str) -> BearerAuth:
     async def approve(
         request: Request[Any, Any, Any], approval_id: FromPath[str]
     ) -> Response[bytes]:
-        body = _decode(await request.body(), _DecisionBody)
+        body = await _read(request, _DecisionBody)
         return _json(await lifecycle.approve(approval_id, by=body.by, reason=body.reason))
 
     @post("/admin/approvals/{approval_id:str}/reject", status_code=200)
     async def reject(
         request: Request[Any, Any, Any], approval_id: FromPath[str]
     ) -> Response[bytes]:
-        body = _decode(await request.body(), _DecisionBody)
+        body = await _read(request, _DecisionBody)
         return _json(await lifecycle.reject(approval_id, by=body.by, reason=body.reason))
 
     @get("/admin/audit")
@@ -407,7 +441,10 @@ def create_admin_app(runtime: Runtime, token: str) -> BearerAuth:
             reject,
             audit,
         ],
-        exception_handlers=EXCEPTION_HANDLERS,
+        exception_handlers={
+            **EXCEPTION_HANDLERS,
+            HTTPException: http_exception_handler("admin.max_body_bytes"),
+        },
         request_max_body_size=cfg.max_body_bytes,
         openapi_config=None,
         debug=False,
@@ -444,8 +481,13 @@ class AdminListener:
     def from_runtime(
         cls, runtime: Runtime, environ: Mapping[str, str] | None = None
     ) -> AdminListener | None:
-        """``None`` unless ``admin.enabled``; checks the token first (ConfigError: exit 2)."""
+        """``None`` unless ``admin.enabled``; checks the token first (ConfigError: exit 2).
+
+        Opens ``admin.audit_log`` either way (the guard's decisions are audited without the
+        admin API too): a path that cannot be written is a config error here, at start-up.
+        """
         cfg = runtime.config.admin
+        _ = runtime.lifecycle
         if not cfg.enabled:
             return None
         token = load_token(cfg, environ)

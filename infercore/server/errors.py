@@ -7,6 +7,7 @@ logged with the request id and answered with a generic 500 ``internal``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -70,19 +71,29 @@ def handle_infercore_error(request: Request[Any, Any, Any], exc: InfercoreError)
     return from_infercore_error(exc)
 
 
-def handle_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
-    status = exc.status_code
-    reason = _HTTP_REASONS.get(status, "internal" if status >= 500 else "invalid_input")
-    if status == 413:
-        message = "request body too large (server.max_body_bytes)"
-    elif status == 404:
-        message = f"no route for {request.method} {request.url.path}"
-    elif status >= 500:
-        log.error("%s %s failed: %s", request.method, request.url.path, exc.detail)
-        message = "internal error"
-    else:
-        message = str(exc.detail)
-    return error_response(status, reason, message, dict(exc.headers or {}) or None)
+def http_exception_handler(body_limit: str) -> Callable[..., Response[bytes]]:
+    """The handler of Litestar's HTTP errors; a 413 names ``body_limit``, the setting to raise."""
+
+    def handle_http_exception(
+        request: Request[Any, Any, Any], exc: HTTPException
+    ) -> Response[bytes]:
+        status = exc.status_code
+        reason = _HTTP_REASONS.get(status, "internal" if status >= 500 else "invalid_input")
+        if status == 413:
+            message = f"request body too large ({body_limit})"
+        elif status == 404:
+            message = f"no route for {request.method} {request.url.path}"
+        elif status >= 500:
+            log.error("%s %s failed: %s", request.method, request.url.path, exc.detail)
+            message = "internal error"
+        else:
+            message = str(exc.detail)
+        return error_response(status, reason, message, dict(exc.headers or {}) or None)
+
+    return handle_http_exception
+
+
+handle_http_exception = http_exception_handler("server.max_body_bytes")
 
 
 def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:

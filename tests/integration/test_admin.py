@@ -447,19 +447,272 @@ def test_an_approval_is_checked_again_when_approved() -> None:
     rt = runtime_from_dict(rollout_config())
 
     async def scenario(a: httpx.AsyncClient, i: httpx.AsyncClient) -> None:
-        r = await a.post(
-            "/admin/models/m/versions/2/promote", json={"to": "canary", "weight": 10, "by": "ann"}
+        first = await a.post(
+            "/admin/models/m/versions/2/promote", json={"to": "canary", "weight": 60, "by": "ann"}
         )
-        approval = r.json()["approval"]["id"]
-        # Meanwhile the version was unloaded: approving it now cannot apply; it stays pending.
-        r = await a.post("/v2/repository/models/m/unload", json={"parameters": {"version": "2"}})
-        assert r.status_code == 200 and r.json()["version"]["stage"] == "candidate"
+        await a.post("/v2/repository/models/m/load", json={"parameters": {"version": "3"}})
+        other = await a.post(
+            "/admin/models/m/versions/3/promote", json={"to": "canary", "weight": 60, "by": "ann"}
+        )
+        r = await a.post(
+            f"/admin/approvals/{other.json()['approval']['id']}/approve", json={"by": "bob"}
+        )
+        assert r.status_code == 200, r.text
+        # Meanwhile another canary took 60 %: approving this one now cannot apply; it stays pending.
+        approval = first.json()["approval"]["id"]
         late = await a.post(f"/admin/approvals/{approval}/approve", json={"by": "bob"})
-        assert "not ready" in assert_refused(late, 409, "conflict")["error"]
-        pending = (await a.get("/admin/approvals")).json()
+        assert "add up to 120" in assert_refused(late, 400, "invalid_input")["error"]
+        pending = (await a.get("/admin/approvals", params={"status": "pending"})).json()
         assert [p["id"] for p in pending] == [approval]
 
     run(rt, scenario)
+
+
+async def pending_gauge(i: httpx.AsyncClient) -> float:
+    for line in (await i.get("/metrics")).text.splitlines():
+        if line.startswith('infercore_approvals_pending{model="m"}'):
+            return float(line.split()[-1])
+    raise AssertionError("no infercore_approvals_pending sample")
+
+
+def test_approvals_made_stale_by_a_move_rollback_or_unload_are_superseded(tmp_path: Path) -> None:
+    audit = tmp_path / "audit.jsonl"
+    rt = runtime_from_dict(rollout_config(audit))
+
+    async def ask(a: httpx.AsyncClient, version: str, to: str, **extra: Any) -> str:
+        r = await a.post(
+            f"/admin/models/m/versions/{version}/promote", json={"to": to, "by": "ann", **extra}
+        )
+        assert r.status_code == 202, r.text
+        return str(r.json()["approval"]["id"])
+
+    async def scenario(a: httpx.AsyncClient, i: httpx.AsyncClient) -> None:
+        # 2 asks for canary and for primary; the primary approval applied, the canary one is stale.
+        canary = await ask(a, "2", "canary", weight=10)
+        primary = await ask(a, "2", "primary")
+        assert await pending_gauge(i) == 2
+        r = await a.post(f"/admin/approvals/{primary}/approve", json={"by": "bob"})
+        assert r.json()["model"]["primary"] == "2"
+        assert (await a.get("/admin/approvals", params={"status": "pending"})).json() == []
+        assert (await a.get("/admin/models/m")).json()["pending_approvals"] == []
+        assert await pending_gauge(i) == 0
+        [stale] = (await a.get("/admin/approvals", params={"status": "superseded"})).json()
+        assert (stale["id"], stale["decided_by"]) == (canary, "bob")
+        late = await a.post(f"/admin/approvals/{canary}/approve", json={"by": "bob"})
+        error = assert_refused(late, 409, "conflict")["error"]
+        assert f"approval {canary} was superseded by bob" in error
+        assert "version '2' moved shadow -> primary" in error and "ask again" in error
+        assert_refused(
+            await a.post(f"/admin/approvals/{canary}/reject", json={"by": "bob"}), 409, "conflict"
+        )
+
+        # A rollback supersedes what was asked for the versions it takes traffic from.
+        await a.post("/v2/repository/models/m/load", json={"parameters": {"version": "3"}})
+        r = await a.post(
+            f"/admin/approvals/{await ask(a, '3', 'canary', weight=10)}/approve", json={"by": "bob"}
+        )
+        assert r.status_code == 200, r.text
+        to_primary = await ask(a, "3", "primary")
+        assert await pending_gauge(i) == 1
+        r = await a.post("/admin/models/m/rollback", json={"by": "carol"})
+        assert r.json()["model"]["primary"] == "1"
+        assert await pending_gauge(i) == 0
+        late = await a.post(f"/admin/approvals/{to_primary}/approve", json={"by": "bob"})
+        assert "rolled back by carol" in assert_refused(late, 409, "conflict")["error"]
+        assert (await a.get("/admin/models/m")).json()["primary"] == "1"
+
+        # An unload supersedes the version's pending approvals.
+        again = await ask(a, "3", "primary")
+        assert await pending_gauge(i) == 1
+        r = await a.post("/v2/repository/models/m/unload", json={"parameters": {"version": "3"}})
+        assert r.status_code == 200
+        assert await pending_gauge(i) == 0
+        late = await a.post(f"/admin/approvals/{again}/approve", json={"by": "bob"})
+        assert "unloaded by repository-api" in assert_refused(late, 409, "conflict")["error"]
+
+    run(rt, scenario)
+    records = [json.loads(line) for line in audit.read_text().splitlines()]
+    superseded = {r["event"]: r["superseded"] for r in records if "superseded" in r}
+    assert set(superseded) == {"promoted", "rolled_back", "unloaded"}
+    assert all(len(ids) == 1 for ids in superseded.values())
+
+
+def test_every_change_is_refused_when_the_audit_log_cannot_be_written(tmp_path: Path) -> None:
+    audit = tmp_path / "audit.jsonl"
+    rt = runtime_from_dict(rollout_config(audit, approvals=["primary"]))
+
+    async def scenario(a: httpx.AsyncClient, i: httpx.AsyncClient) -> None:
+        r = await a.post(
+            "/admin/models/m/versions/2/promote", json={"to": "canary", "weight": 10, "by": "ann"}
+        )
+        assert r.status_code == 200, r.text
+        r = await a.post("/admin/models/m/versions/2/promote", json={"to": "primary", "by": "ann"})
+        approval = r.json()["approval"]["id"]
+        await a.post("/v2/repository/models/m/unload", json={"parameters": {"version": "3"}})
+        # The file becomes unwritable (read-only; as root, who writes anyway, a folder).
+        audit.write_text("")
+        os.chmod(audit, 0o400)
+        if os.access(audit, os.W_OK):
+            os.chmod(audit, 0o600)
+            audit.unlink()
+            audit.mkdir()
+
+        async def state() -> Any:
+            return (await a.get("/admin/models/m")).json(), (await a.get("/admin/audit")).json()
+
+        before = await state()
+        calls = [
+            a.post("/v2/repository/models/m/load", json={"parameters": {"version": "3"}}),
+            a.post("/v2/repository/models/m/load", json={"parameters": {"version": "2"}}),
+            a.post("/v2/repository/models/m/load"),
+            a.post("/v2/repository/models/m/unload", json={"parameters": {"version": "2"}}),
+            a.post("/admin/models/m/versions/2/promote", json={"to": "shadow", "by": "ann"}),
+            a.put("/admin/models/m/weights", json={"weights": {"1": 80, "2": 20}, "by": "ann"}),
+            a.post("/admin/models/m/rollback", json={"by": "ann"}),
+            a.post(f"/admin/approvals/{approval}/approve", json={"by": "bob"}),
+            a.post(f"/admin/approvals/{approval}/reject", json={"by": "bob"}),
+        ]
+        for call in calls:
+            doc = assert_refused(await call, 503, "audit_unavailable")
+            assert "nothing changed" in doc["error"]
+            assert await state() == before
+        assert not rt.models["m"].versions["3"].ready
+
+    run(rt, scenario)
+
+
+def test_a_gated_primary_cannot_be_bypassed_by_weights() -> None:
+    rt = runtime_from_dict(rollout_config())  # canary and primary need approval
+
+    async def scenario(a: httpx.AsyncClient, i: httpx.AsyncClient) -> None:
+        r = await a.post(
+            "/admin/models/m/versions/2/promote", json={"to": "canary", "weight": 5, "by": "ann"}
+        )
+        await a.post(f"/admin/approvals/{r.json()['approval']['id']}/approve", json={"by": "bob"})
+        before = (await a.get("/admin/models/m")).json()
+        r = await a.put(
+            "/admin/models/m/weights", json={"weights": {"1": 0, "2": 100}, "by": "ann"}
+        )
+        doc = assert_refused(r, 409, "conflict")
+        assert "leave the primary ('1') 0 % of the traffic" in doc["error"]
+        assert "infercore models promote m 2 --to primary" in doc["error"]
+        # A canary taking the rest, whether asked for or approved, is refused the same way.
+        await a.post("/v2/repository/models/m/load", json={"parameters": {"version": "3"}})
+        r = await a.post(
+            "/admin/models/m/versions/3/promote", json={"to": "canary", "weight": 95, "by": "ann"}
+        )
+        assert "0 % of the traffic" in assert_refused(r, 409, "conflict")["error"]
+        r = await a.post(
+            "/admin/models/m/versions/3/promote", json={"to": "canary", "weight": 50, "by": "ann"}
+        )
+        approval = r.json()["approval"]["id"]
+        r = await a.put(
+            "/admin/models/m/weights", json={"weights": {"1": 50, "2": 50}, "by": "ann"}
+        )
+        assert r.status_code == 200, (
+            r.text
+        )  # more than the 5 % approved: allowed, the primary keeps 50
+        r = await a.post(f"/admin/approvals/{approval}/approve", json={"by": "bob"})
+        assert "0 % of the traffic" in assert_refused(r, 409, "conflict")["error"]
+        after = (await a.get("/admin/models/m")).json()
+        assert after["primary"] == before["primary"] == "1"
+        assert {v["version"]: v.get("weight") for v in after["versions"]}["3"] in (None, 0.0)
+        for _ in range(20):
+            assert (await i.post("/v2/models/m/infer", json=body())).status_code == 200
+
+    run(rt, scenario)
+
+
+def test_an_ungated_primary_may_get_no_traffic() -> None:
+    rt = runtime_from_dict(rollout_config(approvals=["canary"]))
+
+    async def scenario(a: httpx.AsyncClient, i: httpx.AsyncClient) -> None:
+        r = await a.post(
+            "/admin/models/m/versions/2/promote", json={"to": "canary", "weight": 5, "by": "ann"}
+        )
+        await a.post(f"/admin/approvals/{r.json()['approval']['id']}/approve", json={"by": "bob"})
+        r = await a.put(
+            "/admin/models/m/weights", json={"weights": {"1": 0, "2": 100}, "by": "ann"}
+        )
+        assert r.status_code == 200, r.text
+
+    run(rt, scenario)
+
+
+def test_admin_bodies_are_json_and_the_413_names_the_admin_limit(tmp_path: Path) -> None:
+    audit = tmp_path / "audit.jsonl"
+    rt = runtime_from_dict(rollout_config(audit))
+    load = "/v2/repository/models/m/load"
+    payload = json.dumps({"parameters": {"version": "3"}}).encode()
+
+    async def scenario(a: httpx.AsyncClient, i: httpx.AsyncClient) -> None:
+        for headers in (
+            {"content-type": "text/plain"},
+            {"content-type": "application/x-www-form-urlencoded"},
+            {"content-type": "application/json", "content-encoding": "gzip"},
+        ):
+            r = await a.post(load, content=payload, headers=headers)
+            assert_refused(r, 415, "unsupported_media_type")
+        r = await a.post(
+            "/admin/models/m/versions/2/promote",
+            content=b'{"to": "candidate", "by": "ann"}',
+            headers={"content-type": "text/plain"},
+        )
+        assert_refused(r, 415, "unsupported_media_type")
+        assert (await a.get("/admin/audit")).json() == []  # nothing was done
+        big = {"parameters": {"version": "3", "reason": "x" * 70_000}}
+        doc = assert_refused(await a.post(load, json=big), 413, "body_too_large")
+        assert "admin.max_body_bytes" in doc["error"]
+        # JSON with a charset, or (as tritonclient sends it) with no Content-Type at all.
+        r = await a.post(
+            load, content=payload, headers={"content-type": "Application/JSON; charset=utf-8"}
+        )
+        assert r.status_code == 200, r.text
+        r = await a.post(
+            "/v2/repository/models/m/unload",
+            content=b'{"parameters": {"version": "3", "unload_dependents": false}}',
+        )
+        assert r.status_code == 200, r.text
+        assert (await a.post(load)).status_code == 200  # an empty body: load the model
+        # The inference listener's limit is still server.max_body_bytes.
+        r = await i.post("/v2/models/m/infer", content=b"x" * (9 * 1024 * 1024))
+        assert "server.max_body_bytes" in assert_refused(r, 413, "body_too_large")["error"]
+
+    run(rt, scenario)
+
+
+def test_repository_calls_check_a_given_by() -> None:
+    rt = runtime_from_dict(rollout_config())
+
+    async def scenario(a: httpx.AsyncClient, i: httpx.AsyncClient) -> None:
+        for route in ("load", "unload"):
+            for by in (123, {"name": "mallory"}, None, True, ""):
+                r = await a.post(
+                    f"/v2/repository/models/m/{route}",
+                    json={"parameters": {"version": "3", "by": by}},
+                )
+                assert_refused(r, 400, "invalid_input")
+        assert (await a.get("/admin/audit")).json() == []
+        r = await a.post(
+            "/v2/repository/models/m/unload", json={"parameters": {"version": "3", "by": "ann"}}
+        )
+        assert r.status_code == 200
+        r = await a.post("/v2/repository/models/m/load", json={"parameters": {"version": "3"}})
+        assert r.status_code == 200
+        actors = [(e["event"], e["actor"]) for e in (await a.get("/admin/audit")).json()]
+        assert actors == [("unloaded", "ann"), ("loaded", "repository-api")]
+
+    run(rt, scenario)
+
+
+def test_serve_refuses_an_audit_log_it_cannot_write_at_start_up(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    for enabled in (True, False):
+        cfg = rollout_config(tmp_path / "file" / "audit.jsonl")
+        cfg["admin"]["enabled"] = enabled
+        with pytest.raises(ConfigError, match=r"admin\.audit_log: cannot create"):
+            AdminListener.from_runtime(runtime_from_dict(cfg), {"INFERCORE_ADMIN_TOKEN": TOKEN})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
 # -- the repository extension --------------------------------------------------------------

@@ -420,6 +420,42 @@ def test_serve_refuses_the_admin_api_with_several_workers() -> None:
     assert "server.workers" in line and "admin.enabled" in line
 
 
+@pytest.mark.parametrize("admin", ["admin.enabled=true", "admin.enabled=false"])
+def test_serve_refuses_an_audit_log_it_cannot_create(tmp_path: Path, admin: str) -> None:
+    env = _env(INFERCORE_ADMIN_TOKEN="t0ken-for-tests-0123456789")
+
+    def serve(audit: Path) -> str:
+        # Port 0: a server that started by mistake would take no port another test needs.
+        ports = ["server.port=0", "admin.port=0"]
+        return _assert_one_config_error(
+            run("serve", "+recipe=iris", *ports, admin, f"admin.audit_log={audit}", env=env)
+        )
+
+    (tmp_path / "token").write_text("not a folder")
+    line = serve(tmp_path / "token" / "audit.jsonl")
+    assert f"admin.audit_log: cannot create '{tmp_path / 'token' / 'audit.jsonl'}'" in line
+    assert "is not a folder" in line and "hint:" in line
+    # Nor are folders created for a path whose folders do not exist.
+    line = serve(tmp_path / "missing" / "dir" / "audit.jsonl")
+    assert "admin.audit_log" in line and "do not exist" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["token"]
+
+
+def test_models_weights_refuses_a_percent_that_is_not_finite() -> None:
+    # Refused before any request: nothing listens on the discard port.
+    base = ["models", "--url", "http://127.0.0.1:9", "--token", "t0ken-for-tests-0123456789"]
+    for args, named in (
+        (["weights", "m", "1=nan", "2=inf"], "'1=nan'"),
+        (["weights", "m", "1=100", "2=-Infinity"], "'2=-Infinity'"),
+        (["promote", "m", "2", "--to", "canary", "--weight", "nan", "--by", "ann"], "--weight"),
+    ):
+        result = run(*base, *args)
+        assert result.returncode == 2, (result.returncode, result.stderr)
+        assert result.stderr.splitlines() == [
+            f"infercore: error: {named}: the percent must be a finite number"
+        ]
+
+
 def test_serve_on_a_port_in_use_exits_with_one_clear_line() -> None:
     import socket
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
+import os
 import sys
 import threading
 from collections.abc import Iterator
@@ -407,6 +409,40 @@ def test_command_timeout_kills_it(registry: Registry, tmp_path: Path) -> None:
     assert info.value.details["timed_out"] is True
     assert info.value.details["exit_code"] is not None and info.value.details["exit_code"] < 0
     assert info.value.details["output_tail"] == "start\n"
+
+
+def test_a_cancelled_command_is_killed_and_logged_in_one_line(
+    registry: Registry, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At shutdown the monitor cancels a running command: one line, no asyncio traceback."""
+    started = tmp_path / "started"
+    (tmp_path / "sleep.py").write_text(
+        f"import os, pathlib, time\n"
+        f"pathlib.Path({str(started)!r}).write_text(str(os.getpid()))\ntime.sleep(60)\n"
+    )
+    action = build(registry, {"kind": "command", "argv": ["{python}", "sleep.py"]}, tmp_path)
+
+    async def main() -> None:
+        task = asyncio.create_task(action.run(event()))
+        for _ in range(500):
+            if started.exists():
+                break
+            await asyncio.sleep(0.02)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    with caplog.at_level(logging.DEBUG):
+        asyncio.run(main())
+        gc.collect()  # an unretrieved exception is reported when its future is collected
+    messages = [(r.name, r.levelname, r.getMessage()) for r in caplog.records]
+    assert not [m for m in messages if m[0] == "asyncio" and m[1] != "DEBUG"], messages
+    cancelled = [m for m in messages if "cancelled" in m[2]]
+    assert len(cancelled) == 1 and cancelled[0][1] == "WARNING", messages
+    assert cancelled[0][2].startswith("command python cancelled")
+    assert not any(r.exc_info for r in caplog.records)
+    with pytest.raises(ProcessLookupError):  # killed (and reaped)
+        os.kill(int(started.read_text()), 0)
 
 
 def test_command_that_cannot_start(registry: Registry, tmp_path: Path) -> None:

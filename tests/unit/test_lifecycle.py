@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from infercore.config.rollout import GuardConfig
-from infercore.errors import InvalidInput
+from infercore.errors import ConfigError, InvalidInput
 from infercore.lifecycle import ALLOWED, AuditLog, Lifecycle
 from infercore.lifecycle.manager import AuditUnavailable, check_actor
 from infercore.runtime.errors import Conflict
@@ -108,6 +108,98 @@ def test_a_decision_that_cannot_be_recorded_is_not_made(tmp_path: Path) -> None:
             await rt.stop()
 
     asyncio.run(scenario())
+
+
+def break_audit(audit: Path) -> None:
+    """Make ``audit`` unwritable: read-only, or (as root, who writes anyway) a folder."""
+    audit.write_text("")
+    os.chmod(audit, 0o400)
+    if os.access(audit, os.W_OK):
+        os.chmod(audit, 0o600)
+        audit.unlink()
+        audit.mkdir()
+
+
+def snapshot(rt: Any) -> Any:
+    served = rt.models["m"]
+    return (
+        served.primary,
+        {v: (sv.stage, sv.weight, sv.state) for v, sv in served.versions.items()},
+        {a.id: a.status for a in rt.lifecycle.approvals.values()},
+        rt.lifecycle.audit.recent(),
+    )
+
+
+def test_loads_and_unloads_that_cannot_be_recorded_are_not_made(tmp_path: Path) -> None:
+    audit = tmp_path / "audit.jsonl"
+    rt = runtime([], audit)
+
+    async def scenario() -> None:
+        await rt.start()
+        try:
+            lc = rt.lifecycle
+            await lc.load("m", "2", by="ann")  # recorded: the file works
+            await lc.promote("m", "2", "canary", weight=10, by="ann")  # something to roll back
+            break_audit(audit)
+            before = snapshot(rt)
+            for call in (
+                lambda: lc.load("m", "2", by="ann"),
+                lambda: lc.unload("m", "2", by="ann"),
+                lambda: lc.rollback("m", by="ann"),
+            ):
+                with pytest.raises(AuditUnavailable, match="nothing changed"):
+                    await call()
+                assert snapshot(rt) == before
+            assert rt.models["m"].versions["2"].ready
+        finally:
+            await rt.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_record_of_a_decision_already_made_is_kept_when_the_file_fails(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path)
+    break_audit(path)
+    with pytest.raises(OSError):
+        log.append({"event": "promoted"})
+    assert log.recent() == []
+    with caplog.at_level("INFO", logger="infercore.audit"):
+        log.append({"event": "canary_dropped", "actor": "guard"}, strict=False)
+    assert [r["event"] for r in log.recent()] == ["canary_dropped"]
+    [record] = caplog.records
+    assert record.levelname == "WARNING" and "not written to admin.audit_log" in record.message
+    assert "canary_dropped" in record.message
+
+
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        ("file/audit.jsonl", "file' is not a folder"),
+        ("missing/deeper/audit.jsonl", "do not exist (only the file's own folder is created)"),
+        ("folder", "Is a directory"),
+    ],
+)
+def test_an_audit_log_path_that_cannot_be_written_is_a_config_error(
+    tmp_path: Path, where: str, message: str
+) -> None:
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "folder").mkdir()
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(ConfigError) as info:
+        AuditLog(tmp_path / where)
+    text = str(info.value)
+    assert text.startswith("admin.audit_log: cannot ")
+    assert repr(str(tmp_path / where)) in text and message in text
+    assert info.value.hint and "admin.audit_log" in info.value.hint
+    assert sorted(tmp_path.rglob("*")) == before  # no folder created on the way
+
+
+def test_the_audit_log_creates_its_own_folder_only(tmp_path: Path) -> None:
+    AuditLog(tmp_path / "audit" / "decisions.jsonl")
+    assert (tmp_path / "audit" / "decisions.jsonl").is_file()
 
 
 def test_refusals_name_the_problem() -> None:
