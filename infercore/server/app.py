@@ -42,7 +42,16 @@ from infercore.protocol import v1, v2
 from infercore.runtime import Runtime, ServedModel, ServedVersion
 from infercore.server.errors import EXCEPTION_HANDLERS, error_body
 from infercore.server.logs import FailureLog
-from infercore.server.openapi import V1PredictOperation, V2InferOperation
+from infercore.server.openapi import (
+    LiveOperation,
+    MetricsOperation,
+    ModelMetadataOperation,
+    ModelReadyOperation,
+    ServerReadyOperation,
+    V1PredictOperation,
+    V1StatusOperation,
+    V2InferOperation,
+)
 
 if TYPE_CHECKING:
     from infercore.config.schema import ServerConfig
@@ -695,11 +704,16 @@ def create_app(
         return _EarlyAnswer(answer, exc, model_name, sv, rid, count_rejection, unknown)
 
     # --- health -------------------------------------------------------------------------
-    @get("/v2/health/live", tags=["health"], summary="Liveness")
+    @get("/v2/health/live", tags=["health"], summary="Liveness", operation_class=LiveOperation)
     async def live() -> Response[bytes]:
         return Response(b'{"live":true}', media_type=JSON)
 
-    @get("/v2/health/ready", tags=["health"], summary="Readiness")
+    @get(
+        "/v2/health/ready",
+        tags=["health"],
+        summary="Readiness",
+        operation_class=ServerReadyOperation,
+    )
     async def ready() -> Response[bytes]:
         draining = runtime.draining or (shutdown is not None and shutdown.draining)
         peers_ready = shutdown is None or shutdown.peers_ready
@@ -763,7 +777,12 @@ def create_app(
             )
         return served, sv
 
-    @get("/v2/models/{model_name:str}", tags=["v2"], summary="Model metadata")
+    @get(
+        "/v2/models/{model_name:str}",
+        tags=["v2"],
+        summary="Model metadata",
+        operation_class=ModelMetadataOperation,
+    )
     async def model_metadata(model_name: FromPath[str]) -> Response[bytes]:
         return metadata(*lookup_version(model_name, None))
 
@@ -771,6 +790,7 @@ def create_app(
         "/v2/models/{model_name:str}/versions/{version:str}",
         tags=["v2"],
         summary="Model version metadata",
+        operation_class=ModelMetadataOperation,
     )
     async def model_version_metadata(
         model_name: FromPath[str], version: FromPath[str]
@@ -790,7 +810,12 @@ def create_app(
         )
         return Response(body, media_type=JSON, status_code=503, headers={"Retry-After": "1"})
 
-    @get("/v2/models/{model_name:str}/ready", tags=["v2"], summary="Model readiness")
+    @get(
+        "/v2/models/{model_name:str}/ready",
+        tags=["v2"],
+        summary="Model readiness",
+        operation_class=ModelReadyOperation,
+    )
     async def model_ready(model_name: FromPath[str]) -> Response[bytes]:
         return readiness(*lookup_version(model_name, None))
 
@@ -798,6 +823,7 @@ def create_app(
         "/v2/models/{model_name:str}/versions/{version:str}/ready",
         tags=["v2"],
         summary="Model version readiness",
+        operation_class=ModelReadyOperation,
     )
     async def model_version_ready(
         model_name: FromPath[str], version: FromPath[str]
@@ -868,7 +894,12 @@ def create_app(
             )
         return await via_litestar(request, model_name, version, "v1")
 
-    @get("/v1/models/{model_name:str}", tags=["v1"], summary="V1 model status")
+    @get(
+        "/v1/models/{model_name:str}",
+        tags=["v1"],
+        summary="V1 model status",
+        operation_class=V1StatusOperation,
+    )
     async def v1_status(model_name: FromPath[str]) -> dict[str, Any]:
         served = served_or_404(model_name)
         return {
@@ -879,7 +910,7 @@ def create_app(
         }
 
     # --- operations ---------------------------------------------------------------------
-    @get("/metrics", tags=["ops"], summary="Prometheus metrics", include_in_schema=True)
+    @get("/metrics", tags=["ops"], summary="Prometheus metrics", operation_class=MetricsOperation)
     async def prometheus() -> Response[bytes]:
         for served in runtime.models.values():
             for sv in served.versions.values():

@@ -37,9 +37,9 @@ V2_TENSOR = Schema(
         "datatype": Schema(type=OpenAPIType.STRING, enum=list(V2_TO_NUMPY)),
         "parameters": _PARAMETERS,
         "data": Schema(
-            type=OpenAPIType.ARRAY,
             description="The tensor's values, flat in row-major order or nested as its shape "
-            "(absent when the values travel in the binary extension).",
+            "(a single value for a one-element tensor; absent when the values travel in the "
+            "binary extension).",
         ),
     },
 )
@@ -82,7 +82,10 @@ V1_REQUEST = Schema(
     "of named fields); or `inputs`: one list per named field (columns).",
     properties={
         "instances": Schema(type=OpenAPIType.ARRAY, min_items=1),
-        "inputs": _OBJECT,
+        "inputs": Schema(
+            description="Columns by field name (an object of lists), or the values of the "
+            "model's only input (a list or a single value)."
+        ),
     },
 )
 
@@ -123,6 +126,162 @@ def _json(schema: Schema) -> dict[str, OpenAPIMediaType]:
     return {"application/json": OpenAPIMediaType(schema=schema)}
 
 
+_BINARY_RESPONSE = OpenAPIMediaType(
+    schema=Schema(
+        type=OpenAPIType.STRING,
+        format="binary",  # type: ignore[arg-type]
+        description="With `binary_data_output` (or an output's `binary_data`): a JSON header "
+        "of `Inference-Header-Content-Length` bytes, then the outputs' raw bytes.",
+    )
+)
+
+_TENSOR_METADATA = Schema(
+    type=OpenAPIType.OBJECT,
+    required=["name", "datatype", "shape"],
+    properties={
+        "name": Schema(type=OpenAPIType.STRING),
+        "datatype": Schema(type=OpenAPIType.STRING, enum=list(V2_TO_NUMPY)),
+        "shape": Schema(
+            type=OpenAPIType.ARRAY,
+            items=Schema(type=OpenAPIType.INTEGER),
+            description="-1 marks a variable dimension.",
+        ),
+    },
+)
+
+MODEL_METADATA = Schema(
+    type=OpenAPIType.OBJECT,
+    title="ModelMetadata",
+    required=["name", "versions", "platform", "inputs", "outputs"],
+    properties={
+        "name": Schema(type=OpenAPIType.STRING),
+        "versions": Schema(type=OpenAPIType.ARRAY, items=Schema(type=OpenAPIType.STRING)),
+        "platform": Schema(type=OpenAPIType.STRING),
+        "inputs": Schema(
+            type=OpenAPIType.ARRAY,
+            items=_TENSOR_METADATA,
+            description="What a request carries (behind a feature store: the fields it takes).",
+        ),
+        "outputs": Schema(type=OpenAPIType.ARRAY, items=_TENSOR_METADATA),
+    },
+)
+
+#: A not-ready answer of metadata and readiness: the error body plus what is known.
+NOT_READY = Schema(
+    type=OpenAPIType.OBJECT,
+    title="NotReady",
+    required=["error", "reason"],
+    properties={
+        **(ERROR.properties or {}),
+        "name": Schema(type=OpenAPIType.STRING),
+        "ready": Schema(type=OpenAPIType.BOOLEAN),
+        "state": Schema(type=OpenAPIType.STRING, description="loading, failed, unloaded, ..."),
+    },
+)
+
+_READY = Schema(
+    type=OpenAPIType.OBJECT,
+    required=["ready"],
+    properties={"name": Schema(type=OpenAPIType.STRING), "ready": Schema(type=OpenAPIType.BOOLEAN)},
+)
+
+
+def _answers(operation: Operation, **responses: OpenAPIResponse) -> None:
+    """Replace the operation's documented answers (Litestar's own list a 400 body it never
+    sends for these routes) with ``responses``, keyed by status code (``_404`` → 404)."""
+    operation.responses = {code.lstrip("_"): r for code, r in responses.items()}
+
+
+def _error(text: str, schema: Schema = ERROR) -> OpenAPIResponse:
+    return OpenAPIResponse(description=text, content=_json(schema))
+
+
+_NOT_FOUND = _error("Unknown model or version (`model_not_found`).")
+
+
+@dataclass
+class ModelMetadataOperation(Operation):
+    """``GET /v2/models/{model}[/versions/{v}]``: V2 model metadata."""
+
+    def __post_init__(self) -> None:
+        _answers(
+            self,
+            _200=OpenAPIResponse(
+                description="The model's metadata.", content=_json(MODEL_METADATA)
+            ),
+            _404=_NOT_FOUND,
+            _503=_error("The version is not ready (`model_not_ready`, `Retry-After`).", NOT_READY),
+        )
+
+
+@dataclass
+class ModelReadyOperation(Operation):
+    """``GET /v2/models/{model}[/versions/{v}]/ready``."""
+
+    def __post_init__(self) -> None:
+        _answers(
+            self,
+            _200=OpenAPIResponse(description="Ready.", content=_json(_READY)),
+            _404=_NOT_FOUND,
+            _503=_error("Not ready (`model_not_ready`, `Retry-After`).", NOT_READY),
+        )
+
+
+@dataclass
+class ServerReadyOperation(Operation):
+    """``GET /v2/health/ready``."""
+
+    def __post_init__(self) -> None:
+        _answers(
+            self,
+            _200=OpenAPIResponse(description="Ready.", content=_json(_READY)),
+            _503=_error(
+                "Not ready: models loading or failed (`model_not_ready`), or draining "
+                "(`shutting_down`); with `Retry-After`.",
+                NOT_READY,
+            ),
+        )
+
+
+@dataclass
+class LiveOperation(Operation):
+    """``GET /v2/health/live``."""
+
+    def __post_init__(self) -> None:
+        live = Schema(
+            type=OpenAPIType.OBJECT,
+            required=["live"],
+            properties={"live": Schema(type=OpenAPIType.BOOLEAN)},
+        )
+        _answers(self, _200=OpenAPIResponse(description="Alive.", content=_json(live)))
+
+
+@dataclass
+class V1StatusOperation(Operation):
+    """``GET /v1/models/{model}``: TensorFlow Serving's model status."""
+
+    def __post_init__(self) -> None:
+        responses = dict(self.responses or {})
+        responses.pop("400", None)  # Litestar's own: this route never sends it
+        responses["404"] = _NOT_FOUND
+        self.responses = responses
+
+
+@dataclass
+class MetricsOperation(Operation):
+    """``GET /metrics``: the Prometheus text format."""
+
+    def __post_init__(self) -> None:
+        text = OpenAPIMediaType(schema=Schema(type=OpenAPIType.STRING))
+        _answers(
+            self,
+            _200=OpenAPIResponse(
+                description="Prometheus text exposition format 0.0.4 / 1.0.0.",
+                content={"text/plain": text},
+            ),
+        )
+
+
 def _document(operation: Operation, request: Schema, response: Schema, binary: bool) -> None:
     content = _json(request)
     if binary:
@@ -136,7 +295,10 @@ def _document(operation: Operation, request: Schema, response: Schema, binary: b
         )
     operation.request_body = RequestBody(content=content, required=True)
     responses = dict(operation.responses or {})
-    responses["200"] = OpenAPIResponse(description="The model's answer.", content=_json(response))
+    ok = _json(response)
+    if binary:
+        ok["application/octet-stream"] = _BINARY_RESPONSE
+    responses["200"] = OpenAPIResponse(description="The model's answer.", content=ok)
     for code, text in _ERRORS.items():
         responses[code] = OpenAPIResponse(description=text, content=_json(ERROR))
     operation.responses = responses

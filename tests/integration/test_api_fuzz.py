@@ -16,6 +16,11 @@ from typing import Any
 import pytest
 import schemathesis
 from hypothesis import given, settings
+from schemathesis.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 from schemathesis.generation import GenerationMode
 
 from infercore.server import create_app
@@ -98,3 +103,31 @@ def test_no_generated_request_gets_a_5xx(
 
     check()
     assert seen, "no case was sent"
+
+
+CONFORMANCE = (status_code_conformance, content_type_conformance, response_schema_conformance)
+
+
+@pytest.mark.parametrize(
+    ("operation", "served"),
+    [
+        pytest.param(op, served, id=f"{op.label}{'-served' if served else ''}")
+        for op in OPERATIONS
+        for served in ([False, True] if op.path_parameters else [False])
+    ],
+)
+def test_every_answer_is_what_the_schema_documents(
+    client: Any, operation: Any, served: bool
+) -> None:
+    """The schema tells the truth: each answer's status code is one it lists for the
+    operation, with a documented content type and a body its schema accepts (metadata 404s
+    and 503s, readiness, /metrics as text, binary inference answers)."""
+    fixed = served_parameters(operation) if served else None
+    strategy = operation.as_strategy(generation_mode=GenerationMode.POSITIVE, path_parameters=fixed)
+
+    @settings(settings.get_profile("fuzz"), max_examples=15)
+    @given(case=strategy)
+    def check(case: Any) -> None:
+        case.validate_response(send(client, case), checks=CONFORMANCE)
+
+    check()

@@ -249,9 +249,16 @@ def test_v1_content_checks(client: Any) -> None:
     r = client.post(
         "/v1/models/m:predict",
         content=b'{"instances": [[1, 2, 3, 4]]}',
-        headers={"content-type": "application/json", "content-encoding": "gzip"},
+        headers={"content-type": "application/json", "content-encoding": "br"},
     )
     assert_error(r, 415, "unsupported_media_type")
+    # gzip is taken, as Triton takes it, and must then be gzip.
+    r = client.post(
+        "/v1/models/m:predict",
+        content=b'{"instances": [[1, 2, 3, 4]]}',
+        headers={"content-type": "application/json", "content-encoding": "gzip"},
+    )
+    assert "not valid gzip" in assert_error(r, 400, "invalid_input")["error"]
 
 
 def test_a_model_failure_is_500_without_details() -> None:
