@@ -46,7 +46,8 @@ def prepare_inputs(
         if dt is not None:
             if dt != spec.datatype:
                 raise InvalidInput(
-                    f"input {spec.name!r}: datatype {dt} does not match the model's {spec.datatype}",
+                    f"input {spec.name!r}: datatype {dt} does not match the model's "
+                    f"{spec.datatype}",
                     hint=f"send {spec.datatype} (a V2 datatype must match the model's exactly)",
                 )
         elif arr.dtype != spec.dtype or spec.datatype == "BYTES":
