@@ -29,6 +29,12 @@ log = logging.getLogger("infercore.cli")
 
 EXIT_CONFIG = 2
 EXIT_FAILURE = 1
+#: 128 + SIGPIPE, what a shell reports for a Unix tool whose reader went away.
+EXIT_BROKEN_PIPE = 141
+
+
+class UsageError(Exception):
+    """A bad command-line value (a path, a URL, a token): one line, exit 2."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -118,28 +124,21 @@ def run(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides.extend(extra)
     try:
-        if args.command == "serve":
-            return _serve(args.overrides, debug=args.debug)
-        if args.command == "config":
-            if args.config_command == "show":
-                return _config_show(args.overrides)
-            return _config_validate(args.overrides)
-        if args.command == "plugins":
-            return _plugins()
-        if args.command == "new-plugin":
-            from infercore.scaffold.command import run_new_plugin
-
-            return run_new_plugin(args)
-        if args.command == "deploy":
-            return _deploy_k8s(args)
-        if args.command == "events":
-            from infercore.admin_client import run_events
-
-            return run_events(args)
-        if args.command == "models":
-            from infercore.admin_client import run_models
-
-            return run_models(args)
+        code = _dispatch(args)
+        sys.stdout.flush()  # here, so that a reader gone away is seen below
+        return code
+    except BrokenPipeError:
+        # `infercore config show | head`: the reader left, as Unix tools take it: no traceback,
+        # and nothing more written (the interpreter's own flush at exit would fail again).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
+    except UsageError as exc:
+        if args.debug:
+            raise
+        print(f"infercore: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_CONFIG
     except ConfigError as exc:
         if args.debug:
             raise
@@ -150,12 +149,77 @@ def run(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"infercore: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_FAILURE
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "serve":
+        return _serve(args.overrides, debug=args.debug)
+    if args.command == "config":
+        if args.config_command == "show":
+            return _config_show(args.overrides)
+        return _config_validate(args.overrides)
+    if args.command == "plugins":
+        return _plugins()
+    if args.command == "new-plugin":
+        from infercore.scaffold.command import run_new_plugin
+
+        return run_new_plugin(args)
+    if args.command == "deploy":
+        return _deploy_k8s(args)
+    if args.command == "events":
+        from infercore.admin_client import run_events
+
+        _check_admin_args(args)
+        return run_events(args)
+    if args.command == "models":
+        from infercore.admin_client import run_models
+
+        _check_admin_args(args)
+        return run_models(args)
     return EXIT_FAILURE
 
 
 def _one_line(exc: BaseException) -> str:
     """The error as one line, whatever a plugin's message contained."""
     return " ".join(str(exc).split())
+
+
+def _check_admin_args(args: argparse.Namespace) -> None:
+    """``models``/``events``: the admin URL parses and the token fits in an HTTP header.
+
+    Checked here, before the client builds its request, so that a typo is one line (exit 2)
+    and the token is never echoed.
+    """
+    import urllib.parse
+
+    url = args.url or os.environ.get("INFERCORE_ADMIN_URL")
+    where = "--url" if args.url else "INFERCORE_ADMIN_URL"
+    if url and not url.startswith("unix:"):
+        try:
+            parts = urllib.parse.urlsplit(url)
+            parts.port  # noqa: B018 - raises ValueError on a port that is not a number in range
+        except ValueError as exc:
+            raise UsageError(
+                f"{where}: {url[:200]!r} is not a valid URL ({exc}); "
+                "expected http://HOST:PORT or unix:/PATH"
+            ) from None
+        if parts.scheme in ("http", "https") and not parts.hostname:
+            raise UsageError(
+                f"{where}: {url[:200]!r} names no host; expected http://HOST:PORT or unix:/PATH"
+            )
+    for token, source in (
+        (args.token, "--token"),
+        (
+            os.environ.get("INFERCORE_ADMIN_TOKEN") if args.token is None else None,
+            "INFERCORE_ADMIN_TOKEN",
+        ),
+    ):
+        # What an HTTP header cannot carry (the client sends the value as given).
+        if token and any(ord(c) < 0x20 or ord(c) == 0x7F for c in token):
+            raise UsageError(
+                f"{source}: the admin token contains a control character (a line break?); "
+                "it cannot be sent in an HTTP header"
+            )
 
 
 def _compose(overrides: list[str]) -> Any:
@@ -206,8 +270,10 @@ def _config_show(overrides: list[str]) -> int:
 def _config_validate(overrides: list[str]) -> int:
     from infercore.artifacts import resolve_artifact
     from infercore.runtime import Runtime
+    from infercore.server.workers import worker_count
 
     composed = _compose(overrides)
+    check_before_listen(composed, worker_count(composed.config.server.workers), create=False)
     runtime = Runtime(composed)
     root = composed.model_root
     n_versions = 0
@@ -216,18 +282,75 @@ def _config_validate(overrides: list[str]) -> int:
             n_versions += 1
             path = vc.loader.get("path")
             if isinstance(path, str):
+                where = f"models.{name}.versions.{version}.loader.path"
                 try:
-                    resolve_artifact(
-                        root, path, config_path=f"models.{name}.versions.{version}.loader.path"
-                    )
+                    resolved = resolve_artifact(root, path, config_path=where)
                 except InfercoreError as exc:
                     raise ConfigError(str(exc)) from None
+                if resolved.exists() and not resolved.is_file():
+                    raise ConfigError(
+                        f"{where}: {path!r} is not a file",
+                        hint="point it at the model file, not its folder",
+                    )
     label = composed.label or "no recipe"
     print(
         f"ok: {label}, {len(runtime.models)} model(s), {n_versions} version(s), "
         f"env={composed.choices.get('env', '?')}, deploy={composed.choices.get('deploy', '?')}"
     )
     return 0
+
+
+def check_before_listen(
+    composed: Any, workers: int, *, local: bool = True, create: bool = True
+) -> None:
+    """What ``serve`` refuses before anything listens, for ``serve``, ``config validate`` and
+    ``deploy k8s`` alike (one list, so that what validates also serves).
+
+    Args:
+        composed: The composed, validated config.
+        workers: The worker processes it will run (``server.workers``, ``auto`` counted).
+        local: Also what depends on this machine: the admin token (``admin.auth_env`` or
+            ``admin.auth_file``) and the Unix socket's path on disk. ``deploy k8s`` passes
+            ``False``: the pod has its own environment and filesystem.
+        create: Make the Unix socket's folder when missing (``serve``); ``config validate``
+            changes nothing.
+
+    Raises:
+        ConfigError: The first problem, as one line naming the config path.
+    """
+    from infercore.server.workers import check_config
+
+    config = composed.config
+    cfg = config.server
+    check_config(config, workers)
+    if cfg.uds is not None:
+        _check_uds(cfg.uds, on_disk=local, create=create)
+    admin = config.admin
+    if admin.enabled:
+        if (
+            admin.uds is None
+            and cfg.uds is None
+            and admin.port == cfg.port
+            and admin.port != 0
+            and _hosts_overlap(admin.host, cfg.host)
+        ):
+            raise ConfigError(
+                f"admin.port: {admin.port} is server.port too; the two listeners need their "
+                "own ports",
+                hint=f"set admin.port to another port (e.g. {cfg.port + 1})",
+            )
+        if local:
+            from infercore.server.admin import load_token
+
+            load_token(admin)
+
+
+_ALL_INTERFACES = ("0.0.0.0", "::", "")
+
+
+def _hosts_overlap(a: str, b: str) -> bool:
+    """Whether binding both ``a`` and ``b`` on one port would collide."""
+    return a == b or a in _ALL_INTERFACES or b in _ALL_INTERFACES
 
 
 def _plugins() -> int:
@@ -250,6 +373,12 @@ def _plugins() -> int:
         print()
         for name, note in notes:
             print(f"note: {name}: {note}")
+    # On stderr: stdout stays the table of what is loaded.
+    by_variable: dict[str, list[str]] = {}
+    for name, variable in sorted(pm.skipped.items()):
+        by_variable.setdefault(variable, []).append(name)
+    for variable, names in by_variable.items():
+        print(f"note: installed but left out by {variable}: {', '.join(names)}", file=sys.stderr)
     return 0
 
 
@@ -297,7 +426,7 @@ def _serve(overrides: list[str], *, debug: bool = False) -> int:
     from infercore.server import create_app
     from infercore.server.logs import configure
     from infercore.server.shutdown import ShutdownMiddleware, ShutdownState
-    from infercore.server.workers import check_config, supervise, worker_context, worker_count
+    from infercore.server.workers import supervise, worker_context, worker_count
 
     composed = _compose(overrides)
     cfg = composed.config.server
@@ -306,10 +435,11 @@ def _serve(overrides: list[str], *, debug: bool = False) -> int:
     set_gc_threshold(cfg.gc_gen0_threshold)
     worker = worker_context()  # set when a supervisor started this process
     workers = worker_count(cfg.workers)
-    check_config(composed.config, workers)
-    if worker is None and cfg.uds is not None:
-        _check_uds(cfg.uds)
+    # A worker's supervisor checked the Unix socket, and bound it.
+    check_before_listen(composed, workers, local=worker is None)
     runtime = Runtime(composed)  # validates every component before anything listens
+    if worker is None:
+        _warn_all_interfaces(cfg, composed.choices.get("deploy", ""))
     if worker is None and workers > 1:
         del runtime
         return supervise(composed.config, overrides, workers, debug=debug)
@@ -319,13 +449,11 @@ def _serve(overrides: list[str], *, debug: bool = False) -> int:
     state = ShutdownState()
     inference = create_app(runtime, manage_runtime=False, shutdown=state)
     app = ShutdownMiddleware(inference, state)
-    deploy = composed.choices.get("deploy", "")
     serve = _serve_async(
         app,
         runtime,
         composed.label,
         state,
-        deploy,
         admin,
         worker,
         reject_before_body=getattr(inference, "reject_before_body", None),
@@ -341,18 +469,34 @@ def _serve(overrides: list[str], *, debug: bool = False) -> int:
 _UDS_MAX = 107
 
 
-def _check_uds(path: str) -> None:
-    """The socket's folder exists (created 0700 if missing); nothing but a stale socket there."""
+def _warn_all_interfaces(cfg: Any, deploy: str) -> None:
+    """S9: a bind on every interface is said out loud (a pod's is expected)."""
+    if cfg.uds is None and cfg.host in _ALL_INTERFACES and deploy != "k8s":
+        log.warning("listening on all interfaces (%s); is that intended?", cfg.host or "''")
+
+
+def _check_uds(path: str, *, on_disk: bool = True, create: bool = True) -> None:
+    """The socket's folder exists (created 0700 if missing); nothing but a stale socket there.
+
+    ``on_disk=False`` checks only the path's length; ``create=False`` leaves a missing folder.
+    """
     import os
     import stat
     from pathlib import Path
 
+    if not path.strip():
+        raise ConfigError(
+            "server.uds: the socket path is empty",
+            hint="set server.uds=/PATH/infercore.sock, or server.uds=null to listen on TCP",
+        )
     if len(os.fsencode(path)) > _UDS_MAX:
         raise ConfigError(
             f"server.uds: the socket path is {len(os.fsencode(path))} bytes; the limit is "
             f"{_UDS_MAX}",
             hint="use a shorter path, e.g. /tmp/infercore/infercore.sock",
         )
+    if not on_disk:
+        return
     sock = Path(path)
     if sock.exists():
         if not stat.S_ISSOCK(sock.stat().st_mode):
@@ -374,6 +518,8 @@ def _check_uds(path: str) -> None:
                     "server.uds: another server is listening on this socket",
                     hint="stop it, or choose another path",
                 )
+    if not create:
+        return
     try:
         sock.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
@@ -388,7 +534,6 @@ async def _serve_async(
     runtime: Any,
     label: str,
     state: Any = None,
-    deploy: str = "",
     admin: Any = None,
     worker: Any = None,
     reject_before_body: Any = None,
@@ -427,18 +572,32 @@ async def _serve_async(
     server.capture_signals = _no_signal_capture  # type: ignore[method-assign]
     loop = asyncio.get_running_loop()
     shutdown = GracefulShutdown(
-        server, state, drain_delay_s=cfg.drain_delay_s, is_ready=lambda: runtime.ready
+        server,
+        state,
+        drain_delay_s=cfg.drain_delay_s,
+        is_ready=lambda: runtime.ready,
+        # Admin writes answer 503 shutting_down from the signal on, not from runtime.stop().
+        on_drain=runtime.begin_shutdown,
     )
     shutdown.install(loop)
 
-    if cfg.uds is not None:
-        where = f"unix:{cfg.uds}"
-    else:
-        if cfg.host in ("0.0.0.0", "::") and deploy != "k8s" and worker is None:
-            log.warning("listening on all interfaces (%s); is that intended?", cfg.host)
-        where = f"http://{cfg.host}:{cfg.port}"
-    sockets = None
+    where = f"unix:{cfg.uds}" if cfg.uds is not None else f"http://{cfg.host}:{cfg.port}"
     if worker is None:
+        from infercore.server.workers import bind
+
+        # Bound here, before any model loads: a port in use fails at once, with its cause in
+        # the final line (InfercoreError), as with several workers.
+        if cfg.uds is not None:
+            import stat
+
+            # A stale socket (_check_uds found nobody listening on it), as uvicorn removes.
+            with contextlib.suppress(OSError):
+                if stat.S_ISSOCK(os.lstat(cfg.uds).st_mode):
+                    os.unlink(cfg.uds)
+        listener = bind(cfg)
+        listener.set_inheritable(False)
+        listener.setblocking(False)
+        sockets = [listener]
         log.info("starting %s on %s", label or "infercore", where)
     else:
         # The supervisor's socket (infercore.server.workers); the supervisor removes a Unix

@@ -2,13 +2,20 @@
 
 Built-in plugins are modules with ``@hookimpl`` functions like any third-party plugin; they are
 always loaded. ``INFERCORE_LOAD_PLUGINS`` (comma-separated entry-point names) loads only the
-named external plugins; ``INFERCORE_DISABLE_PLUGINS`` skips the named ones (built-ins included).
+named external plugins (set but empty: none); ``INFERCORE_DISABLE_PLUGINS`` skips the named ones
+(built-ins included). A name in either that matches no installed plugin is logged as a warning,
+not an error: one environment may set the variable for images with different plugins (as
+Datasette's ``DATASETTE_LOAD_PLUGINS`` does, it loads what it can), but a typo must not pass
+unseen. The plugins the variables left out are remembered (:attr:`InfercorePluginManager.skipped`)
+so that an unknown kind can say that its plugin is installed but filtered out.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.metadata as md
+import logging
 import os
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -19,6 +26,10 @@ from infercore import hookspecs
 from infercore.errors import PluginError
 
 ENTRY_POINT_GROUP = "infercore"
+LOAD_ENV = "INFERCORE_LOAD_PLUGINS"
+DISABLE_ENV = "INFERCORE_DISABLE_PLUGINS"
+
+log = logging.getLogger("infercore.plugins")
 
 #: (name, module) of the plugins that ship with the core.
 BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
@@ -41,6 +52,28 @@ class PluginInfo:
     kinds: dict[str, list[str]] = field(default_factory=dict)
     #: A plugin module's ``LICENCE_NOTE``: e.g. the licence of a library it wraps.
     note: str = ""
+
+
+class InfercorePluginManager(pluggy.PluginManager):
+    """A pluggy manager that remembers which installed plugins the environment left out."""
+
+    def __init__(self, project_name: str) -> None:
+        super().__init__(project_name)
+        #: Installed plugins not loaded, by name: the variable that left each out.
+        self.skipped: dict[str, str] = {}
+
+
+def _warn_unknown(variable: str, names: set[str], known: set[str]) -> None:
+    for name in sorted(names - known):
+        close = difflib.get_close_matches(name, sorted(known), n=1)
+        guess = f"; did you mean {close[0]!r}?" if close else ""
+        log.warning(
+            "%s names %r, which is no installed plugin%s (installed: %s)",
+            variable,
+            name,
+            guess,
+            ", ".join(sorted(known)) or "none",
+        )
 
 
 def _env_list(name: str) -> set[str] | None:
@@ -81,7 +114,7 @@ def _register(pm: pluggy.PluginManager, name: str, plugin: object) -> None:
 
 def make_plugin_manager(
     extra_plugins: list[tuple[str, object]] | None = None,
-) -> tuple[pluggy.PluginManager, dict[str, PluginInfo]]:
+) -> tuple[InfercorePluginManager, dict[str, PluginInfo]]:
     """Build a plugin manager with built-ins, entry-point plugins and ``extra_plugins``.
 
     Args:
@@ -95,21 +128,33 @@ def make_plugin_manager(
         PluginError: A plugin fails to import, or implements a hook infercore does not define
             (a misspelled hook name) or with argument names the spec does not have.
     """
-    pm = pluggy.PluginManager("infercore")
+    pm = InfercorePluginManager("infercore")
     pm.add_hookspecs(hookspecs)
-    allow = _env_list("INFERCORE_LOAD_PLUGINS")
-    deny = _env_list("INFERCORE_DISABLE_PLUGINS") or set()
+    allow = _env_list(LOAD_ENV)
+    deny = _env_list(DISABLE_ENV) or set()
     infos: dict[str, PluginInfo] = {}
+    entry_points = list(md.entry_points(group=ENTRY_POINT_GROUP))
+    builtin_names = {name for name, _ in BUILTIN_PLUGINS}
+    external_names = {ep.name for ep in entry_points}
+    if allow:
+        _warn_unknown(LOAD_ENV, allow - builtin_names, external_names)
+    if deny:
+        _warn_unknown(DISABLE_ENV, deny, external_names | builtin_names)
 
     core_version = _core_version()
     for name, module_name in BUILTIN_PLUGINS:
         if name in deny:
+            pm.skipped[name] = DISABLE_ENV
             continue
         _register(pm, name, importlib.import_module(module_name))
         infos[name] = PluginInfo(name, "infercore", core_version, "Apache-2.0", builtin=True)
 
-    for ep in md.entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name in deny or (allow is not None and ep.name not in allow):
+    for ep in entry_points:
+        if ep.name in deny:
+            pm.skipped[ep.name] = DISABLE_ENV
+            continue
+        if allow is not None and ep.name not in allow:
+            pm.skipped[ep.name] = LOAD_ENV
             continue
         if pm.has_plugin(ep.name):
             continue

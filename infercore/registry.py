@@ -191,11 +191,30 @@ class Registry:
         if reg is None:
             raise ConfigError(
                 f"{path}.kind: unknown {role} {kind!r}; available: {available}{suffix}",
-                hint="install the plugin that provides it (see `infercore plugins`)",
+                hint=self._unknown_kind_hint(kind),
             )
         options = {k: v for k, v in node.items() if k != "kind"}
         cfg = convert(options, reg.cls.Config, path=path, context=context)
         return reg.cls, cfg
+
+    def _unknown_kind_hint(self, kind: str) -> str:
+        """Install the plugin, or, when the environment left installed plugins out, say so."""
+        skipped: dict[str, str] = getattr(self.pm, "skipped", {})
+        if not skipped:
+            return "install the plugin that provides it (see `infercore plugins`)"
+
+        def norm(name: str) -> str:
+            return name.lower().replace("_", "-")
+
+        for name, variable in sorted(skipped.items()):
+            if norm(name) == norm(kind):
+                how = "add it there" if variable.endswith("LOAD_PLUGINS") else "remove it there"
+                return f"the plugin {name!r} is installed but {variable} leaves it out; {how}"
+        left_out = ", ".join(f"{n} ({v})" for n, v in sorted(skipped.items()))
+        return (
+            f"installed plugins left out by the environment: {left_out}; one of them may "
+            "provide it, else install the plugin that does (see `infercore plugins`)"
+        )
 
     def normalize(self, role: str, node: Any, *, path: str, context: str = "") -> dict[str, Any]:
         """``node`` validated, with every option's default filled in."""

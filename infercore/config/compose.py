@@ -92,8 +92,71 @@ def _keys_here(exc: Exception, key: str) -> list[str]:
     return names + [k for k in present if k not in names]
 
 
+_HYDRA_NESTED_RECIPE = re.compile(
+    r"In 'recipe/(?P<name>[^']+)': Could not override '[^']*@recipe\."
+)
+_HYDRA_APPEND = re.compile(r"Could not append to config\. An item is already at '(?P<key>[^']+)'")
+_HYDRA_MULTIPLE = re.compile(r"Multiple values for (?P<key>[^ .]+)")
+_HYDRA_PARSE = re.compile(r"Error parsing override '(?P<item>[^']*)'")
+_HYDRA_LEXER = re.compile(r"LexerNoViableAltException: (?P<item>[^\n]*)")
+
+
+def _known_hydra_error(exc: Exception, text: str, overrides: list[str]) -> ConfigError | None:
+    """Hydra's own messages that have a clearer one-line equivalent (or None)."""
+    import yaml
+
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark, context = exc.problem_mark, exc.context_mark
+        where = f" ({exc.context} at line {context.line + 1})" if exc.context and context else ""
+        return ConfigError(
+            f"{mark.name}: invalid YAML at line {mark.line + 1}, column {mark.column + 1}: "
+            f"{exc.problem}{where}",
+            hint="check the brackets, quotes and indentation there",
+        )
+    nested = _HYDRA_NESTED_RECIPE.search(text)
+    if nested:
+        name = nested.group("name")
+        return ConfigError(
+            f"recipe {name!r}: its defaults list was read inside the `recipe` package",
+            hint=f"start {name}.yaml with the line `# @package _global_`",
+        )
+    append = _HYDRA_APPEND.search(text)
+    if append:
+        key = append.group("key")
+        value = _override_value(overrides, key) or "VALUE"
+        return ConfigError(
+            f"{key}: the config sets it already; +{key}=... only adds a key it does not set",
+            hint=f"use {key}={value} (or ++{key}={value} to add or replace)",
+        )
+    multiple = _HYDRA_MULTIPLE.search(text)
+    if multiple:
+        key = multiple.group("key")
+        given = [o for o in overrides if o.partition("=")[0].lstrip("+~") == key]
+        return ConfigError(
+            f"{key}: given more than once ({' '.join(given) or key})", hint="keep one"
+        )
+    parse = _HYDRA_PARSE.search(text)
+    if parse and "missing EQUAL" in text:
+        return ConfigError(
+            f"override {parse.group('item')!r}: expected KEY=VALUE",
+            hint="e.g. server.port=9000 (+KEY=VALUE adds a key, ~KEY removes one)",
+        )
+    lexer = _HYDRA_LEXER.search(text)
+    if lexer:
+        item = lexer.group("item").strip()
+        key, _, value = item.partition("=")
+        return ConfigError(
+            f"override {item!r}: the value has characters that need quotes",
+            hint=f"quote it: {key}='{value}' (in a shell: \"{key}='{value}'\")",
+        )
+    return None
+
+
 def _hydra_error(exc: Exception, overrides: list[str]) -> ConfigError:
     text = str(exc).strip()
+    known = _known_hydra_error(exc, text, overrides)
+    if known is not None:
+        return known
     key = _HYDRA_KEY.search(text)
     if key:
         name = key.group("key")
@@ -128,6 +191,36 @@ def _hydra_error(exc: Exception, overrides: list[str]) -> ConfigError:
     return ConfigError(f"cannot compose config from {overrides}: {first}")
 
 
+#: A recipe name: a file ``NAME.yaml`` directly in the recipes folder. The same name is the
+#: ConfigMap key ``NAME.yaml`` that ``infercore deploy k8s`` renders (``[-._a-zA-Z0-9]+``).
+RECIPE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,200}$")
+
+
+def _check_recipe_overrides(overrides: list[str]) -> None:
+    """``+recipe=NAME``: a plain name, the same locally and in a pod (never a path or a file)."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or key.lstrip("+~") != "recipe":
+            continue
+        name = value.strip()
+        stem = name
+        for suffix in (".yaml", ".yml"):
+            if stem.endswith(suffix):
+                stem = stem[: -len(suffix)]
+        if name != stem and RECIPE_NAME_RE.match(stem) and ".." not in stem:
+            raise ConfigError(
+                f"recipe: {name!r} is a file name; recipes are named without .yaml",
+                hint=f"use +recipe={stem}",
+            )
+        if not RECIPE_NAME_RE.match(name) or ".." in name:
+            raise ConfigError(
+                f"recipe: {name[:80]!r} is not a recipe name (a file NAME.yaml in the recipes "
+                "folder; no '/' or '..')",
+                hint="use +recipe=NAME; set INFERCORE_RECIPES_DIR to serve recipes from "
+                "another folder",
+            )
+
+
 def compose(
     overrides: list[str] | None = None,
     *,
@@ -153,11 +246,13 @@ def compose(
     from omegaconf.errors import OmegaConfBaseException
 
     overrides = list(overrides or [])
+    _check_recipe_overrides(overrides)
     conf_dir = (conf_dir or default_conf_dir()).resolve()
     recipes_dir = (recipes_dir or default_recipes_dir()).resolve()
     if not conf_dir.is_dir():
         raise ConfigError(
-            f"config folder {conf_dir.name!r} not found", hint="set INFERCORE_CONF_DIR"
+            f"config folder {str(conf_dir)!r} not found",
+            hint="point INFERCORE_CONF_DIR at the folder holding config.yaml",
         )
 
     with tempfile.TemporaryDirectory(prefix="infercore-recipes-") as tmp:
@@ -198,6 +293,11 @@ def compose(
     plain: dict[str, Any] = {str(k): v for k, v in data.items()}
     _versions_as_strings(plain)
     label = f"recipe={choices['recipe']}" if "recipe" in choices else ""
+    if plain.get("recipe") == {} and "recipe" in choices:
+        raise ConfigError(
+            f"recipe {choices['recipe']!r}: the file sets nothing ({label})",
+            hint="a recipe starts with `# @package _global_` and sets models: (see recipes/)",
+        )
     if isinstance(plain.get("recipe"), dict) and "recipe" in choices:
         # Without the package header Hydra nests the whole recipe under `recipe:`.
         raise ConfigError(

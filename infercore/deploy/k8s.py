@@ -339,6 +339,42 @@ def _volumes(
     return volumes, mounts
 
 
+#: A Kubernetes quantity (resource.Quantity): a decimal number, then a binary suffix (Ki … Ei),
+#: a decimal one (m, k, M … E) or an exponent (e3).
+_QUANTITY = re.compile(
+    r"^(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:Ki|Mi|Gi|Ti|Pi|Ei|m|k|M|G|T|P|E|[eE][-+]?[0-9]+)?$"
+)
+
+
+def check_options(opts: Options) -> None:
+    """Refuse option values that would render manifests Kubernetes rejects or cannot run.
+
+    Raises:
+        ConfigError: One line naming the option (``--replicas: …``).
+    """
+    if not opts.image.strip():
+        raise ConfigError("--image: empty", hint="name the container image, e.g. infercore:1.0")
+    if opts.replicas < 1:
+        raise ConfigError(f"--replicas: {opts.replicas}; must be >= 1")
+    if opts.max_replicas < 1:
+        raise ConfigError(f"--max-replicas: {opts.max_replicas}; must be >= 1")
+    if not 1 <= opts.cpu_target_percent <= 100:
+        raise ConfigError(f"--cpu-target: {opts.cpu_target_percent}; must be 1..100 (percent)")
+    if opts.inflight_target is not None and opts.inflight_target < 1:
+        raise ConfigError(f"--inflight-target: {opts.inflight_target}; must be >= 1")
+    if opts.prestop_sleep_s < 0:
+        raise ConfigError(f"--prestop-sleep: {opts.prestop_sleep_s}; must be >= 0 (seconds)")
+    if opts.cpu is not None:
+        cpu_cores(opts.cpu)
+    if opts.memory is not None:
+        text = opts.memory.strip()
+        if not _QUANTITY.match(text) or float(re.split(r"[A-Za-z]", text, maxsplit=1)[0]) <= 0:
+            raise ConfigError(
+                f"--memory: {opts.memory!r} is not a memory quantity",
+                hint="use a Kubernetes quantity, e.g. 2Gi or 512Mi",
+            )
+
+
 def cpu_cores(quantity: str) -> float:
     """A Kubernetes CPU quantity (``2``, ``1.5``, ``500m``) in cores."""
     text = quantity.strip()
@@ -414,10 +450,15 @@ def _exec_probe(path: str, period: int, failures: int) -> dict[str, Any]:
 
 def render(overrides: list[str], opts: Options) -> Rendered:
     """Compose the overrides (``deploy=k8s`` unless another shape is named) and render."""
+    check_options(opts)
     overrides = list(overrides)
     if not any(o.lstrip("+~").startswith("deploy=") for o in overrides):
         overrides.append("deploy=k8s")
     composed, data = compose_for_deploy(overrides)
+    from infercore.cli import check_before_listen
+
+    # What `serve` would refuse in the pod (the token and files are the pod's own: not here).
+    check_before_listen(composed, pod_workers(composed.config.server, opts), local=False)
     shape = composed.choices.get("deploy")
     if shape == "k8s":
         return _render_k8s(composed, data, overrides, opts)
@@ -864,10 +905,22 @@ def to_yaml(docs: list[dict[str, Any]]) -> str:
 
 
 def write(rendered: Rendered, folder: Path) -> list[Path]:
+    """One file per manifest under ``folder`` (made if missing).
+
+    Raises:
+        ConfigError: ``--out`` is a file, or a folder that cannot be made or written.
+    """
     written: list[Path] = []
     for name, docs in rendered.files.items():
         path = folder / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(to_yaml(docs))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(to_yaml(docs))
+        except OSError as exc:
+            what = "is a file, not a folder" if folder.is_file() else f"cannot write {name}"
+            raise ConfigError(
+                f"--out: {str(folder)!r} {what} ({exc.strerror or type(exc).__name__})",
+                hint="name a folder that you can write (it is made if missing)",
+            ) from None
         written.append(path)
     return written

@@ -138,7 +138,11 @@ class Runtime:
             if name in self.plugins:
                 self.plugins[name].kinds = kinds
         self.metrics = metrics or Metrics()
+        #: Set by :meth:`stop`: requests are refused (503 shutting_down).
         self.draining = False
+        #: Set by :meth:`begin_shutdown` when a stop signal arrives: model state changes (load,
+        #: unload, stages, weights, rollback) are refused while requests are still served.
+        self.frozen = False
         self.started = False
         self.models: dict[str, ServedModel] = {}
         #: Called with every rollout event (loads, stage changes, guard trips).
@@ -486,9 +490,23 @@ class Runtime:
             except Exception:
                 log.exception("stopping %s failed", part.context.path)
 
+    def begin_shutdown(self) -> None:
+        """A stop signal arrived: refuse model state changes from now on (503 shutting_down).
+
+        Requests are still served through the drain; :meth:`stop` refuses them later. A load or
+        promotion accepted during the drain would change what a server that is about to stop
+        serves, and be audited as done.
+        """
+        self.frozen = True
+
+    def _check_changes_allowed(self) -> None:
+        if self.frozen or self.draining:
+            raise ShuttingDown("the server is shutting down; model state changes are refused")
+
     async def stop(self) -> None:
         """Stop shadow copies and batchers (finishing queued work), then models, routers and
         feature sources."""
+        self.frozen = True
         self.draining = True
         for served in self.models.values():
             if served.drift is not None:
@@ -789,8 +807,7 @@ class Runtime:
                 f"invalid version {version[:40]!r}",
                 hint="use letters, digits, '_', '-' and '.' (at most 32)",
             )
-        if self.draining:
-            raise ShuttingDown("the server is shutting down")
+        self._check_changes_allowed()
         async with served.lock:
             current = served.versions.get(version)
             if current is not None:
@@ -883,6 +900,7 @@ class Runtime:
         """
         served = self.model(name)
         sv = served.version(version)
+        self._check_changes_allowed()
         async with served.lock:
             sv = served.version(version)
             if version == served.primary:
@@ -930,6 +948,7 @@ class Runtime:
         """
         served = self.model(name)
         sv = served.version(version)
+        self._check_changes_allowed()
         if stage not in STAGES:
             raise InvalidInput(f"unknown stage {stage[:20]!r}", hint=f"stages: {', '.join(STAGES)}")
         if version == served.primary:
@@ -999,6 +1018,7 @@ class Runtime:
                 canary first), a canary that is not ready, or a router that does not split.
         """
         served = self.model(name)
+        self._check_changes_allowed()
         for version, value in weights.items():
             sv = served.version(version)
             _check_weight(value)
@@ -1050,6 +1070,7 @@ class Runtime:
                 previous primary is not loaded.
         """
         served = self.model(name)
+        self._check_changes_allowed()
         target = self.previous_primary(name)
         live = [sv for sv in served.versions.values() if sv.stage == CANARY and sv.weight > 0]
         if target is None and not live:

@@ -151,7 +151,8 @@ def new_plugin(name: str, role: str, parent: Path) -> list[Path]:
 
     Raises:
         ScaffoldError: An invalid name or role, a kind an installed plugin already registers
-            for the role, or a destination that exists and is not empty.
+            for the role, a destination that exists and is not empty, or one that cannot
+            be written.
     """
     names = plugin_names(name)
     spec = ROLES.get(role)
@@ -199,7 +200,14 @@ def new_plugin(name: str, role: str, parent: Path) -> list[Path]:
     written: list[Path] = []
     for rel, template in files.items():
         path = dest / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(render(_template(template), values) if template else "", "utf-8")
+        text = render(_template(template), values) if template else ""
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, "utf-8")
+        except OSError as exc:
+            raise ScaffoldError(
+                f"--dir: cannot write {str(path)!r} ({exc.strerror or type(exc).__name__})",
+                hint="choose a folder that you can write",
+            ) from None
         written.append(path)
     return written

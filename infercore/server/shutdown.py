@@ -352,6 +352,8 @@ class GracefulShutdown:
         drain_delay_s: Seconds of DRAINING before the listener closes.
         is_ready: Whether the server was ready when the signal came; a server that never was
             ready has nobody to tell, so it skips the drain delay.
+        on_drain: Called once, when the first signal starts the drain (the runtime refuses
+            admin state changes from then on: ``Runtime.begin_shutdown``).
     """
 
     def __init__(
@@ -361,11 +363,13 @@ class GracefulShutdown:
         *,
         drain_delay_s: float,
         is_ready: Callable[[], bool] = lambda: True,
+        on_drain: Callable[[], None] | None = None,
     ) -> None:
         self.server = server
         self.state = state
         self.drain_delay_s = drain_delay_s
         self.is_ready = is_ready
+        self.on_drain = on_drain
         self.closing_at: float | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._adopting: set[asyncio.Task[None]] = set()
@@ -381,6 +385,11 @@ class GracefulShutdown:
         if state.phase == SERVING:
             state.phase = DRAINING
             delay = self.drain_delay_s if self.is_ready() else 0.0
+            if self.on_drain is not None:
+                try:
+                    self.on_drain()
+                except Exception:  # a signal handler must not raise: the drain goes on
+                    log.exception("the drain callback failed")
             if delay > 0:
                 log.info(
                     "received %s: readiness is false; serving on for %.1fs, then draining "

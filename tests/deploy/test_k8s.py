@@ -426,3 +426,57 @@ def test_cli_config_error_is_one_line_exit_2(capsys: pytest.CaptureFixture[str])
     assert run(["deploy", "k8s", "+recipe=iris", "deploy=standalone"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("infercore: config error: deploy:")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "opts", "message"),
+    [
+        # What `serve` refuses before it listens, refused before a pod crash-loops on it.
+        (["+recipe=iris", "server.workers=2", "admin.enabled=true"], {}, "^server.workers: 2"),
+        (
+            ["+recipe=iris", "admin.enabled=true", "admin.host=0.0.0.0", "admin.port=8080"],
+            {},
+            "^admin.port: 8080 is server.port too",
+        ),
+        # A recipe name is the ConfigMap key NAME.yaml and the pod's +recipe=NAME.
+        (["+recipe=iris.yaml"], {}, "^recipe: 'iris.yaml' is a file name"),
+        (["+recipe=fraud/../iris"], {}, "^recipe: 'fraud/../iris' is not a recipe name"),
+        # Option values Kubernetes would reject, or that make no working pod.
+        (["+recipe=iris"], {"replicas": 0}, "^--replicas: 0; must be >= 1"),
+        (["+recipe=iris"], {"replicas": -1}, "^--replicas: -1"),
+        (["+recipe=iris"], {"max_replicas": 0}, "^--max-replicas: 0"),
+        (["+recipe=iris"], {"memory": "lots"}, "^--memory: 'lots' is not a memory quantity"),
+        (["+recipe=iris"], {"memory": "0Gi"}, "^--memory: '0Gi'"),
+        (["+recipe=iris"], {"cpu_target_percent": 0}, r"^--cpu-target: 0; must be 1\.\.100"),
+        (["+recipe=iris"], {"cpu_target_percent": 101}, "^--cpu-target: 101"),
+        (["+recipe=iris"], {"inflight_target": -3}, "^--inflight-target: -3; must be >= 1"),
+        (["+recipe=iris"], {"inflight_target": 0}, "^--inflight-target: 0"),
+        (["+recipe=iris"], {"image": ""}, "^--image: empty"),
+        (["+recipe=iris"], {"image": "  "}, "^--image: empty"),
+        (["+recipe=iris"], {"prestop_sleep_s": -5}, "^--prestop-sleep: -5; must be >= 0"),
+    ],
+)
+def test_render_refuses_bad_options_and_what_serve_would_refuse(
+    overrides: list[str], opts: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        k8s.render(overrides, k8s.Options(**opts))
+
+
+@pytest.mark.parametrize("memory", ["2Gi", "512Mi", "1.5G", "1e9", "128974848"])
+def test_memory_quantities_kubernetes_takes_are_accepted(memory: str) -> None:
+    rendered = k8s.render(["+recipe=iris"], k8s.Options(memory=memory))
+    resources = _container(_one(rendered, "Deployment"))["resources"]
+    assert resources["limits"]["memory"] == memory
+    _validate(_one(rendered, "Deployment"))
+
+
+def test_write_to_a_file_or_an_unwritable_folder_is_a_config_error(tmp_path: Path) -> None:
+    rendered = k8s.render(["+recipe=iris"], k8s.Options())
+    a_file = tmp_path / "t.sh"
+    a_file.write_text("")
+    with pytest.raises(ConfigError, match=r"^--out: .*t\.sh' is a file, not a folder"):
+        k8s.write(rendered, a_file)
+    with pytest.raises(ConfigError, match=r"^--out: .*cannot write"):
+        k8s.write(rendered, a_file / "below")
+    assert a_file.read_text() == ""

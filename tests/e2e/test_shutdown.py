@@ -272,3 +272,68 @@ def test_a_second_signal_stops_without_waiting(launcher: object) -> None:
     assert "Traceback" not in log and "Exception in" not in log, log
     t.join(timeout=5.0)
     assert not t.is_alive()
+
+
+ADMIN_TOKEN = "shutdown-test-token-" + "x" * 24
+
+
+def test_admin_state_changes_are_refused_from_the_signal_on(
+    launcher: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Readiness turns false at the signal; the drain keeps serving requests, but a load or a
+    # promotion now would change a server that is about to stop (and be audited as done).
+    admin_port = e2e.free_port()
+    monkeypatch.setenv("INFERCORE_ADMIN_TOKEN", ADMIN_TOKEN)  # the server process inherits it
+    server = launcher.start(  # type: ignore[attr-defined]
+        [
+            "+recipe=iris",
+            "+models.iris.versions.2={loader: {kind: onnx, path: iris/artifacts/model.onnx}}",
+            "+models.iris.primary=1",
+            "+models.iris.rollout.approvals=[canary]",
+            "admin.enabled=true",
+            f"admin.port={admin_port}",
+            "server.drain_delay_s=4",
+        ]
+    )
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    writes: list[tuple[str, str, dict[str, object]]] = [
+        ("POST", "/v2/repository/models/iris/load", {"parameters": {"version": "1"}}),
+        ("PUT", "/admin/models/iris/weights", {"weights": {"1": 100}, "by": "qa"}),
+        ("POST", "/admin/models/iris/versions/2/promote", {"to": "shadow", "by": "qa"}),
+        ("POST", "/admin/models/iris/versions/2/promote", {"to": "primary", "by": "qa"}),
+        ("POST", "/v2/repository/models/iris/unload", {"parameters": {"version": "2"}}),
+        ("POST", "/admin/models/iris/rollback", {"by": "qa"}),
+    ]
+    with (
+        httpx.Client(base_url=server.url, timeout=5.0) as client,
+        httpx.Client(base_url=f"http://127.0.0.1:{admin_port}", timeout=5.0) as admin,
+    ):
+        # Before the signal, writes go through: a load, and a gated step waits for approval.
+        loaded = admin.post(
+            "/v2/repository/models/iris/load",
+            json={"parameters": {"version": "2"}},
+            headers=headers,
+        )
+        assert loaded.status_code == 200, loaded.text
+        asked = admin.post(
+            "/admin/models/iris/versions/2/promote",
+            json={"to": "canary", "by": "ann"},
+            headers=headers,
+        )
+        assert asked.status_code in (200, 202), asked.text
+        assert asked.json()["status"] == "pending", asked.text
+        approval = asked.json()["approval"]["id"]
+        writes.append(("POST", f"/admin/approvals/{approval}/approve", {"by": "bob"}))
+        server.process.send_signal(signal.SIGTERM)
+        _, ready = _await_ready_503(server.url, within_s=2.0)
+        assert ready.status_code == 503
+        assert client.post(INFER, json=BODY).status_code == 200  # still serving (drain delay)
+        for method, path, body in writes:
+            answer = admin.request(method, path, json=body, headers=headers)
+            assert answer.status_code == 503, (path, answer.status_code, answer.text)
+            assert answer.json()["reason"] == "shutting_down", (path, answer.text)
+        assert admin.get("/admin/models", headers=headers).status_code == 200  # reads still go
+    assert server.process.wait(timeout=30) == 0, server.log_text()
+    log = server.log_text()
+    assert "Traceback" not in log, log
+    assert ADMIN_TOKEN not in log

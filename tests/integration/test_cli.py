@@ -321,6 +321,24 @@ def test_plugins_respects_the_deny_list() -> None:
     assert "onnx" in names
 
 
+def test_a_misspelled_load_list_is_named_and_the_unknown_kind_says_why() -> None:
+    env = _env(INFERCORE_LOAD_PLUGINS="onxx")
+    listed = run("plugins", env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert (
+        "INFERCORE_LOAD_PLUGINS names 'onxx', which is no installed plugin; did you mean 'onnx'?"
+        in (listed.stderr)
+    )
+    left_out = [line for line in listed.stderr.splitlines() if "left out by" in line]
+    assert len(left_out) == 1 and "onnx" in left_out[0].rsplit(": ", 1)[1].split(", ")
+    validated = run("config", "validate", "+recipe=iris", env=env)
+    assert validated.returncode == 2
+    assert validated.stderr.splitlines()[-1].endswith(
+        "(hint: the plugin 'onnx' is installed but INFERCORE_LOAD_PLUGINS leaves it out; add it "
+        "there)"
+    )
+
+
 # --- serve ---
 
 
@@ -467,9 +485,189 @@ def test_serve_on_a_port_in_use_exits_with_one_clear_line() -> None:
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("infercore: ")]
+    # The cause in the final line, as with several workers; bound before any model loads.
     assert errors == [
-        f"infercore: error: could not listen on http://127.0.0.1:{port} (see the log above)"
+        f"infercore: error: could not listen on http://127.0.0.1:{port}: Address already in use"
     ]
+    assert "ready:" not in result.stderr, result.stderr  # no "ready: iris@1" log line
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::"])
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_on_all_interfaces_warns_whatever_the_worker_count(host: str, workers: str) -> None:
+    if host == "::" and not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    family = socket.AF_INET6 if host == "::" else socket.AF_INET
+    try:
+        taken = socket.socket(family, socket.SOCK_STREAM)
+        taken.bind((host, 0))
+    except OSError:
+        pytest.skip(f"cannot bind {host} here")
+    # The port is taken, so the server stops right after its start-up checks and warning.
+    with taken:
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run(
+            "serve",
+            "+recipe=iris",
+            f"server.host={host}",
+            f"server.port={port}",
+            f"server.workers={workers}",
+        )
+    assert result.returncode == 1, result.stderr
+    assert f"listening on all interfaces ({host}); is that intended?" in result.stderr, (
+        result.stderr
+    )
+
+
+# --- what serve refuses, config validate and deploy k8s refuse too ---
+
+TOKEN = "t" * 32
+
+
+@pytest.mark.parametrize(
+    ("case", "overrides", "env", "expected"),
+    [
+        ("no admin token", ["admin.enabled=true"], {}, "admin.enabled"),
+        (
+            "admin with workers",
+            ["admin.enabled=true", "server.workers=2"],
+            {"INFERCORE_ADMIN_TOKEN": TOKEN},
+            "server.workers",
+        ),
+        (
+            "unreadable auth file",
+            ["admin.enabled=true", "admin.auth_file=/nonexistent/token"],
+            {},
+            "admin.auth_file",
+        ),
+        (
+            "socket path too long",
+            ["deploy=sidecar", "server.uds=/tmp/" + "s" * 120 + ".sock"],
+            {},
+            "server.uds",
+        ),
+        (
+            "empty socket path",
+            ["deploy=sidecar", "server.uds="],
+            {},
+            "server.uds: the socket path is empty",
+        ),
+        (
+            "admin port is the server port",
+            ["admin.enabled=true", "admin.port=27246", "server.port=27246"],
+            {"INFERCORE_ADMIN_TOKEN": TOKEN},
+            "admin.port",
+        ),
+    ],
+)
+def test_config_validate_refuses_what_serve_refuses(
+    case: str, overrides: list[str], env: dict[str, str], expected: str
+) -> None:
+    for command in (["config", "validate"], ["serve"]):
+        line = _assert_one_config_error(run(*command, "+recipe=iris", *overrides, env=_env(**env)))
+        assert line.startswith(f"{ERROR_PREFIX} {expected}"), (case, command, line)
+
+
+def test_config_validate_refuses_a_folder_as_the_artifact(tmp_path: Path) -> None:
+    recipes = _write_recipe(
+        tmp_path / "recipes",
+        "dir",
+        """        models:
+          m:
+            versions:
+              "1":
+                loader: {kind: onnx, path: folder}
+        """,
+    )
+    (recipes / "folder").mkdir()
+    line = _assert_one_config_error(
+        run("config", "validate", "+recipe=dir", env=_env(INFERCORE_RECIPES_DIR=str(recipes)))
+    )
+    assert "models.m.versions.1.loader.path" in line and "not a file" in line
+
+
+def test_deploy_k8s_refuses_pods_that_would_not_start() -> None:
+    line = _assert_one_config_error(
+        run("deploy", "k8s", "+recipe=iris", "server.workers=2", "admin.enabled=true")
+    )
+    assert "server.workers" in line and "admin.enabled" in line
+
+
+# --- outside input: one line, exit 2, no traceback (no --debug) ---
+
+
+@pytest.mark.parametrize(
+    ("case", "args", "env", "expected"),
+    [
+        (
+            "out is not writable",
+            ["deploy", "k8s", "+recipe=iris", "--out", "/proc/nope"],
+            {},
+            "--out",
+        ),
+        ("out is a file", ["deploy", "k8s", "+recipe=iris", "--out", "{file}"], {}, "--out"),
+        (
+            "plugin dir not writable",
+            ["new-plugin", "my-router", "--kind", "router", "--dir", "/proc/nope"],
+            {},
+            "--dir",
+        ),
+        (
+            "port out of range",
+            ["models", "list"],
+            {"INFERCORE_ADMIN_URL": "http://127.0.0.1:99999"},
+            "INFERCORE_ADMIN_URL",
+        ),
+        ("port not a number", ["models", "--url", "http://127.0.0.1:abc", "list"], {}, "--url"),
+        (
+            "bad IPv6 address",
+            ["events"],
+            {"INFERCORE_ADMIN_URL": "http://[::1"},
+            "INFERCORE_ADMIN_URL",
+        ),
+        (
+            "token with a line break",
+            ["models", "--url", "http://127.0.0.1:9", "list"],
+            {"INFERCORE_ADMIN_TOKEN": "abc\nSECRETPART"},
+            "INFERCORE_ADMIN_TOKEN",
+        ),
+    ],
+)
+def test_bad_paths_urls_and_tokens_are_one_line_and_exit_2(
+    tmp_path: Path, case: str, args: list[str], env: dict[str, str], expected: str
+) -> None:
+    a_file = tmp_path / "t.sh"
+    a_file.write_text("")
+    env = {"INFERCORE_ADMIN_TOKEN": TOKEN, **env}
+    result = run(*[a.format(file=a_file) for a in args], env=_env(**env))
+    assert result.returncode == 2, (case, result.returncode, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("note:")]
+    assert len(lines) == 1, (case, result.stderr)
+    assert lines[0].startswith("infercore: ") and expected in lines[0], (case, lines[0])
+    assert "Traceback" not in result.stderr
+    assert "SECRETPART" not in result.stderr + result.stdout  # a token is never echoed
+
+
+def test_config_show_into_a_closed_pipe_exits_quietly() -> None:
+    # As `infercore config show | head -1` once head has gone: every write finds no reader.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run(
+            [*INFERCORE, "config", "show", "+recipe=iris"],
+            cwd=REPO,
+            env=_env(),
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert result.stderr == ""
+    assert result.returncode == 141  # 128 + SIGPIPE, what a shell reports for a Unix tool
 
 
 def test_freeze_heap_moves_live_objects_out_of_the_collectors_generations() -> None:

@@ -319,6 +319,32 @@ def test_unknown_recipe_in_own_recipes_dir(tmp_path: Path) -> None:
     assert "available: alpha, beta" in text
 
 
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        # Composes here, but deploy k8s would render the ConfigMap key iris.yaml.yaml and a pod
+        # that asks for +recipe=iris.yaml: refused with the fix.
+        (
+            "+recipe=iris.yaml",
+            "recipe: 'iris.yaml' is a file name; recipes are named without "
+            ".yaml (hint: use +recipe=iris)",
+        ),
+        ("+recipe=iris.yml", "recipe: 'iris.yml' is a file name"),
+        # A path: a ConfigMap key Kubernetes rejects.
+        ("+recipe=fraud/../iris", "recipe: 'fraud/../iris' is not a recipe name"),
+        ("+recipe=iris/train", "recipe: 'iris/train' is not a recipe name"),
+        ("+recipe=../recipes/iris", "recipe: '../recipes/iris' is not a recipe name"),
+    ],
+)
+def test_a_recipe_is_named_not_given_as_a_file_or_path(override: str, expected: str) -> None:
+    assert _error([override]).startswith(expected)
+
+
+def test_a_recipe_name_with_dots_and_dashes_is_fine(tmp_path: Path) -> None:
+    _recipe(tmp_path, "fraud-v2.1_b", "description: x\n")
+    assert compose(["+recipe=fraud-v2.1_b"], recipes_dir=tmp_path).label == "recipe=fraud-v2.1_b"
+
+
 def test_recipe_with_no_recipes_folder_says_where_it_looked(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-folder"
     text = _error(["+recipe=iris"], recipes_dir=missing)
@@ -432,6 +458,64 @@ def test_numeric_model_name_is_a_key_error(tmp_path: Path) -> None:
     assert text.startswith("models:")
     assert "invalid key 7" in text
     assert "expected str" in text
+
+
+def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path: Path) -> None:
+    (tmp_path / "bad.yaml").write_text("# @package _global_\ndescription: {a: 1, b\nmodels: {}\n")
+    text = _error(["+recipe=bad"], recipes_dir=tmp_path)
+    assert text.startswith(f"{tmp_path / 'bad.yaml'}: invalid YAML at line 3, column 7: "), text
+    assert "(while parsing a flow mapping at line 2)" in text
+
+
+def test_a_recipe_with_defaults_but_no_package_header_gets_the_fix(tmp_path: Path) -> None:
+    (tmp_path / "nopkg.yaml").write_text(
+        "defaults:\n  - override /batching: adaptive\ndescription: x\n"
+    )
+    text = _error(["+recipe=nopkg"], recipes_dir=tmp_path)
+    assert text.startswith("recipe 'nopkg': its defaults list was read inside the `recipe` package")
+    assert "start nopkg.yaml with the line `# @package _global_`" in text
+
+
+def test_an_empty_recipe_says_it_is_empty(tmp_path: Path) -> None:
+    (tmp_path / "empty.yaml").write_text("")
+    assert _error(["+recipe=empty"], recipes_dir=tmp_path).startswith(
+        "recipe 'empty': the file sets nothing"
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (
+            ["+recipe=iris", "+server.port=9001"],
+            "server.port: the config sets it already; +server.port=... only adds a key it does "
+            "not set (hint: use server.port=9001 (or ++server.port=9001 to add or replace))",
+        ),
+        (
+            ["+recipe=iris", "+recipe=fraud"],
+            "recipe: given more than once (+recipe=iris +recipe=fraud) (hint: keep one)",
+        ),
+        (
+            ["+recipe=iris", "server.port"],
+            "override 'server.port': expected KEY=VALUE",
+        ),
+        (
+            ["+recipe=iris", "description=\u00fc\U0001f680"],
+            "override 'description=\u00fc\U0001f680': the value has characters that need quotes",
+        ),
+    ],
+)
+def test_override_mistakes_name_the_override_and_the_fix(
+    overrides: list[str], expected: str
+) -> None:
+    assert _error(overrides).startswith(expected)
+
+
+def test_a_missing_config_folder_is_named_in_full(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / "conf"
+    with pytest.raises(ConfigError) as info:
+        compose(["+recipe=iris"], conf_dir=missing)
+    assert str(info.value).startswith(f"config folder {str(missing)!r} not found")
 
 
 def test_loader_option_typo_names_the_loader_path(tmp_path: Path) -> None:

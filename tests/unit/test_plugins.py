@@ -155,6 +155,56 @@ def test_a_builtin_is_disabled_by_its_name(monkeypatch: pytest.MonkeyPatch) -> N
     assert "single" in Registry(pm).kinds("router")
 
 
+@pytest.mark.parametrize("variable", ["INFERCORE_LOAD_PLUGINS", "INFERCORE_DISABLE_PLUGINS"])
+def test_a_name_that_matches_no_plugin_is_a_warning_with_a_guess(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, variable: str
+) -> None:
+    monkeypatch.setenv(variable, "onxx,sklearn")
+    with caplog.at_level("WARNING", logger="infercore.plugins"):
+        make_plugin_manager()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith(f"{variable} names 'onxx', which is no installed plugin")
+    assert "did you mean 'onnx'?" in warnings[0]
+
+
+def test_known_names_and_builtins_are_no_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("INFERCORE_LOAD_PLUGINS", "onnx,builtins.batchers")
+    monkeypatch.setenv("INFERCORE_DISABLE_PLUGINS", "torch,builtins.routers")
+    with caplog.at_level("WARNING", logger="infercore.plugins"):
+        make_plugin_manager()
+    assert [r for r in caplog.records if r.levelname == "WARNING"] == []
+
+
+def test_an_unknown_kind_says_when_its_plugin_is_filtered_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from infercore.errors import ConfigError
+
+    def hint(kind: str) -> str:
+        pm, _ = make_plugin_manager()
+        with pytest.raises(ConfigError) as info:
+            Registry(pm).resolve("model_loader", {"kind": kind}, path="loader")
+        return info.value.hint or ""
+
+    monkeypatch.setenv("INFERCORE_LOAD_PLUGINS", "onxx")
+    assert hint("onnx") == (
+        "the plugin 'onnx' is installed but INFERCORE_LOAD_PLUGINS leaves it out; add it there"
+    )
+    monkeypatch.delenv("INFERCORE_LOAD_PLUGINS")
+    monkeypatch.setenv("INFERCORE_DISABLE_PLUGINS", "sklearn")
+    assert hint("sklearn") == (
+        "the plugin 'sklearn' is installed but INFERCORE_DISABLE_PLUGINS leaves it out; "
+        "remove it there"
+    )
+    # A kind whose plugin has another name: the plugins left out are listed.
+    assert "sklearn (INFERCORE_DISABLE_PLUGINS)" in hint("skops")
+    monkeypatch.delenv("INFERCORE_DISABLE_PLUGINS")
+    assert hint("nope") == "install the plugin that provides it (see `infercore plugins`)"
+
+
 def test_extra_plugins_are_registered_and_listed() -> None:
     pm, infos = make_plugin_manager([("fake", FakePlugin())])
     assert infos["fake"].distribution == "FakePlugin"

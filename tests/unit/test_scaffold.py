@@ -114,6 +114,15 @@ def test_an_existing_folder_with_files_is_refused(tmp_path: Path) -> None:
         new_plugin("x", "router", tmp_path)
 
 
+def test_a_folder_that_cannot_be_written_is_refused(tmp_path: Path) -> None:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    # Below a file: no folder can be made there, whoever runs the test (root included).
+    with pytest.raises(ScaffoldError, match=r"^--dir: cannot write '.*a-file/infercore-x/"):
+        new_plugin("x", "router", a_file)
+    assert a_file.read_text() == ""
+
+
 def test_an_unknown_role_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ScaffoldError, match="choose one of: model_loader, feature_source"):
         new_plugin("x", "model", tmp_path)
