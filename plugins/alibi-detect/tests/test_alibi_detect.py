@@ -316,6 +316,22 @@ def test_a_plain_saved_detector_loads_without_trust(
     assert folder_digest(root / "plain") == saved["plain"]
 
 
+def test_a_tensor_name_in_features_expands_for_a_saved_detector(
+    registry: Registry, saved: dict[str, Any]
+) -> None:
+    root = saved["root"]
+    det = make(registry, root, {"kind": "alibi-ks", "features": ["x"], "load_path": "plain"})
+    assert det.features == ["x[0]", "x[1]"]  # as `reference` expands it
+    rng = np.random.default_rng(7)
+    shifted = det.detect(to_columns({"x": rng.normal(size=(300, 2)) + np.array([0.0, 1.0])}))
+    assert shifted.feature_drift == {"x[0]": False, "x[1]": True}
+    with pytest.raises(ConfigError, match=r"features: 3 columns, but .* reference has 2") as info:
+        make(
+            registry, root, {"kind": "alibi-ks", "features": ["x", "y", "z"], "load_path": "plain"}
+        )
+    assert "name[i] (x[0], x[1])" in (info.value.hint or "")
+
+
 def test_a_dill_part_is_refused_unless_trusted_and_pinned(
     registry: Registry, saved: dict[str, Any]
 ) -> None:

@@ -25,6 +25,7 @@ from infercore.components import Tensors
 from infercore.errors import BackendError, ConfigError, ModelLoadError, ModelNotReady
 from infercore.testing import ClientFactory, PluginManagerFactory, PluginSet
 from infercore_lightgbm import LightGBMModel
+from infercore_lightgbm.text_format import MalformedModelText, check_model_text
 
 PATH = "models.m.versions.1.loader"
 ROWS = 300
@@ -351,6 +352,137 @@ def test_a_corrupt_text_model_fails_in_one_line_without_paths(
     assert text.startswith(f"{PATH}: cannot load 'model.txt' as a LightGBM text model")
     assert "\n" not in text
     assert str(tmp_path) not in text
+
+
+# --- truncated and corrupted text: refused before LightGBM's parser, which aborts on it -------
+
+
+def _special_boosters() -> dict[str, lightgbm.Booster]:
+    x, score = _data()
+    categorical = x.copy()
+    categorical[:, 3] = np.arange(ROWS) % 5
+    return {
+        "linear": _train("regression", score, rounds=2, linear_tree=True),
+        "categorical": lightgbm.train(
+            {"objective": "regression", "num_leaves": 6, "verbose": -1, "min_data_per_group": 5,
+             "cat_smooth": 1, "num_threads": 1},
+            lightgbm.Dataset(categorical, score + categorical[:, 3] % 2, categorical_feature=[3]),
+            num_boost_round=3,
+        ),
+        "dart": _train("binary", (score > 0).astype(int), boosting="dart"),
+        "rf": _train("regression", score, boosting="rf", bagging_freq=1, bagging_fraction=0.8),
+    }  # fmt: skip
+
+
+def test_every_model_lightgbm_writes_passes_the_text_check(
+    boosters: dict[str, lightgbm.Booster],
+) -> None:
+    for name, booster in {**boosters, **_special_boosters()}.items():
+        text = booster.model_to_string()
+        check_model_text(text.encode())
+        # Files without tree_sizes= (written before LightGBM v3) are found by their Tree= lines.
+        old = "".join(line for line in text.splitlines(True) if not line.startswith("tree_sizes="))
+        check_model_text(old.encode())
+        assert name  # every kind of booster above was checked
+
+
+def _cut_points(text: str) -> dict[str, int]:
+    return {
+        "in the first line": 2,
+        "in the header": text.index("max_feature_idx=") + 5,
+        "in tree_sizes": text.index("tree_sizes=") + 13,
+        "after the header": text.index("Tree=0"),
+        "in the first tree": text.index("Tree=0") + 60,
+        "in a value of the last tree": text.index("shrinkage=", text.index("Tree=7")) + 10,
+        "before end of trees": text.index("end of trees") - 2,
+        "in the parameters": text.index("parameters:") + 40,
+    }
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        "in the first line",
+        "in the header",
+        "in tree_sizes",
+        "after the header",
+        "in the first tree",
+        "in a value of the last tree",
+        "before end of trees",
+        "in the parameters",
+    ],
+)
+def test_a_truncated_text_model_fails_the_load_before_lightgbm_reads_it(
+    plugins: PluginSet, tmp_path: Path, root: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    text = (root / "binary.txt").read_text()
+    cut = text[: _cut_points(text)[where]]
+    with pytest.raises(MalformedModelText):
+        check_model_text(cut.encode())
+
+    def never(*args: Any, **kwargs: Any) -> Any:  # LightGBM would abort the process here
+        raise AssertionError("LightGBM was handed a truncated model")
+
+    monkeypatch.setattr(lightgbm, "Booster", never)
+    (tmp_path / "cut.txt").write_text(cut)
+    with pytest.raises(ModelLoadError) as info:
+        asyncio.run(_build(plugins, tmp_path, path="cut.txt").start())
+    message = str(info.value)
+    assert message.startswith(
+        f"{PATH}: cannot load 'cut.txt' as a LightGBM text model: it is truncated or corrupted ("
+    )
+    assert "\n" not in message
+    assert str(tmp_path) not in message
+    assert "truncated" in (info.value.hint or "")
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("\n", "\r\n"),  # line endings converted: tree_sizes no longer match
+        ("num_leaves=4", "num_leaves=5"),  # arrays shorter than num_leaves
+        ("left_child=", "left_child=0 "),  # a child index that breaks the tree
+        ("split_feature=", "split_feature=9"),  # a feature beyond max_feature_idx
+        ("num_tree_per_iteration=1", "num_tree_per_iteration=0"),  # a division by zero
+        ("[boosting: gbdt]", "[boosting gbdt]"),  # a parameter line LightGBM splits unchecked
+    ],
+)
+def test_a_corrupted_text_model_is_refused(
+    root: Path, monkeypatch: pytest.MonkeyPatch, old: str, new: str
+) -> None:
+    text = (root / "binary.txt").read_text()
+    assert old in text
+    with pytest.raises(MalformedModelText):
+        check_model_text(text.replace(old, new, 1 if old != "\n" else -1).encode())
+
+
+def test_a_truncated_model_does_not_kill_the_process(root: Path, tmp_path: Path) -> None:
+    # Without the check, LightGBM aborts (SIGABRT / SIGSEGV) on this file: a child process
+    # keeps such a regression from taking pytest down with it.
+    text = (root / "binary.txt").read_text()
+    (tmp_path / "cut.txt").write_text(text[: text.index("Tree=1") + 100])
+    code = f"""
+import asyncio
+from pathlib import Path
+import msgspec
+from infercore.components import ComponentContext
+from infercore.errors import ModelLoadError
+from infercore_lightgbm import LightGBMModel
+
+config = msgspec.convert({{"path": "cut.txt"}}, LightGBMModel.Config)
+model = LightGBMModel(config, ComponentContext(path={PATH!r}, model_root=Path({str(tmp_path)!r})))
+try:
+    asyncio.run(model.start())
+except ModelLoadError as exc:
+    print(exc)
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith(
+        f"{PATH}: cannot load 'cut.txt' as a LightGBM text model: it is truncated or corrupted"
+    )
 
 
 def test_a_typo_in_the_options_names_the_path_and_the_valid_keys(

@@ -10,6 +10,7 @@ import os
 import pickle
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +21,16 @@ import pytest
 import skops.io as sio
 from sklearn.cluster import KMeans
 from sklearn.datasets import load_iris
+from sklearn.ensemble import HistGradientBoostingClassifier
+from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LinearRegression, LogisticRegression, Perceptron
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer, StandardScaler
 
+import infercore_sklearn
 from infercore.components import ComponentContext, TensorSpec
-from infercore.errors import BackendError, ConfigError, ModelLoadError, ModelNotReady
+from infercore.errors import BackendError, ConfigError, InvalidInput, ModelLoadError, ModelNotReady
+from infercore.testing import ClientFactory
 from infercore_sklearn import SklearnModel, register_model_loaders
 
 CONFIG_PATH = "models.iris.versions.1.loader"
@@ -410,3 +415,90 @@ def test_predict_before_start_and_after_stop(
     asyncio.run(model.stop())
     with pytest.raises(ModelNotReady):
         predict(model, np.zeros((1, 4)))
+
+
+# --- NaN and infinity (DESIGN: "NaN where not allowed" is a 400, never a 5xx) ---------------
+
+
+@pytest.mark.parametrize(("value", "what"), [(np.nan, "NaN"), (np.inf, "infinity")])
+def test_non_finite_input_to_an_estimator_without_missing_values_is_invalid_input(
+    tmp_path: Path, classifier: LogisticRegression, value: float, what: str
+) -> None:
+    dump(classifier, tmp_path / "model.skops")
+    model = started(tmp_path, path="model.skops")
+    x = np.ones((3, 4))
+    x[1, 2] = value
+    with pytest.raises(InvalidInput) as info:
+        predict(model, x)
+    assert str(info.value).startswith(f"input 'input': row 1 holds {what}, which this model")
+    assert info.value.status_code == 400
+
+
+def test_nan_reaches_estimators_that_accept_missing_values(
+    tmp_path: Path, iris: tuple[np.ndarray, np.ndarray], classifier: LogisticRegression
+) -> None:
+    x, y = iris
+    for name, estimator in {
+        "hgb.skops": HistGradientBoostingClassifier(max_iter=5).fit(x, y),
+        # A pipeline's first step sees the input, so it decides: the imputer takes NaN.
+        "imputed.skops": make_pipeline(SimpleImputer(), LogisticRegression(max_iter=1000)).fit(
+            x, y
+        ),
+    }.items():
+        dump(estimator, tmp_path / name)
+        trusted = [
+            "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
+            "numpy.dtype",
+        ]
+        model = started(tmp_path, path=name, trusted_types=trusted)
+        rows = x[:3].copy()
+        rows[0, 1] = np.nan
+        np.testing.assert_array_equal(predict(model, rows)["label"], estimator.predict(rows))
+
+
+def test_values_a_pipeline_turns_into_nan_are_invalid_input_without_warnings(
+    tmp_path: Path, iris: tuple[np.ndarray, np.ndarray]
+) -> None:
+    x, y = iris
+    pipeline = make_pipeline(FunctionTransformer(np.sqrt), LogisticRegression(max_iter=1000))
+    dump(pipeline.fit(x, y), tmp_path / "sqrt.skops")
+    model = started(tmp_path, path="sqrt.skops", trusted_types=["numpy.sqrt"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a RuntimeWarning (with a library path) would fail it
+        with pytest.raises(InvalidInput, match=r"input 'input': the model turns these values"):
+            predict(model, -np.ones((1, 4)))
+
+
+def test_nan_over_http_is_a_400_and_the_next_request_is_served(
+    infercore_client: ClientFactory, tmp_path: Path, classifier: LogisticRegression
+) -> None:
+    dump(classifier, tmp_path / "model.skops")
+    recipe = {
+        "batching": {"kind": "dynamic", "max_batch_size": 8},
+        "models": {
+            "m": {"versions": {"1": {"loader": {"kind": "sklearn", "path": "model.skops"}}}}
+        },
+    }
+    client = infercore_client(recipe, infercore_sklearn, model_root=tmp_path)
+
+    def post(row: list[float]) -> Any:
+        # JSON has no NaN: the binary tensor extension carries it, as V2 clients send it.
+        raw = np.array([row], dtype=np.float64).tobytes()
+        tensor = {"name": "input", "shape": [1, 4], "datatype": "FP64"}
+        tensor["parameters"] = {"binary_data_size": len(raw)}
+        header = msgspec.json.encode({"inputs": [tensor]})
+        return client.post(
+            "/v2/models/m/infer",
+            content=header + raw,
+            headers={
+                "content-type": "application/octet-stream",
+                "inference-header-content-length": str(len(header)),
+            },
+        )
+
+    bad = post([5.1, float("nan"), 1.4, 0.2])
+    assert bad.status_code == 400, bad.text
+    assert bad.json()["reason"] == "invalid_input"
+    assert "NaN" in bad.json()["error"]
+    good = post([5.1, 3.5, 1.4, 0.2])
+    assert good.status_code == 200, good.text

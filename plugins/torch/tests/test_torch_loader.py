@@ -20,9 +20,10 @@ from torch_test_support import CONFIG_PATH, Artifacts, sha256  # noqa: E402
 
 import infercore_torch  # noqa: E402
 from infercore.components import ComponentContext, TensorSpec  # noqa: E402
-from infercore.errors import ConfigError, InvalidInput, ModelLoadError  # noqa: E402
+from infercore.errors import BackendError, ConfigError, InvalidInput, ModelLoadError  # noqa: E402
 from infercore.testing import recipe_client  # noqa: E402
 from infercore_torch import TorchModel  # noqa: E402
+from infercore_torch.model import _scrub  # noqa: E402
 
 X = np.random.default_rng(0).normal(size=(7, 4)).astype(np.float32)
 SPECS = {
@@ -109,6 +110,79 @@ def test_a_wrong_digest_is_refused_before_deserializing(
     with pytest.raises(ModelLoadError, match=r"sha256: mismatch .* not deserialized"):
         asyncio.run(model.start())
     assert calls == []
+
+
+def _pt2(artifacts: Artifacts, **options: Any) -> TorchModel:
+    return build(
+        artifacts.root, path="mlp.pt2", trusted=True, sha256=artifacts.digest("mlp.pt2"), **options
+    )
+
+
+@pytest.mark.parametrize(
+    ("role", "spec", "match"),
+    [
+        ("outputs", {"name": "y", "datatype": "INT64", "shape": [-1, 3]}, r"outputs\[0\]"),
+        ("outputs", {"name": "y", "datatype": "FP32", "shape": [-1, 7]}, r"outputs\[0\]"),
+        ("outputs", {"name": "y", "datatype": "FP32", "shape": [-1]}, r"outputs\[0\]"),
+        ("inputs", {"name": "x", "datatype": "INT64", "shape": [-1, 4]}, r"inputs\[0\]"),
+        ("inputs", {"name": "x", "datatype": "FP32", "shape": [-1, 5]}, r"inputs\[0\]"),
+    ],
+)
+def test_declared_specs_that_contradict_the_exported_program_fail_the_load(
+    artifacts: Artifacts, role: str, spec: dict[str, Any], match: str
+) -> None:
+    model = _pt2(artifacts, **{role: [spec]})
+    with pytest.raises(ModelLoadError, match=rf"{CONFIG_PATH}\.{match}: declared .* but the exp"):
+        asyncio.run(model.start())
+
+
+def test_declared_outputs_of_the_same_kind_are_cast(artifacts: Artifacts) -> None:
+    wider = [{"name": "y", "datatype": "FP64", "shape": [-1, 3]}]
+    model = _pt2(artifacts, outputs=wider)
+    asyncio.run(model.start())
+    out = asyncio.run(model.predict({"input": X}))["y"]
+    assert out.dtype == np.float64
+    np.testing.assert_allclose(out, expected(artifacts.module, X), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("declared", "match"),
+    [
+        ({"datatype": "INT64", "shape": [-1, 3]}, r"is float32 \[7, 3\], which cannot be served"),
+        ({"datatype": "FP32", "shape": [-1, 7]}, r"has shape \[7, 3\], but \[-1, 7\] is declared"),
+    ],
+)
+def test_an_output_that_contradicts_its_declared_spec_is_a_backend_error(
+    artifacts: Artifacts, declared: dict[str, Any], match: str
+) -> None:
+    # TorchScript carries no signature: only the returned tensor can be checked.
+    model = load(
+        artifacts.root, path="mlp.torchscript", trusted=True,
+        sha256=artifacts.digest("mlp.torchscript"), inputs=SPECS["inputs"],
+        outputs=[{"name": "y", **declared}],
+    )  # fmt: skip
+    with pytest.raises(BackendError, match=rf"{CONFIG_PATH}\.outputs: output 'y' {match}"):
+        asyncio.run(model.predict({"x": X}))
+    with pytest.raises(BackendError, match="output 'y'"):  # so warm-up fails the load
+        asyncio.run(model.warmup())
+
+
+def test_export_load_warnings_with_tracebacks_are_kept_off_the_log(
+    artifacts: Artifacts, caplog: pytest.LogCaptureFixture
+) -> None:
+    cut = artifacts.root / "cut.pt2"
+    cut.write_bytes((artifacts.root / "mlp.pt2").read_bytes()[:3000])
+    model = build(artifacts.root, path="cut.pt2", trusted=True, sha256=sha256(cut))
+    with caplog.at_level(logging.WARNING), pytest.raises(ModelLoadError) as info:
+        asyncio.run(model.start())
+    assert "\n" not in str(info.value)
+    assert [r for r in caplog.records if r.name.startswith("torch")] == []
+    assert "Traceback" not in caplog.text
+
+
+def test_terminal_escape_codes_are_stripped_from_errors() -> None:
+    exc = RuntimeError("two options, \x1b[1mdo those steps only if you trust it\x1b[0m. Done")
+    assert _scrub(exc) == "RuntimeError: two options, do those steps only if you trust it. Done"
 
 
 # -- TorchScript ----------------------------------------------------------------------------
@@ -228,6 +302,21 @@ def test_a_whole_pickled_module_is_refused(artifacts: Artifacts) -> None:
     )
     with pytest.raises(ModelLoadError, match=r"not weights-only data"):
         asyncio.run(model.start())
+
+
+def test_a_wrong_architecture_kwargs_key_names_the_option_and_the_parameters(
+    artifacts: Artifacts,
+) -> None:
+    model = build(
+        artifacts.root, path="linear.pt", architecture="torch.nn:Linear", trusted=True,
+        architecture_kwargs={"in_features": 4, "out_features": 3, "bogus": 5}, **SPECS,
+    )  # fmt: skip
+    with pytest.raises(ConfigError) as info:
+        asyncio.run(model.start())
+    assert str(info.value).startswith(f"{CONFIG_PATH}.architecture_kwargs: ")
+    assert "'bogus'" in str(info.value)
+    assert "linear.pt" not in str(info.value)  # the file is fine
+    assert "in_features, out_features, bias=…" in (info.value.hint or "")
 
 
 def test_a_tensor_that_is_not_a_dict_is_refused(artifacts: Artifacts) -> None:

@@ -219,13 +219,8 @@ class AlibiDetector(DriftDetector):
                     f"{self.alibi_class} ({self.kind})",
                     hint="use the kind that matches the saved detector",
                 )
-            self.features = list(self.config.features)
             width = int(np.asarray(detector.x_ref).reshape(len(detector.x_ref), -1).shape[1])
-            if width != len(self.features):
-                raise ConfigError(
-                    f"{path}.features: {len(self.features)} columns, but the saved detector's "
-                    f"reference has {width}"
-                )
+            self.features = _saved_columns(list(self.config.features), width, f"{path}.features")
             for name, spec in cats.items():
                 if name not in self.features:
                     raise ConfigError(
@@ -497,3 +492,25 @@ DETECTORS: list[type[DriftDetector]] = [
     AlibiMMD,
     AlibiLSDD,
 ]
+
+
+def _saved_columns(features: list[str], width: int, config_path: str) -> list[str]:
+    """The columns a saved detector tests, from ``features`` and its reference's width.
+
+    A saved detector keeps no column names, only ``x_ref``. A single tensor name stands for all
+    its columns (``input`` -> ``input[0]`` … ``input[width-1]``), as with ``reference``; with
+    several names, each must be one column, since a tensor's width cannot be told apart.
+
+    Raises:
+        ConfigError: The names do not add up to the reference's width.
+    """
+    if len(features) == width:
+        return features
+    if len(features) == 1 and "[" not in features[0] and width > 1:
+        return [f"{features[0]}[{i}]" for i in range(width)]
+    example = ", ".join(f"x[{i}]" for i in range(min(width, 3))) + (", …" if width > 3 else "")
+    raise ConfigError(
+        f"{config_path}: {len(features)} columns, but the saved detector's reference has {width}",
+        hint=f"list {width} columns in the reference's order: a tensor's columns are written "
+        f"name[i] ({example}); a tensor name alone expands only when it is the only entry",
+    )

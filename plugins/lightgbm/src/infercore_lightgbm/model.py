@@ -21,6 +21,7 @@ from infercore.errors import (
     ModelNotReady,
 )
 from infercore_lightgbm.signature import INPUT_NAME, Signature, describe, read_objective
+from infercore_lightgbm.text_format import MalformedModelText, check_model_text
 
 log = logging.getLogger("infercore.lightgbm")
 
@@ -96,7 +97,8 @@ class LightGBMModel(Model):
             ConfigError: The path escapes the model root; ``outputs`` set for a booster that
                 is not a classifier; ``num_iteration`` beyond the model's rounds.
             ModelLoadError: The file is missing, its digest differs, or it is not a LightGBM
-                text model (a pickle is named as such).
+                text model (a pickle is named as such; a truncated or corrupted text is
+                refused before LightGBM, whose parser would abort the process, reads it).
         """
         try:
             booster, signature = await asyncio.to_thread(self._load)
@@ -132,6 +134,17 @@ class LightGBMModel(Model):
             raise ModelLoadError(
                 f"{path}.path: the file is not text, so not a LightGBM text model",
                 hint="save the booster with booster.save_model('model.txt')",
+            ) from None
+        # LightGBM's parser aborts the process (SIGABRT / SIGSEGV) on a truncated or corrupted
+        # text instead of raising, so nothing reaches it that has not passed this check.
+        try:
+            check_model_text(data)
+        except MalformedModelText as exc:
+            raise ModelLoadError(
+                f"{path}: cannot load {cfg.path.rsplit('/', 1)[-1]!r} as a LightGBM text model: "
+                f"it is truncated or corrupted ({exc})",
+                hint="the file looks truncated or corrupted: copy it again, or save the booster "
+                "again with booster.save_model('model.txt')",
             ) from None
         booster = lightgbm.Booster(model_str=text)
         rounds = int(booster.current_iteration())

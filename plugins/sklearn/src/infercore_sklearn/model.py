@@ -17,6 +17,7 @@ from infercore.errors import (
     BackendError,
     ConfigError,
     InfercoreError,
+    InvalidInput,
     ModelLoadError,
     ModelNotReady,
 )
@@ -35,6 +36,36 @@ TypeName = Annotated[str, msgspec.Meta(min_length=1)]
 # Anything that looks like an absolute POSIX path inside a library's error message.
 _ABSOLUTE_PATH = re.compile(r"(?<![\w.~-])/[^\s'\"]+")
 _MAX_DETAIL = 200
+# scikit-learn's check_array, when a step inside a pipeline meets NaN or infinity it made itself.
+_NOT_FINITE = re.compile(r"Input( X)? contains (NaN|infinity)")
+
+
+def accepts_missing(estimator: Any) -> bool:
+    """Whether ``estimator`` takes NaN in its input: its ``allow_nan`` tag.
+
+    A pipeline's first step sees the input, so it decides for the pipeline. The tag comes from
+    ``__sklearn_tags__()`` (scikit-learn 1.6 and later) or ``_get_tags()`` (older); an object
+    with neither is taken not to accept NaN, scikit-learn's own default.
+    """
+    steps = getattr(estimator, "steps", None)
+    if isinstance(steps, list):
+        for step in steps:
+            first = step[1] if isinstance(step, tuple) and len(step) == 2 else None
+            if first is not None and not (isinstance(first, str) and first == "passthrough"):
+                return accepts_missing(first)
+    tags = getattr(estimator, "__sklearn_tags__", None)
+    if callable(tags):
+        try:
+            return bool(tags().input_tags.allow_nan)
+        except Exception:  # a third-party estimator with a broken tag method
+            pass
+    old_tags = getattr(estimator, "_get_tags", None)
+    if callable(old_tags):
+        try:
+            return bool(old_tags().get("allow_nan", False))
+        except Exception:
+            pass
+    return False
 
 
 def _scrub(exc: BaseException) -> str:
@@ -93,6 +124,7 @@ class SklearnModel(Model):
                 hint="list each of 'label' and 'probabilities' at most once",
             )
         self._estimator: Any = None
+        self._accepts_missing = False
         self.inputs = []
         self.outputs = []
 
@@ -116,6 +148,7 @@ class SklearnModel(Model):
                 "a compatible scikit-learn version",
             ) from exc
         self._estimator = estimator
+        self._accepts_missing = accepts_missing(estimator)
         self.inputs = signature.inputs
         self.outputs = signature.outputs
 
@@ -142,6 +175,9 @@ class SklearnModel(Model):
 
         Raises:
             ModelNotReady: :meth:`start` has not succeeded.
+            InvalidInput: NaN or infinity sent to an estimator that does not accept missing
+                values (a 400 naming the input and the row, not a 500), or values the
+                estimator's own steps turn into NaN or infinity.
             BackendError: The estimator raised (the detail goes to the log, not the client).
         """
         estimator = self._estimator
@@ -149,12 +185,47 @@ class SklearnModel(Model):
             raise ModelNotReady(f"{self.context.path}: the sklearn model is not loaded")
         try:
             return await asyncio.to_thread(self._predict, estimator, inputs[INPUT_NAME])
+        except InvalidInput:
+            raise
+        except ValueError as exc:
+            if _NOT_FINITE.search(str(exc)):
+                raise InvalidInput(
+                    f"input {INPUT_NAME!r}: the model turns these values into NaN or infinity, "
+                    "which it cannot process",
+                    hint="send values inside the model's domain",
+                ) from None
+            log.error("%s: prediction failed: %s", self.context.path, _scrub(exc))
+            log.debug("%s: prediction traceback", self.context.path, exc_info=exc)
+            raise BackendError("the sklearn model failed on this request") from exc
         except Exception as exc:
             log.error("%s: prediction failed: %s", self.context.path, _scrub(exc))
             log.debug("%s: prediction traceback", self.context.path, exc_info=exc)
             raise BackendError("the sklearn model failed on this request") from exc
 
+    def _check_finite(self, x: np.ndarray[Any, Any]) -> None:
+        # An estimator that takes NaN as "missing" decides about NaN and infinity itself (a
+        # refusal of infinity still comes back as InvalidInput, through _NOT_FINITE).
+        if self._accepts_missing or not np.issubdtype(x.dtype, np.floating):
+            return
+        finite = np.isfinite(x)
+        if finite.all():
+            return
+        bad = tuple(np.argwhere(~finite)[0])
+        what = "NaN" if np.isnan(x[bad]) else "infinity"
+        row = f" row {int(bad[0])}" if x.ndim > 1 else ""
+        raise InvalidInput(
+            f"input {INPUT_NAME!r}:{row} holds {what}, which this model does not accept",
+            hint="send finite numbers (the estimator has no missing-value support)",
+        )
+
     def _predict(self, estimator: Any, x: np.ndarray[Any, Any]) -> Tensors:
+        self._check_finite(x)
+        # Numeric warnings (a sqrt of a negative inside a pipeline …) would reach stderr with
+        # library paths; errstate is per thread, so this affects this call only.
+        with np.errstate(all="ignore"):
+            return self._run(estimator, x)
+
+    def _run(self, estimator: Any, x: np.ndarray[Any, Any]) -> Tensors:
         out: Tensors = {}
         for spec in self.outputs:
             if spec.name == "probabilities":

@@ -8,11 +8,13 @@ torch is imported by :meth:`TorchModel.start` (in a worker thread), never with t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
+import inspect
 import io
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import PurePath
 from typing import Annotated, Any, Literal
 
@@ -37,7 +39,7 @@ from infercore_torch.formats import (
     check_trust,
     detect_format,
 )
-from infercore_torch.signature import as_input, exported_specs
+from infercore_torch.signature import as_input, check_declared, exported_specs
 
 log = logging.getLogger("infercore.torch")
 
@@ -47,16 +49,46 @@ Dim = Annotated[int, msgspec.Meta(ge=-1)]
 KwargValue = int | float | str | bool | None | list[int | float | str | bool]
 
 _ABSOLUTE_PATH = re.compile(r"(?<![\w.~-])/[^\s'\"]+")
+# Terminal escape sequences (torch bolds parts of its weights-only message).
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
 _MAX_DETAIL = 200
 _WHAT = {"export": "a torch.export program (.pt2)", "torchscript": "a TorchScript archive"}
 
 
 def _scrub(exc: BaseException) -> str:
     """One line describing ``exc`` without filesystem paths (RELIABILITY S6)."""
-    detail = _ABSOLUTE_PATH.sub("<path>", " ".join(str(exc).split()))
+    detail = _ABSOLUTE_PATH.sub("<path>", " ".join(_ANSI_ESCAPE.sub("", str(exc)).split()))
     if len(detail) > _MAX_DETAIL:
         detail = detail[: _MAX_DETAIL - 1] + "…"
     return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+
+
+class _Captured(logging.Filter):
+    """Keeps torch.export's own log records (a traceback with site-packages paths that it logs
+    at WARNING before raising or giving up) off the handlers; they go to DEBUG as one line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.records.append(record)
+        return False
+
+
+@contextlib.contextmanager
+def _quiet_torch_export(config_path: str) -> Iterator[None]:
+    logger = logging.getLogger("torch.export")
+    captured = _Captured()
+    logger.addFilter(captured)
+    try:
+        yield
+    finally:
+        logger.removeFilter(captured)
+        for record in captured.records:
+            log.debug(
+                "%s: torch.export said: %s", config_path, _scrub(Exception(record.getMessage()))
+            )
 
 
 class TensorConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -256,7 +288,8 @@ class TorchModel(Model):
         tensors = [torch.from_numpy(a).to(self.device) for a in arrays]
         outputs = self.forward_tensors(tensors)
         return {
-            spec.name: to_numpy(out, spec) for spec, out in zip(self.outputs, outputs, strict=True)
+            spec.name: to_numpy(out, spec, where=self.context.path)
+            for spec, out in zip(self.outputs, outputs, strict=True)
         }
 
     def forward_tensors(self, tensors: Sequence[Any]) -> list[Any]:
@@ -329,7 +362,8 @@ class TorchModel(Model):
         data = self._read(cfg.path, cfg.sha256, "path")
         program: Any = None
         if self.format == "export":
-            program = torch.export.load(io.BytesIO(data))
+            with _quiet_torch_export(path):
+                program = torch.export.load(io.BytesIO(data))
             module = program.module()
         elif self.format == "torchscript":
             module = torch.jit.load(io.BytesIO(data), map_location=device)
@@ -392,7 +426,8 @@ class TorchModel(Model):
         assert cfg.architecture is not None
         if architecture_kind(cfg.architecture, config_path=path) == "export":
             data = self._read(cfg.architecture, cfg.architecture_sha256, "architecture")
-            program = torch.export.load(io.BytesIO(data))
+            with _quiet_torch_export(path):
+                program = torch.export.load(io.BytesIO(data))
             return program.module(), program
         module_name, _, class_name = cfg.architecture.partition(":")
         try:
@@ -406,7 +441,37 @@ class TorchModel(Model):
             raise ModelLoadError(
                 f"{path}.architecture: {cfg.architecture!r} is not a torch.nn.Module subclass"
             )
-        return cls(**cfg.architecture_kwargs), None
+        return self._construct(cls), None
+
+    def _construct(self, cls: type[Any]) -> Any:
+        """``cls(**architecture_kwargs)``; keywords it does not take are a config error."""
+        cfg, path = self.config, self.context.path
+        try:
+            parameters = inspect.signature(cls)
+        except (TypeError, ValueError):  # no introspectable signature: let the call decide
+            parameters = None
+        if parameters is not None:
+            try:
+                parameters.bind(**cfg.architecture_kwargs)
+            except TypeError as exc:
+                names = [
+                    p.name + ("" if p.default is inspect.Parameter.empty else "=…")
+                    for p in parameters.parameters.values()
+                    if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+                ]
+                raise ConfigError(
+                    f"{path}.architecture_kwargs: {sorted(cfg.architecture_kwargs)!r} do not fit "
+                    f"{cfg.architecture!r}: {exc}",
+                    hint=f"{cls.__name__} takes: {', '.join(names) or 'no parameters'}",
+                ) from None
+        try:
+            return cls(**cfg.architecture_kwargs)
+        except Exception as exc:
+            raise ModelLoadError(
+                f"{path}.architecture_kwargs: building {cfg.architecture!r} with them failed: "
+                f"{_scrub(exc)}",
+                hint="check the values against the class's parameters",
+            ) from None
 
     def _specs(self, torch: Any, program: Any) -> tuple[list[TensorSpec], list[TensorSpec]]:
         path = self.context.path
@@ -424,15 +489,27 @@ class TorchModel(Model):
                     f"{len(found)}",
                     hint=f"declare one entry per {role[:-1]}, in order, or drop `{role}:`",
                 )
+            if declared:
+                check_declared(declared, found, role=role, config_path=path)
         return declared_in or found_in, declared_out or found_out
 
 
-def to_numpy(tensor: Any, spec: TensorSpec) -> Array:
+def to_numpy(tensor: Any, spec: TensorSpec, *, where: str = "model") -> Array:
     """A host array of ``spec``'s dtype from an output tensor: always a copy, so it never
     aliases a buffer the caller reuses (a staging buffer, or an input the module returned).
 
+    The tensor must match ``spec``: its dtype may only be cast within the same kind (FP64 to
+    a declared FP32 is fine; floats are never truncated to a declared integer type), and every
+    fixed dimension of ``spec`` must be the tensor's.
+
+    Args:
+        tensor: One output of the module.
+        spec: The declared (or exported) output it must match.
+        where: The loader's config path, for the error.
+
     Raises:
-        BackendError: The tensor's dtype has no numpy equivalent (bfloat16, …).
+        BackendError: The tensor's dtype has no numpy equivalent (bfloat16, …), or the tensor
+            contradicts ``spec``'s datatype or shape.
     """
     out = tensor.detach()
     if out.device.type != "cpu":
@@ -444,4 +521,17 @@ def to_numpy(tensor: Any, spec: TensorSpec) -> Array:
             f"model output {spec.name!r} has dtype {str(out.dtype).removeprefix('torch.')}, "
             "which numpy cannot hold"
         ) from None
+    shape = tuple(int(d) for d in host.shape)
+    if host.dtype != spec.dtype and not np.can_cast(host.dtype, spec.dtype, casting="same_kind"):
+        raise BackendError(
+            f"{where}.outputs: output {spec.name!r} is {host.dtype} {list(shape)}, which cannot "
+            f"be served as the declared {spec.datatype} without changing its kind"
+        )
+    if len(shape) != len(spec.shape) or any(
+        want != -1 and want != got for want, got in zip(spec.shape, shape, strict=False)
+    ):
+        raise BackendError(
+            f"{where}.outputs: output {spec.name!r} has shape {list(shape)}, but "
+            f"{list(spec.shape)} is declared"
+        )
     return np.array(host, dtype=spec.dtype, copy=True)

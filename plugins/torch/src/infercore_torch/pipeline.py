@@ -246,7 +246,7 @@ class StagingPipeline:
                 self._check_rows(spec, out, padded)
             # to_numpy copies: an output may alias the slot's host buffer (an identity model).
             return {
-                spec.name: to_numpy(out[:rows], spec)
+                spec.name: to_numpy(out[:rows], spec, where=self.model.context.path)
                 for spec, out in zip(self.model.outputs, outs, strict=True)
             }
         return self._run_cuda(slot, staged, rows, padded)
@@ -311,6 +311,6 @@ class StagingPipeline:
         # Wait for this slot's batch only; the other slots' streams keep running.
         slot.done.synchronize()
         return {
-            spec.name: to_numpy(host[:rows], spec)
+            spec.name: to_numpy(host[:rows], spec, where=self.model.context.path)
             for spec, host in zip(self.model.outputs, copied, strict=True)
         }

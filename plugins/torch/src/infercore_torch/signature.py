@@ -103,3 +103,33 @@ def as_input(spec: TensorSpec, array: Array) -> Array:
     if not array.flags.c_contiguous or not array.flags.writeable:
         return np.array(array, order="C", copy=True)
     return array
+
+
+def check_declared(
+    declared: list[TensorSpec], found: list[TensorSpec], *, role: str, config_path: str
+) -> None:
+    """Refuse declared ``inputs`` / ``outputs`` that contradict an exported program's graph.
+
+    An input must have the graph's dtype (requests are cast to the declared one, and the
+    program accepts only its own); an output's graph dtype must cast to the declared one within
+    the same kind. Ranks must agree, and a dimension the graph fixes must be declared as that
+    size (a ``-1`` there would admit requests the program refuses).
+
+    Raises:
+        ModelLoadError: Naming ``{config_path}.{role}[i]``, the declared and the graph's spec.
+    """
+    for index, (want, got) in enumerate(zip(declared, found, strict=True)):
+        where = f"{config_path}.{role}[{index}]"
+        if role == "inputs":
+            dtype_ok = want.datatype == got.datatype
+        else:
+            dtype_ok = np.can_cast(got.dtype, want.dtype, casting="same_kind")
+        shape_ok = len(want.shape) == len(got.shape) and all(
+            g == -1 or w == g for w, g in zip(want.shape, got.shape, strict=True)
+        )
+        if not (dtype_ok and shape_ok):
+            raise ModelLoadError(
+                f"{where}: declared {want.name!r} as {want.datatype} {list(want.shape)}, but the "
+                f"exported program's {role[:-1]} is {got.datatype} {list(got.shape)}",
+                hint=f"declare {got.datatype} {list(got.shape)} (-1 where the graph's dim varies)",
+            )
