@@ -156,8 +156,19 @@ def make_plugin_manager(
         if allow is not None and ep.name not in allow:
             pm.skipped[ep.name] = LOAD_ENV
             continue
+        dist_name = ep.dist.name if ep.dist else "?"
         if pm.has_plugin(ep.name):
-            continue
+            taken_by = "infercore (a built-in)" if ep.name in builtin_names else None
+            if taken_by is None and ep.name in infos:
+                if infos[ep.name].distribution == dist_name:
+                    continue  # the same distribution seen twice on the path
+                taken_by = infos[ep.name].distribution
+            # Which one wins would depend on the order of sys.path: a plugin that silently
+            # replaces another (a model loader, say) is refused, naming both.
+            raise PluginError(
+                f"plugin name {ep.name!r} of {dist_name} is taken by {taken_by}",
+                hint="each plugin needs its own entry-point name: uninstall one of them",
+            )
         try:
             plugin = ep.load()
         except Exception as exc:

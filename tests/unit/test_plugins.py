@@ -426,3 +426,66 @@ def test_every_hookspec_has_a_test() -> None:
     # A hook counts as tested when some test implements it (`def register_…(`).
     untested = [name for name in _hook_names() if f"def {name}(" not in text]
     assert untested == [], f"hooks no test implements: {untested}"
+
+
+class _FakeDist:
+    def __init__(self, name: str) -> None:
+        self.name, self.version = name, "0.1"
+        self.metadata: dict[str, Any] = {}
+
+
+class _FakeEntryPoint:
+    """An entry point of group ``infercore`` from distribution ``dist``."""
+
+    def __init__(self, name: str, dist: str, plugin: object) -> None:
+        self.name, self.value, self.dist = name, f"{dist}:plugin", _FakeDist(dist)
+        self._plugin = plugin
+
+    def load(self) -> object:
+        return self._plugin
+
+
+def _with_entry_points(monkeypatch: pytest.MonkeyPatch, *eps: _FakeEntryPoint) -> None:
+    import infercore.plugin_manager as manager
+
+    monkeypatch.setattr(manager.md, "entry_points", lambda group: list(eps))
+    monkeypatch.setattr(manager, "_licence", lambda dist: "MIT")
+
+
+class _Loaders:
+    @hookimpl
+    def register_model_loaders(self) -> list[Any]:
+        return []
+
+
+@pytest.mark.parametrize(
+    ("eps", "message"),
+    [
+        # Two distributions claim one plugin name: which one won depended on sys.path order.
+        (
+            [("onnx", "infercore-onnx"), ("onnx", "evil-onnx")],
+            "plugin name 'onnx' of evil-onnx is taken by infercore-onnx",
+        ),
+        # A distribution that names its plugin like a built-in.
+        (
+            [("builtins.features", "other-features")],
+            "plugin name 'builtins.features' of other-features is taken by infercore (a built-in)",
+        ),
+    ],
+)
+def test_a_plugin_name_two_distributions_claim_is_refused_naming_both(
+    monkeypatch: pytest.MonkeyPatch, eps: list[tuple[str, str]], message: str
+) -> None:
+    _with_entry_points(monkeypatch, *(_FakeEntryPoint(n, d, _Loaders()) for n, d in eps))
+    with pytest.raises(PluginError, match=re.escape(message)):
+        make_plugin_manager()
+
+
+def test_the_same_distribution_seen_twice_is_registered_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    plugin = _Loaders()
+    twice = [_FakeEntryPoint("onnx", "infercore-onnx", plugin) for _ in range(2)]
+    _with_entry_points(monkeypatch, *twice)
+    pm, infos = make_plugin_manager()
+    assert pm.get_plugin("onnx") is plugin and infos["onnx"].distribution == "infercore-onnx"
