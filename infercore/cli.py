@@ -322,6 +322,12 @@ def check_before_listen(
 
     config = composed.config
     cfg = config.server
+    if not config.models:
+        # A server with nothing to serve would report ready and answer 404 to everything.
+        raise ConfigError(
+            "models: no model is configured",
+            hint="serve a recipe (infercore serve +recipe=NAME), or add models.NAME",
+        )
     check_config(config, workers)
     if cfg.uds is not None:
         _check_uds(cfg.uds, on_disk=local, create=create)
@@ -621,7 +627,11 @@ async def _serve_async(
     if start_task in done:
         exc = start_task.exception()
         if exc is not None:
-            print(f"infercore: error: {exc}", file=sys.stderr)
+            # A config error found while loading (a model path outside the model root, an
+            # option the file contradicts) exits 2 as the ones found before it does.
+            config_error = isinstance(exc, ConfigError)
+            kind = "config error" if config_error else "error"
+            print(f"infercore: {kind}: {_one_line(exc)}", file=sys.stderr)
             # Let uvicorn finish starting first (bounded): told to exit in the middle of its
             # start-up it returns without shutting the lifespan down, and the lifespan task,
             # cancelled when the loop closes, is logged with a traceback.
@@ -630,11 +640,9 @@ async def _serve_async(
                     while not server.started and not serve_task.done():
                         await asyncio.sleep(0.01)
             server.should_exit = True
-            code = EXIT_FAILURE
+            code = EXIT_CONFIG if config_error else EXIT_FAILURE
         else:
-            log.info(
-                "ready: %s", ", ".join(f"{m.name}@{m.primary}" for m in runtime.models.values())
-            )
+            log.info("ready: %s", _ready_line(runtime))
             freeze_heap()
             if worker is not None:
                 worker.report_ready()
@@ -664,6 +672,19 @@ async def _serve_async(
     if code == 0 and state.signals:
         log.info("stopped")
     return code
+
+
+def _ready_line(runtime: Any) -> str:
+    """The versions serving (``fraud@1``), then the optional ones that failed to load."""
+    ready: list[str] = []
+    failed: list[str] = []
+    for served in runtime.models.values():
+        for sv in served.versions.values():
+            (ready if sv.ready else failed).append(f"{served.name}@{sv.version}")
+    line = ", ".join(ready)
+    if failed:
+        line += f"; not ready: {', '.join(failed)} (see the errors above)"
+    return line
 
 
 def set_switch_interval(ms: float) -> None:

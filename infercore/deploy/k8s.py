@@ -252,8 +252,7 @@ def _recipe_configmap(
 ) -> tuple[dict[str, Any], str, str]:
     """(ConfigMap, recipe name, sha256 of the recipe text)."""
     recipe = composed.choices.get("recipe")
-    if not recipe:
-        raise ConfigError("deploy: no recipe given", hint="add +recipe=NAME")
+    assert recipe, "render() refuses a config without a recipe"
     body = dict(data)
     body["model_root"] = model_root
     for key, value in extra.items():
@@ -455,6 +454,8 @@ def render(overrides: list[str], opts: Options) -> Rendered:
     if not any(o.lstrip("+~").startswith("deploy=") for o in overrides):
         overrides.append("deploy=k8s")
     composed, data = compose_for_deploy(overrides)
+    if not composed.choices.get("recipe"):
+        raise ConfigError("deploy: no recipe given", hint="add +recipe=NAME")
     from infercore.cli import check_before_listen
 
     # What `serve` would refuse in the pod (the token and files are the pod's own: not here).

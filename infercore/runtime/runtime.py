@@ -394,8 +394,10 @@ class Runtime:
             if served.drift is not None:
                 await served.drift.start()
             if served.config.required and not served.ready:
-                err = served.versions[served.primary].error or "failed to load"
-                raise ModelLoadError(err)
+                primary = served.versions[served.primary]
+                if primary.config_error is not None:
+                    raise primary.config_error  # a path outside the model root, say: exit 2
+                raise ModelLoadError(primary.error or "failed to load")
         self.started = True
 
     async def _start_component(self, component: Any, what: str) -> None:
@@ -438,6 +440,7 @@ class Runtime:
         except InfercoreError as exc:
             sv.state = FAILED
             sv.error = str(exc)
+            sv.config_error = exc if isinstance(exc, ConfigError) else None
             self.metrics.model_load_failures.labels(sv.name, sv.version).inc()
             log.error("model %s version %s failed to load: %s", sv.name, sv.version, exc)
             return False

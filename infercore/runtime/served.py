@@ -28,7 +28,7 @@ from infercore.components import (
 )
 from infercore.config.rollout import GuardConfig
 from infercore.config.schema import ModelConfig, OutputMapping
-from infercore.errors import ModelNotFound, ModelNotReady
+from infercore.errors import ConfigError, ModelNotFound, ModelNotReady
 from infercore.metrics import Metrics, VersionMetrics
 from infercore.runtime.grouping import RequestGroups
 from infercore.runtime.guard import Window
@@ -63,6 +63,8 @@ class ServedVersion:
     warmup: bool
     state: str = LOADING
     error: str | None = None
+    #: Why it failed to load, when that was a config error (exit 2 at start-up, not 1).
+    config_error: ConfigError | None = None
     outputs_plan: OutputPlan | None = None
     #: The model's input names, known once it has loaded.
     input_names: frozenset[str] = frozenset()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -357,6 +358,82 @@ def test_serve_with_a_missing_model_exits_with_one_clear_line(missing_model_reci
     assert errors[0].startswith("infercore: error:")
     assert "models.m.versions.1.loader" in errors[0]
     assert "not found" in errors[0]
+
+
+def test_a_config_error_found_while_loading_exits_2(tmp_path: Path) -> None:
+    # Found by the loader, not by composing: still a config error (exit 2), as the plugin
+    # READMEs list it, not "infercore: error:" with exit 1.
+    (tmp_path / "outside.onnx").write_bytes(b"not a model")
+    recipes = _write_recipe(
+        tmp_path / "recipes",
+        "escape",
+        """\
+        models:
+          m:
+            versions:
+              "1":
+                loader: {kind: onnx, path: ../outside.onnx}
+        """,
+    )
+    env = _env(INFERCORE_RECIPES_DIR=str(recipes))
+    result = run("serve", "+recipe=escape", "server.port=0", env=env, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("infercore: ")]
+    assert line.startswith(f"{ERROR_PREFIX} models.m.versions.1.loader"), line
+    assert "outside the model root" in line, line
+
+
+def test_serve_with_no_model_is_a_config_error() -> None:
+    # It started, reported ready and answered 404 to everything.
+    for command in (["serve", "server.port=0"], ["config", "validate"]):
+        line = _assert_one_config_error(run(*command))
+        assert line.startswith(f"{ERROR_PREFIX} models: no model is configured"), line
+        assert "+recipe=NAME" in line
+
+
+def test_the_ready_line_names_only_the_versions_that_serve(
+    iris_artifact: Path, tmp_path: Path, log_files: tuple[Path, Path]
+) -> None:
+    recipes = tmp_path / "recipes"
+    (recipes / "iris").mkdir(parents=True)
+    shutil.copy(iris_artifact, recipes / "iris" / "model.onnx")
+    _write_recipe(
+        recipes,
+        "two",
+        """\
+        models:
+          iris:
+            versions:
+              "1":
+                loader: {kind: onnx, path: iris/model.onnx}
+          broken:
+            required: false
+            versions:
+              "1":
+                loader: {kind: onnx, path: nowhere/model.onnx}
+        """,
+    )
+    port = _free_port()
+    out_path, err_path = log_files
+    with out_path.open("w") as out, err_path.open("w") as err:
+        proc = subprocess.Popen(
+            [*INFERCORE, "serve", "+recipe=two", f"server.port={port}"],
+            cwd=REPO,
+            env=_env(INFERCORE_RECIPES_DIR=str(recipes)),
+            stdout=out,
+            stderr=err,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while "ready:" not in err_path.read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, err_path.read_text()
+            time.sleep(0.2)
+        (line,) = [x for x in err_path.read_text().splitlines() if "ready:" in x]
+        assert line.endswith("ready: iris@1; not ready: broken@1 (see the errors above)"), line
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
 
 
 @pytest.fixture
