@@ -26,6 +26,7 @@ The HTTP server finishes first; the caller stops the runtime's components after 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -217,6 +218,24 @@ def http_protocol(
         def data_received(self, data: bytes) -> None:
             if not self.discarding:
                 super().data_received(data)
+
+        def send_400_response(self, msg: str) -> None:
+            # A request the HTTP parser refuses (a malformed request line, a target too long
+            # for it) gets the JSON error body every other answer has, not uvicorn's text.
+            body = json.dumps(
+                {"error": f"malformed HTTP request: {msg}", "reason": "invalid_input"}
+            ).encode()
+            head = [STATUS_LINE[400]]
+            for name, value in self.server_state.default_headers:
+                head += (name, b": ", value, b"\r\n")
+            head += (
+                b"content-type: application/json\r\n",
+                b"content-length: %d\r\n" % len(body),
+                b"connection: close\r\n\r\n",
+                body,
+            )
+            self.transport.write(b"".join(head))
+            self.transport.close()
 
         def on_headers_complete(self) -> None:
             if self.discarding:

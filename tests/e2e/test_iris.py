@@ -7,6 +7,7 @@ conftest.py) and stopped with SIGTERM, which must exit 0.
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 from collections.abc import Iterator
@@ -495,3 +496,29 @@ def test_head_answers_what_get_answers_without_a_body(http: httpx.Client, path: 
     assert head.content == b""
     assert head.headers["content-type"] == get.headers["content-type"]
     assert http.get("/v2/health/live").json() == {"live": True}  # the connection still works
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET /v2/models/" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /v2 HTTP/1.1\r\nHost x\r\n\r\n",  # a header line without its colon
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",  # TLS spoken to plain HTTP
+    ],
+)
+def test_a_request_the_http_parser_refuses_gets_the_json_error_body(
+    http: httpx.Client, request_bytes: bytes
+) -> None:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", http.base_url.port or 80), timeout=10) as s:
+        s.sendall(request_bytes)
+        received = b""
+        while chunk := s.recv(65536):
+            received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), received[:200]
+    assert b"content-type: application/json" in head.lower(), head
+    doc = json.loads(body)
+    assert doc["reason"] == "invalid_input" and doc["error"].startswith("malformed HTTP request")
+    assert http.get("/v2/health/live").status_code == 200  # the server serves on
