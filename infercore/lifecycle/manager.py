@@ -500,7 +500,9 @@ class Lifecycle:
         try:
             sv = await self.runtime.load(model, version)
         except InfercoreError as exc:
-            if exc.status_code != 404 and exc.reason != "invalid_input":
+            # Refusals that tried nothing (unknown, invalid, the server draining) are no
+            # failed load to record.
+            if exc.status_code != 404 and exc.reason not in ("invalid_input", "shutting_down"):
                 self._record(
                     {
                         "event": "load_failed",

@@ -333,6 +333,9 @@ def test_admin_state_changes_are_refused_from_the_signal_on(
             assert answer.status_code == 503, (path, answer.status_code, answer.text)
             assert answer.json()["reason"] == "shutting_down", (path, answer.text)
         assert admin.get("/admin/models", headers=headers).status_code == 200  # reads still go
+        # A refusal tried nothing: the audit shows no failed load for it.
+        events = [r["event"] for r in admin.get("/admin/audit", headers=headers).json()]
+        assert "load_failed" not in events, events
     assert server.process.wait(timeout=30) == 0, server.log_text()
     log = server.log_text()
     assert "Traceback" not in log, log
