@@ -222,13 +222,21 @@ def add_models_parser(sub: Any) -> None:
 
 def _client(args: argparse.Namespace) -> AdminClient:
     url = args.url or os.environ.get("INFERCORE_ADMIN_URL") or DEFAULT_URL
-    token = args.token
+    token, source = args.token, "--token"
     if token is None and args.token_file:
-        token = Path(args.token_file).read_text().strip()
+        token, source = Path(args.token_file).read_text().strip(), "--token-file"
     if token is None:
-        token = os.environ.get("INFERCORE_ADMIN_TOKEN", "")
+        token, source = os.environ.get("INFERCORE_ADMIN_TOKEN", ""), "INFERCORE_ADMIN_TOKEN"
     if not token:
         raise AdminError(0, "usage", "no admin token: pass --token or set INFERCORE_ADMIN_TOKEN")
+    # What an HTTP header cannot carry; said without echoing the token.
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in token):
+        raise AdminError(
+            0,
+            "usage",
+            f"{source}: the admin token contains a control character (a line break?); "
+            "it cannot be sent in an HTTP header",
+        )
     return AdminClient(url, token)
 
 

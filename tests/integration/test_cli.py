@@ -709,6 +709,12 @@ def test_deploy_k8s_refuses_pods_that_would_not_start() -> None:
             {"INFERCORE_ADMIN_TOKEN": "abc\nSECRETPART"},
             "INFERCORE_ADMIN_TOKEN",
         ),
+        (
+            "token file with a line break inside",
+            ["models", "--url", "http://127.0.0.1:9", "--token-file", "{token_file}", "list"],
+            {},
+            "--token-file",
+        ),
     ],
 )
 def test_bad_paths_urls_and_tokens_are_one_line_and_exit_2(
@@ -716,8 +722,10 @@ def test_bad_paths_urls_and_tokens_are_one_line_and_exit_2(
 ) -> None:
     a_file = tmp_path / "t.sh"
     a_file.write_text("")
+    token_file = tmp_path / "token"
+    token_file.write_text("abc\nSECRETPART\n")
     env = {"INFERCORE_ADMIN_TOKEN": TOKEN, **env}
-    result = run(*[a.format(file=a_file) for a in args], env=_env(**env))
+    result = run(*[a.format(file=a_file, token_file=token_file) for a in args], env=_env(**env))
     assert result.returncode == 2, (case, result.returncode, result.stderr)
     lines = [line for line in result.stderr.splitlines() if not line.startswith("note:")]
     assert len(lines) == 1, (case, result.stderr)
