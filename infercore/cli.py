@@ -134,21 +134,10 @@ def run(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
         return EXIT_BROKEN_PIPE
-    except UsageError as exc:
+    except (UsageError, InfercoreError) as exc:
         if args.debug:
             raise
-        print(f"infercore: error: {_one_line(exc)}", file=sys.stderr)
-        return EXIT_CONFIG
-    except ConfigError as exc:
-        if args.debug:
-            raise
-        print(f"infercore: config error: {_one_line(exc)}", file=sys.stderr)
-        return EXIT_CONFIG
-    except InfercoreError as exc:
-        if args.debug:
-            raise
-        print(f"infercore: error: {_one_line(exc)}", file=sys.stderr)
-        return EXIT_FAILURE
+        return _report(exc)
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -177,6 +166,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         _check_admin_args(args)
         return run_models(args)
     return EXIT_FAILURE
+
+
+def _report(exc: BaseException) -> int:
+    """Print the one line of an error the user can fix; its exit code (2 for config and
+    command-line errors, 1 for the rest)."""
+    if isinstance(exc, ConfigError):
+        print(f"infercore: config error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"infercore: error: {_one_line(exc)}", file=sys.stderr)
+    return EXIT_CONFIG if isinstance(exc, UsageError) else EXIT_FAILURE
 
 
 def _one_line(exc: BaseException) -> str:
@@ -615,9 +614,7 @@ async def _serve_async(
         if exc is not None:
             # A config error found while loading (a model path outside the model root, an
             # option the file contradicts) exits 2 as the ones found before it does.
-            config_error = isinstance(exc, ConfigError)
-            kind = "config error" if config_error else "error"
-            print(f"infercore: {kind}: {_one_line(exc)}", file=sys.stderr)
+            code = _report(exc)
             # Let uvicorn finish starting first (bounded): told to exit in the middle of its
             # start-up it returns without shutting the lifespan down, and the lifespan task,
             # cancelled when the loop closes, is logged with a traceback.
@@ -626,7 +623,6 @@ async def _serve_async(
                     while not server.started and not serve_task.done():
                         await asyncio.sleep(0.01)
             server.should_exit = True
-            code = EXIT_CONFIG if config_error else EXIT_FAILURE
         else:
             log.info("ready: %s", _ready_line(runtime))
             freeze_heap()
