@@ -26,10 +26,12 @@ Inside a server the lifecycle hands the monitor the model's rollout control
 (:meth:`bind_rollout`); it reaches every action (``Action.bind_rollout``) and every event
 (``DriftEvent.rollout``).
 
-For the server, three calls suffice: :meth:`DriftMonitor.build` when the runtime is built
-(config errors surface then), :meth:`start` / :meth:`stop` with the model, and :meth:`offer`
-after each successful inference; :meth:`latest_results`, :meth:`events` and :meth:`status`
-feed the admin API and ``infercore events``.
+For the server, four calls suffice: :meth:`DriftMonitor.build` when the runtime is built
+(config errors surface then), :meth:`check_tensors` once the model's versions have loaded
+(a ``features`` or ``outputs`` name the model lacks is a config error then), :meth:`start` /
+:meth:`stop` with the model, and :meth:`offer` after each successful inference;
+:meth:`latest_results`, :meth:`events` and :meth:`status` feed the admin API and
+``infercore events``.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -115,12 +117,21 @@ class DriftMonitor:
                 f"({config.window_size}); a window would never fill",
                 hint="make queue_size at least window_size (a few windows is a good size)",
             )
+        smallest = min(config.min_samples, config.window_size)
+        if config.schedule == "interval" and config.queue_size < smallest:
+            limit = "min_samples" if config.min_samples <= config.window_size else "window_size"
+            raise ConfigError(
+                f"{path}.queue_size: {config.queue_size} is smaller than {limit} ({smallest}); "
+                "an interval window would never be tested",
+                hint=f"make queue_size at least {limit} (a few windows is a good size)",
+            )
         self.config = config
         self.model = model
         self.detectors = dict(detectors)
         self.actions = list(actions or [])
         self.metrics = metrics or Metrics()
         self._version = version
+        self._path = path
         self._features = None if config.features is None else frozenset(config.features)
         self._outputs = frozenset(config.outputs)
         self._rate = float(config.sample_rate)
@@ -135,6 +146,7 @@ class DriftMonitor:
         self._sampled = 0
         self._dropped = 0
         self._invalid = 0
+        self._degraded = 0
         self._windows = 0
         self._event_ids = itertools.count(1)
         self._history: deque[dict[str, Any]] = deque(maxlen=config.history_size)
@@ -258,6 +270,36 @@ class DriftMonitor:
             path=path,
         )
 
+    def check_tensors(self, inputs: Collection[str], outputs: Collection[str]) -> None:
+        """Check that ``features`` and ``outputs`` name tensors the model has.
+
+        The names are known only once the model has loaded: the server calls this when it
+        starts, before :meth:`start`, with the input and the (raw, before the recipe's output
+        mapping) output names of every version that loaded. A name that matches nothing would
+        otherwise leave every sample out of every window, and monitoring silently off.
+
+        Raises:
+            ConfigError: A name that is not among ``inputs`` (``features``) or ``outputs``
+                (``outputs``), naming the config path and the names there are.
+        """
+        checks = (
+            ("features", self.config.features or [], inputs, "input"),
+            ("outputs", self.config.outputs, outputs, "output"),
+        )
+        for option, wanted, have, what in checks:
+            missing = [name for name in wanted if name not in have]
+            if not missing:
+                continue
+            names = ", ".join(map(repr, missing))
+            verb = "is not an" if len(missing) == 1 else "are not"
+            noun = what if len(missing) == 1 else f"{what}s"
+            hint = f"{what}s of model {self.model}: {', '.join(sorted(have)) or 'none'}"
+            if option == "outputs":
+                hint += " (the model's own names, before the recipe's output mapping)"
+            raise ConfigError(
+                f"{self._path}.{option}: {names} {verb} {noun} of model {self.model}", hint=hint
+            )
+
     # --- lifecycle --------------------------------------------------------------------------
 
     def bind_rollout(self, rollout: ModelRollout) -> None:
@@ -333,7 +375,9 @@ class DriftMonitor:
 
     # --- the request path -------------------------------------------------------------------
 
-    def offer(self, inputs: Tensors, outputs: Tensors | None = None) -> None:
+    def offer(
+        self, inputs: Tensors, outputs: Tensors | None = None, *, degraded: bool = False
+    ) -> None:
         """Hand one request's (or batch's) tensors to the monitor. Never blocks, never raises.
 
         Rows go along the first dimension of every tensor. The arrays are kept by reference
@@ -341,6 +385,11 @@ class DriftMonitor:
         whole with probability ``sample_rate``; a sampled request that does not fit in the
         queue is dropped whole and its rows counted in
         ``infercore_drift_samples_dropped_total``.
+
+        ``degraded``: the request was answered in a degraded way (``X-Infercore-Degraded``,
+        e.g. default features while the feature store is down). Its rows are not the data's,
+        so they are left out (counted as ``degraded_rows`` in :meth:`status`): an outage must
+        not look like drift and start a retraining.
         """
         try:
             if not self._accepting:
@@ -349,6 +398,9 @@ class DriftMonitor:
             if n <= 0:
                 return
             self._offered += n  # approximate if offered from several threads at once
+            if degraded:
+                self._degraded += n
+                return
             rate = self._rate
             if rate < 1.0 and (rate <= 0.0 or self._rng.random() >= rate):
                 return
@@ -580,7 +632,10 @@ class DriftMonitor:
         self, name: str, detector: DriftDetector, exc: Exception, window: int, rows: int
     ) -> None:
         self._errors[name] = self._errors.get(name, 0) + 1
-        self._det_metrics[name][2].inc()
+        windows, _, errors = self._det_metrics[name]
+        # The window was this detector's to test, failed or not: errors / windows is a ratio.
+        windows.inc()
+        errors.inc()
         message = scrub(f"{type(exc).__name__}: {exc}")
         log.error(
             "drift detector %s of model %s failed on window %d: %s",
@@ -802,15 +857,17 @@ class DriftMonitor:
         ``offered_rows``: rows handed to :meth:`offer`; ``sampled_rows``: rows the sampler
         kept and the queue took; ``dropped_rows``: rows sampled but dropped (queue full);
         ``invalid_rows``: queued rows left out of a window (tensors that could not become
-        columns).
+        columns); ``degraded_rows``: rows left out because their request was served degraded
+        (see :meth:`offer`).
         """
         with self._lock:
             pending = self._pending
-            offered, sampled, dropped, invalid = (
+            offered, sampled, dropped, invalid, degraded = (
                 self._offered,
                 self._sampled,
                 self._dropped,
                 self._invalid,
+                self._degraded,
             )
         cooldown_left = 0.0
         if self._last_trigger is not None:
@@ -829,6 +886,7 @@ class DriftMonitor:
             "sampled_rows": sampled,
             "dropped_rows": dropped,
             "invalid_rows": invalid,
+            "degraded_rows": degraded,
             "windows": self._windows,
             "detectors": list(self.detectors),
             "detector_errors": dict(self._errors),

@@ -392,6 +392,12 @@ class Runtime:
             if served.shadow is not None:
                 served.shadow.start()
             if served.drift is not None:
+                loaded = [sv.model for sv in served.versions.values() if sv.ready]
+                if loaded:  # tensor names are known once a version has loaded
+                    served.drift.check_tensors(
+                        {spec.name for model in loaded for spec in model.inputs},
+                        {spec.name for model in loaded for spec in model.outputs},
+                    )
                 await served.drift.start()
             if served.config.required and not served.ready:
                 primary = served.versions[served.primary]
@@ -636,8 +642,10 @@ class Runtime:
         plan = sv.outputs_plan
         result = outputs if plan is None else plan.apply(outputs)
         if served.drift is not None:
-            # The feature source's full output (every version's inputs): never blocks.
-            served.drift.offer(inputs, outputs)
+            # The feature source's full output (every version's inputs): never blocks. Rows
+            # served with default features (fail_open during a store outage) are left out:
+            # an outage is not drift, and must not start a retraining.
+            served.drift.offer(inputs, outputs, degraded=bool(degraded_parts()))
         return result
 
     async def _run_group(

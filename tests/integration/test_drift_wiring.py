@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 
+from infercore import hookimpl
+from infercore.components import FeatureSource, Tensors
+from infercore.components.features import mark_degraded
 from infercore.errors import ConfigError
 from infercore.server.admin import create_admin_app
-from infercore.testing import fake_model_config, runtime_from_dict
+from infercore.testing import async_app_client, fake_model_config, runtime_from_dict
 
 TOKEN = "drift-wiring-test-token-0123456789"
 
@@ -142,3 +148,118 @@ def test_infercore_events_lists_drift_events_through_the_admin_api(
     finally:
         done.set()
         thread.join(30)
+
+
+@pytest.mark.parametrize(
+    ("option", "names", "message"),
+    [
+        (
+            "features",
+            ["x", "amont"],
+            r"models\.m\.drift\.features: 'amont' is not an input of model m"
+            r" \(hint: inputs of model m: x\)",
+        ),
+        (
+            "outputs",
+            ["y", "probability"],
+            r"models\.m\.drift\.outputs: 'probability' is not an output of model m"
+            r" \(hint: outputs of model m: echo, y \(the model's own names",
+        ),
+    ],
+)
+def test_drift_names_the_model_lacks_fail_start_up(
+    tmp_path: Path, option: str, names: list[str], message: str
+) -> None:
+    """A typo in drift.features / drift.outputs would leave every sample out of every window:
+    it is a config error once the model's tensor names are known, not silence."""
+    runtime = runtime_from_dict(_config(tmp_path, **{option: names}), recipes_dir=tmp_path)
+
+    async def scenario() -> None:
+        try:
+            await runtime.start()
+        finally:
+            await runtime.stop()
+
+    with pytest.raises(ConfigError) as info:
+        asyncio.run(scenario())
+    assert re.search(message, str(info.value)), info.value
+
+
+def test_drift_names_the_model_has_are_accepted(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, features=["x"], outputs=["y"])
+    cfg["models"]["m"]["versions"]["2"] = {  # type: ignore[index]
+        "loader": {"kind": "fake", "features": 2, "offset": 1.0},
+        "stage": "candidate",
+    }
+    cfg["models"]["m"]["primary"] = "1"  # type: ignore[index]
+    runtime = runtime_from_dict(cfg, recipes_dir=tmp_path)
+
+    async def scenario() -> bool:
+        await runtime.start()
+        try:
+            return bool(runtime.models["m"].drift.status()["running"])
+        finally:
+            await runtime.stop()
+
+    assert asyncio.run(scenario())
+
+
+class _HalfDegradedSource(FeatureSource):
+    """Passes ``x`` through; a request whose first value is negative is served "with default
+    features", as a feature store source under ``fail_open`` during an outage."""
+
+    kind = "half_degraded"
+    groupable = True
+
+    async def fetch(
+        self, fields: Mapping[str, np.ndarray[Any, Any]], *, deadline: float
+    ) -> Tensors:
+        if np.any(fields["x"][:, 0] < 0):
+            mark_degraded("features")
+        return {"x": fields["x"]}
+
+
+class _HalfDegradedPlugin:
+    @hookimpl
+    def register_feature_sources(self) -> list[type[FeatureSource]]:
+        return [_HalfDegradedSource]
+
+
+def test_requests_served_with_default_features_do_not_feed_the_monitor(tmp_path: Path) -> None:
+    """Under fail_open a store outage answers with defaults (X-Infercore-Degraded: features):
+    those rows would look like drift and start a retraining; they are left out and counted."""
+    cfg = _config(tmp_path)
+    cfg["features"] = {"kind": "half_degraded"}
+    runtime = runtime_from_dict(
+        cfg, recipes_dir=tmp_path, extra_plugins=[("half", _HalfDegradedPlugin())]
+    )
+    values = [float(i + 1) if i % 3 else -float(i + 1) for i in range(30)]  # 10 degraded
+
+    async def scenario() -> tuple[list[httpx.Response], dict[str, Any]]:
+        async with async_app_client(runtime) as client:
+            calls = [
+                client.post(
+                    "/v2/models/m/infer",
+                    json={
+                        "inputs": [
+                            {
+                                "name": "x",
+                                "shape": [2, 2],
+                                "datatype": "FP32",
+                                "data": [v, 0.5, v, 0.25],
+                            }
+                        ]
+                    },
+                )
+                for v in values
+            ]
+            responses = await asyncio.gather(*calls)
+            return list(responses), runtime.models["m"].drift.status()
+
+    responses, status = asyncio.run(scenario())
+    for value, resp in zip(values, responses, strict=True):
+        assert resp.status_code == 200, resp.text
+        assert ("x-infercore-degraded" in resp.headers) is (value < 0)
+    assert status["offered_rows"] == 60
+    assert status["degraded_rows"] == 20
+    assert status["sampled_rows"] == 40 and status["queue_rows"] == 40

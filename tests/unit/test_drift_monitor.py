@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -339,7 +340,7 @@ def test_a_detector_that_raises_is_counted_and_changes_nothing_else(registry: Re
         assert isinstance(bad, Explodes) and bad.calls == 2
         labels = {"model": "m", "detector": "bad"}
         assert sample(mon, "infercore_drift_detector_errors_total", labels) == 2
-        assert sample(mon, "infercore_drift_windows_total", labels) == 0
+        assert sample(mon, "infercore_drift_windows_total", labels) == 2
         latest = mon.latest_results()
         assert latest["bad"]["drift"] is None and latest["bad"]["errors"] == 2
         assert latest["bad"]["error"] == "RuntimeError: boom in <path>"  # no paths (S6)
@@ -355,6 +356,84 @@ def test_a_detector_that_raises_is_counted_and_changes_nothing_else(registry: Re
         assert sample(mon, "infercore_drift_detected", overall) == 1
 
     asyncio.run(main())
+
+
+def test_windows_total_counts_the_windows_a_detector_failed_on(registry: Registry) -> None:
+    """errors / windows is each detector's error ratio: a failed run is a window too."""
+
+    async def main() -> None:
+        mon = build(
+            registry,
+            window_size=5,
+            detectors={"bad": {"kind": "explodes"}, "good": {"kind": "mean-above"}},
+        )
+        await mon.start()
+        try:
+            for i in range(3):
+                mon.offer(rows([0.0] * 5))
+                await until(lambda i=i: mon.status()["windows"] == i + 1)  # type: ignore[misc]
+        finally:
+            await mon.stop()
+        for name in ("bad", "good"):
+            labels = {"model": "m", "detector": name}
+            assert sample(mon, "infercore_drift_windows_total", labels) == 3, name
+        bad = {"model": "m", "detector": "bad"}
+        assert sample(mon, "infercore_drift_detector_errors_total", bad) == 3
+        # "latest completed run": a failed run completes nothing
+        assert sample(mon, "infercore_drift_last_run_timestamp_seconds", bad) == 0
+
+    asyncio.run(main())
+
+
+def test_degraded_requests_are_left_out_and_counted(registry: Registry) -> None:
+    mon = build(registry, window_size=10)
+    mon.offer(rows([0.0] * 4))
+    mon.offer(rows([9.0] * 3), degraded=True)  # default features: not the data's rows
+    mon.offer(rows([0.0] * 2), degraded=False)
+    st = mon.status()
+    assert st["offered_rows"] == 9
+    assert st["degraded_rows"] == 3
+    assert st["sampled_rows"] == 6 and st["queue_rows"] == 6
+    assert st["dropped_rows"] == 0
+    assert sample(mon, "infercore_drift_samples_dropped_total", {"model": "m"}) == 0
+
+
+@pytest.mark.parametrize(
+    ("node", "inputs", "outputs", "message"),
+    [
+        (
+            {"features": ["amont"]},
+            {"amount", "hour"},
+            set(),
+            r"^drift\.features: 'amont' is not an input of model m "
+            r"\(hint: inputs of model m: amount, hour\)$",
+        ),
+        (
+            {"features": ["amount", "a", "b"]},
+            {"amount"},
+            set(),
+            r"^drift\.features: 'a', 'b' are not inputs of model m",
+        ),
+        (
+            {"outputs": ["fraud_probability"]},
+            {"amount"},
+            {"probabilities", "label"},
+            r"^drift\.outputs: 'fraud_probability' is not an output of model m "
+            r"\(hint: outputs of model m: label, probabilities \(the model's own names",
+        ),
+    ],
+)
+def test_tensor_names_the_model_lacks_are_config_errors(
+    registry: Registry, node: dict[str, Any], inputs: set[str], outputs: set[str], message: str
+) -> None:
+    mon = DriftMonitor.build(registry, node, model="m", model_root=Path("."), path="drift")
+    with pytest.raises(ConfigError, match=message):
+        mon.check_tensors(inputs, outputs)
+
+
+def test_tensor_names_the_model_has_pass_the_check(registry: Registry) -> None:
+    build(registry).check_tensors({"x"}, set())  # features: null monitors whatever there is
+    build(registry, features=["x"], outputs=["y"]).check_tensors({"x", "z"}, {"y"})
 
 
 # --- actions: single-flight and cooldown ----------------------------------------------------
@@ -491,6 +570,15 @@ def test_history_is_bounded(registry: Registry) -> None:
             {"window_size": 100, "queue_size": 50},
             "models.m.drift.queue_size: 50 is smaller than window_size",
         ),
+        (
+            {"schedule": "interval", "queue_size": 50, "min_samples": 100},
+            "models.m.drift.queue_size: 50 is smaller than min_samples (100); an interval "
+            "window would never be tested",
+        ),
+        (
+            {"schedule": "interval", "queue_size": 50, "min_samples": 100, "window_size": 80},
+            "models.m.drift.queue_size: 50 is smaller than window_size (80); an interval",
+        ),
         ({"sample_rate": 1.5}, "models.m.drift.sample_rate"),
         ({"schedule": "hourly"}, "models.m.drift.schedule"),
         ({"windows": 3}, "models.m.drift.windows: unknown key"),
@@ -506,7 +594,7 @@ def test_history_is_bounded(registry: Registry) -> None:
 def test_config_errors_name_the_path(
     registry: Registry, node: dict[str, Any], message: str
 ) -> None:
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         DriftMonitor.build(registry, node, model="m", model_root=Path("."))
 
 

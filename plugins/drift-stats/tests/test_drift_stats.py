@@ -266,6 +266,50 @@ def test_psi_value_by_hand(registry: Registry, tmp_path: Path) -> None:
     assert result.drift is (expected > 0.2)
 
 
+@pytest.mark.parametrize(
+    ("reference", "same", "shifted"),
+    [
+        # a 0/1 flag, 4.6 % ones (the fraud recipe's cross_border): every inner quantile is 0
+        (np.repeat([0.0, 1.0], [1908, 92]), np.repeat([0.0, 1.0], [954, 46]), np.ones(50)),
+        # the same flag, mostly ones: every inner quantile is 1
+        (np.repeat([0.0, 1.0], [92, 1908]), np.repeat([0.0, 1.0], [46, 954]), np.zeros(50)),
+        # a count that is mostly 0 (txn_count_1h): the window's rows are all 2
+        (
+            np.repeat([0.0, 1.0, 2.0, 3.0], [1900, 60, 30, 10]),
+            np.repeat([0.0, 1.0, 2.0, 3.0], [950, 30, 15, 5]),
+            np.full(50, 2.0),
+        ),
+    ],
+    ids=["flag-mostly-0", "flag-mostly-1", "count-mostly-0"],
+)
+def test_psi_gives_a_skewed_few_valued_column_a_bin_per_value(
+    registry: Registry, tmp_path: Path, reference: Array, same: Array, shifted: Array
+) -> None:
+    np.savez(tmp_path / "ref.npz", x=reference)
+    det = make(registry, tmp_path, {"kind": "psi", "reference": "ref.npz"})
+    assert det.detect(to_columns({"x": same})).scores["x"] == pytest.approx(0.0, abs=1e-9)
+    result = det.detect(to_columns({"x": shifted}))
+    # 4.6 % -> 100 % ones: about 11.7 with the default epsilon; one shared bin gave 0
+    assert result.scores["x"] > 2.0, result.scores
+    assert result.feature_drift["x"] and result.drift
+
+
+def test_psi_keeps_the_quantile_bins_of_a_continuous_column(
+    registry: Registry, tmp_path: Path
+) -> None:
+    x = np.random.default_rng(8).normal(size=2000)
+    np.savez(tmp_path / "ref.npz", x=x)
+    det = make(registry, tmp_path, {"kind": "psi", "reference": "ref.npz", "bins": 10})
+    edges = det._edges["x"]  # type: ignore[attr-defined]
+    assert np.array_equal(edges, np.quantile(x, np.linspace(0.0, 1.0, 11)[1:-1]))
+    same = det.detect(to_columns({"x": x[:1000]}))
+    expected = np.full(10, 0.1)
+    actual = np.bincount(np.searchsorted(edges, x[:1000], side="right"), minlength=10) / 1000
+    assert same.scores["x"] == pytest.approx(
+        float(np.sum((actual - expected) * np.log(actual / expected)))
+    )
+
+
 # --- correction math ----------------------------------------------------------------------
 
 

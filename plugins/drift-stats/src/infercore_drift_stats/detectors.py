@@ -266,13 +266,32 @@ class PSIConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only
     epsilon: Annotated[float, msgspec.Meta(gt=0.0, lt=0.1)] = 1e-4
 
 
+def _quantile_edges(x: Array, bins: int) -> Array:
+    """Inner bin edges of ``x``: its ``bins``-quantiles, a bin being ``[edge, next edge)``.
+
+    A value that several quantiles share (a mass point: the 0 of a mostly-0 flag or count)
+    gets a bin of its own, ``[v, next float above v)``; merged into one edge alone, it would
+    share its bin with every value above it up to the next edge, and a 0/1 column whose inner
+    quantiles are all 0 would put 0 and 1 in one bin (a PSI of 0 whatever the window holds).
+    """
+    qs = np.quantile(x, np.linspace(0.0, 1.0, bins + 1)[1:-1])
+    edges, ties = np.unique(qs, return_counts=True)
+    tied = edges[ties > 1]
+    if tied.size:
+        edges = np.union1d(edges, np.nextafter(tied, np.inf))
+    out: Array = edges
+    return out
+
+
 class PSIDetector(_Base):
     """Population stability index per feature: sum over bins of (a - e) * ln(a / e).
 
     ``e`` is a bin's share of the reference, ``a`` its share of the window. Numeric features:
     ``bins`` quantile bins of the reference (values below the first or above the last edge
-    fall into the outer bins); categorical features: one bin per reference category plus one
-    for unseen values. No p-value: a feature drifts when its PSI exceeds ``threshold``.
+    fall into the outer bins; tied quantiles merge bins, and a value several quantiles share
+    gets a bin of its own, so a 0/1 column has a bin for 0 and one for 1); categorical
+    features: one bin per reference category plus one for unseen values. No p-value: a
+    feature drifts when its PSI exceeds ``threshold``.
     """
 
     kind = "psi"
@@ -298,8 +317,7 @@ class PSIDetector(_Base):
                         f"{self.context.path}.features: reference column {name!r} has fewer "
                         "than 2 values"
                     )
-                qs = np.quantile(x, np.linspace(0.0, 1.0, self.config.bins + 1)[1:-1])
-                edges = np.unique(qs)
+                edges = _quantile_edges(x, self.config.bins)
                 self._edges[name] = edges
                 counts = np.bincount(
                     np.searchsorted(edges, x, side="right"), minlength=edges.size + 1
