@@ -603,9 +603,19 @@ async def _serve_async(
     start_task = asyncio.create_task(runtime.start())
     if worker is not None and worker.defer_listen:
         # A restarted worker beside serving ones: it takes connections once it can answer them.
+        # Told to stop before then, it closes its copy of the socket at once (answering what
+        # is queued on it 503 shutting_down), never to be the last copy left open unserved.
+        shutdown.linger_s = linger
+        shutdown.hold(sockets)
         await asyncio.wait({start_task})
+        sockets = shutdown.release()
         if start_task.exception() is not None or state.draining:
             sockets = []  # nothing to serve: never accept a connection only to drop it
+            await shutdown.answered()
+            if state.draining and not shutdown.forced:
+                # uvicorn told to exit before it started would skip its lifespan's shutdown
+                # (a traceback): it starts, without sockets, and is stopped below.
+                server.should_exit = False
     serve_task = asyncio.create_task(_run_uvicorn(server, sockets))
     done, _ = await asyncio.wait({serve_task, start_task}, return_when=asyncio.FIRST_COMPLETED)
     code = 0
@@ -615,14 +625,11 @@ async def _serve_async(
             # A config error found while loading (a model path outside the model root, an
             # option the file contradicts) exits 2 as the ones found before it does.
             code = _report(exc)
-            # Let uvicorn finish starting first (bounded): told to exit in the middle of its
-            # start-up it returns without shutting the lifespan down, and the lifespan task,
-            # cancelled when the loop closes, is logged with a traceback.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(10):
-                    while not server.started and not serve_task.done():
-                        await asyncio.sleep(0.01)
-            server.should_exit = True
+            await _stop_once_started(server, serve_task)
+        elif worker is not None and state.draining:
+            # Told to stop while loading: it never served, so it never reports ready.
+            log.info("worker %d loaded after the stop signal; not serving", worker.index)
+            await _stop_once_started(server, serve_task)
         else:
             log.info("ready: %s", _ready_line(runtime))
             freeze_heap()
@@ -654,6 +661,17 @@ async def _serve_async(
     if code == 0 and state.signals:
         log.info("stopped")
     return code
+
+
+async def _stop_once_started(server: Any, serve_task: asyncio.Task[int]) -> None:
+    """Tell uvicorn to exit once it has finished starting (bounded): told to exit in the
+    middle of its start-up it returns without shutting the lifespan down, and the lifespan
+    task, cancelled when the loop closes, is logged with a traceback."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(10):
+            while not server.started and not serve_task.done():
+                await asyncio.sleep(0.01)
+    server.should_exit = True
 
 
 def _ready_line(runtime: Any) -> str:

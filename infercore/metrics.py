@@ -8,8 +8,13 @@ into the supervisor's ``PROMETHEUS_MULTIPROC_DIR`` and :meth:`Metrics.exposition
 the totals of all workers: counters and histograms add up (a dead worker's counts stay);
 gauges follow their ``multiprocess_mode``: ``livesum`` for what is in progress (in-flight
 requests, queue depth), ``livemin`` for readiness (1 only when every live worker is ready),
-``mostrecent`` for state set by a decision (stages, weights, drift verdicts). With one worker
-the registry is the plain in-process one.
+``mostrecent`` for state set by a decision (stages, weights, drift verdicts). No gauge keeps
+the default mode, ``all`` (a series per pid, a dead worker's included). When a worker dies the
+supervisor calls :func:`forget_process`: its live gauges no longer count (and a gauge some
+library left in ``all`` mode loses that pid's series). The exposition holds the families this
+app's registry knows, as with one worker: the module-level gauges a library creates on import
+(Feast's ``feast_feature_server_*``, which describe a server infercore never starts) are left
+out. With one worker the registry is the plain in-process one.
 
 The families updated on every request (request and queue-wait durations, response counts,
 in-flight requests, queue depth, per-variant routing) are then :class:`LoopCounter`,
@@ -24,9 +29,11 @@ in the shared files.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from bisect import bisect_left
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import (
@@ -38,6 +45,7 @@ from prometheus_client import (
     generate_latest,
     values,
 )
+from prometheus_client.metrics_core import Metric
 
 # The *_created series double every counter and histogram for no use in dashboards.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -74,6 +82,37 @@ def multiprocess_dir() -> str | None:
     if not os.environ.get(_WORKER_ENV):
         return None
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+def forget_process(pid: int, path: str) -> None:
+    """A dead worker's gauges stop counting in ``path`` (its counters and histograms stay).
+
+    ``prometheus_client``'s ``mark_process_dead`` removes the files of the ``live*`` modes;
+    the ``all`` mode's file (a series labelled with the pid) is removed too: a dead process's
+    series would otherwise report its last value for as long as the server runs.
+    """
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid, path)  # type: ignore[no-untyped-call]
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(path, f"gauge_all_{pid}.db"))
+
+
+class _Registered:
+    """The totals of every worker, for the families ``registry`` knows (see the module doc)."""
+
+    def __init__(self, registry: CollectorRegistry, path: str) -> None:
+        from prometheus_client import multiprocess
+
+        self._registry = registry
+        self._collector = multiprocess.MultiProcessCollector(None, path=path)  # type: ignore[no-untyped-call]
+
+    def collect(self) -> Iterator[Metric]:
+        # Read at each scrape: components register their families while the app starts.
+        known = self._registry._names_to_collectors
+        for metric in self._collector.collect():  # type: ignore[no-untyped-call]
+            if metric.name in known:
+                yield metric
 
 
 class _LoopValue:
@@ -370,10 +409,8 @@ class Metrics:
             if path is None:
                 self._exposed = self.registry
             else:
-                from prometheus_client import multiprocess
-
                 self._exposed = CollectorRegistry()
-                multiprocess.MultiProcessCollector(self._exposed, path=path)  # type: ignore[no-untyped-call]
+                self._exposed.register(_Registered(self.registry, path))
         return generate_latest(self._exposed)
 
     def version(self, model: str, version: str) -> VersionMetrics:

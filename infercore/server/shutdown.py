@@ -19,6 +19,11 @@ The sequence, the same in every deploy shape::
   it is answered ``503 shutting_down`` rather than reset. A request still running when the
   graceful timeout ends is answered ``503 shutting_down`` if nothing of its response was sent.
 * A second signal stops waiting: the server exits without waiting for in-flight requests.
+* A listener not served yet (:meth:`GracefulShutdown.hold`: a restarted worker of
+  ``server.workers`` that listens only once its models are ready) is closed at the signal, in
+  the same callback that answers what is queued on it ``503 shutting_down``: a copy of the shared
+  socket left open by a process that never accepts would let connections queue after the
+  serving workers closed theirs, to be reset when it finally closes.
 
 The HTTP server finishes first; the caller stops the runtime's components after it.
 """
@@ -47,6 +52,16 @@ IDLE_LINGER_S = 1.0
 DISCARD_S = 2.0
 
 SHUTTING_DOWN_BODY = b'{"error":"the server is shutting down","reason":"shutting_down"}'
+#: The whole answer to a request on a connection adopted from a held listener.
+SHUTTING_DOWN_RESPONSE = (
+    b"HTTP/1.1 503 Service Unavailable\r\n"
+    b"content-type: application/json\r\n"
+    b"content-length: %d\r\n"
+    b"retry-after: 1\r\n"
+    b"connection: close\r\n\r\n%s" % (len(SHUTTING_DOWN_BODY), SHUTTING_DOWN_BODY)
+)
+#: Longest request head read from such a connection before answering anyway.
+_HEAD_MAX = 65536
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -392,6 +407,27 @@ class GracefulShutdown:
         self.closing_at: float | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._adopting: set[asyncio.Task[None]] = set()
+        self._held: list[socket.socket] = []
+        self.linger_s = IDLE_LINGER_S
+
+    def hold(self, sockets: list[socket.socket]) -> None:
+        """Listening sockets nobody accepts on yet (a restarted worker still loading).
+
+        If the stop signal comes before :meth:`release`, :meth:`close` closes them at once,
+        answering the connections queued on them ``503 shutting_down``.
+        """
+        self._held = list(sockets)
+
+    async def answered(self) -> None:
+        """Wait until the connections adopted from held sockets are answered and closed
+        (each is bounded: ``linger_s`` for its request, :data:`DISCARD_S` after the answer)."""
+        if self._adopting:
+            await asyncio.wait(set(self._adopting))
+
+    def release(self) -> list[socket.socket]:
+        """The held sockets, to be served now (none once the stop signal closed them)."""
+        held, self._held = self._held, []
+        return held
 
     def install(self, loop: asyncio.AbstractEventLoop) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -446,7 +482,7 @@ class GracefulShutdown:
         self.closing_at = asyncio.get_running_loop().time()
         # Stop accepting now rather than at uvicorn's next tick (up to 0.1 s later): every
         # connection accepted meanwhile would only get a 503.
-        adopted = self._close_listeners()
+        adopted = self._close_listeners() + self._close_held()
         if adopted:
             log.info("adopted %d queued connection(s) before closing the listener", adopted)
         self.server.should_exit = True
@@ -472,6 +508,21 @@ class GracefulShutdown:
                         self._adopting.add(task)
                         task.add_done_callback(self._adopting.discard)
             listener.close()
+        return adopted
+
+    def _close_held(self) -> int:
+        """Close the held sockets (see :meth:`hold`), answering what is queued on them."""
+        held, self._held = self._held, []
+        loop = asyncio.get_running_loop()
+        adopted = 0
+        for sock in held:
+            conns = _accept_queued(sock)
+            sock.close()
+            for conn in conns:
+                adopted += 1
+                task = loop.create_task(_answer_shutting_down(loop, conn, self.linger_s))
+                self._adopting.add(task)
+                task.add_done_callback(self._adopting.discard)
         return adopted
 
     @property
@@ -527,3 +578,44 @@ async def _adopt(
     shutdown = getattr(protocol, "shutdown", None)
     if shutdown is not None:
         shutdown()  # uvicorn's shutdown pass is over or about to run: linger like the others
+
+
+async def _answer_shutting_down(
+    loop: asyncio.AbstractEventLoop, conn: socket.socket, linger_s: float
+) -> None:
+    """Answer a connection that no HTTP server will serve ``503 shutting_down``, then close it.
+
+    Its request head is awaited for ``linger_s`` (a connection that sends nothing is closed, as
+    an idle keep-alive connection is). After the answer the connection is half-closed and what
+    still arrives (a request body) is read and dropped until the client closes, at most
+    :data:`DISCARD_S`: closing with unread data would reset the connection, and a reset can
+    discard the answer before the client read it.
+    """
+    try:
+        head = b""
+        end = loop.time() + linger_s
+        while b"\r\n\r\n" not in head and len(head) < _HEAD_MAX:
+            left = end - loop.time()
+            if left <= 0:
+                break
+            try:
+                chunk = await asyncio.wait_for(loop.sock_recv(conn, 65536), left)
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            head += chunk
+        if head:
+            await loop.sock_sendall(conn, SHUTTING_DOWN_RESPONSE)
+        conn.shutdown(socket.SHUT_WR)
+        end = loop.time() + DISCARD_S
+        while (left := end - loop.time()) > 0:
+            try:
+                if not await asyncio.wait_for(loop.sock_recv(conn, 65536), left):
+                    break
+            except TimeoutError:
+                break
+    except OSError:
+        pass
+    finally:
+        conn.close()

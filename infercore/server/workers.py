@@ -22,14 +22,21 @@ probe never reports a server ready while one of its workers would still answer 5
 Signals: SIGTERM or SIGINT is forwarded to every worker (a second one too: the workers then stop
 at once), the supervisor closes its own copy of the socket (the last worker to close its copy
 adopts what is queued, see :mod:`infercore.server.shutdown`), waits for every worker, and exits
-0 when all of them exited 0. Workers run in their own process group, so a Ctrl-C in a terminal
-reaches them once, through the supervisor.
+0 when all of them exited 0. A replacement still loading its models closes its copy at the
+signal, answering what is queued on it ``503 shutting_down``, and never reports ready: a copy
+held by a process that does not accept would let connections queue unanswered after the
+serving workers closed theirs, then reset them. Workers run in their own process group, so a
+Ctrl-C in a terminal reaches them once, through the supervisor.
 
 Restarts: a worker that exits while the server is not stopping is restarted with a backoff
 (0.5 s doubling to 10 s) and, once the others serve, it listens only after its models are
 ready. A worker that exits before any worker was ever ready stops the server with its exit code
-(a broken model: its error line is on stderr, as with one worker); one that fails to start
-:data:`MAX_START_FAILURES` times in a row stops it too.
+(a broken model: its error line is on stderr, as with one worker). Later, a worker that fails
+to start is retried at the capped backoff for as long as another worker serves (a dependency
+that is down, such as the feature store, does not take the serving workers down with it; from
+the :data:`MAX_START_FAILURES`-th failure in a row each retry is logged as an error); once it
+has failed that many times in a row while no worker serves, the server stops with exit 1. Such
+a stop is logged with its reason, not as a signal.
 
 Metrics: the supervisor gives the workers a fresh private folder (``0700``, removed at exit) as
 ``PROMETHEUS_MULTIPROC_DIR``; every worker writes its samples there and answers ``/metrics``
@@ -325,6 +332,8 @@ class Supervisor:
         self.metrics_dir = metrics_dir if metrics_dir is not None else make_metrics_dir()
         self.signals = 0
         self.signum: int = signal.SIGTERM
+        #: Why the supervisor stops the server by itself (None: a signal came).
+        self.stop_reason: str | None = None
         self.stop_deadline: float | None = None
         self.any_ready = False
         self.all_ready = False
@@ -339,11 +348,13 @@ class Supervisor:
 
     def _forward_signals(self) -> None:
         if self.stop_deadline is None:
-            log.info(
-                "received %s: stopping %d worker(s)",
-                signal.Signals(self.signum).name,
-                sum(1 for s in self.slots if s.process is not None),
-            )
+            running = sum(1 for s in self.slots if s.process is not None)
+            if self.stop_reason is None:
+                log.info(
+                    "received %s: stopping %d worker(s)", signal.Signals(self.signum).name, running
+                )
+            else:
+                log.error("stopping %d worker(s): %s", running, self.stop_reason)
             self.stop_deadline = time.monotonic() + self.stop_timeout_s
         for slot in self.slots:
             process = slot.process
@@ -429,11 +440,12 @@ class Supervisor:
         self._poll_ready(slot)
         self._close_ready(slot)
         slot.process = None
-        from prometheus_client import multiprocess
+        from infercore.metrics import forget_process
 
-        # Live gauges (inflight, queue depth, readiness) of a dead worker no longer count.
+        # Live gauges (inflight, queue depth, readiness, breakers) of a dead worker no longer
+        # count, nor does a per-pid series of it.
         with contextlib.suppress(OSError):
-            multiprocess.mark_process_dead(pid, self.metrics_dir)  # type: ignore[no-untyped-call]
+            forget_process(pid, self.metrics_dir)
         if self.signals:
             if code in (-signal.SIGTERM, -signal.SIGINT):
                 code = 0  # stopped by the forwarded signal before it could handle it
@@ -451,29 +463,49 @@ class Supervisor:
                 "any worker was ready; stopping",
                 file=sys.stderr,
             )
-            self._stop_all(_exit_code(code))
-            return
-        if slot.failures >= MAX_START_FAILURES:
-            print(
-                f"infercore: error: worker {slot.index} failed to start {slot.failures} times in "
-                f"a row (last: {_describe(code)}); stopping",
-                file=sys.stderr,
-            )
-            self._stop_all(EXIT_FAILURE)
+            self._stop_all(_exit_code(code), f"worker {slot.index} failed before any was ready")
             return
         delay = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** max(0, slot.failures - 1))
-        log.warning(
-            "worker %d (pid %d) exited with %s; restarting in %.1fs",
-            slot.index,
-            pid,
-            _describe(code),
-            delay,
-        )
+        if slot.failures >= MAX_START_FAILURES:
+            serving = sum(1 for s in self.slots if s.process is not None and s.ready)
+            if not serving:
+                print(
+                    f"infercore: error: worker {slot.index} failed to start {slot.failures} "
+                    f"times in a row (last: {_describe(code)}) and no worker serves; stopping",
+                    file=sys.stderr,
+                )
+                self._stop_all(
+                    EXIT_FAILURE, f"worker {slot.index} failed to start and no worker serves"
+                )
+                return
+            # The others serve: a dependency that is down (a feature store) must not take
+            # them down too. Keep trying, at the capped backoff, and say so each time.
+            log.error(
+                "worker %d (pid %d) failed to start %d times in a row (last: %s); %d other "
+                "worker(s) serve; restarting in %.1fs",
+                slot.index,
+                pid,
+                slot.failures,
+                _describe(code),
+                serving,
+                delay,
+            )
+        else:
+            log.warning(
+                "worker %d (pid %d) exited with %s; restarting in %.1fs",
+                slot.index,
+                pid,
+                _describe(code),
+                delay,
+            )
         slot.restart_at = time.monotonic() + delay
 
-    def _stop_all(self, code: int) -> None:
+    def _stop_all(self, code: int, reason: str) -> None:
+        """Stop every worker as a SIGTERM would, logging ``reason`` (no signal came)."""
         self.code = code
-        self._on_signal(signal.SIGTERM, None)
+        self.stop_reason = reason
+        self.signals += 1
+        self.signum = signal.SIGTERM
         self._forward_signals()
 
     # -- the loop -------------------------------------------------------------------------

@@ -3,13 +3,16 @@
 Real processes on loopback: requests spread over both workers, ``/metrics`` from whichever
 worker answers adds up every worker's counts, SIGTERM stops everything with exit 0 and removes
 the metrics folder, a worker killed with SIGKILL is replaced while the other keeps answering,
-and a broken model stops start-up with its error line and a non-zero exit.
+a broken model stops start-up with its error line and a non-zero exit, and a SIGTERM while a
+replacement worker still loads leaves no connection accepted and then reset.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -218,3 +221,87 @@ def test_two_workers_on_the_sidecar_unix_socket(launcher: object, tmp_path: Path
     assert len(_workers(server)) == 2
     assert launcher.stop(server) == 0, server.log_text()  # type: ignore[attr-defined]
     assert not sock.exists(), "the socket file outlived the server"
+
+
+# Imported at start-up by every process of the server (PYTHONPATH): a replacement worker (one
+# started while the others serve, its context ending in ":1") loads its models only once the
+# gate file exists, and says when it began, so the test stops the server while it is loading.
+GATED_RESTART = """
+import os
+gate = os.environ.get("INFERCORE_TEST_LOAD_GATE")
+if gate and os.environ.get("INFERCORE_WORKER", "").endswith(":1"):
+    import asyncio, time
+    from pathlib import Path
+    from infercore.runtime import Runtime
+
+    start = Runtime.start
+
+    async def gated_start(self):
+        Path(gate + ".loading").write_text(str(os.getpid()))
+        end = time.monotonic() + 60
+        while not Path(gate).exists() and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+        await start(self)
+
+    Runtime.start = gated_start
+"""
+
+
+def _probe(port: int) -> str:
+    """One new connection and one request: "refused", the status line, or what went wrong."""
+    try:
+        conn = socket.create_connection(("127.0.0.1", port), timeout=2.0)
+    except ConnectionRefusedError:
+        return "refused"
+    with conn:
+        conn.settimeout(3.0)
+        try:
+            conn.sendall(b"GET /v2/health/live HTTP/1.1\r\nhost: test\r\n\r\n")
+            data = conn.recv(65536)
+        except TimeoutError:
+            return "accepted, unanswered"
+        except ConnectionResetError:
+            return "reset"
+    return data.split(b"\r\n", 1)[0].decode() if data else "closed without an answer"
+
+
+def test_sigterm_while_a_replacement_worker_loads_resets_no_connection(
+    launcher: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(GATED_RESTART)
+    gate = tmp_path / "gate"
+    loading = tmp_path / "gate.loading"
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))
+    )
+    monkeypatch.setenv("INFERCORE_TEST_LOAD_GATE", str(gate))
+    server = launcher.start(  # type: ignore[attr-defined]
+        ["+recipe=iris", "server.workers=2", "server.drain_delay_s=0.2"]
+    )
+    try:
+        victim, survivor = _workers(server)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=10)
+        deadline = time.monotonic() + 30
+        while not loading.exists():  # the replacement started and is loading its models
+            assert time.monotonic() < deadline, server.log_text()  # type: ignore[attr-defined]
+            time.sleep(0.05)
+        replacement = int(loading.read_text())
+
+        server.process.send_signal(signal.SIGTERM)  # type: ignore[attr-defined]
+        survivor.wait(timeout=30)  # the serving worker drained and closed its copy of the socket
+        # Nobody serves now, and the replacement is still loading. A new connection is
+        # refused, or answered 503: never accepted into a queue nobody reads, then reset.
+        outcomes = [_probe(server.port) for _ in range(3)]  # type: ignore[attr-defined]
+        assert all(o in ("refused", "HTTP/1.1 503 Service Unavailable") for o in outcomes), outcomes
+    finally:
+        gate.touch()  # the replacement finishes loading
+
+    assert server.process.wait(timeout=30) == 0, server.log_text()  # type: ignore[attr-defined]
+    log = server.log_text()  # type: ignore[attr-defined]
+    # Told to stop while loading, the replacement never reports ready.
+    assert f"(pid {replacement}) ready" not in log, log
+    assert "loaded after the stop signal; not serving" in log, log
+    assert "Traceback" not in log

@@ -6,6 +6,8 @@ pipe, signals) without loading anything, so restart and give-up rules run in a s
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import signal
 import socket
@@ -13,10 +15,12 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from infercore.server import workers
+from infercore.server.shutdown import GracefulShutdown, ShutdownState
 from infercore.server.workers import Supervisor
 
 STAND_IN = r"""
@@ -27,19 +31,27 @@ index, _, ready_fd, _, _, _ = os.environ["INFERCORE_WORKER"].split(":")
 mode, folder = sys.argv[1], Path(sys.argv[2])
 counter = folder / f"starts-{index}"
 starts = int(counter.read_text()) if counter.exists() else 0
-counter.write_text(str(starts + 1))
+(folder / f".starts-{index}").write_text(str(starts + 1))
+(folder / f".starts-{index}").replace(counter)  # never seen half-written
 (folder / f"metrics-dir-{index}").write_text(os.environ["PROMETHEUS_MULTIPROC_DIR"])
 if mode == "broken":
     print("infercore: error: model broken", file=sys.stderr)
     sys.exit(3)
-if mode == "crashloop" and index == "0" and starts > 0:
-    sys.exit(4)  # every restart fails before it is ready
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+crashing = (mode == "crashloop" and index == "0") or mode == "crashloop-all"
+if crashing and starts > 0:
+    time.sleep(0.2)  # a dependency that is down: every restart fails before it is ready
+    sys.exit(4)
+if mode == "gauges":
+    from prometheus_client import Gauge
+    (folder / f"pid-{index}-{starts}").write_text(str(os.getpid()))
+    Gauge("t_per_pid", "default mode: all").set(1)
+    Gauge("t_live", "live", multiprocess_mode="livemax").set(1)
 os.write(int(ready_fd), b"r")
-if mode == "crashloop" and index == "0":
+if crashing:
     time.sleep(0.3)
     os._exit(5)  # dies once, after it was ready
-if mode == "dies-once" and index == "0" and starts == 0:
+if mode in ("dies-once", "gauges") and index == "0" and starts == 0:
     time.sleep(0.3)
     os.kill(os.getpid(), signal.SIGKILL)
 while True:
@@ -87,7 +99,10 @@ def _stop_when(condition: object, timeout_s: float = 20.0) -> threading.Thread:
 
 def _starts(folder: Path, index: int) -> int:
     path = folder / f"starts-{index}"
-    return int(path.read_text()) if path.exists() else 0
+    try:
+        return int(path.read_text())
+    except (OSError, ValueError):  # not there yet, or being rewritten
+        return 0
 
 
 def test_sigterm_stops_every_worker_with_exit_0(tmp_path: Path, listener: socket.socket) -> None:
@@ -116,13 +131,18 @@ def test_workers_get_a_metrics_folder_inside_infercore_metrics_dir(
 
 
 def test_a_worker_that_fails_before_any_was_ready_stops_the_server(
-    tmp_path: Path, listener: socket.socket, capfd: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    listener: socket.socket,
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="infercore.workers")
     sup = _supervisor("broken", tmp_path, listener)
     assert sup.run() == 3  # the worker's own exit code
     err = capfd.readouterr().err
     assert "infercore: error: model broken" in err
     assert "before any worker was ready; stopping" in err
+    assert "received SIGTERM" not in caplog.text
     # No restart of a broken start-up. Which worker fails first is a race: the other one may
     # be stopped before its first line ran.
     assert max(_starts(tmp_path, 0), _starts(tmp_path, 1)) == 1
@@ -135,11 +155,106 @@ def test_a_worker_that_dies_is_restarted(tmp_path: Path, listener: socket.socket
     assert _starts(tmp_path, 0) == 2 and _starts(tmp_path, 1) == 1
 
 
-def test_a_crash_loop_at_start_up_gives_up(
-    tmp_path: Path, listener: socket.socket, capfd: pytest.CaptureFixture[str]
+def test_a_crash_loop_while_another_worker_serves_keeps_retrying(
+    tmp_path: Path,
+    listener: socket.socket,
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    # Worker 0 dies, and its restarts fail (the feature store is down) while worker 1 serves:
+    # worker 1 keeps serving, and worker 0 is retried past MAX_START_FAILURES.
+    caplog.set_level(logging.INFO, logger="infercore.workers")
     sup = _supervisor("crashloop", tmp_path, listener)
+    _stop_when(lambda: _starts(tmp_path, 0) >= 3 + workers.MAX_START_FAILURES)
+    assert sup.run() == 0
+    assert _starts(tmp_path, 0) >= 3 + workers.MAX_START_FAILURES
+    assert _starts(tmp_path, 1) == 1  # never stopped
+    assert "stopping" not in capfd.readouterr().err
+    log = caplog.text
+    assert "worker 0 (pid " in log and "1 other worker(s) serve; restarting in" in log
+    assert f"failed to start {workers.MAX_START_FAILURES} times in a row" in log
+    assert f"failed to start {workers.MAX_START_FAILURES + 1} times in a row" in log
+    assert log.count("received SIGTERM") == 1  # the test's own, at the end
+
+
+def test_a_crash_loop_with_no_worker_serving_gives_up(
+    tmp_path: Path,
+    listener: socket.socket,
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="infercore.workers")
+    sup = _supervisor("crashloop-all", tmp_path, listener)
     assert sup.run() == 1
-    assert _starts(tmp_path, 0) == 1 + workers.MAX_START_FAILURES
+    starts = sorted((_starts(tmp_path, 0), _starts(tmp_path, 1)))
+    # The first to fail MAX_START_FAILURES times in a row stops the server.
+    assert starts[1] == 1 + workers.MAX_START_FAILURES, starts
     err = capfd.readouterr().err
-    assert f"worker 0 failed to start {workers.MAX_START_FAILURES} times in a row" in err
+    assert "times in a row (last: code 4) and no worker serves; stopping" in err
+    assert f"failed to start {workers.MAX_START_FAILURES} times" in err
+    # The log says why the server stops; no signal came.
+    assert "failed to start and no worker serves" in caplog.text
+    assert "received SIGTERM" not in caplog.text
+
+
+def test_a_dead_workers_gauges_are_forgotten(tmp_path: Path, listener: socket.socket) -> None:
+    # A worker killed with SIGKILL leaves its metrics files; the supervisor removes those of
+    # its gauges (live modes, and the per-pid series of the default mode "all").
+    sup = _supervisor("gauges", tmp_path, listener)
+    files: list[str] = []
+
+    def restarted() -> bool:
+        if not (_starts(tmp_path, 0) == 2 and sup.slots[0].ready):
+            return False
+        files.extend(sorted(p.name for p in Path(sup.metrics_dir).iterdir()))
+        return True
+
+    _stop_when(restarted)
+    assert sup.run() == 0
+    dead, *live = (int((tmp_path / f"pid-{i}").read_text()) for i in ("0-0", "0-1", "1-0"))
+    assert not [name for name in files if name.endswith(f"_{dead}.db")], files
+    for pid in live:
+        assert {f"gauge_all_{pid}.db", f"gauge_livemax_{pid}.db"} <= set(files), files
+
+
+def test_a_held_listener_answers_its_queue_503_and_closes_at_the_signal() -> None:
+    # A replacement worker still loading holds its copy of the shared socket without accepting
+    # (GracefulShutdown.hold). At SIGTERM it closes that copy at once, and the connections
+    # already queued on it get 503 shutting_down instead of a reset when the socket closes.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+    post = b"POST /v2/models/m/infer HTTP/1.1\r\nhost: t\r\ncontent-length: 2\r\n\r\n{}"
+    get = b"GET /v2/health/live HTTP/1.1\r\nhost: t\r\n\r\n"
+    clients = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in (post, get)]
+    for client, request in zip(clients, (post, get), strict=True):
+        client.sendall(request)
+
+    def read(client: socket.socket) -> bytes:
+        data = b""
+        with client:
+            while chunk := client.recv(65536):  # until the server closes (a reset raises)
+                data += chunk
+        return data
+
+    async def main() -> list[bytes]:
+        shutdown = GracefulShutdown(
+            SimpleNamespace(should_exit=False), ShutdownState(), drain_delay_s=5.0
+        )
+        shutdown.is_ready = lambda: False  # still loading: no drain delay
+        shutdown.hold([listener])
+        shutdown.on_signal(signal.SIGTERM)
+        assert listener.fileno() == -1  # closed in the signal's callback
+        assert shutdown.release() == []  # nothing left to serve
+        answers = await asyncio.gather(*(asyncio.to_thread(read, c) for c in clients))
+        await asyncio.wait_for(shutdown.answered(), 5)
+        return answers
+
+    answers = asyncio.run(asyncio.wait_for(main(), 20))
+    for answer in answers:
+        assert answer.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), answer
+        assert b"connection: close" in answer and answer.endswith(b'"shutting_down"}')
+    with pytest.raises(ConnectionRefusedError):  # the last copy is closed: new connects refused
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()

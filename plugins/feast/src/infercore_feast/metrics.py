@@ -98,6 +98,9 @@ class FeatureMetrics:
             "1 while the feature store circuit breaker is open or half-open, else 0.",
             ("model",),
             registry=r,
+            # Several workers: 1 while any live worker's breaker is open, one series per
+            # model (the default, "all", keeps a series per pid, a dead worker's too).
+            multiprocess_mode="livemax",
         )
 
 
