@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+from pathlib import Path
+
 import pytest
 from hypothesis import HealthCheck, settings
 
@@ -22,3 +26,20 @@ settings.register_profile(
 @pytest.fixture
 def fake_config():
     return fake_model_config
+
+
+def _make_unwritable(path: Path) -> None:
+    """Make the file at ``path`` unwritable: read-only, or (as root, who writes anyway) a
+    folder in its place."""
+    path.write_text("")
+    os.chmod(path, 0o400)
+    if os.access(path, os.W_OK):
+        os.chmod(path, 0o600)
+        path.unlink()
+        path.mkdir()
+
+
+@pytest.fixture
+def make_unwritable() -> Callable[[Path], None]:
+    """``make_unwritable(path)``: a file no write can reach (an audit log that fails, say)."""
+    return _make_unwritable

@@ -537,7 +537,9 @@ def test_approvals_made_stale_by_a_move_rollback_or_unload_are_superseded(tmp_pa
     assert all(len(ids) == 1 for ids in superseded.values())
 
 
-def test_every_change_is_refused_when_the_audit_log_cannot_be_written(tmp_path: Path) -> None:
+def test_every_change_is_refused_when_the_audit_log_cannot_be_written(
+    tmp_path: Path, make_unwritable: Callable[[Path], None]
+) -> None:
     audit = tmp_path / "audit.jsonl"
     rt = runtime_from_dict(rollout_config(audit, approvals=["primary"]))
 
@@ -549,13 +551,7 @@ def test_every_change_is_refused_when_the_audit_log_cannot_be_written(tmp_path: 
         r = await a.post("/admin/models/m/versions/2/promote", json={"to": "primary", "by": "ann"})
         approval = r.json()["approval"]["id"]
         await a.post("/v2/repository/models/m/unload", json={"parameters": {"version": "3"}})
-        # The file becomes unwritable (read-only; as root, who writes anyway, a folder).
-        audit.write_text("")
-        os.chmod(audit, 0o400)
-        if os.access(audit, os.W_OK):
-            os.chmod(audit, 0o600)
-            audit.unlink()
-            audit.mkdir()
+        make_unwritable(audit)
 
         async def state() -> Any:
             return (await a.get("/admin/models/m")).json(), (await a.get("/admin/audit")).json()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -110,16 +111,6 @@ def test_a_decision_that_cannot_be_recorded_is_not_made(tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
-def break_audit(audit: Path) -> None:
-    """Make ``audit`` unwritable: read-only, or (as root, who writes anyway) a folder."""
-    audit.write_text("")
-    os.chmod(audit, 0o400)
-    if os.access(audit, os.W_OK):
-        os.chmod(audit, 0o600)
-        audit.unlink()
-        audit.mkdir()
-
-
 def snapshot(rt: Any) -> Any:
     served = rt.models["m"]
     return (
@@ -130,7 +121,9 @@ def snapshot(rt: Any) -> Any:
     )
 
 
-def test_loads_and_unloads_that_cannot_be_recorded_are_not_made(tmp_path: Path) -> None:
+def test_loads_and_unloads_that_cannot_be_recorded_are_not_made(
+    tmp_path: Path, make_unwritable: Callable[[Path], None]
+) -> None:
     audit = tmp_path / "audit.jsonl"
     rt = runtime([], audit)
 
@@ -140,7 +133,7 @@ def test_loads_and_unloads_that_cannot_be_recorded_are_not_made(tmp_path: Path) 
             lc = rt.lifecycle
             await lc.load("m", "2", by="ann")  # recorded: the file works
             await lc.promote("m", "2", "canary", weight=10, by="ann")  # something to roll back
-            break_audit(audit)
+            make_unwritable(audit)
             before = snapshot(rt)
             for call in (
                 lambda: lc.load("m", "2", by="ann"),
@@ -158,11 +151,11 @@ def test_loads_and_unloads_that_cannot_be_recorded_are_not_made(tmp_path: Path) 
 
 
 def test_a_record_of_a_decision_already_made_is_kept_when_the_file_fails(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, make_unwritable: Callable[[Path], None]
 ) -> None:
     path = tmp_path / "audit.jsonl"
     log = AuditLog(path)
-    break_audit(path)
+    make_unwritable(path)
     with pytest.raises(OSError):
         log.append({"event": "promoted"})
     assert log.recent() == []
