@@ -152,6 +152,30 @@ def _known_hydra_error(exc: Exception, text: str, overrides: list[str]) -> Confi
     return None
 
 
+_ENV_REF = re.compile(r"oc\.env:\s*([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def _interpolation_error(cfg: Any, exc: Exception) -> ConfigError:
+    """A value that did not resolve; an ``${oc.env:VAR}`` set but empty is named (an empty
+    variable is not unset: the default does not apply, and the empty text fails to decode)."""
+    from omegaconf import OmegaConf
+
+    key = str(getattr(exc, "full_key", "") or "")
+    raw: Any = OmegaConf.to_container(cfg, resolve=False)
+    for part in key.split(".") if key else []:
+        raw = raw.get(part) if isinstance(raw, dict) else None
+    for var in _ENV_REF.findall(raw) if isinstance(raw, str) else []:
+        if os.environ.get(var) == "":
+            return ConfigError(
+                f"{key}: the environment variable {var} is set but empty",
+                hint=f"give {var} a value, or unset it to use the default",
+            )
+    return ConfigError(
+        f"{key or '<config>'}: {str(exc).splitlines()[0]}",
+        hint="an ${oc.env:VAR} needs the variable set, or a default: ${oc.env:VAR,default}",
+    )
+
+
 def _hydra_error(exc: Exception, overrides: list[str]) -> ConfigError:
     text = str(exc).strip()
     known = _known_hydra_error(exc, text, overrides)
@@ -169,11 +193,19 @@ def _hydra_error(exc: Exception, overrides: list[str]) -> ConfigError:
         if missing != name:
             shown = f" (override {name}={value})" if value is not None else f" (override {name})"
         keys = _keys_here(exc, missing)
+        add = f"+{name}={value if value is not None else 'VALUE'}"
+        if missing.rpartition(".")[2] in keys:
+            # A valid key the recipe leaves unset (models.iris.primary): Hydra overrides only
+            # what is set; it is added with `+`.
+            return ConfigError(
+                f"{missing}: a valid key the composed config does not set, so there is "
+                f"nothing to override{shown}",
+                hint=f"add it: {add}",
+            )
         choices = f"; keys here: {', '.join(keys)}" if keys else ""
         return ConfigError(
             f"{missing}: no such key in the composed config{shown}{choices}",
-            hint=f"check its spelling; to add a key the config does not set yet use "
-            f"+{name}={value if value is not None else 'VALUE'}",
+            hint=f"check its spelling; to add a key the config does not set yet use {add}",
         )
     nf = _HYDRA_NOT_FOUND.search(text)
     if nf:
@@ -277,11 +309,7 @@ def compose(
                     cfg.pop("hydra")
                     data = OmegaConf.to_container(cfg, resolve=True)
                 except OmegaConfBaseException as exc:
-                    raise ConfigError(
-                        f"{getattr(exc, 'full_key', '') or '<config>'}: {str(exc).splitlines()[0]}",
-                        hint="an ${oc.env:VAR} needs the variable set, or a default: "
-                        "${oc.env:VAR,default}",
-                    ) from None
+                    raise _interpolation_error(cfg, exc) from None
         except ConfigError:
             raise
         except Exception as exc:
