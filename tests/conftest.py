@@ -1,7 +1,8 @@
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,20 @@ def _make_unwritable(path: Path) -> None:
 def make_unwritable() -> Callable[[Path], None]:
     """``make_unwritable(path)``: a file no write can reach (an audit log that fails, say)."""
     return _make_unwritable
+
+
+@pytest.fixture(autouse=True)
+def _restore_log_config() -> Iterator[None]:
+    """Undo what a test's in-process ``infercore serve`` (``logs.configure``) did to the
+    infercore and uvicorn loggers: its handler writes to that test's captured stderr, closed
+    once the test ends, and every later log line would then print a "Logging error"."""
+    names = ("infercore", "uvicorn", "uvicorn.error")
+    saved = [
+        (lg, list(lg.handlers), lg.level, lg.propagate)
+        for lg in (logging.getLogger(n) for n in names)
+    ]
+    yield
+    for lg, handlers, level, propagate in saved:
+        lg.handlers[:] = handlers
+        lg.setLevel(level)
+        lg.propagate = propagate
