@@ -14,8 +14,10 @@
    process, on CPU 1; Poisson arrivals, a different seed each window, 64 keep-alive
    connections opened at the start of each window and closed at its end, more when all are
    busy). Requests are ``bench.py``'s for the recipe. After each window it records the
-   server's RSS (its processes together), its CPU per request, and the window's statuses,
-   throughput and latency percentiles (from each request's scheduled send time).
+   server's RSS (its processes together), its CPU per request, the window's statuses,
+   throughput and latency percentiles (from each request's scheduled send time), and what the
+   machine did: the longest pause and the steal time a pause meter on the server's CPU saw
+   (:mod:`pauses`), so that a window's errors can be matched with a stop of the machine.
 4. The control: this machine's speed moves by 2x within minutes, so a server that got slower
    over the run cannot be told from a machine that did by the run alone. A fresh server of
    the same recipe starts beside the soaked one (warmed up as it was) and the two take
@@ -34,7 +36,8 @@
    median window p99 of the run's first and last thirds, and whether the generator kept its
    schedule (send lag p99 under 50 ms in every window).
 
-Writes ``soak.json``, ``soak.md`` and ``soak.png`` (RSS, p50 and p99 against time) to
+Writes ``soak.json``, ``soak.md``, ``soak.png`` (RSS, p50 and p99 against time) and
+``pauses.jsonl`` (the meter's lines) to
 ``benchmarks/results/soak-RECIPE-<stamp>/``. Long runs are opt-in: nothing in CI runs this
 script (``tests/unit/test_bench_tools.py`` checks its checks).
 """
@@ -56,6 +59,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench
 import openloop
+import pauses
 
 #: The last window's RSS may exceed the warm-up's highest by this share, plus ``RSS_SLACK_MB``.
 RSS_GROWTH = 0.05
@@ -158,7 +162,8 @@ def soak_checks(
         Check(
             "every request answered 200",
             set(statuses) == {"200"} and answered == scheduled,
-            f"{answered:,} of {scheduled:,} answered; statuses {statuses}",
+            f"{answered:,} of {scheduled:,} answered; statuses {statuses}"
+            + "".join(f"; {failing_window(w)}" for w in windows if set(w["status"]) != {"200"}),
         ),
         Check(
             "the server counted every request",
@@ -221,16 +226,39 @@ def soak_checks(
     return found
 
 
+def failing_window(w: dict[str, Any]) -> str:
+    """A window with answers other than 200, and what the machine did meanwhile."""
+    bad = {s: n for s, n in w["status"].items() if s != "200"}
+    said = f"window ending at {w['t_s']:.0f} s: {bad}"
+    if "pause_max_ms" in w:
+        said += (
+            f" (the machine paused up to {w['pause_max_ms']:.0f} ms, {w['pauses']} pauses over "
+            f"{pauses.OVER_MS:g} ms, steal {w['steal_ms']:.0f} ms)"
+        )
+    return said
+
+
 def window(
-    server: bench.Server, reqs: list[bytes], rate: float, seconds: float, seed: int, t0: float
+    server: bench.Server,
+    reqs: list[bytes],
+    rate: float,
+    seconds: float,
+    seed: int,
+    t0: float,
+    meter: pauses.PauseMeter | None = None,
 ) -> dict[str, Any]:
-    """One open-loop window against ``server``: its figures, RSS and CPU per request after."""
+    """One open-loop window against ``server``: its figures, RSS and CPU per request after,
+    and with a ``meter`` the machine's pauses during it."""
     cpu0 = server.cpu_s()
+    start = time.perf_counter()
     run = bench._asyncio_run(
         openloop.run("127.0.0.1", server.port, reqs, rate, seconds, timeout=10.0, seed=seed)
     )
     cpu1 = server.cpu_s()
     r: dict[str, Any] = run.summary()
+    machine = {}
+    if meter is not None:
+        machine = meter.window(start, time.perf_counter()).__dict__
     return {
         "t_s": time.perf_counter() - t0,
         "scheduled": r["scheduled"],
@@ -243,6 +271,7 @@ def window(
         "send_lag_p99_ms": r["send_lag_p99_ms"],
         "rss_mb": rss_mb(server),
         "cpu_us_per_request": 1e6 * (cpu1 - cpu0) / max(1, r["completed"]),
+        **machine,
     }
 
 
@@ -313,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     windows: list[dict[str, Any]] = []
     control: list[dict[str, Any]] = []
     fresh: bench.Server | None = None
+    # On the server's CPU: what stopped the machine, window by window (pauses.py).
+    meter = pauses.PauseMeter(out / "pauses.jsonl", 0)
     server.start()
     try:
         print(f"server ready in {server.startup_s:.1f} s", flush=True)
@@ -348,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         counted0 = requests_counted(port)
         t0 = time.perf_counter()
         for i in range(max(3, round(args.duration / args.window))):
-            windows.append(window(server, reqs, rate, args.window, 1000 + i, t0))
+            windows.append(window(server, reqs, rate, args.window, 1000 + i, t0, meter))
             show(windows[-1])
         time.sleep(0.5)
         counted = requests_counted(port) - counted0
@@ -378,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         window(fresh, fresh_reqs, rate, args.window, 1, t0)  # its drift windows, caches
         for i in range(args.control_rounds):
             for who, srv, rq in (("soaked", server, reqs), ("fresh", fresh, fresh_reqs)):
-                w = window(srv, rq, rate, args.window, 2000 + i, t0)
+                w = window(srv, rq, rate, args.window, 2000 + i, t0, meter)
                 w["server"] = who
                 control.append(w)
                 show(w, f"{who:>6} ")
@@ -389,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         peak = server.peak_rss_mb()
     finally:
         os.sched_setaffinity(0, affinity)
+        meter.stop()
         server.stop()
         if fresh is not None:
             fresh.stop()
@@ -430,11 +462,14 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|",
         *(f"| {c.name} | {'pass' if c.ok else 'FAIL'} | {c.detail} |" for c in found),
         "",
-        "| window end | req/s | p50 ms | p99 ms | max ms | RSS MiB | server CPU µs/request |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| window end | req/s | p50 ms | p99 ms | max ms | RSS MiB | server CPU µs/request "
+        "| machine paused, longest ms | steal ms | errors |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         *(
             f"| {w['t_s']:.0f} s | {w['rps']:,.0f} | {w['p50_ms']:.2f} | {w['p99_ms']:.1f} | "
-            f"{w['max_ms']:.1f} | {w['rss_mb']:.1f} | {w['cpu_us_per_request']:.0f} |"
+            f"{w['max_ms']:.1f} | {w['rss_mb']:.1f} | {w['cpu_us_per_request']:.0f} | "
+            f"{w.get('pause_max_ms', math.nan):.0f} | {w.get('steal_ms', math.nan):.0f} | "
+            f"{sum(n for s, n in w['status'].items() if s != '200')} |"
             for w in windows
         ),
     ]
@@ -443,11 +478,13 @@ def main(argv: list[str] | None = None) -> int:
             "",
             "Control, in turns: the soaked server and a fresh one at the same rate.",
             "",
-            "| server | req/s | p50 ms | p99 ms | max ms | server CPU µs/request |",
-            "|---|---:|---:|---:|---:|---:|",
+            "| server | req/s | p50 ms | p99 ms | max ms | server CPU µs/request "
+            "| machine paused, longest ms | steal ms |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
             *(
                 f"| {w['server']} | {w['rps']:,.0f} | {w['p50_ms']:.2f} | {w['p99_ms']:.1f} | "
-                f"{w['max_ms']:.1f} | {w['cpu_us_per_request']:.0f} |"
+                f"{w['max_ms']:.1f} | {w['cpu_us_per_request']:.0f} | "
+                f"{w.get('pause_max_ms', math.nan):.0f} | {w.get('steal_ms', math.nan):.0f} |"
                 for w in control
             ),
         ]

@@ -22,6 +22,7 @@ import adaptive_ab
 import bench
 import cold_start
 import openloop
+import pauses
 import soak
 import store_stall
 
@@ -467,6 +468,66 @@ def test_soak_fails_errors_unanswered_requests_and_miscounts() -> None:
     assert _failed(soak.soak_checks(_windows(), 9000, (503, 200), control)) == {
         "ready and answering afterwards"
     }
+
+
+def test_soak_names_the_failing_windows_and_the_machine_s_pauses_in_them() -> None:
+    windows = _windows()
+    windows[3]["status"] = {"200": 997, "503": 3}
+    windows[3].update(pause_max_ms=65.2, pauses=2, steal_ms=340.0)
+    windows[5]["status"] = {"200": 999, "timeout": 1}  # no meter in this one
+    detail = next(
+        c.detail
+        for c in soak.soak_checks(windows, 9000, (200, 200), _control())
+        if c.name == "every request answered 200"
+    )
+    assert "window ending at 40 s: {'503': 3} (the machine paused up to 65 ms, 2 pauses" in detail
+    assert "steal 340 ms" in detail
+    assert detail.endswith("window ending at 60 s: {'timeout': 1}")
+    assert "10 s" not in detail  # windows that answered 200 only are not listed
+
+
+# ------------------------------------------------------------ pauses.py
+
+
+def test_pause_windows_count_what_ended_inside_them() -> None:
+    lines = [
+        {"t": 10.0, "pause_ms": 12.0},
+        {"t": 10.5, "steal_ms": 20.0},
+        {"t": 11.2, "pause_ms": 65.0},
+        {"t": 11.5, "steal_ms": 300.0},
+        {"t": 13.0, "pause_ms": 40.0},
+    ]
+    assert pauses.summarize(lines, 10.6, 12.0) == pauses.Window(65.0, 1, 300.0)
+    assert pauses.summarize(lines, 9.0, 14.0) == pauses.Window(65.0, 3, 320.0)
+    assert pauses.summarize(lines, 14.0, 15.0) == pauses.Window(0.0, 0, 0.0)
+
+
+def test_pause_meter_sees_its_process_stopped(tmp_path: Path) -> None:
+    """A real meter process, stopped with SIGSTOP for 150 ms: it reports a pause that long at
+    least (a lower bound the stop forces, not a timing goal)."""
+    import os
+    import signal
+    import time
+
+    meter = pauses.PauseMeter(tmp_path / "p.jsonl", None)
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "p.jsonl").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # the interpreter is up and sleeping in its loop
+        start = time.monotonic()
+        os.kill(meter.proc.pid, signal.SIGSTOP)
+        time.sleep(0.15)
+        os.kill(meter.proc.pid, signal.SIGCONT)
+        seen = pauses.Window(0.0, 0, 0.0)
+        while seen.pause_max_ms == 0.0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+            seen = meter.window(start, time.monotonic())
+        assert seen.pause_max_ms >= 150.0
+        assert seen.pauses >= 1
+    finally:
+        meter.stop()
+    assert meter.proc.returncode is not None
 
 
 def test_soak_last_high_tells_a_step_from_growth() -> None:
