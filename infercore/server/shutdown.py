@@ -23,7 +23,10 @@ The sequence, the same in every deploy shape::
   ``server.workers`` that listens only once its models are ready) is closed at the signal, in
   the same callback that answers what is queued on it ``503 shutting_down``: a copy of the shared
   socket left open by a process that never accepts would let connections queue after the
-  serving workers closed theirs, to be reset when it finally closes.
+  serving workers closed theirs, to be reset when it finally closes. Once released to uvicorn
+  (:meth:`GracefulShutdown.release`), a signal that comes before uvicorn has its listeners up
+  (its lifespan's start-up: milliseconds) closes them as soon as they are: closed earlier,
+  uvicorn would still open them, and return without ever serving or closing them.
 
 The HTTP server finishes first; the caller stops the runtime's components after it.
 """
@@ -46,6 +49,12 @@ SERVING, DRAINING, CLOSING, FORCED = "serving", "draining", "closing", "forced"
 #: How long an idle keep-alive connection stays open once the listener has closed. A request
 #: that arrives on it meanwhile is answered 503 shutting_down with Connection: close.
 IDLE_LINGER_S = 1.0
+
+#: How long the close waits for uvicorn to open the listeners it was just handed (its start-up
+#: is the app's lifespan, milliseconds once the models are loaded); after that it closes anyway.
+START_WAIT_S = 5.0
+#: How often it looks meanwhile.
+START_POLL_S = 0.005
 
 #: How long a connection answered before its body (``Expect: 100-continue``) stays half-open,
 #: dropping what the client still sends, before it is closed (sooner when the client closes).
@@ -408,6 +417,8 @@ class GracefulShutdown:
         self._timer: asyncio.TimerHandle | None = None
         self._adopting: set[asyncio.Task[None]] = set()
         self._held: list[socket.socket] = []
+        #: When sockets were released to uvicorn and it has not said it started yet (loop time).
+        self._released_at: float | None = None
         self.linger_s = IDLE_LINGER_S
 
     def hold(self, sockets: list[socket.socket]) -> None:
@@ -425,8 +436,14 @@ class GracefulShutdown:
             await asyncio.wait(set(self._adopting))
 
     def release(self) -> list[socket.socket]:
-        """The held sockets, to be served now (none once the stop signal closed them)."""
+        """The held sockets, to be served now (none once the stop signal closed them).
+
+        Until uvicorn has started on them, a stop signal's close waits for it (bounded by
+        :data:`START_WAIT_S`) rather than closing listeners that do not exist yet.
+        """
         held, self._held = self._held, []
+        if held:
+            self._released_at = asyncio.get_running_loop().time()
         return held
 
     def install(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -478,6 +495,15 @@ class GracefulShutdown:
         self._timer = None
         if self.state.phase in (CLOSING, FORCED):
             return
+        if self._released_at is not None:
+            loop = asyncio.get_running_loop()
+            if getattr(self.server, "started", True):
+                self._released_at = None
+            elif loop.time() - self._released_at < START_WAIT_S:
+                # uvicorn is opening its listeners on the released sockets: close them once
+                # they are open, so that what queued on them is answered, not left behind.
+                self._timer = loop.call_later(START_POLL_S, self.close)
+                return
         self.state.phase = CLOSING
         self.closing_at = asyncio.get_running_loop().time()
         # Stop accepting now rather than at uvicorn's next tick (up to 0.1 s later): every

@@ -16,11 +16,12 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
 from infercore.server import workers
-from infercore.server.shutdown import GracefulShutdown, ShutdownState
+from infercore.server.shutdown import GracefulShutdown, ShutdownState, http_protocol
 from infercore.server.workers import Supervisor
 
 STAND_IN = r"""
@@ -258,4 +259,57 @@ def test_a_held_listener_answers_its_queue_503_and_closes_at_the_signal() -> Non
         assert answer.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), answer
         assert b"connection: close" in answer and answer.endswith(b'"shutting_down"}')
     with pytest.raises(ConnectionRefusedError):  # the last copy is closed: new connects refused
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+def test_a_signal_while_uvicorn_takes_the_released_listener_closes_it_once_open() -> None:
+    # The listener was held while the models loaded, then released to uvicorn; the signal
+    # comes before uvicorn has opened its listeners on it (its start-up, milliseconds). Closed
+    # at once, there was nothing to close: uvicorn then opened them and returned without
+    # serving or closing them, so the socket kept accepting for a process about to exit.
+    import contextlib
+
+    import uvicorn
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+    queued = socket.create_connection(("127.0.0.1", port), timeout=5)
+    queued.sendall(b"GET / HTTP/1.1\r\nhost: t\r\n\r\n")
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":  # as infercore's app: uvicorn's start-up awaits it
+            while (await receive())["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    def read(client: socket.socket) -> bytes:
+        data = b""
+        with client:
+            while chunk := client.recv(65536):
+                data += chunk
+        return data
+
+    async def main() -> bytes:
+        config = uvicorn.Config(app, lifespan="on", log_level="warning", http=http_protocol())
+        server = uvicorn.Server(config)
+        server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
+        shutdown = GracefulShutdown(server, ShutdownState(), drain_delay_s=0.0)
+        shutdown.hold([listener])
+        sockets = shutdown.release()
+        serving = asyncio.create_task(server.serve(sockets=sockets))
+        shutdown.on_signal(signal.SIGTERM)  # before uvicorn ran at all
+        answer = await asyncio.to_thread(read, queued)
+        await asyncio.wait_for(serving, 10)
+        await asyncio.wait_for(shutdown.answered(), 10)
+        return answer
+
+    answer = asyncio.run(asyncio.wait_for(main(), 20))
+    assert answer.startswith(b"HTTP/1.1 "), answer  # answered, not dropped
+    with pytest.raises(ConnectionRefusedError):  # and the listener closed for good
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
