@@ -130,6 +130,21 @@ class DeadlineExceeded(InfercoreError):
     reason = "deadline_exceeded"
 
 
+class RequestTimeout(InfercoreError):
+    """The request's body did not arrive within its deadline (the client's fault: a 4xx).
+
+    The connection closes after the answer: what is still to come of the body cannot be told
+    from the next request.
+    """
+
+    status_code = 408
+    reason = "request_timeout"
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return {"Connection": "close"}
+
+
 class BackendError(InfercoreError):
     """The model raised or returned something malformed. The message is logged, not sent."""
 

@@ -141,6 +141,7 @@ def _describe(arr: Array) -> str:
 
 _Number = int | float
 _EXPECTED: dict[Any, str] = {_Number: "numbers", bool: "true/false", str: "strings"}
+_KIND: dict[Any, str] = {_Number: "a number", bool: "a boolean", str: "a string"}
 _GOT = re.compile(r"got `([^`]+)` - at `\$([^`]*)`")
 
 
@@ -228,6 +229,14 @@ def json_array(what: str, data: list[Any], datatype: str | None = None) -> Array
     except msgspec.ValidationError as exc:
         found = _GOT.search(str(exc))
         detail = f"{found.group(1)} at data{found.group(2)}" if found else str(exc)
+        if datatype is None:
+            # No datatype to hold the values to (V1): the first value set the kind, so the
+            # client mixed kinds; which one it meant is not known.
+            raise InvalidInput(
+                f"{what}: values of one kind expected; the first is {_KIND[leaf]}, then "
+                f"{detail}",
+                hint="send all numbers, all booleans or all strings",
+            ) from None
         raise InvalidInput(f"{what}: expected {_EXPECTED[leaf]}, got {detail}") from None
     except ValueError:
         raise InvalidInput(f"{what}: data is ragged (nested lists of different lengths)") from None

@@ -61,6 +61,9 @@ class DecodedV2:
     #: Requested output names (``None``: all), each with whether it goes back as binary.
     outputs: dict[str, bool] | None
     binary_default: bool
+    #: The client's ``parameters.timeout`` (Triton's schedule-policy extension), in seconds;
+    #: ``None`` when it sent none (or 0, which Triton reads as "no timeout").
+    timeout_s: float | None = None
 
 
 def _validation_message(exc: msgspec.ValidationError) -> str:
@@ -103,7 +106,12 @@ def decode(body: bytes, header_length: int | None, *, max_elements: int) -> Deco
         InvalidInput: Anything malformed, naming the input.
     """
     if header_length is not None:
-        if header_length < 0 or header_length > len(body):
+        if header_length < 0:
+            raise InvalidInput(
+                f"Inference-Header-Content-Length is negative ({header_length})",
+                hint="it must be the byte length of the JSON header that starts the body",
+            )
+        if header_length > len(body):
             raise InvalidInput(
                 "Inference-Header-Content-Length is larger than the body",
                 hint="it must be the byte length of the JSON header that starts the body",
@@ -145,7 +153,12 @@ def decode(body: bytes, header_length: int | None, *, max_elements: int) -> Deco
         count = check_shape(name, shape, max_elements=max_elements)
         size = None if params is None else params.get("binary_data_size")
         if size is not None:
-            if type(size) is not int or size < 0 or offset + size > len(blob):
+            if type(size) is not int or size < 0:
+                raise InvalidInput(
+                    f"input {name!r}: binary_data_size must be a byte count (an integer, 0 "
+                    f"or more), got {size!r:.40}"
+                )
+            if offset + size > len(blob):
                 raise InvalidInput(f"input {name!r}: binary_data_size runs past the body")
             arr = from_binary(name, blob[offset : offset + size], shape, datatype, count)
             offset += size
@@ -157,15 +170,32 @@ def decode(body: bytes, header_length: int | None, *, max_elements: int) -> Deco
         datatypes[name] = datatype
     if offset != len(blob):
         raise InvalidInput("binary data left over after the last input's binary_data_size")
-    params = req.parameters or {}
-    binary_default = _flag(params, "binary_data_output", False, "parameters")
+    params = req.parameters
+    binary_default = False
+    timeout_s = None
+    if params:
+        binary_default = _flag(params, "binary_data_output", False, "parameters")
+        timeout = params.get("timeout")
+        if timeout is not None:
+            timeout_s = _timeout(timeout)
     outputs: dict[str, bool] | None = None
     if req.outputs:
         outputs = {}
         for out in req.outputs:
             where = f"output {out.name!r}: parameters"
             outputs[out.name] = _flag(out.parameters or {}, "binary_data", binary_default, where)
-    return DecodedV2(req.id, tensors, datatypes, outputs, binary_default)
+    return DecodedV2(req.id, tensors, datatypes, outputs, binary_default, timeout_s)
+
+
+def _timeout(value: Any) -> float | None:
+    """``parameters.timeout``: microseconds, as Triton's schedule-policy extension (and
+    tritonclient's ``timeout=``) send it; 0 is no timeout of the client's own."""
+    if type(value) is not int or value < 0:
+        raise InvalidInput(
+            f"parameters.timeout: expected microseconds (an integer, 0 or more), got {value!r:.40}",
+            hint="send the request's timeout in microseconds, as Triton's clients do",
+        )
+    return value / 1e6 if value else None
 
 
 def _flag(params: dict[str, Any], key: str, default: bool, where: str) -> bool:

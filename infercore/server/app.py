@@ -14,6 +14,7 @@ import zlib
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
+from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -34,6 +35,7 @@ from infercore.errors import (
     InvalidInput,
     PluginError,
     QueueFull,
+    RequestTimeout,
     ShuttingDown,
     UnsupportedMediaType,
 )
@@ -52,6 +54,7 @@ from infercore.server.openapi import (
     V1StatusOperation,
     V2InferOperation,
 )
+from infercore.server.shutdown import CLIENT_GONE, REQUEST_TASK
 
 if TYPE_CHECKING:
     from infercore.config.schema import ServerConfig
@@ -191,13 +194,14 @@ class _Deadlines:
     watched in arrival order and their deadlines are a fixed time after arrival, so the
     deadlines come in order: a queue in deadline order and one timer, set for the earliest
     live deadline, serve them all. A request whose deadline comes before the last one queued
-    (it waited for its body), or that runs on another event loop while this one's requests
-    are live, gets a timer of its own. Semantics are ``asyncio.Timeout``'s: the task is
-    cancelled at the deadline, and :meth:`release` says whether that cancellation is the one
-    the request ended with (no other cancellation came meanwhile).
+    or the one the timer is set for (its own, shorter timeout), or that runs on another event
+    loop while this one's requests are live, gets a timer of its own. Semantics are
+    ``asyncio.Timeout``'s: the task is cancelled at the deadline, and :meth:`release` says
+    whether that cancellation is the one the request ended with (no other cancellation came
+    meanwhile).
     """
 
-    __slots__ = ("_epoch", "_live", "_loop", "_queue", "_timer")
+    __slots__ = ("_armed", "_epoch", "_live", "_loop", "_queue", "_timer")
 
     def __init__(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -205,6 +209,7 @@ class _Deadlines:
         self._queue: deque[_Watch] = deque()
         self._live = 0  # queued watches not yet released
         self._timer: asyncio.TimerHandle | None = None
+        self._armed = 0.0  # the deadline the timer is set for
 
     def watch(self, loop: asyncio.AbstractEventLoop, deadline: float) -> _Watch:
         """Cancel the current task at ``deadline`` (``loop.time()``), unless released first."""
@@ -223,13 +228,18 @@ class _Deadlines:
             self._epoch += 1
             queue.clear()
             self._timer = None
-        elif queue and deadline < queue[-1].deadline:
+        elif (queue and deadline < queue[-1].deadline) or (
+            self._timer is not None and deadline < self._armed
+        ):
+            # Earlier than one already watched (a request's own, shorter timeout; the timer
+            # may still be set for a released one's): a timer of its own.
             w.timer = loop.call_at(deadline, w.expire)
             return w
         queue.append(w)
         self._live += 1
         if self._timer is None:
             self._timer = loop.call_at(deadline, self._fire, loop, self._epoch, deadline)
+            self._armed = deadline
         return w
 
     def release(self, w: _Watch) -> bool:
@@ -267,6 +277,7 @@ class _Deadlines:
                 # was set for is due, as asyncio's own timeout would have it.
                 if w.deadline > armed:
                     self._timer = loop.call_at(w.deadline, self._fire, loop, epoch, w.deadline)
+                    self._armed = w.deadline
                     return
                 self._live -= 1
                 w.expire()
@@ -377,6 +388,28 @@ _RID_PREFIX = os.urandom(8).hex()
 _rid_counter = itertools.count()
 
 
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.0f}"
+
+
+def _client_timeout(headers: Mapping[str, str]) -> float | None:
+    """``X-Infercore-Timeout-Ms``: the client's own deadline, in seconds (``None``: none)."""
+    raw = headers.get("x-infercore-timeout-ms")
+    if raw is None:
+        return None
+    try:
+        ms = float(raw)
+    except ValueError:
+        ms = -1.0
+    if not 0 < ms < 1e9:  # NaN and inf fail too
+        raise InvalidInput(
+            f"X-Infercore-Timeout-Ms: expected milliseconds over 0, got {raw[:40]!r}",
+            hint="the request's own timeout; it may shorten server.request_timeout_ms, "
+            "never extend it",
+        )
+    return ms / 1000
+
+
 def _header_length(headers: Mapping[str, str]) -> int | None:
     raw = headers.get("inference-header-content-length")
     if raw is None:
@@ -423,6 +456,19 @@ def create_app(
             counters = unrouted[key] = metrics.responses(model, version)
         return counters
 
+    def counters_for(
+        model_name: str, version: str | None, vm: VersionMetrics | None
+    ) -> ResponseCounters:
+        """Where a failure is counted: its version's, else by the names the URL gave."""
+        if vm is not None:
+            return vm
+        # Label values come from the config, never from the URL: unknown names would
+        # otherwise add a series each (unbounded label cardinality).
+        served = runtime.models.get(model_name)
+        if served is None:
+            return failure_metrics("", "")
+        return failure_metrics(model_name, version if version in served.versions else "")
+
     def served_or_404(name: str) -> ServedModel:
         return runtime.model(name)
 
@@ -444,16 +490,7 @@ def create_app(
         rid: str,
         vm: VersionMetrics | None,
     ) -> None:
-        counters: ResponseCounters | None = vm
-        if counters is None:
-            # Label values come from the config, never from the URL: unknown names would
-            # otherwise add a series each (unbounded label cardinality).
-            served = runtime.models.get(model_name)
-            if served is None:
-                counters = failure_metrics("", "")
-            else:
-                known_version = version if version in served.versions else ""
-                counters = failure_metrics(model_name, known_version)
+        counters = counters_for(model_name, version, vm)
         counters.count_response(exc.status_code)
         counters.count_failure(exc.reason)
         if exc.status_code >= 500 and exc.reason != "internal":  # internal: logged already
@@ -493,10 +530,13 @@ def create_app(
         """One inference request, answered (``None``: the client went before its body came)."""
         loop = asyncio.get_running_loop()
         start = loop.time()
+        # Durations for the metrics: uvloop's clock (loop.time) ticks in whole milliseconds.
+        t0 = perf_counter()
         deadline = start + timeout_s
         rid = _request_id(headers)
         vm: VersionMetrics | None = None
         sv: ServedVersion | None = None
+        watch: _Watch | None = None
         try:
             if shutdown is not None and shutdown.closing:
                 # A late arrival on a connection still open after the listener closed.
@@ -504,15 +544,36 @@ def create_app(
             served = served_or_404(model_name)
             header_length = _header_length(headers) if protocol == "v2" else None
             encoding = _content_type_ok(headers, header_length is not None)
+            client_s = _client_timeout(headers) if "x-infercore-timeout-ms" in headers else None
+            if client_s is not None and start + client_s < deadline:
+                deadline = start + client_s
+            # The deadline covers the body too: a client that stops sending mid-body is
+            # answered when it passes (408), not left holding the request.
+            watch = deadlines.watch(loop, deadline)
             try:
                 body = await read_body()
             except RequestEntityTooLarge:
                 # Raised here (not by the framework) so that the rejection is counted.
                 raise too_large() from None
+            except asyncio.CancelledError:
+                expired = deadlines.release(watch)
+                watch = None
+                if expired:
+                    raise RequestTimeout(
+                        f"the request body did not arrive within {_ms(deadline - start)} ms",
+                        hint="send the whole body at once; the deadline is "
+                        "server.request_timeout_ms (or the request's own timeout)",
+                    ) from None
+                raise
             if encoding is not None:
                 body = _inflate(body, encoding, cfg.max_body_bytes)
             if protocol == "v2":
                 decoded = v2.decode(body, header_length, max_elements=max_elements)
+                if decoded.timeout_s is not None and start + decoded.timeout_s < deadline:
+                    # Triton's parameters.timeout: it may shorten the deadline, never extend it.
+                    deadline = start + decoded.timeout_s
+                    deadlines.release(watch)
+                    watch = deadlines.watch(loop, deadline)
                 sv = served.pick(version, headers, decoded.id or rid, decoded.tensors)
                 vm = sv.metrics
                 fields: dict[str, np.ndarray[Any, Any]] = decoded.tensors
@@ -541,21 +602,26 @@ def create_app(
             degraded = begin_request()
             vm.inflight.inc()
             try:
-                watch = deadlines.watch(loop, deadline)
                 try:
                     outputs = await runtime.infer(
                         served, sv, fields, declared=declared, deadline=deadline
                     )
                 except BaseException as exc:
                     # Cancelled by its deadline (and by nothing else): a timeout.
-                    if deadlines.release(watch) and type(exc) is asyncio.CancelledError:
+                    expired = deadlines.release(watch)
+                    watch = None
+                    if expired and type(exc) is asyncio.CancelledError:
                         raise TimeoutError from None
                     raise
                 deadlines.release(watch)
+                watch = None
             except TimeoutError:
                 raise DeadlineExceeded(
-                    f"request did not finish within {cfg.request_timeout_ms} ms",
-                    hint="raise server.request_timeout_ms or add capacity",
+                    f"request did not finish within {_ms(deadline - start)} ms",
+                    hint="raise server.request_timeout_ms or add capacity"
+                    if deadline == start + timeout_s
+                    else "the request's own timeout passed (parameters.timeout or "
+                    "X-Infercore-Timeout-Ms)",
                 ) from None
             finally:
                 vm.inflight.dec()
@@ -585,16 +651,16 @@ def create_app(
             resp_headers.append(media)
             resp_headers.append((b"content-length", b"%d" % len(content)))
             vm.count_response(200)
-            vm.request_duration.observe(loop.time() - start)
+            vm.request_duration.observe(perf_counter() - t0)
             return _Answer(content, resp_headers)
         except InfercoreError as exc:
             return reject(exc, model_name, version, rid, vm)
         except _ClientGone:
-            (vm or failure_metrics("", "")).count_failure("cancelled")
+            counters_for(model_name, version, vm).count_failure("cancelled")
             return None
         except asyncio.CancelledError:
             # The client went away: counted, never answered (nobody is listening).
-            (vm or failure_metrics("", "")).count_failure("cancelled")
+            counters_for(model_name, version, vm).count_failure("cancelled")
             raise
         except HTTPException:
             raise  # the framework's own (e.g. a client that disconnected mid-body)
@@ -612,6 +678,9 @@ def create_app(
                 exc_info=log.isEnabledFor(logging.DEBUG),
             )
             return reject(InfercoreError("internal error"), model_name, version, rid, vm)
+        finally:
+            if watch is not None:  # an error between the body and the model call
+                deadlines.release(watch)
 
     async def via_litestar(
         request: Request[Any, Any, Any], model_name: str, version: str | None, protocol: str
@@ -651,7 +720,19 @@ def create_app(
                 if not message.get("more_body", False):
                     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-        answer = await run_request(headers, read_body, *target)
+        # For the HTTP protocol: a client that goes before its answer cancels this task.
+        scope[REQUEST_TASK] = asyncio.current_task()  # type: ignore[literal-required]
+        try:
+            answer = await run_request(headers, read_body, *target)
+        except asyncio.CancelledError as exc:
+            if exc.args[:1] != (CLIENT_GONE,):
+                raise
+            # Counted (cancelled) by the request path; nobody is left to answer. Ended here,
+            # so that the HTTP server does not report the cancellation as an error.
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            return True
         if answer is not None:
             await answer(scope, receive, send)
         return True

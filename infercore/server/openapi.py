@@ -113,6 +113,8 @@ ERROR = Schema(
 _ERRORS = {
     "400": "Invalid input: malformed JSON, a wrong name, shape or datatype (`invalid_input`).",
     "404": "Unknown model or version (`model_not_found`).",
+    "408": "The body did not arrive within the deadline (`request_timeout`; the connection "
+    "closes).",
     "413": "Body too large (`body_too_large`).",
     "415": "Unsupported content type (`unsupported_media_type`).",
     "500": "The model failed (`backend_error`, `internal`).",

@@ -50,6 +50,14 @@ SERVING, DRAINING, CLOSING, FORCED = "serving", "draining", "closing", "forced"
 #: that arrives on it meanwhile is answered 503 shutting_down with Connection: close.
 IDLE_LINGER_S = 1.0
 
+#: The scope key under which the request path leaves the task answering an inference request:
+#: if the client's connection is lost before the response starts, the protocol cancels that
+#: task with :data:`CLIENT_GONE` (RELIABILITY P12: its queued work never runs). Only requests
+#: that opt in are cancelled: the app's other routes are left to finish as they are.
+REQUEST_TASK = "infercore.request_task"
+#: The cancellation message of a request whose client went (``CancelledError.args[0]``).
+CLIENT_GONE = "infercore: the client disconnected"
+
 #: How long the close waits for uvicorn to open the listeners it was just handed (its start-up
 #: is the app's lifespan, milliseconds once the models are loaded); after that it closes anyway.
 START_WAIT_S = 5.0
@@ -345,6 +353,13 @@ def http_protocol(
             self.discard_timer = self.loop.call_later(DISCARD_S, transport.close)
 
         def connection_lost(self, exc: Exception | None) -> None:
+            cycle = self.cycle
+            if cycle is not None and not cycle.response_started:
+                # Nobody will read the answer: stop the work (queued work never runs). uvicorn
+                # itself only marks the request disconnected, which the app sees if it reads.
+                task: asyncio.Task[Any] | None = cycle.scope.get(REQUEST_TASK)  # type: ignore[assignment]
+                if task is not None and not task.done():
+                    task.cancel(CLIENT_GONE)
             answer = self.early
             if answer is not None:  # the client went before its body came
                 self.early = None

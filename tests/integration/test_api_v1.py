@@ -193,6 +193,9 @@ def test_unknown_model_is_404(client: Any) -> None:
         (b'{"instances": [{"a": 1, "b": true, "c": 3, "d": 4}]}', "field 'b': expected numbers"),
         (b'{"instances": [{"a": 1, "b": 2, "c": 3, "d": "4"}]}', "field 'd': expected numbers"),
         (b'{"instances": [{"a": 1, "b": 2, "c": 3, "d": null}]}', "field 'd'"),
+        # Mixed kinds in a row: named as mixed, not as the first value's kind wanted.
+        (b'{"instances": [["5.1", 3.5, 1.4, 0.2]]}', "the first is a string, then float"),
+        (b'{"instances": [[5.1, "3.5", 1.4, 0.2]]}', "the first is a number, then str"),
     ],
 )
 def test_bad_instances_are_400_naming_the_problem(client: Any, body: bytes, names: str) -> None:

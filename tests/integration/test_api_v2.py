@@ -7,6 +7,7 @@ tells versions apart.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -397,6 +398,22 @@ def test_binary_request_with_a_wrong_header_length_is_400(client: Any) -> None:
     # A truncated blob: the declared binary_data_size runs past the body.
     r = client.post("/v2/models/m/infer", content=body[:-4], headers=headers)
     assert "binary_data_size" in assert_error(r, 400, "invalid_input")["error"]
+    # Negative sizes are named as what they are.
+    r = client.post(
+        "/v2/models/m/infer", content=body, headers={"Inference-Header-Content-Length": "-5"}
+    )
+    assert "is negative (-5)" in assert_error(r, 400, "invalid_input")["error"]
+    head_len = int(headers["Inference-Header-Content-Length"])
+    head = json.loads(body[:head_len])
+    head["inputs"][0]["parameters"]["binary_data_size"] = -16
+    negative = json.dumps(head).encode()
+    r = client.post(
+        "/v2/models/m/infer",
+        content=negative + body[head_len:],
+        headers={"Inference-Header-Content-Length": str(len(negative))},
+    )
+    message = assert_error(r, 400, "invalid_input")["error"]
+    assert "binary_data_size must be a byte count" in message and "got -16" in message
 
 
 # --- operations ----------------------------------------------------------------------------

@@ -84,6 +84,27 @@ def test_a_deadline_earlier_than_the_queued_ones_is_not_delayed_by_them() -> Non
     assert log == [("late", "timeout"), ("long", "CancelledError")]
 
 
+def test_a_deadline_earlier_than_the_armed_timer_is_not_delayed_by_it() -> None:
+    # The timer stays set for a request already released; a request with its own shorter
+    # timeout then comes with an earlier deadline and an empty queue: it must expire at its own
+    # deadline, not at the one the timer was set for.
+    deadlines = _Deadlines()
+    log: list[tuple[str, str]] = []
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        await _watched(deadlines, now + 30, asyncio.sleep(0), log, "done")  # arms for +30 s
+        short = asyncio.create_task(
+            _watched(deadlines, now + 0.05, asyncio.sleep(FOREVER), log, "short")
+        )
+        async with asyncio.timeout(5):
+            await short
+
+    asyncio.run(scenario())
+    assert log == [("done", "ok"), ("short", "timeout")]
+
+
 def test_a_cancellation_from_outside_is_not_a_timeout() -> None:
     deadlines = _Deadlines()
     log: list[tuple[str, str]] = []
