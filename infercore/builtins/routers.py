@@ -39,6 +39,12 @@ _SCALE = 100.0 / 2**64
 #: Longest header value taken as a version name (a longer one cannot name a version).
 _MAX_VARIANT = 64
 
+#: An HTTP header name (RFC 9110 token): an empty or impossible one would never be seen, and
+#: the router would silently route at random, or never honour its override header.
+HeaderName = Annotated[str, msgspec.Meta(pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$", max_length=128)]
+#: A request field's name.
+FieldName = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+
 
 def sticky_share(salt: bytes, key: bytes) -> float:
     """A number in ``[0, 100)`` fixed by ``key``: the same in every process and run.
@@ -72,8 +78,8 @@ class WeightedRouterConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=Tr
         salt: Mixed into the key's hash (default: the model name), to reshuffle assignments.
     """
 
-    key_field: str | None = None
-    key_header: str | None = None
+    key_field: FieldName | None = None
+    key_header: HeaderName | None = None
     salt: str | None = None
 
 
@@ -135,8 +141,8 @@ class ABRouterConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw
     """
 
     arms: dict[str, str]
-    key_field: str | None = None
-    key_header: str | None = None
+    key_field: FieldName | None = None
+    key_header: HeaderName | None = None
     salt: str | None = None
 
 
@@ -200,7 +206,7 @@ class HeaderRouterConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True
         inner: The router for requests without the header.
     """
 
-    header: str = "x-infercore-variant"
+    header: HeaderName = "x-infercore-variant"
     inner: Node = msgspec.field(default_factory=lambda: {"kind": "single"})
 
 

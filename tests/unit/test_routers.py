@@ -296,3 +296,26 @@ def test_without_canaries_a_weighted_router_has_one_candidate() -> None:
     assert weighted().candidates({}, table(canaries={"2": 10.0})) == ("1", "2")
     # A canary at 100 %: the primary takes nothing.
     assert weighted().candidates({}, table(canaries={"2": 100.0})) == ("2",)
+
+
+@pytest.mark.parametrize(
+    ("routing", "path"),
+    [
+        ({"kind": "weighted", "key_header": ""}, "key_header"),
+        ({"kind": "weighted", "key_header": "x user"}, "key_header"),
+        ({"kind": "weighted", "key_field": ""}, "key_field"),
+        ({"kind": "ab", "arms": {"control": "1"}, "key_header": "x:user"}, "key_header"),
+        ({"kind": "header", "header": ""}, "header"),
+    ],
+)
+def test_header_and_field_names_that_could_never_match_are_config_errors(
+    routing: dict[str, Any], path: str
+) -> None:
+    # Accepted, key_header "" routed at random instead of sticky, and header "" silently
+    # turned the X-Infercore-Variant override off.
+    from infercore.testing import fake_model_config, runtime_from_dict
+
+    config = fake_model_config()
+    config["models"]["m"]["routing"] = routing
+    with pytest.raises(ConfigError, match=rf"models\.m\.routing\.{path}"):
+        runtime_from_dict(config)
