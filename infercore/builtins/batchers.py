@@ -14,6 +14,7 @@ import asyncio
 import collections
 import logging
 import math
+import time
 from typing import Annotated, Any
 
 import msgspec
@@ -22,6 +23,7 @@ import numpy as np
 from infercore.components import Batcher, BatchObserver, ComponentContext, Model, Tensors
 from infercore.errors import (
     BackendError,
+    ConfigError,
     DeadlineExceeded,
     InfercoreError,
     QueueFull,
@@ -32,9 +34,13 @@ from infercore.hookspecs import hookimpl
 
 log = logging.getLogger("infercore.batching")
 
+#: The longest wait or timeout a batcher option may name: ``server.request_timeout_ms``'s own
+#: upper bound. A longer one (``inf``, ``1e300``) could never end before a request's deadline.
+MAX_MS = 3_600_000
+
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
-NonNegative = Annotated[float, msgspec.Meta(ge=0)]
-PositiveMs = Annotated[float, msgspec.Meta(gt=0)]
+DelayMs = Annotated[float, msgspec.Meta(ge=0, le=MAX_MS)]
+PositiveMs = Annotated[float, msgspec.Meta(gt=0, le=MAX_MS)]
 
 _QUEUED, _RUNNING, _DONE = 0, 1, 2
 
@@ -105,16 +111,21 @@ class _Drain:
     :meth:`took` is told of each take from the queue (a batch formed, a slot won) and whether
     requests were left behind. Between two takes that both left requests queued, the model was
     never idle for want of work: the units taken over that interval measure the drain rate
-    (throughput, all concurrent calls together). ``limit`` is the number of units (queued, or
-    in calls that have not returned) that take ``horizon_s`` to drain at the rate of the last
-    ``window`` such intervals: a request behind more would wait past ``horizon_s``. It is
+    (throughput, all concurrent calls together). The time the batcher itself spent waiting for
+    a batch to fill (``max_queue_delay_ms``) is left out: it is not the model's, and it is spent
+    only while the queue is short, so counting it would make a fast model look slow exactly
+    when little is queued. :meth:`idle` says the queue emptied without a take (its requests
+    timed out or left): the next take then measures nothing. ``limit`` is the number of units
+    (queued, or in calls that have not returned) that take ``horizon_s`` to drain at the rate of
+    the last ``window`` such intervals: a request behind more would wait past ``horizon_s``. It is
     infinite until ``min_samples`` intervals were measured, and always when the check is off
     (``horizon_s`` ``None``). Measurements are forgotten, and the limit is infinite again, once
     :data:`STALE_HORIZONS` horizons have passed since the last interval measured: a rate from an
     earlier backlog (a cold start, a busier host) says little about the next. :meth:`took`
     checks that at each take, and :meth:`over` before it refuses anything, so a burst that
     arrives after a quiet spell, before the batcher's next take, is not judged by the old rate.
-    Times are the event loop's clock (``loop.time()``).
+    Times are ``time.perf_counter()``: the event loop's clock may tick in whole milliseconds (as
+    uvloop's does), too coarse for a model that answers in less.
     """
 
     __slots__ = (
@@ -140,7 +151,9 @@ class _Drain:
         self._measured_at = -math.inf
         self._stale_after = math.inf if horizon_s is None else STALE_HORIZONS * horizon_s
 
-    def took(self, units: int, now: float, backlog_left: bool) -> None:
+    def took(self, units: int, now: float, backlog_left: bool, waited: float = 0.0) -> None:
+        """``units`` left the queue at ``now``; ``waited``: seconds of the time since the last
+        take that the batcher spent waiting for this batch to fill (left out of the interval)."""
         last, self._last = self._last, (now if backlog_left else None)
         if self.horizon_s is None:
             return
@@ -154,7 +167,7 @@ class _Drain:
             old_units, old_seconds = samples[0]
             self._units -= old_units
             self._seconds -= old_seconds
-        seconds = now - last
+        seconds = max(0.0, now - last - waited)
         samples.append((units, seconds))
         self._units += units
         self._seconds += seconds
@@ -168,10 +181,14 @@ class _Drain:
         """
         if units <= self.limit:
             return False
-        if asyncio.get_running_loop().time() - self._measured_at > self._stale_after:
+        if time.perf_counter() - self._measured_at > self._stale_after:
             self._forget()
             return False
         return True
+
+    def idle(self) -> None:
+        """The queue emptied without a take: the time until the next one is not the model's."""
+        self._last = None
 
     def _forget(self) -> None:
         self._samples.clear()
@@ -282,14 +299,20 @@ class NoBatcher(Batcher):
                     self._drain,
                     self.config.queue_timeout_ms,
                 )
-            start = loop.time()
-            limit = start + self.config.queue_timeout_ms / 1000
+            # The loop's clock sets the timeout; perf_counter measures the wait (the loop's
+            # may tick in whole milliseconds, as uvloop's does).
+            limit = loop.time() + self.config.queue_timeout_ms / 1000
+            start = time.perf_counter()
             self._waiting += 1
             self.observer.set_queue_depth(self._waiting)
             try:
                 async with asyncio.timeout_at(min(limit, deadline)):
                     await self._slots.acquire()
-            except TimeoutError:
+            except BaseException as exc:  # timed out, or the caller went
+                if self._waiting == 1:
+                    self._drain.idle()  # the queue empties without a take
+                if not isinstance(exc, TimeoutError):
+                    raise
                 if deadline <= limit:
                     raise DeadlineExceeded("deadline exceeded while queued") from None
                 raise QueueTimeout(
@@ -298,7 +321,7 @@ class NoBatcher(Batcher):
             finally:
                 self._waiting -= 1
                 self.observer.set_queue_depth(self._waiting)
-            now = loop.time()
+            now = time.perf_counter()
             self._drain.took(1, now, self._waiting > 0)
             self.observer.observe_queue_wait(now - start)
         else:
@@ -316,14 +339,13 @@ class NoBatcher(Batcher):
 
     async def _run(self, inputs: Tensors, result: asyncio.Future[Tensors]) -> None:
         """One model call; holds a slot, which it releases when the model has returned."""
-        loop = asyncio.get_running_loop()
         try:
             if result.done():
                 return  # the caller went before the call began: it never runs
             rows = _rows(self.model, inputs)
-            t0 = loop.time()
+            t0 = time.perf_counter()
             outputs = await _call_model(self.model, inputs, rows)
-            self.observer.observe_batch(rows, loop.time() - t0)
+            self.observer.observe_batch(rows, time.perf_counter() - t0)
             if not result.done():
                 result.set_result(outputs)
         except Exception as exc:
@@ -339,7 +361,7 @@ class DynamicBatcherConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=Tr
     #: Most rows in one model call. A request with more rows runs alone.
     max_batch_size: PositiveInt = 32
     #: Longest wait, from the first queued request, for a batch to fill. 0: take what is there.
-    max_queue_delay_ms: NonNegative = 0.0
+    max_queue_delay_ms: DelayMs = 0.0
     #: Requests waiting; beyond this: 503 queue_full.
     max_queue_size: PositiveInt = 512
     #: Longest queue wait; then 503 queue_timeout and the request never runs.
@@ -367,7 +389,20 @@ class DynamicBatcherConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=Tr
 
 
 class _Item:
-    __slots__ = ("deadline", "enqueued", "future", "inputs", "key", "rows", "state", "timer")
+    """One queued request. ``enqueued`` (loop time) schedules its waits; ``queued_at``
+    (``perf_counter``) measures them: the loop's clock may tick in whole milliseconds."""
+
+    __slots__ = (
+        "deadline",
+        "enqueued",
+        "future",
+        "inputs",
+        "key",
+        "queued_at",
+        "rows",
+        "state",
+        "timer",
+    )
 
     def __init__(
         self,
@@ -377,6 +412,7 @@ class _Item:
         future: Any,
         t: float,
         deadline: float,
+        queued_at: float,
     ):
         self.inputs = inputs
         self.rows = rows
@@ -384,6 +420,7 @@ class _Item:
         self.future: asyncio.Future[Tensors] = future
         self.enqueued = t
         self.deadline = deadline
+        self.queued_at = queued_at
         self.state = _QUEUED
         self.timer: asyncio.TimerHandle | None = None
 
@@ -452,6 +489,28 @@ class DynamicBatcher(Batcher):
         self._stopping = False
         self._filling: _Filling | None = None
         self._inline = False  # the collector is running a batch itself
+        #: How long before the earliest deadline it holds a batch stops waiting to fill:
+        #: twice the last model call, the call itself and as much again for a slower one,
+        #: the wake-ups and the response, so that the model can still answer in time.
+        self._margin_s = 0.0
+        self._check_request_timeout(config, context)
+
+    @staticmethod
+    def _check_request_timeout(config: DynamicBatcherConfig, context: ComponentContext) -> None:
+        """Refuse a fill wait that cannot end before a request's deadline.
+
+        The host passes ``server.request_timeout_ms`` in ``context.extra`` (the runtime does):
+        a batch that waits that long for company is answered 504 before the model runs.
+        """
+        timeout_ms = context.extra.get("request_timeout_ms")
+        if isinstance(timeout_ms, int | float) and config.max_queue_delay_ms >= timeout_ms:
+            raise ConfigError(
+                f"{context.path}.max_queue_delay_ms: {config.max_queue_delay_ms:g} is not below "
+                f"server.request_timeout_ms ({timeout_ms:g}): a request that cannot fill a batch "
+                "would reach its deadline (504) before the model runs",
+                hint="lower max_queue_delay_ms (a few ms is typical) or raise "
+                "server.request_timeout_ms",
+            )
 
     @property
     def queue_depth(self) -> int:
@@ -534,7 +593,7 @@ class DynamicBatcher(Batcher):
         now = loop.time()
         rows = _rows(self.model, inputs)
         key = tuple((name, arr.dtype.str, arr.shape[1:]) for name, arr in sorted(inputs.items()))
-        item = _Item(inputs, rows, key, loop.create_future(), now, deadline)
+        item = _Item(inputs, rows, key, loop.create_future(), now, deadline, time.perf_counter())
         limit = now + self.config.queue_timeout_ms / 1000
         item.timer = loop.call_at(min(limit, deadline), self._expire, item, deadline <= limit)
         self._queue.append(item)
@@ -546,10 +605,12 @@ class DynamicBatcher(Batcher):
             self._wakeup.set()
         else:
             # A batch is waiting to fill: wake its collector only when this request completes
-            # it (full, a preferred size, a request that cannot join) or must shorten its wait
-            # (an earlier deadline); otherwise the collector takes it when its wait ends (what
-            # it would have done on waking now: see _fill), which saves a task wake-up, a
-            # timeout and a look at the queue per request.
+            # it (full, a preferred size, a request that cannot join), must shorten its wait
+            # (an earlier deadline) or would time out in the queue before the wait ends (a
+            # queue_timeout_ms shorter than the fill wait: taken into the batch now, it waits
+            # with it, as the batch's first request does); otherwise the collector takes it
+            # when its wait ends (what it would have done on waking now: see _fill), which
+            # saves a task wake-up, a timeout and a look at the queue per request.
             fill.last = now
             if key != fill.key:
                 self._wakeup.set()
@@ -558,7 +619,8 @@ class DynamicBatcher(Batcher):
                 if (
                     fill.rows >= self.config.max_batch_size
                     or fill.rows in self._preferred
-                    or deadline < fill.until
+                    or deadline - self._margin_s < fill.until
+                    or limit < fill.until
                 ):
                     self._wakeup.set()
         try:
@@ -608,14 +670,15 @@ class DynamicBatcher(Batcher):
             self._queue.popleft()
         return None
 
-    def _take(self, item: _Item, loop: asyncio.AbstractEventLoop) -> None:
-        """Move ``item`` (already off the deque) from the queue into a forming batch."""
+    def _take(self, item: _Item, now: float) -> None:
+        """Move ``item`` (already off the deque) from the queue into a forming batch at
+        ``now`` (``perf_counter``)."""
         item.state = _RUNNING
         self._waiting -= 1
         self._queued_rows -= item.rows
         if item.timer is not None:
             item.timer.cancel()
-        self.observer.observe_queue_wait(loop.time() - item.enqueued)
+        self.observer.observe_queue_wait(now - item.queued_at)
 
     # Hooks for subclasses (the adaptive batcher): when to stop waiting for a batch to fill,
     # and what happened to each batch. They run on the event loop and must not block.
@@ -640,7 +703,10 @@ class DynamicBatcher(Batcher):
         """A batch of ``rows`` rows was formed and is about to run."""
 
     def _completed(self, live: list[_Item], rows: int, seconds: float, now: float) -> None:
-        """A batch model call of ``rows`` rows answered ``live`` in ``seconds``."""
+        """A batch model call of ``rows`` rows answered ``live`` in ``seconds``, at ``now``.
+
+        Both are ``perf_counter`` readings, like each item's ``queued_at``.
+        """
 
     async def _collect(self) -> None:
         assert self._wakeup is not None and self._slots is not None
@@ -650,6 +716,7 @@ class DynamicBatcher(Batcher):
             if first is None:
                 if self._stopping:
                     return
+                self._drain.idle()  # emptied by timeouts and callers gone, if not by a take
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
@@ -661,10 +728,13 @@ class DynamicBatcher(Batcher):
                 self._slots.release()
                 continue
             self._queue.popleft()
-            self._take(first, loop)
+            # The slot is free: the time since the last take was the model's (and that of the
+            # batches running beside it); what the fill waits from now on is the batcher's own.
+            started = time.perf_counter()
+            self._take(first, started)
             batch = [first]
             try:
-                rows = await self._fill(batch, loop)
+                rows, waited = await self._fill(batch, loop)
             except BaseException:
                 # Cancelled while filling: the requests already taken must still be answered.
                 for it in batch:
@@ -674,9 +744,12 @@ class DynamicBatcher(Batcher):
                 self._slots.release()
                 raise
             self.observer.set_queue_depth(self._waiting)
-            now = loop.time()
-            self._drain.took(rows, now, self._waiting > 0)
-            self._formed(batch, rows, now)
+            if waited:
+                ended = time.perf_counter()
+                self._drain.took(rows, ended, self._waiting > 0, ended - started)
+            else:
+                self._drain.took(rows, started, self._waiting > 0)
+            self._formed(batch, rows, loop.time())
             self._running_rows += rows
             if self.config.max_concurrent_batches == 1:
                 # One batch at a time: the collector would only wait for it to end before
@@ -692,28 +765,33 @@ class DynamicBatcher(Batcher):
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
-    async def _fill(self, batch: list[_Item], loop: asyncio.AbstractEventLoop) -> int:
-        """Add requests to ``batch`` (holding the oldest) until it should go; returns its rows.
+    async def _fill(self, batch: list[_Item], loop: asyncio.AbstractEventLoop) -> tuple[int, bool]:
+        """Add requests to ``batch`` (holding the oldest) until it should go.
 
         It goes at once when it is full, when the next queued request cannot join it (FIFO:
         incompatible tensors or too many rows), when it reaches a preferred size, or when the
-        version is stopping; otherwise it waits for more until :meth:`_fill_until`, and never
-        past the deadline of a request it holds.
+        version is stopping; otherwise it waits for more until :meth:`_fill_until`. It stops
+        waiting twice the last model call's time before the earliest deadline it holds: a
+        wait that ends at the deadline only ends in a 504 (the request is answered then, and
+        the batch forms without it), and one that ends later than this leaves the model too
+        little time to answer. Returns the batch's rows and whether it waited.
         """
         assert self._wakeup is not None
         rows = batch[0].rows
         if not self.model.batchable:
-            return rows
-        rows, complete = self._take_ready(batch, rows, loop)
+            return rows, False
+        rows, complete = self._take_ready(batch, rows)
         if complete or self._stopping:
-            return rows
-        limit = min(it.deadline for it in batch)
+            return rows, False
+        margin = self._margin_s
+        limit = min(it.deadline for it in batch) - margin
         until = min(self._fill_until(batch[0], rows, loop), limit)
         # Requests that arrive while the batch waits stay queued unless they complete it or
         # shorten its wait (submit() wakes the collector for those); when the wait ends they
         # are taken and the wait is extended as it would have been at the latest arrival
         # (_refill_until is non-decreasing in time, so nothing would have ended it sooner).
         fill = self._filling = _Filling(batch[0].key, rows, until, loop.time())
+        waited = False
         try:
             while not self._stopping:
                 remaining = until - loop.time()
@@ -722,27 +800,26 @@ class DynamicBatcher(Batcher):
                 fill.rows = rows
                 fill.until = until
                 self._wakeup.clear()
+                waited = True
                 try:
                     async with asyncio.timeout(remaining):
                         await self._wakeup.wait()
                 except TimeoutError:
                     pass
                 taken = len(batch)
-                rows, complete = self._take_ready(batch, rows, loop)
+                rows, complete = self._take_ready(batch, rows)
                 if complete:
                     break
                 if len(batch) > taken:
-                    limit = min(limit, min(it.deadline for it in batch[taken:]))
+                    limit = min(limit, min(it.deadline for it in batch[taken:]) - margin)
                 until = min(self._refill_until(until, fill.last), limit)
         finally:
             self._filling = None
         if self._stopping:  # stop() finishes the queue: whatever else fits goes along
-            rows, _ = self._take_ready(batch, rows, loop)
-        return rows
+            rows, _ = self._take_ready(batch, rows)
+        return rows, waited
 
-    def _take_ready(
-        self, batch: list[_Item], rows: int, loop: asyncio.AbstractEventLoop
-    ) -> tuple[int, bool]:
+    def _take_ready(self, batch: list[_Item], rows: int) -> tuple[int, bool]:
         """Take the queued requests that join ``batch`` now; True when it should go at once."""
         max_rows = self.config.max_batch_size
         if rows >= max_rows:
@@ -770,12 +847,15 @@ class DynamicBatcher(Batcher):
                 break
         if not complete and best >= 0:
             fit, complete = best, True
+        if not fit:
+            return rows, complete
+        now = time.perf_counter()  # one reading for the requests taken together
         taken = 0
         while taken < fit:
             item = self._queue.popleft()
             if item.state != _QUEUED:
                 continue
-            self._take(item, loop)
+            self._take(item, now)
             batch.append(item)
             rows += item.rows
             taken += 1
@@ -793,7 +873,6 @@ class DynamicBatcher(Batcher):
 
     async def _run_batch(self, batch: list[_Item], rows: int) -> None:
         assert self._slots is not None
-        loop = asyncio.get_running_loop()
         formed = rows
         try:
             live = [it for it in batch if not it.future.done()]
@@ -802,9 +881,10 @@ class DynamicBatcher(Batcher):
             if len(live) < len(batch):
                 rows = sum(it.rows for it in live)
             try:
-                t0 = loop.time()
+                t0 = time.perf_counter()
                 outputs = await _call_model(self.model, self._stack(live), rows)
-                t1 = loop.time()
+                t1 = time.perf_counter()
+                self._margin_s = 2 * (t1 - t0)
                 self.observer.observe_batch(rows, t1 - t0)
             except Exception as exc:
                 if len(live) == 1:
@@ -815,9 +895,9 @@ class DynamicBatcher(Batcher):
                     if item.future.done():
                         continue
                     try:
-                        t0 = loop.time()
+                        t0 = time.perf_counter()
                         alone = await _call_model(self.model, item.inputs, item.rows)
-                        self.observer.observe_batch(item.rows, loop.time() - t0)
+                        self.observer.observe_batch(item.rows, time.perf_counter() - t0)
                     except Exception as exc_alone:
                         self._fail(item, exc_alone)
                     else:

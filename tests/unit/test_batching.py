@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import math
+import time
 import weakref
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -1077,7 +1078,7 @@ def test_drain_forgets_a_rate_measured_long_ago() -> None:
 def measure(drain: _Drain, limit: float) -> None:
     """Give ``drain`` a rate measured just now, at which ``limit`` units fill its horizon."""
     assert drain.horizon_s is not None
-    now = asyncio.get_running_loop().time()
+    now = time.perf_counter()  # the drain's clock
     drain.took(0, now - drain.horizon_s / limit, backlog_left=True)
     drain.took(1, now, backlog_left=False)  # the backlog ended: the next take measures nothing
     assert drain.limit == pytest.approx(limit)
@@ -1088,7 +1089,7 @@ def test_drain_forgets_a_stale_rate_before_it_refuses() -> None:
 
     async def scenario() -> None:
         drain = _Drain(0.5, window=4)  # forgets after 10 horizons: 5 s
-        now = asyncio.get_running_loop().time()
+        now = time.perf_counter()  # the drain's clock
         drain.took(0, now - 5.3, backlog_left=True)
         drain.took(2, now - 5.1, backlog_left=True)  # 2 rows in 0.2 s, measured 5.1 s ago
         assert drain.limit == pytest.approx(5) and not drain.over(4)  # fits: kept
@@ -1115,7 +1116,7 @@ def test_a_burst_after_a_quiet_spell_is_not_judged_by_the_old_rate(
         size = {"max_concurrency": 1} if make is make_none else {"max_batch_size": 4}
         batcher: Any = await make(model, queue_timeout_ms=100, **size)
         drain = batcher._drain
-        now = asyncio.get_running_loop().time()
+        now = time.perf_counter()  # the drain's clock
         drain.took(0, now - 1.3, backlog_left=True)  # 1 row in 0.3 s, 1.0 s (12.5 horizons) ago
         drain.took(1, now - 1.0, backlog_left=True)
         assert drain.limit == pytest.approx(1 / 0.3 * 0.08)

@@ -1,0 +1,342 @@
+"""Batcher measurements and wait bounds.
+
+- ``reject_expected_timeouts`` measures the model's drain rate without the batcher's own fill
+  wait (``max_queue_delay_ms``) and without spells when the queue had emptied.
+- Batcher waits and timeouts are finite; a fill wait that cannot end before the request
+  deadline is a config error; a fill wait ends early enough for the model to answer by the
+  deadline; a request that arrives during a fill wait is not timed out by it.
+- Queue waits, model-call durations and the adaptive batcher's measurements use
+  ``perf_counter``, not the event loop's clock (whole milliseconds under uvloop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Awaitable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import pytest
+import uvloop
+
+from infercore.builtins.adaptive import AdaptiveBatcher
+from infercore.builtins.batchers import DynamicBatcher, NoBatcher, _Drain
+from infercore.components import Batcher, ComponentContext, Tensors
+from infercore.config.validation import convert
+from infercore.errors import ConfigError, QueueFull
+from infercore.testing import FakeModel
+
+T = TypeVar("T")
+
+MODEL_CTX = ComponentContext("models.m.versions.1.loader", Path("."), model_name="m", version="1")
+BATCH_CTX = ComponentContext("models.m.batching", Path("."), model_name="m", version="1")
+
+
+class Recorder:
+    """A batch observer that keeps every observation."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[int, float]] = []
+        self.waits: list[float] = []
+
+    def observe_batch(self, rows: int, inference_seconds: float) -> None:
+        self.batches.append((rows, inference_seconds))
+
+    def observe_queue_wait(self, seconds: float) -> None:
+        self.waits.append(seconds)
+
+    def set_queue_depth(self, depth: int) -> None:
+        pass
+
+
+class HeldModel(FakeModel):
+    """A FakeModel whose call on a request of value ``v`` waits for ``holds[v]`` to be set."""
+
+    def __init__(self, config: Any, context: Any) -> None:
+        super().__init__(config, context)
+        self.holds: dict[float, asyncio.Event] = {}
+
+    async def predict(self, inputs: Tensors) -> Tensors:
+        hold = self.holds.get(float(inputs["x"][0, 0]))
+        if hold is not None:
+            await hold.wait()
+        return await super().predict(inputs)
+
+
+async def fake_model(**config: Any) -> HeldModel:
+    model = HeldModel(FakeModel.Config(features=4, **config), MODEL_CTX)
+    await model.start()
+    return model
+
+
+def request(value: float, rows: int = 1) -> Tensors:
+    x = np.full((rows, 4), value, np.float32)
+    return {"x": x}
+
+
+def later(seconds: float = 30.0) -> float:
+    return asyncio.get_running_loop().time() + seconds
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+def run_uvloop(coro: Coroutine[Any, Any, T]) -> T:
+    """Run on uvloop, the server's loop, whose ``loop.time()`` ticks in whole milliseconds."""
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
+async def settle(*aws: Awaitable[Any]) -> list[Any]:
+    async with asyncio.timeout(30):
+        return await asyncio.gather(*aws, return_exceptions=True)
+
+
+# ------------------------------------------------ item 1: the drain rate is the model's
+
+
+def test_drain_leaves_the_fill_wait_out_of_the_interval() -> None:
+    drain = _Drain(0.8, window=4)
+    drain.took(4, 10.0, backlog_left=True)  # a full batch; one row left queued
+    # The next batch: the slot was free at once, then the batcher waited 0.5 s for company.
+    drain.took(1, 10.501, backlog_left=True, waited=0.5)
+    assert drain.limit == pytest.approx(1 / 0.001 * 0.8)  # 1 row in 1 ms of model time
+    assert drain.wait_ms(2) == pytest.approx(2.0)
+
+
+def test_drain_measures_nothing_across_a_queue_that_emptied_without_a_take() -> None:
+    drain = _Drain(0.8, window=4)
+    drain.took(1, 10.0, backlog_left=True)  # requests left queued ...
+    drain.idle()  # ... then they timed out or their callers went
+    drain.took(1, 12.0, backlog_left=True)  # the next take, after 2 s of an empty queue
+    assert drain.limit == math.inf
+    drain.took(2, 12.01, backlog_left=False)  # a real interval still counts
+    assert drain.limit == pytest.approx(2 / 0.01 * 0.8)
+
+
+def test_a_fast_model_is_not_refused_for_the_fill_delay() -> None:
+    """QA batching 3: rounds of 5 concurrent requests, batches of 4, a 200 ms fill delay and
+    a model that answers at once: the 5th request of a round waits out the delay alone. The
+    time since the previous take was the batcher's wait, not the model's: counting it gave
+    a rate of 5 rows/s, and the next round was refused 503 ``queue_full``."""
+
+    async def scenario() -> None:
+        model = await fake_model()
+        batcher = DynamicBatcher(
+            DynamicBatcher.Config(
+                max_batch_size=4,
+                max_queue_delay_ms=200,
+                queue_timeout_ms=400,  # horizon: 80 % of it, 320 ms
+                reject_expected_timeouts=True,
+            ),
+            BATCH_CTX,
+            model,
+        )
+        await batcher.start()
+        try:
+            for round_ in range(4):
+                results = await settle(
+                    *(batcher.submit(request(10 * round_ + i), deadline=later()) for i in range(5))
+                )
+                refused = [r for r in results if isinstance(r, BaseException)]
+                assert not refused, (round_, refused)
+            assert model.calls == 8  # a batch of 4 and one of 1 per round
+            assert batcher._drain.limit > 100  # rows a 0 ms model drains in 320 ms
+        finally:
+            await batcher.stop()
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "none"])
+def test_a_queue_emptied_by_timeouts_does_not_slow_the_measured_rate(kind: str) -> None:
+    """The queue is left backlogged, then empties through queue timeouts while the model is
+    busy; the time until the next backlog is not the model's, so the bursts that follow are
+    judged by the rate they measure themselves and are not refused."""
+
+    async def scenario() -> None:
+        model = await fake_model()
+        held = model.holds[0.0] = asyncio.Event()
+        batcher: Batcher
+        if kind == "dynamic":
+            batcher = DynamicBatcher(
+                DynamicBatcher.Config(max_batch_size=1, queue_timeout_ms=100), BATCH_CTX, model
+            )
+        else:
+            batcher = NoBatcher(
+                NoBatcher.Config(max_concurrency=1, queue_timeout_ms=100), BATCH_CTX, model
+            )
+        await batcher.start()
+        try:
+            tasks = [
+                asyncio.create_task(batcher.submit(request(i), deadline=later())) for i in range(4)
+            ]
+            if kind == "none":
+                # 0 got the slot without queueing; 1 takes it from the queue, leaving 2 and 3.
+                model.holds[1.0] = asyncio.Event()
+                await asyncio.sleep(0.01)
+                held.set()
+                held = model.holds[1.0]
+            # (dynamic: 0 was taken with 1, 2 and 3 left queued.) That take started an
+            # interval; the requests left queued time out at 0.1 s while the model is held.
+            await asyncio.sleep(0.3)
+            held.set()
+            await settle(*tasks)
+            assert batcher.queue_depth == 0
+            for round_ in range(3):
+                results = await settle(
+                    *(batcher.submit(request(100 + i), deadline=later()) for i in range(6))
+                )
+                refused = [r for r in results if isinstance(r, QueueFull)]
+                assert not refused, (round_, refused)
+        finally:
+            await batcher.stop()
+
+    run(scenario())
+
+
+# --------------------------------------------------- item 2: waits end before deadlines
+
+
+@pytest.mark.parametrize(
+    ("cls", "field", "value"),
+    [
+        (DynamicBatcher, "max_queue_delay_ms", math.inf),
+        (DynamicBatcher, "max_queue_delay_ms", 1e300),
+        (DynamicBatcher, "queue_timeout_ms", math.inf),
+        (AdaptiveBatcher, "max_queue_delay_ms", 1e300),
+        (AdaptiveBatcher, "target_p99_ms", math.inf),
+        (NoBatcher, "queue_timeout_ms", 1e300),
+    ],
+)
+def test_batcher_waits_and_timeouts_are_finite(cls: Any, field: str, value: float) -> None:
+    with pytest.raises(ConfigError) as info:
+        convert({field: value}, cls.Config, path="models.m.batching", context="recipe=fk")
+    text = str(info.value)
+    assert text.startswith(f"models.m.batching.{field}: expected `float` <= 3600000"), text
+    assert repr(value) in text and "(recipe=fk)" in text
+
+
+@pytest.mark.parametrize("cls", [DynamicBatcher, AdaptiveBatcher])
+def test_a_fill_delay_not_below_the_request_timeout_is_a_config_error(cls: Any) -> None:
+    async def scenario() -> None:
+        model = await fake_model()
+        ctx = ComponentContext(
+            "models.m.batching", Path("."), model_name="m", extra={"request_timeout_ms": 2000}
+        )
+        config = cls.Config(max_queue_delay_ms=2000, queue_timeout_ms=5000)
+        with pytest.raises(ConfigError) as info:
+            cls(config, ctx, model)
+        text = str(info.value)
+        assert text.startswith("models.m.batching.max_queue_delay_ms: 2000 is not below "), text
+        assert "server.request_timeout_ms (2000)" in text
+        assert "lower max_queue_delay_ms" in (info.value.hint or "")
+        cls(cls.Config(max_queue_delay_ms=1999, queue_timeout_ms=5000), ctx, model)  # fits
+
+    run(scenario())
+
+
+def test_a_fill_wait_leaves_the_model_time_to_answer_by_the_deadline() -> None:
+    """A lone request whose fill delay outlasts its deadline: the wait ends early enough for
+    the model (0.25 s a call) to answer before the deadline, where the server's deadline
+    watch would cancel it. Before, the wait ran until the deadline: 504, and never run."""
+
+    async def scenario() -> None:
+        model = await fake_model(latency_s=0.25)
+        batcher = DynamicBatcher(
+            DynamicBatcher.Config(
+                max_batch_size=4, max_queue_delay_ms=3_600_000, queue_timeout_ms=3_600_000
+            ),
+            BATCH_CTX,
+            model,
+        )
+        await batcher.start()
+        try:
+            await batcher.submit(request(1, rows=4), deadline=later())  # full: goes at once
+            deadline = later(2.0)
+            async with asyncio.timeout_at(deadline):  # what the server's deadline watch does
+                out = await batcher.submit(request(2), deadline=deadline)
+            assert out["y"].tolist() == [8.0]
+            assert model.batches == [4, 1]
+        finally:
+            await batcher.stop()
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("cls", [DynamicBatcher, AdaptiveBatcher])
+def test_a_request_arriving_during_a_long_fill_wait_does_not_time_out(cls: Any) -> None:
+    """``max_queue_delay_ms`` above ``queue_timeout_ms``: a request that arrives while the
+    batch waits joins it instead of timing out in the queue (503 queue_timeout, never run)."""
+
+    async def scenario() -> None:
+        model = await fake_model()
+        config = cls.Config(max_batch_size=8, max_queue_delay_ms=600, queue_timeout_ms=100)
+        batcher = cls(config, BATCH_CTX, model)
+        await batcher.start()
+        try:
+            if isinstance(batcher, AdaptiveBatcher):
+                # A controller that has chosen to wait 0.6 s, and a loop never seen idle.
+                batcher.controller.decide = lambda **_: 0.6  # type: ignore[method-assign]
+                batcher.controller.quiet_s = lambda now: 0.6  # type: ignore[method-assign]
+                batcher.idle_turn_s = 0.0
+            first = asyncio.create_task(batcher.submit(request(1), deadline=later()))
+            await asyncio.sleep(0.02)
+            assert not first.done()  # waiting for company
+            second = await settle(batcher.submit(request(2), deadline=later()))
+            results = [*await settle(first), *second]
+            assert not any(isinstance(r, BaseException) for r in results), results
+            assert model.batches == [2]
+        finally:
+            await batcher.stop()
+
+    run(scenario())
+
+
+# --------------------------------------------- item 3: durations with perf_counter
+
+
+@pytest.mark.parametrize("kind", ["none", "dynamic", "adaptive"])
+def test_durations_have_sub_millisecond_resolution_under_uvloop(kind: str) -> None:
+    """Model calls and queue waits shorter than a millisecond are observed as what they
+    took, never as 0 (uvloop's ``loop.time()`` ticks in whole milliseconds)."""
+
+    async def scenario() -> tuple[Recorder, Batcher]:
+        model = await fake_model()
+        seen = Recorder()
+        batcher: Batcher
+        if kind == "none":
+            batcher = NoBatcher(NoBatcher.Config(max_concurrency=1), BATCH_CTX, model, seen)
+        elif kind == "dynamic":
+            batcher = DynamicBatcher(DynamicBatcher.Config(), BATCH_CTX, model, seen)
+        else:
+            batcher = AdaptiveBatcher(AdaptiveBatcher.Config(), BATCH_CTX, model, seen)
+        await batcher.start()
+        try:
+            for i in range(20):  # one at a time: 20 model calls
+                await batcher.submit(request(i), deadline=later())
+            # Two at once through one slot: the second one waits in the queue.
+            for i in range(5):
+                await settle(*(batcher.submit(request(i), deadline=later()) for _ in range(2)))
+        finally:
+            await batcher.stop()
+        return seen, batcher
+
+    seen, batcher = run_uvloop(scenario())
+    assert len(seen.batches) >= 25
+    assert all(seconds > 0 for _, seconds in seen.batches), seen.batches
+    assert not all(float(1000 * s).is_integer() for _, s in seen.batches)
+    if kind == "none":
+        # A request that found a free slot observes no wait; one that queued, its wait.
+        queued = [w for w in seen.waits if w != 0.0]
+        assert len(queued) >= 5 and all(w > 0 for w in queued), seen.waits
+    else:
+        assert len(seen.waits) >= 30 and all(w > 0 for w in seen.waits), seen.waits
+    if isinstance(batcher, AdaptiveBatcher):
+        latencies = list(batcher.controller._latencies)
+        assert latencies and all(latency > 0 for latency in latencies), latencies
+        costs = [seconds for _, seconds in batcher.controller._cost.values()]
+        assert costs and all(cost > 0 for cost in costs), costs
