@@ -70,6 +70,19 @@ class Batcher(Component):
         """
 
     @property
+    def batches(self) -> bool:
+        """Whether one model call may carry the rows of several requests.
+
+        infercore stacks requests that arrive together into one submission (request groups,
+        ``server.group_requests``; shadow copies) only for a batcher that batches: a stack
+        reaches the model as one call, and a stack that fails runs again request by request.
+        A batcher that promises one model call per request (``none``) must never see one.
+        Default: whether the config has a ``max_batch_size`` option (the rows one model call
+        may carry). Override it (a class attribute will do) when that does not tell.
+        """
+        return isinstance(getattr(self.config, "max_batch_size", None), int)
+
+    @property
     def queue_depth(self) -> int:
         """Requests waiting (not yet running)."""
         return 0

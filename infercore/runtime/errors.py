@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from infercore.errors import InfercoreError
+from infercore.errors import InfercoreError, ModelNotReady
 
 
 class Conflict(InfercoreError):
@@ -17,3 +17,18 @@ class LoadFailed(InfercoreError):
 
     status_code = 422
     reason = "model_load_failed"
+
+
+class VersionNotReady(ModelNotReady):
+    """503 ``model_not_ready`` for one version the config or the repository knows.
+
+    ``version`` names it whether the URL asked for it or the router chose it (a header such as
+    ``X-Infercore-Variant``): the server counts the failure under that version's label, as it
+    counts the version's other answers. Only a known version gets here, so a header value
+    never becomes a label (cardinality).
+    """
+
+    def __init__(self, message: str, *, version: str = "", hint: str | None = None) -> None:
+        # ``version`` has a default so that copy.copy (which rebuilds from ``args``) works.
+        super().__init__(message, hint=hint)
+        self.version = version

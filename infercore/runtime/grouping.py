@@ -10,9 +10,10 @@ drift and shadow get one offer, and each request gets back a view of its own row
 
 Who may be grouped, and what stays per request:
 
-- Only versions whose model is batchable, behind a feature source that declares itself
-  ``groupable`` (row *i* of its answer depends only on row *i* of the fields), when
-  ``server.group_requests`` is on.
+- Only versions whose model is batchable and whose batcher batches (``Batcher.batches``:
+  never ``none``, which promises one model call per request), behind a feature source that
+  declares itself ``groupable`` (row *i* of its answer depends only on row *i* of the
+  fields), when ``server.group_requests`` is on.
 - A request joins the open group of its shape (same field names, dtypes, trailing shapes and
   declared datatypes) while that group has not started and has room (the batcher's
   ``max_batch_size`` in rows). The group starts on the next turn of the loop, or, while the

@@ -151,8 +151,12 @@ class Runtime:
         self._batching: dict[str, tuple[Node, str]] = {}
         model_root = composed.model_root
         label = composed.label
-        # Components may register their own metric families on the app's registry.
-        self._shared = {"metrics_registry": self.metrics.registry}
+        # Components may register their own metric families on the app's registry; batchers
+        # check their waits against the request deadline.
+        self._shared = {
+            "metrics_registry": self.metrics.registry,
+            "request_timeout_ms": self.config.server.request_timeout_ms,
+        }
         cfg = self.config
         for name, mc in cfg.models.items():
             base = f"models.{name}"
@@ -457,9 +461,17 @@ class Runtime:
         return True
 
     def _groups(self, served: ServedModel, sv: ServedVersion) -> RequestGroups | None:
-        """Request groups for ``sv``, when its model and feature source allow them."""
+        """Request groups for ``sv``, when its model, batcher and feature source allow them.
+
+        A batcher that does not batch (``none``) gets none: a group reaches it as one
+        submission, so as one model call, and a failed group runs each request again alone,
+        where ``none`` promises one model call per request and each request at most once.
+        """
         if not (
-            self.config.server.group_requests and served.features.groupable and sv.model.batchable
+            self.config.server.group_requests
+            and served.features.groupable
+            and sv.model.batchable
+            and sv.batcher.batches
         ):
             return None
 

@@ -28,8 +28,9 @@ from infercore.components import (
 )
 from infercore.config.rollout import GuardConfig
 from infercore.config.schema import ModelConfig, OutputMapping
-from infercore.errors import ConfigError, ModelNotFound, ModelNotReady
+from infercore.errors import ConfigError, ModelNotFound
 from infercore.metrics import Metrics, VersionMetrics
+from infercore.runtime.errors import VersionNotReady
 from infercore.runtime.grouping import RequestGroups
 from infercore.runtime.guard import Window
 from infercore.runtime.outputs import OutputPlan
@@ -290,7 +291,7 @@ class ServedModel:
 
         Raises:
             ModelNotFound: The version (asked for, or named by a header) is unknown.
-            ModelNotReady: It is not ready; a version that is not ready never takes traffic.
+            VersionNotReady: It is not ready; a version that is not ready never takes traffic.
         """
         if version is None:
             request = (
@@ -306,7 +307,9 @@ class ServedModel:
                 hint=f"versions: {', '.join(self.versions)}",
             )
         if not served.ready:
-            raise ModelNotReady(f"model {self.name!r} version {version!r} is not ready")
+            raise VersionNotReady(
+                f"model {self.name!r} version {version!r} is not ready", version=version
+            )
         served.route_requests.inc()
         return served
 
@@ -327,7 +330,9 @@ class ServedModel:
             return sv, decode(sv.default_input)
         first = self.versions[self.primary]
         if not first.ready:
-            raise ModelNotReady(f"model {self.name!r} version {self.primary!r} is not ready")
+            raise VersionNotReady(
+                f"model {self.name!r} version {self.primary!r} is not ready", version=self.primary
+            )
         fields = decode(first.default_input)
         sv = self.pick(None, headers, request_id, fields)
         if sv is not first and sv.default_input != first.default_input:

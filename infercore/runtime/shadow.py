@@ -7,9 +7,10 @@ response was computed before the copy was offered, so a shadow that raises, hang
 never delays or changes it; the worker count bounds the threads a hanging shadow can hold.
 
 A worker takes every copy already waiting for the same version (up to that version's batch
-size in rows), checks each one's inputs on its own (a copy the shadow rejects counts
-``error`` alone), and sends the rest as one submission: one batcher call, one outputs plan
-and one vectorised comparison for the lot instead of one per copy. Outcomes and statistics
+size in rows; one at a time behind a batcher that does not batch, such as ``none``), checks
+each one's inputs on its own (a copy the shadow rejects counts ``error`` alone), and sends
+the rest as one submission: one batcher call, one outputs plan and one vectorised
+comparison for the lot instead of one per copy. Outcomes and statistics
 are still counted per copy, exactly as if each copy had run alone: a submission of several
 copies that fails is run again copy by copy so that only the failing ones count ``error``.
 Under steady traffic copies arrive one at a time, so a worker lets the oldest wait up to
@@ -142,9 +143,11 @@ def _group_rows(sv: ServedVersion) -> int:
     """Most rows of one submission to ``sv``: its batcher's ``max_batch_size``, if it has one.
 
     A model whose tensors are not all batched is called once per copy (rows cannot be
-    concatenated along a batch dimension it does not have).
+    concatenated along a batch dimension it does not have), and so is one behind a batcher
+    that does not batch (``none`` promises one model call per request; a failed stack would
+    run each copy again).
     """
-    if not sv.model.batchable:
+    if not (sv.model.batchable and sv.batcher.batches):
         return 1
     return batcher_option(sv.batcher, "max_batch_size", DEFAULT_GROUP_ROWS)
 

@@ -42,6 +42,7 @@ from infercore.errors import (
 from infercore.metrics import ResponseCounters, VersionMetrics
 from infercore.protocol import v1, v2
 from infercore.runtime import Runtime, ServedModel, ServedVersion
+from infercore.runtime.errors import VersionNotReady
 from infercore.server.errors import EXCEPTION_HANDLERS, error_body
 from infercore.server.logs import FailureLog
 from infercore.server.openapi import (
@@ -490,6 +491,11 @@ def create_app(
         rid: str,
         vm: VersionMetrics | None,
     ) -> None:
+        if vm is None and isinstance(exc, VersionNotReady):
+            # The router chose the version (X-Infercore-Variant): counted under that version's
+            # label, as through /versions/{v}. A version the runtime knows, never a header's
+            # raw value (label cardinality).
+            version = exc.version
         counters = counters_for(model_name, version, vm)
         counters.count_response(exc.status_code)
         counters.count_failure(exc.reason)

@@ -4,6 +4,10 @@ The app and infercore's HTTP protocol on a real loopback socket (uvicorn, in thi
 ``fake`` model that holds its one queue slot for a while: while it is full, a request for it is
 answered from its request line and headers, and its body is never decoded; what the headers
 alone answer otherwise (404, 413, 415) is still answered so.
+
+The batcher is ``stacking``: ``none`` (one model call per submission) declared batching, so
+that requests are grouped and count against ``max_queue_size`` from arrival (``none`` itself
+is never grouped).
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from typing import Any
 import httpx
 import pytest
 
-from infercore.components import Router, RouteRequest, RoutingTable
+from infercore.builtins.batchers import NoBatcher
+from infercore.components import Batcher, Router, RouteRequest, RoutingTable
 from infercore.hookspecs import hookimpl
 from infercore.server import create_app
 from infercore.server.shutdown import DRAINING, ShutdownState, http_protocol
@@ -28,11 +33,28 @@ MALFORMED = b'{"inputs": [{"name": "x", "shape": [1, 4]'
 JSON = {"content-type": "application/json"}
 
 
+class StackingBatcher(NoBatcher):
+    """``none`` declared batching: requests are grouped, each submission is one model call."""
+
+    kind = "stacking"
+    batches = True
+
+
+class StackingPlugin:
+    @hookimpl
+    def register_batchers(self) -> list[type[Batcher]]:
+        return [StackingBatcher]
+
+
+def build_runtime(config: dict[str, Any], plugins: tuple[tuple[str, object], ...] = ()) -> Any:
+    return runtime_from_dict(config, extra_plugins=[("stacking", StackingPlugin()), *plugins])
+
+
 def full_config(**server: Any) -> dict[str, Any]:
     """Model ``m``: one call at a time, one request queued at most, each call 0.6 s."""
     return fake_model_config(
         server={"max_body_bytes": 4096, **server},
-        batching={"kind": "none", "max_concurrency": 1, "max_queue_size": 1},
+        batching={"kind": "stacking", "max_concurrency": 1, "max_queue_size": 1},
         versions={"1": {"loader": {"kind": "fake", "latency_s": 0.6}, "warmup": False}},
     )
 
@@ -87,7 +109,7 @@ def assert_queue_full(response: httpx.Response) -> None:
 
 
 def test_a_full_queue_answers_from_the_headers_without_decoding_the_body() -> None:
-    runtime = runtime_from_dict(full_config())
+    runtime = build_runtime(full_config())
 
     async def scenario() -> None:
         async with listening(runtime) as client:
@@ -122,7 +144,7 @@ def test_a_full_queue_answers_from_the_headers_without_decoding_the_body() -> No
 
 def test_a_client_waiting_for_100_continue_gets_its_503_without_sending_the_body() -> None:
     """curl's way with bodies over 1 MiB: the head, then a wait for ``100 Continue``."""
-    runtime = runtime_from_dict(full_config())
+    runtime = build_runtime(full_config())
 
     async def scenario() -> None:
         async with listening(runtime) as client:
@@ -151,7 +173,7 @@ def test_a_client_waiting_for_100_continue_gets_its_503_without_sending_the_body
 
 
 def test_off_a_malformed_request_gets_its_400_even_while_the_queue_is_full() -> None:
-    runtime = runtime_from_dict(full_config(reject_before_body=False))
+    runtime = build_runtime(full_config(reject_before_body=False))
 
     async def scenario() -> None:
         async with listening(runtime) as client:
@@ -181,7 +203,7 @@ def test_off_a_malformed_request_gets_its_400_even_while_the_queue_is_full() -> 
 def test_what_the_headers_answer_is_answered_while_the_queue_is_full(
     path: str, headers: dict[str, str], status: int, reason: str | None
 ) -> None:
-    runtime = runtime_from_dict(full_config())
+    runtime = build_runtime(full_config())
 
     async def scenario() -> None:
         async with listening(runtime) as client:
@@ -201,7 +223,7 @@ def test_what_the_headers_answer_is_answered_while_the_queue_is_full(
 def two_versions(routing: dict[str, Any], **second: Any) -> Any:
     """Model ``m``: version 1 (primary) and version 2 (``second``: its stage, weight)."""
     cfg = fake_model_config(
-        batching={"kind": "none", "max_queue_size": 4},
+        batching={"kind": "stacking", "max_queue_size": 4},
         versions={
             "1": {"loader": {"kind": "fake"}, "warmup": False},
             "2": {"loader": {"kind": "fake"}, "warmup": False, **second},
@@ -209,7 +231,7 @@ def two_versions(routing: dict[str, Any], **second: Any) -> Any:
     )
     cfg["models"]["m"]["primary"] = "1"
     cfg["routing"] = routing
-    return runtime_from_dict(cfg, extra_plugins=[("body-router", BodyRouterPlugin())])
+    return build_runtime(cfg, (("body-router", BodyRouterPlugin()),))
 
 
 class ByBodyRouter(Router):
@@ -306,7 +328,7 @@ def test_the_variant_header_names_the_one_candidate() -> None:
 
 
 def test_without_request_groups_the_batcher_says_when_it_is_full() -> None:
-    runtime = runtime_from_dict(full_config(group_requests=False))
+    runtime = build_runtime(full_config(group_requests=False))
 
     async def scenario() -> None:
         async with listening(runtime) as client:
@@ -329,7 +351,7 @@ def test_with_request_groups_the_batchers_own_full_counts_too() -> None:
     away from their headers although the groups have room."""
     config = full_config()
     config["batching"]["max_queue_size"] = 8  # room in the groups: only the batcher is full
-    runtime = runtime_from_dict(config)
+    runtime = build_runtime(config)
 
     async def scenario() -> None:
         async with listening(runtime) as client:
@@ -355,7 +377,7 @@ def test_with_request_groups_the_batchers_own_full_counts_too() -> None:
 def test_once_a_shutdown_began_the_request_path_answers_with_connection_close() -> None:
     # While draining, every answer must carry Connection: close (ShutdownMiddleware), which
     # an answer made before the body would not.
-    runtime = runtime_from_dict(full_config())
+    runtime = build_runtime(full_config())
     state = ShutdownState()
     app = create_app(runtime, manage_runtime=False, shutdown=state)
     head = [(b"content-type", b"application/json")]
@@ -385,12 +407,12 @@ def test_the_app_offers_it_unless_turned_off_or_the_access_log_is_on(
     server: dict[str, Any], on: bool
 ) -> None:
     # The access log is written in the ASGI cycle, which an early answer skips.
-    app = create_app(runtime_from_dict(full_config(**server)), manage_runtime=False)
+    app = create_app(build_runtime(full_config(**server)), manage_runtime=False)
     assert (app.reject_before_body is not None) is on  # type: ignore[attr-defined]
 
 
 def test_a_client_gone_before_its_body_is_counted_cancelled_not_rejected() -> None:
-    runtime = runtime_from_dict(full_config())
+    runtime = build_runtime(full_config())
 
     async def scenario() -> None:
         async with listening(runtime) as client:

@@ -7,6 +7,9 @@ makes the source refuse the request (400), one whose ``a`` is ``DEGRADED`` is se
 default features (``X-Infercore-Degraded: features``). Requests sent with one
 ``asyncio.gather`` over an in-process ASGI transport reach the runtime in the same loop turn;
 the source's and the model's call counts show whether they were grouped. No timing is asserted.
+Groups need a batcher that batches; behind ``none`` requests are never grouped. Here it is
+``stacking``: ``none``'s one model call per submission, declared batching, so that the model's
+call count is the number of submissions (a group's is one).
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import numpy as np
 import pytest
 
 from infercore import hookimpl
-from infercore.components import ComponentContext, FeatureSource, Tensors
+from infercore.builtins.batchers import NoBatcher
+from infercore.components import Batcher, ComponentContext, FeatureSource, Tensors
 from infercore.components.features import mark_degraded
 from infercore.errors import InvalidInput
 from infercore.testing import async_app_client, fake_model_config, metric_value, runtime_from_dict
@@ -28,6 +32,7 @@ from infercore.testing import async_app_client, fake_model_config, metric_value,
 INVALID = -2.0
 DEGRADED = -1.0
 POISON = -3.0  # the fake model raises on rows starting with it (fail_on_value)
+BATCHING = {"kind": "stacking"}
 
 
 class ComputingSource(FeatureSource):
@@ -61,16 +66,27 @@ class SoloComputingSource(ComputingSource):
     groupable = False
 
 
+class StackingBatcher(NoBatcher):
+    """``none`` declared batching: each submission (a whole group's) is one model call."""
+
+    kind = "stacking"
+    batches = True
+
+
 class ComputingPlugin:
     @hookimpl
     def register_feature_sources(self) -> list[type[FeatureSource]]:
         return [ComputingSource, SoloComputingSource]
 
+    @hookimpl
+    def register_batchers(self) -> list[type[Batcher]]:
+        return [StackingBatcher]
+
 
 def runtime(
     source: str = "computing", *, server: dict[str, Any] | None = None, **model: Any
 ) -> Any:
-    cfg = fake_model_config(features=3, server=server or {}, **model)
+    cfg = fake_model_config(features=3, server=server or {}, batching=BATCHING, **model)
     cfg["features"] = {"kind": source}
     return runtime_from_dict(cfg, extra_plugins=[("computing", ComputingPlugin())])
 
@@ -80,7 +96,7 @@ def shadow_runtime() -> Any:
         "1": {"loader": {"kind": "fake", "features": 3}},
         "2": {"loader": {"kind": "fake", "features": 3, "offset": 0.5}, "stage": "shadow"},
     }
-    cfg = fake_model_config(versions=versions)
+    cfg = fake_model_config(versions=versions, batching=BATCHING)
     cfg["models"]["m"]["primary"] = "1"
     cfg["models"]["m"]["routing"] = {"kind": "shadow"}
     cfg["features"] = {"kind": "computing"}
@@ -264,9 +280,9 @@ def test_groups_are_on_by_default_for_a_groupable_source() -> None:
 def test_the_built_in_request_source_groups_requests_that_arrive_together(protocol: str) -> None:
     # features: {kind: request}, as iris: V2 tensors pass through; V1 instances of objects
     # are assembled column by column. Row i of either is row i of the request.
-    cfg = fake_model_config(features=2)
+    cfg = fake_model_config(features=2, batching=BATCHING)
     cfg["features"] = {"kind": "request", "assemble": {"x": ["a", "b"]}}
-    rt = runtime_from_dict(cfg)
+    rt = runtime_from_dict(cfg, extra_plugins=[("computing", ComputingPlugin())])
     n = 24
     bodies = requests(n)
 

@@ -340,3 +340,15 @@ def test_durations_have_sub_millisecond_resolution_under_uvloop(kind: str) -> No
         assert latencies and all(latency > 0 for latency in latencies), latencies
         costs = [seconds for _, seconds in batcher.controller._cost.values()]
         assert costs and all(cost > 0 for cost in costs), costs
+
+
+def test_the_runtime_checks_a_fill_delay_against_the_server_s_request_timeout() -> None:
+    # What `infercore config validate` and `serve` build: the runtime hands the batcher the
+    # request timeout, and a fill delay that could never end before it is a config error.
+    from infercore.testing import fake_model_config, runtime_from_dict
+
+    late = fake_model_config(batching={"kind": "dynamic", "max_queue_delay_ms": 20000})
+    with pytest.raises(ConfigError, match=r"max_queue_delay_ms: 20000 is not below"):
+        runtime_from_dict(late)
+    fine = fake_model_config(batching={"kind": "dynamic", "max_queue_delay_ms": 5})
+    runtime_from_dict(fine)

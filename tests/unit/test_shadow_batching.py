@@ -33,7 +33,9 @@ def shadow_runtime(
         "primary": "1",
         "routing": {"kind": "shadow", "workers": 1, **routing},
     }
-    return runtime_from_dict({"batching": batching or {"kind": "none"}, "models": {"m": model}})
+    # A batcher that batches: behind ``none`` each copy is a model call of its own.
+    batching = batching or {"kind": "dynamic", "max_batch_size": 64}
+    return runtime_from_dict({"batching": batching, "models": {"m": model}})
 
 
 def rows(first: float, n: int = 1, width: int = 4) -> Array:
