@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import sys
 import time
+import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TextIO
 
 _STD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "color_message", "taskName"}
 
@@ -94,12 +97,67 @@ class FailureLog:
         self._log.log(level, msg, *args, extra=extra, exc_info=exc_info)
 
 
+#: The logger Python warnings go to (the name ``logging.captureWarnings`` uses).
+WARNINGS_LOGGER = "py.warnings"
+_warnings_log = logging.getLogger(WARNINGS_LOGGER)
+
+
 def configure(level: str = "info", fmt: str = "text", stream: str = "stderr") -> None:
-    """Route infercore's (and uvicorn's) logs to stderr (or stdout) in the chosen format."""
+    """Route infercore's (and uvicorn's) logs, and Python warnings, to stderr (or stdout) in
+    the chosen format."""
     handler = logging.StreamHandler(sys.stdout if stream == "stdout" else sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
-    for name in ("infercore", "uvicorn", "uvicorn.error"):
+    for name in ("infercore", "uvicorn", "uvicorn.error", WARNINGS_LOGGER):
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]
         logger.setLevel(level.upper())
         logger.propagate = False
+    # A warning a library emits (a DeprecationWarning, say) is otherwise printed raw on stderr:
+    # two lines, one of them an absolute file path, in the middle of JSON lines (S6).
+    warnings.showwarning = _log_warning
+
+
+def _log_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """``warnings.showwarning`` that logs one WARNING line naming the module, not the file.
+
+    Not ``logging.captureWarnings``: it logs ``warnings.formatwarning``'s text, which is the
+    file's absolute path and the source line, on two lines.
+    """
+    if file is not None:
+        # Asked for in a file of the caller's own: the standard rendering there.
+        with contextlib.suppress(OSError):
+            file.write(warnings.formatwarning(message, category, filename, lineno, line))
+        return
+    _warnings_log.warning(
+        "%s: %s",
+        category.__name__,
+        message,
+        extra={"source": f"{_module_name(filename)}:{lineno}"},
+    )
+
+
+def _module_name(filename: str) -> str:
+    """The dotted module name of ``filename`` when it is under ``sys.path``, else its stem
+    (``<string>`` and the like as they are).
+
+    Warnings are rare (most are shown once per place): the search costs nothing that matters.
+    """
+    if filename.startswith("<"):
+        return filename
+    best = ""
+    for entry in sys.path:
+        root = os.path.join(os.path.abspath(entry or os.curdir), "")
+        if filename.startswith(root) and len(root) > len(best):
+            best = root
+    rel = filename[len(best) :] if best else os.path.basename(filename)
+    stem = os.path.splitext(rel)[0]
+    if stem.endswith(f"{os.sep}__init__"):
+        stem = stem[: -len("__init__") - 1]
+    return stem.replace(os.sep, ".")

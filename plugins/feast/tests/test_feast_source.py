@@ -1123,3 +1123,29 @@ def test_feast_is_imported_without_its_type_checks_unless_asked(type_checks: boo
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["checked" if type_checks else "unchecked"]
+
+
+@pytest.mark.parametrize("type_checks", [False, True])
+def test_importing_feast_leaves_the_warning_filters_as_they_were(type_checks: bool) -> None:
+    """Feast's modules run ``warnings.simplefilter("once", DeprecationWarning)`` at import:
+    every library's deprecation warnings would then be printed (raw, with file paths, in JSON
+    logs). Only filters of a library's own warning classes (urllib3's) and our own may stay."""
+    script = (
+        "import warnings\n"
+        "before = list(warnings.filters)\n"
+        "from infercore_feast.store import import_feast\n"
+        f"import_feast(type_checks={type_checks})\n"
+        "added = [f for f in warnings.filters if f not in before]\n"
+        "print([(f[0], f[2].__name__) for f in added if f[2].__module__ == 'builtins'"
+        " and f[1] is None])\n"
+        "shown = []\n"
+        "warnings.showwarning = lambda *a, **k: shown.append(a[0])\n"
+        "for category in (DeprecationWarning, PendingDeprecationWarning):\n"
+        "    warnings.warn_explicit('old', category, 'lib.py', 1, module='lib', registry={})\n"
+        "print(len(shown))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[:2] == ["[]", "0"]

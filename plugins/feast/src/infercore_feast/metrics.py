@@ -55,8 +55,8 @@ class FeatureMetrics:
         )
         self.failures = Counter(
             "infercore_feature_fetch_failures",
-            "Feature fetches that got no values from the feature store, by reason "
-            "(timeout, error, breaker_open).",
+            "Requests whose feature fetch got no values from the feature store (once per "
+            "request, grouped or not), by reason (timeout, error, breaker_open).",
             ("model", "reason"),
             registry=r,
         )

@@ -8,6 +8,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -43,6 +44,70 @@ Row = feast_store.Row
 Prepared = tuple[tuple[Any, ...], tuple[int, ...]]
 
 
+_NOTHING: frozenset[str] = frozenset()
+
+
+class _RecentFailure:
+    """Failed fetches of several rows on one turn of the event loop (request groups).
+
+    What they counted, for the fetches of the same keys on the next turn to claim instead of
+    counting again: each key's lookup (a hit or a miss, and a stale row) once, and a failure
+    per fetch that got no values. And the reason each failed key's read failed.
+    """
+
+    __slots__ = ("failed", "failures", "lookups")
+
+    def __init__(self) -> None:
+        #: key -> why its read failed
+        self.failed: dict[str, str] = {}
+        #: key -> lookups of it counted and not claimed yet
+        self.lookups: dict[str, int] = {}
+        #: Failures counted and not claimed yet.
+        self.failures = 0
+
+    def add(
+        self, reason: str, failed: Sequence[str], lookups: Sequence[str], charged: str | None
+    ) -> None:
+        for key in failed:
+            self.failed.setdefault(key, reason)
+        for key in lookups:
+            self.lookups[key] = self.lookups.get(key, 0) + 1
+        if charged is not None:
+            self.failures += 1
+
+    def claim_lookups(self, found: Mapping[str, Any], misses: Sequence[str]) -> set[str]:
+        """The keys among ``found`` and ``misses`` whose lookup is counted already (claimed)."""
+        claimed: set[str] = set()
+        lookups = self.lookups
+        for key in (*found, *misses):
+            left = lookups.get(key, 0)
+            if left:
+                claimed.add(key)
+                if left == 1:
+                    del lookups[key]
+                else:
+                    lookups[key] = left - 1
+        return claimed
+
+    def claim_failure(self) -> bool:
+        """Whether a failure was counted already (it is claimed then).
+
+        Whatever its reason: the group's read may have been the failure that opened the
+        breaker, and its requests, alone, then meet ``breaker_open``.
+        """
+        if self.failures:
+            self.failures -= 1
+            return True
+        return False
+
+    def reason_for(self, keys: Sequence[str]) -> str | None:
+        """Why the read of ``keys`` failed, when every one of them did; else ``None``."""
+        failed = self.failed
+        if all(key in failed for key in keys):
+            return failed[keys[0]]
+        return None
+
+
 class FeastFeatureSource(FeatureSource):
     """Model inputs from the request and from Feast's online store (``kind: feast``).
 
@@ -56,7 +121,9 @@ class FeastFeatureSource(FeatureSource):
     whose Feast store shares one connection between threads). A read is abandoned after
     ``timeout_ms`` (its rows are still cached if it ends later); a request waits no longer
     than its deadline. Failed reads apply ``on_failure`` and count towards the circuit
-    breaker.
+    breaker. A failed fetch of several rows (a request group's) is kept for the next turn of
+    the event loop, when its requests fetch again alone: they do not read its failed keys
+    again, and are counted once each (:meth:`_remember_failure`).
 
     ``feast`` is imported by :meth:`start` (it takes seconds), never with this module.
     """
@@ -143,6 +210,10 @@ class FeastFeatureSource(FeatureSource):
         self.reader: feast_store.RowReader | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._where: feast_store.StoreLocation | None = None
+        #: Failed fetches of several rows (:meth:`_remember_failure`): those of this turn of
+        #: the event loop, and those of the turn before (known on this one only).
+        self._next_turn_failure: _RecentFailure | None = None
+        self._recent_failure: _RecentFailure | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -226,31 +297,108 @@ class FeastFeatureSource(FeatureSource):
                 misses.append(key)
             else:
                 found[key] = value
-        if found:
-            self._m_hits.inc(len(found))
+        recent = self._recent_failure
+        counted: AbstractSet[str] = _NOTHING
+        hits, missed = len(found), len(misses)
+        if recent is not None:
+            # Lookups a failed group's fetch counted already: not counted again.
+            counted = recent.claim_lookups(found, misses)
+            if counted:
+                counted_hits = sum(1 for key in found if key in counted)
+                hits -= counted_hits
+                missed -= len(counted) - counted_hits
+        if hits:
+            self._m_hits.inc(hits)
         if misses:
-            self._m_misses.inc(len(misses))
-            reason = await self._lookup(misses, found, deadline)
-            if reason is not None and self.cache.stale_s and self._serve_stale(misses, found):
+            if missed:
+                self._m_misses.inc(missed)
+            failed = await self._lookup(misses, found, deadline, recent)
+            reason = failed
+            if (
+                reason is not None
+                and self.cache.stale_s
+                and self._serve_stale(misses, found, counted)
+            ):
                 reason = None
+            if failed is not None:
+                charged = None
+                if reason is not None and (recent is None or not recent.claim_failure()):
+                    charged = reason
+                    self._m_failures[reason].inc()
+                    if self.config.on_failure == "fail_open":
+                        self._m_degraded[reason].inc()
+                if rows > 1:
+                    self._remember_failure(failed, keys, found, misses, counted, charged)
             if reason is not None:
-                self._m_failures[reason].inc()
                 if self.config.on_failure == "fail_closed":
                     raise FeatureStoreUnavailable(
                         f"feature store unavailable ({reason.replace('_', ' ')})",
                         hint="retry later; the operator may set on_failure: fail_open",
                     )
-                self._m_degraded[reason].inc()
                 mark_degraded("features")
                 for key in misses:
                     found.setdefault(key, self._unread)
         return self._assemble(keys, found, request_columns)
 
-    def _serve_stale(self, keys: list[str], found: dict[str, Any]) -> bool:
+    def _remember_failure(
+        self,
+        reason: str,
+        keys: list[str],
+        found: Mapping[str, Any],
+        misses: list[str],
+        counted: AbstractSet[str],
+        charged: str | None,
+    ) -> None:
+        """Keep a failed fetch of several rows for the next turn of the event loop.
+
+        With request grouping (``server.group_requests``), a group whose fetch fails runs
+        again request by request on that turn, each request to get the answer it would have
+        got alone. This fetch has counted its keys' lookups and (``charged``) a failure: those
+        requests claim these counts instead of counting again, so each request is counted
+        once; and they do not read again the keys whose read has just failed. Any fetch of
+        several rows may be such a group, so a request for one of its keys on that one turn
+        is treated alike (a read of the same keys one turn later would fail as well).
+
+        Args:
+            reason: Why the read failed.
+            keys: The fetch's entity keys.
+            found: The rows it has (from the cache, or a read that did not fail).
+            misses: The keys it looked up in the store.
+            counted: Its keys whose lookups it claimed, so did not count.
+            charged: The reason its failure was counted under, if it was.
+        """
+        pending = self._next_turn_failure
+        if pending is None:
+            pending = self._next_turn_failure = _RecentFailure()
+            # Queued ahead of the requests that the group's failure is about to wake (after
+            # this, on this turn): the fetches still to come on this turn do not see it.
+            asyncio.get_running_loop().call_soon(self._failure_turn)
+        pending.add(
+            reason,
+            [key for key in misses if key not in found],
+            [key for key in dict.fromkeys(keys) if key not in counted],
+            charged,
+        )
+
+    def _failure_turn(self) -> None:
+        """The turn after failed fetches of several rows: they are known until it ends."""
+        recent, self._next_turn_failure = self._next_turn_failure, None
+        self._recent_failure = recent
+        # Queued behind the requests woken on the turn before, which run on this one.
+        asyncio.get_running_loop().call_soon(self._forget_failure, recent)
+
+    def _forget_failure(self, recent: _RecentFailure | None) -> None:
+        if self._recent_failure is recent:
+            self._recent_failure = None
+
+    def _serve_stale(
+        self, keys: list[str], found: dict[str, Any], counted: AbstractSet[str] = frozenset()
+    ) -> bool:
         """After a failed read: rows for the ``keys`` not in ``found`` from the cache, expired
         up to ``serve_stale_s`` ago. Whether every key has a row now: the request is served,
         marked degraded. Otherwise the failure policy applies; ``fail_open`` keeps the stale
-        rows it found and gives the rest their defaults."""
+        rows it found and gives the rest their defaults. Rows of ``counted`` keys (their lookup
+        counted by a failed fetch before: :meth:`_remember_failure`) are not counted again."""
         stale = {}
         for key in keys:
             if key not in found:
@@ -260,17 +408,34 @@ class FeastFeatureSource(FeatureSource):
         complete = all(key in found or key in stale for key in keys)
         if stale and (complete or self.config.on_failure == "fail_open"):
             found.update(stale)
-            self._m_stale.inc(len(stale))
+            fresh = sum(1 for key in stale if key not in counted) if counted else len(stale)
+            if fresh:
+                self._m_stale.inc(fresh)
             mark_degraded("features")
         return complete
 
-    async def _lookup(self, keys: list[str], found: dict[str, Any], deadline: float) -> str | None:
-        """Read ``keys`` through the merger into ``found``; the failure reason, if any."""
+    async def _lookup(
+        self,
+        keys: list[str],
+        found: dict[str, Any],
+        deadline: float,
+        recent: _RecentFailure | None = None,
+    ) -> str | None:
+        """Read ``keys`` through the merger into ``found``; the failure reason, if any.
+
+        Keys whose read failed on the turn before (``recent``) are not read again: a group's
+        requests, each running alone after the group's fetch failed, would only ask the
+        failing store the same question again.
+        """
         if not self.breaker.allow():
             return "breaker_open"
         remaining = deadline - asyncio.get_running_loop().time()
         if remaining <= 0:
             raise DeadlineExceeded("deadline exceeded before fetching features")
+        if recent is not None:
+            known = recent.reason_for(keys)
+            if known is not None:
+                return known
         futures = [self.merger.submit(key) for key in keys]
         # asyncio.wait never cancels the (shared) futures; the merged read bounds itself by
         # timeout_ms, the deadline bounds this request. No time left means no useful answer,

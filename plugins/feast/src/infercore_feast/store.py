@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from infercore.artifacts import resolve_artifact
 from infercore.errors import ConfigError
@@ -109,25 +109,65 @@ def import_feast(*, type_checks: bool = False) -> Any:
     decides: a later call, or Feast imported before, changes nothing.
     """
     global _feast_type_checks
+    _ignore_feast_pydantic_warning()
+    if "feast" in sys.modules:
+        return importlib.import_module("feast")
+    with _process_warning_filters_kept():
+        if type_checks:
+            return importlib.import_module("feast")
+        try:
+            typeguard: Any = importlib.import_module("typeguard")
+        except ImportError:  # a Feast release that no longer uses it
+            return importlib.import_module("feast")
+        checked = typeguard.typechecked
+        typeguard.typechecked = _unchecked
+        try:
+            feast = importlib.import_module("feast")
+            _feast_type_checks = False
+            return feast
+        finally:
+            typeguard.typechecked = checked
+
+
+@contextlib.contextmanager
+def _process_warning_filters_kept() -> Iterator[None]:
+    """Undo the process-wide warning filters that Feast's modules add when imported.
+
+    Several of them run ``warnings.simplefilter("once", DeprecationWarning)`` (and
+    ``RuntimeWarning``) at import: every library's deprecation warnings, hidden by Python's
+    defaults, are then shown, as they happen: a restarted worker printed websockets' and
+    uvicorn's on every restart. A filter that names a warning class of a library's own (urllib3
+    and requests add some when Feast imports them) concerns that library only, and stays;
+    one for a built-in class with no module or message applies to all code, and goes.
+    """
+    before = list(warnings.filters)
+    try:
+        yield
+    finally:
+        live = cast(list[Any], warnings.filters)  # a list (typeshed says Sequence)
+        added = [
+            f
+            for f in live
+            if f not in before
+            and f[1] is None  # no message
+            and f[3] is None  # no module
+            and isinstance(f[2], type)
+            and f[2].__module__ == "builtins"
+        ]
+        for f in added:
+            live.remove(f)
+        if added:
+            # Tells the warnings module its filters changed (it caches what they decided),
+            # through its public API: a filter of ours, already there, added again.
+            _ignore_feast_pydantic_warning()
+
+
+def _ignore_feast_pydantic_warning() -> None:
     # Feast 0.49's online-store config models shadow a pydantic attribute and warn when they
     # are first built: not ours to fix, and a stray warning line breaks JSON logs.
     warnings.filterwarnings(
         "ignore", message=r"Field name .* shadows an attribute in parent", category=UserWarning
     )
-    if type_checks or "feast" in sys.modules:
-        return importlib.import_module("feast")
-    try:
-        typeguard: Any = importlib.import_module("typeguard")
-    except ImportError:  # a Feast release that no longer uses it
-        return importlib.import_module("feast")
-    checked = typeguard.typechecked
-    typeguard.typechecked = _unchecked
-    try:
-        feast = importlib.import_module("feast")
-        _feast_type_checks = False
-        return feast
-    finally:
-        typeguard.typechecked = checked
 
 
 def _unchecked(target: Any = None, **options: Any) -> Any:
