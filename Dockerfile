@@ -25,7 +25,9 @@ ENV UV_COMPILE_BYTECODE=1 \
     UV_PYTHON_DOWNLOADS=never \
     UV_PROJECT_ENVIRONMENT=/opt/venv
 # First-party plugins installed next to the core (optional extras of the infercore package).
-ARG EXTRAS="onnx feast sklearn"
+# The default runs every recipe docs/deploy.md runs in it: the fraud recipe needs onnx, feast
+# and drift-stats (its `ks` and `chi2` drift detectors); iris needs onnx.
+ARG EXTRAS="onnx feast sklearn drift-stats"
 WORKDIR /src
 # Dependencies first (a layer that changes only with uv.lock or a plugin), then the core.
 COPY pyproject.toml uv.lock README.md LICENSE ./

@@ -40,6 +40,10 @@ KSERVE_MODELS = "/mnt/models"
 STATE_MOUNT = "/var/lib/infercore"
 SOCKET_DIR = "/var/run/infercore"
 SOCKET_PATH = f"{SOCKET_DIR}/infercore.sock"
+#: The sidecar's admin socket: a folder of its own, mounted in the infercore container only (the
+#: application shares SOCKET_DIR, and has no business with the admin API: S1).
+ADMIN_SOCKET_DIR = "/var/run/infercore-admin"
+ADMIN_SOCKET_PATH = f"{ADMIN_SOCKET_DIR}/admin.sock"
 #: Parent of the workers' private Prometheus multiprocess folder (``INFERCORE_METRICS_DIR``).
 METRICS_MOUNT = "/var/run/infercore-metrics"
 #: ``infercore.server.workers.METRICS_PARENT_ENV`` (not imported: it would load the server).
@@ -61,6 +65,8 @@ STARTUP_PERIOD_S, STARTUP_FAILURES = 2, 60
 LIVENESS_PERIOD_S, LIVENESS_FAILURES = 10, 3
 PROBE_TIMEOUT_S = 2
 SIDECAR_READINESS_PERIOD_S = 5
+#: ``--max-replicas`` when not given: this, or ``--replicas`` when that is higher.
+DEFAULT_MAX_REPLICAS = 10
 _LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
@@ -72,7 +78,9 @@ class Options:
     name: str | None = None
     namespace: str | None = None
     replicas: int = 2
-    max_replicas: int = 10
+    #: HPA / InferenceService maximum; ``None``: :data:`DEFAULT_MAX_REPLICAS`, or ``replicas``
+    #: when that is higher. Given, it must be at least ``replicas``.
+    max_replicas: int | None = None
     #: CPU request (``auto``: request and limit); default 1 per worker.
     cpu: str | None = None
     #: Memory request and limit; default 2Gi per worker.
@@ -282,7 +290,9 @@ def _feast_state(composed: Composed) -> dict[str, Any]:
     return extra
 
 
-def _env(port: int | None, secret: str, *, uds: bool = False) -> dict[str, Any]:
+def _env(
+    port: int | None, secret: str, *, uds: bool = False, admin_uds: bool = False
+) -> dict[str, Any]:
     env: list[dict[str, Any]] = [
         {"name": "INFERCORE_RECIPES_DIR", "value": RECIPES_MOUNT},
         {"name": "HOME", "value": "/tmp"},
@@ -295,6 +305,10 @@ def _env(port: int | None, secret: str, *, uds: bool = False) -> dict[str, Any]:
         env.append({"name": "INFERCORE_PORT", "value": str(port)})
     if uds:
         env.append({"name": "INFERCORE_UDS", "value": SOCKET_PATH})
+    if admin_uds:
+        env.append({"name": "INFERCORE_ADMIN_UDS", "value": ADMIN_SOCKET_PATH})
+        # `kubectl exec … -c infercore -- infercore models …` reaches the admin API unaided.
+        env.append({"name": "INFERCORE_ADMIN_URL", "value": f"unix:{ADMIN_SOCKET_PATH}"})
     return {
         "env": env,
         # Addresses and secrets the recipe reads with ${oc.env:VAR} (INFERCORE_REDIS_URL …).
@@ -303,7 +317,13 @@ def _env(port: int | None, secret: str, *, uds: bool = False) -> dict[str, Any]:
 
 
 def _volumes(
-    recipe_cm: str, *, claim: str | None, feast: bool, prefix: str = "", socket: bool = False
+    recipe_cm: str,
+    *,
+    claim: str | None,
+    feast: bool,
+    prefix: str = "",
+    socket: bool = False,
+    admin_socket: bool = False,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(volumes, mounts) for the infercore container."""
     volumes: list[dict[str, Any]] = [
@@ -335,6 +355,13 @@ def _volumes(
             {"name": f"{prefix}socket", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}}
         )
         mounts.append({"name": f"{prefix}socket", "mountPath": SOCKET_DIR})
+    if admin_socket:
+        # The admin listener binds in a folder that must exist (the root filesystem is
+        # read-only and /tmp an empty emptyDir): a folder of its own, not shared with the app.
+        volumes.append(
+            {"name": f"{prefix}admin-socket", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}}
+        )
+        mounts.append({"name": f"{prefix}admin-socket", "mountPath": ADMIN_SOCKET_DIR})
     return volumes, mounts
 
 
@@ -355,8 +382,16 @@ def check_options(opts: Options) -> None:
         raise ConfigError("--image: empty", hint="name the container image, e.g. infercore:1.0")
     if opts.replicas < 1:
         raise ConfigError(f"--replicas: {opts.replicas}; must be >= 1")
-    if opts.max_replicas < 1:
-        raise ConfigError(f"--max-replicas: {opts.max_replicas}; must be >= 1")
+    if opts.max_replicas is not None:
+        if opts.max_replicas < 1:
+            raise ConfigError(f"--max-replicas: {opts.max_replicas}; must be >= 1")
+        # Rendering max(both) would let the HPA scale beyond the maximum the user gave.
+        if opts.max_replicas < opts.replicas:
+            raise ConfigError(
+                f"--max-replicas: {opts.max_replicas} is below --replicas {opts.replicas} (the "
+                "autoscaler's minimum)",
+                hint=f"pass --max-replicas {opts.replicas} or more, or fewer --replicas",
+            )
     if not 1 <= opts.cpu_target_percent <= 100:
         raise ConfigError(f"--cpu-target: {opts.cpu_target_percent}; must be 1..100 (percent)")
     if opts.inflight_target is not None and opts.inflight_target < 1:
@@ -372,6 +407,13 @@ def check_options(opts: Options) -> None:
                 f"--memory: {opts.memory!r} is not a memory quantity",
                 hint="use a Kubernetes quantity, e.g. 2Gi or 512Mi",
             )
+
+
+def max_replicas(opts: Options) -> int:
+    """The autoscaler's maximum: ``--max-replicas``, else the default or ``--replicas``."""
+    if opts.max_replicas is not None:
+        return opts.max_replicas
+    return max(DEFAULT_MAX_REPLICAS, opts.replicas)
 
 
 def cpu_cores(quantity: str) -> float:
@@ -414,9 +456,9 @@ def resources(server: ServerConfig, opts: Options) -> dict[str, Any]:
     return {"requests": {"cpu": cpu, "memory": memory}, "limits": limits}
 
 
-def _http_probe(path: str, period: int, failures: int) -> dict[str, Any]:
+def _http_probe(path: str, period: int, failures: int, port: int | str = "http") -> dict[str, Any]:
     return {
-        "httpGet": {"path": path, "port": "http"},
+        "httpGet": {"path": path, "port": port},
         "periodSeconds": period,
         "timeoutSeconds": min(PROBE_TIMEOUT_S, period),
         "failureThreshold": failures,
@@ -624,7 +666,7 @@ def _render_k8s(
         "spec": {
             "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
             "minReplicas": opts.replicas,
-            "maxReplicas": max(opts.max_replicas, opts.replicas),
+            "maxReplicas": max_replicas(opts),
             "metrics": metrics,
             "behavior": {
                 "scaleDown": {
@@ -705,6 +747,16 @@ def _render_kserve(
     )
     volumes, mounts = _volumes(f"{name}-kserve-recipe", claim=None, feast=bool(feast))
     port = 8080  # KServe routes to the runtime's 8080
+    t = timings(server, opts.prestop_sleep_s)
+    # Without a readiness probe Knative probes the TCP port, which infercore opens while its
+    # models still load (liveness answers then, P4): pods would take traffic and answer 503.
+    # Knative takes a probe port only if it is the container's port (by number here: Knative
+    # allows no port name but http1/h2c). No startupProbe: Knative before 1.15 refuses one, and
+    # it turns off Knative's fast readiness probing; liveness waits out the same startup budget
+    # instead (it answers while models load, so only a start that hangs is restarted).
+    readiness = _http_probe(READY, t.readiness_period_s, t.readiness_failures, port)
+    liveness = _http_probe(LIVE, LIVENESS_PERIOD_S, LIVENESS_FAILURES, port)
+    liveness["initialDelaySeconds"] = STARTUP_PERIOD_S * STARTUP_FAILURES
     runtime = {
         "apiVersion": "serving.kserve.io/v1alpha1",
         "kind": "ServingRuntime",
@@ -725,6 +777,8 @@ def _render_kserve(
                     "args": ["serve", f"+recipe={recipe}", f"server.port={port}"],
                     **_env(port, secret),
                     "ports": [{"containerPort": port, "protocol": "TCP"}],
+                    "readinessProbe": readiness,
+                    "livenessProbe": liveness,
                     "resources": resources(server, opts),
                     "securityContext": _container_security(),
                     "volumeMounts": mounts,
@@ -743,10 +797,8 @@ def _render_kserve(
         "spec": {
             "predictor": {
                 "minReplicas": opts.replicas,
-                "maxReplicas": max(opts.max_replicas, opts.replicas),
-                "terminationGracePeriodSeconds": timings(
-                    server, opts.prestop_sleep_s
-                ).termination_grace_s,
+                "maxReplicas": max_replicas(opts),
+                "terminationGracePeriodSeconds": t.termination_grace_s,
                 "model": {
                     "modelFormat": {"name": name},
                     "runtime": name,
@@ -777,6 +829,17 @@ def _render_sidecar(
     labels = _labels(name, "sidecar")
     claim = None if opts.baked_models else (opts.models_claim or f"{name}-models")
     feast = _feast_state(composed)
+    extra: dict[str, Any] = {
+        **feast,
+        "server.uds": "${oc.env:INFERCORE_UDS," + SOCKET_PATH + "}",
+    }
+    admin = composed.config.admin
+    # Like server.uds, the pod's layout decides where the admin socket goes: deploy=sidecar's
+    # default (/tmp/infercore/admin.sock) is in no folder the pod mounts for it, and the admin
+    # socket gets a folder of its own, which the application does not mount.
+    admin_socket = admin.enabled and admin.uds is not None
+    if admin_socket:
+        extra["admin.uds"] = "${oc.env:INFERCORE_ADMIN_UDS," + ADMIN_SOCKET_PATH + "}"
     cm, recipe, digest = _recipe_configmap(
         composed,
         data,
@@ -785,18 +848,23 @@ def _render_sidecar(
         labels=labels,
         model_root="/app/recipes" if opts.baked_models else MODELS_MOUNT,
         source=overrides,
-        extra={**feast, "server.uds": "${oc.env:INFERCORE_UDS," + SOCKET_PATH + "}"},
+        extra=extra,
     )
     secret = f"{name}-env"
     volumes, mounts = _volumes(
-        f"{name}-recipe", claim=claim, feast=bool(feast), prefix="infercore-", socket=True
+        f"{name}-recipe",
+        claim=claim,
+        feast=bool(feast),
+        prefix="infercore-",
+        socket=True,
+        admin_socket=admin_socket,
     )
     sidecar: dict[str, Any] = {
         "name": "infercore",
         "image": opts.image,
         "imagePullPolicy": "IfNotPresent",
         "args": ["serve", f"+recipe={recipe}"],
-        **_env(None, secret, uds=True),
+        **_env(None, secret, uds=True, admin_uds=admin_socket),
         # A native sidecar (Kubernetes >= 1.29): started before the application's containers,
         # stopped after them, so the application can call it until it has drained.
         "restartPolicy": "Always",
@@ -846,6 +914,16 @@ def _render_sidecar(
         "infercore (it stops after the application's containers)"
     )
     out.notes.append(f"the application calls http://localhost/... over {SOCKET_PATH}")
+    if admin_socket:
+        token = (
+            "admin.auth_file"
+            if admin.auth_file is not None
+            else f"${admin.auth_env}, from the Secret {secret!r}"
+        )
+        out.notes.append(
+            f"the admin API listens on {ADMIN_SOCKET_PATH}, in the infercore container only: "
+            f"kubectl exec POD -c infercore -- infercore models list (its token: {token})"
+        )
     out.notes.extend(_workers_notes(server, opts))
     out.notes.extend(_notes(data, name, claim, secret, opts))
     return out
@@ -877,7 +955,8 @@ def _notes(
     wanted = [
         v
         for v in env_references(data)
-        if v not in ("INFERCORE_PORT", "INFERCORE_HOST", "INFERCORE_UDS")
+        # Listen addresses: the rendered pod sets or pins them, no Secret holds them.
+        if v not in ("INFERCORE_PORT", "INFERCORE_HOST", "INFERCORE_UDS", "INFERCORE_ADMIN_UDS")
     ]
     if wanted:
         notes.append(

@@ -19,6 +19,8 @@ import yaml
 
 from infercore.config.compose import compose
 from infercore.deploy import k8s
+from infercore.registry import Registry
+from infercore.runtime import Runtime
 
 REPO = Path(__file__).resolve().parents[2]
 COMPILERS = ("gcc", "g++", "clang", "build-essential", "make", "cmake", "rustc", "cargo")
@@ -49,6 +51,10 @@ def _instructions(text: str) -> list[tuple[str, str]]:
 @pytest.fixture(scope="module")
 def dockerfile() -> tuple[dict[str, str], list[Stage]]:
     """(global ARG defaults, stages)."""
+    return _parse_dockerfile()
+
+
+def _parse_dockerfile() -> tuple[dict[str, str], list[Stage]]:
     args: dict[str, str] = {}
     stages: list[Stage] = []
     for op, rest in _instructions((REPO / "Dockerfile").read_text()):
@@ -217,8 +223,6 @@ def test_compose_infercore_command_composes_with_redis_and_drains_in_time(
     grace = int(svc["stop_grace_period"].rstrip("s"))
     assert grace >= cfg.server.drain_delay_s + cfg.server.graceful_timeout_s
     assert svc["depends_on"]["redis"]["condition"] == "service_healthy"
-    build_args = svc["build"]["args"]
-    assert "feast" in build_args["EXTRAS"].split() and "onnx" in build_args["EXTRAS"].split()
 
 
 def test_prometheus_and_grafana_point_at_each_other(stack: dict[str, Any]) -> None:
@@ -248,3 +252,132 @@ def test_prometheus_and_grafana_point_at_each_other(stack: dict[str, Any]) -> No
     dashboard = json.loads((REPO / host_dir / "infercore.json").read_text())
     var = next(v for v in dashboard["templating"]["list"] if v["type"] == "datasource")
     assert var["current"]["value"] == source["uid"]
+
+
+# --- the image installs what the recipes it runs need ------------------------------------
+
+#: The core's own distribution: its built-in plugins are always installed.
+CORE_DISTRIBUTION = "infercore"
+WORKFLOW = REPO / "deploy/github-actions/infercore.yml"
+
+
+def _normalize(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _extra_of_distribution() -> dict[str, str]:
+    """Distribution -> the optional-dependencies extra of pyproject.toml that installs it."""
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    out: dict[str, str] = {}
+    for extra, requirements in declared.items():
+        for requirement in requirements:
+            match = re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", requirement)
+            assert match, requirement
+            out[_normalize(match.group(0))] = extra
+    return out
+
+
+def _distributions_used(overrides: list[str], monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Distribution -> a component (``role kind at path``) of the composed config it provides.
+
+    The Runtime resolves every component node of the config (models, repository loaders,
+    features, batching, routing, drift detectors, actions) through the registry; recording each
+    resolution names the plugin of every kind used, whichever config key it sits under, and the
+    plugin manager names the plugin's distribution.
+    """
+    used: list[tuple[str, str, str, str]] = []
+    original = Registry.resolve
+
+    def recording(
+        self: Registry, role: str, node: Any, *, path: str, context: str = ""
+    ) -> tuple[Any, Any]:
+        cls, cfg = original(self, role, node, path=path, context=context)
+        used.append((role, cls.kind, path, self.kinds(role)[cls.kind].plugin))
+        return cls, cfg
+
+    with monkeypatch.context() as m:
+        m.setattr(Registry, "resolve", recording)
+        runtime = Runtime(compose(overrides))
+    assert used, "the recording saw no component: it would pass whatever the extras"
+    return {
+        _normalize(runtime.plugins[plugin].distribution): f"{role} {kind!r} at {path}"
+        for role, kind, path, plugin in used
+    }
+
+
+def _image_builds() -> list[tuple[str, list[str], list[list[str]], dict[str, str]]]:
+    """(where, EXTRAS, the overrides each image is run with, environment) for every image the
+    project builds: the Dockerfile's default, compose.yaml's and the CI workflow's."""
+    builds: list[tuple[str, list[str], list[list[str]], dict[str, str]]] = []
+    _, stages = _parse_dockerfile()
+    build = next(s for s in stages if s.name == "build")
+    extras = next(a for a in build.all("ARG") if a.startswith("EXTRAS=")).split("=", 1)[1]
+    cmd = json.loads(stages[-1].all("CMD")[0])
+    # The default image bakes every recipe and runs its CMD's (iris); its extras are meant for
+    # the fraud recipe too (feast is there for nothing else), in every environment.
+    runs = [cmd[1:], ["+recipe=fraud"], ["+recipe=fraud", "env=prod"]]
+    builds.append(("Dockerfile EXTRAS default", extras.strip('"').split(), runs, {}))
+
+    service = yaml.safe_load((REPO / "compose.yaml").read_text())["services"]["infercore"]
+    command = service["command"]
+    assert command[0] == "serve"
+    builds.append(
+        (
+            "compose.yaml build.args.EXTRAS",
+            service["build"]["args"]["EXTRAS"].split(),
+            [command[1:]],
+            dict(service["environment"]),
+        )
+    )
+
+    workflow = yaml.safe_load(WORKFLOW.read_text())
+    (step,) = [
+        s
+        for s in workflow["jobs"]["image"]["steps"]
+        if str(s.get("uses", "")).startswith("docker/build-push-action")
+    ]
+    build_args = dict(
+        line.split("=", 1) for line in step["with"]["build-args"].splitlines() if line.strip()
+    )
+    recipe = workflow["env"]["RECIPE"]
+    builds.append(
+        (
+            "deploy/github-actions/infercore.yml build-args EXTRAS",
+            build_args["EXTRAS"].split(),
+            # The environments its pods run in (the manifests job renders staging and prod).
+            [[f"+recipe={recipe}", f"env={env}"] for env in ("staging", "prod")],
+            {},
+        )
+    )
+    return builds
+
+
+@pytest.mark.parametrize("build", _image_builds(), ids=lambda b: b[0])
+def test_every_image_installs_the_plugins_of_the_recipes_it_runs(
+    build: tuple[str, list[str], list[list[str]], dict[str, str]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A kind whose plugin the image lacks fails the container at start (exit 2, restarted for
+    ever by compose): every component kind the composed config uses must come from the core or
+    from a distribution that one of the image's extras installs."""
+    where, extras, runs, environment = build
+    for key, value in environment.items():
+        monkeypatch.setenv(key, value)
+    extra_of = _extra_of_distribution()
+    declared = set(extra_of.values())
+    assert set(extras) <= declared, f"{where}: unknown extras {sorted(set(extras) - declared)}"
+    for overrides in runs:
+        for distribution, component in _distributions_used(overrides, monkeypatch).items():
+            if distribution == CORE_DISTRIBUTION:
+                continue
+            extra = extra_of.get(distribution)
+            assert extra is not None, (
+                f"{' '.join(overrides)}: {component} comes from {distribution}, which no extra "
+                "of pyproject.toml installs"
+            )
+            assert extra in extras, (
+                f"{where} = {' '.join(extras)!r} lacks {extra!r}: {' '.join(overrides)} uses "
+                f"{component}, from {distribution}"
+            )

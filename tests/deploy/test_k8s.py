@@ -153,6 +153,59 @@ def test_probe_and_shutdown_timings_agree(fraud: k8s.Rendered, server: Any) -> N
     )
 
 
+def test_kserve_runtime_probes_readiness_and_liveness(fraud: k8s.Rendered, server: Any) -> None:
+    """Without a readiness probe Knative probes the TCP port, which opens while the models still
+    load: the runtime's container probes /v2/health/ready as the Deployment does."""
+    (container,) = _one(fraud, "ServingRuntime", "kserve/")["spec"]["containers"]
+    deployed = _container(_one(fraud, "Deployment"))
+    port = container["ports"][0]["containerPort"]
+    ready, live = container["readinessProbe"], container["livenessProbe"]
+    assert ready["httpGet"] == {"path": "/v2/health/ready", "port": port}
+    assert live["httpGet"] == {"path": "/v2/health/live", "port": port}
+    # Knative refuses a probe port other than the container's, and a port name it does not
+    # know (the container port has none): the port is the number.
+    assert isinstance(ready["httpGet"]["port"], int)
+    # The same readiness timings as the Deployment (it notices the drain in time) ...
+    for key in ("periodSeconds", "failureThreshold", "timeoutSeconds"):
+        assert ready[key] == deployed["readinessProbe"][key], key
+    assert ready["periodSeconds"] * ready["failureThreshold"] <= server.drain_delay_s
+    # ... and no startupProbe (Knative < 1.15 refuses one): liveness waits out the startup
+    # budget the Deployment's startup probe gives.
+    assert "startupProbe" not in container
+    startup = deployed["startupProbe"]
+    assert live["initialDelaySeconds"] >= startup["periodSeconds"] * startup["failureThreshold"]
+    for probe in (ready, live):
+        assert probe["timeoutSeconds"] <= probe["periodSeconds"]
+
+
+def test_max_replicas_defaults_to_at_least_the_replicas_and_is_never_raised() -> None:
+    def limits(opts: k8s.Options) -> tuple[int, int, int, int]:
+        rendered = k8s.render(["+recipe=iris", "env=prod"], opts)
+        hpa = _one(rendered, "HorizontalPodAutoscaler")["spec"]
+        isvc = _one(rendered, "InferenceService", "kserve/")["spec"]["predictor"]
+        return hpa["minReplicas"], hpa["maxReplicas"], isvc["minReplicas"], isvc["maxReplicas"]
+
+    assert limits(k8s.Options()) == (2, k8s.DEFAULT_MAX_REPLICAS, 2, k8s.DEFAULT_MAX_REPLICAS)
+    assert limits(k8s.Options(replicas=12)) == (12, 12, 12, 12)  # no maximum given
+    assert limits(k8s.Options(replicas=3, max_replicas=3)) == (3, 3, 3, 3)
+    assert limits(k8s.Options(replicas=3, max_replicas=4)) == (3, 4, 3, 4)
+
+
+def test_cli_refuses_max_replicas_below_replicas(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "rendered"
+    argv = ["deploy", "k8s", *FRAUD_PROD, "--image", "x", "--out", str(out)]
+    assert run([*argv, "--replicas", "3", "--max-replicas", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert err[0].startswith("infercore: config error: --max-replicas: 1 is below --replicas 3")
+    assert not out.exists()  # nothing rendered
+    # --replicas alone raises the maximum with it (the default 10 is not a ceiling).
+    assert run([*argv, "--replicas", "12"]) == 0
+    assert "maxReplicas: 12" in (out / "hpa.yaml").read_text()
+
+
 def test_check_timings_catches_disagreements(fraud: k8s.Rendered, server: Any) -> None:
     deployment = copy.deepcopy(_one(fraud, "Deployment"))
     spec = deployment["spec"]["template"]["spec"]
@@ -346,11 +399,80 @@ def test_sidecar_patch_merged_into_an_app_validates(monkeypatch: pytest.MonkeyPa
     assert sidecar_cfg.workers == 1
 
 
-def tmp_recipes(text: str) -> Path:
+def test_sidecar_with_the_admin_api_gets_a_folder_for_its_socket(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The admin listener binds in a folder that must exist in the pod (read-only root, /tmp an
+    empty emptyDir): every socket the rendered config listens on lies in a mounted folder."""
+    monkeypatch.delenv("INFERCORE_UDS", raising=False)
+    monkeypatch.delenv("INFERCORE_ADMIN_UDS", raising=False)
+    rendered = k8s.render(
+        ["+recipe=iris", "deploy=sidecar", "admin.enabled=true"],
+        k8s.Options(app="payments", app_container="api"),
+    )
+    (patch,) = rendered.files["sidecar-patch.yaml"]
+    spec = patch["spec"]["template"]["spec"]
+    (sidecar,) = spec["initContainers"]
+    mounted = {m["mountPath"]: m["name"] for m in sidecar["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    env = {e["name"]: e["value"] for e in sidecar["env"]}
+
+    # The pod's config: the ConfigMap's recipe, with the pod's environment.
+    text = next(iter(rendered.files["configmap.yaml"][0]["data"].values()))
+    folder = Path(tmp_recipes(text, "iris"))
+    for name in ("INFERCORE_UDS", "INFERCORE_ADMIN_UDS"):
+        if name in env:
+            monkeypatch.setenv(name, env[name])
+    cfg = compose(["+recipe=iris"], recipes_dir=folder).config
+    assert cfg.admin.enabled
+    for what, path in (("server.uds", cfg.server.uds), ("admin.uds", cfg.admin.uds)):
+        assert path is not None
+        parent = str(Path(path).parent)
+        assert parent in mounted, f"{what}: {path}, whose folder nothing creates in the pod"
+        assert "emptyDir" in volumes[mounted[parent]]
+    assert cfg.admin.uds == k8s.ADMIN_SOCKET_PATH
+    # The admin socket is the infercore container's alone: the application mounts only the
+    # inference socket's folder.
+    (app,) = spec["containers"]
+    assert [m["mountPath"] for m in app["volumeMounts"]] == [k8s.SOCKET_DIR]
+    assert k8s.ADMIN_SOCKET_DIR != k8s.SOCKET_DIR
+    assert env["INFERCORE_ADMIN_URL"] == f"unix:{k8s.ADMIN_SOCKET_PATH}"
+    assert any(k8s.ADMIN_SOCKET_PATH in note for note in rendered.notes)
+    assert not any("INFERCORE_ADMIN_UDS" in note for note in rendered.notes)  # not a secret
+    merged = _merge_sidecar(
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": "payments"},
+            "spec": {
+                "selector": {"matchLabels": {"app": "payments"}},
+                "template": {
+                    "metadata": {"labels": {"app": "payments"}},
+                    "spec": {"containers": [{"name": "api", "image": "payments:1"}]},
+                },
+            },
+        },
+        patch,
+    )
+    _validate(merged)
+
+    # Without the admin API nothing changes: no admin volume, no admin variables.
+    plain = k8s.render(["+recipe=iris", "deploy=sidecar"], k8s.Options())
+    (plain_patch,) = plain.files["sidecar-patch.yaml"]
+    plain_spec = plain_patch["spec"]["template"]["spec"]
+    assert k8s.ADMIN_SOCKET_DIR not in {
+        m["mountPath"] for m in plain_spec["initContainers"][0]["volumeMounts"]
+    }
+    assert not any(
+        e["name"].startswith("INFERCORE_ADMIN") for e in plain_spec["initContainers"][0]["env"]
+    )
+
+
+def tmp_recipes(text: str, recipe: str = "fraud") -> Path:
     import tempfile
 
     folder = Path(tempfile.mkdtemp(prefix="infercore-recipes-"))
-    (folder / "fraud.yaml").write_text(text)
+    (folder / f"{recipe}.yaml").write_text(text)
     return folder
 
 
@@ -445,6 +567,11 @@ def test_cli_config_error_is_one_line_exit_2(capsys: pytest.CaptureFixture[str])
         (["+recipe=iris"], {"replicas": 0}, "^--replicas: 0; must be >= 1"),
         (["+recipe=iris"], {"replicas": -1}, "^--replicas: -1"),
         (["+recipe=iris"], {"max_replicas": 0}, "^--max-replicas: 0"),
+        (
+            ["+recipe=iris"],
+            {"replicas": 3, "max_replicas": 1},
+            "^--max-replicas: 1 is below --replicas 3",
+        ),
         (["+recipe=iris"], {"memory": "lots"}, "^--memory: 'lots' is not a memory quantity"),
         (["+recipe=iris"], {"memory": "0Gi"}, "^--memory: '0Gi'"),
         (["+recipe=iris"], {"cpu_target_percent": 0}, r"^--cpu-target: 0; must be 1\.\.100"),
