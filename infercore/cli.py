@@ -85,7 +85,12 @@ def _add_k8s_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="resource name (default infercore-RECIPE)")
     p.add_argument("--namespace", help="metadata.namespace of every resource")
     p.add_argument("--replicas", type=int, default=2, help="replicas / HPA minimum (2)")
-    p.add_argument("--max-replicas", type=int, default=10, help="HPA maximum (10)")
+    p.add_argument(
+        "--max-replicas",
+        type=int,
+        default=None,
+        help="HPA maximum (10, or --replicas when higher; never below --replicas)",
+    )
     p.add_argument(
         "--cpu",
         help="CPU request (1 per worker); with server.workers=auto also the limit, which sets "
@@ -295,10 +300,10 @@ def check_before_listen(
         composed: The composed, validated config.
         workers: The worker processes it will run (``server.workers``, ``auto`` counted).
         local: Also what depends on this machine: the admin token (``admin.auth_env`` or
-            ``admin.auth_file``) and the Unix socket's path on disk. ``deploy k8s`` passes
-            ``False``: the pod has its own environment and filesystem.
-        create: Make the Unix socket's folder when missing (``serve``); ``config validate``
-            changes nothing.
+            ``admin.auth_file``), the Unix sockets' paths on disk and ``admin.audit_log``.
+            ``deploy k8s`` passes ``False``: the pod has its own environment and filesystem.
+        create: Make the Unix sockets' folders and the audit log when missing (``serve``);
+            ``config validate`` changes nothing, and checks that they could be made.
 
     Raises:
         ConfigError: The first problem, as one line naming the config path.
@@ -318,6 +323,14 @@ def check_before_listen(
         _check_uds(cfg.uds, on_disk=local, create=create)
     admin = config.admin
     if admin.enabled:
+        if admin.uds is not None:
+            if cfg.uds is not None and os.path.abspath(admin.uds) == os.path.abspath(cfg.uds):
+                raise ConfigError(
+                    "admin.uds: it is server.uds too; the two listeners need their own sockets",
+                    hint="set admin.uds to another path (e.g. admin.sock beside server.uds)",
+                )
+            # The rule server.uds follows: a stale socket is replaced, a live one refused.
+            _check_uds(admin.uds, key="admin.uds", on_disk=local, create=create)
         if (
             admin.uds is None
             and cfg.uds is None
@@ -334,6 +347,52 @@ def check_before_listen(
             from infercore.server.admin import load_token
 
             load_token(admin)
+    # Opened by serve whether or not the admin API is on (the canary guard's decisions).
+    if local and admin.audit_log is not None:
+        if create:
+            from infercore.lifecycle.audit import AuditLog
+
+            AuditLog(admin.audit_log, keep=1)  # makes the folder and the file, as serve does
+        else:
+            _check_audit_log(admin.audit_log)
+
+
+def _check_audit_log(path_text: str) -> None:
+    """What :class:`infercore.lifecycle.audit.AuditLog` refuses, found without creating anything
+    (``config validate``): the same messages."""
+    import errno
+    from pathlib import Path
+
+    path = Path(path_text)
+    folder = path.parent
+    hint = "point admin.audit_log at a writable file in an existing folder, or unset it"
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(
+            f"admin.audit_log: cannot create {str(path)!r}: {str(folder)!r} is not a folder",
+            hint=hint,
+        )
+    if not folder.exists():
+        if not folder.parent.is_dir():
+            raise ConfigError(
+                f"admin.audit_log: cannot create {str(path)!r}: {str(folder)!r} and "
+                f"{str(folder.parent)!r} do not exist (only the file's own folder is created)",
+                hint=hint,
+            )
+        writable = os.access(folder.parent, os.W_OK | os.X_OK)
+    elif path.is_dir():
+        raise ConfigError(
+            f"admin.audit_log: cannot write {str(path)!r} ({os.strerror(errno.EISDIR)})",
+            hint=hint,
+        )
+    elif path.exists():
+        writable = os.access(path, os.W_OK)
+    else:
+        writable = os.access(folder, os.W_OK | os.X_OK)
+    if not writable:
+        raise ConfigError(
+            f"admin.audit_log: cannot write {str(path)!r} ({os.strerror(errno.EACCES)})",
+            hint=hint,
+        )
 
 
 _ALL_INTERFACES = ("0.0.0.0", "::", "")
@@ -466,25 +525,33 @@ def _warn_all_interfaces(cfg: Any, deploy: str) -> None:
         log.warning("listening on all interfaces (%s); is that intended?", cfg.host or "''")
 
 
-def _check_uds(path: str, *, on_disk: bool = True, create: bool = True) -> None:
+#: The socket file each listener's hints suggest.
+_UDS_EXAMPLE = {"server.uds": "infercore.sock", "admin.uds": "admin.sock"}
+
+
+def _check_uds(
+    path: str, *, key: str = "server.uds", on_disk: bool = True, create: bool = True
+) -> None:
     """The socket's folder exists (created 0700 if missing); nothing but a stale socket there.
 
-    ``on_disk=False`` checks only the path's length; ``create=False`` leaves a missing folder.
+    ``key`` is the config path errors name (``server.uds`` or ``admin.uds``).
+    ``on_disk=False`` checks only the path's length; ``create=False`` leaves a missing folder,
+    and checks that it could be made.
     """
-    import os
+    import errno
     import stat
     from pathlib import Path
 
+    example = _UDS_EXAMPLE.get(key, "infercore.sock")
     if not path.strip():
         raise ConfigError(
-            "server.uds: the socket path is empty",
-            hint="set server.uds=/PATH/infercore.sock, or server.uds=null to listen on TCP",
+            f"{key}: the socket path is empty",
+            hint=f"set {key}=/PATH/{example}, or {key}=null to listen on TCP",
         )
     if len(os.fsencode(path)) > _UDS_MAX:
         raise ConfigError(
-            f"server.uds: the socket path is {len(os.fsencode(path))} bytes; the limit is "
-            f"{_UDS_MAX}",
-            hint="use a shorter path, e.g. /tmp/infercore/infercore.sock",
+            f"{key}: the socket path is {len(os.fsencode(path))} bytes; the limit is {_UDS_MAX}",
+            hint=f"use a shorter path, e.g. /tmp/infercore/{example}",
         )
     if not on_disk:
         return
@@ -492,32 +559,47 @@ def _check_uds(path: str, *, on_disk: bool = True, create: bool = True) -> None:
     if sock.exists():
         if not stat.S_ISSOCK(sock.stat().st_mode):
             raise ConfigError(
-                "server.uds: the path exists and is not a socket", hint="choose another path"
+                f"{key}: the path exists and is not a socket", hint="choose another path"
             )
+        from infercore.server.admin import socket_answers
+
         # A socket file is left behind by a process that died; one that answers is in use
         # (binding would silently take it over from the running server).
-        import socket
-
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            probe.settimeout(1.0)
-            try:
-                probe.connect(path)
-            except OSError:
-                pass
-            else:
+        if socket_answers(path):
+            raise ConfigError(
+                f"{key}: another server is listening on this socket",
+                hint="stop it, or choose another path",
+            )
+    hint = f"point {key} into a writable folder"
+    if create:
+        try:
+            sock.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"{key}: cannot create the socket's folder ({exc.strerror})", hint=hint
+            ) from None
+    else:
+        # What mkdir would meet: the nearest folder that exists must be one, and writable.
+        existing = sock.parent
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if existing != sock.parent:
+            problem = None
+            if not existing.is_dir():
+                problem = errno.ENOTDIR
+            elif not os.access(existing, os.W_OK | os.X_OK):
+                problem = errno.EACCES
+            if problem is not None:
                 raise ConfigError(
-                    "server.uds: another server is listening on this socket",
-                    hint="stop it, or choose another path",
+                    f"{key}: cannot create the socket's folder ({os.strerror(problem)})",
+                    hint=hint,
                 )
-    if not create:
-        return
-    try:
-        sock.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
+    if sock.parent.is_dir() and not os.access(sock.parent, os.W_OK | os.X_OK):
+        # bind() would fail after the models loaded; a config error before anything loads.
         raise ConfigError(
-            f"server.uds: cannot create the socket's folder ({exc.strerror})",
-            hint="point server.uds into a writable folder",
-        ) from None
+            f"{key}: cannot create the socket in its folder ({os.strerror(errno.EACCES)})",
+            hint=hint,
+        )
 
 
 async def _serve_async(
@@ -599,7 +681,18 @@ async def _serve_async(
         state.peers_ready = False
         worker.watch_peers(loop, lambda: setattr(state, "peers_ready", True))
     if admin is not None:
-        await admin.start()  # the admin listener (infercore.server.admin), its own server
+        try:
+            await admin.start()  # the admin listener (infercore.server.admin), its own server
+        except BaseException:
+            if worker is None:
+                # Nothing was served: the inference socket bound above goes too (one line,
+                # no stale socket file left for the next start to replace).
+                for sock in sockets:
+                    sock.close()
+                if cfg.uds is not None:
+                    with contextlib.suppress(OSError):
+                        os.unlink(cfg.uds)
+            raise
     start_task = asyncio.create_task(runtime.start())
     if worker is not None and worker.defer_listen:
         # A restarted worker beside serving ones: it takes connections once it can answer them.

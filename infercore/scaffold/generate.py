@@ -137,6 +137,47 @@ def _installed_kind(role: str, kind: str) -> str | None:
     return found.plugin if found else None
 
 
+def _normalized(name: str) -> str:
+    # As installers compare distribution names (PEP 503): infercore-drift_stats is
+    # infercore-drift-stats.
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _installed_name(names: PluginNames) -> tuple[str, str] | None:
+    """What is installed here under a name the new plugin would also take, and what
+    installing the new one would do to it; ``None`` when the names are free.
+
+    Installing ``infercore-NAME`` replaces an installed distribution of that name (its
+    ``infercore_NAME`` package and entry point with it); an entry point of the same name in
+    another distribution makes both refuse to start. Read from the installed metadata, without
+    importing any plugin.
+    """
+    import importlib.metadata as md
+    import importlib.util
+
+    try:
+        dist = md.distribution(names.distribution)
+    except md.PackageNotFoundError:
+        pass
+    else:
+        installed = dist.metadata["Name"] or names.distribution
+        return f"the installed distribution {installed}", "would replace it"
+    wanted = _normalized(names.kind)
+    for ep in md.entry_points(group="infercore"):
+        if _normalized(ep.name) == wanted:
+            owner = ep.dist.name if ep.dist is not None else "an installed distribution"
+            if ep.name == names.kind:
+                return f"the plugin {ep.name!r} of {owner}", "would make both refuse to start"
+            return f"the plugin {ep.name!r} of {owner}", "would add a look-alike of its name"
+    try:
+        found = importlib.util.find_spec(names.package) is not None
+    except (ImportError, ValueError):  # a broken package of that name is still that name
+        found = True
+    if not found:
+        return None
+    return f"the installed package {names.package}", "would overwrite or shadow it"
+
+
 def new_plugin(name: str, role: str, parent: Path) -> list[Path]:
     """Write the distribution ``infercore-NAME`` for a ``role`` component into ``parent``.
 
@@ -150,9 +191,9 @@ def new_plugin(name: str, role: str, parent: Path) -> list[Path]:
         The files written, in a stable order.
 
     Raises:
-        ScaffoldError: An invalid name or role, a kind an installed plugin already registers
-            for the role, a destination that exists and is not empty, or one that cannot
-            be written.
+        ScaffoldError: An invalid name or role, a name an installed distribution, plugin or
+            package already uses, a kind an installed plugin already registers for the role,
+            a destination that exists and is not empty, or one that cannot be written.
     """
     names = plugin_names(name)
     spec = ROLES.get(role)
@@ -160,6 +201,15 @@ def new_plugin(name: str, role: str, parent: Path) -> list[Path]:
         raise ScaffoldError(
             f"--kind {role!r} is not a component role",
             hint=f"choose one of: {', '.join(ROLES)}",
+        )
+    taken = _installed_name(names)
+    if taken is not None:
+        what, effect = taken
+        other = f"my-{names.name.replace('_', '-')}"
+        example = f" (e.g. {other})" if len(other) <= _MAX_NAME else ""
+        raise ScaffoldError(
+            f"plugin name {name!r} is taken by {what}; installing {names.distribution} {effect}",
+            hint=f"choose another name{example}; `infercore plugins` lists the installed ones",
         )
     owner = _installed_kind(role, names.kind)
     if owner is not None:

@@ -34,11 +34,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import hmac
 import logging
 import os
 import socket
+import stat
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -467,6 +469,32 @@ def _no_signal_capture() -> Iterator[None]:
     yield
 
 
+def socket_answers(path: str) -> bool:
+    """Whether a server accepts connections on the Unix socket ``path``.
+
+    A socket file nobody answers on was left by a process that died and may be replaced;
+    binding over one that answers would silently take it over from the running server.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+    return True
+
+
+async def _serve(server: Any, sockets: list[socket.socket]) -> None:
+    """``server.serve()``; uvicorn's ``sys.exit`` on a failed start-up becomes a return.
+
+    A ``SystemExit`` raised in a task is re-raised by the event loop itself, past whoever
+    awaits the task, and would end ``infercore serve`` with its traceback; :meth:`start`
+    reports the failure as one line instead.
+    """
+    with contextlib.suppress(SystemExit):
+        await server.serve(sockets=sockets)
+
+
 class AdminListener:
     """The admin app on its own uvicorn server, beside the inference listener."""
 
@@ -476,6 +504,8 @@ class AdminListener:
         self.app = create_admin_app(runtime, token)
         self._server: Any = None
         self._task: asyncio.Task[None] | None = None
+        #: (st_dev, st_ino) of the socket file this listener created: the only one it removes.
+        self._bound: tuple[int, int] | None = None
 
     @classmethod
     def from_runtime(
@@ -508,20 +538,64 @@ class AdminListener:
     def _socket(self) -> socket.socket:
         path = self.config.uds
         assert path is not None
-        with contextlib.suppress(FileNotFoundError):
-            if Path(path).is_socket():
+        # `infercore serve` checked this before loading (check_before_listen); checked again
+        # here, just before replacing a stale socket, for whoever starts a listener directly.
+        with contextlib.suppress(OSError):
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                if socket_answers(path):
+                    raise ConfigError(
+                        "admin.uds: another server is listening on this socket",
+                        hint="stop it, or choose another path",
+                    )
                 os.unlink(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        with _umask(0o177):  # created owner-only: no window in which others could connect
-            sock.bind(path)
-        sock.listen(128)
+        try:
+            with _umask(0o177):  # created owner-only: no window in which others could connect
+                sock.bind(path)
+            st = os.stat(path)
+            self._bound = (st.st_dev, st.st_ino)
+            sock.listen(128)
+        except OSError:
+            sock.close()
+            raise
         sock.setblocking(False)
         return sock
+
+    def _tcp_socket(self) -> socket.socket:
+        # Bound here rather than by uvicorn, whose failed bind is a log line and a sys.exit:
+        # the cause (a port in use) reaches the one line the CLI prints.
+        cfg = self.config
+        sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            sock.bind((cfg.host, cfg.port))
+            sock.listen(128)
+        except OSError:
+            sock.close()
+            raise
+        sock.setblocking(False)
+        return sock
+
+    def _remove_socket_file(self) -> None:
+        """Remove the socket file this listener created, and no other.
+
+        Another server may have replaced it since (a file removed by hand, then bound anew):
+        that one's socket is left alone.
+        """
+        path, bound = self.config.uds, self._bound
+        self._bound = None
+        if not path or bound is None:
+            return
+        with contextlib.suppress(OSError):
+            st = os.lstat(path)
+            if (st.st_dev, st.st_ino) == bound:
+                os.unlink(path)
 
     async def start(self) -> None:
         """Listen; returns once the server accepts connections.
 
         Raises:
+            ConfigError: ``admin.uds`` is a socket another server answers on.
             InfercoreError: The listener could not start (address in use, bad socket path).
         """
         import uvicorn
@@ -539,13 +613,23 @@ class AdminListener:
         server = uvicorn.Server(config)
         server.capture_signals = _no_signal_capture  # type: ignore[method-assign]
         try:
-            sockets = [self._socket()] if cfg.uds else None
+            sock = self._socket() if cfg.uds else self._tcp_socket()
         except OSError as exc:
+            if cfg.uds:
+                self._remove_socket_file()
+                raise InfercoreError(
+                    f"admin.uds: cannot listen on the socket ({exc.strerror})"
+                ) from None
+            if exc.errno == errno.EADDRINUSE:
+                hint = "stop what listens there, or set admin.port to a free port"
+            else:
+                hint = "set admin.host and admin.port to an address this machine can listen on"
             raise InfercoreError(
-                f"admin.uds: cannot listen on the socket ({exc.strerror})"
+                f"the admin API could not listen on {self.where}: {exc.strerror or exc}",
+                hint=hint,
             ) from None
         self._server = server
-        self._task = asyncio.create_task(server.serve(sockets=sockets), name="admin-listener")
+        self._task = asyncio.create_task(_serve(server, [sock]), name="admin-listener")
         while not server.started:
             if self._task.done():
                 break
@@ -553,6 +637,8 @@ class AdminListener:
         if not server.started:
             with contextlib.suppress(BaseException):
                 await self._task
+            sock.close()
+            self._remove_socket_file()
             raise InfercoreError(f"the admin listener could not start on {self.where}")
         log.info("admin API on %s", self.where)
 
@@ -565,6 +651,4 @@ class AdminListener:
             await asyncio.wait_for(task, timeout=5.0)
         except (TimeoutError, Exception):
             task.cancel()
-        if self.config.uds:
-            with contextlib.suppress(OSError):
-                os.unlink(self.config.uds)
+        self._remove_socket_file()
