@@ -256,6 +256,9 @@ def _print_models(docs: list[dict[str, Any]]) -> None:
             weight = ""
             if v["stage"] == "canary":
                 weight = f"{v.get('weight', 0):g}%"
+                routed = v.get("routed_weight")
+                if routed is not None and routed != v.get("weight", 0):
+                    weight += f" ({routed:g}% routed)"  # not ready: the primary serves its share
             elif v["stage"] == "primary":
                 weight = f"{doc['primary_weight']:g}%"
             note = v.get("last_load_error") or v.get("error") or ""

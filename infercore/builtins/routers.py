@@ -110,6 +110,10 @@ class WeightedCanaryRouter(Router):
     def uses_fields(self) -> bool:
         return self._field is not None
 
+    @property
+    def key_fields(self) -> frozenset[str]:
+        return frozenset(() if self._field is None else (self._field,))
+
     def share(self, request: RouteRequest) -> float:
         if self._sticky:
             key = request.key(self._field, self._header)
@@ -196,6 +200,10 @@ class ABRouter(WeightedCanaryRouter):
 
     def variant(self, version: str) -> str:
         return self._arms.get(version, version)
+
+    def named_versions(self) -> Mapping[str, str]:
+        path = self.context.path
+        return {f"{path}.arms.{arm}": version for arm, version in self.config.arms.items()}
 
 
 class HeaderRouterConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):

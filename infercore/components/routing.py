@@ -29,8 +29,9 @@ class RoutingTable:
         primary: The version that serves by default.
         ready: Every version that is loaded, warmed and may take traffic.
         split: The traffic split of routed requests: ``(version, cumulative upper bound)``
-            pairs over ``[0, 100)``, the primary first, then every ready canary with a weight.
-            Empty means "everything to the primary".
+            pairs over ``[0, 100)``, lowest first. Each ready canary with a weight holds its
+            own region (maybe in several slices), which grows and shrinks in place; the
+            primary has the rest. Empty means "everything to the primary".
         shadows: Ready versions in the ``shadow`` stage (requests may be copied to them).
         stages: Every version's stage (``candidate``, ``shadow``, ``canary``, ``primary``,
             ``retired``).
@@ -161,6 +162,19 @@ class Router(Component):
         """Whether :meth:`route` reads ``request.fields`` (a V1 body is then decoded first)."""
         return False
 
+    @property
+    def key_fields(self) -> frozenset[str]:
+        """Request fields that only route (sticky keys): a version whose model does not take
+        one as an input is not sent it, so that sending the key is never an unknown input."""
+        return frozenset()
+
+    def named_versions(self) -> Mapping[str, str]:
+        """Versions this router's config names, by config path (an A/B arm's version).
+
+        infercore checks them against the model's versions at start-up. Default: none.
+        """
+        return _NO_STAGES
+
     def shadow_policy(self) -> ShadowPolicy | None:
         """How shadow copies run, for a router that mirrors; ``None`` otherwise."""
         return None
@@ -194,6 +208,13 @@ class WrappingRouter(Router):
     @property
     def uses_fields(self) -> bool:
         return self.inner.uses_fields
+
+    @property
+    def key_fields(self) -> frozenset[str]:
+        return self.inner.key_fields
+
+    def named_versions(self) -> Mapping[str, str]:
+        return self.inner.named_versions()
 
     def shadow_policy(self) -> ShadowPolicy | None:
         return self.inner.shadow_policy()

@@ -233,8 +233,7 @@ def json_array(what: str, data: list[Any], datatype: str | None = None) -> Array
             # No datatype to hold the values to (V1): the first value set the kind, so the
             # client mixed kinds; which one it meant is not known.
             raise InvalidInput(
-                f"{what}: values of one kind expected; the first is {_KIND[leaf]}, then "
-                f"{detail}",
+                f"{what}: values of one kind expected; the first is {_KIND[leaf]}, then {detail}",
                 hint="send all numbers, all booleans or all strings",
             ) from None
         raise InvalidInput(f"{what}: expected {_EXPECTED[leaf]}, got {detail}") from None

@@ -181,7 +181,7 @@ class Runtime:
             router = self._build_router(
                 routing_node,
                 ComponentContext(
-                    f"{base}.routing" if mc.routing else "routing",
+                    f"{base}.routing" if mc.routing is not None else "routing",
                     model_root,
                     model_name=name,
                     extra=dict(self._shared),
@@ -198,6 +198,7 @@ class Runtime:
                 sv.weight = vc.weight
                 sv.outputs_config = vc.outputs
                 versions[version] = sv
+            self._check_named_versions(name, mc, router, versions)
             total = sum(sv.weight for sv in versions.values())
             if total > 100:
                 raise ConfigError(
@@ -260,6 +261,39 @@ class Runtime:
             inner_context = dataclasses.replace(context, path=f"{context.path}.inner")
             router.inner = self._build_router(inner, inner_context, label, depth + 1)
         return router
+
+    def _check_named_versions(
+        self, name: str, mc: ModelConfig, router: Router, versions: Mapping[str, ServedVersion]
+    ) -> None:
+        """A version the router names (an A/B arm) must be one the model can have.
+
+        One not in the recipe is a config error, unless the model has a repository (the admin
+        API may load it from there later). One that takes no routed traffic now (neither the
+        primary nor a canary) is only warned about: stages change at run time.
+        """
+        for path, version in router.named_versions().items():
+            sv = versions.get(version)
+            if sv is None:
+                if mc.repository is None:
+                    raise ConfigError(
+                        f"{path}: version {version!r} is not one of models.{name}.versions "
+                        f"({', '.join(versions)})",
+                        hint="name a version the recipe lists",
+                    )
+                log.warning(
+                    "%s: version %r is not in the recipe; it gets traffic once loaded from the "
+                    "repository and made the primary or a canary",
+                    path,
+                    version,
+                )
+            elif sv.stage not in (PRIMARY, CANARY):
+                log.warning(
+                    "%s: version %r is %s: it gets no traffic until it is the primary or a "
+                    "canary with a weight",
+                    path,
+                    version,
+                    sv.stage,
+                )
 
     def _build_version(
         self, name: str, version: str, node: Node, warmup: bool, path: str
@@ -429,6 +463,7 @@ class Runtime:
             try:
                 await sv.model.start()
                 sv.input_names = frozenset(spec.name for spec in sv.model.inputs)
+                sv.route_only = served.router.key_fields - sv.input_names
                 own = sv.outputs_config is not None
                 sv.outputs_plan = plan_outputs(
                     sv.outputs_config if own else served.config.outputs,
@@ -555,11 +590,17 @@ class Runtime:
         declared: Mapping[str, str] | None,
     ) -> Tensors:
         wanted = sv.input_names
-        if any(k not in wanted and inputs[k] is not fields.get(k) for k in inputs):
+        only = sv.route_only
+        if any(k not in wanted and (k in only or inputs[k] is not fields.get(k)) for k in inputs):
             # A feature source may build inputs for every version of the model (a challenger
             # with more features); each version takes its own. Tensors the client sent stay,
-            # so an unknown input name is still a 400.
-            inputs = {k: v for k, v in inputs.items() if k in wanted or v is fields.get(k)}
+            # so an unknown input name is still a 400, except the router's sticky key: it was
+            # sent to route the request, not for a model that does not take it.
+            inputs = {
+                k: v
+                for k, v in inputs.items()
+                if k in wanted or (v is fields.get(k) and k not in only)
+            }
         if declared:
             # A client's declared datatypes bind only tensors that reach the model unchanged;
             # a feature source that built an input has already converted it.

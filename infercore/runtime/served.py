@@ -9,7 +9,6 @@ not ready is never in it.
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -34,6 +33,7 @@ from infercore.runtime.errors import VersionNotReady
 from infercore.runtime.grouping import RequestGroups
 from infercore.runtime.guard import Window
 from infercore.runtime.outputs import OutputPlan
+from infercore.runtime.regions import CanaryRegions
 from infercore.runtime.repository import Repository
 from infercore.runtime.shadow import ShadowRunner
 
@@ -69,6 +69,8 @@ class ServedVersion:
     outputs_plan: OutputPlan | None = None
     #: The model's input names, known once it has loaded.
     input_names: frozenset[str] = frozenset()
+    #: The router's key fields this model does not take: they route, and never reach it.
+    route_only: frozenset[str] = frozenset()
     #: Its rollout stage and, for a canary, its share of routed traffic in percent.
     stage: str = CANDIDATE
     weight: float = 0.0
@@ -182,6 +184,8 @@ class ServedModel:
     #: Primaries before the current one, latest last (rollback target).
     previous: list[str] = field(default_factory=list)
     table: RoutingTable = field(init=False)
+    #: Each canary's region of the sticky hash space (stable while its weight stays put).
+    regions: CanaryRegions = field(init=False, default_factory=CanaryRegions)
     #: A canary takes traffic and the guard is on: versions record into their windows.
     guarding: bool = field(init=False, default=False)
     next_guard_check: float = 0.0
@@ -195,22 +199,14 @@ class ServedModel:
         versions = self.versions
         ready = frozenset(v for v, sv in versions.items() if sv.ready)
         split: tuple[tuple[str, float], ...] = ()
-        canaries = sorted(
-            (v, sv.weight)
-            for v, sv in versions.items()
-            if sv.stage == CANARY and sv.weight > 0 and sv.ready
-        )
-        if canaries and self.router.splits_traffic:
-            entries: list[tuple[str, float]] = []
-            acc = max(0.0, 100.0 - sum(w for _, w in canaries))
-            if acc > 0:
-                entries.append((self.primary, acc))
-            for version, weight in canaries:
-                acc += weight
-                entries.append((version, acc))
-            # The last slice reaches past 100, so that rounding can never fall off the end.
-            entries[-1] = (entries[-1][0], math.inf)
-            split = tuple(entries)
+        if self.router.splits_traffic:
+            # Canaries that are not ready keep their region (routed to the primary meanwhile),
+            # so that their keys come back to them when they are ready again.
+            regions = self.regions
+            regions.update(
+                {v: sv.weight for v, sv in versions.items() if sv.stage == CANARY and sv.weight > 0}
+            )
+            split = regions.split(self.primary, ready)
         shadows: tuple[str, ...] = ()
         if self.shadow is not None:
             shadows = tuple(
@@ -339,14 +335,35 @@ class ServedModel:
             fields = decode(sv.default_input)
         return sv, fields
 
+    def routed_shares(self) -> dict[str, float]:
+        """Each version's share of routed traffic (percent) in the table in effect.
+
+        A canary that is not ready takes none of its weight: the primary serves it.
+        """
+        split = self.table.split
+        if not split:
+            return {self.primary: 100.0}
+        shares: dict[str, float] = {}
+        low = 0.0
+        for version, bound in split:
+            high = min(bound, 100.0)
+            shares[version] = shares.get(version, 0.0) + high - low
+            low = high
+        return shares
+
     def describe(self) -> dict[str, Any]:
-        canary_total = sum(sv.weight for sv in self.versions.values() if sv.stage == CANARY)
+        shares = self.routed_shares()
+        docs = [sv.describe() for sv in self.versions.values()]
+        for doc in docs:
+            if doc["stage"] == CANARY:
+                doc["routed_weight"] = round(shares.get(doc["version"], 0.0), 6)
         return {
             "name": self.name,
             "primary": self.primary,
             "ready": self.ready,
             "router": self.router.kind,
-            "primary_weight": max(0.0, 100.0 - canary_total),
+            # The share actually routed to the primary (canaries not ready leave theirs to it).
+            "primary_weight": round(shares.get(self.primary, 0.0), 6),
             "previous_primaries": list(self.previous),
-            "versions": [sv.describe() for sv in self.versions.values()],
+            "versions": docs,
         }
