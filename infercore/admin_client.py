@@ -302,6 +302,8 @@ def _parse_weights(items: list[str]) -> dict[str, float]:
             raise AdminError(0, "usage", f"{item!r}: the percent is not a number") from None
         if not math.isfinite(percent):  # JSON has no NaN or Infinity
             raise AdminError(0, "usage", f"{item!r}: the percent must be a finite number")
+        if version in weights:
+            raise AdminError(0, "usage", f"version {version!r} is given twice")
         weights[version] = percent
     return weights
 

@@ -307,6 +307,16 @@ def test_the_approval_flow_end_to_end_with_refusals(tmp_path: Path) -> None:
                 400,
                 "invalid_input",
             ),
+            # A version given twice would mean its last value: refused, whatever the values.
+            (
+                a.put(
+                    "/admin/models/m/weights",
+                    content=b'{"weights": {"1": 50, "2": 50, "2": 0}, "by": "ann"}',
+                    headers={"content-type": "application/json"},
+                ),
+                400,
+                "invalid_input",
+            ),
             (
                 a.put("/admin/models/m/weights", json={"weights": {"1": 100, "7": 0}, "by": "ann"}),
                 404,

@@ -551,6 +551,14 @@ def test_models_weights_refuses_a_percent_that_is_not_finite() -> None:
         ]
 
 
+def test_models_weights_refuses_a_version_given_twice() -> None:
+    # Before: `2=50 2=0` applied 2=0 without a word. Refused before any request.
+    base = ["models", "--url", "http://127.0.0.1:9", "--token", "t0ken-for-tests-0123456789"]
+    result = run(*base, "weights", "m", "1=90", "2=50", "2=10")
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert result.stderr.splitlines() == ["infercore: error: version '2' is given twice"]
+
+
 def test_serve_on_a_port_in_use_exits_with_one_clear_line() -> None:
     import socket
 
