@@ -42,7 +42,7 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -501,6 +501,18 @@ def socket_answers(path: str) -> bool:
     return True
 
 
+def _listening(sock: socket.socket, bind: Callable[[], None]) -> socket.socket:
+    """``sock`` bound by ``bind()`` and listening, non-blocking; closed if either fails."""
+    try:
+        bind()
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
 async def _serve(server: Any, sockets: list[socket.socket]) -> None:
     """``server.serve()``; uvicorn's ``sys.exit`` on a failed start-up becomes a return.
 
@@ -566,32 +578,26 @@ class AdminListener:
                     )
                 os.unlink(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
+
+        def bind() -> None:
             with _umask(0o177):  # created owner-only: no window in which others could connect
                 sock.bind(path)
             st = os.stat(path)
             self._bound = (st.st_dev, st.st_ino)
-            sock.listen(128)
-        except OSError:
-            sock.close()
-            raise
-        sock.setblocking(False)
-        return sock
+
+        return _listening(sock, bind)
 
     def _tcp_socket(self) -> socket.socket:
         # Bound here rather than by uvicorn, whose failed bind is a log line and a sys.exit:
         # the cause (a port in use) reaches the one line the CLI prints.
         cfg = self.config
         sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET)
-        try:
+
+        def bind() -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
             sock.bind((cfg.host, cfg.port))
-            sock.listen(128)
-        except OSError:
-            sock.close()
-            raise
-        sock.setblocking(False)
-        return sock
+
+        return _listening(sock, bind)
 
     def _remove_socket_file(self) -> None:
         """Remove the socket file this listener created, and no other.

@@ -336,6 +336,21 @@ def test_hpa_custom_metric_pdb_and_canary_track() -> None:
     )
 
 
+#: The application a sidecar patch is applied to.
+PAYMENTS_APP: dict[str, Any] = {
+    "apiVersion": "apps/v1",
+    "kind": "Deployment",
+    "metadata": {"name": "payments"},
+    "spec": {
+        "selector": {"matchLabels": {"app": "payments"}},
+        "template": {
+            "metadata": {"labels": {"app": "payments"}},
+            "spec": {"containers": [{"name": "api", "image": "payments:1"}]},
+        },
+    },
+}
+
+
 def _merge_sidecar(app: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
     """What ``kubectl patch --type strategic`` / kustomize does with the rendered patch."""
     out = copy.deepcopy(app)
@@ -361,19 +376,7 @@ def test_sidecar_patch_merged_into_an_app_validates(monkeypatch: pytest.MonkeyPa
     assert set(rendered.files) == {"configmap.yaml", "sidecar-patch.yaml", "kustomization.yaml"}
     (patch,) = rendered.files["sidecar-patch.yaml"]
     assert patch["metadata"]["name"] == "payments"
-    app = {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": "payments"},
-        "spec": {
-            "selector": {"matchLabels": {"app": "payments"}},
-            "template": {
-                "metadata": {"labels": {"app": "payments"}},
-                "spec": {"containers": [{"name": "api", "image": "payments:1"}]},
-            },
-        },
-    }
-    merged = _merge_sidecar(app, patch)
+    merged = _merge_sidecar(PAYMENTS_APP, patch)
     _validate(merged)
     _validate(rendered.files["configmap.yaml"][0])
     spec = merged["spec"]["template"]["spec"]
@@ -439,21 +442,7 @@ def test_sidecar_with_the_admin_api_gets_a_folder_for_its_socket(
     assert env["INFERCORE_ADMIN_URL"] == f"unix:{k8s.ADMIN_SOCKET_PATH}"
     assert any(k8s.ADMIN_SOCKET_PATH in note for note in rendered.notes)
     assert not any("INFERCORE_ADMIN_UDS" in note for note in rendered.notes)  # not a secret
-    merged = _merge_sidecar(
-        {
-            "apiVersion": "apps/v1",
-            "kind": "Deployment",
-            "metadata": {"name": "payments"},
-            "spec": {
-                "selector": {"matchLabels": {"app": "payments"}},
-                "template": {
-                    "metadata": {"labels": {"app": "payments"}},
-                    "spec": {"containers": [{"name": "api", "image": "payments:1"}]},
-                },
-            },
-        },
-        patch,
-    )
+    merged = _merge_sidecar(PAYMENTS_APP, patch)
     _validate(merged)
 
     # Without the admin API nothing changes: no admin volume, no admin variables.
