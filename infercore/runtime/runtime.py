@@ -425,10 +425,17 @@ class Runtime:
             await self._start_component(served.features, f"models.{served.name} features")
             await self._start_component(served.router, f"models.{served.name} router")
         for served in self.models.values():
-            await asyncio.gather(*(self._load(served, sv) for sv in served.versions.values()))
-            served.refresh()
             if served.shadow is not None:
-                served.shadow.start()
+                served.shadow.start()  # copies go to each shadow version once it is ready
+
+            async def load(sv: ServedVersion, served: ServedModel = served) -> None:
+                # Each version takes its traffic as soon as it is ready: a slow one (even a
+                # candidate nothing routes to) does not hold the others' canary share or copies.
+                if await self._load(served, sv):
+                    served.refresh()
+
+            await asyncio.gather(*(load(sv) for sv in served.versions.values()))
+            served.refresh()
             if served.drift is not None:
                 loaded = [sv.model for sv in served.versions.values() if sv.ready]
                 if loaded:  # tensor names are known once a version has loaded

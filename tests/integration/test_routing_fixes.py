@@ -18,10 +18,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from infercore.builtins.routers import sticky_share
-from infercore.components import RouteRequest
+from infercore.components import Model, RouteRequest
 from infercore.errors import ConfigError
+from infercore.hookspecs import hookimpl
 from infercore.runtime.regions import CanaryRegions
-from infercore.testing import async_app_client, runtime_from_dict
+from infercore.testing import FakeModel, async_app_client, runtime_from_dict
 
 
 def fake(offset: float = 0.0) -> dict[str, Any]:
@@ -356,3 +357,58 @@ def test_models_list_shows_a_canary_s_routed_share_when_it_differs(
     assert "50%" in lines[1]
     assert "30%" in lines[2] and "routed" not in lines[2]
     assert "20% (0% routed)" in lines[3]
+
+
+# -- at start-up, a version takes its traffic once it is ready -------------------------------
+
+
+class _GatedModel(FakeModel):
+    """A fake model whose load waits until the test opens the gate."""
+
+    kind = "gated"
+    gate: asyncio.Event | None = None
+
+    async def start(self) -> None:
+        assert _GatedModel.gate is not None
+        await _GatedModel.gate.wait()
+        await super().start()
+
+
+class _GatedPlugin:
+    @hookimpl
+    def register_model_loaders(self) -> list[type[Model]]:
+        return [_GatedModel]
+
+
+def test_a_slow_version_does_not_hold_the_canary_split_or_the_shadow_at_start_up() -> None:
+    # Before: the routing table was built once every version had loaded, so a slow candidate
+    # kept the ready canary at 0 % (and shadows without copies) while `models list` said 50 %.
+    versions = {
+        "1": {"loader": fake()},
+        "2": {"loader": fake(1.0), "stage": "canary", "weight": 50},
+        "3": {"loader": fake(2.0), "stage": "shadow"},
+        "9": {"loader": {"kind": "gated"}, "stage": "candidate"},
+    }
+    routing = {"kind": "shadow", "fraction": 1.0, "inner": {"kind": "weighted"}}
+    cfg = {"models": {"m": model(routing, versions)}}
+    runtime = runtime_from_dict(cfg, extra_plugins=[("gated", _GatedPlugin())])
+
+    async def scenario() -> tuple[set[str], tuple[str, ...], bool]:
+        _GatedModel.gate = asyncio.Event()
+        starting = asyncio.create_task(runtime.start())
+        served = runtime.models["m"]
+        async with asyncio.timeout(10):
+            while not all(served.versions[v].ready for v in ("1", "2", "3")):
+                await asyncio.sleep(0.01)
+        table = served.table
+        split = {version for version, _ in table.split}
+        shadows, nine_ready = table.shadows, served.versions["9"].ready
+        _GatedModel.gate.set()
+        await starting
+        await runtime.stop()
+        return split, shadows, nine_ready
+
+    split, shadows, nine_ready = asyncio.run(scenario())
+    assert not nine_ready  # still loading when the table was read
+    assert split == {"1", "2"}
+    assert shadows == ("3",)
