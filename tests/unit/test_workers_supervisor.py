@@ -219,27 +219,34 @@ def test_a_dead_workers_gauges_are_forgotten(tmp_path: Path, listener: socket.so
         assert {f"gauge_all_{pid}.db", f"gauge_livemax_{pid}.db"} <= set(files), files
 
 
-def test_a_held_listener_answers_its_queue_503_and_closes_at_the_signal() -> None:
-    # A replacement worker still loading holds its copy of the shared socket without accepting
-    # (GracefulShutdown.hold). At SIGTERM it closes that copy at once, and the connections
-    # already queued on it get 503 shutting_down instead of a reset when the socket closes.
+def _loopback_listener() -> tuple[socket.socket, int]:
+    """A non-blocking listening socket on a free loopback port (a worker's shared socket)."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen()
     listener.setblocking(False)
-    port = listener.getsockname()[1]
+    return listener, listener.getsockname()[1]
+
+
+def _read_until_closed(client: socket.socket) -> bytes:
+    """Everything the server sends, until it closes the connection (a reset raises)."""
+    data = b""
+    with client:
+        while chunk := client.recv(65536):
+            data += chunk
+    return data
+
+
+def test_a_held_listener_answers_its_queue_503_and_closes_at_the_signal() -> None:
+    # A replacement worker still loading holds its copy of the shared socket without accepting
+    # (GracefulShutdown.hold). At SIGTERM it closes that copy at once, and the connections
+    # already queued on it get 503 shutting_down instead of a reset when the socket closes.
+    listener, port = _loopback_listener()
     post = b"POST /v2/models/m/infer HTTP/1.1\r\nhost: t\r\ncontent-length: 2\r\n\r\n{}"
     get = b"GET /v2/health/live HTTP/1.1\r\nhost: t\r\n\r\n"
     clients = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in (post, get)]
     for client, request in zip(clients, (post, get), strict=True):
         client.sendall(request)
-
-    def read(client: socket.socket) -> bytes:
-        data = b""
-        with client:
-            while chunk := client.recv(65536):  # until the server closes (a reset raises)
-                data += chunk
-        return data
 
     async def main() -> list[bytes]:
         shutdown = GracefulShutdown(
@@ -250,7 +257,7 @@ def test_a_held_listener_answers_its_queue_503_and_closes_at_the_signal() -> Non
         shutdown.on_signal(signal.SIGTERM)
         assert listener.fileno() == -1  # closed in the signal's callback
         assert shutdown.release() == []  # nothing left to serve
-        answers = await asyncio.gather(*(asyncio.to_thread(read, c) for c in clients))
+        answers = await asyncio.gather(*(asyncio.to_thread(_read_until_closed, c) for c in clients))
         await asyncio.wait_for(shutdown.answered(), 5)
         return answers
 
@@ -271,11 +278,7 @@ def test_a_signal_while_uvicorn_takes_the_released_listener_closes_it_once_open(
 
     import uvicorn
 
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen()
-    listener.setblocking(False)
-    port = listener.getsockname()[1]
+    listener, port = _loopback_listener()
     queued = socket.create_connection(("127.0.0.1", port), timeout=5)
     queued.sendall(b"GET / HTTP/1.1\r\nhost: t\r\n\r\n")
 
@@ -288,13 +291,6 @@ def test_a_signal_while_uvicorn_takes_the_released_listener_closes_it_once_open(
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
 
-    def read(client: socket.socket) -> bytes:
-        data = b""
-        with client:
-            while chunk := client.recv(65536):
-                data += chunk
-        return data
-
     async def main() -> bytes:
         config = uvicorn.Config(app, lifespan="on", log_level="warning", http=http_protocol())
         server = uvicorn.Server(config)
@@ -304,7 +300,7 @@ def test_a_signal_while_uvicorn_takes_the_released_listener_closes_it_once_open(
         sockets = shutdown.release()
         serving = asyncio.create_task(server.serve(sockets=sockets))
         shutdown.on_signal(signal.SIGTERM)  # before uvicorn ran at all
-        answer = await asyncio.to_thread(read, queued)
+        answer = await asyncio.to_thread(_read_until_closed, queued)
         await asyncio.wait_for(serving, 10)
         await asyncio.wait_for(shutdown.answered(), 10)
         return answer
