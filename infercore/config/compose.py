@@ -5,19 +5,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from infercore.config.schema import NAME_RE, VERSION_RE, InfercoreConfig
 from infercore.config.validation import allowed_fields, convert
 from infercore.errors import ConfigError
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 _PKG = Path(__file__).resolve().parent.parent
 _REPO = _PKG.parent
@@ -253,6 +258,44 @@ def _check_recipe_overrides(overrides: list[str]) -> None:
             )
 
 
+@contextlib.contextmanager
+def hydra_composed(
+    overrides: list[str],
+    *,
+    conf_dir: Path,
+    recipes_dir: Path,
+    return_hydra_config: bool = False,
+) -> Iterator[DictConfig]:
+    """Hydra's compose of ``conf_dir/config.yaml``, the recipes folder as the group ``recipe``.
+
+    Hydra's global state is cleared before and after. An error that Hydra or OmegaConf raises
+    here or in the ``with`` body becomes one :class:`ConfigError` naming the override at fault;
+    a ``ConfigError`` raised in the body passes as it is.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    with tempfile.TemporaryDirectory(prefix="infercore-recipes-") as tmp:
+        # Hydra maps folders to groups: expose the recipes folder as the group `recipe`.
+        if recipes_dir.is_dir():
+            os.symlink(recipes_dir, Path(tmp) / "recipe", target_is_directory=True)
+        GlobalHydra.instance().clear()
+        try:
+            with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
+                yield hydra_compose(
+                    config_name="config",
+                    overrides=[*overrides, f"hydra.searchpath=[file://{tmp}]"],
+                    return_hydra_config=return_hydra_config,
+                )
+        except ConfigError:
+            raise
+        except Exception as exc:
+            raise _hydra_error(exc, list(overrides)) from None
+        finally:
+            GlobalHydra.instance().clear()
+
+
 def compose(
     overrides: list[str] | None = None,
     *,
@@ -271,9 +314,6 @@ def compose(
         ConfigError: The overrides do not compose, an interpolation fails, or the result
             does not validate. The message is one line naming the path and the fix.
     """
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -287,35 +327,20 @@ def compose(
             hint="point INFERCORE_CONF_DIR at the folder holding config.yaml",
         )
 
-    with tempfile.TemporaryDirectory(prefix="infercore-recipes-") as tmp:
-        # Hydra maps folders to groups: expose the recipes folder as the group `recipe`.
-        if recipes_dir.is_dir():
-            os.symlink(recipes_dir, Path(tmp) / "recipe", target_is_directory=True)
-        GlobalHydra.instance().clear()
+    with hydra_composed(
+        overrides, conf_dir=conf_dir, recipes_dir=recipes_dir, return_hydra_config=True
+    ) as cfg:
+        choices = {
+            str(k): str(v)
+            for k, v in OmegaConf.to_container(cfg.hydra.runtime.choices).items()  # type: ignore[union-attr]
+            if v is not None and not str(k).startswith("hydra")
+        }
         try:
-            with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
-                cfg = hydra_compose(
-                    config_name="config",
-                    overrides=[*overrides, f"hydra.searchpath=[file://{tmp}]"],
-                    return_hydra_config=True,
-                )
-                choices = {
-                    str(k): str(v)
-                    for k, v in OmegaConf.to_container(cfg.hydra.runtime.choices).items()  # type: ignore[union-attr]
-                    if v is not None and not str(k).startswith("hydra")
-                }
-                try:
-                    OmegaConf.set_struct(cfg, False)
-                    cfg.pop("hydra")
-                    data = OmegaConf.to_container(cfg, resolve=True)
-                except OmegaConfBaseException as exc:
-                    raise _interpolation_error(cfg, exc) from None
-        except ConfigError:
-            raise
-        except Exception as exc:
-            raise _hydra_error(exc, overrides) from None
-        finally:
-            GlobalHydra.instance().clear()
+            OmegaConf.set_struct(cfg, False)
+            cfg.pop("hydra")
+            data = OmegaConf.to_container(cfg, resolve=True)
+        except OmegaConfBaseException as exc:
+            raise _interpolation_error(cfg, exc) from None
 
     assert isinstance(data, dict)
     plain: dict[str, Any] = {str(k): v for k, v in data.items()}

@@ -8,18 +8,16 @@ addresses and secrets are read from the pod's environment, never written into th
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from infercore.config.compose import (
     Composed,
-    _hydra_error,
     compose,
     default_conf_dir,
     default_recipes_dir,
+    hydra_composed,
 )
 from infercore.errors import ConfigError
 
@@ -32,28 +30,12 @@ def compose_unresolved(
     overrides: list[str], *, conf_dir: Path | None = None, recipes_dir: Path | None = None
 ) -> dict[str, Any]:
     """The composed config as data with its interpolations kept (``resolve=False``)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
     conf_dir = (conf_dir or default_conf_dir()).resolve()
     recipes_dir = (recipes_dir or default_recipes_dir()).resolve()
-    with tempfile.TemporaryDirectory(prefix="infercore-recipes-") as tmp:
-        if recipes_dir.is_dir():
-            os.symlink(recipes_dir, Path(tmp) / "recipe", target_is_directory=True)
-        GlobalHydra.instance().clear()
-        try:
-            with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
-                cfg = hydra_compose(
-                    config_name="config",
-                    overrides=[*overrides, f"hydra.searchpath=[file://{tmp}]"],
-                )
-                data = OmegaConf.to_container(cfg, resolve=False)
-        except Exception as exc:
-            raise _hydra_error(exc, list(overrides)) from None
-        finally:
-            GlobalHydra.instance().clear()
+    with hydra_composed(overrides, conf_dir=conf_dir, recipes_dir=recipes_dir) as cfg:
+        data = OmegaConf.to_container(cfg, resolve=False)
     assert isinstance(data, dict)
     return {str(k): v for k, v in data.items()}
 
