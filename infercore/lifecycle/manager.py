@@ -379,21 +379,7 @@ class Lifecycle:
                 f"approval {a.id} was requested by {by!r}; another person must approve it"
             )
         current = self._check_move(a.model, a.version, a.to, a.weight)
-        decided_at = now_iso()
-        self._record(
-            {
-                "event": "approved",
-                "approval": a.id,
-                "model": a.model,
-                "version": a.version,
-                "to": a.to,
-                "actor": by,
-                "reason": why,
-                "requested_by": a.requested_by,
-            }
-        )
-        a.status, a.decided_by, a.decided_at, a.decision_reason = "approved", by, decided_at, why
-        self._pending_gauge(a.model)
+        self._decide(a, "approved", by, why)
         self._apply(a.model, a.version, current, a.to, a.weight, by=by, reason=why, approval=a)
         return {"status": "applied", "approval": a.to_dict(), "model": self.describe(a.model)[0]}
 
@@ -403,9 +389,14 @@ class Lifecycle:
         """Reject a pending step; nothing moves."""
         by, why = check_actor(by), check_reason(reason)
         a = self._pending(approval_id)
+        self._decide(a, "rejected", by, why)
+        return {"status": "rejected", "approval": a.to_dict()}
+
+    def _decide(self, a: Approval, decision: str, by: str, why: str) -> None:
+        """Record a decision on a pending step (``approved`` or ``rejected``) and mark it."""
         self._record(
             {
-                "event": "rejected",
+                "event": decision,
                 "approval": a.id,
                 "model": a.model,
                 "version": a.version,
@@ -415,9 +406,8 @@ class Lifecycle:
                 "requested_by": a.requested_by,
             }
         )
-        a.status, a.decided_by, a.decided_at, a.decision_reason = "rejected", by, now_iso(), why
+        a.status, a.decided_by, a.decided_at, a.decision_reason = decision, by, now_iso(), why
         self._pending_gauge(a.model)
-        return {"status": "rejected", "approval": a.to_dict()}
 
     def _pending(self, approval_id: str) -> Approval:
         a = self.approvals.get(approval_id)
