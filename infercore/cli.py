@@ -561,7 +561,7 @@ def _check_uds(
             raise ConfigError(
                 f"{key}: the path exists and is not a socket", hint="choose another path"
             )
-        from infercore.server.admin import socket_answers
+        from infercore.server.unix_sockets import socket_answers
 
         # A socket file is left behind by a process that died; one that answers is in use
         # (binding would silently take it over from the running server).
@@ -621,6 +621,7 @@ async def _serve_async(
         ShutdownState,
         http_protocol,
     )
+    from infercore.server.unix_sockets import SocketFile
 
     cfg = runtime.config.server
     state = state or ShutdownState()
@@ -655,26 +656,23 @@ async def _serve_async(
     shutdown.install(loop)
 
     where = f"unix:{cfg.uds}" if cfg.uds is not None else f"http://{cfg.host}:{cfg.port}"
+    # The Unix socket file bound here (one worker): removed at exit only while it is ours.
+    socket_file: SocketFile | None = None
     if worker is None:
         from infercore.server.workers import bind
 
-        # Bound here, before any model loads: a port in use fails at once, with its cause in
-        # the final line (InfercoreError), as with several workers.
-        if cfg.uds is not None:
-            import stat
-
-            # A stale socket (_check_uds found nobody listening on it), as uvicorn removes.
-            with contextlib.suppress(OSError):
-                if stat.S_ISSOCK(os.lstat(cfg.uds).st_mode):
-                    os.unlink(cfg.uds)
-        listener = bind(cfg)
+        # Bound here, before any model loads, and handed to uvicorn (which then neither binds
+        # nor removes a file): a port in use fails at once, with its cause in the final line
+        # (InfercoreError), as with several workers; and the socket file's identity is known
+        # from the bind on, so that exit removes this server's file and never a replacement.
+        listener, socket_file = bind(cfg)
         listener.set_inheritable(False)
         listener.setblocking(False)
         sockets = [listener]
         log.info("starting %s on %s", label or "infercore", where)
     else:
         # The supervisor's socket (infercore.server.workers); the supervisor removes a Unix
-        # socket's file at exit.
+        # socket's file at exit, while it is still the one it bound.
         sockets = [worker.listener()]
         log.info("worker %d (pid %d) starting %s", worker.index, os.getpid(), label or "infercore")
         watch = asyncio.create_task(_watch_supervisor(worker, shutdown))
@@ -689,9 +687,8 @@ async def _serve_async(
                 # no stale socket file left for the next start to replace).
                 for sock in sockets:
                     sock.close()
-                if cfg.uds is not None:
-                    with contextlib.suppress(OSError):
-                        os.unlink(cfg.uds)
+                if socket_file is not None:
+                    socket_file.remove()
             raise
     start_task = asyncio.create_task(runtime.start())
     if worker is not None and worker.defer_listen:
@@ -746,9 +743,9 @@ async def _serve_async(
     except TimeoutError:
         log.error("components did not stop within %.1fs", left)
         code = code or EXIT_FAILURE
-    if cfg.uds is not None and server.started and worker is None:
-        with contextlib.suppress(OSError):
-            os.unlink(cfg.uds)
+    if socket_file is not None:
+        # Bound by this process whether or not uvicorn started: its own file goes either way.
+        socket_file.remove()
     if worker is not None:
         watch.cancel()
     if code == 0 and state.signals:

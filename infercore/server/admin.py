@@ -41,7 +41,6 @@ import json
 import logging
 import os
 import socket
-import stat
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -58,6 +57,7 @@ from infercore.lifecycle.manager import check_actor
 from infercore.protocol.tensors import UNREADABLE_JSON, malformed_json
 from infercore.runtime import Runtime
 from infercore.server.errors import EXCEPTION_HANDLERS, http_exception_handler
+from infercore.server.unix_sockets import OWNER_ONLY_MODE, SocketFile, bind_unix
 
 log = logging.getLogger("infercore.admin")
 
@@ -473,32 +473,8 @@ def create_admin_app(runtime: Runtime, token: str) -> BearerAuth:
 
 
 @contextlib.contextmanager
-def _umask(mask: int) -> Iterator[None]:
-    old = os.umask(mask)
-    try:
-        yield
-    finally:
-        os.umask(old)
-
-
-@contextlib.contextmanager
 def _no_signal_capture() -> Iterator[None]:
     yield
-
-
-def socket_answers(path: str) -> bool:
-    """Whether a server accepts connections on the Unix socket ``path``.
-
-    A socket file nobody answers on was left by a process that died and may be replaced;
-    binding over one that answers would silently take it over from the running server.
-    """
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(1.0)
-        try:
-            probe.connect(path)
-        except OSError:
-            return False
-    return True
 
 
 def _listening(sock: socket.socket, bind: Callable[[], None]) -> socket.socket:
@@ -506,7 +482,7 @@ def _listening(sock: socket.socket, bind: Callable[[], None]) -> socket.socket:
     try:
         bind()
         sock.listen(128)
-    except OSError:
+    except BaseException:  # an OSError, or the ConfigError of a socket another server holds
         sock.close()
         raise
     sock.setblocking(False)
@@ -533,8 +509,8 @@ class AdminListener:
         self.app = create_admin_app(runtime, token)
         self._server: Any = None
         self._task: asyncio.Task[None] | None = None
-        #: (st_dev, st_ino) of the socket file this listener created: the only one it removes.
-        self._bound: tuple[int, int] | None = None
+        #: The socket file this listener created: the only one it removes.
+        self._bound: SocketFile | None = None
 
     @classmethod
     def from_runtime(
@@ -567,23 +543,10 @@ class AdminListener:
     def _socket(self) -> socket.socket:
         path = self.config.uds
         assert path is not None
-        # `infercore serve` checked this before loading (check_before_listen); checked again
-        # here, just before replacing a stale socket, for whoever starts a listener directly.
-        with contextlib.suppress(OSError):
-            if stat.S_ISSOCK(os.lstat(path).st_mode):
-                if socket_answers(path):
-                    raise ConfigError(
-                        "admin.uds: another server is listening on this socket",
-                        hint="stop it, or choose another path",
-                    )
-                os.unlink(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 
         def bind() -> None:
-            with _umask(0o177):  # created owner-only: no window in which others could connect
-                sock.bind(path)
-            st = os.stat(path)
-            self._bound = (st.st_dev, st.st_ino)
+            self._bound = bind_unix(sock, path, key="admin.uds", mode=OWNER_ONLY_MODE)
 
         return _listening(sock, bind)
 
@@ -605,14 +568,9 @@ class AdminListener:
         Another server may have replaced it since (a file removed by hand, then bound anew):
         that one's socket is left alone.
         """
-        path, bound = self.config.uds, self._bound
-        self._bound = None
-        if not path or bound is None:
-            return
-        with contextlib.suppress(OSError):
-            st = os.lstat(path)
-            if (st.st_dev, st.st_ino) == bound:
-                os.unlink(path)
+        bound, self._bound = self._bound, None
+        if bound is not None:
+            bound.remove()
 
     async def start(self) -> None:
         """Listen; returns once the server accepts connections.

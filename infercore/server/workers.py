@@ -71,6 +71,7 @@ from types import FrameType
 from typing import Any
 
 from infercore.errors import ConfigError, InfercoreError
+from infercore.server.unix_sockets import INFERENCE_MODE, SocketFile, bind_unix
 
 log = logging.getLogger("infercore.workers")
 
@@ -276,24 +277,38 @@ def check_config(config: Any, workers: int) -> None:
         )
 
 
-def bind(cfg: Any) -> socket.socket:
-    """The listening socket every worker shares (the caller checked a Unix socket's path)."""
+def bind(cfg: Any) -> tuple[socket.socket, SocketFile | None]:
+    """The listening socket every worker shares, and its Unix socket file (``None`` on TCP).
+
+    Whoever stops listening removes the file through :meth:`SocketFile.remove`: only while it
+    is still this server's (see :mod:`infercore.server.unix_sockets`).
+
+    Raises:
+        ConfigError: Another server answers on ``server.uds``.
+        InfercoreError: The bind failed (a port in use, a folder that cannot be written).
+    """
+    owned: SocketFile | None = None
+    if cfg.uds is not None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    else:
+        sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET)
     try:
         if cfg.uds is not None:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.bind(cfg.uds)
-            os.chmod(cfg.uds, 0o666)  # as uvicorn does for one worker
+            owned = bind_unix(sock, cfg.uds, key="server.uds", mode=INFERENCE_MODE)
         else:
-            family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((cfg.host, cfg.port))
         sock.listen(BACKLOG)
-    except OSError as exc:
+    except BaseException as exc:
+        sock.close()
+        if owned is not None:
+            owned.remove()
+        if not isinstance(exc, OSError):
+            raise
         where = f"unix:{cfg.uds}" if cfg.uds is not None else f"http://{cfg.host}:{cfg.port}"
         raise InfercoreError(f"could not listen on {where}: {exc.strerror or exc}") from None
     sock.set_inheritable(True)
-    return sock
+    return sock, owned
 
 
 @dataclass
@@ -320,12 +335,13 @@ class Supervisor:
         listener: socket.socket,
         *,
         stop_timeout_s: float,
-        uds: str | None = None,
+        socket_file: SocketFile | None = None,
         metrics_dir: str | None = None,
     ) -> None:
         self.command = command
         self.listener: socket.socket | None = listener
-        self.uds = uds
+        #: The Unix socket file :func:`bind` made: removed at exit while it is still this one.
+        self.socket_file = socket_file
         self.stop_timeout_s = stop_timeout_s
         self.slots = [_Slot(i) for i in range(workers)]
         #: Removed at exit, like the folder made here when none is given.
@@ -526,9 +542,8 @@ class Supervisor:
             for slot in self.slots:
                 self._close_ready(slot)
                 self._close_go(slot)
-            if self.uds is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(self.uds)
+            if self.socket_file is not None:
+                self.socket_file.remove()
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
 
     def _loop(self) -> int:
@@ -591,7 +606,7 @@ def supervise(config: Any, overrides: list[str], workers: int, *, debug: bool = 
     # Before binding: a metrics folder that cannot be made fails with nothing to undo.
     metrics_dir = make_metrics_dir()
     try:
-        listener = bind(cfg)
+        listener, socket_file = bind(cfg)
     except BaseException:
         shutil.rmtree(metrics_dir, ignore_errors=True)
         raise
@@ -604,7 +619,7 @@ def supervise(config: Any, overrides: list[str], workers: int, *, debug: bool = 
         listener,
         # The workers' own bound, plus time to start Python and stop the components.
         stop_timeout_s=cfg.drain_delay_s + cfg.graceful_timeout_s + 15.0,
-        uds=cfg.uds,
+        socket_file=socket_file,
         metrics_dir=metrics_dir,
     )
     return supervisor.run()
