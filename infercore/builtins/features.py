@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import msgspec
 import numpy as np
@@ -36,6 +36,12 @@ class RequestFeatureSource(FeatureSource):
     def __init__(self, config: RequestFeatureSourceConfig, context: ComponentContext) -> None:
         super().__init__(config, context)
         self._columns = frozenset(c for columns in config.assemble.values() for c in columns)
+
+    def request_fields(self, model_inputs: Sequence[str]) -> list[str]:
+        """The model's inputs (each may come whole), then the fields assembled into them."""
+        assemble = self.config.assemble
+        built = [c for name in model_inputs for c in assemble.get(name, ())]
+        return [*model_inputs, *built]
 
     async def fetch(self, fields: Mapping[str, Array], *, deadline: float) -> Tensors:
         assemble = self.config.assemble

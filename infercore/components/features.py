@@ -66,6 +66,24 @@ class FeatureSource(Component):
         """
         return None
 
+    def request_fields(self, model_inputs: Sequence[str]) -> Sequence[str]:
+        """The names a request may carry, for the hint of a missing or unknown input.
+
+        The runtime calls it only to explain a refused request, never per request. Override
+        it when :meth:`request_inputs` does not say it all: a source that passes the model's
+        inputs through and also builds them from named fields (the ``request`` source's
+        ``assemble``) returns both.
+
+        Args:
+            model_inputs: The input names of the model version the request went to.
+
+        Returns:
+            Default: the names of :meth:`request_inputs` where it lists them, else
+            ``model_inputs`` (the hint then names the model's inputs, as without a source).
+        """
+        specs = self.request_inputs()
+        return [s.name for s in specs] if specs is not None else list(model_inputs)
+
     @abc.abstractmethod
     async def fetch(self, fields: Mapping[str, Array], *, deadline: float) -> Tensors:
         """Return the model's inputs for the rows of one request.

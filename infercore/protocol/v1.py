@@ -17,6 +17,9 @@ from infercore.errors import InvalidInput
 from infercore.protocol.tensors import UNREADABLE_JSON, json_array, malformed_json
 
 _decoder = msgspec.json.Decoder()
+#: Behind a feature source the names are its request fields (an entity key, a few values), not
+#: the model's inputs; the model's V2 metadata lists whichever a request carries.
+_NAMES_HINT = "GET /v2/models/<model> lists the names a request carries, under `inputs`"
 _encoder = msgspec.json.Encoder()
 
 
@@ -58,7 +61,8 @@ def decode(body: bytes, *, default_input: str | None, max_rows: int) -> dict[str
             raise InvalidInput("`instances` mixes objects and values")
         if default_input is None:
             raise InvalidInput(
-                "this model has several inputs: send instances as objects keyed by input name"
+                "this model has several inputs: send instances as objects keyed by name",
+                hint=_NAMES_HINT,
             )
         return {default_input: _column(default_input, instances)}
     if "inputs" in doc:
@@ -66,7 +70,9 @@ def decode(body: bytes, *, default_input: str | None, max_rows: int) -> dict[str
         if isinstance(inputs, dict):
             return {k: _column(k, v if isinstance(v, list) else [v]) for k, v in inputs.items()}
         if default_input is None:
-            raise InvalidInput("this model has several inputs: send `inputs` as an object")
+            raise InvalidInput(
+                "this model has several inputs: send `inputs` as an object", hint=_NAMES_HINT
+            )
         return {
             default_input: _column(default_input, inputs if isinstance(inputs, list) else [inputs])
         }

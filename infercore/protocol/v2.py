@@ -187,12 +187,18 @@ def decode(body: bytes, header_length: int | None, *, max_elements: int) -> Deco
     return DecodedV2(req.id, tensors, datatypes, outputs, binary_default, timeout_s)
 
 
+#: The largest ``parameters.timeout``: Triton's field is a uint64 of microseconds. A larger
+#: integer (JSON has no bound) would overflow the conversion to seconds: a 500, not a 400.
+MAX_TIMEOUT_US = 2**64 - 1
+
+
 def _timeout(value: Any) -> float | None:
     """``parameters.timeout``: microseconds, as Triton's schedule-policy extension (and
     tritonclient's ``timeout=``) send it; 0 is no timeout of the client's own."""
-    if type(value) is not int or value < 0:
+    if type(value) is not int or not 0 <= value <= MAX_TIMEOUT_US:
         raise InvalidInput(
-            f"parameters.timeout: expected microseconds (an integer, 0 or more), got {value!r:.40}",
+            "parameters.timeout: expected microseconds (an integer from 0 to 2**64-1), "
+            f"got {value!r:.40}",
             hint="send the request's timeout in microseconds, as Triton's clients do",
         )
     return value / 1e6 if value else None

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy.typing as npt
@@ -11,6 +12,8 @@ from infercore.components import Tensors, TensorSpec
 from infercore.errors import InvalidInput
 from infercore.protocol.tensors import coerce
 
+log = logging.getLogger("infercore.runtime")
+
 
 def prepare_inputs(
     specs: Sequence[TensorSpec],
@@ -18,6 +21,7 @@ def prepare_inputs(
     *,
     declared: Mapping[str, str] | None,
     max_rows: int,
+    request_fields: Callable[[Sequence[str]], Sequence[str]] | None = None,
 ) -> Tensors:
     """Match tensors to the model's inputs by name, datatype and shape.
 
@@ -28,6 +32,9 @@ def prepare_inputs(
             exactly. Tensors without a declared datatype (V1, feature sources) are converted
             to the model's datatype where that loses nothing.
         max_rows: Most rows (batch-dimension entries) one request may carry.
+        request_fields: The names a request may carry, given the model's input names (the
+            feature source's :meth:`~infercore.components.FeatureSource.request_fields`):
+            the hint of a missing or unknown input lists them. Called only then.
 
     Raises:
         InvalidInput: A missing or unknown input, a wrong datatype or shape, mismatched row
@@ -39,8 +46,7 @@ def prepare_inputs(
         arr = tensors.get(spec.name)
         if arr is None:
             raise InvalidInput(
-                f"missing input {spec.name!r}",
-                hint=f"the model's inputs are: {', '.join(s.name for s in specs)}",
+                f"missing input {spec.name!r}", hint=_names_hint(specs, request_fields)
             )
         dt = declared.get(spec.name) if declared else None
         if dt is not None:
@@ -75,10 +81,7 @@ def prepare_inputs(
         out[spec.name] = arr
     if len(out) != len(tensors):
         unknown = sorted(set(tensors) - set(out))
-        raise InvalidInput(
-            f"unknown input {unknown[0]!r}",
-            hint=f"the model's inputs are: {', '.join(s.name for s in specs)}",
-        )
+        raise InvalidInput(f"unknown input {unknown[0]!r}", hint=_names_hint(specs, request_fields))
     if rows is not None:
         if rows == 0:
             raise InvalidInput("the request has no rows")
@@ -88,3 +91,30 @@ def prepare_inputs(
                 hint="split the request (server.max_request_rows)",
             )
     return out
+
+
+def _names_hint(
+    specs: Sequence[TensorSpec], request_fields: Callable[[Sequence[str]], Sequence[str]] | None
+) -> str:
+    """What the client may send. Behind a feature source that builds the model's inputs from
+    request fields (an entity key and a few values), the model's input names are tensors the
+    client cannot send: the hint names the fields instead."""
+    names = [s.name for s in specs]
+    fields = names
+    if request_fields is not None:
+        try:
+            fields = list(dict.fromkeys(request_fields(names)))
+        except Exception:
+            # A plugin's bug while explaining a client's mistake must not turn the 400 into
+            # a 500: the model's own inputs are still a true (if less useful) answer.
+            log.exception("listing the request's fields for an error hint failed")
+    if not fields or set(fields) == set(names):
+        return f"the model's inputs are: {', '.join(names)}"
+    if set(names).issubset(fields):
+        # The source passes the model's inputs through and builds them from fields too.
+        built = [f for f in fields if f not in names]
+        return (
+            f"the model's inputs are: {', '.join(names)}; or the fields the feature source "
+            f"builds them from: {', '.join(built)}"
+        )
+    return f"the request's fields are: {', '.join(fields)}"

@@ -612,11 +612,15 @@ class Runtime:
             # A client's declared datatypes bind only tensors that reach the model unchanged;
             # a feature source that built an input has already converted it.
             declared = {k: v for k, v in declared.items() if inputs.get(k) is fields.get(k)}
+        served = self.models.get(sv.name)
         return prepare_inputs(
             sv.model.inputs,
             inputs,
             declared=declared,
             max_rows=self.config.server.max_request_rows,
+            # Behind a feature source the client sends its fields, not the model's inputs:
+            # the hint of a missing or unknown input names those.
+            request_fields=None if served is None else served.features.request_fields,
         )
 
     def _record(self, sv: ServedVersion, elapsed: float, error: bool) -> None:

@@ -11,16 +11,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from litestar.enums import ParamType
 from litestar.openapi.spec import (
     OpenAPIMediaType,
     OpenAPIResponse,
     OpenAPIType,
     Operation,
+    Parameter,
     RequestBody,
     Schema,
 )
 
 from infercore.components.tensors import V2_TO_NUMPY
+from infercore.protocol.v2 import MAX_TIMEOUT_US
 
 _OBJECT = Schema(type=OpenAPIType.OBJECT)
 _PARAMETERS = Schema(
@@ -44,13 +47,55 @@ V2_TENSOR = Schema(
     },
 )
 
+#: What the deadline covers and what passing it answers, for both ways of setting a timeout.
+_DEADLINE = (
+    "It may shorten the server's deadline (`server.request_timeout_ms`), never extend it; the "
+    "deadline counts from the request's arrival and covers features, queue, inference and "
+    "encoding: past it the answer is 504 `deadline_exceeded` (a request still queued then "
+    "never runs)."
+)
+
+#: ``parameters.timeout`` (protocol/v2.py ``_timeout``).
+V2_TIMEOUT = Schema(
+    type=OpenAPIType.INTEGER,
+    minimum=0,
+    maximum=MAX_TIMEOUT_US,
+    description="The request's own timeout in microseconds, as Triton's clients send it "
+    "(the schedule-policy extension; tritonclient's `timeout=`): a JSON integer from 0 to "
+    f"2**64-1; 0 means none. {_DEADLINE} With `X-Infercore-Timeout-Ms` too, the earlier "
+    "deadline wins. Anything else (a fraction such as `1.5` or `1e3`, a string, a negative "
+    "number) is a 400 `invalid_input`.",
+    examples=[100000],
+)
+
+#: ``X-Infercore-Timeout-Ms`` (server/app.py ``_client_timeout``), on every inference call.
+TIMEOUT_HEADER = Parameter(
+    name="X-Infercore-Timeout-Ms",
+    param_in=ParamType.HEADER,
+    required=False,
+    schema=Schema(
+        type=OpenAPIType.NUMBER, exclusive_minimum=0, exclusive_maximum=1e9, examples=[250]
+    ),
+    description="The request's own timeout in milliseconds: a number over 0 and under 1e9 "
+    f"(a fraction such as `12.5` is allowed). {_DEADLINE} It bounds reading the body too: a "
+    "body that has not arrived by then is answered 408 `request_timeout`. Any other value "
+    "(0, a negative number, text) is a 400 `invalid_input`.",
+)
+
+_V2_REQUEST_PARAMETERS = Schema(
+    type=OpenAPIType.OBJECT,
+    description="Free-form parameters (`binary_data_output`, ...), and the request's own "
+    "`timeout`.",
+    properties={"timeout": V2_TIMEOUT},
+)
+
 V2_REQUEST = Schema(
     type=OpenAPIType.OBJECT,
     title="InferenceRequest",
     required=["inputs"],
     properties={
         "id": Schema(type=OpenAPIType.STRING),
-        "parameters": _PARAMETERS,
+        "parameters": _V2_REQUEST_PARAMETERS,
         "inputs": Schema(type=OpenAPIType.ARRAY, items=V2_TENSOR, min_items=1),
         "outputs": Schema(
             type=OpenAPIType.ARRAY,
@@ -296,6 +341,12 @@ def _document(operation: Operation, request: Schema, response: Schema, binary: b
             )
         )
     operation.request_body = RequestBody(content=content, required=True)
+    parameters = [
+        p
+        for p in operation.parameters or []
+        if not (isinstance(p, Parameter) and p.name == TIMEOUT_HEADER.name)
+    ]
+    operation.parameters = [*parameters, TIMEOUT_HEADER]
     responses = dict(operation.responses or {})
     ok = _json(response)
     if binary:
