@@ -156,6 +156,8 @@ class ABRouter(WeightedCanaryRouter):
     Arms are versions in the traffic split (the primary and canaries; the weights set the
     arms' shares). Assignment is always sticky; a request without the key goes to the primary
     (the control arm), so an experiment never mixes anonymous traffic into a treatment arm.
+    Nor a version nobody named: a canary in no arm takes no weight (a config error at
+    start-up, a 409 from the admin API).
     """
 
     kind = "ab"

@@ -180,6 +180,14 @@ class Router(Component):
         return None
 
 
+def describe_named(named: Mapping[str, str]) -> str:
+    """``Router.named_versions()`` for a message: where they are set, then each name's version,
+    e.g. ``models.m.routing.arms (control: '1', treatment: '2')``."""
+    where = next(iter(named)).rpartition(".")[0] if named else ""
+    listing = ", ".join(f"{path.rpartition('.')[2]}: {v!r}" for path, v in named.items())
+    return f"{where} ({listing})"
+
+
 class WrappingRouter(Router):
     """A router around another one, built by infercore from the ``inner`` node of its config.
 

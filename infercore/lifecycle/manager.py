@@ -15,6 +15,10 @@ the traffic: a canary taking it all would be the primary in all but name (promot
 which needs the approval). A canary's weight may otherwise be raised above the one its approval
 granted: the approval gates entering the stage, the weights are the operator's to tune.
 
+Under a router that names its versions (an A/B router's arms), a canary takes a weight only as
+one of them: 409, as the recipe is refused at start-up, since a version in no arm would join
+the experiment unnamed.
+
 An approval is for a step from the state its request saw. Applying a stage move of a version,
 a rollback or an unload supersedes the affected versions' other pending approvals (their status
 becomes ``superseded``; approving one is a 409 that says why): ask again from the new state.
@@ -30,6 +34,7 @@ import secrets
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from infercore.components.routing import describe_named
 from infercore.errors import InfercoreError, InvalidInput, NotFound
 from infercore.lifecycle.audit import AuditLog, now_iso
 from infercore.lifecycle.control import LifecycleRollout
@@ -255,11 +260,36 @@ class Lifecycle:
         # Everything the runtime would refuse, refused now (nothing changes on a dry run).
         self.runtime.set_stage(model, version, to, weight, dry_run=True)
         if to == CANARY:
+            if weight:
+                self._check_in_arms(model, [version])
             others = sum(
                 o.weight for v, o in served.versions.items() if o.stage == CANARY and v != version
             )
             self._check_primary_share(model, 100.0 - others - float(weight or 0.0), version)
         return current
+
+    def _check_in_arms(self, model: str, canaries: list[str]) -> None:
+        """Under a router that names its versions (A/B arms), only those share the traffic.
+
+        A canary given a weight outside them would join the experiment under its version's
+        name, unnoticed: refused, as the recipe is at start-up. The arms are recipe config,
+        so the fix is a weight of 0 here, or an arm in the recipe and a restart.
+        """
+        served = self.runtime.model(model)
+        named = served.router.named_versions()
+        if not named:
+            return
+        arms = set(named.values())
+        for version in canaries:
+            if version in arms:
+                continue
+            raise Conflict(
+                f"model {model!r}: version {version!r} is in no arm of its router "
+                f"({describe_named(named)}); a canary weight would mix it into the experiment "
+                "unnamed",
+                hint=f"give {version!r} weight 0, or add it to an arm in the recipe "
+                "(routing.arms) and restart",
+            )
 
     def _check_primary_share(self, model: str, share: float, canary: str) -> None:
         """With ``primary`` gated, the primary keeps some traffic (else promote, approved)."""
@@ -435,6 +465,9 @@ class Lifecycle:
             raise InvalidInput("give the weights: {version: percent, ...}")
         self.runtime.set_weights(model, weights, dry_run=True)
         served = self.runtime.model(model)
+        self._check_in_arms(
+            model, [v for v, w in weights.items() if v != served.primary and float(w) > 0]
+        )
         if float(weights[served.primary]) <= 1e-6:
             top = max((v for v in weights if v != served.primary), key=lambda v: weights[v])
             self._check_primary_share(model, 0.0, top)

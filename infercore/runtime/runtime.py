@@ -38,6 +38,7 @@ from infercore.components import (
     WrappingRouter,
 )
 from infercore.components.features import degraded_parts
+from infercore.components.routing import describe_named
 from infercore.config.compose import Composed
 from infercore.config.schema import VERSION_RE, ModelConfig
 from infercore.errors import (
@@ -269,9 +270,11 @@ class Runtime:
 
         One not in the recipe is a config error, unless the model has a repository (the admin
         API may load it from there later). One that takes no routed traffic now (neither the
-        primary nor a canary) is only warned about: stages change at run time.
+        primary nor a canary) is only warned about: stages change at run time. A canary the
+        recipe gives a weight must be in one of them (:meth:`_check_weighted_canaries_named`).
         """
-        for path, version in router.named_versions().items():
+        named = router.named_versions()
+        for path, version in named.items():
             sv = versions.get(version)
             if sv is None:
                 if mc.repository is None:
@@ -293,6 +296,34 @@ class Runtime:
                     path,
                     version,
                     sv.stage,
+                )
+        self._check_weighted_canaries_named(name, router, named, versions)
+
+    @staticmethod
+    def _check_weighted_canaries_named(
+        name: str,
+        router: Router,
+        named: Mapping[str, str],
+        versions: Mapping[str, ServedVersion],
+    ) -> None:
+        """A router that names versions (A/B arms) splits its subjects among those only.
+
+        A canary with a weight takes a share of the split from the first request on: one in no
+        arm would join the experiment under its version's name, unnoticed. The recipe itself
+        asks for that mix, so it is a config error, not a warning (unlike an arm without
+        traffic, which stage changes at run time may fix). The admin API refuses the same
+        weight later (:meth:`Lifecycle._check_in_arms`).
+        """
+        if not named or not router.splits_traffic:
+            return
+        arms = set(named.values())
+        for version, sv in versions.items():
+            if sv.stage == CANARY and sv.weight > 0 and version not in arms:
+                raise ConfigError(
+                    f"models.{name}.versions.{version}.weight: canary {version!r} has weight "
+                    f"{sv.weight:g} but is in no arm of {describe_named(named)}",
+                    hint=f"add {version!r} to an arm, or give it weight 0: the arms share the "
+                    "experiment's subjects, and any other version would join it unnamed",
                 )
 
     def _build_version(

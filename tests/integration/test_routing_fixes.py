@@ -13,6 +13,7 @@ import logging
 import math
 from typing import Any
 
+import httpx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -22,7 +23,10 @@ from infercore.components import Model, RouteRequest
 from infercore.errors import ConfigError
 from infercore.hookspecs import hookimpl
 from infercore.runtime.regions import CanaryRegions
+from infercore.server.admin import create_admin_app
 from infercore.testing import FakeModel, async_app_client, runtime_from_dict
+
+TOKEN = "t0ken-for-tests-0123456789"
 
 
 def fake(offset: float = 0.0) -> dict[str, Any]:
@@ -147,7 +151,7 @@ def test_an_arm_on_a_version_without_traffic_is_warned_about_not_refused(
                     "kind": "header",
                     "inner": {
                         "kind": "ab",
-                        "arms": {"control": "1", "treatment": "3"},
+                        "arms": {"control": "1", "challenger": "2", "treatment": "3"},
                         "key_header": "x-u",
                     },
                 },
@@ -164,6 +168,70 @@ def test_an_arm_on_a_version_without_traffic_is_warned_about_not_refused(
     warned = [r.getMessage() for r in caplog.records if "arms.treatment" in r.getMessage()]
     assert len(warned) == 1, caplog.records
     assert "models.m.routing.inner.arms.treatment: version '3' is candidate" in warned[0]
+
+
+def test_the_admin_api_refuses_a_weight_for_a_canary_in_no_arm() -> None:
+    """The arms share the experiment's subjects: a weight that would send some to version 3,
+    in no arm, is a 409 naming the arms and the fix, and changes nothing."""
+    rt = runtime_from_dict(
+        {
+            "batching": {"kind": "none"},
+            "models": {
+                "m": model(
+                    {"kind": "ab", "arms": {"control": "1", "treatment": "2"}, "key_header": "x"},
+                    {
+                        "1": {"loader": fake(0)},
+                        "2": {"loader": fake(100), "stage": "canary", "weight": 50},
+                        "3": {"loader": fake(200)},
+                    },
+                )
+            },
+        }
+    )
+
+    async def scenario() -> tuple[list[httpx.Response], dict[str, Any], dict[str, Any], set[str]]:
+        await rt.start()
+        try:
+            admin = httpx.ASGITransport(app=create_admin_app(rt, TOKEN))
+            async with httpx.AsyncClient(
+                transport=admin,
+                base_url="http://admin",
+                headers={"Authorization": f"Bearer {TOKEN}"},
+            ) as a:
+                before = (await a.get("/admin/models/m")).json()
+                promote = "/admin/models/m/versions/3/promote"
+                refused = [
+                    await a.post(promote, json={"to": "canary", "weight": 10, "by": "ann"}),
+                ]
+                ok = await a.post(promote, json={"to": "canary", "by": "ann"})
+                assert ok.status_code == 200, ok.text
+                refused.append(
+                    await a.put(
+                        "/admin/models/m/weights",
+                        json={"weights": {"1": 40, "2": 50, "3": 10}, "by": "ann"},
+                    )
+                )
+                after = (await a.get("/admin/models/m")).json()
+            served = rt.models["m"]
+            seen = {
+                served.router.route(RouteRequest({"x": f"u{i}"}, "rid"), served.table)
+                for i in range(200)
+            }
+            return refused, before, after, seen
+        finally:
+            await rt.stop()
+
+    refused, before, after, seen = asyncio.run(scenario())
+    for r in refused:
+        assert r.status_code == 409, r.text
+        doc = r.json()
+        assert doc["reason"] == "conflict"
+        assert "version '3' is in no arm of its router" in doc["error"], doc
+        assert "control: '1', treatment: '2'" in doc["error"], doc
+        assert "give '3' weight 0" in r.text, doc
+    weights = {v["version"]: v.get("weight") or 0 for v in after["versions"]}
+    assert weights == {v["version"]: v.get("weight") or 0 for v in before["versions"]}
+    assert seen == {"1", "2"}
 
 
 # -- a canary's sticky keys stay while its own weight stays put ---------------------------
