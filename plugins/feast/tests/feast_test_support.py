@@ -185,17 +185,21 @@ def model_root(tmp_path: Path) -> Path:
     return root
 
 
-def make_source(
-    model_root: Path, extra: dict[str, Any] | None = None, **options: Any
-) -> FeastFeatureSource:
-    node: dict[str, Any] = {
+def source_node(**options: Any) -> dict[str, Any]:
+    """The source's config (``features:`` without its ``kind``) over :func:`model_root`."""
+    return {
         "repo": "fraud/feature_repo",
         "project": "fraud",
         "entity": {"field": "card_id", "join_key": "card_id"},
         "inputs": INPUTS,
         **options,
     }
-    cfg = convert(node, FeastSourceConfig, path="features")
+
+
+def make_source(
+    model_root: Path, extra: dict[str, Any] | None = None, **options: Any
+) -> FeastFeatureSource:
+    cfg = convert(source_node(**options), FeastSourceConfig, path="features")
     ctx = ComponentContext("features", model_root, model_name="fraud", extra=extra or {})
     return FeastFeatureSource(cfg, ctx)
 

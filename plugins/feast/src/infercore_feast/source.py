@@ -45,35 +45,62 @@ Prepared = tuple[tuple[Any, ...], tuple[int, ...]]
 
 
 _NOTHING: frozenset[str] = frozenset()
+_NO_ROWS: frozenset[int] = frozenset()
 
 
-class _RecentFailure:
-    """Failed fetches of several rows on one turn of the event loop (request groups).
+class _Counted:
+    """What one fetch of several rows counted, for its requests run again alone to claim.
 
-    What they counted, for the fetches of the same keys on the next turn to claim instead of
-    counting again: each key's lookup (a hit or a miss, and a stale row) once, and a failure
-    per fetch that got no values. And the reason each failed key's read failed.
+    A request group (``server.group_requests``) fetches once for its requests' stacked rows.
+    When its answer cannot be split (its read failed, some rows took defaults, one request's
+    bad value, a model error), each request runs again alone and fetches its own rows again.
+    Those fetches claim what the group's counted instead of counting it again: each key's
+    lookup (a hit or a miss, and a stale row) once, each row's defaults, and a failure per
+    fetch that got no values. And they take the reason each failed key's read failed instead
+    of reading it again.
     """
 
-    __slots__ = ("failed", "failures", "lookups")
+    __slots__ = ("failed", "failures", "keys", "lookups", "rows")
 
-    def __init__(self) -> None:
+    def __init__(self, keys: Sequence[str] = (), lookups: Sequence[str] = ()) -> None:
+        #: Every key of the fetch: only a fetch of some of these may be one of its requests.
+        self.keys = set(keys)
+        #: key -> lookups of it counted and not claimed yet
+        self.lookups = dict.fromkeys(lookups, 1)
+        #: key -> rows of it whose defaults were counted and not claimed yet
+        self.rows: dict[str, int] = {}
         #: key -> why its read failed
         self.failed: dict[str, str] = {}
-        #: key -> lookups of it counted and not claimed yet
-        self.lookups: dict[str, int] = {}
         #: Failures counted and not claimed yet.
         self.failures = 0
 
-    def add(
-        self, reason: str, failed: Sequence[str], lookups: Sequence[str], charged: str | None
-    ) -> None:
+    def holds(self, found: Mapping[str, Any], misses: Sequence[str]) -> bool:
+        keys = self.keys
+        return keys.issuperset(found) and keys.issuperset(misses)
+
+    def merge(self, other: _Counted) -> None:
+        """Add the counts of ``other`` (groups that ended on the same turn, their requests
+        running alone together, may share keys)."""
+        self.keys |= other.keys
+        for mine, theirs in ((self.lookups, other.lookups), (self.rows, other.rows)):
+            for key, n in theirs.items():
+                mine[key] = mine.get(key, 0) + n
+        for key, reason in other.failed.items():
+            self.failed.setdefault(key, reason)
+        self.failures += other.failures
+
+    def read_failed(self, reason: str, failed: Sequence[str], charged: str | None) -> None:
         for key in failed:
             self.failed.setdefault(key, reason)
-        for key in lookups:
-            self.lookups[key] = self.lookups.get(key, 0) + 1
         if charged is not None:
             self.failures += 1
+
+    def assembled(self, keys: Sequence[str], found: Mapping[str, Prepared]) -> None:
+        """The rows of ``keys`` were answered from ``found``, their defaults counted."""
+        rows = self.rows
+        for key in keys:
+            if found[key][1]:
+                rows[key] = rows.get(key, 0) + 1
 
     def claim_lookups(self, found: Mapping[str, Any], misses: Sequence[str]) -> set[str]:
         """The keys among ``found`` and ``misses`` whose lookup is counted already (claimed)."""
@@ -87,6 +114,17 @@ class _RecentFailure:
                     del lookups[key]
                 else:
                     lookups[key] = left - 1
+        return claimed
+
+    def claim_rows(self, keys: Sequence[str]) -> set[int]:
+        """The positions of the rows of ``keys`` whose defaults are counted already."""
+        claimed: set[int] = set()
+        rows = self.rows
+        for i, key in enumerate(keys):
+            left = rows.get(key, 0)
+            if left:
+                claimed.add(i)
+                rows[key] = left - 1
         return claimed
 
     def claim_failure(self) -> bool:
@@ -103,7 +141,7 @@ class _RecentFailure:
     def reason_for(self, keys: Sequence[str]) -> str | None:
         """Why the read of ``keys`` failed, when every one of them did; else ``None``."""
         failed = self.failed
-        if all(key in failed for key in keys):
+        if failed and all(key in failed for key in keys):
             return failed[keys[0]]
         return None
 
@@ -121,9 +159,9 @@ class FeastFeatureSource(FeatureSource):
     whose Feast store shares one connection between threads). A read is abandoned after
     ``timeout_ms`` (its rows are still cached if it ends later); a request waits no longer
     than its deadline. Failed reads apply ``on_failure`` and count towards the circuit
-    breaker. A failed fetch of several rows (a request group's) is kept for the next turn of
-    the event loop, when its requests fetch again alone: they do not read its failed keys
-    again, and are counted once each (:meth:`_remember_failure`).
+    breaker. What a fetch of several rows (a request group's) counted is kept until its task
+    has ended: when the group's requests run again alone, they do not read its failed keys
+    again, and each request is counted once (:meth:`_keep_counts`).
 
     ``feast`` is imported by :meth:`start` (it takes seconds), never with this module.
     """
@@ -210,10 +248,11 @@ class FeastFeatureSource(FeatureSource):
         self.reader: feast_store.RowReader | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._where: feast_store.StoreLocation | None = None
-        #: Failed fetches of several rows (:meth:`_remember_failure`): those of this turn of
-        #: the event loop, and those of the turn before (known on this one only).
-        self._next_turn_failure: _RecentFailure | None = None
-        self._recent_failure: _RecentFailure | None = None
+        #: What each task's last fetch of several rows counted (:meth:`_keep_counts`), until
+        #: the task has ended and its requests run alone have claimed it (:meth:`_earlier`).
+        self._counts: dict[asyncio.Task[Any], _Counted] = {}
+        self._ended: _Counted | None = None
+        self._ended_tasks: set[asyncio.Task[Any]] = set()
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -297,22 +336,24 @@ class FeastFeatureSource(FeatureSource):
                 misses.append(key)
             else:
                 found[key] = value
-        recent = self._recent_failure
+        # A request of a group that has just run each of its requests again alone: what the
+        # group's fetch counted for these keys is not counted again.
+        earlier = self._earlier(found, misses) if self._counts or self._ended is not None else None
         counted: AbstractSet[str] = _NOTHING
         hits, missed = len(found), len(misses)
-        if recent is not None:
-            # Lookups a failed group's fetch counted already: not counted again.
-            counted = recent.claim_lookups(found, misses)
+        if earlier is not None:
+            counted = earlier.claim_lookups(found, misses)
             if counted:
                 counted_hits = sum(1 for key in found if key in counted)
                 hits -= counted_hits
                 missed -= len(counted) - counted_hits
+        mine = self._keep_counts(found, misses, counted) if rows > 1 else None
         if hits:
             self._m_hits.inc(hits)
         if misses:
             if missed:
                 self._m_misses.inc(missed)
-            failed = await self._lookup(misses, found, deadline, recent)
+            failed = await self._lookup(misses, found, deadline, earlier)
             reason = failed
             if (
                 reason is not None
@@ -322,13 +363,13 @@ class FeastFeatureSource(FeatureSource):
                 reason = None
             if failed is not None:
                 charged = None
-                if reason is not None and (recent is None or not recent.claim_failure()):
+                if reason is not None and (earlier is None or not earlier.claim_failure()):
                     charged = reason
                     self._m_failures[reason].inc()
                     if self.config.on_failure == "fail_open":
                         self._m_degraded[reason].inc()
-                if rows > 1:
-                    self._remember_failure(failed, keys, found, misses, counted, charged)
+                if mine is not None:
+                    mine.read_failed(failed, [key for key in misses if key not in found], charged)
             if reason is not None:
                 if self.config.on_failure == "fail_closed":
                     raise FeatureStoreUnavailable(
@@ -338,58 +379,62 @@ class FeastFeatureSource(FeatureSource):
                 mark_degraded("features")
                 for key in misses:
                     found.setdefault(key, self._unread)
-        return self._assemble(keys, found, request_columns)
+        if mine is not None:
+            mine.assembled(keys, found)
+        claimed_rows = earlier.claim_rows(keys) if earlier is not None else _NO_ROWS
+        return self._assemble(keys, found, request_columns, claimed_rows)
 
-    def _remember_failure(
-        self,
-        reason: str,
-        keys: list[str],
-        found: Mapping[str, Any],
-        misses: list[str],
-        counted: AbstractSet[str],
-        charged: str | None,
-    ) -> None:
-        """Keep a failed fetch of several rows for the next turn of the event loop.
+    def _keep_counts(
+        self, found: Mapping[str, Any], misses: list[str], counted: AbstractSet[str]
+    ) -> _Counted | None:
+        """Keep what this fetch of several rows counts until its task has ended.
 
-        With request grouping (``server.group_requests``), a group whose fetch fails runs
-        again request by request on that turn, each request to get the answer it would have
-        got alone. This fetch has counted its keys' lookups and (``charged``) a failure: those
-        requests claim these counts instead of counting again, so each request is counted
-        once; and they do not read again the keys whose read has just failed. Any fetch of
-        several rows may be such a group, so a request for one of its keys on that one turn
-        is treated alike (a read of the same keys one turn later would fail as well).
+        With request grouping (``server.group_requests``) the task is a group's: when the
+        group's answer cannot be split, it hands each of its requests back to run alone, and
+        ends. Those requests wake up, and fetch, before the task's done callbacks run (they
+        were queued first); until then they claim these counts (:meth:`_earlier`) instead of
+        counting again, so each request is counted once; and they do not read again the keys
+        whose read has just failed. A fetch beside a running group, or after its end, counts
+        its own.
 
         Args:
-            reason: Why the read failed.
-            keys: The fetch's entity keys.
-            found: The rows it has (from the cache, or a read that did not fail).
-            misses: The keys it looked up in the store.
+            found: The fetch's keys found in the cache.
+            misses: Its other keys.
             counted: Its keys whose lookups it claimed, so did not count.
-            charged: The reason its failure was counted under, if it was.
         """
-        pending = self._next_turn_failure
-        if pending is None:
-            pending = self._next_turn_failure = _RecentFailure()
-            # Queued ahead of the requests that the group's failure is about to wake (after
-            # this, on this turn): the fetches still to come on this turn do not see it.
-            asyncio.get_running_loop().call_soon(self._failure_turn)
-        pending.add(
-            reason,
-            [key for key in misses if key not in found],
-            [key for key in dict.fromkeys(keys) if key not in counted],
-            charged,
-        )
+        task = asyncio.current_task()
+        if task is None:
+            return None
+        keys = [*found, *misses]
+        mine = _Counted(keys, [key for key in keys if key not in counted] if counted else keys)
+        if task not in self._counts:
+            task.add_done_callback(self._task_ended)
+        self._counts[task] = mine
+        return mine
 
-    def _failure_turn(self) -> None:
-        """The turn after failed fetches of several rows: they are known until it ends."""
-        recent, self._next_turn_failure = self._next_turn_failure, None
-        self._recent_failure = recent
-        # Queued behind the requests woken on the turn before, which run on this one.
-        asyncio.get_running_loop().call_soon(self._forget_failure, recent)
+    def _task_ended(self, task: asyncio.Task[Any]) -> None:
+        # Its requests that ran again alone have fetched by now: its counts are not claimed
+        # any more.
+        if self._counts.pop(task, None) is None:
+            tasks = self._ended_tasks
+            tasks.discard(task)
+            if not tasks:
+                self._ended = None
 
-    def _forget_failure(self, recent: _RecentFailure | None) -> None:
-        if self._recent_failure is recent:
-            self._recent_failure = None
+    def _earlier(self, found: Mapping[str, Any], misses: Sequence[str]) -> _Counted | None:
+        """The counts of the fetches of several rows whose tasks have just ended (groups whose
+        requests now run alone, this one maybe), when they hold all of these keys."""
+        counts = self._counts
+        ended = [task for task in counts if task.done()]
+        if ended:
+            pool = self._ended
+            if pool is None:
+                pool = self._ended = _Counted()
+            for task in ended:
+                pool.merge(counts.pop(task))
+                self._ended_tasks.add(task)
+        pool = self._ended
+        return pool if pool is not None and pool.holds(found, misses) else None
 
     def _serve_stale(
         self, keys: list[str], found: dict[str, Any], counted: AbstractSet[str] = frozenset()
@@ -398,7 +443,7 @@ class FeastFeatureSource(FeatureSource):
         up to ``serve_stale_s`` ago. Whether every key has a row now: the request is served,
         marked degraded. Otherwise the failure policy applies; ``fail_open`` keeps the stale
         rows it found and gives the rest their defaults. Rows of ``counted`` keys (their lookup
-        counted by a failed fetch before: :meth:`_remember_failure`) are not counted again."""
+        counted by a group's fetch before: :meth:`_keep_counts`) are not counted again."""
         stale = {}
         for key in keys:
             if key not in found:
@@ -419,21 +464,21 @@ class FeastFeatureSource(FeatureSource):
         keys: list[str],
         found: dict[str, Any],
         deadline: float,
-        recent: _RecentFailure | None = None,
+        earlier: _Counted | None = None,
     ) -> str | None:
         """Read ``keys`` through the merger into ``found``; the failure reason, if any.
 
-        Keys whose read failed on the turn before (``recent``) are not read again: a group's
-        requests, each running alone after the group's fetch failed, would only ask the
-        failing store the same question again.
+        Keys whose read has just failed in their group's fetch (``earlier``) are not read
+        again: the group's requests, each running alone after the group's fetch failed, would
+        only ask the failing store the same question again.
         """
         if not self.breaker.allow():
             return "breaker_open"
         remaining = deadline - asyncio.get_running_loop().time()
         if remaining <= 0:
             raise DeadlineExceeded("deadline exceeded before fetching features")
-        if recent is not None:
-            known = recent.reason_for(keys)
+        if earlier is not None:
+            known = earlier.reason_for(keys)
             if known is not None:
                 return known
         futures = [self.merger.submit(key) for key in keys]
@@ -605,14 +650,21 @@ class FeastFeatureSource(FeatureSource):
         return out
 
     def _assemble(
-        self, keys: Sequence[str], found: Mapping[str, Prepared], request_columns: dict[str, Any]
+        self,
+        keys: Sequence[str],
+        found: Mapping[str, Prepared],
+        request_columns: dict[str, Any],
+        counted_rows: AbstractSet[int] = _NO_ROWS,
     ) -> Tensors:
+        """The model's inputs for ``keys``; the defaults of the rows not in ``counted_rows``
+        (counted by the group's fetch before: :meth:`_keep_counts`) are counted."""
         rows = len(keys)
         if rows == 1 and self.config.layout == "columns":
             # One transaction, the common request: each tensor in one step.
             values, defaulted = found[keys[0]]
-            for j in defaulted:
-                self._m_defaults[j].inc()
+            if not counted_rows:
+                for j in defaulted:
+                    self._m_defaults[j].inc()
             return {
                 name: request_columns[name].reshape(1, 1)
                 if j < 0
@@ -621,7 +673,9 @@ class FeastFeatureSource(FeatureSource):
             }
         prepared = [found[key] for key in keys]
         counts = [0] * len(self._feast_inputs)
-        for _, defaulted in prepared:
+        for i, (_, defaulted) in enumerate(prepared):
+            if i in counted_rows:
+                continue
             for j in defaulted:
                 counts[j] += 1
         for j, count in enumerate(counts):
