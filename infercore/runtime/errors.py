@@ -1,4 +1,5 @@
-"""Errors of run-time model management (loads, unloads, stage changes, approvals)."""
+"""Errors of run-time model management (loads, unloads, stage changes, approvals), and how
+their messages echo the names a client sent."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ class Conflict(InfercoreError):
 
     status_code = 409
     reason = "conflict"
+
+
+class SignatureChanged(Conflict):
+    """A reload whose artifact takes or gives other tensors than the serving instance's."""
 
 
 class LoadFailed(InfercoreError):
@@ -32,3 +37,18 @@ class VersionNotReady(ModelNotReady):
         # ``version`` has a default so that copy.copy (which rebuilds from ``args``) works.
         super().__init__(message, hint=hint)
         self.version = version
+
+
+#: The longest valid model name (versions are at most 32): a valid name is always echoed whole,
+#: and a client cannot make an error body as long as its URL.
+ECHO_CHARS = 64
+
+
+def quoted(name: str) -> str:
+    """A model name or version a client sent, as every message that echoes one shows it.
+
+    ``repr`` escapes control characters; past :data:`ECHO_CHARS` the name is cut and marked.
+    """
+    if len(name) <= ECHO_CHARS:
+        return repr(name)
+    return f"{name[:ECHO_CHARS]!r}… ({len(name)} characters)"

@@ -5,10 +5,15 @@ recipe (``<model_root>/<folder>/<version_folder>``). The folder must resolve ins
 root (a symlink out of it, or ``..``, is refused) and the artifact's digest must be pinned in
 the folder's manifest, so a file dropped into the folder cannot be loaded unless an operator
 pinned it (RELIABILITY.md S3, S4).
+
+The manifest pins recipe versions too: a recipe version whose artifact lies inside the folder
+and is listed in the manifest is checked against that digest whenever it loads (start-up and
+every reload), so a reload never reads a swapped file the manifest does not vouch for.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -16,6 +21,7 @@ from typing import Any
 from infercore.config.rollout import RepositoryConfig
 from infercore.config.schema import VERSION_RE
 from infercore.errors import InfercoreError, InvalidInput, ModelNotFound
+from infercore.runtime.errors import quoted
 
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 
@@ -119,7 +125,7 @@ class Repository:
         """
         if not VERSION_RE.match(version):
             raise InvalidInput(
-                f"invalid version {version[:40]!r}",
+                f"invalid version {quoted(version)}",
                 hint="use letters, digits, '_', '-' and '.' (at most 32)",
             )
         cfg = self.config
@@ -135,12 +141,7 @@ class Repository:
         artifact = folder / artifact_rel
         if artifact.exists() or artifact.is_symlink():
             _inside(self.root, artifact)
-        manifest = self.base / cfg.manifest
-        digest: str | None = None
-        if manifest.is_file():
-            _inside(self.root, manifest)
-            key = str(PurePosixPath(folder_rel) / artifact_rel)
-            digest = read_manifest(manifest).get(key)
+        digest = self.digests().get(str(PurePosixPath(folder_rel) / artifact_rel))
         if digest is None:
             raise InvalidInput(
                 f"model {self.model!r} version {version!r}: no digest pinned for its artifact "
@@ -151,3 +152,37 @@ class Repository:
         node["path"] = str(PurePosixPath(cfg.folder) / folder_rel / artifact_rel)
         node["sha256"] = digest
         return node
+
+    def digests(self) -> dict[str, str]:
+        """The manifest's pins (path relative to the folder -> digest); none without one.
+
+        Raises:
+            UnsafePath: The manifest resolves outside the model root.
+            OSError: The manifest exists but cannot be read.
+        """
+        manifest = self.base / self.config.manifest
+        if not manifest.is_file():
+            return {}
+        _inside(self.root, manifest)
+        return read_manifest(manifest)
+
+    def manifest_key(self, path: str) -> str | None:
+        """The manifest key of an artifact ``path`` (as a recipe loader gives it: relative to
+        the model root, or absolute), or ``None`` when the artifact is not inside the folder.
+
+        Lexical first, so that the key is the name the recipe uses (a link inside the folder
+        is pinned under its own name, as ``sha256sum`` lists it); then resolved, for a path
+        that reaches the folder through a link above it.
+        """
+        raw = Path(path)
+        full = raw if raw.is_absolute() else self.root / raw
+        lexical, base = Path(os.path.normpath(full)), Path(os.path.normpath(self.base))
+        if lexical != base and lexical.is_relative_to(base):
+            return lexical.relative_to(base).as_posix()
+        try:
+            resolved, base = full.resolve(), self.base.resolve()
+        except (OSError, RuntimeError):  # a link loop: the loader refuses the path itself
+            return None
+        if resolved != base and resolved.is_relative_to(base):
+            return resolved.relative_to(base).as_posix()
+        return None

@@ -10,7 +10,9 @@ Run-time changes (:meth:`Runtime.load`, :meth:`Runtime.unload`, :meth:`Runtime.s
 :meth:`Runtime.set_weights`, :meth:`Runtime.rollback`) validate everything before changing
 anything: a refused or failed call leaves the model serving exactly as before. A reload builds
 a fresh instance beside the serving one, loads and warms it, swaps it in, then drains and
-stops the old one, so no request is dropped.
+stops the old one, so no request is dropped. The fresh instance must have the serving one's
+signature (a new signature is a new version), and its artifact is checked against the digest
+the recipe or the model's repository manifest pins.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ from infercore.errors import (
 from infercore.metrics import Metrics
 from infercore.plugin_manager import PluginInfo, make_plugin_manager
 from infercore.registry import Registry
-from infercore.runtime.errors import Conflict, LoadFailed
+from infercore.runtime.errors import Conflict, LoadFailed, SignatureChanged, quoted
 from infercore.runtime.grouping import (
     DEFAULT_GROUP_ROWS,
     DEFAULT_GROUP_WAITING,
@@ -64,7 +66,7 @@ from infercore.runtime.grouping import (
 from infercore.runtime.guard import Verdict, Window, judge
 from infercore.runtime.inputs import prepare_inputs
 from infercore.runtime.outputs import plan_outputs
-from infercore.runtime.repository import Repository, check_template
+from infercore.runtime.repository import Repository, UnsafePath, check_template
 from infercore.runtime.served import (
     CANARY,
     CANDIDATE,
@@ -83,6 +85,7 @@ from infercore.runtime.served import (
     ServedVersion,
 )
 from infercore.runtime.shadow import ShadowRunner
+from infercore.runtime.signature import describe_changes, signature_changes
 
 if TYPE_CHECKING:
     from infercore.lifecycle import Lifecycle
@@ -190,10 +193,16 @@ class Runtime:
                 label,
             )
             primary = mc.primary or _default_primary(mc.versions)
+            repository = None
+            if mc.repository is not None:
+                repository = self._check_repository(name, mc, model_root, label)
             versions: dict[str, ServedVersion] = {}
             for version, vc in mc.versions.items():
                 vpath = f"{base}.versions.{version}"
-                sv = self._build_version(name, version, vc.loader, vc.warmup, f"{vpath}.loader")
+                node = self._pinned(name, repository, vc.loader, f"{vpath}.loader", warn=True)
+                sv = self._build_version(
+                    name, version, node, vc.warmup, f"{vpath}.loader", recipe_node=vc.loader
+                )
                 self._check_stage(name, version, vc.stage, vc.weight, primary, router, vpath)
                 sv.stage = PRIMARY if version == primary else vc.stage
                 sv.weight = vc.weight
@@ -207,9 +216,6 @@ class Runtime:
                     hint="the primary takes what the canaries leave",
                 )
             assert isinstance(features, FeatureSource)
-            repository = None
-            if mc.repository is not None:
-                repository = self._check_repository(name, mc, model_root, label)
             policy = router.shadow_policy()
             shadow = None
             if policy is not None:
@@ -327,8 +333,20 @@ class Runtime:
                 )
 
     def _build_version(
-        self, name: str, version: str, node: Node, warmup: bool, path: str
+        self,
+        name: str,
+        version: str,
+        node: Node,
+        warmup: bool,
+        path: str,
+        *,
+        recipe_node: Node | None = None,
     ) -> ServedVersion:
+        """Build a version's model and batcher from ``node``.
+
+        ``recipe_node`` is the node as the recipe gives it, kept for reloads when ``node`` adds
+        the manifest's digest to it: a reload reads the manifest again.
+        """
         model_root = self.composed.model_root
         label = self.composed.label
         batching_node, batching_path = self._batching[name]
@@ -360,7 +378,8 @@ class Runtime:
             label=label,
         )
         assert isinstance(model, Model) and isinstance(batcher, Batcher)
-        return ServedVersion(name, version, model, batcher, vm, warmup, node=dict(node), path=path)
+        kept = dict(node if recipe_node is None else recipe_node)
+        return ServedVersion(name, version, model, batcher, vm, warmup, node=kept, path=path)
 
     @staticmethod
     def _check_stage(
@@ -412,6 +431,69 @@ class Runtime:
             )
         return Repository(mc.repository, model_root, model=name)
 
+    def _pinned(
+        self, name: str, repo: Repository | None, node: Node, path: str, *, warn: bool = False
+    ) -> Node:
+        """A recipe version's loader node, with the digest its model's repository manifest pins.
+
+        A recipe version whose artifact lies inside the repository folder and is listed in
+        the manifest is checked against that digest every time it loads: a reload must not read
+        a swapped file the manifest does not vouch for. A ``sha256`` in the recipe must agree.
+        The manifest is read at each call, so re-pinning a file there is how an operator
+        vouches for a new one.
+
+        Raises:
+            ConfigError: The recipe's ``sha256`` and the manifest's disagree, the manifest
+                cannot be read or leaves the model root, or the loader cannot check a digest.
+        """
+        artifact = node.get("path")
+        if repo is None or not isinstance(artifact, str):
+            return node
+        key = repo.manifest_key(artifact)
+        if key is None:
+            return node
+        manifest = f"models.{name}.repository.manifest ({repo.config.manifest})"
+        try:
+            digest = repo.digests().get(key)
+        except UnsafePath:
+            raise ConfigError(
+                f"{manifest}: resolves outside the model root",
+                hint="symlinks and '..' out of model_root are refused",
+            ) from None
+        except OSError as exc:
+            raise ConfigError(
+                f"{manifest}: cannot be read ({type(exc).__name__})",
+                hint="it pins this version's artifact; make it readable by the server",
+            ) from None
+        own = node.get("sha256")
+        if digest is None:
+            if own is None and warn:
+                log.warning(
+                    "%s: %r is in the repository folder but neither %s nor the recipe pins its "
+                    "sha256; a reload reads whatever file is there",
+                    path,
+                    key,
+                    repo.config.manifest,
+                )
+            return node
+        if own is not None:  # not a string: the loader's Config refuses it
+            if isinstance(own, str) and own.strip().lower() != digest:
+                raise ConfigError(
+                    f"{path}.sha256: the recipe pins {own!r} but {manifest} pins "
+                    f"{digest!r} for {key!r}; the artifact can match only one",
+                    hint="make them agree: re-pin whichever is out of date",
+                )
+            return node
+        cls, _ = self.registry.resolve("model_loader", node, path=path, context=self.composed.label)
+        if "sha256" not in getattr(cls.Config, "__struct_fields__", ()):
+            raise ConfigError(
+                f"{path}: {manifest} pins {key!r}, but loader {cls.kind!r} takes no sha256 and "
+                "cannot check it",
+                hint="use a loader that checks digests, or keep the artifact out of the "
+                "repository folder",
+            )
+        return {**node, "sha256": digest}
+
     @property
     def plugin_infos(self) -> dict[str, PluginInfo]:
         return self.plugins
@@ -436,7 +518,7 @@ class Runtime:
         served = self.models.get(name)
         if served is None:
             raise ModelNotFound(
-                f"unknown model {name[:64]!r}",
+                f"unknown model {quoted(name)}",
                 hint=f"served models: {', '.join(self.models) or 'none'}",
             )
         return served
@@ -494,12 +576,21 @@ class Runtime:
                 f"{type(exc).__name__}: {exc}"
             ) from exc
 
-    async def _load(self, served: ServedModel, sv: ServedVersion) -> bool:
+    async def _load(
+        self, served: ServedModel, sv: ServedVersion, *, serving: ServedVersion | None = None
+    ) -> bool:
+        """Load, check and warm ``sv``; ``False`` (with ``sv.error``) when it did not load.
+
+        ``serving``: the instance of the same version serving now (a reload). A new artifact
+        with another signature is refused before its warm-up (``sv.refusal``).
+        """
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         try:
             try:
                 await sv.model.start()
+                if serving is not None:
+                    self._check_signature(serving, sv)
                 sv.input_names = frozenset(spec.name for spec in sv.model.inputs)
                 sv.route_only = served.router.key_fields - sv.input_names
                 own = sv.outputs_config is not None
@@ -524,14 +615,43 @@ class Runtime:
             sv.state = FAILED
             sv.error = str(exc)
             sv.config_error = exc if isinstance(exc, ConfigError) else None
+            sv.refusal = exc if isinstance(exc, SignatureChanged) else None
             self.metrics.model_load_failures.labels(sv.name, sv.version).inc()
-            log.error("model %s version %s failed to load: %s", sv.name, sv.version, exc)
+            if sv.refusal is not None:
+                log.warning("model %s version %s: reload refused: %s", sv.name, sv.version, exc)
+            else:
+                log.error("model %s version %s failed to load: %s", sv.name, sv.version, exc)
             return False
         sv.groups = self._groups(served, sv)
         sv.state = READY
         self.metrics.model_ready.labels(sv.name, sv.version).set(1)
         log.info("model %s version %s ready in %.2fs", sv.name, sv.version, loop.time() - t0)
         return True
+
+    @staticmethod
+    def _check_signature(serving: ServedVersion, fresh: ServedVersion) -> None:
+        """Refuse a reload that would change the tensors a serving version takes or gives.
+
+        A reload in place is for a repaired or re-pinned artifact of the same version. With a
+        new signature every client of the version (and of the model, for the primary) would
+        fail at once (400 missing input) with nothing judging the new model first: it must
+        arrive as a new version, through shadow and canary, where the guard and approvals
+        see it.
+
+        Raises:
+            SignatureChanged: Names, datatypes or shapes differ.
+        """
+        old, new = serving.model, fresh.model
+        changes = signature_changes(old.inputs, old.outputs, new.inputs, new.outputs)
+        if changes:
+            raise SignatureChanged(
+                f"model {fresh.name!r} version {fresh.version!r}: the new artifact's signature "
+                f"differs from the one serving ({describe_changes(changes)}); the old one keeps "
+                "serving",
+                hint="a version's inputs and outputs never change under its clients: load the "
+                "new artifact as a new version (its own folder in the repository, or a new "
+                "recipe version) and roll it out (shadow, canary, primary)",
+            )
 
     def _groups(self, served: ServedModel, sv: ServedVersion) -> RequestGroups | None:
         """Request groups for ``sv``, when its model, batcher and feature source allow them.
@@ -897,48 +1017,64 @@ class Runtime:
     async def load(self, name: str, version: str) -> ServedVersion:
         """Load (or reload) a version and open it to traffic; the old instance serves until then.
 
-        A recipe version is built from its recipe node; another version from the model's
-        repository folder (its digest pinned by the folder's manifest). A reload keeps the
-        version's stage and weight; a new version starts as a ``candidate``.
+        A recipe version is built from its recipe node, pinned by the model's repository
+        manifest when that lists its artifact; another version from the model's repository
+        folder (its digest pinned by the folder's manifest). The manifest is read again for
+        every load. A reload keeps the version's stage and weight and must keep the serving
+        instance's signature; a new version starts as a ``candidate``.
 
         Raises:
             InvalidInput: An invalid version name, or a repository version without a pinned
                 digest or whose folder escapes the model root.
             ModelNotFound: The model, or a version in neither the recipe nor the repository.
-            LoadFailed: The load, digest check or warm-up failed; nothing changed.
+            SignatureChanged: A reload of a serving version whose new artifact takes or gives
+                other tensors (409); nothing changed.
+            LoadFailed: The load, digest check or warm-up failed, or the recipe's and the
+                manifest's digests disagree; nothing changed.
         """
         served = self.model(name)
         if not VERSION_RE.match(version):
             raise InvalidInput(
-                f"invalid version {version[:40]!r}",
+                f"invalid version {quoted(version)}",
                 hint="use letters, digits, '_', '-' and '.' (at most 32)",
             )
         self._check_changes_allowed()
         async with served.lock:
             current = served.versions.get(version)
-            if current is not None:
-                node, warmup, path, origin = (
-                    current.node,
-                    current.warmup,
-                    current.path,
-                    current.origin,
-                )
-            else:
-                repo = served.repository
-                if repo is None:
-                    raise ModelNotFound(
-                        f"model {name!r} has no version {version!r}",
-                        hint="the recipe lists its versions; models.<m>.repository lets the "
-                        "admin API load others from folders",
-                    )
-                node = repo.loader_node(version)
+            repo = served.repository
+            recipe_node: Node | None = None
+            if current is not None and current.origin == "recipe":
+                warmup, path, origin = current.warmup, current.path, current.origin
+                recipe_node = current.node
+                try:
+                    node = self._pinned(name, repo, recipe_node, path)
+                except ConfigError as exc:
+                    self.metrics.model_load_failures.labels(name, version).inc()
+                    raise self._load_failed(served, current, version, str(exc)) from None
+            elif repo is not None:
+                try:
+                    node = repo.loader_node(version)
+                except InfercoreError as exc:
+                    if current is None:
+                        raise
+                    # A version serving now whose folder or pin is gone: a failed reload.
+                    self.metrics.model_load_failures.labels(name, version).inc()
+                    raise self._load_failed(served, current, version, exc.message) from None
                 warmup, path, origin = (
                     repo.config.warmup,
                     f"models.{name}.repository.loader",
                     "repository",
                 )
+            else:
+                raise ModelNotFound(
+                    f"model {name!r} has no version {quoted(version)}",
+                    hint="the recipe lists its versions; models.<m>.repository lets the "
+                    "admin API load others from folders",
+                )
             try:
-                fresh = self._build_version(name, version, node, warmup, path)
+                fresh = self._build_version(
+                    name, version, node, warmup, path, recipe_node=recipe_node
+                )
             except ConfigError as exc:
                 raise InvalidInput(self._scrub(str(exc))) from None
             fresh.origin = origin
@@ -946,40 +1082,53 @@ class Runtime:
                 fresh.outputs_config = current.outputs_config
             if served.guard is not None:
                 fresh.window = Window(served.guard.window_s)
-            if not await self._load(served, fresh):
+            serving = current if current is not None and current.ready else None
+            if not await self._load(served, fresh, serving=serving):
                 await self._stop_instance(fresh)
-                reason = self._scrub(fresh.error or "failed to load")
-                if current is not None:
-                    current.last_load_error = reason
-                    # The old instance (if any) still serves under this label.
-                    self.metrics.model_ready.labels(name, version).set(1 if current.ready else 0)
-                self.emit(
-                    {
-                        "event": "load_failed",
-                        "model": name,
-                        "version": version,
-                        "reason": reason,
-                    }
-                )
-                raise LoadFailed(
-                    f"model {name!r} version {version!r} did not load: {reason}",
-                    hint="nothing changed: the model serves as before",
-                )
+                if fresh.refusal is not None:
+                    refusal = fresh.refusal
+                    raise self._load_failed(served, current, version, str(refusal), refusal)
+                reason = fresh.error or "failed to load"
+                raise self._load_failed(served, current, version, reason)
             if current is not None:
                 fresh.stage, fresh.weight = current.stage, current.weight
             served.versions[version] = fresh
             served.refresh()
             if current is not None and current.state not in (UNLOADED, STOPPED):
                 # The replaced instance: requests that picked it finish on it, then it stops.
-                serving = current.ready
+                serving_now = current.ready
                 current.state = UNLOADING  # shadow copies still queued for it are dropped
-                if serving:
+                if serving_now:
                     await self._retire_instance(current)
                 else:
                     await self._stop_instance(current)
                 current.state = STOPPED
         self.emit({"event": "loaded", "model": name, "version": version, "stage": fresh.stage})
         return fresh
+
+    def _load_failed(
+        self,
+        served: ServedModel,
+        current: ServedVersion | None,
+        version: str,
+        reason: str,
+        refusal: Conflict | None = None,
+    ) -> InfercoreError:
+        """Record a load that changed nothing (the old instance, if any, serves on) and return
+        the error to raise: ``refusal`` (409) when the reload was refused, else LoadFailed."""
+        name = served.name
+        reason = self._scrub(reason)
+        if current is not None:
+            current.last_load_error = reason
+            # The old instance (if any) still serves under this label.
+            self.metrics.model_ready.labels(name, version).set(1 if current.ready else 0)
+        self.emit({"event": "load_failed", "model": name, "version": version, "reason": reason})
+        if refusal is not None:
+            return refusal
+        return LoadFailed(
+            f"model {name!r} version {version!r} did not load: {reason}",
+            hint="nothing changed: the model serves as before",
+        )
 
     async def _retire_instance(self, sv: ServedVersion) -> None:
         """Drain a replaced or unloaded instance, then stop it."""

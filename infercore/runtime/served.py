@@ -29,7 +29,7 @@ from infercore.config.rollout import GuardConfig
 from infercore.config.schema import ModelConfig, OutputMapping
 from infercore.errors import ConfigError, ModelNotFound
 from infercore.metrics import Metrics, VersionMetrics
-from infercore.runtime.errors import VersionNotReady
+from infercore.runtime.errors import Conflict, VersionNotReady, quoted
 from infercore.runtime.grouping import RequestGroups
 from infercore.runtime.guard import Window
 from infercore.runtime.outputs import OutputPlan
@@ -66,6 +66,8 @@ class ServedVersion:
     error: str | None = None
     #: Why it failed to load, when that was a config error (exit 2 at start-up, not 1).
     config_error: ConfigError | None = None
+    #: Why a reload was refused rather than failed (a changed signature: 409, not 422).
+    refusal: Conflict | None = None
     outputs_plan: OutputPlan | None = None
     #: The model's input names, known once it has loaded.
     input_names: frozenset[str] = frozenset()
@@ -246,7 +248,7 @@ class ServedModel:
         served = self.versions.get(version)
         if served is None:
             raise ModelNotFound(
-                f"model {self.name!r} has no version {version[:40]!r}",
+                f"model {self.name!r} has no version {quoted(version)}",
                 hint=f"versions: {', '.join(self.versions)}",
             )
         return served
@@ -299,7 +301,7 @@ class ServedModel:
         served = self.versions.get(version)
         if served is None:
             raise ModelNotFound(
-                f"model {self.name!r} has no version {version[:40]!r}",
+                f"model {self.name!r} has no version {quoted(version)}",
                 hint=f"versions: {', '.join(self.versions)}",
             )
         if not served.ready:

@@ -33,6 +33,7 @@ from infercore.errors import (
     DeadlineExceeded,
     InfercoreError,
     InvalidInput,
+    ModelNotFound,
     PluginError,
     QueueFull,
     RequestTimeout,
@@ -42,7 +43,7 @@ from infercore.errors import (
 from infercore.metrics import ResponseCounters, VersionMetrics
 from infercore.protocol import v1, v2
 from infercore.runtime import Runtime, ServedModel, ServedVersion
-from infercore.runtime.errors import VersionNotReady
+from infercore.runtime.errors import VersionNotReady, quoted
 from infercore.server.errors import EXCEPTION_HANDLERS, error_body
 from infercore.server.logs import FailureLog
 from infercore.server.openapi import (
@@ -856,10 +857,8 @@ def create_app(
         v = served.primary if version is None else version
         sv = served.versions.get(v)
         if sv is None:
-            from infercore.errors import ModelNotFound
-
             raise ModelNotFound(
-                f"model {model_name!r} has no version {v!r}",
+                f"model {quoted(model_name)} has no version {quoted(v)}",
                 hint=f"versions: {', '.join(served.versions)}",
             )
         return served, sv
@@ -951,7 +950,9 @@ def create_app(
         name, sep, verb = target.partition(":")
         if not sep or verb != "predict":
             return reject(
-                InvalidInput(f"unknown V1 verb in {target!r}", hint="POST /v1/models/NAME:predict"),
+                InvalidInput(
+                    f"unknown V1 verb in {quoted(target)}", hint="POST /v1/models/NAME:predict"
+                ),
                 name,
                 None,
                 _request_id(request.headers),
@@ -972,7 +973,7 @@ def create_app(
         if not sep or verb != "predict":
             return reject(
                 InvalidInput(
-                    f"unknown V1 verb in {target!r}",
+                    f"unknown V1 verb in {quoted(target)}",
                     hint="POST /v1/models/NAME/versions/VERSION:predict",
                 ),
                 model_name,
