@@ -19,10 +19,10 @@ from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 
-from torch_test_support import CONFIG_PATH, Artifacts  # noqa: E402
+from torch_test_support import CONFIG_PATH, Artifacts, sha256  # noqa: E402
 
 from infercore.components import ComponentContext  # noqa: E402
-from infercore.errors import ConfigError, InvalidInput  # noqa: E402
+from infercore.errors import BackendError, ConfigError, InvalidInput  # noqa: E402
 from infercore.testing import FakeModel  # noqa: E402
 from infercore_torch import TorchGpuBatcher, TorchModel  # noqa: E402
 from infercore_torch.pipeline import StagingPipeline, padded_size  # noqa: E402
@@ -325,6 +325,34 @@ def test_a_model_without_a_batch_dimension_is_refused(artifacts: Artifacts) -> N
     b = batcher(model, artifacts.root)
     with pytest.raises(ConfigError, match="needs a model whose every input"):
         asyncio.run(b.start())
+
+
+class FirstRowOnly(torch.nn.Module):
+    """Returns one row whatever it is given: not the row-wise model torch-gpu needs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:1]
+
+
+def test_a_wrong_row_count_names_the_model_and_the_fix(tmp_path: Path) -> None:
+    torch.jit.save(torch.jit.script(FirstRowOnly()), tmp_path / "first.ts")
+    options = {
+        "path": "first.ts", "trusted": True, "sha256": sha256(tmp_path / "first.ts"),
+        "device": "cpu", "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 2]}],
+        "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 2]}],
+    }  # fmt: skip
+    config = msgspec.convert(options, TorchModel.Config)
+    model = TorchModel(config, ComponentContext(path=CONFIG_PATH, model_root=tmp_path))
+    asyncio.run(model.start())
+    # Padded to 2 rows, the warm-up's single row meets the fault at start-up (QA D4).
+    pipeline = StagingPipeline(torch, model, slots=1, buffer_rows=8, preferred=(2, 4, 8), pad=True)
+    with pytest.raises(BackendError) as info:
+        pipeline.warm()
+    assert info.value.message == (
+        f"{CONFIG_PATH}.outputs: output 'y' has 1 rows for a batch of 2 rows; torch-gpu needs "
+        "one output row per input row"
+    )
+    assert "batching: {kind: none}" in (info.value.hint or "")
 
 
 # -- CUDA (skipped without a device; run by benchmarks/gpu/run_gpu_checks.sh) ---------------------

@@ -22,7 +22,14 @@ import msgspec
 import numpy as np
 
 from infercore.artifacts import display_name, read_verified, resolve_artifact
-from infercore.components import Array, ComponentContext, Model, Tensors, TensorSpec
+from infercore.components import (
+    Array,
+    ComponentContext,
+    Model,
+    Tensors,
+    TensorSpec,
+    v2_datatype,
+)
 from infercore.errors import (
     BackendError,
     ConfigError,
@@ -39,7 +46,15 @@ from infercore_torch.formats import (
     check_trust,
     detect_format,
 )
-from infercore_torch.signature import as_input, check_declared, exported_specs
+from infercore_torch.signature import (
+    DimRange,
+    InputRanges,
+    as_input,
+    cast_checked,
+    check_declared,
+    exported_input_ranges,
+    exported_specs,
+)
 
 log = logging.getLogger("infercore.torch")
 
@@ -52,12 +67,25 @@ _ABSOLUTE_PATH = re.compile(r"(?<![\w.~-])/[^\s'\"]+")
 # Terminal escape sequences (torch bolds parts of its weights-only message).
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
 _MAX_DETAIL = 200
+# torch's weights-only refusals advise re-running torch.load with weights_only=False (or
+# allow-listing the file's globals): code execution, which infercore never offers (S2).
+_WEIGHTS_ONLY_ADVICE = re.compile(r"weights[_ ]only|safe_globals", re.IGNORECASE)
+_PICKLED_GLOBAL = re.compile(r"\bGLOBAL ([A-Za-z_][\w.]*)")
 _WHAT = {"export": "a torch.export program (.pt2)", "torchscript": "a TorchScript archive"}
 
 
 def _scrub(exc: BaseException) -> str:
-    """One line describing ``exc`` without filesystem paths (RELIABILITY S6)."""
+    """One line describing ``exc`` without filesystem paths (RELIABILITY S6), and without
+    torch's advice to unpickle with ``weights_only=False`` (S2): what such a refusal found is
+    kept (the Python object the pickle names), the advice is not."""
     detail = _ABSOLUTE_PATH.sub("<path>", " ".join(_ANSI_ESCAPE.sub("", str(exc)).split()))
+    if _WEIGHTS_ONLY_ADVICE.search(detail):
+        found = _PICKLED_GLOBAL.search(detail)
+        detail = (
+            f"it pickles the Python object {found.group(1)}"
+            if found
+            else "it holds pickled data other than tensors"
+        )
     if len(detail) > _MAX_DETAIL:
         detail = detail[: _MAX_DETAIL - 1] + "…"
     return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
@@ -136,6 +164,7 @@ class _Loaded(msgspec.Struct):
     device: Any
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
+    ranges: dict[str, InputRanges]
 
 
 class TorchModel(Model):
@@ -147,9 +176,18 @@ class TorchModel(Model):
     The ``torch-gpu`` batcher calls :meth:`forward_tensors` with tensors already on
     :attr:`device`.
 
+    An exported program's dynamic dimensions keep their ``torch.export.Dim`` ranges: a request
+    whose other dimensions fall outside them is a 400 before the module runs, and a batch
+    dimension is never handed the program outside its range: :meth:`forward_tensors` splits
+    more rows into calls of at most its ``max`` and pads fewer than its ``min`` with zero rows.
+
     Attributes:
         device: The ``torch.device`` the module runs on (after :meth:`start`).
         format: The artifact's format.
+        dim_ranges: Per input name, the range of each dynamic dimension (``None`` where the
+            size is fixed); empty unless the signature comes from an exported program.
+        batch_range: The rows one call of the program may take, when it bounds them (a
+            batchable exported program with a ``max``, or a ``min`` above 1); else ``None``.
     """
 
     kind = "torch"
@@ -198,6 +236,8 @@ class TorchModel(Model):
         self.inputs = [t.spec() for t in config.inputs or ()]
         self.outputs = [t.spec() for t in config.outputs or ()]
         self.device: Any = None
+        self.dim_ranges: dict[str, InputRanges] = {}
+        self.batch_range: DimRange | None = None
         self._torch: Any = None
         self._module: Any = None
 
@@ -249,6 +289,8 @@ class TorchModel(Model):
             ) from None
         self._torch, self.device = loaded.torch, loaded.device
         self.inputs, self.outputs = loaded.inputs, loaded.outputs
+        self.dim_ranges = loaded.ranges
+        self.batch_range = self._rows_per_call()
         self._module = loaded.module
         log.info(
             "%s: torch %s model loaded on %s (%d inputs, %d outputs)",
@@ -262,6 +304,78 @@ class TorchModel(Model):
     async def stop(self) -> None:
         """Drop the module; its memory is freed once in-flight calls return."""
         self._module = None
+
+    async def warmup(self) -> None:
+        """One zero row, each other varying dimension at the smallest size the program takes."""
+        await self.predict(
+            {s.name: np.zeros(self.sample_shape(s), dtype=s.dtype) for s in self.inputs}
+        )
+
+    def sample_shape(self, spec: TensorSpec) -> tuple[int, ...]:
+        """The smallest shape ``spec`` admits: one row, and each other varying dimension at the
+        lower end of its range (a warm-up's; a size of 1 may be outside it)."""
+        ranges = self.dim_ranges.get(spec.name, ())
+        shape = []
+        for index, dim in enumerate(spec.shape):
+            if dim >= 0:
+                shape.append(dim)
+            elif index == 0 and self.batchable:
+                shape.append(1)  # forward_tensors pads a batch to the program's min
+            else:
+                found = ranges[index] if index < len(ranges) else None
+                shape.append(max(1, found.lower) if found is not None else 1)
+        return tuple(shape)
+
+    def _rows_per_call(self) -> DimRange | None:
+        if not self.dim_ranges or not self.batchable:
+            return None
+        firsts = [r[0] for r in self.dim_ranges.values() if r and r[0] is not None]
+        if not firsts:
+            return None
+        lower = max(r.lower for r in firsts)
+        uppers = [r.upper for r in firsts if r.upper is not None]
+        upper = min(uppers) if uppers else None
+        if (upper is None and lower <= 1) or (upper is not None and upper < max(lower, 1)):
+            return None  # nothing to enforce, or a range no row count meets (left to torch)
+        return DimRange(max(lower, 1), upper)
+
+    def check_dims(self, inputs: Mapping[str, Array]) -> None:
+        """Refuse a request that the exported program's ranges exclude, before it runs.
+
+        Every dynamic dimension must lie in its range, and dimensions that share the program's
+        symbol must be the same size. The batch dimension of a batchable model is left out:
+        :meth:`forward_tensors` fits any row count to the program.
+
+        Raises:
+            InvalidInput: Naming the input, the dimension and the range.
+        """
+        if not self.dim_ranges:
+            return
+        seen: dict[str, tuple[str, int, int]] = {}
+        skip_rows = self.batchable
+        for name, ranges in self.dim_ranges.items():
+            array = inputs.get(name)
+            if array is None or array.ndim != len(ranges):
+                continue  # missing or misshapen inputs have their own errors
+            for index, (allowed, size) in enumerate(zip(ranges, array.shape, strict=True)):
+                if allowed is None or (index == 0 and skip_rows):
+                    continue
+                size = int(size)
+                if not allowed.admits(size):
+                    raise InvalidInput(
+                        f"input {name!r}: dimension {index} is {size}, outside the model's "
+                        f"range {allowed}",
+                        hint=f"send {name!r} with dimension {index} in {allowed}",
+                    )
+                if allowed.symbol is None:
+                    continue
+                first = seen.setdefault(allowed.symbol, (name, index, size))
+                if first[2] != size:
+                    raise InvalidInput(
+                        f"input {name!r}: dimension {index} is {size}, but input {first[0]!r} "
+                        f"dimension {first[1]} is {first[2]}; the model needs them equal",
+                        hint="send inputs whose shared dimensions have the same size",
+                    )
 
     # -- inference --------------------------------------------------------------------------
 
@@ -281,6 +395,7 @@ class TorchModel(Model):
                 arrays.append(as_input(spec, inputs[spec.name]))
             except KeyError:
                 raise InvalidInput(f"missing input {spec.name!r}") from None
+        self.check_dims(inputs)
         return await asyncio.to_thread(self._predict, arrays)
 
     def _predict(self, arrays: list[Array]) -> Tensors:
@@ -295,6 +410,11 @@ class TorchModel(Model):
     def forward_tensors(self, tensors: Sequence[Any]) -> list[Any]:
         """Call the module on tensors already on :attr:`device`; blocking (run it in a thread).
 
+        With a :attr:`batch_range`, a row count outside it is fitted to the program: more rows
+        than its ``max`` run as calls of at most ``max`` rows, fewer than its ``min`` are padded
+        with zero rows, and the outputs are joined with the padding dropped (the batching
+        contract makes a batchable model row-wise, so this is what one call would give).
+
         Returns:
             One tensor per declared output, in :attr:`outputs` order, on :attr:`device`.
 
@@ -306,6 +426,43 @@ class TorchModel(Model):
         module = self._module
         if module is None:
             raise ModelNotReady(f"{self.context.path}: the torch model is not loaded")
+        allowed = self.batch_range
+        if allowed is not None and tensors:
+            rows = int(tensors[0].shape[0])
+            if not allowed.admits(rows):
+                return self._forward_in_calls(module, tensors, rows, allowed)
+        return self._call(module, tensors)
+
+    def _forward_in_calls(
+        self, module: Any, tensors: Sequence[Any], rows: int, allowed: DimRange
+    ) -> list[Any]:
+        torch = self._torch
+        step = allowed.upper or rows
+        pieces: list[list[Any]] = []
+        with torch.inference_mode():
+            for start in range(0, rows, step):
+                n = min(step, rows - start)
+                part = [t[start : start + n] for t in tensors]
+                pad = max(0, allowed.lower - n)
+                if pad:
+                    part = [torch.cat([t, t.new_zeros((pad, *t.shape[1:]))]) for t in part]
+                outs = self._call(module, part)
+                for spec, out in zip(self.outputs, outs, strict=True):
+                    if out.dim() == 0 or int(out.shape[0]) != n + pad:
+                        log.error(
+                            "%s: output %r has %d rows for a call of %d rows",
+                            self.context.path,
+                            spec.name,
+                            int(out.shape[0]) if out.dim() else 0,
+                            n + pad,
+                        )
+                        raise BackendError(
+                            f"{self.context.path}: the model returned malformed output"
+                        )
+                pieces.append([out[:n] for out in outs])
+            return [torch.cat(parts) for parts in zip(*pieces, strict=True)]
+
+    def _call(self, module: Any, tensors: Sequence[Any]) -> list[Any]:
         try:
             with self._torch.inference_mode():
                 result = module(*tensors)
@@ -387,7 +544,8 @@ class TorchModel(Model):
         if program is None:
             module.eval()  # exported modules are already in eval form (and refuse .eval())
         inputs, outputs = self._specs(torch, program)
-        return _Loaded(torch, module, device, inputs, outputs)
+        ranges = self._ranges(program, inputs)
+        return _Loaded(torch, module, device, inputs, outputs, ranges)
 
     def _state_dict(self, torch: Any, data: bytes) -> dict[str, Any]:
         path = self.context.path
@@ -493,14 +651,31 @@ class TorchModel(Model):
                 check_declared(declared, found, role=role, config_path=path)
         return declared_in or found_in, declared_out or found_out
 
+    def _ranges(self, program: Any, inputs: list[TensorSpec]) -> dict[str, InputRanges]:
+        if program is None:
+            return {}
+        ranges = dict(zip([s.name for s in inputs], exported_input_ranges(program), strict=True))
+        for index, spec in enumerate(inputs):
+            for dim, (size, allowed) in enumerate(zip(spec.shape, ranges[spec.name], strict=True)):
+                if size >= 0 and allowed is not None and not allowed.admits(size):
+                    raise ModelLoadError(
+                        f"{self.context.path}.inputs[{index}]: declared {spec.name!r} dimension "
+                        f"{dim} as {size}, outside the exported program's range {allowed}",
+                        hint=f"declare a size in {allowed}, or -1",
+                    )
+        return ranges
+
 
 def to_numpy(tensor: Any, spec: TensorSpec, *, where: str = "model") -> Array:
     """A host array of ``spec``'s dtype from an output tensor: always a copy, so it never
     aliases a buffer the caller reuses (a staging buffer, or an input the module returned).
 
-    The tensor must match ``spec``: its dtype may only be cast within the same kind (FP64 to
-    a declared FP32 is fine; floats are never truncated to a declared integer type), and every
-    fixed dimension of ``spec`` must be the tensor's.
+    The tensor must match ``spec``, and the declared datatype never changes a value: the dtype
+    may only be cast within the same kind (a float is never truncated to a declared integer
+    type), and where the declared type cannot hold every value of the tensor's
+    (:func:`~infercore_torch.signature.holds_every_value`) the values themselves must survive
+    the cast (:func:`~infercore_torch.signature.cast_checked`: integers within range, finite
+    floats finite). Every fixed dimension of ``spec`` must be the tensor's.
 
     Args:
         tensor: One output of the module.
@@ -509,7 +684,8 @@ def to_numpy(tensor: Any, spec: TensorSpec, *, where: str = "model") -> Array:
 
     Raises:
         BackendError: The tensor's dtype has no numpy equivalent (bfloat16, …), or the tensor
-            contradicts ``spec``'s datatype or shape.
+            contradicts ``spec``'s datatype or shape, or a value does not fit the declared
+            datatype (a fault of the server's config, not of the request).
     """
     out = tensor.detach()
     if out.device.type != "cpu":
@@ -534,4 +710,15 @@ def to_numpy(tensor: Any, spec: TensorSpec, *, where: str = "model") -> Array:
             f"{where}.outputs: output {spec.name!r} has shape {list(shape)}, but "
             f"{list(spec.shape)} is declared"
         )
-    return np.array(host, dtype=spec.dtype, copy=True)
+    if host.dtype == spec.dtype:
+        return np.array(host, copy=True)
+    cast, changed = cast_checked(host, spec.datatype)
+    if changed is not None:
+        returned = v2_datatype(host.dtype)
+        raise BackendError(
+            f"{where}.outputs: output {spec.name!r} is {returned}, declared {spec.datatype}, and "
+            f"holds {changed}: serving it as {spec.datatype} would change it",
+            hint=f"declare {spec.name!r} as {returned}, or cast in the model to a datatype that "
+            "holds its values",
+        )
+    return cast

@@ -223,8 +223,7 @@ class StagingPipeline:
         """Run a one-row zero batch through every slot (allocates lazy buffers, warms streams)."""
         row: Tensors = {}
         for spec in self.model.inputs:
-            shape = (1, *(1 if d < 0 else d for d in spec.shape[1:]))
-            row[spec.name] = np.zeros(shape, dtype=spec.dtype)
+            row[spec.name] = np.zeros(self.model.sample_shape(spec), dtype=spec.dtype)
         for slot in list(self._free):
             self._run_on(slot, [row])
 
@@ -234,6 +233,8 @@ class StagingPipeline:
             rows = sum(int(part[first].shape[0]) for part in parts)
         except KeyError:
             raise InvalidInput(f"missing input {first!r}") from None
+        for part in parts:
+            self.model.check_dims(part)
         padded = padded_size(rows, self.preferred, self.pad)
         staged = self._assemble(slot, parts, rows, padded)
         with self._lock:
@@ -282,12 +283,14 @@ class StagingPipeline:
             staged.append(buf[:padded])
         return staged
 
-    @staticmethod
-    def _check_rows(spec: TensorSpec, out: Any, padded: int) -> None:
+    def _check_rows(self, spec: TensorSpec, out: Any, padded: int) -> None:
         if out.dim() == 0 or int(out.shape[0]) != padded:
+            got = int(out.shape[0]) if out.dim() else 0
             raise BackendError(
-                f"model output {spec.name!r} has {int(out.shape[0]) if out.dim() else 0} rows, "
-                f"expected {padded}"
+                f"{self.model.context.path}.outputs: output {spec.name!r} has {got} rows for a "
+                f"batch of {padded} rows; torch-gpu needs one output row per input row",
+                hint=f"declare {spec.name!r} without -1 first and use `batching: {{kind: none}}` "
+                "if the model does not return one row per input row",
             )
 
     def _run_cuda(self, slot: _Slot, staged: list[Any], rows: int, padded: int) -> Tensors:
