@@ -51,17 +51,23 @@ def _check_outputs(model: Model, outputs: Any, rows: int) -> Tensors:
     Returns the declared outputs only: an undeclared one is never split per request, so
     passing it on could hand one request the rows of its batch-mates.
     """
+    where = model.context.path  # the model's config path: whose output is wrong
     if not isinstance(outputs, dict):
-        raise BackendError(f"model returned {type(outputs).__name__}, expected a dict of arrays")
+        raise BackendError(
+            f"{where}: the model returned {type(outputs).__name__}, expected a dict of arrays"
+        )
     checked: Tensors = {}
     for spec in model.outputs:
         value = outputs.get(spec.name)
         if not isinstance(value, np.ndarray):
-            raise BackendError(f"model output {spec.name!r} is missing or not an array")
+            raise BackendError(f"{where}: model output {spec.name!r} is missing or not an array")
         if spec.batched and (value.ndim == 0 or value.shape[0] != rows):
             raise BackendError(
-                f"model output {spec.name!r} has {value.shape[0] if value.ndim else 0} rows, "
-                f"expected {rows}"
+                f"{where}: model output {spec.name!r} has "
+                f"{value.shape[0] if value.ndim else 0} rows for a batch of {rows}",
+                hint="a batched output (first dimension -1) needs one row per input row; "
+                "declare it with a fixed first dimension and use batching: {kind: none} if "
+                "the model answers a batch with one row",
             )
         checked[spec.name] = value
     return checked

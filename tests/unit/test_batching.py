@@ -570,6 +570,8 @@ def test_malformed_output_is_a_backend_error_and_the_batcher_keeps_serving(
         batcher = await make(model, max_batch_size=8)
         results = await finish(*(batcher.submit(request(i, 2), deadline=later()) for i in range(4)))
         assert all(isinstance(r, BackendError) for r in results), results
+        # The server's log line says whose output it was: the model's config path.
+        assert all(str(r).startswith(f"{MODEL_CTX.path}: ") for r in results), results
         model.config = FakeModel.Config(features=FEATURES)  # the model recovers
         req = request(9, 2)
         check_result(req, await asyncio.wait_for(batcher.submit(req, deadline=later()), 10))
