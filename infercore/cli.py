@@ -669,7 +669,12 @@ async def _serve_async(
         listener.set_inheritable(False)
         listener.setblocking(False)
         sockets = [listener]
-        log.info("starting %s on %s", label or "infercore", where)
+        if cfg.uds is not None:
+            # INFO lines carry no file paths (S6): the config key says which socket it is.
+            log.info("starting %s on the Unix socket server.uds", label or "infercore")
+            log.debug("server.uds: %s", cfg.uds)
+        else:
+            log.info("starting %s on %s", label or "infercore", where)
     else:
         # The supervisor's socket (infercore.server.workers); the supervisor removes a Unix
         # socket's file at exit, while it is still the one it bound.

@@ -10,6 +10,7 @@ import itertools
 import os
 import re
 import tempfile
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -418,51 +419,189 @@ def _check_names(config: InfercoreConfig, label: str) -> None:
             )
 
 
-#: Words of a key name (split at ``_``, ``-``, ``.`` and camelCase) that mark its value secret;
-#: whole words, so ``max_tokens`` and ``tokenizer`` stay visible. ``authorization`` and
-#: ``cookie`` are the HTTP headers that carry credentials (a webhook's ``headers:``).
+#: Words of a key name (split at ``_``, ``-``, ``.`` and camelCase) that mark its value secret
+#: wherever they stand (``db_password``, ``AWS_SECRET_ACCESS_KEY``); whole words, so
+#: ``max_tokens`` and ``tokenizer`` stay visible. ``authorization`` and ``cookie`` are the HTTP
+#: headers that carry credentials (a webhook's ``headers:``).
 _SECRET_WORDS = frozenset(
     {
         "token",
         "secret",
         "password",
         "passwd",
-        "pwd",
         "apikey",
         "credential",
         "credentials",
         "authorization",
         "cookie",
+        "sessionid",
     }
 )
+#: Words that mark a secret only as the key's last word, the thing it names: ``DB_PASS``,
+#: ``private_key``, ``X-Signing-Key``, ``x-api-key``, ``sig``, ``X-Hub-Signature-256``,
+#: ``X-Auth``, ``session``. In front of another word they qualify it: ``key_field``,
+#: ``auth_env``, ``pass_env``, ``signature_version``, ``session_ttl``.
+_SECRET_HEADS = frozenset({"pass", "pwd", "key", "sig", "signature", "auth", "session"})
+#: Words before a head word that make it data, not a secret: a feature store's ``join_key``,
+#: a ``public_key``, a ``partition_key``, a ``first_pass``.
+_PLAIN_QUALIFIERS = frozenset(
+    {
+        "public",
+        "join",
+        "primary",
+        "foreign",
+        "sort",
+        "partition",
+        "shard",
+        "cache",
+        "routing",
+        "entity",
+        "lookup",
+        "row",
+        "object",
+        "group",
+        "idempotency",
+        "dedup",
+        "sticky",
+        "feature",
+        "column",
+        "index",
+        "first",
+        "second",
+        "last",
+        "single",
+        "multi",
+    }
+)
+#: Last words that say the value only names or locates the secret, and is none itself:
+#: ``auth_env``, ``token_file``, ``password_path``, ``secret_name``, ``api_key_header``,
+#: ``token_url``.
+_POINTER_WORDS = frozenset({"env", "var", "file", "path", "dir", "name", "header", "field", "url"})
 _KEY_WORD = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
 # Everything between the scheme and the last '@' before the path is userinfo.
 _URL_CREDS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.\-]*://)(?P<creds>[^/\s]+)@", re.I)
+_URL = re.compile(r"[a-z][a-z0-9+.\-]*://[^\s\"'<>]+", re.I)
+#: A query (or fragment) parameter of a URL: ``?access_token=…``, ``&sig=…``, ``#token=…``.
+_URL_PARAM = re.compile(r"(?P<sep>[?&;#])(?P<name>[^=&;#\s]+)=(?P<value>[^&;#\s]*)")
+#: An argument with its value: ``--password=…``, ``-token=…``, a Hydra ``db.password=…``.
+_ARG_WITH_VALUE = re.compile(r"(?P<name>[-+~]{0,2}[A-Za-z_][\w.\-]*)=(?P<value>.*)", re.S)
+#: An option whose value is the next argument: ``--password …``.
+_ARG_OPTION = re.compile(r"--(?P<name>[A-Za-z][\w.\-]*)")
 
 
 def _secret_key(key: str) -> bool:
+    """Whether a key (a config key, a header, an environment variable, a URL parameter or an
+    option's name) names a secret."""
     words = [w.lower() for w in _KEY_WORD.findall(key)]
+    while words and words[-1].isdigit():  # X-Hub-Signature-256
+        words.pop()
+    if not words or words[-1] in _POINTER_WORDS:
+        return False
     joined = {a + b for a, b in itertools.pairwise(words)}  # api_key -> apikey
-    return bool(_SECRET_WORDS.intersection(words) or _SECRET_WORDS.intersection(joined))
+    if _SECRET_WORDS.intersection(words) or _SECRET_WORDS.intersection(joined):
+        return True
+    return words[-1] in _SECRET_HEADS and (len(words) == 1 or words[-2] not in _PLAIN_QUALIFIERS)
 
 
-def redact(value: Any, key: str = "") -> Any:
+def _literal(value: str, references: bool) -> bool:
+    """Whether a secret's ``value`` is written out (not empty, and with ``references``, not a
+    ``${…}`` interpolation whose value comes from elsewhere)."""
+    return bool(value) and not (references and "${" in value)
+
+
+def _redact_text(text: str, references: bool) -> str:
+    """``text`` with the credentials of every URL in it masked: userinfo
+    (``redis://:pw@host``) and secret query parameters (``?access_token=…``, ``&sig=…``)."""
+    if "://" not in text:
+        return text
+
+    def creds(m: re.Match[str]) -> str:
+        if not _literal(m.group("creds"), references):
+            return m.group()
+        return f"{m.group('scheme')}***@"
+
+    def param(m: re.Match[str]) -> str:
+        name, value = m.group("name"), m.group("value")
+        if not _secret_key(urllib.parse.unquote_plus(name)) or not _literal(value, references):
+            return m.group()
+        return f"{m.group('sep')}{name}=***"
+
+    text = _URL_CREDS.sub(creds, text)
+    return _URL.sub(lambda m: _URL_PARAM.sub(param, m.group()), text)
+
+
+def _redact_args(items: list[Any], references: bool) -> list[Any]:
+    """An argument list (a ``command`` action's ``argv``) with the values of secret options
+    masked: ``--password=…``, ``--token …``, ``db.password=…``."""
+    out = list(items)
+    for i, item in enumerate(items):
+        if not isinstance(item, str):
+            continue
+        if m := _ARG_WITH_VALUE.fullmatch(item):
+            name, value = m.group("name"), m.group("value")
+            if _secret_key(name) and _literal(value, references):
+                out[i] = f"{name}=***"
+        elif (m := _ARG_OPTION.fullmatch(item)) and i + 1 < len(items):
+            name, value = m.group("name"), items[i + 1]
+            flag = name.lower().startswith(("no-", "no_"))  # --no-password takes no value
+            if (
+                not flag
+                and _secret_key(name)
+                and isinstance(value, str)
+                and not value.startswith("-")
+                and _literal(value, references)
+            ):
+                out[i + 1] = "***"
+    return out
+
+
+def redact(value: Any, key: str = "", *, references: bool = False) -> Any:
     """A copy of config data with secret-looking values replaced by ``'***'``.
 
-    A value is secret when its key names one (``token``, ``password``, ``api_key`` …); the
-    credentials in a URL (``redis://:pw@host``) are masked wherever the URL appears.
+    A value is secret when its key names one (``token``, ``password``, ``api_key``,
+    ``DB_PASS``, ``X-Signing-Key`` …: :func:`_secret_key`); the credentials in a URL
+    (``redis://:pw@host``, ``?access_token=…``) and the values of secret options in an
+    argument list (``--password=…``) are masked wherever they appear. With ``references``
+    (unresolved data), a ``${…}`` interpolation is left as it is: it is no secret itself.
     """
     secret = bool(key) and _secret_key(key)
     if isinstance(value, dict):
         # Below a secret key (``credentials: {user: …, key: …}``) everything is secret.
-        return {k: redact(v, key if secret else str(k)) for k, v in value.items()}
+        return {
+            k: redact(v, key if secret else str(k), references=references) for k, v in value.items()
+        }
     if isinstance(value, list):
-        return [redact(v, key) for v in value]
-    if secret and value not in (None, "", False):
+        return _redact_args([redact(v, key, references=references) for v in value], references)
+    # A bool is a switch, never a secret (``auth: true``).
+    if (
+        secret
+        and value is not None
+        and not isinstance(value, bool)
+        and (not isinstance(value, str) or _literal(value, references))
+    ):
         return "***"
     if isinstance(value, str):
-        return _URL_CREDS.sub(lambda m: f"{m.group('scheme')}***@", value)
+        return _redact_text(value, references)
     return value
+
+
+def secret_paths(data: Any, path: str = "") -> list[str]:
+    """Config paths (``a.b[0].c``) of the secrets written literally in ``data``: what
+    :func:`redact` masks, ``${…}`` interpolations aside."""
+    found: list[str] = []
+
+    def walk(given: Any, masked: Any, where: str) -> None:
+        if isinstance(given, dict):
+            for k, v in given.items():
+                walk(v, masked[k], f"{where}.{k}" if where else str(k))
+        elif isinstance(given, list):
+            for i, (v, m) in enumerate(zip(given, masked, strict=True)):
+                walk(v, m, f"{where}[{i}]")
+        elif given != masked:
+            found.append(where)
+
+    walk(data, redact(data, references=True), path)
+    return found
 
 
 def to_yaml(data: dict[str, Any]) -> str:

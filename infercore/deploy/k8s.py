@@ -29,7 +29,7 @@ from typing import Any
 
 from infercore.config.compose import Composed
 from infercore.config.schema import ServerConfig
-from infercore.deploy.recipe import compose_for_deploy, env_references, render_recipe, set_path
+from infercore.deploy.recipe import compose_for_deploy, env_needed, render_recipe, set_path
 from infercore.errors import ConfigError
 
 #: The image's non-root user (see the Dockerfile).
@@ -60,7 +60,9 @@ LIVE, READY = "/v2/health/live", "/v2/health/ready"
 MARGIN_S = 5
 #: Readiness failures in a row before a pod leaves rotation.
 READINESS_FAILURES = 2
-#: Startup budget (import, config, model load) before liveness applies.
+#: Startup budget (import, config, model load) before liveness applies; for the sidecar, the
+#: time its models have to become ready before the kubelet restarts it (its startup probe is
+#: on readiness: the application's containers wait for it).
 STARTUP_PERIOD_S, STARTUP_FAILURES = 2, 60
 LIVENESS_PERIOD_S, LIVENESS_FAILURES = 10, 3
 PROBE_TIMEOUT_S = 2
@@ -380,6 +382,13 @@ def check_options(opts: Options) -> None:
     """
     if not opts.image.strip():
         raise ConfigError("--image: empty", hint="name the container image, e.g. infercore:1.0")
+    # Kubernetes refuses any other namespace (kubectl apply fails on every manifest).
+    if opts.namespace is not None and not _LABEL.match(opts.namespace):
+        raise ConfigError(
+            f"--namespace: {opts.namespace!r} is not a Kubernetes namespace name",
+            hint="use at most 63 lowercase letters, digits and '-', starting and ending with a "
+            "letter or digit (an RFC 1123 label)",
+        )
     if opts.replicas < 1:
         raise ConfigError(f"--replicas: {opts.replicas}; must be >= 1")
     if opts.max_replicas is not None:
@@ -716,7 +725,7 @@ def _render_k8s(
     ]
     _render_kserve(out, composed, data, overrides, opts, name=name, secret=secret, feast=feast)
     out.notes.extend(_workers_notes(server, opts))
-    out.notes.extend(_notes(data, name, claim, secret, opts))
+    out.notes.extend(_notes(composed, data, claim, secret))
     return out
 
 
@@ -868,7 +877,10 @@ def _render_sidecar(
         # A native sidecar (Kubernetes >= 1.29): started before the application's containers,
         # stopped after them, so the application can call it until it has drained.
         "restartPolicy": "Always",
-        "startupProbe": _exec_probe(LIVE, STARTUP_PERIOD_S, STARTUP_FAILURES),
+        # A native sidecar's startup probe is what holds the application's containers back:
+        # on readiness, they start once the models are loaded and warmed, not once the
+        # process answers (they would get 503 model_not_ready). Liveness stays liveness.
+        "startupProbe": _exec_probe(READY, STARTUP_PERIOD_S, STARTUP_FAILURES),
         "livenessProbe": _exec_probe(LIVE, LIVENESS_PERIOD_S, LIVENESS_FAILURES),
         "readinessProbe": _exec_probe(READY, SIDECAR_READINESS_PERIOD_S, READINESS_FAILURES),
         "resources": resources(server, opts),
@@ -925,7 +937,7 @@ def _render_sidecar(
             f"kubectl exec POD -c infercore -- infercore models list (its token: {token})"
         )
     out.notes.extend(_workers_notes(server, opts))
-    out.notes.extend(_notes(data, name, claim, secret, opts))
+    out.notes.extend(_notes(composed, data, claim, secret))
     return out
 
 
@@ -942,9 +954,11 @@ def _workers_notes(server: ServerConfig, opts: Options) -> list[str]:
     return [f"server.workers={n}: requests cpu {res['cpu']}, memory {res['memory']} per pod"]
 
 
-def _notes(
-    data: dict[str, Any], name: str, claim: str | None, secret: str, opts: Options
-) -> list[str]:
+#: Listen addresses: the rendered pod sets or pins them, no Secret holds them.
+_POD_ADDRESSES = ("INFERCORE_PORT", "INFERCORE_HOST", "INFERCORE_UDS", "INFERCORE_ADMIN_UDS")
+
+
+def _notes(composed: Composed, data: dict[str, Any], claim: str | None, secret: str) -> list[str]:
     notes: list[str] = []
     if claim is not None:
         notes.append(
@@ -952,16 +966,27 @@ def _notes(
             f"(mounted read-only at {MODELS_MOUNT}); or --baked-models with an image built "
             "with RECIPES=baked"
         )
-    wanted = [
-        v
-        for v in env_references(data)
-        # Listen addresses: the rendered pod sets or pins them, no Secret holds them.
-        if v not in ("INFERCORE_PORT", "INFERCORE_HOST", "INFERCORE_UDS", "INFERCORE_ADMIN_UDS")
-    ]
+    wanted = {
+        var: where
+        for var, where in env_needed(data, composed.data).items()
+        if var not in _POD_ADDRESSES
+    }
+    admin = composed.config.admin
+    if admin.enabled:
+        # Without its token the pod exits 2 at start: the Secret must hold it.
+        if admin.auth_file is None:
+            wanted.setdefault(admin.auth_env, "admin.auth_env: the admin API's bearer token")
+        else:
+            notes.append(
+                f"admin.auth_file: the admin API reads its token from {admin.auth_file!r} in "
+                "the pod; mount the file there from a Secret"
+            )
     if wanted:
+        listed = ", ".join(f"{var} ({where})" for var, where in wanted.items())
         notes.append(
-            f"environment: the recipe reads {', '.join(wanted)}; put them in the Secret "
-            f"{secret!r} (kubectl create secret generic {secret} --from-literal=NAME=VALUE)"
+            f"environment: the pod reads {listed}; put {'it' if len(wanted) == 1 else 'them'} "
+            f"in the Secret {secret!r} (kubectl create secret generic {secret} "
+            "--from-literal=NAME=VALUE)"
         )
     return notes
 

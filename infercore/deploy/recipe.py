@@ -40,22 +40,59 @@ def compose_unresolved(
     return {str(k): v for k, v in data.items()}
 
 
-def env_references(data: Any) -> list[str]:
-    """Environment variables the config reads through ``${oc.env:VAR…}``, sorted."""
-    found: set[str] = set()
+#: Root sections that hold deployment values for the rest of the config to refer to
+#: (``${feature_store.redis_url}``): what they read is needed only where they are referred to.
+_HOLDERS = ("feature_store",)
+#: A node interpolation (``${feature_store.redis_url}``), not a resolver (``${oc.env:…}``).
+_NODE_REF = re.compile(r"\$\{([A-Za-z_][\w-]*(?:\.[\w-]+)*)\}")
+_MISSING = object()
 
-    def walk(value: Any) -> None:
+
+def _lookup(data: Any, dotted: str) -> Any:
+    node = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def env_needed(data: dict[str, Any], resolved: dict[str, Any]) -> dict[str, str]:
+    """Environment variables the config reads (``${oc.env:VAR}``) where they are used, each
+    with the config path that reads it (the first one found).
+
+    ``data`` is the composed config unresolved, ``resolved`` the same resolved. A holder
+    section (``feature_store``) counts only through the interpolations that refer to it, and a
+    node's ``redis_url`` only when that node's ``online_store`` is ``redis``: every recipe
+    composes ``feature_store.redis_url``, which iris never reads.
+    """
+    found: dict[str, str] = {}
+    followed: set[str] = set()
+
+    def walk(value: Any, live: Any, where: str) -> None:
         if isinstance(value, dict):
-            for v in value.values():
-                walk(v)
+            node = live if isinstance(live, dict) else {}
+            for key, child in value.items():
+                key = str(key)
+                if key == "redis_url" and node.get("online_store") != "redis":
+                    continue
+                walk(child, node.get(key), f"{where}.{key}" if where else key)
         elif isinstance(value, list):
-            for v in value:
-                walk(v)
+            items = live if isinstance(live, list) else []
+            for i, child in enumerate(value):
+                walk(child, items[i] if i < len(items) else None, f"{where}[{i}]")
         elif isinstance(value, str):
-            found.update(_ENV_REF.findall(value))
+            for var in _ENV_REF.findall(value):
+                found.setdefault(var, where)
+            for target in _NODE_REF.findall(value):
+                if target not in followed:
+                    followed.add(target)
+                    walk(_lookup(data, target), _lookup(resolved, target), where)
 
-    walk(data)
-    return sorted(found)
+    for key, value in data.items():
+        if key not in _HOLDERS:
+            walk(value, resolved.get(key), key)
+    return found
 
 
 def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -103,25 +140,12 @@ def render_recipe(
 
 def check_secret_literals(data: Any, path: str = "") -> list[str]:
     """Config paths whose value is a literal secret, not ``${oc.env:…}``: a key that names a
-    secret (``token``, ``password`` …) or a URL with credentials (``redis://:pw@host``)."""
-    from infercore.config.compose import _URL_CREDS, _secret_key
+    secret (``token``, ``password``, ``DB_PASS``, ``X-Signing-Key`` …), a URL's credentials
+    (``redis://:pw@host``, ``?access_token=…``) or a secret option in an argument list
+    (``--password=…``): what ``infercore config show`` redacts."""
+    from infercore.config.compose import secret_paths
 
-    found: list[str] = []
-    if isinstance(data, dict):
-        for key, value in data.items():
-            sub = f"{path}.{key}" if path else str(key)
-            if isinstance(value, dict | list):
-                found.extend(check_secret_literals(value, sub))
-            elif isinstance(value, str) and "${" in value:
-                continue
-            elif (_secret_key(str(key)) and value not in (None, "", False)) or (
-                isinstance(value, str) and _URL_CREDS.search(value)
-            ):
-                found.append(sub)
-    elif isinstance(data, list):
-        for i, value in enumerate(data):
-            found.extend(check_secret_literals(value, f"{path}[{i}]"))
-    return found
+    return secret_paths(data, path)
 
 
 def compose_for_deploy(overrides: list[str]) -> tuple[Composed, dict[str, Any]]:
@@ -135,8 +159,10 @@ def compose_for_deploy(overrides: list[str]) -> tuple[Composed, dict[str, Any]]:
     data = compose_unresolved(overrides)
     literals = check_secret_literals(data)
     if literals:
+        # All of them at once: fixing one at a time would take as many runs.
+        more = f" (also {', '.join(literals[1:])})" if len(literals) > 1 else ""
         raise ConfigError(
-            f"{literals[0]}: a secret written literally would end up in the ConfigMap",
+            f"{literals[0]}: a secret written literally would end up in the ConfigMap{more}",
             hint="read it from the environment: ${oc.env:VAR} (the pod gets VAR from a Secret)",
         )
     return composed, data

@@ -56,6 +56,7 @@ from infercore.errors import ConfigError, InfercoreError, InvalidInput, Unsuppor
 from infercore.lifecycle.manager import check_actor
 from infercore.protocol.tensors import UNREADABLE_JSON, malformed_json
 from infercore.runtime import Runtime
+from infercore.runtime.errors import quoted
 from infercore.server.errors import EXCEPTION_HANDLERS, http_exception_handler
 from infercore.server.unix_sockets import OWNER_ONLY_MODE, SocketFile, bind_unix
 
@@ -150,7 +151,7 @@ def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def _model_name(name: str) -> str:
     if not NAME_RE.match(name):
         raise InvalidInput(
-            f"invalid model name {name[:64]!r}",
+            f"invalid model name {quoted(name)}",
             hint="letters, digits, '_' and '-' (no '/', no '..')",
         )
     return name
@@ -159,7 +160,7 @@ def _model_name(name: str) -> str:
 def _version_name(version: str) -> str:
     if not VERSION_RE.match(version) or ".." in version:
         raise InvalidInput(
-            f"invalid version {version[:40]!r}",
+            f"invalid version {quoted(version)}",
             hint="letters, digits, '_', '-' and '.' (at most 32; no '..')",
         )
     return version
@@ -241,7 +242,8 @@ class BearerAuth:
         else:
             body = b'{"error":"the bearer token is not valid","reason":"unauthorized"}'
             extra = []
-        log.warning("admin: refused %s %s (%d)", scope.get("method"), scope.get("path"), status)
+        # Quoted: the path is the unauthenticated caller's, URL-decoded (CWE-117).
+        log.warning("admin: refused %s %r (%d)", scope.get("method"), scope.get("path"), status)
         await send(
             {
                 "type": "http.response.start",
@@ -621,7 +623,12 @@ class AdminListener:
             sock.close()
             self._remove_socket_file()
             raise InfercoreError(f"the admin listener could not start on {self.where}")
-        log.info("admin API on %s", self.where)
+        if cfg.uds:
+            # INFO lines carry no file paths (S6): the config key says which socket it is.
+            log.info("admin API on the Unix socket admin.uds")
+            log.debug("admin.uds: %s", cfg.uds)
+        else:
+            log.info("admin API on %s", self.where)
 
     async def stop(self) -> None:
         server, task = self._server, self._task

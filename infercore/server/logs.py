@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 import time
 import warnings
@@ -32,16 +33,51 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, default=str)
 
 
+#: C0 and C1 controls, DEL and the Unicode line and paragraph separators. In a text log line
+#: any of them lets a client-controlled string (a path, a model name, a header) end the line and
+#: start a forged one (CR, LF), or drive the operator's terminal (ESC): CWE-117.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+#: The same but for LF and tab, which a traceback's own layout uses.
+_TRACEBACK_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_control(match: re.Match[str]) -> str:
+    char = match.group()
+    code = ord(char)
+    return _NAMED.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with its control characters written as Python escapes (``\\n``, ``\\x1b``), so
+    that it stays on one line."""
+    return _CONTROL.sub(_escape_control, text) if _CONTROL.search(text) else text
+
+
 class TextFormatter(logging.Formatter):
+    """``HH:MM:SS LEVEL logger: message key=value …``, one line per record, then the
+    traceback when there is one.
+
+    The line (message, arguments and extras) has its control characters escaped, so that
+    whatever a client sent (a path, a model name, a header) stays on it. A traceback keeps the
+    line breaks and tabs of its layout (it must stay readable), and only those.
+    """
+
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
 
-    def format(self, record: logging.LogRecord) -> str:
-        base = super().format(record)
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        line = super().formatMessage(record)
         extras = {k: v for k, v in vars(record).items() if k not in _STD and not k.startswith("_")}
         if extras:
-            base += " " + " ".join(f"{k}={v}" for k, v in extras.items())
-        return base
+            line += " " + " ".join(f"{k}={v}" for k, v in extras.items())
+        return escape_controls(line)
+
+    def formatException(self, ei: Any) -> str:
+        # Its own lines stay lines; a CR or an ESC sequence in an exception's text cannot
+        # overwrite what the terminal shows.
+        text = super().formatException(ei)
+        return _TRACEBACK_CONTROL.sub(_escape_control, text)
 
 
 class FailureLog:

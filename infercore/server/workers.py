@@ -610,7 +610,12 @@ def supervise(config: Any, overrides: list[str], workers: int, *, debug: bool = 
     except BaseException:
         shutil.rmtree(metrics_dir, ignore_errors=True)
         raise
-    where = f"unix:{cfg.uds}" if cfg.uds is not None else f"http://{cfg.host}:{cfg.port}"
+    if cfg.uds is not None:
+        # INFO logs carry no file paths (RELIABILITY S6): the socket by its config key.
+        where = "the Unix socket server.uds"
+        log.debug("server.uds: %s", cfg.uds)
+    else:
+        where = f"http://{cfg.host}:{cfg.port}"
     log.info("supervising %d workers on %s (pid %d)", workers, where, os.getpid())
     command = [sys.executable, "-m", "infercore.cli", *(["--debug"] if debug else []), "serve"]
     supervisor = Supervisor(

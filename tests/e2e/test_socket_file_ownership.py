@@ -136,6 +136,10 @@ def test_a_server_removes_its_own_socket_file_at_exit(
         assert (sock.stat().st_mode & 0o777) == 0o666  # anyone on the host, as uvicorn does
         _stop(process, log)
         assert not os.path.lexists(sock), "the socket file outlived its server"
+        # INFO logs name the socket by its config key, never its path (RELIABILITY S6); with
+        # two workers the supervisor's line too.
+        text = log.read_text()
+        assert "server.uds" in text and str(short_dir) not in text, text
     finally:
         if process.poll() is None:
             process.kill()
