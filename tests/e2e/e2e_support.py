@@ -108,6 +108,27 @@ def wait_ready(server: Server, timeout_s: float = READY_WAIT_S) -> None:
             time.sleep(0.1)
 
 
+def wait_ready_uds(
+    process: subprocess.Popen[bytes], path: str | Path, log: Path, timeout_s: float = READY_WAIT_S
+) -> None:
+    """Wait until a server on the Unix socket ``path`` answers ready; fail with its log if it
+    exits first or is not ready within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    transport = httpx.HTTPTransport(uds=str(path))
+    with httpx.Client(transport=transport, base_url="http://localhost", timeout=5.0) as client:
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"exited with {process.returncode}:\n{log.read_text()}")
+            try:
+                if client.get("/v2/health/ready").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"not ready on {path} within {timeout_s:.0f} s:\n{log.read_text()}")
+            time.sleep(0.1)
+
+
 def stop_server(server: Server, timeout_s: float = STOP_WAIT_S) -> int | None:
     """SIGTERM, then wait; kill on timeout. Returns the exit code (None if it had to be killed)."""
     process = server.process

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import e2e_support as e2e
-import httpx
 import pytest
 
 pytestmark = pytest.mark.e2e
@@ -97,20 +96,7 @@ def sidecar(iris_onnx: Path) -> Iterator[Sidecar]:
         )
     server = Sidecar(process, folder, sock, admin_sock, log)
     try:
-        deadline = time.monotonic() + READY_WAIT_S
-        transport = httpx.HTTPTransport(uds=sock)
-        with httpx.Client(transport=transport, base_url="http://localhost", timeout=5) as client:
-            while True:
-                if process.poll() is not None:
-                    pytest.fail(f"exited with {process.returncode}:\n{log.read_text()}")
-                try:
-                    if client.get("/v2/health/ready").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    pytest.fail(f"not ready within {READY_WAIT_S} s:\n{log.read_text()}")
-                time.sleep(0.1)
+        e2e.wait_ready_uds(process, sock, log, READY_WAIT_S)
         yield server
     finally:
         code = server.stop()

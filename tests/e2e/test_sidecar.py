@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -51,22 +50,6 @@ def _probe(path: str, target: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def _wait_ready_uds(process: subprocess.Popen[bytes], path: str, log: Path) -> None:
-    deadline = time.monotonic() + READY_WAIT_S
-    with _uds_client(path) as client:
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"exited with {process.returncode}:\n{log.read_text()}")
-            try:
-                if client.get("/v2/health/ready").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"not ready over {path} within {READY_WAIT_S} s:\n{log.read_text()}")
-            time.sleep(0.1)
-
-
 @pytest.fixture(scope="module")
 def sidecar(
     tmp_path_factory: pytest.TempPathFactory,
@@ -97,7 +80,7 @@ def sidecar(
             env=env,
         )
     try:
-        _wait_ready_uds(process, sock, log)
+        e2e.wait_ready_uds(process, sock, log, READY_WAIT_S)
         yield process, sock, log, port
     finally:
         if process.poll() is None:
@@ -222,7 +205,7 @@ def test_a_stale_socket_file_is_replaced_and_a_regular_file_refused(
                 stderr=subprocess.STDOUT,
             )
         try:
-            _wait_ready_uds(process, str(stale), log)
+            e2e.wait_ready_uds(process, str(stale), log, READY_WAIT_S)
             with _uds_client(str(stale)) as client:
                 r = client.post(
                     "/v1/models/iris:predict", json={"instances": [[5.1, 3.5, 1.4, 0.2]]}

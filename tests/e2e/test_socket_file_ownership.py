@@ -16,17 +16,16 @@ import signal
 import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import e2e_support as e2e
-import httpx
 import pytest
 
 pytestmark = pytest.mark.e2e
 
 STOP_WAIT_S = 30.0
+READY_WAIT_S = e2e.READY_WAIT_S * 2  # two workers load on two cores
 
 
 @pytest.fixture
@@ -57,21 +56,6 @@ def _start(sock: Path, workers: int, log: Path) -> subprocess.Popen[bytes]:
             stderr=subprocess.STDOUT,
             env=env,
         )
-
-
-def _wait_ready(process: subprocess.Popen[bytes], sock: Path, log: Path) -> None:
-    transport = httpx.HTTPTransport(uds=str(sock))
-    deadline = time.monotonic() + e2e.READY_WAIT_S * 2  # two workers load on two cores
-    with httpx.Client(transport=transport, base_url="http://localhost", timeout=5.0) as client:
-        while True:
-            assert process.poll() is None, log.read_text()
-            try:
-                if client.get("/v2/health/ready").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
 
 
 def _stop(process: subprocess.Popen[bytes], log: Path) -> None:
@@ -106,7 +90,7 @@ def test_a_replaced_socket_file_is_left_to_its_new_owner(
     process = _start(sock, workers, log)
     second = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        _wait_ready(process, sock, log)
+        e2e.wait_ready_uds(process, sock, log, READY_WAIT_S)
         # Removed by hand, then bound anew by a second server, while the first still runs.
         sock.unlink()
         second.bind(str(sock))
@@ -132,7 +116,7 @@ def test_a_server_removes_its_own_socket_file_at_exit(
     log = short_dir / "server.log"
     process = _start(sock, workers, log)
     try:
-        _wait_ready(process, sock, log)
+        e2e.wait_ready_uds(process, sock, log, READY_WAIT_S)
         assert (sock.stat().st_mode & 0o777) == 0o666  # anyone on the host, as uvicorn does
         _stop(process, log)
         assert not os.path.lexists(sock), "the socket file outlived its server"
@@ -154,7 +138,7 @@ def test_a_stale_socket_file_is_replaced(iris_onnx: Path, short_dir: Path, worke
     log = short_dir / "server.log"
     process = _start(sock, workers, log)
     try:
-        _wait_ready(process, sock, log)
+        e2e.wait_ready_uds(process, sock, log, READY_WAIT_S)
         _stop(process, log)
         assert not os.path.lexists(sock)
     finally:
