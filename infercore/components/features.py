@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from contextvars import ContextVar
 from typing import ClassVar
 
@@ -83,6 +84,23 @@ class FeatureSource(Component):
         """
         specs = self.request_inputs()
         return [s.name for s in specs] if specs is not None else list(model_inputs)
+
+    def provided_inputs(self) -> AbstractSet[str] | None:
+        """The names of the model inputs :meth:`fetch` builds, when the source's config says.
+
+        The runtime compares each model version's inputs with them once the version has
+        loaded, at start-up and on every reload, and refuses a version with an input no
+        entry builds (a config error naming it) rather than serve it and answer every request
+        400. A source whose answer always holds these names, whatever the request sends,
+        should return them: the ``feast`` source returns its ``inputs`` (or its
+        ``matrix_input`` with ``layout: matrix``).
+
+        Returns:
+            The input names, or ``None`` (the default) when the source cannot know: it
+            passes request tensors through (the ``request`` source), so what reaches the
+            model depends on the request. Nothing is checked then.
+        """
+        return None
 
     @abc.abstractmethod
     async def fetch(self, fields: Mapping[str, Array], *, deadline: float) -> Tensors:

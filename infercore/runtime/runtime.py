@@ -591,6 +591,7 @@ class Runtime:
                 await sv.model.start()
                 if serving is not None:
                     self._check_signature(serving, sv)
+                self._check_provided(served, sv)
                 sv.input_names = frozenset(spec.name for spec in sv.model.inputs)
                 sv.route_only = served.router.key_fields - sv.input_names
                 own = sv.outputs_config is not None
@@ -627,6 +628,31 @@ class Runtime:
         self.metrics.model_ready.labels(sv.name, sv.version).set(1)
         log.info("model %s version %s ready in %.2fs", sv.name, sv.version, loop.time() - t0)
         return True
+
+    @staticmethod
+    def _check_provided(served: ServedModel, sv: ServedVersion) -> None:
+        """Every input of the loaded model must be one its feature source builds, when the
+        source can say (:meth:`FeatureSource.provided_inputs`).
+
+        Otherwise the version would report ready and answer every request 400 (``missing
+        input``), blaming the client for the recipe.
+
+        Raises:
+            ConfigError: An input no entry of the source builds.
+        """
+        provided = served.features.provided_inputs()
+        if provided is None:
+            return
+        missing = [spec.name for spec in sv.model.inputs if spec.name not in provided]
+        if missing:
+            source = served.features.context.path  # `features` or models.<m>.features
+            raise ConfigError(
+                f"models.{served.name}.versions.{sv.version}: the model takes input "
+                f"{missing[0]!r}, which no entry of the feature source ({source}) builds "
+                f"(it builds: {', '.join(sorted(provided)) or 'nothing'})",
+                hint=f"add an entry named {missing[0]!r} to {source}, or serve a model that "
+                "does not take it",
+            )
 
     @staticmethod
     def _check_signature(serving: ServedVersion, fresh: ServedVersion) -> None:

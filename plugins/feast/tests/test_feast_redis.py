@@ -6,11 +6,6 @@ Starts its own ``redis-server`` on a free loopback port, without persistence, in
 from __future__ import annotations
 
 import asyncio
-import shutil
-import socket
-import subprocess
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,73 +13,25 @@ import pytest
 from feast_test_support import (
     INPUTS,
     SECOND_VIEW_INPUT,
+    RedisProcess,
     add_second_view,
     assert_readers_agree,
     card,
+    free_port,
     latest,
     make_source,
+    needs_redis,
     run,
 )
 
 from infercore.errors import PluginError
 
-REDIS_SERVER = shutil.which("redis-server")
-pytestmark = pytest.mark.skipif(
-    REDIS_SERVER is None,
-    reason="redis-server is not on PATH (apt-get install -y redis-server)",
-)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+pytestmark = needs_redis
 
 
 @pytest.fixture
-def redis_url(tmp_path: Path) -> Iterator[str]:
-    assert REDIS_SERVER is not None
-    port = free_port()
-    workdir = tmp_path / "redis"
-    workdir.mkdir()
-    proc = subprocess.Popen(
-        [
-            REDIS_SERVER,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"redis-server did not start on port {port}")
-            time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/2"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+def redis_url(redis_process: RedisProcess) -> str:
+    return redis_process.url(2)
 
 
 def test_materializes_into_redis_and_reads_through_the_source(

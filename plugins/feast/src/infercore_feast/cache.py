@@ -86,5 +86,13 @@ class TTLCache(Generic[V]):
         while len(self._data) > self.max_entries:
             self._data.popitem(last=False)
 
+    def discard_value(self, value: object) -> int:
+        """Drop every entry (expired ones too) whose value is ``value`` itself; how many."""
+        data = self._data
+        keys = [key for key, (_, held) in data.items() if held is value]
+        for key in keys:
+            del data[key]
+        return len(keys)
+
     def clear(self) -> None:
         self._data.clear()

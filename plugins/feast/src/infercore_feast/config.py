@@ -84,6 +84,7 @@ class FeastSourceConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True,
     breaker_failing_s: NonNegative = 1.0
     breaker_reset_s: Positive = 5.0
     materialize_on_start: bool = True
+    empty_check_s: NonNegative = 10.0
     read_threads: Annotated[int, msgspec.Meta(ge=1, le=64)] | None = None
     check_definition_types: bool = False
 
@@ -104,12 +105,31 @@ class FeastInput:
         return f"{self.view}:{self.feature}"
 
 
-def check_config(config: FeastSourceConfig, path: str) -> list[FeastInput]:
+def check_config(
+    config: FeastSourceConfig, path: str, *, request_timeout_ms: float | None = None
+) -> list[FeastInput]:
     """Check what msgspec cannot; return the ``feast`` inputs with typed defaults.
+
+    Args:
+        config: The source's options.
+        path: Their config path (``features``, ``models.NAME.features``).
+        request_timeout_ms: The server's ``server.request_timeout_ms``, when the host passes
+            it (``context.extra``): ``timeout_ms`` must be below it.
 
     Raises:
         ConfigError: Naming the option, the value and the fix.
     """
+    _check_finite(config, path)
+    if request_timeout_ms is not None and config.timeout_ms >= request_timeout_ms:
+        # The request's deadline would always pass first: every slow read a 504, and
+        # on_failure, serve_stale_s and the breaker's early refusals never reached (P10).
+        raise ConfigError(
+            f"{path}.timeout_ms: {config.timeout_ms:g} is not below "
+            f"server.request_timeout_ms ({request_timeout_ms:g}): a slow read would always "
+            "end in a 504 at the request's deadline, never in on_failure",
+            hint=f"lower {path}.timeout_ms (default 50) well below server.request_timeout_ms, "
+            "or raise server.request_timeout_ms",
+        )
     seen: set[str] = set()
     feast_inputs: list[FeastInput] = []
     for i, spec in enumerate(config.inputs):
@@ -177,6 +197,23 @@ def check_config(config: FeastSourceConfig, path: str) -> list[FeastInput]:
             "breaker_reset_s after the first failure; lower breaker_failing_s",
         )
     return feast_inputs
+
+
+#: Durations that must be finite, and the hint for each: ``.inf`` passes msgspec's bounds,
+#: and as a timeout it never fires, as an interval it never comes round.
+_FINITE = {
+    "timeout_ms": "e.g. timeout_ms: 50",
+    "redis_socket_timeout_s": "e.g. redis_socket_timeout_s: 1",
+    "breaker_reset_s": "e.g. breaker_reset_s: 5",
+    "empty_check_s": "e.g. empty_check_s: 10 (0 turns the check off)",
+}
+
+
+def _check_finite(config: FeastSourceConfig, path: str) -> None:
+    for name, hint in _FINITE.items():
+        value = getattr(config, name)
+        if not math.isfinite(value):
+            raise ConfigError(f"{path}.{name}: expected a finite number, got {value!r}", hint=hint)
 
 
 def _typed_default(spec: InputSpec, where: str) -> float | int | bytes:

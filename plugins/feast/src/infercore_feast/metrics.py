@@ -56,7 +56,9 @@ class FeatureMetrics:
         self.failures = Counter(
             "infercore_feature_fetch_failures",
             "Requests whose feature fetch got no values from the feature store (once per "
-            "request, grouped or not), by reason (timeout, error, breaker_open).",
+            "request, grouped or not), by reason (timeout, error, breaker_open, empty: the "
+            "store has lost its rows). A request whose deadline passed while it waited is "
+            "not one: it is the server's 504 deadline_exceeded.",
             ("model", "reason"),
             registry=r,
         )
@@ -100,6 +102,14 @@ class FeatureMetrics:
             registry=r,
             # Several workers: 1 while any live worker's breaker is open, one series per
             # model (the default, "all", keeps a series per pid, a dead worker's too).
+            multiprocess_mode="livemax",
+        )
+        self.store_empty = Gauge(
+            "infercore_feature_store_empty",
+            "1 while the online store is known to have lost its rows (none of its marker "
+            "entities found, checked every empty_check_s) and they are not back yet, else 0.",
+            ("model",),
+            registry=r,
             multiprocess_mode="livemax",
         )
 

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import math
+import sqlite3
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -46,6 +49,21 @@ Prepared = tuple[tuple[Any, ...], tuple[int, ...]]
 
 _NOTHING: frozenset[str] = frozenset()
 _NO_ROWS: frozenset[int] = frozenset()
+
+#: Why a fetch got no values: the labels of the failures and degraded counters. ``empty``: the
+#: online store has lost its rows (found by the check every ``empty_check_s``) and the read
+#: found none for a key.
+REASONS = ("timeout", "error", "breaker_open", "empty")
+
+#: What the 503 of each reason says (no internals: it goes to the client).
+_REFUSALS = {
+    "timeout": "feature store unavailable (timeout)",
+    "error": "feature store unavailable (error)",
+    "breaker_open": "feature store unavailable (breaker open)",
+    "empty": "feature store unavailable (empty: it has lost its rows)",
+}
+
+T = TypeVar("T")
 
 
 class _Counted:
@@ -176,7 +194,14 @@ class FeastFeatureSource(FeatureSource):
     def __init__(self, config: FeastSourceConfig, context: ComponentContext) -> None:
         super().__init__(config, context)
         self.config = config
-        self._feast_inputs: list[FeastInput] = check_config(config, context.path)
+        # The runtime passes the server's request timeout to every component (context.extra);
+        # another host may not.
+        request_timeout = context.extra.get("request_timeout_ms")
+        if isinstance(request_timeout, bool) or not isinstance(request_timeout, int | float):
+            request_timeout = None
+        self._feast_inputs: list[FeastInput] = check_config(
+            config, context.path, request_timeout_ms=request_timeout
+        )
         self._refs: list[str] = list(dict.fromkeys(i.ref for i in self._feast_inputs))
         # Per feast input: its slot in a Row, its default, whether it is BYTES.
         self._feast_plan = [
@@ -187,6 +212,10 @@ class FeastFeatureSource(FeatureSource):
         self._unknown: Prepared = (defaults, tuple(range(len(defaults))))
         # A key whose read failed (fail_open): defaults, not counted as defaults.
         self._unread: Prepared = (defaults, ())
+        # What a read answers for a key the store has no row for while the store is known to
+        # have lost its rows: a failure (reason ``empty``), never cached. Told apart by
+        # identity, as ``_unknown`` is.
+        self._lost: Prepared = (defaults, ())
         feast_index = {i.name: j for j, i in enumerate(self._feast_inputs)}
         # Per model input, in order: its name, its feast input's position (-1 for a request
         # input) and the dtype of a feast input's tensor.
@@ -205,7 +234,7 @@ class FeastFeatureSource(FeatureSource):
         #: connection between threads, so parallel reads there only contend for it and for
         #: the GIL: one at a time, the others' keys gathering into the next read.
         self.read_slots = config.read_threads or (1 if config.online_store == "sqlite" else 4)
-        model = context.model_name or context.path
+        model = self._model = context.model_name or context.path
         registry = context.extra.get("metrics_registry")
         if not isinstance(registry, CollectorRegistry):
             registry = CollectorRegistry(auto_describe=True)
@@ -218,12 +247,10 @@ class FeastFeatureSource(FeatureSource):
         self._m_misses = m.cache_misses.labels(model)
         self._m_breaker = m.breaker_open.labels(model)
         self._m_breaker.set(0)
-        self._m_failures = {
-            r: m.failures.labels(model, r) for r in ("timeout", "error", "breaker_open")
-        }
-        self._m_degraded = {
-            r: m.degraded.labels(model, r) for r in ("timeout", "error", "breaker_open")
-        }
+        self._m_empty = m.store_empty.labels(model)
+        self._m_empty.set(0)
+        self._m_failures = {r: m.failures.labels(model, r) for r in REASONS}
+        self._m_degraded = {r: m.degraded.labels(model, r) for r in REASONS}
         self._m_defaults = [m.defaults.labels(model, i.ref) for i in self._feast_inputs]
         self._m_stale = m.stale_rows.labels(model)
         self.cache: TTLCache[Prepared] = TTLCache(
@@ -248,6 +275,15 @@ class FeastFeatureSource(FeatureSource):
         self.reader: feast_store.RowReader | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._where: feast_store.StoreLocation | None = None
+        #: The feature views the inputs use, and their marker entities (after :meth:`start`).
+        self._views: dict[str, Any] = {}
+        self.markers: dict[str, tuple[Any, ...]] = {}
+        #: The views found without their marker rows: while any is, the store has lost its
+        #: rows, and a read that finds none for a key is a failure (``empty``).
+        self.lost_views: tuple[str, ...] = ()
+        self._check_executor: ThreadPoolExecutor | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._restoring: asyncio.Task[None] | None = None
         #: What each task's last fetch of several rows counted (:meth:`_keep_counts`), until
         #: the task has ended and its requests run alone have claimed it (:meth:`_earlier`).
         self._counts: dict[asyncio.Task[Any], _Counted] = {}
@@ -267,38 +303,91 @@ class FeastFeatureSource(FeatureSource):
         path = self.context.path
         where = self._where = feast_store.locate(self.config, self.context.model_root, path)
         try:
-            self.store, self.reader = await asyncio.to_thread(self._open, where)
+            opened, self.reader = await asyncio.to_thread(self._open, where)
         except InfercoreError:
             raise
         except Exception as exc:
             raise PluginError(
                 f"{path}: the Feast {self.config.online_store} store could not be prepared: "
                 f"{type(exc).__name__}: {self._scrub(str(exc))}",
-                hint="for sqlite, materialize_on_start: true builds the store; for redis, "
-                "check INFERCORE_REDIS_URL and that the server is up",
+                hint=self._open_hint(exc),
             ) from exc
+        self.store, self._views, self.markers = opened.store, opened.views, opened.markers
         # A spare thread per read slot: a read that outlives its timeout keeps its thread
         # (it cannot be stopped), and the next read should not queue behind it. Reads that
         # queue all the same (a hung store) time out unstarted, so the breaker still opens.
         self._executor = ThreadPoolExecutor(
             max_workers=2 * self.read_slots, thread_name_prefix="infercore-feast"
         )
+        if self.markers and self.config.empty_check_s:
+            # Its own thread: a check that waits on a stalled store never holds a read's.
+            self._check_executor = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="infercore-feast-check"
+            )
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
+            log.info(
+                "feast: model %s checks every %gs that the online store still holds its rows "
+                "(marker entities of %s)",
+                self.context.model_name,
+                self.config.empty_check_s,
+                ", ".join(sorted(self.markers)),
+            )
 
-    def _open(self, where: feast_store.StoreLocation) -> tuple[Any, feast_store.RowReader]:
-        store = feast_store.prepare_store(
+    def _open(
+        self, where: feast_store.StoreLocation
+    ) -> tuple[feast_store.OpenedStore, feast_store.RowReader]:
+        opened = feast_store.prepare_store(
             self.config, where, self._feast_inputs, path=self.context.path
         )
+        store = opened.store
         reader, how = feast_store.online_reader(store, self._refs, self.config.entity.join_key)
         # One read through the reader too: its own connections open here, not on a request.
         reader(["__infercore_warmup__"])
         log.info("feast: model %s reads through %s", self.context.model_name, how)
-        return store, reader
+        return opened, reader
+
+    def _open_hint(self, exc: Exception) -> str:
+        """The fix for a store that could not be opened, for the case at hand."""
+        config = self.config
+        if config.online_store == "redis":
+            return "check INFERCORE_REDIS_URL (redis_url) and that the server is up"
+        if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError):
+            # Not a database, or a damaged one: materializing again does not repair a file,
+            # it writes into it.
+            rebuild = (
+                "materialize_on_start rebuilds it at the next start"
+                if config.materialize_on_start
+                else "rebuild it with `feast materialize` in the repo folder, or set "
+                "materialize_on_start: true to have it rebuilt at start-up"
+            )
+            return (
+                "the SQLite online store file (sqlite_path, default data/online_store.db in "
+                f"the repo folder) is damaged: delete it; {rebuild}"
+            )
+        if config.materialize_on_start:
+            return (
+                "check that the SQLite online store's folder (sqlite_path) is writable and "
+                "that no other process holds the file locked"
+            )
+        return (
+            "build the store first (`feast apply` and `feast materialize` in the repo folder), "
+            "or set materialize_on_start: true"
+        )
 
     async def stop(self) -> None:
+        for task in (self._watcher, self._restoring):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._watcher = self._restoring = None
         await self.merger.close()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
+        if self._check_executor is not None:
+            self._check_executor.shutdown(wait=False, cancel_futures=True)
+            self._check_executor = None
 
     def _scrub(self, text: str) -> str:
         """``text`` fit for a log line or an error: no local paths, no redis URL (S6)."""
@@ -319,6 +408,133 @@ class FeastFeatureSource(FeatureSource):
             )
         elif state == CLOSED:
             log.info("feast circuit breaker closed for model %s", self.context.model_name)
+
+    # -- an online store that lost its rows -------------------------------------------------
+
+    async def _watch(self) -> None:
+        """Every ``empty_check_s``: does the store still hold its marker rows?
+
+        Off the request path: one small read per view in its own thread. A Redis restarted
+        without persistence (or flushed) answers every read, with nothing in it; served as
+        is, every entity would get its defaults, silently.
+        """
+        interval = self.config.empty_check_s
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.check_rows()
+            except Exception:
+                # A bug here must not end the checks (nor reach a request).
+                log.exception("feast: the empty-store check of model %s failed", self._model)
+
+    async def check_rows(self) -> None:
+        """Check the marker rows once (the watcher's step; tests call it directly too).
+
+        A store that cannot be read is left to the read path and the breaker; while the
+        store's rows are being restored, the restoration's end checks.
+        """
+        if self._restoring is not None or self._check_executor is None:
+            return
+        try:
+            lost = await self._in_check_thread(
+                feast_store.lost_views, self.store, self._views, self.markers
+            )
+        except Exception as exc:
+            log.debug(
+                "feast: the empty-store check of model %s could not read: %s: %s",
+                self._model,
+                type(exc).__name__,
+                self._scrub(str(exc)),
+            )
+            return
+        self._found(lost)
+
+    async def _in_check_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        assert self._check_executor is not None
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._check_executor, functools.partial(fn, *args))
+
+    def _found(self, lost: Sequence[str]) -> None:
+        """What a check found: the views without their marker rows (none: all is well)."""
+        if lost and not self.lost_views:
+            self.lost_views = tuple(lost)
+            self._m_empty.set(1)
+            # Rows read since the store emptied were cached as unknown entities: wrong.
+            dropped = self.cache.discard_value(self._unknown)
+            then = (
+                "materializing again in the background"
+                if self.config.materialize_on_start
+                else "materialize it again (`feast materialize`)"
+            )
+            log.error(
+                "feast: the %s online store of model %s has lost its rows: it holds none of "
+                "the marker entities of %s; %s. Until it holds them again, a read that finds "
+                "no row is a store failure (reason empty, on_failure: %s); %d cached rows of "
+                "unknown entities dropped",
+                self.config.online_store,
+                self._model,
+                ", ".join(lost),
+                then,
+                self.config.on_failure,
+                dropped,
+            )
+        elif not lost and self.lost_views:
+            self.lost_views = ()
+            self._m_empty.set(0)
+            log.info(
+                "feast: the online store of model %s holds its rows again; serving from it",
+                self._model,
+            )
+        if self.lost_views and self.config.materialize_on_start and self._restoring is None:
+            self._restoring = asyncio.get_running_loop().create_task(self._restore(self.lost_views))
+
+    async def _restore(self, views: Sequence[str]) -> None:
+        """Materialize ``views`` again, then check their markers (in a daemon thread: a long
+        materialization must not hold the process's exit; one cut short is idempotent)."""
+        assert self._where is not None
+        where, path = self._where, self.context.path
+        t0 = time.perf_counter()
+        try:
+            try:
+                await _in_daemon_thread(
+                    feast_store.materialize_again, self.config, where, list(views), path=path
+                )
+            except Exception as exc:
+                log.error(
+                    "feast: materializing %s again for model %s failed: %s: %s; next try in %gs",
+                    ", ".join(views),
+                    self._model,
+                    type(exc).__name__,
+                    self._scrub(str(exc)),
+                    self.config.empty_check_s,
+                )
+                return
+            log.info(
+                "feast: materialized %s again for model %s in %.2fs",
+                ", ".join(views),
+                self._model,
+                time.perf_counter() - t0,
+            )
+            try:
+                lost = await self._in_check_thread(
+                    feast_store.lost_views, self.store, self._views, self.markers
+                )
+            except Exception:
+                return  # the next check decides
+        finally:
+            self._restoring = None
+        if lost:
+            # Materialized, and still none of the markers: the check is wrong about these
+            # views (their newest offline rows are not what the store keeps), not the store.
+            log.error(
+                "feast: %s still lacks its marker rows after materializing; the empty-store "
+                "check of model %s is off for it",
+                ", ".join(lost),
+                self._model,
+            )
+            for name in lost:
+                self.markers.pop(name, None)
+        self._found([])
 
     # -- the request path ----------------------------------------------------------------
 
@@ -373,7 +589,7 @@ class FeastFeatureSource(FeatureSource):
             if reason is not None:
                 if self.config.on_failure == "fail_closed":
                     raise FeatureStoreUnavailable(
-                        f"feature store unavailable ({reason.replace('_', ' ')})",
+                        _REFUSALS[reason],
                         hint="retry later; the operator may set on_failure: fail_open",
                     )
                 mark_degraded("features")
@@ -487,13 +703,20 @@ class FeastFeatureSource(FeatureSource):
         # whatever the failure policy: 504, as for any stage that passes the deadline (P3).
         _, pending = await asyncio.wait(futures, timeout=remaining)
         if pending:
-            self._m_failures["timeout"].inc()
+            # Not a store failure: the request ran out of time (counted by the server as
+            # request_failures_total{reason="deadline_exceeded"}, its 504). The read itself,
+            # if it passes timeout_ms, counts towards the breaker.
             raise DeadlineExceeded("deadline exceeded while fetching features")
         reason: str | None = None
+        lost = self._lost
         for key, fut in zip(keys, futures, strict=True):
             exc = fut.exception()
             if exc is None:
-                found[key] = fut.result()
+                value = fut.result()
+                if value is lost:
+                    reason = reason or "empty"
+                else:
+                    found[key] = value
             elif isinstance(exc, ReadFailed) and exc.reason in self._m_failures:
                 reason = reason or exc.reason
             else:
@@ -539,9 +762,18 @@ class FeastFeatureSource(FeatureSource):
             )
             raise ReadFailed("error") from None
         self._m_fetch.observe(time.perf_counter() - t0)
+        # The store answered: an emptied one is not failing, and opening the breaker would
+        # only hide the rows coming back.
         self.breaker.record_success()
+        if self.lost_views:
+            unknown, lost = self._unknown, self._lost
+            rows = [lost if row is unknown else row for row in rows]
+        else:
+            lost = None
+        cache = self.cache
         for key, row in zip(keys, rows, strict=True):
-            self.cache.put(key, row)
+            if row is not lost:
+                cache.put(key, row)
         return rows
 
     def _keep_late(self, keys: list[str], read: asyncio.Future[list[Prepared]]) -> None:
@@ -550,8 +782,9 @@ class FeastFeatureSource(FeatureSource):
         if read.cancelled() or read.exception() is not None:
             return
         cache = self.cache
+        unknown = self._unknown if self.lost_views else None
         for key, row in zip(keys, read.result(), strict=True):
-            if cache.get(key) is MISSING:
+            if row is not unknown and cache.get(key) is MISSING:
                 cache.put(key, row)
 
     def _read_blocking(self, reader: feast_store.RowReader, keys: list[str]) -> list[Prepared]:
@@ -575,6 +808,12 @@ class FeastFeatureSource(FeatureSource):
 
     # -- request fields and tensors -------------------------------------------------------
 
+    def provided_inputs(self) -> frozenset[str]:
+        """Every entry of ``inputs`` (``layout: columns``), or the one ``matrix_input``."""
+        if self.config.layout == "matrix":
+            return frozenset([self.config.matrix_input])
+        return frozenset(spec.name for spec in self.config.inputs)
+
     def request_inputs(self) -> list[TensorSpec]:
         """The entity key and the ``source: request`` inputs, one value per row each."""
         key = TensorSpec(self.config.entity.field, "BYTES", (-1,))
@@ -593,10 +832,13 @@ class FeastFeatureSource(FeatureSource):
     def _entity_keys(self, fields: Mapping[str, npt.NDArray[Any]]) -> list[str]:
         name = self.config.entity.field
         column = fields.get(name)
+        # The hints name both protocols: fetch gets the decoded columns, not which protocol
+        # carried them (a V2 INT64 tensor and V1 numbers decode alike).
         if column is None:
             raise InvalidInput(
                 f"missing field {name!r} (the entity key for the feature store)",
-                hint=f"send {name!r} with every instance",
+                hint=f"send {name!r}, one string key per row: a BYTES input (V2) or a string "
+                "field of every instance (V1)",
             )
         column = _one_per_row(name, column)
         if column.dtype.kind == "U":
@@ -610,12 +852,13 @@ class FeastFeatureSource(FeatureSource):
                     except UnicodeDecodeError:
                         raise InvalidInput(f"field {name!r}: keys must be UTF-8 text") from None
                 if not isinstance(value, str):
-                    raise InvalidInput(f"field {name!r}: expected a string key per instance")
+                    raise InvalidInput(f"field {name!r}: expected a string key per row")
                 keys.append(value)
             return keys
         raise InvalidInput(
             f"field {name!r}: expected string keys, got numbers or booleans",
-            hint=f'send e.g. "{name}": "c_000042"',
+            hint=f"send {name!r} as text: a BYTES input (V2, datatype BYTES) or a string field "
+            'of every instance (V1, in quotes: "42", not 42)',
         )
 
     def _request_columns(self, fields: Mapping[str, npt.NDArray[Any]], rows: int) -> dict[str, Any]:
@@ -740,6 +983,33 @@ def _one_per_row(name: str, column: npt.NDArray[Any]) -> npt.NDArray[Any]:
         return column.reshape(-1)
     if column.ndim != 1:
         raise InvalidInput(
-            f"field {name!r}: expected one value per instance, got shape {list(column.shape)}"
+            f"field {name!r}: expected one value per row, got shape {list(column.shape)}"
         )
     return column
+
+
+async def _in_daemon_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)`` in a daemon thread of its own: unlike an executor's threads,
+    which the interpreter joins at exit, it never holds up the process's end."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if not future.done():
+            if error is None:
+                future.set_result(result)
+            else:
+                future.set_exception(error)
+
+    def work() -> None:
+        result: Any = None
+        error: BaseException | None = None
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as exc:
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=work, name="infercore-feast-materialize", daemon=True).start()
+    return await future

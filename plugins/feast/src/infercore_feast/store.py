@@ -16,10 +16,11 @@ import io
 import itertools
 import logging
 import sys
+import threading
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -175,15 +176,22 @@ def _unchecked(target: Any = None, **options: Any) -> Any:
     return (lambda target: target) if target is None else target
 
 
+#: ``redirect_stdout`` swaps the process's ``sys.stdout``: two at once in two threads (two
+#: models' sources materializing again at the same time) could restore each other's buffer
+#: and leave it in place.
+_quiet_lock = threading.Lock()
+
+
 @contextlib.contextmanager
 def _quiet_feast(what: str) -> Iterator[None]:
     """Keep Feast's own console output (banners, progress bars) out of the server's logs.
 
-    It is captured and logged at DEBUG, so JSON logs stay JSON. Start-up only: the serving path
-    never prints.
+    It is captured and logged at DEBUG, so JSON logs stay JSON. At start-up, and while an
+    emptied store is materialized again (:func:`materialize_again`); the log handlers hold the
+    real streams, so the server's own lines are not captured. One at a time in the process.
     """
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with _quiet_lock, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         yield
     captured = (out.getvalue() + err.getvalue()).strip()
     if captured:
@@ -330,14 +338,23 @@ def check_inputs(store: Any, inputs: list[FeastInput], *, path: str) -> dict[str
     return views
 
 
+#: How many of a view's newest offline entities may serve as its markers (``OpenedStore``).
+MARKERS = 8
+
+
 @dataclass(frozen=True, slots=True)
 class OfflineSpan:
-    """The time range of a view's offline rows and the key of its newest row."""
+    """The time range of a view's offline rows and the keys of its newest rows.
+
+    Attributes:
+        newest_keys: Up to :data:`MARKERS` distinct entity keys of the newest rows, newest
+            first (empty when the source has no join key column).
+    """
 
     start: datetime
     end: datetime
     rows: int
-    newest_key: Any
+    newest_keys: tuple[Any, ...]
 
 
 def offline_span(view: Any, where: StoreLocation) -> OfflineSpan | None:
@@ -359,13 +376,20 @@ def offline_span(view: Any, where: StoreLocation) -> OfflineSpan | None:
     columns = [source.timestamp_field] + ([join_key] if join_key else [])
     table = pq.read_table(str(file), columns=columns)
     if table.num_rows == 0:
-        return OfflineSpan(datetime.now(UTC), datetime.now(UTC), 0, None)
+        return OfflineSpan(datetime.now(UTC), datetime.now(UTC), 0, ())
     ts = table.column(source.timestamp_field)
     bounds = pc.min_max(ts).as_py()
     lo, hi = bounds["min"], bounds["max"]
     if not isinstance(lo, datetime) or not isinstance(hi, datetime):
         return None
-    newest = table.column(join_key)[int(pc.index(ts, hi).as_py())].as_py() if join_key else None
+    newest: tuple[Any, ...] = ()
+    if join_key:
+        # The newest rows without sorting the table (select_k is linear); an entity with
+        # several of them counts once.
+        k = min(table.num_rows, 8 * MARKERS)
+        order = pc.select_k_unstable(table, k=k, sort_keys=[(source.timestamp_field, "descending")])
+        keys = table.column(join_key).take(order).to_pylist()
+        newest = tuple(key for key in dict.fromkeys(keys) if key is not None)[:MARKERS]
     return OfflineSpan(_utc(lo), _utc(hi) + timedelta(seconds=1), table.num_rows, newest)
 
 
@@ -373,25 +397,62 @@ def _utc(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-def _view_is_empty(store: Any, view: Any, key: Any) -> bool:
-    if key is None or not view.entity_columns:
-        return True
+def present_keys(store: Any, view: Any, keys: Sequence[Any]) -> list[Any]:
+    """The ``keys`` for which the online store holds a row of ``view`` (one read)."""
+    if not keys or not view.entity_columns:
+        return []
     refs = [f"{view.name}:{f.name}" for f in view.features]
     join_key = view.entity_columns[0].name
     found = store.get_online_features(
-        features=refs, entity_rows={join_key: [key]}, full_feature_names=True
+        features=refs, entity_rows={join_key: list(keys)}, full_feature_names=True
     ).to_dict()
-    return all(values[0] is None for name, values in found.items() if name != join_key)
+    columns = [values for name, values in found.items() if name != join_key]
+    return [key for i, key in enumerate(keys) if any(c[i] is not None for c in columns)]
+
+
+def lost_views(
+    store: Any, views: Mapping[str, Any], markers: Mapping[str, Sequence[Any]]
+) -> list[str]:
+    """The views whose online store holds none of their marker entities any more.
+
+    One read per view, of its few markers: the check a serving source runs every
+    ``empty_check_s``. A store that cannot be read raises (that is not an empty store).
+    """
+    return [
+        name
+        for name, keys in markers.items()
+        if keys and not present_keys(store, views[name], keys)
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class OpenedStore:
+    """What :func:`prepare_store` opened.
+
+    Attributes:
+        store: The serving ``FeatureStore``.
+        views: The feature views the inputs use, by name.
+        markers: Per view, its marker entities: those of the offline source's newest
+            entities (:data:`MARKERS` at most) that the online store held once start-up was
+            done. A store that later holds none of them has lost its rows (a Redis restarted
+            without persistence). A view without markers (its offline source not a local file,
+            or none of them online) is not checked.
+    """
+
+    store: Any
+    views: dict[str, Any]
+    markers: dict[str, tuple[Any, ...]]
 
 
 def prepare_store(
     config: FeastSourceConfig, where: StoreLocation, inputs: list[FeastInput], *, path: str
-) -> Any:
+) -> OpenedStore:
     """Open the serving ``FeatureStore``; apply and materialize first when asked.
 
     With ``materialize_on_start`` the repo's definitions are applied (idempotent) and every
     view the inputs use whose online store has no row for the offline source's newest entity
-    is materialized over the source's time range. Then one read checks the store answers.
+    is materialized over the source's time range. Then the views' markers are chosen
+    (:class:`OpenedStore`) and one read checks the store answers.
     """
     feast = import_feast(type_checks=config.check_definition_types)
     if config.materialize_on_start:
@@ -431,9 +492,27 @@ def prepare_store(
         repo_path=str(where.repo_dir), config=repo_config(config, where, path=path, serving=True)
     )
     views = check_inputs(store, inputs, path=path)
-    if config.materialize_on_start:
-        for view in views.values():
-            _materialize_if_empty(admin, store, view, where, config.online_store)
+    markers: dict[str, tuple[Any, ...]] = {}
+    for name, view in views.items():
+        if config.materialize_on_start:
+            span = offline_span(view, where)
+            _materialize_if_empty(admin, store, view, span, config.online_store)
+        elif config.empty_check_s:
+            span = _offline_span_if_readable(view, where)
+        else:
+            continue
+        if span is not None and config.empty_check_s:
+            markers[name] = tuple(present_keys(store, view, span.newest_keys))
+        if not markers.get(name) and config.empty_check_s:
+            log.warning(
+                "feast: an emptied online store cannot be detected for view %s: %s",
+                name,
+                "its offline source is not a local file this host can read"
+                if span is None
+                else "its offline source has no rows"
+                if not span.newest_keys
+                else "the online store holds none of its newest offline entities",
+            )
     # One read end to end: connections open, registry cached, and a broken store fails here.
     first = inputs[0]
     store.get_online_features(
@@ -448,21 +527,61 @@ def prepare_store(
         len(inputs),
         first.ref,
     )
-    return store
+    return OpenedStore(store, views, {name: keys for name, keys in markers.items() if keys})
+
+
+def _offline_span_if_readable(view: Any, where: StoreLocation) -> OfflineSpan | None:
+    """:func:`offline_span`, or ``None`` where the source cannot be read: without
+    ``materialize_on_start`` the offline data need not be on this host."""
+    try:
+        return offline_span(view, where)
+    except ConfigError:
+        return None
+    except Exception as exc:  # an unreadable parquet file: only the check is lost
+        log.warning(
+            "feast: the offline source of %s could not be read: %s: %s",
+            view.name,
+            type(exc).__name__,
+            " ".join(where.scrub(str(exc)).split())[:300],
+        )
+        return None
 
 
 def _materialize_if_empty(
-    admin: Any, store: Any, view: Any, where: StoreLocation, kind: str
+    admin: Any, store: Any, view: Any, span: OfflineSpan | None, kind: str
 ) -> None:
-    span = offline_span(view, where)
     if span is not None and span.rows == 0:
         log.warning(
             "feast: the offline source of %s has no rows; nothing to materialize", view.name
         )
         return
-    if span is not None and not _view_is_empty(store, view, span.newest_key):
+    if span is not None and present_keys(store, view, span.newest_keys[:1]):
         log.info("feast: %s is already in the %s online store; not materializing", view.name, kind)
         return
+    _materialize(admin, view, span, kind)
+
+
+def materialize_again(
+    config: FeastSourceConfig, where: StoreLocation, view_names: Sequence[str], *, path: str
+) -> None:
+    """Materialize ``view_names`` over their offline sources' time ranges, as at start-up.
+
+    For a store found empty while serving (:func:`lost_views`): the registry was applied at
+    start-up, so only the rows are written. Blocking, and for large sources long.
+    """
+    feast = import_feast(type_checks=config.check_definition_types)
+    admin = feast.FeatureStore(
+        repo_path=str(where.repo_dir),
+        config=repo_config(config, where, path=path, serving=False),
+    )
+    for name in view_names:
+        view = admin.get_feature_view(name)
+        span = offline_span(view, where)
+        if span is None or span.rows:
+            _materialize(admin, view, span, config.online_store)
+
+
+def _materialize(admin: Any, view: Any, span: OfflineSpan | None, kind: str) -> None:
     if span is None:
         end = datetime.now(UTC)
         ttl = view.ttl if view.ttl else timedelta(days=3650)
