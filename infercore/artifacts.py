@@ -122,7 +122,16 @@ def verify_sha256(path: Path, expected: str, *, config_path: str) -> None:
 
     Compared in constant time; the message never shows the file's path.
     """
-    actual = sha256_file(path)
+    _check_digest(sha256_file(path), expected, config_path)
+
+
+def verify_sha256_bytes(data: bytes, expected: str, *, config_path: str) -> None:
+    """:func:`verify_sha256` for an artifact already read: a loader that then deserializes
+    ``data`` loads exactly the bytes checked, even if the file is swapped meanwhile."""
+    _check_digest(hashlib.sha256(data).hexdigest(), expected, config_path)
+
+
+def _check_digest(actual: str, expected: str, config_path: str) -> None:
     if not hmac.compare_digest(actual, expected.strip().lower()):
         raise ModelLoadError(
             f"{config_path}: sha256 mismatch (expected {expected[:12]}…, got {actual[:12]}…)",

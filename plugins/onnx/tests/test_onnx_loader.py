@@ -29,6 +29,7 @@ from infercore.errors import (
     ModelNotReady,
 )
 from infercore_onnx import OnnxModel, external_data
+from infercore_onnx import model as onnx_model_module
 from infercore_onnx.feed import prepare_input
 
 CONFIG_PATH = "models.iris.versions.1.loader"
@@ -604,6 +605,27 @@ def test_pinned_sha256_mismatch_loads_nothing(root: Path, monkeypatch: pytest.Mo
     assert "sha256 mismatch" in str(error)
     assert f"{CONFIG_PATH}.sha256" in str(error)
     assert sessions == []
+
+
+@pytest.mark.parametrize("pinned", [True, False], ids=["sha256", "no-sha256"])
+def test_a_file_swapped_after_its_checks_is_not_what_loads(
+    root: Path, monkeypatch: pytest.MonkeyPatch, pinned: bool
+) -> None:
+    """ONNX Runtime loads the bytes whose digest and external data were checked: a file
+    swapped on disk between the checks and the load (another model) cannot slip in."""
+    artifact = save(root, linear_model())
+    digest = hashlib.sha256(artifact.read_bytes()).hexdigest()
+    real = external_data.external_tensors
+
+    def then_swap(*args: Any, **kwargs: Any) -> int | None:
+        found = real(*args, **kwargs)
+        artifact.write_bytes(int64_model().SerializeToString())  # checked, then swapped
+        return found
+
+    monkeypatch.setattr(external_data, "external_tensors", then_swap)
+    monkeypatch.setattr(onnx_model_module, "external_tensors", then_swap)
+    model = load(root, **({"sha256": digest} if pinned else {}))
+    assert model.inputs == [TensorSpec("X", "FP32", (-1, 4))]  # the linear model, not int64
 
 
 def test_missing_file_is_a_load_error(root: Path) -> None:

@@ -87,11 +87,35 @@ def check_external_data(model_file: Path, *, config_path: str) -> bool:
     Raises:
         ModelLoadError: A location escapes the folder, or the file is not an ONNX model.
     """
+    return external_tensors(model_file, config_path=config_path) is not None
+
+
+def external_tensors(
+    model_file: Path, *, config_path: str, data: bytes | None = None
+) -> int | None:
+    """:func:`check_external_data`, and how many tensors keep their data outside the file.
+
+    Args:
+        model_file: The resolved ONNX file (its folder is where external data must stay).
+        config_path: The loader's config path, for the message.
+        data: The file's bytes when the caller has read them already (they are parsed instead
+            of the file, so the bytes checked are the bytes the caller loads).
+
+    Returns:
+        The number of tensors with external data, or ``None`` when the ``onnx`` package is
+        not installed (nothing was checked).
+
+    Raises:
+        ModelLoadError: A location escapes the folder, or the file is not an ONNX model.
+    """
     onnx = _onnx()
     if onnx is None:
-        return False
+        return None
     try:
-        model = onnx.load_model(str(model_file), load_external_data=False)
+        if data is None:
+            model = onnx.load_model(str(model_file), load_external_data=False)
+        else:
+            model = onnx.load_model_from_string(data)
     except Exception as exc:
         # protobuf's DecodeError and friends: the message may carry the path, so it is dropped.
         raise ModelLoadError(
@@ -100,9 +124,11 @@ def check_external_data(model_file: Path, *, config_path: str) -> bool:
         ) from None
     folder = model_file.parent.resolve()
     external = onnx.TensorProto.EXTERNAL
+    count = 0
     for tensor in _all_tensors(model):
         if tensor.data_location != external:
             continue
+        count += 1
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
         if _escapes(folder, location):
             # The location is attacker-controlled text and may be a path: it is not echoed.
@@ -111,4 +137,4 @@ def check_external_data(model_file: Path, *, config_path: str) -> bool:
                 "model file's folder",
                 hint="keep external data files next to the .onnx file, with relative locations",
             )
-    return True
+    return count

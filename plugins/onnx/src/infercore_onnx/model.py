@@ -14,10 +14,10 @@ from typing import Annotated, Any, Literal
 import msgspec
 import numpy as np
 
-from infercore.artifacts import resolve_artifact, verify_sha256
+from infercore.artifacts import resolve_artifact, verify_sha256_bytes
 from infercore.components import ComponentContext, Model, Tensors, TensorSpec
 from infercore.errors import BackendError, InvalidInput, ModelLoadError, ModelNotReady
-from infercore_onnx.external_data import check_external_data
+from infercore_onnx.external_data import external_tensors
 from infercore_onnx.feed import prepare_input
 from infercore_onnx.signature import tensor_specs
 
@@ -323,11 +323,12 @@ class OnnxModel(Model):
         )
         return options
 
-    def _create_session(self, ort: Any, artifact: Path, providers: list[str]) -> Any:
+    def _create_session(self, ort: Any, source: bytes | Path, providers: list[str]) -> Any:
         root = self.context.model_root.resolve()
+        model = source if isinstance(source, bytes) else str(source)
         try:
             return ort.InferenceSession(
-                str(artifact), sess_options=self._session_options(ort), providers=providers
+                model, sess_options=self._session_options(ort), providers=providers
             )
         except Exception as exc:
             name = type(exc).__name__
@@ -372,10 +373,17 @@ class OnnxModel(Model):
                 f"{path}.path: the artifact is not a file",
                 hint="point path at the .onnx file itself",
             )
+        data = artifact.read_bytes()
         if self.config.sha256 is not None:
-            verify_sha256(artifact, self.config.sha256, config_path=f"{path}.sha256")
-        check_external_data(artifact, config_path=f"{path}.path")
-        session = self._create_session(ort, artifact, providers)
+            verify_sha256_bytes(data, self.config.sha256, config_path=f"{path}.sha256")
+        external = external_tensors(artifact, config_path=f"{path}.path", data=data)
+        # ONNX Runtime loads the bytes whose digest and external-data locations were checked:
+        # a file swapped after the checks cannot slip in. A model with external data (or one
+        # nothing could parse, without the onnx package) is loaded from its path, where ONNX
+        # Runtime finds the data files beside it.
+        source: bytes | Path = data if external == 0 else artifact
+        del data
+        session = self._create_session(ort, source, providers)
         inputs = tensor_specs(session.get_inputs(), role="input", config_path=path)
         outputs = tensor_specs(session.get_outputs(), role="output", config_path=path)
         actual = list(session.get_providers())
