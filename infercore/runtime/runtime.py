@@ -594,6 +594,7 @@ class Runtime:
                 self._check_provided(served, sv)
                 sv.input_names = frozenset(spec.name for spec in sv.model.inputs)
                 sv.route_only = served.router.key_fields - sv.input_names
+                sv.request_fields = served.features.request_fields
                 own = sv.outputs_config is not None
                 sv.outputs_plan = plan_outputs(
                     sv.outputs_config if own else served.config.outputs,
@@ -789,7 +790,6 @@ class Runtime:
             # A client's declared datatypes bind only tensors that reach the model unchanged;
             # a feature source that built an input has already converted it.
             declared = {k: v for k, v in declared.items() if inputs.get(k) is fields.get(k)}
-        served = self.models.get(sv.name)
         return prepare_inputs(
             sv.model.inputs,
             inputs,
@@ -797,7 +797,7 @@ class Runtime:
             max_rows=self.config.server.max_request_rows,
             # Behind a feature source the client sends its fields, not the model's inputs:
             # the hint of a missing or unknown input names those.
-            request_fields=None if served is None else served.features.request_fields,
+            request_fields=sv.request_fields,
         )
 
     def _record(self, sv: ServedVersion, elapsed: float, error: bool) -> None:

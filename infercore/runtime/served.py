@@ -9,7 +9,7 @@ not ready is never in it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -73,6 +73,9 @@ class ServedVersion:
     input_names: frozenset[str] = frozenset()
     #: The router's key fields this model does not take: they route, and never reach it.
     route_only: frozenset[str] = frozenset()
+    #: What a request may carry, for the hint of a refused input (the model's feature source's
+    #: ``request_fields``), bound once it has loaded so the request path looks nothing up.
+    request_fields: Callable[[Sequence[str]], Sequence[str]] | None = None
     #: Its rollout stage and, for a canary, its share of routed traffic in percent.
     stage: str = CANDIDATE
     weight: float = 0.0
