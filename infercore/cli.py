@@ -107,6 +107,12 @@ def _add_k8s_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--baked-models", action="store_true", help="models are in the image")
     p.add_argument("--prestop-sleep", type=int, default=0, help="preStop sleep, s (0: none)")
     p.add_argument(
+        "--startup-timeout",
+        type=int,
+        default=120,
+        help="seconds a pod has to load its models (sidecar: to be ready) before a restart (120)",
+    )
+    p.add_argument(
         "--track",
         choices=("stable", "canary"),
         default="stable",
@@ -450,6 +456,7 @@ def _deploy_k8s(args: argparse.Namespace) -> int:
         models_claim=args.models_claim,
         baked_models=args.baked_models,
         prestop_sleep_s=args.prestop_sleep,
+        startup_timeout_s=args.startup_timeout,
         track=args.track,
         app=args.app,
         app_container=args.app_container,

@@ -60,10 +60,12 @@ LIVE, READY = "/v2/health/live", "/v2/health/ready"
 MARGIN_S = 5
 #: Readiness failures in a row before a pod leaves rotation.
 READINESS_FAILURES = 2
-#: Startup budget (import, config, model load) before liveness applies; for the sidecar, the
-#: time its models have to become ready before the kubelet restarts it (its startup probe is
-#: on readiness: the application's containers wait for it).
-STARTUP_PERIOD_S, STARTUP_FAILURES = 2, 60
+#: The startup probe's period; the budget (import, config, model load before liveness
+#: applies; for the sidecar, the time its models have to become ready before the kubelet
+#: restarts it, since its startup probe is on readiness) is ``--startup-timeout``, default
+#: :data:`DEFAULT_STARTUP_TIMEOUT_S`, in failures of this period.
+STARTUP_PERIOD_S = 2
+DEFAULT_STARTUP_TIMEOUT_S = 120
 LIVENESS_PERIOD_S, LIVENESS_FAILURES = 10, 3
 PROBE_TIMEOUT_S = 2
 SIDECAR_READINESS_PERIOD_S = 5
@@ -95,6 +97,9 @@ class Options:
     #: Models are in the image (``/app/recipes``): no model volume.
     baked_models: bool = False
     prestop_sleep_s: int = 0
+    #: Seconds a pod has to start (models loaded; for the sidecar, ready) before the kubelet
+    #: restarts it.
+    startup_timeout_s: int = DEFAULT_STARTUP_TIMEOUT_S
     #: ``stable`` renders everything; ``canary`` only a ``NAME-canary`` Deployment (and its
     #: ConfigMap) whose pods the stable Service also selects: traffic splits by replica count.
     track: str = "stable"
@@ -407,6 +412,11 @@ def check_options(opts: Options) -> None:
         raise ConfigError(f"--inflight-target: {opts.inflight_target}; must be >= 1")
     if opts.prestop_sleep_s < 0:
         raise ConfigError(f"--prestop-sleep: {opts.prestop_sleep_s}; must be >= 0 (seconds)")
+    if opts.startup_timeout_s < STARTUP_PERIOD_S:
+        raise ConfigError(
+            f"--startup-timeout: {opts.startup_timeout_s}; must be >= {STARTUP_PERIOD_S} (seconds)",
+            hint="the seconds the slowest model takes to load and warm, with room to spare",
+        )
     if opts.cpu is not None:
         cpu_cores(opts.cpu)
     if opts.memory is not None:
@@ -416,6 +426,11 @@ def check_options(opts: Options) -> None:
                 f"--memory: {opts.memory!r} is not a memory quantity",
                 hint="use a Kubernetes quantity, e.g. 2Gi or 512Mi",
             )
+
+
+def startup_failures(opts: Options) -> int:
+    """The startup probe's ``failureThreshold``: ``--startup-timeout`` in probe periods."""
+    return math.ceil(opts.startup_timeout_s / STARTUP_PERIOD_S)
 
 
 def max_replicas(opts: Options) -> int:
@@ -564,7 +579,7 @@ def _render_k8s(
         "args": ["serve", f"+recipe={recipe}"],
         **_env(server.port, secret),
         "ports": [{"name": "http", "containerPort": server.port, "protocol": "TCP"}],
-        "startupProbe": _http_probe(LIVE, STARTUP_PERIOD_S, STARTUP_FAILURES),
+        "startupProbe": _http_probe(LIVE, STARTUP_PERIOD_S, startup_failures(opts)),
         "livenessProbe": _http_probe(LIVE, LIVENESS_PERIOD_S, LIVENESS_FAILURES),
         "readinessProbe": _http_probe(READY, t.readiness_period_s, t.readiness_failures),
         "resources": resources(server, opts),
@@ -765,7 +780,7 @@ def _render_kserve(
     # instead (it answers while models load, so only a start that hangs is restarted).
     readiness = _http_probe(READY, t.readiness_period_s, t.readiness_failures, port)
     liveness = _http_probe(LIVE, LIVENESS_PERIOD_S, LIVENESS_FAILURES, port)
-    liveness["initialDelaySeconds"] = STARTUP_PERIOD_S * STARTUP_FAILURES
+    liveness["initialDelaySeconds"] = STARTUP_PERIOD_S * startup_failures(opts)
     runtime = {
         "apiVersion": "serving.kserve.io/v1alpha1",
         "kind": "ServingRuntime",
@@ -880,7 +895,7 @@ def _render_sidecar(
         # A native sidecar's startup probe is what holds the application's containers back:
         # on readiness, they start once the models are loaded and warmed, not once the
         # process answers (they would get 503 model_not_ready). Liveness stays liveness.
-        "startupProbe": _exec_probe(READY, STARTUP_PERIOD_S, STARTUP_FAILURES),
+        "startupProbe": _exec_probe(READY, STARTUP_PERIOD_S, startup_failures(opts)),
         "livenessProbe": _exec_probe(LIVE, LIVENESS_PERIOD_S, LIVENESS_FAILURES),
         "readinessProbe": _exec_probe(READY, SIDECAR_READINESS_PERIOD_S, READINESS_FAILURES),
         "resources": resources(server, opts),

@@ -201,7 +201,7 @@ def test_the_sidecar_startup_probe_waits_for_readiness(monkeypatch: pytest.Monke
     (container,) = deployed["spec"]["template"]["spec"]["containers"]
     # The Deployment keeps startup and liveness on liveness (readiness gates its traffic).
     assert container["startupProbe"]["httpGet"]["path"] == "/v2/health/live"
-    budget = k8s.STARTUP_PERIOD_S * k8s.STARTUP_FAILURES
+    budget = k8s.DEFAULT_STARTUP_TIMEOUT_S
     assert startup["periodSeconds"] * startup["failureThreshold"] == budget
     deployed_startup = container["startupProbe"]
     assert deployed_startup["periodSeconds"] * deployed_startup["failureThreshold"] == budget
