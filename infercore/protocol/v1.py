@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -20,6 +21,13 @@ _decoder = msgspec.json.Decoder()
 #: Behind a feature source the names are its request fields (an entity key, a few values), not
 #: the model's inputs; the model's V2 metadata lists whichever a request carries.
 _NAMES_HINT = "GET /v2/models/<model> lists the names a request carries, under `inputs`"
+
+
+def _several_inputs(message: str, names: Callable[[], str] | None) -> InvalidInput:
+    # `names` is called only here, on the error path: the request path computes nothing.
+    return InvalidInput(message, hint=f"{names()}; {_NAMES_HINT}" if names else _NAMES_HINT)
+
+
 _encoder = msgspec.json.Encoder()
 
 
@@ -28,8 +36,18 @@ def _column(name: str, values: list[Any]) -> Array:
     return json_array(f"field {name!r}", values)
 
 
-def decode(body: bytes, *, default_input: str | None, max_rows: int) -> dict[str, Array]:
-    """Decode a V1 predict body into named columns (rows along axis 0)."""
+def decode(
+    body: bytes,
+    *,
+    default_input: str | None,
+    max_rows: int,
+    names: Callable[[], str] | None = None,
+) -> dict[str, Array]:
+    """Decode a V1 predict body into named columns (rows along axis 0).
+
+    ``names`` says what a request carries (the model's inputs, or its feature source's
+    fields), for the error of plain values sent to a model of several inputs.
+    """
     try:
         doc = _decoder.decode(body)
     except UNREADABLE_JSON as exc:
@@ -60,9 +78,8 @@ def decode(body: bytes, *, default_input: str | None, max_rows: int) -> dict[str
         if any(isinstance(i, dict) for i in instances):
             raise InvalidInput("`instances` mixes objects and values")
         if default_input is None:
-            raise InvalidInput(
-                "this model has several inputs: send instances as objects keyed by name",
-                hint=_NAMES_HINT,
+            raise _several_inputs(
+                "this model has several inputs: send instances as objects keyed by name", names
             )
         return {default_input: _column(default_input, instances)}
     if "inputs" in doc:
@@ -70,8 +87,8 @@ def decode(body: bytes, *, default_input: str | None, max_rows: int) -> dict[str
         if isinstance(inputs, dict):
             return {k: _column(k, v if isinstance(v, list) else [v]) for k, v in inputs.items()}
         if default_input is None:
-            raise InvalidInput(
-                "this model has several inputs: send `inputs` as an object", hint=_NAMES_HINT
+            raise _several_inputs(
+                "this model has several inputs: send `inputs` as an object", names
             )
         return {
             default_input: _column(default_input, inputs if isinstance(inputs, list) else [inputs])

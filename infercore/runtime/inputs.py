@@ -46,7 +46,7 @@ def prepare_inputs(
         arr = tensors.get(spec.name)
         if arr is None:
             raise InvalidInput(
-                f"missing input {spec.name!r}", hint=_names_hint(specs, request_fields)
+                f"missing input {spec.name!r}", hint=names_hint(specs, request_fields)
             )
         dt = declared.get(spec.name) if declared else None
         if dt is not None:
@@ -81,7 +81,7 @@ def prepare_inputs(
         out[spec.name] = arr
     if len(out) != len(tensors):
         unknown = sorted(set(tensors) - set(out))
-        raise InvalidInput(f"unknown input {unknown[0]!r}", hint=_names_hint(specs, request_fields))
+        raise InvalidInput(f"unknown input {unknown[0]!r}", hint=names_hint(specs, request_fields))
     if rows is not None:
         if rows == 0:
             raise InvalidInput("the request has no rows")
@@ -93,7 +93,7 @@ def prepare_inputs(
     return out
 
 
-def _names_hint(
+def names_hint(
     specs: Sequence[TensorSpec], request_fields: Callable[[Sequence[str]], Sequence[str]] | None
 ) -> str:
     """What the client may send. Behind a feature source that builds the model's inputs from

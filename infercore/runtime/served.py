@@ -32,6 +32,7 @@ from infercore.metrics import Metrics, VersionMetrics
 from infercore.runtime.errors import Conflict, VersionNotReady, quoted
 from infercore.runtime.grouping import RequestGroups
 from infercore.runtime.guard import Window
+from infercore.runtime.inputs import names_hint
 from infercore.runtime.outputs import OutputPlan
 from infercore.runtime.regions import CanaryRegions
 from infercore.runtime.repository import Repository
@@ -109,6 +110,10 @@ class ServedVersion:
     @property
     def ready(self) -> bool:
         return self.state == READY
+
+    def names_hint(self) -> str:
+        """What a request to this version carries, for an error hint (never per request)."""
+        return names_hint(self.model.inputs, self.request_fields)
 
     @property
     def default_input(self) -> str | None:
@@ -319,25 +324,26 @@ class ServedModel:
         version: str | None,
         headers: Mapping[str, str],
         request_id: str,
-        decode: Callable[[str | None], dict[str, Array]],
+        decode: Callable[[ServedVersion], dict[str, Array]],
     ) -> tuple[ServedVersion, dict[str, Array]]:
-        """Pick a version for a body whose decoding depends on it (V1's default input name).
+        """Pick a version for a body whose decoding depends on it (V1's default input name, and
+        the names its errors hint at).
 
         Readiness comes first (a model that is not ready is a 503 whatever the body). A
         router that routes by request fields sees the fields decoded for the primary.
         """
         if version is not None or not self.router.uses_fields:
             sv = self.pick(version, headers, request_id)
-            return sv, decode(sv.default_input)
+            return sv, decode(sv)
         first = self.versions[self.primary]
         if not first.ready:
             raise VersionNotReady(
                 f"model {self.name!r} version {self.primary!r} is not ready", version=self.primary
             )
-        fields = decode(first.default_input)
+        fields = decode(first)
         sv = self.pick(None, headers, request_id, fields)
         if sv is not first and sv.default_input != first.default_input:
-            fields = decode(sv.default_input)
+            fields = decode(sv)
         return sv, fields
 
     def routed_shares(self) -> dict[str, float]:

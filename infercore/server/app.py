@@ -600,8 +600,11 @@ def create_app(
                     version,
                     headers,
                     rid,
-                    lambda default_input: v1.decode(
-                        body, default_input=default_input, max_rows=max_rows
+                    lambda sv: v1.decode(
+                        body,
+                        default_input=sv.default_input,
+                        max_rows=max_rows,
+                        names=sv.names_hint,
                     ),
                 )
                 vm = sv.metrics

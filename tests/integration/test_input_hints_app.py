@@ -184,8 +184,12 @@ def test_the_fraud_recipes_hints_name_the_transaction_fields(tmp_path: Path) -> 
         typo = {("amout" if k == "amount" else k): v for k, v in good.items()}
         error = refused(client, "/v1/models/fraud:predict", {"instances": [typo]})
         assert "'amout'" in error and hinted(error) == TRANSACTION_FIELDS
-        error = refused(client, "/v1/models/fraud:predict", {"instances": [[12.5, 3, 0]]})
-        assert "several inputs" in error and "GET /v2/models/" in error
+        for values in ({"instances": [[12.5, 3, 0]]}, {"inputs": [[12.5, 3, 0]]}):
+            error = refused(client, "/v1/models/fraud:predict", values)
+            assert "several inputs" in error and "GET /v2/models/" in error
+            # The fields to key them by, not the model's fifteen inputs.
+            listed = error.split("the request's fields are: ", 1)[1].split(";", 1)[0]
+            assert set(listed.split(", ")) == TRANSACTION_FIELDS
         inputs = [
             v2_tensor(k, "BYTES" if isinstance(v, str) else "FP32", [v]) for k, v in typo.items()
         ]
