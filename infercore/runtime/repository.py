@@ -70,6 +70,24 @@ def check_template(config: RepositoryConfig, *, path: str) -> None:
             raise ConfigError(f"{path}.{key}: '..' is not allowed")
 
 
+#: A loader option the runtime fills with the manifest's pins of the files beside a pinned
+#: artifact, when the loader's ``Config`` declares it (``dict[str, str]``): a model read from
+#: several files (ONNX external data) checks each of them, not only the file the path names.
+COMPANIONS_OPTION = "external_data_sha256"
+
+
+def companion_digests(digests: dict[str, str], key: str) -> dict[str, str]:
+    """The manifest's pins of the files in the folder of the artifact pinned as ``key`` and
+    below it, keyed relative to that folder (as ``sha256sum`` run there prints them)."""
+    folder = PurePosixPath(key).parent
+    out: dict[str, str] = {}
+    for name, digest in digests.items():
+        path = PurePosixPath(name)
+        if name != key and (folder == PurePosixPath(".") or path.is_relative_to(folder)):
+            out[str(path.relative_to(folder))] = digest
+    return out
+
+
 def read_manifest(path: Path) -> dict[str, str]:
     """``sha256sum``-format lines (``<hex>  <relative path>``) as path -> digest."""
     digests: dict[str, str] = {}

@@ -23,6 +23,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import PurePosixPath
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
@@ -66,7 +67,13 @@ from infercore.runtime.grouping import (
 from infercore.runtime.guard import Verdict, Window, judge
 from infercore.runtime.inputs import prepare_inputs
 from infercore.runtime.outputs import plan_outputs
-from infercore.runtime.repository import Repository, UnsafePath, check_template
+from infercore.runtime.repository import (
+    COMPANIONS_OPTION,
+    Repository,
+    UnsafePath,
+    check_template,
+    companion_digests,
+)
 from infercore.runtime.served import (
     CANARY,
     CANDIDATE,
@@ -483,7 +490,7 @@ class Runtime:
                     f"{digest!r} for {key!r}; the artifact can match only one",
                     hint="make them agree: re-pin whichever is out of date",
                 )
-            return node
+            return self._companions(repo, node, path)
         cls, _ = self.registry.resolve("model_loader", node, path=path, context=self.composed.label)
         if "sha256" not in getattr(cls.Config, "__struct_fields__", ()):
             raise ConfigError(
@@ -492,7 +499,37 @@ class Runtime:
                 hint="use a loader that checks digests, or keep the artifact out of the "
                 "repository folder",
             )
-        return {**node, "sha256": digest}
+        return self._companions(repo, {**node, "sha256": digest}, path)
+
+    def _companions(self, repo: Repository, node: Node, path: str) -> Node:
+        """``node`` with the manifest's pins of the files beside its pinned artifact, for a
+        loader whose ``Config`` takes them (:data:`COMPANIONS_OPTION`): an ONNX model's
+        external data, pinned in the same manifest as the ``.onnx`` file.
+
+        Raises:
+            ConfigError: The recipe pins one of those files with another digest.
+        """
+        artifact = node.get("path")
+        key = repo.manifest_key(artifact) if isinstance(artifact, str) else None
+        if key is None:
+            return node
+        cls, _ = self.registry.resolve("model_loader", node, path=path, context=self.composed.label)
+        if COMPANIONS_OPTION not in getattr(cls.Config, "__struct_fields__", ()):
+            return node
+        pins = companion_digests(repo.digests(), key)
+        own = node.get(COMPANIONS_OPTION)
+        if not isinstance(own, dict):  # absent; anything else, the loader's Config refuses
+            return {**node, COMPANIONS_OPTION: pins} if pins and own is None else node
+        for name, digest in own.items():
+            pinned = pins.get(str(PurePosixPath(str(name))))
+            if pinned is not None and isinstance(digest, str) and digest.lower() != pinned:
+                raise ConfigError(
+                    f"{path}.{COMPANIONS_OPTION}: the recipe pins {digest!r} for {name!r} but "
+                    f"models.{repo.model}.repository.manifest ({repo.config.manifest}) pins "
+                    f"{pinned!r}; the file can match only one",
+                    hint="make them agree: re-pin whichever is out of date",
+                )
+        return {**node, COMPANIONS_OPTION: {**pins, **own}}
 
     @property
     def plugin_infos(self) -> dict[str, PluginInfo]:
@@ -1079,7 +1116,9 @@ class Runtime:
                     raise self._load_failed(served, current, version, str(exc)) from None
             elif repo is not None:
                 try:
-                    node = repo.loader_node(version)
+                    node = self._companions(
+                        repo, repo.loader_node(version), f"models.{name}.repository.loader"
+                    )
                 except InfercoreError as exc:
                     if current is None:
                         raise

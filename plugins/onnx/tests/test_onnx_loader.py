@@ -14,6 +14,7 @@ from typing import Any
 
 import msgspec
 import numpy as np
+import numpy.typing as npt
 import onnx
 import onnxruntime
 import pytest
@@ -165,18 +166,39 @@ def failing_model() -> onnx.ModelProto:
     return _model(graph)
 
 
+def _external(name: str, location: str, **entries: int) -> TensorProto:
+    tensor = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=[4, 2])
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in {"location": location, **entries}.items():
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, str(value)
+    return tensor
+
+
 def external_data_model(location: str) -> onnx.ModelProto:
     """The linear model with W stored externally at ``location`` (written verbatim)."""
-    weight = TensorProto(name="W", data_type=TensorProto.FLOAT, dims=[4, 2])
-    weight.data_location = TensorProto.EXTERNAL
-    entry = weight.external_data.add()
-    entry.key, entry.value = "location", location
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["X", "W"], ["Y"])],
         "external",
         [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 4])],
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 2])],
-        [weight],
+        [_external("W", location)],
+    )
+    return _model(graph)
+
+
+def two_external_tensors_model(first: str, second: str) -> onnx.ModelProto:
+    """Y = X @ A + X @ B, with A at offset 0 of ``first`` and B at offset 32 of ``second``."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["X", "A"], ["XA"]),
+            helper.make_node("MatMul", ["X", "B"], ["XB"]),
+            helper.make_node("Add", ["XA", "XB"], ["Y"]),
+        ],
+        "two_external",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 2])],
+        [_external("A", first, offset=0, length=32), _external("B", second, offset=32)],
     )
     return _model(graph)
 
@@ -276,6 +298,9 @@ def test_config_defaults() -> None:
         ({"path": "m.onnx", "execution_mode": "fast"}, "Invalid enum value 'fast'"),
         ({"path": "m.onnx", "graph_optimization_level": "max"}, "Invalid enum value 'max'"),
         ({"path": "m.onnx", "sha256": "abc"}, "matching regex"),
+        ({"path": "m.onnx", "external_data_sha256": {"w.bin": "abc"}}, "matching regex"),
+        ({"path": "m.onnx", "external_data_sha256": {"": "0" * 64}}, "length >= 1"),
+        ({"path": "m.onnx", "external_data_sha256": ["w.bin"]}, "Expected `object`"),
         ({"path": "m.onnx", "run_on": "gpu"}, "Invalid enum value 'gpu'"),
         ({"path": "m.onnx", "loop_max_ms": -1}, ">= 0"),
         ({"path": "m.onnx", "loop_max_ms": 5000}, "<= 1000"),
@@ -387,7 +412,7 @@ class _ThreadCalls:
             self.calls += 1
             return await real(fn, *args, **kwargs)
 
-        monkeypatch.setattr(infercore_onnx.model.asyncio, "to_thread", to_thread)
+        monkeypatch.setattr(asyncio, "to_thread", to_thread)
 
 
 class _SlowSession:
@@ -527,10 +552,10 @@ def test_string_input_that_is_not_utf8_is_invalid_input(root: Path) -> None:
 def test_warmup_covers_every_element_type(root: Path) -> None:
     save(root, all_dtypes_model())
     model = load(root)
-    calls: list[dict[str, np.ndarray]] = []
+    calls: list[dict[str, npt.NDArray[Any]]] = []
     predict = model.predict
 
-    async def spy(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    async def spy(inputs: dict[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
         out = await predict(inputs)
         calls.append(out)
         return out
@@ -615,15 +640,15 @@ def test_a_file_swapped_after_its_checks_is_not_what_loads(
     swapped on disk between the checks and the load (another model) cannot slip in."""
     artifact = save(root, linear_model())
     digest = hashlib.sha256(artifact.read_bytes()).hexdigest()
-    real = external_data.external_tensors
+    real = external_data.external_files
 
-    def then_swap(*args: Any, **kwargs: Any) -> int | None:
+    def then_swap(*args: Any, **kwargs: Any) -> list[external_data.ExternalFile] | None:
         found = real(*args, **kwargs)
         artifact.write_bytes(int64_model().SerializeToString())  # checked, then swapped
         return found
 
-    monkeypatch.setattr(external_data, "external_tensors", then_swap)
-    monkeypatch.setattr(onnx_model_module, "external_tensors", then_swap)
+    monkeypatch.setattr(external_data, "external_files", then_swap)
+    monkeypatch.setattr(onnx_model_module, "external_files", then_swap)
     model = load(root, **({"sha256": digest} if pinned else {}))
     assert model.inputs == [TensorSpec("X", "FP32", (-1, 4))]  # the linear model, not int64
 
@@ -731,6 +756,275 @@ def test_external_data_check_reports_whether_it_ran(
     assert external_data.check_external_data(artifact, config_path=CONFIG_PATH) is True
     monkeypatch.setattr(external_data, "_onnx", lambda: None)
     assert external_data.check_external_data(artifact, config_path=CONFIG_PATH) is False
+
+
+# -- external data: read once, pinned ---------------------------------------------------------
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def save_external(root: Path, weights: bytes = W.tobytes()) -> tuple[str, str]:
+    """The external-data linear model with ``weights`` in ``weights.bin``; both digests."""
+    artifact = save(root, external_data_model("weights.bin"))
+    data = root / "iris/artifacts/weights.bin"
+    data.write_bytes(weights)
+    return sha256_of(artifact), sha256_of(data)
+
+
+def before_session(monkeypatch: pytest.MonkeyPatch, action: Any = None) -> list[Any]:
+    """Run ``action`` just before ONNX Runtime creates a session (after every check); the
+    sessions asked for are listed in the returned list."""
+    sessions: list[Any] = []
+    real = onnxruntime.InferenceSession
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        sessions.append(args)
+        if action is not None:
+            action()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", spy)
+    return sessions
+
+
+def assert_predicts_with(model: OnnxModel, weights: npt.NDArray[np.float32]) -> None:
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    np.testing.assert_allclose(asyncio.run(model.predict({"X": x}))["Y"], x @ weights, rtol=1e-6)
+
+
+@pytest.mark.parametrize("swap", ["rewritten", "removed"])
+@pytest.mark.parametrize("pinned", [True, False], ids=["pinned", "unpinned"])
+def test_external_data_swapped_after_its_checks_is_not_what_loads(
+    root: Path, monkeypatch: pytest.MonkeyPatch, swap: str, pinned: bool
+) -> None:
+    """The external data is read once, checked and handed to ONNX Runtime from memory: the
+    file rewritten (other weights) or removed on disk right before the session is created
+    changes nothing, because ONNX Runtime never opens it."""
+    model_sha, data_sha = save_external(root)
+    data = root / "iris/artifacts/weights.bin"
+
+    def then_swap() -> None:
+        if swap == "rewritten":
+            data.write_bytes((W * 100).tobytes())
+        else:
+            data.unlink()
+
+    sessions = before_session(monkeypatch, then_swap)
+    pins = {"sha256": model_sha, "external_data_sha256": {"weights.bin": data_sha}}
+    model = load(root, **(pins if pinned else {}))
+    assert len(sessions) == 1
+    assert_predicts_with(model, W)
+
+
+@pytest.mark.parametrize("key", ["weights.bin", "./weights.bin"])
+def test_pinned_external_data_that_matches_loads(root: Path, key: str) -> None:
+    model_sha, data_sha = save_external(root)
+    model = load(root, sha256=model_sha, external_data_sha256={key: data_sha.upper()})
+    assert_predicts_with(model, W)
+
+
+def test_external_data_digest_mismatch_loads_nothing(
+    root: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Other weights than those pinned: the load fails naming the file (relative, as pinned),
+    before ONNX Runtime sees a byte, so a reload leaves the serving version in place."""
+    model_sha, data_sha = save_external(root)
+    (root / "iris/artifacts/weights.bin").write_bytes((W * 100).tobytes())  # swapped since
+    sessions = before_session(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="infercore.onnx"):
+        error = load_error(
+            root,
+            ModelLoadError,
+            sha256=model_sha,
+            external_data_sha256={"weights.bin": data_sha},
+        )
+    message = str(error)
+    assert message.startswith(
+        f"{CONFIG_PATH}.external_data_sha256['weights.bin']: sha256 mismatch (expected "
+        f"{data_sha[:12]}…"
+    )
+    assert_no_paths(message, root)
+    for record in caplog.records:
+        assert_no_paths(record.getMessage(), root)
+    assert sessions == []
+
+
+@pytest.mark.parametrize("pins", ["model-sha256", "another-file"])
+def test_pinned_model_with_unpinned_external_data_is_refused(
+    root: Path, monkeypatch: pytest.MonkeyPatch, pins: str
+) -> None:
+    """A pin on the .onnx alone would let its weights be swapped unnoticed: refused, naming
+    the file to pin; so is a pin list that misses a file (a typo in a name, say)."""
+    model_sha, data_sha = save_external(root)
+    options: dict[str, Any] = (
+        {"sha256": model_sha}
+        if pins == "model-sha256"
+        else {"external_data_sha256": {"weigths.bin": data_sha}}
+    )
+    sessions = before_session(monkeypatch)
+    error = load_error(root, ModelLoadError, **options)
+    assert f"{CONFIG_PATH}.external_data_sha256: external data file 'weights.bin' is not " in (
+        str(error)
+    )
+    assert "sha256sum" in str(error)
+    assert sessions == []
+
+
+def test_unpinned_model_loads_unpinned_external_data(root: Path) -> None:
+    """Nothing pinned: external data loads unchecked, as the .onnx does (and from memory)."""
+    save_external(root)
+    assert_predicts_with(load(root), W)
+
+
+def test_only_the_bytes_its_tensors_use_are_kept(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A data file far larger than its tensors is not held in memory whole; a pinned one is
+    still hashed whole (as sha256sum pins it)."""
+    model_sha, data_sha = save_external(root, W.tobytes() + b"\0" * (4 << 20))
+    kept: list[dict[str, int]] = []
+    real = external_data.read_external_files
+
+    def spy(*args: Any, **kwargs: Any) -> dict[str, bytearray]:
+        found = real(*args, **kwargs)
+        kept.append({name: len(data) for name, data in found.items()})
+        return found
+
+    monkeypatch.setattr(onnx_model_module, "read_external_files", spy)
+    model = load(root, sha256=model_sha, external_data_sha256={"weights.bin": data_sha})
+    assert kept == [{"weights.bin": W.nbytes}]
+    assert_predicts_with(model, W)
+
+
+def test_external_data_shorter_than_its_tensors_is_a_load_error(root: Path) -> None:
+    save_external(root, W.tobytes()[:20])
+    error = load_error(root, ModelLoadError)
+    assert "'weights.bin' is shorter than the model's tensors in it" in str(error)
+
+
+def test_one_file_named_two_ways_is_read_once(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two tensors in one file, one located as ``w.bin``, the other as ``./w.bin`` (ONNX
+    Runtime refuses the same file handed twice under those names)."""
+    second = W * 10
+    save(root, two_external_tensors_model("w.bin", "./w.bin"))
+    (root / "iris/artifacts/w.bin").write_bytes(W.tobytes() + second.tobytes())
+    reads: list[list[str]] = []
+    real = external_data.read_external_files
+
+    def spy(model_file: Path, files: list[external_data.ExternalFile], *a: Any, **k: Any) -> Any:
+        reads.append([f.name for f in files])
+        return real(model_file, files, *a, **k)
+
+    monkeypatch.setattr(onnx_model_module, "read_external_files", spy)
+    assert_predicts_with(load(root), W + second)
+    assert reads == [["w.bin"]]
+
+
+def test_external_data_through_a_symlink_inside_the_folder_loads(root: Path) -> None:
+    save(root, external_data_model("link.bin"))
+    (root / "iris/artifacts/weights.bin").write_bytes(W.tobytes())
+    os.symlink("weights.bin", root / "iris/artifacts/link.bin")
+    assert_predicts_with(load(root), W)
+
+
+def test_external_data_turned_into_a_symlink_after_its_check_is_refused(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The location was checked with the file in place; a symlink out of the folder planted
+    between that check and the read is not followed."""
+    save_external(root)
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes((W * 100).tobytes())
+    data = root / "iris/artifacts/weights.bin"
+    real = external_data.external_files
+
+    def then_plant(*args: Any, **kwargs: Any) -> list[external_data.ExternalFile] | None:
+        found = real(*args, **kwargs)
+        data.unlink()
+        os.symlink(outside, data)
+        return found
+
+    monkeypatch.setattr(onnx_model_module, "external_files", then_plant)
+    error = load_error(root, ModelLoadError)
+    assert "external data file 'weights.bin' cannot be opened" in str(error)
+    assert_no_paths(str(error), root)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_external_data_that_is_not_a_regular_file_is_refused(root: Path, kind: str) -> None:
+    save(root, external_data_model("weights.bin"))
+    target = root / "iris/artifacts/weights.bin"
+    if kind == "fifo":
+        os.mkfifo(target)  # opening it to read would wait for a writer
+    else:
+        target.mkdir()
+    error = load_error(root, ModelLoadError)
+    assert "external data file 'weights.bin' is not a regular file" in str(error)
+
+
+def test_without_onnx_a_pinned_model_with_external_data_is_refused(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the onnx package the references cannot be read, so a pinned model's external
+    data cannot be pinned: the model is loaded from its checked bytes where ONNX Runtime finds
+    no data file, not even in the working directory (where it looks for a model from bytes)."""
+    model_sha, _ = save_external(root)
+    monkeypatch.setattr(external_data, "_onnx", lambda: None)
+    monkeypatch.chdir(root / "iris/artifacts")
+    for level in ("disable", "all"):
+        error = load_error(root, ModelLoadError, sha256=model_sha, graph_optimization_level=level)
+        assert "needs the onnx package" in str(error)
+        assert_no_paths(str(error), root)
+
+
+def test_without_onnx_external_data_pins_cannot_be_checked(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, data_sha = save_external(root)
+    monkeypatch.setattr(external_data, "_onnx", lambda: None)
+    error = load_error(root, ModelLoadError, external_data_sha256={"weights.bin": data_sha})
+    assert f"{CONFIG_PATH}.external_data_sha256: checking external data needs the onnx" in (
+        str(error)
+    )
+
+
+def test_without_onnx_a_pinned_model_loads_the_bytes_it_checked(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    artifact = save(root, linear_model())
+    monkeypatch.setattr(external_data, "_onnx", lambda: None)
+    before_session(monkeypatch, lambda: artifact.write_bytes(int64_model().SerializeToString()))
+    model = load(root, sha256=sha256_of(artifact))
+    assert model.inputs == [TensorSpec("X", "FP32", (-1, 4))]  # the linear model, not int64
+
+
+def test_without_onnx_an_unpinned_model_with_external_data_loads_from_its_path(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    save_external(root)
+    monkeypatch.setattr(external_data, "_onnx", lambda: None)
+    assert_predicts_with(load(root), W)
+
+
+@pytest.mark.parametrize("pinned", [True, False], ids=["pinned", "unpinned"])
+def test_onnxruntime_without_in_memory_external_data(
+    root: Path, monkeypatch: pytest.MonkeyPatch, pinned: bool
+) -> None:
+    """An onnxruntime that cannot take external data from memory: a pinned model is refused
+    (its pinned data would be read again by path), an unpinned one loads from its path."""
+    model_sha, data_sha = save_external(root)
+    monkeypatch.delattr(
+        onnxruntime.SessionOptions, "add_external_initializers_from_files_in_memory"
+    )
+    if pinned:
+        error = load_error(
+            root, ModelLoadError, sha256=model_sha, external_data_sha256={"weights.bin": data_sha}
+        )
+        assert "cannot take external data from memory" in str(error)
+    else:
+        assert_predicts_with(load(root), W)
 
 
 # -- devices --------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -17,7 +18,13 @@ import numpy as np
 from infercore.artifacts import resolve_artifact, verify_sha256_bytes
 from infercore.components import ComponentContext, Model, Tensors, TensorSpec
 from infercore.errors import BackendError, InvalidInput, ModelLoadError, ModelNotReady
-from infercore_onnx.external_data import external_tensors
+from infercore_onnx.external_data import (
+    ExternalFile,
+    external_files,
+    read_external_files,
+    shown,
+    unpinned,
+)
 from infercore_onnx.feed import prepare_input
 from infercore_onnx.signature import tensor_specs
 
@@ -58,6 +65,12 @@ _LOAD_FAILURES = {
     "NotImplemented": "the model uses an operator or opset this onnxruntime does not support",
 }
 
+# Where ONNX Runtime looks for an external data file it was not handed when the model comes
+# from bytes (by default: the working directory): a path under which no file can exist.
+_NO_FOLDER = os.devnull
+_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
+_SHA256 = Annotated[str, msgspec.Meta(pattern="^[0-9a-fA-F]{64}$")]
+
 _ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*")
 
 
@@ -82,11 +95,11 @@ def _one_line(text: str) -> str:
 class OnnxModel(Model):
     """A model version served by ONNX Runtime (``loader: {kind: onnx, path: ...}``).
 
-    :meth:`start` resolves the artifact inside the model root, checks its pinned digest and its
-    external data, creates the ``InferenceSession`` in a worker thread and reads the signature
-    from it. :meth:`predict` runs a call that takes less than ``loop_max_ms`` on the event loop
-    and a longer one in a worker thread (``run_on``). ``onnxruntime`` is imported by
-    :meth:`start`, not with this module.
+    :meth:`start` resolves the artifact inside the model root, reads it and its external data
+    files once, checks their locations and pinned digests, creates the ``InferenceSession``
+    from those bytes in a worker thread and reads the signature from it. :meth:`predict` runs
+    a call that takes less than ``loop_max_ms`` on the event loop and a longer one in a worker
+    thread (``run_on``). ``onnxruntime`` is imported by :meth:`start`, not with this module.
 
     Attributes:
         providers: The execution providers the session ended up with, best first.
@@ -101,6 +114,11 @@ class OnnxModel(Model):
         Attributes:
             path: The ``.onnx`` file, relative to the model root.
             sha256: The file's expected hex SHA-256; checked before ONNX Runtime reads it.
+            external_data_sha256: The expected hex SHA-256 of each external data file, by its
+                path relative to the ``.onnx`` file's folder (as ``sha256sum`` prints it
+                there). When the model is pinned (this or ``sha256`` set), every external
+                data file must be listed; entries for files the model does not use are
+                ignored.
             intra_op_num_threads: Threads inside one operator; 0 lets ONNX Runtime choose.
             inter_op_num_threads: Threads across operators (parallel mode); 0 lets ONNX Runtime
                 choose.
@@ -121,7 +139,10 @@ class OnnxModel(Model):
         """
 
         path: Annotated[str, msgspec.Meta(min_length=1)]
-        sha256: Annotated[str, msgspec.Meta(pattern="^[0-9a-fA-F]{64}$")] | None = None
+        sha256: _SHA256 | None = None
+        external_data_sha256: dict[Annotated[str, msgspec.Meta(min_length=1)], _SHA256] = (
+            msgspec.field(default_factory=dict)
+        )
         intra_op_num_threads: Annotated[int, msgspec.Meta(ge=0)] = 1
         inter_op_num_threads: Annotated[int, msgspec.Meta(ge=0)] = 1
         execution_mode: Literal["sequential", "parallel"] = "sequential"
@@ -152,8 +173,8 @@ class OnnxModel(Model):
         Raises:
             ConfigError: ``path`` escapes the model root (``..`` or a symlink).
             ModelLoadError: The file is missing, fails its digest, is corrupt, has external data
-                outside its folder, has a non-tensor input or output, or CUDA was required and
-                is not usable.
+                outside its folder, unpinned while the model is pinned, or failing its digest,
+                has a non-tensor input or output, or CUDA was required and is not usable.
         """
         loaded = await asyncio.to_thread(self._load)
         # Assigned only once everything succeeded, so a failed start leaves nothing half-loaded.
@@ -323,26 +344,44 @@ class OnnxModel(Model):
         )
         return options
 
-    def _create_session(self, ort: Any, source: bytes | Path, providers: list[str]) -> Any:
+    def _create_session(
+        self,
+        ort: Any,
+        source: bytes | Path,
+        providers: list[str],
+        external: dict[str, bytearray] | None = None,
+        files: list[ExternalFile] | None = None,
+        hint: str = "see the infercore.onnx log for onnxruntime's message",
+    ) -> Any:
         root = self.context.model_root.resolve()
+        options = self._session_options(ort)
+        if isinstance(source, bytes):
+            # ORT would look for a data file it was not handed (a tensor the check did not
+            # see, or any when the onnx package is missing) relative to the working directory.
+            options.add_session_config_entry(_FOLDER_KEY, _NO_FOLDER)
+            if external and files:
+                names = [key for f in files for key in f.keys]
+                buffers = [external[f.name] for f in files for _ in f.keys]
+                # ORT copies what it needs from the buffers while it creates the session; they
+                # must stay alive until then (the caller holds them), not after.
+                options.add_external_initializers_from_files_in_memory(
+                    names, buffers, [len(b) for b in buffers]
+                )
         model = source if isinstance(source, bytes) else str(source)
         try:
-            return ort.InferenceSession(
-                model, sess_options=self._session_options(ort), providers=providers
-            )
+            return ort.InferenceSession(model, sess_options=options, providers=providers)
         except Exception as exc:
             name = type(exc).__name__
             logger.warning(
                 "%s: onnxruntime could not load the model: %s: %s",
                 self.context.path,
                 name,
-                _one_line(_scrub(str(exc), root)),
+                _one_line(_scrub(str(exc), root).replace(_NO_FOLDER, "<none>")),
             )
             what = _LOAD_FAILURES.get(name, f"onnxruntime failed to load it ({name})")
             # `from None`: ORT's message (with the absolute path) must not ride along.
             raise ModelLoadError(
-                f"{self.context.path}.path: cannot load the ONNX model: {what}",
-                hint="see the infercore.onnx log for onnxruntime's message",
+                f"{self.context.path}.path: cannot load the ONNX model: {what}", hint=hint
             ) from None
 
     def _check_providers(self, requested: list[str], actual: list[str]) -> None:
@@ -361,6 +400,55 @@ class OnnxModel(Model):
             self.context.path,
         )
 
+    def _pinned(self) -> bool:
+        return self.config.sha256 is not None or bool(self.config.external_data_sha256)
+
+    def _read_external(
+        self, ort: Any, artifact: Path, files: list[ExternalFile] | None
+    ) -> dict[str, bytearray] | None:
+        """The external data files' bytes, checked; ``None`` when they are not read here.
+
+        A pinned model (``sha256`` or ``external_data_sha256`` set) must pin each of its
+        external data files: the tensors are most of a model, and a pin on the ``.onnx``
+        alone would let its weights be swapped unnoticed while the operator believes the
+        model pinned. An unpinned model loads its external data unchecked, as it loads its
+        ``.onnx``: pinning is the operator's choice (RELIABILITY S2 requires it only for
+        formats that run code, which ONNX is not).
+        """
+        path = self.context.path
+        pins = self.config.external_data_sha256
+        if files is None:
+            if pins:
+                raise ModelLoadError(
+                    f"{path}.external_data_sha256: checking external data needs the onnx "
+                    "package to read the model's references, and it is not installed",
+                    hint="pip install onnx next to the server",
+                )
+            return None
+        if not files:
+            return None
+        if self._pinned():
+            missing = unpinned(files, pins)
+            if missing:
+                names = ", ".join(shown(name) for name in missing[:3])
+                more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+                raise ModelLoadError(
+                    f"{path}.external_data_sha256: external data file {names}{more} is not "
+                    "pinned while the model is (sha256 or external_data_sha256 set); nothing "
+                    "was loaded",
+                    hint="add each file's sha256 (`sha256sum` in the .onnx file's folder) "
+                    "under external_data_sha256, keyed by its name there",
+                )
+        if not hasattr(ort.SessionOptions, "add_external_initializers_from_files_in_memory"):
+            if self._pinned():
+                raise ModelLoadError(
+                    f"{path}: this onnxruntime cannot take external data from memory, so its "
+                    "pinned external data cannot be checked and then loaded",
+                    hint="upgrade onnxruntime",
+                )
+            return None
+        return read_external_files(artifact, files, pins, config_path=path)
+
     def _load(self) -> _Loaded:
         path = self.context.path
         ort = self._import_ort()
@@ -376,14 +464,29 @@ class OnnxModel(Model):
         data = artifact.read_bytes()
         if self.config.sha256 is not None:
             verify_sha256_bytes(data, self.config.sha256, config_path=f"{path}.sha256")
-        external = external_tensors(artifact, config_path=f"{path}.path", data=data)
-        # ONNX Runtime loads the bytes whose digest and external-data locations were checked:
-        # a file swapped after the checks cannot slip in. A model with external data (or one
-        # nothing could parse, without the onnx package) is loaded from its path, where ONNX
-        # Runtime finds the data files beside it.
-        source: bytes | Path = data if external == 0 else artifact
+        files = external_files(artifact, config_path=f"{path}.path", data=data)
+        # ONNX Runtime loads the bytes whose digests and external-data locations were checked,
+        # the model's and its external data's, each file read once: a file swapped after the
+        # checks cannot slip in. Only an unpinned model that nothing could parse (without the
+        # onnx package) is loaded from its path, where ONNX Runtime finds its data files.
+        source: bytes | Path = data
+        external = self._read_external(ort, artifact, files)
+        hint = "see the infercore.onnx log for onnxruntime's message"
+        if files is None:
+            if not self._pinned():
+                source = artifact
+            else:
+                # From bytes, ORT finds no data file: a model with external data fails, since
+                # its weights' digests cannot be checked without reading its references.
+                hint = (
+                    "if the model has external data: a pinned model's external data must be "
+                    "pinned too, which needs the onnx package (pip install onnx); otherwise " + hint
+                )
+        elif files and external is None:
+            source = artifact  # an onnxruntime that cannot take them from memory; unpinned
         del data
-        session = self._create_session(ort, source, providers)
+        session = self._create_session(ort, source, providers, external, files, hint)
+        del external  # ORT copied what it needed while it created the session
         inputs = tensor_specs(session.get_inputs(), role="input", config_path=path)
         outputs = tensor_specs(session.get_outputs(), role="output", config_path=path)
         actual = list(session.get_providers())
