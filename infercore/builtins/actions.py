@@ -118,10 +118,19 @@ class WebhookAction(Action):
         super().__init__(config, context)
         path = context.path
         parsed = urllib.parse.urlsplit(config.url)
+        # Neither message shows the URL: a webhook's URL may be its secret (a token in its
+        # path or query), and this line reaches the logs (RELIABILITY S6).
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            scheme = f"scheme {parsed.scheme!r}" if parsed.scheme else "no scheme"
             raise ConfigError(
-                f"{path}.url: {config.url!r} is not an http(s) URL with a host",
+                f"{path}.url: not an http(s) URL with a host ({scheme})",
                 hint="e.g. https://hooks.example.com/drift",
+            )
+        if any(c.isspace() or not c.isprintable() for c in config.url):
+            # http.client would refuse it at every event, quoting the path and query.
+            raise ConfigError(
+                f"{path}.url: whitespace or a control character in the URL",
+                hint="percent-encode it (a space is %20)",
             )
         if parsed.username is not None or parsed.password is not None:
             raise ConfigError(

@@ -488,6 +488,58 @@ _ARG_WITH_VALUE = re.compile(r"(?P<name>[-+~]{0,2}[A-Za-z_][\w.\-]*)=(?P<value>.
 #: An option whose value is the next argument: ``--password …``.
 _ARG_OPTION = re.compile(r"--(?P<name>[A-Za-z][\w.\-]*)")
 
+#: Tokens whose prefix names them, masked wherever they stand in a string, in a URL or not (a
+#: GitHub token in a command's argv, an OpenAI key in a description). The prefix stays visible:
+#: it says which token to rotate. The prefix must start a word and the body be as long as its
+#: issuer makes it, in its alphabet, with two of lowercase, uppercase and digits
+#: (:func:`_mixed`), so that words do not match: ``sk-learn-compatible-models``,
+#: ``xoxb-your-token-here``, ``task-1234…``.
+_PREFIXED_TOKENS = tuple(
+    re.compile(rf"(?<![A-Za-z0-9])(?P<prefix>{prefix})(?P<body>{body})(?![A-Za-z0-9])")
+    for prefix, body in (
+        (r"gh[pousr]_", r"[A-Za-z0-9]{36,}"),  # GitHub
+        (r"github_pat_", r"[A-Za-z0-9_]{22,}"),  # GitHub, fine-grained
+        (r"glpat-", r"[A-Za-z0-9_\-]{20,}"),  # GitLab
+        (r"xox[abeoprs]-|xapp-", r"[A-Za-z0-9\-]{10,}"),  # Slack
+        (r"sk-", r"[A-Za-z0-9_\-]{20,}"),  # OpenAI, Anthropic, DeepSeek …
+        (r"[rs]k_(?:live|test)_", r"[A-Za-z0-9]{16,}"),  # Stripe
+        (r"hf_", r"[A-Za-z0-9]{30,}"),  # Hugging Face
+        (r"npm_", r"[A-Za-z0-9]{36,}"),  # npm
+        (r"AIza", r"[A-Za-z0-9_\-]{35}"),  # Google API key (Google Chat's ?key=)
+        (r"A[KS]IA", r"[A-Z0-9]{16}"),  # AWS access key id
+        (r"eyJ", r"[\w\-]{8,}\.eyJ[\w\-]{8,}\.[\w\-]{8,}"),  # a JWT (a bearer token)
+    )
+)
+_PRIVATE_KEY = re.compile(
+    r"(?P<begin>-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----)(?P<body>.+?)(?=-----END|\Z)", re.S
+)
+#: Hosts of webhooks whose path holds the secret, each with where it sits (see
+#: :func:`_known_secret_segments`). Their IDs (Slack's team and channel, Discord's webhook
+#: id, Teams' group and tenant) stay visible: they help to recognise the URL and grant nothing.
+_SLACK_HOSTS = frozenset({"hooks.slack.com", "hooks.slack-gov.com"})
+_DISCORD_HOSTS = frozenset(
+    f"{sub}{domain}"
+    for sub in ("", "canary.", "ptb.")
+    for domain in ("discord.com", "discordapp.com")
+)
+_TEAMS_HOSTS = (".webhook.office.com", "outlook.office.com", "outlook.office365.com")
+#: Hosts whose paths hold only IDs and whose secret is a query parameter (Power Automate and
+#: Logic Apps, as Teams workflows use them: ``…/workflows/<32 hex>/triggers/…?sig=…``):
+#: their paths are not searched for random-looking segments.
+_SIGNED_QUERY_HOSTS = (".logic.azure.com", ".api.powerplatform.com")
+#: Schemes whose URLs are requested, and so may be capability URLs (whoever knows the URL may
+#: POST to it): only their paths are searched for random-looking segments. Object stores and
+#: databases (``s3://bucket/0/<run id>/model.onnx``, ``redis://host/0``) carry credentials in
+#: the userinfo or the query, masked anyway; their paths name things.
+_REQUESTED_SCHEMES = frozenset({"http", "https", "ws", "wss"})
+#: A path segment that may be a random token: token characters only (base64url, hex), so a
+#: file name (``model.onnx``), a version (``1.2.3``), a digest with its algorithm
+#: (``sha256:…``) or an interpolation never is.
+_TOKEN_SEGMENT = re.compile(r"[A-Za-z0-9_\-]{20,}")
+#: Trailing characters of a URL found in text that are not part of it: punctuation, and the
+#: ``}`` of an interpolation whose default is the URL (``${oc.env:HOOK,https://…}``).
+_URL_TAIL = re.compile(r"[.,;:!?)\]}'\"]+$")
+
 
 def _secret_key(key: str) -> bool:
     """Whether a key (a config key, a header, an environment variable, a URL parameter or an
@@ -509,16 +561,82 @@ def _literal(value: str, references: bool) -> bool:
     return bool(value) and not (references and "${" in value)
 
 
-def _redact_text(text: str, references: bool) -> str:
-    """``text`` with the credentials of every URL in it masked: userinfo
-    (``redis://:pw@host``) and secret query parameters (``?access_token=…``, ``&sig=…``)."""
-    if "://" not in text:
-        return text
+def _mixed(text: str) -> bool:
+    """Whether ``text`` mixes two of lowercase letters, uppercase letters and digits."""
+    classes = (str.islower, str.isupper, str.isdigit)
+    return sum(any(test(c) for c in text) for test in classes) >= 2
 
-    def creds(m: re.Match[str]) -> str:
-        if not _literal(m.group("creds"), references):
-            return m.group()
-        return f"{m.group('scheme')}***@"
+
+def _random_segment(segment: str) -> bool:
+    """Whether a URL path segment looks like a random token (a generic webhook's secret,
+    ``/hook/3f9a0c…``, a Mattermost hook id): 20 or more token characters
+    (:data:`_TOKEN_SEGMENT`) holding a run of 16 or more letters and digits, both, without a
+    separator.
+
+    Names are made of words: ``distilbert-base-uncased-finetuned-sst-2-english`` has no such
+    run, and neither has a UUID (runs of at most 12), which in a path names a resource (a run,
+    a subscription) far more often than it grants anything; a webhook whose secret is a UUID
+    is known by its host (:func:`_known_secret_segments`). What cannot be told from a token is
+    masked as one: a commit id or a digest in hex without its algorithm (``secrets.token_hex``
+    makes the same).
+    """
+    if not _TOKEN_SEGMENT.fullmatch(segment):
+        return False
+    run = max(re.split(r"[_\-]", segment), key=len)
+    return len(run) >= 16 and any(c.isdigit() for c in run) and any(c.isalpha() for c in run)
+
+
+def _known_secret_segments(host: str, segments: list[str]) -> set[int]:
+    """Indexes of the ``segments`` of a URL path (``segments[0]`` is empty: the path starts
+    with ``/``) that hold a known webhook's secret."""
+    found: set[int] = set()
+    filled = [i for i, s in enumerate(segments) if s]
+    if host in _SLACK_HOSTS and len(filled) >= 4:
+        # /services/T…/B…/<secret>, /workflows/T…/A…/<id>/<secret>, /triggers/T…/<id>/<secret>
+        found.add(filled[-1])
+    elif host in _DISCORD_HOSTS:
+        # /api[/v10]/webhooks/<id>/<token>[/slack|/github]
+        found.update(i + 2 for i, s in enumerate(segments) if s == "webhooks")
+    elif host.endswith(_TEAMS_HOSTS):
+        # /webhookb2/<group>@<tenant>/IncomingWebhook/<32 hex>/<owner>[/<V2 key>]
+        if "IncomingWebhook" in segments:
+            found.update(range(segments.index("IncomingWebhook") + 1, len(segments)))
+    elif host == "api.telegram.org":
+        # /bot<id>:<token>/sendMessage
+        found.update(i for i, s in enumerate(segments) if re.fullmatch(r"bot\d+:.+", s))
+    return {i for i in found if i < len(segments) and segments[i]}
+
+
+def _redact_url_path(url: str, references: bool) -> str:
+    """``url`` with the secrets in its path masked, each segment as ``***``: a known
+    webhook's secret (:func:`_known_secret_segments`) and, in a URL that is requested, any
+    segment that looks random (:func:`_random_segment`). Scheme, host, query and the other
+    segments stay, so that the URL can still be recognised."""
+    scheme, sep, rest = url.partition("://")
+    cut = min((i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0), default=-1)
+    if not sep or cut < 0 or rest[cut] != "/":
+        return url
+    authority, path = rest[:cut], rest[cut:]
+    end = min((i for i in (path.find("?"), path.find("#")) if i >= 0), default=len(path))
+    path, after = path[:end], path[end:]
+    host = authority.rpartition("@")[2].lower()
+    host = host.rpartition(":")[0] if re.search(r":\d*$", host) else host
+    segments = path.split("/")
+    masked = _known_secret_segments(host, segments)
+    if scheme.lower() in _REQUESTED_SCHEMES and not host.endswith(_SIGNED_QUERY_HOSTS):
+        masked.update(i for i, s in enumerate(segments) if _random_segment(s))
+    masked = {i for i in masked if _literal(segments[i], references)}
+    if not masked:
+        return url
+    path = "/".join("***" if i in masked else s for i, s in enumerate(segments))
+    return f"{scheme}://{authority}{path}{after}"
+
+
+def _redact_url(url: str, references: bool) -> str:
+    """One URL found in text with its path's secrets and its secret query parameters masked
+    (punctuation after it, or an interpolation's closing ``}``, is kept out of it)."""
+    tail = _URL_TAIL.search(url)
+    url, tail_text = (url[: tail.start()], tail.group()) if tail else (url, "")
 
     def param(m: re.Match[str]) -> str:
         name, value = m.group("name"), m.group("value")
@@ -526,8 +644,36 @@ def _redact_text(text: str, references: bool) -> str:
             return m.group()
         return f"{m.group('sep')}{name}=***"
 
-    text = _URL_CREDS.sub(creds, text)
-    return _URL.sub(lambda m: _URL_PARAM.sub(param, m.group()), text)
+    return _URL_PARAM.sub(param, _redact_url_path(url, references)) + tail_text
+
+
+def _redact_tokens(text: str) -> str:
+    """``text`` with every token that its prefix names (:data:`_PREFIXED_TOKENS`) and every
+    private key in PEM masked."""
+
+    def token(m: re.Match[str]) -> str:
+        return f"{m.group('prefix')}***" if _mixed(m.group("body")) else m.group()
+
+    for pattern in _PREFIXED_TOKENS:
+        text = pattern.sub(token, text)
+    return _PRIVATE_KEY.sub(lambda m: f"{m.group('begin')}***", text)
+
+
+def _redact_text(text: str, references: bool) -> str:
+    """``text`` with the credentials of every URL in it masked: userinfo
+    (``redis://:pw@host``), secret query parameters (``?access_token=…``, ``&sig=…``) and
+    secrets in the path (``https://hooks.slack.com/services/T…/B…/***``); and every token its
+    prefix names (``ghp_…``, ``xoxb-…``, ``sk-…``, ``AKIA…``), URL or not."""
+    if "://" in text:
+
+        def creds(m: re.Match[str]) -> str:
+            if not _literal(m.group("creds"), references):
+                return m.group()
+            return f"{m.group('scheme')}***@"
+
+        text = _URL_CREDS.sub(creds, text)
+        text = _URL.sub(lambda m: _redact_url(m.group(), references), text)
+    return _redact_tokens(text)
 
 
 def _redact_args(items: list[Any], references: bool) -> list[Any]:
@@ -560,8 +706,9 @@ def redact(value: Any, key: str = "", *, references: bool = False) -> Any:
 
     A value is secret when its key names one (``token``, ``password``, ``api_key``,
     ``DB_PASS``, ``X-Signing-Key`` …: :func:`_secret_key`); the credentials in a URL
-    (``redis://:pw@host``, ``?access_token=…``) and the values of secret options in an
-    argument list (``--password=…``) are masked wherever they appear. With ``references``
+    (``redis://:pw@host``, ``?access_token=…``, a webhook's token in its path), tokens that
+    their prefix names (``ghp_…``, ``sk-…``) and the values of secret options in an argument
+    list (``--password=…``) are masked wherever they appear. With ``references``
     (unresolved data), a ``${…}`` interpolation is left as it is: it is no secret itself.
     """
     secret = bool(key) and _secret_key(key)
@@ -585,23 +732,37 @@ def redact(value: Any, key: str = "", *, references: bool = False) -> Any:
     return value
 
 
+def _leaves(data: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+    """Every leaf of nested dicts and lists with its config path (``a.b[0].c``)."""
+    if isinstance(data, dict):
+        for k, v in data.items():
+            yield from _leaves(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            yield from _leaves(v, f"{path}[{i}]")
+    else:
+        yield path, data
+
+
 def secret_paths(data: Any, path: str = "") -> list[str]:
     """Config paths (``a.b[0].c``) of the secrets written literally in ``data``: what
     :func:`redact` masks, ``${…}`` interpolations aside."""
-    found: list[str] = []
+    pairs = zip(_leaves(data, path), _leaves(redact(data, references=True), path), strict=True)
+    return [where for (where, given), (_, masked) in pairs if given != masked]
 
-    def walk(given: Any, masked: Any, where: str) -> None:
-        if isinstance(given, dict):
-            for k, v in given.items():
-                walk(v, masked[k], f"{where}.{k}" if where else str(k))
-        elif isinstance(given, list):
-            for i, (v, m) in enumerate(zip(given, masked, strict=True)):
-                walk(v, m, f"{where}[{i}]")
-        elif given != masked:
-            found.append(where)
 
-    walk(data, redact(data, references=True), path)
-    return found
+def _secret_in_url_path(value: Any) -> bool:
+    if not isinstance(value, str) or "://" not in value:
+        return False
+    urls = (_URL_TAIL.sub("", m.group()) for m in _URL.finditer(value))
+    return any(_redact_url_path(url, references=True) != url for url in urls)
+
+
+def secret_url_paths(data: Any, path: str = "") -> list[str]:
+    """Those of :func:`secret_paths` whose value has a URL with a secret written literally in
+    its path (a Slack or Discord webhook): the fix is to read the whole URL from the
+    environment, ``url: ${oc.env:HOOK_URL}``."""
+    return [where for where, value in _leaves(data, path) if _secret_in_url_path(value)]
 
 
 def to_yaml(data: dict[str, Any]) -> str:

@@ -18,6 +18,7 @@ from infercore.config.compose import (
     default_conf_dir,
     default_recipes_dir,
     hydra_composed,
+    secret_url_paths,
 )
 from infercore.errors import ConfigError
 
@@ -141,8 +142,10 @@ def render_recipe(
 def check_secret_literals(data: Any, path: str = "") -> list[str]:
     """Config paths whose value is a literal secret, not ``${oc.env:…}``: a key that names a
     secret (``token``, ``password``, ``DB_PASS``, ``X-Signing-Key`` …), a URL's credentials
-    (``redis://:pw@host``, ``?access_token=…``) or a secret option in an argument list
-    (``--password=…``): what ``infercore config show`` redacts."""
+    (``redis://:pw@host``, ``?access_token=…``, a webhook's token in its path:
+    ``https://hooks.slack.com/services/T…/B…/…``), a token its prefix names (``ghp_…``,
+    ``sk-…``) or a secret option in an argument list (``--password=…``): what
+    ``infercore config show`` redacts."""
     from infercore.config.compose import secret_paths
 
     return secret_paths(data, path)
@@ -161,8 +164,14 @@ def compose_for_deploy(overrides: list[str]) -> tuple[Composed, dict[str, Any]]:
     if literals:
         # All of them at once: fixing one at a time would take as many runs.
         more = f" (also {', '.join(literals[1:])})" if len(literals) > 1 else ""
+        hint = "read it from the environment: ${oc.env:VAR} (the pod gets VAR from a Secret)"
+        in_urls = secret_url_paths(data)
+        if in_urls:
+            # A webhook's URL is its secret: it moves to the Secret whole.
+            hint += "; a URL with a token in its path goes there whole: url: ${oc.env:WEBHOOK_URL}"
+        what = "a URL with a token in its path" if literals[0] in in_urls else "a secret"
         raise ConfigError(
-            f"{literals[0]}: a secret written literally would end up in the ConfigMap{more}",
-            hint="read it from the environment: ${oc.env:VAR} (the pod gets VAR from a Secret)",
+            f"{literals[0]}: {what} written literally would end up in the ConfigMap{more}",
+            hint=hint,
         )
     return composed, data

@@ -1,13 +1,34 @@
-"""Secrets in config are found by the words of their keys, in URLs and in argument lists:
-``infercore config show`` redacts them and ``infercore deploy k8s`` refuses them as literals
-(they would end up in a ConfigMap). Keys that are not secrets stay visible."""
+"""Secrets in config are found by the words of their keys, in URLs (credentials, query and
+path) and in argument lists, and by the prefixes of well-known tokens: ``infercore config
+show`` redacts them and ``infercore deploy k8s`` refuses them as literals (they would end up in
+a ConfigMap). Keys, names, paths and digests that are not secrets stay visible."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
-from infercore.config.compose import _secret_key, redact, secret_paths
-from infercore.deploy.recipe import check_secret_literals
+from infercore.cli import run
+from infercore.components import ComponentContext
+from infercore.config.compose import (
+    _secret_key,
+    compose,
+    redact,
+    secret_paths,
+    secret_url_paths,
+)
+from infercore.deploy import k8s
+from infercore.deploy.recipe import check_secret_literals, compose_unresolved
+from infercore.errors import ConfigError
+from infercore.plugin_manager import make_plugin_manager
+from infercore.registry import Registry
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPES = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
+ENVS = sorted(p.stem for p in (REPO / "conf" / "env").glob("*.yaml"))
+DEPLOYS = sorted(p.stem for p in (REPO / "conf" / "deploy").glob("*.yaml"))
 
 
 @pytest.mark.parametrize(
@@ -210,3 +231,203 @@ def test_a_secret_in_an_interpolation_default_is_a_literal() -> None:
     # The default is written into the ConfigMap as it is.
     data = {"redis_url": "${oc.env:INFERCORE_REDIS_URL,redis://:hunter2@redis:6379}"}
     assert check_secret_literals(data) == ["redis_url"]
+
+
+# --- secrets in a URL's path and tokens named by their prefix ---
+
+SLACK = "https://hooks.slack.com/services/T0000/B0000/XXXXXXXXXXXXXXXXXXXXXXXX"
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        # Known webhooks: their secret segment, wherever the host puts it; the IDs stay.
+        (SLACK, "https://hooks.slack.com/services/T0000/B0000/***"),
+        (
+            "https://hooks.slack.com/workflows/T01/A02/4567/Zx9Yw8Vu",
+            "https://hooks.slack.com/workflows/T01/A02/4567/***",
+        ),
+        (
+            "https://discord.com/api/webhooks/123456789012345678/abcDEF_gh-IJ.kl",
+            "https://discord.com/api/webhooks/123456789012345678/***",
+        ),
+        (
+            "https://discordapp.com/api/v10/webhooks/1234/Tok3n/slack",
+            "https://discordapp.com/api/v10/webhooks/1234/***/slack",
+        ),
+        (
+            "https://acme.webhook.office.com/webhookb2/1111-22@3333-44/IncomingWebhook/"
+            "0123456789abcdef0123456789abcdef/aaaa-bbbb/V2kEy",
+            "https://acme.webhook.office.com/webhookb2/1111-22@3333-44/IncomingWebhook/***/***/***",
+        ),
+        (
+            "https://api.telegram.org/bot123456:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw/sendMessage",
+            "https://api.telegram.org/***/sendMessage",
+        ),
+        # Google Chat and Teams workflows (Power Automate) carry theirs in the query.
+        (
+            "https://chat.googleapis.com/v1/spaces/AAAAb1c/messages?key=k3y&token=t0k",
+            "https://chat.googleapis.com/v1/spaces/AAAAb1c/messages?key=***&token=***",
+        ),
+        (
+            "https://prod-12.westeurope.logic.azure.com:443/workflows/"
+            "0123456789abcdef0123456789abcdef/triggers/manual/paths/invoke"
+            "?api-version=2016-06-01&sp=%2Ftriggers%2Fmanual%2Frun&sv=1.0&sig=S1gNaTuRe",
+            "https://prod-12.westeurope.logic.azure.com:443/workflows/"
+            "0123456789abcdef0123456789abcdef/triggers/manual/paths/invoke"
+            "?api-version=2016-06-01&sp=%2Ftriggers%2Fmanual%2Frun&sv=1.0&sig=***",
+        ),
+        # Any host: a segment that looks random (hex, base62, Mattermost's lowercase ids).
+        (
+            "https://example.com/hook/3f9a0c7d2b1e4f6a8c9d0e1f2a3b4c5d?team=ml",
+            "https://example.com/hook/***?team=ml",
+        ),
+        (
+            "https://mm.example.com/hooks/xi5sa8ifm3gjfrakxu6t8hu7ah",
+            "https://mm.example.com/hooks/***",
+        ),
+        (
+            "http://alerts.internal:8080/in/Zk3_vQ9xLmP2rT8wYb4nH6jD/drift",
+            "http://alerts.internal:8080/in/***/drift",
+        ),
+        # In text, and as an interpolation's default (written into the ConfigMap as it is).
+        (
+            f"curl -X POST {SLACK}.",
+            "curl -X POST https://hooks.slack.com/services/T0000/B0000/***.",
+        ),
+        (
+            f"${{oc.env:HOOK_URL,{SLACK}}}",
+            "${oc.env:HOOK_URL,https://hooks.slack.com/services/T0000/B0000/***}",
+        ),
+        # Tokens that their prefix names, in a URL or not; the prefix stays.
+        ("token ghp_abcdefghijklmnopqrstuvwxyz0123456789 here", "token ghp_*** here"),
+        ("github_pat_11ABCDEFG0abcdefghijkl_mnopqrstuvwxyz0123456789AB", "github_pat_***"),
+        ("xoxb-1234567890-1234567890123-AbCdEfGhIjKlMnOpQrStUvWx", "xoxb-***"),
+        ("Bearer sk-proj-abcDEF1234567890abcdefghij", "Bearer sk-***"),
+        ("--api=sk-ant-api03-AbCdEf0123456789XyZ", "--api=sk-***"),
+        ("sk_live_4eC39HqLyjWDarjtT1zdp7dc", "sk_live_***"),
+        ("glpat-AbCdEf0123456789xYzW", "glpat-***"),
+        ("hf_AbCdEfGhIjKlMnOpQrStUvWxYzAbCdEfGh", "hf_***"),
+        ("aws AKIAIOSFODNN7EXAMPLE,", "aws AKIA***,"),
+        ("https://h/x?q=AIzaSyDdI0hCZtE6vySjMm-WEfRq3CPzqKqqsHI", "https://h/x?q=AIza***"),
+        ("eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0In0.dozjgNryP4J3jVmNHl0w5N", "eyJ***"),
+        (
+            "-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAK\n-----END RSA PRIVATE KEY-----",
+            "-----BEGIN RSA PRIVATE KEY-----***-----END RSA PRIVATE KEY-----",
+        ),
+    ],
+)
+def test_redact_masks_secrets_in_url_paths_and_prefixed_tokens(value: str, shown: str) -> None:
+    assert redact({"value": value}) == {"value": shown}
+    assert secret_paths({"value": value}) == ["value"]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        # Model artifacts, names and versions: words, separators, file names.
+        "https://models.example.com/fraud/1/model.onnx",
+        "https://huggingface.co/distilbert/distilbert-base-uncased-finetuned-sst-2-english/"
+        "resolve/main/model.onnx",
+        "https://example.com/models/fraud-detector-v2.3.1/onnx/model_quantized_int8.onnx",
+        "http://127.0.0.1:9000/drift",
+        "https://ml-alerts.internal/api/v1/dags/retrain_fraud_model_2024_01/dagRuns",
+        # Digests with their algorithm, and a UUID (a resource's id).
+        "https://registry.example.com/v2/acme/model/blobs/"
+        "sha256:a68d6411f907308fa10f1ca217b1fd53bec939c25b3fb02f2faec90f5be92af4",
+        "https://example.com/runs/123e4567-e89b-12d3-a456-426614174000/model",
+        # Object stores name things in their paths (an MLflow run id).
+        "s3://mlflow/0/0123456789abcdef0123456789abcdef/artifacts/model.onnx",
+        # Known hosts: the IDs alone, not a secret.
+        "https://hooks.slack.com/services/T0000/B0000",
+        "https://discord.com/api/webhooks",
+        # Not URLs: a digest, an image tag, a path.
+        "a68d6411f907308fa10f1ca217b1fd53bec939c25b3fb02f2faec90f5be92af4",
+        "ghcr.io/acme/infercore:1.0",
+        "fraud/artifacts/v1/model.onnx",
+        # Words after a token's prefix, or a prefix inside a word.
+        "sk-learn-compatible-model-format",
+        "xoxb-your-token-here",
+        "task-0123456789abcdefghijklmnop",
+        "ghp_short",
+        "AKIAEXAMPLE",
+        "hf_transformers_model_cache_directory",
+        "-----BEGIN PUBLIC KEY-----\nMIIBIjANBgkq\n-----END PUBLIC KEY-----",
+    ],
+)
+def test_redact_leaves_urls_names_and_digests_that_are_no_secrets(value: str) -> None:
+    assert redact({"value": value}) == {"value": value}
+    assert secret_paths({"value": value}) == []
+
+
+def test_a_secret_in_a_url_path_read_from_the_environment_is_no_literal() -> None:
+    data = {
+        "url": "https://hooks.slack.com/services/T0000/B0000/${oc.env:SLACK_HOOK_TOKEN}",
+        "whole": "${oc.env:SLACK_HOOK_URL}",
+    }
+    assert secret_paths(data) == []
+    assert secret_url_paths(data) == []
+
+
+def test_the_literal_check_names_webhook_urls_as_urls() -> None:
+    data = {"actions": [{"kind": "webhook", "url": SLACK, "headers": {"X-Api-Key": "k"}}]}
+    assert check_secret_literals(data) == ["actions[0].url", "actions[0].headers.X-Api-Key"]
+    assert secret_url_paths(data) == ["actions[0].url"]
+
+
+SECRET = "Zk3vQ9xLmP2rT8wYb4nH6jDa"
+
+
+def _webhook(url: str) -> str:
+    host = url.split("/")[2]
+    return f"models.fraud.drift.actions=[{{kind: webhook, url: '{url}', allow_hosts: [{host}]}}]"
+
+
+def test_config_show_redacts_a_webhook_url_path(capsys: pytest.CaptureFixture[str]) -> None:
+    hook = f"https://hooks.slack.com/services/T0000/B0000/{SECRET}"
+    assert run(["config", "show", "+recipe=fraud", _webhook(hook)]) == 0
+    out = capsys.readouterr().out
+    assert SECRET not in out
+    assert "url: https://hooks.slack.com/services/T0000/B0000/***" in out
+    assert "sha256: a68d6411f907308fa10f1ca217b1fd53bec939c25b3fb02f2faec90f5be92af4" in out
+
+
+def test_deploy_k8s_refuses_a_webhook_url_with_its_token_in_the_path() -> None:
+    hook = f"https://discord.com/api/webhooks/1234567890/{SECRET}"
+    with pytest.raises(ConfigError) as err:
+        k8s.render(["+recipe=fraud", "env=prod", _webhook(hook)], k8s.Options())
+    path = "models.fraud.drift.actions[0].url"
+    assert str(err.value).startswith(f"{path}: a URL with a token in its path written literally")
+    assert SECRET not in str(err.value)
+    assert "${oc.env:WEBHOOK_URL}" in (err.value.hint or "")
+
+
+@pytest.mark.parametrize("deploy", DEPLOYS)
+@pytest.mark.parametrize("env", ENVS)
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_the_shipped_configs_have_nothing_to_redact(recipe: str, env: str, deploy: str) -> None:
+    overrides = [f"+recipe={recipe}", f"env={env}", f"deploy={deploy}"]
+    data = compose(overrides).data
+    assert redact(data) == data
+    assert check_secret_literals(compose_unresolved(overrides)) == []
+
+
+# --- a webhook's URL stays out of its error messages (they reach the logs) ---
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        (f"hooks.slack.com/services/T0000/B0000/{SECRET}", "not an http(s) URL with a host"),
+        (f"htps://hooks.slack.com/services/T0000/B0000/{SECRET}", "scheme 'htps'"),
+        # http.client would refuse it at every event, quoting the path into the error log.
+        (f"https://hooks.slack.com/services/T0000/B0000/{SECRET} ", "whitespace"),
+        (f"https://hooks.slack.com/x?token={SECRET}\t1", "whitespace"),
+    ],
+)
+def test_a_webhook_config_error_does_not_show_its_url(url: str, message: str) -> None:
+    pm, _ = make_plugin_manager()
+    node = {"kind": "webhook", "url": url, "allow_hosts": ["hooks.slack.com"]}
+    with pytest.raises(ConfigError, match=re.escape(message)) as err:
+        Registry(pm).build("action", node, ComponentContext("drift.actions[0]", Path(".")))
+    assert SECRET not in str(err.value) and SECRET not in (err.value.hint or "")
