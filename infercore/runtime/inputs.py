@@ -22,6 +22,7 @@ def prepare_inputs(
     declared: Mapping[str, str] | None,
     max_rows: int,
     request_fields: Callable[[Sequence[str]], Sequence[str]] | None = None,
+    same_rows: bool = True,
 ) -> Tensors:
     """Match tensors to the model's inputs by name, datatype and shape.
 
@@ -35,6 +36,11 @@ def prepare_inputs(
         request_fields: The names a request may carry, given the model's input names (the
             feature source's :meth:`~infercore.components.FeatureSource.request_fields`):
             the hint of a missing or unknown input lists them. Called only then.
+        same_rows: Whether every batched input must have the same first dimension: the
+            model stacks requests (:attr:`~infercore.components.Model.batchable`). A model
+            that does not may relate its inputs' first dimensions otherwise (a torch.export
+            program's ``y: n + 1``) and checks that itself; the row limit then holds for the
+            longest.
 
     Raises:
         InvalidInput: A missing or unknown input, a wrong datatype or shape, mismatched row
@@ -73,6 +79,8 @@ def prepare_inputs(
             n = arr.shape[0]
             if rows is None:
                 rows = n
+            elif not same_rows:
+                rows = max(rows, n)
             elif n != rows:
                 raise InvalidInput(
                     f"input {spec.name!r} has {n} rows but other inputs have {rows}",

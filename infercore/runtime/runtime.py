@@ -632,6 +632,7 @@ class Runtime:
                 sv.input_names = frozenset(spec.name for spec in sv.model.inputs)
                 sv.route_only = served.router.key_fields - sv.input_names
                 sv.request_fields = served.features.request_fields
+                sv.batchable = sv.model.batchable
                 own = sv.outputs_config is not None
                 sv.outputs_plan = plan_outputs(
                     sv.outputs_config if own else served.config.outputs,
@@ -835,6 +836,7 @@ class Runtime:
             # Behind a feature source the client sends its fields, not the model's inputs:
             # the hint of a missing or unknown input names those.
             request_fields=sv.request_fields,
+            same_rows=sv.batchable,
         )
 
     def _record(self, sv: ServedVersion, elapsed: float, error: bool) -> None:

@@ -77,6 +77,9 @@ class ServedVersion:
     #: What a request may carry, for the hint of a refused input (the model's feature source's
     #: ``request_fields``), bound once it has loaded so the request path looks nothing up.
     request_fields: Callable[[Sequence[str]], Sequence[str]] | None = None
+    #: Its model's ``batchable``, bound once it has loaded: whether a request's batched inputs
+    #: must share their first dimension.
+    batchable: bool = True
     #: Its rollout stage and, for a canary, its share of routed traffic in percent.
     stage: str = CANDIDATE
     weight: float = 0.0

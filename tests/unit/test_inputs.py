@@ -102,6 +102,16 @@ def test_row_counts_must_agree_across_batched_inputs() -> None:
     assert "3" in message and "2" in message
 
 
+def test_a_model_that_does_not_stack_requests_may_take_other_row_counts() -> None:
+    """A model that is not batchable relates its first dimensions as it likes (a torch.export
+    program's ``y: n + 1``); the row limit then holds for the longest input."""
+    tensors = {"x": rows(2), "ids": np.array([1, 2, 3])}
+    out = prepare_inputs([X, IDS], tensors, declared=None, max_rows=3, same_rows=False)
+    assert out["ids"].shape == (3,) and out["x"].shape == (2, 3)
+    with pytest.raises(InvalidInput, match="3 rows; the limit is 2"):
+        prepare_inputs([X, IDS], tensors, declared=None, max_rows=2, same_rows=False)
+
+
 def test_unbatched_inputs_do_not_count_as_rows() -> None:
     out = prep([X, FIXED], {"x": rows(3), "table": np.zeros((2, 2), np.float32)})
     assert out["x"].shape[0] == 3

@@ -13,7 +13,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from torch_test_support import CONFIG_PATH, mlp, sha256  # noqa: E402
+from torch_test_support import CONFIG_PATH, loader, mlp, recorded, started  # noqa: E402
 
 import infercore_torch  # noqa: E402
 from infercore.components import ComponentContext  # noqa: E402
@@ -40,18 +40,6 @@ class ColumnSum(torch.nn.Module):
         return x.sum(dim=0)
 
 
-class Recorder:
-    """Stands in for the loaded module and records the rows of each call."""
-
-    def __init__(self, module: Any) -> None:
-        self.module = module
-        self.rows: list[int] = []
-
-    def __call__(self, *tensors: Any) -> Any:
-        self.rows.append(int(tensors[0].shape[0]))
-        return self.module(*tensors)
-
-
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("ranged-models")
@@ -72,29 +60,6 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )  # fmt: skip
     export("columns.pt2", ColumnSum(), (torch.randn(3, 4),), ({0: Dim("rows", min=2, max=4)},))
     return root
-
-
-def loader(root: Path, name: str, **options: Any) -> dict[str, Any]:
-    return {
-        "path": name,
-        "trusted": True,
-        "sha256": sha256(root / name),
-        "device": "cpu",
-        **options,
-    }
-
-
-def started(root: Path, name: str, **options: Any) -> TorchModel:
-    config = msgspec.convert(loader(root, name, **options), TorchModel.Config)
-    model = TorchModel(config, ComponentContext(path=CONFIG_PATH, model_root=root))
-    asyncio.run(model.start())
-    return model
-
-
-def recorded(model: TorchModel) -> Recorder:
-    recorder = Recorder(model._module)
-    model._module = recorder
-    return recorder
 
 
 def rows(n: int, seed: int = 0) -> np.ndarray:

@@ -3,6 +3,7 @@ conftest.py, so ``from conftest import`` would find whichever was imported last)
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,3 +39,46 @@ class Artifacts:
             "architecture_sha256": self.digest("mlp.pt2"),
             "trusted": True,
         }
+
+
+def loader(root: Path, name: str, **options: Any) -> dict[str, Any]:
+    """Loader options for the trusted, pinned exported program ``root / name``, on the CPU."""
+    return {
+        "path": name,
+        "trusted": True,
+        "sha256": sha256(root / name),
+        "device": "cpu",
+        **options,
+    }
+
+
+def started(root: Path, name: str, **options: Any) -> Any:
+    """A started :class:`~infercore_torch.TorchModel` of ``root / name`` (not warmed)."""
+    import msgspec
+
+    from infercore.components import ComponentContext
+    from infercore_torch import TorchModel
+
+    config = msgspec.convert(loader(root, name, **options), TorchModel.Config)
+    model = TorchModel(config, ComponentContext(path=CONFIG_PATH, model_root=root))
+    asyncio.run(model.start())
+    return model
+
+
+class Recorder:
+    """Stands in for the loaded module and records the rows of each call."""
+
+    def __init__(self, module: Any) -> None:
+        self.module = module
+        self.rows: list[int] = []
+
+    def __call__(self, *tensors: Any) -> Any:
+        self.rows.append(int(tensors[0].shape[0]))
+        return self.module(*tensors)
+
+
+def recorded(model: Any) -> Recorder:
+    """Put a :class:`Recorder` in front of a started model's module."""
+    recorder = Recorder(model._module)
+    model._module = recorder
+    return recorder

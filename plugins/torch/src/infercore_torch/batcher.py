@@ -131,10 +131,19 @@ class TorchGpuBatcher(DynamicBatcher):
         """
         model, cfg = self.torch_model, self.config
         if not model.batchable:
+            conflict = model.batch_conflict
             raise ConfigError(
                 f"{self.context.path}.kind: 'torch-gpu' needs a model whose every input and "
-                "output has a batch dimension (-1 first)",
-                hint="declare the shapes with -1 first, or use `kind: none`",
+                "output has a batch dimension (-1 first)"
+                + (
+                    f"; this one's first dimension is no batch dimension: {conflict}"
+                    if conflict
+                    else ""
+                ),
+                hint="declare the shapes with -1 first, or use `kind: none`"
+                if conflict is None
+                else "use `kind: none` or `kind: dynamic` (each request then runs whole), or "
+                "export the program with a first dimension no other dimension depends on",
             )
         self._pipelined.inputs, self._pipelined.outputs = model.inputs, model.outputs
         torch = importlib.import_module("torch")

@@ -46,12 +46,14 @@ from infercore_torch.formats import (
     check_trust,
     detect_format,
 )
+from infercore_torch.relations import DimRef, DimRelations
 from infercore_torch.signature import (
     DimRange,
     InputRanges,
     as_input,
     cast_checked,
     check_declared,
+    exported_dim_exprs,
     exported_input_ranges,
     exported_specs,
 )
@@ -72,6 +74,8 @@ _MAX_DETAIL = 200
 _WEIGHTS_ONLY_ADVICE = re.compile(r"weights[_ ]only|safe_globals", re.IGNORECASE)
 _PICKLED_GLOBAL = re.compile(r"\bGLOBAL ([A-Za-z_][\w.]*)")
 _WHAT = {"export": "a torch.export program (.pt2)", "torchscript": "a TorchScript archive"}
+# An input named in a guard of an exported program: ``x.size()[0] == -1 + y.size()[0]``.
+_GUARD_INPUT = re.compile(r"\b([A-Za-z_]\w*)(?=\.size\(\))")
 
 
 def _scrub(exc: BaseException) -> str:
@@ -165,6 +169,8 @@ class _Loaded(msgspec.Struct):
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     ranges: dict[str, InputRanges]
+    relations: DimRelations | None
+    graph_inputs: list[str]
 
 
 class TorchModel(Model):
@@ -180,6 +186,9 @@ class TorchModel(Model):
     whose other dimensions fall outside them is a 400 before the module runs, and a batch
     dimension is never handed the program outside its range: :meth:`forward_tensors` splits
     more rows into calls of at most its ``max`` and pads fewer than its ``min`` with zero rows.
+    The relations between dimensions (one ``Dim`` in two places, ``Dim`` arithmetic such as
+    ``n + 1``) are checked too, and a program that relates its first dimension to another one
+    is not batchable (:attr:`batch_conflict`).
 
     Attributes:
         device: The ``torch.device`` the module runs on (after :meth:`start`).
@@ -188,6 +197,10 @@ class TorchModel(Model):
             size is fixed); empty unless the signature comes from an exported program.
         batch_range: The rows one call of the program may take, when it bounds them (a
             batchable exported program with a ``max``, or a ``min`` above 1); else ``None``.
+        relations: The relations between an exported program's input dimensions (``None``
+            for other formats).
+        batch_conflict: Why an exported program's first dimension is no batch dimension
+            although every tensor's first dimension varies; ``None`` otherwise.
     """
 
     kind = "torch"
@@ -238,8 +251,11 @@ class TorchModel(Model):
         self.device: Any = None
         self.dim_ranges: dict[str, InputRanges] = {}
         self.batch_range: DimRange | None = None
+        self.relations: DimRelations | None = None
         self._torch: Any = None
         self._module: Any = None
+        self._guards: Any = None
+        self._graph_inputs: dict[str, str] = {}
 
     @staticmethod
     def _check_architecture(config: TorchModelConfig, path: str) -> None:
@@ -290,8 +306,22 @@ class TorchModel(Model):
         self._torch, self.device = loaded.torch, loaded.device
         self.inputs, self.outputs = loaded.inputs, loaded.outputs
         self.dim_ranges = loaded.ranges
+        self.relations = loaded.relations
         self.batch_range = self._rows_per_call()
+        # An exported module runs this input guard before anything else (torch 2.13 has it;
+        # without it, no fallback): a failed call runs it again to tell a request the program
+        # refuses (400) from a model that failed (500).
+        self._guards = getattr(loaded.module, "_guards_fn", None)
+        self._graph_inputs = {
+            graph: spec.name for graph, spec in zip(loaded.graph_inputs, self.inputs, strict=False)
+        }
         self._module = loaded.module
+        if self.batch_conflict is not None:
+            log.info(
+                "%s: not batched: %s; each request runs whole",
+                self.context.path,
+                self.batch_conflict,
+            )
         log.info(
             "%s: torch %s model loaded on %s (%d inputs, %d outputs)",
             self.context.path,
@@ -304,6 +334,17 @@ class TorchModel(Model):
     async def stop(self) -> None:
         """Drop the module; its memory is freed once in-flight calls return."""
         self._module = None
+        self._guards = None
+
+    @property
+    def batch_conflict(self) -> str | None:
+        return self.relations.batch_conflict if self.relations is not None else None
+
+    @property
+    def batchable(self) -> bool:
+        """Whether requests may be stacked into one call: every tensor has a varying first
+        dimension, and (for an exported program) it is a free one (:attr:`batch_conflict`)."""
+        return self.batch_conflict is None and super().batchable
 
     async def warmup(self) -> None:
         """One zero row, each other varying dimension at the smallest size the program takes."""
@@ -313,14 +354,25 @@ class TorchModel(Model):
 
     def sample_shape(self, spec: TensorSpec) -> tuple[int, ...]:
         """The smallest shape ``spec`` admits: one row, and each other varying dimension at the
-        lower end of its range (a warm-up's; a size of 1 may be outside it)."""
+        lower end of its range (a warm-up's; a size of 1 may be outside it), related ones
+        sized together so that they keep the program's relations (y's ``n + 1`` from x's
+        ``n``, or from a size declared in ``inputs:``)."""
         ranges = self.dim_ranges.get(spec.name, ())
+        related: dict[DimRef, int] = {}
+        if self.relations is not None:
+            # Related dimensions are sized together, so the sample keeps their relations.
+            fixed = {
+                DimRef(s.name, i): d for s in self.inputs for i, d in enumerate(s.shape) if d >= 0
+            }
+            related = self.relations.sample_sizes(fixed, one_row=self.batchable)
         shape = []
         for index, dim in enumerate(spec.shape):
             if dim >= 0:
                 shape.append(dim)
             elif index == 0 and self.batchable:
                 shape.append(1)  # forward_tensors pads a batch to the program's min
+            elif DimRef(spec.name, index) in related:
+                shape.append(related[DimRef(spec.name, index)])
             else:
                 found = ranges[index] if index < len(ranges) else None
                 shape.append(max(1, found.lower) if found is not None else 1)
@@ -340,23 +392,40 @@ class TorchModel(Model):
         return DimRange(max(lower, 1), upper)
 
     def check_dims(self, inputs: Mapping[str, Array]) -> None:
-        """Refuse a request that the exported program's ranges exclude, before it runs.
+        """Refuse a request whose shapes the model excludes, before it runs.
 
-        Every dynamic dimension must lie in its range, and dimensions that share the program's
-        symbol must be the same size. The batch dimension of a batchable model is left out:
-        :meth:`forward_tensors` fits any row count to the program.
+        Each input must have its spec's rank and fixed sizes (an exported program's guard
+        does not check the rank: a tensor of another rank may run and return another shape,
+        or fail inside the model). For an exported program, every dynamic dimension must
+        lie in its range and keep the program's relations between dimensions (equal where
+        they share a ``Dim``, ``n + 1`` where the program derives one). The batch dimension of
+        a batchable model is left out: :meth:`forward_tensors` fits any row count to the
+        program, and such a dimension takes part in no relation but the equality of rows.
 
         Raises:
-            InvalidInput: Naming the input, the dimension and the range.
+            InvalidInput: Naming the input, the dimension, its size and what the model needs.
         """
+        for spec in self.inputs:
+            array = inputs.get(spec.name)
+            if array is None:
+                continue  # a missing input has its own error
+            shape = tuple(int(d) for d in array.shape)
+            if len(shape) != len(spec.shape) or any(
+                want >= 0 and got != want for got, want in zip(shape, spec.shape, strict=False)
+            ):
+                raise InvalidInput(
+                    f"input {spec.name!r}: shape {list(shape)} does not match the model's "
+                    f"{list(spec.shape)}",
+                    hint=f"send {spec.name!r} with {len(spec.shape)} dimensions "
+                    f"({', '.join('any' if d < 0 else str(d) for d in spec.shape)})",
+                )
         if not self.dim_ranges:
             return
-        seen: dict[str, tuple[str, int, int]] = {}
         skip_rows = self.batchable
         for name, ranges in self.dim_ranges.items():
             array = inputs.get(name)
-            if array is None or array.ndim != len(ranges):
-                continue  # missing or misshapen inputs have their own errors
+            if array is None:
+                continue
             for index, (allowed, size) in enumerate(zip(ranges, array.shape, strict=True)):
                 if allowed is None or (index == 0 and skip_rows):
                     continue
@@ -367,15 +436,8 @@ class TorchModel(Model):
                         f"range {allowed}",
                         hint=f"send {name!r} with dimension {index} in {allowed}",
                     )
-                if allowed.symbol is None:
-                    continue
-                first = seen.setdefault(allowed.symbol, (name, index, size))
-                if first[2] != size:
-                    raise InvalidInput(
-                        f"input {name!r}: dimension {index} is {size}, but input {first[0]!r} "
-                        f"dimension {first[1]} is {first[2]}; the model needs them equal",
-                        hint="send inputs whose shared dimensions have the same size",
-                    )
+        if self.relations is not None:
+            self.relations.check(inputs, skip_rows=skip_rows)
 
     # -- inference --------------------------------------------------------------------------
 
@@ -467,10 +529,45 @@ class TorchModel(Model):
             with self._torch.inference_mode():
                 result = module(*tensors)
         except Exception as exc:
+            refused = self._guard_refusal(exc, tensors)
+            if refused is not None:
+                raise refused from None
             log.error("%s: forward failed: %s", self.context.path, _scrub(exc))
             log.debug("%s: forward traceback", self.context.path, exc_info=exc)
             raise BackendError(f"{self.context.path}: the model failed to run") from exc
         return self._outputs_of(result)
+
+    def _guard_refusal(self, exc: Exception, tensors: Sequence[Any]) -> InvalidInput | None:
+        """The request's error when the exported program's own input guard refused
+        ``tensors`` (a relation :meth:`check_dims` does not know, such as ``x.size()[0] % 2 ==
+        0`` from a reshape), else ``None``.
+
+        The guard runs before the program computes anything and raises ``AssertionError``;
+        so may the model's own code, so the guard is run again alone to tell them apart. Only
+        a failed call pays for it.
+        """
+        guards = self._guards
+        if guards is None or not isinstance(exc, AssertionError):
+            return None
+        try:
+            guards(*tensors)
+        except AssertionError as failed:
+            guard = str(failed).removeprefix("Guard failed:").strip()
+        except Exception:
+            return None
+        else:
+            return None  # the guard passes: the model itself failed
+        guard = _GUARD_INPUT.sub(lambda m: self._graph_inputs.get(m[1], m[1]), guard)
+        if len(guard) > _MAX_DETAIL:
+            guard = guard[: _MAX_DETAIL - 1] + "…"
+        shapes = ", ".join(
+            f"{spec.name!r} {[int(d) for d in t.shape]}"
+            for spec, t in zip(self.inputs, tensors, strict=False)
+        )
+        return InvalidInput(
+            f"the inputs' shapes ({shapes}) break the model's check: {guard}",
+            hint="send shapes that satisfy it (NAME.size()[i] is dimension i of input NAME)",
+        )
 
     def _outputs_of(self, result: Any) -> list[Any]:
         torch = self._torch
@@ -545,7 +642,25 @@ class TorchModel(Model):
             module.eval()  # exported modules are already in eval form (and refuse .eval())
         inputs, outputs = self._specs(torch, program)
         ranges = self._ranges(program, inputs)
-        return _Loaded(torch, module, device, inputs, outputs, ranges)
+        relations: DimRelations | None = None
+        graph_inputs: list[str] = []
+        if program is not None:
+            graph_inputs = [str(n) for n in program.graph_signature.user_inputs]
+            in_exprs, out_exprs = exported_dim_exprs(program)
+            relations = DimRelations(
+                [s.name for s in inputs],
+                in_exprs,
+                {s.name: e for s, e in zip(outputs, out_exprs, strict=True)},
+                getattr(program, "range_constraints", None) or {},
+            )
+            for at in relations.unchecked:
+                log.debug(
+                    "%s: input %s is left to the program's own guard (it depends on symbols "
+                    "no other dimension reveals)",
+                    path,
+                    at,
+                )
+        return _Loaded(torch, module, device, inputs, outputs, ranges, relations, graph_inputs)
 
     def _state_dict(self, torch: Any, data: bytes) -> dict[str, Any]:
         path = self.context.path

@@ -69,9 +69,9 @@ class DimRange:
     Attributes:
         lower: The smallest size.
         upper: The largest size; ``None`` when the program sets none.
-        symbol: The program's symbol when the dimension is exactly one (``s77``): every
-            dimension with the same symbol must have the same size. ``None`` for a derived
-            dimension (``2*s77 + 1``).
+        symbol: The program's symbol when the dimension is exactly one (``s77``), ``None``
+            for a derived dimension (``2*s77 + 1``). The relations that symbols make between
+            dimensions are checked by :class:`~infercore_torch.relations.DimRelations`.
     """
 
     lower: int
@@ -91,7 +91,8 @@ class DimRange:
 InputRanges = tuple[DimRange | None, ...]
 
 
-def _bound(value: Any) -> int | None:
+def bound_of(value: Any) -> int | None:
+    """A range bound as an int; ``None`` for no bound (``int_oo``, ``-int_oo``, huge)."""
     try:
         bound = int(value)
     except (TypeError, ValueError, AttributeError, OverflowError):
@@ -111,7 +112,7 @@ def _range_of(dim: Any, constraints: Mapping[Any, Any]) -> DimRange:
         except Exception:  # a torch without it, or an expression it cannot bound
             return DimRange(0, None)
     symbol = str(expr) if getattr(expr, "is_Symbol", False) else None
-    return DimRange(max(0, _bound(bounds.lower) or 0), _bound(bounds.upper), symbol)
+    return DimRange(max(0, bound_of(bounds.lower) or 0), bound_of(bounds.upper), symbol)
 
 
 def exported_input_ranges(program: Any) -> list[InputRanges]:
@@ -129,6 +130,24 @@ def exported_input_ranges(program: Any) -> list[InputRanges]:
         shape = nodes[name].meta["val"].shape
         ranges.append(tuple(None if type(d) is int else _range_of(d, constraints) for d in shape))
     return ranges
+
+
+def exported_dim_exprs(program: Any) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """Each dimension of the program's inputs and of its outputs, in signature order: the size
+    where the program fixes it, else its sympy expression over the program's root symbols
+    (``s77``, ``s77 + 1``). Call it after :func:`exported_specs` (which refuses non-tensors).
+    """
+    nodes = {node.name: node for node in program.graph.nodes}
+    signature = program.graph_signature
+
+    def exprs(name: str) -> tuple[Any, ...]:
+        shape = nodes[name].meta["val"].shape
+        return tuple(d if type(d) is int else d.node.expr for d in shape)
+
+    return (
+        [exprs(n) for n in signature.user_inputs],
+        [exprs(str(n)) for n in signature.user_outputs],
+    )
 
 
 def exported_specs(program: Any, *, config_path: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
