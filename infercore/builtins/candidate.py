@@ -105,7 +105,7 @@ class RegisterCandidateAction(Action):
                     "nothing loaded"
                 )
             version = str(found[-1])
-            if not VERSION_RE.match(version):
+            if not VERSION_RE.fullmatch(version):
                 raise ActionFailed(
                     f"action {cfg.after!r} named an invalid version {version[:40]!r}"
                 )

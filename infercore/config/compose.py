@@ -245,12 +245,12 @@ def _check_recipe_overrides(overrides: list[str]) -> None:
         for suffix in (".yaml", ".yml"):
             if stem.endswith(suffix):
                 stem = stem[: -len(suffix)]
-        if name != stem and RECIPE_NAME_RE.match(stem) and ".." not in stem:
+        if name != stem and RECIPE_NAME_RE.fullmatch(stem) and ".." not in stem:
             raise ConfigError(
                 f"recipe: {name!r} is a file name; recipes are named without .yaml",
                 hint=f"use +recipe={stem}",
             )
-        if not RECIPE_NAME_RE.match(name) or ".." in name:
+        if not RECIPE_NAME_RE.fullmatch(name) or ".." in name:
             raise ConfigError(
                 f"recipe: {name[:80]!r} is not a recipe name (a file NAME.yaml in the recipes "
                 "folder; no '/' or '..')",
@@ -399,7 +399,7 @@ def _check_names(config: InfercoreConfig, label: str) -> None:
     suffix = f" ({label})" if label else ""
     for name, model in config.models.items():
         base = _key("models", name)
-        if not NAME_RE.match(name):
+        if not NAME_RE.fullmatch(name):
             raise ConfigError(
                 f"{base}: invalid model name {name!r}{suffix}",
                 hint="use letters, digits, '_' and '-' (at most 64, no '/' or '..')",
@@ -407,7 +407,7 @@ def _check_names(config: InfercoreConfig, label: str) -> None:
         if not model.versions:
             raise ConfigError(f"{base}.versions: at least one version is needed{suffix}")
         for version in model.versions:
-            if not VERSION_RE.match(version):
+            if not VERSION_RE.fullmatch(version):
                 raise ConfigError(
                     f"{_key(base + '.versions', version)}: invalid version {version!r}{suffix}",
                     hint="use letters, digits, '_', '-' and '.' (at most 32)",

@@ -226,7 +226,7 @@ class DriftMonitor:
             shared.setdefault("metrics_registry", metrics.registry)
         detectors: dict[str, DriftDetector] = {}
         for name, node in cfg.detectors.items():
-            if not _NAME_RE.match(name):
+            if not _NAME_RE.fullmatch(name):
                 raise ConfigError(
                     f"{path}.detectors: invalid detector name {name!r}",
                     hint="use letters, digits, '_' and '-' (at most 64), starting with a "

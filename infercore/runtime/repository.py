@@ -124,7 +124,7 @@ class Repository:
         found: list[str] = []
         for entry in entries:
             match = self._pattern.fullmatch(entry.name)
-            if match is None or not VERSION_RE.match(match.group("version")):
+            if match is None or not VERSION_RE.fullmatch(match.group("version")):
                 continue
             try:
                 if _inside(self.root, entry).is_dir():
@@ -141,7 +141,7 @@ class Repository:
             UnsafePath: The version's folder (or the artifact) resolves outside the model root.
             ModelNotFound: No folder for this version.
         """
-        if not VERSION_RE.match(version):
+        if not VERSION_RE.fullmatch(version):
             raise InvalidInput(
                 f"invalid version {quoted(version)}",
                 hint="use letters, digits, '_', '-' and '.' (at most 32)",

@@ -1098,7 +1098,7 @@ class Runtime:
                 manifest's digests disagree; nothing changed.
         """
         served = self.model(name)
-        if not VERSION_RE.match(version):
+        if not VERSION_RE.fullmatch(version):
             raise InvalidInput(
                 f"invalid version {quoted(version)}",
                 hint="use letters, digits, '_', '-' and '.' (at most 32)",

@@ -149,7 +149,7 @@ def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def _model_name(name: str) -> str:
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise InvalidInput(
             f"invalid model name {quoted(name)}",
             hint="letters, digits, '_' and '-' (no '/', no '..')",
@@ -158,7 +158,7 @@ def _model_name(name: str) -> str:
 
 
 def _version_name(version: str) -> str:
-    if not VERSION_RE.match(version) or ".." in version:
+    if not VERSION_RE.fullmatch(version) or ".." in version:
         raise InvalidInput(
             f"invalid version {quoted(version)}",
             hint="letters, digits, '_', '-' and '.' (at most 32; no '..')",

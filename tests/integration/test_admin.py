@@ -790,6 +790,8 @@ def test_repository_load_index_and_unload(tmp_path: Path) -> None:
             ({"parameters": {"version": "9"}}, 404, "model_not_found", "no version"),
             ({"parameters": {"version": "../1"}}, 400, "invalid_input", "invalid version"),
             ({"parameters": {"version": "1/../../x"}}, 400, "invalid_input", "invalid version"),
+            # `$` in a pattern also matches before a final newline: names are matched whole.
+            ({"parameters": {"version": "3\n"}}, 400, "invalid_input", "invalid version"),
             (
                 {"parameters": {"version": "3", "file:model.onnx": "AAAA"}},
                 400,
@@ -814,6 +816,9 @@ def test_repository_load_index_and_unload(tmp_path: Path) -> None:
             await a.post("/v2/repository/models/a..b/load", json={}), 400, "invalid_input"
         )
         assert (await a.post("/v2/repository/models/a%2Fb/load", json={})).status_code == 404
+        assert_refused(
+            await a.post("/v2/repository/models/iris%0A/load", json={}), 400, "invalid_input"
+        )
         assert_refused(
             await a.post("/v2/repository/models/nope/load", json={}), 404, "model_not_found"
         )
