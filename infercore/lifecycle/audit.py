@@ -85,15 +85,6 @@ class AuditLog:
                 f"admin.audit_log: cannot write {str(path)!r} ({exc.strerror})", hint=hint
             ) from None
 
-    def check(self) -> None:
-        """Open the file for appending, writing nothing: is a decision recordable now?
-
-        Raises:
-            OSError: The file could not be opened (the caller refuses the decision).
-        """
-        if self.path is not None:
-            os.close(_open_append(self.path))
-
     def append(self, record: dict[str, Any], *, strict: bool = True) -> dict[str, Any]:
         """Write one record (``ts`` added); returns it.
 

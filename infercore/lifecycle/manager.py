@@ -24,8 +24,10 @@ a rollback or an unload supersedes the affected versions' other pending approval
 becomes ``superseded``; approving one is a 409 that says why): ask again from the new state.
 
 A decision that could not be recorded is not made: 503 ``audit_unavailable``, nothing
-changed. Decisions are recorded before they are carried out; a load or an unload, recorded
-once done, first checks that the audit log can be opened.
+changed. Decisions are recorded before they are carried out; a load or an unload, whose outcome
+is known only once done, is recorded when asked (``load_requested``, ``unload_requested``) and
+again when done. Opening the file is no proof that a line can be written to it (a full disk
+opens and then fails every write), so the request's own line is the check.
 """
 
 from __future__ import annotations
@@ -153,12 +155,11 @@ class Lifecycle:
         except OSError as exc:
             raise _audit_unavailable(exc) from None
 
-    def _check_audit(self) -> None:
-        """Refuse a decision that could not be recorded, before anything changes."""
-        try:
-            self.audit.check()
-        except OSError as exc:
-            raise _audit_unavailable(exc) from None
+    def _record_request(self, event: str, model: str, version: str, by: str, why: Any) -> None:
+        """Record a load or an unload when asked: refused (nothing changes) when it cannot be."""
+        self._record(
+            {"event": event, "model": model, "version": version, "actor": by, "reason": why}
+        )
 
     def _pending_for(
         self, model: str, versions: set[str], *, keep: Approval | None = None
@@ -519,7 +520,7 @@ class Lifecycle:
         """Load (or reload) a version; refused, before anything happens, when unrecordable."""
         by, why = check_actor(by), check_reason(reason)
         self.runtime.model(model)
-        self._check_audit()
+        self._record_request("load_requested", model, version, by, why)
         try:
             sv = await self.runtime.load(model, version)
         except InfercoreError as exc:
@@ -558,7 +559,7 @@ class Lifecycle:
         by, why = check_actor(by), check_reason(reason)
         served = self.runtime.model(model)
         stage = served.version(version).stage
-        self._check_audit()
+        self._record_request("unload_requested", model, version, by, why)
         sv = await self.runtime.unload(model, version)
         stale = self._pending_for(model, {version})
         record: dict[str, Any] = {

@@ -547,9 +547,19 @@ def test_approvals_made_stale_by_a_move_rollback_or_unload_are_superseded(tmp_pa
     assert all(len(ids) == 1 for ids in superseded.values())
 
 
+def _fill_disk(path: Path) -> None:
+    """A full disk: the file opens, and every write fails (ENOSPC)."""
+    path.unlink()
+    path.symlink_to("/dev/full")
+
+
+@pytest.mark.parametrize("failure", ["unwritable", "disk_full"])
 def test_every_change_is_refused_when_the_audit_log_cannot_be_written(
-    tmp_path: Path, make_unwritable: Callable[[Path], None]
+    tmp_path: Path, make_unwritable: Callable[[Path], None], failure: str
 ) -> None:
+    if failure == "disk_full" and not Path("/dev/full").exists():
+        pytest.skip("no /dev/full here")
+    fail = make_unwritable if failure == "unwritable" else _fill_disk
     audit = tmp_path / "audit.jsonl"
     rt = runtime_from_dict(rollout_config(audit, approvals=["primary"]))
 
@@ -561,7 +571,7 @@ def test_every_change_is_refused_when_the_audit_log_cannot_be_written(
         r = await a.post("/admin/models/m/versions/2/promote", json={"to": "primary", "by": "ann"})
         approval = r.json()["approval"]["id"]
         await a.post("/v2/repository/models/m/unload", json={"parameters": {"version": "3"}})
-        make_unwritable(audit)
+        fail(audit)
 
         async def state() -> Any:
             return (await a.get("/admin/models/m")).json(), (await a.get("/admin/audit")).json()
@@ -706,7 +716,12 @@ def test_repository_calls_check_a_given_by() -> None:
         r = await a.post("/v2/repository/models/m/load", json={"parameters": {"version": "3"}})
         assert r.status_code == 200
         actors = [(e["event"], e["actor"]) for e in (await a.get("/admin/audit")).json()]
-        assert actors == [("unloaded", "ann"), ("loaded", "repository-api")]
+        assert actors == [
+            ("unload_requested", "ann"),
+            ("unloaded", "ann"),
+            ("load_requested", "repository-api"),
+            ("loaded", "repository-api"),
+        ]
 
     run(rt, scenario)
 

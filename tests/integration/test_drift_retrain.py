@@ -165,7 +165,11 @@ def test_retrained_version_is_registered_in_shadow_and_audited(tmp_path: Path) -
     assert model["primary"] == "1" and drift["approvals"] == []
     audit = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
     mine = [(r["event"], r["version"], r["actor"]) for r in audit if r.get("version") == "2"]
-    assert mine == [("loaded", "2", "drift:shifted"), ("promoted", "2", "drift:shifted")]
+    assert mine == [
+        ("load_requested", "2", "drift:shifted"),
+        ("loaded", "2", "drift:shifted"),
+        ("promoted", "2", "drift:shifted"),
+    ]
     assert "label" in out
 
 
