@@ -36,7 +36,9 @@ class GuardConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_on
         max_p99_ratio: Trip when the canary's p99 latency exceeds the primary's times this,
             plus ``p99_slack_ms`` (judged once the primary has ``min_requests`` too).
         p99_slack_ms: Added to the bound so that sub-millisecond noise never trips it.
-        check_interval_s: How often (at most) the guard is evaluated on the request path.
+        check_interval_s: How often (at most) the guard is evaluated on the request path; a
+            canary's failure is judged at once (at most every 50 ms) when the canary's own
+            error rate over ``min_requests`` or more requests is already past the bound.
     """
 
     window_s: Positive = 60.0

@@ -71,6 +71,17 @@ class Window:
             self._errors[i] += 1
         self._hist[i][bisect.bisect_left(BUCKETS, latency_s)] += 1
 
+    def counts(self, now: float) -> tuple[int, int]:
+        """Requests and errors in the window: what :meth:`stats` says, without the p99."""
+        newest = int(now / self._slot_s)
+        oldest = newest - _SLOTS + 1
+        requests = errors = 0
+        for i in range(_SLOTS):
+            if oldest <= self._ids[i] <= newest:
+                requests += self._counts[i]
+                errors += self._errors[i]
+        return requests, errors
+
     def stats(self, now: float) -> WindowStats:
         newest = int(now / self._slot_s)
         oldest = newest - _SLOTS + 1
@@ -104,6 +115,13 @@ class Verdict:
 
     cause: str
     detail: str
+
+
+def may_trip(config: GuardConfig, canary: Window, now: float) -> bool:
+    """Whether a canary's errors alone may already break the error-rate bound (the primary's
+    rate can only lower the delta): a cheap test of counts, for judging at once on a failure."""
+    requests, errors = canary.counts(now)
+    return requests >= config.min_requests and errors > config.max_error_rate_delta * requests
 
 
 def judge(config: GuardConfig, canary: WindowStats, primary: WindowStats) -> Verdict | None:

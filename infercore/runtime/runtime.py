@@ -64,7 +64,7 @@ from infercore.runtime.grouping import (
     RunAlone,
     batcher_option,
 )
-from infercore.runtime.guard import Verdict, Window, judge
+from infercore.runtime.guard import Verdict, Window, judge, may_trip
 from infercore.runtime.inputs import prepare_inputs
 from infercore.runtime.outputs import plan_outputs
 from infercore.runtime.repository import (
@@ -116,6 +116,9 @@ __all__ = [
 
 #: Previous primaries remembered for rollback.
 _HISTORY = 16
+#: A canary's failure is judged at once, at most this often: when the primary fails too, the
+#: guard does not trip and each canary error would otherwise pay for a full judgement.
+_GUARD_ON_ERROR_S = 0.05
 _NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 
 
@@ -1013,7 +1016,17 @@ class Runtime:
         if served.guarding and sv.window is not None:
             now = time.monotonic()
             sv.window.record(now, elapsed, error)
-            if now >= served.next_guard_check:
+            if now >= served.next_guard_check or (
+                error
+                and sv.stage == CANARY
+                and now >= served.guard_checked_at + _GUARD_ON_ERROR_S
+                and served.guard is not None
+                and may_trip(served.guard, sv.window, now)
+            ):
+                # A failing canary is judged at once, not at the next interval: a burst
+                # against a broken canary failed for up to check_interval_s (77 of 150
+                # requests in 0.8 s at the default 1 s), and with no traffic after it the
+                # window could expire unjudged.
                 self.check_guard(served, now)
 
     # -- the canary guard -----------------------------------------------------------------
@@ -1025,6 +1038,7 @@ class Runtime:
             return []
         now = time.monotonic() if now is None else now
         served.next_guard_check = now + guard.check_interval_s
+        served.guard_checked_at = now
         primary = served.versions[served.primary]
         if primary.window is None:
             return []

@@ -202,6 +202,8 @@ class ServedModel:
     #: A canary takes traffic and the guard is on: versions record into their windows.
     guarding: bool = field(init=False, default=False)
     next_guard_check: float = 0.0
+    #: When the guard last judged (a failing canary is judged at once, this far apart).
+    guard_checked_at: float = float("-inf")
     _lock: asyncio.Lock | None = None
 
     def __post_init__(self) -> None:

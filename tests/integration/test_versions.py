@@ -381,6 +381,25 @@ def test_the_guard_drops_a_failing_canary_and_says_why() -> None:
     assert len(trip) == 1 and trip[0]["actor"] == "guard" and "error rate" in trip[0]["reason"]
 
 
+def test_a_failing_canary_is_judged_at_once_not_at_the_next_interval() -> None:
+    """A burst against a broken canary: the guard judges on its failures, not only once per
+    ``check_interval_s`` (here an hour, so the interval alone would never judge again)."""
+    rt = runtime_from_dict(guarded(fake(100, fail_on_value=1.0), check_interval_s=3600))
+
+    async def scenario() -> list[int]:
+        async with async_app_client(rt) as c:
+            return [
+                (await c.post("/v2/models/m/infer", json=body(1.0))).status_code for _ in range(200)
+            ]
+
+    statuses = asyncio.run(scenario())
+    assert rt.models["m"].versions["2"].weight == 0
+    # min_requests (20) failures are needed to judge; a few more may pass while the guard's
+    # last judgement is under 50 ms old. Then only the primary answers.
+    failures = [i for i, status in enumerate(statuses) if status != 200]
+    assert 20 <= len(failures) < 60 and failures[-1] < 150, failures
+
+
 def test_the_guard_drops_a_slow_canary() -> None:
     rt = runtime_from_dict(guarded(fake(100, latency_s=0.25), min_requests=10, p99_slack_ms=20))
 
