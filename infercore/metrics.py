@@ -343,19 +343,21 @@ class Metrics:
         route = (*_LABELS, "variant", "role")
         self.route_requests = hot_counter(
             "infercore_route_requests",
-            "Requests a version took, by variant and role (shadow copies not included).",
+            "Requests routed to a version, by variant and role (shadow copies not included).",
             route,
             registry=r,
         )
         self.route_errors = hot_counter(
             "infercore_route_errors",
-            "Requests (and shadow copies) that failed in a version (5xx, timeouts).",
+            "Routed requests that failed in a version (5xx, timeouts); shadow copies' outcomes "
+            "are in infercore_shadow_requests_total.",
             route,
             registry=r,
         )
         self.route_duration = hot_histogram(
             "infercore_route_duration_seconds",
-            "Time in the pipeline (features, queue, model) by variant and role.",
+            "Time in the pipeline (features, queue, model) by variant and role; shadow copies "
+            "too (role shadow).",
             route,
             buckets=_LATENCY_BUCKETS,
             registry=r,

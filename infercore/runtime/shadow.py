@@ -199,7 +199,7 @@ class ShadowRunner:
         policy: ShadowPolicy,
         metrics: Metrics,
         prepare: Callable[[ServedVersion, Tensors, Mapping[str, Array], Any], Tensors],
-        record: Callable[[ServedVersion, float, bool], None],
+        record: Callable[[ServedVersion, float], None],
     ) -> None:
         self.model = model
         self.policy = policy
@@ -383,7 +383,7 @@ class ShadowRunner:
                 log.debug("shadow %s@%s rejected a copy: %s", self.model, version, exc)
                 self._count(version, "error", copy.copies)
                 for _ in range(copy.copies):
-                    self._record(sv, loop.time() - t0, True)
+                    self._record(sv, loop.time() - t0)
                 continue
             copy.prepared = prepared
             copy.rows = _rows_of(sv, prepared)
@@ -521,7 +521,7 @@ class ShadowRunner:
         self._count(version, outcome, n)
         if outcome != "dropped":
             for _ in range(n):
-                self._record(sv, elapsed, outcome != "ok")
+                self._record(sv, elapsed)
         if exc is not None:
             log.debug("shadow %s@%s raised %s: %s", self.model, version, type(exc).__name__, exc)
         if raw is not None:
@@ -543,7 +543,7 @@ class ShadowRunner:
             self._count(version, outcome, copy.copies)
             if outcome != "dropped":
                 for _ in range(copy.copies):
-                    self._record(sv, loop.time() - t0, outcome != "ok")
+                    self._record(sv, loop.time() - t0)
             if exc is not None:
                 log.debug(
                     "shadow %s@%s raised %s: %s", self.model, version, type(exc).__name__, exc

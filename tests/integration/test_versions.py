@@ -285,7 +285,7 @@ def test_a_shadow_that_raises_hangs_or_is_slow_is_invisible_to_callers(behaviour
     )
     n = 40
 
-    async def scenario() -> tuple[Any, Any, dict[str, int]]:
+    async def scenario() -> tuple[Any, Any, dict[str, int], str]:
         plain, _ = await _answers(base, n)
         app = create_app(rt, manage_runtime=False)
         await rt.start()
@@ -304,16 +304,24 @@ def test_a_shadow_that_raises_hangs_or_is_slow_is_invisible_to_callers(behaviour
                 if sum(copies.values()) >= settled:
                     break
                 await asyncio.sleep(0.01)
+            text = rt.metrics.exposition().decode()
         finally:
             for release in _RELEASE:
                 release.set()
             await rt.stop()
-        return plain, answers, copies
+        return plain, answers, copies, text
 
-    plain, answers, copies = asyncio.run(scenario())
+    plain, answers, copies, text = asyncio.run(scenario())
     assert answers == plain
     if behaviour is _broken:
         assert copies["error"] >= 1 and copies["ok"] == 0
+        # route_errors_total / route_requests_total is an error rate for every role: a
+        # shadow copy's failure is counted by infercore_shadow_requests_total alone.
+        assert metric(text, "infercore_shadow_requests_total", version="2", outcome="error") >= 1
+        assert metric(text, "infercore_route_requests_total", version="2", role="shadow") == 0
+        assert metric(text, "infercore_route_errors_total", version="2", role="shadow") == 0
+        count = "infercore_route_duration_seconds_count"
+        assert metric(text, count, version="2", role="shadow") == copies["error"]
     elif behaviour is _hanging:
         # One copy hangs in the worker, four wait in the queue, the rest were dropped.
         assert copies["ok"] == copies["error"] == 0
