@@ -1,12 +1,15 @@
 """kind -> class registries built from the ``register_*`` hooks.
 
-This is the only module that calls ``pm.hook``. It checks every registered class (a ``kind``,
-a ``Config`` Struct, the right base class), refuses a kind registered by two plugins (naming
-both), and builds components from config nodes ``{kind: NAME, ...options}``.
+This is the only module that calls ``pm.hook``. It checks every registered class (the right
+base class, a well-formed ``kind``, a ``Config`` Struct that forbids unknown fields, ``async``
+role methods where the base class's are, nothing abstract left), refuses a kind registered by
+two plugins (naming both), and builds components from config nodes ``{kind: NAME, ...options}``.
 """
 
 from __future__ import annotations
 
+import inspect
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -28,6 +31,17 @@ from infercore.config.validation import convert
 from infercore.errors import ConfigError, PluginError
 
 C = TypeVar("C", bound=Component)
+
+#: What a ``kind`` may look like: it is typed in recipes, in ``+key=`` overrides and in metric
+#: labels, so a lower-case letter, then lower-case letters, digits, ``-`` and ``_``.
+KIND_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+_KIND_RULE = (
+    "a kind is a lower-case letter followed by at most 63 lower-case letters, digits, "
+    "'-' or '_', e.g. 'my-format'"
+)
+_CONFIG_DECLARATION = (
+    "class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True)"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +68,18 @@ ROLES = {k.role: k for k in KINDS}
 class Registered:
     cls: type[Component]
     plugin: str
+
+
+def _coroutine_methods(base: type[Component]) -> list[str]:
+    """The methods ``base`` (or a class above it) declares ``async def``, in name order."""
+    return sorted(
+        {
+            name
+            for klass in base.__mro__
+            for name, value in vars(klass).items()
+            if inspect.iscoroutinefunction(value)
+        }
+    )
 
 
 class Registry:
@@ -97,15 +123,31 @@ class Registry:
 
     @staticmethod
     def _check_class(spec: KindSpec, plugin: str, cls: Any) -> None:
-        where = f"plugin {plugin!r}: {spec.hook}() returned {cls!r}"
+        shown = cls.__name__ if isinstance(cls, type) else repr(cls)
+        where = f"plugin {plugin!r}: {spec.hook}() returned {shown}"
         if not (isinstance(cls, type) and issubclass(cls, spec.base)):
             raise PluginError(f"{where}, which is not a subclass of {spec.base.__name__}")
         kind = getattr(cls, "kind", None)
         if not isinstance(kind, str) or not kind:
             raise PluginError(f"{where}, which has no `kind` string")
+        if not KIND_PATTERN.fullmatch(kind):
+            raise PluginError(f"{where}, whose kind {kind!r} is not a valid kind", hint=_KIND_RULE)
         config = getattr(cls, "Config", None)
         if not (isinstance(config, type) and issubclass(config, msgspec.Struct)):
-            raise PluginError(f"{where}, whose `Config` is not a msgspec.Struct")
+            what = config.__name__ if isinstance(config, type) else repr(config)
+            raise PluginError(
+                f"{where}, whose `Config` ({what}) is not a msgspec.Struct",
+                hint=f"declare `{_CONFIG_DECLARATION}` in the class, or leave `Config` out "
+                "for a component without options",
+            )
+        if not config.__struct_config__.forbid_unknown_fields:
+            raise PluginError(
+                f"{where}, whose `Config` ({config.__name__}) does not forbid unknown fields, so "
+                "a misspelled option would be ignored",
+                hint="add forbid_unknown_fields=True to its class statement, e.g. `class "
+                f"{config.__name__}(msgspec.Struct, forbid_unknown_fields=True, frozen=True, "
+                "kw_only=True)`",
+            )
         # The bases are not ABCMeta classes, so Python would not refuse these itself.
         missing = sorted(
             name
@@ -114,6 +156,22 @@ class Registry:
         )
         if missing:
             raise PluginError(f"{where}, which does not implement {', '.join(missing)}")
+        # infercore awaits these: a plain `def` would only fail at load or on the first request.
+        not_async = [
+            name
+            for name in _coroutine_methods(spec.base)
+            if not inspect.iscoroutinefunction(getattr(cls, name, None))
+        ]
+        if not_async:
+            one = len(not_async) == 1
+            listed = ", ".join(f"{name}()" for name in not_async)
+            example = f"`async def {not_async[0]}(...)`" if one else "`async def`"
+            raise PluginError(
+                f"{where}, whose {listed} {'is' if one else 'are'} not `async def`, "
+                f"but infercore awaits {'it' if one else 'them'}",
+                hint=f"declare {'it' if one else 'them'} {example}; run blocking work in a "
+                "thread with `await asyncio.to_thread(...)`",
+            )
 
     def routes(self, runtime: Any) -> list[Any]:
         """Route handlers from every ``register_routes`` hook, in registration order.

@@ -492,18 +492,52 @@ def app_from_recipe(
 
 
 @contextmanager
+def _lone_errors_unwrapped() -> Iterator[None]:
+    """Re-raise an exception group holding one error as that error.
+
+    The test client runs the app's lifespan in an anyio task group, which wraps what start-up
+    or shut-down raised (a :class:`~infercore.errors.ModelLoadError` …) in an exception group;
+    unwrapped, ``pytest.raises(ModelLoadError)`` sees it. A group of several errors stays.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        error: BaseException = group
+        while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+            error = error.exceptions[0]
+        if isinstance(error, BaseExceptionGroup):
+            raise
+        # Keep the error's own chain (its cause), not the group it travelled in.
+        cause, context, suppress = error.__cause__, error.__context__, error.__suppress_context__
+        try:
+            raise error
+        finally:
+            error.__cause__, error.__context__ = cause, context
+            error.__suppress_context__ = suppress
+
+
+@contextmanager
 def app_client(runtime: Any) -> Iterator[TestClient[Litestar]]:
     """A Litestar ``TestClient`` whose lifespan starts and stops ``runtime``.
 
     Server errors come back as responses (500 with the problem body), as a real client sees
-    them, instead of being raised into the test.
+    them, instead of being raised into the test. An error that starting or stopping the
+    runtime raises comes out as itself (a model that fails to load raises
+    :class:`~infercore.errors.ModelLoadError`), not wrapped in an ``ExceptionGroup``.
     """
     from litestar.testing import TestClient
 
     from infercore.server import create_app
 
-    with TestClient(create_app(runtime), raise_server_exceptions=False) as client:
+    client = TestClient(create_app(runtime), raise_server_exceptions=False)
+    with _lone_errors_unwrapped():
+        client.__enter__()
+    try:
         yield client
+    finally:
+        # Only the lifespan's own errors are unwrapped: what the test body raised is untouched.
+        with _lone_errors_unwrapped():
+            client.__exit__(None, None, None)
 
 
 @asynccontextmanager

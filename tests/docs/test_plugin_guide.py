@@ -15,6 +15,7 @@ import contextlib
 import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -206,3 +207,47 @@ def test_the_repository_paths_the_guide_names_exist() -> None:
     for path in ("plugins/lightgbm", "plugins/onnx", "recipes/iris/train_lightgbm.py"):
         assert path in text
         assert (REPO / path).exists(), path
+
+
+# --- installing infercore: it is not on PyPI ------------------------------------------------
+
+_PIP_INSTALL = re.compile(r"\bpip install\b(?P<args>[^\n`#]*)")
+_INDEX_INFERCORE = re.compile(r"""^['"]?infercore(\[[^\]]*\])?([<>=!~].*)?['"]?$""")
+
+
+def _installs_infercore_from_an_index(text: str) -> list[str]:
+    """Every ``pip install`` in ``text`` that names the ``infercore`` distribution itself (not a
+    path, a URL or an ``infercore-NAME`` plugin), which only an index could answer."""
+    return [
+        m.group(0).strip()
+        for m in _PIP_INSTALL.finditer(text)
+        if any(_INDEX_INFERCORE.match(arg) for arg in m.group("args").split())
+    ]
+
+
+def test_no_install_line_assumes_infercore_is_on_pypi() -> None:
+    assert _installs_infercore_from_an_index("uv pip install infercore pytest") != []
+    assert _installs_infercore_from_an_index("pip install 'infercore[onnx]>=0.1'") != []
+    assert _installs_infercore_from_an_index("uv pip install -e /path/to/infercore pytest") == []
+    assert _installs_infercore_from_an_index("pip install -e './infercore-linear[test]'") == []
+    templates = sorted((REPO / "infercore" / "scaffold" / "templates").glob("*.tmpl"))
+    assert templates
+    for path in [GUIDE, *templates]:
+        assert _installs_infercore_from_an_index(path.read_text()) == [], path
+
+
+def test_the_tutorial_installs_infercore_from_a_checkout() -> None:
+    tutorial = [b for b in BLOCKS if b.within(TUTORIAL_HEADING) and b.lang == "bash"]
+    installs = [
+        line for b in tutorial for line in b.code.splitlines() if "/path/to/infercore" in line
+    ]
+    assert installs == ["uv pip install -e /path/to/infercore pytest"]
+    assert "infercore is not published on PyPI yet" in GUIDE.read_text()
+
+
+def test_the_scaffold_readme_installs_infercore_from_a_checkout(tmp_path: Path) -> None:
+    new_plugin("linear", "model_loader", tmp_path)
+    readme = (tmp_path / "infercore-linear" / "README.md").read_text()
+    assert "infercore is not on PyPI yet" in readme
+    assert "pip install -e /path/to/infercore" in readme
+    assert _installs_infercore_from_an_index(readme) == []

@@ -15,13 +15,20 @@ import pytest
 
 import infercore_lightgbm
 from infercore import hookimpl
-from infercore.errors import ConfigError, DeadlineExceeded, FeatureStoreUnavailable, PluginError
+from infercore.errors import (
+    ConfigError,
+    DeadlineExceeded,
+    FeatureStoreUnavailable,
+    ModelLoadError,
+    PluginError,
+)
 from infercore.testing import (
     ClientFactory,
     FakeFeatureSource,
     FakeModel,
     PluginManagerFactory,
     RuntimeFactory,
+    app_client,
     fake_model_config,
     plugin_manager,
     recipe_client,
@@ -172,6 +179,53 @@ def test_runtime_from_recipe_resolves_artifacts_in_model_root(tmp_path: Path) ->
     runtime = runtime_from_recipe(recipe, model_root=tmp_path)
     assert runtime.composed.model_root == tmp_path.resolve()
     assert set(runtime.plugins) >= {"fake", "builtins.routers"}
+
+
+# --- errors out of the test clients --------------------------------------------------------
+
+
+def test_a_model_that_fails_to_load_raises_model_load_error_from_recipe_client() -> None:
+    with (
+        pytest.raises(ModelLoadError, match=r"^models\.m\.versions\.1\.loader: fake load failure$"),
+        recipe_client(fake_model_config(fail_load=True)),
+    ):
+        pytest.fail("the client started a runtime whose only model failed to load")
+
+
+def test_app_client_and_the_fixture_raise_the_error_itself(
+    infercore_client: ClientFactory,
+) -> None:
+    runtime = runtime_from_recipe(fake_model_config(fail_warmup=True))
+    with pytest.raises(ModelLoadError, match="fake warm-up failure"), app_client(runtime):
+        pytest.fail("the client started a runtime whose only model failed to warm up")
+    with pytest.raises(ModelLoadError, match="fake load failure"):
+        infercore_client(fake_model_config(fail_load=True))
+
+
+def test_what_the_test_body_raises_is_left_as_it_is() -> None:
+    group = ExceptionGroup("raised by the test", [ValueError("one")])
+    with pytest.raises(ExceptionGroup) as info, recipe_client(fake_model_config()):
+        raise group
+    assert info.value is group
+
+
+def test_only_a_lone_error_is_unwrapped_and_keeps_its_cause() -> None:
+    from infercore.testing import _lone_errors_unwrapped
+
+    several = ExceptionGroup("two", [ValueError("a"), KeyError("b")])
+    with pytest.raises(ExceptionGroup) as group_info, _lone_errors_unwrapped():
+        raise several
+    assert group_info.value is several
+
+    try:
+        raise ModelLoadError("models.m.versions.1.loader: no weights") from OSError("EACCES")
+    except ModelLoadError as exc:
+        error = exc
+    nested = ExceptionGroup("outer", [ExceptionGroup("inner", [error])])
+    with pytest.raises(ModelLoadError) as info, _lone_errors_unwrapped():
+        raise nested
+    assert info.value is error
+    assert isinstance(error.__cause__, OSError)
 
 
 # --- the fixtures, as a plugin's test suite gets them --------------------------------------

@@ -2,11 +2,13 @@
 
 The tutorial of docs/plugins.md is turned into one bash script: its ``bash`` blocks in order,
 and each file it asks you to write (a block marked ``<!-- file: PATH -->``) written at that
-point. Only these substitutions are made, each of which must match the guide exactly once:
+point. The guide's commands run as written, install line included (infercore is not on PyPI:
+the guide installs it from a checkout), with only these substitutions, each of which must match
+the guide exactly once:
 
+- the placeholder ``/path/to/infercore`` becomes this checkout;
 - ``uv venv .venv --python 3.11`` uses this test's interpreter (no interpreter download);
-- ``uv pip install infercore pytest`` installs infercore from this checkout, not the index;
-- port 8080 becomes a free port.
+- port 8080 becomes a free port (at least twice).
 
 The script scaffolds ``infercore-linear``, installs it into the fresh environment, lists it
 with ``infercore plugins``, runs its tests (the generated ones, then the tutorial's), validates
@@ -32,6 +34,8 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+#: What the guide's install line says in place of the reader's checkout of infercore.
+CHECKOUT_PLACEHOLDER = "/path/to/infercore"
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -74,10 +78,9 @@ def _tutorial_script(port: int) -> tuple[str, list[Any]]:
         elif block.lang == "bash":
             parts.append(block.code)
     script = "\n".join(parts) + "\n"
-    install = f"uv pip install -e {shlex.quote(str(REPO))} pytest"
     substitutions = {
+        CHECKOUT_PLACEHOLDER: shlex.quote(str(REPO)),
         "uv venv .venv --python 3.11": f"uv venv .venv --python {shlex.quote(sys.executable)}",
-        "uv pip install infercore pytest": install,
         "8080": str(port),
     }
     for old, new in substitutions.items():

@@ -120,8 +120,216 @@ def test_config_that_is_not_a_struct_fails() -> None:
 
     with pytest.raises(PluginError) as info:
         _registry(("badcfg", _loaders(DictConfig)))
-    assert "'badcfg'" in str(info.value)
-    assert "Config" in str(info.value) and "msgspec.Struct" in str(info.value)
+    text = str(info.value)
+    assert text.startswith(
+        "plugin 'badcfg': register_model_loaders() returned DictConfig, whose `Config` (dict) "
+        "is not a msgspec.Struct (hint: declare `class Config(msgspec.Struct, "
+        "forbid_unknown_fields=True, frozen=True, kw_only=True)` in the class"
+    )
+    assert "<class" not in text
+
+
+def test_config_that_does_not_forbid_unknown_fields_fails() -> None:
+    class LooseConfig(msgspec.Struct, frozen=True, kw_only=True):
+        scale: float = 1.0
+
+    class Loose(_Echo):
+        kind = "loose"
+        Config = LooseConfig  # type: ignore[assignment]
+
+    with pytest.raises(PluginError) as info:
+        _registry(("loose-plugin", _loaders(Loose)))
+    assert str(info.value) == (
+        "plugin 'loose-plugin': register_model_loaders() returned Loose, whose `Config` "
+        "(LooseConfig) does not forbid unknown fields, so a misspelled option would be ignored "
+        "(hint: add forbid_unknown_fields=True to its class statement, e.g. `class "
+        "LooseConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True)`)"
+    )
+
+
+def test_config_inheriting_forbid_unknown_fields_is_accepted() -> None:
+    class Wider(_EchoConfig):
+        offset: float = 0.0
+
+    class Inherits(_Echo):
+        kind = "inherits"
+        Config = Wider
+
+    registry = _registry(("inherits", _loaders(Inherits)))
+    with pytest.raises(ConfigError, match=r"^m\.loader\.ofset: unknown key"):
+        registry.resolve("model_loader", {"kind": "inherits", "ofset": 1}, path="m.loader")
+
+
+@pytest.mark.parametrize("kind", ["Bad Kind!", "Echo", "1st", "-x", "_x", "a.b", "a" * 65])
+def test_kind_that_is_not_a_valid_name_fails(kind: str) -> None:
+    class Odd(_Echo):
+        pass
+
+    Odd.kind = kind
+    with pytest.raises(PluginError) as info:
+        _registry(("odd", _loaders(Odd)))
+    assert str(info.value) == (
+        f"plugin 'odd': register_model_loaders() returned Odd, whose kind {kind!r} is not a "
+        "valid kind (hint: a kind is a lower-case letter followed by at most 63 lower-case "
+        "letters, digits, '-' or '_', e.g. 'my-format')"
+    )
+
+
+@pytest.mark.parametrize("kind", ["a", "torch-gpu", "alibi-ks", "register_candidate", "a" * 64])
+def test_kinds_like_the_first_party_ones_are_accepted(kind: str) -> None:
+    class Fine(_Echo):
+        pass
+
+    Fine.kind = kind
+    assert _registry(("fine", _loaders(Fine))).kinds("model_loader")[kind].cls is Fine
+
+
+def test_every_installed_component_passes_the_checks() -> None:
+    from infercore.registry import KIND_PATTERN
+
+    # Building the registry checks every class the built-ins and installed plugins register.
+    registry = _registry()
+    assert "onnx" in registry.kinds("model_loader")
+    assert "dynamic" in registry.kinds("batcher")
+    kinds = [kind for spec in KINDS for kind in registry.kinds(spec.role)]
+    assert [k for k in kinds if not KIND_PATTERN.fullmatch(k)] == []
+
+
+def test_a_plain_def_where_the_base_awaits_fails_naming_the_method() -> None:
+    class Blocking(Model):
+        kind = "blocking"
+        Config = _EchoConfig
+
+        def predict(self, inputs: Tensors) -> Tensors:  # type: ignore[override]
+            return inputs
+
+    with pytest.raises(PluginError) as info:
+        _registry(("blocking-plugin", _loaders(Blocking)))
+    assert str(info.value) == (
+        "plugin 'blocking-plugin': register_model_loaders() returned Blocking, whose predict() "
+        "is not `async def`, but infercore awaits it (hint: declare it `async def "
+        "predict(...)`; run blocking work in a thread with `await asyncio.to_thread(...)`)"
+    )
+
+
+def test_several_plain_defs_are_named_together() -> None:
+    class Blocking(_Echo):
+        kind = "blocking"
+
+        def start(self) -> None:  # type: ignore[override]
+            pass
+
+        def warmup(self) -> None:  # type: ignore[override]
+            pass
+
+    with pytest.raises(PluginError) as info:
+        _registry(("p", _loaders(Blocking)))
+    text = str(info.value)
+    assert "whose start(), warmup() are not `async def`, but infercore awaits them" in text
+    assert "(hint: declare them `async def`;" in text
+
+
+class _SyncFetch:
+    @hookimpl
+    def register_feature_sources(self) -> list[Any]:
+        from infercore.components import FeatureSource
+
+        class SyncFetch(FeatureSource):
+            kind = "sync-fetch"
+
+            def fetch(self, fields: Any, *, deadline: float) -> Any:
+                return dict(fields)
+
+        return [SyncFetch]
+
+
+class _SyncSubmit:
+    @hookimpl
+    def register_batchers(self) -> list[Any]:
+        from infercore.components import Batcher
+
+        class SyncSubmit(Batcher):
+            kind = "sync-submit"
+
+            def submit(self, inputs: Any, *, deadline: float) -> Any:
+                return inputs
+
+        return [SyncSubmit]
+
+
+class _SyncRun:
+    @hookimpl
+    def register_actions(self) -> list[Any]:
+        from infercore.components import Action
+
+        class SyncRun(Action):
+            kind = "sync-run"
+
+            def run(self, event: Any) -> Any:
+                return None
+
+        return [SyncRun]
+
+
+class _SyncStop:
+    @hookimpl
+    def register_routers(self) -> list[Any]:
+        class SyncStop(Router):
+            kind = "sync-stop"
+
+            def route(self, request: Any, table: Any) -> str:
+                return "1"
+
+            def stop(self) -> None:  # type: ignore[override]
+                pass
+
+        return [SyncStop]
+
+
+@pytest.mark.parametrize(
+    ("plugin", "hook", "method"),
+    [
+        (_SyncFetch(), "register_feature_sources", "fetch"),
+        (_SyncSubmit(), "register_batchers", "submit"),
+        (_SyncRun(), "register_actions", "run"),
+        (_SyncStop(), "register_routers", "stop"),
+    ],
+)
+def test_every_role_s_awaited_methods_must_be_async(plugin: object, hook: str, method: str) -> None:
+    with pytest.raises(PluginError) as info:
+        _registry(("sync", plugin))
+    text = str(info.value)
+    assert text.startswith(f"plugin 'sync': {hook}() returned Sync")
+    assert f"whose {method}() is not `async def`, but infercore awaits it" in text
+
+
+def test_methods_the_base_declares_plain_may_stay_plain() -> None:
+    from infercore.components import DriftDetector, DriftResult
+
+    class PlainRouter(Router):
+        kind = "plain-router"
+
+        def route(self, request: Any, table: Any) -> str:
+            return "1"
+
+    class PlainDetector(DriftDetector):
+        kind = "plain-detector"
+
+        def detect(self, window: Tensors) -> DriftResult:
+            raise NotImplementedError
+
+    class Plugin:
+        @hookimpl
+        def register_routers(self) -> list[Any]:
+            return [PlainRouter]
+
+        @hookimpl
+        def register_drift_detectors(self) -> list[Any]:
+            return [PlainDetector]
+
+    registry = _registry(("plain", Plugin()))
+    assert registry.kinds("router")["plain-router"].cls is PlainRouter
+    assert registry.kinds("drift_detector")["plain-detector"].cls is PlainDetector
 
 
 def test_class_of_the_wrong_role_fails() -> None:
