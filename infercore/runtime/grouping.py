@@ -31,6 +31,9 @@ Who may be grouped, and what stays per request:
   cancelled (its work, if still queued, never runs); once the group's batch is running, a
   departed request's rows are computed with it, as in any batch.
 - Each request keeps its own deadline; the group as a whole waits for the latest one.
+- A component that counts per request (the feature source's lookups, failures, defaults) can
+  tell a request run again alone from any other: the group's pass is :func:`group_pass` inside
+  it, and the first :func:`run_again_after` of each of its requests run again alone.
 """
 
 from __future__ import annotations
@@ -95,6 +98,38 @@ class RunAlone(Exception):
     """Raised by a group runner: the group's answer cannot be split; each request runs alone."""
 
 
+class GroupPass:
+    """One pass of a group of several requests through the pipeline, by identity (weakly
+    referable: a component may key what the pass counted by it, for as long as the group's
+    requests can still run again alone)."""
+
+    __slots__ = ("__weakref__",)
+
+
+_group_pass: contextvars.ContextVar[GroupPass | None] = contextvars.ContextVar(
+    "infercore_group_pass", default=None
+)
+_run_again: contextvars.ContextVar[GroupPass | None] = contextvars.ContextVar(
+    "infercore_run_again_after", default=None
+)
+
+
+def group_pass() -> GroupPass | None:
+    """The pass of a group of several requests that the caller runs in (the group's stacked
+    fetch, say), else ``None``: a request alone, a group of one, or a request run again alone."""
+    return _group_pass.get()
+
+
+def run_again_after() -> GroupPass | None:
+    """In a request run again alone because its group's answer could not be split: that
+    group's pass, to the first call of the request's run (later calls get ``None``, so a
+    second fetch of one request is never taken for its first); else ``None``."""
+    after = _run_again.get()
+    if after is not None:
+        _run_again.set(None)
+    return after
+
+
 class _Member:
     __slots__ = ("deadline", "declared", "degraded", "fields", "future", "rows")
 
@@ -116,7 +151,7 @@ class _Member:
 
 
 class _Group:
-    __slots__ = ("key", "live", "members", "rows", "task")
+    __slots__ = ("key", "live", "members", "passed", "rows", "task")
 
     def __init__(self, key: tuple[Any, ...]) -> None:
         self.key = key
@@ -124,6 +159,8 @@ class _Group:
         self.rows = 0
         self.live = 0
         self.task: asyncio.Task[None] | None = None
+        #: The group's pass, once it runs with several requests.
+        self.passed: GroupPass | None = None
 
 
 #: ``runner(members' fields, stacked fields, declared, deadline)`` -> the outputs of every row.
@@ -236,7 +273,11 @@ class RequestGroups:
             self._close(group)
         self.waiting += 1
         try:
-            return await member.future
+            result = await member.future
+            if result is None and group.passed is not None:
+                # The caller runs the request again alone next, in this task's context.
+                _run_again.set(group.passed)
+            return result
         except asyncio.CancelledError:
             # The caller went before its answer: out of the group; the last one out cancels
             # the group's work. Cancelling the caller has usually cancelled its future already
@@ -279,6 +320,9 @@ class RequestGroups:
             if len(members) == 1:
                 await self._one(members[0])
                 return
+            # The group's task has a context of its own: its requests' do not see this.
+            group.passed = GroupPass()
+            _group_pass.set(group.passed)
             await self._several(members)
         except asyncio.CancelledError:
             for m in members:

@@ -5,21 +5,25 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import pandas as pd
 import pytest
 
-from infercore.components import ComponentContext
+from infercore.components import ComponentContext, Tensors
 from infercore.config.validation import convert
 from infercore_feast import FeastFeatureSource, FeastSourceConfig
+from infercore_feast import store as feast_store
 
 T = TypeVar("T")
 
@@ -169,7 +173,8 @@ def assert_readers_agree(store: Any) -> None:
         assert row[1] == want_i["txn_count_1h"]
         assert row[2] == want_i["txn_count_7d"]  # None for NULL_CARD
         assert row[4] == pytest.approx(want_i["amount_avg_7d"])
-    assert got[CARDS - 1] is not None and got[CARDS - 1][2] is None
+    last = got[CARDS - 1]
+    assert last is not None and last[2] is None
     assert got[-2:] == [None, None]
 
 
@@ -326,3 +331,72 @@ def redis_process(tmp_path: Path) -> Iterator[RedisProcess]:
         yield server
     finally:
         server.stop()
+
+
+# -- an online store that loses its rows ---------------------------------------------------------
+
+DEFAULT_24H = -1  # txn_count_24h's default in INPUTS
+REF_24H = "card_features:txn_count_24h"
+WAIT_S = 30.0
+
+
+async def fetch_card(source: FeastFeatureSource, i: int | str) -> Tensors:
+    key = card(i) if isinstance(i, int) else i
+    loop = asyncio.get_running_loop()
+    return await source.fetch(
+        {"card_id": np.array([key]), "amount": np.array([1.0])}, deadline=loop.time() + 10
+    )
+
+
+async def until(what: Callable[[], bool], timeout_s: float = WAIT_S) -> None:
+    """Poll ``what`` on the loop (the source's checks run meanwhile), bounded."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout_s
+    while not what():
+        if loop.time() > end:
+            raise AssertionError("timed out waiting")
+        await asyncio.sleep(0.05)
+
+
+class Gate:
+    """Holds ``materialize_again`` (the real one) until :meth:`open`; counts its calls (every
+    source's in the process) and records the views each was given."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.opened = threading.Event()
+        self.calls = 0
+        self.views: list[list[str]] = []
+        self._lock = threading.Lock()
+        real = feast_store.materialize_again
+
+        def gated(*args: Any, **kwargs: Any) -> None:
+            with self._lock:
+                self.calls += 1
+                self.views.append(list(args[2]))
+            if not self.opened.wait(WAIT_S):
+                raise RuntimeError("the test never opened the gate")
+            real(*args, **kwargs)
+
+        monkeypatch.setattr(feast_store, "materialize_again", gated)
+
+    def open(self) -> None:
+        self.opened.set()
+
+
+def flush(url: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        client.flushall()
+        assert client.dbsize() == 0
+    finally:
+        client.close()
+
+
+def errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno >= logging.ERROR and r.name == "infercore.feast"
+    ]

@@ -13,88 +13,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 from feast_test_support import (
+    DEFAULT_24H,
+    REF_24H,
+    Gate,
     RedisProcess,
     card,
+    errors,
+    fetch_card,
+    flush,
     latest,
     make_source,
     run,
     sample,
+    until,
 )
 
-from infercore.components import Tensors
 from infercore.components.features import begin_request
 from infercore.errors import FeatureStoreUnavailable
-from infercore_feast import FeastFeatureSource
 from infercore_feast import store as feast_store
-
-DEFAULT_24H = -1  # txn_count_24h's default in feast_test_support.INPUTS
-REF_24H = "card_features:txn_count_24h"
-WAIT_S = 30.0
-
-
-async def fetch_card(source: FeastFeatureSource, i: int | str) -> Tensors:
-    key = card(i) if isinstance(i, int) else i
-    loop = asyncio.get_running_loop()
-    return await source.fetch(
-        {"card_id": np.array([key]), "amount": np.array([1.0])}, deadline=loop.time() + 10
-    )
-
-
-async def until(what: Callable[[], bool], timeout_s: float = WAIT_S) -> None:
-    """Poll ``what`` on the loop (the source's checks run meanwhile), bounded."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout_s
-    while not what():
-        if loop.time() > end:
-            raise AssertionError("timed out waiting")
-        await asyncio.sleep(0.05)
-
-
-class Gate:
-    """Holds ``materialize_again`` (the real one) until :meth:`open`; counts its calls."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.opened = threading.Event()
-        self.calls = 0
-        real = feast_store.materialize_again
-
-        def gated(*args: Any, **kwargs: Any) -> None:
-            self.calls += 1
-            if not self.opened.wait(WAIT_S):
-                raise RuntimeError("the test never opened the gate")
-            real(*args, **kwargs)
-
-        monkeypatch.setattr(feast_store, "materialize_again", gated)
-
-    def open(self) -> None:
-        self.opened.set()
-
-
-def flush(url: str) -> None:
-    import redis
-
-    client = redis.Redis.from_url(url)
-    try:
-        client.flushall()
-        assert client.dbsize() == 0
-    finally:
-        client.close()
-
-
-def errors(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [
-        r.getMessage()
-        for r in caplog.records
-        if r.levelno >= logging.ERROR and r.name == "infercore.feast"
-    ]
 
 
 @pytest.mark.parametrize("how", ["flushall", "restart"])
@@ -122,14 +63,14 @@ def test_an_emptied_redis_fails_closed_until_it_is_materialized_again(
             assert source.markers["card_features"][0] == card(0)  # the newest offline row
             out = await fetch_card(source, 4)
             assert out["txn_count_24h"][0, 0] == latest(4)["txn_count_24h"]
-            assert sample(source, "infercore_feature_store_empty") == 0
+            assert sample(source, "infercore_feature_store_empty", view="card_features") == 0
             if how == "flushall":
                 flush(url)
             else:
                 await asyncio.to_thread(redis_process.restart)
             await until(lambda: bool(source.lost_views))
             assert source.lost_views == ("card_features",)
-            assert sample(source, "infercore_feature_store_empty") == 1
+            assert sample(source, "infercore_feature_store_empty", view="card_features") == 1
             # Several checks go by while the store stays empty: still one ERROR line.
             await asyncio.sleep(0.6)
             with pytest.raises(FeatureStoreUnavailable, match="empty"):
@@ -144,7 +85,7 @@ def test_an_emptied_redis_fails_closed_until_it_is_materialized_again(
             await until(lambda: not source.lost_views)
             out = await fetch_card(source, 5)
             assert out["txn_count_24h"][0, 0] == latest(5)["txn_count_24h"]
-            assert sample(source, "infercore_feature_store_empty") == 0
+            assert sample(source, "infercore_feature_store_empty", view="card_features") == 0
             # An entity the store never had is an unknown entity again: its defaults, no error.
             out = await fetch_card(source, "c_nobody")
             assert out["txn_count_24h"][0, 0] == DEFAULT_24H
@@ -160,7 +101,7 @@ def test_an_emptied_redis_fails_closed_until_it_is_materialized_again(
     assert url.split("//")[1] not in logged[0]  # no address in the line (S6)
     messages = [r.getMessage() for r in caplog.records]
     assert any("materialized card_features again" in m for m in messages)
-    assert any("holds its rows again" in m for m in messages)
+    assert any("holds its rows of card_features again" in m for m in messages)
 
 
 def test_an_emptied_redis_fails_open_with_defaults_marked_degraded(

@@ -443,3 +443,66 @@ def test_a_group_whose_read_opens_the_breaker_counts_each_request_once(model_roo
     assert got["error"] + got["breaker_open"] == 3 and got["error"] == 1, got
     assert got["misses"] == 3, got
     assert reads == 1
+
+
+class WakesOneBeside(Serving):
+    """When the group's fetch fails: the store is back, and ``woken`` is set, in the step
+    that hands the group's requests back to run alone (so a request waiting on it fetches in
+    the very turn they do, first)."""
+
+    def __init__(self, source: FeastFeatureSource) -> None:
+        super().__init__(source)
+        self.woken = asyncio.Event()
+
+    async def _run_group(
+        self,
+        members: Sequence[Mapping[str, Array]],
+        fields: Mapping[str, Array],
+        declared: Mapping[str, str] | None,
+        deadline: float,
+    ) -> Tensors:
+        try:
+            return await super()._run_group(members, fields, declared, deadline)
+        except FeatureStoreUnavailable:
+            self.spy.behaviour = None
+            self.woken.set()
+            raise
+
+
+def test_a_request_beside_a_failed_group_reads_and_counts_its_own(model_root: Path) -> None:
+    """A request that is not the group's, for a card among the group's, fetching in the turn
+    the group's requests run again alone: it is not one of them, so it neither takes the
+    group's failure without reading nor its counts. It reads the store (back by then) and is
+    served; the group's requests take the group's failure, one failure each."""
+
+    async def main() -> tuple[list[Answer], Any, dict[str, float], list[list[str]]]:
+        source = make_source(model_root)
+        await source.start()
+        try:
+            s = WakesOneBeside(source)
+            s.spy.behaviour = boom
+
+            async def beside() -> Any:
+                await s.woken.wait()
+                fields = {"card_id": np.array([card(1)]), "amount": np.ones(1, np.float32)}
+                deadline = asyncio.get_running_loop().time() + 30
+                try:
+                    return await source.fetch(fields, deadline=deadline)
+                except InfercoreError as exc:
+                    return exc
+
+            other = asyncio.create_task(beside())
+            await asyncio.sleep(0)  # it waits for the group's failure
+            before = s.counts()
+            group = await s.together(card(1), card(2))
+            alone = await other
+            return group, alone, s.since(before), s.spy.calls
+        finally:
+            await source.stop()
+
+    group, alone, delta, reads = run(main())
+    assert all(isinstance(result, FeatureStoreUnavailable) for result, _ in group)
+    assert isinstance(alone, dict), alone
+    assert alone["txn_count_24h"][0, 0] == latest(1)["txn_count_24h"]
+    assert reads == [[card(1), card(2)], [card(1)]]  # the group's, and the request's beside
+    assert delta["error"] == 2 and delta["misses"] == 3 and delta["hits"] == 0, delta

@@ -23,7 +23,14 @@ REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.mark.parametrize(
-    "option", ["timeout_ms", "redis_socket_timeout_s", "breaker_reset_s", "empty_check_s"]
+    "option",
+    [
+        "timeout_ms",
+        "redis_socket_timeout_s",
+        "breaker_reset_s",
+        "empty_check_s",
+        "materialize_lock_ttl_s",
+    ],
 )
 def test_a_non_finite_duration_is_refused(model_root: Path, option: str) -> None:
     with pytest.raises(

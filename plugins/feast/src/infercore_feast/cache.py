@@ -86,10 +86,10 @@ class TTLCache(Generic[V]):
         while len(self._data) > self.max_entries:
             self._data.popitem(last=False)
 
-    def discard_value(self, value: object) -> int:
-        """Drop every entry (expired ones too) whose value is ``value`` itself; how many."""
+    def discard_where(self, predicate: Callable[[V], bool]) -> int:
+        """Drop every entry (expired ones too) whose value ``predicate`` holds for; how many."""
         data = self._data
-        keys = [key for key, (_, held) in data.items() if held is value]
+        keys = [key for key, (_, held) in data.items() if predicate(held)]
         for key in keys:
             del data[key]
         return len(keys)

@@ -85,6 +85,7 @@ class FeastSourceConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True,
     breaker_reset_s: Positive = 5.0
     materialize_on_start: bool = True
     empty_check_s: NonNegative = 10.0
+    materialize_lock_ttl_s: Positive = 30.0
     read_threads: Annotated[int, msgspec.Meta(ge=1, le=64)] | None = None
     check_definition_types: bool = False
 
@@ -206,6 +207,7 @@ _FINITE = {
     "redis_socket_timeout_s": "e.g. redis_socket_timeout_s: 1",
     "breaker_reset_s": "e.g. breaker_reset_s: 5",
     "empty_check_s": "e.g. empty_check_s: 10 (0 turns the check off)",
+    "materialize_lock_ttl_s": "e.g. materialize_lock_ttl_s: 30",
 }
 
 

@@ -106,11 +106,20 @@ class FeatureMetrics:
         )
         self.store_empty = Gauge(
             "infercore_feature_store_empty",
-            "1 while the online store is known to have lost its rows (none of its marker "
-            "entities found, checked every empty_check_s) and they are not back yet, else 0.",
-            ("model",),
+            "1 while the online store is known to have lost the rows of this feature view "
+            "(none of its marker entities found, or its table gone; checked every "
+            "empty_check_s) and they are not back yet, else 0.",
+            ("model", "view"),
             registry=r,
             multiprocess_mode="livemax",
+        )
+        self.restores = Counter(
+            "infercore_feature_store_restores",
+            "Lost views restored: materialized by this process (outcome materialized), its "
+            "materialization failed (failed), or found restored by another process that held "
+            "the materialization lock (elsewhere).",
+            ("model", "outcome"),
+            registry=r,
         )
 
 

@@ -10,6 +10,7 @@ import math
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from concurrent.futures import ThreadPoolExecutor
@@ -30,12 +31,14 @@ from infercore.errors import (
     PluginError,
 )
 from infercore.protocol.tensors import coerce
+from infercore.runtime.grouping import GroupPass, group_pass, run_again_after
 from infercore_feast import store as feast_store
 from infercore_feast.breaker import CLOSED, OPEN, CircuitBreaker
 from infercore_feast.cache import MISSING, TTLCache
 from infercore_feast.config import FeastInput, FeastSourceConfig, check_config
 from infercore_feast.merging import ReadFailed, ReadMerger
 from infercore_feast.metrics import feature_metrics
+from infercore_feast.restore_lock import RestoreLock, restore_lock
 
 log = logging.getLogger("infercore.feast")
 
@@ -51,8 +54,8 @@ _NOTHING: frozenset[str] = frozenset()
 _NO_ROWS: frozenset[int] = frozenset()
 
 #: Why a fetch got no values: the labels of the failures and degraded counters. ``empty``: the
-#: online store has lost its rows (found by the check every ``empty_check_s``) and the read
-#: found none for a key.
+#: online store has lost the rows of a feature view (found by the check every
+#: ``empty_check_s``) and the read found none of that view for a key.
 REASONS = ("timeout", "error", "breaker_open", "empty")
 
 #: What the 503 of each reason says (no internals: it goes to the client).
@@ -75,14 +78,13 @@ class _Counted:
     Those fetches claim what the group's counted instead of counting it again: each key's
     lookup (a hit or a miss, and a stale row) once, each row's defaults, and a failure per
     fetch that got no values. And they take the reason each failed key's read failed instead
-    of reading it again.
+    of reading it again. Which fetch is one of those requests' is exact: the group's pass and
+    the request's first fetch after it tell (``infercore.runtime.grouping``).
     """
 
-    __slots__ = ("failed", "failures", "keys", "lookups", "rows")
+    __slots__ = ("failed", "failures", "lookups", "rows")
 
-    def __init__(self, keys: Sequence[str] = (), lookups: Sequence[str] = ()) -> None:
-        #: Every key of the fetch: only a fetch of some of these may be one of its requests.
-        self.keys = set(keys)
+    def __init__(self, lookups: Sequence[str]) -> None:
         #: key -> lookups of it counted and not claimed yet
         self.lookups = dict.fromkeys(lookups, 1)
         #: key -> rows of it whose defaults were counted and not claimed yet
@@ -91,21 +93,6 @@ class _Counted:
         self.failed: dict[str, str] = {}
         #: Failures counted and not claimed yet.
         self.failures = 0
-
-    def holds(self, found: Mapping[str, Any], misses: Sequence[str]) -> bool:
-        keys = self.keys
-        return keys.issuperset(found) and keys.issuperset(misses)
-
-    def merge(self, other: _Counted) -> None:
-        """Add the counts of ``other`` (groups that ended on the same turn, their requests
-        running alone together, may share keys)."""
-        self.keys |= other.keys
-        for mine, theirs in ((self.lookups, other.lookups), (self.rows, other.rows)):
-            for key, n in theirs.items():
-                mine[key] = mine.get(key, 0) + n
-        for key, reason in other.failed.items():
-            self.failed.setdefault(key, reason)
-        self.failures += other.failures
 
     def read_failed(self, reason: str, failed: Sequence[str], charged: str | None) -> None:
         for key in failed:
@@ -177,9 +164,9 @@ class FeastFeatureSource(FeatureSource):
     whose Feast store shares one connection between threads). A read is abandoned after
     ``timeout_ms`` (its rows are still cached if it ends later); a request waits no longer
     than its deadline. Failed reads apply ``on_failure`` and count towards the circuit
-    breaker. What a fetch of several rows (a request group's) counted is kept until its task
-    has ended: when the group's requests run again alone, they do not read its failed keys
-    again, and each request is counted once (:meth:`_keep_counts`).
+    breaker. What a request group's fetch counted is kept while its requests may run again
+    alone: then they do not read its failed keys again, and each request is counted once
+    (:meth:`_keep_counts`).
 
     ``feast`` is imported by :meth:`start` (it takes seconds), never with this module.
     """
@@ -212,11 +199,17 @@ class FeastFeatureSource(FeatureSource):
         self._unknown: Prepared = (defaults, tuple(range(len(defaults))))
         # A key whose read failed (fail_open): defaults, not counted as defaults.
         self._unread: Prepared = (defaults, ())
-        # What a read answers for a key the store has no row for while the store is known to
-        # have lost its rows: a failure (reason ``empty``), never cached. Told apart by
-        # identity, as ``_unknown`` is.
+        # What a read answers for a key the store has no row of a lost view for (while the
+        # store is known to have lost that view's rows): a failure (reason ``empty``), never
+        # cached. Told apart by identity, as ``_unknown`` is.
         self._lost: Prepared = (defaults, ())
         feast_index = {i.name: j for j, i in enumerate(self._feast_inputs)}
+        #: Per feature view, the positions of its feast inputs: a row whose inputs of a lost
+        #: view all took their defaults has no row of that view.
+        view_inputs: dict[str, set[int]] = {}
+        for j, item in enumerate(self._feast_inputs):
+            view_inputs.setdefault(item.view, set()).add(j)
+        self._view_inputs = {view: frozenset(js) for view, js in view_inputs.items()}
         # Per model input, in order: its name, its feast input's position (-1 for a request
         # input) and the dtype of a feast input's tensor.
         self._plan = [
@@ -247,8 +240,11 @@ class FeastFeatureSource(FeatureSource):
         self._m_misses = m.cache_misses.labels(model)
         self._m_breaker = m.breaker_open.labels(model)
         self._m_breaker.set(0)
-        self._m_empty = m.store_empty.labels(model)
-        self._m_empty.set(0)
+        self._m_store_empty = m.store_empty
+        self._m_restores = {
+            outcome: m.restores.labels(model, outcome)
+            for outcome in ("materialized", "failed", "elsewhere")
+        }
         self._m_failures = {r: m.failures.labels(model, r) for r in REASONS}
         self._m_degraded = {r: m.degraded.labels(model, r) for r in REASONS}
         self._m_defaults = [m.defaults.labels(model, i.ref) for i in self._feast_inputs]
@@ -278,17 +274,21 @@ class FeastFeatureSource(FeatureSource):
         #: The feature views the inputs use, and their marker entities (after :meth:`start`).
         self._views: dict[str, Any] = {}
         self.markers: dict[str, tuple[Any, ...]] = {}
-        #: The views found without their marker rows: while any is, the store has lost its
-        #: rows, and a read that finds none for a key is a failure (``empty``).
+        #: The views found without their marker rows: while one is, the store has lost its
+        #: rows, and a read that finds none of it for a key is a failure (``empty``).
         self.lost_views: tuple[str, ...] = ()
+        #: The input positions of each lost view (``_view_inputs``).
+        self._lost_inputs: tuple[frozenset[int], ...] = ()
+        #: Reads the markers (after :meth:`start`, when there are markers to check).
+        self._check: feast_store.MarkerCheck | None = None
+        #: Taken by the one process that materializes the lost views (after :meth:`start`).
+        self._restore_lock: RestoreLock | None = None
         self._check_executor: ThreadPoolExecutor | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._restoring: asyncio.Task[None] | None = None
-        #: What each task's last fetch of several rows counted (:meth:`_keep_counts`), until
-        #: the task has ended and its requests run alone have claimed it (:meth:`_earlier`).
-        self._counts: dict[asyncio.Task[Any], _Counted] = {}
-        self._ended: _Counted | None = None
-        self._ended_tasks: set[asyncio.Task[Any]] = set()
+        #: What each request group's fetch counted (:meth:`_keep_counts`), while the group's
+        #: pass is alive: its task, or one of its requests that may still run again alone.
+        self._counts: weakref.WeakKeyDictionary[GroupPass, _Counted] = weakref.WeakKeyDictionary()
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -313,13 +313,18 @@ class FeastFeatureSource(FeatureSource):
                 hint=self._open_hint(exc),
             ) from exc
         self.store, self._views, self.markers = opened.store, opened.views, opened.markers
+        self._check = opened.check
         # A spare thread per read slot: a read that outlives its timeout keeps its thread
         # (it cannot be stopped), and the next read should not queue behind it. Reads that
         # queue all the same (a hung store) time out unstarted, so the breaker still opens.
         self._executor = ThreadPoolExecutor(
             max_workers=2 * self.read_slots, thread_name_prefix="infercore-feast"
         )
-        if self.markers and self.config.empty_check_s:
+        if self._check is not None:
+            for view in self.markers:
+                self._m_store_empty.labels(self._model, view).set(0)
+            if self.config.materialize_on_start:
+                self._restore_lock = restore_lock(self.config, where.sqlite)
             # Its own thread: a check that waits on a stalled store never holds a read's.
             self._check_executor = ThreadPoolExecutor(
                 max_workers=1, thread_name_prefix="infercore-feast-check"
@@ -388,6 +393,12 @@ class FeastFeatureSource(FeatureSource):
         if self._check_executor is not None:
             self._check_executor.shutdown(wait=False, cancel_futures=True)
             self._check_executor = None
+        lock, self._restore_lock = self._restore_lock, None
+        if lock is not None:
+            # Held only if stopped while taking it; a materialization still running in its
+            # daemon thread releases it itself when it ends.
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(lock.close)
 
     def _scrub(self, text: str) -> str:
         """``text`` fit for a log line or an error: no local paths, no redis URL (S6)."""
@@ -412,11 +423,12 @@ class FeastFeatureSource(FeatureSource):
     # -- an online store that lost its rows -------------------------------------------------
 
     async def _watch(self) -> None:
-        """Every ``empty_check_s``: does the store still hold its marker rows?
+        """Every ``empty_check_s``: does the store still hold each view's marker rows?
 
-        Off the request path: one small read per view in its own thread. A Redis restarted
-        without persistence (or flushed) answers every read, with nothing in it; served as
-        is, every entity would get its defaults, silently.
+        Off the request path: one small read per view, in a thread of its own. A Redis
+        restarted without persistence (or flushed) answers every read, with nothing in it;
+        one view's rows deleted (its keys' fields in Redis, its table in SQLite) leave the
+        others served. Either way its entities would get their defaults, silently.
         """
         interval = self.config.empty_check_s
         while True:
@@ -431,110 +443,210 @@ class FeastFeatureSource(FeatureSource):
         """Check the marker rows once (the watcher's step; tests call it directly too).
 
         A store that cannot be read is left to the read path and the breaker; while the
-        store's rows are being restored, the restoration's end checks.
+        store's rows are being restored, the restoration checks.
         """
-        if self._restoring is not None or self._check_executor is None:
+        if self._restoring is not None or self._check is None:
             return
         try:
-            lost = await self._in_check_thread(
-                feast_store.lost_views, self.store, self._views, self.markers
-            )
+            lost = await self._check_markers()
         except Exception as exc:
-            log.debug(
-                "feast: the empty-store check of model %s could not read: %s: %s",
-                self._model,
-                type(exc).__name__,
-                self._scrub(str(exc)),
-            )
+            self._check_failed(exc)
             return
         self._found(lost)
 
-    async def _in_check_thread(self, fn: Callable[..., T], *args: Any) -> T:
-        assert self._check_executor is not None
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._check_executor, functools.partial(fn, *args))
+    async def _check_markers(self) -> dict[str, str]:
+        """The lost views and why (:class:`feast_store.MarkerCheck`), in the check's thread."""
+        assert self._check is not None
+        return await self._in_check_thread(self._check)
 
-    def _found(self, lost: Sequence[str]) -> None:
-        """What a check found: the views without their marker rows (none: all is well)."""
-        if lost and not self.lost_views:
-            self.lost_views = tuple(lost)
-            self._m_empty.set(1)
-            # Rows read since the store emptied were cached as unknown entities: wrong.
-            dropped = self.cache.discard_value(self._unknown)
+    def _check_failed(self, exc: Exception) -> None:
+        log.debug(
+            "feast: the empty-store check of model %s could not read: %s: %s",
+            self._model,
+            type(exc).__name__,
+            self._scrub(str(exc)),
+        )
+
+    async def _in_check_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        executor = self._check_executor
+        if executor is None:
+            raise RuntimeError("the feature source has stopped")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(executor, functools.partial(fn, *args))
+
+    def _found(self, lost: Mapping[str, str]) -> None:
+        """What a check found: the views without their marker rows, each with why (none:
+        all is well). A view found lost is logged once, when found; one back, once."""
+        before = self.lost_views
+        new = [view for view in lost if view not in before]
+        back = [view for view in before if view not in lost]
+        if new or back:
+            self._set_lost(tuple(lost))
+        if new:
+            # Rows read since the view emptied were cached without it: wrong.
+            gone = tuple(self._view_inputs[view] for view in new)
+            dropped = self.cache.discard_where(functools.partial(self._misses, gone=gone))
             then = (
                 "materializing again in the background"
                 if self.config.materialize_on_start
                 else "materialize it again (`feast materialize`)"
             )
+            names = ", ".join(new)
             log.error(
-                "feast: the %s online store of model %s has lost its rows: it holds none of "
-                "the marker entities of %s; %s. Until it holds them again, a read that finds "
-                "no row is a store failure (reason empty, on_failure: %s); %d cached rows of "
-                "unknown entities dropped",
+                "feast: the %s online store of model %s has lost its rows of %s; %s. Until "
+                "they are back, a read that finds no row of %s for an entity is a store "
+                "failure (reason empty, on_failure: %s); %d cached rows without them dropped",
                 self.config.online_store,
                 self._model,
-                ", ".join(lost),
+                ", ".join(f"{view} ({lost[view]})" for view in new),
                 then,
+                names,
                 self.config.on_failure,
                 dropped,
             )
-        elif not lost and self.lost_views:
-            self.lost_views = ()
-            self._m_empty.set(0)
+        if back:
             log.info(
-                "feast: the online store of model %s holds its rows again; serving from it",
+                "feast: the online store of model %s holds its rows of %s again; serving from it",
                 self._model,
+                ", ".join(back),
             )
-        if self.lost_views and self.config.materialize_on_start and self._restoring is None:
-            self._restoring = asyncio.get_running_loop().create_task(self._restore(self.lost_views))
+        if self.lost_views and self._restore_lock is not None and self._restoring is None:
+            self._restoring = asyncio.get_running_loop().create_task(self._restore())
 
-    async def _restore(self, views: Sequence[str]) -> None:
-        """Materialize ``views`` again, then check their markers (in a daemon thread: a long
-        materialization must not hold the process's exit; one cut short is idempotent)."""
-        assert self._where is not None
-        where, path = self._where, self.context.path
-        t0 = time.perf_counter()
+    def _set_lost(self, views: tuple[str, ...]) -> None:
+        self.lost_views = views
+        self._lost_inputs = tuple(self._view_inputs[view] for view in views)
+        for view in self.markers:
+            self._m_store_empty.labels(self._model, view).set(1 if view in views else 0)
+
+    def _misses(self, row: Prepared, gone: tuple[frozenset[int], ...]) -> bool:
+        """Whether ``row`` has no row of one of the views whose inputs are ``gone``: every
+        input of that view took its default (an entity unknown to the store has none)."""
+        if row is self._unknown:
+            return True
+        defaulted = row[1]
+        return bool(defaulted) and any(inputs.issubset(defaulted) for inputs in gone)
+
+    async def _restore(self) -> None:
+        """Materialize the lost views again: take the lock the store's processes share (its
+        holder materializes; the others wait, then find the markers back), materialize in a
+        daemon thread (a long materialization must not hold the process's exit; one cut short
+        is idempotent), then check the markers again."""
+        lock = self._restore_lock
+        assert lock is not None and self._where is not None
+        where, path, model = self._where, self.context.path, self._model
+        views: list[str] = []
+        lost: dict[str, str] = {}
         try:
             try:
-                await _in_daemon_thread(
-                    feast_store.materialize_again, self.config, where, list(views), path=path
-                )
+                await self._take(lock)
+                # Under the lock: the process that held it may have restored them.
+                lost = await self._check_markers()
             except Exception as exc:
+                if lock.held:
+                    await self._release(lock)
                 log.error(
-                    "feast: materializing %s again for model %s failed: %s: %s; next try in %gs",
-                    ", ".join(views),
-                    self._model,
+                    "feast: model %s could not take the materialization lock or check the "
+                    "store: %s: %s; next try in %gs",
+                    model,
                     type(exc).__name__,
                     self._scrub(str(exc)),
                     self.config.empty_check_s,
                 )
                 return
+            if not lost:
+                await self._release(lock)
+                self._m_restores["elsewhere"].inc()
+                log.info(
+                    "feast: %s materialized again by another process; model %s did not materialize",
+                    ", ".join(self.lost_views) or "the lost views",
+                    model,
+                )
+                self._found({})
+                return
+            self._found(lost)
+            views = list(lost)
+            t0 = time.perf_counter()
+            try:
+                await _in_daemon_thread(
+                    lock.hold_while,
+                    feast_store.materialize_again,
+                    self.config,
+                    where,
+                    views,
+                    path=path,
+                )
+            except Exception as exc:
+                self._m_restores["failed"].inc()
+                log.error(
+                    "feast: materializing %s again for model %s failed: %s: %s; next try in %gs",
+                    ", ".join(views),
+                    model,
+                    type(exc).__name__,
+                    self._scrub(str(exc)),
+                    self.config.empty_check_s,
+                )
+                return
+            self._m_restores["materialized"].inc()
             log.info(
                 "feast: materialized %s again for model %s in %.2fs",
                 ", ".join(views),
-                self._model,
+                model,
                 time.perf_counter() - t0,
             )
             try:
-                lost = await self._in_check_thread(
-                    feast_store.lost_views, self.store, self._views, self.markers
-                )
-            except Exception:
+                lost = await self._check_markers()
+            except Exception as exc:
+                self._check_failed(exc)
                 return  # the next check decides
         finally:
+            # (Cancelled holding the lock, before materializing: stop() releases it.)
             self._restoring = None
-        if lost:
+        still = [view for view in lost if view in views]
+        if still:
             # Materialized, and still none of the markers: the check is wrong about these
             # views (their newest offline rows are not what the store keeps), not the store.
             log.error(
                 "feast: %s still lacks its marker rows after materializing; the empty-store "
                 "check of model %s is off for it",
-                ", ".join(lost),
-                self._model,
+                ", ".join(still),
+                model,
             )
-            for name in lost:
-                self.markers.pop(name, None)
-        self._found([])
+            for view in still:
+                self._m_store_empty.labels(model, view).set(0)
+                self.markers.pop(view, None)
+        # Views lost while these were materialized are found now (and restored in turn).
+        self._found({view: why for view, why in lost.items() if view not in views})
+
+    async def _release(self, lock: RestoreLock) -> None:
+        try:
+            await self._in_check_thread(lock.release)
+        except Exception as exc:  # a Redis lock expires by itself
+            log.debug("feast: releasing the materialization lock failed: %r", exc)
+
+    async def _take(self, lock: RestoreLock) -> None:
+        """Wait for the materialization lock. Meanwhile, every ``min(1 s, empty_check_s)``,
+        the markers are checked for views newly lost (none is found back while another
+        process materializes: its rows come back before it has written them all)."""
+        poll = min(1.0, self.config.empty_check_s)
+        waited = False
+        while not await self._in_check_thread(lock.acquire):
+            if not waited:
+                waited = True
+                log.info(
+                    "feast: another process is materializing the %s online store of project "
+                    "%s; model %s waits for it, then checks the store",
+                    self.config.online_store,
+                    self.config.project,
+                    self._model,
+                )
+            await asyncio.sleep(poll)
+            try:
+                lost = await self._check_markers()
+            except Exception as exc:
+                self._check_failed(exc)
+                continue
+            self._found({**dict.fromkeys(self.lost_views, ""), **lost})
 
     # -- the request path ----------------------------------------------------------------
 
@@ -552,9 +664,10 @@ class FeastFeatureSource(FeatureSource):
                 misses.append(key)
             else:
                 found[key] = value
-        # A request of a group that has just run each of its requests again alone: what the
+        # A request of a group that has run each of its requests again alone: what the
         # group's fetch counted for these keys is not counted again.
-        earlier = self._earlier(found, misses) if self._counts or self._ended is not None else None
+        after = run_again_after()
+        earlier = self._counts.get(after) if after is not None else None
         counted: AbstractSet[str] = _NOTHING
         hits, missed = len(found), len(misses)
         if earlier is not None:
@@ -563,7 +676,7 @@ class FeastFeatureSource(FeatureSource):
                 counted_hits = sum(1 for key in found if key in counted)
                 hits -= counted_hits
                 missed -= len(counted) - counted_hits
-        mine = self._keep_counts(found, misses, counted) if rows > 1 else None
+        mine = self._keep_counts(found, misses)
         if hits:
             self._m_hits.inc(hits)
         if misses:
@@ -600,57 +713,23 @@ class FeastFeatureSource(FeatureSource):
         claimed_rows = earlier.claim_rows(keys) if earlier is not None else _NO_ROWS
         return self._assemble(keys, found, request_columns, claimed_rows)
 
-    def _keep_counts(
-        self, found: Mapping[str, Any], misses: list[str], counted: AbstractSet[str]
-    ) -> _Counted | None:
-        """Keep what this fetch of several rows counts until its task has ended.
+    def _keep_counts(self, found: Mapping[str, Any], misses: list[str]) -> _Counted | None:
+        """Keep what a request group's fetch counts, for its requests run again alone.
 
-        With request grouping (``server.group_requests``) the task is a group's: when the
-        group's answer cannot be split, it hands each of its requests back to run alone, and
-        ends. Those requests wake up, and fetch, before the task's done callbacks run (they
-        were queued first); until then they claim these counts (:meth:`_earlier`) instead of
-        counting again, so each request is counted once; and they do not read again the keys
-        whose read has just failed. A fetch beside a running group, or after its end, counts
-        its own.
+        With request grouping (``server.group_requests``), when the group's answer cannot be
+        split, each of its requests runs again alone: their fetches claim these counts
+        instead of counting again, so each request is counted once; and they do not read
+        again the keys whose read has just failed. Any other fetch counts its own.
 
         Args:
             found: The fetch's keys found in the cache.
             misses: Its other keys.
-            counted: Its keys whose lookups it claimed, so did not count.
         """
-        task = asyncio.current_task()
-        if task is None:
+        passed = group_pass()
+        if passed is None:
             return None
-        keys = [*found, *misses]
-        mine = _Counted(keys, [key for key in keys if key not in counted] if counted else keys)
-        if task not in self._counts:
-            task.add_done_callback(self._task_ended)
-        self._counts[task] = mine
+        mine = self._counts[passed] = _Counted([*found, *misses])
         return mine
-
-    def _task_ended(self, task: asyncio.Task[Any]) -> None:
-        # Its requests that ran again alone have fetched by now: its counts are not claimed
-        # any more.
-        if self._counts.pop(task, None) is None:
-            tasks = self._ended_tasks
-            tasks.discard(task)
-            if not tasks:
-                self._ended = None
-
-    def _earlier(self, found: Mapping[str, Any], misses: Sequence[str]) -> _Counted | None:
-        """The counts of the fetches of several rows whose tasks have just ended (groups whose
-        requests now run alone, this one maybe), when they hold all of these keys."""
-        counts = self._counts
-        ended = [task for task in counts if task.done()]
-        if ended:
-            pool = self._ended
-            if pool is None:
-                pool = self._ended = _Counted()
-            for task in ended:
-                pool.merge(counts.pop(task))
-                self._ended_tasks.add(task)
-        pool = self._ended
-        return pool if pool is not None and pool.holds(found, misses) else None
 
     def _serve_stale(
         self, keys: list[str], found: dict[str, Any], counted: AbstractSet[str] = frozenset()
@@ -765,9 +844,10 @@ class FeastFeatureSource(FeatureSource):
         # The store answered: an emptied one is not failing, and opening the breaker would
         # only hide the rows coming back.
         self.breaker.record_success()
-        if self.lost_views:
-            unknown, lost = self._unknown, self._lost
-            rows = [lost if row is unknown else row for row in rows]
+        gone = self._lost_inputs
+        if gone:
+            lost, misses = self._lost, self._misses
+            rows = [lost if misses(row, gone) else row for row in rows]
         else:
             lost = None
         cache = self.cache
@@ -781,10 +861,9 @@ class FeastFeatureSource(FeatureSource):
         later read has cached meanwhile (theirs are fresher)."""
         if read.cancelled() or read.exception() is not None:
             return
-        cache = self.cache
-        unknown = self._unknown if self.lost_views else None
+        cache, gone = self.cache, self._lost_inputs
         for key, row in zip(keys, read.result(), strict=True):
-            if row is not unknown and cache.get(key) is MISSING:
+            if not (gone and self._misses(row, gone)) and cache.get(key) is MISSING:
                 cache.put(key, row)
 
     def _read_blocking(self, reader: feast_store.RowReader, keys: list[str]) -> list[Prepared]:

@@ -15,6 +15,7 @@ import importlib.util
 import io
 import itertools
 import logging
+import sqlite3
 import sys
 import threading
 import time
@@ -410,19 +411,76 @@ def present_keys(store: Any, view: Any, keys: Sequence[Any]) -> list[Any]:
     return [key for i, key in enumerate(keys) if any(c[i] is not None for c in columns)]
 
 
-def lost_views(
-    store: Any, views: Mapping[str, Any], markers: Mapping[str, Sequence[Any]]
-) -> list[str]:
-    """The views whose online store holds none of their marker entities any more.
+#: Why :class:`MarkerCheck` found a view lost (its ERROR line says which).
+NO_MARKERS = "none of its marker entities found"
+NO_TABLE = "its table is gone"
 
-    One read per view, of its few markers: the check a serving source runs every
-    ``empty_check_s``. A store that cannot be read raises (that is not an empty store).
+
+class MarkerCheck:
+    """Which views has the online store lost? Each view's few marker entities, read.
+
+    The check a serving source runs every ``empty_check_s``, off the request path. Resolved
+    once at start-up, as :class:`OnlineStoreReader` is: a check is one ``online_read`` of its
+    markers per view, nothing else (Feast reads one view per ``online_read``; its
+    ``get_online_features`` makes the same call per view, behind registry lookups and a
+    response proto, which cost several times the read itself). Its own online store object:
+    for SQLite its own connection, never the readers'.
+
+    A view is lost when the store answers and holds none of its markers, or, for SQLite,
+    when its table is gone (dropped). A store that cannot be read raises: that is not an
+    empty store, and the read path and its breaker see it.
+
+    Attributes:
+        markers: Per view, its marker entities (the source's own dict: a view taken out of
+            it is no longer checked).
     """
-    return [
-        name
-        for name, keys in markers.items()
-        if keys and not present_keys(store, views[name], keys)
-    ]
+
+    def __init__(self, store: Any, views: Mapping[str, Any], markers: dict[str, Any]) -> None:
+        helpers = importlib.import_module("feast.infra.online_stores.helpers")
+        type_map = importlib.import_module("feast.type_map")
+        entity_key = importlib.import_module("feast.protos.feast.types.EntityKey_pb2").EntityKey
+        self.markers = markers
+        self._config = store.config
+        self._online_store = helpers.get_online_store_from_config(store.config.online_store)
+        #: view name -> (the view, its markers as entity keys, its feature names)
+        self._plans: dict[str, tuple[Any, list[Any], list[str]]] = {}
+        for name, keys in markers.items():
+            view = views[name]
+            column = view.entity_columns[0]
+            values = type_map.python_values_to_proto_values(
+                list(keys), column.dtype.to_value_type()
+            )
+            self._plans[name] = (
+                view,
+                [entity_key(join_keys=[column.name], entity_values=[v]) for v in values],
+                [f.name for f in view.features],
+            )
+
+    def __call__(self) -> dict[str, str]:
+        """The lost views, each with why (:data:`NO_MARKERS`, :data:`NO_TABLE`)."""
+        lost: dict[str, str] = {}
+        for name in list(self.markers):
+            plan = self._plans.get(name)
+            if plan is None:
+                continue
+            view, keys, features = plan
+            try:
+                # A copy: Feast's Redis store appends its timestamp key to the list it is given.
+                read = self._online_store.online_read(self._config, view, keys, list(features))
+            except sqlite3.OperationalError as exc:
+                if "no such table" not in str(exc):
+                    raise
+                lost[name] = NO_TABLE
+                continue
+            if not any(_holds(data) for _, data in read):
+                lost[name] = NO_MARKERS
+        return lost
+
+
+def _holds(data: Mapping[str, Any] | None) -> bool:
+    """Whether an ``online_read`` answer holds a value (Redis answers an absent entity with
+    empty values, SQLite with ``None``)."""
+    return data is not None and any(v.WhichOneof("val") is not None for v in data.values())
 
 
 @dataclass(frozen=True, slots=True)
@@ -437,11 +495,13 @@ class OpenedStore:
             done. A store that later holds none of them has lost its rows (a Redis restarted
             without persistence). A view without markers (its offline source not a local file,
             or none of them online) is not checked.
+        check: Reads the markers (``None`` without any, or with ``empty_check_s: 0``).
     """
 
     store: Any
     views: dict[str, Any]
     markers: dict[str, tuple[Any, ...]]
+    check: MarkerCheck | None
 
 
 def prepare_store(
@@ -527,7 +587,10 @@ def prepare_store(
         len(inputs),
         first.ref,
     )
-    return OpenedStore(store, views, {name: keys for name, keys in markers.items() if keys})
+    markers = {name: keys for name, keys in markers.items() if keys}
+    return OpenedStore(
+        store, views, markers, MarkerCheck(store, views, markers) if markers else None
+    )
 
 
 def _offline_span_if_readable(view: Any, where: StoreLocation) -> OfflineSpan | None:
@@ -566,16 +629,23 @@ def materialize_again(
 ) -> None:
     """Materialize ``view_names`` over their offline sources' time ranges, as at start-up.
 
-    For a store found empty while serving (:func:`lost_views`): the registry was applied at
-    start-up, so only the rows are written. Blocking, and for large sources long.
+    For a store found empty while serving (:class:`MarkerCheck`): the registry was applied at
+    start-up, so only the rows are written, and for SQLite a view's table if it was dropped
+    (Feast's ``materialize`` writes into the table, it does not create it). Blocking, and for
+    large sources long.
     """
     feast = import_feast(type_checks=config.check_definition_types)
     admin = feast.FeatureStore(
         repo_path=str(where.repo_dir),
         config=repo_config(config, where, path=path, serving=False),
     )
-    for name in view_names:
-        view = admin.get_feature_view(name)
+    views = [admin.get_feature_view(name) for name in view_names]
+    if config.online_store == "sqlite":
+        helpers = importlib.import_module("feast.infra.online_stores.helpers")
+        online = helpers.get_online_store_from_config(admin.config.online_store)
+        # CREATE TABLE IF NOT EXISTS: nothing for a table that is there.
+        online.update(admin.config, [], views, [], [], partial=True)
+    for view in views:
         span = offline_span(view, where)
         if span is None or span.rows:
             _materialize(admin, view, span, config.online_store)
