@@ -276,6 +276,7 @@ def test_requests_of_different_shapes_or_types_go_to_different_groups(
     assert len(r.groups) == 2
     for members, _, _, _ in r.groups:
         assert len(members) == 2
+
     # Which group runs first depends on the event loop's timing (a busy machine): by content.
     def is_plain(group: Any) -> bool:
         stacked = group[1]["x"]
