@@ -16,6 +16,10 @@ _AT = re.compile(r"^(?P<msg>.*?)(?: - at (?P<key>`key` in )?`\$(?P<path>[^`]*)`)
 _UNKNOWN = re.compile(r"Object contains unknown field `(?P<field>[^`]+)`")
 _MISSING = re.compile(r"Object missing required field `(?P<field>[^`]+)`")
 _EXPECTED = re.compile(r"Expected `(?P<want>[^`]+)`, got `(?P<got>[^`]+)`")
+#: A bound msgspec checked: ``Expected `int` <= 65535``, ``Expected `str` of length >= 1``.
+_BOUND = re.compile(
+    r"^Expected `(?P<want>[^`]+)`(?P<length> of length)? (?P<op>[<>]=?) (?P<bound>\S+)$"
+)
 # msgspec writes a mapping key it does not name as `[...]`.
 _SEGMENT = re.compile(r"\.([^.\[]+)|\[(\d+)\]|\[(\.\.\.)\]")
 
@@ -187,6 +191,17 @@ def describe(
             hint="use one of the listed values (they are case-sensitive)",
         )
     shown = f" (value {value!r})" if found else ""
+    bound = _BOUND.match(msg)
+    if bound:
+        # The bound as msgspec words it, then what else the field takes (`workers`: auto).
+        op, limit = bound.group("op"), bound.group("bound")
+        of = "of length " if bound.group("length") else ""
+        literals, _ = _literal_choices(target, segs)
+        besides = f" or {' or '.join(repr(v) for v in literals)}" if literals else ""
+        return ConfigError(
+            f"{full}: {msg[0].lower()}{msg[1:]}{besides}{shown}{suffix}",
+            hint=f"use a value {of}{op} {limit}{besides}",
+        )
     return ConfigError(f"{full}: {msg[0].lower()}{msg[1:]}{shown}{suffix}")
 
 

@@ -205,6 +205,24 @@ def test_value_out_of_range_names_the_path() -> None:
 
 
 @pytest.mark.parametrize(
+    ("override", "message", "hint"),
+    [
+        ("server.port=99999", "server.port: expected `int` <= 65535 (value 99999)", "<= 65535"),
+        # workers also takes `auto`: the bound alone would hide it.
+        ("server.workers=0", "server.workers: expected `int` >= 1 or 'auto'", ">= 1 or 'auto'"),
+        ("server.host=", "server.host: expected `str` of length >= 1", "of length >= 1"),
+    ],
+)
+def test_a_value_out_of_range_gets_a_hint_with_the_bound(
+    override: str, message: str, hint: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        Runtime(compose(["+recipe=iris", override], recipes_dir=RECIPES_DIR))
+    assert info.value.message.startswith(message), info.value.message
+    assert info.value.hint == f"use a value {hint}"
+
+
+@pytest.mark.parametrize(
     ("override", "expected"),
     [
         # An empty host made uvicorn listen on every interface (S9).
