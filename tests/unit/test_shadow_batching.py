@@ -133,7 +133,11 @@ def test_a_group_that_times_out_counts_a_timeout_per_copy() -> None:
     assert outcomes == {"ok": 0, "error": 0, "timeout": 5, "dropped": 0}
     assert batches == [5]
     assert metric_value(text, "infercore_shadow_requests_total", outcome="timeout") == 5
-    assert metric_value(text, "infercore_route_errors_total", version="2") == 5
+    # Each copy's time is in the route duration (role shadow); its outcome only in
+    # shadow_requests_total: route errors count routed requests, as route requests do.
+    duration = "infercore_route_duration_seconds_count"
+    assert metric_value(text, duration, version="2", role="shadow") == 5
+    assert metric_value(text, "infercore_route_errors_total", version="2") == 0
 
 
 def test_a_poisoned_copy_fails_alone_when_its_group_fails() -> None:
