@@ -99,7 +99,8 @@ class FakeModelConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, k
     fail_load: bool = False
     #: Fail the warm-up call.
     fail_warmup: bool = False
-    #: Return a malformed output (wrong row count).
+    #: Return a malformed output (wrong row count): the warm-up then fails the load, unless
+    #: the version sets ``warmup: false``.
     malformed: bool = False
     #: Value added to the sum, to tell versions apart.
     offset: float = 0.0

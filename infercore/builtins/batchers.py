@@ -5,7 +5,8 @@ model): by its length, and with ``reject_expected_timeouts`` by the time the mod
 what it holds (:class:`_Drain`), so that a request that could only time out is told at once.
 They answer a request whose queue wait passed ``queue_timeout_ms`` with 503
 ``queue_timeout`` and never run it, and never run a request whose caller has gone. Only the
-outputs the model declares are passed on.
+outputs the model declares are passed on, each checked against its declared datatype and shape
+(:class:`OutputCheck`).
 """
 
 from __future__ import annotations
@@ -15,12 +16,20 @@ import collections
 import logging
 import math
 import time
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import Annotated, Any, NoReturn
 
 import msgspec
 import numpy as np
 
-from infercore.components import Batcher, BatchObserver, ComponentContext, Model, Tensors
+from infercore.components import (
+    Batcher,
+    BatchObserver,
+    ComponentContext,
+    Model,
+    Tensors,
+    v2_datatype,
+)
 from infercore.errors import (
     BackendError,
     ConfigError,
@@ -44,36 +53,137 @@ PositiveMs = Annotated[float, msgspec.Meta(gt=0, le=MAX_MS)]
 
 _QUEUED, _RUNNING, _DONE = 0, 1, 2
 
+_ndarray = np.ndarray  # a module global: the output check runs once per model call
 
-def _check_outputs(model: Model, outputs: Any, rows: int) -> Tensors:
-    """Outputs must be a mapping of arrays with one row per input row when batched.
 
-    Returns the declared outputs only: an undeclared one is never split per request, so
-    passing it on could hand one request the rows of its batch-mates.
+def _shape_text(shape: tuple[int, ...]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def _datatype_text(dtype: np.dtype[Any]) -> str:
+    """A returned dtype as the protocol would name it, with numpy's name: ``FP64 (float64)``."""
+    try:
+        return f"{v2_datatype(dtype)} ({dtype})"
+    except ValueError:
+        return str(dtype)
+
+
+class OutputCheck:
+    """The check of a model's outputs against its declared :attr:`Model.outputs`.
+
+    Every batching path runs this one check on what the model returned, once per model call:
+    the ``none``, ``dynamic`` and ``adaptive`` batchers (and so request groups and shadow
+    copies, which go through a version's batcher), the ``torch-gpu`` batcher (a ``dynamic``
+    one) and :meth:`Model.warmup`. Outputs must be a dict holding, for each declared output,
+    an array of its declared datatype (numpy's ``str``, ``bytes`` and ``object`` arrays all
+    are ``BYTES``) and rank, with each fixed (non ``-1``) dimension as declared and, for a
+    batched output (first dimension ``-1``), one row per input row. Nothing is cast: a model
+    declaring FP32 that returns float64 is a plugin's bug, and serving it as FP64 would
+    contradict the model metadata that V2 clients decode binary tensors by.
+
+    What can be is bound once, when the check is built (a batcher builds it at its
+    :meth:`~infercore.components.Batcher.start` and keeps the bound :meth:`check`): per
+    output, its name, expected dtype and fixed dimensions. A call costs, per output, a dtype
+    identity test, a rank and row count test, and a comparison per fixed dimension.
     """
-    where = model.context.path  # the model's config path: whose output is wrong
-    if not isinstance(outputs, dict):
-        raise BackendError(
-            f"{where}: the model returned {type(outputs).__name__}, expected a dict of arrays"
+
+    __slots__ = ("_expected", "_specs", "_where")
+
+    def __init__(self, model: Model) -> None:
+        self._where = model.context.path  # the model's config path: whose output is wrong
+        self._specs = tuple(model.outputs)
+        # Per output: name, dtype, batched, rank, its fixed dimensions as (axis, size) pairs,
+        # and its index (for the message).
+        self._expected = tuple(
+            (
+                spec.name,
+                spec.dtype,
+                spec.batched,
+                len(spec.shape),
+                tuple((axis, size) for axis, size in enumerate(spec.shape) if size != -1),
+                index,
+            )
+            for index, spec in enumerate(self._specs)
         )
-    checked: Tensors = {}
-    for spec in model.outputs:
-        value = outputs.get(spec.name)
-        if not isinstance(value, np.ndarray):
-            raise BackendError(f"{where}: model output {spec.name!r} is missing or not an array")
-        if spec.batched and (value.ndim == 0 or value.shape[0] != rows):
+
+    def check(self, outputs: Any, rows: int) -> Tensors:
+        """The declared outputs of ``outputs``, checked; ``rows``: the batch's input rows.
+
+        Returns the declared outputs only: an undeclared one is never split per request, so
+        passing it on could hand one request the rows of its batch-mates.
+
+        Raises:
+            BackendError: Not a dict, or a declared output missing, not an array, or of
+                another datatype, rank, fixed dimension or row count than declared. The
+                message (logged, never sent) names the model's config path and the output.
+        """
+        if not isinstance(outputs, dict):
             raise BackendError(
-                f"{where}: model output {spec.name!r} has "
-                f"{value.shape[0] if value.ndim else 0} rows for a batch of {rows}",
+                f"{self._where}: the model returned {type(outputs).__name__}, "
+                "expected a dict of arrays"
+            )
+        checked: Tensors = {}
+        for name, dtype, batched, rank, fixed, index in self._expected:
+            value = outputs.get(name)
+            if not isinstance(value, _ndarray):
+                raise BackendError(
+                    f"{self._where}: model output {name!r} is missing or not an array"
+                )
+            shape = value.shape
+            if len(shape) != rank or (batched and shape[0] != rows):
+                self._wrong_shape(index, shape, rows)
+            else:
+                for axis, size in fixed:
+                    if shape[axis] != size:
+                        self._wrong_shape(index, shape, rows)
+            if value.dtype is not dtype and not _same_datatype(value.dtype, dtype):
+                self._wrong_datatype(index, value.dtype)
+            checked[name] = value
+        return checked
+
+    def _wrong_shape(self, index: int, shape: tuple[int, ...], rows: int) -> NoReturn:
+        spec = self._specs[index]
+        if spec.batched and (not shape or shape[0] != rows):
+            raise BackendError(
+                f"{self._where}: model output {spec.name!r} has "
+                f"{shape[0] if shape else 0} rows for a batch of {rows}",
                 hint="a batched output (first dimension -1) needs one row per input row; "
                 "declare it with a fixed first dimension and use batching: {kind: none} if "
                 "the model answers a batch with one row",
             )
-        checked[spec.name] = value
-    return checked
+        raise BackendError(
+            f"{self._where}: model output {spec.name!r} has shape "
+            f"{_shape_text(shape)}, {self._declared(index)}",
+            hint="-1 marks a variable dimension; the number of dimensions and every other "
+            "dimension must be as declared",
+        )
+
+    def _declared(self, index: int) -> str:
+        spec = self._specs[index]
+        return f"declared {spec.datatype} {_shape_text(spec.shape)}"
+
+    def _wrong_datatype(self, index: int, dtype: np.dtype[Any]) -> NoReturn:
+        spec = self._specs[index]
+        raise BackendError(
+            f"{self._where}: model output {spec.name!r} is {_datatype_text(dtype)}, "
+            f"{self._declared(index)}",
+            hint=f"return {spec.datatype} ({spec.dtype}) from the model, or declare the output "
+            "with the datatype it returns; infercore does not cast outputs",
+        )
 
 
-async def _call_model(model: Model, inputs: Tensors, rows: int) -> Tensors:
+def _same_datatype(returned: np.dtype[Any], declared: np.dtype[Any]) -> bool:
+    """Whether ``returned`` is the declared datatype (the slow path: not the same object)."""
+    if declared.kind == "O":  # BYTES: the encoder takes str, bytes and object arrays
+        return returned.kind in "OSU"
+    return returned == declared
+
+
+async def _call_model(
+    model: Model, inputs: Tensors, rows: int, check: Callable[[Any, int], Tensors] | None = None
+) -> Tensors:
+    """The model's checked outputs for ``inputs``; ``check``: the one bound at the batcher's
+    start (built here for a batcher used without starting it)."""
     try:
         outputs = await model.predict(inputs)
     except InfercoreError:
@@ -89,7 +199,7 @@ async def _call_model(model: Model, inputs: Tensors, rows: int) -> Tensors:
     except Exception as exc:
         log.error("model %s raised %s: %s", model.context.path, type(exc).__name__, exc)
         raise BackendError("the model failed on this request") from exc
-    return _check_outputs(model, outputs, rows)
+    return (check or OutputCheck(model).check)(outputs, rows)
 
 
 def _rows(model: Model, inputs: Tensors) -> int:
@@ -262,6 +372,7 @@ class NoBatcher(Batcher):
         self._drain = _Drain(_horizon_s(config.queue_timeout_ms, config.reject_expected_timeouts))
         self._stopping = False
         self._calls: set[asyncio.Task[None]] = set()
+        self._check: Callable[[Any, int], Tensors] | None = None
 
     @property
     def queue_depth(self) -> int:
@@ -275,6 +386,7 @@ class NoBatcher(Batcher):
 
     async def start(self) -> None:
         self._stopping = False
+        self._check = OutputCheck(self.model).check
 
     async def stop(self) -> None:
         self._stopping = True
@@ -350,7 +462,7 @@ class NoBatcher(Batcher):
                 return  # the caller went before the call began: it never runs
             rows = _rows(self.model, inputs)
             t0 = time.perf_counter()
-            outputs = await _call_model(self.model, inputs, rows)
+            outputs = await _call_model(self.model, inputs, rows, self._check)
             self.observer.observe_batch(rows, time.perf_counter() - t0)
             if not result.done():
                 result.set_result(outputs)
@@ -491,6 +603,7 @@ class DynamicBatcher(Batcher):
         self._task: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
         self._batched_names: tuple[str, ...] = ()
+        self._check: Callable[[Any, int], Tensors] | None = None
         self._preferred = frozenset(config.preferred_batch_sizes)
         self._stopping = False
         self._filling: _Filling | None = None
@@ -545,6 +658,7 @@ class DynamicBatcher(Batcher):
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(self.config.max_concurrent_batches)
         self._batched_names = tuple(s.name for s in self.model.inputs if s.batched)
+        self._check = OutputCheck(self.model).check
         self._task = asyncio.create_task(self._collect(), name=f"batcher:{self.context.path}")
 
     async def stop(self) -> None:
@@ -888,7 +1002,7 @@ class DynamicBatcher(Batcher):
                 rows = sum(it.rows for it in live)
             try:
                 t0 = time.perf_counter()
-                outputs = await _call_model(self.model, self._stack(live), rows)
+                outputs = await _call_model(self.model, self._stack(live), rows, self._check)
                 t1 = time.perf_counter()
                 self._margin_s = 2 * (t1 - t0)
                 self.observer.observe_batch(rows, t1 - t0)
@@ -902,7 +1016,7 @@ class DynamicBatcher(Batcher):
                         continue
                     try:
                         t0 = time.perf_counter()
-                        alone = await _call_model(self.model, item.inputs, item.rows)
+                        alone = await _call_model(self.model, item.inputs, item.rows, self._check)
                         self.observer.observe_batch(item.rows, time.perf_counter() - t0)
                     except Exception as exc_alone:
                         self._fail(item, exc_alone)

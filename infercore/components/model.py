@@ -45,14 +45,34 @@ class Model(Component):
             inputs: One array per input name, validated against :attr:`inputs`.
 
         Returns:
-            One array per output name listed in :attr:`outputs`.
+            One array per output name listed in :attr:`outputs`, of its declared datatype
+            (numpy ``str``, ``bytes`` and ``object`` arrays are ``BYTES``) and shape (each
+            fixed dimension as declared, one row per input row for a batched output). Nothing
+            is cast: outputs that differ fail the call (500 ``backend_error``; the log names
+            the output, what was declared and what came back), and fail the load at the
+            warm-up.
         """
 
     async def warmup(self) -> None:
         """Run one prediction on a zero-filled row so the first request pays no start-up cost.
 
-        Raises whatever :meth:`predict` raises; a failed warm-up fails the load.
+        Its outputs go through the check every batch's outputs go through
+        (:class:`~infercore.builtins.batchers.OutputCheck`: declared names, datatypes and
+        shapes), so that a model whose outputs contradict :attr:`outputs` fails its load
+        instead of reporting ready and answering every request 500. An override that does not
+        call this method should check its outputs itself.
+
+        Raises:
+            ModelLoadError: :meth:`predict` raised, or returned outputs other than the declared
+                ones; the message says it was the warm-up (``warm-up failed: …``). A failed
+                warm-up fails the load.
+            ConfigError: :meth:`predict` raised one (its message then says the same).
         """
+        # Imported here: the built-in batchers import this module.
+        from infercore.builtins.batchers import OutputCheck
+        from infercore.errors import BackendError, ConfigError, InfercoreError, ModelLoadError
+
+        where = self.context.path
         batch: Tensors = {}
         for spec in self.inputs:
             shape = tuple(1 if d < 0 else d for d in spec.shape)
@@ -60,7 +80,21 @@ class Model(Component):
                 batch[spec.name] = np.full(shape, b"", dtype=object)
             else:
                 batch[spec.name] = np.zeros(shape, dtype=spec.dtype)
-        await self.predict(batch)
+        try:
+            outputs = await self.predict(batch)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: warm-up failed: {exc.message}", hint=exc.hint) from exc
+        except InfercoreError as exc:
+            raise ModelLoadError(f"{where}: warm-up failed: {exc.message}", hint=exc.hint) from exc
+        except Exception as exc:
+            raise ModelLoadError(f"{where}: warm-up failed: {type(exc).__name__}: {exc}") from exc
+        try:
+            OutputCheck(self).check(outputs, 1)  # every varying dimension of the batch is 1
+        except BackendError as exc:
+            raise ModelLoadError(
+                f"{where}: warm-up failed: {exc.message.removeprefix(f'{where}: ')}",
+                hint=exc.hint,
+            ) from None
 
     @property
     def batchable(self) -> bool:
