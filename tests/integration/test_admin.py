@@ -10,25 +10,22 @@ import asyncio
 import json
 import os
 import shutil
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from admin_support import AUTH, TOKEN, run
 
 from infercore.artifacts import sha256_file
 from infercore.config.rollout import AdminConfig
 from infercore.errors import ConfigError
-from infercore.server import create_app
-from infercore.server.admin import AdminListener, create_admin_app, load_token
+from infercore.server.admin import AdminListener, load_token
 from infercore.testing import runtime_from_dict
 
 REPO = Path(__file__).resolve().parents[2]
 IRIS_ONNX = REPO / "recipes" / "iris" / "artifacts" / "model.onnx"
-TOKEN = "t0ken-for-tests-0123456789"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 needs_iris = pytest.mark.skipif(not IRIS_ONNX.is_file(), reason="iris model not built")
 
@@ -60,31 +57,6 @@ def rollout_config(audit: Path | None = None, **rollout: Any) -> dict[str, Any]:
     if audit is not None:
         cfg["admin"] = {"audit_log": str(audit)}
     return cfg
-
-
-@asynccontextmanager
-async def admin_and_inference(
-    runtime: Any,
-) -> AsyncIterator[tuple[httpx.AsyncClient, httpx.AsyncClient]]:
-    await runtime.start()
-    try:
-        admin = httpx.ASGITransport(app=create_admin_app(runtime, TOKEN))
-        inference = httpx.ASGITransport(app=create_app(runtime, manage_runtime=False))
-        async with (
-            httpx.AsyncClient(transport=admin, base_url="http://admin", headers=AUTH) as a,
-            httpx.AsyncClient(transport=inference, base_url="http://infer") as i,
-        ):
-            yield a, i
-    finally:
-        await runtime.stop()
-
-
-def run(runtime: Any, scenario: Callable[[httpx.AsyncClient, httpx.AsyncClient], Any]) -> Any:
-    async def main() -> Any:
-        async with admin_and_inference(runtime) as (a, i):
-            return await scenario(a, i)
-
-    return asyncio.run(main())
 
 
 def assert_refused(r: httpx.Response, status: int, reason: str) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -19,16 +19,14 @@ import httpx
 import numpy as np
 import onnx
 import pytest
+from admin_support import art_repository_config as config
+from admin_support import run
 from onnx import TensorProto, helper, numpy_helper
 
 from infercore.artifacts import sha256_file
 from infercore.errors import ConfigError, ModelLoadError
-from infercore.server import create_app
-from infercore.server.admin import create_admin_app
 from infercore.testing import metric_value, runtime_from_dict
 
-TOKEN = "t0ken-for-tests-0123456789"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 LOAD = "/v2/repository/models/iris/load"
 
 
@@ -85,50 +83,12 @@ def repository(tmp: Path, *, pinned: tuple[str, ...] = ("1", "3")) -> Path:
     return root
 
 
-def config(**v1: Any) -> dict[str, Any]:
-    return {
-        "batching": {"kind": "none"},
-        "models": {
-            "iris": {
-                "primary": "1",
-                "versions": {"1": {"loader": {"kind": "onnx", "path": "art/v1/model.onnx", **v1}}},
-                "routing": {"kind": "weighted"},
-                "repository": {
-                    "folder": "art",
-                    "version_folder": "v{version}",
-                    "loader": {"kind": "onnx", "path": "model.onnx"},
-                },
-            }
-        },
-    }
-
-
 def iris_body(width: int = 4) -> dict[str, Any]:
     data = [5.1, 3.5, 1.4, 0.2, 0.3][:width]
     return {"inputs": [{"name": "input", "shape": [1, width], "datatype": "FP32", "data": data}]}
 
 
 # -- the app, and traffic while the admin call runs ------------------------------------------
-
-Scenario = Callable[[httpx.AsyncClient, httpx.AsyncClient], Any]
-
-
-def run(runtime: Any, scenario: Scenario) -> Any:
-    async def main() -> Any:
-        await runtime.start()
-        try:
-            admin = httpx.ASGITransport(app=create_admin_app(runtime, TOKEN))
-            app = create_app(runtime, manage_runtime=False)
-            inference = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
-            async with (
-                httpx.AsyncClient(transport=admin, base_url="http://admin", headers=AUTH) as a,
-                httpx.AsyncClient(transport=inference, base_url="http://infer") as i,
-            ):
-                return await scenario(a, i)
-        finally:
-            await runtime.stop()
-
-    return asyncio.run(main())
 
 
 @asynccontextmanager

@@ -8,25 +8,21 @@ the repository folder alike. Swapped weights fail the load and the old version s
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
-from typing import Any
 
 import httpx
 import numpy as np
 import pytest
+from admin_support import art_repository_config as config
+from admin_support import run
 
 from infercore.artifacts import sha256_file
 from infercore.errors import ConfigError
-from infercore.server import create_app
-from infercore.server.admin import create_admin_app
 from infercore.testing import runtime_from_dict
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("infercore_onnx")
 
-TOKEN = "t0ken-for-tests-0123456789"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 LOAD = "/v2/repository/models/iris/load"
 BODY = {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
 
@@ -63,47 +59,12 @@ def pin(root: Path, *files: str) -> None:
     (art / "SHA256SUMS").write_text("".join(f"{sha256_file(art / f)}  {f}\n" for f in files))
 
 
-def config(**v1: Any) -> dict[str, Any]:
-    return {
-        "batching": {"kind": "none"},
-        "models": {
-            "iris": {
-                "primary": "1",
-                "versions": {"1": {"loader": {"kind": "onnx", "path": "art/v1/model.onnx", **v1}}},
-                "routing": {"kind": "weighted"},
-                "repository": {
-                    "folder": "art",
-                    "version_folder": "v{version}",
-                    "loader": {"kind": "onnx", "path": "model.onnx"},
-                },
-            }
-        },
-    }
-
-
 def setup(tmp: Path) -> Path:
     root = tmp / "root"
     write_model(root / "art" / "v1", seed=1)
     write_model(root / "art" / "v3", seed=3)
     pin(root, "v1/model.onnx", "v1/weights.bin", "v3/model.onnx", "v3/weights.bin")
     return root
-
-
-def run(runtime: Any, scenario: Any) -> Any:
-    async def main() -> Any:
-        await runtime.start()
-        try:
-            admin = httpx.ASGITransport(app=create_admin_app(runtime, TOKEN))
-            infer = httpx.ASGITransport(app=create_app(runtime, manage_runtime=False))  # type: ignore[arg-type]
-            async with (
-                httpx.AsyncClient(transport=admin, base_url="http://admin", headers=AUTH) as a,
-                httpx.AsyncClient(transport=infer, base_url="http://infer") as i,
-            ):
-                return await scenario(a, i)
-        finally:
-            await runtime.stop()
-
-    return asyncio.run(main())
 
 
 async def outputs(i: httpx.AsyncClient, version: str) -> list[float]:
