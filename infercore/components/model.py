@@ -54,7 +54,8 @@ class Model(Component):
         """
 
     async def warmup(self) -> None:
-        """Run one prediction on a zero-filled row so the first request pays no start-up cost.
+        """Run one prediction on :meth:`warmup_inputs` (a zero-filled row) so the first request
+        pays no start-up cost.
 
         Its outputs go through the check every batch's outputs go through
         (:class:`~infercore.builtins.batchers.OutputCheck`: declared names, datatypes and
@@ -73,13 +74,7 @@ class Model(Component):
         from infercore.errors import BackendError, ConfigError, InfercoreError, ModelLoadError
 
         where = self.context.path
-        batch: Tensors = {}
-        for spec in self.inputs:
-            shape = tuple(1 if d < 0 else d for d in spec.shape)
-            if spec.datatype == "BYTES":
-                batch[spec.name] = np.full(shape, b"", dtype=object)
-            else:
-                batch[spec.name] = np.zeros(shape, dtype=spec.dtype)
+        batch = self.warmup_inputs()
         try:
             outputs = await self.predict(batch)
         except ConfigError as exc:
@@ -88,13 +83,28 @@ class Model(Component):
             raise ModelLoadError(f"{where}: warm-up failed: {exc.message}", hint=exc.hint) from exc
         except Exception as exc:
             raise ModelLoadError(f"{where}: warm-up failed: {type(exc).__name__}: {exc}") from exc
+        # The rows of the first batched input, as a batcher counts a request's.
+        rows = next((len(batch[s.name]) for s in self.inputs if s.batched and s.name in batch), 1)
         try:
-            OutputCheck(self).check(outputs, 1)  # every varying dimension of the batch is 1
+            OutputCheck(self).check(outputs, rows)
         except BackendError as exc:
             raise ModelLoadError(
                 f"{where}: warm-up failed: {exc.message.removeprefix(f'{where}: ')}",
                 hint=exc.hint,
             ) from None
+
+    def warmup_inputs(self) -> Tensors:
+        """The batch :meth:`warmup` runs: per input, zeros (empty strings for ``BYTES``) of its
+        declared shape, each variable dimension 1. Override it for a model whose zero row or
+        sizes of 1 are no valid input; the warm-up keeps its output check and its message."""
+        batch: Tensors = {}
+        for spec in self.inputs:
+            shape = tuple(1 if d < 0 else d for d in spec.shape)
+            if spec.datatype == "BYTES":
+                batch[spec.name] = np.full(shape, b"", dtype=object)
+            else:
+                batch[spec.name] = np.zeros(shape, dtype=spec.dtype)
+        return batch
 
     @property
     def batchable(self) -> bool:
