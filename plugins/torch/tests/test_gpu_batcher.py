@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 
-from torch_test_support import CONFIG_PATH, Artifacts, sha256  # noqa: E402
+from torch_test_support import CONFIG_PATH, Artifacts, scripted  # noqa: E402
 
 from infercore.components import ComponentContext  # noqa: E402
 from infercore.errors import BackendError, ConfigError, InvalidInput  # noqa: E402
@@ -335,15 +335,7 @@ class FirstRowOnly(torch.nn.Module):
 
 
 def test_a_wrong_row_count_names_the_model_and_the_fix(tmp_path: Path) -> None:
-    torch.jit.save(torch.jit.script(FirstRowOnly()), tmp_path / "first.ts")
-    options = {
-        "path": "first.ts", "trusted": True, "sha256": sha256(tmp_path / "first.ts"),
-        "device": "cpu", "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 2]}],
-        "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 2]}],
-    }  # fmt: skip
-    config = msgspec.convert(options, TorchModel.Config)
-    model = TorchModel(config, ComponentContext(path=CONFIG_PATH, model_root=tmp_path))
-    asyncio.run(model.start())
+    model = scripted(tmp_path, FirstRowOnly(), "first.ts")
     # Padded to 2 rows, the warm-up's single row meets the fault at start-up (QA D4).
     pipeline = StagingPipeline(torch, model, slots=1, buffer_rows=8, preferred=(2, 4, 8), pad=True)
     with pytest.raises(BackendError) as info:

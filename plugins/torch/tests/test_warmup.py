@@ -5,14 +5,12 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import msgspec
 import pytest
 
-from infercore.components import ComponentContext
 from infercore.errors import ModelLoadError
 
 torch = pytest.importorskip("torch")
-from torch_test_support import CONFIG_PATH, sha256  # noqa: E402
+from torch_test_support import CONFIG_PATH, scripted  # noqa: E402
 
 from infercore_torch import TorchModel  # noqa: E402
 
@@ -27,15 +25,7 @@ class RefusesZeros(torch.nn.Module):  # type: ignore[misc]
 
 
 def model(root: Path) -> TorchModel:
-    torch.jit.save(torch.jit.script(RefusesZeros()), root / "zeros.ts")
-    options = {
-        "path": "zeros.ts", "trusted": True, "sha256": sha256(root / "zeros.ts"),
-        "device": "cpu", "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 2]}],
-        "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 2]}],
-    }  # fmt: skip
-    config = msgspec.convert(options, TorchModel.Config)
-    built = TorchModel(config, ComponentContext(path=CONFIG_PATH, model_root=root))
-    asyncio.run(built.start())
+    built: TorchModel = scripted(root, RefusesZeros(), "zeros.ts")
     return built
 
 

@@ -65,6 +65,20 @@ def started(root: Path, name: str, **options: Any) -> Any:
     return model
 
 
+def scripted(root: Path, module: Any, name: str) -> Any:
+    """A started :class:`~infercore_torch.TorchModel` of ``module`` saved as TorchScript
+    ``root / name``, declared ``x`` FP32 ``[-1, 2]`` in and ``y`` FP32 ``[-1, 2]`` out."""
+    import torch
+
+    torch.jit.save(torch.jit.script(module), root / name)
+    return started(
+        root,
+        name,
+        inputs=[{"name": "x", "datatype": "FP32", "shape": [-1, 2]}],
+        outputs=[{"name": "y", "datatype": "FP32", "shape": [-1, 2]}],
+    )
+
+
 class Recorder:
     """Stands in for the loaded module and records the rows of each call."""
 
