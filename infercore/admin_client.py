@@ -146,6 +146,18 @@ def run_events(args: argparse.Namespace) -> int:
     return run_models(args)
 
 
+def _action_outcome(action: dict[str, Any] | None) -> str:
+    """An action's status, with the reason a skipped one gives (``skipped (cooldown)``).
+
+    ``skipped`` alone cannot tell a cooldown, which ends by itself, from an action still busy
+    with an earlier event; ``--json`` shows the same ``reason``.
+    """
+    state = action or {}
+    status = str(state.get("status", "?"))
+    reason = state.get("reason")
+    return f"{status} ({reason})" if reason else status
+
+
 def _print_events(model: str, doc: dict[str, Any]) -> None:
     if not doc.get("monitored"):
         print(f"{model}: not monitored (no drift node in the recipe)")
@@ -156,7 +168,7 @@ def _print_events(model: str, doc: dict[str, Any]) -> None:
     for e in events:
         when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(e.get("time", 0))))
         actions = ", ".join(
-            f"{name}={(a or {}).get('status', '?')}" for name, a in (e.get("actions") or {}).items()
+            f"{name}={_action_outcome(a)}" for name, a in (e.get("actions") or {}).items()
         )
         features = ", ".join(e.get("features") or []) or "-"
         print(

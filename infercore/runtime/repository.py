@@ -33,6 +33,17 @@ class UnsafePath(InfercoreError):
     reason = "invalid_input"
 
 
+class UnpinnedArtifact(InvalidInput):
+    """A repository version whose artifact the folder's manifest pins no digest for."""
+
+
+#: What the repository refuses to load of a version whose folder it found: a folder or
+#: manifest out of the model root, an artifact nobody pinned. A failed load attempt of a real
+#: version (``infercore_model_load_failures_total``), unlike a malformed request or a version
+#: that has no folder.
+REFUSED_LOADS: tuple[type[InfercoreError], ...] = (UnsafePath, UnpinnedArtifact)
+
+
 def _inside(root: Path, path: Path) -> Path:
     resolved = path.resolve()
     if not resolved.is_relative_to(root):
@@ -137,8 +148,10 @@ class Repository:
         """The loader node of ``version``: its artifact path and the digest the manifest pins.
 
         Raises:
-            InvalidInput: An invalid version name, or no pinned digest for the artifact.
-            UnsafePath: The version's folder (or the artifact) resolves outside the model root.
+            InvalidInput: An invalid version name.
+            UnpinnedArtifact: No pinned digest for the artifact.
+            UnsafePath: The version's folder, the artifact or the manifest resolves outside the
+                model root.
             ModelNotFound: No folder for this version.
         """
         if not VERSION_RE.fullmatch(version):
@@ -161,7 +174,7 @@ class Repository:
             _inside(self.root, artifact)
         digest = self.digests().get(str(PurePosixPath(folder_rel) / artifact_rel))
         if digest is None:
-            raise InvalidInput(
+            raise UnpinnedArtifact(
                 f"model {self.model!r} version {version!r}: no digest pinned for its artifact "
                 f"in the repository manifest ({cfg.manifest})",
                 hint="add the artifact's sha256 to the manifest, then load it",

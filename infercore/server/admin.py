@@ -23,7 +23,10 @@ Routes::
     GET  /admin/audit[?limit=100]                   the latest audit records
 
 No route takes a server-side path (S4): a load names a version, whose folder comes from the
-recipe (``models.<m>.versions``) or the model's repository folder.
+recipe (``models.<m>.versions``) or the model's repository folder. A load the repository refuses
+(no pinned digest, a folder out of the model root) is a 400 counted in
+``infercore_model_load_failures_total``, as a failed load is. Each body's fields, and the
+answers: docs/deploy.md, "Admin API requests".
 
 Bodies are JSON: a ``Content-Type`` other than ``application/json`` (or a compressed body) is a
 415 ``unsupported_media_type`` before the body is read. A request without a ``Content-Type`` is
@@ -57,6 +60,7 @@ from infercore.lifecycle.manager import check_actor
 from infercore.protocol.tensors import UNREADABLE_JSON, malformed_json
 from infercore.runtime import Runtime
 from infercore.runtime.errors import quoted
+from infercore.runtime.repository import REFUSED_LOADS
 from infercore.server.errors import EXCEPTION_HANDLERS, http_exception_handler
 from infercore.server.unix_sockets import OWNER_ONLY_MODE, SocketFile, bind_unix
 
@@ -292,6 +296,17 @@ def create_admin_app(runtime: Runtime, token: str) -> BearerAuth:
             raise InvalidInput("parameters.version must be a string")
         return _version_name(version)
 
+    async def load(name: str, version: str, by: str, reason: Any) -> dict[str, Any]:
+        try:
+            return await lifecycle.load(name, version, by=by, reason=reason)
+        except REFUSED_LOADS:
+            # A version whose folder exists but that the repository refuses (no pinned digest,
+            # a folder out of the model root) is a failed load attempt: a 400, and counted as
+            # a reload refused for the same reason is (as a 422). A malformed request, or a
+            # version without a folder, names no version to count.
+            runtime.metrics.model_load_failures.labels(name, version).inc()
+            raise
+
     # --- the V2 repository extension ---------------------------------------------------
     @post("/v2/repository/index", status_code=200)
     async def repository_index(request: Request[Any, Any, Any]) -> Response[bytes]:
@@ -336,12 +351,12 @@ def create_admin_app(runtime: Runtime, token: str) -> BearerAuth:
         by = actor(params)
         reason = params.get("reason")
         if version is not None:
-            return _json(await lifecycle.load(name, version, by=by, reason=reason))
+            return _json(await load(name, version, by, reason))
         # The whole model: every recipe version that is not serving (a V2 client's load).
         loaded = []
         for v, sv in list(served.versions.items()):
             if not sv.ready:
-                loaded.append((await lifecycle.load(name, v, by=by, reason=reason))["version"])
+                loaded.append((await load(name, v, by, reason))["version"])
         return _json({"status": "loaded", "versions": loaded})
 
     @post("/v2/repository/models/{model_name:str}/unload", status_code=200)

@@ -139,6 +139,79 @@ def test_alert_rules_are_well_formed_and_match_the_prometheus_rule() -> None:
     assert operator["spec"]["groups"] == yaml.safe_load(RULES.read_text())["groups"]
 
 
+def _gauge_labels() -> dict[str, tuple[str, ...]]:
+    """The label names of every gauge the core and the feast plugin declare, by name."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from infercore.metrics import Metrics
+
+    families: list[object] = [Metrics(CollectorRegistry())]
+    feast = pytest.importorskip("infercore_feast.metrics")
+    families.append(feast.FeatureMetrics(CollectorRegistry()))
+    return {
+        m._name: tuple(m._labelnames)
+        for family in families
+        for m in vars(family).values()
+        if isinstance(m, MetricWrapperBase) and m._type == "gauge"
+    }
+
+
+_MAX_OF_GAUGE = re.compile(
+    r"\bmax\s+by\s*\(([^)]*)\)\s*\(\s*(infercore_[a-z0-9_]+)\s*(\{[^}]*\})?\s*\)"
+)
+
+
+def _by_labels(group: str) -> set[str]:
+    return {label.strip() for label in group.split(",") if label.strip()}
+
+
+def test_an_alert_on_a_state_gauge_keeps_the_labels_that_say_what_is_in_that_state() -> None:
+    """``max by (...)`` over a 0/1 gauge keeps every label of the gauge that its selector does
+    not pin: otherwise the alert cannot say which one (the view that lost its rows, the
+    version that is not ready), and a second one going bad while the first fires raises no
+    alert of its own."""
+    gauges = _gauge_labels()
+    checked = 0
+    for rule in _rules():
+        if "alert" not in rule:
+            continue
+        for group, name, selector in _MAX_OF_GAUGE.findall(rule["expr"]):
+            assert name in gauges, f"{rule['alert']}: {name} is not a gauge the code declares"
+            pinned = set(re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", selector or ""))
+            dropped = set(gauges[name]) - pinned - _by_labels(group)
+            assert not dropped, f"{rule['alert']}: max by ({group}) of {name} drops {dropped}"
+            checked += 1
+    assert checked >= 4  # model ready and stage, breaker open, store empty, drift detected
+
+
+def test_alert_annotations_name_only_labels_the_expression_keeps() -> None:
+    """A ``$labels.X`` the aggregation dropped renders empty in the notification."""
+    rules = _rules()
+    records = {r["record"]: r["expr"] for r in rules if "record" in r}
+    for rule in rules:
+        if "alert" not in rule:
+            continue
+        exprs = [
+            rule["expr"],
+            *(records[n] for n in re.findall(r"\binfercore:[a-z0-9_:]+", rule["expr"])),
+        ]
+        groups = [_by_labels(g) for e in exprs for g in re.findall(r"\bby\s*\(([^)]*)\)", e)]
+        if not groups:
+            continue  # no aggregation: every label of the series is there
+        kept = set.intersection(*groups)
+        text = " ".join(rule["annotations"].values())
+        named = set(re.findall(r"\$labels\.(\w+)", text))
+        assert named <= kept, f"{rule['alert']}: annotations name {named - kept}, dropped"
+
+
+def test_the_feature_store_empty_alert_names_the_view() -> None:
+    (rule,) = [r for r in _rules() if r.get("alert") == "InfercoreFeatureStoreEmpty"]
+    assert "max by (model, view)" in rule["expr"]
+    for text in rule["annotations"].values():
+        assert "{{ $labels.view }}" in text and "{{ $labels.model }}" in text, text
+
+
 @pytest.mark.parametrize("expr", [*_exprs_dashboard(), *(r["expr"] for r in _rules())])
 def test_promql_lint(expr: str) -> None:
     """Brackets balance; rate() only over counters and histogram parts; quantiles over buckets."""

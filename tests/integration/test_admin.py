@@ -22,7 +22,7 @@ from infercore.artifacts import sha256_file
 from infercore.config.rollout import AdminConfig
 from infercore.errors import ConfigError
 from infercore.server.admin import AdminListener, load_token
-from infercore.testing import runtime_from_dict
+from infercore.testing import metric_value, runtime_from_dict
 
 REPO = Path(__file__).resolve().parents[2]
 IRIS_ONNX = REPO / "recipes" / "iris" / "artifacts" / "model.onnx"
@@ -850,6 +850,60 @@ def test_repository_load_index_and_unload(tmp_path: Path) -> None:
         await a.post("/v2/repository/models/iris/unload", json={"parameters": {"version": "3"}})
         r = await a.post("/v2/repository/models/iris/load")
         assert [v["version"] for v in r.json()["versions"]] == ["3"]
+
+    run(rt, scenario)
+
+
+@needs_iris
+def test_a_refused_repository_load_counts_as_a_load_failure(tmp_path: Path) -> None:
+    """A version whose folder is there but that the repository refuses (no pinned digest, a
+    folder out of the model root) is a failed load attempt: the 400 is counted in
+    infercore_model_load_failures_total, as the same refusal on a reload (a 422) is, once.
+    What names no version to load (no folder, a malformed name or body) counts nothing."""
+    root = repository_root(tmp_path / "root")
+    rt = runtime_from_dict(iris_repository_config(), recipes_dir=root)
+    failures = "infercore_model_load_failures_total"
+
+    async def counted(i: httpx.AsyncClient) -> dict[str, float]:
+        text = (await i.get("/metrics")).text
+        return {
+            v: metric_value(text, failures, model="iris", version=v)
+            for v in ("1", "3", "4", "5", "9")
+        }
+
+    async def scenario(a: httpx.AsyncClient, i: httpx.AsyncClient) -> None:
+        load = "/v2/repository/models/iris/load"
+        for payload, status, reason in [
+            ({"parameters": {"version": "9"}}, 404, "model_not_found"),
+            ({"parameters": {"version": "../4"}}, 400, "invalid_input"),
+            ({"parameters": {"version": "4", "path": "/tmp"}}, 400, "invalid_input"),
+            ({"model_path": "/tmp"}, 400, "invalid_input"),
+        ]:
+            assert_refused(await a.post(load, json=payload), status, reason)
+        assert_refused(
+            await a.post("/v2/repository/models/nope/load", json={}), 404, "model_not_found"
+        )
+        assert await counted(i) == dict.fromkeys(("1", "3", "4", "5", "9"), 0.0)
+
+        doc = assert_refused(
+            await a.post(load, json={"parameters": {"version": "4"}}), 400, "invalid_input"
+        )
+        assert "no digest pinned" in doc["error"]
+        doc = assert_refused(
+            await a.post(load, json={"parameters": {"version": "5"}}), 400, "invalid_input"
+        )
+        assert "outside the model root" in doc["error"]
+        assert await counted(i) == {"1": 0.0, "3": 0.0, "4": 1.0, "5": 1.0, "9": 0.0}
+
+        # A serving version whose pin is gone: the runtime refuses the reload (422) and counts
+        # it; the admin API does not count it again.
+        assert (await a.post(load, json={"parameters": {"version": "3"}})).status_code == 200
+        sums = root / "iris" / "SHA256SUMS"
+        sums.write_text("".join(x for x in sums.read_text().splitlines(True) if " 3/" not in x))
+        assert_refused(
+            await a.post(load, json={"parameters": {"version": "3"}}), 422, "model_load_failed"
+        )
+        assert await counted(i) == {"1": 0.0, "3": 1.0, "4": 1.0, "5": 1.0, "9": 0.0}
 
     run(rt, scenario)
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -104,21 +106,22 @@ def test_a_bad_drift_node_fails_when_the_runtime_is_built(tmp_path: Path) -> Non
         runtime_from_dict(cfg, recipes_dir=tmp_path)
 
 
-def test_infercore_events_lists_drift_events_through_the_admin_api(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+@contextlib.contextmanager
+def _events_cli(
+    tmp_path: Path, cfg: dict[str, object], rows: np.ndarray
+) -> Iterator[Callable[..., int]]:
+    """A runtime with its admin API on a Unix socket, in a thread, after serving ``rows``;
+    yields ``cli(*args)``: ``infercore events [args]`` against it."""
     import threading
 
     from infercore.cli import run as cli
     from infercore.server.admin import AdminListener
 
     sock = tmp_path / "admin.sock"
-    cfg = _config(tmp_path)
     cfg["admin"] = {"enabled": True, "uds": str(sock)}
     runtime = runtime_from_dict(cfg, recipes_dir=tmp_path)
     ready, fed, done = threading.Event(), threading.Event(), threading.Event()
     loop = asyncio.new_event_loop()
-    rng = np.random.default_rng(3)
 
     async def serve() -> None:
         listener = AdminListener.from_runtime(runtime, {"INFERCORE_ADMIN_TOKEN": TOKEN})
@@ -126,7 +129,7 @@ def test_infercore_events_lists_drift_events_through_the_admin_api(
         await runtime.start()
         await listener.start()
         ready.set()
-        await _serve_rows(runtime, (rng.normal(size=(200, 2)) + 3).astype(np.float32))
+        await _serve_rows(runtime, rows)
         fed.set()
         while not done.is_set():
             await asyncio.sleep(0.02)
@@ -135,19 +138,51 @@ def test_infercore_events_lists_drift_events_through_the_admin_api(
 
     thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
     thread.start()
-    base = ["events", "--url", f"unix:{sock}", "--token", TOKEN]
     try:
         assert ready.wait(30) and fed.wait(30)
-        assert cli(base) == 0
-        out = capsys.readouterr().out
-        assert "  m  #1  ks  window 1  drift on: x[0], x[1]  actions: log=ok" in out, out
-        assert cli([*base, "nope"]) == 1
-        assert "model_not_found" in capsys.readouterr().err
-        assert cli(["events", "--url", f"unix:{sock}", "--token", "wrong-token-0123456789"]) == 1
-        assert "HTTP 403" in capsys.readouterr().err
+        yield lambda *args, token=TOKEN: cli(
+            ["events", "--url", f"unix:{sock}", "--token", token, *args]
+        )
     finally:
         done.set()
         thread.join(30)
+
+
+def test_infercore_events_lists_drift_events_through_the_admin_api(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rng = np.random.default_rng(3)
+    shifted = (rng.normal(size=(200, 2)) + 3).astype(np.float32)
+    with _events_cli(tmp_path, _config(tmp_path), shifted) as events:
+        assert events() == 0
+        out = capsys.readouterr().out
+        assert "  m  #1  ks  window 1  drift on: x[0], x[1]  actions: log=ok" in out, out
+        assert events("nope") == 1
+        assert "model_not_found" in capsys.readouterr().err
+        assert events(token="wrong-token-0123456789") == 1
+        assert "HTTP 403" in capsys.readouterr().err
+
+
+def test_infercore_events_says_why_an_action_was_skipped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The second drifted window falls in the first one's cooldown: its action is skipped,
+    and the text output says so as ``--json`` does (``skipped`` alone cannot tell a cooldown,
+    which ends by itself, from an action stuck on an earlier event)."""
+    rng = np.random.default_rng(4)
+    shifted = (rng.normal(size=(400, 2)) + 3).astype(np.float32)  # two windows of 200
+    with _events_cli(tmp_path, _config(tmp_path, cooldown_s=600), shifted) as events:
+        assert events("m") == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert events("m", "--json") == 0
+        doc = json.loads(capsys.readouterr().out)
+    assert [e["actions"]["log"] for e in doc["m"]["events"]][1:] == [
+        {"status": "skipped", "reason": "cooldown"}
+    ]
+    assert len(lines) == 2, lines
+    assert lines[0].endswith("  actions: log=ok"), lines
+    assert "  m  #2  ks  window 2  " in lines[1], lines
+    assert lines[1].endswith("  actions: log=skipped (cooldown)"), lines
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,7 @@ from infercore.errors import (
     ModelLoadError,
     ModelNotReady,
 )
-from infercore_onnx import OnnxModel, external_data
+from infercore_onnx import ModelTooLarge, OnnxModel, external_data
 from infercore_onnx import model as onnx_model_module
 from infercore_onnx.feed import prepare_input
 
@@ -278,6 +278,7 @@ def test_importing_the_plugin_does_not_import_onnxruntime() -> None:
 def test_config_defaults() -> None:
     config = msgspec.convert({"path": "m.onnx"}, OnnxModel.Config)
     assert config == OnnxModel.Config(path="m.onnx")
+    assert config.max_model_bytes == 2 * 1024**3  # finite: protobuf's limit for one message
     assert (config.sha256, config.intra_op_num_threads, config.inter_op_num_threads) == (None, 1, 1)
     assert (config.execution_mode, config.graph_optimization_level, config.device) == (
         "sequential",
@@ -304,6 +305,8 @@ def test_config_defaults() -> None:
         ({"path": "m.onnx", "run_on": "gpu"}, "Invalid enum value 'gpu'"),
         ({"path": "m.onnx", "loop_max_ms": -1}, ">= 0"),
         ({"path": "m.onnx", "loop_max_ms": 5000}, "<= 1000"),
+        ({"path": "m.onnx", "max_model_bytes": 0}, ">= 1"),
+        ({"path": "m.onnx", "max_model_bytes": "2GiB"}, "Expected `int`"),
     ],
 )
 def test_config_rejects_bad_options(options: dict[str, Any], needle: str) -> None:
@@ -692,6 +695,56 @@ def test_corrupt_file_is_a_load_error_without_paths(
         assert_no_paths(record.getMessage(), root)
 
 
+def test_an_onnx_file_over_the_default_limit_is_refused_before_it_is_read(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 3 GiB file (sparse: no disk used) is refused from its size at once; read, it would
+    take 3 GiB of memory before protobuf refused it."""
+    with (root / "iris/artifacts/model.onnx").open("wb") as fh:
+        fh.truncate(3 * 1024**3)
+    sessions = before_session(monkeypatch)
+    error = load_error(root, ModelTooLarge)
+    assert isinstance(error, ModelLoadError)
+    assert (error.size, error.limit) == (3 * 1024**3, 2 * 1024**3)
+    message = str(error)
+    assert f"{CONFIG_PATH}.path: the ONNX file is 3,221,225,472 bytes (3 GiB)" in message
+    assert "over the limit of 2,147,483,648 bytes (2 GiB)" in message
+    assert f"({CONFIG_PATH}.max_model_bytes); nothing was read" in message
+    assert "external data" in message  # how a model that large is saved
+    assert_no_paths(message, root)
+    assert sessions == []
+
+
+def test_max_model_bytes_bounds_the_onnx_file(root: Path) -> None:
+    size = save(root, linear_model()).stat().st_size
+    error = load_error(root, ModelTooLarge, max_model_bytes=size - 1)
+    assert (error.size, error.limit) == (size, size - 1)
+    assert f"the ONNX file is {size:,} bytes, over the limit of {size - 1:,} bytes" in str(error)
+    assert f"raise {CONFIG_PATH}.max_model_bytes (default 2,147,483,648 bytes" in str(error)
+    assert load(root, max_model_bytes=size).inputs == [TensorSpec("X", "FP32", (-1, 4))]
+
+
+def test_an_onnx_file_that_grows_while_read_is_refused(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The read stops one byte past the size checked: a file that grew since (here: one whose
+    size was taken before a writer appended) is refused, not read on past the bound."""
+    artifact = save(root, linear_model())
+    inode, real = artifact.stat().st_ino, os.fstat
+
+    def earlier(fd: int) -> os.stat_result:
+        found = real(fd)
+        if found.st_ino != inode:
+            return found
+        fields = list(found)
+        fields[6] = 16  # st_size, as it was before the writer went on
+        return os.stat_result(fields)
+
+    monkeypatch.setattr(os, "fstat", earlier)
+    error = load_error(root, ModelLoadError, max_model_bytes=16)
+    assert "grew while it was read" in str(error)
+
+
 def test_path_traversal_is_a_config_error(root: Path) -> None:
     save(root, linear_model(), rel="../x.onnx")  # exists, just outside the root
     error = load_error(root, ConfigError, path="../x.onnx")
@@ -1023,6 +1076,8 @@ def test_onnxruntime_without_in_memory_external_data(
             root, ModelLoadError, sha256=model_sha, external_data_sha256={"weights.bin": data_sha}
         )
         assert "cannot take external data from memory" in str(error)
+        assert f"onnxruntime {onnxruntime.__version__} cannot" in str(error)
+        assert "upgrade to onnxruntime 1.24 or newer" in str(error)
     else:
         assert_predicts_with(load(root), W)
 

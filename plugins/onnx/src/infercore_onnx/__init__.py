@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from infercore.components import Model
 from infercore.hookspecs import hookimpl
-from infercore_onnx.model import OnnxModel
+from infercore_onnx.model import ModelTooLarge, OnnxModel
 
-__all__ = ["OnnxModel", "register_model_loaders"]
+__all__ = ["ModelTooLarge", "OnnxModel", "register_model_loaders"]
 
 
 @hookimpl

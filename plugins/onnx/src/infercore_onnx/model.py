@@ -73,6 +73,38 @@ _SHA256 = Annotated[str, msgspec.Meta(pattern="^[0-9a-fA-F]{64}$")]
 
 _ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*")
 
+#: An ONNX file is one protobuf message, and protobuf refuses messages of 2 GiB or more: a larger
+#: ``.onnx`` cannot be a model (a large one keeps its tensors in external data files, which
+#: their own bounds cover). The default ``max_model_bytes``, so that a huge or endless file in
+#: the model folder is refused from its size before a byte of it is held in memory.
+MAX_MODEL_BYTES = 2 * 1024**3
+
+#: The first onnxruntime whose Python ``SessionOptions`` has
+#: ``add_external_initializers_from_files_in_memory`` (1.23.2 does not; 1.24.1 does).
+_IN_MEMORY_EXTERNAL_DATA_ORT = "1.24"
+
+
+class ModelTooLarge(ModelLoadError):
+    """The ``.onnx`` file is larger than the loader's ``max_model_bytes``; nothing was read.
+
+    Attributes:
+        size: The file's size in bytes.
+        limit: The ``max_model_bytes`` it broke.
+    """
+
+    def __init__(self, message: str, *, size: int, limit: int, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.size = size
+        self.limit = limit
+
+
+def _bytes(n: int) -> str:
+    """``n`` bytes for a message: exact, and in binary units when that is shorter to read."""
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= scale:
+            return f"{n:,} bytes ({n / scale:.4g} {unit})"
+    return f"{n:,} bytes"
+
 
 @dataclass(frozen=True, slots=True)
 class _Loaded:
@@ -136,6 +168,10 @@ class OnnxModel(Model):
                 back and forth with the event loop, which for a small model costs more CPU
                 than the call itself; a long call on the loop would hold up every request.
             loop_max_ms: The longest call ``auto`` runs on the event loop.
+            max_model_bytes: The largest ``.onnx`` file the loader reads (its size is checked
+                before it is read); 2 GiB by default, protobuf's own limit for one message.
+                External data files are not counted here: each is read only as far as the
+                model's tensors in it reach.
         """
 
         path: Annotated[str, msgspec.Meta(min_length=1)]
@@ -151,6 +187,7 @@ class OnnxModel(Model):
         io_binding: bool = False
         run_on: Literal["auto", "loop", "thread"] = "auto"
         loop_max_ms: Annotated[float, msgspec.Meta(ge=0, le=1000)] = 1.0
+        max_model_bytes: Annotated[int, msgspec.Meta(ge=1)] = MAX_MODEL_BYTES
 
     def __init__(self, config: OnnxModel.Config, context: ComponentContext) -> None:
         super().__init__(config, context)
@@ -441,13 +478,56 @@ class OnnxModel(Model):
                 )
         if not hasattr(ort.SessionOptions, "add_external_initializers_from_files_in_memory"):
             if self._pinned():
+                version = getattr(ort, "__version__", "of unknown version")
                 raise ModelLoadError(
-                    f"{path}: this onnxruntime cannot take external data from memory, so its "
-                    "pinned external data cannot be checked and then loaded",
-                    hint="upgrade onnxruntime",
+                    f"{path}: onnxruntime {version} cannot take external data from memory "
+                    "(SessionOptions.add_external_initializers_from_files_in_memory), so the "
+                    "model's pinned external data cannot be checked and then loaded",
+                    hint=f"upgrade to onnxruntime {_IN_MEMORY_EXTERNAL_DATA_ORT} or newer "
+                    f"(pip install 'onnxruntime>={_IN_MEMORY_EXTERNAL_DATA_ORT}'; "
+                    "onnxruntime-gpu likewise)",
                 )
             return None
         return read_external_files(artifact, files, pins, config_path=path)
+
+    def _read_model(self, artifact: Path) -> bytes:
+        """The ``.onnx`` file's bytes, refused from its size before any is read.
+
+        The size comes from the open file (``fstat``), so it is the size of the file read, and
+        the read takes at most one byte more: a file that grew since is refused, not read on.
+
+        Raises:
+            ModelTooLarge: The file is larger than ``max_model_bytes``.
+            ModelLoadError: The file grew while it was read.
+        """
+        limit = self.config.max_model_bytes
+        path = self.context.path
+        with artifact.open("rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size > limit:
+                option = f"{path}.max_model_bytes"
+                if limit >= MAX_MODEL_BYTES:
+                    hint = (
+                        "an .onnx file over 2 GiB cannot be a model (protobuf's limit): save "
+                        "large tensors as external data (onnx.save_model(..., "
+                        f"save_as_external_data=True)); {option} sets this limit"
+                    )
+                else:
+                    hint = f"raise {option} (default {_bytes(MAX_MODEL_BYTES)}) to load it"
+                raise ModelTooLarge(
+                    f"{path}.path: the ONNX file is {_bytes(size)}, over the limit of "
+                    f"{_bytes(limit)} ({option}); nothing was read",
+                    size=size,
+                    limit=limit,
+                    hint=hint,
+                )
+            data = fh.read(size + 1)  # buffered: reads on past a short read, up to EOF
+        if len(data) > size:
+            raise ModelLoadError(
+                f"{path}.path: the ONNX file grew while it was read; nothing was loaded",
+                hint="something is writing the model's folder: keep it read-only",
+            )
+        return data
 
     def _load(self) -> _Loaded:
         path = self.context.path
@@ -461,7 +541,7 @@ class OnnxModel(Model):
                 f"{path}.path: the artifact is not a file",
                 hint="point path at the .onnx file itself",
             )
-        data = artifact.read_bytes()
+        data = self._read_model(artifact)
         if self.config.sha256 is not None:
             verify_sha256_bytes(data, self.config.sha256, config_path=f"{path}.sha256")
         files = external_files(artifact, config_path=f"{path}.path", data=data)
