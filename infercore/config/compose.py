@@ -6,11 +6,9 @@
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import re
 import tempfile
-import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +17,14 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from infercore.config.schema import NAME_RE, VERSION_RE, InfercoreConfig
-from infercore.config.validation import allowed_fields, convert
+from infercore.config.validation import allowed_fields, convert, field_names
 from infercore.errors import ConfigError
+
+# `infercore config show` and `infercore deploy k8s` import these from here; the detection
+# lives in infercore.redaction, which the drift events' scrub() shares.
+from infercore.redaction import redact as redact
+from infercore.redaction import secret_paths as secret_paths
+from infercore.redaction import secret_url_paths as secret_url_paths
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -150,7 +154,14 @@ def _known_hydra_error(exc: Exception, text: str, overrides: list[str]) -> Confi
     lexer = _HYDRA_LEXER.search(text)
     if lexer:
         item = lexer.group("item").strip()
-        key, _, value = item.partition("=")
+        key, sep, value = item.partition("=")
+        if re.search(r"\[\d+\]", key):
+            # Errors name list items as config paths do (actions[0]); overrides cannot.
+            dotted = re.sub(r"\[(\d+)\]", r".\1", key)
+            return ConfigError(
+                f"override {item!r}: an override names a list item by its index after a dot",
+                hint=f"use {dotted}{sep}{value}",
+            )
         return ConfigError(
             f"override {item!r}: the value has characters that need quotes",
             hint=f"quote it: {key}='{value}' (in a shell: \"{key}='{value}'\")",
@@ -193,6 +204,16 @@ def _hydra_error(exc: Exception, overrides: list[str]) -> ConfigError:
         value = _override_value(overrides, name)
         # The first missing key on the way to `name` (models.irs for models.irs.versions.1...).
         missing = str(getattr(exc.__cause__, "full_key", "") or name)
+        if missing.startswith(f"{name}.") and (value or "").lstrip().startswith("{"):
+            # KEY={…} over a node the config sets: Hydra merges the mapping into the node,
+            # and without `++` a merge may only change the keys the node has.
+            new = missing.removeprefix(f"{name}.")
+            return ConfigError(
+                f"{name}: the override {name}={value} merges into the node the config sets "
+                f"here, which has no key {new!r}; a plain override only changes keys",
+                hint=f"to add keys too: ++{name}={value}; to replace the node whole: "
+                f"~{name} +{name}={value}",
+            )
         if not name.startswith(missing):
             missing = name
         shown = f" (value {value!r})" if value is not None else ""
@@ -367,6 +388,7 @@ def compose(
         )
     config = convert(plain, InfercoreConfig, path="", context=label)
     _check_names(config, label)
+    _check_kind_overrides(plain, overrides, choices, conf_dir, recipes_dir, label)
     return Composed(config, plain, choices, overrides, recipes_dir)
 
 
@@ -419,350 +441,216 @@ def _check_names(config: InfercoreConfig, label: str) -> None:
             )
 
 
-#: Words of a key name (split at ``_``, ``-``, ``.`` and camelCase) that mark its value secret
-#: wherever they stand (``db_password``, ``AWS_SECRET_ACCESS_KEY``); whole words, so
-#: ``max_tokens`` and ``tokenizer`` stay visible. ``authorization`` and ``cookie`` are the HTTP
-#: headers that carry credentials (a webhook's ``headers:``).
-_SECRET_WORDS = frozenset(
-    {
-        "token",
-        "secret",
-        "password",
-        "passwd",
-        "apikey",
-        "credential",
-        "credentials",
-        "authorization",
-        "cookie",
-        "sessionid",
-    }
-)
-#: Words that mark a secret only as the key's last word, the thing it names: ``DB_PASS``,
-#: ``private_key``, ``X-Signing-Key``, ``x-api-key``, ``sig``, ``X-Hub-Signature-256``,
-#: ``X-Auth``, ``session``. In front of another word they qualify it: ``key_field``,
-#: ``auth_env``, ``pass_env``, ``signature_version``, ``session_ttl``.
-_SECRET_HEADS = frozenset({"pass", "pwd", "key", "sig", "signature", "auth", "session"})
-#: Words before a head word that make it data, not a secret: a feature store's ``join_key``,
-#: a ``public_key``, a ``partition_key``, a ``first_pass``.
-_PLAIN_QUALIFIERS = frozenset(
-    {
-        "public",
-        "join",
-        "primary",
-        "foreign",
-        "sort",
-        "partition",
-        "shard",
-        "cache",
-        "routing",
-        "entity",
-        "lookup",
-        "row",
-        "object",
-        "group",
-        "idempotency",
-        "dedup",
-        "sticky",
-        "feature",
-        "column",
-        "index",
-        "first",
-        "second",
-        "last",
-        "single",
-        "multi",
-    }
-)
-#: Last words that say the value only names or locates the secret, and is none itself:
-#: ``auth_env``, ``token_file``, ``password_path``, ``secret_name``, ``api_key_header``,
-#: ``token_url``.
-_POINTER_WORDS = frozenset({"env", "var", "file", "path", "dir", "name", "header", "field", "url"})
-_KEY_WORD = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
-# Everything between the scheme and the last '@' before the path is userinfo.
-_URL_CREDS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.\-]*://)(?P<creds>[^/\s]+)@", re.I)
-_URL = re.compile(r"[a-z][a-z0-9+.\-]*://[^\s\"'<>]+", re.I)
-#: A query (or fragment) parameter of a URL: ``?access_token=…``, ``&sig=…``, ``#token=…``.
-_URL_PARAM = re.compile(r"(?P<sep>[?&;#])(?P<name>[^=&;#\s]+)=(?P<value>[^&;#\s]*)")
-#: An argument with its value: ``--password=…``, ``-token=…``, a Hydra ``db.password=…``.
-_ARG_WITH_VALUE = re.compile(r"(?P<name>[-+~]{0,2}[A-Za-z_][\w.\-]*)=(?P<value>.*)", re.S)
-#: An option whose value is the next argument: ``--password …``.
-_ARG_OPTION = re.compile(r"--(?P<name>[A-Za-z][\w.\-]*)")
-
-#: Tokens whose prefix names them, masked wherever they stand in a string, in a URL or not (a
-#: GitHub token in a command's argv, an OpenAI key in a description). The prefix stays visible:
-#: it says which token to rotate. The prefix must start a word and the body be as long as its
-#: issuer makes it, in its alphabet, with two of lowercase, uppercase and digits
-#: (:func:`_mixed`), so that words do not match: ``sk-learn-compatible-models``,
-#: ``xoxb-your-token-here``, ``task-1234…``.
-_PREFIXED_TOKENS = tuple(
-    re.compile(rf"(?<![A-Za-z0-9])(?P<prefix>{prefix})(?P<body>{body})(?![A-Za-z0-9])")
-    for prefix, body in (
-        (r"gh[pousr]_", r"[A-Za-z0-9]{36,}"),  # GitHub
-        (r"github_pat_", r"[A-Za-z0-9_]{22,}"),  # GitHub, fine-grained
-        (r"glpat-", r"[A-Za-z0-9_\-]{20,}"),  # GitLab
-        (r"xox[abeoprs]-|xapp-", r"[A-Za-z0-9\-]{10,}"),  # Slack
-        (r"sk-", r"[A-Za-z0-9_\-]{20,}"),  # OpenAI, Anthropic, DeepSeek …
-        (r"[rs]k_(?:live|test)_", r"[A-Za-z0-9]{16,}"),  # Stripe
-        (r"hf_", r"[A-Za-z0-9]{30,}"),  # Hugging Face
-        (r"npm_", r"[A-Za-z0-9]{36,}"),  # npm
-        (r"AIza", r"[A-Za-z0-9_\-]{35}"),  # Google API key (Google Chat's ?key=)
-        (r"A[KS]IA", r"[A-Z0-9]{16}"),  # AWS access key id
-        (r"eyJ", r"[\w\-]{8,}\.eyJ[\w\-]{8,}\.[\w\-]{8,}"),  # a JWT (a bearer token)
-    )
-)
-_PRIVATE_KEY = re.compile(
-    r"(?P<begin>-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----)(?P<body>.+?)(?=-----END|\Z)", re.S
-)
-#: Hosts of webhooks whose path holds the secret, each with where it sits (see
-#: :func:`_known_secret_segments`). Their IDs (Slack's team and channel, Discord's webhook
-#: id, Teams' group and tenant) stay visible: they help to recognise the URL and grant nothing.
-_SLACK_HOSTS = frozenset({"hooks.slack.com", "hooks.slack-gov.com"})
-_DISCORD_HOSTS = frozenset(
-    f"{sub}{domain}"
-    for sub in ("", "canary.", "ptb.")
-    for domain in ("discord.com", "discordapp.com")
-)
-_TEAMS_HOSTS = (".webhook.office.com", "outlook.office.com", "outlook.office365.com")
-#: Hosts whose paths hold only IDs and whose secret is a query parameter (Power Automate and
-#: Logic Apps, as Teams workflows use them: ``…/workflows/<32 hex>/triggers/…?sig=…``):
-#: their paths are not searched for random-looking segments.
-_SIGNED_QUERY_HOSTS = (".logic.azure.com", ".api.powerplatform.com")
-#: Schemes whose URLs are requested, and so may be capability URLs (whoever knows the URL may
-#: POST to it): only their paths are searched for random-looking segments. Object stores and
-#: databases (``s3://bucket/0/<run id>/model.onnx``, ``redis://host/0``) carry credentials in
-#: the userinfo or the query, masked anyway; their paths name things.
-_REQUESTED_SCHEMES = frozenset({"http", "https", "ws", "wss"})
-#: A path segment that may be a random token: token characters only (base64url, hex), so a
-#: file name (``model.onnx``), a version (``1.2.3``), a digest with its algorithm
-#: (``sha256:…``) or an interpolation never is.
-_TOKEN_SEGMENT = re.compile(r"[A-Za-z0-9_\-]{20,}")
-#: Trailing characters of a URL found in text that are not part of it: punctuation, and the
-#: ``}`` of an interpolation whose default is the URL (``${oc.env:HOOK,https://…}``).
-_URL_TAIL = re.compile(r"[.,;:!?)\]}'\"]+$")
+# --- an override that picks a component's kind keeps the node's other keys ------------------
 
 
-def _secret_key(key: str) -> bool:
-    """Whether a key (a config key, a header, an environment variable, a URL parameter or an
-    option's name) names a secret."""
-    words = [w.lower() for w in _KEY_WORD.findall(key)]
-    while words and words[-1].isdigit():  # X-Hub-Signature-256
-        words.pop()
-    if not words or words[-1] in _POINTER_WORDS:
-        return False
-    joined = {a + b for a, b in itertools.pairwise(words)}  # api_key -> apikey
-    if _SECRET_WORDS.intersection(words) or _SECRET_WORDS.intersection(joined):
-        return True
-    return words[-1] in _SECRET_HEADS and (len(words) == 1 or words[-2] not in _PLAIN_QUALIFIERS)
+#: A config path Hydra can take as an override's key: names and list indices (``[0]``).
+_HYDRA_PATH = re.compile(r"[A-Za-z0-9_\-]+(?:\.[A-Za-z0-9_\-]+|\[\d+\])*")
 
 
-def _literal(value: str, references: bool) -> bool:
-    """Whether a secret's ``value`` is written out (not empty, and with ``references``, not a
-    ``${…}`` interpolation whose value comes from elsewhere)."""
-    return bool(value) and not (references and "${" in value)
+def _hydra_key(path: str) -> str | None:
+    """``path`` as Hydra's overrides write it (``actions[0].url`` -> ``actions.0.url``), or
+    None where they cannot."""
+    if not _HYDRA_PATH.fullmatch(path):
+        return None
+    return re.sub(r"\[(\d+)\]", r".\1", path)
 
 
-def _mixed(text: str) -> bool:
-    """Whether ``text`` mixes two of lowercase letters, uppercase letters and digits."""
-    classes = (str.islower, str.isupper, str.isdigit)
-    return sum(any(test(c) for c in text) for test in classes) >= 2
+@dataclass(frozen=True, slots=True)
+class _KindOverride:
+    """An override that picks a component node's kind: ``P.kind=K``, ``P={kind: K, …}`` or
+    a config group's option (``batching=none``). Hydra merges it into the node the config
+    sets at ``P``: the keys it does not name stay."""
+
+    item: str  # as typed
+    path: str  # the node's config path
+    names: frozenset[str]  # the keys it sets in the node
+    whole: bool  # P={…}: the node can be replaced whole instead (~P +P={…})
 
 
-def _random_segment(segment: str) -> bool:
-    """Whether a URL path segment looks like a random token (a generic webhook's secret,
-    ``/hook/3f9a0c…``, a Mattermost hook id): 20 or more token characters
-    (:data:`_TOKEN_SEGMENT`) holding a run of 16 or more letters and digits, both, without a
-    separator.
-
-    Names are made of words: ``distilbert-base-uncased-finetuned-sst-2-english`` has no such
-    run, and neither has a UUID (runs of at most 12), which in a path names a resource (a run,
-    a subscription) far more often than it grants anything; a webhook whose secret is a UUID
-    is known by its host (:func:`_known_secret_segments`). What cannot be told from a token is
-    masked as one: a commit id or a digest in hex without its algorithm (``secrets.token_hex``
-    makes the same).
-    """
-    if not _TOKEN_SEGMENT.fullmatch(segment):
-        return False
-    run = max(re.split(r"[_\-]", segment), key=len)
-    return len(run) >= 16 and any(c.isdigit() for c in run) and any(c.isalpha() for c in run)
+def _node_at(data: Any, path: str) -> Any:
+    """The value at a dotted config path (``models.m.versions.1.loader``), or None."""
+    cur = data
+    for part in path.split("."):
+        if isinstance(cur, dict):
+            cur = cur.get(part, cur.get(int(part)) if part.isdigit() else None)
+        elif isinstance(cur, list) and part.isdigit() and int(part) < len(cur):
+            cur = cur[int(part)]
+        else:
+            return None
+    return cur
 
 
-def _known_secret_segments(host: str, segments: list[str]) -> set[int]:
-    """Indexes of the ``segments`` of a URL path (``segments[0]`` is empty: the path starts
-    with ``/``) that hold a known webhook's secret."""
-    found: set[int] = set()
-    filled = [i for i, s in enumerate(segments) if s]
-    if host in _SLACK_HOSTS and len(filled) >= 4:
-        # /services/T…/B…/<secret>, /workflows/T…/A…/<id>/<secret>, /triggers/T…/<id>/<secret>
-        found.add(filled[-1])
-    elif host in _DISCORD_HOSTS:
-        # /api[/v10]/webhooks/<id>/<token>[/slack|/github]
-        found.update(i + 2 for i, s in enumerate(segments) if s == "webhooks")
-    elif host.endswith(_TEAMS_HOSTS):
-        # /webhookb2/<group>@<tenant>/IncomingWebhook/<32 hex>/<owner>[/<V2 key>]
-        if "IncomingWebhook" in segments:
-            found.update(range(segments.index("IncomingWebhook") + 1, len(segments)))
-    elif host == "api.telegram.org":
-        # /bot<id>:<token>/sendMessage
-        found.update(i for i, s in enumerate(segments) if re.fullmatch(r"bot\d+:.+", s))
-    return {i for i in found if i < len(segments) and segments[i]}
-
-
-def _redact_url_path(url: str, references: bool) -> str:
-    """``url`` with the secrets in its path masked, each segment as ``***``: a known
-    webhook's secret (:func:`_known_secret_segments`) and, in a URL that is requested, any
-    segment that looks random (:func:`_random_segment`). Scheme, host, query and the other
-    segments stay, so that the URL can still be recognised."""
-    scheme, sep, rest = url.partition("://")
-    cut = min((i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0), default=-1)
-    if not sep or cut < 0 or rest[cut] != "/":
-        return url
-    authority, path = rest[:cut], rest[cut:]
-    end = min((i for i in (path.find("?"), path.find("#")) if i >= 0), default=len(path))
-    path, after = path[:end], path[end:]
-    host = authority.rpartition("@")[2].lower()
-    host = host.rpartition(":")[0] if re.search(r":\d*$", host) else host
-    segments = path.split("/")
-    masked = _known_secret_segments(host, segments)
-    if scheme.lower() in _REQUESTED_SCHEMES and not host.endswith(_SIGNED_QUERY_HOSTS):
-        masked.update(i for i, s in enumerate(segments) if _random_segment(s))
-    masked = {i for i in masked if _literal(segments[i], references)}
-    if not masked:
-        return url
-    path = "/".join("***" if i in masked else s for i, s in enumerate(segments))
-    return f"{scheme}://{authority}{path}{after}"
-
-
-def _redact_url(url: str, references: bool) -> str:
-    """One URL found in text with its path's secrets and its secret query parameters masked
-    (punctuation after it, or an interpolation's closing ``}``, is kept out of it)."""
-    tail = _URL_TAIL.search(url)
-    url, tail_text = (url[: tail.start()], tail.group()) if tail else (url, "")
-
-    def param(m: re.Match[str]) -> str:
-        name, value = m.group("name"), m.group("value")
-        if not _secret_key(urllib.parse.unquote_plus(name)) or not _literal(value, references):
-            return m.group()
-        return f"{m.group('sep')}{name}=***"
-
-    return _URL_PARAM.sub(param, _redact_url_path(url, references)) + tail_text
-
-
-def _redact_tokens(text: str) -> str:
-    """``text`` with every token that its prefix names (:data:`_PREFIXED_TOKENS`) and every
-    private key in PEM masked."""
-
-    def token(m: re.Match[str]) -> str:
-        return f"{m.group('prefix')}***" if _mixed(m.group("body")) else m.group()
-
-    for pattern in _PREFIXED_TOKENS:
-        text = pattern.sub(token, text)
-    return _PRIVATE_KEY.sub(lambda m: f"{m.group('begin')}***", text)
-
-
-def _redact_text(text: str, references: bool) -> str:
-    """``text`` with the credentials of every URL in it masked: userinfo
-    (``redis://:pw@host``), secret query parameters (``?access_token=…``, ``&sig=…``) and
-    secrets in the path (``https://hooks.slack.com/services/T…/B…/***``); and every token its
-    prefix names (``ghp_…``, ``xoxb-…``, ``sk-…``, ``AKIA…``), URL or not."""
-    if "://" in text:
-
-        def creds(m: re.Match[str]) -> str:
-            if not _literal(m.group("creds"), references):
-                return m.group()
-            return f"{m.group('scheme')}***@"
-
-        text = _URL_CREDS.sub(creds, text)
-        text = _URL.sub(lambda m: _redact_url(m.group(), references), text)
-    return _redact_tokens(text)
-
-
-def _redact_args(items: list[Any], references: bool) -> list[Any]:
-    """An argument list (a ``command`` action's ``argv``) with the values of secret options
-    masked: ``--password=…``, ``--token …``, ``db.password=…``."""
-    out = list(items)
-    for i, item in enumerate(items):
-        if not isinstance(item, str):
-            continue
-        if m := _ARG_WITH_VALUE.fullmatch(item):
-            name, value = m.group("name"), m.group("value")
-            if _secret_key(name) and _literal(value, references):
-                out[i] = f"{name}=***"
-        elif (m := _ARG_OPTION.fullmatch(item)) and i + 1 < len(items):
-            name, value = m.group("name"), items[i + 1]
-            flag = name.lower().startswith(("no-", "no_"))  # --no-password takes no value
-            if (
-                not flag
-                and _secret_key(name)
-                and isinstance(value, str)
-                and not value.startswith("-")
-                and _literal(value, references)
-            ):
-                out[i + 1] = "***"
+def _shown_path(data: Any, path: str) -> str:
+    """A dotted override path as errors write config paths: list indices in brackets
+    (``models.m.drift.actions.0`` -> ``models.m.drift.actions[0]``)."""
+    out, cur = "", data
+    for part in path.split("."):
+        if isinstance(cur, list) and part.isdigit():
+            out += f"[{part}]"
+            cur = cur[int(part)] if int(part) < len(cur) else None
+        else:
+            out = f"{out}.{part}" if out else part
+            cur = cur.get(part) if isinstance(cur, dict) else None
     return out
 
 
-def redact(value: Any, key: str = "", *, references: bool = False) -> Any:
-    """A copy of config data with secret-looking values replaced by ``'***'``.
+def _read_yaml(path: Path) -> Any:
+    import yaml
 
-    A value is secret when its key names one (``token``, ``password``, ``api_key``,
-    ``DB_PASS``, ``X-Signing-Key`` …: :func:`_secret_key`); the credentials in a URL
-    (``redis://:pw@host``, ``?access_token=…``, a webhook's token in its path), tokens that
-    their prefix names (``ghp_…``, ``sk-…``) and the values of secret options in an argument
-    list (``--password=…``) are masked wherever they appear. With ``references``
-    (unresolved data), a ``${…}`` interpolation is left as it is: it is no secret itself.
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+
+
+def _kind_overrides(
+    overrides: list[str], choices: dict[str, str], conf_dir: Path
+) -> list[_KindOverride]:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:  # they composed, so they parse; if not, there is nothing to explain
+        return []
+    found: list[_KindOverride] = []
+    for o in parsed:
+        if o.is_delete() or o.package is not None:
+            continue
+        key, value, item = o.key_or_group, o.value(), o.input_line or o.key_or_group
+        if key.endswith(".kind") and isinstance(value, str):
+            found.append(_KindOverride(item, key[: -len(".kind")], frozenset({"kind"}), False))
+        elif isinstance(value, dict) and isinstance(value.get("kind"), str):
+            found.append(_KindOverride(item, key, frozenset(map(str, value)), True))
+        elif key in choices and key != "recipe" and isinstance(value, str):
+            option = conf_dir / key / f"{value}.yaml"
+            text = option.read_text(encoding="utf-8") if option.is_file() else ""
+            data = _read_yaml(option) if "@package" not in text else None
+            if isinstance(data, dict) and "kind" in data:
+                found.append(_KindOverride(item, key, frozenset(map(str, data)), False))
+    return found
+
+
+def _component_registry() -> Any:
+    """The registry the runtime will build (same plugins, same environment), or None."""
+    from infercore.plugin_manager import make_plugin_manager
+    from infercore.registry import Registry
+
+    try:
+        pm, _ = make_plugin_manager()
+        return Registry(pm)
+    except Exception:  # a broken plugin: the runtime reports it in its own words
+        return None
+
+
+def _origin(path: str, choices: dict[str, str], conf_dir: Path, recipes_dir: Path) -> str:
+    """Which config file sets ``path``: the recipe, a config group's option, or config.yaml."""
+    recipe = choices.get("recipe")
+    if recipe and _node_at(_read_yaml(recipes_dir / f"{recipe}.yaml"), path) is not None:
+        return f"recipe={recipe}"
+    for group, option in choices.items():
+        if group == "recipe":
+            continue
+        file = conf_dir / group / f"{option}.yaml"
+        text = file.read_text(encoding="utf-8") if file.is_file() else ""
+        top = "@package _global_" in text  # else its keys sit under `group.`
+        inner = path if top else path.removeprefix(f"{group}.")
+        if (top or inner != path) and _node_at(_read_yaml(file), inner) is not None:
+            return f"{group}={option}"
+    return "conf/config.yaml"
+
+
+def _check_kind_overrides(
+    data: dict[str, Any],
+    overrides: list[str],
+    choices: dict[str, str],
+    conf_dir: Path,
+    recipes_dir: Path,
+    label: str,
+) -> None:
+    """An override that picks another kind for a component (``model.loader.kind=sklearn``,
+    ``…loader={kind: sklearn, path: …}``, ``batching=none``) is merged by Hydra into the node
+    the config sets there: the keys it does not name stay, and the new kind's ``Config``
+    rejects those it does not know. Say so, naming the file the key comes from and the
+    override that kept it, with the fix (``~PATH.KEY``), instead of the runtime's plain
+    "unknown key" for a key the user never wrote.
+
+    Only such overrides cost anything: the plugins are looked up when one keeps keys.
     """
-    secret = bool(key) and _secret_key(key)
-    if isinstance(value, dict):
-        # Below a secret key (``credentials: {user: …, key: …}``) everything is secret.
-        return {
-            k: redact(v, key if secret else str(k), references=references) for k, v in value.items()
-        }
-    if isinstance(value, list):
-        return _redact_args([redact(v, key, references=references) for v in value], references)
-    # A bool is a switch, never a secret (``auth: true``).
-    if (
-        secret
-        and value is not None
-        and not isinstance(value, bool)
-        and (not isinstance(value, str) or _literal(value, references))
-    ):
-        return "***"
-    if isinstance(value, str):
-        return _redact_text(value, references)
-    return value
+    kind_overrides = _kind_overrides(overrides, choices, conf_dir)
+    if not kind_overrides:
+        return
+    # Keys an override names (`P.key=…`, `P={…, key: …}`) were written by the user: the
+    # runtime's "unknown key" names them well enough.
+    named = {o.partition("=")[0].lstrip("+~") for o in overrides}
+    named |= {f"{ko.path}.{k}" for ko in kind_overrides for k in ko.names}
+    registry: Any = None
+    for ko in kind_overrides:
+        node = _node_at(data, ko.path)
+        if not isinstance(node, dict) or not isinstance(node.get("kind"), str):
+            continue
+        kept = [str(k) for k in node if k != "kind" and f"{ko.path}.{k}" not in named]
+        if not kept:
+            continue
+        if registry is None:
+            registry = _component_registry()
+            if registry is None:
+                return
+        from infercore.registry import ROLES
+
+        kind = node["kind"]
+        configs = [
+            (role, registry.kinds(role)[kind].cls.Config)
+            for role in ROLES
+            if kind in registry.kinds(role)
+        ]
+
+        def unknown(key: str, configs: list[tuple[str, Any]] = configs) -> bool:
+            return all(
+                c.__struct_config__.forbid_unknown_fields and key not in field_names(c)
+                for _, c in configs
+            )
+
+        bad = [k for k in kept if configs and unknown(k)]
+        if bad:
+            where = _shown_path(data, ko.path)
+            raise _kept_keys_error(
+                ko, where, node, bad, configs[0], choices, conf_dir, recipes_dir, label
+            )
 
 
-def _leaves(data: Any, path: str = "") -> Iterator[tuple[str, Any]]:
-    """Every leaf of nested dicts and lists with its config path (``a.b[0].c``)."""
-    if isinstance(data, dict):
-        for k, v in data.items():
-            yield from _leaves(v, f"{path}.{k}" if path else str(k))
-    elif isinstance(data, list):
-        for i, v in enumerate(data):
-            yield from _leaves(v, f"{path}[{i}]")
-    else:
-        yield path, data
-
-
-def secret_paths(data: Any, path: str = "") -> list[str]:
-    """Config paths (``a.b[0].c``) of the secrets written literally in ``data``: what
-    :func:`redact` masks, ``${…}`` interpolations aside."""
-    pairs = zip(_leaves(data, path), _leaves(redact(data, references=True), path), strict=True)
-    return [where for (where, given), (_, masked) in pairs if given != masked]
-
-
-def _secret_in_url_path(value: Any) -> bool:
-    if not isinstance(value, str) or "://" not in value:
-        return False
-    urls = (_URL_TAIL.sub("", m.group()) for m in _URL.finditer(value))
-    return any(_redact_url_path(url, references=True) != url for url in urls)
-
-
-def secret_url_paths(data: Any, path: str = "") -> list[str]:
-    """Those of :func:`secret_paths` whose value has a URL with a secret written literally in
-    its path (a Slack or Discord webhook): the fix is to read the whole URL from the
-    environment, ``url: ${oc.env:HOOK_URL}``."""
-    return [where for where, value in _leaves(data, path) if _secret_in_url_path(value)]
+def _kept_keys_error(
+    ko: _KindOverride,
+    where: str,
+    node: dict[str, Any],
+    bad: list[str],
+    found: tuple[str, Any],
+    choices: dict[str, str],
+    conf_dir: Path,
+    recipes_dir: Path,
+    label: str,
+) -> ConfigError:
+    role, config = found
+    first = f"{where}.{bad[0]}"
+    # The value is shown as `config show` would show it: a kept `url` or `token` is no
+    # reason to print a secret.
+    value = redact(node[bad[0]], bad[0])
+    also = f" (also {', '.join(bad[1:])})" if len(bad) > 1 else ""
+    origin = _origin(f"{ko.path}.{bad[0]}", choices, conf_dir, recipes_dir)
+    valid = ", ".join(field_names(config)) or "none"
+    suffix = f" ({label})" if label and label != origin else ""
+    keys = [_hydra_key(f"{where}.{k}") for k in bad]
+    removes = " ".join(f"~{k}" for k in keys if k)
+    hint = f"remove {'it' if len(bad) == 1 else 'them'}: {removes}" if removes else ""
+    if ko.whole:
+        whole = f"~{ko.path} +{ko.item.lstrip('+')}"
+        hint = f"{hint}; or replace the node whole: {whole}" if hint else f"replace it: {whole}"
+    return ConfigError(
+        f"{first}: not a key of {role} {node['kind']!r} (value {value!r}){also}: it comes from "
+        f"{origin}, and the override {ko.item} sets only the keys it names, so the node keeps "
+        f"the others; valid keys here: {valid}{suffix}",
+        hint=hint or None,
+    )
 
 
 def to_yaml(data: dict[str, Any]) -> str:

@@ -7,8 +7,11 @@ import re
 from typing import Any
 
 from infercore.components.drift import DriftEvent, DriftResult
+from infercore.redaction import redact_text
 
-_ABS_PATH = re.compile(r"(?<![\w.])/(?:[\w.\-]+/)+[\w.\-]*")
+#: An absolute path; not the ``//`` after a URL's scheme (the URL is masked on its own terms,
+#: and its host says which webhook failed), but the path of a ``file:///…`` URL.
+_ABS_PATH = re.compile(r"(?<![\w.])(?<!:/)/(?:[\w.\-]+/)+[\w.\-]*")
 
 
 def finite(value: float) -> float | None:
@@ -76,8 +79,11 @@ def event_to_json(event: DriftEvent) -> dict[str, Any]:
 
 
 def scrub(text: str, limit: int = 300) -> str:
-    """An error message fit for the admin API and INFO logs: absolute paths replaced by
-    ``<path>``, one line, at most ``limit`` characters (RELIABILITY S6)."""
+    """An error message fit for the admin API and INFO logs (RELIABILITY S6): one line, at
+    most ``limit`` characters, the secrets of every URL in it masked as ``infercore config
+    show`` masks them (:func:`infercore.redaction.redact_text`: credentials, secret and
+    random-looking query values, a webhook's token in its path, tokens their prefix names),
+    then absolute paths replaced by ``<path>``."""
     line = text.splitlines()[0] if text else ""
-    line = _ABS_PATH.sub("<path>", line)
+    line = _ABS_PATH.sub("<path>", redact_text(line))
     return line if len(line) <= limit else line[: limit - 1] + "…"

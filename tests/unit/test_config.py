@@ -316,6 +316,127 @@ def test_unknown_batcher_kind() -> None:
     assert "dynamic, none" in text
 
 
+# --- an override that picks another kind keeps the node's other keys ---
+
+_ONNX_TUNED = """\
+models:
+  m:
+    versions:
+      "1":
+        loader: {kind: onnx, path: iris/artifacts/model.onnx, intra_op_num_threads: 2}
+"""
+_LOADER = "models.m.versions.1.loader"
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        f"{_LOADER}.kind=sklearn",
+        f"{_LOADER}={{kind: sklearn, path: iris/model.skops}}",
+        f"++{_LOADER}={{kind: sklearn, path: iris/model.skops}}",
+    ],
+)
+def test_an_override_that_picks_another_loader_names_the_key_the_recipe_kept(
+    tmp_path: Path, override: str
+) -> None:
+    _recipe(tmp_path, "tuned", _ONNX_TUNED)
+    text = _error(["+recipe=tuned", override], recipes_dir=tmp_path)
+    assert text.startswith(
+        f"{_LOADER}.intra_op_num_threads: not a key of model_loader 'sklearn' (value 2): "
+        f"it comes from recipe=tuned, and the override {override} sets only the keys it names"
+    )
+    assert "valid keys here: path, format" in text
+    assert f"(hint: remove it: ~{_LOADER}.intra_op_num_threads" in text
+    # The hint works: the key goes, the rest of the override stays.
+    fixed = compose(
+        ["+recipe=tuned", override, f"~{_LOADER}.intra_op_num_threads"], recipes_dir=tmp_path
+    )
+    loader = fixed.data["models"]["m"]["versions"]["1"]["loader"]
+    assert loader["kind"] == "sklearn" and "intra_op_num_threads" not in loader
+
+
+def test_a_mapping_override_may_replace_the_node_whole_instead(tmp_path: Path) -> None:
+    _recipe(tmp_path, "tuned", _ONNX_TUNED)
+    override = f"{_LOADER}={{kind: sklearn, path: iris/model.skops}}"
+    text = _error(["+recipe=tuned", override], recipes_dir=tmp_path)
+    assert text.endswith(f"; or replace the node whole: ~{_LOADER} +{override})")
+    whole = [f"~{_LOADER}", f"+{override}"]
+    loader = compose(["+recipe=tuned", *whole], recipes_dir=tmp_path).data["models"]["m"]
+    assert loader["versions"]["1"]["loader"] == {"kind": "sklearn", "path": "iris/model.skops"}
+
+
+def test_a_group_option_that_picks_another_batcher_names_every_key_the_recipe_kept() -> None:
+    # fraud sets batching.max_batch_size and max_queue_delay_ms; the none batcher has neither.
+    text = _error(["+recipe=fraud", "batching=none"])
+    assert text.startswith(
+        "batching.max_batch_size: not a key of batcher 'none' (value 64) (also "
+        "max_queue_delay_ms): it comes from recipe=fraud, and the override batching=none"
+    )
+    assert text.endswith(
+        "(hint: remove them: ~batching.max_batch_size ~batching.max_queue_delay_ms)"
+    )
+    fixed = compose(
+        [
+            "+recipe=fraud",
+            "batching=none",
+            "~batching.max_batch_size",
+            "~batching.max_queue_delay_ms",
+        ],
+        recipes_dir=RECIPES_DIR,
+    )
+    assert fixed.data["batching"]["kind"] == "none"
+
+
+def test_a_kept_key_is_shown_as_config_show_shows_it(tmp_path: Path) -> None:
+    token = "Zk3vQ9xLmP2rT8wYb4nH6jDa"
+    _recipe(
+        tmp_path,
+        "hooked",
+        f"""\
+        models:
+          m:
+            versions:
+              "1":
+                loader: {{kind: onnx, path: iris/artifacts/model.onnx}}
+            drift:
+              detectors: {{}}
+              actions:
+                - kind: webhook
+                  url: https://hooks.slack.com/services/T0000/B0000/{token}
+                  allow_hosts: [hooks.slack.com]
+        """,
+    )
+    text = _error(["+recipe=hooked", "models.m.drift.actions.0.kind=log"], recipes_dir=tmp_path)
+    assert text.startswith(
+        "models.m.drift.actions[0].url: not a key of action 'log' "
+        "(value 'https://hooks.slack.com/services/T0000/B0000/***') (also allow_hosts)"
+    )
+    assert "~models.m.drift.actions.0.url ~models.m.drift.actions.0.allow_hosts" in text
+    assert token not in text
+
+
+def test_keys_the_new_kind_knows_may_stay() -> None:
+    # iris's loader sets kind and path; sklearn takes a path too: nothing to explain.
+    composed = compose(["+recipe=iris", "models.iris.versions.1.loader.kind=sklearn"])
+    loader = composed.data["models"]["iris"]["versions"]["1"]["loader"]
+    assert loader == {"kind": "sklearn", "path": "iris/artifacts/model.onnx"}
+
+
+def test_a_mapping_override_that_adds_a_key_says_it_merges() -> None:
+    value = "{kind: sklearn, path: x.skops, input_dtype: FP32}"
+    text = _error(["+recipe=fraud", f"models.fraud.versions.1.loader={value}"])
+    assert text.startswith(
+        f"models.fraud.versions.1.loader: the override models.fraud.versions.1.loader={value} "
+        "merges into the node the config sets here, which has no key 'input_dtype'"
+    )
+    assert "a valid key the composed config does not set" not in text
+    assert f"to add keys too: ++models.fraud.versions.1.loader={value}" in text
+    assert (
+        f"to replace the node whole: ~models.fraud.versions.1.loader "
+        f"+models.fraud.versions.1.loader={value}"
+    ) in text
+
+
 def test_unknown_group_option_lists_options() -> None:
     text = _error(["+recipe=iris", "batching=dynamc"])
     assert text.startswith("batching:")
@@ -529,6 +650,17 @@ def test_an_empty_recipe_says_it_is_empty(tmp_path: Path) -> None:
         (
             ["+recipe=iris", "description=\u00fc\U0001f680"],
             "override 'description=\u00fc\U0001f680': the value has characters that need quotes",
+        ),
+        # Errors write list items as config paths do; an override names them after a dot.
+        (
+            ["+recipe=fraud", "+models.fraud.drift.actions[0].foo=1"],
+            "override '+models.fraud.drift.actions[0].foo=1': an override names a list item by "
+            "its index after a dot (hint: use +models.fraud.drift.actions.0.foo=1)",
+        ),
+        (
+            ["+recipe=fraud", "~models.fraud.drift.actions[0].level"],
+            "override '~models.fraud.drift.actions[0].level': an override names a list item by "
+            "its index after a dot (hint: use ~models.fraud.drift.actions.0.level)",
         ),
     ],
 )

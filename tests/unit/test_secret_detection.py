@@ -12,17 +12,12 @@ import pytest
 
 from infercore.cli import run
 from infercore.components import ComponentContext
-from infercore.config.compose import (
-    _secret_key,
-    compose,
-    redact,
-    secret_paths,
-    secret_url_paths,
-)
+from infercore.config.compose import compose, redact, secret_paths, secret_url_paths
 from infercore.deploy import k8s
 from infercore.deploy.recipe import check_secret_literals, compose_unresolved
 from infercore.errors import ConfigError
 from infercore.plugin_manager import make_plugin_manager
+from infercore.redaction import _secret_key
 from infercore.registry import Registry
 
 REPO = Path(__file__).resolve().parents[2]
@@ -360,6 +355,122 @@ def test_redact_leaves_urls_names_and_digests_that_are_no_secrets(value: str) ->
     assert secret_paths({"value": value}) == []
 
 
+# --- URLs without a scheme, random query values, credentials with every scheme ---
+
+RANDOM = "8f3kQ9vLmP2rT8wYb4nH6jDa"
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        # A URL without its scheme is still a URL: its path, credentials and query.
+        (
+            "hooks.slack.com/services/T0000/B0000/XXXXXXXXXXXXXXXXXXXXXXXX",
+            "hooks.slack.com/services/T0000/B0000/***",
+        ),
+        (
+            "discord.com/api/webhooks/123456789012345678/abcDEF_gh-IJ.kl",
+            "discord.com/api/webhooks/123456789012345678/***",
+        ),
+        (f"example.com/hook/{RANDOM}?team=ml", "example.com/hook/***?team=ml"),
+        (f"localhost:9000/in/{RANDOM}", "localhost:9000/in/***"),
+        ("user:pass@redis.internal:6379/0", "***@redis.internal:6379/0"),
+        (":hunter2@redis.internal:6379", "***@redis.internal:6379"),
+        ("admin:hunter2@10.0.0.5/app", "***@10.0.0.5/app"),
+        ("redis.internal:6379?password=hunter2", "redis.internal:6379?password=***"),
+        ("redis:6379/0?password=hunter2&db=1", "redis:6379/0?password=***&db=1"),
+        # In text: after `=`, in quotes, as an interpolation's default, before punctuation.
+        ("REDIS=user:pass@redis.internal:6379/0", "REDIS=***@redis.internal:6379/0"),
+        (
+            "connect to 'user:pass@redis.internal:6379': refused",
+            "connect to '***@redis.internal:6379': refused",
+        ),
+        (
+            "${oc.env:HOOK,hooks.slack.com/services/T0000/B0000/XXXXXXXXXXXXXXXXXXXXXXXX}",
+            "${oc.env:HOOK,hooks.slack.com/services/T0000/B0000/***}",
+        ),
+        (
+            f"post to example.com/hook/{RANDOM}.",
+            "post to example.com/hook/***.",
+        ),
+        # A random-looking query value is masked whatever its parameter's name, with any
+        # scheme or none; a bare random query too.
+        (f"https://x.example/hook?x={RANDOM}", "https://x.example/hook?x=***"),
+        (f"https://x.example/hook?team=ml&c={RANDOM}", "https://x.example/hook?team=ml&c=***"),
+        (f"https://x.example/hook?c={RANDOM}%3D%3D&v=2", "https://x.example/hook?c=***&v=2"),
+        (
+            "https://x.example/hook?c=Zk3vQ9xLmP2rT8wYb4nH6jDa+Lm/Q==",
+            "https://x.example/hook?c=***",
+        ),
+        (f"https://x.example/hook?{RANDOM}", "https://x.example/hook?***"),
+        (f"https://x.example/cb#state={RANDOM}", "https://x.example/cb#state=***"),
+        (f"redis://redis.internal:6379/0?x={RANDOM}", "redis://redis.internal:6379/0?x=***"),
+        (f"x.example/hook?x={RANDOM}", "x.example/hook?x=***"),
+        # Credentials with every scheme, a raw '/' in the password included.
+        ("redis://:pa/ss@redis.internal:6379/0", "redis://***@redis.internal:6379/0"),
+        ("postgresql://user:p/w@db.internal/app", "postgresql://***@db.internal/app"),
+    ],
+)
+def test_redact_masks_urls_without_a_scheme_and_random_query_values(value: str, shown: str) -> None:
+    assert redact({"value": value}) == {"value": shown}
+    assert secret_paths({"value": value}) == ["value"]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        # Hosts and ports, names, paths, versions, digests and UUIDs stay as they are.
+        "redis.internal:6379",
+        "redis:6379/0",
+        "127.0.0.1:9000/drift",
+        "hooks.slack.com/services/T0000/B0000",
+        "huggingface.co/distilbert/distilbert-base-uncased-finetuned-sst-2-english",
+        "ghcr.io/acme/infercore:1.0@sha256:"
+        "a68d6411f907308fa10f1ca217b1fd53bec939c25b3fb02f2faec90f5be92af4",
+        "infercore:1.0@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+        "example.com/runs/123e4567-e89b-12d3-a456-426614174000/model",
+        "models.example.com/fraud/1/model.onnx",
+        "package.module:Class",
+        "model.py:42: in load",
+        "at 12:30 the model fraud-detector-v2.3.1 was promoted",
+        "alerts@example.com",
+        "mailto:alerts@example.com",
+        "git@github.com:acme/models.git",
+        "e.g. server.port=9000",
+        # Query values that name things.
+        "https://h/x?api-version=2016-06-01&sp=%2Ftriggers%2Fmanual%2Frun&sv=1.0",
+        "https://h/x?model=distilbert-base-uncased-finetuned-sst-2-english&v=2",
+        "https://h/x?run=123e4567-e89b-12d3-a456-426614174000",
+        "https://h/x?sha256=a68d6411f907308fa10f1ca217b1fd53bec939c25b3fb02f2faec90f5be92af4",
+        "https://h/x?digest=sha256:a68d6411f907308fa10f1ca217b1fd53bec939c25b3fb02f2faec90f5be92af4",
+        "https://h/docs#section-configuration-reference",
+        # A port, not a password.
+        "https://h:8080/a/b@c.com",
+        "https://medium.com/@user/post",
+    ],
+)
+def test_redact_leaves_hosts_ports_and_query_names_alone(value: str) -> None:
+    assert redact({"value": value}) == {"value": value}
+    assert secret_paths({"value": value}) == []
+
+
+def test_a_url_without_a_scheme_read_from_the_environment_is_no_literal() -> None:
+    data = {
+        "store": "user:${oc.env:REDIS_PW}@redis.internal:6379/0",
+        "query": "redis.internal:6379?password=${oc.env:REDIS_PW}",
+        "hook": "hooks.slack.com/services/T0000/B0000/${oc.env:SLACK_HOOK_TOKEN}",
+    }
+    assert secret_paths(data) == []
+    assert secret_url_paths(data) == []
+
+
+def test_the_literal_check_names_a_webhook_url_without_a_scheme_as_a_url() -> None:
+    hook = "hooks.slack.com/services/T0000/B0000/XXXXXXXXXXXXXXXXXXXXXXXX"
+    data = {"description": f"posts to {hook}", "redis": ":pw@redis.internal:6379"}
+    assert check_secret_literals(data) == ["description", "redis"]
+    assert secret_url_paths(data) == ["description"]
+
+
 def test_a_secret_in_a_url_path_read_from_the_environment_is_no_literal() -> None:
     data = {
         "url": "https://hooks.slack.com/services/T0000/B0000/${oc.env:SLACK_HOOK_TOKEN}",
@@ -400,6 +511,19 @@ def test_deploy_k8s_refuses_a_webhook_url_with_its_token_in_the_path() -> None:
     assert str(err.value).startswith(f"{path}: a URL with a token in its path written literally")
     assert SECRET not in str(err.value)
     assert "${oc.env:WEBHOOK_URL}" in (err.value.hint or "")
+
+
+def test_deploy_k8s_refuses_credentials_in_a_url_without_a_scheme() -> None:
+    store = "feature_store.redis_url"
+    with pytest.raises(ConfigError) as err:
+        k8s.render(
+            ["+recipe=fraud", "env=prod", f"{store}=admin:hunter2@redis.internal:6379/0"],
+            k8s.Options(),
+        )
+    assert str(err.value).startswith(f"{store}: a secret written literally")
+    assert "hunter2" not in str(err.value)
+    # The host and port alone are no secret.
+    k8s.render(["+recipe=fraud", "env=prod", f"{store}=redis.internal:6379"], k8s.Options())
 
 
 @pytest.mark.parametrize("deploy", DEPLOYS)

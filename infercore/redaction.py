@@ -1,0 +1,455 @@
+"""Finding secrets in config data and in text, and masking them.
+
+One implementation for every place that shows config or errors: ``infercore config show``
+masks what :func:`redact` finds, ``infercore deploy k8s`` refuses what :func:`secret_paths`
+finds written literally (it would end up in a ConfigMap), and drift events scrub their errors
+with :func:`redact_text` before the admin API and the logs show them (RELIABILITY S6).
+
+A value is secret when its key names one (``token``, ``password``, ``DB_PASS`` …); in any
+text, the credentials of a URL (with a scheme or without: ``redis://:pw@host``,
+``user:pw@redis.internal:6379``), its secret or random-looking query values, a webhook's token
+in its path, and tokens that their prefix names (``ghp_…``, ``sk-…``) are. Names, versions,
+file names and paths, hosts and ports, UUIDs and digests with their algorithm stay visible.
+Only the standard library is imported: the drift code imports this on its own.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import urllib.parse
+from collections.abc import Iterator
+from typing import Any
+
+#: Words of a key name (split at ``_``, ``-``, ``.`` and camelCase) that mark its value secret
+#: wherever they stand (``db_password``, ``AWS_SECRET_ACCESS_KEY``); whole words, so
+#: ``max_tokens`` and ``tokenizer`` stay visible. ``authorization`` and ``cookie`` are the HTTP
+#: headers that carry credentials (a webhook's ``headers:``).
+_SECRET_WORDS = frozenset(
+    {
+        "token",
+        "secret",
+        "password",
+        "passwd",
+        "apikey",
+        "credential",
+        "credentials",
+        "authorization",
+        "cookie",
+        "sessionid",
+    }
+)
+#: Words that mark a secret only as the key's last word, the thing it names: ``DB_PASS``,
+#: ``private_key``, ``X-Signing-Key``, ``x-api-key``, ``sig``, ``X-Hub-Signature-256``,
+#: ``X-Auth``, ``session``. In front of another word they qualify it: ``key_field``,
+#: ``auth_env``, ``pass_env``, ``signature_version``, ``session_ttl``.
+_SECRET_HEADS = frozenset({"pass", "pwd", "key", "sig", "signature", "auth", "session"})
+#: Words before a head word that make it data, not a secret: a feature store's ``join_key``,
+#: a ``public_key``, a ``partition_key``, a ``first_pass``.
+_PLAIN_QUALIFIERS = frozenset(
+    {
+        "public",
+        "join",
+        "primary",
+        "foreign",
+        "sort",
+        "partition",
+        "shard",
+        "cache",
+        "routing",
+        "entity",
+        "lookup",
+        "row",
+        "object",
+        "group",
+        "idempotency",
+        "dedup",
+        "sticky",
+        "feature",
+        "column",
+        "index",
+        "first",
+        "second",
+        "last",
+        "single",
+        "multi",
+    }
+)
+#: Last words that say the value only names or locates the secret, and is none itself:
+#: ``auth_env``, ``token_file``, ``password_path``, ``secret_name``, ``api_key_header``,
+#: ``token_url``.
+_POINTER_WORDS = frozenset({"env", "var", "file", "path", "dir", "name", "header", "field", "url"})
+_KEY_WORD = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
+#: The userinfo of a URL with a scheme: everything between the scheme and the last '@' before
+#: the path; or, with a raw '/' in the password (RFC 3986 wants %2F, people write it raw:
+#: ``redis://:pa/ss@host``), ``user:password`` up to an '@' that an authority follows, where
+#: what follows the ':' is no port (``https://h:8080/a/b@c.com`` has no userinfo).
+_URL_CREDS = re.compile(
+    r"(?<![a-z0-9+.\-])(?P<scheme>[a-z][a-z0-9+.\-]*://)"
+    r"(?P<creds>[^/\s]+|[^/\s@:]{0,256}:(?!\d*(?:[/?#]|$))[^\s?#@]{0,256}"
+    r"(?=@[^\s/?#@]+(?:[/?#\s]|$)))@",
+    re.I,
+)
+# A scheme starts a word: a scan from inside a long word (a base64 blob) would be quadratic.
+_SCHEME = re.compile(r"(?<![a-z0-9+.\-])[a-z][a-z0-9+.\-]*://", re.I)
+_URL = re.compile(r"(?<![a-z0-9+.\-])[a-z][a-z0-9+.\-]*://[^\s\"'<>]+", re.I)
+#: A URL written without its scheme: ``hooks.slack.com/services/…``,
+#: ``user:pw@redis.internal:6379/0``, ``redis:6379?password=…``. Its host is ``localhost``, an
+#: IPv4 address, a dotted name ending in letters (``redis.internal``, not ``model.v1``), or any
+#: name with a port; it starts the text or follows a space, a quote, an ``=``, a bracket or a
+#: comma (so never inside a path: ``recipes/fraud.yaml``), and an address's own scheme
+#: (``mailto:a@example.com``) is no userinfo. A file name (``model.onnx``) matches too, with
+#: nothing to mask. Userinfo is bounded (128 and 256 characters): a text with many places
+#: where one could start costs linear time, not quadratic.
+_BARE_URL = (
+    r"(?<![^\s\"'`=(<\[{,;|])"
+    r"(?!(?:mailto|sips?|tel|xmpp|urn|news):)"
+    r"(?:[^\s/@:\"'`<>=(\[{,;|]{0,128}:[^\s/\"'`<>]{0,256}@)?"
+    r"(?:localhost|\d{1,3}(?:\.\d{1,3}){3}|(?:[a-z0-9][a-z0-9\-]*\.)+[a-z]{2,63}"
+    r"|[a-z0-9][a-z0-9\-]*(?=:\d))"
+    r"(?::\d{1,5})?(?![\w\-@]|\.\w|:\d)"
+    r"(?:[/?#][^\s\"'`<>]*)?"
+)
+#: A URL's path with its query, without scheme or host, as HTTP clients quote it in errors
+#: (``Max retries exceeded with url: /drift?token=…``). A path without a query is not one;
+#: nor is one holding a character after which another could start (linear time).
+_PATH_WITH_QUERY = r"(?<![^\s\"'`=(<\[{,;|])/[^\s?#\"'`<>=(\[{,;|]{0,2048}[?#][^\s\"'`<>]*"
+#: Every URL in a text, with its scheme or without.
+_URLS = re.compile(rf"{_URL.pattern}|{_BARE_URL}|{_PATH_WITH_QUERY}", re.I)
+#: A query (or fragment) parameter of a URL: ``?access_token=…``, ``&sig=…``, ``#token=…``;
+#: or a bare value, ``?<token>``.
+_URL_PARAM = re.compile(
+    r"(?P<sep>[?&;#])(?P<name>[^=&;#?\s]+)"  # the name (a bare value has only this)
+    r"(?:(?P<eq>=)(?P<value>[^&;#?\s]*))?"
+)
+#: Parameter names whose value is a digest, which may look random and is no secret:
+#: ``?sha256=…``, ``&digest=…``, ``X-Content-SHA256``.
+_DIGEST_NAME = re.compile(r"sha\d*|md5|blake2[bs]?|crc32c?|digest|checksum|etag")
+#: An argument with its value: ``--password=…``, ``-token=…``, a Hydra ``db.password=…``.
+_ARG_WITH_VALUE = re.compile(r"(?P<name>[-+~]{0,2}[A-Za-z_][\w.\-]*)=(?P<value>.*)", re.S)
+#: An option whose value is the next argument: ``--password …``.
+_ARG_OPTION = re.compile(r"--(?P<name>[A-Za-z][\w.\-]*)")
+
+#: Tokens whose prefix names them, masked wherever they stand in a string, in a URL or not (a
+#: GitHub token in a command's argv, an OpenAI key in a description). The prefix stays visible:
+#: it says which token to rotate. The prefix must start a word and the body be as long as its
+#: issuer makes it, in its alphabet, with two of lowercase, uppercase and digits
+#: (:func:`_mixed`), so that words do not match: ``sk-learn-compatible-models``,
+#: ``xoxb-your-token-here``, ``task-1234…``.
+_PREFIXED_TOKENS = tuple(
+    re.compile(rf"(?<![A-Za-z0-9])(?P<prefix>{prefix})(?P<body>{body})(?![A-Za-z0-9])")
+    for prefix, body in (
+        (r"gh[pousr]_", r"[A-Za-z0-9]{36,}"),  # GitHub
+        (r"github_pat_", r"[A-Za-z0-9_]{22,}"),  # GitHub, fine-grained
+        (r"glpat-", r"[A-Za-z0-9_\-]{20,}"),  # GitLab
+        (r"xox[abeoprs]-|xapp-", r"[A-Za-z0-9\-]{10,}"),  # Slack
+        (r"sk-", r"[A-Za-z0-9_\-]{20,}"),  # OpenAI, Anthropic, DeepSeek …
+        (r"[rs]k_(?:live|test)_", r"[A-Za-z0-9]{16,}"),  # Stripe
+        (r"hf_", r"[A-Za-z0-9]{30,}"),  # Hugging Face
+        (r"npm_", r"[A-Za-z0-9]{36,}"),  # npm
+        (r"AIza", r"[A-Za-z0-9_\-]{35}"),  # Google API key (Google Chat's ?key=)
+        (r"A[KS]IA", r"[A-Z0-9]{16}"),  # AWS access key id
+        (r"eyJ", r"[\w\-]{8,}\.eyJ[\w\-]{8,}\.[\w\-]{8,}"),  # a JWT (a bearer token)
+    )
+)
+_PRIVATE_KEY = re.compile(
+    r"(?P<begin>-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----)(?P<body>.+?)(?=-----END|\Z)", re.S
+)
+#: Hosts of webhooks whose path holds the secret, each with where it sits (see
+#: :func:`_known_secret_segments`). Their IDs (Slack's team and channel, Discord's webhook
+#: id, Teams' group and tenant) stay visible: they help to recognise the URL and grant nothing.
+_SLACK_HOSTS = frozenset({"hooks.slack.com", "hooks.slack-gov.com"})
+_DISCORD_HOSTS = frozenset(
+    f"{sub}{domain}"
+    for sub in ("", "canary.", "ptb.")
+    for domain in ("discord.com", "discordapp.com")
+)
+_TEAMS_HOSTS = (".webhook.office.com", "outlook.office.com", "outlook.office365.com")
+#: Hosts whose paths hold only IDs and whose secret is a query parameter (Power Automate and
+#: Logic Apps, as Teams workflows use them: ``…/workflows/<32 hex>/triggers/…?sig=…``):
+#: their paths are not searched for random-looking segments.
+_SIGNED_QUERY_HOSTS = (".logic.azure.com", ".api.powerplatform.com")
+#: Schemes whose URLs are requested, and so may be capability URLs (whoever knows the URL may
+#: POST to it): only their paths are searched for random-looking segments. Object stores and
+#: databases (``s3://bucket/0/<run id>/model.onnx``, ``redis://host/0``) carry credentials in
+#: the userinfo or the query, masked anyway; their paths name things.
+_REQUESTED_SCHEMES = frozenset({"http", "https", "ws", "wss"})
+#: A path segment that may be a random token: token characters only (base64url, hex), so a
+#: file name (``model.onnx``), a version (``1.2.3``), a digest with its algorithm
+#: (``sha256:…``) or an interpolation never is.
+_TOKEN_SEGMENT = re.compile(r"[A-Za-z0-9_\-]{20,}")
+#: A query value that may be a random token: base64url, hex or base64 (``+`` and ``/``; its
+#: ``=`` padding stripped), percent-decoded.
+_TOKEN_VALUE = re.compile(r"[A-Za-z0-9_\-+/]{20,}")
+#: Trailing characters of a URL found in text that are not part of it: punctuation, and the
+#: ``}`` of an interpolation whose default is the URL (``${oc.env:HOOK,https://…}``).
+_URL_TAIL = re.compile(r"[.,;:!?)\]}'\"]+$")
+
+
+def _secret_key(key: str) -> bool:
+    """Whether a key (a config key, a header, an environment variable, a URL parameter or an
+    option's name) names a secret."""
+    words = [w.lower() for w in _KEY_WORD.findall(key)]
+    while words and words[-1].isdigit():  # X-Hub-Signature-256
+        words.pop()
+    if not words or words[-1] in _POINTER_WORDS:
+        return False
+    joined = {a + b for a, b in itertools.pairwise(words)}  # api_key -> apikey
+    if _SECRET_WORDS.intersection(words) or _SECRET_WORDS.intersection(joined):
+        return True
+    return words[-1] in _SECRET_HEADS and (len(words) == 1 or words[-2] not in _PLAIN_QUALIFIERS)
+
+
+def _literal(value: str, references: bool) -> bool:
+    """Whether a secret's ``value`` is written out (not empty, and with ``references``, not a
+    ``${…}`` interpolation whose value comes from elsewhere)."""
+    return bool(value) and not (references and "${" in value)
+
+
+def _mixed(text: str) -> bool:
+    """Whether ``text`` mixes two of lowercase letters, uppercase letters and digits."""
+    classes = (str.islower, str.isupper, str.isdigit)
+    return sum(any(test(c) for c in text) for test in classes) >= 2
+
+
+def _looks_random(text: str, alphabet: re.Pattern[str]) -> bool:
+    """Whether ``text`` is all of ``alphabet`` and holds a run of 16 or more letters and
+    digits, both, without a separator (``_``, ``-``, ``+``, ``/``)."""
+    if not alphabet.fullmatch(text):
+        return False
+    run = max(re.split(r"[_\-+/]", text), key=len)
+    return len(run) >= 16 and any(c.isdigit() for c in run) and any(c.isalpha() for c in run)
+
+
+def _random_segment(segment: str) -> bool:
+    """Whether a URL path segment looks like a random token (a generic webhook's secret,
+    ``/hook/3f9a0c…``, a Mattermost hook id): 20 or more token characters
+    (:data:`_TOKEN_SEGMENT`) holding a run of 16 or more letters and digits, both, without a
+    separator.
+
+    Names are made of words: ``distilbert-base-uncased-finetuned-sst-2-english`` has no such
+    run, and neither has a UUID (runs of at most 12), which in a path names a resource (a run,
+    a subscription) far more often than it grants anything; a webhook whose secret is a UUID
+    is known by its host (:func:`_known_secret_segments`). What cannot be told from a token is
+    masked as one: a commit id or a digest in hex without its algorithm (``secrets.token_hex``
+    makes the same).
+    """
+    return _looks_random(segment, _TOKEN_SEGMENT)
+
+
+def _random_value(name: str, value: str) -> bool:
+    """Whether a query value looks like a random token, whatever its parameter's name
+    (``?x=8f3kQ9…``, ``?c=…%3D%3D``): as a path segment does (:func:`_random_segment`), in
+    base64 too. A value whose name says it is a digest (:data:`_DIGEST_NAME`) is none."""
+    words = [w.lower() for w in _KEY_WORD.findall(name)]
+    names = [*words, *(a + b for a, b in itertools.pairwise(words))]  # SHA-256 -> sha256
+    if any(_DIGEST_NAME.fullmatch(w) for w in names):
+        return False
+    return _looks_random(urllib.parse.unquote(value).rstrip("="), _TOKEN_VALUE)
+
+
+def _known_secret_segments(host: str, segments: list[str]) -> set[int]:
+    """Indexes of the ``segments`` of a URL path (``segments[0]`` is empty: the path starts
+    with ``/``) that hold a known webhook's secret."""
+    found: set[int] = set()
+    filled = [i for i, s in enumerate(segments) if s]
+    if host in _SLACK_HOSTS and len(filled) >= 4:
+        # /services/T…/B…/<secret>, /workflows/T…/A…/<id>/<secret>, /triggers/T…/<id>/<secret>
+        found.add(filled[-1])
+    elif host in _DISCORD_HOSTS:
+        # /api[/v10]/webhooks/<id>/<token>[/slack|/github]
+        found.update(i + 2 for i, s in enumerate(segments) if s == "webhooks")
+    elif host.endswith(_TEAMS_HOSTS):
+        # /webhookb2/<group>@<tenant>/IncomingWebhook/<32 hex>/<owner>[/<V2 key>]
+        if "IncomingWebhook" in segments:
+            found.update(range(segments.index("IncomingWebhook") + 1, len(segments)))
+    elif host == "api.telegram.org":
+        # /bot<id>:<token>/sendMessage
+        found.update(i for i, s in enumerate(segments) if re.fullmatch(r"bot\d+:.+", s))
+    return {i for i in found if i < len(segments) and segments[i]}
+
+
+def _split_url(url: str) -> tuple[str, str, str, str]:
+    """``url`` as ``scheme://`` (empty without a scheme), authority, path and what follows
+    (query and fragment)."""
+    scheme = _SCHEME.match(url)
+    prefix = scheme.group() if scheme else ""
+    rest = url[len(prefix) :]
+    cut = min((i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0), default=-1)
+    authority, path = (rest, "") if cut < 0 else (rest[:cut], rest[cut:])
+    end = min((i for i in (path.find("?"), path.find("#")) if i >= 0), default=len(path))
+    return prefix, authority, path[:end], path[end:]
+
+
+def _redact_url_path(url: str, references: bool) -> str:
+    """``url`` with the secrets in its path masked, each segment as ``***``: a known
+    webhook's secret (:func:`_known_secret_segments`) and, in a URL that is requested, any
+    segment that looks random (:func:`_random_segment`). A URL without a scheme counts as
+    requested (``example.com/hook/…`` is typed without ``https://``). Scheme, host, query and
+    the other segments stay, so that the URL can still be recognised."""
+    prefix, authority, path, after = _split_url(url)
+    if not path:
+        return url
+    host = authority.rpartition("@")[2].lower()
+    host = host.rpartition(":")[0] if re.search(r":\d*$", host) else host
+    segments = path.split("/")
+    masked = _known_secret_segments(host, segments)
+    requested = not prefix or prefix[:-3].lower() in _REQUESTED_SCHEMES
+    if requested and not host.endswith(_SIGNED_QUERY_HOSTS):
+        masked.update(i for i, s in enumerate(segments) if _random_segment(s))
+    masked = {i for i in masked if _literal(segments[i], references)}
+    if not masked:
+        return url
+    path = "/".join("***" if i in masked else s for i, s in enumerate(segments))
+    return f"{prefix}{authority}{path}{after}"
+
+
+def _redact_url(url: str, references: bool) -> str:
+    """One URL found in text with its userinfo (a URL without a scheme: the ``_URL_CREDS``
+    pass has masked the others), its path's secrets and its secret or random-looking query
+    values masked (punctuation after it, or an interpolation's closing ``}``, is kept out of
+    it)."""
+    tail = _URL_TAIL.search(url)
+    url, tail_text = (url[: tail.start()], tail.group()) if tail else (url, "")
+    url = _redact_url_path(url, references)
+    prefix, authority, path, after = _split_url(url)
+    creds, at, hostport = authority.rpartition("@")
+    if not prefix and at and _literal(creds, references):
+        authority = f"***@{hostport}"
+
+    def param(m: re.Match[str]) -> str:
+        name, value = m.group("name"), m.group("value")
+        if not m.group("eq"):  # ?<token>
+            name, value = "", name
+        # A token that its prefix names keeps the prefix (_redact_tokens): ?q=AIza***.
+        random = _random_value(name, value) and _redact_tokens(value) == value
+        secret = _secret_key(urllib.parse.unquote_plus(name)) or random
+        if not secret or not _literal(value, references):
+            return m.group()
+        return f"{m.group('sep')}{name}{m.group('eq') or ''}***"
+
+    return prefix + authority + _URL_PARAM.sub(param, path + after) + tail_text
+
+
+def _redact_tokens(text: str) -> str:
+    """``text`` with every token that its prefix names (:data:`_PREFIXED_TOKENS`) and every
+    private key in PEM masked."""
+
+    def token(m: re.Match[str]) -> str:
+        return f"{m.group('prefix')}***" if _mixed(m.group("body")) else m.group()
+
+    for pattern in _PREFIXED_TOKENS:
+        text = pattern.sub(token, text)
+    return _PRIVATE_KEY.sub(lambda m: f"{m.group('begin')}***", text)
+
+
+def redact_text(text: str, *, references: bool = False) -> str:
+    """``text`` with the credentials of every URL in it masked, with its scheme or without:
+    userinfo (``redis://:pw@host``, ``user:pw@redis.internal:6379``), secret query
+    parameters (``?access_token=…``, ``&sig=…``) and random-looking query values
+    (``?x=8f3kQ9…``), secrets in the path (``hooks.slack.com/services/T…/B…/***``); and every
+    token its prefix names (``ghp_…``, ``xoxb-…``, ``sk-…``, ``AKIA…``), URL or not.
+
+    With ``references`` (unresolved config), a ``${…}`` interpolation is left as it is.
+    """
+    if "://" in text:
+
+        def creds(m: re.Match[str]) -> str:
+            if not _literal(m.group("creds"), references):
+                return m.group()
+            return f"{m.group('scheme')}***@"
+
+        text = _URL_CREDS.sub(creds, text)
+    text = _URLS.sub(lambda m: _redact_url(m.group(), references), text)
+    return _redact_tokens(text)
+
+
+def _redact_args(items: list[Any], references: bool) -> list[Any]:
+    """An argument list (a ``command`` action's ``argv``) with the values of secret options
+    masked: ``--password=…``, ``--token …``, ``db.password=…``."""
+    out = list(items)
+    for i, item in enumerate(items):
+        if not isinstance(item, str):
+            continue
+        if m := _ARG_WITH_VALUE.fullmatch(item):
+            name, value = m.group("name"), m.group("value")
+            if _secret_key(name) and _literal(value, references):
+                out[i] = f"{name}=***"
+        elif (m := _ARG_OPTION.fullmatch(item)) and i + 1 < len(items):
+            name, value = m.group("name"), items[i + 1]
+            flag = name.lower().startswith(("no-", "no_"))  # --no-password takes no value
+            if (
+                not flag
+                and _secret_key(name)
+                and isinstance(value, str)
+                and not value.startswith("-")
+                and _literal(value, references)
+            ):
+                out[i + 1] = "***"
+    return out
+
+
+def redact(value: Any, key: str = "", *, references: bool = False) -> Any:
+    """A copy of config data with secret-looking values replaced by ``'***'``.
+
+    A value is secret when its key names one (``token``, ``password``, ``api_key``,
+    ``DB_PASS``, ``X-Signing-Key`` …: :func:`_secret_key`); the credentials in a URL, with
+    its scheme or without (``redis://:pw@host``, ``user:pw@redis.internal:6379``,
+    ``?access_token=…``, a random-looking query value, a webhook's token in its path:
+    :func:`redact_text`), tokens that their prefix names (``ghp_…``, ``sk-…``) and the values
+    of secret options in an argument list (``--password=…``) are masked wherever they
+    appear. With ``references``
+    (unresolved data), a ``${…}`` interpolation is left as it is: it is no secret itself.
+    """
+    secret = bool(key) and _secret_key(key)
+    if isinstance(value, dict):
+        # Below a secret key (``credentials: {user: …, key: …}``) everything is secret.
+        return {
+            k: redact(v, key if secret else str(k), references=references) for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return _redact_args([redact(v, key, references=references) for v in value], references)
+    # A bool is a switch, never a secret (``auth: true``).
+    if (
+        secret
+        and value is not None
+        and not isinstance(value, bool)
+        and (not isinstance(value, str) or _literal(value, references))
+    ):
+        return "***"
+    if isinstance(value, str):
+        return redact_text(value, references=references)
+    return value
+
+
+def _leaves(data: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+    """Every leaf of nested dicts and lists with its config path (``a.b[0].c``)."""
+    if isinstance(data, dict):
+        for k, v in data.items():
+            yield from _leaves(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            yield from _leaves(v, f"{path}[{i}]")
+    else:
+        yield path, data
+
+
+def secret_paths(data: Any, path: str = "") -> list[str]:
+    """Config paths (``a.b[0].c``) of the secrets written literally in ``data``: what
+    :func:`redact` masks, ``${…}`` interpolations aside."""
+    pairs = zip(_leaves(data, path), _leaves(redact(data, references=True), path), strict=True)
+    return [where for (where, given), (_, masked) in pairs if given != masked]
+
+
+def _secret_in_url_path(value: Any) -> bool:
+    if not isinstance(value, str):
+        return False
+    urls = (_URL_TAIL.sub("", m.group()) for m in _URLS.finditer(value))
+    return any(_redact_url_path(url, references=True) != url for url in urls)
+
+
+def secret_url_paths(data: Any, path: str = "") -> list[str]:
+    """Those of :func:`secret_paths` whose value has a URL with a secret written literally in
+    its path (a Slack or Discord webhook): the fix is to read the whole URL from the
+    environment, ``url: ${oc.env:HOOK_URL}``."""
+    return [where for where, value in _leaves(data, path) if _secret_in_url_path(value)]
