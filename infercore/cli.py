@@ -361,6 +361,10 @@ def check_before_listen(
             AuditLog(admin.audit_log, keep=1)  # makes the folder and the file, as serve does
         else:
             _check_audit_log(admin.audit_log)
+    if local and admin.state_file is not None:
+        from infercore.lifecycle.state import check_path
+
+        check_path(admin.state_file, audit_log=admin.audit_log, create=create)
 
 
 def _check_audit_log(path_text: str) -> None:

@@ -403,6 +403,20 @@ class Metrics:
             registry=r,
         )
 
+        # The rollout state (admin.state_file, infercore.lifecycle.state).
+        self.rollout_state_restore_failures = Counter(
+            "infercore_rollout_state_restore_failures",
+            "Start-ups whose admin.state_file could not be applied in full: the recipe's "
+            "rollout served instead (the log says why).",
+            registry=r,
+        )
+        self.rollout_state_save_failures = Counter(
+            "infercore_rollout_state_save_failures",
+            "Rollout changes that could not be saved to admin.state_file (a restart would "
+            "not restore them).",
+            registry=r,
+        )
+
     def exposition(self) -> bytes:
         """``/metrics`` in the Prometheus text format: this process's registry, or the totals
         of every worker when there are several."""

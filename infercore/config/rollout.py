@@ -102,6 +102,14 @@ class AdminConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_on
         auth_file: Read the token from this file instead.
         audit_log: Append every decision here as JSON lines; unset keeps them in memory only.
             Opened at start-up; only the file's own folder is created, inside an existing one.
+            The latest records are read back at start-up (``GET /admin/audit``).
+        state_file: Save the rollout state here after every change (stages, weights, the
+            versions loaded at run time, pending approvals, the canary guard's trips, the drift
+            actions' cooldown) and restore it at start-up; unset (the default): a restart
+            serves the recipe's rollout again. Restored all or nothing: a state that cannot be
+            applied in full (a version's folder gone, a digest that no longer matches, a recipe
+            whose versions, stages or primary changed) is an ERROR, and the recipe is served.
+            Locked while a server runs (one server per file); needs ``server.workers=1``.
         max_body_bytes: Largest admin request body.
     """
 
@@ -112,4 +120,5 @@ class AdminConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_on
     auth_env: Annotated[str, msgspec.Meta(min_length=1)] = "INFERCORE_ADMIN_TOKEN"
     auth_file: str | None = None
     audit_log: str | None = None
+    state_file: str | None = None
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 64 * 1024

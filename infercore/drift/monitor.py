@@ -24,7 +24,11 @@ until its turn), and each sees what the earlier ones did (``DriftEvent.actions``
 
 Inside a server the lifecycle hands the monitor the model's rollout control
 (:meth:`bind_rollout`); it reaches every action (``Action.bind_rollout``) and every event
-(``DriftEvent.rollout``).
+(``DriftEvent.rollout``). The cooldown survives a restart when the lifecycle saves the rollout
+state (``admin.state_file``): it reads :attr:`DriftMonitor.last_action_at` when told by
+:attr:`DriftMonitor.action_listeners` that actions started, and hands it back at start-up
+(:meth:`restore_last_action`), so a restart under drift does not run the actions again
+inside ``cooldown_s``.
 
 For the server, four calls suffice: :meth:`DriftMonitor.build` when the runtime is built
 (config errors surface then), :meth:`check_tensors` once the model's versions have loaded
@@ -154,6 +158,11 @@ class DriftMonitor:
         self._errors: dict[str, int] = dict.fromkeys(self.detectors, 0)
         self._running: dict[str, asyncio.Task[None]] = {}
         self._last_trigger: float | None = None
+        #: ``_last_trigger`` on the wall clock (what survives a restart).
+        self._last_trigger_at: float | None = None
+        #: Called with the wall-clock time whenever an event's actions start (not when they
+        #: are skipped): the lifecycle saves the cooldown with the rollout state.
+        self.action_listeners: list[Callable[[float], None]] = []
         self._warned: set[str] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
@@ -722,6 +731,8 @@ class DriftMonitor:
         )
         if not cooling:
             self._last_trigger = now
+            self._last_trigger_at = time.time()
+            self._tell_action_listeners(self._last_trigger_at)
         if self.config.action_order == "sequential":
             self._start_sequence(event, record["actions"], cooling)
             return
@@ -739,6 +750,34 @@ class DriftMonitor:
                     self._run_action(name, action, event, state), name=f"drift-action-{name}"
                 )
                 self._running[name] = task
+
+    def _tell_action_listeners(self, at: float) -> None:
+        for listener in list(self.action_listeners):
+            try:
+                listener(at)
+            except Exception:
+                log.exception("drift monitor of model %s: an action listener failed", self.model)
+
+    @property
+    def last_action_at(self) -> float | None:
+        """When (wall clock, seconds since the epoch) an event's actions last started: the
+        start of the cooldown; ``None`` before any."""
+        return self._last_trigger_at
+
+    def restore_last_action(self, at: float) -> None:
+        """Start the cooldown at ``at`` (wall clock), as saved by a previous run.
+
+        Only ever makes the cooldown later: a time older than the one this run has is ignored,
+        and a time in the future (a clock set back) counts as now.
+        """
+        if not isinstance(at, int | float) or at != at:  # NaN
+            return
+        wall = time.time()
+        at = min(float(at), wall)
+        start = time.monotonic() - (wall - at)
+        if self._last_trigger is None or start > self._last_trigger:
+            self._last_trigger = start
+            self._last_trigger_at = at
 
     def _start_sequence(self, event: DriftEvent, states: dict[str, Any], cooling: bool) -> None:
         names = [name for name, _ in self.actions]

@@ -23,6 +23,14 @@ An approval is for a step from the state its request saw. Applying a stage move 
 a rollback or an unload supersedes the affected versions' other pending approvals (their status
 becomes ``superseded``; approving one is a 409 that says why): ask again from the new state.
 
+A canary guard trip (the runtime drops a failing canary to weight 0) supersedes the
+version's pending approvals too, audited with the guard's reason: an approval asked for before
+the trip must not carry a broken version to primary. The version's description says when the
+guard dropped it, until it is moved or given a weight again.
+
+With ``admin.state_file`` the rollout is saved after every change and restored at start-up
+(:mod:`infercore.lifecycle.state`); until it is restored, changes are refused (503).
+
 A decision that could not be recorded is not made: 503 ``audit_unavailable``, nothing
 changed. Decisions are recorded before they are carried out; a load or an unload, whose outcome
 is known only once done, is recorded when asked (``load_requested``, ``unload_requested``) and
@@ -32,12 +40,14 @@ opens and then fails every write), so the request's own line is the check.
 
 from __future__ import annotations
 
+import logging
 import secrets
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from infercore.components.routing import describe_named
-from infercore.errors import InfercoreError, InvalidInput, NotFound
+from infercore.errors import ConfigError, InfercoreError, InvalidInput, ModelNotReady, NotFound
+from infercore.lifecycle import state as rollout_state
 from infercore.lifecycle.audit import AuditLog, now_iso
 from infercore.lifecycle.control import LifecycleRollout
 from infercore.runtime.errors import Conflict
@@ -67,6 +77,8 @@ ALLOWED: dict[str, frozenset[str]] = {
 _MAX_ACTOR = 64
 _MAX_REASON = 500
 _STATUSES = ("pending", "approved", "rejected", "superseded")
+
+log = logging.getLogger("infercore.lifecycle")
 
 
 class AuditUnavailable(InfercoreError):
@@ -131,21 +143,108 @@ class Lifecycle:
 
     def __init__(self, runtime: Runtime, audit: AuditLog | None = None) -> None:
         self.runtime = runtime
-        self.audit = audit or AuditLog(runtime.config.admin.audit_log)
+        admin = runtime.config.admin
+        self.audit = audit or AuditLog(admin.audit_log)
         self.approvals: dict[str, Approval] = {}
+        #: The canary guard's latest trip of each (model, version), until it moves again.
+        self.guard_trips: dict[tuple[str, str], dict[str, Any]] = {}
+        #: ``admin.state_file`` (locked while this server runs); ``None``: in memory only.
+        self.state: rollout_state.StateFile | None = None
+        #: Changes are refused until the saved rollout is restored (:meth:`restore_state`).
+        self._restoring = False
+        if admin.state_file is not None and runtime.config.server.workers != 1:
+            raise ConfigError(
+                f"admin.state_file: server.workers is {runtime.config.server.workers}; each "
+                "worker would keep (and save) its own rollout",
+                hint="use server.workers=1 with admin.state_file",
+            )
         # Drift actions (a retrained version registered as a candidate) act through the same
         # lifecycle as the admin API; an action that cannot work refuses here, at start-up.
         for name, served in runtime.models.items():
             if served.drift is not None:
                 served.drift.bind_rollout(LifecycleRollout(self, name))
+                served.drift.action_listeners.append(self._on_drift_actions)
         runtime.listeners.append(self._on_event)
+        if admin.state_file is not None:
+            # Last: the lock is held from here on (released by close()).
+            self.state = rollout_state.StateFile(admin.state_file, audit_log=admin.audit_log)
+            self._restoring = True
+
+    # -- the saved rollout ----------------------------------------------------------------
+
+    async def restore_state(self) -> None:
+        """Restore the rollout ``admin.state_file`` holds (all or nothing), or say at start-up
+        what the previous run changed that is not restored. The runtime calls it once its
+        recipe's versions have loaded, before it reports ready."""
+        try:
+            await rollout_state.restore(self)
+        finally:
+            self._restoring = False
+
+    def close(self) -> None:
+        """Release the state file (the server stops)."""
+        if self.state is not None:
+            self.state.close()
+
+    def _save(self) -> None:
+        """Write the rollout now to ``admin.state_file`` (after every change)."""
+        if self.state is None or self._restoring:
+            return
+        try:
+            self.state.write(rollout_state.snapshot(self))
+        except OSError as exc:
+            self.runtime.metrics.rollout_state_save_failures.inc()
+            log.error(
+                "admin.state_file: the rollout could not be saved (%s); the change is made, "
+                "and a restart now would not restore it",
+                exc.strerror or exc,
+            )
+
+    def _check_restored(self) -> None:
+        if self._restoring:
+            raise ModelNotReady(
+                "the server is starting: the rollout saved in admin.state_file is not restored "
+                "yet; nothing changed",
+                hint="try again once /v2/health/ready answers 200",
+            )
+
+    def _on_drift_actions(self, at: float) -> None:
+        self._save()  # the cooldown's start
 
     # -- records --------------------------------------------------------------------------
 
     def _on_event(self, event: Event) -> None:
         # The runtime's own decisions (the guard); those made here are recorded here.
-        if event.get("actor") == "guard":
+        if event.get("event") == "guard_tripped":
+            self._guard_tripped(event)
+        elif event.get("actor") == "guard":
             self._record(dict(event), strict=False)
+
+    def _guard_tripped(self, event: Event) -> None:
+        """The guard dropped a canary to weight 0: its pending approvals are superseded (a
+        step asked for before the trip would otherwise carry a broken version on), and its
+        description says so."""
+        model, version = str(event.get("model")), str(event.get("version"))
+        stale = self._pending_for(model, {version})
+        record = dict(event)
+        if stale:
+            record["superseded"] = [a.id for a in stale]
+        entry = self._record(record, strict=False)
+        at = str(entry.get("ts") or now_iso())
+        cause, detail = event.get("cause", ""), event.get("reason", "")
+        self.guard_trips[(model, version)] = {
+            "at": at,
+            "cause": cause,
+            "reason": detail,
+            "weight_before": event.get("weight_before"),
+        }
+        self._supersede(
+            stale,
+            by="guard",
+            why=f"the canary guard dropped version {version!r} to weight 0 at {at} "
+            f"({cause}: {detail})",
+        )
+        self._save()
 
     def _record(self, record: dict[str, Any], *, strict: bool = True) -> dict[str, Any]:
         # strict=False: the decision is already carried out (a load, an unload, the guard);
@@ -191,6 +290,8 @@ class Lifecycle:
         n = sum(1 for a in self.approvals.values() if a.model == model and a.status == "pending")
         self.runtime.metrics.approvals_pending.labels(model).set(n)
 
+    pending_gauge = _pending_gauge
+
     # -- reading --------------------------------------------------------------------------
 
     def describe(self, model: str | None = None) -> list[dict[str, Any]]:
@@ -199,6 +300,14 @@ class Lifecycle:
         for name in names:
             served = self.runtime.model(name)
             doc = served.describe()
+            for vdoc in doc["versions"]:
+                trip = self.guard_trips.get((name, vdoc["version"]))
+                if trip is not None:
+                    vdoc["guard_tripped"] = dict(trip)
+                    vdoc["note"] = (
+                        f"canary guard dropped it to weight 0 at {trip['at']} "
+                        f"({trip['cause']}: {trip['reason']})"
+                    )
             doc["approvals_required"] = list(served.config.rollout.approvals)
             doc["pending_approvals"] = [
                 a.id for a in self.approvals.values() if a.model == name and a.status == "pending"
@@ -321,6 +430,7 @@ class Lifecycle:
         "approval": ...}``.
         """
         by, why = check_actor(by), check_reason(reason)
+        self._check_restored()
         current = self._check_move(model, version, to, weight)
         gates = self.gates(model, current, to)
         if gates:
@@ -357,8 +467,10 @@ class Lifecycle:
             )
             self.approvals[approval.id] = approval
             self._pending_gauge(model)
+            self._save()
             return {"status": "pending", "approval": approval.to_dict()}
         self._apply(model, version, current, to, weight, by=by, reason=why, approval=None)
+        self._save()
         return {"status": "applied", "model": self.describe(model)[0]}
 
     def _apply(
@@ -395,6 +507,7 @@ class Lifecycle:
             record["superseded"] = [a.id for a in stale]
         self._record(record)
         self.runtime.set_stage(model, version, to, weight)
+        self.guard_trips.pop((model, version), None)
         via = f" (approval {approval.id})" if approval is not None else ""
         self._supersede(stale, by=by, why=f"version {version!r} moved {current} -> {to}{via}")
 
@@ -403,6 +516,7 @@ class Lifecycle:
     ) -> dict[str, Any]:
         """Approve a pending step and carry it out (checked again against the state now)."""
         by, why = check_actor(by), check_reason(reason)
+        self._check_restored()
         a = self._pending(approval_id)
         served = self.runtime.model(a.model)
         if served.config.rollout.distinct_approver and by == a.requested_by:
@@ -412,6 +526,7 @@ class Lifecycle:
         current = self._check_move(a.model, a.version, a.to, a.weight)
         self._decide(a, "approved", by, why)
         self._apply(a.model, a.version, current, a.to, a.weight, by=by, reason=why, approval=a)
+        self._save()
         return {"status": "applied", "approval": a.to_dict(), "model": self.describe(a.model)[0]}
 
     async def reject(
@@ -419,8 +534,10 @@ class Lifecycle:
     ) -> dict[str, Any]:
         """Reject a pending step; nothing moves."""
         by, why = check_actor(by), check_reason(reason)
+        self._check_restored()
         a = self._pending(approval_id)
         self._decide(a, "rejected", by, why)
+        self._save()
         return {"status": "rejected", "approval": a.to_dict()}
 
     def _decide(self, a: Approval, decision: str, by: str, why: str) -> None:
@@ -443,7 +560,18 @@ class Lifecycle:
     def _pending(self, approval_id: str) -> Approval:
         a = self.approvals.get(approval_id)
         if a is None:
-            raise NotFound(f"no approval {approval_id[:20]!r}", hint="infercore models approvals")
+            if self.state is None:
+                hint = (
+                    "infercore models approvals lists the approvals this server knows; pending "
+                    "approvals do not survive a restart unless admin.state_file is set (ask "
+                    "again: infercore models promote ...)"
+                )
+            else:
+                hint = (
+                    "infercore models approvals lists the approvals this server knows; only "
+                    "pending ones are kept across restarts (admin.state_file)"
+                )
+            raise NotFound(f"no approval {approval_id[:20]!r}", hint=hint)
         if a.status == "superseded":
             raise Conflict(
                 f"approval {a.id} was superseded by {a.decided_by} at {a.decided_at}: "
@@ -462,6 +590,7 @@ class Lifecycle:
     ) -> dict[str, Any]:
         """Set the primary's and canaries' shares (adding up to 100)."""
         by, why = check_actor(by), check_reason(reason)
+        self._check_restored()
         if not isinstance(weights, dict) or not weights:
             raise InvalidInput("give the weights: {version: percent, ...}")
         self.runtime.set_weights(model, weights, dry_run=True)
@@ -482,11 +611,16 @@ class Lifecycle:
             }
         )
         self.runtime.set_weights(model, weights)
+        for version, value in weights.items():
+            if float(value) > 0:
+                self.guard_trips.pop((model, version), None)
+        self._save()
         return {"status": "applied", "model": self.describe(model)[0]}
 
     async def rollback(self, model: str, *, by: str, reason: str | None = None) -> dict[str, Any]:
         """Back to the last primary (loading it if it was unloaded); canary weights to 0."""
         by, why = check_actor(by), check_reason(reason)
+        self._check_restored()
         runtime = self.runtime
         served = runtime.model(model)
         target = runtime.previous_primary(model)
@@ -512,6 +646,7 @@ class Lifecycle:
         self._record(record)
         runtime.rollback(model)
         self._supersede(stale, by=by, why=f"model {model!r} was rolled back by {by}")
+        self._save()
         return {"status": "applied", "model": self.describe(model)[0]}
 
     async def load(
@@ -519,6 +654,7 @@ class Lifecycle:
     ) -> dict[str, Any]:
         """Load (or reload) a version; refused, before anything happens, when unrecordable."""
         by, why = check_actor(by), check_reason(reason)
+        self._check_restored()
         self.runtime.model(model)
         self._record_request("load_requested", model, version, by, why)
         try:
@@ -550,6 +686,7 @@ class Lifecycle:
             },
             strict=False,
         )
+        self._save()
         return {"status": "loaded", "version": sv.describe()}
 
     async def unload(
@@ -557,6 +694,7 @@ class Lifecycle:
     ) -> dict[str, Any]:
         """Unload a version (its pending approvals superseded); refused when unrecordable."""
         by, why = check_actor(by), check_reason(reason)
+        self._check_restored()
         served = self.runtime.model(model)
         stage = served.version(version).stage
         self._record_request("unload_requested", model, version, by, why)
@@ -574,4 +712,6 @@ class Lifecycle:
             record["superseded"] = [a.id for a in stale]
         self._record(record, strict=False)
         self._supersede(stale, by=by, why=f"version {version!r} was unloaded by {by}")
+        self.guard_trips.pop((model, version), None)
+        self._save()
         return {"status": "unloaded", "version": sv.describe()}

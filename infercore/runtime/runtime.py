@@ -122,7 +122,9 @@ _GUARD_ON_ERROR_S = 0.05
 _NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 
 
-def _default_primary(versions: Mapping[str, Any]) -> str:
+def default_primary(versions: Mapping[str, Any]) -> str:
+    """The primary of a model whose recipe names none: its only (or highest) version."""
+
     def key(v: str) -> tuple[int, int | str]:
         return (0, int(v)) if v.isdigit() else (1, v)
 
@@ -202,7 +204,7 @@ class Runtime:
                 ),
                 label,
             )
-            primary = mc.primary or _default_primary(mc.versions)
+            primary = mc.primary or default_primary(mc.versions)
             repository = None
             if mc.repository is not None:
                 repository = self._check_repository(name, mc, model_root, label)
@@ -566,7 +568,9 @@ class Runtime:
     # -- start and stop -------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start feature sources and routers, then load, warm and open every version.
+        """Start feature sources and routers, then load, warm and open every version, then
+        restore the rollout the previous run saved (``admin.state_file``), then start drift
+        monitoring.
 
         Raises:
             ModelLoadError: A required model's primary version failed to load (an optional
@@ -589,6 +593,10 @@ class Runtime:
 
             await asyncio.gather(*(load(sv) for sv in served.versions.values()))
             served.refresh()
+        # The rollout saved by the previous run (admin.state_file), over the recipe's: before
+        # drift monitoring starts (its cooldown is part of it) and before readiness.
+        await self.lifecycle.restore_state()
+        for served in self.models.values():
             if served.drift is not None:
                 loaded = [sv.model for sv in served.versions.values() if sv.ready]
                 if loaded:  # tensor names are known once a version has loaded
@@ -805,6 +813,8 @@ class Runtime:
                     await component.stop()
                 except Exception:
                     log.exception("stopping %s failed", component.context.path)
+        if self._lifecycle is not None:
+            self._lifecycle.close()  # the state file's lock: another server may take it now
 
     # -- the request path -----------------------------------------------------------------
 
@@ -1092,10 +1102,13 @@ class Runtime:
 
     # -- run-time changes -----------------------------------------------------------------
 
-    def _scrub(self, text: str) -> str:
+    def scrub(self, text: str) -> str:
+        """``text`` without the model root's path (error bodies and INFO logs carry none)."""
         return text.replace(str(self.composed.model_root), "<model_root>")
 
-    async def load(self, name: str, version: str) -> ServedVersion:
+    async def load(
+        self, name: str, version: str, *, pin: Mapping[str, Any] | None = None
+    ) -> ServedVersion:
         """Load (or reload) a version and open it to traffic; the old instance serves until then.
 
         A recipe version is built from its recipe node, pinned by the model's repository
@@ -1103,6 +1116,10 @@ class Runtime:
         folder (its digest pinned by the folder's manifest). The manifest is read again for
         every load. A reload keeps the version's stage and weight and must keep the serving
         instance's signature; a new version starts as a ``candidate``.
+
+        ``pin``: a repository version must be loaded with exactly these pins (``path``,
+        ``sha256`` and the companions' digests, as an earlier load used them): the manifest
+        must pin them still (a restored rollout loads what was approved, or nothing).
 
         Raises:
             InvalidInput: An invalid version name, or a repository version without a pinned
@@ -1137,6 +1154,8 @@ class Runtime:
                     node = self._companions(
                         repo, repo.loader_node(version), f"models.{name}.repository.loader"
                     )
+                    if pin is not None:
+                        _check_pin(name, version, node, pin)
                 except InfercoreError as exc:
                     if current is None:
                         raise
@@ -1159,7 +1178,7 @@ class Runtime:
                     name, version, node, warmup, path, recipe_node=recipe_node
                 )
             except ConfigError as exc:
-                raise InvalidInput(self._scrub(str(exc))) from None
+                raise InvalidInput(self.scrub(str(exc))) from None
             fresh.origin = origin
             if current is not None:
                 fresh.outputs_config = current.outputs_config
@@ -1200,7 +1219,7 @@ class Runtime:
         """Record a load that changed nothing (the old instance, if any, serves on) and return
         the error to raise: ``refusal`` (409) when the reload was refused, else LoadFailed."""
         name = served.name
-        reason = self._scrub(reason)
+        reason = self.scrub(reason)
         if current is not None:
             current.last_load_error = reason
             # The old instance (if any) still serves under this label.
@@ -1225,6 +1244,26 @@ class Runtime:
                 budget,
             )
         await self._stop_instance(sv)
+
+    async def discard(self, name: str, version: str) -> None:
+        """Forget a version loaded from the repository at run time, as if it never was.
+
+        For a restored rollout that could not be applied in full (all or nothing): the
+        versions it loaded go again. A version of the recipe, or the primary, stays.
+        """
+        served = self.model(name)
+        sv = served.versions.get(version)
+        if sv is None or sv.origin != "repository" or version == served.primary:
+            return
+        async with served.lock:
+            del served.versions[version]
+            sv.state = UNLOADING
+            served.refresh()
+            await self._stop_instance(sv)
+            sv.state = STOPPED
+            self.metrics.model_ready.labels(name, version).set(0)
+            for stage in STAGES:
+                self.metrics.model_stage.labels(name, version, stage).set(0)
 
     async def unload(self, name: str, version: str) -> ServedVersion:
         """Take a version out of traffic, let its requests finish, then stop it.
@@ -1441,6 +1480,21 @@ class Runtime:
                     sv.window.reset()
         served.refresh()
         return target
+
+
+def _check_pin(name: str, version: str, node: Node, pin: Mapping[str, Any]) -> None:
+    """The repository's node of a version must carry the pins an earlier load used.
+
+    Raises:
+        LoadFailed: The manifest pins another digest (or the folder moved); nothing loaded.
+    """
+    for key in ("path", "sha256", COMPANIONS_OPTION):
+        if node.get(key) != pin.get(key):
+            raise LoadFailed(
+                f"model {name!r} version {version!r}: the repository's {key} is not the one "
+                "it was loaded with before",
+                hint="restore the folder and its manifest pins as they were",
+            )
 
 
 def _check_weight(value: Any) -> float:

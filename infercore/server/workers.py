@@ -275,6 +275,12 @@ def check_config(config: Any, workers: int) -> None:
             hint="use server.workers=1 with the admin API (scale with more pods or processes "
             "behind a load balancer), or set admin.enabled=false",
         )
+    if workers > 1 and config.admin.state_file is not None:
+        raise ConfigError(
+            f"server.workers: {workers} workers with admin.state_file: each worker would keep "
+            "(and save) its own rollout",
+            hint="use server.workers=1 with admin.state_file, or unset it",
+        )
 
 
 def bind(cfg: Any) -> tuple[socket.socket, SocketFile | None]:

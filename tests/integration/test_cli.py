@@ -639,6 +639,18 @@ TOKEN = "t" * 32
             "server.uds: the socket path is empty",
         ),
         (
+            "state file with workers",
+            ["admin.state_file=/tmp/infercore-test-state.json", "server.workers=2"],
+            {},
+            "server.workers",
+        ),
+        (
+            "state file in a missing tree",
+            ["admin.state_file=/nonexistent/a/rollout.json"],
+            {},
+            "admin.state_file",
+        ),
+        (
             "admin port is the server port",
             ["admin.enabled=true", "admin.port=27246", "server.port=27246"],
             {"INFERCORE_ADMIN_TOKEN": TOKEN},

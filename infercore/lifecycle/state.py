@@ -1,0 +1,777 @@
+"""The rollout state on disk (``admin.state_file``): saved after every change, restored at start.
+
+Without it a restart serves the recipe's rollout again: promotions, weights, the versions loaded
+at run time and pending approvals are gone. With it, :class:`~infercore.lifecycle.Lifecycle`
+writes a snapshot after every change (a load, an unload, a promotion, weights, a rollback, an
+approval asked for or decided, a canary guard trip, drift actions starting) and restores it
+when the server starts, after the recipe's versions have loaded and before it reports ready.
+
+What a snapshot holds (JSON, ``format`` 1), per model:
+
+- ``recipe``: the recipe's rollout as it was when the state was saved (its primary, each
+  version's stage and weight, its ``repository`` folder). The state applies only to that
+  recipe: if it changed, the recipe is what the operator means now, and it is served.
+- ``primary``, ``previous`` (the rollback history) and, per version, its ``stage``, ``weight``,
+  whether it is loaded, and the canary guard's last trip of it.
+- each version loaded at run time from the model's repository folder, with the pins its load
+  used (``path``, ``sha256``, and the digests of its companion files): it is loaded again with
+  the same checks as an admin load, and only if the manifest still pins the same digests.
+- ``drift_last_action_at``: when the drift monitor's actions last started (the cooldown).
+
+and the pending approvals (ids, who asked, when, the step). Decided approvals are history:
+the audit log keeps them.
+
+Restoring is all or nothing: the file is read and checked, the run-time versions are loaded,
+and only when every part can be applied are the stages, weights and approvals set (in one step,
+without awaiting). Otherwise the versions it loaded are dropped again, the recipe's rollout
+serves, one ERROR names the file, what failed and the fix, and the file is left as it is until
+the first change is saved (it is then moved aside to ``<file>.unapplied``). The drift cooldown
+is the exception: it is restored whenever the file can be read, since it only ever delays a
+drift action (a restart under drift must not retrain again).
+
+The file is written atomically: a temporary file in the same folder, written, flushed to disk,
+renamed over the old one (a crash before the rename leaves the old file whole), mode 0640.
+A lock (``<file>.lock``, ``flock``) is held while the server runs: two servers never share one
+state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import math
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import msgspec
+
+from infercore.errors import ConfigError, InfercoreError, ShuttingDown
+from infercore.lifecycle.audit import now_iso
+from infercore.runtime.repository import COMPANIONS_OPTION
+from infercore.runtime.served import CANARY, PRIMARY, SHADOW, STAGES, UNLOADED
+
+if TYPE_CHECKING:
+    from infercore.lifecycle.manager import Lifecycle
+
+log = logging.getLogger("infercore.lifecycle")
+
+FORMAT = 1
+_MODE = 0o640
+#: Records of the audit log that change what serves: a run that wrote one and kept no state
+#: file leaves changes a restart does not restore.
+CHANGES = frozenset(
+    {
+        "approval_requested",
+        "approved",
+        "promoted",
+        "weights_set",
+        "rolled_back",
+        "loaded",
+        "unloaded",
+        "guard_tripped",
+        "state_restored",
+    }
+)
+#: Previous primaries remembered for rollback (as the runtime keeps them).
+_HISTORY = 16
+_PIN_KEYS = ("path", "sha256", COMPANIONS_OPTION)
+_FIX = "delete the state file to start from the recipe's rollout"
+
+
+# --- the file --------------------------------------------------------------------------------
+
+
+class StateFile:
+    """The state file, its lock and its atomic writes.
+
+    Args:
+        path: ``admin.state_file``.
+        audit_log: ``admin.audit_log`` (the two must be different files).
+
+    Raises:
+        ConfigError: The path cannot be written, its folder's parent does not exist, it is the
+            audit log, or another server holds its lock (naming that server when it can).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, audit_log: str | None = None) -> None:
+        self.path = Path(path)
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
+        self.unapplied_path = self.path.with_name(self.path.name + ".unapplied")
+        #: Set when a restore failed: the first save moves the unapplied file aside first.
+        self.keep_aside = False
+        self._lock_fd: int | None = None
+        check_path(self.path, audit_log=audit_log, create=True)
+        self._lock_fd = self._lock()
+        self._remove_temporaries()
+
+    def _lock(self) -> int:
+        hint = "point admin.state_file at a writable file in an existing folder, or unset it"
+        try:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, _MODE)
+        except OSError as exc:
+            raise ConfigError(
+                f"admin.state_file: cannot write {str(self.lock_path)!r} ({exc.strerror})",
+                hint=hint,
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise ConfigError(
+                f"admin.state_file: {str(self.path)!r} is in use by another server{holder}",
+                hint="each server keeps its own rollout state: stop the other server, or point "
+                "admin.state_file at another file",
+            ) from None
+        with contextlib.suppress(OSError):
+            info = msgspec.json.encode(
+                {"pid": os.getpid(), "host": socket.gethostname(), "since": now_iso()}
+            )
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, info + b"\n", 0)
+        return fd
+
+    def _remove_temporaries(self) -> None:
+        # Left by a server that died between writing and renaming; the lock says none writes.
+        for tmp in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+    def read(self) -> bytes | None:
+        """The saved state; ``None`` when none was saved yet.
+
+        Raises:
+            OSError: The file exists but cannot be read.
+        """
+        try:
+            return self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def write(self, data: bytes) -> None:
+        """Replace the file with ``data``, atomically and durably.
+
+        Raises:
+            OSError: Nothing was replaced (the old file, if any, is whole).
+        """
+        if self.keep_aside:
+            if self.path.exists():
+                os.replace(self.path, self.unapplied_path)
+                log.warning(
+                    "admin.state_file: the state that could not be restored at start-up was "
+                    "moved aside to %s; the rollout now saved replaces it",
+                    self.unapplied_path.name,
+                )
+            self.keep_aside = False
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _MODE)
+            try:
+                os.fchmod(fd, _MODE)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            _replace(tmp, self.path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        # The rename itself reaches the disk with its folder.
+        with contextlib.suppress(OSError):
+            dfd = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+
+    def close(self) -> None:
+        """Release the lock (the server stops)."""
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+
+def _replace(src: Path, dst: Path) -> None:
+    # A function of its own, so that a test can fail it: a crash between write and rename.
+    os.replace(src, dst)
+
+
+def _holder(fd: int) -> str:
+    try:
+        info = msgspec.json.decode(os.pread(fd, 512, 0).strip() or b"{}")
+    except (OSError, msgspec.DecodeError):
+        return ""
+    if not isinstance(info, dict) or "pid" not in info:
+        return ""
+    return f" (pid {info.get('pid')} on {info.get('host', '?')}, since {info.get('since', '?')})"
+
+
+def check_path(
+    path: str | os.PathLike[str], *, audit_log: str | None = None, create: bool = False
+) -> None:
+    """What ``admin.state_file`` must be, the rule of ``admin.audit_log``: a file (not a folder,
+    not the audit log) in a folder that exists or whose parent does (only the file's own folder
+    is created, by ``create``), writable. ``infercore config validate`` checks it without
+    ``create``; the server, with.
+
+    Raises:
+        ConfigError: The first problem, naming the path and the fix.
+    """
+    path = Path(path)
+    hint = "point admin.state_file at a writable file in an existing folder, or unset it"
+    if audit_log is not None and os.path.abspath(audit_log) == os.path.abspath(path):
+        raise ConfigError(
+            "admin.state_file: it is admin.audit_log too",
+            hint="give the state its own file, e.g. rollout-state.json beside the audit log",
+        )
+    folder = path.parent
+    if path.is_dir():
+        raise ConfigError(f"admin.state_file: {str(path)!r} is a folder", hint=hint)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(
+            f"admin.state_file: cannot create {str(path)!r}: {str(folder)!r} is not a folder",
+            hint=hint,
+        )
+    if not folder.exists():
+        if not folder.parent.is_dir():
+            raise ConfigError(
+                f"admin.state_file: cannot create {str(path)!r}: {str(folder)!r} and "
+                f"{str(folder.parent)!r} do not exist (only the file's own folder is created)",
+                hint=hint,
+            )
+        if not create:
+            writable = os.access(folder.parent, os.W_OK | os.X_OK)
+        else:
+            try:
+                folder.mkdir()
+            except OSError as exc:
+                raise ConfigError(
+                    f"admin.state_file: cannot create {str(folder)!r} ({exc.strerror})", hint=hint
+                ) from None
+            writable = True
+    else:
+        # The file is replaced by a rename: its folder must be writable, whatever the file is.
+        writable = os.access(folder, os.W_OK | os.X_OK)
+    if not writable:
+        raise ConfigError(
+            f"admin.state_file: cannot write in the folder of {str(path)!r} "
+            f"({os.strerror(errno.EACCES)})",
+            hint=hint,
+        )
+
+
+# --- what is saved ---------------------------------------------------------------------------
+
+
+class SavedVersion(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    stage: Literal["candidate", "shadow", "canary", "primary", "retired"]
+    weight: float = 0.0
+    loaded: bool = True
+    origin: Literal["recipe", "repository"] = "recipe"
+    #: A version loaded from the repository: the pins its load used.
+    pin: dict[str, Any] | None = None
+    guard_trip: dict[str, Any] | None = None
+
+
+class SavedModel(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    recipe: dict[str, Any]
+    primary: str
+    versions: dict[str, SavedVersion]
+    previous: list[str] = msgspec.field(default_factory=list)
+    drift_last_action_at: float | None = None
+
+
+class SavedApproval(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    id: str
+    model: str
+    version: str
+    to: str
+    weight: float | None
+    requested_by: str
+    requested_at: str
+    reason: str
+    gates: list[str]
+    status: str = "pending"
+    decided_by: str | None = None
+    decided_at: str | None = None
+    decision_reason: str | None = None
+
+
+class SavedState(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    format: int
+    saved_at: str
+    models: dict[str, SavedModel]
+    approvals: list[SavedApproval] = msgspec.field(default_factory=list)
+    run: str | None = None
+
+
+class _Header(msgspec.Struct):
+    format: Any = None
+    saved_at: Any = None
+
+
+def recipe_rollout(lifecycle: Lifecycle, model: str) -> dict[str, Any]:
+    """The recipe's rollout of ``model``: what a saved state must have been saved with."""
+    from infercore.runtime.runtime import default_primary
+
+    mc = lifecycle.runtime.config.models[model]
+    primary = mc.primary or default_primary(mc.versions)
+    doc: dict[str, Any] = {
+        "primary": primary,
+        "versions": {
+            v: [PRIMARY if v == primary else vc.stage, 0.0 if v == primary else vc.weight]
+            for v, vc in sorted(mc.versions.items())
+        },
+        "repository": None,
+    }
+    repo = mc.repository
+    if repo is not None:
+        # Where run-time versions come from; not how they warm up.
+        doc["repository"] = {
+            "folder": repo.folder,
+            "version_folder": repo.version_folder,
+            "manifest": repo.manifest,
+            "kind": repo.loader.get("kind"),
+            "path": repo.loader.get("path"),
+        }
+    # Through JSON, so that it compares equal to what a file read back holds.
+    return msgspec.json.decode(msgspec.json.encode(doc))  # type: ignore[no-any-return]
+
+
+def snapshot(lifecycle: Lifecycle) -> bytes:
+    """The rollout now, as the state file holds it."""
+    models: dict[str, Any] = {}
+    for name, served in lifecycle.runtime.models.items():
+        versions: dict[str, Any] = {}
+        for v, sv in served.versions.items():
+            doc: dict[str, Any] = {
+                "stage": sv.stage,
+                "weight": sv.weight if sv.stage == CANARY else 0.0,
+            }
+            if sv.origin == "repository":
+                if sv.state == UNLOADED:
+                    continue  # gone: load it again from the repository
+                doc["origin"] = "repository"
+                doc["pin"] = {k: sv.node[k] for k in _PIN_KEYS if k in sv.node}
+            elif sv.state == UNLOADED:
+                doc["loaded"] = False
+            trip = lifecycle.guard_trips.get((name, v))
+            if trip is not None:
+                doc["guard_trip"] = trip
+            versions[v] = doc
+        entry: dict[str, Any] = {
+            "recipe": recipe_rollout(lifecycle, name),
+            "primary": served.primary,
+            "previous": [p for p in served.previous if p in versions],
+            "versions": versions,
+        }
+        if served.drift is not None and served.drift.last_action_at is not None:
+            entry["drift_last_action_at"] = served.drift.last_action_at
+        models[name] = entry
+    doc = {
+        "format": FORMAT,
+        "saved_at": now_iso(),
+        "run": lifecycle.audit.run,
+        "models": models,
+        "approvals": [a.to_dict() for a in lifecycle.approvals.values() if a.status == "pending"],
+    }
+    return msgspec.json.format(msgspec.json.encode(doc), indent=2) + b"\n"
+
+
+# --- restoring -------------------------------------------------------------------------------
+
+
+class Unrestorable(Exception):
+    """Why a saved state cannot be applied in full, and the fix."""
+
+    def __init__(self, what: str, fix: str = _FIX) -> None:
+        super().__init__(what)
+        self.what = what
+        self.fix = fix
+
+
+@dataclass
+class _ModelPlan:
+    name: str
+    primary: str
+    previous: list[str]
+    versions: dict[str, SavedVersion]
+    #: Versions to load from the repository first (name -> pins).
+    loads: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def decode(raw: bytes) -> SavedState:
+    """Parse a state file.
+
+    Raises:
+        Unrestorable: Not JSON, not a state of a format this server reads, or invalid.
+    """
+    try:
+        header = msgspec.json.decode(raw, type=_Header)
+    except msgspec.DecodeError as exc:
+        raise Unrestorable(f"the file is not valid JSON ({exc}); it is damaged") from None
+    if header.format != FORMAT:
+        raise Unrestorable(
+            f"the file holds rollout state format {header.format!r}; this server reads "
+            f"format {FORMAT}",
+            fix="serve it with the infercore version that wrote it, or " + _FIX,
+        )
+    try:
+        return msgspec.json.decode(raw, type=SavedState)
+    except msgspec.ValidationError as exc:
+        raise Unrestorable(f"the file is not a valid rollout state ({exc})") from None
+
+
+def _plan(lifecycle: Lifecycle, saved: SavedState) -> list[_ModelPlan]:
+    """Check every part of ``saved`` against the runtime as the recipe built it; change nothing.
+
+    Raises:
+        Unrestorable: The first part that cannot be applied.
+    """
+    runtime = lifecycle.runtime
+    plans: list[_ModelPlan] = []
+    for name, sm in saved.models.items():
+        served = runtime.models.get(name)
+        if served is None:
+            raise Unrestorable(f"model {name!r} is not in the recipe any more")
+        now = recipe_rollout(lifecycle, name)
+        if sm.recipe != now:
+            raise Unrestorable(
+                f"model {name!r}: the recipe's rollout changed since the state was saved "
+                f"({_recipe_change(sm.recipe, now)})",
+                fix="put the recipe back, or delete the state file to serve the recipe's "
+                "rollout (write into the recipe what you want to keep of the run-time changes)",
+            )
+        plan = _ModelPlan(name, sm.primary, list(sm.previous), dict(sm.versions))
+        recipe_versions = set(runtime.config.models[name].versions)
+        missing = sorted(recipe_versions - set(sm.versions))
+        if missing:
+            raise Unrestorable(f"model {name!r}: the state has no stage for version {missing[0]!r}")
+        for v, vs in sm.versions.items():
+            if vs.origin == "recipe":
+                if v not in recipe_versions:
+                    raise Unrestorable(f"model {name!r}: version {v!r} is not in the recipe")
+                continue
+            if v in recipe_versions:
+                raise Unrestorable(
+                    f"model {name!r}: version {v!r} is in the recipe now, not loaded at run time"
+                )
+            plan.loads[v] = _check_pin(lifecycle, name, v, vs)
+        _check_stages(lifecycle, plan)
+        plans.append(plan)
+    _check_approvals(saved, {p.name: p for p in plans})
+    return plans
+
+
+def _recipe_change(before: dict[str, Any], now: dict[str, Any]) -> str:
+    if before.get("primary") != now.get("primary"):
+        return f"primary {before.get('primary')!r} -> {now.get('primary')!r}"
+    old, new = before.get("versions") or {}, now.get("versions") or {}
+    added, removed = sorted(set(new) - set(old)), sorted(set(old) - set(new))
+    if added or removed:
+        parts = [f"added {', '.join(added)}"] if added else []
+        parts += [f"removed {', '.join(removed)}"] if removed else []
+        return "versions " + "; ".join(parts)
+    for v in sorted(new):
+        if old[v] != new[v]:
+            return f"version {v!r}: stage/weight {old[v]} -> {new[v]}"
+    return "its repository folder"
+
+
+def _check_pin(lifecycle: Lifecycle, name: str, version: str, vs: SavedVersion) -> dict[str, Any]:
+    """The pins of a version loaded at run time: the manifest must pin them still."""
+    served = lifecycle.runtime.models[name]
+    repo = served.repository
+    pin = vs.pin or {}
+    fix = (
+        f"restore the folder of version {version!r} and its pin in the manifest of "
+        f"models.{name}.repository, then restart; or " + _FIX
+    )
+    if repo is None:
+        raise Unrestorable(f"model {name!r} has no repository to load version {version!r} from")
+    if not isinstance(pin.get("path"), str) or not isinstance(pin.get("sha256"), str):
+        raise Unrestorable(f"model {name!r} version {version!r}: the state has no digest pin")
+    if vs.stage == PRIMARY and not vs.loaded:
+        raise Unrestorable(f"model {name!r}: its primary {version!r} is not loaded")
+    try:
+        node = repo.loader_node(version)
+    except OSError as exc:
+        raise Unrestorable(
+            f"model {name!r}: the repository manifest cannot be read ({exc.strerror})", fix=fix
+        ) from None
+    except InfercoreError as exc:
+        raise Unrestorable(
+            f"model {name!r} version {version!r} was loaded from the repository at run time, "
+            f"and now: {lifecycle.runtime.scrub(exc.message)}",
+            fix=fix,
+        ) from None
+    if node.get("path") != pin["path"] or node.get("sha256") != pin["sha256"]:
+        raise Unrestorable(
+            f"model {name!r} version {version!r}: the repository manifest now pins "
+            f"{str(node.get('sha256'))[:12]}… for its artifact; the state was saved with "
+            f"{pin['sha256'][:12]}…",
+            fix=fix,
+        )
+    return pin
+
+
+def _check_stages(lifecycle: Lifecycle, plan: _ModelPlan) -> None:
+    served = lifecycle.runtime.models[plan.name]
+    name = plan.name
+    primaries = [v for v, vs in plan.versions.items() if vs.stage == PRIMARY]
+    if primaries != [plan.primary]:
+        raise Unrestorable(
+            f"model {name!r}: the state's primary {plan.primary!r} is not its only version in "
+            f"stage primary ({', '.join(primaries) or 'none'})"
+        )
+    total = 0.0
+    for v, vs in plan.versions.items():
+        if vs.stage not in STAGES:  # the Literal checks it; kept for safety
+            raise Unrestorable(f"model {name!r} version {v!r}: unknown stage {vs.stage!r}")
+        if not math.isfinite(vs.weight) or not 0.0 <= vs.weight <= 100.0:
+            raise Unrestorable(f"model {name!r} version {v!r}: weight {vs.weight!r}")
+        if vs.weight and vs.stage != CANARY:
+            raise Unrestorable(f"model {name!r} version {v!r}: a {vs.stage} with a weight")
+        if v == plan.primary and not vs.loaded:
+            raise Unrestorable(f"model {name!r}: its primary {v!r} is not loaded")
+        if vs.stage == SHADOW and served.shadow is None:
+            raise Unrestorable(
+                f"model {name!r}: version {v!r} is a shadow, and the model's router copies no "
+                "requests to shadows"
+            )
+        if vs.stage == CANARY and vs.weight > 0:
+            if not served.router.splits_traffic:
+                raise Unrestorable(
+                    f"model {name!r}: canary {v!r} has a weight, and the model's router sends "
+                    "canaries no traffic"
+                )
+            named = served.router.named_versions()
+            if named and v not in set(named.values()):
+                raise Unrestorable(
+                    f"model {name!r}: canary {v!r} has a weight and is in no arm of its router"
+                )
+            total += vs.weight
+    if total > 100 + 1e-9:
+        raise Unrestorable(f"model {name!r}: canary weights add up to {total:g}")
+
+
+def _check_approvals(saved: SavedState, plans: dict[str, _ModelPlan]) -> None:
+    seen: set[str] = set()
+    for a in saved.approvals:
+        plan = plans.get(a.model)
+        if a.status != "pending" or a.id in seen:
+            raise Unrestorable(f"approval {a.id!r}: not a pending approval, or listed twice")
+        if plan is None or a.version not in plan.versions or a.to not in STAGES:
+            raise Unrestorable(
+                f"approval {a.id!r}: model {a.model!r} version {a.version!r} is not in the state"
+            )
+        seen.add(a.id)
+
+
+async def restore(lifecycle: Lifecycle) -> None:
+    """Restore the saved rollout (see the module); log what was done, or why not."""
+    store = lifecycle.state
+    if store is None:
+        warn_unrestored_changes(lifecycle, "admin.state_file is not set")
+        return
+    try:
+        raw = store.read()
+    except OSError as exc:
+        _failed(lifecycle, None, Unrestorable(f"the file cannot be read ({exc.strerror})"))
+        return
+    if raw is None:
+        log.info("admin.state_file: no rollout state saved yet; the recipe's rollout serves")
+        warn_unrestored_changes(lifecycle, "admin.state_file holds no saved state yet")
+        return
+    try:
+        saved = decode(raw)
+    except Unrestorable as exc:
+        _failed(lifecycle, None, exc)
+        return
+    _restore_cooldowns(lifecycle, saved)
+    loaded: list[tuple[str, str]] = []
+    try:
+        plans = _plan(lifecycle, saved)
+        for plan in plans:
+            for version, pin in plan.loads.items():
+                try:
+                    await lifecycle.runtime.load(plan.name, version, pin=pin)
+                except ShuttingDown:
+                    raise
+                except InfercoreError as exc:
+                    raise Unrestorable(
+                        f"model {plan.name!r} version {version!r} was loaded from the "
+                        f"repository at run time, and did not load again: "
+                        f"{lifecycle.runtime.scrub(exc.message)}",
+                        fix=f"restore the folder of version {version!r} as the manifest pins "
+                        "it, then restart; or " + _FIX,
+                    ) from None
+                loaded.append((plan.name, version))
+        _check_primaries(lifecycle, plans)
+    except Unrestorable as exc:
+        await _discard(lifecycle, loaded)
+        _failed(lifecycle, saved.saved_at, exc)
+        return
+    except ShuttingDown:
+        await _discard(lifecycle, loaded)
+        log.info("admin.state_file: not restored: the server is stopping")
+        return
+    except Exception as exc:  # a defect here must not stop the server: the recipe serves
+        log.debug("restoring admin.state_file failed", exc_info=exc)
+        await _discard(lifecycle, loaded)
+        _failed(lifecycle, saved.saved_at, Unrestorable(f"{type(exc).__name__}: {exc}"))
+        return
+    await _apply(lifecycle, saved, plans)
+
+
+def _check_primaries(lifecycle: Lifecycle, plans: list[_ModelPlan]) -> None:
+    for plan in plans:
+        served = lifecycle.runtime.models[plan.name]
+        sv = served.versions[plan.primary]
+        if not sv.ready and served.ready:
+            raise Unrestorable(
+                f"model {plan.name!r}: the saved primary {plan.primary!r} is {sv.state} "
+                f"({sv.error or 'not ready'}), and the recipe's serves",
+                fix="fix that version's artifact and restart, or " + _FIX,
+            )
+
+
+async def _discard(lifecycle: Lifecycle, loaded: list[tuple[str, str]]) -> None:
+    for name, version in reversed(loaded):
+        await lifecycle.runtime.discard(name, version)
+
+
+async def _apply(lifecycle: Lifecycle, saved: SavedState, plans: list[_ModelPlan]) -> None:
+    from infercore.lifecycle.manager import Approval
+
+    runtime = lifecycle.runtime
+    summary: list[str] = []
+    # One step, no await: nothing routes by a half-restored table.
+    for plan in plans:
+        served = runtime.models[plan.name]
+        recipe_primary = served.primary
+        for v, vs in plan.versions.items():
+            sv = served.versions[v]
+            weight = vs.weight if vs.stage == CANARY else 0.0
+            if sv.window is not None and (sv.stage, sv.weight) != (vs.stage, weight):
+                sv.window.reset()
+            sv.stage, sv.weight = vs.stage, weight
+            if vs.guard_trip is not None:
+                lifecycle.guard_trips[(plan.name, v)] = dict(vs.guard_trip)
+        served.primary = plan.primary
+        kept = [v for v in plan.previous if v in served.versions and v != plan.primary]
+        served.previous = kept[-_HISTORY:]
+        served.refresh()
+        summary.append(_describe_plan(plan, recipe_primary))
+    ids = []
+    for a in saved.approvals:
+        lifecycle.approvals[a.id] = Approval(**msgspec.structs.asdict(a))
+        ids.append(a.id)
+    for plan in plans:
+        lifecycle.pending_gauge(plan.name)
+    unloads = [(plan.name, v) for plan in plans for v, vs in plan.versions.items() if not vs.loaded]
+    for name, version in unloads:
+        try:
+            await runtime.unload(name, version)
+        except ShuttingDown:
+            break  # stopping anyway; the file is as it was
+    approvals = (
+        f"{len(ids)} pending approval(s) ({', '.join(ids)})" if ids else "no pending approvals"
+    )
+    line = f"{'; '.join(summary) or 'no models'}; {approvals}"
+    log.info("admin.state_file: restored the rollout saved at %s: %s", saved.saved_at, line)
+    lifecycle.audit.append(
+        {
+            "event": "state_restored",
+            "actor": "server",
+            "reason": f"admin.state_file, saved at {saved.saved_at}: {line}",
+            "approvals": ids,
+        },
+        strict=False,
+    )
+
+
+def _describe_plan(plan: _ModelPlan, recipe_primary: str) -> str:
+    parts = [f"primary {plan.primary}"]
+    if plan.primary != recipe_primary:
+        parts[0] += f" (the recipe's: {recipe_primary})"
+    for v, vs in plan.versions.items():
+        if vs.stage == CANARY:
+            parts.append(f"canary {v} at {vs.weight:g} %")
+        elif vs.stage == SHADOW:
+            parts.append(f"shadow {v}")
+    if plan.loads:
+        parts.append(f"loaded from the repository: {', '.join(plan.loads)}")
+    unloaded = [v for v, vs in plan.versions.items() if not vs.loaded]
+    if unloaded:
+        parts.append(f"unloaded: {', '.join(unloaded)}")
+    return f"{plan.name}: {', '.join(parts)}"
+
+
+def _restore_cooldowns(lifecycle: Lifecycle, saved: SavedState) -> None:
+    for name, sm in saved.models.items():
+        served = lifecycle.runtime.models.get(name)
+        if served is not None and served.drift is not None and sm.drift_last_action_at:
+            served.drift.restore_last_action(sm.drift_last_action_at)
+
+
+def _failed(lifecycle: Lifecycle, saved_at: str | None, exc: Unrestorable) -> None:
+    store = lifecycle.state
+    assert store is not None
+    store.keep_aside = store.path.exists()
+    when = f" (saved at {saved_at})" if saved_at else ""
+    log.error(
+        "admin.state_file %r: the rollout state%s cannot be applied in full: %s. Nothing of it "
+        "was restored: the recipe's rollout serves. Fix: %s. (The file is kept as it is until "
+        "the first rollout change is saved, which moves it to %s.)",
+        str(store.path),
+        when,
+        exc.what,
+        exc.fix,
+        store.unapplied_path.name,
+    )
+    lifecycle.runtime.metrics.rollout_state_restore_failures.inc()
+    lifecycle.audit.append(
+        {"event": "state_not_restored", "actor": "server", "reason": exc.what}, strict=False
+    )
+
+
+def warn_unrestored_changes(lifecycle: Lifecycle, why: str) -> None:
+    """One WARNING when the audit log shows that the previous run changed the rollout: those
+    changes are not restored (``why``), and how to keep them."""
+    changes = [r for r in lifecycle.audit.previous_run() if r.get("event") in CHANGES]
+    if not changes:
+        return
+    shown = [
+        " ".join(str(r[k]) for k in ("event", "model", "version") if r.get(k) is not None)
+        for r in changes[-5:]
+    ]
+    more = f" (latest {len(shown)} of {len(changes)})" if len(changes) > len(shown) else ""
+    log.warning(
+        "the previous run changed the rollout (audit log%s: %s), and %s: those changes are not "
+        "restored, the recipe's rollout serves. To keep run-time rollout changes across "
+        "restarts, set admin.state_file, or write them into the recipe",
+        more,
+        "; ".join(shown),
+        why,
+    )
+    # Recorded, so that the next start (this run's records) does not warn again for them.
+    lifecycle.audit.append(
+        {
+            "event": "rollout_not_restored",
+            "actor": "server",
+            "reason": f"{why}: the previous run's {len(changes)} rollout change(s) are not "
+            "restored; the recipe's rollout serves",
+        },
+        strict=False,
+    )
