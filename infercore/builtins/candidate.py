@@ -20,12 +20,19 @@ Run it after the retraining ``command`` in one list with ``action_order: sequent
 Which version: ``version: newest`` takes the highest version in the repository folder that
 the server does not know yet; ``version: output`` takes the version the ``after`` action
 printed on a line ``INFERCORE_NEW_VERSION=<v>``.
+
+``after`` is checked when the app is built, where the drift monitor tells its actions about
+their list (``ComponentContext.extra``: ``drift_actions``, the names of the list's actions in
+order; ``drift_action_index``, this action's position; ``drift_action_order``): it must name an
+action earlier in the list, and the list must run ``sequential``. Built without them (a host
+that does not pass them), the same mistakes fail when drift fires, on the event.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -74,6 +81,8 @@ class RegisterCandidateAction(Action):
                 "action's output; `after` is not set",
                 hint="set after: command (the retraining action), or version: newest",
             )
+        if config.after is not None:
+            _check_after(config.after, context)
 
     def bind_rollout(self, rollout: ModelRollout) -> None:
         if rollout.repository_path is None:
@@ -169,3 +178,55 @@ class RegisterCandidateAction(Action):
                 hint=exc.hint,
             ) from None
         return details
+
+
+def _check_after(after: str, context: ComponentContext) -> None:
+    """``after`` names an action earlier in the list, and the list runs ``sequential``.
+
+    What the drift monitor passes about the list (``drift_actions``, ``drift_action_index``,
+    ``drift_action_order`` in ``context.extra``); without it, nothing to check here (the
+    run-time check in :meth:`RegisterCandidateAction.run` remains).
+
+    Raises:
+        ConfigError: Naming ``<path>.after``, the value and the fix.
+    """
+    names, index = context.extra.get("drift_actions"), context.extra.get("drift_action_index")
+    order = context.extra.get("drift_action_order")
+    if (
+        not isinstance(names, Sequence)
+        or isinstance(names, str)
+        or not isinstance(index, int)
+        or not 0 <= index < len(names)
+    ):
+        return
+    names = [str(name) for name in names]
+    where = f"{context.path}.after"
+    drift = context.path.rpartition(".actions[")[0] or "drift"
+    listed = ", ".join(names)
+    if after not in names:
+        earlier = ", ".join(names[:index]) or "none"
+        raise ConfigError(
+            f"{where}: {after!r} is not an action of {drift}.actions (they are: {listed})",
+            hint=f"set after: to the retraining action, earlier in the list (here: {earlier}); "
+            "an action is named by its kind, a second one of a kind kind#2",
+        )
+    position = names.index(after)
+    if position == index:
+        raise ConfigError(
+            f"{where}: {after!r} is this action itself ({drift}.actions[{index}])",
+            hint="name the retraining action earlier in the list, e.g. after: command",
+        )
+    if position > index:
+        raise ConfigError(
+            f"{where}: {after!r} ({drift}.actions[{position}]) comes after this action "
+            f"({drift}.actions[{index}]); actions run in list order, so it would not have "
+            "run yet",
+            hint=f"move {names[index]} below {after} in {drift}.actions",
+        )
+    if order is not None and order != "sequential":
+        raise ConfigError(
+            f"{where}: {after!r} needs {drift}.action_order: sequential, but it is "
+            f"{order!r} (every action of an event starts at once, so {after} would not have "
+            "finished when this one looks at it)",
+            hint=f"set {drift}.action_order: sequential",
+        )

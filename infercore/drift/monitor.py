@@ -50,7 +50,7 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -88,6 +88,21 @@ def _head(tensors: Mapping[str, Array], n: int, rows: int) -> dict[str, Array]:
 
 def _tail(tensors: Mapping[str, Array], n: int, rows: int) -> dict[str, Array]:
     return {k: v[n:] for k, v in tensors.items() if v.ndim and v.shape[0] == rows}
+
+
+def _action_names(nodes: Sequence[Any]) -> tuple[str, ...]:
+    """The name of each action node, as events and metrics show it: its ``kind``, and
+    ``kind#2``, ``kind#3`` ... for further ones of a kind. (A node without a string kind fails
+    when it is built; its placeholder name is never seen.)"""
+    seen: dict[str, int] = {}
+    names: list[str] = []
+    for node in nodes:
+        kind = node.get("kind") if isinstance(node, Mapping) else None
+        if not isinstance(kind, str):
+            kind = "?"
+        seen[kind] = seen.get(kind, 0) + 1
+        names.append(kind if seen[kind] == 1 else f"{kind}#{seen[kind]}")
+    return tuple(names)
 
 
 class DriftMonitor:
@@ -255,20 +270,29 @@ class DriftMonitor:
             assert isinstance(det, DriftDetector)
             detectors[name] = det
         actions: list[tuple[str, Action]] = []
-        seen: dict[str, int] = {}
+        # Every action's name (its kind; a second one of a kind kind#2), known before any is
+        # built: an action may check options that name its siblings (register_candidate's
+        # `after`) when it is built, not when drift fires.
+        names = _action_names(cfg.actions)
         for i, node in enumerate(cfg.actions):
             act = registry.build(
                 "action",
                 node,
                 ComponentContext(
-                    f"{path}.actions[{i}]", model_root, model_name=model, extra=shared
+                    f"{path}.actions[{i}]",
+                    model_root,
+                    model_name=model,
+                    extra={
+                        **shared,
+                        "drift_actions": names,
+                        "drift_action_index": i,
+                        "drift_action_order": cfg.action_order,
+                    },
                 ),
                 label=label,
             )
             assert isinstance(act, Action)
-            seen[act.kind] = seen.get(act.kind, 0) + 1
-            name = act.kind if seen[act.kind] == 1 else f"{act.kind}#{seen[act.kind]}"
-            actions.append((name, act))
+            actions.append((names[i], act))
         return cls(
             cfg,
             model=model,

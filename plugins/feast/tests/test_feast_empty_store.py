@@ -154,8 +154,10 @@ def test_unknown_rows_cached_before_the_check_are_dropped_when_it_finds_the_stor
     model_root: Path, redis_process: RedisProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Between the store emptying and the next check, a read finds nothing and caches the
-    card as unknown (the bounded window). The check drops those rows: the card is not
-    served its defaults from the cache for the rest of the TTL."""
+    card as unknown (the remaining window: within ``suspect_check_interval_s`` of a check
+    that found the store whole, a read that finds none of its keys is not held for another).
+    The check drops those rows: the card is not served its defaults from the cache for the
+    rest of the TTL."""
     url = redis_process.url(2)
     gate = Gate(monkeypatch)
 
@@ -165,8 +167,10 @@ def test_unknown_rows_cached_before_the_check_are_dropped_when_it_finds_the_stor
         )
         await source.start()
         try:
+            source.suspect_check_interval_s = 60  # the test runs the next check itself
+            await source.check_rows()
             flush(url)
-            out = await fetch_card(source, 7)  # before any check: an unknown card
+            out = await fetch_card(source, 7)  # before the next check: an unknown card
             assert out["txn_count_24h"][0, 0] == DEFAULT_24H
             await source.check_rows()
             with pytest.raises(FeatureStoreUnavailable, match="empty"):

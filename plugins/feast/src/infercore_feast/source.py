@@ -66,6 +66,13 @@ _REFUSALS = {
     "empty": "feature store unavailable (empty: it has lost its rows)",
 }
 
+#: Seconds between the marker checks that reads finding none of their keys start (below,
+#: :meth:`FeastFeatureSource._verify`): at most one per interval, whatever the stream of
+#: new entities; the check costs ~0.5 ms of CPU (one small ``online_read`` per view), so
+#: at most ~0.5 % of a core. It is also the longest an emptied store is served as "every
+#: entity is new" while such reads keep coming (README: "A read that finds none of its keys").
+SUSPECT_CHECK_INTERVAL_S = 0.1
+
 T = TypeVar("T")
 
 
@@ -285,6 +292,14 @@ class FeastFeatureSource(FeatureSource):
         self._restore_lock: RestoreLock | None = None
         self._check_executor: ThreadPoolExecutor | None = None
         self._watcher: asyncio.Task[None] | None = None
+        #: Loop time the latest marker check started (any: the watcher's, a read's).
+        self._last_check_at = -math.inf
+        #: The check a read that found none of its keys started, while it runs.
+        self._checking: asyncio.Task[None] | None = None
+        #: The check such a read scheduled for the end of the rate limit's interval.
+        self._check_timer: asyncio.TimerHandle | None = None
+        #: At most one check per this many seconds is started by such reads.
+        self.suspect_check_interval_s = SUSPECT_CHECK_INTERVAL_S
         self._restoring: asyncio.Task[None] | None = None
         #: What each request group's fetch counted (:meth:`_keep_counts`), while the group's
         #: pass is alive: its task, or one of its requests that may still run again alone.
@@ -380,12 +395,15 @@ class FeastFeatureSource(FeatureSource):
         )
 
     async def stop(self) -> None:
-        for task in (self._watcher, self._restoring):
+        if self._check_timer is not None:
+            self._check_timer.cancel()
+            self._check_timer = None
+        for task in (self._watcher, self._restoring, self._checking):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        self._watcher = self._restoring = None
+        self._watcher = self._restoring = self._checking = None
         await self.merger.close()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
@@ -457,7 +475,91 @@ class FeastFeatureSource(FeatureSource):
     async def _check_markers(self) -> dict[str, str]:
         """The lost views and why (:class:`feast_store.MarkerCheck`), in the check's thread."""
         assert self._check is not None
+        self._last_check_at = asyncio.get_running_loop().time()
         return await self._in_check_thread(self._check)
+
+    # A read that finds none of its keys: new entities, or a store that has just lost them.
+
+    def _suspect(self, rows: Sequence[Prepared]) -> bool:
+        """Whether no row of ``rows`` holds a row of some checked view not known lost.
+
+        An emptied store (a ``FLUSHALL``, a Redis restarted without persistence, a view's
+        rows deleted) answers every read so; so does a read of entities new to the store.
+        Cheap when it matters: the first row that took no default ends it.
+        """
+        unknown = self._unknown
+        pending: list[frozenset[int]] | None = None
+        for row in rows:
+            if row is unknown:
+                continue
+            defaulted = row[1]
+            if not defaulted:
+                return False  # a row of every view
+            if pending is None:
+                pending = self._checked_inputs()
+            pending = [inputs for inputs in pending if inputs.issubset(defaulted)]
+            if not pending:
+                return False
+        return bool(self._checked_inputs() if pending is None else pending)
+
+    def _checked_inputs(self) -> list[frozenset[int]]:
+        """The input positions of each view the marker check watches and that is not lost."""
+        lost = self.lost_views
+        return [self._view_inputs[view] for view in self.markers if view not in lost]
+
+    def _check_soon(self) -> asyncio.Task[None] | None:
+        """Check the markers for a read that found none of its keys: the check running (one
+        already running is joined), or ``None`` when one started less than
+        ``suspect_check_interval_s`` ago; one is then scheduled for that interval's end."""
+        if self._checking is not None:
+            return self._checking
+        if self._check is None or self._check_executor is None:
+            return None
+        loop = asyncio.get_running_loop()
+        wait = self._last_check_at + self.suspect_check_interval_s - loop.time()
+        if wait > 0:
+            if self._check_timer is None:
+                self._check_timer = loop.call_later(wait, self._check_due)
+            return None
+        task = self._checking = loop.create_task(self._check_for_read())
+        return task
+
+    def _check_due(self) -> None:
+        self._check_timer = None
+        self._check_soon()
+
+    async def _check_for_read(self) -> None:
+        try:
+            lost = await self._check_markers()
+        except Exception as exc:
+            self._check_failed(exc)
+            return
+        finally:
+            self._checking = None
+        if self._restoring is not None:
+            # Only newly lost views: markers come back before the process materializing
+            # them has written every row (the restoration says when they are back).
+            lost = {**dict.fromkeys(self.lost_views, ""), **lost}
+        self._found(lost)
+
+    async def _verify(self, budget_s: float) -> bool:
+        """Hold a read that found none of its keys until a marker check has answered (and
+        :meth:`_found` applied what it found), for at most ``budget_s``. Whether the read
+        may be answered: ``False`` when the check did not answer in time.
+
+        Held only when no check started in the last ``suspect_check_interval_s``, or one is
+        running: a stream of new entities costs a check per interval, not one per read, and
+        only the first read after a quiet interval waits (one small ``online_read`` per
+        view). A read not held is answered as it is: if the store was emptied within the
+        interval after the last check found it whole, its rows are served as new entities
+        until the check scheduled for the interval's end finds the loss and drops them from
+        the cache.
+        """
+        task = self._check_soon()
+        if task is None:
+            return True
+        done, _ = await asyncio.wait((task,), timeout=max(budget_s, 0.0))
+        return bool(done)
 
     def _check_failed(self, exc: Exception) -> None:
         log.debug(
@@ -840,7 +942,19 @@ class FeastFeatureSource(FeatureSource):
                 self._scrub(str(exc)),
             )
             raise ReadFailed("error") from None
-        self._m_fetch.observe(time.perf_counter() - t0)
+        elapsed = time.perf_counter() - t0
+        self._m_fetch.observe(elapsed)
+        # None of the keys has a row of a view: new entities, or a store that has just lost
+        # the view's rows. Served as new entities, a lost store's rows would be 200s with
+        # defaults, unmarked, until the next empty_check_s (and windows of default values
+        # look like drift). The markers say which, first; within timeout_ms.
+        if (
+            self._check is not None
+            and self._suspect(rows)
+            and not await self._verify(self._timeout_s - elapsed)
+        ):
+            self.breaker.record_failure()
+            raise ReadFailed("timeout")
         # The store answered: an emptied one is not failing, and opening the breaker would
         # only hide the rows coming back.
         self.breaker.record_success()
@@ -861,8 +975,13 @@ class FeastFeatureSource(FeatureSource):
         later read has cached meanwhile (theirs are fresher)."""
         if read.cancelled() or read.exception() is not None:
             return
+        rows = read.result()
+        if self._check is not None and self._suspect(rows):
+            # Nobody waits for these: not cached, and the markers checked (rate-limited).
+            self._check_soon()
+            return
         cache, gone = self.cache, self._lost_inputs
-        for key, row in zip(keys, read.result(), strict=True):
+        for key, row in zip(keys, rows, strict=True):
             if not (gone and self._misses(row, gone)) and cache.get(key) is MISSING:
                 cache.put(key, row)
 

@@ -339,6 +339,68 @@ def check_inputs(store: Any, inputs: list[FeastInput], *, path: str) -> dict[str
     return views
 
 
+def check_entity(
+    store: Any, views: Mapping[str, Any], inputs: list[FeastInput], join_key: str, *, path: str
+) -> None:
+    """Every view the inputs use is keyed by one entity whose join key is ``join_key``.
+
+    The source sends one key per row, under ``entity.join_key``: a view keyed by another join
+    key (a typo, another entity) or by several would fail every read with Feast's ``KeyError:
+    Missing join key values``. Found from the registry at start-up instead, naming the option,
+    its value and the join keys there are. The entity's name in place of its join key, which
+    Feast still takes (deprecated, and it forces the slower ``get_online_features`` path), is
+    allowed with a warning.
+
+    Raises:
+        ConfigError: Naming ``<path>.entity.join_key``, the value, the view and its join keys.
+    """
+    dummy = importlib.import_module("feast.feature_view").DUMMY_ENTITY_NAME
+    where = f"{path}.entity.join_key"
+    first_input: dict[str, int] = {}
+    for item in inputs:
+        first_input.setdefault(item.view, item.index)
+    for name, view in views.items():
+        entities = [store.get_entity(e) for e in view.entities if e != dummy]
+        if not entities:
+            continue  # an entityless view: Feast reads it without keys
+        used = f"{path}.inputs[{first_input[name]}].feature"
+        described = ", ".join(f"entity {e.name!r} joins on {e.join_key!r}" for e in entities)
+        if len(entities) > 1:
+            raise ConfigError(
+                f"{where}: feature view {name!r} ({used}) is keyed by {len(entities)} entities "
+                f"({described}); the feast source reads views keyed by one entity, whose join "
+                f"key is {join_key!r}",
+                hint="read this view's features another way, or define a view of the same "
+                "features keyed by one entity",
+            )
+        (entity,) = entities
+        if join_key == entity.join_key:
+            continue
+        if join_key == entity.name:
+            log.warning(
+                "feast: %s is %r, the name of entity %r, not its join key %r: Feast still "
+                "takes it (deprecated), but through get_online_features, the slower path; "
+                "set %s: %s",
+                where,
+                join_key,
+                entity.name,
+                entity.join_key,
+                where,
+                entity.join_key,
+            )
+            continue
+        raise ConfigError(
+            f"{where}: {join_key!r} is not the join key of feature view {name!r} ({used}): "
+            f"its {described}",
+            hint=f"set {where}: {entity.join_key}"
+            + (
+                ""
+                if len(views) == 1
+                else " (every view the inputs use must be keyed by that one entity)"
+            ),
+        )
+
+
 #: How many of a view's newest offline entities may serve as its markers (``OpenedStore``).
 MARKERS = 8
 
@@ -552,6 +614,7 @@ def prepare_store(
         repo_path=str(where.repo_dir), config=repo_config(config, where, path=path, serving=True)
     )
     views = check_inputs(store, inputs, path=path)
+    check_entity(store, views, inputs, config.entity.join_key, path=path)
     markers: dict[str, tuple[Any, ...]] = {}
     for name, view in views.items():
         if config.materialize_on_start:
