@@ -69,6 +69,8 @@ _LATENCY_BUCKETS = (
     10.0,
 )
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+#: Event-loop stalls start at ``server.loop_block_warn_ms`` (500 ms by default).
+_STALL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 _LABELS = ("model", "version")
 _DRIFT_LABELS = ("model", "detector", "feature")
 
@@ -414,6 +416,22 @@ class Metrics:
             "infercore_rollout_state_save_failures",
             "Rollout changes that could not be saved to admin.state_file (a restart would "
             "not restore them).",
+            registry=r,
+        )
+
+        # The event loop's watchdog (infercore.server.loopwatch), per process: updated from its
+        # own thread, so prometheus_client's classes (each value behind a lock), never the
+        # Loop* ones. Several workers add up.
+        self.loop_stalls = Counter(
+            "infercore_event_loop_stalls",
+            "Times the event loop was blocked longer than server.loop_block_warn_ms (counted "
+            "when found, while it lasts).",
+            registry=r,
+        )
+        self.loop_stall_seconds = Histogram(
+            "infercore_event_loop_stall_seconds",
+            "How long each of those stalls blocked the event loop (observed when it ends).",
+            buckets=_STALL_BUCKETS,
             registry=r,
         )
 

@@ -74,6 +74,14 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: flight, however much garbage there is. Fewer collections cost the event loop less and
     #: stall it less often (benchmarks/README.md: Overload).
     gc_gen0_threshold: Annotated[int, msgspec.Meta(ge=100, le=1_000_000)] = 10_000
+    #: Log a WARNING naming the code when the event loop is blocked for longer than this, in
+    #: ms (a plugin's synchronous work in an ``async def``: every request waits meanwhile);
+    #: 0: off. A watchdog thread checks a heartbeat the loop runs every 100 ms (at most a
+    #: fifth of this; infercore.server.loopwatch). 500: far above what a healthy loop does at
+    #: once (a garbage collection, a burst of requests: milliseconds; the heap freeze after
+    #: start-up: 160 ms with the fraud recipe), and below a liveness probe's timeout (1 s by
+    #: Kubernetes' default, 2 s in infercore's manifests).
+    loop_block_warn_ms: Annotated[int, msgspec.Meta(ge=0, le=600_000)] = 500
     #: Requests for one version that arrive together share one feature fetch, one input
     #: check, one batcher submission and one outputs pass, when the feature source allows it
     #: (``FeatureSource.groupable``; the Feast and ``request`` sources do). Each request still

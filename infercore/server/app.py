@@ -46,6 +46,7 @@ from infercore.runtime import Runtime, ServedModel, ServedVersion
 from infercore.runtime.errors import VersionNotReady, quoted
 from infercore.server.errors import EXCEPTION_HANDLERS, error_body
 from infercore.server.logs import FailureLog
+from infercore.server.loopwatch import plugin_modules, watch_loop
 from infercore.server.openapi import (
     LiveOperation,
     MetricsOperation,
@@ -1046,13 +1047,25 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        if manage_runtime:
-            await runtime.start()
+        # First in, last out: a plugin's start() or stop() that blocks the loop is named too.
+        # Every worker process runs its own (each has its own loop).
+        watch = watch_loop(
+            cfg.loop_block_warn_ms,
+            stalls=metrics.loop_stalls,
+            stall_seconds=metrics.loop_stall_seconds,
+            plugins=plugin_modules(runtime.registry),
+        )
         try:
-            yield
-        finally:
             if manage_runtime:
-                await runtime.stop()
+                await runtime.start()
+            try:
+                yield
+            finally:
+                if manage_runtime:
+                    await runtime.stop()
+        finally:
+            if watch is not None:
+                watch.stop()
 
     def counted(handle: Callable[..., Response[bytes]]) -> Callable[..., Response[bytes]]:
         """An exception handler that counts its answer, as inference rejections are counted:

@@ -175,15 +175,16 @@ def _log_warning(
         "%s: %s",
         category.__name__,
         message,
-        extra={"source": f"{_module_name(filename)}:{lineno}"},
+        extra={"source": f"{module_name(filename)}:{lineno}"},
     )
 
 
-def _module_name(filename: str) -> str:
+def module_name(filename: str) -> str:
     """The dotted module name of ``filename`` when it is under ``sys.path``, else its stem
     (``<string>`` and the like as they are).
 
-    Warnings are rare (most are shown once per place): the search costs nothing that matters.
+    Warnings and event-loop stalls (:mod:`infercore.server.loopwatch`) are rare: the search
+    costs nothing that matters.
     """
     if filename.startswith("<"):
         return filename
