@@ -8,6 +8,7 @@
     infercore models weights fraud 1=75 2=25
     infercore models rollback fraud --reason "complaints"
     infercore models load fraud 3 | unload fraud 3 | shadow fraud | drift fraud | audit
+    infercore events [MODEL] [--limit 200]
 
 The admin URL and token come from ``--url``/``--token`` (or ``--token-file``), else from
 ``INFERCORE_ADMIN_URL`` (default ``http://127.0.0.1:8081``; ``unix:/path/admin.sock`` for a
@@ -92,8 +93,9 @@ class AdminClient:
         Raises:
             AdminError: A non-2xx answer (its ``error`` and ``reason``), or no connection.
         """
-        if query:
-            path += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
+        given = {k: v for k, v in (query or {}).items() if v is not None}
+        if given:
+            path += "?" + urllib.parse.urlencode(given)
         data = json.dumps(body).encode() if body is not None else b""
         headers = {"Authorization": f"Bearer {self.token}", "Accept": "application/json"}
         if body is not None:
@@ -131,6 +133,25 @@ def _connection_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the API's JSON answer")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _events_limit_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--limit",
+        type=_positive_int,
+        help="the latest N drift events per model (the server's default: 50; at most the "
+        "model's drift.history_size)",
+    )
+
+
 def add_events_parser(sub: Any) -> None:
     """Add ``events``: the drift monitor's event history, through the admin API."""
     events = sub.add_parser(
@@ -138,6 +159,7 @@ def add_events_parser(sub: Any) -> None:
     )
     _connection_options(events)
     events.add_argument("model", nargs="?", help="only this model")
+    _events_limit_option(events)
 
 
 def run_events(args: argparse.Namespace) -> int:
@@ -226,6 +248,7 @@ def add_models_parser(sub: Any) -> None:
         decided(p)
     p = msub.add_parser("drift", help="drift monitor: latest result per detector and events")
     p.add_argument("model")
+    _events_limit_option(p)
     p = msub.add_parser("shadow", help="shadow copies and their agreement with the primary")
     p.add_argument("model")
     p = msub.add_parser("audit", help="the latest audit records")
@@ -273,7 +296,7 @@ def _print_models(docs: list[dict[str, Any]]) -> None:
                     weight += f" ({routed:g}% routed)"  # not ready: the primary serves its share
             elif v["stage"] == "primary":
                 weight = f"{doc['primary_weight']:g}%"
-            note = v.get("last_load_error") or v.get("error") or ""
+            note = v.get("last_load_error") or v.get("error") or v.get("note") or ""
             rows.append((doc["name"], v["version"], v["stage"], weight, v["state"], note[:60]))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     for row in rows:
@@ -427,8 +450,9 @@ def _run(args: argparse.Namespace) -> int:
         else:
             _, docs = client.request("GET", "/admin/models")
             names = [d["name"] for d in docs]
+        limit = {"limit": args.limit}
         found = {
-            name: client.request("GET", f"/admin/models/{q(name, safe='')}/drift")[1]
+            name: client.request("GET", f"/admin/models/{q(name, safe='')}/drift", query=limit)[1]
             for name in names
         }
         if args.json:
@@ -438,7 +462,9 @@ def _run(args: argparse.Namespace) -> int:
                 _print_events(name, doc)
         return EXIT_OK
     if action == "drift":
-        _, doc = client.request("GET", f"/admin/models/{q(args.model, safe='')}/drift")
+        _, doc = client.request(
+            "GET", f"/admin/models/{q(args.model, safe='')}/drift", query={"limit": args.limit}
+        )
         print(json.dumps(doc, indent=2))
         return EXIT_OK
     if action == "shadow":

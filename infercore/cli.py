@@ -623,6 +623,7 @@ async def _serve_async(
     reject_before_body: Any = None,
 ) -> int:
     import math
+    import signal
 
     import uvicorn
 
@@ -665,6 +666,12 @@ async def _serve_async(
         on_drain=runtime.begin_shutdown,
     )
     shutdown.install(loop)
+    forced_stop = _ForcedStop(shutdown, runtime, server)
+    on_signal = forced_stop.on_signal
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        # In place of the handlers install() set: the same, and a second signal also stops
+        # every batcher at once (GracefulShutdown has no hook for the forced stop).
+        loop.add_signal_handler(signum, on_signal, signum)
 
     where = f"unix:{cfg.uds}" if cfg.uds is not None else f"http://{cfg.host}:{cfg.port}"
     # The Unix socket file bound here (one worker): removed at exit only while it is ours.
@@ -691,7 +698,7 @@ async def _serve_async(
         # socket's file at exit, while it is still the one it bound.
         sockets = [worker.listener()]
         log.info("worker %d (pid %d) starting %s", worker.index, os.getpid(), label or "infercore")
-        watch = asyncio.create_task(_watch_supervisor(worker, shutdown))
+        watch = asyncio.create_task(_watch_supervisor(worker, on_signal))
         state.peers_ready = False
         worker.watch_peers(loop, lambda: setattr(state, "peers_ready", True))
     if admin is not None:
@@ -749,16 +756,27 @@ async def _serve_async(
         print(f"infercore: error: could not listen on {where} (see the log above)", file=sys.stderr)
     if not serve_task.cancelled() and server.started is False and code == 0:
         code = EXIT_FAILURE
+    if shutdown.forced:
+        await forced_stop.finish()
     if admin is not None:
         await admin.stop()
     # Components close after the HTTP server, within what is left of the graceful timeout.
     closing_at = shutdown.closing_at if shutdown.closing_at is not None else loop.time()
-    left = 2.0 if shutdown.forced else max(2.0, closing_at + cfg.graceful_timeout_s - loop.time())
+    left = (
+        FORCED_STOP_S
+        if shutdown.forced
+        else max(2.0, closing_at + cfg.graceful_timeout_s - loop.time())
+    )
     try:
         await asyncio.wait_for(runtime.stop(), timeout=left)
     except TimeoutError:
-        log.error("components did not stop within %.1fs", left)
-        code = code or EXIT_FAILURE
+        if shutdown.forced:
+            # Asked to stop at once: what did not close in time is left behind, and that is
+            # no failure of the server's (the exit code stays 0).
+            log.warning("components did not stop within %.1fs; stopping anyway", left)
+        else:
+            log.error("components did not stop within %.1fs", left)
+            code = code or EXIT_FAILURE
     if socket_file is not None:
         # Bound by this process whether or not uvicorn started: its own file goes either way.
         socket_file.remove()
@@ -767,6 +785,87 @@ async def _serve_async(
     if code == 0 and state.signals:
         log.info("stopped")
     return code
+
+
+#: After a second signal: how long the components (batchers, models, feature sources) get to
+#: close, and how long the requests cut short get to send their 503.
+FORCED_STOP_S = 2.0
+CUT_SHORT_S = 1.0
+
+
+class _ForcedStop:
+    """What the stop signal that forces the stop (the second) does beyond
+    ``GracefulShutdown.on_signal``, which only stops uvicorn waiting for the requests in
+    progress: without this, their work still ran (the batchers drained their queues through
+    the models while the components stopped), and the process exited 1 when that outlasted
+    :data:`FORCED_STOP_S`.
+
+    * At the signal, in the same callback, every batcher stops without draining
+      (``stop_now``): its queued requests and those whose model call is running are answered
+      503 ``shutting_down``, the running calls are cancelled (ONNX Runtime terminates its
+      run), and nothing more runs through a model.
+    * Once uvicorn has returned, :meth:`finish` cancels the requests it left running (one
+      still reading its body, fetching features, or behind a plugin's batcher without
+      ``stop_now``): each is answered 503 ``shutting_down`` by ``ShutdownMiddleware`` now,
+      not when the event loop closes. Then one line says how many requests were answered 503
+      ``shutting_down`` from the signal on.
+    """
+
+    def __init__(self, shutdown: Any, runtime: Any, server: Any) -> None:
+        self.shutdown = shutdown
+        self.runtime = runtime
+        self.server = server
+        self.answered_before = 0
+
+    def on_signal(self, signum: int) -> None:
+        forced = self.shutdown.forced
+        self.shutdown.on_signal(signum)
+        if self.shutdown.forced and not forced:
+            self.answered_before = _shutting_down_answers(self.runtime)
+            _stop_batchers_now(self.runtime)
+
+    async def finish(self) -> None:
+        """Cut short what uvicorn left running, and say how many requests were answered 503."""
+        tasks = getattr(getattr(self.server, "server_state", None), "tasks", ())
+        running = [t for t in tasks if not t.done()]
+        for task in running:
+            task.cancel()
+        if running:
+            await asyncio.wait(running, timeout=CUT_SHORT_S)
+        # Cancelled requests are counted under reason "cancelled"; the rest were answered
+        # through the request path, counted "shutting_down".
+        answered = _shutting_down_answers(self.runtime) - self.answered_before + len(running)
+        log.warning(
+            "stopped at once: %d request(s) in progress answered 503 shutting_down; nothing "
+            "more ran through the models",
+            answered,
+        )
+
+
+def _stop_batchers_now(runtime: Any) -> None:
+    """:meth:`~infercore.components.batching.Batcher.stop_now` on every batcher (the built-in
+    ones stop at once; a plugin's batcher that keeps the default is drained by its ``stop``,
+    bounded by :data:`FORCED_STOP_S`)."""
+    for served in runtime.models.values():
+        for sv in served.versions.values():
+            try:
+                sv.batcher.stop_now()
+            except Exception:  # a signal handler must not raise: the stop goes on
+                log.exception("stopping %s at once failed", sv.batcher.context.path)
+
+
+def _shutting_down_answers(runtime: Any) -> int:
+    """Requests answered 503 ``shutting_down`` so far by this process (the
+    ``infercore_request_failures_total{reason="shutting_down"}`` samples)."""
+    failures = getattr(getattr(runtime, "metrics", None), "failures", None)
+    if failures is None:
+        return 0
+    total = 0.0
+    for family in failures.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_total") and sample.labels.get("reason") == "shutting_down":
+                total += sample.value
+    return int(total)
 
 
 async def _stop_once_started(server: Any, serve_task: asyncio.Task[int]) -> None:
@@ -836,14 +935,14 @@ def freeze_heap() -> int:
     return gc.get_freeze_count()
 
 
-async def _watch_supervisor(worker: Any, shutdown: Any) -> None:
+async def _watch_supervisor(worker: Any, on_signal: Any) -> None:
     """A worker whose supervisor died (SIGKILL, OOM) stops as if it got SIGTERM."""
     import signal
 
     while not worker.orphaned():
         await asyncio.sleep(1.0)
     log.warning("worker %d: the supervisor is gone; stopping", worker.index)
-    shutdown.on_signal(signal.SIGTERM)
+    on_signal(signal.SIGTERM)
 
 
 async def _run_uvicorn(server: Any, sockets: list[Any] | None = None) -> int:

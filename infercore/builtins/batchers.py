@@ -53,6 +53,12 @@ PositiveMs = Annotated[float, msgspec.Meta(gt=0, le=MAX_MS)]
 
 _QUEUED, _RUNNING, _DONE = 0, 1, 2
 
+#: The cancellation message with which :meth:`NoBatcher.stop_now` ends a queued caller's wait
+#: (the caller then raises ``ShuttingDown``; any other cancellation passes through).
+_STOPPED_NOW = "infercore: the batcher stopped without draining"
+#: What a request that :meth:`stop_now` cut short is told (503 ``shutting_down``).
+_STOPPING = "the server is stopping"
+
 _ndarray = np.ndarray  # a module global: the output check runs once per model call
 
 
@@ -352,7 +358,7 @@ class NoBatcher(Batcher):
 
     A model call keeps its slot until the model returns, even when its caller has gone.
     :meth:`stop` refuses new requests and returns once the running and queued ones are
-    answered (each queued one still runs or times out).
+    answered (each queued one still runs or times out); :meth:`stop_now` runs nothing more.
     """
 
     kind = "none"
@@ -371,7 +377,9 @@ class NoBatcher(Batcher):
         self._waiting = 0
         self._drain = _Drain(_horizon_s(config.queue_timeout_ms, config.reject_expected_timeouts))
         self._stopping = False
-        self._calls: set[asyncio.Task[None]] = set()
+        # Each model call's task and its caller's future; and the callers waiting for a slot.
+        self._calls: dict[asyncio.Task[None], asyncio.Future[Tensors]] = {}
+        self._queued: set[asyncio.Task[Any]] = set()
         self._check: Callable[[Any, int], Tensors] | None = None
 
     @property
@@ -401,6 +409,28 @@ class NoBatcher(Batcher):
             for _ in range(held):
                 self._slots.release()
 
+    def stop_now(self) -> int:
+        """Stop without draining (a forced shutdown): nothing more runs through the model.
+
+        New requests are refused; each queued request and each request whose model call is
+        running is answered 503 ``shutting_down`` (a queued one once its task resumes, at the
+        loop's next turn), and the running calls are cancelled (a model that honours
+        cancellation stops: ONNX Runtime terminates its run). :meth:`stop` then returns as
+        soon as those calls have let go of their slots. Returns how many requests it cut short.
+        """
+        self._stopping = True
+        cut = 0
+        for task in list(self._queued):
+            if not task.done():
+                task.cancel(_STOPPED_NOW)
+                cut += 1
+        for call, result in list(self._calls.items()):
+            if not result.done():
+                result.set_exception(ShuttingDown(_STOPPING))
+                cut += 1
+            call.cancel()
+        return cut
+
     async def submit(self, inputs: Tensors, *, deadline: float) -> Tensors:
         if self._stopping:
             raise ShuttingDown("the model version is stopping")
@@ -423,12 +453,22 @@ class NoBatcher(Batcher):
             start = time.perf_counter()
             self._waiting += 1
             self.observer.set_queue_depth(self._waiting)
+            caller = asyncio.current_task()
+            if caller is not None:
+                self._queued.add(caller)
             try:
                 async with asyncio.timeout_at(min(limit, deadline)):
                     await self._slots.acquire()
-            except BaseException as exc:  # timed out, or the caller went
+            except BaseException as exc:  # timed out, the caller went, or stop_now()
                 if self._waiting == 1:
                     self._drain.idle()  # the queue empties without a take
+                if (
+                    caller is not None
+                    and isinstance(exc, asyncio.CancelledError)
+                    and exc.args[:1] == (_STOPPED_NOW,)
+                ):
+                    caller.uncancel()  # handled here: the caller is answered, not cancelled
+                    raise ShuttingDown(_STOPPING) from None
                 if not isinstance(exc, TimeoutError):
                     raise
                 if deadline <= limit:
@@ -438,6 +478,8 @@ class NoBatcher(Batcher):
                 ) from None
             finally:
                 self._waiting -= 1
+                if caller is not None:
+                    self._queued.discard(caller)
                 self.observer.set_queue_depth(self._waiting)
             now = time.perf_counter()
             self._drain.took(1, now, self._waiting > 0)
@@ -451,12 +493,17 @@ class NoBatcher(Batcher):
         # run beside it.
         result: asyncio.Future[Tensors] = loop.create_future()
         call = asyncio.create_task(self._run(inputs, result))
-        self._calls.add(call)
-        call.add_done_callback(self._calls.discard)
+        self._calls[call] = result
+        call.add_done_callback(self._call_done)
         return await result  # cancelling the caller cancels ``result``
 
+    def _call_done(self, call: asyncio.Task[None]) -> None:
+        # Here, not in _run: a call cancelled before it began (stop_now) never runs its body.
+        del self._calls[call]
+        self._slots.release()
+
     async def _run(self, inputs: Tensors, result: asyncio.Future[Tensors]) -> None:
-        """One model call; holds a slot, which it releases when the model has returned."""
+        """One model call; its slot is released when it ends (:meth:`_call_done`)."""
         try:
             if result.done():
                 return  # the caller went before the call began: it never runs
@@ -472,7 +519,6 @@ class NoBatcher(Batcher):
         finally:
             if not result.done():  # this task itself was cancelled
                 result.cancel()
-            self._slots.release()
 
 
 class DynamicBatcherConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -578,7 +624,7 @@ class DynamicBatcher(Batcher):
     request is retried alone, so one poisoned request cannot fail its batch-mates. A model
     whose tensors have no batch dimension is called once per request. :meth:`stop` refuses
     new requests and finishes the queued ones (each still runs or times out) before it
-    returns.
+    returns; :meth:`stop_now` runs nothing more.
     """
 
     kind = "dynamic"
@@ -602,6 +648,8 @@ class DynamicBatcher(Batcher):
         self._slots: asyncio.Semaphore | None = None
         self._task: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
+        # The batches taken off the queue and not yet answered (filling or running), by id.
+        self._active: dict[int, list[_Item]] = {}
         self._batched_names: tuple[str, ...] = ()
         self._check: Callable[[Any, int], Tensors] | None = None
         self._preferred = frozenset(config.preferred_batch_sizes)
@@ -686,6 +734,36 @@ class DynamicBatcher(Batcher):
                     if not item.future.done():
                         item.future.set_exception(ShuttingDown("the model version stopped"))
             self._task = None
+
+    def stop_now(self) -> int:
+        """Stop without draining (a forced shutdown): nothing more runs through the model.
+
+        New requests are refused; each queued request and each request of a batch that is
+        filling or running is answered 503 ``shutting_down`` now, and the collector and the
+        running model calls are cancelled (a model that honours cancellation stops: ONNX
+        Runtime terminates its run). :meth:`stop` then returns as soon as those tasks have
+        ended. Returns how many requests it cut short.
+        """
+        self._stopping = True
+        cut = 0
+        while self._queue:
+            item = self._queue.popleft()
+            if item.state == _QUEUED:
+                self._abandon(item)
+                if not item.future.done():
+                    item.future.set_exception(ShuttingDown(_STOPPING))
+                    cut += 1
+        for batch in self._active.values():
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(ShuttingDown(_STOPPING))
+                    cut += 1
+        self._active.clear()
+        if self._task is not None:
+            self._task.cancel()
+        for task in self._running:
+            task.cancel()
+        return cut
 
     async def submit(self, inputs: Tensors, *, deadline: float) -> Tensors:
         if self._stopping:
@@ -853,10 +931,12 @@ class DynamicBatcher(Batcher):
             started = time.perf_counter()
             self._take(first, started)
             batch = [first]
+            self._active[id(batch)] = batch
             try:
                 rows, waited = await self._fill(batch, loop)
             except BaseException:
                 # Cancelled while filling: the requests already taken must still be answered.
+                self._active.pop(id(batch), None)
                 for it in batch:
                     it.state = _DONE
                     if not it.future.done():
@@ -1027,6 +1107,7 @@ class DynamicBatcher(Batcher):
             self._split(live, outputs)
             self._completed(live, rows, t1 - t0, t1)
         finally:
+            self._active.pop(id(batch), None)
             for it in batch:
                 it.state = _DONE
             self._running_rows -= formed

@@ -82,6 +82,16 @@ class Batcher(Component):
         """
         return isinstance(getattr(self.config, "max_batch_size", None), int)
 
+    def stop_now(self) -> int:
+        """Stop without draining (a second stop signal): answer every queued request, and every
+        request whose model call is running, 503 ``shutting_down`` now, and run nothing more
+        through the model. Returns how many requests it answered.
+
+        The default does nothing and returns 0: such a batcher is drained by its ``stop``,
+        bounded by the server's forced-stop budget. The built-in batchers override it.
+        """
+        return 0
+
     @property
     def queue_depth(self) -> int:
         """Requests waiting (not yet running)."""

@@ -18,6 +18,9 @@ Routes::
     PUT  /admin/models/{m}/weights                  {"weights": {"1": 90, "2": 10}, "by": ...}
     POST /admin/models/{m}/rollback                 {"by": ..., "reason": ...}
     GET  /admin/models/{m}/shadow                   shadow copies and agreement
+    GET  /admin/models/{m}/drift[?limit=50]         drift monitor: status, latest results and
+                                                    the latest ``limit`` events (1 to the
+                                                    model's drift.history_size)
     GET  /admin/approvals[?status=pending]
     POST /admin/approvals/{id}/approve | reject     {"by": ..., "reason": ...}
     GET  /admin/audit[?limit=100]                   the latest audit records
@@ -161,13 +164,39 @@ def _model_name(name: str) -> str:
     return name
 
 
-def _version_name(version: str) -> str:
+def _version_name(version: str, where: str = "") -> str:
+    """``version`` if it is a valid version name, else a 400 (``where``: the body's field)."""
     if not VERSION_RE.fullmatch(version) or ".." in version:
         raise InvalidInput(
-            f"invalid version {quoted(version)}",
-            hint="letters, digits, '_', '-' and '.' (at most 32; no '..')",
+            f"{where}invalid version {quoted(version)}",
+            hint="letters, digits, '_', '-' and '.' (at most 32; no '/', no '..')",
         )
     return version
+
+
+#: ``GET /admin/models/{m}/drift``: the events shown when no ``limit`` is given.
+DRIFT_EVENTS_DEFAULT = 50
+
+
+def _events_limit(raw: str | None, most: int | None) -> int:
+    """The drift route's ``limit``: an integer from 1 to ``most`` (the monitor's
+    ``history_size``; ``None`` for a model without one), :data:`DRIFT_EVENTS_DEFAULT` if
+    absent (at most ``most``)."""
+    if raw is None:
+        return DRIFT_EVENTS_DEFAULT if most is None else min(DRIFT_EVENTS_DEFAULT, most)
+    upper = f" and {most}" if most is not None else ""
+    try:
+        limit = int(raw.strip())
+    except ValueError:
+        limit = 0
+    if limit < 1 or (most is not None and limit > most):
+        raise InvalidInput(
+            f"limit: expected an integer between 1{upper}, got {quoted(raw)}",
+            hint="the monitor keeps its model's drift.history_size latest events"
+            if most is not None
+            else "a positive integer",
+        )
+    return limit
 
 
 def _json(doc: Any, status: int = 200) -> Response[bytes]:
@@ -404,6 +433,9 @@ def create_admin_app(runtime: Runtime, token: str) -> BearerAuth:
     ) -> Response[bytes]:
         name = _model_name(model_name)
         body = await _read(request, _WeightsBody)
+        for version in body.weights:
+            # As in a path: a name with '/' or '..' is a malformed request, not an unknown one.
+            _version_name(version, "weights: ")
         return _json(
             await lifecycle.set_weights(name, body.weights, by=body.by, reason=body.reason)
         )
@@ -421,18 +453,28 @@ def create_admin_app(runtime: Runtime, token: str) -> BearerAuth:
         return _json(lifecycle.shadow_summary(_model_name(model_name)))
 
     @get("/admin/models/{model_name:str}/drift")
-    async def drift(model_name: FromPath[str]) -> Response[bytes]:
+    async def drift(
+        model_name: FromPath[str], limit: FromQuery[str | None] = None
+    ) -> Response[bytes]:
+        """The drift monitor's status, latest result per detector and latest events.
+
+        ``?limit=N``: the latest N events, oldest first; 1 to the model's
+        ``drift.history_size`` (the events the monitor keeps), 50 by default. Anything else
+        is a 400 ``invalid_input``.
+        """
         served = runtime.model(_model_name(model_name))
         monitor = served.drift
         if monitor is None:
+            _events_limit(limit, None)
             return _json({"model": served.name, "monitored": False})
+        count = _events_limit(limit, monitor.config.history_size)
         return _json(
             {
                 "model": served.name,
                 "monitored": True,
                 "status": monitor.status(),
                 "latest": monitor.latest_results(),
-                "events": monitor.events(50),
+                "events": monitor.events(count),
             }
         )
 

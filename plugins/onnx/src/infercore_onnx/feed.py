@@ -46,10 +46,22 @@ def prepare_input(spec: TensorSpec, array: Array) -> Array:
         array: The request's array (already checked against the signature by the core).
 
     Raises:
-        InvalidInput: The values cannot become ``spec``'s dtype without changing kind (e.g.
-            floats for an integer input), or BYTES elements are not UTF-8 text.
+        InvalidInput: The array's rank or a fixed dimension is not ``spec``'s (the core's
+            check, again for a caller that skipped it: ONNX Runtime would refuse it with its
+            own message), its values cannot become ``spec``'s dtype without changing kind
+            (e.g. floats for an integer input), or BYTES elements are not UTF-8 text.
     """
     array = np.asarray(array)
+    shape = array.shape
+    if len(shape) != len(spec.shape) or any(
+        want >= 0 and got != want for got, want in zip(shape, spec.shape, strict=False)
+    ):
+        raise InvalidInput(
+            f"input {spec.name!r}: shape {list(shape)} does not match the model's "
+            f"{list(spec.shape)}",
+            hint="-1 marks a variable dimension; the number of dimensions and every other "
+            "dimension must be as the model declares",
+        )
     if spec.datatype == "BYTES":
         array = _string_tensor(array, spec.name)
     else:

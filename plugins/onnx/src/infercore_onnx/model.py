@@ -245,9 +245,13 @@ class OnnxModel(Model):
 
         Raises:
             ModelNotReady: The model is not started (or already stopped).
-            InvalidInput: An input is missing, cannot take the model's dtype, or ONNX Runtime
-                rejects its shape or type.
-            BackendError: ONNX Runtime failed while running (details go to the log).
+            InvalidInput: An input is missing, has a rank or fixed dimension other than the
+                model's, or cannot take the model's dtype (checked here, before ONNX Runtime
+                sees it, and said in infercore's words).
+            BackendError: ONNX Runtime failed while running: any error it raises once the
+                inputs match the signature, a node's failure on some values (an index out of
+                range in a Gather, a Reshape that does not fit) included. ONNX Runtime's
+                message goes to the log only.
         """
         session, ort = self._session, self._ort
         if session is None:
@@ -290,12 +294,18 @@ class OnnxModel(Model):
             run_options.terminate = True
             raise
         except Exception as exc:
-            detail = _one_line(str(exc))
-            if type(exc).__name__ == "InvalidArgument":
-                # ORT's input checks (rank, dims, element type): the caller's fault, not a 5xx.
-                raise InvalidInput(f"input does not match the model: {detail}") from exc
+            # Every input matched the signature (prepare_input: names, rank, fixed dimensions,
+            # element type), so ONNX Runtime's own input checks (INVALID_ARGUMENT "Invalid
+            # rank", "Got invalid dimensions", "Unexpected input data type") cannot fail here:
+            # what it raises now failed inside the graph, whatever its status code (a Gather
+            # index out of range is INVALID_ARGUMENT too). That is the model's failure (500
+            # backend_error, which the canary guard counts), and ONNX Runtime's text, which
+            # names nodes and source files, stays in the log.
             logger.error(
-                "%s: onnxruntime run failed: %s: %s", self.context.path, type(exc).__name__, detail
+                "%s: onnxruntime run failed: %s: %s",
+                self.context.path,
+                type(exc).__name__,
+                _one_line(str(exc)),
             )
             raise BackendError(f"{self.context.path}: the model failed to run") from exc
         if len(results) != len(self._output_names) or not all(
