@@ -174,6 +174,7 @@ def test_each_refusal_listed_is_what_the_api_answers() -> None:
         ("413", "body_too_large"),
         ("415", "unsupported_media_type"),
         ("503", "audit_unavailable"),
+        ("503", "model_not_ready"),
         ("503", "shutting_down"),
     }
     rt = runtime_from_dict(rollout())
@@ -199,6 +200,9 @@ def test_each_refusal_listed_is_what_the_api_answers() -> None:
         await refused(path.replace("approve", "reject"), 409, "conflict", json={"by": "ann"})
 
         later, rejected = await ask(a, "primary"), await ask(a, "canary", "3")
+        rt.lifecycle._restoring = True  # as while admin.state_file is restored at start-up
+        await refused(f"/admin/approvals/{later}/approve", 503, "model_not_ready", json={"by": "a"})
+        rt.lifecycle._restoring = False
         rt.begin_shutdown()  # what SIGTERM does first
         await refused(f"/admin/approvals/{later}/approve", 503, "shutting_down", json={"by": "a"})
         r = await a.post(f"/admin/approvals/{rejected}/reject", json={"by": "ann"})
