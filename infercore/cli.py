@@ -373,22 +373,12 @@ def _check_audit_log(path_text: str) -> None:
     import errno
     from pathlib import Path
 
+    from infercore.lifecycle.audit import check_folder
+
     path = Path(path_text)
-    folder = path.parent
     hint = "point admin.audit_log at a writable file in an existing folder, or unset it"
-    if folder.exists() and not folder.is_dir():
-        raise ConfigError(
-            f"admin.audit_log: cannot create {str(path)!r}: {str(folder)!r} is not a folder",
-            hint=hint,
-        )
-    if not folder.exists():
-        if not folder.parent.is_dir():
-            raise ConfigError(
-                f"admin.audit_log: cannot create {str(path)!r}: {str(folder)!r} and "
-                f"{str(folder.parent)!r} do not exist (only the file's own folder is created)",
-                hint=hint,
-            )
-        writable = os.access(folder.parent, os.W_OK | os.X_OK)
+    if not check_folder("admin.audit_log", path, hint):
+        writable = os.access(path.parent.parent, os.W_OK | os.X_OK)
     elif path.is_dir():
         raise ConfigError(
             f"admin.audit_log: cannot write {str(path)!r} ({os.strerror(errno.EISDIR)})",
@@ -397,7 +387,7 @@ def _check_audit_log(path_text: str) -> None:
     elif path.exists():
         writable = os.access(path, os.W_OK)
     else:
-        writable = os.access(folder, os.W_OK | os.X_OK)
+        writable = os.access(path.parent, os.W_OK | os.X_OK)
     if not writable:
         raise ConfigError(
             f"admin.audit_log: cannot write {str(path)!r} ({os.strerror(errno.EACCES)})",

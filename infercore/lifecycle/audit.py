@@ -50,6 +50,47 @@ def _open_append(path: Path) -> int:
     return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
 
 
+def check_folder(key: str, path: Path, hint: str, *, create: bool = False) -> bool:
+    """The folder rule of ``admin.audit_log`` and ``admin.state_file``: the file's folder is a
+    folder, or is missing inside an existing one (only the file's own folder is ever created:
+    a typo does not create a tree somewhere unexpected).
+
+    Args:
+        key: The config path, for the messages.
+        path: The file.
+        hint: The fix, for the messages.
+        create: Make the missing folder.
+
+    Returns:
+        Whether the folder existed.
+
+    Raises:
+        ConfigError: The folder is a file, or it and its parent are missing, or (``create``) it
+            could not be made.
+    """
+    folder = path.parent
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(
+            f"{key}: cannot create {str(path)!r}: {str(folder)!r} is not a folder", hint=hint
+        )
+    if folder.exists():
+        return True
+    if not folder.parent.is_dir():
+        raise ConfigError(
+            f"{key}: cannot create {str(path)!r}: {str(folder)!r} and {str(folder.parent)!r} "
+            "do not exist (only the file's own folder is created)",
+            hint=hint,
+        )
+    if create:
+        try:
+            folder.mkdir()
+        except OSError as exc:
+            raise ConfigError(
+                f"{key}: cannot create {str(folder)!r} ({exc.strerror})", hint=hint
+            ) from None
+    return False
+
+
 class AuditLog:
     """Appends records to ``path`` (JSON lines) and keeps the latest ``keep`` in memory.
 
@@ -81,24 +122,8 @@ class AuditLog:
     @staticmethod
     def _prepare(path: Path) -> None:
         hint = "point admin.audit_log at a writable file in an existing folder, or unset it"
-        folder = path.parent
+        check_folder("admin.audit_log", path, hint, create=True)
         try:
-            if folder.exists() and not folder.is_dir():
-                raise ConfigError(
-                    f"admin.audit_log: cannot create {str(path)!r}: {str(folder)!r} is not a "
-                    "folder",
-                    hint=hint,
-                )
-            if not folder.exists():
-                # Only the file's own folder is created, and only inside an existing folder.
-                if not folder.parent.is_dir():
-                    raise ConfigError(
-                        f"admin.audit_log: cannot create {str(path)!r}: {str(folder)!r} and "
-                        f"{str(folder.parent)!r} do not exist (only the file's own folder is "
-                        "created)",
-                        hint=hint,
-                    )
-                folder.mkdir()
             os.close(_open_append(path))
         except OSError as exc:
             raise ConfigError(

@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import msgspec
 
 from infercore.errors import ConfigError, InfercoreError, ShuttingDown
-from infercore.lifecycle.audit import now_iso
+from infercore.lifecycle.audit import check_folder, now_iso
 from infercore.runtime.repository import COMPANIONS_OPTION
 from infercore.runtime.served import CANARY, PRIMARY, SHADOW, STAGES, UNLOADED
 
@@ -234,34 +234,13 @@ def check_path(
             "admin.state_file: it is admin.audit_log too",
             hint="give the state its own file, e.g. rollout-state.json beside the audit log",
         )
-    folder = path.parent
     if path.is_dir():
         raise ConfigError(f"admin.state_file: {str(path)!r} is a folder", hint=hint)
-    if folder.exists() and not folder.is_dir():
-        raise ConfigError(
-            f"admin.state_file: cannot create {str(path)!r}: {str(folder)!r} is not a folder",
-            hint=hint,
-        )
-    if not folder.exists():
-        if not folder.parent.is_dir():
-            raise ConfigError(
-                f"admin.state_file: cannot create {str(path)!r}: {str(folder)!r} and "
-                f"{str(folder.parent)!r} do not exist (only the file's own folder is created)",
-                hint=hint,
-            )
-        if not create:
-            writable = os.access(folder.parent, os.W_OK | os.X_OK)
-        else:
-            try:
-                folder.mkdir()
-            except OSError as exc:
-                raise ConfigError(
-                    f"admin.state_file: cannot create {str(folder)!r} ({exc.strerror})", hint=hint
-                ) from None
-            writable = True
-    else:
+    if check_folder("admin.state_file", path, hint, create=create):
         # The file is replaced by a rename: its folder must be writable, whatever the file is.
-        writable = os.access(folder, os.W_OK | os.X_OK)
+        writable = os.access(path.parent, os.W_OK | os.X_OK)
+    else:
+        writable = create or os.access(path.parent.parent, os.W_OK | os.X_OK)
     if not writable:
         raise ConfigError(
             f"admin.state_file: cannot write in the folder of {str(path)!r} "
