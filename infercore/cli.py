@@ -633,7 +633,12 @@ async def _serve_async(
         host=cfg.host,
         port=cfg.port,
         uds=cfg.uds,
-        http=http_protocol(linger, reject_before_body),
+        http=http_protocol(
+            linger,
+            reject_before_body,
+            max_header_bytes=cfg.max_header_bytes,
+            header_timeout_s=cfg.header_timeout_ms / 1000,
+        ),
         lifespan="on",
         log_config=None,
         access_log=cfg.access_log,

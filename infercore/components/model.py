@@ -34,6 +34,12 @@ class Model(Component):
     #: Shown as ``platform`` in the V2 model metadata, e.g. ``onnxruntime_onnx``.
     platform: ClassVar[str] = ""
 
+    #: Whether NaN and infinities in float inputs reach :meth:`predict` (the model reads them
+    #: as missing values, or refuses them itself with ``InvalidInput``). ``False``: the server
+    #: answers 400 ``invalid_input`` naming the input and element before queueing (JSON cannot
+    #: carry them; the binary extension can).
+    accepts_non_finite: bool = False
+
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
 

@@ -47,6 +47,19 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1, le=2**31)] = 8 * 1024 * 1024
     #: Most rows (first-dimension entries) one request may carry.
     max_request_rows: Annotated[int, msgspec.Meta(ge=1, le=10_000_000)] = 4096
+    #: Most tensor data one response may carry, in bytes: the outputs it returns as the
+    #: binary tensor extension sends them (4 per FP32 value; 4 plus its length per BYTES
+    #: value), added up before anything is encoded. More is answered 400 output_too_large
+    #: (the request asked for it). Its JSON text is several times this (~20 bytes per FP32).
+    max_output_bytes: Annotated[int, msgspec.Meta(ge=1, le=2**34)] = 64 * 1024 * 1024
+    #: Largest request line and headers, in bytes (uvicorn's h11 default; Node's is 16 KiB,
+    #: nginx's 4 x 8 KiB): more is answered 431 (414 when the request target alone is that
+    #: long) and the connection closes, before more of it is read or kept.
+    max_header_bytes: Annotated[int, msgspec.Meta(ge=1024, le=16 * 1024 * 1024)] = 64 * 1024
+    #: From a request's first byte (a connection's first request: from the connection) to
+    #: the end of its headers, in ms, as nginx's client_header_timeout: later is answered 408
+    #: and the connection closes; a new connection that sends nothing is closed.
+    header_timeout_ms: Annotated[int, msgspec.Meta(ge=1, le=3_600_000)] = 10_000
     #: End-to-end deadline for one request: features, queue, inference and encoding.
     request_timeout_ms: Annotated[int, msgspec.Meta(ge=1, le=3_600_000)] = 10_000
     #: After SIGTERM: seconds of serving on with readiness false (so load balancers and

@@ -377,6 +377,25 @@ def from_binary(name: str, raw: memoryview, shape: list[int], datatype: str, cou
     return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
 
+def non_finite(name: str, arr: Array) -> str | None:
+    """Where a float tensor holds NaN or an infinity (``input 'x': element [0, 2] is NaN``);
+    ``None`` when every value is finite or the tensor holds no floats.
+
+    JSON cannot carry such values; the binary tensor extension can. Whether a model accepts
+    them is the model's to say (``accepts_non_finite``): the request path refuses them for
+    any other model, as JSON would have.
+    """
+    if arr.dtype.kind != "f" or not arr.size:
+        return None
+    finite = np.isfinite(arr)
+    if finite.all():
+        return None
+    at = np.unravel_index(int(np.argmin(finite)), arr.shape)
+    value = float(arr[at])
+    what = "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
+    return f"input {name!r}: element {[int(i) for i in at]} is {what}"
+
+
 def to_json_data(arr: Array) -> list[Any]:
     """Flat row-major JSON data. Non-finite floats become ``null`` (P15: always valid JSON)."""
     flat = arr.reshape(-1)
@@ -410,13 +429,32 @@ def element_count(shape: tuple[int, ...]) -> int:
 UNREADABLE_JSON = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
 
 
+#: Where msgspec says a syntax error is: ``... (byte 61)``.
+_ERROR_BYTE = re.compile(r"\(byte (\d+)\)")
+#: What Python's ``json.dumps`` (and so tritonclient's JSON encoder) writes for non-finite
+#: floats: not JSON (RFC 8259 has no such numbers), so msgspec refuses them as syntax.
+_NON_FINITE_LITERALS = (b"NaN", b"Infinity", b"-Infinity")
+_BOM = b"\xef\xbb\xbf"
+#: Largest body parsed a second time (by the standard library, which reads NaN and 1e999) to
+#: name the field of a non-finite number: on the error path only, and bounded, so that a
+#: client cannot make every rejection cost the event loop a large parse.
+REPARSE_MAX_BYTES = 1 << 20
+
+
 def malformed_json(exc: Exception, body: bytes) -> InvalidInput:
     """The 400 for a body msgspec could not decode, naming the field where that is possible.
 
+    ``NaN``, ``Infinity`` and ``-Infinity`` (Python's ``json.dumps`` writes them) and a UTF-8
+    byte order mark at the start get a message saying what was found and what to send instead.
     msgspec refuses numbers that overflow a double (``1e999``) without naming the key; the
-    standard library parses them as infinity, so on that (rare) path the field is found by a
-    second, slower parse.
+    standard library parses them (and the literals above), so on those rare paths the field
+    is found by a second, slower parse of a body up to :data:`REPARSE_MAX_BYTES`.
     """
+    if body[:3] == _BOM:
+        return InvalidInput(
+            "malformed JSON: the body starts with a UTF-8 byte order mark (BOM)",
+            hint="remove the BOM: JSON sent over a network must not start with one (RFC 8259)",
+        )
     if isinstance(exc, UnicodeDecodeError):
         return InvalidInput(
             f"malformed JSON: a string is not valid UTF-8 ({exc.reason}: byte "
@@ -428,19 +466,62 @@ def malformed_json(exc: Exception, body: bytes) -> InvalidInput:
             "malformed JSON: nested too deeply", hint="arrays and objects nest a few levels deep"
         )
     text = str(exc)
+    found = _ERROR_BYTE.search(text)
+    seen = _literal_at(body, int(found.group(1))) if found else None
+    if seen is not None:
+        literal, at = seen
+        where = _non_finite_field(body)
+        place = f"in {where}" if where else f"at byte {at}"
+        return InvalidInput(
+            f"malformed JSON: {literal} {place} is not a JSON number (JSON has no NaN or Infinity)",
+            hint="send finite numbers; a tensor that must carry NaN or Infinity goes in "
+            "binary (the binary tensor extension: Inference-Header-Content-Length), for a "
+            "model that accepts them",
+        )
     if "out of range" in text:
-        import json
-
-        try:
-            doc = json.loads(body)
-        except ValueError:
-            doc = None
-        where = _first_non_finite(doc, "")
+        where = _non_finite_field(body)
         if where:
             return InvalidInput(
                 f"{where}: number out of range (values must be finite)", hint="fix the value"
             )
     return InvalidInput(f"malformed JSON: {text}")
+
+
+def _literal_at(body: bytes, at: int) -> tuple[str, int] | None:
+    """The non-finite literal (``NaN``, ``Infinity``, ``-Infinity``) msgspec stopped at, with
+    its byte offset; ``None`` when it stopped at something else."""
+    if at > 0 and body[at - 1 : at] == b"-":
+        at -= 1  # msgspec reports the byte after the sign
+    for literal in _NON_FINITE_LITERALS:
+        if body.startswith(literal, at):
+            return literal.decode(), at
+    return None
+
+
+def _non_finite_field(body: bytes) -> str | None:
+    """Where the first non-finite number of ``body`` is (``inputs[0].data[3]``, with the V2
+    input's name when it has one), by the standard library's parse; ``None`` if not found or
+    the body is too large to parse again."""
+    if len(body) > REPARSE_MAX_BYTES:
+        return None
+    import json
+
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    where = _first_non_finite(doc, "")
+    if where is None or not where.startswith("inputs["):
+        return where
+    # A V2 body: the input's name says more than its index.
+    index = where[7 : where.index("]")]
+    inputs = doc.get("inputs") if isinstance(doc, dict) else None
+    if isinstance(inputs, list) and index.isdigit() and int(index) < len(inputs):
+        tensor = inputs[int(index)]
+        name = tensor.get("name") if isinstance(tensor, dict) else None
+        if isinstance(name, str):
+            return f"input {name[:64]!r} ({where})"
+    return where
 
 
 def _first_non_finite(value: Any, path: str) -> str | None:

@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any
 
 import msgspec
@@ -54,6 +54,13 @@ def decode(
         raise malformed_json(exc, body) from None
     if not isinstance(doc, dict):
         raise InvalidInput("the body must be a JSON object with `instances` or `inputs`")
+    if "instances" in doc and "inputs" in doc:
+        # Alternatives in TF Serving's and KServe's V1 (the row and the columnar format):
+        # which one the client meant is not known.
+        raise InvalidInput(
+            "the body has both `instances` and `inputs`",
+            hint="send one: `instances` (a list, one entry per row) or `inputs` (columns)",
+        )
     if "instances" in doc:
         instances = doc["instances"]
         if not isinstance(instances, list):
@@ -131,3 +138,51 @@ def _column_values(arr: Array, rows: int) -> list[Any]:
         values: list[Any] = arr.tolist()
         return values
     return [_row_value(arr, i) for i in range(rows)]
+
+
+def encode_parts(
+    outputs: dict[str, Array], rows: int, part_values: int
+) -> Generator[bytes, None, None]:
+    """:func:`encode` in parts of about ``part_values`` values (whole rows), for a large
+    response: the caller can let the event loop run between parts. The parts joined are
+    :func:`encode`'s body, byte for byte."""
+    names = list(outputs)
+    first = outputs[names[0]]
+    if len(names) == 1 and first.dtype != object and first.ndim == 0:
+        yield encode(outputs, rows)  # one value: nothing to split
+        return
+    per_row = sum(_row_size(outputs[n]) for n in names)
+    step = max(1, part_values // per_row)
+    yield b'{"predictions":['
+    if len(names) == 1 and first.dtype != object:
+        ends = range(0, len(first), step)
+        chunks = (first[at : at + step].tolist() for at in ends)
+    elif len(names) == 1:
+        chunks = (
+            [_row_value(first, i) for i in range(at, min(at + step, rows))]
+            for at in range(0, rows, step)
+        )
+    else:
+        chunks = (_rows(outputs, names, at, min(at + step, rows)) for at in range(0, rows, step))
+    for i, chunk in enumerate(chunks):
+        values = _encoder.encode(chunk)[1:-1]
+        yield b"," + values if i else values
+    yield b"]}"
+
+
+def _row_size(arr: Array) -> int:
+    """Values per row of an output (1 for a scalar)."""
+    return max(1, arr.size // arr.shape[0]) if arr.ndim and arr.shape[0] else 1
+
+
+def _rows(outputs: dict[str, Array], names: list[str], start: int, stop: int) -> list[Any]:
+    """Rows ``start`` to ``stop`` of :func:`encode`'s predictions for several outputs."""
+    columns = {n: _column_slice(outputs[n], start, stop) for n in names}
+    return [{n: columns[n][i] for n in names} for i in range(stop - start)]
+
+
+def _column_slice(arr: Array, start: int, stop: int) -> list[Any]:
+    if arr.dtype != object and arr.ndim >= 1:
+        values: list[Any] = arr[start:stop].tolist()
+        return values
+    return [_row_value(arr, i) for i in range(start, stop)]

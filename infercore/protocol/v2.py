@@ -6,6 +6,7 @@ Length``), which standard clients such as ``tritonclient[http]`` use by default.
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,7 @@ from infercore.protocol.tensors import (
     from_binary,
     from_json,
     malformed_json,
+    non_finite,
     to_binary,
     to_json_data,
 )
@@ -64,6 +66,9 @@ class DecodedV2:
     #: The client's ``parameters.timeout`` (Triton's schedule-policy extension), in seconds;
     #: ``None`` when it sent none (or 0, which Triton reads as "no timeout").
     timeout_s: float | None = None
+    #: Where the first binary input holds NaN or an infinity (JSON cannot carry them), for
+    #: the request path to refuse unless the model accepts them; ``None``: nowhere.
+    non_finite: str | None = None
 
 
 def _validation_message(exc: msgspec.ValidationError) -> str:
@@ -130,6 +135,7 @@ def decode(body: bytes, header_length: int | None, *, max_elements: int) -> Deco
     tensors: dict[str, Array] = {}
     datatypes: dict[str, str] = {}
     offset = 0
+    bad: str | None = None
     for inp in req.inputs:
         name = inp.name
         if name in tensors:
@@ -151,7 +157,16 @@ def decode(body: bytes, header_length: int | None, *, max_elements: int) -> Deco
                 datatypes[name] = datatype
                 continue
         count = check_shape(name, shape, max_elements=max_elements)
-        size = None if params is None else params.get("binary_data_size")
+        size = None
+        if params is not None:
+            _refuse_shared_memory(params, f"input {name!r}")
+            size = params.get("binary_data_size")
+            if size is not None and inp.data is not None:
+                raise InvalidInput(
+                    f"input {name!r}: has both `data` and parameters.binary_data_size",
+                    hint="send its values one way: JSON `data`, or binary_data_size with the "
+                    "bytes after the JSON header (the binary tensor extension)",
+                )
         if size is not None:
             if type(size) is not int or size < 0:
                 raise InvalidInput(
@@ -162,6 +177,8 @@ def decode(body: bytes, header_length: int | None, *, max_elements: int) -> Deco
                 raise InvalidInput(f"input {name!r}: binary_data_size runs past the body")
             arr = from_binary(name, blob[offset : offset + size], shape, datatype, count)
             offset += size
+            if bad is None:
+                bad = non_finite(name, arr)
         else:
             if inp.data is None:
                 raise InvalidInput(f"input {name!r}: `data` is missing")
@@ -174,6 +191,7 @@ def decode(body: bytes, header_length: int | None, *, max_elements: int) -> Deco
     binary_default = False
     timeout_s = None
     if params:
+        _refuse_sequences(params)
         binary_default = _flag(params, "binary_data_output", False, "parameters")
         timeout = params.get("timeout")
         if timeout is not None:
@@ -183,8 +201,57 @@ def decode(body: bytes, header_length: int | None, *, max_elements: int) -> Deco
         outputs = {}
         for out in req.outputs:
             where = f"output {out.name!r}: parameters"
-            outputs[out.name] = _flag(out.parameters or {}, "binary_data", binary_default, where)
-    return DecodedV2(req.id, tensors, datatypes, outputs, binary_default, timeout_s)
+            out_params = out.parameters or {}
+            if out_params:
+                _refuse_output_extensions(out_params, f"output {out.name!r}")
+            outputs[out.name] = _flag(out_params, "binary_data", binary_default, where)
+    return DecodedV2(req.id, tensors, datatypes, outputs, binary_default, timeout_s, bad)
+
+
+#: What ``GET /v2`` lists: the one protocol extension served (the hints below point at it).
+_EXTENSIONS_HINT = "GET /v2 lists the extensions this server supports (binary_tensor_data)"
+#: Triton's shared-memory extensions' tensor parameters (system and CUDA shared memory).
+_SHARED_MEMORY = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
+#: Triton's sequence-batcher request parameters (stateful models).
+_SEQUENCE = ("sequence_id", "sequence_start", "sequence_end")
+
+
+def _refuse_shared_memory(params: dict[str, Any], where: str) -> None:
+    """Triton's shared-memory extensions are not served: a tensor named by a region would
+    otherwise be read as a tensor without data (or its output sent back in the body)."""
+    for key in _SHARED_MEMORY:
+        if key in params:
+            raise InvalidInput(
+                f"{where}: parameters.{key}: shared memory is not supported by this server",
+                hint=f"send the tensor in the request body (JSON `data`, or binary_data_size); "
+                f"{_EXTENSIONS_HINT}",
+            )
+
+
+def _refuse_output_extensions(params: dict[str, Any], where: str) -> None:
+    _refuse_shared_memory(params, where)
+    if "classification" in params:
+        # Triton answers BYTES "score:index[:label]" for it; the raw tensor is not that.
+        raise InvalidInput(
+            f"{where}: parameters.classification: the classification extension is not "
+            "supported by this server",
+            hint=f"ask for the output itself and take its top classes on the client; "
+            f"{_EXTENSIONS_HINT}",
+        )
+
+
+def _refuse_sequences(params: dict[str, Any]) -> None:
+    """Sequence parameters would be ignored, and each request of a sequence answered as if
+    alone: refused. The values Triton's clients send outside a sequence (an id of 0 or "",
+    start and end false) mean no sequence and are let through."""
+    for key in _SEQUENCE:
+        if params.get(key) not in (None, 0, ""):  # 0 is False too
+            raise InvalidInput(
+                f"parameters.{key}: sequences (Triton's sequence batcher, for stateful "
+                "models) are not supported by this server",
+                hint="send each request on its own, without sequence parameters; "
+                + _EXTENSIONS_HINT,
+            )
 
 
 #: The largest ``parameters.timeout``: Triton's field is a uint64 of microseconds. A larger
@@ -281,6 +348,69 @@ def encode(
     if not blobs:
         return head, None
     return head + b"".join(blobs), len(head)
+
+
+def encode_parts(
+    *,
+    model_name: str,
+    model_version: str,
+    request_id: str | None,
+    outputs: dict[str, Array],
+    requested: dict[str, bool] | None,
+    binary_default: bool,
+    part_values: int,
+) -> Generator[bytes, None, int | None]:
+    """:func:`encode` in parts, for a large response: JSON ``data`` goes out ``part_values``
+    values at a time, so that the caller can let the event loop run between parts.
+
+    The parts joined are :func:`encode`'s body, byte for byte; the generator returns the JSON
+    header's length when the body carries binary data (``None`` otherwise).
+    """
+    names = list(outputs) if requested is None else list(requested)
+    prefix = _encoder.encode(
+        _Response(model_name=model_name, model_version=model_version, id=request_id, outputs=[])
+    )
+    head = prefix[:-2]  # without the empty list's end: `...,"outputs":[`
+    head_len = len(head)
+    yield head
+    blobs: list[bytes] = []
+    for i, name in enumerate(names):
+        arr = outputs[name]
+        binary = binary_default if requested is None else requested[name]
+        sep = b"," if i else b""
+        if binary:
+            raw = to_binary(arr)
+            entry = _encoder.encode(
+                _Output(
+                    name,
+                    v2_datatype(arr.dtype),
+                    list(arr.shape),
+                    parameters={"binary_data_size": len(raw)},
+                )
+            )
+            blobs.append(raw)
+            head_len += len(sep) + len(entry)
+            yield sep + entry
+            continue
+        # `data` is the last field: the entry without it, then the values part by part.
+        entry = _encoder.encode(_Output(name, v2_datatype(arr.dtype), list(arr.shape)))
+        start = sep + entry[:-1] + b',"data":['
+        head_len += len(start)
+        yield start
+        flat = arr.reshape(-1)
+        for at in range(0, flat.size, part_values):
+            values = _encoder.encode(to_json_data(flat[at : at + part_values]))[1:-1]
+            part = b"," + values if at else values
+            head_len += len(part)
+            yield part
+        head_len += 2
+        yield b"]}"
+    head_len += 2
+    yield b"]}"
+    if not blobs:
+        return None
+    yield from blobs
+    return head_len
 
 
 def encode_json(doc: Any) -> bytes:

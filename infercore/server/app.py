@@ -20,7 +20,11 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import numpy as np
 from litestar import Litestar, Request, Response, get, post
-from litestar.exceptions import HTTPException, ImproperlyConfiguredException
+from litestar.exceptions import (
+    HTTPException,
+    ImproperlyConfiguredException,
+    MethodNotAllowedException,
+)
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from litestar.openapi import OpenAPIConfig
 from litestar.params import FromPath
@@ -42,6 +46,12 @@ from infercore.errors import (
 )
 from infercore.metrics import ResponseCounters, VersionMetrics
 from infercore.protocol import v1, v2
+from infercore.protocol.responses import (
+    LARGE_RESPONSE_BYTES,
+    PART_VALUES,
+    check_output_bytes,
+    encode_in_parts,
+)
 from infercore.runtime import Runtime, ServedModel, ServedVersion
 from infercore.runtime.errors import VersionNotReady, quoted
 from infercore.server.errors import EXCEPTION_HANDLERS, error_body
@@ -78,14 +88,24 @@ class _Answer:
 
     __slots__ = ("body", "headers", "status")
 
-    def __init__(self, body: bytes, headers: list[tuple[bytes, bytes]], status: int = 200) -> None:
+    def __init__(
+        self, body: bytes | list[bytes], headers: list[tuple[bytes, bytes]], status: int = 200
+    ) -> None:
+        #: The body, or a large one's parts (protocol.responses: sent as they are, no copy).
         self.body = body
         self.headers = headers
         self.status = status
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
-        await send({"type": "http.response.body", "body": self.body, "more_body": False})
+        body = self.body
+        if isinstance(body, bytes):
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+            return
+        last = len(body) - 1
+        for i, part in enumerate(body):
+            # The server waits for the client to take each part when its buffer is full.
+            await send({"type": "http.response.body", "body": part, "more_body": i < last})
 
 
 class _EarlyAnswer:
@@ -392,7 +412,9 @@ _rid_counter = itertools.count()
 
 
 def _ms(seconds: float) -> str:
-    return f"{seconds * 1000:.0f}"
+    ms = seconds * 1000
+    # parameters.timeout counts microseconds: 1 of them is not "0 ms".
+    return f"{ms:.0f}" if ms >= 1 else f"{ms:.3g}"
 
 
 def _client_timeout(headers: Mapping[str, str]) -> float | None:
@@ -405,10 +427,11 @@ def _client_timeout(headers: Mapping[str, str]) -> float | None:
     except ValueError:
         ms = -1.0
     if not 0 < ms < 1e9:  # NaN and inf fail too
+        # The bound is the OpenAPI schema's (exclusiveMaximum): said, not left to be guessed.
         raise InvalidInput(
-            f"X-Infercore-Timeout-Ms: expected milliseconds over 0, got {raw[:40]!r}",
+            f"X-Infercore-Timeout-Ms: expected milliseconds over 0 and under 1e9, got {raw[:40]!r}",
             hint="the request's own timeout; it may shorten server.request_timeout_ms, "
-            "never extend it",
+            "never extend it (leave the header out to keep the server's)",
         )
     return ms / 1000
 
@@ -448,6 +471,7 @@ def create_app(
     timeout_s = cfg.request_timeout_ms / 1000
     max_elements = cfg.max_body_bytes  # no tensor can hold more elements than the body has bytes
     max_rows = cfg.max_request_rows
+    max_output = cfg.max_output_bytes
     unrouted: dict[tuple[str, str], ResponseCounters] = {}
     deadlines = _Deadlines()
     failure_log = FailureLog(log)
@@ -550,6 +574,15 @@ def create_app(
                 # A late arrival on a connection still open after the listener closed.
                 raise ShuttingDown("the server is shutting down")
             served = served_or_404(model_name)
+            if version is not None and protocol == "v2":
+                # The version before the body (V1's pick_v1 does the same): an unknown one is
+                # a 404 and one not ready a 503, whatever the body holds.
+                asked = served.version(version)
+                if not asked.ready:
+                    raise VersionNotReady(
+                        f"model {served.name!r} version {version!r} is not ready",
+                        version=version,
+                    )
             header_length = _header_length(headers) if protocol == "v2" else None
             encoding = _content_type_ok(headers, header_length is not None)
             client_s = _client_timeout(headers) if "x-infercore-timeout-ms" in headers else None
@@ -584,6 +617,14 @@ def create_app(
                     watch = deadlines.watch(loop, deadline)
                 sv = served.pick(version, headers, decoded.id or rid, decoded.tensors)
                 vm = sv.metrics
+                if decoded.non_finite is not None and not getattr(
+                    sv.model, "accepts_non_finite", False
+                ):
+                    # As JSON, which cannot carry them (DESIGN: NaN where not allowed is a 400).
+                    raise InvalidInput(
+                        f"{decoded.non_finite}, which this model does not accept",
+                        hint="send finite numbers",
+                    )
                 fields: dict[str, np.ndarray[Any, Any]] = decoded.tensors
                 declared: dict[str, str] | None = decoded.datatypes
                 if decoded.outputs is not None:
@@ -636,15 +677,32 @@ def create_app(
                 ) from None
             finally:
                 vm.inflight.dec()
+            content: bytes | list[bytes]
             if protocol == "v2":
-                content, head_len = v2.encode(
-                    model_name=served.name,
-                    model_version=sv.version,
-                    request_id=decoded.id,
-                    outputs=outputs,
-                    requested=decoded.outputs,
-                    binary_default=decoded.binary_default,
-                )
+                # Only what the response carries counts (a client may ask for less).
+                carried = outputs if decoded.outputs is None else decoded.outputs
+                if check_output_bytes(outputs, carried, max_output) > LARGE_RESPONSE_BYTES:
+                    content, head_len = await encode_in_parts(
+                        v2.encode_parts(
+                            model_name=served.name,
+                            model_version=sv.version,
+                            request_id=decoded.id,
+                            outputs=outputs,
+                            requested=decoded.outputs,
+                            binary_default=decoded.binary_default,
+                            part_values=PART_VALUES,
+                        ),
+                        deadline=deadline,
+                    )
+                else:
+                    content, head_len = v2.encode(
+                        model_name=served.name,
+                        model_version=sv.version,
+                        request_id=decoded.id,
+                        outputs=outputs,
+                        requested=decoded.outputs,
+                        binary_default=decoded.binary_default,
+                    )
                 resp_headers = [(b"x-request-id", rid.encode("latin-1"))]
                 media = _JSON_TYPE
                 if head_len is not None:
@@ -653,14 +711,20 @@ def create_app(
             else:
                 batched = [outputs[s.name] for s in sv.output_specs if s.batched]
                 rows = batched[0].shape[0] if batched else 1
-                content = v1.encode(outputs, rows)
+                if check_output_bytes(outputs, outputs, max_output) > LARGE_RESPONSE_BYTES:
+                    content, _ = await encode_in_parts(
+                        v1.encode_parts(outputs, rows, PART_VALUES), deadline=deadline
+                    )
+                else:
+                    content = v1.encode(outputs, rows)
                 resp_headers = [(b"x-request-id", rid.encode("latin-1"))]
                 media = _JSON_TYPE
             if degraded:
                 parts = ", ".join(sorted(degraded)).encode("latin-1")
                 resp_headers.append((b"x-infercore-degraded", parts))
             resp_headers.append(media)
-            resp_headers.append((b"content-length", b"%d" % len(content)))
+            length = len(content) if isinstance(content, bytes) else sum(map(len, content))
+            resp_headers.append((b"content-length", b"%d" % length))
             vm.count_response(200)
             vm.request_duration.observe(perf_counter() - t0)
             return _Answer(content, resp_headers)
@@ -993,6 +1057,9 @@ def create_app(
         operation_class=V1StatusOperation,
     )
     async def v1_status(model_name: FromPath[str]) -> dict[str, Any]:
+        if model_name.endswith(":predict"):
+            # The predict route, with GET: as V2's infer route and V1's versioned one answer.
+            raise MethodNotAllowedException(headers={"Allow": "POST, OPTIONS"})
         served = served_or_404(model_name)
         return {
             "model_version_status": [

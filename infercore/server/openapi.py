@@ -156,7 +156,9 @@ ERROR = Schema(
 
 #: The error answers of an inference call (DESIGN.md: Status codes).
 _ERRORS = {
-    "400": "Invalid input: malformed JSON, a wrong name, shape or datatype (`invalid_input`).",
+    "400": "Invalid input: malformed JSON, a wrong name, shape or datatype, NaN or an infinity "
+    "sent binary to a model that does not take them (`invalid_input`); a response over "
+    "`server.max_output_bytes` (`output_too_large`).",
     "404": "Unknown model or version (`model_not_found`).",
     "408": "The body did not arrive within the deadline (`request_timeout`; the connection "
     "closes).",

@@ -39,6 +39,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -79,6 +80,16 @@ SHUTTING_DOWN_RESPONSE = (
 )
 #: Longest request head read from such a connection before answering anyway.
 _HEAD_MAX = 65536
+
+#: The longest request line and headers read (``server.max_header_bytes``): httptools has no
+#: limit of its own, and buffers a header until its line ends (a 16 MB header was answered).
+MAX_HEADER_BYTES = 64 * 1024
+#: From a request's first byte (a connection's first request: from the connection) to the end
+#: of its headers (``server.header_timeout_ms``). uvicorn starts no clock before headers end.
+HEADER_TIMEOUT_S = 10.0
+#: At most one log line per this many seconds about refused request heads (a client sending
+#: them in a loop must not flood the log); the others are counted in the next line.
+_REFUSAL_LOG_S = 10.0
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -212,6 +223,9 @@ class OneSendTransport:
 def http_protocol(
     linger_s: float = IDLE_LINGER_S,
     reject_before_body: Callable[[bytes, list[tuple[bytes, bytes]]], Any] | None = None,
+    *,
+    max_header_bytes: int = MAX_HEADER_BYTES,
+    header_timeout_s: float = HEADER_TIMEOUT_S,
 ) -> type[asyncio.Protocol]:
     """uvicorn's httptools protocol, with one send per response and lingering idle connections.
 
@@ -232,8 +246,20 @@ def http_protocol(
       answering, no upgrade) is answered so. A request that waits for ``100 Continue`` before
       sending its body is answered at once instead, without it, and its connection closes
       (:meth:`_answer_before_body`).
+    * Request heads are bounded in size and time (httptools and uvicorn bound neither). A
+      request line and headers longer than ``max_header_bytes`` are answered 431 (414 when
+      the request target alone fills it) as soon as the limit is passed: what the parser
+      holds of a head never exceeds the limit by more than one read. A head not complete
+      ``header_timeout_s`` after its first byte (a connection's first request: after the
+      connection opened) is answered 408; a new connection that sends nothing for that long
+      is closed (as an idle keep-alive connection is). Both answers
+      are JSON with ``Connection: close``; the connection is half-closed after them and
+      drops what still arrives, as :meth:`_answer_before_body` does.
     """
     from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+    refusals = _RefusalLog()
+    feed = HttpToolsProtocol.data_received  # the parser's (no super() lookup per read)
 
     class DrainingHttpToolsProtocol(HttpToolsProtocol):
         #: The answer to send when the current request's body has arrived (rejected early).
@@ -247,9 +273,110 @@ def http_protocol(
         discarding = False
         discard_timer: asyncio.TimerHandle | None = None
 
+        #: Bytes of the current request's line and headers fed to the parser so far (at most
+        #: one read more than counted: what follows a request's end in the read that ended
+        #: it); -1 while the parser reads a body.
+        head_bytes = 0
+        #: Answers 408 when a request head is not complete in time.
+        head_timer: asyncio.TimerHandle | None = None
+
         def data_received(self, data: bytes) -> None:
-            if not self.discarding:
-                super().data_received(data)
+            if self.discarding:
+                return
+            used = self.head_bytes
+            if used < 0:
+                feed(self, data)
+                return
+            if used + len(data) > max_header_bytes:
+                self._head_overflow(data)
+                return
+            self.head_bytes = used + len(data)
+            feed(self, data)
+            if self.head_bytes > 0 and self.head_timer is None:
+                # Part of a head came (its first byte, at the latest, in this read): its clock.
+                self.head_timer = self.loop.call_later(header_timeout_s, self._head_timed_out)
+
+        def _head_overflow(self, data: bytes) -> None:
+            """Feed what the limit leaves room for; the rest only if the head ended in it."""
+            room = max_header_bytes - self.head_bytes
+            self.head_bytes = max_header_bytes
+            if room:
+                feed(self, data[:room])
+            if self.head_bytes <= 0:
+                self.data_received(data[room:])  # the head ended (and maybe its request)
+            elif not self.transport.is_closing():
+                self._refuse_head_too_large()
+
+        def _refuse_head_too_large(self) -> None:
+            url = self.url if self.headers is not None else b""
+            limit = f"{max_header_bytes} bytes (server.max_header_bytes)"
+            if not self.headers and 2 * len(url) > max_header_bytes:
+                # Still in the request line: the target is what is too long.
+                self._refuse_head(
+                    414,
+                    "headers_too_large",
+                    f"the request target is longer than {limit}",
+                    "send a shorter URL (the limit counts the request line and headers)",
+                )
+            else:
+                self._refuse_head(
+                    431,
+                    "headers_too_large",
+                    f"the request line and headers are longer than {limit}",
+                    "send fewer or shorter headers",
+                )
+
+        def _head_timed_out(self) -> None:
+            self.head_timer = None
+            if self.discarding or self.head_bytes < 0 or self.transport.is_closing():
+                return
+            cycle = self.cycle
+            if self.flow.read_paused or (cycle is not None and not cycle.response_complete):
+                # A request before it is still answering (pipelined): the head may wait in
+                # the socket, unread. That request's own deadline bounds this; look again later.
+                self.head_timer = self.loop.call_later(header_timeout_s, self._head_timed_out)
+                return
+            if not self.head_bytes:
+                self.transport.close()  # nothing of a request came: closed, as when idle
+                return
+            self._refuse_head(
+                408,
+                "request_timeout",
+                f"the request's headers did not arrive within {header_timeout_s * 1000:.0f} ms "
+                "(server.header_timeout_ms)",
+                "send the request line and headers at once",
+            )
+
+        def _refuse_head(self, status: int, reason: str, message: str, hint: str) -> None:
+            """Answer a request whose head is refused, then half-close and drop the rest."""
+            refusals.note(status, message, self.client)
+            self.discarding = True
+            self._unset_keepalive_if_required()
+            cycle = self.cycle
+            if cycle is not None and not cycle.response_complete:
+                # A response is still being written on this connection (pipelined requests):
+                # no answer can go between; the connection closes after it.
+                cycle.keep_alive = False
+                return
+            body = json.dumps({"error": f"{message} (hint: {hint})", "reason": reason}).encode()
+            head = [STATUS_LINE[status]]
+            for name, value in self.server_state.default_headers:
+                head += (name, b": ", value, b"\r\n")
+            head += (
+                b"content-type: application/json\r\n",
+                b"content-length: %d\r\n" % len(body),
+                b"connection: close\r\n\r\n",
+                body,
+            )
+            self.server_state.total_requests += 1
+            transport = self.one_send.transport
+            transport.write(b"".join(head))
+            try:
+                transport.write_eof()
+            except (NotImplementedError, RuntimeError, OSError):
+                transport.close()
+                return
+            self.discard_timer = self.loop.call_later(DISCARD_S, transport.close)
 
         def send_400_response(self, msg: str) -> None:
             # A request the HTTP parser refuses (a malformed request line, a target too long
@@ -270,6 +397,11 @@ def http_protocol(
             self.transport.close()
 
         def on_headers_complete(self) -> None:
+            self.head_bytes = -1  # a body, if any, follows
+            timer = self.head_timer
+            if timer is not None:
+                timer.cancel()
+                self.head_timer = None
             if self.discarding:
                 return
             if reject_before_body is not None and self._may_answer_early():
@@ -318,6 +450,7 @@ def http_protocol(
                 log.exception("counting a request rejected before its body failed")
 
         def on_message_complete(self) -> None:
+            self.head_bytes = 0  # what comes next is the next request's head
             if self.discarding:
                 return
             answer = self.early
@@ -370,10 +503,16 @@ def http_protocol(
             if self.discard_timer is not None:
                 self.discard_timer.cancel()
                 self.discard_timer = None
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+                self.head_timer = None
             super().connection_lost(exc)
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            # A new connection has as long for its first request's head as a head has from
+            # its first byte: one that sends nothing is closed (uvicorn would keep it).
+            self.head_timer = self.loop.call_later(header_timeout_s, self._head_timed_out)
             # Flow control (pause/resume writing) keeps the real transport; requests write
             # through the wrapper.
             self.one_send = OneSendTransport(transport)
@@ -399,6 +538,26 @@ def http_protocol(
                 cycle.keep_alive = False
 
     return DrainingHttpToolsProtocol
+
+
+class _RefusalLog:
+    """WARNING lines about refused request heads, at most one per :data:`_REFUSAL_LOG_S`."""
+
+    __slots__ = ("last", "skipped")
+
+    def __init__(self) -> None:
+        self.last = -_REFUSAL_LOG_S
+        self.skipped = 0
+
+    def note(self, status: int, message: str, client: Any) -> None:
+        now = time.monotonic()
+        if now - self.last < _REFUSAL_LOG_S:
+            self.skipped += 1
+            return
+        skipped, self.skipped, self.last = self.skipped, 0, now
+        more = f" ({skipped} more since the last such line)" if skipped else ""
+        peer = f"{client[0]}:{client[1]}" if isinstance(client, tuple) else "a client"
+        log.warning("answered %d to %s: %s%s", status, peer, message, more)
 
 
 class GracefulShutdown:

@@ -19,6 +19,7 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
+from e2e_support import start_server, stop_server, wait_ready
 from prometheus_client.parser import text_string_to_metric_families
 from sklearn.datasets import load_iris
 
@@ -501,7 +502,6 @@ def test_head_answers_what_get_answers_without_a_body(http: httpx.Client, path: 
 @pytest.mark.parametrize(
     "request_bytes",
     [
-        b"GET /v2/models/" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
         b"GET /v2 HTTP/1.1\r\nHost x\r\n\r\n",  # a header line without its colon
         b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",  # TLS spoken to plain HTTP
     ],
@@ -522,3 +522,59 @@ def test_a_request_the_http_parser_refuses_gets_the_json_error_body(
     doc = json.loads(body)
     assert doc["reason"] == "invalid_input" and doc["error"].startswith("malformed HTTP request")
     assert http.get("/v2/health/live").status_code == 200  # the server serves on
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        # server.max_header_bytes (64 KiB): a target that long is 414, headers 431.
+        (b"GET /v2/models/" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+        (b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 4_000_000, 431),
+    ],
+)
+def test_a_request_head_over_the_limit_is_refused_before_it_is_read_whole(
+    http: httpx.Client, request_bytes: bytes, status: int
+) -> None:
+    import contextlib
+    import socket
+
+    with socket.create_connection(("127.0.0.1", http.base_url.port or 80), timeout=10) as s:
+        with contextlib.suppress(OSError):  # the server stops reading once past the limit
+            s.sendall(request_bytes)
+        received = b""
+        try:
+            while chunk := s.recv(65536):
+                received += chunk
+        except ConnectionResetError:
+            pass
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 %d " % status), received[:200]
+    assert b"connection: close" in head.lower(), head
+    doc = json.loads(body)
+    assert doc["reason"] == "headers_too_large" and "server.max_header_bytes" in doc["error"]
+    assert http.get("/v2/health/live").status_code == 200  # the server serves on
+
+
+def test_the_head_limits_are_the_config_s(tmp_path: Path) -> None:
+    """``server.max_header_bytes`` and ``server.header_timeout_ms`` reach the HTTP protocol
+    (the defaults are built in too: a server that ignored the config would pass the test
+    above)."""
+    import socket
+
+    server = start_server(
+        ["+recipe=iris", "server.max_header_bytes=2048", "server.header_timeout_ms=300"],
+        tmp_path / "server.log",
+    )
+    try:
+        wait_ready(server)
+        host, port = server.host_port.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 4096)
+            received = s.recv(65536)
+        assert received.startswith(b"HTTP/1.1 431 "), received[:200]
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n")  # never ends its head
+            received = s.recv(65536)
+        assert received.startswith(b"HTTP/1.1 408 "), received[:200]
+    finally:
+        assert stop_server(server) == 0, server.log_text()

@@ -432,6 +432,7 @@ def test_non_finite_input_to_an_estimator_without_missing_values_is_invalid_inpu
         predict(model, x)
     assert str(info.value).startswith(f"input 'input': row 1 holds {what}, which this model")
     assert info.value.status_code == 400
+    assert not model.accepts_non_finite  # the server refuses it before queueing
 
 
 def test_nan_reaches_estimators_that_accept_missing_values(
@@ -454,6 +455,8 @@ def test_nan_reaches_estimators_that_accept_missing_values(
         rows = x[:3].copy()
         rows[0, 1] = np.nan
         np.testing.assert_array_equal(predict(model, rows)["label"], estimator.predict(rows))
+        # The server lets NaN through to it (else a 400 before queueing: protocol check).
+        assert model.accepts_non_finite
 
 
 def test_values_a_pipeline_turns_into_nan_are_invalid_input_without_warnings(

@@ -149,6 +149,8 @@ class SklearnModel(Model):
             ) from exc
         self._estimator = estimator
         self._accepts_missing = accepts_missing(estimator)
+        # NaN reaches an estimator that reads it as missing (the server refuses it otherwise).
+        self.accepts_non_finite = self._accepts_missing
         self.inputs = signature.inputs
         self.outputs = signature.outputs
 
