@@ -613,7 +613,6 @@ async def _serve_async(
     reject_before_body: Any = None,
 ) -> int:
     import math
-    import signal
 
     import uvicorn
 
@@ -652,6 +651,7 @@ async def _serve_async(
     # infercore owns the signals: uvicorn would re-raise them after exit, skipping our stop.
     server.capture_signals = _no_signal_capture  # type: ignore[method-assign]
     loop = asyncio.get_running_loop()
+    forced_stop = _ForcedStop(runtime, server)
     shutdown = GracefulShutdown(
         server,
         state,
@@ -659,14 +659,11 @@ async def _serve_async(
         is_ready=lambda: runtime.ready,
         # Admin writes answer 503 shutting_down from the signal on, not from runtime.stop().
         on_drain=runtime.begin_shutdown,
+        # A second signal: the batchers answer what they hold, and nothing more runs.
+        on_force=forced_stop.on_force,
     )
     shutdown.install(loop)
-    forced_stop = _ForcedStop(shutdown, runtime, server)
-    on_signal = forced_stop.on_signal
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        # In place of the handlers install() set: the same, and a second signal also stops
-        # every batcher at once (GracefulShutdown has no hook for the forced stop).
-        loop.add_signal_handler(signum, on_signal, signum)
+    on_signal = shutdown.on_signal
 
     where = f"unix:{cfg.uds}" if cfg.uds is not None else f"http://{cfg.host}:{cfg.port}"
     # The Unix socket file bound here (one worker): removed at exit only while it is ours.
@@ -789,8 +786,8 @@ CUT_SHORT_S = 1.0
 
 
 class _ForcedStop:
-    """What the stop signal that forces the stop (the second) does beyond
-    ``GracefulShutdown.on_signal``, which only stops uvicorn waiting for the requests in
+    """What the stop signal that forces the stop (the second) does beyond what
+    ``GracefulShutdown.on_signal`` does itself, which only stops uvicorn waiting for the requests in
     progress: without this, their work still ran (the batchers drained their queues through
     the models while the components stopped), and the process exited 1 when that outlasted
     :data:`FORCED_STOP_S`.
@@ -806,18 +803,15 @@ class _ForcedStop:
       ``shutting_down`` from the signal on.
     """
 
-    def __init__(self, shutdown: Any, runtime: Any, server: Any) -> None:
-        self.shutdown = shutdown
+    def __init__(self, runtime: Any, server: Any) -> None:
         self.runtime = runtime
         self.server = server
         self.answered_before = 0
 
-    def on_signal(self, signum: int) -> None:
-        forced = self.shutdown.forced
-        self.shutdown.on_signal(signum)
-        if self.shutdown.forced and not forced:
-            self.answered_before = _shutting_down_answers(self.runtime)
-            _stop_batchers_now(self.runtime)
+    def on_force(self) -> None:
+        """``GracefulShutdown.on_force``: once, at the signal that forces the stop."""
+        self.answered_before = _shutting_down_answers(self.runtime)
+        _stop_batchers_now(self.runtime)
 
     async def finish(self) -> None:
         """Cut short what uvicorn left running, and say how many requests were answered 503."""

@@ -571,6 +571,8 @@ class GracefulShutdown:
             ready has nobody to tell, so it skips the drain delay.
         on_drain: Called once, when the first signal starts the drain (the runtime refuses
             admin state changes from then on: ``Runtime.begin_shutdown``).
+        on_force: Called once, when a second signal forces the stop, after uvicorn was told to
+            stop waiting (the batchers answer what they hold and run nothing more).
     """
 
     def __init__(
@@ -581,12 +583,14 @@ class GracefulShutdown:
         drain_delay_s: float,
         is_ready: Callable[[], bool] = lambda: True,
         on_drain: Callable[[], None] | None = None,
+        on_force: Callable[[], None] | None = None,
     ) -> None:
         self.server = server
         self.state = state
         self.drain_delay_s = drain_delay_s
         self.is_ready = is_ready
         self.on_drain = on_drain
+        self.on_force = on_force
         self.closing_at: float | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._adopting: set[asyncio.Task[None]] = set()
@@ -663,6 +667,11 @@ class GracefulShutdown:
         state.phase = FORCED
         self.server.should_exit = True
         self.server.force_exit = True
+        if self.on_force is not None:
+            try:
+                self.on_force()
+            except Exception:  # a signal handler must not raise: the stop goes on
+                log.exception("the forced-stop callback failed")
 
     def close(self) -> None:
         """End DRAINING: close the listener and let in-flight work finish."""

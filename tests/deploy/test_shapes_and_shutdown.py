@@ -212,12 +212,23 @@ def test_signal_sequence_drain_close_force() -> None:
         seq.on_signal(signal.SIGINT)
         assert state.phase == FORCED and server.force_exit and seq.forced
 
-        # A second signal during the drain delay stops at once too.
+        # A second signal during the drain delay stops at once too; on_force runs once,
+        # at that signal (the batchers stop without draining), never at the first.
         server, state = FakeServer(), ShutdownState()
-        seq = GracefulShutdown(server, state, drain_delay_s=5, is_ready=lambda: True)
+        forced: list[bool] = []
+        seq = GracefulShutdown(
+            server,
+            state,
+            drain_delay_s=5,
+            is_ready=lambda: True,
+            on_force=lambda: forced.append(server.force_exit),
+        )
         seq.on_signal(signal.SIGTERM)
+        assert forced == []
         seq.on_signal(signal.SIGTERM)
         assert state.phase == FORCED and server.should_exit and server.force_exit
+        seq.on_signal(signal.SIGTERM)
+        assert forced == [True]
         await asyncio.sleep(0)
 
         # Never ready (models still loading): nobody to tell, no drain delay.
