@@ -69,6 +69,7 @@ from infercore.runtime.inputs import prepare_inputs
 from infercore.runtime.outputs import plan_outputs
 from infercore.runtime.repository import (
     COMPANIONS_OPTION,
+    REFUSED_LOADS,
     Repository,
     UnsafePath,
     check_template,
@@ -1158,6 +1159,12 @@ class Runtime:
                         _check_pin(name, version, node, pin)
                 except InfercoreError as exc:
                     if current is None:
+                        if isinstance(exc, REFUSED_LOADS):
+                            # Its folder exists but is refused (no pinned digest, out of the
+                            # model root): a failed load attempt, whoever asked (the admin
+                            # API, drift's register_candidate). A version without a folder
+                            # names nothing to count.
+                            self.metrics.model_load_failures.labels(name, version).inc()
                         raise
                     # A version serving now whose folder or pin is gone: a failed reload.
                     self.metrics.model_load_failures.labels(name, version).inc()

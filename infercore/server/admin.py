@@ -63,7 +63,6 @@ from infercore.lifecycle.manager import check_actor
 from infercore.protocol.tensors import UNREADABLE_JSON, malformed_json
 from infercore.runtime import Runtime
 from infercore.runtime.errors import quoted
-from infercore.runtime.repository import REFUSED_LOADS
 from infercore.server.errors import EXCEPTION_HANDLERS, http_exception_handler
 from infercore.server.unix_sockets import OWNER_ONLY_MODE, SocketFile, bind_unix
 
@@ -325,17 +324,6 @@ def create_admin_app(runtime: Runtime, token: str) -> BearerAuth:
             raise InvalidInput("parameters.version must be a string")
         return _version_name(version)
 
-    async def load(name: str, version: str, by: str, reason: Any) -> dict[str, Any]:
-        try:
-            return await lifecycle.load(name, version, by=by, reason=reason)
-        except REFUSED_LOADS:
-            # A version whose folder exists but that the repository refuses (no pinned digest,
-            # a folder out of the model root) is a failed load attempt: a 400, and counted as
-            # a reload refused for the same reason is (as a 422). A malformed request, or a
-            # version without a folder, names no version to count.
-            runtime.metrics.model_load_failures.labels(name, version).inc()
-            raise
-
     # --- the V2 repository extension ---------------------------------------------------
     @post("/v2/repository/index", status_code=200)
     async def repository_index(request: Request[Any, Any, Any]) -> Response[bytes]:
@@ -380,12 +368,12 @@ def create_admin_app(runtime: Runtime, token: str) -> BearerAuth:
         by = actor(params)
         reason = params.get("reason")
         if version is not None:
-            return _json(await load(name, version, by, reason))
+            return _json(await lifecycle.load(name, version, by=by, reason=reason))
         # The whole model: every recipe version that is not serving (a V2 client's load).
         loaded = []
         for v, sv in list(served.versions.items()):
             if not sv.ready:
-                loaded.append((await load(name, v, by, reason))["version"])
+                loaded.append((await lifecycle.load(name, v, by=by, reason=reason))["version"])
         return _json({"status": "loaded", "versions": loaded})
 
     @post("/v2/repository/models/{model_name:str}/unload", status_code=200)

@@ -20,7 +20,7 @@ from admin_support import AUTH, TOKEN, run
 
 from infercore.artifacts import sha256_file
 from infercore.config.rollout import AdminConfig
-from infercore.errors import ConfigError
+from infercore.errors import ConfigError, InvalidInput
 from infercore.server.admin import AdminListener, load_token
 from infercore.testing import metric_value, runtime_from_dict
 
@@ -894,6 +894,11 @@ def test_a_refused_repository_load_counts_as_a_load_failure(tmp_path: Path) -> N
         )
         assert "outside the model root" in doc["error"]
         assert await counted(i) == {"1": 0.0, "3": 0.0, "4": 1.0, "5": 1.0, "9": 0.0}
+        # Asked by another caller (drift's register_candidate loads through the lifecycle,
+        # not the admin API): the runtime counts it all the same.
+        with pytest.raises(InvalidInput, match="no digest pinned"):
+            await rt.lifecycle.load("iris", "4", by="drift:ks")
+        assert (await counted(i))["4"] == 2.0
 
         # A serving version whose pin is gone: the runtime refuses the reload (422) and counts
         # it; the admin API does not count it again.
@@ -903,7 +908,7 @@ def test_a_refused_repository_load_counts_as_a_load_failure(tmp_path: Path) -> N
         assert_refused(
             await a.post(load, json={"parameters": {"version": "3"}}), 422, "model_load_failed"
         )
-        assert await counted(i) == {"1": 0.0, "3": 1.0, "4": 1.0, "5": 1.0, "9": 0.0}
+        assert await counted(i) == {"1": 0.0, "3": 1.0, "4": 2.0, "5": 1.0, "9": 0.0}
 
     run(rt, scenario)
 
