@@ -124,6 +124,28 @@ def test_a_failure_inside_a_node_is_a_backend_error_with_ort_text_only_in_the_lo
     assert "Gather" in logged and "out of" in logged
 
 
+def test_repeated_run_failures_log_one_error_and_nothing_on_stderr(
+    root: Path, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A broken canary fails every request it gets: one ERROR per kind of failure and 10 s
+    (the rest at DEBUG), and ONNX Runtime's own line, which bypasses infercore's log format,
+    not at all."""
+    model = load(root)
+    model = OnnxModel(
+        msgspec.convert({"path": "fraud/2/model.onnx", "run_on": "loop"}, OnnxModel.Config),
+        model.context,
+    )
+    asyncio.run(model.start())
+    capfd.readouterr()
+    with caplog.at_level(logging.DEBUG, logger="infercore.onnx"):
+        for _ in range(5):
+            with pytest.raises(BackendError):
+                asyncio.run(model.predict({"X": rows(0.9)}))
+    failed = [r for r in caplog.records if "onnxruntime run failed" in r.getMessage()]
+    assert [r.levelno for r in failed] == [logging.ERROR] + [logging.DEBUG] * 4
+    assert "Gather" not in capfd.readouterr().err
+
+
 def test_a_shape_onnxruntime_would_refuse_is_invalid_input_in_infercores_words(
     root: Path,
 ) -> None:

@@ -18,6 +18,7 @@ import numpy as np
 from infercore.artifacts import resolve_artifact, verify_sha256_bytes
 from infercore.components import ComponentContext, Model, Tensors, TensorSpec
 from infercore.errors import BackendError, InvalidInput, ModelLoadError, ModelNotReady
+from infercore.server.logs import FailureLog
 from infercore_onnx.external_data import (
     ExternalFile,
     external_files,
@@ -198,6 +199,9 @@ class OnnxModel(Model):
         self._session: Any = None
         self._ort: Any = None
         self._output_names: list[str] = []
+        #: Run failures: one ERROR per kind of failure every 10 s (a broken canary fails
+        #: every request it gets), the rest at DEBUG, counted in the next ERROR.
+        self._failures = FailureLog(logger)
         self._bind_on_cuda = False
         self._loop_max_s = config.loop_max_ms / 1000
         self._estimate_s = 0.0  # running estimate of a call on the event loop
@@ -264,6 +268,9 @@ class OnnxModel(Model):
                 raise InvalidInput(f"missing input {spec.name!r}") from None
             feed[spec.name] = prepare_input(spec, array)
         run_options = ort.RunOptions()
+        # ONNX Runtime's own line for a failed run goes to stderr past infercore's log format
+        # (and every time): its message is in the exception, logged below.
+        run_options.log_severity_level = 4
         try:
             if self._bind_on_cuda:
                 results = await asyncio.to_thread(self._run_bound, session, ort, feed, run_options)
@@ -301,11 +308,14 @@ class OnnxModel(Model):
             # index out of range is INVALID_ARGUMENT too). That is the model's failure (500
             # backend_error, which the canary guard counts), and ONNX Runtime's text, which
             # names nodes and source files, stays in the log.
-            logger.error(
+            self._failures.log(
+                logging.ERROR,
+                (self.context.path, type(exc).__name__),
                 "%s: onnxruntime run failed: %s: %s",
                 self.context.path,
                 type(exc).__name__,
                 _one_line(str(exc)),
+                extra={},
             )
             raise BackendError(f"{self.context.path}: the model failed to run") from exc
         if len(results) != len(self._output_names) or not all(
