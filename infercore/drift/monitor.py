@@ -172,6 +172,8 @@ class DriftMonitor:
         self._latest: dict[str, dict[str, Any]] = {}
         self._errors: dict[str, int] = dict.fromkeys(self.detectors, 0)
         self._running: dict[str, asyncio.Task[None]] = {}
+        #: Actions of a running sequence that are done (the sequence holds them all busy).
+        self._done_in_sequence: set[str] = set()
         self._last_trigger: float | None = None
         #: ``_last_trigger`` on the wall clock (what survives a restart).
         self._last_trigger_at: float | None = None
@@ -829,6 +831,7 @@ class DriftMonitor:
                 seen = dataclasses.replace(event, actions=copy.deepcopy(done))
                 await self._run_action(name, action, seen, state, release=False)
                 done[name] = {k: v for k, v in state.items() if k != "started"}
+                self._done_in_sequence.add(name)
         except asyncio.CancelledError:
             for state in states.values():
                 if state.get("status") == "pending":
@@ -837,6 +840,7 @@ class DriftMonitor:
         finally:
             for name, _ in self.actions:
                 self._running.pop(name, None)
+            self._done_in_sequence.clear()
 
     async def _run_action(
         self,
@@ -954,7 +958,7 @@ class DriftMonitor:
             "detectors": list(self.detectors),
             "detector_errors": dict(self._errors),
             "actions": [name for name, _ in self.actions],
-            "running_actions": sorted(self._running),
+            "running_actions": sorted(set(self._running) - self._done_in_sequence),
             "cooldown_remaining_s": round(cooldown_left, 3),
             "events": len(self._history),
         }

@@ -543,6 +543,26 @@ def test_stop_cancels_actions_that_outlive_the_timeout(registry: Registry) -> No
     asyncio.run(main())
 
 
+def test_running_actions_leave_out_those_a_sequence_finished(registry: Registry) -> None:
+    async def main() -> None:
+        mon = build(
+            registry,
+            window_size=2,
+            detectors={"mean": {"kind": "mean-above"}},
+            actions=[{"kind": "record"}, {"kind": "gate"}],
+            action_order="sequential",
+        )
+        await mon.start()
+        mon.offer(rows([1.0, 1.0]))
+        # record is done, gate waits: the sequence holds both busy, only gate runs.
+        await until(lambda: mon.status()["running_actions"] == ["gate"])
+        assert mon.events()[0]["actions"]["record"]["status"] == "ok"
+        await mon.stop(timeout=0.05)
+        assert mon.status()["running_actions"] == []
+
+    asyncio.run(main())
+
+
 def test_history_is_bounded(registry: Registry) -> None:
     async def main() -> None:
         mon = build(
