@@ -40,6 +40,7 @@ opens and then fails every write), so the request's own line is the check.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 from dataclasses import asdict, dataclass
@@ -51,6 +52,7 @@ from infercore.lifecycle import state as rollout_state
 from infercore.lifecycle.audit import AuditLog, now_iso
 from infercore.lifecycle.control import LifecycleRollout
 from infercore.runtime.errors import Conflict
+from infercore.runtime.repository import REFUSED_LOADS
 from infercore.runtime.served import (
     CANARY,
     CANDIDATE,
@@ -657,23 +659,34 @@ class Lifecycle:
         self._check_restored()
         self.runtime.model(model)
         self._record_request("load_requested", model, version, by, why)
+
+        def failed(error: str) -> None:
+            # load_requested is on record: so is its outcome.
+            self._record(
+                {
+                    "event": "load_failed",
+                    "model": model,
+                    "version": version,
+                    "actor": by,
+                    "reason": why,
+                    "error": error,
+                },
+                strict=False,
+            )
+
         try:
             sv = await self.runtime.load(model, version)
+        except asyncio.CancelledError:
+            failed("cancelled: the server stopped while the version loaded")
+            raise
         except InfercoreError as exc:
             # Refusals that tried nothing (unknown, invalid, the server draining) are no
-            # failed load to record.
-            if exc.status_code != 404 and exc.reason not in ("invalid_input", "shutting_down"):
-                self._record(
-                    {
-                        "event": "load_failed",
-                        "model": model,
-                        "version": version,
-                        "actor": by,
-                        "reason": why,
-                        "error": exc.message,
-                    },
-                    strict=False,
-                )
+            # failed load to record; a folder the repository refuses (no pinned digest, out
+            # of the model root) is (infercore_model_load_failures_total counts it too).
+            if isinstance(exc, REFUSED_LOADS) or (
+                exc.status_code != 404 and exc.reason not in ("invalid_input", "shutting_down")
+            ):
+                failed(exc.message)
             raise
         self._record(
             {

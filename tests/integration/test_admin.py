@@ -899,6 +899,10 @@ def test_a_refused_repository_load_counts_as_a_load_failure(tmp_path: Path) -> N
         with pytest.raises(InvalidInput, match="no digest pinned"):
             await rt.lifecycle.load("iris", "4", by="drift:ks")
         assert (await counted(i))["4"] == 2.0
+        # Each load_requested on record has its outcome there too.
+        records = (await a.get("/admin/audit")).json()
+        outcomes = [(r["event"], r["version"]) for r in records if r["event"] != "load_requested"]
+        assert outcomes == [("load_failed", "4"), ("load_failed", "5"), ("load_failed", "4")]
 
         # A serving version whose pin is gone: the runtime refuses the reload (422) and counts
         # it; the admin API does not count it again.
