@@ -821,9 +821,9 @@ class _ForcedStop:
             task.cancel()
         if running:
             await asyncio.wait(running, timeout=CUT_SHORT_S)
-        # Cancelled requests are counted under reason "cancelled"; the rest were answered
-        # through the request path, counted "shutting_down".
-        answered = _shutting_down_answers(self.runtime) - self.answered_before + len(running)
+        # Every request cut short, by its batcher or by the cancel above, is counted
+        # "shutting_down" (the request path counts a cancellation during the stop so).
+        answered = _shutting_down_answers(self.runtime) - self.answered_before
         log.warning(
             "stopped at once: %d request(s) in progress answered 503 shutting_down; nothing "
             "more ran through the models",

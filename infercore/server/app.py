@@ -733,9 +733,16 @@ def create_app(
         except _ClientGone:
             counters_for(model_name, version, vm).count_failure("cancelled")
             return None
-        except asyncio.CancelledError:
-            # The client went away: counted, never answered (nobody is listening).
-            counters_for(model_name, version, vm).count_failure("cancelled")
+        except asyncio.CancelledError as exc:
+            counters = counters_for(model_name, version, vm)
+            if shutdown is not None and shutdown.closing and exc.args[:1] != (CLIENT_GONE,):
+                # Cut short by the stop (the forced one, or the graceful timeout):
+                # ShutdownMiddleware answers it 503 shutting_down, counted as such.
+                counters.count_response(503)
+                counters.count_failure("shutting_down")
+            else:
+                # The client went away: counted, never answered (nobody is listening).
+                counters.count_failure("cancelled")
             raise
         except HTTPException:
             raise  # the framework's own (e.g. a client that disconnected mid-body)
