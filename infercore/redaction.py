@@ -422,6 +422,16 @@ def redact(value: Any, key: str = "", *, references: bool = False) -> Any:
     return value
 
 
+def shown(value: Any, key: str) -> Any:
+    """``value`` as an error about a key the schema does not know may show it: redacted as
+    :func:`redact` does, and a bare string that looks like a random token (a misspelt
+    ``tokn: 8f3kQ9…``, whose name cannot say it is a secret) masked too."""
+    value = redact(value, key)
+    if isinstance(value, str) and _looks_random(value, _TOKEN_VALUE):
+        return "***"
+    return value
+
+
 def _leaves(data: Any, path: str = "") -> Iterator[tuple[str, Any]]:
     """Every leaf of nested dicts and lists with its config path (``a.b[0].c``)."""
     if isinstance(data, dict):

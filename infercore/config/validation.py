@@ -9,6 +9,7 @@ from typing import Any, Literal, TypeVar
 import msgspec
 
 from infercore.errors import ConfigError
+from infercore.redaction import shown as _shown
 
 T = TypeVar("T")
 
@@ -160,7 +161,7 @@ def describe(
         name = unknown.group("field")
         full = join_path(path, [*segs, name])
         _, parent = _lookup(data, segs)
-        value = parent.get(name) if isinstance(parent, Mapping) else None
+        value = _shown(parent.get(name), name) if isinstance(parent, Mapping) else None
         allowed = allowed_fields(target, segs)
         choices = f"; valid keys here: {', '.join(allowed)}" if allowed else ""
         return ConfigError(

@@ -555,3 +555,32 @@ def test_a_webhook_config_error_does_not_show_its_url(url: str, message: str) ->
     with pytest.raises(ConfigError, match=re.escape(message)) as err:
         Registry(pm).build("action", node, ComponentContext("drift.actions[0]", Path(".")))
     assert SECRET not in str(err.value) and SECRET not in (err.value.hint or "")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "visible"),
+    [
+        ("tokn", "ghp_" + "a1B2" * 9, False),  # a prefixed token under a misspelt name
+        ("apikye", "8f3kQ9zX2mVb7LpA4wRt", False),  # random-looking: masked whatever its name
+        ("pasword", "redis://:hunter2@redis:6379/0", False),
+        ("featurs", 3, True),
+        ("prot", "http", True),
+        ("kidn", "distilbert-base-uncased-finetuned-sst-2-english", True),
+    ],
+)
+def test_an_unknown_key_s_value_is_shown_only_when_it_is_no_secret(
+    key: str, value: object, visible: bool
+) -> None:
+    import msgspec
+
+    from infercore.config.validation import convert
+
+    class Node(msgspec.Struct, forbid_unknown_fields=True):
+        kind: str = "x"
+
+    with pytest.raises(ConfigError) as info:
+        convert({key: value}, Node, path="models.m.versions.1.loader")
+    text = str(info.value)
+    assert f"models.m.versions.1.loader.{key}: unknown key" in text
+    secret = value if not isinstance(value, str) or "://" not in value else "hunter2"
+    assert (str(secret) in text) == visible, text
