@@ -99,7 +99,9 @@ class StateFile:
     """
 
     def __init__(self, path: str | os.PathLike[str], *, audit_log: str | None = None) -> None:
-        self.path = Path(path)
+        # The file a symlink points at: the lock is that file's, and the atomic rename
+        # replaces it, not the link (two paths to one file are one state file).
+        self.path = Path(os.path.realpath(path))
         self.lock_path = self.path.with_name(self.path.name + ".lock")
         self.unapplied_path = self.path.with_name(self.path.name + ".unapplied")
         #: Set when a restore failed: the first save moves the unapplied file aside first.
@@ -229,7 +231,7 @@ def check_path(
     """
     path = Path(path)
     hint = "point admin.state_file at a writable file in an existing folder, or unset it"
-    if audit_log is not None and os.path.abspath(audit_log) == os.path.abspath(path):
+    if audit_log is not None and os.path.realpath(audit_log) == os.path.realpath(path):
         raise ConfigError(
             "admin.state_file: it is admin.audit_log too",
             hint="give the state its own file, e.g. rollout-state.json beside the audit log",

@@ -628,11 +628,21 @@ class AdminListener:
         """
         import uvicorn
 
+        from infercore.server.shutdown import http_protocol
+
         cfg = self.config
+        heads = self.runtime.config.server
         config = uvicorn.Config(
             self.app,
             host=cfg.host,
             port=cfg.port,
+            # The inference listener's bounds on request heads (431/414/408): the token is
+            # read from the head, so an unbounded one was read whole before the 401.
+            http=http_protocol(
+                0.0,
+                max_header_bytes=heads.max_header_bytes,
+                header_timeout_s=heads.header_timeout_ms / 1000,
+            ),
             lifespan="off",
             log_config=None,
             access_log=False,

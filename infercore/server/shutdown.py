@@ -43,7 +43,11 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from infercore.server.logs import FailureLog
+
 log = logging.getLogger("infercore.server")
+#: Requests cut off at the graceful timeout: one WARNING per 10 s, the rest at DEBUG.
+_cut_off_log = FailureLog(log)
 
 SERVING, DRAINING, CLOSING, FORCED = "serving", "draining", "closing", "forced"
 
@@ -155,7 +159,16 @@ class ShutdownMiddleware:
             # than let the client see a reset (or a bare 500).
             if started or not state.closing:
                 raise
-            log.warning("request cut off by the shutdown timeout: %s", scope.get("path", ""))
+            if state.phase == FORCED:
+                # A second signal: the CLI's one line says how many were cut short.
+                log.debug("request cut short by the forced stop: %s", scope.get("path", ""))
+            else:
+                _cut_off_log.warning(
+                    ("shutdown", "timeout"),
+                    "request cut off by the shutdown timeout: %s",
+                    scope.get("path", ""),
+                    extra={},
+                )
             await send(
                 {
                     "type": "http.response.start",

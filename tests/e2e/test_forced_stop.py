@@ -178,4 +178,6 @@ def test_a_second_sigterm_answers_queued_and_running_requests_at_once_and_exits_
     # it (a response on its way may be read just after: not a model call that came later).
     assert all(done < t_second + CALL_S for done, *_ in served), (t_second, served)
     assert "components did not stop" not in log, log
+    # One line for them all: no timeout passed, and none is named as one.
+    assert "cut off by the shutdown timeout" not in log, log
     assert "Traceback" not in log and "Exception in" not in log, log

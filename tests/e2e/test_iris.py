@@ -555,26 +555,37 @@ def test_a_request_head_over_the_limit_is_refused_before_it_is_read_whole(
     assert http.get("/v2/health/live").status_code == 200  # the server serves on
 
 
-def test_the_head_limits_are_the_config_s(tmp_path: Path) -> None:
-    """``server.max_header_bytes`` and ``server.header_timeout_ms`` reach the HTTP protocol
-    (the defaults are built in too: a server that ignored the config would pass the test
-    above)."""
+def test_the_head_limits_are_the_config_s(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``server.max_header_bytes`` and ``server.header_timeout_ms`` reach the HTTP protocol of
+    both listeners (the defaults are built in too: a server that ignored the config would
+    pass the test above; the admin listener reads its token from the head)."""
     import socket
 
+    from e2e_support import free_port
+
+    monkeypatch.setenv("INFERCORE_ADMIN_TOKEN", "t" * 32)
+    admin_port = free_port()
     server = start_server(
-        ["+recipe=iris", "server.max_header_bytes=2048", "server.header_timeout_ms=300"],
+        [
+            "+recipe=iris",
+            "server.max_header_bytes=2048",
+            "server.header_timeout_ms=300",
+            "admin.enabled=true",
+            f"admin.port={admin_port}",
+        ],
         tmp_path / "server.log",
     )
     try:
         wait_ready(server)
         host, port = server.host_port.rsplit(":", 1)
-        with socket.create_connection((host, int(port)), timeout=10) as s:
-            s.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 4096)
-            received = s.recv(65536)
-        assert received.startswith(b"HTTP/1.1 431 "), received[:200]
-        with socket.create_connection((host, int(port)), timeout=10) as s:
-            s.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n")  # never ends its head
-            received = s.recv(65536)
-        assert received.startswith(b"HTTP/1.1 408 "), received[:200]
+        for listener in (int(port), admin_port):
+            with socket.create_connection((host, listener), timeout=10) as s:
+                s.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 4096)
+                received = s.recv(65536)
+            assert received.startswith(b"HTTP/1.1 431 "), (listener, received[:200])
+            with socket.create_connection((host, listener), timeout=10) as s:
+                s.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n")  # never ends
+                received = s.recv(65536)
+            assert received.startswith(b"HTTP/1.1 408 "), (listener, received[:200])
     finally:
         assert stop_server(server) == 0, server.log_text()

@@ -191,6 +191,23 @@ def test_two_servers_cannot_share_a_state_file(tmp_path: Path) -> None:
     StateFile(path).close()  # free again once the first one stopped
 
 
+def test_a_symlink_to_the_state_file_is_that_file(tmp_path: Path) -> None:
+    """A link (onto a mounted volume, say) shares the file's lock, and a save writes the file
+    it points at rather than replacing the link."""
+    path = tmp_path / "volume" / "rollout.json"
+    path.parent.mkdir()
+    link = tmp_path / "alias.json"
+    link.symlink_to(path)
+    first = StateFile(path)
+    with pytest.raises(ConfigError, match="in use by another server"):
+        StateFile(link)
+    first.close()
+    store = StateFile(link)
+    store.write(b'{"one": 1}\n')
+    assert link.is_symlink() and path.read_bytes() == b'{"one": 1}\n'
+    store.close()
+
+
 @pytest.mark.parametrize(
     ("where", "expected"),
     [
