@@ -372,18 +372,9 @@ def http_protocol(
                 cycle.keep_alive = False
                 return
             body = json.dumps({"error": f"{message} (hint: {hint})", "reason": reason}).encode()
-            head = [STATUS_LINE[status]]
-            for name, value in self.server_state.default_headers:
-                head += (name, b": ", value, b"\r\n")
-            head += (
-                b"content-type: application/json\r\n",
-                b"content-length: %d\r\n" % len(body),
-                b"connection: close\r\n\r\n",
-                body,
-            )
             self.server_state.total_requests += 1
             transport = self.one_send.transport
-            transport.write(b"".join(head))
+            transport.write(self._closing_answer(status, body))
             try:
                 transport.write_eof()
             except (NotImplementedError, RuntimeError, OSError):
@@ -397,7 +388,12 @@ def http_protocol(
             body = json.dumps(
                 {"error": f"malformed HTTP request: {msg}", "reason": "invalid_input"}
             ).encode()
-            head = [STATUS_LINE[400]]
+            self.transport.write(self._closing_answer(400, body))
+            self.transport.close()
+
+        def _closing_answer(self, status: int, body: bytes) -> bytes:
+            """A JSON answer, whole, that closes its connection."""
+            head = [STATUS_LINE[status]]
             for name, value in self.server_state.default_headers:
                 head += (name, b": ", value, b"\r\n")
             head += (
@@ -406,8 +402,7 @@ def http_protocol(
                 b"connection: close\r\n\r\n",
                 body,
             )
-            self.transport.write(b"".join(head))
-            self.transport.close()
+            return b"".join(head)
 
         def on_headers_complete(self) -> None:
             self.head_bytes = -1  # a body, if any, follows
