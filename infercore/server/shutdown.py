@@ -292,6 +292,9 @@ def http_protocol(
         head_bytes = 0
         #: Answers 408 when a request head is not complete in time.
         head_timer: asyncio.TimerHandle | None = None
+        #: The current head began in the read that ended the request before it (pipelined):
+        #: the reads did not count it, so its size is taken from what the parser gave.
+        uncounted = False
 
         def data_received(self, data: bytes) -> None:
             if self.discarding:
@@ -300,6 +303,8 @@ def http_protocol(
             if used < 0:
                 feed(self, data)
                 return
+            if used == 0:
+                self.uncounted = False  # this read starts the head: counted read by read
             if used + len(data) > max_header_bytes:
                 self._head_overflow(data)
                 return
@@ -404,6 +409,13 @@ def http_protocol(
             )
             return b"".join(head)
 
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            if self.head_bytes == 0:
+                # Begun in the read that ended the request before it: a head is on its way
+                # (its 408, not a silent close, if it stops), though no read counted it yet.
+                self.head_bytes = 1
+
         def on_headers_complete(self) -> None:
             self.head_bytes = -1  # a body, if any, follows
             timer = self.head_timer
@@ -411,6 +423,11 @@ def http_protocol(
                 timer.cancel()
                 self.head_timer = None
             if self.discarding:
+                return
+            if self.uncounted and (
+                len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers) > max_header_bytes
+            ):
+                self._refuse_head_too_large()
                 return
             if reject_before_body is not None and self._may_answer_early():
                 try:
@@ -459,6 +476,7 @@ def http_protocol(
 
         def on_message_complete(self) -> None:
             self.head_bytes = 0  # what comes next is the next request's head
+            self.uncounted = True  # unless the next read starts it
             if self.discarding:
                 return
             answer = self.early

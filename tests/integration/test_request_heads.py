@@ -312,6 +312,33 @@ def test_a_head_is_not_answered_408_in_the_middle_of_the_response_before_it() ->
     run(scenario)
 
 
+def test_a_pipelined_head_is_held_to_the_limit_and_the_clock() -> None:
+    """A head that arrives in the read that ended the request before it (pipelined) is
+    counted too: one over the limit is never served, and one left unfinished is answered 408,
+    not closed without a word."""
+
+    def pipelined(port: int, rest: bytes) -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(LIVE + rest)
+            return read_all(s)
+
+    async def scenario() -> None:
+        async with listening() as port:
+            big = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (CAP + 100)
+            received = await asyncio.to_thread(pipelined, port, big + b"\r\n\r\n")
+            # The first is answered; the second never is (it is refused, and its answer
+            # cannot go in the middle of the first's: the connection closes after it).
+            assert received.count(b"HTTP/1.1 200 OK") == 1, received[:300]
+            partial = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n"  # and nothing more
+            received = await asyncio.to_thread(pipelined, port, partial)
+            first, _, second = received.partition(b'{"live":true}')
+            assert first.startswith(b"HTTP/1.1 200 OK"), received[:300]
+            assert answer(second)[0] == 408, received[:300]
+            await serves_on(port)
+
+    run(scenario)
+
+
 @pytest.mark.parametrize("limit", [1023, 16 * 1024 * 1024 + 1])
 def test_the_header_limit_is_checked_in_the_config(limit: int) -> None:
     from infercore.errors import ConfigError
