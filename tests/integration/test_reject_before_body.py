@@ -13,13 +13,13 @@ is never grouped).
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
 import pytest
+from uvicorn_support import on_loopback
 
 from infercore.builtins.batchers import NoBatcher
 from infercore.components import Batcher, Router, RouteRequest, RoutingTable
@@ -62,33 +62,11 @@ def full_config(**server: Any) -> dict[str, Any]:
 @asynccontextmanager
 async def listening(runtime: Any) -> AsyncIterator[httpx.AsyncClient]:
     """The app behind uvicorn with infercore's protocol on a loopback port, as ``serve`` runs it."""
-    import uvicorn
-
-    app = create_app(runtime, manage_runtime=False)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        app,
-        http=http_protocol(0.1, app.reject_before_body),  # type: ignore[attr-defined]
-        lifespan="off",
-        log_config=None,
-        access_log=False,
-    )
-    server = uvicorn.Server(config)
-    await runtime.start()
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        async with asyncio.timeout(10):
-            while not server.started:
-                await asyncio.sleep(0.01)
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
-            yield client
-    finally:
-        server.should_exit = True
-        await task
-        sock.close()
-        await runtime.stop()
+    async with (
+        on_loopback(runtime, lambda app: http_protocol(0.1, app.reject_before_body)) as port,
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client,
+    ):
+        yield client
 
 
 async def hold_the_queue(runtime: Any, client: httpx.AsyncClient) -> asyncio.Task[httpx.Response]:

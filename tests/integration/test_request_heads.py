@@ -21,8 +21,8 @@ from typing import Any
 
 import httpx
 import pytest
+from uvicorn_support import on_loopback
 
-from infercore.server import create_app
 from infercore.server.shutdown import http_protocol
 from infercore.testing import fake_model_config, runtime_from_dict
 
@@ -69,34 +69,10 @@ async def listening(
     **limits: Any,
 ) -> AsyncIterator[int]:
     """A server on a loopback port with the given head limits; yields the port."""
-    import uvicorn
-
     runtime = runtime_from_dict(config or fake_model_config())
-    app = create_app(runtime, manage_runtime=False)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
     options = {"max_header_bytes": CAP, "header_timeout_s": TIMEOUT_S, **limits}
-    config = uvicorn.Config(
-        app,
-        http=wrap(http_protocol(0.1, None, **options)),
-        lifespan="off",
-        log_config=None,
-        access_log=False,
-    )
-    server = uvicorn.Server(config)
-    await runtime.start()
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        async with asyncio.timeout(10):
-            while not server.started:
-                await asyncio.sleep(0.01)
+    async with on_loopback(runtime, lambda app: wrap(http_protocol(0.1, None, **options))) as port:
         yield port
-    finally:
-        server.should_exit = True
-        await task
-        sock.close()
-        await runtime.stop()
 
 
 def exchange(port: int, data: bytes, *, wait_s: float = 5.0) -> bytes:
