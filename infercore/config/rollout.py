@@ -122,3 +122,10 @@ class AdminConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_on
     audit_log: str | None = None
     state_file: str | None = None
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 64 * 1024
+
+    def __post_init__(self) -> None:
+        # `admin.audit_log=` / `admin.state_file=` on the command line give '': unset, for
+        # every reader (cli, workers, lifecycle), not the working folder.
+        for key in ("audit_log", "state_file"):
+            if getattr(self, key) == "":
+                msgspec.structs.force_setattr(self, key, None)

@@ -95,7 +95,8 @@ class AuditLog:
     """Appends records to ``path`` (JSON lines) and keeps the latest ``keep`` in memory.
 
     Args:
-        path: The file; ``None`` keeps records in memory (and the log) only.
+        path: The file; ``None`` or empty (``admin.audit_log=`` on the command line) keeps
+            records in memory (and the log) only.
         keep: Records kept in memory.
 
     Raises:
@@ -104,7 +105,7 @@ class AuditLog:
     """
 
     def __init__(self, path: str | os.PathLike[str] | None, *, keep: int = 1000) -> None:
-        self.path = Path(path) if path is not None else None
+        self.path = Path(path) if path is not None and os.fspath(path) else None
         self._recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=keep)
         self._lock = threading.Lock()
         #: This server run's id, in every record it appends.

@@ -23,13 +23,24 @@ An approval is for a step from the state its request saw. Applying a stage move 
 a rollback or an unload supersedes the affected versions' other pending approvals (their status
 becomes ``superseded``; approving one is a 409 that says why): ask again from the new state.
 
+Every step's meaning depends on the model's primary (a canary's share is taken from it, a
+promotion to primary replaces it, a shadow is compared with it): an approval records the
+primary it was asked under and the version's stage then (``primary``, ``from_stage``). A change
+of primary (a promotion to primary, a rollback) supersedes every pending approval of the
+model, at once, audited with the change: the list shows it, the pending gauge drops, and the
+approver is not left to find out by approving. Approving checks both again all the same (a
+restored state, or a change made around the lifecycle): one that no longer holds supersedes
+the approval there, audited, and answers 409 naming what changed.
+
 A canary guard trip (the runtime drops a failing canary to weight 0) supersedes the
 version's pending approvals too, audited with the guard's reason: an approval asked for before
 the trip must not carry a broken version to primary. The version's description says when the
 guard dropped it, until it is moved or given a weight again.
 
 With ``admin.state_file`` the rollout is saved after every change and restored at start-up
-(:mod:`infercore.lifecycle.state`); until it is restored, changes are refused (503).
+(:mod:`infercore.lifecycle.state`); until it is restored, changes are refused (503). The
+snapshot is taken on the event loop; the write happens on the state file's own thread
+(:class:`~infercore.lifecycle.state.StateWriter`), and :meth:`Lifecycle.close` waits for it.
 
 A decision that could not be recorded is not made: 503 ``audit_unavailable``, nothing
 changed. Decisions are recorded before they are carried out; a load or an unload, whose outcome
@@ -130,6 +141,10 @@ class Approval:
     decided_by: str | None = None
     decided_at: str | None = None
     decision_reason: str | None = None
+    #: The model's primary and the version's stage when it was asked for: the step means
+    #: what it means only while both hold (``None`` only until a restore fills them in).
+    primary: str | None = None
+    from_stage: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -152,9 +167,12 @@ class Lifecycle:
         self.guard_trips: dict[tuple[str, str], dict[str, Any]] = {}
         #: ``admin.state_file`` (locked while this server runs); ``None``: in memory only.
         self.state: rollout_state.StateFile | None = None
+        #: Writes it off the event loop (with ``state``).
+        self.writer: rollout_state.StateWriter | None = None
         #: Changes are refused until the saved rollout is restored (:meth:`restore_state`).
         self._restoring = False
-        if admin.state_file is not None and runtime.config.server.workers != 1:
+        # An empty path (`admin.state_file=` on the command line) is no path: unset.
+        if admin.state_file and runtime.config.server.workers != 1:
             raise ConfigError(
                 f"admin.state_file: server.workers is {runtime.config.server.workers}; each "
                 "worker would keep (and save) its own rollout",
@@ -167,9 +185,12 @@ class Lifecycle:
                 served.drift.bind_rollout(LifecycleRollout(self, name))
                 served.drift.action_listeners.append(self._on_drift_actions)
         runtime.listeners.append(self._on_event)
-        if admin.state_file is not None:
+        if admin.state_file:
             # Last: the lock is held from here on (released by close()).
             self.state = rollout_state.StateFile(admin.state_file, audit_log=admin.audit_log)
+            self.writer = rollout_state.StateWriter(
+                self.state, runtime.metrics.rollout_state_save_failures.inc
+            )
             self._restoring = True
 
     # -- the saved rollout ----------------------------------------------------------------
@@ -183,24 +204,33 @@ class Lifecycle:
         finally:
             self._restoring = False
 
-    def close(self) -> None:
-        """Release the state file (the server stops)."""
-        if self.state is not None:
-            self.state.close()
+    def close(self, timeout: float = rollout_state.FLUSH_TIMEOUT_S) -> None:
+        """Write the last change to the state file, then release it (the server stops).
+
+        Waits up to ``timeout`` seconds for the write (it blocks: the server is stopping).
+        """
+        if self.writer is not None and not self.writer.close(timeout):
+            log.error(
+                "admin.state_file: the last rollout change was still being written after "
+                "%gs at shutdown; the file holds it or the change before (it is replaced "
+                "whole), and its lock is released when the write ends",
+                timeout,
+            )
+
+    async def flush(self, timeout: float | None = None) -> bool:
+        """Wait (without blocking the event loop) until every change is written to the
+        state file (or its write failed); False on timeout."""
+        writer = self.writer
+        if writer is None:
+            return True
+        return await asyncio.to_thread(writer.wait_idle, timeout)
 
     def _save(self) -> None:
-        """Write the rollout now to ``admin.state_file`` (after every change)."""
-        if self.state is None or self._restoring:
+        """Save the rollout to ``admin.state_file`` (after every change): the snapshot now,
+        on the event loop; the write soon, on the writer's thread."""
+        if self.writer is None or self._restoring:
             return
-        try:
-            self.state.write(rollout_state.snapshot(self))
-        except OSError as exc:
-            self.runtime.metrics.rollout_state_save_failures.inc()
-            log.error(
-                "admin.state_file: the rollout could not be saved (%s); the change is made, "
-                "and a restart now would not restore it",
-                exc.strerror or exc,
-            )
+        self.writer.submit(rollout_state.snapshot_doc(self))
 
     def _check_restored(self) -> None:
         if self._restoring:
@@ -263,14 +293,15 @@ class Lifecycle:
         )
 
     def _pending_for(
-        self, model: str, versions: set[str], *, keep: Approval | None = None
+        self, model: str, versions: set[str] | None, *, keep: Approval | None = None
     ) -> list[Approval]:
-        """The pending approvals of ``versions`` of ``model`` (but ``keep``)."""
+        """The pending approvals of ``versions`` of ``model`` (``None``: of all its versions),
+        but ``keep``."""
         return [
             a
             for a in self.approvals.values()
             if a.model == model
-            and a.version in versions
+            and (versions is None or a.version in versions)
             and a.status == "pending"
             and a is not keep
         ]
@@ -436,6 +467,7 @@ class Lifecycle:
         current = self._check_move(model, version, to, weight)
         gates = self.gates(model, current, to)
         if gates:
+            primary = self.runtime.model(model).primary
             for a in self.approvals.values():
                 if (a.model, a.version, a.to, a.status) == (model, version, to, "pending"):
                     raise Conflict(
@@ -452,6 +484,8 @@ class Lifecycle:
                 requested_at=now_iso(),
                 reason=why,
                 gates=gates,
+                primary=primary,
+                from_stage=current,
             )
             self._record(
                 {
@@ -462,6 +496,7 @@ class Lifecycle:
                     "from": current,
                     "to": to,
                     "weight": weight,
+                    "primary": primary,
                     "actor": by,
                     "reason": why,
                     "gates": gates,
@@ -504,14 +539,18 @@ class Lifecycle:
         if approval is not None:
             record["approval"] = approval.id
             record["requested_by"] = approval.requested_by
-        stale = self._pending_for(model, {version}, keep=approval)
+        # A new primary changes what every pending step of the model means: all of them go.
+        stale = self._pending_for(model, None if to == PRIMARY else {version}, keep=approval)
         if stale:
             record["superseded"] = [a.id for a in stale]
         self._record(record)
         self.runtime.set_stage(model, version, to, weight)
         self.guard_trips.pop((model, version), None)
         via = f" (approval {approval.id})" if approval is not None else ""
-        self._supersede(stale, by=by, why=f"version {version!r} moved {current} -> {to}{via}")
+        why = f"version {version!r} moved {current} -> {to}{via}"
+        if to == PRIMARY:
+            why = f"the primary of model {model!r} changed from {previous!r} to {version!r}: {why}"
+        self._supersede(stale, by=by, why=why)
 
     async def approve(
         self, approval_id: str, *, by: str, reason: str | None = None
@@ -521,6 +560,7 @@ class Lifecycle:
         self._check_restored()
         a = self._pending(approval_id)
         served = self.runtime.model(a.model)
+        self._check_context(a, by)
         if served.config.rollout.distinct_approver and by == a.requested_by:
             raise Conflict(
                 f"approval {a.id} was requested by {by!r}; another person must approve it"
@@ -530,6 +570,50 @@ class Lifecycle:
         self._apply(a.model, a.version, current, a.to, a.weight, by=by, reason=why, approval=a)
         self._save()
         return {"status": "applied", "approval": a.to_dict(), "model": self.describe(a.model)[0]}
+
+    def _check_context(self, a: Approval, by: str) -> None:
+        """The primary and the version's stage the step was asked under hold still; else the
+        approval is superseded (audited, saved) and approving it is a 409 saying what changed.
+
+        A change of primary through this lifecycle supersedes at once (:meth:`_apply`,
+        :meth:`rollback`): this catches what came another way (a restored state)."""
+        served = self.runtime.model(a.model)
+        sv = served.versions.get(a.version)
+        stage = sv.stage if sv is not None else None
+        if a.primary is not None and served.primary != a.primary:
+            changed = (
+                f"the primary of model {a.model!r} is {served.primary!r} now; it was "
+                f"{a.primary!r} when the step was asked for"
+            )
+        elif a.from_stage is not None and stage != a.from_stage:
+            changed = (
+                f"version {a.version!r} is {stage or 'gone'} now; it was {a.from_stage} "
+                "when the step was asked for"
+            )
+        else:
+            return
+        self._record(
+            {
+                "event": "superseded",
+                "approval": a.id,
+                "model": a.model,
+                "version": a.version,
+                "to": a.to,
+                "actor": "server",
+                "reason": changed,
+                "attempted_by": by,
+                "requested_by": a.requested_by,
+            }
+        )
+        self._supersede([a], by="server", why=f"{changed} (found when {by} approved it)")
+        self._save()
+        raise Conflict(
+            f"approval {a.id} (model {a.model!r} version {a.version!r} -> {a.to}) is "
+            f"superseded: {changed}; approving it would carry out a step nobody saw in this "
+            "state",
+            hint=f"ask again from the state now: infercore models promote {a.model} "
+            f"{a.version} --to {a.to}",
+        )
 
     async def reject(
         self, approval_id: str, *, by: str, reason: str | None = None
@@ -630,11 +714,10 @@ class Lifecycle:
             await self.load(model, target, by=by, reason=f"rollback: {why}".strip(": "))
         current = served.primary
         runtime.rollback(model, dry_run=True)
-        # The versions it takes traffic from: the primary it replaces, and the live canaries.
+        # The versions it takes traffic from: the live canaries, and with a new primary every
+        # version (each pending step of the model was asked for under the old primary).
         touched = {v for v, sv in served.versions.items() if sv.stage == CANARY and sv.weight > 0}
-        if target is not None:
-            touched.add(current)
-        stale = self._pending_for(model, touched)
+        stale = self._pending_for(model, None if target is not None else touched)
         record: dict[str, Any] = {
             "event": "rolled_back",
             "model": model,
@@ -647,7 +730,8 @@ class Lifecycle:
             record["superseded"] = [a.id for a in stale]
         self._record(record)
         runtime.rollback(model)
-        self._supersede(stale, by=by, why=f"model {model!r} was rolled back by {by}")
+        moved = f": the primary changed from {current!r} to {target!r}" if target else ""
+        self._supersede(stale, by=by, why=f"model {model!r} was rolled back by {by}{moved}")
         self._save()
         return {"status": "applied", "model": self.describe(model)[0]}
 

@@ -15,11 +15,15 @@ What a snapshot holds (JSON, ``format`` 1), per model:
   whether it is loaded, and the canary guard's last trip of it.
 - each version loaded at run time from the model's repository folder, with the pins its load
   used (``path``, ``sha256``, and the digests of its companion files): it is loaded again with
-  the same checks as an admin load, and only if the manifest still pins the same digests.
+  the same checks as an admin load, and only if the manifest still pins the same digests. One
+  unloaded since is restored unloaded (not loaded, known: listed, in the rollback history,
+  loaded again by name as before the restart, with what the manifest pins then); if its
+  folder or its pin is gone from the repository it is forgotten, with a WARNING.
 - ``drift_last_action_at``: when the drift monitor's actions last started (the cooldown).
 
-and the pending approvals (ids, who asked, when, the step). Decided approvals are history:
-the audit log keeps them.
+and the pending approvals (ids, who asked, when, the step, and the primary and the version's
+stage it was asked from: a file saved before these were recorded restores them from the state
+it holds). Decided approvals are history: the audit log keeps them.
 
 Restoring is all or nothing: the file is read and checked, the run-time versions are loaded,
 and only when every part can be applied are the stages, weights and approvals set (in one step,
@@ -33,17 +37,26 @@ The file is written atomically: a temporary file in the same folder, written, fl
 renamed over the old one (a crash before the rename leaves the old file whole), mode 0640.
 A lock (``<file>.lock``, ``flock``) is held while the server runs: two servers never share one
 state.
+
+Writes happen off the event loop (:class:`StateWriter`): the snapshot is taken on the loop,
+where the rollout lives, and one thread of its own encodes it, writes, fsyncs and renames. One
+writer keeps the writes in order, and a snapshot handed over while another is being written
+replaces any still waiting, so a burst of changes costs one more write, of the newest. The
+server waits for the last write when it stops (:data:`FLUSH_TIMEOUT_S` at most).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import fcntl
 import logging
 import math
 import os
 import socket
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -57,6 +70,7 @@ from infercore.runtime.served import CANARY, PRIMARY, SHADOW, STAGES, UNLOADED
 
 if TYPE_CHECKING:
     from infercore.lifecycle.manager import Lifecycle
+    from infercore.runtime.served import ServedVersion
 
 log = logging.getLogger("infercore.lifecycle")
 
@@ -81,6 +95,8 @@ CHANGES = frozenset(
 _HISTORY = 16
 _PIN_KEYS = ("path", "sha256", COMPANIONS_OPTION)
 _FIX = "delete the state file to start from the recipe's rollout"
+#: How long a stopping server waits for the state file's last write.
+FLUSH_TIMEOUT_S = 5.0
 
 
 # --- the file --------------------------------------------------------------------------------
@@ -218,17 +234,144 @@ def _holder(fd: int) -> str:
     return f" (pid {info.get('pid')} on {info.get('host', '?')}, since {info.get('since', '?')})"
 
 
+class StateWriter:
+    """Writes the state file on a thread of its own: in order, the newest snapshot, coalesced.
+
+    :meth:`submit` (on the event loop) hands over a snapshot and returns at once. The thread
+    (started on the first one) encodes it and replaces the file; a snapshot submitted while
+    another is being written waits, and replaces any that waited before it: after a burst of
+    changes the file is written once more, with the newest.
+
+    A write that fails counts the changes it carried in ``failures`` (a metric's ``inc``) and
+    logs one ERROR; the writes after it that fail too only count, until one succeeds (an INFO
+    says so).
+
+    Args:
+        store: The state file (its lock is released by :meth:`close`).
+        failures: Called with the number of changes a failed write carried.
+    """
+
+    def __init__(self, store: StateFile, failures: Callable[[int], None]) -> None:
+        self._store = store
+        self._failures = failures
+        self._cond = threading.Condition()
+        self._waiting: dict[str, Any] | None = None
+        #: Changes submitted since the last write began (what the next one carries).
+        self._changes = 0
+        self._busy = False
+        self._closing = False
+        #: The thread ended; ``_release``: it releases the lock when it ends (a late close).
+        self._done = False
+        self._release = False
+        self._failing = 0
+        self._thread: threading.Thread | None = None
+        #: Writes done, failed ones included (for tests and the log).
+        self.writes = 0
+
+    def submit(self, doc: dict[str, Any]) -> None:
+        """Write ``doc`` (a snapshot, see :func:`snapshot_doc`) soon, after any write running."""
+        with self._cond:
+            if self._closing:
+                log.debug("admin.state_file: a change after the server stopped is not saved")
+                return
+            self._waiting = doc
+            self._changes += 1
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="infercore-state-writer", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._waiting is None and not self._closing:
+                    self._cond.wait()
+                doc, changes = self._waiting, self._changes
+                if doc is None:  # closing, and everything is written
+                    self._done = True
+                    release = self._release
+                    self._cond.notify_all()
+                    break
+                self._waiting, self._changes, self._busy = None, 0, True
+            try:
+                self._write(doc, changes)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self.writes += 1
+                    self._cond.notify_all()
+        if release:
+            self._store.close()
+
+    def _write(self, doc: dict[str, Any], changes: int) -> None:
+        try:
+            self._store.write(encode(doc))
+        except Exception as exc:  # an OSError; anything else is a defect, handled alike
+            self._failures(changes)
+            self._failing += 1
+            if self._failing == 1:
+                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+                log.error(
+                    "admin.state_file: the rollout could not be saved (%s); the change is "
+                    "made, and a restart now would not restore it (until a save succeeds: "
+                    "infercore_rollout_state_save_failures_total counts the changes)",
+                    why,
+                    exc_info=not isinstance(exc, OSError),
+                )
+            return
+        if self._failing:
+            log.info(
+                "admin.state_file: the rollout is saved again, after %d failed write(s)",
+                self._failing,
+            )
+            self._failing = 0
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until every submitted snapshot is written (or failed); False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: self._done or (self._waiting is None and not self._busy), timeout
+            )
+
+    def close(self, timeout: float = FLUSH_TIMEOUT_S) -> bool:
+        """Write what is waiting, then stop the thread and release the lock.
+
+        Returns:
+            False when the last write took longer than ``timeout``: the thread releases the
+            lock once it is done (the file is whole either way: the old state or the new).
+        """
+        with self._cond:
+            if self._release:  # an earlier close left the lock to the thread
+                return self._done
+            self._closing = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+        with self._cond:
+            if thread is not None and not self._done:
+                self._release = True
+                return False
+        self._store.close()
+        return True
+
+
 def check_path(
     path: str | os.PathLike[str], *, audit_log: str | None = None, create: bool = False
 ) -> None:
     """What ``admin.state_file`` must be, the rule of ``admin.audit_log``: a file (not a folder,
     not the audit log) in a folder that exists or whose parent does (only the file's own folder
     is created, by ``create``), writable. ``infercore config validate`` checks it without
-    ``create``; the server, with.
+    ``create``; the server, with. An empty path is no path: unset (``admin.state_file=`` on
+    the command line), so nothing to check.
 
     Raises:
         ConfigError: The first problem, naming the path and the fix.
     """
+    if not os.fspath(path):
+        return
     path = Path(path)
     hint = "point admin.state_file at a writable file in an existing folder, or unset it"
     if audit_log is not None and os.path.realpath(audit_log) == os.path.realpath(path):
@@ -282,6 +425,10 @@ class SavedApproval(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     requested_at: str
     reason: str
     gates: list[str]
+    #: The model's primary and the version's stage when it was asked for; absent from files
+    #: saved before they were recorded (restored from the state the file holds).
+    primary: str | None = None
+    from_stage: Literal["candidate", "shadow", "canary", "primary", "retired"] | None = None
     status: str = "pending"
     decided_by: str | None = None
     decided_at: str | None = None
@@ -294,11 +441,6 @@ class SavedState(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     models: dict[str, SavedModel]
     approvals: list[SavedApproval] = msgspec.field(default_factory=list)
     run: str | None = None
-
-
-class _Header(msgspec.Struct):
-    format: Any = None
-    saved_at: Any = None
 
 
 def recipe_rollout(lifecycle: Lifecycle, model: str) -> dict[str, Any]:
@@ -331,6 +473,17 @@ def recipe_rollout(lifecycle: Lifecycle, model: str) -> dict[str, Any]:
 
 def snapshot(lifecycle: Lifecycle) -> bytes:
     """The rollout now, as the state file holds it."""
+    return encode(snapshot_doc(lifecycle))
+
+
+def encode(doc: dict[str, Any]) -> bytes:
+    """A snapshot document as the file's bytes (indented JSON)."""
+    return msgspec.json.format(msgspec.json.encode(doc), indent=2) + b"\n"
+
+
+def snapshot_doc(lifecycle: Lifecycle) -> dict[str, Any]:
+    """The rollout now, as a document of its own (nothing in it is shared with the rollout, so
+    that another thread may encode it while the rollout changes)."""
     models: dict[str, Any] = {}
     for name, served in lifecycle.runtime.models.items():
         versions: dict[str, Any] = {}
@@ -340,15 +493,13 @@ def snapshot(lifecycle: Lifecycle) -> bytes:
                 "weight": sv.weight if sv.stage == CANARY else 0.0,
             }
             if sv.origin == "repository":
-                if sv.state == UNLOADED:
-                    continue  # gone: load it again from the repository
                 doc["origin"] = "repository"
-                doc["pin"] = {k: sv.node[k] for k in _PIN_KEYS if k in sv.node}
-            elif sv.state == UNLOADED:
+                doc["pin"] = {k: copy.deepcopy(sv.node[k]) for k in _PIN_KEYS if k in sv.node}
+            if sv.state == UNLOADED:
                 doc["loaded"] = False
             trip = lifecycle.guard_trips.get((name, v))
             if trip is not None:
-                doc["guard_trip"] = trip
+                doc["guard_trip"] = dict(trip)
             versions[v] = doc
         entry: dict[str, Any] = {
             "recipe": recipe_rollout(lifecycle, name),
@@ -359,14 +510,13 @@ def snapshot(lifecycle: Lifecycle) -> bytes:
         if served.drift is not None and served.drift.last_action_at is not None:
             entry["drift_last_action_at"] = served.drift.last_action_at
         models[name] = entry
-    doc = {
+    return {
         "format": FORMAT,
         "saved_at": now_iso(),
         "run": lifecycle.audit.run,
         "models": models,
         "approvals": [a.to_dict() for a in lifecycle.approvals.values() if a.status == "pending"],
     }
-    return msgspec.json.format(msgspec.json.encode(doc), indent=2) + b"\n"
 
 
 # --- restoring -------------------------------------------------------------------------------
@@ -389,28 +539,89 @@ class _ModelPlan:
     versions: dict[str, SavedVersion]
     #: Versions to load from the repository first (name -> pins).
     loads: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Versions loaded from the repository at run time and unloaded since: known again,
+    #: unloaded (name -> the version, built but not loaded).
+    known: dict[str, ServedVersion] = field(default_factory=dict)
+    #: Such versions that cannot be known again (name -> why): forgotten, with a WARNING.
+    forgotten: dict[str, str] = field(default_factory=dict)
+
+
+_SHAPE = 'an object with "format": 1, "saved_at", "models" and "approvals"'
 
 
 def decode(raw: bytes) -> SavedState:
     """Parse a state file.
 
     Raises:
-        Unrestorable: Not JSON, not a state of a format this server reads, or invalid.
+        Unrestorable: Not JSON, JSON of another shape, a state of a format this server does
+            not read, or invalid (naming the field).
     """
     try:
-        header = msgspec.json.decode(raw, type=_Header)
+        doc = msgspec.json.decode(raw)
     except msgspec.DecodeError as exc:
         raise Unrestorable(f"the file is not valid JSON ({exc}); it is damaged") from None
-    if header.format != FORMAT:
+    if not isinstance(doc, dict) or "format" not in doc:
         raise Unrestorable(
-            f"the file holds rollout state format {header.format!r}; this server reads "
-            f"format {FORMAT}",
+            f"the file is JSON but not an infercore rollout state (expected {_SHAPE}; it "
+            f"holds {_kind(doc)})",
+            fix="point admin.state_file at a file of its own, which infercore writes (not one "
+            "of yours), or " + _FIX,
+        )
+    version = doc["format"]
+    if type(version) is not int or version != FORMAT:
+        raise Unrestorable(
+            f"the file holds rollout state format {version!r}; this server reads format {FORMAT}",
             fix="serve it with the infercore version that wrote it, or " + _FIX,
         )
     try:
-        return msgspec.json.decode(raw, type=SavedState)
+        return msgspec.convert(doc, SavedState)
     except msgspec.ValidationError as exc:
-        raise Unrestorable(f"the file is not a valid rollout state ({exc})") from None
+        raise Unrestorable(f"the file is not a valid rollout state ({_named(doc, exc)})") from None
+
+
+def _kind(doc: Any) -> str:
+    if isinstance(doc, dict):
+        return 'an object without "format"' if doc else "an empty object"
+    if isinstance(doc, list):
+        return "an array"
+    if isinstance(doc, bool) or doc is None:
+        return json_text(doc)
+    return "a number" if isinstance(doc, int | float) else "a string"
+
+
+def json_text(value: Any) -> str:
+    return msgspec.json.encode(value).decode()
+
+
+def _named(doc: dict[str, Any], exc: msgspec.ValidationError) -> str:
+    """``exc``'s message, naming the model and version where msgspec writes ``[...]`` (it
+    hides the keys of a dict): ``at `$.models["m"].versions["3"].stage```."""
+    text = str(exc)
+    models = doc.get("models")
+    if "[...]" not in text or not isinstance(models, dict):
+        return text
+    for name, model in models.items():
+        where = f"$.models[{json_text(name)}]"
+        try:
+            msgspec.convert(model, SavedModel)
+            continue
+        except msgspec.ValidationError as inner:
+            found = inner
+        versions = model.get("versions") if isinstance(model, dict) else None
+        for v, saved in versions.items() if isinstance(versions, dict) else ():
+            try:
+                msgspec.convert(saved, SavedVersion)
+            except msgspec.ValidationError as deepest:
+                return _rebased(deepest, f"{where}.versions[{json_text(v)}]")
+        return _rebased(found, where)
+    return text
+
+
+def _rebased(exc: msgspec.ValidationError, where: str) -> str:
+    text = str(exc)
+    if " - at `$" in text:
+        return text.replace(" - at `$", f" - at `{where}", 1)
+    return f"{text} - at `{where}`"
 
 
 def _plan(lifecycle: Lifecycle, saved: SavedState) -> list[_ModelPlan]:
@@ -447,7 +658,16 @@ def _plan(lifecycle: Lifecycle, saved: SavedState) -> list[_ModelPlan]:
                 raise Unrestorable(
                     f"model {name!r}: version {v!r} is in the recipe now, not loaded at run time"
                 )
-            plan.loads[v] = _check_pin(lifecycle, name, v, vs)
+            if vs.loaded or vs.stage == PRIMARY:  # an unloaded primary: refused below
+                plan.loads[v] = _check_pin(lifecycle, name, v, vs)
+                continue
+            known = _known_unloaded(lifecycle, name, v)
+            if isinstance(known, str):
+                plan.forgotten[v] = known
+                del plan.versions[v]
+                plan.previous = [p for p in plan.previous if p != v]
+            else:
+                plan.known[v] = known
         _check_stages(lifecycle, plan)
         plans.append(plan)
     _check_approvals(saved, {p.name: p for p in plans})
@@ -504,6 +724,30 @@ def _check_pin(lifecycle: Lifecycle, name: str, version: str, vs: SavedVersion) 
             fix=fix,
         )
     return pin
+
+
+def _known_unloaded(lifecycle: Lifecycle, name: str, version: str) -> ServedVersion | str:
+    """A version loaded from the repository at run time and unloaded since, built again (not
+    loaded) as the repository has it now; or why it cannot be (its folder or pin is gone).
+
+    Built as :meth:`Runtime.load` builds it, which loads it again later from the manifest
+    (a load of a known repository version reads the manifest again, before the restart too).
+    """
+    runtime = lifecycle.runtime
+    repo = runtime.models[name].repository
+    if repo is None:
+        return "the model has no repository folder now"
+    path = f"models.{name}.repository.loader"
+    try:
+        # Private to the runtime: the one builder of versions, which it uses for loads.
+        node = runtime._companions(repo, repo.loader_node(version), path)
+        sv = runtime._build_version(name, version, node, repo.config.warmup, path)
+    except OSError as exc:
+        return f"the repository manifest cannot be read ({exc.strerror})"
+    except InfercoreError as exc:
+        return runtime.scrub(exc.message)
+    sv.origin, sv.state = "repository", UNLOADED
+    return sv
 
 
 def _check_stages(lifecycle: Lifecycle, plan: _ModelPlan) -> None:
@@ -641,6 +885,7 @@ async def _apply(lifecycle: Lifecycle, saved: SavedState, plans: list[_ModelPlan
     for plan in plans:
         served = runtime.models[plan.name]
         recipe_primary = served.primary
+        served.versions.update(plan.known)
         for v, vs in plan.versions.items():
             sv = served.versions[v]
             weight = vs.weight if vs.stage == CANARY else 0.0
@@ -650,17 +895,31 @@ async def _apply(lifecycle: Lifecycle, saved: SavedState, plans: list[_ModelPlan
             if vs.guard_trip is not None:
                 lifecycle.guard_trips[(plan.name, v)] = dict(vs.guard_trip)
         served.primary = plan.primary
-        kept = [v for v in plan.previous if v in served.versions and v != plan.primary]
+        # As it was: the primary may be in it too (promoted again since), and stays.
+        kept = [v for v in plan.previous if v in served.versions]
         served.previous = kept[-_HISTORY:]
         served.refresh()
         summary.append(_describe_plan(plan, recipe_primary))
     ids = []
+    by_name = {plan.name: plan for plan in plans}
     for a in saved.approvals:
-        lifecycle.approvals[a.id] = Approval(**msgspec.structs.asdict(a))
+        approval = Approval(**msgspec.structs.asdict(a))
+        # Saved before the context was recorded: the state the file holds is the best known.
+        plan = by_name[a.model]
+        if approval.primary is None:
+            approval.primary = plan.primary
+        if approval.from_stage is None:
+            approval.from_stage = plan.versions[a.version].stage
+        lifecycle.approvals[a.id] = approval
         ids.append(a.id)
     for plan in plans:
         lifecycle.pending_gauge(plan.name)
-    unloads = [(plan.name, v) for plan in plans for v, vs in plan.versions.items() if not vs.loaded]
+    unloads = [
+        (plan.name, v)
+        for plan in plans
+        for v, vs in plan.versions.items()
+        if not vs.loaded and v not in plan.known
+    ]
     for name, version in unloads:
         try:
             await runtime.unload(name, version)
@@ -671,6 +930,17 @@ async def _apply(lifecycle: Lifecycle, saved: SavedState, plans: list[_ModelPlan
     )
     line = f"{'; '.join(summary) or 'no models'}; {approvals}"
     log.info("admin.state_file: restored the rollout saved at %s: %s", saved.saved_at, line)
+    for plan in plans:
+        for version, why in plan.forgotten.items():
+            log.warning(
+                "admin.state_file: model %s version %s was loaded from the repository at run "
+                "time and unloaded since; it is forgotten (not listed, not in the rollback "
+                "history): %s. To load it again, restore its folder and its pin in the "
+                "manifest, then load it",
+                plan.name,
+                version,
+                why,
+            )
     lifecycle.audit.append(
         {
             "event": "state_restored",

@@ -578,7 +578,7 @@ class AdminListener:
                 "the admin API listens on %s, not loopback; keep it off untrusted networks",
                 cfg.host,
             )
-        if cfg.audit_log is None:
+        if not cfg.audit_log:  # unset, or empty (`admin.audit_log=`): unset
             log.warning("admin.audit_log is not set: rollout decisions are not persisted")
         return cls(runtime, token)
 

@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import stat
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -386,6 +387,7 @@ def test_a_state_that_cannot_be_applied_in_full_is_not_applied_at_all(
             assert metric_value(text, "infercore_model_stage", version="3") == 0
             assert state.read_bytes() == saved  # kept for the operator to repair
             await rt.lifecycle.promote("m", "2", "canary", by="ann")  # the first change saved
+            assert await rt.lifecycle.flush()
             assert json.loads(state.read_bytes())["models"]["m"]["primary"] == "1"
             assert (state.parent / "rollout.json.unapplied").read_bytes() == saved
 
@@ -688,3 +690,379 @@ def test_a_guard_trip_supersedes_the_versions_pending_approvals(tmp_path: Path) 
             assert (v2["weight"], v2["guard_tripped"]["at"]) == (0, at)
 
     asyncio.run(restarted())
+
+
+# --- a version loaded at run time, then unloaded --------------------------------------------
+
+
+def test_an_unloaded_run_time_version_is_remembered_across_a_restart(tmp_path: Path) -> None:
+    """Unloaded, not forgotten: listed as before the restart, in the rollback history, and
+    loaded again by name (the manifest pins it, as for any load)."""
+    write_repo(tmp_path, "3")
+    cfg = config(tmp_path, approvals=())
+
+    async def first_run() -> dict[str, Any]:
+        async with started(cfg) as rt:
+            lc = rt.lifecycle
+            await lc.load("m", "3", by="ann")
+            await lc.promote("m", "3", "primary", by="ann")
+            await lc.promote("m", "1", "primary", by="ann")  # 3 retired, next to roll back to
+            await lc.unload("m", "3", by="ann")
+            return dict(lc.describe("m")[0])
+
+    before = asyncio.run(first_run())
+    saved = json.loads((tmp_path / "state" / "rollout.json").read_text())["models"]["m"]
+    assert saved["versions"]["3"]["loaded"] is False
+    assert saved["versions"]["3"]["origin"] == "repository"
+
+    async def second_run() -> None:
+        async with started(cfg) as rt:
+            served, lc = rt.models["m"], rt.lifecycle
+            after = lc.describe("m")[0]
+            assert after["versions"] == before["versions"]
+            assert after["previous_primaries"] == before["previous_primaries"] == ["1", "3"]
+            assert stages(rt)["3"] == ("retired", 0.0, "unloaded")
+            assert served.versions["3"].origin == "repository"
+            text = rt.metrics.exposition().decode()
+            assert metric_value(text, "infercore_model_ready", version="3") == 0
+            # The rollback goes where it went before the restart: back to 3, loaded again.
+            await lc.rollback("m", by="ann")
+            assert served.primary == "3" and stages(rt)["3"] == ("primary", 0.0, "ready")
+
+    asyncio.run(second_run())
+
+
+# --- an approval's context in the saved state -----------------------------------------------
+
+
+def test_a_saved_approval_keeps_its_primary_and_an_old_file_without_it_restores(
+    tmp_path: Path,
+) -> None:
+    cfg = config(tmp_path)
+    state = tmp_path / "state" / "rollout.json"
+
+    async def first_run() -> str:
+        async with started(cfg) as rt:
+            asked = await rt.lifecycle.promote("m", "2", "canary", weight=10, by="ann")
+            return str(asked["approval"]["id"])
+
+    pending = asyncio.run(first_run())
+    [saved] = json.loads(state.read_text())["approvals"]
+    assert (saved["id"], saved["primary"], saved["from_stage"]) == (pending, "1", "shadow")
+
+    # A file saved before the context was recorded: restored from the state it holds.
+    doc = json.loads(state.read_text())
+    for approval in doc["approvals"]:
+        del approval["primary"], approval["from_stage"]
+    state.write_text(json.dumps(doc))
+
+    async def second_run() -> None:
+        async with started(cfg) as rt:
+            [approval] = rt.lifecycle.list_approvals("pending")
+            assert (approval["id"], approval["primary"], approval["from_stage"]) == (
+                pending,
+                "1",
+                "shadow",
+            )
+            await rt.lifecycle.approve(pending, by="bob")
+            assert stages(rt)["2"] == ("canary", 10.0, "ready")
+
+    asyncio.run(second_run())
+
+
+def test_a_restored_approval_asked_under_another_primary_is_refused_and_dropped(
+    tmp_path: Path,
+) -> None:
+    cfg = config(tmp_path)
+    state = tmp_path / "state" / "rollout.json"
+
+    async def first_run() -> str:
+        async with started(cfg) as rt:
+            asked = await rt.lifecycle.promote("m", "2", "canary", weight=10, by="ann")
+            return str(asked["approval"]["id"])
+
+    pending = asyncio.run(first_run())
+    doc = json.loads(state.read_text())
+    doc["approvals"][0]["primary"] = "0"  # asked under a primary that is not the one now
+    state.write_text(json.dumps(doc))
+
+    async def second_run() -> None:
+        async with started(cfg) as rt:
+            with pytest.raises(Conflict, match="the primary of model 'm' is '1' now; it was '0'"):
+                await rt.lifecycle.approve(pending, by="bob")
+            assert stages(rt)["2"] == ("shadow", 0.0, "ready")
+            assert await rt.lifecycle.flush()
+            assert json.loads(state.read_text())["approvals"] == []
+
+    asyncio.run(second_run())
+
+
+# --- a file of the wrong shape --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "said"),
+    [
+        (b"[]", "it holds an array"),
+        (b"42", "it holds a number"),
+        (b'"rollout"', "it holds a string"),
+        (b"null", "it holds null"),
+        (b"{}", "it holds an empty object"),
+        (b'{"models": {}}', 'it holds an object without "format"'),
+    ],
+)
+def test_json_that_is_not_a_state_file_says_so(content: bytes, said: str) -> None:
+    with pytest.raises(rollout_state.Unrestorable) as refused:
+        rollout_state.decode(content)
+    what = refused.value.what
+    assert what.startswith("the file is JSON but not an infercore rollout state (expected an ")
+    assert 'object with "format": 1, "saved_at", "models" and "approvals"' in what
+    assert said in what and "not valid JSON" not in what
+    assert "delete the state file" in refused.value.fix
+
+
+@pytest.mark.parametrize(
+    ("models", "said"),
+    [
+        ({"m": {"recipe": {}, "primary": 3, "versions": {}}}, '- at `$.models["m"].primary`'),
+        (
+            {"m": {"recipe": {}, "primary": "1", "versions": {"3": {"stage": "live"}}}},
+            '- at `$.models["m"].versions["3"].stage`',
+        ),
+        (
+            {"m": {"recipe": {}, "versions": {}}},
+            'missing required field `primary` - at `$.models["m"]`',
+        ),
+        ({"m": 7}, 'Expected `object`, got `int` - at `$.models["m"]`'),
+        ([], "Expected `object`, got `array` - at `$.models`"),
+    ],
+)
+def test_a_state_of_the_wrong_shape_names_the_field(models: Any, said: str) -> None:
+    raw = json.dumps({"format": 1, "saved_at": "t", "models": models}).encode()
+    with pytest.raises(rollout_state.Unrestorable) as refused:
+        rollout_state.decode(raw)
+    assert refused.value.what.startswith("the file is not a valid rollout state (")
+    assert said in refused.value.what, refused.value.what
+
+
+def test_every_field_of_a_state_is_named_when_wrong() -> None:
+    def what(doc: dict[str, Any]) -> str:
+        with pytest.raises(rollout_state.Unrestorable) as refused:
+            rollout_state.decode(json.dumps(doc).encode())
+        return refused.value.what
+
+    assert "missing required field `saved_at`" in what({"format": 1})
+    assert "the file holds rollout state format '1'" in what({"format": "1"})
+    assert "the file holds rollout state format True" in what({"format": True})
+    approval = {"format": 1, "saved_at": "t", "models": {}, "approvals": [{"id": 1}]}
+    assert "- at `$.approvals[0].id`" in what(approval)
+
+
+# --- an empty path is unset -----------------------------------------------------------------
+
+
+def test_an_empty_state_file_or_audit_log_is_unset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`admin.state_file=` / `admin.audit_log=` on the command line give '': no file, as
+    unset (they would otherwise name the working folder)."""
+    monkeypatch.chdir(tmp_path)
+    rollout_state.check_path("", audit_log="")
+    rollout_state.check_path("", create=True)
+    cfg = config(tmp_path, approvals=())
+    cfg["admin"] = {"state_file": "", "audit_log": ""}
+    cfg["server"] = {"workers": 1}
+    rt = runtime(cfg)
+    lc = rt.lifecycle
+    assert lc.state is None and lc.writer is None and lc.audit.path is None
+    assert AuditLog("").path is None
+
+    async def scenario() -> None:
+        await rt.start()
+        try:
+            await lc.promote("m", "2", "candidate", by="ann")
+        finally:
+            await rt.stop()
+
+    asyncio.run(scenario())
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+# --- the writer: off the event loop, in order, coalesced, flushed on stop -------------------
+
+
+class _HeldWrites:
+    """Makes the state file's rename wait until released: a write in progress, held."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.renamed: list[bytes] = []
+
+        def held(src: Path, dst: Path) -> None:
+            self.entered.set()
+            assert self.release.wait(30), "the test never released the write"
+            self.renamed.append(src.read_bytes())
+            os.replace(src, dst)
+
+        monkeypatch.setattr(rollout_state, "_replace", held)
+
+
+def saved_primary_and_canaries(state: Path) -> tuple[str, dict[str, float]]:
+    m = json.loads(state.read_text())["models"]["m"]
+    canaries = {v: d["weight"] for v, d in m["versions"].items() if d["stage"] == "canary"}
+    return m["primary"], canaries
+
+
+def test_changes_while_a_write_runs_are_written_once_more_with_the_newest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = config(tmp_path, approvals=(), routing={"kind": "shadow", "inner": {"kind": "weighted"}})
+    state = tmp_path / "state" / "rollout.json"
+    held = _HeldWrites(monkeypatch)
+
+    async def scenario() -> None:
+        async with started(cfg) as rt:
+            lc = rt.lifecycle
+            await lc.promote("m", "2", "canary", weight=10, by="ann")
+            # The write is held on the writer's thread; the event loop goes on.
+            assert await asyncio.to_thread(held.entered.wait, 30)
+            for weight in (20, 30, 40):
+                await lc.set_weights("m", {"1": 100 - weight, "2": weight}, by="ann")
+            held.release.set()
+            assert await lc.flush(30)
+            assert lc.writer is not None and lc.writer.writes == 2  # held one, then the newest
+            assert saved_primary_and_canaries(state) == ("1", {"2": 40.0})
+
+    asyncio.run(scenario())
+    assert [json.loads(raw)["models"]["m"]["versions"]["2"]["weight"] for raw in held.renamed] == [
+        10.0,
+        40.0,
+    ]
+
+
+def test_stopping_waits_for_the_last_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = config(tmp_path, approvals=())
+    state = tmp_path / "state" / "rollout.json"
+    held = _HeldWrites(monkeypatch)
+    rt = runtime(cfg)
+
+    async def scenario() -> None:
+        await rt.start()
+        await rt.lifecycle.promote("m", "2", "canary", weight=10, by="ann")
+        assert await asyncio.to_thread(held.entered.wait, 30)
+        closer = threading.Thread(target=rt.lifecycle.close, kwargs={"timeout": 30})
+        closer.start()
+        await asyncio.to_thread(closer.join, 0.2)
+        assert closer.is_alive(), "close() returned while the last write was still held"
+        held.release.set()
+        await asyncio.to_thread(closer.join, 30)
+        assert not closer.is_alive()
+        assert saved_primary_and_canaries(state) == ("1", {"2": 10.0})
+        StateFile(state).close()  # the lock is free: released after the write
+        await rt.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_last_write_past_the_timeout_is_logged_and_keeps_the_lock_until_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = config(tmp_path, approvals=())
+    state = tmp_path / "state" / "rollout.json"
+    held = _HeldWrites(monkeypatch)
+    rt = runtime(cfg)
+
+    async def scenario() -> None:
+        await rt.start()
+        lc = rt.lifecycle
+        await lc.promote("m", "2", "canary", weight=10, by="ann")
+        assert await asyncio.to_thread(held.entered.wait, 30)
+        lc.close(timeout=0.01)
+        with pytest.raises(ConfigError, match="in use by another server"):
+            StateFile(state)  # not released under the write
+        held.release.set()
+        assert lc.writer is not None and lc.writer._thread is not None
+        await asyncio.to_thread(lc.writer._thread.join, 30)
+        assert saved_primary_and_canaries(state) == ("1", {"2": 10.0})
+        StateFile(state).close()  # released by the writer once done
+        await rt.stop()
+
+    with caplog.at_level(logging.ERROR, logger="infercore.lifecycle"):
+        asyncio.run(scenario())
+    [error] = errors(caplog)
+    assert "the last rollout change was still being written after 0.01s at shutdown" in error
+
+
+def test_failed_saves_are_counted_and_logged_once_until_one_succeeds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = config(tmp_path, approvals=())
+    state = tmp_path / "state" / "rollout.json"
+
+    def full(src: Path, dst: Path) -> None:
+        raise OSError(28, "No space left on device")
+
+    async def scenario() -> None:
+        async with started(cfg) as rt:
+            lc = rt.lifecycle
+            monkeypatch.setattr(rollout_state, "_replace", full)
+            for weight in (10, 20, 30):
+                await lc.promote("m", "2", "canary", weight=weight, by="ann")
+                assert await lc.flush(30)
+                await lc.promote("m", "2", "shadow", by="ann")
+                assert await lc.flush(30)
+            text = rt.metrics.exposition().decode()
+            assert metric_value(text, "infercore_rollout_state_save_failures_total") == 6
+            assert not state.exists()
+            assert sorted(p.name for p in state.parent.iterdir()) == ["rollout.json.lock"]
+            monkeypatch.setattr(rollout_state, "_replace", os.replace)
+            await lc.promote("m", "2", "canary", weight=5, by="ann")
+            assert await lc.flush(30)
+            assert saved_primary_and_canaries(state) == ("1", {"2": 5.0})
+
+    with caplog.at_level(logging.INFO, logger="infercore.lifecycle"):
+        asyncio.run(scenario())
+    [error] = errors(caplog)
+    assert error.startswith("admin.state_file: the rollout could not be saved (No space left")
+    assert "a restart now would not restore it" in error
+    assert any(
+        "the rollout is saved again, after 6 failed write(s)" in r.getMessage()
+        for r in caplog.records
+    )
+
+
+def test_an_unloaded_run_time_version_whose_folder_is_gone_is_forgotten_alone(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Unloaded, it needs nothing from its folder to be restored, and the rest of the state
+    does not depend on it: what cannot be known again is forgotten, with a WARNING, as it was
+    before unloaded versions were saved."""
+    write_repo(tmp_path, "3", "4")
+    cfg = config(tmp_path, approvals=())
+
+    async def first_run() -> None:
+        async with started(cfg) as rt:
+            lc = rt.lifecycle
+            for v in ("3", "4"):
+                await lc.load("m", v, by="ann")
+            await lc.promote("m", "3", "primary", by="ann")
+            await lc.promote("m", "4", "primary", by="ann")
+            await lc.unload("m", "3", by="ann")
+
+    asyncio.run(first_run())
+    shutil.rmtree(tmp_path / "repo" / "v3")
+
+    async def second_run() -> None:
+        async with started(cfg) as rt:
+            served = rt.models["m"]
+            assert served.primary == "4" and "3" not in served.versions
+            assert served.previous == ["1"]
+            assert stages(rt)["1"] == ("retired", 0.0, "ready")
+
+    with caplog.at_level(logging.WARNING, logger="infercore.lifecycle"):
+        asyncio.run(second_run())
+    assert errors(caplog) == []
+    [warning] = [r.getMessage() for r in caplog.records if "is forgotten" in r.getMessage()]
+    assert warning.startswith("admin.state_file: model m version 3 was loaded from the repository")
+    assert "has no version '3'" in warning and str(tmp_path) not in warning
