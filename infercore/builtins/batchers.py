@@ -16,7 +16,7 @@ import collections
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Annotated, Any, NoReturn
 
 import msgspec
@@ -50,6 +50,10 @@ MAX_MS = 3_600_000
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 DelayMs = Annotated[float, msgspec.Meta(ge=0, le=MAX_MS)]
 PositiveMs = Annotated[float, msgspec.Meta(gt=0, le=MAX_MS)]
+
+#: The most request priority levels a batcher may have (``priority_levels``): one queue per level.
+MAX_PRIORITY_LEVELS = 255
+PriorityLevel = Annotated[int, msgspec.Meta(ge=0, le=MAX_PRIORITY_LEVELS)]
 
 _QUEUED, _RUNNING, _DONE = 0, 1, 2
 
@@ -540,6 +544,14 @@ class DynamicBatcherConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=Tr
     #: the queue holds more, the batch stops at the largest preferred size it reaches (Triton's
     #: ``preferred_batch_size``). Each at most ``max_batch_size``.
     preferred_batch_sizes: tuple[PositiveInt, ...] = ()
+    #: Request priority levels (Triton's ``priority_levels``): a V2 request's
+    #: ``parameters.priority`` picks one, 1 (served first) to this; batches form from the
+    #: highest level waiting, first come first served within a level, under the one
+    #: ``max_queue_size``. 0: no levels, priorities are ignored.
+    priority_levels: PriorityLevel = 0
+    #: The level of a request that names no priority (or 0), 1 to ``priority_levels``; needed
+    #: when ``priority_levels`` is above 0 (Triton's ``default_priority_level``).
+    default_priority_level: PriorityLevel = 0
 
     def __post_init__(self) -> None:
         too_big = [n for n in self.preferred_batch_sizes if n > self.max_batch_size]
@@ -550,11 +562,20 @@ class DynamicBatcherConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=Tr
                 f"{too_big[0]} is above max_batch_size ({self.max_batch_size}); each preferred "
                 "batch size must be at most max_batch_size - at `$.preferred_batch_sizes`"
             )
+        levels = self.priority_levels
+        if levels and not 1 <= self.default_priority_level <= levels:
+            raise ValueError(
+                f"{self.default_priority_level} is not a level of priority_levels ({levels}); "
+                f"with priority levels on, set it from 1 to {levels}: the level of a request "
+                "that names no priority - at `$.default_priority_level`"
+            )
 
 
 class _Item:
     """One queued request. ``enqueued`` (loop time) schedules its waits; ``queued_at``
-    (``perf_counter``) measures them: the loop's clock may tick in whole milliseconds."""
+    (``perf_counter``) measures them: the loop's clock may tick in whole milliseconds.
+    ``level``: its priority level, set only for a request that named one other than the
+    default (with ``priority_levels``; :class:`_LevelQueue` reads it)."""
 
     __slots__ = (
         "deadline",
@@ -562,11 +583,14 @@ class _Item:
         "future",
         "inputs",
         "key",
+        "level",
         "queued_at",
         "rows",
         "state",
         "timer",
     )
+
+    level: int  # set only when not the default level (unset: AttributeError)
 
     def __init__(
         self,
@@ -587,6 +611,94 @@ class _Item:
         self.queued_at = queued_at
         self.state = _QUEUED
         self.timer: asyncio.TimerHandle | None = None
+
+
+class _LevelQueue:
+    """The dynamic batcher's queue with priority levels: a deque per level, served highest first.
+
+    It is what the batcher does with its deque (``append``, ``popleft``, ``[0]``, iteration,
+    ``len``, ``clear``, ``extend``), in priority order: iteration and ``popleft`` go through
+    level 1 first, then level 2, ..., each first come first served, so the collector's FIFO
+    logic forms batches from the highest levels waiting. The batcher picks it when
+    ``priority_levels`` is above 0, and the plain deque otherwise, whose path is then unchanged.
+    Like the deque, it keeps timed-out and abandoned requests until they reach the head (or the
+    batcher compacts it); ``len`` counts them.
+    """
+
+    __slots__ = ("_default", "_len", "_levels", "_top")
+
+    def __init__(self, levels: int, default: int) -> None:
+        self._levels: tuple[collections.deque[_Item], ...] = tuple(
+            collections.deque() for _ in range(levels)
+        )
+        self._default = default
+        self._len = 0
+        self._top = 0  # no level above this index holds anything
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __bool__(self) -> bool:
+        return self._len > 0
+
+    def level_of(self, item: _Item) -> int:
+        try:
+            return item.level
+        except AttributeError:  # submitted at the default level
+            return self._default
+
+    def append(self, item: _Item) -> None:
+        index = self.level_of(item) - 1
+        self._levels[index].append(item)
+        self._len += 1
+        if index < self._top:
+            self._top = index
+
+    def extend(self, items: Iterable[_Item]) -> None:
+        for item in items:
+            self.append(item)
+
+    def clear(self) -> None:
+        for level in self._levels:
+            level.clear()
+        self._len = 0
+        self._top = 0
+
+    def _head(self) -> collections.deque[_Item]:
+        levels = self._levels
+        top = self._top
+        while top < len(levels):
+            level = levels[top]
+            if level:
+                self._top = top
+                return level
+            top += 1
+        raise IndexError("the queue is empty")
+
+    def __getitem__(self, index: int) -> _Item:
+        if index != 0:
+            raise IndexError("only the head of the queue can be read")
+        return self._head()[0]
+
+    def popleft(self) -> _Item:
+        item = self._head().popleft()
+        self._len -= 1
+        return item
+
+    def __iter__(self) -> Iterator[_Item]:
+        for level in self._levels[self._top :]:
+            yield from level
+
+    def rows_ahead(self, level: int) -> int:
+        """The rows of the requests still queued at ``level`` (0: the default) or above: those
+        served before a request that joins ``level`` now (unless more of a higher one come)."""
+        top = self._top
+        return sum(
+            it.rows
+            for queue in self._levels[top : max(level or self._default, top)]
+            for it in queue
+            if it.state == _QUEUED
+        )
 
 
 class _Filling:
@@ -639,7 +751,12 @@ class DynamicBatcher(Batcher):
         observer: BatchObserver | None = None,
     ) -> None:
         super().__init__(config, context, model, observer)
-        self._queue: collections.deque[_Item] = collections.deque()
+        # With priority levels, a queue per level (the collector's logic is the same).
+        self._queue: collections.deque[_Item] | _LevelQueue = (
+            _LevelQueue(config.priority_levels, config.default_priority_level)
+            if config.priority_levels
+            else collections.deque()
+        )
         self._waiting = 0
         self._queued_rows = 0
         self._running_rows = 0  # rows of batches formed and not yet answered
@@ -685,13 +802,17 @@ class DynamicBatcher(Batcher):
 
     @property
     def full(self) -> bool:
-        return self._waiting >= self.config.max_queue_size or self._rows_ahead_past_horizon() > 0
+        return self._waiting >= self.config.max_queue_size or self._rows_ahead_past_horizon(1) > 0
 
-    def _rows_ahead_past_horizon(self) -> int:
+    def _rows_ahead_past_horizon(self, level: int) -> int:
         """The rows ahead of a new request when they outlast the drain limit, else 0.
 
         Nothing is ahead of a request that would be taken at once: none queued and a model
-        slot free (the rows of the batches running elsewhere do not delay it).
+        slot free (the rows of the batches running elsewhere do not delay it). With priority
+        levels, only the rows queued at the request's ``level`` (0: the default level) or
+        above are ahead of it, and ``full`` asks for level 1: whether even a request of the
+        highest level would wait too long. They are counted only when all the rows queued or
+        running are over the limit (an overload: the default path never counts them).
         """
         ahead = self._queued_rows + self._running_rows
         if ahead <= self._drain.limit:
@@ -699,7 +820,27 @@ class DynamicBatcher(Batcher):
         slots = self._slots
         if not self._waiting and slots is not None and not slots.locked():
             return 0
-        return ahead if self._drain.over(ahead) else 0
+        if not self._drain.over(ahead):
+            return 0
+        queue = self._queue
+        if isinstance(queue, _LevelQueue):
+            ahead = self._running_rows + queue.rows_ahead(level)
+            if not self._drain.over(ahead):
+                return 0
+        return ahead
+
+    @property
+    def priority_levels(self) -> int:
+        return self.config.priority_levels
+
+    @property
+    def default_priority_level(self) -> int:
+        return self.config.default_priority_level if self.config.priority_levels else 0
+
+    async def submit_with_priority(
+        self, inputs: Tensors, *, deadline: float, priority: int
+    ) -> Tensors:
+        return await self.submit(inputs, deadline=deadline, priority=priority)
 
     async def start(self) -> None:
         self._stopping = False
@@ -765,14 +906,23 @@ class DynamicBatcher(Batcher):
             task.cancel()
         return cut
 
-    async def submit(self, inputs: Tensors, *, deadline: float) -> Tensors:
+    async def submit(self, inputs: Tensors, *, deadline: float, priority: int = 0) -> Tensors:
+        """Queue one request; ``priority``: its level (with ``priority_levels``), 0 the default.
+
+        Raises:
+            ValueError: ``priority`` is not one of the levels (infercore checks it first).
+        """
         if self._stopping:
             raise ShuttingDown("the model version is stopping")
         if self._task is None or self._wakeup is None:
             raise RuntimeError("DynamicBatcher.submit() before start()")
+        if priority and not 0 < priority <= self.config.priority_levels:
+            raise ValueError(
+                f"priority {priority} is not a level from 1 to {self.config.priority_levels}"
+            )
         if self._waiting >= self.config.max_queue_size:
             raise QueueFull(f"queue of model {self.context.model_name!r} is full")
-        ahead = self._rows_ahead_past_horizon()
+        ahead = self._rows_ahead_past_horizon(priority)
         if ahead:
             raise _expected_timeout_error(
                 self.context.model_name,
@@ -792,6 +942,8 @@ class DynamicBatcher(Batcher):
         rows = _rows(self.model, inputs)
         key = tuple((name, arr.dtype.str, arr.shape[1:]) for name, arr in sorted(inputs.items()))
         item = _Item(inputs, rows, key, loop.create_future(), now, deadline, time.perf_counter())
+        if priority:
+            item.level = priority
         limit = now + self.config.queue_timeout_ms / 1000
         item.timer = loop.call_at(min(limit, deadline), self._expire, item, deadline <= limit)
         self._queue.append(item)

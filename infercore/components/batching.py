@@ -70,6 +70,32 @@ class Batcher(Component):
         """
 
     @property
+    def priority_levels(self) -> int:
+        """How many request priority levels this batcher queues by (Triton's ``priority_levels``).
+
+        Level 1 is served first. Above 0, infercore checks a V2 request's ``parameters.priority``
+        against it (above it: 400 ``invalid_input``) and hands a request that names a level
+        other than :attr:`default_priority_level` to :meth:`submit_with_priority`; every other
+        request goes to :meth:`submit`, at the default level. The default, 0: priorities are
+        ignored, as Triton ignores them without ``priority_levels``, and ``submit`` is all
+        that is called (a batcher written before priorities keeps working unchanged).
+        """
+        return 0
+
+    @property
+    def default_priority_level(self) -> int:
+        """The level of a request that names no priority (or 0); 0 when there are no levels."""
+        return 0
+
+    async def submit_with_priority(
+        self, inputs: Tensors, *, deadline: float, priority: int
+    ) -> Tensors:
+        """:meth:`submit` for a request queued at ``priority`` (1 to :attr:`priority_levels`,
+        1 first), which infercore has checked; called only when :attr:`priority_levels` is
+        above 0. The default ignores the level."""
+        return await self.submit(inputs, deadline=deadline)
+
+    @property
     def batches(self) -> bool:
         """Whether one model call may carry the rows of several requests.
 

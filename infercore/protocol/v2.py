@@ -12,6 +12,7 @@ from typing import Any
 
 import msgspec
 
+from infercore.components.batching import Batcher
 from infercore.components.model import Array
 from infercore.components.tensors import V2_TO_NUMPY, v2_datatype
 from infercore.errors import InvalidInput
@@ -69,6 +70,10 @@ class DecodedV2:
     #: Where the first binary input holds NaN or an infinity (JSON cannot carry them), for
     #: the request path to refuse unless the model accepts them; ``None``: nowhere.
     non_finite: str | None = None
+    #: The client's ``parameters.priority`` (Triton's schedule-policy extension): 1 is the
+    #: highest level; 0 when it sent none (or 0, the model's default level). What it means
+    #: for a version is :func:`priority_level`'s to say.
+    priority: int = 0
 
 
 def _validation_message(exc: msgspec.ValidationError) -> str:
@@ -190,12 +195,16 @@ def decode(body: bytes, header_length: int | None, *, max_elements: int) -> Deco
     params = req.parameters
     binary_default = False
     timeout_s = None
+    priority = 0
     if params:
         _refuse_sequences(params)
         binary_default = _flag(params, "binary_data_output", False, "parameters")
         timeout = params.get("timeout")
         if timeout is not None:
             timeout_s = _timeout(timeout)
+        asked = params.get("priority")
+        if asked is not None:
+            priority = _priority(asked)
     outputs: dict[str, bool] | None = None
     if req.outputs:
         outputs = {}
@@ -205,7 +214,9 @@ def decode(body: bytes, header_length: int | None, *, max_elements: int) -> Deco
             if out_params:
                 _refuse_output_extensions(out_params, f"output {out.name!r}")
             outputs[out.name] = _flag(out_params, "binary_data", binary_default, where)
-    return DecodedV2(req.id, tensors, datatypes, outputs, binary_default, timeout_s, bad)
+    return DecodedV2(
+        req.id, tensors, datatypes, outputs, binary_default, timeout_s, bad, priority=priority
+    )
 
 
 #: What ``GET /v2`` lists: the one protocol extension served (the hints below point at it).
@@ -269,6 +280,48 @@ def _timeout(value: Any) -> float | None:
             hint="send the request's timeout in microseconds, as Triton's clients do",
         )
     return value / 1e6 if value else None
+
+
+#: The largest ``parameters.priority``: Triton's field is a uint64.
+MAX_PRIORITY = 2**64 - 1
+
+
+def _priority(value: Any) -> int:
+    """``parameters.priority``: a level, 1 the highest, 0 the model's default (tritonclient's
+    ``priority=``). Checked whether or not the model has levels: a malformed one is a 400."""
+    if type(value) is not int or not 0 <= value <= MAX_PRIORITY:
+        raise InvalidInput(
+            "parameters.priority: expected a priority level (an integer from 0 to 2**64-1; 1 "
+            f"is the highest, 0 the model's default), got {value!r:.40}",
+            hint="send an integer level, as Triton's clients do, or leave it out",
+        )
+    return value
+
+
+def priority_level(priority: int, batcher: Batcher) -> int:
+    """The level at which ``batcher`` queues a request that sent ``parameters.priority`` (above 0):
+    ``priority`` itself, or 0 for the batcher's default level (the request then takes the plain
+    :meth:`~Batcher.submit`, and request groups, as one that named no priority).
+
+    A batcher without levels (``priority_levels`` 0, every batcher's default) ignores it, as
+    Triton does.
+
+    Raises:
+        InvalidInput: ``priority`` is above the batcher's ``priority_levels``. (Triton would
+            quietly queue such a request at the default level; here the client is told.)
+    """
+    levels = batcher.priority_levels
+    if not levels:
+        return 0
+    default = batcher.default_priority_level
+    if priority > levels:
+        raise InvalidInput(
+            f"parameters.priority: {priority} is not a priority level of model "
+            f"{batcher.context.model_name!r}, which has levels 1 (the highest) to {levels}",
+            hint=f"send a level from 1 to {levels}, or 0 (or none) for the default level, "
+            f"{default}",
+        )
+    return 0 if priority == default else priority
 
 
 def _flag(params: dict[str, Any], key: str, default: bool, where: str) -> bool:

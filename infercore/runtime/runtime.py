@@ -868,11 +868,15 @@ class Runtime:
         *,
         declared: Mapping[str, str] | None,
         deadline: float,
+        priority: int = 0,
     ) -> Tensors:
         """Features -> input checks -> batcher -> model, for one request.
 
         Requests that arrive together may share that work (:mod:`infercore.runtime.grouping`).
         The primary's answer may then be copied to shadow versions (never awaited here).
+        ``priority``: the batcher's priority level for the request (``protocol.v2.priority_level``);
+        0, the default level. A request at a level of its own runs alone: a group is queued as
+        one request, at the default level.
         """
         if self.draining:
             raise ShuttingDown("the server is shutting down")
@@ -882,10 +886,10 @@ class Runtime:
         try:
             groups = sv.groups
             result = None
-            if groups is not None:
+            if groups is not None and not priority:
                 result = await groups.submit(fields, declared, deadline)
             if result is None:
-                result = await self._run_alone(served, sv, fields, declared, deadline)
+                result = await self._run_alone(served, sv, fields, declared, deadline, priority)
             error = False
             return result
         except InfercoreError as exc:
@@ -906,11 +910,12 @@ class Runtime:
         fields: Mapping[str, Array],
         declared: Mapping[str, str] | None,
         deadline: float,
+        priority: int = 0,
     ) -> Tensors:
         """One request through the pipeline on its own."""
         inputs = await served.features.fetch(fields, deadline=deadline)
         prepared = self._prepare(sv, inputs, fields, declared)
-        result = await self._run_model(served, sv, inputs, prepared, deadline)
+        result = await self._run_model(served, sv, inputs, prepared, deadline, priority)
         table = served.table
         if table.shadows and sv.version == table.primary and served.shadow is not None:
             targets = served.router.mirror(RouteRequest(_NO_HEADERS, "", fields), table)
@@ -932,9 +937,15 @@ class Runtime:
         inputs: Tensors,
         prepared: Tensors,
         deadline: float,
+        priority: int = 0,
     ) -> Tensors:
         """Batcher and model, the outputs plan, and the drift offer: the answer's tensors."""
-        outputs = await sv.batcher.submit(prepared, deadline=deadline)
+        if priority:
+            outputs = await sv.batcher.submit_with_priority(
+                prepared, deadline=deadline, priority=priority
+            )
+        else:
+            outputs = await sv.batcher.submit(prepared, deadline=deadline)
         plan = sv.outputs_plan
         result = outputs if plan is None else plan.apply(outputs)
         if served.drift is not None:

@@ -583,6 +583,7 @@ def create_app(
                         f"model {served.name!r} version {version!r} is not ready",
                         version=version,
                     )
+            priority = 0  # the version's default level
             header_length = _header_length(headers) if protocol == "v2" else None
             encoding = _content_type_ok(headers, header_length is not None)
             client_s = _client_timeout(headers) if "x-infercore-timeout-ms" in headers else None
@@ -617,6 +618,9 @@ def create_app(
                     watch = deadlines.watch(loop, deadline)
                 sv = served.pick(version, headers, decoded.id or rid, decoded.tensors)
                 vm = sv.metrics
+                if decoded.priority:
+                    # Triton's parameters.priority, checked against the picked version's levels.
+                    priority = v2.priority_level(decoded.priority, sv.batcher)
                 if decoded.non_finite is not None and not getattr(
                     sv.model, "accepts_non_finite", False
                 ):
@@ -655,8 +659,17 @@ def create_app(
             vm.inflight.inc()
             try:
                 try:
-                    outputs = await runtime.infer(
-                        served, sv, fields, declared=declared, deadline=deadline
+                    outputs = await (
+                        runtime.infer(served, sv, fields, declared=declared, deadline=deadline)
+                        if not priority
+                        else runtime.infer(
+                            served,
+                            sv,
+                            fields,
+                            declared=declared,
+                            deadline=deadline,
+                            priority=priority,
+                        )
                     )
                 except BaseException as exc:
                     # Cancelled by its deadline (and by nothing else): a timeout.
