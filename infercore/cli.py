@@ -18,7 +18,7 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import msgspec
@@ -603,6 +603,21 @@ def _check_uds(
         )
 
 
+def _refused_heads_counter(metrics: Any) -> Callable[[int | None, str], None]:
+    """Counts the request heads the inference listener's HTTP protocol refuses (431/414/408):
+    no model is known from a head refused unread, so they are counted as the app counts a
+    request that names no model it serves (``model=""``, ``version=""``). The admin listener
+    passes none: its refusals are not inference requests."""
+    counters = metrics.responses("", "")
+
+    def count_refused(status: int | None, reason: str) -> None:
+        if status is not None:  # None: the connection closed before the answer could go
+            counters.count_response(status)
+        counters.count_failure(reason)
+
+    return count_refused
+
+
 async def _serve_async(
     app: Any,
     runtime: Any,
@@ -616,6 +631,7 @@ async def _serve_async(
 
     import uvicorn
 
+    from infercore.server.loopwatch import unwatched
     from infercore.server.shutdown import (
         IDLE_LINGER_S,
         GracefulShutdown,
@@ -637,6 +653,7 @@ async def _serve_async(
             reject_before_body,
             max_header_bytes=cfg.max_header_bytes,
             header_timeout_s=cfg.header_timeout_ms / 1000,
+            count_refused=_refused_heads_counter(runtime.metrics),
         ),
         lifespan="on",
         log_config=None,
@@ -737,7 +754,7 @@ async def _serve_async(
             await _stop_once_started(server, serve_task)
         else:
             log.info("ready: %s", _ready_line(runtime))
-            freeze_heap()
+            unwatched(freeze_heap)  # infercore's own work: no stall (server.loop_block_warn_ms)
             if worker is not None:
                 worker.report_ready()
     else:

@@ -31,11 +31,20 @@ repeats go to DEBUG and the next WARNING says how many there were. Every stall i
 A blocked loop is measured from when the heartbeat was due: it may have begun up to one
 heartbeat interval earlier, so durations are lower bounds and a block shorter than the
 threshold plus that interval may go unreported.
+
+infercore's own start-up work that must run on the loop and may take long (``freeze_heap``:
+a full collection, then ``gc.freeze``, 60-240 ms with the shipped recipes, more with a larger
+heap) runs through :func:`unwatched`: the watchdog is paused around it, so it is neither
+counted nor logged as a stall (one DEBUG line, or INFO past the threshold, says how long it
+held the loop). Only synchronous work can be excused this way, so nothing else (a plugin's
+``start()``, a request) runs while the watchdog looks away: a plugin's blocking at start-up
+is seen as before.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import site
@@ -44,10 +53,10 @@ import sysconfig
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import FrameType, ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from infercore.server.logs import module_name
 
@@ -57,6 +66,9 @@ if TYPE_CHECKING:
     from infercore.registry import Registry
 
 log = logging.getLogger("infercore.server.loop")
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 #: The heartbeat's period: at most this, and at most a fifth of the threshold, so that a
 #: block is measured within a fifth of the threshold.
@@ -287,6 +299,8 @@ class LoopWatch:
         #: How late each heartbeat that ran over ``threshold_s`` late was: appended by the
         #: loop, taken by the thread (a deque's append and popleft are atomic).
         self._late: deque[float] = deque()
+        #: Pauses in force (:meth:`pause`); written by the loop only, read by the thread.
+        self._paused = 0
         # The thread's own state.
         self._stall: _Stall | None = None
         self._quiet: dict[str | None, tuple[float, int]] = {}
@@ -302,6 +316,7 @@ class LoopWatch:
         self._handle = loop.call_later(self.interval_s, self._beat, loop)
         self._thread = threading.Thread(target=self._watch, name="infercore-loopwatch", daemon=True)
         self._thread.start()
+        _STARTED.add(self)
 
     def _beat(self, loop: asyncio.AbstractEventLoop) -> None:
         # The only work on the loop: a clock read, a comparison and the next timer.
@@ -312,15 +327,38 @@ class LoopWatch:
         self._due = now + self.interval_s
         self._handle = loop.call_later(self.interval_s, self._beat, loop)
 
-    def stop(self) -> None:
-        """Stop the heartbeat and the thread (whatever stall just ended is logged first)."""
+    def _cancel_beat(self) -> None:
+        """Cancel the pending heartbeat; a stall that has just ended (it did not get to run)
+        ends here."""
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
-            # The heartbeat that did not get to run: a stall that has just ended ends here.
             late = time.monotonic() - self._due
             if late > self.threshold_s:
                 self._late.append(late)
+
+    def pause(self) -> None:
+        """Stop counting from now until :meth:`resume`; call it on the loop, right before
+        synchronous work that is known to hold the loop (:func:`unwatched`). Pauses nest."""
+        self._paused += 1
+        if self._paused == 1:
+            self._cancel_beat()
+
+    def resume(self) -> None:
+        """Count again, from now: the time paused is no stall (the heartbeat starts afresh)."""
+        if self._paused == 0:
+            raise RuntimeError("LoopWatch.resume() without pause()")
+        self._paused -= 1
+        loop = self._loop
+        if self._paused or loop is None or self._stopped.is_set() or self._handle is not None:
+            return
+        self._due = time.monotonic() + self.interval_s
+        self._handle = loop.call_later(self.interval_s, self._beat, loop)
+
+    def stop(self) -> None:
+        """Stop the heartbeat and the thread (whatever stall just ended is logged first)."""
+        _STARTED.discard(self)
+        self._cancel_beat()
         self._stopped.set()
         thread, self._thread = self._thread, None
         if thread is not None and thread is not threading.current_thread():
@@ -338,6 +376,8 @@ class LoopWatch:
                 due = self._due
                 if self._stall is None:
                     wait = due + self.threshold_s - time.monotonic()
+                    if self._paused and wait <= 0:
+                        wait = self.interval_s  # no heartbeat is pending: see resume()
                     if wait > 0:
                         if stopped.wait(wait):
                             return
@@ -359,6 +399,12 @@ class LoopWatch:
         """The heartbeat due at ``due`` is over the threshold late: name what blocks."""
         looked_late = time.monotonic() - due - self.threshold_s
         frame = sys._current_frames().get(self._loop_thread)
+        if self._paused:
+            # Paused since the check in _watch: the loop is in work it was told of, and the
+            # frame would blame that. A heartbeat over the threshold late before the pause
+            # was recorded by pause() (counted unnamed, as a stall this thread did not see).
+            del frame
+            return
         try:
             code = blocking_code(frame, self._plugins)
         finally:
@@ -462,6 +508,49 @@ class LoopWatch:
             return logging.DEBUG, 0
         self._quiet[key] = (now + self._repeat_s, 0)
         return logging.WARNING, held
+
+
+#: The watches started and not stopped, in this process (one per worker's loop, as a rule).
+_STARTED: set[LoopWatch] = set()
+
+
+def unwatched(work: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """``work(*args, **kwargs)``, run now, with the watchdog of the running loop (if any)
+    paused around it: infercore's own start-up work that is known to hold the loop
+    (``freeze_heap``) is no stall, neither counted nor logged as one. How long it held the
+    loop is logged (DEBUG; INFO past the watchdog's threshold, as the loop did not answer).
+
+    ``work`` must be synchronous (a coroutine function is refused): while it runs nothing else
+    runs on the loop, so nothing but ``work`` goes unseen. Outside a running loop it just
+    runs.
+    """
+    if inspect.iscoroutinefunction(work):
+        raise TypeError(f"unwatched() runs synchronous work, not {work.__qualname__}()")
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return work(*args, **kwargs)
+    # A snapshot: other threads' loops (a test client's portal) start and stop theirs.
+    watches = [w for w in tuple(_STARTED) if w._loop is loop]
+    for watch in watches:
+        watch.pause()
+    begun = time.monotonic()
+    try:
+        return work(*args, **kwargs)
+    finally:
+        held = time.monotonic() - begun
+        for watch in watches:
+            watch.resume()
+        if watches:
+            over = held > min(w.threshold_s for w in watches)
+            log.log(
+                logging.INFO if over else logging.DEBUG,
+                "%s held the event loop for %.2f s (infercore's own start-up work: not counted "
+                "as a stall)",
+                getattr(work, "__qualname__", repr(work)),
+                held,
+                extra={"blocked_ms": round(held * 1000)},
+            )
 
 
 def watch_loop(

@@ -239,6 +239,7 @@ def http_protocol(
     *,
     max_header_bytes: int = MAX_HEADER_BYTES,
     header_timeout_s: float = HEADER_TIMEOUT_S,
+    count_refused: Callable[[int | None, str], None] | None = None,
 ) -> type[asyncio.Protocol]:
     """uvicorn's httptools protocol, with one send per response and lingering idle connections.
 
@@ -268,6 +269,19 @@ def http_protocol(
       is closed (as an idle keep-alive connection is). Both answers
       are JSON with ``Connection: close``; the connection is half-closed after them and
       drops what still arrives, as :meth:`_answer_before_body` does.
+    * A head refused while the response to a request before it (pipelined) is still being
+      written is answered when that response, and any queued between, have completed: an
+      answer cannot go in the middle of another. Nothing after the refused head reaches the
+      app. A pipelined head that is late while a response before it is written may still
+      finish before that response does (it is then served); otherwise it is answered 408 as
+      that response completes, and an unfinished head after a response is left to its own
+      clock (never to the shorter idle keep-alive timeout, which would close it silently).
+    * A head the HTTP parser cannot read is answered 400 ``invalid_input`` (JSON) the same
+      way: after the response before it, then half-closed.
+    * ``count_refused(status, reason)`` (the inference listener's metrics) is called once for
+      each refused head (431, 414, 408, and 400 for a malformed one): with its status once its
+      answer is written, with ``None`` when the connection closed before the answer could go
+      (the response before it said ``Connection: close``, or the client went).
     """
     from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
@@ -295,6 +309,11 @@ def http_protocol(
         #: The current head began in the read that ended the request before it (pipelined):
         #: the reads did not count it, so its size is taken from what the parser gave.
         uncounted = False
+        #: A refused head's answer ``(status, reason, body)``, waiting for the response in
+        #: progress before it to complete (:meth:`on_response_complete`).
+        refused: tuple[int, str, bytes] | None = None
+        #: The current head's clock ran out while a response before it was being written.
+        head_late = False
 
         def data_received(self, data: bytes) -> None:
             if self.discarding:
@@ -349,14 +368,24 @@ def http_protocol(
             if self.discarding or self.head_bytes < 0 or self.transport.is_closing():
                 return
             cycle = self.cycle
-            if self.flow.read_paused or (cycle is not None and not cycle.response_complete):
-                # A request before it is still answering (pipelined): the head may wait in
-                # the socket, unread. That request's own deadline bounds this; look again later.
+            busy = cycle is not None and not cycle.response_complete
+            if busy and self.head_bytes and not self.flow.read_paused:
+                # Late while the response before it is written (pipelined): a 408 cannot go in
+                # the middle of that response. It goes when the response completes
+                # (:meth:`_after_response`), unless the head has finished by then.
+                self.head_late = True
+                return
+            if busy or self.flow.read_paused:
+                # Behind a request still queued (pipelined): the head may wait in the socket,
+                # unread. That request's own deadline bounds this; look again later.
                 self.head_timer = self.loop.call_later(header_timeout_s, self._head_timed_out)
                 return
             if not self.head_bytes:
                 self.transport.close()  # nothing of a request came: closed, as when idle
                 return
+            self._refuse_late_head()
+
+        def _refuse_late_head(self) -> None:
             self._refuse_head(
                 408,
                 "request_timeout",
@@ -368,15 +397,33 @@ def http_protocol(
         def _refuse_head(self, status: int, reason: str, message: str, hint: str) -> None:
             """Answer a request whose head is refused, then half-close and drop the rest."""
             refusals.note(status, message, self.client)
+            body = json.dumps({"error": f"{message} (hint: {hint})", "reason": reason}).encode()
+            self._refuse(status, reason, body)
+
+        def _refuse(self, status: int, reason: str, body: bytes) -> None:
+            """Answer a refused head now, or after the response still being written before it."""
             self.discarding = True
             self._unset_keepalive_if_required()
+            timer = self.head_timer
+            if timer is not None:
+                timer.cancel()
+                self.head_timer = None
             cycle = self.cycle
             if cycle is not None and not cycle.response_complete:
                 # A response is still being written on this connection (pipelined requests):
-                # no answer can go between; the connection closes after it.
-                cycle.keep_alive = False
+                # no answer can go in the middle of it. Sent once it (and any request queued
+                # before this head) completes.
+                self.refused = (status, reason, body)
                 return
-            body = json.dumps({"error": f"{message} (hint: {hint})", "reason": reason}).encode()
+            self._send_refusal(status, reason, body)
+
+        def _send_refusal(self, status: int, reason: str, body: bytes) -> None:
+            """Write a refused head's answer, then half-close and drop what still arrives."""
+            if count_refused is not None:
+                try:
+                    count_refused(status, reason)
+                except Exception:
+                    log.exception("counting a refused request head failed")
             self.server_state.total_requests += 1
             transport = self.one_send.transport
             transport.write(self._closing_answer(status, body))
@@ -393,6 +440,12 @@ def http_protocol(
             body = json.dumps(
                 {"error": f"malformed HTTP request: {msg}", "reason": "invalid_input"}
             ).encode()
+            if self.head_bytes >= 0:
+                # In a request head (not a body the app is reading): refused as the limits
+                # refuse one, counted, and after the response to a pipelined request before
+                # it (uvicorn wrote it at once, and the close lost that response).
+                self._refuse(400, "invalid_input", body)
+                return
             self.transport.write(self._closing_answer(400, body))
             self.transport.close()
 
@@ -418,6 +471,7 @@ def http_protocol(
 
         def on_headers_complete(self) -> None:
             self.head_bytes = -1  # a body, if any, follows
+            self.head_late = False
             timer = self.head_timer
             if timer is not None:
                 timer.cancel()
@@ -532,6 +586,14 @@ def http_protocol(
             if self.head_timer is not None:
                 self.head_timer.cancel()
                 self.head_timer = None
+            refused = self.refused
+            if refused is not None:  # closed before its answer could go: its reason only
+                self.refused = None
+                if count_refused is not None:
+                    try:
+                        count_refused(None, refused[1])
+                    except Exception:
+                        log.exception("counting a refused request head failed")
             super().connection_lost(exc)
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -547,6 +609,27 @@ def http_protocol(
         def on_response_complete(self) -> None:
             self.one_send.flush()
             super().on_response_complete()
+            if self.head_bytes > 0 or self.refused is not None:
+                self._after_response()
+
+        def _after_response(self) -> None:
+            """A response completed with a head after it (pipelined) refused or unfinished."""
+            cycle = self.cycle
+            if self.transport.is_closing() or (cycle is not None and not cycle.response_complete):
+                # Closed (the response said Connection: close: its refused head's reason is
+                # counted as the connection goes), or a request queued before the head is
+                # now answering: this is looked at again when that one completes.
+                return
+            # The head's clock or answer decides now, not the idle timer super() armed: at
+            # its default (5 s), shorter than the head's, it would close without a word.
+            self._unset_keepalive_if_required()
+            refused = self.refused
+            if refused is not None:
+                self.refused = None
+                self._send_refusal(*refused)
+            elif self.head_late:
+                self.head_late = False
+                self._refuse_late_head()
 
         def shutdown(self) -> None:
             self.stopping = True

@@ -2,6 +2,8 @@
 WARNING (plugin, module, line, ``SleepyModel.predict``), the stall's end is logged, and
 ``/metrics`` counts it; one that sleeps in a thread is never blamed;
 ``server.loop_block_warn_ms=0`` turns the watchdog off; apps leave no watchdog thread behind.
+A plugin that blocks the loop while it starts is named too: only infercore's own start-up work
+(``freeze_heap``, run through ``loopwatch.unwatched``) is excused.
 
 Real server processes (several workers) are in ``tests/e2e/test_workers_loop_stalls.py``.
 """
@@ -29,6 +31,8 @@ LOGGER = "infercore.server.loop"
 class SleepyConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     #: Sleep in a worker thread (as a plugin should) instead of on the event loop.
     in_thread: bool = False
+    #: Sleep on the event loop in ``start()`` (a model load that blocks).
+    block_start: bool = False
 
 
 class SleepyModel(Model):
@@ -39,6 +43,8 @@ class SleepyModel(Model):
     config: SleepyConfig
 
     async def start(self) -> None:
+        if self.config.block_start:
+            time.sleep(BLOCK_S)  # a load that blocks the event loop
         self.inputs = [TensorSpec("x", "FP32", (-1, 4))]
         self.outputs = [TensorSpec("y", "FP32", (-1,))]
 
@@ -73,9 +79,11 @@ SLOW = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1
 FAST = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [2, 2, 3, 4]}]}
 
 
-def _recipe(warn_ms: int | None, *, in_thread: bool = False) -> dict[str, Any]:
+def _recipe(
+    warn_ms: int | None, *, in_thread: bool = False, block_start: bool = False
+) -> dict[str, Any]:
     server = {} if warn_ms is None else {"loop_block_warn_ms": warn_ms}
-    loader = {"kind": "sleepy", "in_thread": in_thread}
+    loader = {"kind": "sleepy", "in_thread": in_thread, "block_start": block_start}
     return {"server": server, "models": {"m": {"versions": {"1": {"loader": loader}}}}}
 
 
@@ -154,3 +162,21 @@ def test_apps_leave_no_watchdog_thread_behind() -> None:
             assert client.post("/v2/models/m/infer", json=FAST).status_code == 200
             assert len(_watch_threads() - before) == 1  # the default is on
     assert _watch_threads() <= before
+
+
+def test_a_plugin_that_blocks_the_loop_while_it_starts_is_named(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    culprit = f"{__name__}:{_line_of(SleepyModel.start, 'time.sleep')} SleepyModel.start"
+    with (
+        caplog.at_level(logging.INFO, logger=LOGGER),
+        recipe_client(_recipe(100, block_start=True), ("sleepy", SleepyPlugin())) as client,
+    ):
+        deadline = time.monotonic() + 5
+        while not any(culprit in r for r in _loop_lines(caplog, logging.INFO)):
+            assert time.monotonic() < deadline, caplog.text
+            time.sleep(0.02)
+        metrics = client.get("/metrics").text
+    named = [line for line in _loop_lines(caplog, logging.WARNING) if culprit in line]
+    assert len(named) == 1 and "(plugin 'sleepy')" in named[0], caplog.text
+    assert metric_value(metrics, "infercore_event_loop_stalls_total") >= 1

@@ -5,31 +5,92 @@ httptools has no limit on a header (it buffers one until its line ends) and uvic
 clock before a request's headers are complete: a 16 MB header was answered 200, and a client
 sending one header line a second held its connection for ever. The app behind uvicorn with
 infercore's protocol on a real loopback socket, as ``infercore serve`` runs it, with small
-limits so that the tests are quick.
+limits so that the tests are quick. A refused head is counted as the app counts a request
+that names no model (``model=""``), as ``infercore serve`` wires it; a head refused behind a
+pipelined request still answering gets its own answer once that request's has gone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from http import HTTPStatus
 from typing import Any
 
 import httpx
 import pytest
 from uvicorn_support import on_loopback
 
+from infercore.cli import _refused_heads_counter
 from infercore.server.shutdown import http_protocol
-from infercore.testing import fake_model_config, runtime_from_dict
+from infercore.testing import fake_model_config, metric_value, runtime_from_dict
 
 CAP = 8 * 1024
 TIMEOUT_S = 0.5
 LIVE = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n"
 ROW = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
+_BODY = json.dumps(ROW).encode()
+INFER = (
+    b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    b"Content-Length: %d\r\n\r\n%s" % (len(_BODY), _BODY)
+)
+#: Heads the tests send that are refused: over the limit, a target over it, unfinished.
+BIG = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (CAP + 100) + b"\r\n\r\n"
+LONG_URL = b"GET /v2/models/" + b"a" * (CAP + 100) + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+PARTIAL = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n"  # and nothing more
+MALFORMED = b"GET /v2/\x01 HTTP/1.1\r\nHost: x\r\n\r\n"  # the parser refuses it
+#: The liveness answer, byte for byte (the date left out: :func:`undated`).
+LIVE_200 = (
+    b"HTTP/1.1 200 OK\r\ndate: -\r\nserver: uvicorn\r\ncontent-type: application/json\r\n"
+    b'content-length: 13\r\n\r\n{"live":true}'
+)
+_DATE = re.compile(rb"\r\ndate: [^\r]*\r\n")
+
+
+def refusal(status: int, *, timeout_ms: int = int(TIMEOUT_S * 1000)) -> bytes:
+    """A refused head's whole answer, byte for byte (the date left out: :func:`undated`)."""
+    limit = f"{CAP} bytes (server.max_header_bytes)"
+    error, reason = {
+        431: (
+            f"the request line and headers are longer than {limit} "
+            "(hint: send fewer or shorter headers)",
+            "headers_too_large",
+        ),
+        414: (
+            f"the request target is longer than {limit} (hint: send a shorter URL "
+            "(the limit counts the request line and headers))",
+            "headers_too_large",
+        ),
+        408: (
+            f"the request's headers did not arrive within {timeout_ms} ms "
+            "(server.header_timeout_ms) (hint: send the request line and headers at once)",
+            "request_timeout",
+        ),
+        400: ("malformed HTTP request: Invalid HTTP request received.", "invalid_input"),
+    }[status]
+    body = json.dumps({"error": error, "reason": reason}).encode()
+    return (
+        b"HTTP/1.1 %d %s\r\ndate: -\r\nserver: uvicorn\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+        % (status, HTTPStatus(status).phrase.encode(), len(body), body)
+    )
+
+
+def undated(received: bytes) -> bytes:
+    return _DATE.sub(b"\r\ndate: -\r\n", received)
+
+
+def first_response(received: bytes) -> tuple[int, bytes, bytes]:
+    """The status and body of the first response in ``received``, and what follows it."""
+    head, _, rest = received.partition(b"\r\n\r\n")
+    length = int(re.search(rb"\r\ncontent-length: (\d+)", head).group(1))  # type: ignore[union-attr]
+    return int(head.split()[1]), rest[:length], rest[length:]
 
 
 class Fed:
@@ -61,18 +122,77 @@ def counting(protocol: type[Any], fed: Fed) -> type[Any]:
     return Counting
 
 
+def keep_alive(protocol: type[Any], seconds: float) -> type[Any]:
+    """``protocol`` with uvicorn's idle keep-alive timeout at ``seconds`` (5 s by default)."""
+
+    class KeepAlive(protocol):  # type: ignore[misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.timeout_keep_alive = seconds
+
+    return KeepAlive
+
+
+def recording(protocol: type[Any], seen: list[Any]) -> type[Any]:
+    """``protocol`` whose connections are appended to ``seen``."""
+
+    class Recording(protocol):  # type: ignore[misc]
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            seen.append(self)
+
+    return Recording
+
+
+class Server:
+    """A server on a loopback port: its port, and its metrics as ``/metrics`` shows them."""
+
+    def __init__(self, port: int, runtime: Any) -> None:
+        self.port = port
+        self.runtime = runtime
+
+    def counted(self, name: str, **labels: str) -> float:
+        text = self.runtime.metrics.exposition().decode()
+        return metric_value(text, f"infercore_{name}_total", **labels)
+
+    def refused(self) -> dict[str, float]:
+        """What was counted under no model: ``{"431": n, "headers_too_large": n, ...}``, the
+        codes from requests_total and the reasons from request_failures_total (zeros left out)."""
+        text = self.runtime.metrics.exposition().decode()
+        found: dict[str, float] = {}
+        for name, label in (("requests", "code"), ("request_failures", "reason")):
+            for line in text.splitlines():
+                head, _, value = line.rpartition(" ")
+                if head.startswith(f"infercore_{name}_total{{") and float(value):
+                    labels = dict(re.findall(r'(\w+)="([^"]*)"', head))
+                    if labels["model"] == labels["version"] == "":
+                        found[labels[label]] = float(value)
+        return found
+
+
 @asynccontextmanager
-async def listening(
+async def serving(
     *,
     config: dict[str, Any] | None = None,
     wrap: Callable[[type[Any]], type[Any]] = lambda p: p,
+    counted: bool = True,
     **limits: Any,
-) -> AsyncIterator[int]:
-    """A server on a loopback port with the given head limits; yields the port."""
+) -> AsyncIterator[Server]:
+    """A server on a loopback port with the given head limits, its refusals counted as
+    ``infercore serve`` counts them on the inference listener (unless not ``counted``)."""
     runtime = runtime_from_dict(config or fake_model_config())
     options = {"max_header_bytes": CAP, "header_timeout_s": TIMEOUT_S, **limits}
+    if counted:
+        options["count_refused"] = _refused_heads_counter(runtime.metrics)
     async with on_loopback(runtime, lambda app: wrap(http_protocol(0.1, None, **options))) as port:
-        yield port
+        yield Server(port, runtime)
+
+
+@asynccontextmanager
+async def listening(**options: Any) -> AsyncIterator[int]:
+    """:func:`serving`, yielding the port only."""
+    async with serving(**options) as server:
+        yield server.port
 
 
 def exchange(port: int, data: bytes, *, wait_s: float = 5.0) -> bytes:
@@ -288,29 +408,189 @@ def test_a_head_is_not_answered_408_in_the_middle_of_the_response_before_it() ->
     run(scenario)
 
 
-def test_a_pipelined_head_is_held_to_the_limit_and_the_clock() -> None:
-    """A head that arrives in the read that ended the request before it (pipelined) is
-    counted too: one over the limit is never served, and one left unfinished is answered 408,
-    not closed without a word."""
+SLOW = fake_model_config(
+    versions={"1": {"loader": {"kind": "fake", "latency_s": 0.6}, "warmup": False}}
+)
 
-    def pipelined(port: int, rest: bytes) -> bytes:
+
+def pipelined(port: int, data: bytes, *, then: bytes = b"", after_s: float = 0.0) -> bytes:
+    """Send ``data`` in one write (``then`` ``after_s`` later) and read until the server
+    closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(data)
+        if then:
+            time.sleep(after_s)
+            s.sendall(then)
+        return read_all(s)
+
+
+REASONS = {
+    431: "headers_too_large",
+    414: "headers_too_large",
+    408: "request_timeout",
+    400: "invalid_input",
+}
+
+
+@pytest.mark.parametrize(
+    ("head", "status"), [(BIG, 431), (LONG_URL, 414), (PARTIAL, 408), (MALFORMED, 400)]
+)
+def test_a_refused_pipelined_head_is_answered_after_the_response_before_it(
+    head: bytes, status: int
+) -> None:
+    """A head that arrives in the read that ended the request before it (pipelined) is held to
+    the limit and the clock, and gets its own answer once the first response has gone: an
+    answer cannot go in the middle of another (the connection used to close without one; a
+    malformed head's 400 went at once, and the first response was lost)."""
+
+    async def scenario() -> None:
+        async with serving() as server:
+            received = await asyncio.to_thread(pipelined, server.port, LIVE + head)
+            assert undated(received) == LIVE_200 + refusal(status), received[:400]
+            assert server.refused() == {str(status): 1.0, REASONS[status]: 1.0}
+            await serves_on(server.port)
+
+    run(scenario)
+
+
+def test_a_refused_head_waits_for_the_requests_queued_before_it() -> None:
+    """Behind a running request and a queued one, both are answered, then the refusal; what
+    follows the refused head never reaches the app."""
+
+    async def scenario() -> None:
+        async with serving(config=SLOW) as server:
+            data = INFER + LIVE + BIG + INFER
+            received = await asyncio.to_thread(pipelined, server.port, data)
+            status, body, rest = first_response(undated(received))
+            assert status == 200 and b'"model_name":"m"' in body, received[:400]
+            assert rest == LIVE_200 + refusal(431), received[:400]
+            assert server.counted("requests", model="m", code="200") == 1  # not the last one
+            assert server.refused() == {"431": 1.0, "headers_too_large": 1.0}
+
+    run(scenario)
+
+
+def test_a_head_refused_behind_a_stuck_request_is_answered_after_its_deadline() -> None:
+    """The request before the refused head runs past ``server.request_timeout_ms``: its 504
+    goes at the deadline, then the 431."""
+    slow = {**SLOW, "server": {"request_timeout_ms": 200}}
+
+    async def scenario() -> None:
+        async with serving(config=slow) as server:
+            received = await asyncio.to_thread(pipelined, server.port, INFER + BIG)
+            status, body, rest = first_response(undated(received))
+            assert status == 504 and b'"reason":"deadline_exceeded"' in body, received[:400]
+            assert rest == refusal(431), received[:400]
+            assert server.refused() == {"431": 1.0, "headers_too_large": 1.0}
+
+    run(scenario)
+
+
+def test_a_client_gone_before_a_deferred_answer_leaves_nothing_behind() -> None:
+    """The client closes while the request before the refused head still runs: nothing is
+    written, no timer is left, the connection is gone, and the refusal counts its reason only
+    (no response code: no response was sent)."""
+    seen: list[Any] = []
+
+    def send_and_go(port: int) -> None:
         with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-            s.sendall(LIVE + rest)
+            s.sendall(INFER + BIG)
+            time.sleep(0.2)  # the refusal is made, the model (0.6 s) still runs
+
+    async def scenario() -> None:
+        async with serving(config=SLOW, wrap=lambda p: recording(p, seen)) as server:
+            await asyncio.to_thread(send_and_go, server.port)
+            (connection,) = seen
+            async with asyncio.timeout(5):
+                while connection.parser is not None:  # connection_lost clears it
+                    await asyncio.sleep(0.01)
+            assert connection.refused is None
+            assert connection.head_timer is None and connection.discard_timer is None
+            assert connection.timeout_keep_alive_task is None
+            assert connection.one_send.transport.is_closing()
+            assert connection not in connection.server_state.connections
+            assert server.refused() == {"headers_too_large": 1.0}
+            await serves_on(server.port)
+
+    run(scenario)
+
+
+def test_an_unfinished_head_after_a_response_is_not_closed_by_the_idle_timer() -> None:
+    """After the response before it, an unfinished pipelined head is answered 408 on its own
+    clock: uvicorn's idle keep-alive timer (5 s by default, below the head's 10 s) used to
+    close the connection without a word."""
+
+    async def scenario() -> None:
+        async with serving(wrap=lambda p: keep_alive(p, 0.05), header_timeout_s=1.0) as server:
+            received = await asyncio.to_thread(pipelined, server.port, LIVE + PARTIAL)
+            assert undated(received) == LIVE_200 + refusal(408, timeout_ms=1000), received
+            assert server.refused() == {"408": 1.0, "request_timeout": 1.0}
+
+    run(scenario)
+
+
+def test_a_head_late_behind_a_running_request_is_answered_when_it_completes() -> None:
+    """A pipelined head whose clock runs out while the request before it runs is answered 408
+    as soon as that request's response has gone (not left to the idle timer)."""
+
+    async def scenario() -> None:
+        async with serving(
+            config=SLOW, wrap=lambda p: keep_alive(p, 0.05), header_timeout_s=0.25
+        ) as server:
+            received = await asyncio.to_thread(pipelined, server.port, INFER + PARTIAL)
+            status, body, rest = first_response(undated(received))
+            assert status == 200 and b'"model_name":"m"' in body, received[:400]
+            assert rest == refusal(408, timeout_ms=250), received[:400]
+            assert server.refused() == {"408": 1.0, "request_timeout": 1.0}
+
+    run(scenario)
+
+
+# --- counted --------------------------------------------------------------------------------
+
+
+def test_refused_heads_are_counted_under_no_model() -> None:
+    """431, 414, 408 and a malformed head's 400 count one code and one reason each, labelled
+    as the app labels a request that names no model it serves; a connection that sends
+    nothing is not a request."""
+
+    def silent(port: int) -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
             return read_all(s)
 
     async def scenario() -> None:
-        async with listening() as port:
-            big = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (CAP + 100)
-            received = await asyncio.to_thread(pipelined, port, big + b"\r\n\r\n")
-            # The first is answered; the second never is (it is refused, and its answer
-            # cannot go in the middle of the first's: the connection closes after it).
-            assert received.count(b"HTTP/1.1 200 OK") == 1, received[:300]
-            partial = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n"  # and nothing more
-            received = await asyncio.to_thread(pipelined, port, partial)
-            first, _, second = received.partition(b'{"live":true}')
-            assert first.startswith(b"HTTP/1.1 200 OK"), received[:300]
-            assert answer(second)[0] == 408, received[:300]
-            await serves_on(port)
+        async with serving() as server:
+            for data in (BIG, BIG, LONG_URL, PARTIAL, MALFORMED):
+                await asyncio.to_thread(exchange, server.port, data)
+            assert await asyncio.to_thread(silent, server.port) == b""
+            assert server.refused() == {
+                "431": 2.0,
+                "414": 1.0,
+                "408": 1.0,
+                "400": 1.0,
+                "headers_too_large": 3.0,
+                "request_timeout": 1.0,
+                "invalid_input": 1.0,
+            }
+            # Under the inference metrics' names and labels, beside the app's own counts.
+            assert server.counted("requests", model="", version="", code="431") == 2
+            assert server.counted("request_failures", model="", reason="request_timeout") == 1
+            await serves_on(server.port)
+            assert server.counted("requests", model="m", code="200") == 1
+
+    run(scenario)
+
+
+def test_without_a_counter_refused_heads_are_not_counted() -> None:
+    """The admin listener builds its protocol without one: its refusals are not inference
+    requests."""
+
+    async def scenario() -> None:
+        async with serving(counted=False) as server:
+            assert answer(await asyncio.to_thread(exchange, server.port, BIG))[0] == 431
+            received = await asyncio.to_thread(exchange, server.port, LIVE + BIG)
+            assert undated(received) == LIVE_200 + refusal(431)
+            assert server.refused() == {}
 
     run(scenario)
 

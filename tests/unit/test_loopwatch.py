@@ -1,6 +1,7 @@
 """The event loop's watchdog (:mod:`infercore.server.loopwatch`): a loop blocked past the
 threshold is named once per stall (module, line and function, no paths), its end is logged,
-both are counted; ``0`` turns it off; the thread ends with :meth:`LoopWatch.stop`.
+both are counted; ``0`` turns it off; the thread ends with :meth:`LoopWatch.stop`; infercore's
+own start-up work run through :func:`unwatched` is no stall, and a block after it still is.
 
 Thresholds are generous against the blocks (100 ms against 600 ms) and no test asserts a
 duration beyond "longer than half the block".
@@ -25,7 +26,7 @@ from infercore.config.schema import InfercoreConfig
 from infercore.config.validation import convert
 from infercore.errors import ConfigError
 from infercore.metrics import Metrics
-from infercore.server.loopwatch import LoopWatch, blocking_code, watch_loop
+from infercore.server.loopwatch import LoopWatch, blocking_code, unwatched, watch_loop
 
 THRESHOLD_S = 0.1
 BLOCK_S = 0.6
@@ -186,6 +187,110 @@ def test_stop_ends_the_thread_of_a_loop_that_ran_free() -> None:
 
     asyncio.run(scenario())
     assert _watch_threads() <= before
+
+
+# --- infercore's own start-up work ----------------------------------------------------------
+
+
+def freeze_like() -> int:
+    """Start-up work that holds the loop, as ``freeze_heap`` (a full collection) does."""
+    time.sleep(BLOCK_S)
+    return 7
+
+
+def _loop_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "infercore.server.loop"]
+
+
+def test_start_up_work_run_unwatched_is_no_stall_and_a_block_after_it_is(
+    records: Records, caplog: pytest.LogCaptureFixture
+) -> None:
+    metrics = Metrics()
+    watch = _watch(metrics)
+    results: list[int] = []
+    with caplog.at_level(logging.DEBUG, logger="infercore.server.loop"):
+        _run(watch, lambda: results.append(unwatched(freeze_like)), blocking_predict)
+
+    assert results == [7]
+    # The start-up work is neither named nor counted: the only stall is the block after it.
+    assert not [r for r in records.records if "freeze_like" in r.getMessage()], records.records
+    assert len(records.lines(logging.WARNING, "blocking_predict")) == 1
+    assert len(records.lines(logging.INFO, "blocking_predict")) == 1  # its end
+    assert _sample(metrics, "infercore_event_loop_stalls_total") >= 1
+    # How long it held the loop is said once, past the threshold at INFO, as no stall.
+    said = [r for r in _loop_records(caplog) if "freeze_like" in r.getMessage()]
+    assert [r.levelno for r in said] == [logging.INFO], said
+    assert said[0].getMessage().startswith("freeze_like held the event loop for ")
+    assert "not counted as a stall" in said[0].getMessage()
+
+
+def test_a_block_just_before_unwatched_work_is_still_counted(records: Records) -> None:
+    # The loop was blocked past the threshold before the pause: that stall is no start-up
+    # work's, and is counted (pause() records the late heartbeat as stop() does).
+    metrics = Metrics()
+
+    def block_then_freeze() -> None:
+        blocking_predict()
+        unwatched(freeze_like)
+
+    _run(_watch(metrics), block_then_freeze)
+    assert not [r for r in records.records if "freeze_like" in r.getMessage()], records.records
+    assert _sample(metrics, "infercore_event_loop_stalls_total") >= 1
+    assert _sample(metrics, "infercore_event_loop_stall_seconds_count") >= 1
+
+
+def test_pauses_nest_and_the_heartbeat_starts_afresh_on_resume() -> None:
+    async def scenario() -> None:
+        watch = LoopWatch(THRESHOLD_S)
+        watch.start()
+        try:
+            watch.pause()
+            watch.pause()
+            assert watch._handle is None  # no heartbeat to be late while paused
+            watch.resume()
+            assert watch._handle is None  # one pause still in force
+            watch.resume()
+            assert watch._handle is not None
+            assert watch._due > time.monotonic()  # due from now: the pause was no stall
+            with pytest.raises(RuntimeError, match="without pause"):
+                watch.resume()
+        finally:
+            watch.stop()
+
+    asyncio.run(scenario())
+
+
+def test_the_thread_does_not_name_a_paused_loop() -> None:
+    # The thread found the heartbeat late just as the loop paused: the frame it would take
+    # is the excused work's, so it counts and names nothing.
+    metrics = Metrics()
+    watch = _watch(metrics)
+    watch._paused = 1
+    watch._begin(time.monotonic() - 1.0)
+    assert watch._stall is None
+    assert _sample(metrics, "infercore_event_loop_stalls_total") == 0
+
+
+def test_unwatched_runs_synchronous_work_only_and_runs_it_without_a_loop() -> None:
+    assert unwatched(lambda a, b=0: a + b, 2, b=3) == 5  # no running loop: just runs
+
+    async def coroutine_work() -> None:
+        return None
+
+    with pytest.raises(TypeError, match="synchronous"):
+        unwatched(coroutine_work)
+
+
+def test_a_stopped_watch_is_not_restarted_by_resume() -> None:
+    async def scenario() -> None:
+        watch = LoopWatch(THRESHOLD_S)
+        watch.start()
+        watch.pause()
+        watch.stop()
+        watch.resume()
+        assert watch._handle is None
+
+    asyncio.run(scenario())
 
 
 # --- which frame is named -------------------------------------------------------------------
