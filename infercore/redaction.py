@@ -7,14 +7,21 @@ with :func:`redact_text` before the admin API and the logs show them (RELIABILIT
 
 A value is secret when its key names one (``token``, ``password``, ``DB_PASS`` …); in any
 text, the credentials of a URL (with a scheme or without: ``redis://:pw@host``,
-``user:pw@redis.internal:6379``), its secret or random-looking query values, a webhook's token
-in its path, and tokens that their prefix names (``ghp_…``, ``sk-…``) are. Names, versions,
-file names and paths, hosts and ports, UUIDs and digests with their algorithm stay visible.
-Only the standard library is imported: the drift code imports this on its own.
+``user:pw@redis.internal:6379``) or of a Go DSN (``user:pw@tcp(db:3306)/app``), its secret or
+random-looking query values, a webhook's token in its path, tokens that their prefix names
+(``ghp_…``, ``sk-…``) and the value after a name that names a secret (``password=…``,
+``"token": "…"``, ``--api-key …``) are. Names, versions, file names and paths, hosts and ports,
+UUIDs and digests with their algorithm, and prose that only mentions a secret ("the token
+expired", "pass --token or set …") stay visible. Only the standard library is imported: the
+drift code imports this on its own.
+
+Nothing here runs per request: config composition and ``config show``, config errors
+(:func:`shown`), drift detector and action errors, deploy checks.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 import urllib.parse
@@ -80,14 +87,50 @@ _PLAIN_QUALIFIERS = frozenset(
 #: ``token_url``.
 _POINTER_WORDS = frozenset({"env", "var", "file", "path", "dir", "name", "header", "field", "url"})
 _KEY_WORD = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
-#: The userinfo of a URL with a scheme: everything between the scheme and the last '@' before
-#: the path; or, with a raw '/' in the password (RFC 3986 wants %2F, people write it raw:
-#: ``redis://:pa/ss@host``), ``user:password`` up to an '@' that an authority follows, where
-#: what follows the ':' is no port (``https://h:8080/a/b@c.com`` has no userinfo).
+#: Where an authority ends: the path, query or fragment, or the URL's end (a space, a quote, a
+#: closing bracket, punctuation).
+_HOST_END = r"(?=[/?#\s\"'`<>)\]},;]|$)"
+#: An '@' that may end a userinfo, and the authority after it; never an '@' that starts a path
+#: segment (``https://h/@user``). Any host name with its port or none (``redis``,
+#: ``cache:6379``) ...
+_AT_ANY_HOST = (
+    r"(?<!/)@(?:\[[0-9a-f:.]+\]|[a-z0-9_](?:[a-z0-9_.\-]{0,253}[a-z0-9_])?)"
+    rf"(?::\d{{1,5}})?{_HOST_END}"
+)
+#: ... or, in an ``http(s)``/``ws(s)`` URL, whose paths hold '@' (``/@user``, ``/npm/@scope``)
+#: far more often than its passwords hold '/', a host that only a host can be (``localhost``,
+#: an IPv4 address, an IPv6 one in brackets, a dotted name ending in letters) or any name with
+#: a port or followed by a path: not a bare word that ends the URL (``…/path@x``).
+_AT_WEB_HOST = (
+    r"(?<!/)@(?:"
+    r"(?:\[[0-9a-f:.]+\]|localhost|\d{1,3}(?:\.\d{1,3}){3}"
+    r"|(?:[a-z0-9_][a-z0-9_\-]{0,62}\.)+[a-z]{2,63})"
+    rf"(?::\d{{1,5}})?{_HOST_END}"
+    rf"|[a-z0-9_][a-z0-9_\-]{{0,62}}(?::\d{{1,5}}{_HOST_END}|(?=[/?#]))"
+    r")"
+)
+#: ``user:password`` (the ':' followed by no port: ``https://h:8080/a/b@c.com`` has none).
+_USER_PASSWORD = r"[^/\s@:]{0,256}:(?!\d*(?:[/?#]|$))\S{0,256}"
+#: The userinfo of a URL with a scheme. ``user:password`` ends at the LAST '@' that an
+#: authority follows: RFC 3986 wants '@' and '/' in a password percent-encoded, people paste
+#: them raw (``redis://:p@ss/w@host:6379/0``: URL parsers read host ``ss``; Redis and Postgres
+#: users mean ``host``). Else (no ':') everything up to the last '@' before the path. A URL
+#: with userinfo whose path holds an '@' inside a segment, a host name after it, is masked up
+#: to that '@' (``redis://u:p@h/0@x`` as ``redis://***@x``): more than its userinfo, never less.
 _URL_CREDS = re.compile(
-    r"(?<![a-z0-9+.\-])(?P<scheme>[a-z][a-z0-9+.\-]*://)"
-    r"(?P<creds>[^/\s]+|[^/\s@:]{0,256}:(?!\d*(?:[/?#]|$))[^\s?#@]{0,256}"
-    r"(?=@[^\s/?#@]+(?:[/?#\s]|$)))@",
+    r"(?<![a-z0-9+.\-])(?P<scheme>(?:(?P<web>https?|wss?)|[a-z][a-z0-9+.\-]*)://)"
+    rf"(?P<creds>(?(web){_USER_PASSWORD}(?={_AT_WEB_HOST})|{_USER_PASSWORD}(?={_AT_ANY_HOST}))"
+    r"|[^/\s]+)@",
+    re.I,
+)
+#: The credentials of a Go DSN (``user:pw@tcp(db:3306)/app``, ``user:pw@unix(/run/my.sock)/app``,
+#: ``user:pw@/app``), up to the last '@' before the network and its address in brackets (or
+#: before the database's '/'); the DSN starts the text or follows a space, a quote, an ``=``,
+#: a bracket or a comma (as a URL without a scheme does).
+_DSN_CREDS = re.compile(
+    r"(?<![^\s\"'`=(<\[{,;|])"
+    r"[^\s/@:\"'`<>=(\[{,;|]{0,128}:[^\s\"'`]{0,256}"
+    r"@(?=[a-z][a-z0-9]{0,15}\([^\s()]{0,256}\)/|/[\w.\-]{0,64}(?:[?\s\"'`]|$))",
     re.I,
 )
 # A scheme starts a word: a scan from inside a long word (a base64 blob) would be quadratic.
@@ -129,6 +172,76 @@ _DIGEST_NAME = re.compile(r"sha\d*|md5|blake2[bs]?|crc32c?|digest|checksum|etag"
 _ARG_WITH_VALUE = re.compile(r"(?P<name>[-+~]{0,2}[A-Za-z_][\w.\-]*)=(?P<value>.*)", re.S)
 #: An option whose value is the next argument: ``--password …``.
 _ARG_OPTION = re.compile(r"--(?P<name>[A-Za-z][\w.\-]*)")
+#: A name with its value in text (an error message, a command line in it, logfmt, a dict's
+#: repr, JSON, YAML): ``password=…``, ``--token=…``, ``db.password='…'``, ``"api_key": "…"``,
+#: ``passwd: …``, ``Authorization: Bearer …``, ``--token …``. The name starts a word;
+#: :func:`_text_pair` decides whether the name is a secret's and the value one (prose is
+#: not: "pass --token or set INFERCORE_ADMIN_TOKEN", "token: expected str").
+_TEXT_PAIR = re.compile(
+    r"(?<![\w.\-+~*])"
+    r"(?:(?P<option>--[A-Za-z][\w.\-]{0,127})[ \t]+(?![-*])"
+    r"|(?P<quote>[\"']?)(?P<name>[-+~]{0,2}[A-Za-z_][\w.\-]{0,127})(?P=quote)"
+    r"(?P<sep>=|[ \t]*:[ \t]*))"
+    r"(?P<auth_scheme>(?i:bearer|basic|token|digest|bot)[ \t]+)?"
+    r"(?P<value>\"(?:[^\"\\\n]|\\.){0,1024}\"|'(?:[^'\\\n]|\\.){0,1024}'"
+    r"|[^\s,;&\"'`<>)\]}]{1,1024})"
+)
+#: Text without any of these holds no name of a secret (:func:`_text_secret_key`): one scan
+#: in C spares the pairs' search most texts.
+_SECRET_HINT = re.compile(r"tok|secret|pass|pwd|key|auth|cred|cookie|session|sig", re.I)
+#: What follows a value that ends its clause: ``passwd: x``, ``{password: x, user: y}``.
+_CLAUSE_END = re.compile(r"[ \t]*(?:[,;)\]}\r\n]|$)")
+#: Head words (:data:`_SECRET_HEADS`) that alone name too many things in prose and logs to mark
+#: the value after them secret (``key=42`` is a cache's or a row's key; ``session: 3``): in
+#: text, a name needs more (``api_key``, ``private_key``, ``X-Session``). Config keys and
+#: argument lists keep them.
+_PROSE_HEADS = frozenset({"key", "pass", "session", "sig", "signature"})
+#: Words after a secret's name that are prose or a state, not a value: ``token: expected
+#: str``, ``--token or --token-file``, ``password: missing``, ``token=None``.
+_PROSE_VALUES = frozenset(
+    {
+        "a",
+        "an",
+        "the",
+        "to",
+        "or",
+        "and",
+        "is",
+        "are",
+        "was",
+        "be",
+        "in",
+        "of",
+        "for",
+        "from",
+        "with",
+        "as",
+        "by",
+        "if",
+        "not",
+        "no",
+        "none",
+        "null",
+        "nil",
+        "true",
+        "false",
+        "set",
+        "unset",
+        "missing",
+        "required",
+        "expected",
+        "unknown",
+        "invalid",
+        "empty",
+        "must",
+        "instead",
+        "on",
+        "off",
+        "yes",
+        "enabled",
+        "disabled",
+    }
+)
 
 #: Tokens whose prefix names them, masked wherever they stand in a string, in a URL or not (a
 #: GitHub token in a command's argv, an OpenAI key in a description). The prefix stays visible:
@@ -343,12 +456,68 @@ def _redact_tokens(text: str) -> str:
     return _PRIVATE_KEY.sub(lambda m: f"{m.group('begin')}***", text)
 
 
+@functools.lru_cache(maxsize=1024)
+def _text_secret_key(name: str) -> bool:
+    """Whether ``name``, found in text before a value, names a secret: as a key does
+    (:func:`_secret_key`), a lone ``key``, ``pass``, ``session``, ``sig`` or ``signature``
+    aside (:data:`_PROSE_HEADS`)."""
+    words = _KEY_WORD.findall(name)
+    if len(words) == 1 and words[0].lower() in _PROSE_HEADS:
+        return False
+    return _secret_key(name)
+
+
+def _text_pair(text: str, m: re.Match[str], references: bool) -> str | None:
+    """The pair ``m`` with its value masked, or ``None`` when it is no secret's."""
+    option, value, scheme = m.group("option"), m.group("value"), m.group("auth_scheme")
+    quoted = value[0] in "\"'"
+    inner = value[1:-1] if quoted else value
+    if not _text_secret_key(option or m.group("name")) or not _literal(inner, references):
+        return None
+    if "***" in inner or inner.lower() in _PROSE_VALUES:
+        return None  # masked already (a URL's query, a token's prefix kept), or prose
+    if quoted:
+        pass  # a quoted value is one
+    elif scheme is not None:
+        if len(inner) < 8:
+            return None  # Authorization: Bearer <credential>; "basic auth is off" is prose
+    elif m.group("sep") not in (None, "=") and not _CLAUSE_END.match(text, m.end()):
+        # ``name: value`` unquoted is a value only when it ends its clause (``passwd: x``,
+        # ``{password: x}``); ``token: cannot be empty`` is a message.
+        return None
+    masked = f"{value[0]}***{value[-1]}" if quoted else "***"
+    return text[m.start() : m.start("value")] + masked
+
+
+def _redact_pairs(text: str, references: bool) -> str:
+    """``text`` with the value after every name that names a secret masked
+    (:data:`_TEXT_PAIR`). A pair that is none is looked at again from its value on: in
+    ``--verbose password=x`` the value of one is the name of the next."""
+    if not _SECRET_HINT.search(text):
+        return text
+    out: list[str] = []
+    pos = 0
+    while m := _TEXT_PAIR.search(text, pos):
+        masked = _text_pair(text, m, references)
+        if masked is None:
+            out.append(text[pos : m.start("value")])
+            pos = m.start("value")
+        else:
+            out.append(text[pos : m.start()] + masked)
+            pos = m.end()
+    out.append(text[pos:])
+    return "".join(out)
+
+
 def redact_text(text: str, *, references: bool = False) -> str:
     """``text`` with the credentials of every URL in it masked, with its scheme or without:
-    userinfo (``redis://:pw@host``, ``user:pw@redis.internal:6379``), secret query
-    parameters (``?access_token=…``, ``&sig=…``) and random-looking query values
-    (``?x=8f3kQ9…``), secrets in the path (``hooks.slack.com/services/T…/B…/***``); and every
-    token its prefix names (``ghp_…``, ``xoxb-…``, ``sk-…``, ``AKIA…``), URL or not.
+    userinfo (``redis://:pw@host``, ``redis://:p@ss/w@host`` up to the last '@',
+    ``user:pw@redis.internal:6379``), secret query parameters (``?access_token=…``, ``&sig=…``)
+    and random-looking query values (``?x=8f3kQ9…``), secrets in the path
+    (``hooks.slack.com/services/T…/B…/***``); a Go DSN's credentials
+    (``user:pw@tcp(db:3306)/app``); every token its prefix names (``ghp_…``, ``xoxb-…``,
+    ``sk-…``, ``AKIA…``), URL or not; and the value after a name that names a secret
+    (``password=…``, ``"token": "…"``, ``passwd: …``, ``--token …``; see :data:`_TEXT_PAIR`).
 
     With ``references`` (unresolved config), a ``${…}`` interpolation is left as it is.
     """
@@ -360,8 +529,13 @@ def redact_text(text: str, *, references: bool = False) -> str:
             return f"{m.group('scheme')}***@"
 
         text = _URL_CREDS.sub(creds, text)
+    if "@" in text:
+        text = _DSN_CREDS.sub(
+            lambda m: "***@" if _literal(m.group(), references) else m.group(), text
+        )
     text = _URLS.sub(lambda m: _redact_url(m.group(), references), text)
-    return _redact_tokens(text)
+    # Tokens before pairs: ``token=ghp_***`` keeps the prefix that says which token to rotate.
+    return _redact_pairs(_redact_tokens(text), references)
 
 
 def _redact_args(items: list[Any], references: bool) -> list[Any]:

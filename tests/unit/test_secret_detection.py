@@ -17,7 +17,7 @@ from infercore.deploy import k8s
 from infercore.deploy.recipe import check_secret_literals, compose_unresolved
 from infercore.errors import ConfigError
 from infercore.plugin_manager import make_plugin_manager
-from infercore.redaction import _secret_key
+from infercore.redaction import _secret_key, redact_text
 from infercore.registry import Registry
 
 REPO = Path(__file__).resolve().parents[2]
@@ -161,7 +161,8 @@ def test_redact_masks_query_parameters_headers_options_and_env() -> None:
         ("https://h/x?token=", "https://h/x?token="),
         ("redis://user:pw@host:6379/0", "redis://***@host:6379/0"),
         ("see https://h/x?token=abc and more", "see https://h/x?token=*** and more"),
-        ("no url ?token=abc", "no url ?token=abc"),
+        # Outside a URL too: a secret's name with its value (test_redact_text_masks_*).
+        ("no url ?token=abc", "no url ?token=***"),
     ],
 )
 def test_redact_masks_secret_url_parameters(url: str, shown: str) -> None:
@@ -584,3 +585,135 @@ def test_an_unknown_key_s_value_is_shown_only_when_it_is_no_secret(
     assert f"models.m.versions.1.loader.{key}: unknown key" in text
     secret = value if not isinstance(value, str) or "://" not in value else "hunter2"
     assert (str(secret) in text) == visible, text
+
+
+# --- passwords holding '@' and '/', Go DSNs, and a secret's name with its value in text ---
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        # A password with a raw '@' and '/': the userinfo ends at the last '@' a host follows.
+        ("redis://:p@ss/w@host:6379/0", "redis://***@host:6379/0"),
+        ("redis://:p@ss/w@redis/0", "redis://***@redis/0"),
+        ("redis://:p@ss/w@redis", "redis://***@redis"),
+        ("rediss://default:p@ss/w@cache.internal:6380", "rediss://***@cache.internal:6380"),
+        (
+            "postgresql://app:s3@cr/t@db.internal:5432/feast",
+            "postgresql://***@db.internal:5432/feast",
+        ),
+        ("redis://:p@ss/w@[::1]:6379/0", "redis://***@[::1]:6379/0"),
+        ("https://u:p@ss/w@api.example.com/v1", "https://***@api.example.com/v1"),
+        ("error: redis://:p@ss/w@cache:6379, retrying", "error: redis://***@cache:6379, retrying"),
+        # Go DSNs (MySQL's driver): up to the last '@' before the network or the database.
+        ("user:pass@tcp(db.internal:3306)/app", "***@tcp(db.internal:3306)/app"),
+        ("user:pass@unix(/run/mysqld/mysqld.sock)/app", "***@unix(/run/mysqld/mysqld.sock)/app"),
+        (
+            "DSN=app:p@ss/w@tcp(db:3306)/app?parseTime=true",
+            "DSN=***@tcp(db:3306)/app?parseTime=true",
+        ),
+        ("root:pw@/app", "***@/app"),
+        # A secret's name and its value: logfmt, a command line, a repr, JSON, YAML, headers.
+        ("password=x", "password=***"),
+        ("connect failed: password=hunter2 host=db", "connect failed: password=*** host=db"),
+        ("passwd: x", "passwd: ***"),
+        ("secret=abc", "secret=***"),
+        ("token=abc", "token=***"),
+        ("api_key=abc", "api_key=***"),
+        ("access_key=AKIA0000", "access_key=***"),
+        ("DB_PASS=hunter2", "DB_PASS=***"),
+        ("run train.py --password=x --epochs 3", "run train.py --password=*** --epochs 3"),
+        ("run train.py --token x --epochs 3", "run train.py --token *** --epochs 3"),
+        ("--verbose password=x", "--verbose password=***"),
+        ("Hydra: db.password='x y'", "Hydra: db.password='***'"),
+        ("{'password': 'hunter2', 'user': 'bob'}", "{'password': '***', 'user': 'bob'}"),
+        ('{"api_key": "k3y", "n": 1}', '{"api_key": "***", "n": 1}'),
+        ('{"token": 12345}', '{"token": ***}'),
+        ("{user: bob, password: hunter2}", "{user: bob, password: ***}"),
+        ("X-Api-Key: abc123", "X-Api-Key: ***"),
+        ("Authorization: Bearer abc123def456", "Authorization: Bearer ***"),
+        ("Authorization: Basic dXNlcjpwYXNz", "Authorization: Basic ***"),
+        ("cache:6379,db=1,password=s3cr@t", "cache:6379,db=1,password=***"),  # Feast's Redis
+        # A token its prefix names keeps the prefix.
+        ("token=ghp_abcdefghijklmnopqrstuvwxyz0123456789", "token=ghp_***"),
+    ],
+)
+def test_redact_text_masks_passwords_dsns_and_named_values(text: str, shown: str) -> None:
+    assert redact_text(text) == shown
+    assert redact({"value": text}) == {"value": shown}
+    assert secret_paths({"value": text}) == ["value"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # Prose that mentions a secret, infercore's own messages among it.
+        "the token expired",
+        "token: expected str, got int",
+        "models.m.loader.token: missing",
+        "password: too short (16 characters at least)",
+        'FATAL: password authentication failed for user "bob"',
+        "no admin token: pass --token or set INFERCORE_ADMIN_TOKEN",
+        "pass --token to it, or --token-file",
+        "token=None",
+        "auth: off",
+        "Authorization: Basic auth is not supported",
+        # Names that are no secret's, and lone words that name too much in logs.
+        "max_tokens=5 tokenizer=bert token_file=/run/t auth_env=ADMIN_TOKEN",
+        "cache miss for key=42 (session=3, pass=2)",
+        "signature=(a, b) keys=3",
+        # URLs: an '@' in an http(s) path, a port, no userinfo.
+        "https://medium.com/@user/post",
+        "https://h:8080/a/b@c.com",
+        "https://registry.npmjs.org/@scope/pkg",
+        "alerts@example.com",
+        "git@github.com:acme/models.git",
+        "ratio 3:2 at tcp(127.0.0.1:80)",
+    ],
+)
+def test_redact_text_leaves_prose_names_and_addresses(text: str) -> None:
+    assert redact_text(text) == text
+
+
+def test_an_at_in_a_web_path_is_no_end_of_userinfo() -> None:
+    # http(s) paths hold '@' (``/@user``) more often than passwords hold '/': a bare word
+    # after one is no host, nor is a segment that starts with one.
+    assert redact_text("https://u:p@ss@host/path@x") == "https://***@host/path@x"
+    assert redact_text("https://u:pw@medium.com/@user/post") == "https://***@medium.com/@user/post"
+
+
+def test_drift_errors_are_scrubbed_of_named_values_and_dsns() -> None:
+    from infercore.drift.events import scrub
+
+    line = scrub(
+        "OperationalError: connection to app:p@ss/w@tcp(db:3306)/app failed: "
+        "password=hunter2 token: 's3cret'"
+    )
+    assert line == (
+        "OperationalError: connection to ***@tcp(db:3306)/app failed: password=*** token: '***'"
+    )
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "password",
+        "api_key",
+        "token",
+        "secret",
+        "authorization",
+        "db_password",
+        "refresh_token",
+        "client_secret",
+        "Proxy-Authorization",
+    ],
+)
+@pytest.mark.parametrize("value", ["plain words", 12345, 1.5, ["a", "b"], {"nested": "x"}])
+def test_a_mapping_key_that_names_a_secret_masks_any_value(key: str, value: object) -> None:
+    out = redact({"payload": {key: value, "model": "fraud"}})
+    masked = (
+        {"nested": "***"}
+        if isinstance(value, dict)
+        else (["***", "***"] if isinstance(value, list) else "***")
+    )
+    assert out == {"payload": {key: masked, "model": "fraud"}}
