@@ -6,7 +6,9 @@ request whose model call is running is answered 503 ``shutting_down`` at once (t
 Runtime call is terminated), the log says how many were cut short, and the process exits 0.
 Before, the queue was drained through the model for up to 2 s (200s after the second signal),
 the rest cut off when the event loop closed, and the process exited 1 ("components did not
-stop within 2.0s").
+stop within 2.0s"). Requests still reading their bodies (clients that stalled mid-body) are
+answered 503 too, counted in the same line: before, each also wrote a line of its own, "request
+cut off by the shutdown timeout", though no timeout had passed.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import http.client
 import json
 import math
 import re
+import select
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -180,4 +184,89 @@ def test_a_second_sigterm_answers_queued_and_running_requests_at_once_and_exits_
     assert "components did not stop" not in log, log
     # One line for them all: no timeout passed, and none is named as one.
     assert "cut off by the shutdown timeout" not in log, log
+    assert "Traceback" not in log and "Exception in" not in log, log
+
+
+#: Clients that send a request's head and the start of its body, then nothing more.
+STALLED = 4
+#: Whole requests beside them, queued behind one another (the model runs one at a time).
+WHOLE = 6
+HEAD = (
+    b"POST /v2/models/slow/infer HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+    b"content-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(BODY)
+)
+
+
+def _read_to_eof(sock: socket.socket) -> tuple[int, str]:
+    """The status and ``reason`` of the one answer on ``sock``, read until the server closed
+    the connection (an EOF; a reset or a timeout fails)."""
+    data = b""
+    with sock:
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    if status == 503:
+        assert b"\r\nconnection: close" in head.lower() and b"\r\nretry-after: 1" in head, data
+    return status, json.loads(body).get("reason", "")
+
+
+def test_a_second_sigterm_answers_requests_stalled_mid_body_503_in_the_one_line(
+    launcher: e2e.Launcher, slow_recipes: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A request whose client stalled mid-body waits in the request path's body read, where no
+    # batcher holds it: the forced stop cancels it once uvicorn has returned
+    # (cli._ForcedStop.finish) and ShutdownMiddleware answers it 503. No timeout passed, so no
+    # "cut off by the shutdown timeout" line: the summary line counts it with the others.
+    monkeypatch.setenv("INFERCORE_RECIPES_DIR", str(slow_recipes))
+    server = launcher.start(
+        [
+            "+recipe=slow",
+            *BATCHING["none"],
+            *(f"+batching.{option}" for option in QUEUE),
+            "server.request_timeout_ms=120000",  # no deadline ends a stalled body first
+            "server.drain_delay_s=0",
+            "server.graceful_timeout_s=60",
+        ]
+    )
+    stalled = [
+        socket.create_connection(("127.0.0.1", server.port), timeout=30) for _ in range(STALLED)
+    ]
+    whole = [socket.create_connection(("127.0.0.1", server.port), timeout=30) for _ in range(WHOLE)]
+    for sock in stalled:
+        sock.sendall(HEAD + BODY.encode()[:10])
+    for sock in whole:
+        sock.sendall(HEAD + BODY.encode())
+    # A request sent after them is answered once the server has read theirs (one event loop):
+    # all of them are in progress before the signal, none a late arrival.
+    probe = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    probe.request("GET", "/v2/health/live")
+    assert probe.getresponse().status == 200
+    probe.close()
+    server.process.send_signal(signal.SIGTERM)  # graceful: would wait for the bodies
+    time.sleep(0.3)  # the model still runs the whole ones, one at a time
+    assert server.process.poll() is None
+    # Still waiting for their bodies: nothing answered, nothing closed (a request answered
+    # before the second signal would not test it).
+    assert select.select(stalled, [], [], 0)[0] == [], server.log_text()
+    server.process.send_signal(signal.SIGTERM)
+    code = server.process.wait(timeout=15.0)
+    log = server.log_text()
+    stalled_answers = [_read_to_eof(sock) for sock in stalled]
+    whole_answers = [_read_to_eof(sock) for sock in whole]
+
+    assert code == 0, log
+    # Each stalled client is answered 503 shutting_down, and its connection closed.
+    assert stalled_answers == [(503, "shutting_down")] * STALLED, (stalled_answers, log)
+    assert set(whole_answers) <= {(200, ""), (503, "shutting_down")}, (whole_answers, log)
+    cut = STALLED + whole_answers.count((503, "shutting_down"))
+    assert cut > STALLED, whole_answers  # whole ones were cut too (six calls outlast 0.3 s)
+    # One line for them all, with what the clients got; none of its own for any of them.
+    found = CUT_LINE.findall(log)
+    assert len(found) == 1, log
+    assert int(found[0]) == cut, (found, cut, log)
+    in_progress = [int(n) for n in NOT_WAITED.findall(log)]
+    assert len(in_progress) == 1 and cut <= in_progress[0] <= STALLED + WHOLE, log
+    assert "cut off by the shutdown timeout" not in log, log
+    assert "components did not stop" not in log, log
     assert "Traceback" not in log and "Exception in" not in log, log

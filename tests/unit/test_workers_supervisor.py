@@ -13,6 +13,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,7 +22,12 @@ from typing import Any
 import pytest
 
 from infercore.server import workers
-from infercore.server.shutdown import GracefulShutdown, ShutdownState, http_protocol
+from infercore.server.shutdown import (
+    GracefulShutdown,
+    ShutdownMiddleware,
+    ShutdownState,
+    http_protocol,
+)
 from infercore.server.workers import Supervisor
 
 STAND_IN = r"""
@@ -269,7 +275,10 @@ def test_a_held_listener_answers_its_queue_503_and_closes_at_the_signal() -> Non
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
 
 
-def test_a_signal_while_uvicorn_takes_the_released_listener_closes_it_once_open() -> None:
+@pytest.mark.parametrize("starved", [False, True], ids=["idle", "starved"])
+def test_a_signal_while_uvicorn_takes_the_released_listener_closes_it_once_open(
+    starved: bool,
+) -> None:
     # The listener was held while the models loaded, then released to uvicorn; the signal
     # comes before uvicorn has opened its listeners on it (its start-up, milliseconds). Closed
     # at once, there was nothing to close: uvicorn then opened them and returned without
@@ -279,7 +288,9 @@ def test_a_signal_while_uvicorn_takes_the_released_listener_closes_it_once_open(
     import uvicorn
 
     listener, port = _loopback_listener()
-    queued = socket.create_connection(("127.0.0.1", port), timeout=5)
+    # Generous (a loaded machine can starve the event loop for seconds): a connection the
+    # server never closes still fails the read, with a timeout.
+    queued = socket.create_connection(("127.0.0.1", port), timeout=15)
     queued.sendall(b"GET / HTTP/1.1\r\nhost: t\r\n\r\n")
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
@@ -292,17 +303,37 @@ def test_a_signal_while_uvicorn_takes_the_released_listener_closes_it_once_open(
         await send({"type": "http.response.body", "body": b"ok"})
 
     async def main() -> bytes:
-        config = uvicorn.Config(app, lifespan="on", log_level="warning", http=http_protocol())
+        # As infercore's app: ShutdownMiddleware closes each connection after its answer once
+        # the signal came. Without it, a connection adopted or shut down before its request
+        # was read (the event loop starved past uvicorn's first 0.1 s tick: a loaded machine)
+        # stays open after its answer for uvicorn's keep-alive timeout (5 s), as long as the
+        # client's read timeout was.
+        state = ShutdownState()
+        config = uvicorn.Config(
+            ShutdownMiddleware(app, state), lifespan="on", log_level="warning", http=http_protocol()
+        )
         server = uvicorn.Server(config)
         server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
-        shutdown = GracefulShutdown(server, ShutdownState(), drain_delay_s=0.0)
+        shutdown = GracefulShutdown(server, state, drain_delay_s=0.0)
         shutdown.hold([listener])
         sockets = shutdown.release()
         serving = asyncio.create_task(server.serve(sockets=sockets))
         shutdown.on_signal(signal.SIGTERM)  # before uvicorn ran at all
+        if starved:
+            # A loaded machine: the event loop stalls just after uvicorn started, so that the
+            # close's next look and uvicorn's first tick fall due together, before the queued
+            # connection's request was read (the CI flake's sequence, made certain).
+            async def stall() -> None:
+                while not server.started:
+                    await asyncio.sleep(0)
+                time.sleep(0.15)
+
+            stalling = asyncio.create_task(stall())
         answer = await asyncio.to_thread(_read_until_closed, queued)
         await asyncio.wait_for(serving, 10)
         await asyncio.wait_for(shutdown.answered(), 10)
+        if starved:
+            await stalling
         return answer
 
     answer = asyncio.run(asyncio.wait_for(main(), 20))
