@@ -659,17 +659,8 @@ def create_app(
             vm.inflight.inc()
             try:
                 try:
-                    outputs = await (
-                        runtime.infer(served, sv, fields, declared=declared, deadline=deadline)
-                        if not priority
-                        else runtime.infer(
-                            served,
-                            sv,
-                            fields,
-                            declared=declared,
-                            deadline=deadline,
-                            priority=priority,
-                        )
+                    outputs = await runtime.infer(
+                        served, sv, fields, declared=declared, deadline=deadline, priority=priority
                     )
                 except BaseException as exc:
                     # Cancelled by its deadline (and by nothing else): a timeout.
