@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata as md
 import os
+import re
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -570,6 +571,21 @@ def metric_value(text: str, name: str, **labels: str) -> float:
         if all(f'{k}="{v}"' in head for k, v in labels.items()):
             total += float(value)
     return total
+
+
+def unrouted_counts(text: str) -> dict[str, float]:
+    """What Prometheus text ``text`` counts under no model (``model=""``, ``version=""``):
+    ``{"431": n, "headers_too_large": n, ...}``, the codes of ``requests_total`` and the
+    reasons of ``request_failures_total``, zeros left out."""
+    found: dict[str, float] = {}
+    for name, label in (("requests", "code"), ("request_failures", "reason")):
+        for line in text.splitlines():
+            head, _, value = line.rpartition(" ")
+            if head.startswith(f"infercore_{name}_total{{") and float(value):
+                labels = dict(re.findall(r'(\w+)="([^"]*)"', head))
+                if labels["model"] == labels["version"] == "":
+                    found[labels[label]] = found.get(labels[label], 0.0) + float(value)
+    return found
 
 
 @contextmanager

@@ -9,7 +9,6 @@ own answer after that request's, on uvloop as ``infercore serve`` runs it.
 
 from __future__ import annotations
 
-import re
 import socket
 import time
 from pathlib import Path
@@ -18,6 +17,8 @@ import e2e_support as e2e
 import httpx
 import psutil
 import pytest
+
+from infercore.testing import unrouted_counts
 
 pytestmark = pytest.mark.e2e
 
@@ -44,16 +45,7 @@ def _exchange(port: int, data: bytes) -> bytes:
 
 def _refused(url: str) -> dict[str, float]:
     """What ``/metrics`` counts under no model: codes and reasons (zeros left out)."""
-    text = httpx.get(f"{url}/metrics", timeout=5).text
-    found: dict[str, float] = {}
-    for name, label in (("requests", "code"), ("request_failures", "reason")):
-        for line in text.splitlines():
-            head, _, value = line.rpartition(" ")
-            if head.startswith(f"infercore_{name}_total{{") and float(value):
-                labels = dict(re.findall(r'(\w+)="([^"]*)"', head))
-                if labels["model"] == labels["version"] == "":
-                    found[labels[label]] = found.get(labels[label], 0.0) + float(value)
-    return found
+    return unrouted_counts(httpx.get(f"{url}/metrics", timeout=5).text)
 
 
 def _owner_of(workers: list[psutil.Process], client_port: int) -> int | None:

@@ -29,7 +29,7 @@ from uvicorn_support import on_loopback
 
 from infercore.cli import _refused_heads_counter
 from infercore.server.shutdown import http_protocol
-from infercore.testing import fake_model_config, metric_value, runtime_from_dict
+from infercore.testing import fake_model_config, metric_value, runtime_from_dict, unrouted_counts
 
 CAP = 8 * 1024
 TIMEOUT_S = 0.5
@@ -158,16 +158,7 @@ class Server:
     def refused(self) -> dict[str, float]:
         """What was counted under no model: ``{"431": n, "headers_too_large": n, ...}``, the
         codes from requests_total and the reasons from request_failures_total (zeros left out)."""
-        text = self.runtime.metrics.exposition().decode()
-        found: dict[str, float] = {}
-        for name, label in (("requests", "code"), ("request_failures", "reason")):
-            for line in text.splitlines():
-                head, _, value = line.rpartition(" ")
-                if head.startswith(f"infercore_{name}_total{{") and float(value):
-                    labels = dict(re.findall(r'(\w+)="([^"]*)"', head))
-                    if labels["model"] == labels["version"] == "":
-                        found[labels[label]] = float(value)
-        return found
+        return unrouted_counts(self.runtime.metrics.exposition().decode())
 
 
 @asynccontextmanager
