@@ -82,6 +82,9 @@ def test_canary_share_over_http_is_within_binomial_tolerance_and_counted() -> No
         config(
             {"1": {"loader": fake(0)}, "2": {"loader": fake(100), "stage": "canary", "weight": 20}},
             routing={"kind": "weighted"},
+            # The share is under test, not the guard: its latency bound could trip on a loaded
+            # machine (a CI run saw canary p99 13.3 ms vs 1.1 ms) and take the canary's weight.
+            rollout={"guard": None},
         )
     )
     n = 2000
