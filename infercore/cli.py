@@ -604,10 +604,11 @@ def _check_uds(
 
 
 def _refused_heads_counter(metrics: Any) -> Callable[[int | None, str], None]:
-    """Counts the request heads the inference listener's HTTP protocol refuses (431/414/408):
-    no model is known from a head refused unread, so they are counted as the app counts a
-    request that names no model it serves (``model=""``, ``version=""``). The admin listener
-    passes none: its refusals are not inference requests."""
+    """Counts the requests the inference listener's HTTP protocol refuses (431/414/408, and
+    400 for a malformed head or body): no model is known from a head refused unread (a body
+    is refused by the protocol alike), so they are counted as the app counts a request that
+    names no model it serves (``model=""``, ``version=""``). The admin listener passes none:
+    its refusals are not inference requests."""
     counters = metrics.responses("", "")
 
     def count_refused(status: int | None, reason: str) -> None:

@@ -84,6 +84,10 @@ SHUTTING_DOWN_RESPONSE = (
 )
 #: Longest request head read from such a connection before answering anyway.
 _HEAD_MAX = 65536
+#: The "refusal" of a request whose body was refused after the app began its answer: nothing
+#: more is written (that answer is the request's) and nothing is counted; the connection is
+#: half-closed once the answer is complete.
+_ANSWERED: tuple[int, str, bytes] = (0, "", b"")
 
 #: The longest request line and headers read (``server.max_header_bytes``): httptools has no
 #: limit of its own, and buffers a header until its line ends (a 16 MB header was answered).
@@ -277,12 +281,23 @@ def http_protocol(
       that response completes, and an unfinished head after a response is left to its own
       clock (never to the shorter idle keep-alive timeout, which would close it silently).
     * A head the HTTP parser cannot read is answered 400 ``invalid_input`` (JSON) the same
-      way: after the response before it, then half-closed.
+      way: after the response before it, then half-closed. So is a body it cannot read (a
+      malformed chunked body): the request is taken from the app (queued behind a pipelined
+      one, it never reaches it; running, the app reads a disconnect and what it sends goes
+      nowhere), and an answer made from its head waits no more. When the app had begun
+      answering it already, that answer is the only one: the connection is half-closed
+      after it, and nothing is counted here (the app counted its answer).
     * ``count_refused(status, reason)`` (the inference listener's metrics) is called once for
-      each refused head (431, 414, 408, and 400 for a malformed one): with its status once its
-      answer is written, with ``None`` when the connection closed before the answer could go
-      (the response before it said ``Connection: close``, or the client went).
+      each refused request (431, 414, 408, and 400 for a malformed head or body): with its
+      status once its answer is written, with ``None`` when the connection closed before the
+      answer could go (the response before it said ``Connection: close``, or the client
+      went).
+    * Once the server is stopping (:meth:`shutdown`), a request whose head completes on a
+      connection still open (an idle one lingering, or a pipelined one) is answered with
+      ``Connection: close`` and its connection closes after it, whatever the app's response
+      says (infercore's ShutdownMiddleware says so once draining; a bare app may not).
     """
+    from uvicorn.protocols.http.flow_control import CLOSE_HEADER
     from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
     refusals = _RefusalLog()
@@ -314,6 +329,9 @@ def http_protocol(
         refused: tuple[int, str, bytes] | None = None
         #: The current head's clock ran out while a response before it was being written.
         head_late = False
+        #: The request cycle before the current request's (the one it queues behind when
+        #: pipelined): where a request taken from the queue leaves :attr:`cycle`.
+        ahead: Any = None
 
         def data_received(self, data: bytes) -> None:
             if self.discarding:
@@ -417,16 +435,22 @@ def http_protocol(
                 return
             self._send_refusal(status, reason, body)
 
-        def _send_refusal(self, status: int, reason: str, body: bytes) -> None:
-            """Write a refused head's answer, then half-close and drop what still arrives."""
+        def _count_refused(self, status: int | None, reason: str) -> None:
+            """Count a refused request (``None``: closed before its answer could go)."""
             if count_refused is not None:
                 try:
                     count_refused(status, reason)
-                except Exception:
+                except Exception:  # a metrics bug must not cost the connection its answer
                     log.exception("counting a refused request head failed")
-            self.server_state.total_requests += 1
+
+        def _send_refusal(self, status: int, reason: str, body: bytes) -> None:
+            """Write a refused request's answer (none for :data:`_ANSWERED`), then half-close
+            and drop what still arrives."""
             transport = self.one_send.transport
-            transport.write(self._closing_answer(status, body))
+            if status:  # not _ANSWERED (the app answered that request)
+                self._count_refused(status, reason)
+                self.server_state.total_requests += 1
+                transport.write(self._closing_answer(status, body))
             try:
                 transport.write_eof()
             except (NotImplementedError, RuntimeError, OSError):
@@ -435,19 +459,55 @@ def http_protocol(
             self.discard_timer = self.loop.call_later(DISCARD_S, transport.close)
 
         def send_400_response(self, msg: str) -> None:
-            # A request the HTTP parser refuses (a malformed request line, a target too long
-            # for it) gets the JSON error body every other answer has, not uvicorn's text.
-            body = json.dumps(
-                {"error": f"malformed HTTP request: {msg}", "reason": "invalid_input"}
-            ).encode()
-            if self.head_bytes >= 0:
-                # In a request head (not a body the app is reading): refused as the limits
-                # refuse one, counted, and after the response to a pipelined request before
-                # it (uvicorn wrote it at once, and the close lost that response).
-                self._refuse(400, "invalid_input", body)
+            # A request the HTTP parser refuses gets the JSON error body every other answer
+            # has, not uvicorn's text, and is refused as the limits refuse a head: counted,
+            # and after the response to a pipelined request before it (uvicorn wrote it at
+            # once, and the close lost that response).
+            if self.discarding:
+                # Refused already, earlier in the same read (the parser goes on to its end):
+                # that answer is the only one.
                 return
-            self.transport.write(self._closing_answer(400, body))
-            self.transport.close()
+            if self.head_bytes >= 0:  # a malformed request line or header
+                error = f"malformed HTTP request: {msg}"
+            elif self._refuse_body():
+                error = (
+                    f"malformed HTTP request body: {msg} "
+                    "(hint: send a valid chunked body, or a Content-Length)"
+                )
+            else:
+                return
+            body = json.dumps({"error": error, "reason": "invalid_input"}).encode()
+            self._refuse(400, "invalid_input", body)
+
+        def _refuse_body(self) -> bool:
+            """Take a request whose body the parser refused (bad chunked framing) from the app;
+            whether the protocol answers it (400).
+
+            It does, as for a malformed head, unless the app started answering it already:
+            then that answer is the only one, and the connection ends after it
+            (:data:`_ANSWERED`). A request queued behind a pipelined one never reaches the
+            app; one the app runs sees a disconnect (its sends go nowhere).
+            """
+            if self.early is not None:  # an answer made from the head: the 400 replaces it
+                self.early = None
+                return True
+            cycle = self.cycle
+            if cycle is None or cycle is self.ahead:  # no request cycle of its own
+                return True
+            if cycle.response_started:
+                self._refuse(*_ANSWERED)
+                return False
+            pipeline = self.pipeline
+            if pipeline and pipeline[0][0] is cycle:
+                # Queued behind the response in progress: dropped; the refusal waits for the
+                # requests before it, as a refused head's does.
+                pipeline.popleft()
+                self.cycle = self.ahead
+            cycle.disconnected = True
+            cycle.response_complete = True  # nothing of it is written any more
+            cycle.waiting_for_100_continue = False
+            cycle.message_event.set()
+            return True
 
         def _closing_answer(self, status: int, body: bytes) -> bytes:
             """A JSON answer, whole, that closes its connection."""
@@ -496,7 +556,20 @@ def http_protocol(
                     else:
                         self.early = answer
                     return
+            self.ahead = self.cycle
             super().on_headers_complete()
+            if self.stopping:
+                self._close_after_response()
+
+        def _close_after_response(self) -> None:
+            """A request that came once the server is stopping closes its connection."""
+            cycle = self.cycle
+            if cycle is not None and cycle is not self.ahead:
+                # Not left to the app (infercore's says Connection: close once draining, a
+                # bare one may not): the response says it too, as for a client that asked.
+                cycle.keep_alive = False
+                if CLOSE_HEADER not in self.headers:
+                    self.headers.append(CLOSE_HEADER)
 
         def _may_answer_early(self) -> bool:
             cycle = self.cycle
@@ -589,11 +662,8 @@ def http_protocol(
             refused = self.refused
             if refused is not None:  # closed before its answer could go: its reason only
                 self.refused = None
-                if count_refused is not None:
-                    try:
-                        count_refused(None, refused[1])
-                    except Exception:
-                        log.exception("counting a refused request head failed")
+                if refused[0]:
+                    self._count_refused(None, refused[1])
             super().connection_lost(exc)
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]

@@ -1,10 +1,12 @@
-"""Refused request heads (431/414/408) are counted by real ``infercore serve`` processes.
+"""Refused request heads (431/414/408) are counted by real ``infercore serve`` processes,
+and so are malformed bodies (400).
 
 On the inference listener they count one code and one reason each under ``model=""``,
 ``version=""`` (no model is known from a head refused unread), adding up over the worker
 processes of ``server.workers=2`` as every other count does; the admin listener's refusals are
-not inference requests and are not counted. A head refused behind a pipelined request gets its
-own answer after that request's, on uvloop as ``infercore serve`` runs it.
+not inference requests and are not counted. A head or a malformed body refused behind a
+pipelined request gets its own answer after that request's, on uvloop as ``infercore serve``
+runs it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ CAP = 2048
 LIVE = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n"
 BIG = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (CAP + 100) + b"\r\n\r\n"
 PARTIAL = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n"  # and nothing more
+#: An inference request whose chunked body the parser refuses: a chunk-size line not in hex.
+BAD_CHUNKED = (
+    b"POST /v2/models/iris/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\nzz\r\n"
+)
 CONNECTIONS = 8
 ROUNDS = 5
 
@@ -137,10 +144,20 @@ def test_the_admin_listener_s_refused_heads_are_not_counted(
     for port in (admin_port, server.port):
         assert _exchange(port, BIG).startswith(b"HTTP/1.1 431 ")
         assert _exchange(port, PARTIAL).startswith(b"HTTP/1.1 408 ")
+        received = _exchange(port, BAD_CHUNKED)
+        assert received.startswith(b"HTTP/1.1 400 "), received[:300]
+        assert received.endswith(b'"reason": "invalid_input"}'), received[-300:]
+    # Pipelined behind a request (uvloop, as served): the 200, then the 400, then the close.
+    received = _exchange(server.port, LIVE + BAD_CHUNKED)
+    first, _, second = received.partition(b'{"live":true}')
+    assert first.startswith(b"HTTP/1.1 200 OK\r\n"), received[:300]
+    assert second.startswith(b"HTTP/1.1 400 ") and b"malformed HTTP request body" in second
     assert _refused(server.url) == {
         "431": 1.0,
         "408": 1.0,
+        "400": 2.0,
         "headers_too_large": 1.0,
         "request_timeout": 1.0,
+        "invalid_input": 2.0,
     }
     assert launcher.stop(server) == 0, server.log_text()

@@ -45,6 +45,11 @@ BIG = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (CAP + 100)
 LONG_URL = b"GET /v2/models/" + b"a" * (CAP + 100) + b" HTTP/1.1\r\nHost: x\r\n\r\n"
 PARTIAL = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n"  # and nothing more
 MALFORMED = b"GET /v2/\x01 HTTP/1.1\r\nHost: x\r\n\r\n"  # the parser refuses it
+#: An inference request whose chunked body the parser refuses: a chunk-size line not in hex.
+BAD_CHUNKED = (
+    b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    b'Transfer-Encoding: chunked\r\n\r\n5\r\n{"a":\r\nzz\r\n'
+)
 #: The liveness answer, byte for byte (the date left out: :func:`undated`).
 LIVE_200 = (
     b"HTTP/1.1 200 OK\r\ndate: -\r\nserver: uvicorn\r\ncontent-type: application/json\r\n"
@@ -477,15 +482,20 @@ def test_a_head_refused_behind_a_stuck_request_is_answered_after_its_deadline() 
     run(scenario)
 
 
-def test_a_client_gone_before_a_deferred_answer_leaves_nothing_behind() -> None:
-    """The client closes while the request before the refused head still runs: nothing is
-    written, no timer is left, the connection is gone, and the refusal counts its reason only
-    (no response code: no response was sent)."""
+@pytest.mark.parametrize(
+    ("refused", "reason"), [(BIG, "headers_too_large"), (BAD_CHUNKED, "invalid_input")]
+)
+def test_a_client_gone_before_a_deferred_answer_leaves_nothing_behind(
+    refused: bytes, reason: str
+) -> None:
+    """The client closes while the request before the refused head (or malformed body) still
+    runs: nothing is written, no timer is left, the connection is gone, and the refusal counts
+    its reason only (no response code: no response was sent)."""
     seen: list[Any] = []
 
     def send_and_go(port: int) -> None:
         with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-            s.sendall(INFER + BIG)
+            s.sendall(INFER + refused)
             time.sleep(0.2)  # the refusal is made, the model (0.6 s) still runs
 
     async def scenario() -> None:
@@ -500,7 +510,7 @@ def test_a_client_gone_before_a_deferred_answer_leaves_nothing_behind() -> None:
             assert connection.timeout_keep_alive_task is None
             assert connection.one_send.transport.is_closing()
             assert connection not in connection.server_state.connections
-            assert server.refused() == {"headers_too_large": 1.0}
+            assert server.refused() == {reason: 1.0}
             await serves_on(server.port)
 
     run(scenario)
@@ -582,6 +592,83 @@ def test_without_a_counter_refused_heads_are_not_counted() -> None:
             received = await asyncio.to_thread(exchange, server.port, LIVE + BIG)
             assert undated(received) == LIVE_200 + refusal(431)
             assert server.refused() == {}
+
+    run(scenario)
+
+
+# --- malformed bodies -----------------------------------------------------------------------
+
+BODY_400_ERROR = (
+    "malformed HTTP request body: Invalid HTTP request received. "
+    "(hint: send a valid chunked body, or a Content-Length)"
+)
+
+
+def body_refusal() -> bytes:
+    """A malformed body's whole answer, byte for byte (the date left out)."""
+    body = json.dumps({"error": BODY_400_ERROR, "reason": "invalid_input"}).encode()
+    return (
+        b"HTTP/1.1 400 Bad Request\r\ndate: -\r\nserver: uvicorn\r\n"
+        b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
+        % (len(body), body)
+    )
+
+
+def test_a_malformed_chunked_body_is_400_counted_under_no_model() -> None:
+    """A body the parser refuses gets the JSON 400 a malformed head gets, and is counted as a
+    refused head is (it was answered uvicorn's way: not counted, not in the error shape)."""
+
+    async def scenario() -> None:
+        async with serving() as server:
+            received = await asyncio.to_thread(exchange, server.port, BAD_CHUNKED)
+            assert undated(received) == body_refusal(), received[:400]
+            status, headers, doc = answer(received)
+            assert (status, headers["connection"], doc["reason"]) == (400, "close", "invalid_input")
+            assert server.refused() == {"400": 1.0, "invalid_input": 1.0}
+            await serves_on(server.port)
+
+    run(scenario)
+
+
+def test_a_malformed_body_behind_a_pipelined_request_is_answered_after_it() -> None:
+    """Behind a running request and a queued one: both are answered, then the 400; the
+    request with the malformed body never reaches the app (uvicorn wrote its 400 at once and
+    closed: the responses before it were lost)."""
+
+    async def scenario() -> None:
+        async with serving(config=SLOW) as server:
+            received = await asyncio.to_thread(pipelined, server.port, INFER + LIVE + BAD_CHUNKED)
+            status, body, rest = first_response(undated(received))
+            assert status == 200 and b'"model_name":"m"' in body, received[:400]
+            assert rest == LIVE_200 + body_refusal(), received[:400]
+            assert server.counted("requests", model="m", code="200") == 1
+            assert server.counted("request_failures", model="m") == 0  # the app never saw it
+            assert server.refused() == {"400": 1.0, "invalid_input": 1.0}
+
+    run(scenario)
+
+
+def test_a_malformed_body_after_its_request_was_answered_only_closes_the_connection() -> None:
+    """The app answered without reading the body (404): a malformed rest of that body ends
+    the connection after that answer, with no second answer to the same request."""
+    head = b"POST /nowhere HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+    def send(port: int) -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(head + b"2\r\n{}\r\n")
+            received = b""
+            while b"\r\n\r\n" not in received or not received.endswith(b"}"):
+                received += s.recv(65536)
+            s.sendall(b"zz\r\n")
+            return received + read_all(s)
+
+    async def scenario() -> None:
+        async with serving() as server:
+            received = await asyncio.to_thread(send, server.port)
+            status, _, rest = first_response(received)
+            assert status == 404 and rest == b"", received[:400]
+            refused = server.refused()  # what the app counts for its 404, nothing more
+            assert "400" not in refused and "invalid_input" not in refused, refused
 
     run(scenario)
 
