@@ -2,10 +2,12 @@
 
 One implementation for every place that shows config or errors: ``infercore config show``
 masks what :func:`redact` finds, ``infercore deploy k8s`` refuses what :func:`secret_paths`
-finds written literally (it would end up in a ConfigMap), and drift events scrub their errors
-with :func:`redact_text` before the admin API and the logs show them (RELIABILITY S6).
+finds written literally (it would end up in a ConfigMap), drift events scrub their errors
+with :func:`redact_text` and their detectors' ``info`` with :func:`redact`, and the runtime
+its model load failures (``Runtime.scrub``), before the admin API, webhooks and the logs show
+them (RELIABILITY S6).
 
-A value is secret when its key names one (``token``, ``password``, ``DB_PASS`` …); in any
+A value is secret when its key names one (``token``, ``password``, ``PGPASSWORD`` …); in any
 text, the credentials of a URL (with a scheme or without: ``redis://:pw@host``,
 ``user:pw@redis.internal:6379``) or of a Go DSN (``user:pw@tcp(db:3306)/app``), its secret or
 random-looking query values, a webhook's token in its path, tokens that their prefix names
@@ -16,7 +18,8 @@ expired", "pass --token or set …") stay visible. Only the standard library is 
 drift code imports this on its own.
 
 Nothing here runs per request: config composition and ``config show``, config errors
-(:func:`shown`), drift detector and action errors, deploy checks.
+(:func:`shown`), model load failures, drift results and detector and action errors, deploy
+checks.
 """
 
 from __future__ import annotations
@@ -86,6 +89,29 @@ _PLAIN_QUALIFIERS = frozenset(
 #: ``auth_env``, ``token_file``, ``password_path``, ``secret_name``, ``api_key_header``,
 #: ``token_url``.
 _POINTER_WORDS = frozenset({"env", "var", "file", "path", "dir", "name", "header", "field", "url"})
+#: Last words that say the value measures or describes the secret and is none itself:
+#: ``token_count``, ``token_limit``, ``password_length``, ``token_ttl``, ``token_type``,
+#: ``secret_version``. (Not ``id``: Vault's ``secret_id`` is a credential.)
+_MEASURE_WORDS = frozenset(
+    {
+        "count",
+        "limit",
+        "length",
+        "len",
+        "size",
+        "ttl",
+        "timeout",
+        "expiry",
+        "budget",
+        "usage",
+        "type",
+        "version",
+    }
+)
+#: Secret words that mark a word written without separators as a secret's name when they end
+#: it (:func:`_compound_secret`): ``PGPASSWORD``, ``mysqlpasswd``, ``GITHUBTOKEN``,
+#: ``clientsecret``, ``myapikey``, ``gcpcredentials``.
+_COMPOUND_ENDS = ("password", "passwd", "secret", "token", "apikey", "credential", "credentials")
 _KEY_WORD = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
 #: Where an authority ends: the path, query or fragment, or the URL's end (a space, a quote, a
 #: closing bracket, punctuation).
@@ -177,6 +203,14 @@ _ARG_OPTION = re.compile(r"--(?P<name>[A-Za-z][\w.\-]*)")
 #: ``passwd: …``, ``Authorization: Bearer …``, ``--token …``. The name starts a word;
 #: :func:`_text_pair` decides whether the name is a secret's and the value one (prose is
 #: not: "pass --token or set INFERCORE_ADMIN_TOKEN", "token: expected str").
+#:
+#: A quoted value is the whole quoted string (``"password": "x", "user": "y"`` masks ``x``).
+#: An unquoted one runs to a space, a quote or a closing bracket: passwords hold ``,``, ``;``
+#: and ``&`` (``password=a,b`` masks ``a,b``). One of those three ends it only before a space,
+#: a quote, a bracket or the end (``{password: x, user: y}``) or before the next ``name=``
+#: (``host:6379,password=x,ssl=true``, ``Pwd=x;Database=app``, ``a=1&token=x&b=2``).
+#: Runs of plain characters are matched whole (a character class is fast) and their number
+#: bounded, so that a pair rejected and searched again from its value costs linear time.
 _TEXT_PAIR = re.compile(
     r"(?<![\w.\-+~*])"
     r"(?:(?P<option>--[A-Za-z][\w.\-]{0,127})[ \t]+(?![-*])"
@@ -184,7 +218,9 @@ _TEXT_PAIR = re.compile(
     r"(?P<sep>=|[ \t]*:[ \t]*))"
     r"(?P<auth_scheme>(?i:bearer|basic|token|digest|bot)[ \t]+)?"
     r"(?P<value>\"(?:[^\"\\\n]|\\.){0,1024}\"|'(?:[^'\\\n]|\\.){0,1024}'"
-    r"|[^\s,;&\"'`<>)\]}]{1,1024})"
+    r"|[^\s,;&\"'`<>)\]}]{1,1024}"
+    r"(?:[,;&](?![\s,;&\"'`<>)\]}]|$|[-+~]{0,2}[A-Za-z_][\w.\-]{0,127}=)"
+    r"[^\s,;&\"'`<>)\]}]{0,128}){0,8})"
 )
 #: Text without any of these holds no name of a secret (:func:`_text_secret_key`): one scan
 #: in C spares the pairs' search most texts.
@@ -299,16 +335,36 @@ _TOKEN_VALUE = re.compile(r"[A-Za-z0-9_\-+/]{20,}")
 _URL_TAIL = re.compile(r"[.,;:!?)\]}'\"]+$")
 
 
+def _compound_secret(word: str) -> bool:
+    """Whether one word of a key, written without separators (an environment variable's
+    ``PGPASSWORD``), names a secret: it ends with a secret word (:data:`_COMPOUND_ENDS`;
+    ``pgpassword``, ``githubtoken``, ``password2``), or starts with one and ends with ``key``
+    (``secretkey``, ``secretaccesskey``). A secret word that only starts the word is prose or
+    a name: ``tokenizer``, ``tokens``, ``secretary``, ``passwords``, ``passwordless``."""
+    word = word.rstrip("0123456789")  # lowercase words keep their digits: password2
+    if word.endswith(_COMPOUND_ENDS):
+        return True
+    return any(word.startswith(end) and word[len(end) :].endswith("key") for end in _COMPOUND_ENDS)
+
+
 def _secret_key(key: str) -> bool:
     """Whether a key (a config key, a header, an environment variable, a URL parameter or an
-    option's name) names a secret."""
+    option's name) names a secret.
+
+    Its words (split at ``_``, ``-``, ``.`` and camelCase) decide: a secret word anywhere
+    (:data:`_SECRET_WORDS`), or written into one word (:func:`_compound_secret`), unless the
+    last word says the value only points at the secret (``token_file``) or measures it
+    (``token_count``); a head word (:data:`_SECRET_HEADS`) only as the last word.
+    """
     words = [w.lower() for w in _KEY_WORD.findall(key)]
     while words and words[-1].isdigit():  # X-Hub-Signature-256
         words.pop()
-    if not words or words[-1] in _POINTER_WORDS:
+    if not words or words[-1] in _POINTER_WORDS or words[-1] in _MEASURE_WORDS:
         return False
     joined = {a + b for a, b in itertools.pairwise(words)}  # api_key -> apikey
     if _SECRET_WORDS.intersection(words) or _SECRET_WORDS.intersection(joined):
+        return True
+    if any(_compound_secret(w) for w in words):
         return True
     return words[-1] in _SECRET_HEADS and (len(words) == 1 or words[-2] not in _PLAIN_QUALIFIERS)
 

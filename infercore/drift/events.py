@@ -7,11 +7,17 @@ import re
 from typing import Any
 
 from infercore.components.drift import DriftEvent, DriftResult
-from infercore.redaction import redact_text
+from infercore.redaction import redact, redact_text
 
 #: An absolute path; not the ``//`` after a URL's scheme (the URL is masked on its own terms,
 #: and its host says which webhook failed), but the path of a ``file:///…`` URL.
 _ABS_PATH = re.compile(r"(?<![\w.])(?<!:/)/(?:[\w.\-]+/)+[\w.\-]*")
+#: How deep a detector's ``info`` is shown: deeper containers become ``"…"`` (a cycle, or a
+#: structure nobody reads in a webhook body).
+_INFO_DEPTH = 8
+#: The longest string of a detector's ``info`` that is shown (masked): a longer one becomes
+#: ``"<N characters>"``, so that scrubbing an event costs a bounded time per string.
+_INFO_STRING = 4096
 
 
 def finite(value: float) -> float | None:
@@ -20,33 +26,73 @@ def finite(value: float) -> float | None:
     return f if math.isfinite(f) else None
 
 
-def plain(value: Any) -> Any:
-    """``value`` with numpy scalars, tuples and non-finite floats made JSON-safe."""
-    if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [plain(v) for v in value]
+def plain(value: Any, depth: int | None = None) -> Any:
+    """``value`` with numpy scalars and arrays, tuples and non-finite floats made JSON-safe; with
+    ``depth``, containers deeper than ``depth`` levels become ``"…"``."""
+    if isinstance(value, dict | list | tuple):
+        if depth is not None and depth <= 0:
+            return "…"
+        below = None if depth is None else depth - 1
+        if isinstance(value, dict):
+            return {str(k): plain(v, below) for k, v in value.items()}
+        return [plain(v, below) for v in value]
     if isinstance(value, bool) or value is None or isinstance(value, str):
         return value
     if isinstance(value, int):
         return value
     if isinstance(value, float):
         return finite(value)
-    item = getattr(value, "item", None)  # numpy scalars
+    tolist = getattr(value, "tolist", None)  # numpy arrays and scalars (torch tensors too)
+    if callable(tolist):
+        return plain(tolist(), depth)
+    item = getattr(value, "item", None)
     if callable(item):
         return plain(item())
     return str(value)
 
 
+def _capped(value: Any) -> Any:
+    """JSON ``value`` with its strings longer than :data:`_INFO_STRING` replaced by their
+    length."""
+    if isinstance(value, dict):
+        return {k: _capped(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_capped(v) for v in value]
+    if isinstance(value, str) and len(value) > _INFO_STRING:
+        return f"<{len(value)} characters>"
+    return value
+
+
+def _without_paths(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_paths(v) for v in value]
+    if isinstance(value, str):
+        return _ABS_PATH.sub("<path>", value)
+    return value
+
+
+def scrub_info(info: Any) -> Any:
+    """A detector's ``info`` fit for webhook bodies, command files and the admin API
+    (RELIABILITY S6): plain JSON (:func:`plain`), bounded (:data:`_INFO_DEPTH` levels, strings
+    of :data:`_INFO_STRING` characters), masked as ``infercore config show`` masks config
+    (:func:`infercore.redaction.redact`: the value of a key that names a secret, ``token``,
+    ``db_password``, ``PGPASSWORD``, and the secrets in every string), absolute paths in
+    strings replaced by ``<path>``."""
+    return _without_paths(redact(_capped(plain(info, _INFO_DEPTH))))
+
+
 def result_to_json(result: DriftResult) -> dict[str, Any]:
-    """A detector result as plain JSON values (NaN and infinities become ``null``)."""
+    """A detector result as plain JSON values (NaN and infinities become ``null``), its
+    ``info`` scrubbed (:func:`scrub_info`)."""
     return {
         "detector": result.detector,
         "drift": bool(result.drift),
         "scores": {k: finite(v) for k, v in result.scores.items()},
         "p_values": {k: finite(v) for k, v in result.p_values.items()},
         "feature_drift": {k: bool(v) for k, v in result.feature_drift.items()},
-        "info": plain(result.info),
+        "info": scrub_info(result.info),
     }
 
 

@@ -55,6 +55,7 @@ from infercore.errors import (
 )
 from infercore.metrics import Metrics
 from infercore.plugin_manager import PluginInfo, make_plugin_manager
+from infercore.redaction import redact_text
 from infercore.registry import Registry
 from infercore.runtime.errors import Conflict, LoadFailed, SignatureChanged, quoted
 from infercore.runtime.grouping import (
@@ -665,14 +666,16 @@ class Runtime:
                 ) from exc
         except InfercoreError as exc:
             sv.state = FAILED
-            sv.error = str(exc)
+            sv.error = self.scrub(str(exc))  # the admin API and the logs show it
             sv.config_error = exc if isinstance(exc, ConfigError) else None
             sv.refusal = exc if isinstance(exc, SignatureChanged) else None
             self.metrics.model_load_failures.labels(sv.name, sv.version).inc()
             if sv.refusal is not None:
-                log.warning("model %s version %s: reload refused: %s", sv.name, sv.version, exc)
+                log.warning(
+                    "model %s version %s: reload refused: %s", sv.name, sv.version, sv.error
+                )
             else:
-                log.error("model %s version %s failed to load: %s", sv.name, sv.version, exc)
+                log.error("model %s version %s failed to load: %s", sv.name, sv.version, sv.error)
             return False
         sv.groups = self._groups(served, sv)
         sv.state = READY
@@ -1115,8 +1118,11 @@ class Runtime:
     # -- run-time changes -----------------------------------------------------------------
 
     def scrub(self, text: str) -> str:
-        """``text`` without the model root's path (error bodies and INFO logs carry none)."""
-        return text.replace(str(self.composed.model_root), "<model_root>")
+        """``text`` without the model root's path and with its credentials masked as
+        ``infercore config show`` masks them (:func:`infercore.redaction.redact_text`: a URL's
+        userinfo, ``password=…``, ``PGPASSWORD=…``, prefixed tokens): error bodies and INFO
+        logs carry neither (RELIABILITY S6)."""
+        return redact_text(text.replace(str(self.composed.model_root), "<model_root>"))
 
     async def load(
         self, name: str, version: str, *, pin: Mapping[str, Any] | None = None

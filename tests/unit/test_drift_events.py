@@ -178,3 +178,144 @@ def test_an_action_error_with_a_token_in_its_url_reaches_events_and_logs_masked(
     assert any("answered HTTP 404" in m for m in logged)
     assert not any(TOKEN in m for m in logged)
     assert TOKEN not in repr(mon.events())
+
+
+# --- a detector's info: scrubbed in webhook bodies, command files and the admin API ----------
+
+
+def _deep(levels: int, bottom: str = "bottom") -> Any:
+    value: Any = bottom
+    for _ in range(levels):
+        value = {"d": value}
+    return value
+
+
+LEAKY_INFO: dict[str, Any] = {
+    # Config-like keys that name a secret: any value masked, a switch aside.
+    "db_password": "hunter2",
+    "PGPASSWORD": 12345,
+    "credentials": {"user": "bob", "key": "k3y"},
+    "auth": True,
+    # Strings masked as config show masks them; paths out.
+    "reference": "s3://minio:hunter2@minio.internal:9000/refs/ref.npz",
+    "source": f"{SLACK} (loaded from /srv/models/fraud/ref.npz)",
+    "note": "fetched with password=hunter2,again",
+    "argv": ["fetch", "--token", "hunter2"],
+    "pair": ("tuple", "MY_API_TOKEN=hunter2"),
+    # What is no secret stays.
+    "threshold": 0.05,
+    "correction": "bonferroni",
+    "max_tokens": 16,
+    "token_count": 5,
+    "tokenizer": "bert",
+    "nan": float("nan"),
+    # Bounded: depth and string length.
+    "deep": _deep(12),
+    "blob": "password=" + "x" * 5000,
+}
+
+SCRUBBED_INFO: dict[str, Any] = {
+    "db_password": "***",
+    "PGPASSWORD": "***",
+    "credentials": {"user": "***", "key": "***"},
+    "auth": True,
+    "reference": "s3://***@minio.internal:9000/refs/ref.npz",
+    "source": "https://hooks.slack.com/services/T0000/B0000/*** (loaded from <path>)",
+    "note": "fetched with password=***",
+    "argv": ["fetch", "--token", "***"],
+    "pair": ["tuple", "MY_API_TOKEN=***"],
+    "threshold": 0.05,
+    "correction": "bonferroni",
+    "max_tokens": 16,
+    "token_count": 5,
+    "tokenizer": "bert",
+    "nan": None,
+    # Eight levels of containers are shown (the info dict is the first); the ninth is "…".
+    "deep": _deep(7, "…"),
+    "blob": "<5009 characters>",
+}
+
+
+def test_a_detector_s_info_is_scrubbed_in_results_and_events() -> None:
+    from infercore.drift.events import event_to_json, result_to_json
+
+    result = DriftResult("ks", True, scores={"x": 1.0}, info=LEAKY_INFO)
+    assert result_to_json(result)["info"] == SCRUBBED_INFO
+    event = DriftEvent("m", "1", result, extra={"id": "e1", "window": 1, "samples": 2})
+    body = event_to_json(event)
+    assert body["info"] == SCRUBBED_INFO
+    assert "hunter2" not in repr(body) and TOKEN not in repr(body)
+
+
+def test_a_detector_s_info_may_hold_numpy_arrays() -> None:
+    """alibi-detect's ``data`` holds arrays (feature-wise p-values, thresholds): an array of
+    more than one element has no ``item()``, and used to fail the window's result."""
+    from infercore.drift.events import result_to_json
+
+    info = {"p_val": np.array([0.5, np.nan, 0.01], dtype=np.float32), "n": np.int64(3)}
+    info["grid"] = np.arange(4).reshape(2, 2)
+    result = DriftResult("ks", True, scores={"x": np.float64(1.0)}, info=info)
+    out = result_to_json(result)
+    assert out["info"] == {
+        "p_val": [0.5, None, pytest.approx(0.01)],
+        "n": 3,
+        "grid": [[0, 1], [2, 3]],
+    }
+    assert msgspec.json.decode(msgspec.json.encode(out))["info"]["grid"] == [[0, 1], [2, 3]]
+
+
+def test_scrub_info_keeps_a_cycle_bounded() -> None:
+    from infercore.drift.events import scrub_info
+
+    info: dict[str, Any] = {"name": "ks"}
+    info["self"] = info
+    out = scrub_info(info)
+    for _ in range(8):  # eight levels shown, the ninth cut
+        assert out["name"] == "ks"
+        out = out["self"]
+    assert out == "…"
+
+
+class LeakyInfoDrift(DriftDetector):
+    kind = "leaky-info"
+
+    class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+        pass
+
+    def detect(self, window: Tensors) -> DriftResult:
+        return DriftResult(
+            "leaky-info",
+            True,
+            scores={"x": 1.0},
+            feature_drift={"x": True},
+            info={"reference": "redis://:hunter2@cache:6379/0", "api_token": "hunter2"},
+        )
+
+
+class _InfoPlugin:
+    @hookimpl
+    def register_drift_detectors(self) -> list[type[DriftDetector]]:
+        return [LeakyInfoDrift]
+
+
+def test_a_detector_s_info_reaches_the_monitor_s_events_scrubbed() -> None:
+    pm, _ = make_plugin_manager([("drift-info-test", _InfoPlugin())])
+    node = {"seed": 0, "window_size": 2, "detectors": {"leaky": {"kind": "leaky-info"}}}
+    mon = DriftMonitor.build(
+        Registry(pm), node, model="m", model_root=Path("."), metrics=Metrics(), version="1"
+    )
+
+    async def main() -> None:
+        await mon.start()
+        try:
+            mon.offer({"x": np.ones((2, 1), dtype=np.float32)})
+            deadline = time.monotonic() + 5
+            while not mon.events() and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
+        finally:
+            await mon.stop()
+
+    asyncio.run(main())
+    (event,) = mon.events()
+    assert event["info"] == {"reference": "redis://***@cache:6379/0", "api_token": "***"}
+    assert "hunter2" not in repr(mon.events())

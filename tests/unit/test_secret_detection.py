@@ -68,6 +68,19 @@ DEPLOYS = sorted(p.stem for p in (REPO / "conf" / "deploy").glob("*.yaml"))
         "basic_auth",
         "session",
         "X-Session",
+        # A secret word written into one word, as environment variables are.
+        "PGPASSWORD",
+        "pgpassword",
+        "MYSQLPASSWD",
+        "GITHUBTOKEN",
+        "clientsecret",
+        "myapikey",
+        "GCPCREDENTIALS",
+        "password2",
+        "SECRETKEY",
+        "secretaccesskey",
+        "MY_API_TOKEN",
+        "REDIS_PASSWORD",
     ],
 )
 def test_secret_keys(key: str) -> None:
@@ -106,6 +119,20 @@ def test_secret_keys(key: str) -> None:
         "signal",
         "redis_url",
         "description",
+        # A secret word that only starts a word; a secret's pointer, size or kind.
+        "tokens",
+        "max_new_tokens",
+        "tokenizer_config",
+        "secretary",
+        "passwords",
+        "passwordless",
+        "PGPASSFILE",
+        "token_count",
+        "token_limit",
+        "password_length",
+        "token_ttl",
+        "token_type",
+        "secret_version",
     ],
 )
 def test_keys_that_are_not_secrets(key: str) -> None:
@@ -183,6 +210,9 @@ def test_redact_masks_secret_url_parameters(url: str, shown: str) -> None:
         (["x", "--no-password", "data.csv"], ["x", "--no-password", "data.csv"]),
         (["x", "--token", "--verbose"], ["x", "--token", "--verbose"]),
         (["x", "--token"], ["x", "--token"]),
+        # An environment variable set on the command line.
+        (["env", "PGPASSWORD=hunter2", "psql"], ["env", "PGPASSWORD=***", "psql"]),
+        (["x", "--max-tokens=16", "token_count=5"], ["x", "--max-tokens=16", "token_count=5"]),
     ],
 )
 def test_redact_masks_secret_options_in_argument_lists(argv: list[str], shown: list[str]) -> None:
@@ -636,6 +666,30 @@ def test_an_unknown_key_s_value_is_shown_only_when_it_is_no_secret(
         ("cache:6379,db=1,password=s3cr@t", "cache:6379,db=1,password=***"),  # Feast's Redis
         # A token its prefix names keeps the prefix.
         ("token=ghp_abcdefghijklmnopqrstuvwxyz0123456789", "token=ghp_***"),
+        # Environment variables whose one word holds the secret word, or whose words do.
+        ("PGPASSWORD=hunter2", "PGPASSWORD=***"),
+        ("export PGPASSWORD=hunter2 && psql -h db", "export PGPASSWORD=*** && psql -h db"),
+        ("AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI", "AWS_SECRET_ACCESS_KEY=***"),
+        ("MY_API_TOKEN=abc123", "MY_API_TOKEN=***"),
+        ("REDIS_PASSWORD: x", "REDIS_PASSWORD: ***"),
+        ("GITHUBTOKEN=abc123 make release", "GITHUBTOKEN=*** make release"),
+        ("password2=hunter2", "password2=***"),
+        # An unquoted value runs to a space, a quote or a closing bracket, commas and all ...
+        ("password=a,b", "password=***"),
+        ("password=hunter2,b", "password=***"),
+        ("password=a;b c", "password=*** c"),
+        ("password=a&b", "password=***"),
+        ("{password: a,b}", "{password: ***}"),
+        # ... but not past a clause's end or the next pair's name.
+        ("password=abc, user=bob", "password=***, user=bob"),
+        ("password=abc,user=bob", "password=***,user=bob"),
+        ("cache:6379,password=s3cr@t,ssl=true", "cache:6379,password=***,ssl=true"),
+        ("Server=db;Uid=sa;Pwd=s3cret;Database=app", "Server=db;Uid=sa;Pwd=***;Database=app"),
+        ("a=1&password=x1&b=2", "a=1&password=***&b=2"),
+        ("(password=abc,)", "(password=***,)"),
+        # A quoted value is the whole string.
+        ('"password": "x", "user": "y"', '"password": "***", "user": "y"'),
+        ('"password": "a, b", "user": "y"', '"password": "***", "user": "y"'),
     ],
 )
 def test_redact_text_masks_passwords_dsns_and_named_values(text: str, shown: str) -> None:
@@ -669,6 +723,14 @@ def test_redact_text_masks_passwords_dsns_and_named_values(text: str, shown: str
         "alerts@example.com",
         "git@github.com:acme/models.git",
         "ratio 3:2 at tcp(127.0.0.1:80)",
+        # A secret word that only starts a word, a count, a pointer; prose about secrets.
+        "max_tokens=16 tokens=5 tokenizer=bert token_count=5 token_limit=4096",
+        "secretary=bob secrets: 3",
+        "passwords must be at least 12 characters",
+        "passwords: must be at least 12 characters",
+        "PGPASSWORD: must be set",
+        "PGPASSFILE=/run/pgpass",
+        "compass=north OLDPWD=/home/x",
     ],
 )
 def test_redact_text_leaves_prose_names_and_addresses(text: str) -> None:
@@ -706,6 +768,8 @@ def test_drift_errors_are_scrubbed_of_named_values_and_dsns() -> None:
         "refresh_token",
         "client_secret",
         "Proxy-Authorization",
+        "PGPASSWORD",
+        "MY_API_TOKEN",
     ],
 )
 @pytest.mark.parametrize("value", ["plain words", 12345, 1.5, ["a", "b"], {"nested": "x"}])
