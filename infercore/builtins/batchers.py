@@ -4,7 +4,10 @@ Both bound their queue (a full queue answers 503 ``queue_full`` at once, without
 model): by its length, and with ``reject_expected_timeouts`` by the time the model takes to run
 what it holds (:class:`_Drain`), so that a request that could only time out is told at once.
 They answer a request whose queue wait passed ``queue_timeout_ms`` with 503
-``queue_timeout`` and never run it, and never run a request whose caller has gone. Only the
+``queue_timeout`` and never run it, and never run a request whose caller has gone. With
+``priority_levels``, ``dynamic`` (and so ``adaptive`` and ``torch-gpu``) queues by level, and
+``priority_queue_policy`` gives single levels a bound and a queue timeout of their own
+(:class:`LevelQueuePolicy`). Only the
 outputs the model declares are passed on, each checked against its declared datatype and shape
 (:class:`OutputCheck`).
 """
@@ -300,7 +303,7 @@ class _Drain:
         if len(samples) >= self.min_samples and self._seconds > 0:
             self.limit = self._units / self._seconds * self.horizon_s
 
-    def over(self, units: int) -> bool:
+    def over(self, units: float) -> bool:
         """Whether ``units`` queued or running take longer than ``horizon_s`` to drain.
 
         Cheap while they fit; only a refusal reads the clock, to forget a stale rate first.
@@ -334,12 +337,18 @@ def _horizon_s(queue_timeout_ms: float, on: bool) -> float | None:
 
 
 def _expected_timeout_error(
-    model_name: str | None, queued: int, unit: str, drain: _Drain, timeout_ms: float
+    model_name: str | None,
+    queued: int,
+    unit: str,
+    drain: _Drain,
+    timeout_ms: float,
+    option: str = "queue_timeout_ms",
 ) -> QueueFull:
-    """The 503 ``queue_full`` for a request refused because the work ahead outlasts the horizon."""
+    """The 503 ``queue_full`` for a request refused because the work ahead outlasts the horizon;
+    ``option``: the one that set ``timeout_ms`` (a priority level's own, say)."""
     return QueueFull(
         f"queue of model {model_name!r} is full: the {queued} {unit} queued or running take "
-        f"about {drain.wait_ms(queued):,.0f} ms, over {HEADROOM:.0%} of queue_timeout_ms "
+        f"about {drain.wait_ms(queued):,.0f} ms, over {HEADROOM:.0%} of {option} "
         f"({timeout_ms:g})"
     )
 
@@ -525,6 +534,18 @@ class NoBatcher(Batcher):
                 result.cancel()
 
 
+class LevelQueuePolicy(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """One priority level's queue policy: an entry of ``priority_queue_policy`` (Triton's
+    ``ModelQueuePolicy``). Each option left out is the batcher's own, shared one."""
+
+    #: Requests waiting at this level; beyond this: 503 queue_full naming the level. The
+    #: batcher's ``max_queue_size`` still bounds all levels together.
+    max_queue_size: PositiveInt | None = None
+    #: Longest queue wait at this level, in place of the batcher's ``queue_timeout_ms``
+    #: (longer or shorter); then 503 queue_timeout and the request never runs.
+    queue_timeout_ms: PositiveMs | None = None
+
+
 class DynamicBatcherConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     #: Most rows in one model call. A request with more rows runs alone.
     max_batch_size: PositiveInt = 32
@@ -552,6 +573,13 @@ class DynamicBatcherConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=Tr
     #: The level of a request that names no priority (or 0), 1 to ``priority_levels``; needed
     #: when ``priority_levels`` is above 0 (Triton's ``default_priority_level``).
     default_priority_level: PriorityLevel = 0
+    #: Queue policies of single levels (Triton's ``priority_queue_policy``), by level (1 to
+    #: ``priority_levels``): ``{3: {max_queue_size: 64, queue_timeout_ms: 5000}}`` bounds
+    #: level 3's waiting requests on top of ``max_queue_size`` and gives them their own queue
+    #: timeout. A timed-out request is answered 503 queue_timeout (Triton's ``REJECT``; there
+    #: is no ``DELAY``), and a request's own timeout may shorten a level's, never extend it
+    #: (as ``allow_timeout_override``). Needs ``priority_levels``.
+    priority_queue_policy: dict[int, LevelQueuePolicy] = msgspec.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         too_big = [n for n in self.preferred_batch_sizes if n > self.max_batch_size]
@@ -569,6 +597,32 @@ class DynamicBatcherConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=Tr
                 f"with priority levels on, set it from 1 to {levels}: the level of a request "
                 "that names no priority - at `$.default_priority_level`"
             )
+        if self.priority_queue_policy:
+            self._check_priority_queue_policy()
+
+    def _check_priority_queue_policy(self) -> None:
+        levels = self.priority_levels
+        policies = self.priority_queue_policy
+        # " - at `$.<path>`" names the option (the config error starts with its full path).
+        if not levels:
+            raise ValueError(
+                f"policies for levels {sorted(policies)} need priority levels (priority_levels "
+                "is 0: priorities are ignored); set priority_levels and default_priority_level, "
+                "or remove priority_queue_policy - at `$.priority_queue_policy`"
+            )
+        for level in sorted(policies):
+            if not 1 <= level <= levels:
+                raise ValueError(
+                    f"{level} is not a level of priority_levels ({levels}); key each policy by "
+                    f"a level from 1 to {levels} - at `$.priority_queue_policy.{level}`"
+                )
+            size = policies[level].max_queue_size
+            if size is not None and size > self.max_queue_size:
+                raise ValueError(
+                    f"{size} is above max_queue_size ({self.max_queue_size}), which bounds all "
+                    "levels together and would refuse first; lower it or raise max_queue_size "
+                    f"- at `$.priority_queue_policy.{level}.max_queue_size`"
+                )
 
 
 class _Item:
@@ -689,6 +743,24 @@ class _LevelQueue:
         for level in self._levels[self._top :]:
             yield from level
 
+    def full_at(self, level: int, bound: int) -> bool:
+        """Whether ``bound`` requests still wait at ``level``.
+
+        The level's deque also holds requests that timed out or whose callers went, until
+        they reach its head: below ``bound`` entries this is answered by its length alone;
+        at it, the gone ones are dropped (each once) and the live ones counted.
+        """
+        queue = self._levels[level - 1]
+        if len(queue) < bound:
+            return False
+        live = [it for it in queue if it.state == _QUEUED]
+        gone = len(queue) - len(live)
+        if gone:
+            queue.clear()
+            queue.extend(live)
+            self._len -= gone
+        return len(live) >= bound
+
     def rows_ahead(self, level: int) -> int:
         """The rows of the requests still queued at ``level`` (0: the default) or above: those
         served before a request that joins ``level`` now (unless more of a higher one come)."""
@@ -699,6 +771,28 @@ class _LevelQueue:
             for it in queue
             if it.state == _QUEUED
         )
+
+
+class _LevelPolicy:
+    """One level's queue policy as :meth:`DynamicBatcher.submit` applies it (built once, at the
+    batcher's construction, for every level when ``priority_queue_policy`` is set).
+
+    ``max_queue_size``: the level's own bound (0: only the shared one); ``timeout_s`` and
+    ``timeout_ms``: its queue timeout; ``own_timeout``: whether that is the level's own (its
+    timeouts then name it); ``scale``: its queue timeout over the batcher's, by which the work
+    a request of this level may have ahead of it (``reject_expected_timeouts``) is scaled.
+    """
+
+    __slots__ = ("level", "max_queue_size", "own_timeout", "scale", "timeout_ms", "timeout_s")
+
+    def __init__(self, level: int, policy: LevelQueuePolicy | None, shared_ms: float) -> None:
+        self.level = level
+        self.max_queue_size = (policy.max_queue_size if policy else None) or 0
+        own = policy.queue_timeout_ms if policy else None
+        self.own_timeout = own is not None
+        self.timeout_ms = shared_ms if own is None else own
+        self.timeout_s = self.timeout_ms / 1000
+        self.scale = self.timeout_ms / shared_ms
 
 
 class _Filling:
@@ -732,6 +826,15 @@ class DynamicBatcher(Batcher):
     under load the queue fills while the previous batch runs. The ``adaptive`` batcher
     chooses that wait from the load instead. No request waits to fill past its deadline.
 
+    With ``priority_levels`` (Triton's), requests queue by level and batches form from the
+    highest level waiting, first come first served within a level, under the one
+    ``max_queue_size``. ``priority_queue_policy`` (Triton's, by level) adds a level's own
+    ``max_queue_size`` (a full level is answered 503 ``queue_full`` naming it, while the other
+    levels are still admitted) and its own ``queue_timeout_ms`` (shorter or longer than the
+    batcher's; ``reject_expected_timeouts`` then judges the level's requests by it). Without
+    policies no per-level work is done; with them, a request costs one index into a tuple of
+    per-level policies, and a level at its bound a pass over that level's queue.
+
     Each request gets exactly its own rows back. If a batch of several requests fails, each
     request is retried alone, so one poisoned request cannot fail its batch-mates. A model
     whose tensors have no batch dimension is called once per request. :meth:`stop` refuses
@@ -757,6 +860,20 @@ class DynamicBatcher(Batcher):
             if config.priority_levels
             else collections.deque()
         )
+        # With priority_queue_policy, each level's policy by level - 1 (one index per request);
+        # None keeps submit's other paths as they are without it.
+        self._level_policies: tuple[_LevelPolicy, ...] | None = None
+        self._default_level = config.default_priority_level
+        #: The largest share of queue_timeout_ms a level may wait (``full`` judges by it).
+        self._lenient_scale = 1.0
+        if config.priority_levels and config.priority_queue_policy:
+            self._level_policies = tuple(
+                _LevelPolicy(
+                    level, config.priority_queue_policy.get(level), config.queue_timeout_ms
+                )
+                for level in range(1, config.priority_levels + 1)
+            )
+            self._lenient_scale = max(p.scale for p in self._level_policies)
         self._waiting = 0
         self._queued_rows = 0
         self._running_rows = 0  # rows of batches formed and not yet answered
@@ -802,10 +919,17 @@ class DynamicBatcher(Batcher):
 
     @property
     def full(self) -> bool:
-        return self._waiting >= self.config.max_queue_size or self._rows_ahead_past_horizon(1) > 0
+        # A level's own max_queue_size is not looked at: the level is in the body, not read yet.
+        return (
+            self._waiting >= self.config.max_queue_size
+            or self._rows_ahead_past_horizon(1, self._lenient_scale) > 0
+        )
 
-    def _rows_ahead_past_horizon(self, level: int) -> int:
+    def _rows_ahead_past_horizon(self, level: int, scale: float = 1.0) -> int:
         """The rows ahead of a new request when they outlast the drain limit, else 0.
+
+        ``scale``: the request's queue timeout over ``queue_timeout_ms`` (a level's own
+        timeout, with ``priority_queue_policy``): the limit is scaled by it.
 
         Nothing is ahead of a request that would be taken at once: none queued and a model
         slot free (the rows of the batches running elsewhere do not delay it). With priority
@@ -815,17 +939,17 @@ class DynamicBatcher(Batcher):
         running are over the limit (an overload: the default path never counts them).
         """
         ahead = self._queued_rows + self._running_rows
-        if ahead <= self._drain.limit:
+        if ahead <= self._drain.limit * scale:
             return 0
         slots = self._slots
         if not self._waiting and slots is not None and not slots.locked():
             return 0
-        if not self._drain.over(ahead):
+        if not self._drain.over(ahead / scale):
             return 0
         queue = self._queue
         if isinstance(queue, _LevelQueue):
             ahead = self._running_rows + queue.rows_ahead(level)
-            if not self._drain.over(ahead):
+            if not self._drain.over(ahead / scale):
                 return 0
         return ahead
 
@@ -922,15 +1046,25 @@ class DynamicBatcher(Batcher):
             )
         if self._waiting >= self.config.max_queue_size:
             raise QueueFull(f"queue of model {self.context.model_name!r} is full")
-        ahead = self._rows_ahead_past_horizon(priority)
-        if ahead:
-            raise _expected_timeout_error(
-                self.context.model_name,
-                ahead,
-                "rows",
-                self._drain,
-                self.config.queue_timeout_ms,
-            )
+        policies = self._level_policies
+        policy: _LevelPolicy | None = None  # a level's own queue timeout, when it has one
+        if policies is None:
+            ahead = self._rows_ahead_past_horizon(priority)
+            if ahead:
+                raise _expected_timeout_error(
+                    self.context.model_name,
+                    ahead,
+                    "rows",
+                    self._drain,
+                    self.config.queue_timeout_ms,
+                )
+            timeout_s = self.config.queue_timeout_ms / 1000
+        else:
+            level_policy = policies[(priority or self._default_level) - 1]
+            self._admit_at_level(priority, level_policy)
+            timeout_s = level_policy.timeout_s
+            if level_policy.own_timeout:
+                policy = level_policy
         if len(self._queue) >= 2 * self.config.max_queue_size:
             # Timed-out and abandoned requests stay in the deque until they reach its head;
             # drop them so that memory stays bounded while the model is slow or stuck.
@@ -944,8 +1078,10 @@ class DynamicBatcher(Batcher):
         item = _Item(inputs, rows, key, loop.create_future(), now, deadline, time.perf_counter())
         if priority:
             item.level = priority
-        limit = now + self.config.queue_timeout_ms / 1000
-        item.timer = loop.call_at(min(limit, deadline), self._expire, item, deadline <= limit)
+        limit = now + timeout_s
+        item.timer = loop.call_at(
+            min(limit, deadline), self._expire, item, deadline <= limit, policy
+        )
         self._queue.append(item)
         self._waiting += 1
         self._queued_rows += rows
@@ -980,6 +1116,39 @@ class DynamicBatcher(Batcher):
             self._abandon(item)
             raise
 
+    def _admit_at_level(self, priority: int, policy: _LevelPolicy) -> None:
+        """:meth:`submit`'s admission past the shared bound, with ``priority_queue_policy``:
+        the request's level's own bound, and the work ahead judged by its own queue timeout.
+
+        Raises:
+            QueueFull: The level holds its ``max_queue_size`` requests, or the rows ahead of
+                the request take longer than its level's queue timeout allows.
+        """
+        bound = policy.max_queue_size
+        level = policy.level
+        if bound:
+            queue = self._queue
+            assert isinstance(queue, _LevelQueue)
+            if queue.full_at(level, bound):
+                raise QueueFull(
+                    f"queue of model {self.context.model_name!r} is full at priority level "
+                    f"{level}: {bound} requests wait at that level "
+                    f"(priority_queue_policy.{level}.max_queue_size)",
+                    hint="retry later, or send the request at another priority level",
+                )
+        ahead = self._rows_ahead_past_horizon(priority, policy.scale)
+        if ahead:
+            raise _expected_timeout_error(
+                self.context.model_name,
+                ahead,
+                "rows",
+                self._drain,
+                policy.timeout_ms,
+                f"priority_queue_policy.{level}.queue_timeout_ms"
+                if policy.own_timeout
+                else "queue_timeout_ms",
+            )
+
     def _unfill(self, item: _Item) -> None:
         """A queued request left before the filling batch took it: it no longer counts."""
         fill = self._filling
@@ -996,7 +1165,7 @@ class DynamicBatcher(Batcher):
         if item.timer is not None:
             item.timer.cancel()
 
-    def _expire(self, item: _Item, by_deadline: bool) -> None:
+    def _expire(self, item: _Item, by_deadline: bool, policy: _LevelPolicy | None) -> None:
         if item.state != _QUEUED:
             return
         item.state = _DONE
@@ -1007,9 +1176,16 @@ class DynamicBatcher(Batcher):
         if not item.future.done():
             if by_deadline:
                 item.future.set_exception(DeadlineExceeded("deadline exceeded while queued"))
-            else:
+            elif policy is None:
                 item.future.set_exception(
                     QueueTimeout(f"waited over {self.config.queue_timeout_ms:g} ms in the queue")
+                )
+            else:
+                item.future.set_exception(
+                    QueueTimeout(
+                        f"waited over {policy.timeout_ms:g} ms in the queue at priority level "
+                        f"{policy.level} (priority_queue_policy.{policy.level}.queue_timeout_ms)"
+                    )
                 )
 
     def _next_live(self) -> _Item | None:

@@ -219,8 +219,12 @@ def decode(body: bytes, header_length: int | None, *, max_elements: int) -> Deco
     )
 
 
-#: What ``GET /v2`` lists: the one protocol extension served (the hints below point at it).
-_EXTENSIONS_HINT = "GET /v2 lists the extensions this server supports (binary_tensor_data)"
+#: The protocol extensions served, as ``GET /v2`` lists them: the binary tensor data extension,
+#: and Triton's schedule-policy one (``parameters.priority`` and ``parameters.timeout``, read by
+#: :func:`decode`; a priority is honoured by a batcher with ``priority_levels``).
+EXTENSIONS = ("binary_tensor_data", "schedule_policy")
+#: Where the refusals below point a client that sent an extension's parameter.
+_EXTENSIONS_HINT = f"GET /v2 lists the extensions this server supports ({', '.join(EXTENSIONS)})"
 #: Triton's shared-memory extensions' tensor parameters (system and CUDA shared memory).
 _SHARED_MEMORY = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
 #: Triton's sequence-batcher request parameters (stateful models).

@@ -930,6 +930,7 @@ class Runtime:
                     fields,
                     declared,
                     result,
+                    priority=priority,  # each shadow's batcher reads it (shadow.shadow_level)
                 )
         return result
 

@@ -22,6 +22,10 @@ how busy the event loop's thread was over the last 50 ms (:mod:`infercore.runtim
 above ``ShadowPolicy.max_loop_busy`` it holds the copies back and looks again 20 ms later.
 Under saturation the queue therefore fills and drops (counted ``dropped``) instead of taking
 CPU from the requests; the copies run again once the load falls.
+
+A copy keeps its request's priority level (Triton's ``parameters.priority``, with
+``priority_levels``), read by the shadow version's batcher as :func:`shadow_level` says, and
+only copies at the same level share a submission.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from infercore.components import ShadowPolicy, Tensors
+from infercore.components import Batcher, ShadowPolicy, Tensors
 from infercore.errors import DeadlineExceeded, QueueFull, QueueTimeout
 from infercore.metrics import Metrics
 from infercore.runtime.grouping import DEFAULT_GROUP_ROWS, batcher_option
@@ -137,6 +141,32 @@ class _Copy:
     key: tuple[tuple[str, str, tuple[int, ...]], ...] = ()
     #: When it was offered (``time.monotonic()``).
     at: float = 0.0
+    #: The level at which the shadow's batcher queues it (:func:`shadow_level`; 0: default).
+    priority: int = 0
+
+
+def shadow_level(priority: int, batcher: Batcher) -> int:
+    """The level at which a shadow version's ``batcher`` queues a copy of a request that the
+    primary queued at ``priority`` (as ``protocol.v2.priority_level`` gave it: 0 for the
+    primary's default level); 0 is the shadow's own default level (its plain ``submit``).
+
+    The copy is what the same request sent to the shadow version would be, as far as that
+    can be without a client to answer: a request at the primary's default level is at the
+    shadow's default level; one that named another level keeps it. A shadow batcher without
+    levels ignores it, as Triton ignores a priority for a model without ``priority_levels``.
+    A level beyond the shadow's levels (its batcher has fewer than the primary's) is not a 400
+    here, nobody would read it: the copy goes to the shadow's lowest level, so that a request
+    the primary served after others is not served ahead of them by the shadow. (Versions of
+    one model share a ``batching`` node, so the levels differ only for a batcher that sets
+    its own.)
+    """
+    if not priority:
+        return 0
+    levels = batcher.priority_levels
+    if not levels:
+        return 0
+    level = min(priority, levels)
+    return 0 if level == batcher.default_priority_level else level
 
 
 def _group_rows(sv: ServedVersion) -> int:
@@ -274,10 +304,12 @@ class ShadowRunner:
         declared: Mapping[str, str] | None,
         primary: Tensors,
         copies: int = 1,
+        priority: int = 0,
     ) -> None:
         """Queue a copy for each target, or drop it (counted). Never blocks, never raises.
 
-        ``copies``: how many requests the copy stands for (a request group's stacked rows).
+        ``copies``: how many requests the copy stands for (a request group's stacked rows);
+        ``priority``: the request's level on the primary (0: its default; :func:`shadow_level`).
         """
         pending = self._pending
         room = self.policy.queue_size
@@ -287,28 +319,32 @@ class ShadowRunner:
                 self._count(sv.version, "dropped", copies)
                 continue
             copy = _Copy(sv, inputs, fields, declared, primary, copies, at=time.monotonic())
+            if priority:
+                copy.priority = shadow_level(priority, sv.batcher)
             pending.append(copy)
             queued = True
         if queued and self._wake is not None:
             self._wake.set()
 
-    def _gathered(self, sv: ServedVersion, limit: int) -> bool:
-        """Whether ``limit`` copies for ``sv`` wait (a full batch for it: no reason to wait)."""
+    def _gathered(self, sv: ServedVersion, priority: int, limit: int) -> bool:
+        """Whether ``limit`` copies for ``sv`` at ``priority`` wait (a full batch for it: no
+        reason to wait)."""
         n = 0
         for copy in self._pending:
-            if copy.sv is sv:
+            if copy.sv is sv and copy.priority == priority:
                 n += 1
                 if n >= limit:
                     return True
         return False
 
     def _take(self) -> list[_Copy]:
-        """The oldest copy and every other waiting copy for its version, up to the version's
-        batch size in copies (each copy has at least one row); other versions' copies keep
-        their places."""
+        """The oldest copy and every other waiting copy for its version at its priority level,
+        up to the version's batch size in copies (each copy has at least one row); other copies
+        keep their places (one submission is queued at one level)."""
         pending = self._pending
         first = pending.popleft()
         sv = first.sv
+        priority = first.priority
         group = [first]
         limit = _group_rows(sv)
         if limit <= 1 or not pending:
@@ -316,7 +352,7 @@ class ShadowRunner:
         others: list[_Copy] = []
         while pending and len(group) < limit:
             copy = pending.popleft()
-            if copy.sv is sv:
+            if copy.sv is sv and copy.priority == priority:
                 group.append(copy)
             else:
                 others.append(copy)
@@ -346,7 +382,9 @@ class ShadowRunner:
                 # more than for one, and nobody waits for a copy's answer.
                 first = pending[0]
                 wait = first.at + delay - time.monotonic()
-                if wait > 0.0 and not self._gathered(first.sv, _group_rows(first.sv)):
+                if wait > 0.0 and not self._gathered(
+                    first.sv, first.priority, _group_rows(first.sv)
+                ):
                     await asyncio.sleep(wait)
                     continue
             group = self._take()
@@ -469,12 +507,19 @@ class ShadowRunner:
         return prepared, rows
 
     async def _submit(
-        self, sv: ServedVersion, inputs: Tensors, until: float
+        self, sv: ServedVersion, inputs: Tensors, until: float, priority: int = 0
     ) -> tuple[str, Tensors | None, Exception | None]:
-        """One submission to the shadow's batcher: ``(outcome, raw outputs, error)``."""
+        """One submission to the shadow's batcher, at ``priority`` (:func:`shadow_level`):
+        ``(outcome, raw outputs, error)``."""
         try:
             async with asyncio.timeout_at(until):
-                return "ok", await sv.batcher.submit(inputs, deadline=until), None
+                if priority:
+                    outputs = await sv.batcher.submit_with_priority(
+                        inputs, deadline=until, priority=priority
+                    )
+                else:
+                    outputs = await sv.batcher.submit(inputs, deadline=until)
+                return "ok", outputs, None
         except (TimeoutError, DeadlineExceeded, QueueTimeout):
             return "timeout", None, None
         except QueueFull:
@@ -507,7 +552,7 @@ class ShadowRunner:
                     assert inputs is not None
                 else:
                     inputs = _concat([c.prepared for c in batch if c.prepared is not None])
-            outcome, raw, exc = await self._submit(sv, inputs, until)
+            outcome, raw, exc = await self._submit(sv, inputs, until, batch[0].priority)
             if outcome == "error" and len(batch) > 1:
                 if quiet_error:
                     return False
@@ -539,7 +584,7 @@ class ShadowRunner:
         version = sv.version
         for copy in batch:
             assert copy.prepared is not None
-            outcome, raw, exc = await self._submit(sv, copy.prepared, until)
+            outcome, raw, exc = await self._submit(sv, copy.prepared, until, copy.priority)
             self._count(version, outcome, copy.copies)
             if outcome != "dropped":
                 for _ in range(copy.copies):

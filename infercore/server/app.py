@@ -903,7 +903,9 @@ def create_app(
         return {
             "name": "infercore",
             "version": __version__,
-            "extensions": ["binary_tensor_data"],
+            # schedule_policy: Triton's parameters.priority and parameters.timeout are honoured
+            # (protocol.v2.decode reads both; priority where the batcher has levels).
+            "extensions": list(v2.EXTENSIONS),
         }
 
     # --- model metadata -----------------------------------------------------------------

@@ -1,6 +1,7 @@
 """What the codecs refuse rather than ignore or misread, and how they say it.
 
-* Triton extensions this server does not serve (GET /v2 lists only ``binary_tensor_data``)
+* Triton extensions this server does not serve (GET /v2 lists ``binary_tensor_data`` and
+  ``schedule_policy``)
   were ignored: classification came back as raw probabilities, an input in shared memory
   was "missing its data", a sequence was answered request by request. Each is a 400 naming
   the parameter and what to send instead.
