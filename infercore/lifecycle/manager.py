@@ -41,6 +41,8 @@ With ``admin.state_file`` the rollout is saved after every change and restored a
 (:mod:`infercore.lifecycle.state`); until it is restored, changes are refused (503). The
 snapshot is taken on the event loop; the write happens on the state file's own thread
 (:class:`~infercore.lifecycle.state.StateWriter`), and :meth:`Lifecycle.close` waits for it.
+Each change made through a call of this class returns once it is written (without blocking the
+event loop), so that the admin API's 2xx means the change is on disk.
 
 A decision that could not be recorded is not made: 503 ``audit_unavailable``, nothing
 changed. Decisions are recorded before they are carried out; a load or an unload, whose outcome
@@ -54,6 +56,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+from concurrent.futures import Future
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -225,12 +229,22 @@ class Lifecycle:
             return True
         return await asyncio.to_thread(writer.wait_idle, timeout)
 
-    def _save(self) -> None:
+    def _save(self) -> Future[bool] | None:
         """Save the rollout to ``admin.state_file`` (after every change): the snapshot now,
-        on the event loop; the write soon, on the writer's thread."""
+        on the event loop; the write soon, on the writer's thread. Returns the write's future
+        (see :meth:`StateWriter.submit`), ``None`` when nothing is saved."""
         if self.writer is None or self._restoring:
-            return
-        self.writer.submit(rollout_state.snapshot_doc(self))
+            return None
+        return self.writer.submit(rollout_state.snapshot_doc(self))
+
+    async def _save_and_wait(self) -> None:
+        """:meth:`_save`, then wait (without blocking the event loop) until a write that holds
+        this change is done: an admin call answers once its change is on disk. A write that
+        fails is logged and counted by the writer; the change is made all the same, and the
+        call answers as it would have."""
+        saving = self._save()
+        if saving is not None:
+            await asyncio.wrap_future(saving)
 
     def _check_restored(self) -> None:
         if self._restoring:
@@ -504,11 +518,13 @@ class Lifecycle:
             )
             self.approvals[approval.id] = approval
             self._pending_gauge(model)
-            self._save()
-            return {"status": "pending", "approval": approval.to_dict()}
+            pending = {"status": "pending", "approval": approval.to_dict()}
+            await self._save_and_wait()
+            return pending
         self._apply(model, version, current, to, weight, by=by, reason=why, approval=None)
-        self._save()
-        return {"status": "applied", "model": self.describe(model)[0]}
+        applied = {"status": "applied", "model": self.describe(model)[0]}
+        await self._save_and_wait()
+        return applied
 
     def _apply(
         self,
@@ -568,8 +584,9 @@ class Lifecycle:
         current = self._check_move(a.model, a.version, a.to, a.weight)
         self._decide(a, "approved", by, why)
         self._apply(a.model, a.version, current, a.to, a.weight, by=by, reason=why, approval=a)
-        self._save()
-        return {"status": "applied", "approval": a.to_dict(), "model": self.describe(a.model)[0]}
+        applied = {"status": "applied", "approval": a.to_dict(), "model": self.describe(a.model)[0]}
+        await self._save_and_wait()
+        return applied
 
     def _check_context(self, a: Approval, by: str) -> None:
         """The primary and the version's stage the step was asked under hold still; else the
@@ -623,8 +640,9 @@ class Lifecycle:
         self._check_restored()
         a = self._pending(approval_id)
         self._decide(a, "rejected", by, why)
-        self._save()
-        return {"status": "rejected", "approval": a.to_dict()}
+        rejected = {"status": "rejected", "approval": a.to_dict()}
+        await self._save_and_wait()
+        return rejected
 
     def _decide(self, a: Approval, decision: str, by: str, why: str) -> None:
         """Record a decision on a pending step (``approved`` or ``rejected``) and mark it."""
@@ -700,8 +718,9 @@ class Lifecycle:
         for version, value in weights.items():
             if float(value) > 0:
                 self.guard_trips.pop((model, version), None)
-        self._save()
-        return {"status": "applied", "model": self.describe(model)[0]}
+        applied = {"status": "applied", "model": self.describe(model)[0]}
+        await self._save_and_wait()
+        return applied
 
     async def rollback(self, model: str, *, by: str, reason: str | None = None) -> dict[str, Any]:
         """Back to the last primary (loading it if it was unloaded); canary weights to 0."""
@@ -732,8 +751,9 @@ class Lifecycle:
         runtime.rollback(model)
         moved = f": the primary changed from {current!r} to {target!r}" if target else ""
         self._supersede(stale, by=by, why=f"model {model!r} was rolled back by {by}{moved}")
-        self._save()
-        return {"status": "applied", "model": self.describe(model)[0]}
+        applied = {"status": "applied", "model": self.describe(model)[0]}
+        await self._save_and_wait()
+        return applied
 
     async def load(
         self, model: str, version: str, *, by: str, reason: str | None = None
@@ -783,8 +803,9 @@ class Lifecycle:
             },
             strict=False,
         )
-        self._save()
-        return {"status": "loaded", "version": sv.describe()}
+        loaded = {"status": "loaded", "version": sv.describe()}
+        await self._save_and_wait()
+        return loaded
 
     async def unload(
         self, model: str, version: str, *, by: str, reason: str | None = None
@@ -810,5 +831,6 @@ class Lifecycle:
         self._record(record, strict=False)
         self._supersede(stale, by=by, why=f"version {version!r} was unloaded by {by}")
         self.guard_trips.pop((model, version), None)
-        self._save()
-        return {"status": "unloaded", "version": sv.describe()}
+        unloaded = {"status": "unloaded", "version": sv.describe()}
+        await self._save_and_wait()
+        return unloaded

@@ -42,7 +42,23 @@ Writes happen off the event loop (:class:`StateWriter`): the snapshot is taken o
 where the rollout lives, and one thread of its own encodes it, writes, fsyncs and renames. One
 writer keeps the writes in order, and a snapshot handed over while another is being written
 replaces any still waiting, so a burst of changes costs one more write, of the newest. The
-server waits for the last write when it stops (:data:`FLUSH_TIMEOUT_S` at most).
+server waits for the last write when it stops (:data:`FLUSH_TIMEOUT_S` at most). An admin call
+answers once the write holding its change is done (it awaits the write's future; the event
+loop serves on meanwhile): a 2xx means the change is on disk, and a restart after it, even a
+SIGKILL, restores it. A write that fails does not undo the change (it is made and audited):
+the call answers as it would have, the ERROR and
+``infercore_rollout_state_save_failures_total`` say it is not saved. Changes that no call
+waits for (a canary guard trip, drift actions starting) are written the same way, soon after.
+
+Compatibility: a file is read by the infercore that wrote it, and by any other that reads its
+``format``. Fields a record of it has that this infercore does not know (a newer one added
+them) are ignored, with one WARNING naming them and the file; the next save writes the file
+without them. A wrong type or a missing required field is refused as before, naming the field.
+A file of a newer ``format`` (one whose records an older infercore must not read as its own) is
+refused, naming both formats and the fix (upgrade infercore, or delete the file): the recipe's
+rollout serves, and the file is moved aside to ``<file>.unapplied`` by the first change saved,
+not overwritten. A field added to a record keeps the format only if it is optional, with a
+default that means what files without it meant.
 """
 
 from __future__ import annotations
@@ -57,6 +73,7 @@ import os
 import socket
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -237,10 +254,13 @@ def _holder(fd: int) -> str:
 class StateWriter:
     """Writes the state file on a thread of its own: in order, the newest snapshot, coalesced.
 
-    :meth:`submit` (on the event loop) hands over a snapshot and returns at once. The thread
+    :meth:`submit` (on the event loop) hands over a snapshot and returns at once, with a
+    future the thread completes once a snapshot holding that change is on disk. The thread
     (started on the first one) encodes it and replaces the file; a snapshot submitted while
     another is being written waits, and replaces any that waited before it: after a burst of
-    changes the file is written once more, with the newest.
+    changes the file is written once more, with the newest (each snapshot holds the whole
+    rollout, so the newest holds every change before it), and that write completes the
+    futures of all of them.
 
     A write that fails counts the changes it carried in ``failures`` (a metric's ``inc``) and
     logs one ERROR; the writes after it that fail too only count, until one succeeds (an INFO
@@ -256,8 +276,8 @@ class StateWriter:
         self._failures = failures
         self._cond = threading.Condition()
         self._waiting: dict[str, Any] | None = None
-        #: Changes submitted since the last write began (what the next one carries).
-        self._changes = 0
+        #: The changes submitted since the last write began (what the next one carries).
+        self._changes: list[Future[bool]] = []
         self._busy = False
         self._closing = False
         #: The thread ended; ``_release``: it releases the lock when it ends (a late close).
@@ -268,20 +288,30 @@ class StateWriter:
         #: Writes done, failed ones included (for tests and the log).
         self.writes = 0
 
-    def submit(self, doc: dict[str, Any]) -> None:
-        """Write ``doc`` (a snapshot, see :func:`snapshot_doc`) soon, after any write running."""
+    def submit(self, doc: dict[str, Any]) -> Future[bool]:
+        """Write ``doc`` (a snapshot, see :func:`snapshot_doc`) soon, after any write running.
+
+        Returns:
+            A future, completed on the writer's thread once the write that carries ``doc`` (or
+            a newer snapshot) is done: True when it is on disk (written, flushed, renamed),
+            False when that write failed or the writer was closed first. Cancelling it only
+            stops the waiting: the write happens all the same.
+        """
+        done: Future[bool] = Future()
         with self._cond:
             if self._closing:
                 log.debug("admin.state_file: a change after the server stopped is not saved")
-                return
+                done.set_result(False)
+                return done
             self._waiting = doc
-            self._changes += 1
+            self._changes.append(done)
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name="infercore-state-writer", daemon=True
                 )
                 self._thread.start()
             self._cond.notify_all()
+        return done
 
     def _run(self) -> None:
         while True:
@@ -294,18 +324,24 @@ class StateWriter:
                     release = self._release
                     self._cond.notify_all()
                     break
-                self._waiting, self._changes, self._busy = None, 0, True
+                self._waiting, self._changes, self._busy = None, [], True
+            saved = False
             try:
-                self._write(doc, changes)
+                saved = self._write(doc, len(changes))
             finally:
                 with self._cond:
                     self._busy = False
                     self.writes += 1
                     self._cond.notify_all()
+                for change in changes:
+                    # Cancelled: its waiter went away (the client left); the write is done.
+                    with contextlib.suppress(InvalidStateError):
+                        change.set_result(saved)
         if release:
             self._store.close()
 
-    def _write(self, doc: dict[str, Any], changes: int) -> None:
+    def _write(self, doc: dict[str, Any], changes: int) -> bool:
+        """Write ``doc``; True when it is on disk."""
         try:
             self._store.write(encode(doc))
         except Exception as exc:  # an OSError; anything else is a defect, handled alike
@@ -320,13 +356,14 @@ class StateWriter:
                     why,
                     exc_info=not isinstance(exc, OSError),
                 )
-            return
+            return False
         if self._failing:
             log.info(
                 "admin.state_file: the rollout is saved again, after %d failed write(s)",
                 self._failing,
             )
             self._failing = 0
+        return True
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Block until every submitted snapshot is written (or failed); False on timeout."""
@@ -395,9 +432,14 @@ def check_path(
 
 
 # --- what is saved ---------------------------------------------------------------------------
+#
+# Unknown fields are ignored (a newer infercore wrote them; :func:`unknown_fields` names them
+# for a WARNING), so a field added to these records must be optional, with a default that
+# means what files without it meant. A change an older reader must not ignore (a field that
+# changes the meaning of another, a required field) takes a new FORMAT instead.
 
 
-class SavedVersion(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+class SavedVersion(msgspec.Struct, kw_only=True):
     stage: Literal["candidate", "shadow", "canary", "primary", "retired"]
     weight: float = 0.0
     loaded: bool = True
@@ -407,7 +449,7 @@ class SavedVersion(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     guard_trip: dict[str, Any] | None = None
 
 
-class SavedModel(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+class SavedModel(msgspec.Struct, kw_only=True):
     recipe: dict[str, Any]
     primary: str
     versions: dict[str, SavedVersion]
@@ -415,7 +457,7 @@ class SavedModel(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     drift_last_action_at: float | None = None
 
 
-class SavedApproval(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+class SavedApproval(msgspec.Struct, kw_only=True):
     id: str
     model: str
     version: str
@@ -435,7 +477,7 @@ class SavedApproval(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     decision_reason: str | None = None
 
 
-class SavedState(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+class SavedState(msgspec.Struct, kw_only=True):
     format: int
     saved_at: str
     models: dict[str, SavedModel]
@@ -547,14 +589,29 @@ class _ModelPlan:
 
 
 _SHAPE = 'an object with "format": 1, "saved_at", "models" and "approvals"'
+#: The keys of a model's ``recipe`` (see :func:`recipe_rollout`), and of its ``repository``.
+_RECIPE_KEYS = ("primary", "versions", "repository")
+_RECIPE_REPOSITORY_KEYS = ("folder", "version_folder", "manifest", "kind", "path")
 
 
 def decode(raw: bytes) -> SavedState:
-    """Parse a state file.
+    """Parse a state file. Fields this infercore does not know are ignored (see
+    :func:`read_state` for their names).
 
     Raises:
         Unrestorable: Not JSON, JSON of another shape, a state of a format this server does
-            not read, or invalid (naming the field).
+            not read (a newer one's: the message names both formats and the fix), or invalid
+            (naming the field: a wrong type, a missing required field).
+    """
+    return read_state(raw)[0]
+
+
+def read_state(raw: bytes) -> tuple[SavedState, list[str]]:
+    """Parse a state file: the state, and the fields of it this infercore does not know (a
+    newer infercore wrote them), ignored, as :func:`unknown_fields` names them.
+
+    Raises:
+        Unrestorable: As :func:`decode`.
     """
     try:
         doc = msgspec.json.decode(raw)
@@ -568,15 +625,66 @@ def decode(raw: bytes) -> SavedState:
             "of yours), or " + _FIX,
         )
     version = doc["format"]
+    if type(version) is int and version > FORMAT:
+        # Its records may mean something this server would get wrong: not guessed at. The
+        # file stays as it is until a change is saved, which moves it aside (*.unapplied).
+        raise Unrestorable(
+            f"the file holds rollout state format {version}, written by a newer infercore; "
+            f"this infercore reads format {FORMAT}",
+            fix=f"upgrade infercore to the version that wrote it (it reads format {version}), "
+            "or delete the state file to start from the recipe's rollout",
+        )
     if type(version) is not int or version != FORMAT:
         raise Unrestorable(
             f"the file holds rollout state format {version!r}; this server reads format {FORMAT}",
             fix="serve it with the infercore version that wrote it, or " + _FIX,
         )
     try:
-        return msgspec.convert(doc, SavedState)
+        saved = msgspec.convert(doc, SavedState)
     except msgspec.ValidationError as exc:
         raise Unrestorable(f"the file is not a valid rollout state ({_named(doc, exc)})") from None
+    for sm in saved.models.values():
+        sm.recipe = known_recipe(sm.recipe)
+    return saved, unknown_fields(doc)
+
+
+def known_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
+    """A saved model's ``recipe`` without the keys this infercore does not write (a newer one
+    may record more of the recipe; compared with what this one writes, they would read as a
+    changed recipe)."""
+    known = {k: v for k, v in recipe.items() if k in _RECIPE_KEYS}
+    repository = known.get("repository")
+    if isinstance(repository, dict):
+        known["repository"] = {k: v for k, v in repository.items() if k in _RECIPE_REPOSITORY_KEYS}
+    return known
+
+
+def unknown_fields(doc: dict[str, Any]) -> list[str]:
+    """The fields of a state document (one that converts to :class:`SavedState`) this
+    infercore does not know, each named once, as where it is in any record:
+    ``approvals[].risk``, ``models.<model>.versions.<version>.note``."""
+    found: set[str] = set()
+
+    def extra(record: Any, known: Any, where: str) -> None:
+        if isinstance(record, dict):
+            found.update(where + str(k) for k in record if k not in known)
+
+    extra(doc, SavedState.__struct_fields__, "")
+    for model in (doc.get("models") or {}).values():
+        extra(model, SavedModel.__struct_fields__, "models.<model>.")
+        recipe = model.get("recipe")
+        extra(recipe, _RECIPE_KEYS, "models.<model>.recipe.")
+        if isinstance(recipe, dict):
+            extra(
+                recipe.get("repository"),
+                _RECIPE_REPOSITORY_KEYS,
+                "models.<model>.recipe.repository.",
+            )
+        for version in (model.get("versions") or {}).values():
+            extra(version, SavedVersion.__struct_fields__, "models.<model>.versions.<version>.")
+    for approval in doc.get("approvals") or ():
+        extra(approval, SavedApproval.__struct_fields__, "approvals[].")
+    return sorted(found)
 
 
 def _kind(doc: Any) -> str:
@@ -730,23 +838,20 @@ def _known_unloaded(lifecycle: Lifecycle, name: str, version: str) -> ServedVers
     """A version loaded from the repository at run time and unloaded since, built again (not
     loaded) as the repository has it now; or why it cannot be (its folder or pin is gone).
 
-    Built as :meth:`Runtime.load` builds it, which loads it again later from the manifest
-    (a load of a known repository version reads the manifest again, before the restart too).
+    Built as :meth:`Runtime.load` builds it (:meth:`Runtime.build_repository_version`), which
+    loads it again later from the manifest (a load of a known repository version reads the
+    manifest again, before the restart too).
     """
     runtime = lifecycle.runtime
-    repo = runtime.models[name].repository
-    if repo is None:
+    if runtime.models[name].repository is None:
         return "the model has no repository folder now"
-    path = f"models.{name}.repository.loader"
     try:
-        # Private to the runtime: the one builder of versions, which it uses for loads.
-        node = runtime._companions(repo, repo.loader_node(version), path)
-        sv = runtime._build_version(name, version, node, repo.config.warmup, path)
+        sv = runtime.build_repository_version(name, version)
     except OSError as exc:
         return f"the repository manifest cannot be read ({exc.strerror})"
     except InfercoreError as exc:
         return runtime.scrub(exc.message)
-    sv.origin, sv.state = "repository", UNLOADED
+    sv.state = UNLOADED
     return sv
 
 
@@ -819,10 +924,18 @@ async def restore(lifecycle: Lifecycle) -> None:
         warn_unrestored_changes(lifecycle, "admin.state_file holds no saved state yet")
         return
     try:
-        saved = decode(raw)
+        saved, unknown = read_state(raw)
     except Unrestorable as exc:
         _failed(lifecycle, None, exc)
         return
+    if unknown:
+        log.warning(
+            "admin.state_file %r: ignored field(s) this infercore does not know: %s (a newer "
+            "infercore wrote the file); the rest of the file is read as usual, and the next "
+            "rollout change saves it without them",
+            str(store.path),
+            ", ".join(unknown),
+        )
     _restore_cooldowns(lifecycle, saved)
     loaded: list[tuple[str, str]] = []
     try:

@@ -1170,11 +1170,7 @@ class Runtime:
                     raise self._load_failed(served, current, version, str(exc)) from None
             elif repo is not None:
                 try:
-                    node = self._companions(
-                        repo, repo.loader_node(version), f"models.{name}.repository.loader"
-                    )
-                    if pin is not None:
-                        _check_pin(name, version, node, pin)
+                    node = self._repository_node(name, repo, version, pin)
                 except InfercoreError as exc:
                     if current is None:
                         if isinstance(exc, REFUSED_LOADS):
@@ -1187,11 +1183,7 @@ class Runtime:
                     # A version serving now whose folder or pin is gone: a failed reload.
                     self.metrics.model_load_failures.labels(name, version).inc()
                     raise self._load_failed(served, current, version, exc.message) from None
-                warmup, path, origin = (
-                    repo.config.warmup,
-                    f"models.{name}.repository.loader",
-                    "repository",
-                )
+                warmup, path, origin = repo.config.warmup, _repository_path(name), "repository"
             else:
                 raise ModelNotFound(
                     f"model {name!r} has no version {quoted(version)}",
@@ -1232,6 +1224,54 @@ class Runtime:
                 current.state = STOPPED
         self.emit({"event": "loaded", "model": name, "version": version, "stage": fresh.stage})
         return fresh
+
+    def build_repository_version(
+        self, name: str, version: str, *, pin: Mapping[str, Any] | None = None
+    ) -> ServedVersion:
+        """Build a version from the model's repository folder as :meth:`load` builds one,
+        without starting it or listing it: its loader node with the digests the manifest pins
+        now, its model and batcher, ``origin`` ``"repository"``.
+
+        For a restored rollout: a version loaded from the repository at run time and unloaded
+        since is known again, unloaded (the caller sets its ``state``); loading it later reads
+        the manifest again, as any load does.
+
+        Args:
+            name: The model.
+            version: The version's name (its folder in the repository).
+            pin: The pins an earlier load used (``path``, ``sha256``, the companions'
+                digests): the manifest must pin exactly these now.
+
+        Raises:
+            ModelNotFound: The model, or its repository or the version's folder in it.
+            InvalidInput: An invalid version name.
+            UnpinnedArtifact: The manifest pins no digest for the version's artifact.
+            UnsafePath: The version's folder, artifact or manifest leaves the model root.
+            LoadFailed: The manifest does not pin ``pin`` any more.
+            ConfigError: The recipe's and the manifest's pins of a companion file disagree, or
+                the loader's or batcher's config is invalid.
+            OSError: The manifest cannot be read.
+        """
+        served = self.model(name)
+        repo = served.repository
+        if repo is None:
+            raise ModelNotFound(
+                f"model {name!r} has no repository folder to build version {quoted(version)} from"
+            )
+        node = self._repository_node(name, repo, version, pin)
+        sv = self._build_version(name, version, node, repo.config.warmup, _repository_path(name))
+        sv.origin = "repository"
+        return sv
+
+    def _repository_node(
+        self, name: str, repo: Repository, version: str, pin: Mapping[str, Any] | None
+    ) -> Node:
+        """The loader node of a repository version, with its companions' pins; ``pin``
+        checked against it (see :meth:`build_repository_version`)."""
+        node = self._companions(repo, repo.loader_node(version), _repository_path(name))
+        if pin is not None:
+            _check_pin(name, version, node, pin)
+        return node
 
     def _load_failed(
         self,
@@ -1505,6 +1545,11 @@ class Runtime:
                     sv.window.reset()
         served.refresh()
         return target
+
+
+def _repository_path(name: str) -> str:
+    """The config path of a repository version's loader (in errors and the version's path)."""
+    return f"models.{name}.repository.loader"
 
 
 def _check_pin(name: str, version: str, node: Node, pin: Mapping[str, Any]) -> None:

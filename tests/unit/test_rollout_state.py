@@ -924,13 +924,19 @@ def test_changes_while_a_write_runs_are_written_once_more_with_the_newest(
     async def scenario() -> None:
         async with started(cfg) as rt:
             lc = rt.lifecycle
-            await lc.promote("m", "2", "canary", weight=10, by="ann")
+            # Each call answers once its change is on disk: they wait, as tasks.
+            first = asyncio.create_task(lc.promote("m", "2", "canary", weight=10, by="ann"))
             # The write is held on the writer's thread; the event loop goes on.
             assert await asyncio.to_thread(held.entered.wait, 30)
-            for weight in (20, 30, 40):
-                await lc.set_weights("m", {"1": 100 - weight, "2": weight}, by="ann")
+            later = [
+                asyncio.create_task(lc.set_weights("m", {"1": 100 - w, "2": w}, by="ann"))
+                for w in (20, 30, 40)
+            ]
+            await asyncio.sleep(0)  # the tasks run up to their wait for the write
+            assert rt.models["m"].versions["2"].weight == 40  # made, not yet saved
+            assert not first.done() and not any(t.done() for t in later)
             held.release.set()
-            assert await lc.flush(30)
+            await asyncio.gather(first, *later)
             assert lc.writer is not None and lc.writer.writes == 2  # held one, then the newest
             assert saved_primary_and_canaries(state) == ("1", {"2": 40.0})
 
@@ -949,7 +955,7 @@ def test_stopping_waits_for_the_last_write(tmp_path: Path, monkeypatch: pytest.M
 
     async def scenario() -> None:
         await rt.start()
-        await rt.lifecycle.promote("m", "2", "canary", weight=10, by="ann")
+        call = asyncio.create_task(rt.lifecycle.promote("m", "2", "canary", weight=10, by="ann"))
         assert await asyncio.to_thread(held.entered.wait, 30)
         closer = threading.Thread(target=rt.lifecycle.close, kwargs={"timeout": 30})
         closer.start()
@@ -958,6 +964,7 @@ def test_stopping_waits_for_the_last_write(tmp_path: Path, monkeypatch: pytest.M
         held.release.set()
         await asyncio.to_thread(closer.join, 30)
         assert not closer.is_alive()
+        await call
         assert saved_primary_and_canaries(state) == ("1", {"2": 10.0})
         StateFile(state).close()  # the lock is free: released after the write
         await rt.stop()
@@ -976,7 +983,7 @@ def test_a_last_write_past_the_timeout_is_logged_and_keeps_the_lock_until_done(
     async def scenario() -> None:
         await rt.start()
         lc = rt.lifecycle
-        await lc.promote("m", "2", "canary", weight=10, by="ann")
+        call = asyncio.create_task(lc.promote("m", "2", "canary", weight=10, by="ann"))
         assert await asyncio.to_thread(held.entered.wait, 30)
         lc.close(timeout=0.01)
         with pytest.raises(ConfigError, match="in use by another server"):
@@ -984,6 +991,7 @@ def test_a_last_write_past_the_timeout_is_logged_and_keeps_the_lock_until_done(
         held.release.set()
         assert lc.writer is not None and lc.writer._thread is not None
         await asyncio.to_thread(lc.writer._thread.join, 30)
+        await call
         assert saved_primary_and_canaries(state) == ("1", {"2": 10.0})
         StateFile(state).close()  # released by the writer once done
         await rt.stop()
