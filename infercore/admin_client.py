@@ -8,11 +8,17 @@
     infercore models weights fraud 1=75 2=25
     infercore models rollback fraud --reason "complaints"
     infercore models load fraud 3 | unload fraud 3 | shadow fraud | drift fraud | audit
+    infercore models whoami
     infercore events [MODEL] [--limit 200]
 
 The admin URL and token come from ``--url``/``--token`` (or ``--token-file``), else from
 ``INFERCORE_ADMIN_URL`` (default ``http://127.0.0.1:8081``; ``unix:/path/admin.sock`` for a
 Unix socket) and ``INFERCORE_ADMIN_TOKEN``. Only the standard library is used.
+
+Who decides: ``--by`` when given. Without it, the CLI asks the server (``GET
+/admin/whoami``): a named token (``admin.tokens_file``) is its own name, so no ``by`` is sent
+and the server records the token's name; with the shared token (or a server without the
+route) ``by`` is your user name, as before.
 """
 
 from __future__ import annotations
@@ -211,7 +217,11 @@ def add_models_parser(sub: Any) -> None:
     msub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
 
     def decided(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--by", help="who decides (default: your user name)")
+        p.add_argument(
+            "--by",
+            help="who decides (default: the token's name with admin.tokens_file, else your "
+            "user name); with a named token, only its own name is accepted",
+        )
         p.add_argument("--reason", default="", help="why (kept in the audit log)")
 
     p = msub.add_parser("list", help="models, versions, stages, weights and states")
@@ -253,6 +263,7 @@ def add_models_parser(sub: Any) -> None:
     p.add_argument("model")
     p = msub.add_parser("audit", help="the latest audit records")
     p.add_argument("--limit", type=int, default=20)
+    msub.add_parser("whoami", help="the name of your admin token (admin.tokens_file)")
 
 
 def _client(args: argparse.Namespace) -> AdminClient:
@@ -275,9 +286,27 @@ def _client(args: argparse.Namespace) -> AdminClient:
     return AdminClient(url, token)
 
 
-def _who(args: argparse.Namespace) -> str:
+def _whoami(client: AdminClient) -> str | None:
+    """The name of the client's token (``admin.tokens_file``); ``None`` for the shared token,
+    or a server that predates named tokens (no ``/admin/whoami``: 404)."""
+    try:
+        _, doc = client.request("GET", "/admin/whoami")
+    except AdminError as exc:
+        if exc.status == 404:
+            return None
+        raise
+    if isinstance(doc, dict) and doc.get("authenticated") and isinstance(doc.get("name"), str):
+        return str(doc["name"])
+    return None
+
+
+def _who(args: argparse.Namespace, client: AdminClient) -> str | None:
+    """``by`` for a decision: ``--by``; else ``None`` (not sent) for a named token, whose name
+    the server records, or your user name for the shared token."""
     if getattr(args, "by", None):
         return str(args.by)
+    if _whoami(client) is not None:
+        return None
     try:
         return getpass.getuser()
     except Exception:  # no user name in this environment
@@ -362,7 +391,23 @@ def _run(args: argparse.Namespace) -> int:
     client = _client(args)
     action = args.models_command
     q = urllib.parse.quote
-    decision = {"by": _who(args), "reason": getattr(args, "reason", "") or None}
+
+    def decision() -> dict[str, Any]:
+        by = _who(args, client)
+        return {**({"by": by} if by is not None else {}), "reason": args.reason or None}
+
+    if action == "whoami":
+        name = _whoami(client)
+        if args.json:
+            print(json.dumps({"name": name, "authenticated": name is not None}))
+        elif name is not None:
+            print(f"{name} (a named token: decisions are recorded as {name})")
+        else:
+            print(
+                "a shared token, with no name: a decision names who decides with --by "
+                "(default: your user name)"
+            )
+        return EXIT_OK
     if action == "list":
         path = f"/admin/models/{q(args.model, safe='')}" if args.model else "/admin/models"
         _, doc = client.request("GET", path)
@@ -373,7 +418,7 @@ def _run(args: argparse.Namespace) -> int:
             _print_models(docs)
         return EXIT_OK
     if action == "promote":
-        body: dict[str, Any] = {"to": args.to, **decision}
+        body: dict[str, Any] = {"to": args.to, **decision()}
         if args.weight is not None:
             if not math.isfinite(args.weight):
                 raise AdminError(0, "usage", "--weight: the percent must be a finite number")
@@ -396,7 +441,7 @@ def _run(args: argparse.Namespace) -> int:
             _print_models([doc["model"]])
         return EXIT_OK
     if action == "weights":
-        body = {"weights": _parse_weights(args.weights), **decision}
+        body = {"weights": _parse_weights(args.weights), **decision()}
         _, doc = client.request("PUT", f"/admin/models/{q(args.model, safe='')}/weights", body)
         if args.json:
             print(json.dumps(doc, indent=2))
@@ -413,7 +458,7 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_OK
     if action in ("approve", "reject"):
         _, doc = client.request(
-            "POST", f"/admin/approvals/{q(args.approval, safe='')}/{action}", decision
+            "POST", f"/admin/approvals/{q(args.approval, safe='')}/{action}", decision()
         )
         if args.json:
             print(json.dumps(doc, indent=2))
@@ -424,7 +469,7 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_OK
     if action == "rollback":
         _, doc = client.request(
-            "POST", f"/admin/models/{q(args.model, safe='')}/rollback", decision
+            "POST", f"/admin/models/{q(args.model, safe='')}/rollback", decision()
         )
         if args.json:
             print(json.dumps(doc, indent=2))
@@ -432,7 +477,7 @@ def _run(args: argparse.Namespace) -> int:
             _print_models([doc["model"]])
         return EXIT_OK
     if action in ("load", "unload"):
-        params = {"version": args.version, **{k: v for k, v in decision.items() if v}}
+        params = {"version": args.version, **{k: v for k, v in decision().items() if v}}
         _, doc = client.request(
             "POST",
             f"/v2/repository/models/{q(args.model, safe='')}/{action}",

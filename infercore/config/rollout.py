@@ -98,8 +98,17 @@ class AdminConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_on
         host: Its address; loopback by default.
         port: Its TCP port.
         uds: Listen on this Unix socket (created owner-only) instead of ``host:port``.
-        auth_env: The environment variable holding the bearer token.
-        auth_file: Read the token from this file instead.
+        auth_env: The environment variable holding the shared bearer token.
+        auth_file: Read the shared token from this file instead.
+        tokens_file: Named tokens instead of the shared one: a file of ``name:token`` lines
+            (``#`` starts a comment line; names of 1-64 letters, digits, ``.``, ``_``, ``-``,
+            ``@``; tokens of at least 16 printable ASCII characters, no spaces; no name and no
+            token twice), not readable or writable by other users (mode 0600 or 0640).
+            Each call's token names who decides: a decision's ``by`` defaults to the token's
+            name and may not name anyone else (403), so ``rollout.distinct_approver`` holds
+            between people, not between names typed. It replaces the shared token
+            (``auth_env``'s variable is then not accepted; ``auth_file`` with it is a config
+            error). Read at start-up; a restart picks up a changed file.
         audit_log: Append every decision here as JSON lines; unset keeps them in memory only.
             Opened at start-up; only the file's own folder is created, inside an existing one.
             The latest records are read back at start-up (``GET /admin/audit``).
@@ -119,6 +128,7 @@ class AdminConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_on
     uds: str | None = None
     auth_env: Annotated[str, msgspec.Meta(min_length=1)] = "INFERCORE_ADMIN_TOKEN"
     auth_file: str | None = None
+    tokens_file: str | None = None
     audit_log: str | None = None
     state_file: str | None = None
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 64 * 1024
@@ -126,6 +136,6 @@ class AdminConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_on
     def __post_init__(self) -> None:
         # `admin.audit_log=` / `admin.state_file=` on the command line give '': unset, for
         # every reader (cli, workers, lifecycle), not the working folder.
-        for key in ("audit_log", "state_file"):
+        for key in ("audit_log", "state_file", "tokens_file"):
             if getattr(self, key) == "":
                 msgspec.structs.force_setattr(self, key, None)

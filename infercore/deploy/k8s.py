@@ -942,11 +942,13 @@ def _render_sidecar(
     )
     out.notes.append(f"the application calls http://localhost/... over {SOCKET_PATH}")
     if admin_socket:
-        token = (
-            "admin.auth_file"
-            if admin.auth_file is not None
-            else f"${admin.auth_env}, from the Secret {secret!r}"
-        )
+        if admin.tokens_file is not None:
+            token = "one of admin.tokens_file's, in $INFERCORE_ADMIN_TOKEN of the exec"
+        elif admin.auth_file is not None:
+            token = "admin.auth_file"
+        else:
+            token = f"${admin.auth_env}, from the Secret {secret!r}"
+
         out.notes.append(
             f"the admin API listens on {ADMIN_SOCKET_PATH}, in the infercore container only: "
             f"kubectl exec POD -c infercore -- infercore models list (its token: {token})"
@@ -989,7 +991,13 @@ def _notes(composed: Composed, data: dict[str, Any], claim: str | None, secret: 
     admin = composed.config.admin
     if admin.enabled:
         # Without its token the pod exits 2 at start: the Secret must hold it.
-        if admin.auth_file is None:
+        if admin.tokens_file is not None:
+            notes.append(
+                f"admin.tokens_file: the admin API reads its named tokens from "
+                f"{admin.tokens_file!r} in the pod; mount the file there from a Secret with "
+                "defaultMode: 0400 (a file other users can read is refused)"
+            )
+        elif admin.auth_file is None:
             wanted.setdefault(admin.auth_env, "admin.auth_env: the admin API's bearer token")
         else:
             notes.append(

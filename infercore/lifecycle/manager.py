@@ -97,6 +97,12 @@ _STATUSES = ("pending", "approved", "rejected", "superseded")
 
 log = logging.getLogger("infercore.lifecycle")
 
+#: The name of the admin token (``admin.tokens_file``) the current admin request presented;
+#: ``None`` with the shared token, or outside a request. The admin listener sets it; a record
+#: whose ``actor`` is that name says ``"authenticated": true`` (the name is the token's, not
+#: one the caller typed).
+AUTHENTICATED_ACTOR: ContextVar[str | None] = ContextVar("authenticated_actor", default=None)
+
 
 class AuditUnavailable(InfercoreError):
     status_code = 503
@@ -295,6 +301,9 @@ class Lifecycle:
     def _record(self, record: dict[str, Any], *, strict: bool = True) -> dict[str, Any]:
         # strict=False: the decision is already carried out (a load, an unload, the guard);
         # the record is then kept in memory and logged with a warning if the file fails.
+        name = AUTHENTICATED_ACTOR.get()
+        if name is not None and record.get("actor") == name:
+            record = {**record, "authenticated": True}
         try:
             return self.audit.append(record, strict=strict)
         except OSError as exc:

@@ -2,11 +2,17 @@
 
 A separate Litestar app on its own uvicorn server, started by ``infercore serve`` only when
 ``admin.enabled`` is true (off by default), on loopback or a Unix socket by default
-(RELIABILITY.md S1). Every request needs ``Authorization: Bearer <token>``; the token comes
-from an environment variable (``admin.auth_env``) or a file (``admin.auth_file``) and is
-compared in constant time. No request is routed before it is authenticated: 401 without a
-token, 403 with a wrong one. The inference listener mounts none of these routes, so there
-they answer 404.
+(RELIABILITY.md S1). Every request needs ``Authorization: Bearer <token>``, compared in
+constant time. No request is routed before it is authenticated: 401 without a token, 403 with
+a wrong one. The inference listener mounts none of these routes, so there they answer 404.
+
+The token is either one shared token, from an environment variable (``admin.auth_env``) or a
+file (``admin.auth_file``), or one of the named tokens of ``admin.tokens_file`` (one
+``name:token`` per line, :func:`load_named_tokens`). With the shared token, a decision's
+``by`` is what the caller says: it names, it does not authenticate. With named tokens the
+token's name is who decides: ``by`` may be left out (it is the token's name), a ``by`` that
+names anyone else is a 403, and the audit record says ``"authenticated": true``; so
+``rollout.distinct_approver`` holds between tokens. ``GET /admin/whoami`` says which.
 
 Routes::
 
@@ -24,6 +30,7 @@ Routes::
     GET  /admin/approvals[?status=pending]
     POST /admin/approvals/{id}/approve | reject     {"by": ..., "reason": ...}
     GET  /admin/audit[?limit=100]                   the latest audit records
+    GET  /admin/whoami                              the token's name, if it has one
 
 No route takes a server-side path (S4): a load names a version, whose folder comes from the
 recipe (``models.<m>.versions``) or the model's repository folder. A load the repository refuses
@@ -46,7 +53,9 @@ import hmac
 import json
 import logging
 import os
+import re
 import socket
+import stat
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -58,8 +67,14 @@ from litestar.params import FromPath, FromQuery
 
 from infercore.config.rollout import AdminConfig
 from infercore.config.schema import NAME_RE, VERSION_RE
-from infercore.errors import ConfigError, InfercoreError, InvalidInput, UnsupportedMediaType
-from infercore.lifecycle.manager import check_actor
+from infercore.errors import (
+    ConfigError,
+    Forbidden,
+    InfercoreError,
+    InvalidInput,
+    UnsupportedMediaType,
+)
+from infercore.lifecycle.manager import AUTHENTICATED_ACTOR, check_actor
 from infercore.protocol.tensors import UNREADABLE_JSON, malformed_json
 from infercore.runtime import Runtime
 from infercore.runtime.errors import quoted
@@ -75,23 +90,34 @@ _REPOSITORY_PARAMETERS = frozenset({"version", "by", "reason"})
 #: Sent by tritonclient's unload_model; infercore has no ensembles, so it changes nothing.
 _UNLOAD_PARAMETERS = _REPOSITORY_PARAMETERS | {"unload_dependents"}
 _encoder = msgspec.json.Encoder()
+#: A name in ``admin.tokens_file``: what ``by`` is with that token (a subset of what
+#: :func:`check_actor` takes: no spaces and no ``:``, which ends the name on its line).
+TOKEN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+#: A token: printable ASCII without spaces, what an ``Authorization`` header carries as is.
+_TOKEN_RE = re.compile(r"[!-~]+")
+#: The ASGI scope key :class:`BearerAuth` sets for the app behind it: the presented token's
+#: name from ``admin.tokens_file``, ``None`` for the shared token.
+SCOPE_TOKEN_NAME = "infercore.admin_token_name"
+#: What :func:`load_token` gives: the shared token, or the named tokens (name -> token).
+AdminTokens = str | Mapping[str, str]
 
 
 class _PromoteBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     to: str
-    by: str
+    #: Who decides; with a named token, absent means the token's name (:func:`decided_by`).
+    by: str | None = None
     weight: float | None = None
     reason: str | None = None
 
 
 class _WeightsBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     weights: dict[str, float]
-    by: str
+    by: str | None = None
     reason: str | None = None
 
 
 class _DecisionBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    by: str
+    by: str | None = None
     reason: str | None = None
 
 
@@ -202,13 +228,37 @@ def _json(doc: Any, status: int = 200) -> Response[bytes]:
     return Response(_encoder.encode(doc), media_type=JSON, status_code=status)
 
 
-def load_token(config: AdminConfig, environ: Mapping[str, str] | None = None) -> str:
-    """The admin bearer token, from ``admin.auth_file`` or the ``admin.auth_env`` variable.
+def load_token(config: AdminConfig, environ: Mapping[str, str] | None = None) -> AdminTokens:
+    """The admin API's credentials: the named tokens of ``admin.tokens_file`` (name ->
+    token), or else the shared bearer token, from ``admin.auth_file`` or the
+    ``admin.auth_env`` variable.
+
+    With ``admin.tokens_file`` the shared token is not accepted: ``admin.auth_file`` beside it
+    is a config error, and a set ``admin.auth_env`` variable that is none of the named tokens
+    is a warning (it may be there for the CLI).
 
     Raises:
-        ConfigError: No token, or one shorter than :data:`MIN_TOKEN_CHARS`.
+        ConfigError: No token, one shorter than :data:`MIN_TOKEN_CHARS`, or a tokens file
+            that :func:`load_named_tokens` refuses.
     """
     env = os.environ if environ is None else environ
+    if config.tokens_file:
+        if config.auth_file:
+            raise ConfigError(
+                "admin.tokens_file and admin.auth_file are both set: the named tokens replace "
+                "the shared token",
+                hint="keep admin.tokens_file (one name:token line per person) and unset "
+                "admin.auth_file, or the other way round",
+            )
+        tokens = load_named_tokens(config.tokens_file)
+        shared = env.get(config.auth_env, "").strip()
+        if shared and shared not in tokens.values():
+            log.warning(
+                "$%s is set, but admin.tokens_file replaces the shared token: the admin API "
+                "does not accept it",
+                config.auth_env,
+            )
+        return tokens
     if config.auth_file:
         try:
             token = Path(config.auth_file).read_text().strip()
@@ -224,7 +274,8 @@ def load_token(config: AdminConfig, environ: Mapping[str, str] | None = None) ->
         if not token:
             raise ConfigError(
                 f"admin.enabled: the admin API needs a bearer token; {where} is not set",
-                hint=f"export {config.auth_env}=$(openssl rand -hex 24), or set admin.auth_file",
+                hint=f"export {config.auth_env}=$(openssl rand -hex 24), or set admin.auth_file, "
+                "or admin.tokens_file for a token per person",
             )
     if len(token) < MIN_TOKEN_CHARS:
         raise ConfigError(
@@ -234,26 +285,171 @@ def load_token(config: AdminConfig, environ: Mapping[str, str] | None = None) ->
     return token
 
 
+_TOKENS_FILE_FORMAT = "one name:token per line, e.g. ann:$(openssl rand -hex 24)"
+
+
+def load_named_tokens(path: str) -> dict[str, str]:
+    """The named tokens of ``admin.tokens_file``: name -> token.
+
+    The format, parsed strictly::
+
+        # who: name:token, one per line; '#' starts a comment line, blank lines are skipped
+        ann:3f9a1c2e8b7d6a5f4e3d2c1b0a9f8e7d6c5b4a39
+        bob:0e1d2c3b4a5f6e7d8c9b0a1f2e3d4c5b6a7f8e9d
+
+    A name is 1-64 letters, digits, ``.``, ``_``, ``-`` or ``@``, starting with a letter or a
+    digit (:data:`TOKEN_NAME_RE`); it is what ``by`` is with that token. A token follows the
+    first ``:``, with nothing around it: at least :data:`MIN_TOKEN_CHARS` printable ASCII
+    characters, no spaces. No name and no token may be given twice, and the file must not be
+    readable or writable by every user (ssh's rule for a private key): whoever reads it can
+    act as anyone in it, whoever writes it can add themselves. Readable by its group is a
+    warning (Kubernetes makes a Secret's files so with ``fsGroup``).
+
+    Messages name the file and the line, never what the line holds: it may be a token.
+
+    Raises:
+        ConfigError: The file cannot be read, is open to other users, or a line is not
+            ``name:token`` as above.
+    """
+    where = f"admin.tokens_file {path!r}"
+    try:
+        raw = Path(path).read_bytes()
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise ConfigError(
+            f"{where}: cannot read the file ({exc.strerror})",
+            hint=f"point admin.tokens_file at a readable file: {_TOKENS_FILE_FORMAT}",
+        ) from None
+    _check_tokens_file_mode(where, mode)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{where}, line {line}: not UTF-8 text",
+            hint=f"write the file as plain text: {_TOKENS_FILE_FORMAT}",
+        ) from None
+    tokens: dict[str, str] = {}
+    name_lines: dict[str, int] = {}
+    token_lines: dict[str, int] = {}
+    for number, text_line in enumerate(text.split("\n"), 1):
+        entry = text_line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        at = f"{where}, line {number}"
+        name, colon, token = entry.partition(":")
+        if not colon:
+            raise ConfigError(
+                f"{at}: expected name:token, found no ':'",
+                hint=f"{_TOKENS_FILE_FORMAT}; '#' starts a comment line",
+            )
+        if not TOKEN_NAME_RE.fullmatch(name):
+            raise ConfigError(
+                f"{at}: the name before ':' must be 1-64 letters, digits, '.', '_', '-' or "
+                "'@', starting with a letter or a digit, with no spaces",
+                hint="the name is who decides (`by`) in the audit log, e.g. ann or ann@example.com",
+            )
+        if not token:
+            raise ConfigError(
+                f"{at}: no token after ':'",
+                hint=f"put the token right after the colon: {_TOKENS_FILE_FORMAT}",
+            )
+        if not _TOKEN_RE.fullmatch(token):
+            raise ConfigError(
+                f"{at}: the token holds a space or a character other than printable ASCII",
+                hint="write name:token with nothing around the ':'; a token is printable "
+                "ASCII without spaces, e.g. openssl rand -hex 24",
+            )
+        if len(token) < MIN_TOKEN_CHARS:
+            raise ConfigError(
+                f"{at}: the token is shorter than {MIN_TOKEN_CHARS} characters",
+                hint="use a long random token, e.g. openssl rand -hex 24",
+            )
+        if name in name_lines:
+            raise ConfigError(
+                f"{at}: the name is line {name_lines[name]}'s too",
+                hint="give each person one line (one name, one token)",
+            )
+        if token in token_lines:
+            raise ConfigError(
+                f"{at}: the token is line {token_lines[token]}'s too; a token must name one person",
+                hint="give each person a token of their own, e.g. openssl rand -hex 24",
+            )
+        name_lines[name], token_lines[token] = number, number
+        tokens[name] = token
+    if not tokens:
+        raise ConfigError(
+            f"{where}: the file names no token",
+            hint=_TOKENS_FILE_FORMAT,
+        )
+    return tokens
+
+
+def _check_tokens_file_mode(where: str, mode: int) -> None:
+    if os.name != "posix":  # no POSIX modes to check
+        return
+    bits = stat.S_IMODE(mode)
+    fix = "chmod 600 the file (a Kubernetes Secret: defaultMode: 0400)"
+    if bits & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ConfigError(
+            f"{where}: the file is writable by other users (mode {bits:04o}): whoever can "
+            "write it can give themselves a token",
+            hint=fix,
+        )
+    if bits & stat.S_IROTH:
+        raise ConfigError(
+            f"{where}: the file is readable by every user (mode {bits:04o}): whoever reads "
+            "it can act as anyone it names",
+            hint=fix,
+        )
+    if bits & stat.S_IRGRP:
+        log.warning(
+            "admin.tokens_file is readable by its group (mode %04o): every member can act as "
+            "anyone it names; chmod 600 it unless the group is this server's alone",
+            bits,
+        )
+
+
 class BearerAuth:
     """ASGI middleware: every HTTP request carries ``Authorization: Bearer <token>``.
 
     Runs before routing, so an unauthenticated caller learns nothing about the routes.
-    Compared in constant time over SHA-256 digests (the token's length does not leak either).
+    Compared in constant time over SHA-256 digests (the token's length does not leak either);
+    with named tokens, against every one of them, without stopping at the one that matches.
+    The app behind it finds the token's name in ``scope[SCOPE_TOKEN_NAME]`` (``None`` for the
+    shared token), and the lifecycle in :data:`AUTHENTICATED_ACTOR`.
     """
 
-    def __init__(self, app: Any, token: str) -> None:
+    def __init__(self, app: Any, token: AdminTokens) -> None:
         self.app = app
-        self._digest = hashlib.sha256(token.encode()).digest()
+        named: list[tuple[str | None, str]] = (
+            [(None, token)] if isinstance(token, str) else list(token.items())
+        )
+        self._digests = [(name, hashlib.sha256(secret.encode()).digest()) for name, secret in named]
+
+    @property
+    def named(self) -> bool:
+        """Whether the tokens are named (``admin.tokens_file``)."""
+        return any(name is not None for name, _ in self._digests)
+
+    def identify(self, header: bytes | None) -> tuple[int, str | None]:
+        """``(0, the token's name or None)`` when authorized, else ``(401 or 403, None)``."""
+        if not header:
+            return 401, None
+        scheme, _, given = header.partition(b" ")
+        if scheme.lower() != b"bearer" or not given.strip():
+            return 401, None
+        digest = hashlib.sha256(given.strip()).digest()
+        matched, found = False, None
+        for name, expected in self._digests:  # every one: the time says nothing of which
+            same = hmac.compare_digest(digest, expected)
+            matched |= same
+            found = name if same else found
+        return (0, found) if matched else (403, None)
 
     def check(self, header: bytes | None) -> int:
         """0 when authorized, else the status to answer (401 no token, 403 a wrong one)."""
-        if not header:
-            return 401
-        scheme, _, given = header.partition(b" ")
-        if scheme.lower() != b"bearer" or not given.strip():
-            return 401
-        ok = hmac.compare_digest(hashlib.sha256(given.strip()).digest(), self._digest)
-        return 0 if ok else 403
+        return self.identify(header)[0]
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -264,9 +460,14 @@ class BearerAuth:
             if name == b"authorization":
                 header = value
                 break
-        status = self.check(header)
+        status, token_name = self.identify(header)
         if status == 0:
-            await self.app(scope, receive, send)
+            # Set for this request only; tasks it starts (a load) copy it.
+            actor = AUTHENTICATED_ACTOR.set(token_name)
+            try:
+                await self.app({**scope, SCOPE_TOKEN_NAME: token_name}, receive, send)
+            finally:
+                AUTHENTICATED_ACTOR.reset(actor)
             return
         if status == 401:
             body = b'{"error":"the admin API needs a bearer token","reason":"unauthorized"}'
@@ -290,19 +491,59 @@ class BearerAuth:
         await send({"type": "http.response.body", "body": body})
 
 
-def create_admin_app(runtime: Runtime, token: str) -> BearerAuth:
-    """The admin ASGI app (Litestar behind :class:`BearerAuth`) for ``runtime``."""
+def token_name(request: Request[Any, Any, Any]) -> str | None:
+    """The name of the token ``request`` came with (``admin.tokens_file``); ``None`` for the
+    shared token."""
+    name = request.scope.get(SCOPE_TOKEN_NAME)
+    return name if isinstance(name, str) else None
+
+
+def decided_by(request: Request[Any, Any, Any], by: str | None) -> str:
+    """Who decides: the token's name with named tokens, else the ``by`` the caller gave.
+
+    With a named token, a missing ``by`` is the token's name and a ``by`` that names anyone
+    else is refused: a token acts for its own name only. With the shared token ``by`` is
+    required, and names without authenticating.
+
+    Raises:
+        InvalidInput: ``by`` is missing (shared token) or not 1-64 printable characters.
+        Forbidden: ``by`` is not the named token's name (403).
+    """
+    name = token_name(request)
+    if name is None:
+        return check_actor(by)
+    if by is None:
+        return name
+    given = check_actor(by)
+    if given != name:
+        raise Forbidden(
+            f"this token belongs to {name!r}; `by` says {quoted(given)}",
+            hint="leave `by` out (the token's name decides), or call with the token of the "
+            "person named",
+        )
+    return name
+
+
+def create_admin_app(runtime: Runtime, token: AdminTokens) -> BearerAuth:
+    """The admin ASGI app (Litestar behind :class:`BearerAuth`) for ``runtime``.
+
+    Args:
+        runtime: The runtime whose lifecycle the routes drive.
+        token: The shared token, or the named tokens (name -> token) of
+            ``admin.tokens_file``: see :func:`load_token`.
+    """
     lifecycle = runtime.lifecycle
     cfg = runtime.config.admin
 
-    def actor(params: Mapping[str, Any]) -> str:
-        # A V2 client names nobody: the repository API is the actor. A `by` that is given is
-        # checked as on every other route (a wrong actor would be recorded otherwise).
+    def actor(request: Request[Any, Any, Any], params: Mapping[str, Any]) -> str:
+        # A V2 client names nobody: with the shared token, the repository API is the actor;
+        # with a named token, the token's name. A `by` that is given is checked as on every
+        # other route (a wrong actor would be recorded otherwise).
         if "by" not in params:
-            return "repository-api"
+            return token_name(request) or "repository-api"
         if not isinstance(params["by"], str):
             raise InvalidInput("parameters.by must be a string: who decides")
-        return check_actor(params["by"])
+        return decided_by(request, params["by"])
 
     def repository_version(
         params: Mapping[str, Any], allowed: frozenset[str] = _REPOSITORY_PARAMETERS
@@ -365,7 +606,7 @@ def create_admin_app(runtime: Runtime, token: str) -> BearerAuth:
         params = body.parameters
         version = repository_version(params)
         served = runtime.model(name)
-        by = actor(params)
+        by = actor(request, params)
         reason = params.get("reason")
         if version is not None:
             return _json(await lifecycle.load(name, version, by=by, reason=reason))
@@ -392,7 +633,7 @@ def create_admin_app(runtime: Runtime, token: str) -> BearerAuth:
                 f"unloading all of model {name!r} would stop serving it",
                 hint='name a version that is not the primary: {"parameters": {"version": "2"}}',
             )
-        by = actor(params)
+        by = actor(request, params)
         return _json(await lifecycle.unload(name, version, by=by, reason=params.get("reason")))
 
     # --- rollouts ------------------------------------------------------------------------
@@ -410,8 +651,9 @@ def create_admin_app(runtime: Runtime, token: str) -> BearerAuth:
     ) -> Response[bytes]:
         name, v = _model_name(model_name), _version_name(version)
         body = await _read(request, _PromoteBody)
+        by = decided_by(request, body.by)
         result = await lifecycle.promote(
-            name, v, body.to, weight=body.weight, by=body.by, reason=body.reason
+            name, v, body.to, weight=body.weight, by=by, reason=body.reason
         )
         return _json(result, 202 if result["status"] == "pending" else 200)
 
@@ -424,9 +666,8 @@ def create_admin_app(runtime: Runtime, token: str) -> BearerAuth:
         for version in body.weights:
             # As in a path: a name with '/' or '..' is a malformed request, not an unknown one.
             _version_name(version, "weights: ")
-        return _json(
-            await lifecycle.set_weights(name, body.weights, by=body.by, reason=body.reason)
-        )
+        by = decided_by(request, body.by)
+        return _json(await lifecycle.set_weights(name, body.weights, by=by, reason=body.reason))
 
     @post("/admin/models/{model_name:str}/rollback", status_code=200)
     async def rollback(
@@ -434,7 +675,8 @@ def create_admin_app(runtime: Runtime, token: str) -> BearerAuth:
     ) -> Response[bytes]:
         name = _model_name(model_name)
         body = await _read(request, _DecisionBody)
-        return _json(await lifecycle.rollback(name, by=body.by, reason=body.reason))
+        by = decided_by(request, body.by)
+        return _json(await lifecycle.rollback(name, by=by, reason=body.reason))
 
     @get("/admin/models/{model_name:str}/shadow")
     async def shadow(model_name: FromPath[str]) -> Response[bytes]:
@@ -475,20 +717,28 @@ def create_admin_app(runtime: Runtime, token: str) -> BearerAuth:
         request: Request[Any, Any, Any], approval_id: FromPath[str]
     ) -> Response[bytes]:
         body = await _read(request, _DecisionBody)
-        return _json(await lifecycle.approve(approval_id, by=body.by, reason=body.reason))
+        by = decided_by(request, body.by)
+        return _json(await lifecycle.approve(approval_id, by=by, reason=body.reason))
 
     @post("/admin/approvals/{approval_id:str}/reject", status_code=200)
     async def reject(
         request: Request[Any, Any, Any], approval_id: FromPath[str]
     ) -> Response[bytes]:
         body = await _read(request, _DecisionBody)
-        return _json(await lifecycle.reject(approval_id, by=body.by, reason=body.reason))
+        by = decided_by(request, body.by)
+        return _json(await lifecycle.reject(approval_id, by=by, reason=body.reason))
 
     @get("/admin/audit")
     async def audit(limit: FromQuery[int] = 100) -> Response[bytes]:
         if not 0 <= limit <= 10_000:
             raise InvalidInput("limit must be between 0 and 10000")
         return _json(lifecycle.audit.recent(limit))
+
+    @get("/admin/whoami")
+    async def whoami(request: Request[Any, Any, Any]) -> Response[bytes]:
+        """The token's name (``admin.tokens_file``), or ``null`` for the shared token."""
+        name = token_name(request)
+        return _json({"name": name, "authenticated": name is not None})
 
     app = Litestar(
         route_handlers=[
@@ -506,6 +756,7 @@ def create_admin_app(runtime: Runtime, token: str) -> BearerAuth:
             approve,
             reject,
             audit,
+            whoami,
         ],
         exception_handlers={
             **EXCEPTION_HANDLERS,
@@ -550,7 +801,7 @@ async def _serve(server: Any, sockets: list[socket.socket]) -> None:
 class AdminListener:
     """The admin app on its own uvicorn server, beside the inference listener."""
 
-    def __init__(self, runtime: Runtime, token: str) -> None:
+    def __init__(self, runtime: Runtime, token: AdminTokens) -> None:
         self.runtime = runtime
         self.config = runtime.config.admin
         self.app = create_admin_app(runtime, token)
@@ -573,6 +824,19 @@ class AdminListener:
         if not cfg.enabled:
             return None
         token = load_token(cfg, environ)
+        if isinstance(token, str):
+            gated = sorted(
+                name for name, m in runtime.config.models.items() if m.rollout.distinct_approver
+            )
+            if gated:
+                log.warning(
+                    "rollout.distinct_approver (model %s) with one shared admin token: `by` "
+                    "names who decides without authenticating them; set admin.tokens_file for "
+                    "a token per person",
+                    ", ".join(gated),
+                )
+        else:
+            log.info("admin API: %d named tokens (admin.tokens_file)", len(token))
         if cfg.uds is None and cfg.host not in ("127.0.0.1", "::1", "localhost"):
             log.warning(
                 "the admin API listens on %s, not loopback; keep it off untrusted networks",

@@ -154,6 +154,16 @@ def test_notes_with_an_admin_token_file_ask_for_the_file_not_a_variable() -> Non
     )
 
 
+def test_notes_with_named_admin_tokens_ask_for_the_tokens_file_not_a_variable() -> None:
+    rendered = k8s.render(
+        ["+recipe=iris", "admin.enabled=true", "admin.tokens_file=/var/run/admin/tokens"],
+        k8s.Options(),
+    )
+    assert _env_notes(rendered) == []
+    (note,) = [n for n in rendered.notes if n.startswith("admin.tokens_file:")]
+    assert "'/var/run/admin/tokens'" in note and "defaultMode: 0400" in note
+
+
 # --- --namespace ---
 
 

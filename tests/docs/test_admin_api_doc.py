@@ -213,6 +213,53 @@ def test_each_refusal_listed_is_what_the_api_answers() -> None:
 
 @pytest.mark.parametrize("route", sorted(BODIES))
 def test_every_body_names_who_decides(route: str) -> None:
-    """``by`` is required on every decision (the CLI fills it from --by or the user name)."""
+    """Every decision takes ``by``: optional in the schema, as a named token is its own name;
+    with the shared token the route requires it (the 400s above)."""
     by = {f.name: f for f in msgspec.structs.fields(BODIES[route])}["by"]
-    assert by.required and by.type is str
+    assert not by.required and by.type == (str | None)
+
+
+def named_tokens_example() -> str:
+    """The example tokens file of the section's "Named tokens" paragraph."""
+    text = section().split("**Named tokens.**", 1)[1]
+    return text.split("```text\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_named_tokens_example_is_a_valid_file_and_acts_as_documented(
+    tmp_path: Path,
+) -> None:
+    tokens_file = tmp_path / "tokens"
+    tokens_file.write_text(named_tokens_example())
+    tokens_file.chmod(0o600)
+    tokens = admin.load_named_tokens(str(tokens_file))
+    assert sorted(tokens) == ["ann", "bob"]
+    cfg = rollout()
+    cfg["models"]["m"]["rollout"]["distinct_approver"] = True
+    rt = runtime_from_dict(cfg)
+    documented = re.search(r"\(`(this token belongs to [^`]*`by`[^`]*)`\)", section())
+    assert documented, "the section quotes the 403's message"
+
+    async def main() -> None:
+        await rt.start()
+        try:
+            app = admin.create_admin_app(rt, tokens)
+            transport = httpx.ASGITransport(app=app)
+            as_ann = {"Authorization": f"Bearer {tokens['ann']}"}
+            as_bob = {"Authorization": f"Bearer {tokens['bob']}"}
+            async with httpx.AsyncClient(transport=transport, base_url="http://admin") as a:
+                who = (await a.get("/admin/whoami", headers=as_ann)).json()
+                assert who == {"name": "ann", "authenticated": True}
+                body = {"to": "canary", "weight": 10}
+                r = await a.post("/admin/models/m/versions/2/promote", json=body, headers=as_ann)
+                assert r.status_code == 202, r.text
+                approval = r.json()["approval"]["id"]
+                path = f"/admin/approvals/{approval}/approve"
+                r = await a.post(path, json={"by": "bob"}, headers=as_ann)
+                assert (r.status_code, r.json()["reason"]) == (403, "unauthorized"), r.text
+                assert r.json()["error"].startswith(documented[1])
+                r = await a.post(path, json={}, headers=as_bob)
+                assert r.status_code == 200 and r.json()["approval"]["decided_by"] == "bob"
+        finally:
+            await rt.stop()
+
+    asyncio.run(main())

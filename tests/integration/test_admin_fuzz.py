@@ -73,6 +73,7 @@ ROUTES = [
     ("POST", "/admin/approvals/{approval}/approve", "decision"),
     ("POST", "/admin/approvals/{approval}/reject", "decision"),
     ("GET", "/admin/audit", None),
+    ("GET", "/admin/whoami", None),
 ]
 
 #: Field names the admin bodies use, so arbitrary objects reach past "unknown field".

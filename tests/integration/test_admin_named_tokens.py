@@ -1,0 +1,507 @@
+"""Named admin tokens (``admin.tokens_file``): the token says who decides.
+
+The file's format is parsed strictly, each refusal a config error that names the file and the
+line and never shows a token; a call's ``by`` defaults to its token's name and may name no
+one else (403), so ``rollout.distinct_approver`` holds between tokens; the audit log records
+the name as authenticated; the CLI sends no ``by`` of its own with a named token. The shared
+token keeps its behaviour.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import hmac
+import json
+import logging
+import re
+import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from infercore.config.rollout import AdminConfig
+from infercore.errors import ConfigError
+from infercore.server import admin
+from infercore.server.admin import AdminListener, BearerAuth, load_named_tokens, load_token
+from infercore.testing import runtime_from_dict
+
+#: Tokens whose every character would show if a message echoed one.
+ANN = "SECRETann0123456789abcdef"
+BOB = "SECRETbob0123456789abcdef"
+SHARED = "SECRETshared0123456789abcdef"
+TOKENS = {"ann": ANN, "bob": BOB}
+
+
+def rollout_config(**rollout: Any) -> dict[str, Any]:
+    """Model m: primary 1, 2 in shadow, 3 a candidate; canary and primary need approval."""
+    return {
+        "batching": {"kind": "none"},
+        "models": {
+            "m": {
+                "primary": "1",
+                "versions": {
+                    "1": {"loader": {"kind": "fake", "offset": 0}},
+                    "2": {"loader": {"kind": "fake", "offset": 100}, "stage": "shadow"},
+                    "3": {"loader": {"kind": "fake", "offset": 200}},
+                },
+                "routing": {"kind": "shadow", "inner": {"kind": "weighted"}},
+                "rollout": {"approvals": ["canary", "primary"], **rollout},
+            }
+        },
+    }
+
+
+def tokens_file(tmp_path: Path, text: str | bytes, mode: int = 0o600) -> Path:
+    path = tmp_path / "admin-tokens"
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@asynccontextmanager
+async def admin_client(runtime: Any, token: admin.AdminTokens) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of ``runtime``'s admin app (no token of its own: each call sends one)."""
+    await runtime.start()
+    try:
+        app = admin.create_admin_app(runtime, token)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://admin") as client:
+            yield client
+    finally:
+        await runtime.stop()
+
+
+# -- the file ------------------------------------------------------------------------------
+
+
+def test_a_tokens_file_names_each_token(tmp_path: Path) -> None:
+    path = tokens_file(
+        tmp_path,
+        "# operators\n\n"
+        f"ann:{ANN}\r\n"
+        "   # an indented comment\n"
+        f"  bob@example.com:{BOB}:with-a-colon  \n",
+    )
+    assert load_named_tokens(str(path)) == {"ann": ANN, "bob@example.com": f"{BOB}:with-a-colon"}
+    # What serve and config validate call: the named tokens, not the shared one.
+    env = {"INFERCORE_ADMIN_TOKEN": ANN}
+    assert load_token(AdminConfig(enabled=True, tokens_file=str(path)), env) == {
+        "ann": ANN,
+        "bob@example.com": f"{BOB}:with-a-colon",
+    }
+
+
+@pytest.mark.parametrize(
+    ("text", "message", "hint"),
+    [
+        (f"ann {ANN}\n", "line 1: expected name:token, found no ':'", "one name:token per line"),
+        (f"ann:{ANN}\n{BOB}\n", "line 2: expected name:token, found no ':'", "'#' starts"),
+        (f"an n:{ANN}\n", "line 1: the name before ':' must be 1-64 letters", "who decides"),
+        (f"ann :{ANN}\n", "line 1: the name before ':' must be", "e.g. ann"),
+        (f":{ANN}\n", "line 1: the name before ':' must be", "ann@example.com"),
+        (f"-ann:{ANN}\n", "starting with a letter or a digit", "who decides"),
+        (f"{'a' * 65}:{ANN}\n", "line 1: the name before ':' must be 1-64", "who decides"),
+        ("# c\nann:\n", "line 2: no token after ':'", "right after the colon"),
+        (f"ann: {ANN}\n", "line 1: the token holds a space", "nothing around the ':'"),
+        (f"ann:{ANN}\tx\n", "line 1: the token holds a space", "printable ASCII"),
+        (f"ann:{ANN}é\n", "other than printable ASCII", "printable ASCII"),
+        ("ann:SECRETshort\n", "line 1: the token is shorter than 16 characters", "openssl"),
+        (f"ann:{ANN}\n\nann:{BOB}\n", "line 3: the name is line 1's too", "one line"),
+        (f"ann:{ANN}\nbob:{ANN}\n", "line 2: the token is line 1's too", "of their own"),
+        ("# nobody yet\n\n", "the file names no token", "one name:token per line"),
+        ("", "the file names no token", "one name:token per line"),
+        (f"ann:{ANN}\n".encode() + b"bob:\xff\xfe" + BOB.encode(), "line 2: not UTF-8", "plain"),
+    ],
+)
+def test_each_tokens_file_mistake_names_the_file_the_line_and_the_fix(
+    tmp_path: Path, text: str | bytes, message: str, hint: str
+) -> None:
+    path = tokens_file(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_named_tokens(str(path))
+    error = caught.value
+    assert error.message.startswith(f"admin.tokens_file {str(path)!r}"), error.message
+    assert message in error.message
+    assert error.hint is not None and hint in error.hint
+    assert "SECRET" not in str(error)  # what a line holds is never shown: it may be a token
+    # serve and config validate refuse it the same way.
+    with pytest.raises(ConfigError, match=r"admin\.tokens_file"):
+        load_token(AdminConfig(enabled=True, tokens_file=str(path)), {})
+
+
+def test_a_tokens_file_open_to_other_users_is_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    text = f"ann:{ANN}\n"
+    for mode, message in (
+        (0o644, "readable by every user (mode 0644)"),
+        (0o604, "readable by every user (mode 0604)"),
+        (0o620, "writable by other users (mode 0620)"),
+        (0o602, "writable by other users (mode 0602)"),
+    ):
+        path = tokens_file(tmp_path, text, mode)
+        with pytest.raises(ConfigError, match=re.escape(message)) as caught:
+            load_named_tokens(str(path))
+        assert caught.value.hint is not None and "chmod 600" in caught.value.hint
+        assert "defaultMode: 0400" in caught.value.hint
+    # Readable by its group (a Kubernetes Secret with fsGroup): loaded, with a warning.
+    caplog.set_level(logging.WARNING, logger="infercore.admin")
+    path = tokens_file(tmp_path, text, 0o640)
+    assert load_named_tokens(str(path)) == {"ann": ANN}
+    assert "readable by its group (mode 0640)" in caplog.text
+    caplog.clear()
+    path = tokens_file(tmp_path, text, 0o400)
+    assert load_named_tokens(str(path)) == {"ann": ANN}
+    assert caplog.text == ""
+
+
+def test_a_missing_tokens_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"admin.tokens_file .*cannot read the file"):
+        load_named_tokens(str(tmp_path / "missing"))
+
+
+def test_the_tokens_file_replaces_the_shared_token(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tokens_file(tmp_path, f"ann:{ANN}\n")
+    shared = tmp_path / "shared"
+    shared.write_text(SHARED)
+    with pytest.raises(ConfigError, match=r"admin\.tokens_file and admin\.auth_file are both set"):
+        load_token(AdminConfig(tokens_file=str(path), auth_file=str(shared)), {})
+    caplog.set_level(logging.WARNING, logger="infercore.admin")
+    # The shared variable, set for the CLI to one of the named tokens: nothing to say.
+    load_token(AdminConfig(tokens_file=str(path)), {"INFERCORE_ADMIN_TOKEN": ANN})
+    assert caplog.text == ""
+    # Set to another token: it is not accepted, and the log says so (without the token).
+    load_token(AdminConfig(tokens_file=str(path)), {"INFERCORE_ADMIN_TOKEN": SHARED})
+    assert "$INFERCORE_ADMIN_TOKEN is set, but admin.tokens_file replaces" in caplog.text
+    assert "SECRET" not in caplog.text
+    # `admin.tokens_file=` on the command line: unset, the shared token again.
+    assert AdminConfig(tokens_file="").tokens_file is None
+
+
+def test_the_listener_warns_of_a_distinct_approver_with_a_shared_token(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="infercore.admin")
+    cfg = rollout_config(distinct_approver=True)
+    cfg["admin"] = {"enabled": True, "port": 0}
+    assert AdminListener.from_runtime(runtime_from_dict(cfg), {"INFERCORE_ADMIN_TOKEN": SHARED})
+    assert "rollout.distinct_approver (model m) with one shared admin token" in caplog.text
+    caplog.clear()
+    cfg["admin"]["tokens_file"] = str(tokens_file(tmp_path, f"ann:{ANN}\nbob:{BOB}\n"))
+    assert AdminListener.from_runtime(runtime_from_dict(cfg), {})
+    assert "distinct_approver" not in caplog.text
+
+
+# -- authentication ------------------------------------------------------------------------
+
+
+def test_every_named_token_is_compared_whichever_matches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No early exit: the time taken says nothing of which token (if any) matched."""
+    compared: list[int] = []
+
+    class CountingHmac:
+        @staticmethod
+        def compare_digest(a: bytes, b: bytes) -> bool:
+            compared.append(1)
+            return hmac.compare_digest(a, b)
+
+    monkeypatch.setattr(admin, "hmac", CountingHmac)
+    auth = BearerAuth(None, {"ann": ANN, "bob": BOB, "carol": "SECRETcarol0123456789abc"})
+    for token, expected in ((ANN, (0, "ann")), (BOB, (0, "bob")), ("x" * 30, (403, None))):
+        compared.clear()
+        assert auth.identify(f"Bearer {token}".encode()) == expected
+        assert len(compared) == 3
+    assert auth.identify(None) == (401, None)
+    assert auth.identify(b"Basic abc") == (401, None)
+    assert BearerAuth(None, SHARED).identify(f"Bearer {SHARED}".encode()) == (0, None)
+
+
+def test_each_named_token_is_accepted_and_knows_its_name() -> None:
+    rt = runtime_from_dict(rollout_config())
+
+    async def main() -> None:
+        async with admin_client(rt, TOKENS) as a:
+            assert (await a.get("/admin/models")).status_code == 401
+            r = await a.get("/admin/models", headers=bearer(SHARED))
+            assert (r.status_code, r.json()["reason"]) == (403, "unauthorized")
+            for name, token in TOKENS.items():
+                assert (await a.get("/admin/models", headers=bearer(token))).status_code == 200
+                who = (await a.get("/admin/whoami", headers=bearer(token))).json()
+                assert who == {"name": name, "authenticated": True}
+            assert (await a.get("/admin/whoami")).status_code == 401
+
+    asyncio.run(main())
+
+
+def test_with_the_shared_token_by_is_required_and_only_names() -> None:
+    rt = runtime_from_dict(rollout_config())
+
+    async def main() -> None:
+        async with admin_client(rt, SHARED) as a:
+            auth = bearer(SHARED)
+            who = (await a.get("/admin/whoami", headers=auth)).json()
+            assert who == {"name": None, "authenticated": False}
+            for body in ({"to": "canary", "weight": 10}, {"to": "canary", "by": None}):
+                r = await a.post("/admin/models/m/versions/2/promote", json=body, headers=auth)
+                assert (r.status_code, r.json()["reason"]) == (400, "invalid_input"), r.text
+                assert "say who decides" in r.json()["error"]
+            body = {"to": "canary", "weight": 10, "by": "anyone"}
+            r = await a.post("/admin/models/m/versions/2/promote", json=body, headers=auth)
+            assert r.status_code == 202, r.text
+            r = await a.post("/v2/repository/models/m/load", json={"parameters": {"version": "3"}},
+                             headers=auth)  # fmt: skip
+            assert r.status_code == 200, r.text
+            audit = (await a.get("/admin/audit", headers=auth)).json()
+            assert [(e["event"], e["actor"]) for e in audit] == [
+                ("approval_requested", "anyone"),
+                ("load_requested", "repository-api"),
+                ("loaded", "repository-api"),
+            ]
+            assert not any("authenticated" in e for e in audit)
+
+    asyncio.run(main())
+
+
+# -- who decides ---------------------------------------------------------------------------
+
+
+def test_a_named_token_decides_as_its_name_and_no_one_else() -> None:
+    """Every decision route: ``by`` absent is the token's name, the name itself is fine, and
+    any other is a 403 that changes nothing."""
+    rt = runtime_from_dict(rollout_config())
+
+    async def main() -> None:
+        async with admin_client(rt, TOKENS) as a:
+            ann = bearer(ANN)
+
+            async def state() -> Any:
+                return (await a.get("/admin/models/m", headers=ann)).json()
+
+            async def refused(method: str, path: str, body: dict[str, Any]) -> None:
+                before = await state()
+                r = await a.request(method, path, json={**body, "by": "bob"}, headers=ann)
+                assert (r.status_code, r.json()["reason"]) == (403, "unauthorized"), r.text
+                assert r.json()["error"].startswith(
+                    "this token belongs to 'ann'; `by` says 'bob'"
+                ), r.text
+                assert await state() == before
+
+            promote = "/admin/models/m/versions/2/promote"
+            await refused("POST", promote, {"to": "canary", "weight": 10})
+            r = await a.post(promote, json={"to": "canary", "weight": 10}, headers=ann)
+            assert r.status_code == 202 and r.json()["approval"]["requested_by"] == "ann"
+            first = r.json()["approval"]["id"]
+            for route in ("approve", "reject"):
+                await refused("POST", f"/admin/approvals/{first}/{route}", {})
+            r = await a.post(f"/admin/approvals/{first}/reject", json={"by": " ann "}, headers=ann)
+            assert r.status_code == 200 and r.json()["approval"]["decided_by"] == "ann", r.text
+            await refused("PUT", "/admin/models/m/weights", {"weights": {"1": 100}})
+            r = await a.put("/admin/models/m/weights", json={"weights": {"1": 100}}, headers=ann)
+            assert r.status_code == 200, r.text
+            await refused("POST", "/admin/models/m/rollback", {})
+            r = await a.post("/admin/models/m/rollback", json={"reason": "test"}, headers=ann)
+            assert r.status_code in (200, 409), r.text  # no earlier primary: a 409, not a 403
+            for route in ("unload", "load"):
+                path = f"/v2/repository/models/m/{route}"
+                r = await a.post(
+                    path, json={"parameters": {"version": "3", "by": "bob"}}, headers=ann
+                )
+                assert (r.status_code, r.json()["reason"]) == (403, "unauthorized"), r.text
+            r = await a.post(
+                "/v2/repository/models/m/unload", json={"parameters": {"version": "3"}}, headers=ann
+            )
+            assert r.status_code == 200, r.text
+            audit = (await a.get("/admin/audit", headers=ann)).json()
+            assert {e["actor"] for e in audit} == {"ann"}
+            assert all(e["authenticated"] is True for e in audit)
+            assert [e["event"] for e in audit][-2:] == ["unload_requested", "unloaded"]
+
+    asyncio.run(main())
+
+
+def test_distinct_approver_holds_between_named_tokens(tmp_path: Path) -> None:
+    """ann asks; ann's token cannot approve, not even saying it is bob; bob's token can."""
+    audit_log = tmp_path / "audit.jsonl"
+    cfg = rollout_config(distinct_approver=True)
+    cfg["admin"] = {"audit_log": str(audit_log)}
+    rt = runtime_from_dict(cfg)
+
+    async def main() -> None:
+        async with admin_client(rt, TOKENS) as a:
+            ann, bob = bearer(ANN), bearer(BOB)
+            body = {"to": "canary", "weight": 10, "reason": "shadow agrees"}
+            r = await a.post("/admin/models/m/versions/2/promote", json=body, headers=ann)
+            assert r.status_code == 202, r.text
+            approve = f"/admin/approvals/{r.json()['approval']['id']}/approve"
+            r = await a.post(approve, json={"by": "bob"}, headers=ann)
+            assert (r.status_code, r.json()["reason"]) == (403, "unauthorized"), r.text
+            r = await a.post(approve, json={}, headers=ann)
+            assert (r.status_code, r.json()["reason"]) == (409, "conflict"), r.text
+            assert "another person must approve it" in r.json()["error"]
+            r = await a.post(approve, json={"by": "ann"}, headers=bob)
+            assert r.status_code == 403, r.text
+            r = await a.post(approve, json={"reason": "looked"}, headers=bob)
+            assert r.status_code == 200, r.text
+            assert r.json()["approval"]["requested_by"] == "ann"
+            assert r.json()["approval"]["decided_by"] == "bob"
+
+    asyncio.run(main())
+    records = [json.loads(line) for line in audit_log.read_text().splitlines()]
+    decided = [(r["event"], r["actor"], r.get("authenticated")) for r in records]
+    assert decided == [
+        ("approval_requested", "ann", True),
+        ("approved", "bob", True),
+        ("promoted", "bob", True),
+    ]
+
+
+# -- the CLI -------------------------------------------------------------------------------
+
+
+@contextmanager
+def admin_listener(runtime: Any, environ: dict[str, str]) -> Iterator[None]:
+    """``runtime`` and its admin listener (``admin.uds``) on a thread of their own."""
+    ready, done = threading.Event(), threading.Event()
+    loop = asyncio.new_event_loop()
+    failed: list[BaseException] = []
+
+    async def serve() -> None:
+        try:
+            listener = AdminListener.from_runtime(runtime, environ)
+            assert listener is not None
+            await runtime.start()
+            await listener.start()
+        except BaseException as exc:
+            failed.append(exc)
+            ready.set()
+            raise
+        ready.set()
+        while not done.is_set():
+            await asyncio.sleep(0.02)
+        await listener.stop()
+        await runtime.stop()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
+    thread.start()
+    try:
+        assert ready.wait(30) and not failed, failed
+        yield
+    finally:
+        done.set()
+        thread.join(30)
+        loop.close()
+
+
+def test_the_cli_decides_as_the_named_token(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from infercore.cli import run as cli
+
+    monkeypatch.setattr(getpass, "getuser", lambda: "local-user")
+    sock = tmp_path / "a.sock"
+    cfg = rollout_config(distinct_approver=True)
+    path = tokens_file(tmp_path, f"ann:{ANN}\nbob:{BOB}\n")
+    cfg["admin"] = {"enabled": True, "uds": str(sock), "tokens_file": str(path)}
+    as_ann = ["models", "--url", f"unix:{sock}", "--token", ANN]
+    as_bob = ["models", "--url", f"unix:{sock}", "--token", BOB]
+    with admin_listener(runtime_from_dict(cfg), {}):
+        assert cli([*as_ann, "whoami"]) == 0
+        assert capsys.readouterr().out.startswith("ann (a named token")
+        assert cli([*as_ann, "promote", "m", "2", "--to", "canary", "--weight", "20"]) == 0
+        approval = capsys.readouterr().out.split()[1]
+        assert cli([*as_ann, "approve", approval, "--by", "bob"]) == 1
+        err = capsys.readouterr().err
+        assert "this token belongs to 'ann'; `by` says 'bob'" in err and "HTTP 403" in err
+        assert cli([*as_ann, "approve", approval]) == 1
+        assert "another person must approve it (HTTP 409 conflict)" in capsys.readouterr().err
+        assert cli([*as_bob, "approve", approval, "--reason", "fine"]) == 0
+        assert "approved by bob" in capsys.readouterr().out
+        assert cli([*as_bob, "load", "m", "3"]) == 0
+        capsys.readouterr()
+        assert cli([*as_bob, "audit", "--limit", "5"]) == 0
+        records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert [(r["event"], r["actor"], r["authenticated"]) for r in records] == [
+            ("approval_requested", "ann", True),
+            ("approved", "bob", True),
+            ("promoted", "bob", True),
+            ("load_requested", "bob", True),
+            ("loaded", "bob", True),
+        ]
+
+
+def test_the_cli_names_the_local_user_with_the_shared_token(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from infercore.cli import run as cli
+
+    monkeypatch.setattr(getpass, "getuser", lambda: "local-user")
+    sock = tmp_path / "a.sock"
+    cfg = rollout_config()
+    cfg["admin"] = {"enabled": True, "uds": str(sock)}
+    base = ["models", "--url", f"unix:{sock}", "--token", SHARED]
+    with admin_listener(runtime_from_dict(cfg), {"INFERCORE_ADMIN_TOKEN": SHARED}):
+        assert cli([*base, "whoami"]) == 0
+        assert capsys.readouterr().out.startswith("a shared token")
+        assert cli([*base, "promote", "m", "2", "--to", "canary", "--weight", "20"]) == 0
+        approval = capsys.readouterr().out.split()[1]
+        assert cli([*base, "approve", approval, "--by", "bob"]) == 0
+        capsys.readouterr()
+        assert cli([*base, "--json", "approvals", "--status", "all"]) == 0
+        (decided,) = json.loads(capsys.readouterr().out)
+        assert (decided["requested_by"], decided["decided_by"]) == ("local-user", "bob")
+
+
+IRIS_ONNX = Path(__file__).resolve().parents[2] / "recipes" / "iris" / "artifacts" / "model.onnx"
+
+
+@pytest.mark.skipif(not IRIS_ONNX.is_file(), reason="iris model not built")
+def test_config_validate_reads_the_tokens_file_instead_of_the_shared_token(
+    tmp_path: Path,
+) -> None:
+    """``admin.tokens_file`` is a key of the root config, and needs no shared token."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "INFERCORE_ADMIN_TOKEN"}
+    path = tokens_file(tmp_path, f"ann:{ANN}\nbob:{BOB}\n")
+
+    def validate() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                str(Path(sys.executable).parent / "infercore"),
+                "config",
+                "validate",
+                "+recipe=iris",
+                "admin.enabled=true",
+                f"admin.tokens_file={path}",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+            check=False,
+        )
+
+    ok = validate()
+    assert ok.returncode == 0, ok.stderr
+    path.write_text(f"ann:{ANN}\nbob {BOB}\n")
+    refused = validate()
+    assert refused.returncode == 2, refused
+    line = refused.stderr.strip()
+    assert line.startswith(f"infercore: config error: admin.tokens_file {str(path)!r}, line 2: ")
+    assert len(line.splitlines()) == 1 and "SECRET" not in line
