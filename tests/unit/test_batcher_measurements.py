@@ -144,7 +144,9 @@ def test_a_fast_model_is_not_refused_for_the_fill_delay() -> None:
                 refused = [r for r in results if isinstance(r, BaseException)]
                 assert not refused, (round_, refused)
             assert model.calls == 8  # a batch of 4 and one of 1 per round
-            assert batcher._drain.limit > 100  # rows a 0 ms model drains in 320 ms
+            # Rows a 0 ms model drains in 320 ms: hundreds, or 97 on a loaded machine; the bug
+            # (the fill delay counted as the model's time, 5 rows/s) gave 1.6.
+            assert batcher._drain.limit > 20
         finally:
             await batcher.stop()
 
