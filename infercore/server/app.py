@@ -67,7 +67,7 @@ from infercore.server.openapi import (
     V1StatusOperation,
     V2InferOperation,
 )
-from infercore.server.shutdown import CLIENT_GONE, REQUEST_TASK
+from infercore.server.shutdown import BODY_REFUSED, CLIENT_GONE, REQUEST_TASK
 
 if TYPE_CHECKING:
     from infercore.config.schema import ServerConfig
@@ -148,7 +148,12 @@ class _EarlyAnswer:
 
 
 class _ClientGone(Exception):
-    """The client disconnected before its request body arrived."""
+    """The client disconnected before its request body arrived; ``refused``: the body was
+    refused by the HTTP protocol instead (answered 400 and counted there)."""
+
+    def __init__(self, refused: bool = False) -> None:
+        super().__init__()
+        self.refused = refused
 
 
 class InferenceApp(Litestar):
@@ -734,8 +739,9 @@ def create_app(
             return _Answer(content, resp_headers)
         except InfercoreError as exc:
             return reject(exc, model_name, version, rid, vm)
-        except _ClientGone:
-            counters_for(model_name, version, vm).count_failure("cancelled")
+        except _ClientGone as gone:
+            if not gone.refused:
+                counters_for(model_name, version, vm).count_failure("cancelled")
             return None
         except asyncio.CancelledError as exc:
             counters = counters_for(model_name, version, vm)
@@ -797,7 +803,7 @@ def create_app(
             while True:
                 message: Any = await receive()
                 if message["type"] == "http.disconnect":
-                    raise _ClientGone
+                    raise _ClientGone(BODY_REFUSED in scope)
                 chunk: bytes = message.get("body", b"")
                 size += len(chunk)
                 if size > max_body:

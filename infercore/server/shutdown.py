@@ -62,6 +62,9 @@ IDLE_LINGER_S = 1.0
 REQUEST_TASK = "infercore.request_task"
 #: The cancellation message of a request whose client went (``CancelledError.args[0]``).
 CLIENT_GONE = "infercore: the client disconnected"
+#: Set (``True``) in the scope of a request whose body the protocol refused (400, counted
+#: there): the disconnect the app then reads is not a client that went, and is not counted again.
+BODY_REFUSED = "infercore.body_refused"
 
 #: How long the close waits for uvicorn to open the listeners it was just handed (its start-up
 #: is the app's lifespan, milliseconds once the models are loaded); after that it closes anyway.
@@ -503,6 +506,7 @@ def http_protocol(
                 # requests before it, as a refused head's does.
                 pipeline.popleft()
                 self.cycle = self.ahead
+            cycle.scope[BODY_REFUSED] = True
             cycle.disconnected = True
             cycle.response_complete = True  # nothing of it is written any more
             cycle.waiting_for_100_continue = False

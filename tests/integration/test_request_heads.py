@@ -626,6 +626,9 @@ def test_a_malformed_chunked_body_is_400_counted_under_no_model() -> None:
             assert (status, headers["connection"], doc["reason"]) == (400, "close", "invalid_input")
             assert server.refused() == {"400": 1.0, "invalid_input": 1.0}
             await serves_on(server.port)
+            # Counted once, as refused: the disconnect the model's request path read then is
+            # not a client that went (it was also counted `cancelled` under the model).
+            assert server.counted("request_failures", model="m") == 0
 
     run(scenario)
 
