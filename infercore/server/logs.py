@@ -133,6 +133,52 @@ class FailureLog:
         self._log.log(level, msg, *args, extra=extra, exc_info=exc_info)
 
 
+#: What uvicorn logs at WARNING for one bad request a client sent: the request is answered (a
+#: 400, counted in the metrics), and a client sending them in a loop would fill the log.
+CLIENT_WARNINGS = frozenset(
+    {
+        "Invalid HTTP request received.",
+        "Unsupported upgrade request.",
+        "Exceeded concurrency limit.",
+    }
+)
+
+
+class ClientWarningLimit(logging.Filter):
+    """On uvicorn's logger: each of :data:`CLIENT_WARNINGS` at most once per ``interval_s``,
+    as :class:`FailureLog` limits infercore's own failure lines; the line after a quiet
+    interval says how many were left out. Other records pass untouched.
+
+    Args:
+        interval_s: Shortest time between two lines of one message.
+        clock: Seconds, monotonic (tests pass their own).
+    """
+
+    def __init__(
+        self, interval_s: float = 10.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        super().__init__()
+        self._interval_s = interval_s
+        self._clock = clock
+        #: message -> (time of the next line allowed, lines left out since the last one)
+        self._state: dict[str, tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.msg
+        if not isinstance(msg, str) or msg not in CLIENT_WARNINGS:
+            return True
+        now = self._clock()
+        due, held = self._state.get(msg, (0.0, 0))
+        if now < due:
+            self._state[msg] = (due, held + 1)
+            return False
+        self._state[msg] = (now + self._interval_s, 0)
+        if held:
+            record.msg = f"{msg} (and %d more like it in the last %.0f s, left out)"
+            record.args = (held, self._interval_s)
+        return True
+
+
 #: The logger Python warnings go to (the name ``logging.captureWarnings`` uses).
 WARNINGS_LOGGER = "py.warnings"
 _warnings_log = logging.getLogger(WARNINGS_LOGGER)
@@ -148,6 +194,11 @@ def configure(level: str = "info", fmt: str = "text", stream: str = "stderr") ->
         logger.handlers[:] = [handler]
         logger.setLevel(level.upper())
         logger.propagate = False
+    # uvicorn logs a WARNING per malformed request (and per upgrade it cannot serve): a client
+    # sending them in a loop would flood the log. At most one line per message every 10 s.
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, ClientWarningLimit) for f in uvicorn_log.filters):
+        uvicorn_log.addFilter(ClientWarningLimit())
     # A warning a library emits (a DeprecationWarning, say) is otherwise printed raw on stderr:
     # two lines, one of them an absolute file path, in the middle of JSON lines (S6).
     warnings.showwarning = _log_warning

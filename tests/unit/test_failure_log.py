@@ -55,3 +55,38 @@ def test_keys_are_limited_apart(caplog: pytest.LogCaptureFixture) -> None:
         flog.warning(("b", "queue_full"), "b full", extra={})
         flog.warning(("a", "queue_full"), "a full again", extra={})
     assert warnings(caplog) == ["a full", "a late", "b full"]
+
+
+# -- uvicorn's per-request warnings ---------------------------------------------------------
+
+
+def test_uvicorn_s_client_warnings_are_one_line_per_interval_then_the_count() -> None:
+    from infercore.server.logs import ClientWarningLimit
+
+    clock = Clock()
+    lines: list[str] = []
+    logger = logging.getLogger("test.uvicorn.error")
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    logger.addHandler(handler)
+    limit = ClientWarningLimit(interval_s=10.0, clock=clock)
+    logger.addFilter(limit)
+    try:
+        for _ in range(5):
+            logger.warning("Invalid HTTP request received.")
+        logger.warning("Unsupported upgrade request.")  # a message of its own
+        logger.warning("Invalid HTTP request: %s", "other")  # not one of uvicorn's: untouched
+        logger.warning("Invalid HTTP request: %s", "other")
+        clock.t += 10.0
+        logger.warning("Invalid HTTP request received.")
+        logger.warning("Invalid HTTP request received.")
+    finally:
+        logger.removeFilter(limit)
+        logger.removeHandler(handler)
+    assert lines == [
+        "Invalid HTTP request received.",
+        "Unsupported upgrade request.",
+        "Invalid HTTP request: other",
+        "Invalid HTTP request: other",
+        "Invalid HTTP request received. (and 4 more like it in the last 10 s, left out)",
+    ]
