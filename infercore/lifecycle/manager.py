@@ -585,7 +585,7 @@ class Lifecycle:
         self._check_restored()
         a = self._pending(approval_id)
         served = self.runtime.model(a.model)
-        self._check_context(a, by)
+        await self._check_context(a, by)
         if served.config.rollout.distinct_approver and by == a.requested_by:
             raise Conflict(
                 f"approval {a.id} was requested by {by!r}; another person must approve it"
@@ -597,9 +597,10 @@ class Lifecycle:
         await self._save_and_wait()
         return applied
 
-    def _check_context(self, a: Approval, by: str) -> None:
+    async def _check_context(self, a: Approval, by: str) -> None:
         """The primary and the version's stage the step was asked under hold still; else the
-        approval is superseded (audited, saved) and approving it is a 409 saying what changed.
+        approval is superseded (audited, saved) and approving it is a 409 saying what changed,
+        once the state file holds the supersession (as every change's answer waits for it).
 
         A change of primary through this lifecycle supersedes at once (:meth:`_apply`,
         :meth:`rollback`): this catches what came another way (a restored state)."""
@@ -632,7 +633,7 @@ class Lifecycle:
             }
         )
         self._supersede([a], by="server", why=f"{changed} (found when {by} approved it)")
-        self._save()
+        await self._save_and_wait()  # the 409 too answers once the file holds the change
         raise Conflict(
             f"approval {a.id} (model {a.model!r} version {a.version!r} -> {a.to}) is "
             f"superseded: {changed}; approving it would carry out a step nobody saw in this "

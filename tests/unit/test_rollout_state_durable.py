@@ -151,3 +151,39 @@ def test_a_call_that_stops_waiting_leaves_its_write_and_the_writer_whole(
     with caplog.at_level(logging.WARNING, logger="infercore"):
         asyncio.run(scenario())
     assert errors(caplog) == []
+
+
+def test_a_409_for_a_superseded_approval_answers_once_the_file_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Approving a restored approval asked under another primary supersedes it (a change)
+    and is refused: the refusal, too, waits until the file no longer holds the approval."""
+    from infercore.runtime.errors import Conflict
+
+    cfg = config(tmp_path)
+    state = tmp_path / "state" / "rollout.json"
+
+    async def first_run() -> str:
+        async with started(cfg) as rt:
+            asked = await rt.lifecycle.promote("m", "2", "canary", weight=10, by="ann")
+            return str(asked["approval"]["id"])
+
+    pending = asyncio.run(first_run())
+    doc = saved(state)
+    doc["approvals"][0]["primary"] = "0"  # asked under a primary that is not the one now
+    state.write_text(json.dumps(doc))
+
+    async def second_run() -> None:
+        async with started(cfg) as rt:
+            held = _HeldWrites(monkeypatch)
+            call = asyncio.create_task(rt.lifecycle.approve(pending, by="bob"))
+            assert await asyncio.to_thread(held.entered.wait, 30)
+            for _ in range(200):
+                await asyncio.sleep(0)
+            assert not call.done(), "the 409 came before the supersession was on disk"
+            held.release.set()
+            with pytest.raises(Conflict, match="superseded"):
+                await call
+            assert saved(state)["approvals"] == []  # read right after: no flush, no sleep
+
+    asyncio.run(second_run())
