@@ -92,6 +92,9 @@ ALLOWED: dict[str, frozenset[str]] = {
     PRIMARY: frozenset(),
 }
 _MAX_ACTOR = 64
+#: Longest an admin call waits for ``admin.state_file`` to hold its change (a hung volume
+#: would hold it for ever); past it the call answers, the change made, with a WARNING.
+STATE_WAIT_S = 10.0
 _MAX_REASON = 500
 _STATUSES = ("pending", "approved", "rejected", "superseded")
 
@@ -247,10 +250,19 @@ class Lifecycle:
         """:meth:`_save`, then wait (without blocking the event loop) until a write that holds
         this change is done: an admin call answers once its change is on disk. A write that
         fails is logged and counted by the writer; the change is made all the same, and the
-        call answers as it would have."""
+        call answers as it would have. A write still running after :data:`STATE_WAIT_S` (a
+        hung volume) is left to finish on its own: the call answers, with a WARNING."""
         saving = self._save()
-        if saving is not None:
-            await asyncio.wrap_future(saving)
+        if saving is None:
+            return
+        done, _ = await asyncio.wait({asyncio.wrap_future(saving)}, timeout=STATE_WAIT_S)
+        if not done:
+            log.warning(
+                "admin.state_file: the write of this change has taken over %.0f s (a slow or "
+                "hung volume); answered anyway: the change is made, and is written once the "
+                "volume answers (a restart before that serves the state before it)",
+                STATE_WAIT_S,
+            )
 
     def _check_restored(self) -> None:
         if self._restoring:

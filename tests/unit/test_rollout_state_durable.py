@@ -187,3 +187,33 @@ def test_a_409_for_a_superseded_approval_answers_once_the_file_says_so(
             assert saved(state)["approvals"] == []  # read right after: no flush, no sleep
 
     asyncio.run(second_run())
+
+
+def test_a_hung_volume_holds_an_admin_call_only_so_long(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Past ``STATE_WAIT_S`` the call answers (the change made) with a WARNING, and the write
+    lands once the volume answers."""
+    from infercore.lifecycle import manager
+
+    monkeypatch.setattr(manager, "STATE_WAIT_S", 0.05)
+    cfg = config(tmp_path, approvals=(), routing={"kind": "shadow", "inner": {"kind": "weighted"}})
+    state = tmp_path / "state" / "rollout.json"
+    held = _HeldWrites(monkeypatch)
+
+    async def scenario() -> None:
+        async with started(cfg) as rt, admin_client(rt) as admin:
+            with caplog.at_level(logging.WARNING, logger="infercore.lifecycle"):
+                answer = await admin.post(
+                    "/admin/models/m/versions/2/promote",
+                    json={"to": "canary", "weight": 10, "by": "ann"},
+                )
+            assert answer.status_code == 200, answer.text
+            # The write goes on after the answer (held until released here).
+            assert await asyncio.to_thread(held.entered.wait, 30)
+            assert any("has taken over 0 s" in m for m in caplog.messages), caplog.messages
+            held.release.set()
+            assert await rt.lifecycle.flush()
+            assert saved_primary_and_canaries(state) == ("1", {"2": 10.0})
+
+    asyncio.run(scenario())
