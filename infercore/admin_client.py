@@ -9,11 +9,16 @@
     infercore models rollback fraud --reason "complaints"
     infercore models load fraud 3 | unload fraud 3 | shadow fraud | drift fraud | audit
     infercore models whoami
+    infercore models token ann
     infercore events [MODEL] [--limit 200]
 
 The admin URL and token come from ``--url``/``--token`` (or ``--token-file``), else from
 ``INFERCORE_ADMIN_URL`` (default ``http://127.0.0.1:8081``; ``unix:/path/admin.sock`` for a
-Unix socket) and ``INFERCORE_ADMIN_TOKEN``. Only the standard library is used.
+Unix socket) and ``INFERCORE_ADMIN_TOKEN``. Only the standard library is used to call the API.
+
+``models token NAME`` calls nothing: it prints a new random token for NAME and the
+``NAME:sha256:<digest>`` line that names it in ``admin.tokens_file``, so that the file holds
+no token (:func:`infercore.server.admin.load_named_tokens`).
 
 Who decides: ``--by`` when given. Without it, the CLI asks the server (``GET
 /admin/whoami``): a named token (``admin.tokens_file``) is its own name, so no ``by`` is sent
@@ -264,6 +269,12 @@ def add_models_parser(sub: Any) -> None:
     p = msub.add_parser("audit", help="the latest audit records")
     p.add_argument("--limit", type=int, default=20)
     msub.add_parser("whoami", help="the name of your admin token (admin.tokens_file)")
+    p = msub.add_parser(
+        "token",
+        help="print a new token for NAME and its admin.tokens_file line (its digest); "
+        "calls no server",
+    )
+    p.add_argument("name", metavar="NAME", help="who the token is for: what `by` is with it")
 
 
 def _client(args: argparse.Namespace) -> AdminClient:
@@ -372,9 +383,34 @@ def _parse_weights(items: list[str]) -> dict[str, float]:
     return weights
 
 
+def _new_token(args: argparse.Namespace) -> int:
+    """``infercore models token NAME``: a new token for the person, the digest line for the
+    operator's ``admin.tokens_file``; no server, no admin token."""
+    # The format is the server's own (one rule for the file and the generator); imported
+    # here only, so that the API calls need no more than the standard library.
+    from infercore.server.admin import TOKEN_NAME_RE, TOKEN_NAME_RULE, new_named_token
+
+    name = args.name
+    if not TOKEN_NAME_RE.fullmatch(name):
+        raise AdminError(
+            0, "usage", f"NAME {name[:80]!r}: a token's name is {TOKEN_NAME_RULE}, e.g. ann"
+        )
+    token, line = new_named_token(name)
+    if args.json:
+        print(json.dumps({"name": name, "token": token, "line": line}))
+        return EXIT_OK
+    print(f"# the token for {name}: give it to {name} alone; infercore keeps no copy of it")
+    print(token)
+    print("# the line for admin.tokens_file (the token's SHA-256 digest, not the token):")
+    print(line)
+    return EXIT_OK
+
+
 def run_models(args: argparse.Namespace) -> int:
     """Run one ``infercore models`` action; returns the exit code."""
     try:
+        if args.models_command == "token":
+            return _new_token(args)
         return _run(args)
     except AdminError as exc:
         if exc.status == 0:

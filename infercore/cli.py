@@ -174,7 +174,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "models":
         from infercore.admin_client import run_models
 
-        _check_admin_args(args)
+        if args.models_command != "token":  # makes a token: calls no admin URL
+            _check_admin_args(args)
         return run_models(args)
     return EXIT_FAILURE
 

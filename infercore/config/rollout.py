@@ -100,10 +100,13 @@ class AdminConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_on
         uds: Listen on this Unix socket (created owner-only) instead of ``host:port``.
         auth_env: The environment variable holding the shared bearer token.
         auth_file: Read the shared token from this file instead.
-        tokens_file: Named tokens instead of the shared one: a file of ``name:token`` lines
-            (``#`` starts a comment line; names of 1-64 letters, digits, ``.``, ``_``, ``-``,
-            ``@``; tokens of at least 16 printable ASCII characters, no spaces; no name and no
-            token twice), not readable or writable by other users (mode 0600 or 0640).
+        tokens_file: Named tokens instead of the shared one: a file of ``name:token`` or
+            ``name:sha256:<64 hex>`` lines, the latter the token's SHA-256 digest, so that the
+            file holds no token (``infercore models token NAME`` prints a new token and its
+            line; ``#`` starts a comment line; names of 1-64 letters, digits, ``.``, ``_``,
+            ``-``, ``@``; plain tokens of at least 16 printable ASCII characters, no spaces;
+            no name and no token twice, in either form), not readable or writable by other
+            users (mode 0600 or 0640).
             Each call's token names who decides: a decision's ``by`` defaults to the token's
             name and may not name anyone else (403), so ``rollout.distinct_approver`` holds
             between people, not between names typed. It replaces the shared token

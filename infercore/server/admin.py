@@ -8,7 +8,8 @@ a wrong one. The inference listener mounts none of these routes, so there they a
 
 The token is either one shared token, from an environment variable (``admin.auth_env``) or a
 file (``admin.auth_file``), or one of the named tokens of ``admin.tokens_file`` (one
-``name:token`` per line, :func:`load_named_tokens`). With the shared token, a decision's
+``name:token`` or ``name:sha256:<the token's digest>`` per line, :func:`load_named_tokens`;
+``infercore models token NAME`` makes a token and its line). With the shared token, a decision's
 ``by`` is what the caller says: it names, it does not authenticate. With named tokens the
 token's name is who decides: ``by`` may be left out (it is the token's name), a ``by`` that
 names anyone else is a 403, and the audit record says ``"authenticated": true``; so
@@ -54,6 +55,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import socket
 import stat
 from collections.abc import Callable, Iterator, Mapping
@@ -93,12 +95,28 @@ _encoder = msgspec.json.Encoder()
 #: A name in ``admin.tokens_file``: what ``by`` is with that token (a subset of what
 #: :func:`check_actor` takes: no spaces and no ``:``, which ends the name on its line).
 TOKEN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+#: :data:`TOKEN_NAME_RE` in words, for the messages that refuse a name.
+TOKEN_NAME_RULE = (
+    "1-64 letters, digits, '.', '_', '-' or '@', starting with a letter or a digit, with no spaces"
+)
+#: What starts a digest in ``admin.tokens_file``: ``name:sha256:<64 hex digits>``.
+DIGEST_PREFIX = "sha256:"
+_DIGEST_RE = re.compile(r"sha256:([0-9a-fA-F]{64})")
+#: Another hash's name before a ``:`` (``sha512:``, ``SHA256:``, ``md5:``): refused rather
+#: than taken for a plain token, which would then be that text, digest and all.
+_OTHER_DIGEST_RE = re.compile(r"(?:md5|sha-?\d*|sha3[-_]\d+|blake2[bs]?):", re.IGNORECASE)
+#: How to write a digest line, for the messages that refuse one.
+_DIGEST_HOWTO = (
+    "write name:sha256: and the 64 hex digits of the token's SHA-256 digest "
+    "(infercore models token NAME prints a new token and its line), or name:token"
+)
 #: A token: printable ASCII without spaces, what an ``Authorization`` header carries as is.
 _TOKEN_RE = re.compile(r"[!-~]+")
 #: The ASGI scope key :class:`BearerAuth` sets for the app behind it: the presented token's
 #: name from ``admin.tokens_file``, ``None`` for the shared token.
 SCOPE_TOKEN_NAME = "infercore.admin_token_name"
-#: What :func:`load_token` gives: the shared token, or the named tokens (name -> token).
+#: What :func:`load_token` gives: the shared token, or the named tokens: name -> the token,
+#: or ``sha256:<64 hex digits>``, its SHA-256 digest (:func:`named_token_digest`).
 AdminTokens = str | Mapping[str, str]
 
 
@@ -229,9 +247,9 @@ def _json(doc: Any, status: int = 200) -> Response[bytes]:
 
 
 def load_token(config: AdminConfig, environ: Mapping[str, str] | None = None) -> AdminTokens:
-    """The admin API's credentials: the named tokens of ``admin.tokens_file`` (name ->
-    token), or else the shared bearer token, from ``admin.auth_file`` or the
-    ``admin.auth_env`` variable.
+    """The admin API's credentials: the named tokens of ``admin.tokens_file`` (name -> token
+    or its digest, :func:`load_named_tokens`), or else the shared bearer token, from
+    ``admin.auth_file`` or the ``admin.auth_env`` variable.
 
     With ``admin.tokens_file`` the shared token is not accepted: ``admin.auth_file`` beside it
     is a config error, and a set ``admin.auth_env`` variable that is none of the named tokens
@@ -247,12 +265,13 @@ def load_token(config: AdminConfig, environ: Mapping[str, str] | None = None) ->
             raise ConfigError(
                 "admin.tokens_file and admin.auth_file are both set: the named tokens replace "
                 "the shared token",
-                hint="keep admin.tokens_file (one name:token line per person) and unset "
-                "admin.auth_file, or the other way round",
+                hint="keep admin.tokens_file (one name:sha256:<digest> or name:token line per "
+                "person) and unset admin.auth_file, or the other way round",
             )
         tokens = load_named_tokens(config.tokens_file)
         shared = env.get(config.auth_env, "").strip()
-        if shared and shared not in tokens.values():
+        # Compared as digests: a line may hold a token's digest rather than the token.
+        if shared and _digest(shared) not in {named_token_digest(t) for t in tokens.values()}:
             log.warning(
                 "$%s is set, but admin.tokens_file replaces the shared token: the admin API "
                 "does not accept it",
@@ -285,31 +304,98 @@ def load_token(config: AdminConfig, environ: Mapping[str, str] | None = None) ->
     return token
 
 
-_TOKENS_FILE_FORMAT = "one name:token per line, e.g. ann:$(openssl rand -hex 24)"
+_TOKENS_FILE_FORMAT = (
+    "one name:token per line, e.g. ann:$(openssl rand -hex 24), or name:sha256:<the token's "
+    "SHA-256 digest> (infercore models token NAME prints a new token and its line)"
+)
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+def named_token_digest(credential: str) -> bytes:
+    """The SHA-256 digest a named token is checked against: the one ``credential`` holds
+    when it is ``sha256:<64 hex digits>`` (either case), else the digest of ``credential``,
+    a plain token. Anything else after ``sha256:`` is refused: a digest mistyped must not
+    become a token (:func:`load_named_tokens` says which line).
+
+    Raises:
+        ValueError: ``credential`` starts with ``sha256:`` but is not a digest.
+    """
+    if credential.startswith(DIGEST_PREFIX):
+        match = _DIGEST_RE.fullmatch(credential)
+        if match is None:
+            raise ValueError(f"not {DIGEST_PREFIX} and 64 hex digits")
+        return bytes.fromhex(match[1])
+    return _digest(credential)
+
+
+def digest_line(name: str, token: str) -> str:
+    """The ``admin.tokens_file`` line that names ``token`` by its digest:
+    ``name:sha256:<64 lowercase hex digits>``.
+
+    Raises:
+        ValueError: ``name`` is not a token name (:data:`TOKEN_NAME_RE`).
+    """
+    if not TOKEN_NAME_RE.fullmatch(name):
+        raise ValueError(f"a token name is {TOKEN_NAME_RULE}")
+    return f"{name}:{DIGEST_PREFIX}{hashlib.sha256(token.encode()).hexdigest()}"
+
+
+def new_named_token(name: str) -> tuple[str, str]:
+    """A fresh random token for ``name``, and its ``admin.tokens_file`` line
+    (:func:`digest_line`): what ``infercore models token NAME`` prints.
+
+    The token is 48 hex digits (192 random bits, :func:`secrets.token_hex`): far more than
+    :data:`MIN_TOKEN_CHARS`, which the server cannot check on a digest line.
+
+    Raises:
+        ValueError: ``name`` is not a token name (:data:`TOKEN_NAME_RE`).
+    """
+    token = secrets.token_hex(24)
+    return token, digest_line(name, token)
 
 
 def load_named_tokens(path: str) -> dict[str, str]:
-    """The named tokens of ``admin.tokens_file``: name -> token.
+    """The named tokens of ``admin.tokens_file``: name -> the token, or ``sha256:<64 hex
+    digits>``, its SHA-256 digest (lowercased; :func:`named_token_digest`).
 
     The format, parsed strictly::
 
-        # who: name:token, one per line; '#' starts a comment line, blank lines are skipped
+        # who: name:token or name:sha256:<digest>, one per line; '#' starts a comment line,
+        # blank lines are skipped
         ann:3f9a1c2e8b7d6a5f4e3d2c1b0a9f8e7d6c5b4a39
-        bob:0e1d2c3b4a5f6e7d8c9b0a1f2e3d4c5b6a7f8e9d
+        carol:sha256:dd44a13723d56742d0996dcc3a26147352b24277f4efeef6a089dcea4120f7ef
 
     A name is 1-64 letters, digits, ``.``, ``_``, ``-`` or ``@``, starting with a letter or a
-    digit (:data:`TOKEN_NAME_RE`); it is what ``by`` is with that token. A token follows the
-    first ``:``, with nothing around it: at least :data:`MIN_TOKEN_CHARS` printable ASCII
-    characters, no spaces. No name and no token may be given twice, and the file must not be
-    readable or writable by every user (ssh's rule for a private key): whoever reads it can
-    act as anyone in it, whoever writes it can add themselves. Readable by its group is a
-    warning (Kubernetes makes a Secret's files so with ``fsGroup``).
+    digit (:data:`TOKEN_NAME_RE`); it is what ``by`` is with that token. What follows the
+    first ``:``, with nothing around it, is either:
+
+    - ``sha256:`` and the 64 hex digits (either case) of the token's SHA-256 digest: the file
+      then does not hold the token, and a copy of it that leaks (a backup, a ``kubectl get
+      secret``) lets no one in. ``infercore models token NAME`` prints a new token and its
+      line. A fast hash is enough (no bcrypt or scrypt, as for passwords): the tokens are
+      long random strings (192 bits from the generator), so a digest leaves nothing to guess.
+      The server cannot tell how long the token behind a digest is, so it cannot refuse a
+      short one: the generator makes them long.
+    - Else the token itself: at least :data:`MIN_TOKEN_CHARS` printable ASCII characters, no
+      spaces. A token that starts with ``sha256:`` is always read as a digest, so anything
+      else after ``sha256:`` is an error, as is another hash's name before a ``:``
+      (``sha512:``, ``SHA256:``, ``md5:``): a mistyped digest never becomes a token.
+
+    No name may be given twice, nor a token, in either form: a token on one line whose
+    digest is another line's is a duplicate. The file must not be readable or writable by
+    every user (ssh's rule for a private key), a file of digests too: whoever reads it can act
+    as anyone whose token (not digest) it holds, whoever writes it can add themselves.
+    Readable by its group is a warning (Kubernetes makes a Secret's files so with
+    ``fsGroup``).
 
     Messages name the file and the line, never what the line holds: it may be a token.
 
     Raises:
         ConfigError: The file cannot be read, is open to other users, or a line is not
-            ``name:token`` as above.
+            ``name:token`` or ``name:sha256:<digest>`` as above.
     """
     where = f"admin.tokens_file {path!r}"
     try:
@@ -331,7 +417,8 @@ def load_named_tokens(path: str) -> dict[str, str]:
         ) from None
     tokens: dict[str, str] = {}
     name_lines: dict[str, int] = {}
-    token_lines: dict[str, int] = {}
+    #: digest -> (line, whether the line holds the digest): a token is the same in both forms.
+    token_lines: dict[bytes, tuple[int, bool]] = {}
     for number, text_line in enumerate(text.split("\n"), 1):
         entry = text_line.strip()
         if not entry or entry.startswith("#"):
@@ -345,8 +432,7 @@ def load_named_tokens(path: str) -> dict[str, str]:
             )
         if not TOKEN_NAME_RE.fullmatch(name):
             raise ConfigError(
-                f"{at}: the name before ':' must be 1-64 letters, digits, '.', '_', '-' or "
-                "'@', starting with a letter or a digit, with no spaces",
+                f"{at}: the name before ':' must be {TOKEN_NAME_RULE}",
                 hint="the name is who decides (`by`) in the audit log, e.g. ann or ann@example.com",
             )
         if not token:
@@ -360,22 +446,44 @@ def load_named_tokens(path: str) -> dict[str, str]:
                 hint="write name:token with nothing around the ':'; a token is printable "
                 "ASCII without spaces, e.g. openssl rand -hex 24",
             )
-        if len(token) < MIN_TOKEN_CHARS:
+        hashed = token.startswith(DIGEST_PREFIX)
+        if hashed:
+            if not _DIGEST_RE.fullmatch(token):
+                raise ConfigError(
+                    f"{at}: after 'sha256:' the line must hold the token's SHA-256 digest, "
+                    "64 hex digits and nothing else (a token that starts with 'sha256:' is "
+                    "always read as a digest)",
+                    hint=_DIGEST_HOWTO,
+                )
+            token = token.lower()
+        elif _OTHER_DIGEST_RE.match(token):
+            raise ConfigError(
+                f"{at}: the token starts with a hash's name and ':', as another hash's digest "
+                "would; only SHA-256 digests are read, after 'sha256:' in lowercase",
+                hint=_DIGEST_HOWTO,
+            )
+        elif len(token) < MIN_TOKEN_CHARS:
             raise ConfigError(
                 f"{at}: the token is shorter than {MIN_TOKEN_CHARS} characters",
-                hint="use a long random token, e.g. openssl rand -hex 24",
+                hint="use a long random token, e.g. openssl rand -hex 24, or infercore models "
+                "token NAME",
             )
         if name in name_lines:
             raise ConfigError(
                 f"{at}: the name is line {name_lines[name]}'s too",
                 hint="give each person one line (one name, one token)",
             )
-        if token in token_lines:
+        digest = named_token_digest(token)
+        if digest in token_lines:
+            first, first_hashed = token_lines[digest]
+            forms = ""
+            if first_hashed != hashed:
+                forms = f" ({'this' if hashed else 'that'} line holds its digest)"
             raise ConfigError(
-                f"{at}: the token is line {token_lines[token]}'s too; a token must name one person",
-                hint="give each person a token of their own, e.g. openssl rand -hex 24",
+                f"{at}: the token is line {first}'s too{forms}; a token must name one person",
+                hint="give each person a token of their own: infercore models token NAME",
             )
-        name_lines[name], token_lines[token] = number, number
+        name_lines[name], token_lines[digest] = number, (number, hashed)
         tokens[name] = token
     if not tokens:
         raise ConfigError(
@@ -399,13 +507,14 @@ def _check_tokens_file_mode(where: str, mode: int) -> None:
     if bits & stat.S_IROTH:
         raise ConfigError(
             f"{where}: the file is readable by every user (mode {bits:04o}): whoever reads "
-            "it can act as anyone it names",
+            "it can act as anyone whose token (not digest) it holds",
             hint=fix,
         )
     if bits & stat.S_IRGRP:
         log.warning(
             "admin.tokens_file is readable by its group (mode %04o): every member can act as "
-            "anyone it names; chmod 600 it unless the group is this server's alone",
+            "anyone whose token (not digest) it holds; chmod 600 it unless the group is this "
+            "server's alone",
             bits,
         )
 
@@ -416,16 +525,21 @@ class BearerAuth:
     Runs before routing, so an unauthenticated caller learns nothing about the routes.
     Compared in constant time over SHA-256 digests (the token's length does not leak either);
     with named tokens, against every one of them, without stopping at the one that matches.
+    A named token given as its digest (``sha256:<hex>``, :func:`named_token_digest`) is one
+    more digest in that loop; the digest itself, presented as a token, is not accepted.
     The app behind it finds the token's name in ``scope[SCOPE_TOKEN_NAME]`` (``None`` for the
     shared token), and the lifecycle in :data:`AUTHENTICATED_ACTOR`.
     """
 
     def __init__(self, app: Any, token: AdminTokens) -> None:
         self.app = app
-        named: list[tuple[str | None, str]] = (
-            [(None, token)] if isinstance(token, str) else list(token.items())
+        # The shared token is always a token (``sha256:`` in it means nothing); a named one
+        # may be its digest, as in admin.tokens_file.
+        self._digests: list[tuple[str | None, bytes]] = (
+            [(None, _digest(token))]
+            if isinstance(token, str)
+            else [(name, named_token_digest(secret)) for name, secret in token.items()]
         )
-        self._digests = [(name, hashlib.sha256(secret.encode()).digest()) for name, secret in named]
 
     @property
     def named(self) -> bool:

@@ -5,6 +5,7 @@ is the answer the API gives."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import re
 import shlex
@@ -225,6 +226,30 @@ def named_tokens_example() -> str:
     return text.split("```text\n", 1)[1].split("```", 1)[0]
 
 
+def token_generator_example() -> tuple[list[str], str, str]:
+    """The paragraph's ``infercore models token carol`` example: its output's two labels, the
+    token and the line."""
+    text = section().split("**Named tokens.**", 1)[1]
+    block = text.split("```console\n", 1)[1].split("```", 1)[0]
+    command, label, token, file_label, line = block.splitlines()
+    assert command == "$ infercore models token carol"
+    return [label, file_label], token, line
+
+
+def test_the_token_generator_example_is_what_the_command_prints(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from infercore.cli import run as cli
+
+    labels, token, line = token_generator_example()
+    assert line == f"carol:sha256:{hashlib.sha256(token.encode()).hexdigest()}"
+    assert line in named_tokens_example().splitlines()
+    assert cli(["models", "token", "carol"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert [printed[0], printed[2]] == labels
+    assert re.fullmatch(r"[0-9a-f]{48}", printed[1]) and len(token) == len(printed[1])
+
+
 def test_the_named_tokens_example_is_a_valid_file_and_acts_as_documented(
     tmp_path: Path,
 ) -> None:
@@ -232,7 +257,8 @@ def test_the_named_tokens_example_is_a_valid_file_and_acts_as_documented(
     tokens_file.write_text(named_tokens_example())
     tokens_file.chmod(0o600)
     tokens = admin.load_named_tokens(str(tokens_file))
-    assert sorted(tokens) == ["ann", "bob"]
+    assert sorted(tokens) == ["ann", "bob", "carol"]
+    _, carol_token, _ = token_generator_example()
     cfg = rollout()
     cfg["models"]["m"]["rollout"]["distinct_approver"] = True
     rt = runtime_from_dict(cfg)
@@ -259,6 +285,10 @@ def test_the_named_tokens_example_is_a_valid_file_and_acts_as_documented(
                 assert r.json()["error"].startswith(documented[1])
                 r = await a.post(path, json={}, headers=as_bob)
                 assert r.status_code == 200 and r.json()["approval"]["decided_by"] == "bob"
+                # carol's line holds her token's digest: the token printed beside it is hers.
+                as_carol = {"Authorization": f"Bearer {carol_token}"}
+                who = (await a.get("/admin/whoami", headers=as_carol)).json()
+                assert who == {"name": "carol", "authenticated": True}
         finally:
             await rt.stop()
 

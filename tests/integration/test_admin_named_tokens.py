@@ -4,13 +4,15 @@ The file's format is parsed strictly, each refusal a config error that names the
 line and never shows a token; a call's ``by`` defaults to its token's name and may name no
 one else (403), so ``rollout.distinct_approver`` holds between tokens; the audit log records
 the name as authenticated; the CLI sends no ``by`` of its own with a named token. The shared
-token keeps its behaviour.
+token keeps its behaviour. A line may hold the token's SHA-256 digest instead of the token
+(``name:sha256:<hex>``), and ``infercore models token NAME`` prints a new token and that line.
 """
 
 from __future__ import annotations
 
 import asyncio
 import getpass
+import hashlib
 import hmac
 import json
 import logging
@@ -35,6 +37,12 @@ ANN = "SECRETann0123456789abcdef"
 BOB = "SECRETbob0123456789abcdef"
 SHARED = "SECRETshared0123456789abcdef"
 TOKENS = {"ann": ANN, "bob": BOB}
+#: A token that only its digest names in the files below.
+CAROL = "SECRETcarol0123456789abcdef"
+
+
+def sha256(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def rollout_config(**rollout: Any) -> dict[str, Any]:
@@ -369,6 +377,135 @@ def test_distinct_approver_holds_between_named_tokens(tmp_path: Path) -> None:
     ]
 
 
+# -- digests ------------------------------------------------------------------------------
+
+
+def test_a_line_may_hold_the_token_s_digest_instead_of_the_token(tmp_path: Path) -> None:
+    short = "SECRET"  # behind a digest the server cannot see a token's length: the generator's job
+    path = tokens_file(
+        tmp_path,
+        f"ann:{ANN}\n"
+        f"carol:sha256:{sha256(CAROL)}\n"
+        f"dave:sha256:{sha256(short).upper()}\n",  # either case, as sha256 pins elsewhere
+    )
+    assert load_named_tokens(str(path)) == {
+        "ann": ANN,
+        "carol": f"sha256:{sha256(CAROL)}",
+        "dave": f"sha256:{sha256(short)}",
+    }
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (f"ann:sha256:{sha256(ANN)[:-1]}\n", "line 1: after 'sha256:' the line must hold"),
+        (f"ann:sha256:{sha256(ANN)}0\n", "line 1: after 'sha256:' the line must hold"),
+        (f"ann:sha256:{sha256(ANN)[:-1]}g\n", "64 hex digits and nothing else"),
+        (f"ann:sha256:{sha256(ANN)}:x\n", "64 hex digits and nothing else"),
+        (f"# c\nann:sha256:{ANN}\n", "line 2: after 'sha256:'"),  # a token that starts so
+        ("ann:sha256:\n", "always read as a digest"),
+        (f"ann:SHA256:{sha256(ANN)}\n", "only SHA-256 digests are read, after 'sha256:' in"),
+        (f"ann:sha512:{hashlib.sha512(ANN.encode()).hexdigest()}\n", "another hash's digest"),
+        (f"ann:md5:{hashlib.md5(ANN.encode()).hexdigest()}\n", "another hash's digest"),
+        # One token on two lines, whatever their forms: it must name one person.
+        (f"ann:{ANN}\nbob:sha256:{sha256(ANN)}\n", "line 2: the token is line 1's too (this"),
+        (f"ann:sha256:{sha256(ANN)}\nbob:{ANN}\n", "line 2: the token is line 1's too (that"),
+        (
+            f"ann:sha256:{sha256(ANN)}\nbob:sha256:{sha256(ANN).upper()}\n",
+            "line 2: the token is line 1's too; a token",
+        ),
+    ],
+)
+def test_each_digest_line_mistake_names_the_line_never_the_token_or_digest(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    path = tokens_file(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_named_tokens(str(path))
+    error = caught.value
+    assert error.message.startswith(f"admin.tokens_file {str(path)!r}"), error.message
+    assert message in error.message
+    assert error.hint is not None and "infercore models token NAME" in error.hint
+    shown = str(error).lower()
+    assert "secret" not in shown
+    assert not re.search(r"[0-9a-f]{16}", shown), shown  # no digest, nor a piece of one
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_token(AdminConfig(enabled=True, tokens_file=str(path)), {})
+
+
+def test_a_digest_line_is_one_more_digest_in_the_constant_time_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    compared: list[int] = []
+
+    class CountingHmac:
+        @staticmethod
+        def compare_digest(a: bytes, b: bytes) -> bool:
+            compared.append(1)
+            return hmac.compare_digest(a, b)
+
+    monkeypatch.setattr(admin, "hmac", CountingHmac)
+    auth = BearerAuth(None, {"ann": ANN, "carol": f"sha256:{sha256(CAROL)}", "bob": BOB})
+    for token, expected in ((CAROL, (0, "carol")), (ANN, (0, "ann")), ("x" * 30, (403, None))):
+        compared.clear()
+        assert auth.identify(f"Bearer {token}".encode()) == expected
+        assert len(compared) == 3
+    # What the file holds is no credential: the digest, presented, is refused.
+    for leaked in (f"sha256:{sha256(CAROL)}", sha256(CAROL)):
+        assert auth.identify(f"Bearer {leaked}".encode()) == (403, None)
+    # The shared token is a token, whatever it looks like.
+    shared = f"sha256:{sha256(CAROL)}"
+    assert BearerAuth(None, shared).identify(f"Bearer {shared}".encode()) == (0, None)
+    assert BearerAuth(None, shared).identify(f"Bearer {CAROL}".encode()) == (403, None)
+
+
+def test_a_token_whose_digest_is_in_the_file_is_accepted_and_decides_as_its_name(
+    tmp_path: Path,
+) -> None:
+    path = tokens_file(tmp_path, f"ann:{ANN}\ncarol:sha256:{sha256(CAROL)}\n")
+    tokens = load_token(AdminConfig(enabled=True, tokens_file=str(path)), {})
+    rt = runtime_from_dict(rollout_config(distinct_approver=True))
+
+    async def main() -> None:
+        async with admin_client(rt, tokens) as a:
+            carol, ann = bearer(CAROL), bearer(ANN)
+            who = (await a.get("/admin/whoami", headers=carol)).json()
+            assert who == {"name": "carol", "authenticated": True}
+            for leaked in (f"sha256:{sha256(CAROL)}", sha256(CAROL)):
+                r = await a.get("/admin/whoami", headers=bearer(leaked))
+                assert (r.status_code, r.json()["reason"]) == (403, "unauthorized"), r.text
+            body = {"to": "canary", "weight": 10}
+            r = await a.post("/admin/models/m/versions/2/promote", json=body, headers=carol)
+            assert r.status_code == 202 and r.json()["approval"]["requested_by"] == "carol"
+            approve = f"/admin/approvals/{r.json()['approval']['id']}/approve"
+            r = await a.post(approve, json={"by": "ann"}, headers=carol)
+            assert (r.status_code, r.json()["reason"]) == (403, "unauthorized"), r.text
+            r = await a.post(approve, json={}, headers=ann)
+            assert r.status_code == 200 and r.json()["approval"]["decided_by"] == "ann", r.text
+            audit = (await a.get("/admin/audit", headers=carol)).json()
+            assert [(e["event"], e["actor"], e["authenticated"]) for e in audit] == [
+                ("approval_requested", "carol", True),
+                ("approved", "ann", True),
+                ("promoted", "ann", True),
+            ]
+
+    asyncio.run(main())
+
+
+def test_the_shared_variable_set_to_a_token_whose_digest_is_in_the_file_is_no_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tokens_file(tmp_path, f"ann:{ANN}\ncarol:sha256:{sha256(CAROL)}\n")
+    caplog.set_level(logging.WARNING, logger="infercore.admin")
+    load_token(AdminConfig(tokens_file=str(path)), {"INFERCORE_ADMIN_TOKEN": CAROL})
+    assert caplog.text == ""
+    # The digest line's text is not carol's token: the variable holding it is not accepted.
+    load_token(
+        AdminConfig(tokens_file=str(path)), {"INFERCORE_ADMIN_TOKEN": f"sha256:{sha256(CAROL)}"}
+    )
+    assert "$INFERCORE_ADMIN_TOKEN is set, but admin.tokens_file replaces" in caplog.text
+
+
 # -- the CLI -------------------------------------------------------------------------------
 
 
@@ -505,3 +642,68 @@ def test_config_validate_reads_the_tokens_file_instead_of_the_shared_token(
     line = refused.stderr.strip()
     assert line.startswith(f"infercore: config error: admin.tokens_file {str(path)!r}, line 2: ")
     assert len(line.splitlines()) == 1 and "SECRET" not in line
+
+
+# -- the token generator -------------------------------------------------------------------
+
+
+def generated(capsys: pytest.CaptureFixture[str], name: str) -> tuple[str, str]:
+    """``infercore models token NAME``'s token and line, from its labelled output."""
+    from infercore.cli import run as cli
+
+    assert cli(["models", "token", name]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    label, token, file_label, line = out.splitlines()
+    assert label.startswith(f"# the token for {name}: give it to {name} alone")
+    assert file_label.startswith("# the line for admin.tokens_file")
+    return token, line
+
+
+def test_a_generated_token_authenticates_against_a_file_of_its_printed_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No server, no admin token, no admin URL: the command only prints."""
+    monkeypatch.delenv("INFERCORE_ADMIN_TOKEN", raising=False)
+    monkeypatch.setenv("INFERCORE_ADMIN_URL", "http://:not-a-port")  # not read
+    token, line = generated(capsys, "carol@example.com")
+    assert re.fullmatch(r"[0-9a-f]{48}", token)  # 192 random bits, well over MIN_TOKEN_CHARS
+    assert line == f"carol@example.com:sha256:{sha256(token)}" and token not in line
+    again, _ = generated(capsys, "carol@example.com")
+    assert again != token
+    path = tokens_file(tmp_path, f"# generated\n{line}\nann:{ANN}\n")
+    tokens = load_token(AdminConfig(enabled=True, tokens_file=str(path)), {})
+    assert not isinstance(tokens, str)
+    assert token not in tokens.values()  # the file and the server hold the digest only
+    rt = runtime_from_dict(rollout_config())
+
+    async def main() -> None:
+        async with admin_client(rt, tokens) as a:
+            who = (await a.get("/admin/whoami", headers=bearer(token))).json()
+            assert who == {"name": "carol@example.com", "authenticated": True}
+            r = await a.get("/admin/whoami", headers=bearer(again))
+            assert r.status_code == 403
+
+    asyncio.run(main())
+
+
+def test_the_generator_s_json_is_one_object(capsys: pytest.CaptureFixture[str]) -> None:
+    from infercore.cli import run as cli
+
+    assert cli(["models", "--json", "token", "ann"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert set(doc) == {"name", "token", "line"} and doc["name"] == "ann"
+    assert doc["line"] == f"ann:sha256:{sha256(doc['token'])}"
+
+
+@pytest.mark.parametrize("name", ["an n", "-ann", "a" * 65, "ann:x", "", "ann\n"])
+def test_the_generator_refuses_a_name_the_file_would_refuse(
+    capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    from infercore.cli import run as cli
+
+    assert cli(["models", "token", "--", name]) == 2  # `--`: "-ann" is a name, not an option
+    out, err = capsys.readouterr()
+    assert out == ""  # no token is made for a line the server would refuse
+    (line,) = err.splitlines()
+    assert line.startswith(f"infercore: error: NAME {name!r}: a token's name is 1-64 letters")
