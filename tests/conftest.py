@@ -50,14 +50,16 @@ def make_unwritable() -> Callable[[Path], None]:
 def _restore_log_config() -> Iterator[None]:
     """Undo what a test's in-process ``infercore serve`` (``logs.configure``) did to the
     infercore and uvicorn loggers: its handler writes to that test's captured stderr, closed
-    once the test ends, and every later log line would then print a "Logging error"."""
-    names = ("infercore", "uvicorn", "uvicorn.error")
+    once the test ends, and every later log line would then print a "Logging error". Its
+    filters too: uvicorn's client-warning limit would swallow a later test's lines."""
+    names = ("infercore", "uvicorn", "uvicorn.error", "py.warnings")
     saved = [
-        (lg, list(lg.handlers), lg.level, lg.propagate)
+        (lg, list(lg.handlers), list(lg.filters), lg.level, lg.propagate)
         for lg in (logging.getLogger(n) for n in names)
     ]
     yield
-    for lg, handlers, level, propagate in saved:
+    for lg, handlers, filters, level, propagate in saved:
         lg.handlers[:] = handlers
+        lg.filters[:] = filters
         lg.setLevel(level)
         lg.propagate = propagate

@@ -133,8 +133,9 @@ class FailureLog:
         self._log.log(level, msg, *args, extra=extra, exc_info=exc_info)
 
 
-#: What uvicorn logs at WARNING for one bad request a client sent: the request is answered (a
-#: 400, counted in the metrics), and a client sending them in a loop would fill the log.
+#: What uvicorn logs at WARNING for one request a client sent: the request is answered (a 400
+#: counted in the metrics, or uvicorn's own 503 past ``limit_concurrency``), and a client
+#: sending them in a loop would fill the log.
 CLIENT_WARNINGS = frozenset(
     {
         "Invalid HTTP request received.",
@@ -146,8 +147,9 @@ CLIENT_WARNINGS = frozenset(
 
 class ClientWarningLimit(logging.Filter):
     """On uvicorn's logger: each of :data:`CLIENT_WARNINGS` at most once per ``interval_s``,
-    as :class:`FailureLog` limits infercore's own failure lines; the line after a quiet
-    interval says how many were left out. Other records pass untouched.
+    as :class:`FailureLog` limits infercore's own failure lines; the next line logged says how
+    many were left out since the one before (none is logged for those left out last, once
+    the client stops). Other records pass untouched.
 
     Args:
         interval_s: Shortest time between two lines of one message.
@@ -174,8 +176,8 @@ class ClientWarningLimit(logging.Filter):
             return False
         self._state[msg] = (now + self._interval_s, 0)
         if held:
-            record.msg = f"{msg} (and %d more like it in the last %.0f s, left out)"
-            record.args = (held, self._interval_s)
+            record.msg = f"{msg} (and %d more like it since the last such line, left out)"
+            record.args = (held,)
         return True
 
 
