@@ -88,8 +88,8 @@ SHUTTING_DOWN_RESPONSE = (
 #: Longest request head read from such a connection before answering anyway.
 _HEAD_MAX = 65536
 #: The "refusal" of a request whose body was refused after the app began its answer: nothing
-#: more is written (that answer is the request's) and nothing is counted; the connection is
-#: half-closed once the answer is complete.
+#: more is written (that answer, cut short, is the request's) and nothing is counted; the
+#: connection is half-closed after what the app wrote.
 _ANSWERED: tuple[int, str, bytes] = (0, "", b"")
 
 #: The longest request line and headers read (``server.max_header_bytes``): httptools has no
@@ -288,17 +288,21 @@ def http_protocol(
       malformed chunked body): the request is taken from the app (queued behind a pipelined
       one, it never reaches it; running, the app reads a disconnect and what it sends goes
       nowhere), and an answer made from its head waits no more. When the app had begun
-      answering it already, that answer is the only one: the connection is half-closed
-      after it, and nothing is counted here (the app counted its answer).
+      answering it already, that answer is the only one and ends there: the app reads a
+      disconnect (rather than wait for a body that will not come) and what it still sends
+      goes nowhere; what it wrote goes, then the connection is half-closed, and nothing is
+      counted here (the app counted its answer).
     * ``count_refused(status, reason)`` (the inference listener's metrics) is called once for
       each refused request (431, 414, 408, and 400 for a malformed head or body): with its
       status once its answer is written, with ``None`` when the connection closed before the
       answer could go (the response before it said ``Connection: close``, or the client
       went).
-    * Once the server is stopping (:meth:`shutdown`), a request whose head completes on a
-      connection still open (an idle one lingering, or a pipelined one) is answered with
-      ``Connection: close`` and its connection closes after it, whatever the app's response
-      says (infercore's ShutdownMiddleware says so once draining; a bare app may not).
+    * Once the server is stopping (:meth:`shutdown`), a request whose head completes on an
+      idle connection still open (lingering) is answered with ``Connection: close`` and its
+      connection closes after it, whatever the app's response says (infercore's
+      ShutdownMiddleware says so once draining; a bare app may not). Only that first request
+      is answered: requests pipelined behind it, as behind a request still answering when
+      the server began to stop, are dropped unanswered when the connection closes.
     """
     from uvicorn.protocols.http.flow_control import CLOSE_HEADER
     from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
@@ -333,7 +337,8 @@ def http_protocol(
         #: The current head's clock ran out while a response before it was being written.
         head_late = False
         #: The request cycle before the current request's (the one it queues behind when
-        #: pipelined): where a request taken from the queue leaves :attr:`cycle`.
+        #: pipelined), while the current request's body is read: where a request whose body
+        #: is refused, taken from the queue, leaves :attr:`cycle`.
         ahead: Any = None
 
         def data_received(self, data: bytes) -> None:
@@ -430,10 +435,10 @@ def http_protocol(
                 timer.cancel()
                 self.head_timer = None
             cycle = self.cycle
-            if cycle is not None and not cycle.response_complete:
-                # A response is still being written on this connection (pipelined requests):
-                # no answer can go in the middle of it. Sent once it (and any request queued
-                # before this head) completes.
+            if cycle is not None and not cycle.response_complete and not cycle.disconnected:
+                # A response is still being written on this connection (pipelined requests;
+                # a disconnected one writes nothing more): no answer can go in the middle of
+                # it. Sent once it (and any request queued before this head) completes.
                 self.refused = (status, reason, body)
                 return
             self._send_refusal(status, reason, body)
@@ -454,6 +459,11 @@ def http_protocol(
                 self._count_refused(status, reason)
                 self.server_state.total_requests += 1
                 transport.write(self._closing_answer(status, body))
+            else:
+                self.one_send.flush()  # the app's response head, held for a body that won't come
+            # A body past uvicorn's high-water mark paused reading: the rest must be read (and
+            # dropped), or a client still sending it blocks, and is reset when the discard ends.
+            self.flow.resume_reading()
             try:
                 transport.write_eof()
             except (NotImplementedError, RuntimeError, OSError):
@@ -487,7 +497,7 @@ def http_protocol(
             whether the protocol answers it (400).
 
             It does, as for a malformed head, unless the app started answering it already:
-            then that answer is the only one, and the connection ends after it
+            then that answer is the only one, and the connection ends after what the app wrote
             (:data:`_ANSWERED`). A request queued behind a pipelined one never reaches the
             app; one the app runs sees a disconnect (its sends go nowhere).
             """
@@ -498,6 +508,11 @@ def http_protocol(
             if cycle is None or cycle is self.ahead:  # no request cycle of its own
                 return True
             if cycle.response_started:
+                if not cycle.response_complete:
+                    # Its answer cannot complete: the app reads a disconnect instead of waiting
+                    # for the body, and what it still sends goes nowhere.
+                    cycle.disconnected = True
+                    cycle.message_event.set()
                 self._refuse(*_ANSWERED)
                 return False
             pipeline = self.pipeline
@@ -506,7 +521,7 @@ def http_protocol(
                 # requests before it, as a refused head's does.
                 pipeline.popleft()
                 self.cycle = self.ahead
-            cycle.scope[BODY_REFUSED] = True
+            cycle.scope[BODY_REFUSED] = True  # type: ignore[literal-required]
             cycle.disconnected = True
             cycle.response_complete = True  # nothing of it is written any more
             cycle.waiting_for_100_continue = False
@@ -608,6 +623,7 @@ def http_protocol(
         def on_message_complete(self) -> None:
             self.head_bytes = 0  # what comes next is the next request's head
             self.uncounted = True  # unless the next read starts it
+            self.ahead = None  # only a refusal of this body reads it: let the request before go
             if self.discarding:
                 return
             answer = self.early
@@ -634,6 +650,7 @@ def http_protocol(
             self.discarding = True
             self._answer(answer, close=True)
             self.server_state.total_requests += 1
+            self.flow.resume_reading()  # what still arrives is read and dropped, never left
             transport = self.one_send.transport
             try:
                 transport.write_eof()

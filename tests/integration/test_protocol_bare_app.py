@@ -3,14 +3,17 @@
 What the protocol promises without help from infercore's app: a request that comes once the
 server is stopping closes its connection (the app's ShutdownMiddleware says
 ``Connection: close`` too, a bare app does not), and a request body the HTTP parser refuses is
-answered and counted by the protocol, whatever state the app is in.
+answered and counted by the protocol, whatever state the app is in, unless the app began its
+answer already (that answer then ends where it is, and the connection closes after it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -18,6 +21,7 @@ from typing import Any
 import pytest
 from uvicorn_support import app_on_loopback
 
+from infercore.server import shutdown
 from infercore.server.shutdown import http_protocol
 
 
@@ -92,7 +96,7 @@ class Served:
 
 
 @asynccontextmanager
-async def serving(linger_s: float = 0.1) -> AsyncIterator[Served]:
+async def serving(linger_s: float = 0.1, app: Any = bare_app) -> AsyncIterator[Served]:
     served = Served()
     base = http_protocol(
         linger_s,
@@ -102,11 +106,16 @@ async def serving(linger_s: float = 0.1) -> AsyncIterator[Served]:
 
     class Recording(base):  # type: ignore[misc, valid-type]
         def connection_made(self, transport: Any) -> None:
+            self.lost = asyncio.Event()  # set once the server saw the connection go
             served.protocols.append(self)
             super().connection_made(transport)
 
+        def connection_lost(self, exc: Exception | None) -> None:
+            super().connection_lost(exc)
+            self.lost.set()
+
     # The idle keep-alive timeout far above every wait here: a connection left open shows.
-    async with app_on_loopback(bare_app, Recording, timeout_keep_alive=60) as (port, server):
+    async with app_on_loopback(app, Recording, timeout_keep_alive=60) as (port, server):
         served.port, served.server = port, server
         try:
             yield served
@@ -125,6 +134,20 @@ async def response(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
             if line.startswith(b"content-length:")
         )
         return head, await reader.readexactly(length)
+
+
+async def lost(protocol: Any) -> None:
+    """Wait (at most 5 s) until the server saw the connection of ``protocol`` go."""
+    async with asyncio.timeout(5):
+        await protocol.lost.wait()
+
+
+async def apps_done(srv: Served) -> None:
+    """Wait (at most 5 s) until every request the app was running has returned."""
+    tasks = set(srv.server.server_state.tasks)
+    if tasks:
+        _, running = await asyncio.wait(tasks, timeout=5)
+        assert not running, running
 
 
 async def closed(reader: asyncio.StreamReader) -> bool:
@@ -210,7 +233,7 @@ def test_the_app_s_own_answer_to_a_request_whose_body_was_refused_goes_nowhere(
             reader, writer = await srv.connect()
             writer.write(chunked(b"/slow"))
             refused_body(*await response(reader))
-            await asyncio.sleep(0.3)  # the app's answer is made meanwhile
+            await apps_done(srv)  # the app's answer was made
             assert await closed(reader)
             writer.close()
             assert srv.counted == [(400, "invalid_input")]
@@ -232,8 +255,7 @@ def test_a_malformed_body_replaces_the_answer_made_from_its_head() -> None:
             refused_body(*await response(reader))
             assert await closed(reader)
             writer.close()
-            await writer.wait_closed()
-            await asyncio.sleep(0.1)  # the server saw the close
+            await lost(srv.protocols[0])  # abandoned() would have been called by now
             assert srv.counted == [(400, "invalid_input")]
             assert srv.fates == []
 
@@ -260,3 +282,104 @@ def test_a_body_refused_after_an_answer_made_before_it_gets_no_second_answer(
     with caplog.at_level(logging.ERROR):
         asyncio.run(scenario())
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+@pytest.mark.parametrize("first_chunk", [b"", b"started"], ids=["head-only", "head-and-chunk"])
+def test_a_malformed_body_read_after_the_app_began_its_answer_ends_that_answer(
+    first_chunk: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The app starts its response, then reads the body: a malformed body ends that response
+    where it is (what the app wrote goes, its head too when held for a body; no 400 after it)
+    and the connection closes. The app's receive() says the client disconnected; it waited for
+    ever, and the connection stayed open, before. Nothing is counted: the app's answer it is."""
+    started = asyncio.Event()
+    received: list[str] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        headers = [(b"content-type", b"text/plain"), (b"transfer-encoding", b"chunked")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        if first_chunk:
+            await send({"type": "http.response.body", "body": first_chunk, "more_body": True})
+        started.set()
+        while True:
+            message = await receive()
+            received.append(message["type"])
+            if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                break
+        await send({"type": "http.response.body", "body": b"done"})  # goes nowhere
+
+    async def scenario() -> None:
+        async with serving(app=app) as srv:
+            reader, writer = await srv.connect()
+            writer.write(b"POST /x HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n")
+            writer.write(b"2\r\n{}\r\n")
+            async with asyncio.timeout(5):
+                await started.wait()
+            writer.write(b"zz\r\n")
+            async with asyncio.timeout(5):
+                written = await reader.read()  # to the end: the server half-closed
+            head, _, body = written.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 OK\r\n"), written
+            assert b"transfer-encoding: chunked" in head, written
+            assert body == (b"7\r\nstarted\r\n" if first_chunk else b""), written
+            await apps_done(srv)
+            assert received[-1] == "http.disconnect", received
+            writer.close()
+            await lost(srv.protocols[0])
+            assert srv.counted == []
+
+    with caplog.at_level(logging.ERROR):
+        asyncio.run(scenario())
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+def test_a_body_refused_past_the_read_limit_is_still_read_and_dropped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A malformed chunk in the read that took an unread body past uvicorn's read limit
+    (64 KiB) left reading paused: a client still sending its body blocked once the socket
+    buffers were full, and was reset when the discard ended. What follows the refusal is read
+    and dropped: the client sends all of it (more than any socket buffer here holds), then
+    reads the end of the connection."""
+    monkeypatch.setattr(shutdown, "DISCARD_S", 60.0)  # the discard does not end this test
+
+    async def scenario() -> None:
+        async with serving() as srv:
+            reader, writer = await srv.connect()
+            head = b"POST /x HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n"
+            past_the_limit = b"11000\r\n" + b"a" * 0x11000 + b"\r\n"
+            # One write, one read by the server (the app has not run when it is parsed).
+            writer.write(head + past_the_limit + b"zz\r\n")
+            refused_body(*await response(reader))
+            writer.write(b"x" * (64 * 1024 * 1024))
+            async with asyncio.timeout(20):
+                await writer.drain()
+            assert await closed(reader)
+            writer.close()
+            assert srv.counted == [(400, "invalid_input")]
+
+    asyncio.run(scenario())
+
+
+def test_a_kept_alive_connection_lets_go_of_the_requests_before_the_current_one() -> None:
+    """Once a request was read, the one before it on its connection (its scope, a body the
+    app did not read) is let go: it was kept until the next request's head came."""
+
+    async def scenario() -> None:
+        async with serving() as srv:
+            reader, writer = await srv.connect()
+            writer.write(b"POST /slow HTTP/1.1\r\nhost: t\r\ncontent-length: 5\r\n\r\nhello")
+            await response(reader)
+            (connection,) = srv.protocols
+            first = weakref.ref(connection.cycle)
+            writer.write(GET)
+            await response(reader)
+            await apps_done(srv)
+            gc.collect()
+            assert first() is None  # the first request: nothing holds it now
+            assert connection.cycle is not None  # the current request's, uvicorn's to keep
+            writer.close()
+
+    asyncio.run(scenario())
