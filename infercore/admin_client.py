@@ -131,7 +131,19 @@ class AdminClient:
             if isinstance(doc, dict):
                 raise AdminError(status, str(doc.get("reason", "")), str(doc.get("error", "")))
             raise AdminError(status, "", raw[:200].decode(errors="replace"))
+        if isinstance(doc, dict) and doc.get("state_file") in _UNSAVED:
+            # The change is made, but a restart would not restore it (yet): say so, on stderr.
+            print(f"infercore: warning: {_UNSAVED[doc['state_file']]}", file=sys.stderr)
         return status, doc
+
+
+#: What a changing call's ``state_file`` other than ``written`` means for its caller.
+_UNSAVED = {
+    "failed": "the change is made but admin.state_file could not be written: a restart "
+    "would not restore it (the server's log says why)",
+    "writing": "the change is made but admin.state_file is still being written (a slow "
+    "volume): a restart before the write ends would not restore it",
+}
 
 
 # -- the command line ---------------------------------------------------------------------
@@ -388,12 +400,24 @@ def _new_token(args: argparse.Namespace) -> int:
     operator's ``admin.tokens_file``; no server, no admin token."""
     # The format is the server's own (one rule for the file and the generator); imported
     # here only, so that the API calls need no more than the standard library.
-    from infercore.server.admin import TOKEN_NAME_RE, TOKEN_NAME_RULE, new_named_token
+    from infercore.server.admin import (
+        RESERVED_ACTORS,
+        TOKEN_NAME_RE,
+        TOKEN_NAME_RULE,
+        new_named_token,
+    )
 
     name = args.name
     if not TOKEN_NAME_RE.fullmatch(name):
         raise AdminError(
             0, "usage", f"NAME {name[:80]!r}: a token's name is {TOKEN_NAME_RULE}, e.g. ann"
+        )
+    if name.lower() in RESERVED_ACTORS:
+        raise AdminError(
+            0,
+            "usage",
+            f"NAME {name!r} is one the server records its own decisions under "
+            f"({', '.join(sorted(RESERVED_ACTORS))}); name the token after its holder, e.g. ann",
         )
     token, line = new_named_token(name)
     if args.json:

@@ -942,8 +942,19 @@ def _render_sidecar(
     )
     out.notes.append(f"the application calls http://localhost/... over {SOCKET_PATH}")
     if admin_socket:
+        command = "kubectl exec POD -c infercore -- infercore models list"
         if admin.tokens_file is not None:
-            token = "one of admin.tokens_file's, in $INFERCORE_ADMIN_TOKEN of the exec"
+            # Not on the exec's command line, nor in an environment set there: that command
+            # is in the shell's history and the API server's audit log (the exec request's
+            # URL). The person's own file instead, sent on stdin.
+            command = (
+                "kubectl exec -i POD -c infercore -- infercore models --token-file /dev/stdin "
+                "list < ~/.infercore-admin-token"
+            )
+            token = (
+                "your own from admin.tokens_file, kept in a file of yours (chmod 600) and sent "
+                "on stdin, never on the exec's command line"
+            )
         elif admin.auth_file is not None:
             token = "admin.auth_file"
         else:
@@ -951,7 +962,7 @@ def _render_sidecar(
 
         out.notes.append(
             f"the admin API listens on {ADMIN_SOCKET_PATH}, in the infercore container only: "
-            f"kubectl exec POD -c infercore -- infercore models list (its token: {token})"
+            f"{command} (its token: {token})"
         )
     out.notes.extend(_workers_notes(server, opts))
     out.notes.extend(_notes(composed, data, claim, secret))
@@ -995,7 +1006,9 @@ def _notes(composed: Composed, data: dict[str, Any], claim: str | None, secret: 
             notes.append(
                 f"admin.tokens_file: the admin API reads its named tokens from "
                 f"{admin.tokens_file!r} in the pod; mount the file there from a Secret with "
-                "defaultMode: 0400 (a file other users can read is refused)"
+                "defaultMode: 0400 (a file other users can read is refused; a pod's fsGroup, "
+                "which the rendered Deployment sets, makes it 0440, readable by the pod's own "
+                "group: accepted in a pod without a warning)"
             )
         elif admin.auth_file is None:
             wanted.setdefault(admin.auth_env, "admin.auth_env: the admin API's bearer token")

@@ -42,7 +42,9 @@ With ``admin.state_file`` the rollout is saved after every change and restored a
 snapshot is taken on the event loop; the write happens on the state file's own thread
 (:class:`~infercore.lifecycle.state.StateWriter`), and :meth:`Lifecycle.close` waits for it.
 Each change made through a call of this class returns once it is written (without blocking the
-event loop), so that the admin API's 2xx means the change is on disk.
+event loop), at most :data:`STATE_WAIT_S` seconds, and its answer says how that went in
+``"state_file"`` (:data:`STATE_WRITTEN`, :data:`STATE_FAILED` or :data:`STATE_WRITING`): a 2xx
+alone does not say that the change is on disk.
 
 A decision that could not be recorded is not made: 503 ``audit_unavailable``, nothing
 changed. Decisions are recorded before they are carried out; a load or an unload, whose outcome
@@ -95,6 +97,17 @@ _MAX_ACTOR = 64
 #: Longest an admin call waits for ``admin.state_file`` to hold its change (a hung volume
 #: would hold it for ever); past it the call answers, the change made, with a WARNING.
 STATE_WAIT_S = 10.0
+#: ``"state_file"`` in a change's answer (with ``admin.state_file``; absent without one): the
+#: change is on disk ...
+STATE_WRITTEN = "written"
+#: ... its write failed (a full disk, a read-only volume: logged, and counted in
+#: ``infercore_rollout_state_save_failures_total``); a restart now would not restore it ...
+STATE_FAILED = "failed"
+#: ... or its write was still running after :data:`STATE_WAIT_S` (a slow or hung volume): it
+#: lands once the volume answers, and a restart before that serves the state before it.
+#: Not ``pending``, which an answer's ``status`` says of an approval.
+STATE_WRITING = "writing"
+STATE_FILE_OUTCOMES = (STATE_WRITTEN, STATE_FAILED, STATE_WRITING)
 _MAX_REASON = 500
 _STATUSES = ("pending", "approved", "rejected", "superseded")
 
@@ -103,7 +116,8 @@ log = logging.getLogger("infercore.lifecycle")
 #: The name of the admin token (``admin.tokens_file``) the current admin request presented;
 #: ``None`` with the shared token, or outside a request. The admin listener sets it; a record
 #: whose ``actor`` is that name says ``"authenticated": true`` (the name is the token's, not
-#: one the caller typed).
+#: one the caller typed). A load sets it to ``None`` while the version starts: the tasks it
+#: starts then (a batcher's collector) outlive the request and must not act as its token.
 AUTHENTICATED_ACTOR: ContextVar[str | None] = ContextVar("authenticated_actor", default=None)
 
 
@@ -246,15 +260,16 @@ class Lifecycle:
             return None
         return self.writer.submit(rollout_state.snapshot_doc(self))
 
-    async def _save_and_wait(self) -> None:
+    async def _save_and_wait(self) -> str | None:
         """:meth:`_save`, then wait (without blocking the event loop) until a write that holds
-        this change is done: an admin call answers once its change is on disk. A write that
-        fails is logged and counted by the writer; the change is made all the same, and the
-        call answers as it would have. A write still running after :data:`STATE_WAIT_S` (a
-        hung volume) is left to finish on its own: the call answers, with a WARNING."""
+        this change is done, and say how it went: :data:`STATE_WRITTEN` (on disk),
+        :data:`STATE_FAILED` (logged and counted by the writer; the change is made all the
+        same) or :data:`STATE_WRITING` (still running after :data:`STATE_WAIT_S`, a hung
+        volume: left to finish on its own, with a WARNING); ``None`` without
+        ``admin.state_file``. The caller puts it in its answer (:meth:`_saved`)."""
         saving = self._save()
         if saving is None:
-            return
+            return None
         done, _ = await asyncio.wait({asyncio.wrap_future(saving)}, timeout=STATE_WAIT_S)
         if not done:
             log.warning(
@@ -263,6 +278,16 @@ class Lifecycle:
                 "volume answers (a restart before that serves the state before it)",
                 STATE_WAIT_S,
             )
+            return STATE_WRITING
+        return STATE_WRITTEN if done.pop().result() else STATE_FAILED
+
+    async def _saved(self, answer: dict[str, Any]) -> dict[str, Any]:
+        """``answer`` once its change is written (:meth:`_save_and_wait`), with
+        ``"state_file"`` saying how that went when there is a state file."""
+        outcome = await self._save_and_wait()
+        if outcome is not None:
+            answer["state_file"] = outcome
+        return answer
 
     def _check_restored(self) -> None:
         if self._restoring:
@@ -539,13 +564,9 @@ class Lifecycle:
             )
             self.approvals[approval.id] = approval
             self._pending_gauge(model)
-            pending = {"status": "pending", "approval": approval.to_dict()}
-            await self._save_and_wait()
-            return pending
+            return await self._saved({"status": "pending", "approval": approval.to_dict()})
         self._apply(model, version, current, to, weight, by=by, reason=why, approval=None)
-        applied = {"status": "applied", "model": self.describe(model)[0]}
-        await self._save_and_wait()
-        return applied
+        return await self._saved({"status": "applied", "model": self.describe(model)[0]})
 
     def _apply(
         self,
@@ -605,9 +626,9 @@ class Lifecycle:
         current = self._check_move(a.model, a.version, a.to, a.weight)
         self._decide(a, "approved", by, why)
         self._apply(a.model, a.version, current, a.to, a.weight, by=by, reason=why, approval=a)
-        applied = {"status": "applied", "approval": a.to_dict(), "model": self.describe(a.model)[0]}
-        await self._save_and_wait()
-        return applied
+        return await self._saved(
+            {"status": "applied", "approval": a.to_dict(), "model": self.describe(a.model)[0]}
+        )
 
     async def _check_context(self, a: Approval, by: str) -> None:
         """The primary and the version's stage the step was asked under hold still; else the
@@ -662,9 +683,7 @@ class Lifecycle:
         self._check_restored()
         a = self._pending(approval_id)
         self._decide(a, "rejected", by, why)
-        rejected = {"status": "rejected", "approval": a.to_dict()}
-        await self._save_and_wait()
-        return rejected
+        return await self._saved({"status": "rejected", "approval": a.to_dict()})
 
     def _decide(self, a: Approval, decision: str, by: str, why: str) -> None:
         """Record a decision on a pending step (``approved`` or ``rejected``) and mark it."""
@@ -740,9 +759,7 @@ class Lifecycle:
         for version, value in weights.items():
             if float(value) > 0:
                 self.guard_trips.pop((model, version), None)
-        applied = {"status": "applied", "model": self.describe(model)[0]}
-        await self._save_and_wait()
-        return applied
+        return await self._saved({"status": "applied", "model": self.describe(model)[0]})
 
     async def rollback(self, model: str, *, by: str, reason: str | None = None) -> dict[str, Any]:
         """Back to the last primary (loading it if it was unloaded); canary weights to 0."""
@@ -773,9 +790,7 @@ class Lifecycle:
         runtime.rollback(model)
         moved = f": the primary changed from {current!r} to {target!r}" if target else ""
         self._supersede(stale, by=by, why=f"model {model!r} was rolled back by {by}{moved}")
-        applied = {"status": "applied", "model": self.describe(model)[0]}
-        await self._save_and_wait()
-        return applied
+        return await self._saved({"status": "applied", "model": self.describe(model)[0]})
 
     async def load(
         self, model: str, version: str, *, by: str, reason: str | None = None
@@ -800,8 +815,15 @@ class Lifecycle:
                 strict=False,
             )
 
+        # The tasks the version starts (its batcher's collector, say) outlive this request and
+        # copy its context: they must not act as the request's token (AUTHENTICATED_ACTOR).
+        # Reset for the load only; the records around it are the request's own.
+        anonymous = AUTHENTICATED_ACTOR.set(None)
         try:
-            sv = await self.runtime.load(model, version)
+            try:
+                sv = await self.runtime.load(model, version)
+            finally:
+                AUTHENTICATED_ACTOR.reset(anonymous)
         except asyncio.CancelledError:
             failed("cancelled: the server stopped while the version loaded")
             raise
@@ -825,9 +847,7 @@ class Lifecycle:
             },
             strict=False,
         )
-        loaded = {"status": "loaded", "version": sv.describe()}
-        await self._save_and_wait()
-        return loaded
+        return await self._saved({"status": "loaded", "version": sv.describe()})
 
     async def unload(
         self, model: str, version: str, *, by: str, reason: str | None = None
@@ -853,6 +873,4 @@ class Lifecycle:
         self._record(record, strict=False)
         self._supersede(stale, by=by, why=f"version {version!r} was unloaded by {by}")
         self.guard_trips.pop((model, version), None)
-        unloaded = {"status": "unloaded", "version": sv.describe()}
-        await self._save_and_wait()
-        return unloaded
+        return await self._saved({"status": "unloaded", "version": sv.describe()})

@@ -99,6 +99,11 @@ TOKEN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 TOKEN_NAME_RULE = (
     "1-64 letters, digits, '.', '_', '-' or '@', starting with a letter or a digit, with no spaces"
 )
+#: The actors the server itself records in the audit log (the canary guard, the server's own
+#: decisions, a V2 repository call with the shared token): no token may take one of these
+#: names (in any case), or its decisions would read as the server's. (Drift actions record
+#: ``drift:<detector>``, which no token name can be: ``:`` ends a name.)
+RESERVED_ACTORS = frozenset({"guard", "server", "repository-api"})
 #: What starts a digest in ``admin.tokens_file``: ``name:sha256:<64 hex digits>``.
 DIGEST_PREFIX = "sha256:"
 _DIGEST_RE = re.compile(r"sha256:([0-9a-fA-F]{64})")
@@ -385,28 +390,26 @@ def load_named_tokens(path: str) -> dict[str, str]:
       (``sha512:``, ``SHA256:``, ``md5:``): a mistyped digest never becomes a token.
 
     No name may be given twice, nor a token, in either form: a token on one line whose
-    digest is another line's is a duplicate. The file must not be readable or writable by
-    every user (ssh's rule for a private key), a file of digests too: whoever reads it can act
-    as anyone whose token (not digest) it holds, whoever writes it can add themselves.
-    Readable by its group is a warning (Kubernetes makes a Secret's files so with
-    ``fsGroup``).
+    digest is another line's is a duplicate. Nor may a name be one of the server's own actors
+    (:data:`RESERVED_ACTORS`, in any case).
+
+    The file is opened once and checked through that descriptor (what is checked is what is
+    read): it must be a regular file (a named pipe would hold the start-up for ever), owned
+    by the server's user or root, and not readable or writable by every user (ssh's rule
+    for a private key), a file of digests too: whoever reads it can act as anyone whose token
+    (not digest) it holds, whoever writes it (or owns it) can add themselves. Readable by its
+    group is a warning (:func:`_check_tokens_file_mode`), but for a Kubernetes Secret's file
+    in its pod: an INFO.
 
     Messages name the file and the line, never what the line holds: it may be a token.
 
     Raises:
-        ConfigError: The file cannot be read, is open to other users, or a line is not
-            ``name:token`` or ``name:sha256:<digest>`` as above.
+        ConfigError: The file cannot be read, is no regular file, belongs to another user,
+            is open to other users, or a line is not ``name:token`` or
+            ``name:sha256:<digest>`` as above.
     """
     where = f"admin.tokens_file {path!r}"
-    try:
-        raw = Path(path).read_bytes()
-        mode = os.stat(path).st_mode
-    except OSError as exc:
-        raise ConfigError(
-            f"{where}: cannot read the file ({exc.strerror})",
-            hint=f"point admin.tokens_file at a readable file: {_TOKENS_FILE_FORMAT}",
-        ) from None
-    _check_tokens_file_mode(where, mode)
+    raw = _read_tokens_file(where, path)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -434,6 +437,13 @@ def load_named_tokens(path: str) -> dict[str, str]:
             raise ConfigError(
                 f"{at}: the name before ':' must be {TOKEN_NAME_RULE}",
                 hint="the name is who decides (`by`) in the audit log, e.g. ann or ann@example.com",
+            )
+        if name.lower() in RESERVED_ACTORS:
+            raise ConfigError(
+                f"{at}: the name {name!r} is one the server records its own decisions under "
+                f"({', '.join(sorted(RESERVED_ACTORS))}): a person's decisions would read as "
+                "the server's",
+                hint="name the token after the person who holds it, e.g. ann or ann@example.com",
             )
         if not token:
             raise ConfigError(
@@ -493,7 +503,89 @@ def load_named_tokens(path: str) -> dict[str, str]:
     return tokens
 
 
-def _check_tokens_file_mode(where: str, mode: int) -> None:
+#: Opens the tokens file without waiting for a writer (a named pipe) nor leaking it to a child.
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a named pipe"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def _read_tokens_file(where: str, path: str) -> bytes:
+    """The bytes of the tokens file, checked (:func:`_check_tokens_file`) through the one
+    descriptor they are read from: a file swapped between a check by path and the read
+    cannot pass another's check."""
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except OSError as exc:
+        raise ConfigError(
+            f"{where}: cannot read the file ({exc.strerror})",
+            hint=f"point admin.tokens_file at a readable file: {_TOKENS_FILE_FORMAT}",
+        ) from None
+    try:
+        _check_tokens_file(where, os.fstat(fd))
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    except OSError as exc:
+        raise ConfigError(
+            f"{where}: cannot read the file ({exc.strerror})",
+            hint=f"point admin.tokens_file at a readable file: {_TOKENS_FILE_FORMAT}",
+        ) from None
+    finally:
+        os.close(fd)
+
+
+def _check_tokens_file(where: str, st: os.stat_result) -> None:
+    """A regular file, owned by the server's user or root, its mode as
+    :func:`_check_tokens_file_mode` wants.
+
+    Raises:
+        ConfigError: It is not so.
+    """
+    if not stat.S_ISREG(st.st_mode):
+        kind = next(
+            (name for test, name in _FILE_KINDS if test(st.st_mode)), "another kind of file"
+        )
+        raise ConfigError(
+            f"{where}: not a regular file ({kind})",
+            hint=f"point admin.tokens_file at a regular file: {_TOKENS_FILE_FORMAT}",
+        )
+    if os.name == "posix":
+        owner, me = st.st_uid, os.geteuid()
+        if owner not in (me, 0):
+            raise ConfigError(
+                f"{where}: the file belongs to uid {owner}, not to this server's user (uid "
+                f"{me}) or root: its owner can change its mode and give themselves a token",
+                hint=f"chown {me} the file (or root: chown root), then chmod 600 it",
+            )
+    _check_tokens_file_mode(where, st.st_mode, st.st_gid)
+
+
+def _in_pod_group(gid: int) -> bool:
+    """Whether group ``gid`` is this server's own in a Kubernetes pod: the process runs in
+    Kubernetes (``KUBERNETES_SERVICE_HOST``, which the kubelet sets in every container, with
+    ``enableServiceLinks: false`` too) and is a member of the group (its own, or a
+    supplementary one: the pod's ``fsGroup``)."""
+    if not os.environ.get("KUBERNETES_SERVICE_HOST"):
+        return False
+    return gid == os.getegid() or gid in os.getgroups()
+
+
+def _check_tokens_file_mode(where: str, mode: int, gid: int | None = None) -> None:
+    """Refuse a tokens file every user may read, or its group or every user may write.
+
+    Readable by its group is a WARNING (every member can act as anyone whose token it holds),
+    but for the file of a Kubernetes Secret in its pod: the pod's ``fsGroup`` makes a
+    ``defaultMode: 0400`` file 0440, its group the pod's own. So when the server runs in
+    Kubernetes and the file's group (``gid``) is one of its own (:func:`_in_pod_group`), it
+    is an INFO. Outside Kubernetes a user's group is often shared (``users``, ``staff``): a
+    warning still.
+    """
     if os.name != "posix":  # no POSIX modes to check
         return
     bits = stat.S_IMODE(mode)
@@ -511,6 +603,13 @@ def _check_tokens_file_mode(where: str, mode: int) -> None:
             hint=fix,
         )
     if bits & stat.S_IRGRP:
+        if gid is not None and _in_pod_group(gid):
+            log.info(
+                "admin.tokens_file is readable by its group (mode %04o), this server's own in "
+                "its Kubernetes pod (a Secret's file under the pod's fsGroup)",
+                bits,
+            )
+            return
         log.warning(
             "admin.tokens_file is readable by its group (mode %04o): every member can act as "
             "anyone whose token (not digest) it holds; chmod 600 it unless the group is this "
@@ -576,7 +675,8 @@ class BearerAuth:
                 break
         status, token_name = self.identify(header)
         if status == 0:
-            # Set for this request only; tasks it starts (a load) copy it.
+            # Set for this request only; a load resets it while the version starts, so the
+            # tasks that outlive the request (a batcher's collector) do not copy it.
             actor = AUTHENTICATED_ACTOR.set(token_name)
             try:
                 await self.app({**scope, SCOPE_TOKEN_NAME: token_name}, receive, send)
@@ -620,7 +720,8 @@ def decided_by(request: Request[Any, Any, Any], by: str | None) -> str:
     required, and names without authenticating.
 
     Raises:
-        InvalidInput: ``by`` is missing (shared token) or not 1-64 printable characters.
+        InvalidInput: ``by`` is missing (shared token) or not 1-64 printable characters
+            (with a named token, the message says to leave it out).
         Forbidden: ``by`` is not the named token's name (403).
     """
     name = token_name(request)
@@ -628,7 +729,17 @@ def decided_by(request: Request[Any, Any, Any], by: str | None) -> str:
         return check_actor(by)
     if by is None:
         return name
-    given = check_actor(by)
+    try:
+        given = check_actor(by)
+    except InvalidInput as exc:
+        # check_actor's fix ("say who decides") is the shared token's: this token says it.
+        empty = not by.strip()
+        raise InvalidInput(
+            f"`by` is empty; with this token leave it out: {name!r} decides"
+            if empty
+            else f"{exc.message}; with this token leave it out: {name!r} decides",
+            hint="leave `by` out (or null): the token's name is who decides",
+        ) from None
     if given != name:
         raise Forbidden(
             f"this token belongs to {name!r}; `by` says {quoted(given)}",
@@ -651,13 +762,16 @@ def create_admin_app(runtime: Runtime, token: AdminTokens) -> BearerAuth:
 
     def actor(request: Request[Any, Any, Any], params: Mapping[str, Any]) -> str:
         # A V2 client names nobody: with the shared token, the repository API is the actor;
-        # with a named token, the token's name. A `by` that is given is checked as on every
-        # other route (a wrong actor would be recorded otherwise).
-        if "by" not in params:
-            return token_name(request) or "repository-api"
-        if not isinstance(params["by"], str):
+        # with a named token, the token's name (`by` absent or null, as on the decision
+        # routes). A `by` that is given is checked as on every other route (a wrong actor
+        # would be recorded otherwise).
+        named = token_name(request)
+        by = params.get("by")
+        if "by" not in params or (by is None and named is not None):
+            return named or "repository-api"
+        if not isinstance(by, str):
             raise InvalidInput("parameters.by must be a string: who decides")
-        return decided_by(request, params["by"])
+        return decided_by(request, by)
 
     def repository_version(
         params: Mapping[str, Any], allowed: frozenset[str] = _REPOSITORY_PARAMETERS
@@ -725,11 +839,15 @@ def create_admin_app(runtime: Runtime, token: AdminTokens) -> BearerAuth:
         if version is not None:
             return _json(await lifecycle.load(name, version, by=by, reason=reason))
         # The whole model: every recipe version that is not serving (a V2 client's load).
-        loaded = []
+        loaded, answer = [], {}
         for v, sv in list(served.versions.items()):
             if not sv.ready:
-                loaded.append((await lifecycle.load(name, v, by=by, reason=reason))["version"])
-        return _json({"status": "loaded", "versions": loaded})
+                done = await lifecycle.load(name, v, by=by, reason=reason)
+                loaded.append(done["version"])
+                answer = {"state_file": done["state_file"]} if "state_file" in done else {}
+        # The last load's write holds every change before it (the file holds the whole
+        # rollout): its outcome is the call's. Nothing loaded: nothing written, no key.
+        return _json({"status": "loaded", "versions": loaded, **answer})
 
     @post("/v2/repository/models/{model_name:str}/unload", status_code=200)
     async def repository_unload(

@@ -162,6 +162,40 @@ def test_notes_with_named_admin_tokens_ask_for_the_tokens_file_not_a_variable() 
     assert _env_notes(rendered) == []
     (note,) = [n for n in rendered.notes if n.startswith("admin.tokens_file:")]
     assert "'/var/run/admin/tokens'" in note and "defaultMode: 0400" in note
+    # The rendered pod's fsGroup makes the file group-readable: the note says it is fine.
+    (deployment,) = rendered.files["deployment.yaml"]
+    assert deployment["spec"]["template"]["spec"]["securityContext"]["fsGroup"]
+    assert "fsGroup" in note and "0440" in note and "without a warning" in note
+
+
+def test_the_sidecar_exec_note_sends_a_named_token_from_a_file_on_stdin(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Not in the exec's environment nor on its command line, which the shell's history and
+    the API server's audit log keep: the CLI's --token-file, fed from the person's file."""
+    monkeypatch.delenv("INFERCORE_UDS", raising=False)
+    monkeypatch.delenv("INFERCORE_ADMIN_UDS", raising=False)
+    rendered = k8s.render(
+        [
+            "+recipe=iris",
+            "deploy=sidecar",
+            "admin.enabled=true",
+            "admin.tokens_file=/var/run/admin/tokens",
+        ],
+        k8s.Options(),
+    )
+    (note,) = [n for n in rendered.notes if n.startswith("the admin API listens on")]
+    assert (
+        "kubectl exec -i POD -c infercore -- infercore models --token-file /dev/stdin list "
+        "< ~/.infercore-admin-token" in note
+    )
+    assert "INFERCORE_ADMIN_TOKEN" not in note
+    assert "never on the exec's command line" in note
+    # The CLI reads the file it is given: `--token-file /dev/stdin` is an option it has.
+    from infercore.cli import _parser
+
+    args = _parser().parse_args(["models", "--token-file", "/dev/stdin", "list"])
+    assert args.token_file == "/dev/stdin"
 
 
 # --- --namespace ---

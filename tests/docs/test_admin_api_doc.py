@@ -293,3 +293,24 @@ def test_the_named_tokens_example_is_a_valid_file_and_acts_as_documented(
             await rt.stop()
 
     asyncio.run(main())
+
+
+def test_the_state_file_values_listed_are_those_a_change_answers(tmp_path: Path) -> None:
+    """The section's table of ``"state_file"`` values is the lifecycle's, and a change's
+    answer carries one with ``admin.state_file`` (the other values: the durable-state
+    tests, tests/unit/test_rollout_state_durable.py)."""
+    from infercore.lifecycle import manager
+
+    listed = [row[0].strip("`") for row in table_rows("`state_file`")]
+    assert listed == list(manager.STATE_FILE_OUTCOMES)
+    cfg = rollout()
+    cfg["admin"] = {"state_file": str(tmp_path / "state" / "rollout.json")}
+
+    async def scenario(a: httpx.AsyncClient) -> None:
+        body = {"to": "canary", "weight": 10, "by": "bob"}
+        r = await a.post("/admin/models/m/versions/2/promote", json=body)
+        assert (r.status_code, r.json()["state_file"]) == (202, manager.STATE_WRITTEN), r.text
+        r = await a.post(f"/admin/approvals/{r.json()['approval']['id']}/reject", json={"by": "a"})
+        assert (r.status_code, r.json()["state_file"]) == (200, manager.STATE_WRITTEN), r.text
+
+    run(runtime_from_dict(cfg), scenario)

@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import re
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -150,8 +151,9 @@ def test_each_tokens_file_mistake_names_the_file_the_line_and_the_fix(
 
 
 def test_a_tokens_file_open_to_other_users_is_refused(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)  # not in a pod: a warning
     text = f"ann:{ANN}\n"
     for mode, message in (
         (0o644, "readable by every user (mode 0644)"),
@@ -178,6 +180,114 @@ def test_a_tokens_file_open_to_other_users_is_refused(
 def test_a_missing_tokens_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"admin.tokens_file .*cannot read the file"):
         load_named_tokens(str(tmp_path / "missing"))
+
+
+def test_a_named_pipe_is_refused_without_waiting_for_a_writer(tmp_path: Path) -> None:
+    """Read as a file, a FIFO would hold the start-up until something writes to it."""
+    fifo = tmp_path / "tokens-fifo"
+    os.mkfifo(fifo, 0o600)
+    caught: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            load_named_tokens(str(fifo))
+        except BaseException as exc:
+            caught.append(exc)
+
+    reader = threading.Thread(target=load, daemon=True)
+    reader.start()
+    reader.join(30)  # a bound on a hang, not a timing goal: the refusal needs no writer
+    if reader.is_alive():  # blocked in open(): let it go, then fail
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(30)
+        pytest.fail("load_named_tokens waited for a writer on a named pipe")
+    (error,) = caught
+    assert isinstance(error, ConfigError), error
+    assert error.message == f"admin.tokens_file {str(fifo)!r}: not a regular file (a named pipe)"
+    assert error.hint is not None and "regular file" in error.hint
+    with pytest.raises(ConfigError, match=r"not a regular file \(a directory\)"):
+        load_named_tokens(str(tmp_path))
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() != 0,
+    reason="giving a file to another user (chown) needs root",
+)
+def test_a_tokens_file_of_another_user_is_refused(tmp_path: Path) -> None:
+    """Its owner could make it readable or add a line at any time, whatever its mode now."""
+    path = tokens_file(tmp_path, f"ann:{ANN}\n")
+    os.chown(path, 12345, -1)
+    with pytest.raises(ConfigError) as caught:
+        load_named_tokens(str(path))
+    error = caught.value
+    assert "the file belongs to uid 12345, not to this server's user (uid 0) or root" in str(error)
+    assert error.hint is not None and error.hint.startswith("chown 0 the file")
+    # Its own user's or root's (a Kubernetes Secret's files are root's): read.
+    os.chown(path, 0, -1)
+    assert load_named_tokens(str(path)) == {"ann": ANN}
+    # The mode is still checked, once the owner is right.
+    path.chmod(0o604)
+    with pytest.raises(ConfigError, match=r"readable by every user \(mode 0604\)"):
+        load_named_tokens(str(path))
+
+
+def test_a_group_readable_file_in_a_kubernetes_pod_s_own_group_is_no_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Secret mounted with defaultMode 0400 under the pod's fsGroup is 0440, its group the
+    pod's: an INFO in a pod, a WARNING outside one (a user's group is often shared)."""
+    path = tokens_file(tmp_path, f"ann:{ANN}\n", 0o440)
+    assert path.stat().st_gid in (os.getegid(), *os.getgroups())  # the test's own group
+    caplog.set_level(logging.INFO, logger="infercore.admin")
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+    assert load_named_tokens(str(path)) == {"ann": ANN}
+    (record,) = [r for r in caplog.records if "admin.tokens_file" in r.getMessage()]
+    assert record.levelno == logging.INFO
+    assert "readable by its group (mode 0440), this server's own" in record.getMessage()
+    caplog.clear()
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST")
+    assert load_named_tokens(str(path)) == {"ann": ANN}
+    (record,) = caplog.records
+    assert record.levelno == logging.WARNING and "readable by its group" in record.getMessage()
+    # Writable by the group is refused, in a pod too.
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+    path.chmod(0o460)
+    with pytest.raises(ConfigError, match=r"writable by other users \(mode 0460\)"):
+        load_named_tokens(str(path))
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() != 0,
+    reason="giving a file to another group (chown) needs root",
+)
+def test_a_group_readable_file_of_another_group_warns_in_a_pod_too(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tokens_file(tmp_path, f"ann:{ANN}\n", 0o440)
+    os.chown(path, -1, 12345)
+    assert 12345 not in (os.getegid(), *os.getgroups())
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+    caplog.set_level(logging.INFO, logger="infercore.admin")
+    assert load_named_tokens(str(path)) == {"ann": ANN}
+    (record,) = caplog.records
+    assert record.levelno == logging.WARNING and "readable by its group" in record.getMessage()
+
+
+@pytest.mark.parametrize("name", ["guard", "server", "repository-api", "Server", "GUARD"])
+def test_a_token_may_not_take_a_name_the_server_records_itself_under(
+    tmp_path: Path, name: str
+) -> None:
+    path = tokens_file(tmp_path, f"# ops\nann:{ANN}\n{name}:{BOB}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_named_tokens(str(path))
+    error = caught.value
+    assert error.message.startswith(f"admin.tokens_file {str(path)!r}, line 3: the name {name!r}")
+    assert "guard, repository-api, server" in error.message
+    assert error.hint is not None and "after the person" in error.hint
+    assert "SECRET" not in str(error)
+    # A name that only contains one is a person's.
+    path = tokens_file(tmp_path, f"server-ops:{ANN}\nguardian:{BOB}\n")
+    assert sorted(load_named_tokens(str(path))) == ["guardian", "server-ops"]
 
 
 def test_the_tokens_file_replaces_the_shared_token(
@@ -322,7 +432,10 @@ def test_a_named_token_decides_as_its_name_and_no_one_else() -> None:
             assert r.status_code == 200, r.text
             await refused("POST", "/admin/models/m/rollback", {})
             r = await a.post("/admin/models/m/rollback", json={"reason": "test"}, headers=ann)
-            assert r.status_code in (200, 409), r.text  # no earlier primary: a 409, not a 403
+            # Primary 1 since the start and no canary traffic: nothing to roll back. A 409
+            # from the runtime, past the token check (a 403 would come first), changing nothing.
+            assert (r.status_code, r.json()["reason"]) == (409, "conflict"), r.text
+            assert "nothing to roll back" in r.json()["error"], r.text
             for route in ("unload", "load"):
                 path = f"/v2/repository/models/m/{route}"
                 r = await a.post(
@@ -337,6 +450,97 @@ def test_a_named_token_decides_as_its_name_and_no_one_else() -> None:
             assert {e["actor"] for e in audit} == {"ann"}
             assert all(e["authenticated"] is True for e in audit)
             assert [e["event"] for e in audit][-2:] == ["unload_requested", "unloaded"]
+
+    asyncio.run(main())
+
+
+def test_with_a_named_token_a_by_to_fix_is_told_to_leave_by_out() -> None:
+    """An empty ``by`` is refused as ever, but the fix with a named token is to leave it out
+    (not to name yourself); ``parameters.by: null`` on a V2 repository call is the token's
+    name, as ``by: null`` is on the decision routes. The shared token keeps its answers."""
+    rt = runtime_from_dict(rollout_config())
+
+    async def named() -> None:
+        async with admin_client(rt, TOKENS) as a:
+            ann = bearer(ANN)
+            promote = "/admin/models/m/versions/2/promote"
+            for by, message in (
+                ("", "`by` is empty; with this token leave it out: 'ann' decides"),
+                ("  ", "`by` is empty; with this token leave it out: 'ann' decides"),
+                ("x" * 65, "`by` must be 1-64 printable characters; with this token leave it out"),
+            ):
+                body = {"to": "canary", "weight": 10, "by": by}
+                r = await a.post(promote, json=body, headers=ann)
+                assert (r.status_code, r.json()["reason"]) == (400, "invalid_input"), r.text
+                assert r.json()["error"].startswith(message), r.text
+                assert "say who decides" not in r.json()["error"]
+            load = "/v2/repository/models/m/load"
+            r = await a.post(load, json={"parameters": {"version": "3", "by": ""}}, headers=ann)
+            assert r.status_code == 400 and "leave it out" in r.json()["error"], r.text
+            r = await a.post(load, json={"parameters": {"version": "3", "by": None}}, headers=ann)
+            assert r.status_code == 200, r.text
+            audit = (await a.get("/admin/audit", headers=ann)).json()
+            assert [(e["event"], e["actor"], e["authenticated"]) for e in audit] == [
+                ("load_requested", "ann", True),
+                ("loaded", "ann", True),
+            ]
+
+    asyncio.run(named())
+
+    async def shared() -> None:
+        async with admin_client(runtime_from_dict(rollout_config()), SHARED) as a:
+            auth = bearer(SHARED)
+            body = {"to": "canary", "weight": 10, "by": ""}
+            r = await a.post("/admin/models/m/versions/2/promote", json=body, headers=auth)
+            assert r.status_code == 400 and "say who decides" in r.json()["error"], r.text
+            params = {"parameters": {"version": "3", "by": None}}
+            r = await a.post("/v2/repository/models/m/load", json=params, headers=auth)
+            assert r.status_code == 400, r.text
+            assert r.json()["error"].startswith("parameters.by must be a string"), r.text
+
+    asyncio.run(shared())
+
+
+def test_tasks_a_load_starts_do_not_act_as_the_request_s_token(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A version's background tasks (its batcher's collector, say) start while the load
+    request runs but outlive it: they see no token, while the load's own records are the
+    token's."""
+    from infercore.lifecycle.manager import AUTHENTICATED_ACTOR
+    from infercore.testing import FakeModel
+
+    seen: list[str | None] = []
+    background: list[asyncio.Task[None]] = []
+    start = FakeModel.start
+
+    async def start_with_a_task(self: FakeModel) -> None:
+        await start(self)
+
+        async def later() -> None:
+            seen.append(AUTHENTICATED_ACTOR.get())
+
+        background.append(asyncio.create_task(later()))
+
+    monkeypatch.setattr(FakeModel, "start", start_with_a_task)
+    rt = runtime_from_dict(rollout_config())
+
+    async def main() -> None:
+        async with admin_client(rt, TOKENS) as a:
+            await asyncio.gather(*background)  # the recipe's versions, started with the server
+            assert seen == [None, None, None]
+            background.clear()
+            seen.clear()
+            body = {"parameters": {"version": "3"}}
+            r = await a.post("/v2/repository/models/m/load", json=body, headers=bearer(ANN))
+            assert r.status_code == 200, r.text
+            await asyncio.gather(*background)
+            assert len(background) == 1 and seen == [None]
+            audit = (await a.get("/admin/audit", headers=bearer(ANN))).json()
+            assert [(e["event"], e["actor"], e["authenticated"]) for e in audit] == [
+                ("load_requested", "ann", True),
+                ("loaded", "ann", True),
+            ]
 
     asyncio.run(main())
 
@@ -707,3 +911,54 @@ def test_the_generator_refuses_a_name_the_file_would_refuse(
     assert out == ""  # no token is made for a line the server would refuse
     (line,) = err.splitlines()
     assert line.startswith(f"infercore: error: NAME {name!r}: a token's name is 1-64 letters")
+
+
+@pytest.mark.parametrize("name", ["server", "Guard", "repository-api"])
+def test_the_generator_refuses_a_name_the_server_decides_under(
+    capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    from infercore.cli import run as cli
+
+    assert cli(["models", "token", name]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "records its own decisions under" in err and "e.g. ann" in err
+
+
+@pytest.mark.parametrize(
+    ("outcome", "said"),
+    [("failed", "could not be written"), ("writing", "still being written"), ("written", None)],
+)
+def test_the_cli_says_when_a_change_did_not_reach_the_state_file(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    outcome: str,
+    said: str | None,
+) -> None:
+    from infercore import admin_client
+
+    class Answer:
+        status = 200
+
+        def read(self) -> bytes:
+            return json.dumps({"status": "applied", "state_file": outcome}).encode()
+
+    class Connection:
+        def request(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def getresponse(self) -> Answer:
+            return Answer()
+
+        def close(self) -> None:
+            pass
+
+    client = admin_client.AdminClient("http://127.0.0.1:1", "t" * 24)
+    monkeypatch.setattr(client, "_connection", Connection)
+    status, doc = client.request("POST", "/admin/models/m/rollback", {"by": "ann"})
+    assert (status, doc["state_file"]) == (200, outcome)
+    err = capsys.readouterr().err
+    if said is None:
+        assert err == ""
+    else:
+        assert err.startswith("infercore: warning: the change is made but") and said in err
