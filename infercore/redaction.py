@@ -7,15 +7,16 @@ with :func:`redact_text` and their detectors' ``info`` with :func:`redact`, and 
 its model load failures (``Runtime.scrub``), before the admin API, webhooks and the logs show
 them (RELIABILITY S6).
 
-A value is secret when its key names one (``token``, ``password``, ``PGPASSWORD`` …); in any
-text, the credentials of a URL (with a scheme or without: ``redis://:pw@host``,
+A value is secret when its key names one (``token``, ``password``, ``PGPASSWORD`` …), or in a
+``{name: …, value: …}`` entry (a Kubernetes ``env``) its name does; in any text, the
+credentials of a URL (with a scheme or without: ``redis://:pw@host``,
 ``user:pw@redis.internal:6379``) or of a Go DSN (``user:pw@tcp(db:3306)/app``), its secret or
 random-looking query values, a webhook's token in its path, tokens that their prefix names
 (``ghp_…``, ``sk-…``) and the value after a name that names a secret (``password=…``,
-``"token": "…"``, ``--api-key …``) are. Names, versions, file names and paths, hosts and ports,
-UUIDs and digests with their algorithm, and prose that only mentions a secret ("the token
-expired", "pass --token or set …") stay visible. Only the standard library is imported: the
-drift code imports this on its own.
+``"token": "…"``, ``password = …``, ``--api-key …``), to its end, are. Names, versions, file
+names and paths, hosts and ports, UUIDs and digests with their algorithm, and prose that only
+mentions a secret ("the token expired", "pass --token or set …") stay visible. Only the
+standard library is imported: the drift code imports this on its own.
 
 Nothing here runs per request: config composition and ``config show``, config errors
 (:func:`shown`), model load failures, drift results and detector and action errors, deploy
@@ -198,11 +199,17 @@ _DIGEST_NAME = re.compile(r"sha\d*|md5|blake2[bs]?|crc32c?|digest|checksum|etag"
 _ARG_WITH_VALUE = re.compile(r"(?P<name>[-+~]{0,2}[A-Za-z_][\w.\-]*)=(?P<value>.*)", re.S)
 #: An option whose value is the next argument: ``--password …``.
 _ARG_OPTION = re.compile(r"--(?P<name>[A-Za-z][\w.\-]*)")
+#: A character of an unquoted value, and a ``,``, ``;`` or ``&`` that does not end one (see
+#: :data:`_TEXT_PAIR`).
+_VALUE_CHAR = r"[^\s,;&\"'`<>)\]}]"
+_VALUE_GOES_ON = r"[,;&](?![\s,;&\"'`<>)\]}]|$|[-+~]{0,2}[A-Za-z_][\w.\-]{0,127}=)"
 #: A name with its value in text (an error message, a command line in it, logfmt, a dict's
-#: repr, JSON, YAML): ``password=…``, ``--token=…``, ``db.password='…'``, ``"api_key": "…"``,
-#: ``passwd: …``, ``Authorization: Bearer …``, ``--token …``. The name starts a word;
-#: :func:`_text_pair` decides whether the name is a secret's and the value one (prose is
-#: not: "pass --token or set INFERCORE_ADMIN_TOKEN", "token: expected str").
+#: repr, JSON, YAML, INI): ``password=…``, ``--token=…``, ``db.password='…'``, ``"api_key":
+#: "…"``, ``passwd: …``, ``aws_secret_access_key = …``, ``Authorization: Bearer …``,
+#: ``--token …``. The name starts a word; :func:`_text_pair` decides whether the name is a
+#: secret's and the value one (prose is not: "pass --token or set INFERCORE_ADMIN_TOKEN",
+#: "token: expected str"). A name and its value with only a space between them
+#: (``pgpassword hunter2``) are prose to it.
 #:
 #: A quoted value is the whole quoted string (``"password": "x", "user": "y"`` masks ``x``).
 #: An unquoted one runs to a space, a quote or a closing bracket: passwords hold ``,``, ``;``
@@ -210,18 +217,27 @@ _ARG_OPTION = re.compile(r"--(?P<name>[A-Za-z][\w.\-]*)")
 #: a quote, a bracket or the end (``{password: x, user: y}``) or before the next ``name=``
 #: (``host:6379,password=x,ssl=true``, ``Pwd=x;Database=app``, ``a=1&token=x&b=2``).
 #: Runs of plain characters are matched whole (a character class is fast) and their number
-#: bounded, so that a pair rejected and searched again from its value costs linear time.
+#: and length bounded, so that a pair rejected and searched again from its value costs
+#: linear time; a value that is judged a secret's is masked to its true end, however long
+#: (:data:`_VALUE_REST`).
 _TEXT_PAIR = re.compile(
     r"(?<![\w.\-+~*])"
     r"(?:(?P<option>--[A-Za-z][\w.\-]{0,127})[ \t]+(?![-*])"
     r"|(?P<quote>[\"']?)(?P<name>[-+~]{0,2}[A-Za-z_][\w.\-]{0,127})(?P=quote)"
-    r"(?P<sep>=|[ \t]*:[ \t]*))"
+    r"(?P<sep>=(?![ \t])|[ \t]*=(?!=)[ \t]*|[ \t]*:[ \t]*))"
     r"(?P<auth_scheme>(?i:bearer|basic|token|digest|bot)[ \t]+)?"
-    r"(?P<value>\"(?:[^\"\\\n]|\\.){0,1024}\"|'(?:[^'\\\n]|\\.){0,1024}'"
-    r"|[^\s,;&\"'`<>)\]}]{1,1024}"
-    r"(?:[,;&](?![\s,;&\"'`<>)\]}]|$|[-+~]{0,2}[A-Za-z_][\w.\-]{0,127}=)"
-    r"[^\s,;&\"'`<>)\]}]{0,128}){0,8})"
+    # A quoted string longer than 1024 characters matches unclosed (its rest is found later).
+    r"(?P<value>\"(?:[^\"\\\n]|\\.){0,1024}+(?:\"|(?=[^\"\n]))"
+    r"|'(?:[^'\\\n]|\\.){0,1024}+(?:'|(?=[^'\n]))"
+    rf"|{_VALUE_CHAR}{{1,1024}}(?:{_VALUE_GOES_ON}{_VALUE_CHAR}{{0,128}}){{0,8}})"
 )
+#: The rest of a value that :data:`_TEXT_PAIR` found cut short, to its true end: of an
+#: unquoted value, by the same rule; of a quoted one, to its closing quote.
+_VALUE_REST = {
+    "": re.compile(rf"{_VALUE_CHAR}*+(?:{_VALUE_GOES_ON}{_VALUE_CHAR}*+)*+"),
+    '"': re.compile(r'(?:[^"\\\n]|\\.)*+"?'),
+    "'": re.compile(r"(?:[^'\\\n]|\\.)*+'?"),
+}
 #: Text without any of these holds no name of a secret (:func:`_text_secret_key`): one scan
 #: in C spares the pairs' search most texts.
 _SECRET_HINT = re.compile(r"tok|secret|pass|pwd|key|auth|cred|cookie|session|sig", re.I)
@@ -523,8 +539,43 @@ def _text_secret_key(name: str) -> bool:
     return _secret_key(name)
 
 
-def _text_pair(text: str, m: re.Match[str], references: bool) -> str | None:
-    """The pair ``m`` with its value masked, or ``None`` when it is no secret's."""
+class _ValueEnds:
+    """Where the values of the pairs in one text end (:data:`_VALUE_REST`), each scan
+    remembered: a pair rejected after its value was followed to its end is searched again
+    from its value on, and a value found inside it ends where it does (a value's end depends
+    on what follows, not on where it starts), so that no character is scanned twice."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.scanned = {q: (-1, -1) for q in _VALUE_REST}
+
+    def __call__(self, m: re.Match[str]) -> int:
+        value, end = m.group("value"), m.end()
+        quote = value[0] if value[0] in "\"'" else ""
+        if quote and _closed(value):
+            return end
+        start, stop = self.scanned[quote]
+        if start <= end <= stop:
+            return stop
+        rest = _VALUE_REST[quote].match(self.text, end)  # it matches, empty at least
+        stop = rest.end() if rest else end
+        self.scanned[quote] = (m.start("value"), stop)
+        return stop
+
+
+def _closed(quoted: str) -> bool:
+    """Whether a ``quoted`` value that :data:`_TEXT_PAIR` found ends with its closing quote
+    (one not escaped: ``"a\\\\"`` does, ``"a\\"`` does not), and is not cut short."""
+    body = quoted[1:-1]
+    backslashes = len(body) - len(body.rstrip("\\"))
+    return len(quoted) > 1 and quoted[-1] == quoted[0] and backslashes % 2 == 0
+
+
+def _text_pair(
+    text: str, m: re.Match[str], references: bool, value_end: _ValueEnds
+) -> tuple[str, int] | None:
+    """The pair ``m`` with its value masked and where that value ends (it may run past
+    ``m``: :data:`_VALUE_REST`), or ``None`` when it is no secret's."""
     option, value, scheme = m.group("option"), m.group("value"), m.group("auth_scheme")
     quoted = value[0] in "\"'"
     inner = value[1:-1] if quoted else value
@@ -532,17 +583,24 @@ def _text_pair(text: str, m: re.Match[str], references: bool) -> str | None:
         return None
     if "***" in inner or inner.lower() in _PROSE_VALUES:
         return None  # masked already (a URL's query, a token's prefix kept), or prose
+    end = value_end(m)
     if quoted:
         pass  # a quoted value is one
     elif scheme is not None:
         if len(inner) < 8:
             return None  # Authorization: Bearer <credential>; "basic auth is off" is prose
-    elif m.group("sep") not in (None, "=") and not _CLAUSE_END.match(text, m.end()):
-        # ``name: value`` unquoted is a value only when it ends its clause (``passwd: x``,
-        # ``{password: x}``); ``token: cannot be empty`` is a message.
+    elif m.group("sep") not in (None, "=") and not _CLAUSE_END.match(text, end):
+        # ``name: value`` and ``name = value`` unquoted are a value only when it ends its
+        # clause (``passwd: x``, ``{password: x}``, an INI file's ``password = x``);
+        # ``token: cannot be empty`` is a message.
         return None
-    masked = f"{value[0]}***{value[-1]}" if quoted else "***"
-    return text[m.start() : m.start("value")] + masked
+    if not quoted:
+        masked = "***"
+    elif _closed(text[m.start("value") : end]):
+        masked = f"{value[0]}***{value[0]}"
+    else:
+        masked = f"{value[0]}***"  # a quoted string that the text cuts off
+    return text[m.start() : m.start("value")] + masked, end
 
 
 def _redact_pairs(text: str, references: bool) -> str:
@@ -553,14 +611,15 @@ def _redact_pairs(text: str, references: bool) -> str:
         return text
     out: list[str] = []
     pos = 0
+    value_end = _ValueEnds(text)
     while m := _TEXT_PAIR.search(text, pos):
-        masked = _text_pair(text, m, references)
-        if masked is None:
+        pair = _text_pair(text, m, references, value_end)
+        if pair is None:
             out.append(text[pos : m.start("value")])
             pos = m.start("value")
         else:
-            out.append(text[pos : m.start()] + masked)
-            pos = m.end()
+            out.append(text[pos : m.start()] + pair[0])
+            pos = pair[1]
     out.append(text[pos:])
     return "".join(out)
 
@@ -619,6 +678,29 @@ def _redact_args(items: list[Any], references: bool) -> list[Any]:
     return out
 
 
+def _entry_name(entry: dict[Any, Any]) -> str | None:
+    """The name of a ``{name: …, value: …}`` entry, whose value is keyed by its name (a
+    Kubernetes container's ``env``, an ECS task's ``environment``: ``{"name": "PGPASSWORD",
+    "value": …}``); ``None`` for any other mapping. Exactly these two keys, in any case: a
+    mapping with more is something else that happens to have a name."""
+    keys = {str(k).lower(): k for k in entry}
+    if len(entry) != 2 or keys.keys() != {"name", "value"}:
+        return None
+    name = entry[keys["name"]]
+    return name if isinstance(name, str) else None
+
+
+def _entry_key(key: Any, parent: str, secret: bool, named: str | None) -> str:
+    """The key that a mapping's ``key`` is redacted under: the parent's below a secret key,
+    the entry's name for the value of a ``{name: …, value: …}`` entry (:func:`_entry_name`),
+    else its own."""
+    if secret:
+        return parent
+    if named is not None and str(key).lower() == "value":
+        return named
+    return str(key)
+
+
 def redact(value: Any, key: str = "", *, references: bool = False) -> Any:
     """A copy of config data with secret-looking values replaced by ``'***'``.
 
@@ -628,14 +710,17 @@ def redact(value: Any, key: str = "", *, references: bool = False) -> Any:
     ``?access_token=…``, a random-looking query value, a webhook's token in its path:
     :func:`redact_text`), tokens that their prefix names (``ghp_…``, ``sk-…``) and the values
     of secret options in an argument list (``--password=…``) are masked wherever they
-    appear. With ``references``
+    appear; so is the value of a ``{name: …, value: …}`` entry whose name names a secret
+    (a Kubernetes ``env`` entry: ``{"name": "PGPASSWORD", "value": …}``). With ``references``
     (unresolved data), a ``${…}`` interpolation is left as it is: it is no secret itself.
     """
     secret = bool(key) and _secret_key(key)
     if isinstance(value, dict):
         # Below a secret key (``credentials: {user: …, key: …}``) everything is secret.
+        named = None if secret else _entry_name(value)
         return {
-            k: redact(v, key if secret else str(k), references=references) for k, v in value.items()
+            k: redact(v, _entry_key(k, key, secret, named), references=references)
+            for k, v in value.items()
         }
     if isinstance(value, list):
         return _redact_args([redact(v, key, references=references) for v in value], references)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import math
 import re
 from typing import Any
@@ -18,6 +20,13 @@ _INFO_DEPTH = 8
 #: The longest string of a detector's ``info`` that is shown (masked): a longer one becomes
 #: ``"<N characters>"``, so that scrubbing an event costs a bounded time per string.
 _INFO_STRING = 4096
+#: How many items of each list, tuple, array (along each axis) and mapping of a detector's
+#: ``info`` are shown, and how many of all its containers together: the first ones, then one
+#: more item, ``"<N more>"`` (in a mapping, under the key ``"…"``). An array is cut before it
+#: is converted: a histogram of two million bins costs its first 100 values, not two million
+#: Python floats on the event loop, and a cube of 100x100x100 its first 1000.
+_INFO_ITEMS = 100
+_INFO_VALUES = 1000
 
 
 def finite(value: float) -> float | None:
@@ -26,16 +35,51 @@ def finite(value: float) -> float | None:
     return f if math.isfinite(f) else None
 
 
-def plain(value: Any, depth: int | None = None) -> Any:
+class _Limits:
+    """How many items :func:`plain` still shows: of each container, and of all together."""
+
+    def __init__(self, items: int | None, values: int | None) -> None:
+        self.items = items
+        self.left = values
+
+    @property
+    def bounded(self) -> bool:
+        return self.items is not None or self.left is not None
+
+    def take(self, count: int) -> int:
+        """How many of a container's ``count`` items are shown; they are counted as shown."""
+        if self.items is not None:
+            count = min(count, self.items)
+        if self.left is not None:
+            count = min(count, self.left)
+            self.left -= count
+        return count
+
+
+def plain(
+    value: Any, depth: int | None = None, items: int | None = None, values: int | None = None
+) -> Any:
     """``value`` with numpy scalars and arrays, tuples and non-finite floats made JSON-safe; with
-    ``depth``, containers deeper than ``depth`` levels become ``"…"``."""
+    ``depth``, containers deeper than ``depth`` levels become ``"…"``; with ``items``, each
+    container (a list, a tuple, a mapping, an array along each axis) keeps its first ``items``
+    items, and with ``values``, all of them together keep ``values``: the items cut become
+    one last item, ``"<N more>"`` (a mapping's under the key ``"…"``)."""
+    return _plain(value, depth, _Limits(items, values))
+
+
+def _plain(value: Any, depth: int | None, limits: _Limits) -> Any:
     if isinstance(value, dict | list | tuple):
         if depth is not None and depth <= 0:
             return "…"
         below = None if depth is None else depth - 1
+        shown = limits.take(len(value))
         if isinstance(value, dict):
-            return {str(k): plain(v, below) for k, v in value.items()}
-        return [plain(v, below) for v in value]
+            pairs = itertools.islice(value.items(), shown)
+            out = {str(k): _plain(v, below, limits) for k, v in pairs}
+            if shown < len(value):
+                out["…"] = f"<{len(value) - shown} more>"
+            return out
+        return _listed([_plain(v, below, limits) for v in value[:shown]], len(value))
     if isinstance(value, bool) or value is None or isinstance(value, str):
         return value
     if isinstance(value, int):
@@ -44,11 +88,32 @@ def plain(value: Any, depth: int | None = None) -> Any:
         return finite(value)
     tolist = getattr(value, "tolist", None)  # numpy arrays and scalars (torch tensors too)
     if callable(tolist):
-        return plain(tolist(), depth)
+        if limits.bounded and getattr(value, "ndim", None) != 0:
+            with contextlib.suppress(TypeError, IndexError, KeyError, ValueError, AttributeError):
+                return _array(value, depth, limits)
+        return _plain(tolist(), depth, limits)
     item = getattr(value, "item", None)
     if callable(item):
-        return plain(item())
+        return _plain(item(), depth, limits)
     return str(value)
+
+
+def _listed(shown: list[Any], count: int) -> list[Any]:
+    """The items ``shown`` of a list of ``count``, and how many more it has."""
+    return shown if len(shown) == count else [*shown, f"<{count - len(shown)} more>"]
+
+
+def _array(value: Any, depth: int | None, limits: _Limits) -> Any:
+    """An array (numpy, torch, anything with ``tolist``, ``len`` and slices) as :func:`plain`
+    makes it within ``limits``: only the rows shown are converted, each cut the same way."""
+    count = len(value)  # TypeError for a scalar without ``ndim``: converted whole
+    if depth is not None and depth <= 0:
+        return "…"
+    below = None if depth is None else depth - 1
+    head = value[: limits.take(count)]
+    if getattr(value, "ndim", 1) == 1:
+        return _listed([_plain(v, below, limits) for v in head.tolist()], count)
+    return _listed([_plain(row, below, limits) for row in head], count)
 
 
 def _capped(value: Any) -> Any:
@@ -75,12 +140,13 @@ def _without_paths(value: Any) -> Any:
 
 def scrub_info(info: Any) -> Any:
     """A detector's ``info`` fit for webhook bodies, command files and the admin API
-    (RELIABILITY S6): plain JSON (:func:`plain`), bounded (:data:`_INFO_DEPTH` levels, strings
-    of :data:`_INFO_STRING` characters), masked as ``infercore config show`` masks config
+    (RELIABILITY S6): plain JSON (:func:`plain`), bounded (:data:`_INFO_DEPTH` levels,
+    :data:`_INFO_ITEMS` items of each container and :data:`_INFO_VALUES` in all, strings of
+    :data:`_INFO_STRING` characters), masked as ``infercore config show`` masks config
     (:func:`infercore.redaction.redact`: the value of a key that names a secret, ``token``,
     ``db_password``, ``PGPASSWORD``, and the secrets in every string), absolute paths in
     strings replaced by ``<path>``."""
-    return _without_paths(redact(_capped(plain(info, _INFO_DEPTH))))
+    return _without_paths(redact(_capped(plain(info, _INFO_DEPTH, _INFO_ITEMS, _INFO_VALUES))))
 
 
 def result_to_json(result: DriftResult) -> dict[str, Any]:

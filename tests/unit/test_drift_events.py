@@ -276,6 +276,95 @@ def test_scrub_info_keeps_a_cycle_bounded() -> None:
     assert out == "…"
 
 
+def test_scrub_info_shows_the_head_of_a_large_array() -> None:
+    """A histogram of two million bins is cut before it is converted: its first 100 values,
+    then how many more there are."""
+    from infercore.drift.events import scrub_info
+
+    hist = np.arange(2_000_000, dtype=np.float64)
+    out = scrub_info({"hist": hist, "n": 2})
+    assert out == {"hist": [*(float(i) for i in range(100)), "<1999900 more>"], "n": 2}
+
+
+def test_scrub_info_cuts_every_axis_of_an_array() -> None:
+    from infercore.drift.events import scrub_info
+
+    grid = np.arange(1_000 * 2_000).reshape(1_000, 2_000)
+    rows = scrub_info({"grid": grid})["grid"]
+    assert len(rows) == 101 and rows[-1] == "<900 more>"
+    assert rows[1] == [*range(2_000, 2_100), "<1900 more>"]
+    # 1000 items in all: the key and the 100 rows, 800 values of the first eight rows, the
+    # ninth row's first 99; the other rows show only how many values they have.
+    assert rows[8] == [*range(16_000, 16_099), "<1901 more>"]
+    assert rows[9] == rows[99] == ["<2000 more>"]
+
+
+def test_scrub_info_shows_a_thousand_items_in_all() -> None:
+    from infercore.drift.events import scrub_info
+
+    cube = scrub_info({"cube": np.zeros((100, 100, 100))})["cube"]
+    values = [v for plane in cube for row in plane if isinstance(row, list) for v in row]
+    # The key, the 100 planes, the first plane's 100 rows, and 799 values.
+    assert values.count(0.0) == 1_000 - 1 - 100 - 100
+    assert len(cube) == 100 and cube[1] == cube[-1] == ["<100 more>"]
+
+
+class _RecordingArray:
+    """An array that records how many elements each ``tolist()`` converts."""
+
+    converted: list[int] = []
+
+    def __init__(self, array: Any) -> None:
+        self.array = array
+        self.ndim = array.ndim
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, index: Any) -> Any:
+        part = self.array[index]
+        return _RecordingArray(part) if isinstance(part, np.ndarray) else part
+
+    def tolist(self) -> Any:
+        _RecordingArray.converted.append(self.array.size)
+        return self.array.tolist()
+
+
+@pytest.mark.parametrize("shape", [(50_000,), (300, 400), (20, 30, 40)])
+def test_scrub_info_converts_only_the_head_of_an_array(shape: tuple[int, ...]) -> None:
+    from infercore.drift.events import scrub_info
+
+    _RecordingArray.converted = []
+    array = np.arange(np.prod(shape)).reshape(shape)
+    out = scrub_info({"a": _RecordingArray(array)})
+    assert out == scrub_info({"a": array})
+    assert _RecordingArray.converted and max(_RecordingArray.converted) <= 100
+
+
+def test_scrub_info_cuts_lists_tuples_and_mappings() -> None:
+    from infercore.drift.events import scrub_info
+
+    info = {
+        "bins": list(range(250)),
+        "edges": tuple(range(101)),
+        "per_feature": {f"f{i}": i for i in range(130)},
+        "exact": list(range(100)),
+    }
+    out = scrub_info(info)
+    assert out["bins"] == [*range(100), "<150 more>"]
+    assert out["edges"] == [*range(100), "<1 more>"]
+    assert out["per_feature"] == {**{f"f{i}": i for i in range(100)}, "…": "<30 more>"}
+    assert out["exact"] == list(range(100))  # 100 items: nothing cut
+
+
+def test_scrub_info_masks_what_it_keeps_of_a_long_list() -> None:
+    from infercore.drift.events import scrub_info
+
+    out = scrub_info({"argv": ["fetch", "--token", "hunter2", *["x"] * 197]})
+    assert out["argv"][:3] == ["fetch", "--token", "***"]
+    assert out["argv"][-1] == "<100 more>" and len(out["argv"]) == 101
+
+
 class LeakyInfoDrift(DriftDetector):
     kind = "leaky-info"
 

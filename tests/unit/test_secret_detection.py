@@ -690,6 +690,29 @@ def test_an_unknown_key_s_value_is_shown_only_when_it_is_no_secret(
         # A quoted value is the whole string.
         ('"password": "x", "user": "y"', '"password": "***", "user": "y"'),
         ('"password": "a, b", "user": "y"', '"password": "***", "user": "y"'),
+        # However long the value: no count of commas nor length leaves its tail shown.
+        ("password=" + ",".join(["ab"] * 12), "password=***"),
+        ("secret=abc,def,ghi,jkl,mno,pqr,stu,vwx,yz0,123,234", "secret=***"),
+        ("password=a," + "b" * 200 + " host=db", "password=*** host=db"),
+        ("password=" + "a" * 2000 + " host=db", "password=*** host=db"),
+        ("passwd: " + "a" * 2000, "passwd: ***"),
+        ('{"token": "' + "a" * 2000 + '", "n": 1}', '{"token": "***", "n": 1}'),
+        ("Authorization: Bearer " + "a" * 2000 + " x", "Authorization: Bearer *** x"),
+        (
+            "cache:6379,password=" + ",".join(["ab"] * 12) + ",ssl=true",
+            "cache:6379,password=***,ssl=true",
+        ),
+        ("cache:6379,password=" + "x" * 2000 + ",ssl=true", "cache:6379,password=***,ssl=true"),
+        # ``name = value``, as INI files (AWS credentials) and TOML write it, ending its clause.
+        ("aws_secret_access_key = wJalrXUtnFEMI/K7MDENG", "aws_secret_access_key = ***"),
+        (
+            "[default]\naws_secret_access_key = wJalrXUtnFEMI\nregion = eu-west-1",
+            "[default]\naws_secret_access_key = ***\nregion = eu-west-1",
+        ),
+        ("DB_PASSWORD = hunter2", "DB_PASSWORD = ***"),
+        ('password = "hunter2"', 'password = "***"'),
+        ("password= hunter2", "password= ***"),
+        ("{token = abc, user = bob}", "{token = ***, user = bob}"),
     ],
 )
 def test_redact_text_masks_passwords_dsns_and_named_values(text: str, shown: str) -> None:
@@ -731,6 +754,16 @@ def test_redact_text_masks_passwords_dsns_and_named_values(text: str, shown: str
         "PGPASSWORD: must be set",
         "PGPASSFILE=/run/pgpass",
         "compass=north OLDPWD=/home/x",
+        # ``=`` with spaces: names that are no secret's, comparisons, prose; a secret's name
+        # and a word with only a space between them is prose (``pass --token`` above).
+        "x = 5",
+        "tokens = 3",
+        "max_tokens = 16",
+        "a == b",
+        "if password == expected:",
+        "the token = a string of 32 characters",
+        "password = hunter2 is what the docs show",
+        "pgpassword hunter2",
     ],
 )
 def test_redact_text_leaves_prose_names_and_addresses(text: str) -> None:
@@ -781,3 +814,47 @@ def test_a_mapping_key_that_names_a_secret_masks_any_value(key: str, value: obje
         else (["***", "***"] if isinstance(value, list) else "***")
     )
     assert out == {"payload": {key: masked, "model": "fraud"}}
+
+
+def test_a_value_rejected_after_it_was_followed_to_its_end_is_searched_from_its_value() -> None:
+    # ``token: <run> x`` is prose (the value does not end its clause); the pairs inside the
+    # run are searched again, each reusing where the run ends, and are prose too.
+    text = "token: " + "a,token:" * 500 + "a x"
+    assert redact_text(text) == text
+    assert redact_text(text + "\npassword=" + "b," * 600 + "c") == text + "\npassword=***"
+
+
+@pytest.mark.parametrize(
+    ("entry", "shown"),
+    [
+        ({"name": "PGPASSWORD", "value": "hunter2"}, {"name": "PGPASSWORD", "value": "***"}),
+        ({"name": "DB_PASS", "value": 1234}, {"name": "DB_PASS", "value": "***"}),
+        ({"Name": "API_TOKEN", "Value": "abc"}, {"Name": "API_TOKEN", "Value": "***"}),
+        # A name that is no secret's: the value is redacted as any text is.
+        ({"name": "LOG_LEVEL", "value": "debug"}, {"name": "LOG_LEVEL", "value": "debug"}),
+        (
+            {"name": "REDIS_URL", "value": "redis://:pw@cache:6379"},
+            {"name": "REDIS_URL", "value": "redis://***@cache:6379"},
+        ),
+        # A switch stays; a mapping with more keys than a name and a value is no such entry.
+        ({"name": "PGPASSWORD", "value": True}, {"name": "PGPASSWORD", "value": True}),
+        (
+            {"name": "PGPASSWORD", "value": "x", "kind": "env"},
+            {"name": "PGPASSWORD", "value": "x", "kind": "env"},
+        ),
+    ],
+)
+def test_a_name_value_entry_is_keyed_by_its_name(
+    entry: dict[str, object], shown: dict[str, object]
+) -> None:
+    # A Kubernetes container's env, an ECS task's environment.
+    assert redact({"env": [entry]}) == {"env": [shown]}
+
+
+def test_the_literal_check_names_a_secret_env_entry_s_value() -> None:
+    env = [
+        {"name": "PGPASSWORD", "value": "hunter2"},
+        {"name": "API_TOKEN", "value": "${oc.env:API_TOKEN}"},
+        {"name": "LOG_LEVEL", "value": "debug"},
+    ]
+    assert secret_paths({"env": env}) == ["env[0].value"]
