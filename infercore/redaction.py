@@ -88,8 +88,10 @@ _PLAIN_QUALIFIERS = frozenset(
 )
 #: Last words that say the value only names or locates the secret, and is none itself:
 #: ``auth_env``, ``token_file``, ``password_path``, ``secret_name``, ``api_key_header``,
-#: ``token_url``.
-_POINTER_WORDS = frozenset({"env", "var", "file", "path", "dir", "name", "header", "field", "url"})
+#: ``token_url``, ``secret_ref`` (Kubernetes' ``secretKeyRef``: a Secret's name and key).
+_POINTER_WORDS = frozenset(
+    {"env", "var", "file", "path", "dir", "name", "header", "field", "url", "ref"}
+)
 #: Last words that say the value measures or describes the secret and is none itself:
 #: ``token_count``, ``token_limit``, ``password_length``, ``token_ttl``, ``token_type``,
 #: ``secret_version``. (Not ``id``: Vault's ``secret_id`` is a credential.)

@@ -59,7 +59,8 @@ class _Limits:
 def plain(
     value: Any, depth: int | None = None, items: int | None = None, values: int | None = None
 ) -> Any:
-    """``value`` with numpy scalars and arrays, tuples and non-finite floats made JSON-safe; with
+    """``value`` with numpy scalars and arrays, tuples, sets and non-finite floats made
+    JSON-safe; with
     ``depth``, containers deeper than ``depth`` levels become ``"…"``; with ``items``, each
     container (a list, a tuple, a mapping, an array along each axis) keeps its first ``items``
     items, and with ``values``, all of them together keep ``values``: the items cut become
@@ -80,6 +81,13 @@ def _plain(value: Any, depth: int | None, limits: _Limits) -> Any:
                 out["…"] = f"<{len(value) - shown} more>"
             return out
         return _listed([_plain(v, below, limits) for v in value[:shown]], len(value))
+    if isinstance(value, set | frozenset):  # a list, in the set's order: not str()'d whole
+        if depth is not None and depth <= 0:
+            return "…"
+        below = None if depth is None else depth - 1
+        shown = limits.take(len(value))
+        head = itertools.islice(value, shown)
+        return _listed([_plain(v, below, limits) for v in head], len(value))
     if isinstance(value, bool) or value is None or isinstance(value, str):
         return value
     if isinstance(value, int):

@@ -357,6 +357,16 @@ def test_scrub_info_cuts_lists_tuples_and_mappings() -> None:
     assert out["exact"] == list(range(100))  # 100 items: nothing cut
 
 
+def test_scrub_info_lists_a_set_and_cuts_it() -> None:
+    """A set is a list (it used to be ``str()``'d whole: a million-item set on the loop)."""
+    from infercore.drift.events import scrub_info
+
+    out = scrub_info({"seen": set(range(1_000_000)), "few": frozenset({"a"})})
+    assert len(out["seen"]) == 101 and out["seen"][-1] == "<999900 more>"
+    assert set(out["seen"][:100]) <= set(range(1_000_000))
+    assert out["few"] == ["a"]
+
+
 def test_scrub_info_masks_what_it_keeps_of_a_long_list() -> None:
     from infercore.drift.events import scrub_info
 

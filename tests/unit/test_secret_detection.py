@@ -113,6 +113,8 @@ def test_secret_keys(key: str) -> None:
         "token_file",
         "password_file",
         "secret_name",
+        "secretKeyRef",  # Kubernetes: {name, key} of a Secret, no value
+        "password_ref",
         "api_key_header",
         "signature_version",
         "session_ttl",
