@@ -45,6 +45,16 @@ def ids_in_order(model: Any) -> list[int]:
     return [int(v) for batch in model.seen for v in batch[:, 1]]
 
 
+async def occupy(
+    batcher: DynamicBatcher, model: Any, deadline_s: float = 30.0
+) -> asyncio.Task[Any]:
+    """Submit request 0 and wait until the (gated) model runs it: the model is busy, so what
+    is submitted next queues. Returns the request's task."""
+    blocker = asyncio.create_task(batcher.submit(request(0), deadline=later(deadline_s)))
+    await until(model.entered(1))
+    return blocker
+
+
 async def submit_queued(
     batcher: DynamicBatcher, rid: int, priority: int | None
 ) -> asyncio.Task[Any]:
@@ -70,8 +80,7 @@ def test_batches_form_from_the_highest_level_first_come_first_served_within(
     async def scenario() -> None:
         model = await make_model(gated=True)
         batcher = await make(model, max_batch_size=1, priority_levels=3, default_priority_level=2)
-        blocker = asyncio.create_task(batcher.submit(request(0), deadline=later()))
-        await until(model.entered(1))  # the model is busy: what follows queues
+        blocker = await occupy(batcher, model)  # the model is busy: what follows queues
         # (id, priority): None names no priority (the default, 2); 0 is the default too.
         arrivals = [(1, 3), (2, None), (3, 1), (4, 3), (5, 0), (6, 1), (7, 2)]
         tasks = [await submit_queued(batcher, rid, p) for rid, p in arrivals]
@@ -114,8 +123,7 @@ def test_without_levels_priorities_are_ignored_and_the_queue_is_a_deque(
         batcher = await make(model, max_batch_size=1)
         assert type(batcher._queue) is not _LevelQueue  # the unchanged path, chosen at build
         assert batcher.priority_levels == 0 and batcher.default_priority_level == 0
-        blocker = asyncio.create_task(batcher.submit(request(0), deadline=later()))
-        await until(model.entered(1))
+        blocker = await occupy(batcher, model)
         tasks = [await submit_queued(batcher, 1, None), await submit_queued(batcher, 2, None)]
         assert model.gate is not None
         model.gate.set()
@@ -167,8 +175,7 @@ def test_the_queue_bound_is_shared_by_every_level(make: MakeBatcher) -> None:
             priority_levels=2,
             default_priority_level=2,
         )
-        blocker = asyncio.create_task(batcher.submit(request(0), deadline=later()))
-        await until(model.entered(1))
+        blocker = await occupy(batcher, model)
         tasks = [await submit_queued(batcher, rid, 2) for rid in (1, 2, 3)]
         assert batcher.full
         with pytest.raises(QueueFull):
@@ -255,8 +262,7 @@ def test_expected_timeouts_count_only_the_rows_of_the_levels_ahead(make: MakeBat
     async def scenario() -> None:
         model = await make_model(gated=True)
         batcher = await make(model, max_batch_size=1, priority_levels=2, default_priority_level=2)
-        blocker = asyncio.create_task(batcher.submit(request(0), deadline=later()))
-        await until(model.entered(1))
+        blocker = await occupy(batcher, model)
         tasks = [await submit_queued(batcher, rid, None) for rid in (1, 2, 3)]
         # As measured under load: 2 rows drain within the horizon (a fresh measurement).
         batcher._drain.limit = 2
@@ -288,8 +294,7 @@ def test_compacting_the_queue_keeps_each_level_in_order() -> None:
             priority_levels=2,
             default_priority_level=2,
         )
-        blocker = asyncio.create_task(batcher.submit(request(0), deadline=later()))
-        await until(model.entered(1))
+        blocker = await occupy(batcher, model)
         # Requests whose callers went stay in the queue until compacted (at 2 x the bound).
         for rid, p in ((1, 2), (2, 1), (3, 2), (4, 1)):
             gone = await submit_queued(batcher, rid, p)

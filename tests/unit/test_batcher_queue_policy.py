@@ -22,7 +22,7 @@ from typing import Any
 
 import msgspec
 import pytest
-from test_batcher_priority import ids_in_order, submit_queued
+from test_batcher_priority import ids_in_order, occupy, submit_queued
 from test_batching import (
     BATCH_CTX,
     BATCHING,
@@ -64,8 +64,7 @@ def test_a_full_level_is_refused_naming_it_while_other_levels_are_admitted(
             **LEVELS,
             priority_queue_policy=policies(l2={"max_queue_size": 2}),
         )
-        blocker = asyncio.create_task(batcher.submit(request(0), deadline=later()))
-        await until(model.entered(1))  # the model is busy: what follows queues
+        blocker = await occupy(batcher, model)  # the model is busy: what follows queues
         # Level 2 is the default: a request naming no priority counts towards it too.
         queued = [await submit_queued(batcher, 1, None), await submit_queued(batcher, 2, 2)]
         assert not batcher.full  # the shared bound (512) is far: the body decides
@@ -113,8 +112,7 @@ def test_the_shared_bound_still_holds_for_every_level(make: MakeBatcher) -> None
             **LEVELS,
             priority_queue_policy=policies(l1={"max_queue_size": 3}, l2={"max_queue_size": 2}),
         )
-        blocker = asyncio.create_task(batcher.submit(request(0), deadline=later()))
-        await until(model.entered(1))
+        blocker = await occupy(batcher, model)
         tasks = [await submit_queued(batcher, rid, p) for rid, p in ((1, 2), (2, 1), (3, 1))]
         assert batcher.full
         with pytest.raises(QueueFull) as info:  # level 1 has room, the queue has not
@@ -145,8 +143,7 @@ def test_a_level_with_a_shorter_queue_timeout_times_out_alone(make: MakeBatcher)
             default_priority_level=1,
             priority_queue_policy=policies(l2={"queue_timeout_ms": 30}),
         )
-        blocker = asyncio.create_task(batcher.submit(request(0), deadline=later(120)))
-        await until(model.entered(1))
+        blocker = await occupy(batcher, model, 120)
         default = await submit_queued(batcher, 1, None)  # level 1: the shared 60 s
         low = asyncio.create_task(
             batcher.submit_with_priority(request(2), deadline=later(120), priority=2)
@@ -182,8 +179,7 @@ def test_a_level_with_a_longer_queue_timeout_outlasts_the_shared_one(make: MakeB
             **LEVELS,
             priority_queue_policy=policies(l1={"queue_timeout_ms": 60_000}),
         )
-        blocker = asyncio.create_task(batcher.submit(request(0), deadline=later(120)))
-        await until(model.entered(1))
+        blocker = await occupy(batcher, model, 120)
         high = await submit_queued(batcher, 1, 1)
         default = asyncio.create_task(batcher.submit(request(2), deadline=later(120)))
         await until(default.done)
@@ -224,8 +220,7 @@ def test_expected_timeouts_allow_a_level_with_a_longer_timeout_more_work_ahead(
             **LEVELS,
             priority_queue_policy=policies(l2={"queue_timeout_ms": 300_000}),
         )
-        blocker = asyncio.create_task(batcher.submit(request(0), deadline=later()))
-        await until(model.entered(1))
+        blocker = await occupy(batcher, model)
         tasks = [await submit_queued(batcher, rid, p) for rid, p in ((1, 1), (2, 1), (3, 2))]
         fresh_drain_limit(batcher, 2)
         # 3 rows ahead of even a level-1 request: over the shared limit (2), within 5 x it.
@@ -258,8 +253,7 @@ def test_expected_timeouts_refuse_a_level_with_a_shorter_timeout_sooner(
             **LEVELS,
             priority_queue_policy=policies(l1={"queue_timeout_ms": 6_000}),
         )
-        blocker = asyncio.create_task(batcher.submit(request(0), deadline=later()))
-        await until(model.entered(1))
+        blocker = await occupy(batcher, model)
         fresh_drain_limit(batcher, 2)
         # Only the running row is ahead: within the shared limit, not within a tenth of it.
         with pytest.raises(QueueFull) as info:
