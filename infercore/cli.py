@@ -2,7 +2,7 @@
 
     infercore serve +recipe=iris [env=prod] [server.port=9000] [...]
     infercore config show +recipe=iris env=prod
-    infercore config validate +recipe=iris
+    infercore config validate [--load] +recipe=iris
     infercore plugins
     infercore new-plugin NAME --kind model_loader [--dir PATH]
 
@@ -52,7 +52,20 @@ def _parser() -> argparse.ArgumentParser:
     csub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     show = csub.add_parser("show", help="print the composed, validated config (secrets redacted)")
     show.add_argument("overrides", nargs="*")
-    validate = csub.add_parser("validate", help="everything short of loading models")
+    validate = csub.add_parser(
+        "validate",
+        help="everything short of loading models (--load: load and warm them too)",
+        description="Check a composed config as serve would before it listens. With --load, "
+        "also start the feature sources and routers and load and warm every version (what "
+        "serve does before it reports ready); the rollout state file and the audit log are "
+        "neither read nor written. Exit 0 when every version loaded, 1 when one failed, 2 "
+        "for a config error.",
+    )
+    validate.add_argument(
+        "--load",
+        action="store_true",
+        help="load and warm every model version, start features and drift checks, then stop",
+    )
     validate.add_argument("overrides", nargs="*")
 
     sub.add_parser("plugins", help="installed plugins, the kinds each adds, and licences")
@@ -157,7 +170,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "config":
         if args.config_command == "show":
             return _config_show(args.overrides)
-        return _config_validate(args.overrides)
+        return _config_validate(args.overrides, load=args.load)
     if args.command == "plugins":
         return _plugins()
     if args.command == "new-plugin":
@@ -264,14 +277,14 @@ def _config_show(overrides: list[str]) -> int:
     return 0
 
 
-def _config_validate(overrides: list[str]) -> int:
+def _config_validate(overrides: list[str], *, load: bool = False) -> int:
     from infercore.artifacts import resolve_artifact
     from infercore.runtime import Runtime
     from infercore.server.workers import worker_count
 
     composed = _compose(overrides)
     check_before_listen(composed, worker_count(composed.config.server.workers), create=False)
-    runtime = Runtime(composed)
+    runtime = Runtime(_check_only(composed) if load else composed)
     root = composed.model_root
     n_versions = 0
     for name, mc in composed.config.models.items():
@@ -290,11 +303,54 @@ def _config_validate(overrides: list[str]) -> int:
                         hint="point it at the model file, not its folder",
                     )
     label = composed.label or "no recipe"
+    if load:
+        from infercore.server.logs import configure
+
+        cfg = composed.config.server
+        # Warnings and errors (a version that fails to load says why); not the INFO lines.
+        level = cfg.log_level if cfg.log_level in ("warning", "error", "critical") else "warning"
+        configure(level, cfg.log_format, cfg.log_stream)
+        failed = asyncio.run(_load_all(runtime))
+        if failed:
+            print(
+                f"infercore: error: {len(failed)} version(s) failed to load: "
+                f"{', '.join(failed)} (see the errors above)",
+                file=sys.stderr,
+            )
+            return EXIT_FAILURE
     print(
-        f"ok: {label}, {len(runtime.models)} model(s), {n_versions} version(s), "
+        f"ok: {label}, {len(runtime.models)} model(s), {n_versions} version(s)"
+        f"{' loaded and warmed' if load else ''}, "
         f"env={composed.choices.get('env', '?')}, deploy={composed.choices.get('deploy', '?')}"
     )
     return 0
+
+
+def _check_only(composed: Any) -> Any:
+    """The config ``config validate --load`` starts: the rollout state file is neither
+    restored nor written (a server running from the same recipe holds its lock), and the
+    audit log is not appended to."""
+    import dataclasses
+
+    cfg = composed.config
+    admin = msgspec.structs.replace(cfg.admin, state_file=None, audit_log=None)
+    return dataclasses.replace(composed, config=msgspec.structs.replace(cfg, admin=admin))
+
+
+async def _load_all(runtime: Any) -> list[str]:
+    """``config validate --load``: start the runtime as ``serve`` does before it listens,
+    then stop it. Returns the versions that failed to load, ``model@version`` (a required
+    primary that failed raises, as in ``serve``)."""
+    try:
+        await runtime.start()
+        return [
+            f"{served.name}@{sv.version}"
+            for served in runtime.models.values()
+            for sv in served.versions.values()
+            if not sv.ready
+        ]
+    finally:
+        await runtime.stop()
 
 
 def check_before_listen(

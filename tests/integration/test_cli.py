@@ -205,6 +205,93 @@ def test_config_validate_missing_artifact(missing_model_recipes: Path) -> None:
     assert "not found" in line
 
 
+@pytest.fixture
+def two_version_recipes(tmp_path: Path, iris_artifact: Path) -> Path:
+    """Recipe ``two``: iris as version 1 (primary) and a candidate version 2 whose file
+    ``m/v2.onnx`` the test writes; drift monitoring with a reference of the model's columns."""
+    import numpy as np
+
+    recipes = _write_recipe(
+        tmp_path / "recipes",
+        "two",
+        """\
+        models:
+          m:
+            primary: "1"
+            versions:
+              "1":
+                loader: {kind: onnx, path: m/v1.onnx}
+              "2":
+                loader: {kind: onnx, path: m/v2.onnx}
+                stage: candidate
+            drift:
+              detectors:
+                shift:
+                  kind: ks
+                  reference: m/reference.npz
+        """,
+    )
+    (recipes / "m").mkdir()
+    shutil.copy(iris_artifact, recipes / "m" / "v1.onnx")
+    shutil.copy(iris_artifact, recipes / "m" / "v2.onnx")
+    rows = np.random.default_rng(0).normal(size=(50, 4)).astype(np.float32)
+    np.savez(recipes / "m" / "reference.npz", input=rows)
+    return recipes
+
+
+def _validate(recipes: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return run("config", "validate", *args, env=_env(INFERCORE_RECIPES_DIR=str(recipes)))
+
+
+def test_config_validate_load_loads_and_warms_every_version(
+    two_version_recipes: Path, tmp_path: Path
+) -> None:
+    admin = tmp_path / "admin"
+    admin.mkdir()
+    result = _validate(
+        two_version_recipes,
+        "--load",
+        "+recipe=two",
+        f"admin.state_file={admin / 'rollout.json'}",
+        f"admin.audit_log={admin / 'audit.jsonl'}",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ok: recipe=two, 1 model(s), 2 version(s) loaded and warmed")
+    assert "Traceback" not in result.stderr
+    # A server running from the same recipe holds the state file's lock and appends to the
+    # audit log: the check opens neither.
+    assert sorted(p.name for p in admin.iterdir()) == []
+
+
+def test_config_validate_load_fails_on_a_version_that_does_not_load(
+    two_version_recipes: Path,
+) -> None:
+    (two_version_recipes / "m" / "v2.onnx").write_text("not an ONNX model\n")
+    # Without --load the file is only found; version 2 is optional, so serve would start.
+    assert _validate(two_version_recipes, "+recipe=two").returncode == 0
+    result = _validate(two_version_recipes, "--load", "+recipe=two")
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    last = result.stderr.splitlines()[-1]
+    assert last == ("infercore: error: 1 version(s) failed to load: m@2 (see the errors above)"), (
+        result.stderr
+    )
+    assert "m/v2.onnx" not in last
+    assert "models.m.versions.2.loader.path" in result.stderr  # the ERROR line says why
+
+
+def test_config_validate_load_checks_drift_against_the_reference(
+    two_version_recipes: Path,
+) -> None:
+    override = "+models.m.drift.detectors.shift.features=['input[0]','input[9]']"
+    assert _validate(two_version_recipes, "+recipe=two", override).returncode == 0
+    line = _assert_one_config_error(
+        _validate(two_version_recipes, "--load", "+recipe=two", override)
+    )
+    assert "models.m.drift.detectors.shift.features" in line and "'input[9]'" in line
+
+
 # --- config errors: one line, exit 2 ---
 
 CONFIG_ERRORS = {
