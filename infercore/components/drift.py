@@ -44,6 +44,10 @@ class DriftDetector(Component):
     as ``object`` arrays of ``str`` (see :mod:`infercore.drift.columns` for how tensors become
     columns). An exception it raises is counted and logged by the monitor and affects
     nothing else.
+
+    A detector that keeps the columns it tests in a ``features`` list (set by the end of
+    :meth:`start`) has them checked against the model's monitored columns when the server
+    starts: a name the model lacks is a config error then, not a failure every window.
     """
 
     @abc.abstractmethod

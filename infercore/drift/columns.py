@@ -67,6 +67,21 @@ def tensor_columns(name: str, tensor: Array) -> list[tuple[str, Array]]:
     return [(f"{name}[{i}]", flat[:, i]) for i in range(flat.shape[1])]
 
 
+def spec_columns(name: str, shape: Sequence[int]) -> list[str] | None:
+    """The columns a tensor the model declares with ``shape`` (rows first, ``-1`` variable)
+    becomes, as :func:`tensor_columns` names them; ``None`` when a dimension after the first
+    is variable (its columns are known only from data)."""
+    rest = tuple(shape[1:])
+    if any(d < 0 for d in rest):
+        return None
+    width = 1
+    for d in rest:
+        width *= d
+    if width == 1:
+        return [name]
+    return [f"{name}[{i}]" for i in range(width)]
+
+
 def to_columns(tensors: Mapping[str, Array], names: Collection[str] | None = None) -> Columns:
     """Named tensors (those in ``names``, or all) as normalized columns, in tensor order.
 

@@ -50,7 +50,7 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -60,7 +60,14 @@ import numpy as np
 from infercore.components import Action, ComponentContext, DriftDetector, Tensors
 from infercore.components.drift import ActionFailed, DriftEvent, DriftResult, ModelRollout
 from infercore.config.validation import convert
-from infercore.drift.columns import Array, Columns, concat_columns, row_count, to_columns
+from infercore.drift.columns import (
+    Array,
+    Columns,
+    concat_columns,
+    row_count,
+    spec_columns,
+    to_columns,
+)
 from infercore.drift.config import DETECTOR_NAME_PATTERN, DriftConfig
 from infercore.drift.events import event_to_json, result_to_json, scrub
 from infercore.errors import ConfigError, InfercoreError, PluginError
@@ -153,6 +160,9 @@ class DriftMonitor:
         self._path = path
         self._features = None if config.features is None else frozenset(config.features)
         self._outputs = frozenset(config.outputs)
+        #: The model's monitored columns, and tensors whose columns only data tells
+        #: (:meth:`expect_columns`); ``None``: not given, detectors' features unchecked.
+        self._columns: tuple[set[str], set[str]] | None = None
         self._rate = float(config.sample_rate)
         self._rng = random.Random(config.seed)
         self._lock = threading.Lock()
@@ -335,6 +345,64 @@ class DriftMonitor:
                 f"{self._path}.{option}: {names} {verb} {noun} of model {self.model}", hint=hint
             )
 
+    def expect_columns(
+        self,
+        inputs: Iterable[tuple[str, Sequence[int]]],
+        outputs: Iterable[tuple[str, Sequence[int]]],
+    ) -> None:
+        """Give the columns the model's tensors become (``(name, shape)`` of every input and
+        raw output of the versions that loaded), so that :meth:`start` checks each detector's
+        ``features`` against them once the detectors have read their references. Only the
+        monitored tensors count (``features`` and ``outputs`` of the monitor's config)."""
+        known: set[str] = set()
+        open_tensors: set[str] = set()
+        chosen = (
+            (inputs, self._features),
+            (outputs, self._outputs),
+        )
+        for specs, wanted in chosen:
+            for name, shape in specs:
+                if wanted is not None and name not in wanted:
+                    continue
+                cols = spec_columns(name, shape)
+                if cols is None:
+                    open_tensors.add(name)
+                else:
+                    known.update(cols)
+        self._columns = (known, open_tensors)
+
+    def _check_detector_features(self) -> None:
+        """Each started detector's ``features`` (where it keeps them) name columns the model's
+        monitored tensors become; a name matching none would fail every window.
+
+        Raises:
+            ConfigError: Naming the detector's ``features`` and the columns there are.
+        """
+        if self._columns is None:
+            return
+        known, open_tensors = self._columns
+        for name, detector in self.detectors.items():
+            features = getattr(detector, "features", None)
+            if not isinstance(features, list | tuple):
+                continue
+            missing = [
+                f
+                for f in features
+                if isinstance(f, str) and f not in known and f.partition("[")[0] not in open_tensors
+            ]
+            if not missing:
+                continue
+            have = sorted(known | {f"{t}[…]" for t in open_tensors})
+            shown = ", ".join(have[:20]) + (f" … ({len(have)} in all)" if len(have) > 20 else "")
+            names = ", ".join(map(repr, missing[:10]))
+            verb = "is not a column" if len(missing) == 1 else "are not columns"
+            raise ConfigError(
+                f"{self._path}.detectors.{name}.features: {names} {verb} of model "
+                f"{self.model}'s monitored tensors",
+                hint=f"columns: {shown or 'none'}; a tensor of shape [N, k] becomes "
+                "name[0] … name[k-1]; outputs are monitored only when listed in `outputs`",
+            )
+
     # --- lifecycle --------------------------------------------------------------------------
 
     def bind_rollout(self, rollout: ModelRollout) -> None:
@@ -367,6 +435,7 @@ class DriftMonitor:
                     f"{component.context.path}: {type(component).__name__} failed to start: "
                     f"{type(exc).__name__}: {scrub(str(exc))}"
                 ) from exc
+        self._check_detector_features()
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self._wake = asyncio.Event()

@@ -606,6 +606,10 @@ class Runtime:
                         {spec.name for model in loaded for spec in model.inputs},
                         {spec.name for model in loaded for spec in model.outputs},
                     )
+                    served.drift.expect_columns(
+                        [(spec.name, spec.shape) for model in loaded for spec in model.inputs],
+                        [(spec.name, spec.shape) for model in loaded for spec in model.outputs],
+                    )
                 await served.drift.start()
             if served.config.required and not served.ready:
                 primary = served.versions[served.primary]

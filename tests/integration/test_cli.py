@@ -292,6 +292,23 @@ def test_config_validate_load_checks_drift_against_the_reference(
     assert "models.m.drift.detectors.shift.features" in line and "'input[9]'" in line
 
 
+def test_config_validate_load_checks_drift_features_against_the_model(
+    two_version_recipes: Path,
+) -> None:
+    import numpy as np
+
+    # The reference has a column the model does not: every window would fail on it.
+    reference = two_version_recipes / "m" / "reference.npz"
+    rows = np.random.default_rng(0).normal(size=(50, 4)).astype(np.float32)
+    np.savez(reference, input=rows, amount=rows[:, 0])
+    assert _validate(two_version_recipes, "+recipe=two").returncode == 0
+    line = _assert_one_config_error(_validate(two_version_recipes, "--load", "+recipe=two"))
+    assert line.startswith(
+        f"{ERROR_PREFIX} models.m.drift.detectors.shift.features: 'amount' is not a column of "
+        "model m's monitored tensors (hint: columns: input[0], input[1], input[2], input[3];"
+    ), line
+
+
 # --- config errors: one line, exit 2 ---
 
 CONFIG_ERRORS = {

@@ -36,6 +36,7 @@ class MeanAbove(DriftDetector):
     def __init__(self, config: Any, context: Any) -> None:
         super().__init__(config, context)
         self.windows: list[Tensors] = []
+        self.features = [config.column]  # checked against the model's columns at start
 
     def detect(self, window: Tensors) -> DriftResult:
         self.windows.append(window)
@@ -434,6 +435,76 @@ def test_tensor_names_the_model_lacks_are_config_errors(
 def test_tensor_names_the_model_has_pass_the_check(registry: Registry) -> None:
     build(registry).check_tensors({"x"}, set())  # features: null monitors whatever there is
     build(registry, features=["x"], outputs=["y"]).check_tensors({"x", "z"}, {"y"})
+
+
+#: iris-like: one [N, 4] input; outputs label [N] and probabilities [N, 3].
+IRIS_INPUTS = [("input", (-1, 4))]
+IRIS_OUTPUTS = [("label", (-1,)), ("probabilities", (-1, 3))]
+
+
+def _start_with_columns(
+    registry: Registry,
+    column: str,
+    inputs: list[tuple[str, tuple[int, ...]]],
+    model_outputs: list[tuple[str, tuple[int, ...]]] = IRIS_OUTPUTS,
+    **node: Any,
+) -> None:
+    node = {"detectors": {"mean": {"kind": "mean-above", "column": column}}, **node}
+    mon = DriftMonitor.build(registry, node, model="m", model_root=Path("."), path="drift")
+    mon.expect_columns(inputs, model_outputs)
+
+    async def main() -> None:
+        await mon.start()
+        await mon.stop()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    ("column", "inputs", "node"),
+    [
+        ("input[3]", IRIS_INPUTS, {}),
+        ("amount", [("amount", (-1,))], {}),
+        ("amount", [("amount", (-1, 1))], {}),
+        ("image[11]", [("image", (-1, 2, 3, 2))], {}),
+        ("emb[700]", [("emb", (-1, -1))], {}),  # its width is known from data only
+        ("probabilities[2]", IRIS_INPUTS, {"outputs": ["probabilities"]}),
+    ],
+)
+def test_detector_features_the_model_has_pass_at_start(
+    registry: Registry, column: str, inputs: list[tuple[str, tuple[int, ...]]], node: Any
+) -> None:
+    _start_with_columns(registry, column, inputs, **node)
+
+
+@pytest.mark.parametrize(
+    ("column", "inputs", "node", "message"),
+    [
+        (
+            "input[4]",
+            IRIS_INPUTS,
+            {},
+            r"^drift\.detectors\.mean\.features: 'input\[4\]' is not a column of model m's "
+            r"monitored tensors \(hint: columns: input\[0\], input\[1\], input\[2\], "
+            r"input\[3\]; a tensor of shape \[N, k\] becomes name\[0\]",
+        ),
+        # A reference column named like the tensor, where the model has [N, 4].
+        ("input", IRIS_INPUTS, {}, r"'input' is not a column"),
+        # Outputs are columns only when the monitor's `outputs` lists them.
+        ("probabilities[1]", IRIS_INPUTS, {}, r"'probabilities\[1\]' is not a column"),
+        # `features` narrows the monitored tensors.
+        ("hour", [("amount", (-1,)), ("hour", (-1,))], {"features": ["amount"]}, r"'hour'"),
+    ],
+)
+def test_detector_features_the_model_lacks_fail_at_start(
+    registry: Registry,
+    column: str,
+    inputs: list[tuple[str, tuple[int, ...]]],
+    node: Any,
+    message: str,
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _start_with_columns(registry, column, inputs, **node)
 
 
 # --- actions: single-flight and cooldown ----------------------------------------------------
