@@ -8,12 +8,14 @@ its model load failures (``Runtime.scrub``), before the admin API, webhooks and 
 them (RELIABILITY S6).
 
 A value is secret when its key names one (``token``, ``password``, ``PGPASSWORD`` …), or in a
-``{name: …, value: …}`` entry (a Kubernetes ``env``) its name does; in any text, the
-credentials of a URL (with a scheme or without: ``redis://:pw@host``,
-``user:pw@redis.internal:6379``) or of a Go DSN (``user:pw@tcp(db:3306)/app``), its secret or
-random-looking query values, a webhook's token in its path, tokens that their prefix names
-(``ghp_…``, ``sk-…``) and the value after a name that names a secret (``password=…``,
-``"token": "…"``, ``password = …``, ``--api-key …``), to its end, are. Names, versions, file
+``{name: …, value: …}`` entry (a Kubernetes ``env``, as data or written in text) its name
+does; the ``key`` of a reference (``secretKeyRef: {name: db, key: password}``) names a key in
+a Secret and is none. In any text, the credentials of a URL (with a scheme or without:
+``redis://:pw@host``, ``user:pw@redis.internal:6379``) or of a Go DSN
+(``user:pw@tcp(db:3306)/app``), its secret or random-looking query values, a webhook's token
+in its path, tokens that their prefix names (``ghp_…``, ``sk-…``) and the value after a name
+that names a secret (``password=…``, ``"token": "…"``, ``password = …``, ``--api-key …``),
+to its end, are. Names, versions, file
 names and paths, hosts and ports, UUIDs and digests with their algorithm, and prose that only
 mentions a secret ("the token expired", "pass --token or set …") stay visible. Only the
 standard library is imported: the drift code imports this on its own.
@@ -240,6 +242,32 @@ _VALUE_REST = {
     '"': re.compile(r'(?:[^"\\\n]|\\.)*+"?'),
     "'": re.compile(r"(?:[^'\\\n]|\\.)*+'?"),
 }
+#: A ``{name: …, value: …}`` entry written in text (:func:`_redact_env_entries`): JSON
+#: (``{"name": "PGPASSWORD", "value": "x"}``), a Python repr (``{'name': …, 'value': …}``),
+#: YAML flow (``{name: DB_PASSWORD, value: x}``), a Java map (``{name=…, value=…}``); its
+#: first two fields, in either order (field names in any case, as :func:`_entry_name` takes
+#: them). A value is a quoted string or a plain one, which runs to a comma, a bracket or the
+#: line's end (YAML's flow style allows none of them in it), an interpolation's braces aside
+#: (``${oc.env:PGPASSWORD}``). Each is matched possessively, and none can hold the start of
+#: another of its kind (a quoted one ends at the quote that would open one after a field's
+#: name; a plain one holds no brace but an interpolation's), so that the entries tried from
+#: every brace in a text cost linear time together.
+_ENV_PLAIN = r"[^,{}\[\]\n$]|\$(?!\{)|\$\{[^{}\n]*+\}"
+_ENV_SCALAR = (
+    r"\"(?:[^\"\\\n]|\\.)*+\""
+    r"|'(?:[^'\\\n]|\\.)*+'"
+    rf"|(?![\s\"'])(?:{_ENV_PLAIN})++"
+)
+_ENV_FIELD = r"(?P<{0}q>[\"']?)(?P<{0}>(?i:name|value))(?P={0}q)[ \t]*[:=][ \t]*(?P<{0}v>{1})"
+_ENV_ENTRY = re.compile(
+    r"\{\s{0,64}"
+    + _ENV_FIELD.format("a", _ENV_SCALAR)
+    + r"[ \t]*,\s{0,64}"
+    + _ENV_FIELD.format("b", _ENV_SCALAR)
+)
+#: Plain values of an entry that are no string (JSON, YAML, Python): :func:`redact` leaves
+#: ``None`` and booleans as they are.
+_ENV_NO_STRING = frozenset({"null", "none", "~", "true", "false"})
 #: Text without any of these holds no name of a secret (:func:`_text_secret_key`): one scan
 #: in C spares the pairs' search most texts.
 _SECRET_HINT = re.compile(r"tok|secret|pass|pwd|key|auth|cred|cookie|session|sig", re.I)
@@ -626,6 +654,41 @@ def _redact_pairs(text: str, references: bool) -> str:
     return "".join(out)
 
 
+def _redact_env_entries(text: str, references: bool) -> str:
+    """``text`` with the value of every ``{name: …, value: …}`` entry in it whose name names a
+    secret masked (:data:`_ENV_ENTRY`), as :func:`redact` masks the entry as data: a
+    Kubernetes ``env`` entry quoted by an error (``{"name": "PGPASSWORD", "value": "***"}``).
+    The name stays; so do a ``null`` and a boolean. Unlike :func:`redact`, a third field after
+    the two does not make it something else: a text shows too little to tell, and a client's
+    repr of an env entry has one (``{'name': …, 'value': …, 'value_from': None}``)."""
+    if "{" not in text or not _SECRET_HINT.search(text):
+        return text
+    out: list[str] = []
+    pos = 0
+    start = 0
+    while m := _ENV_ENTRY.search(text, start):
+        fields = {m.group("a").lower(): "a", m.group("b").lower(): "b"}
+        start = m.start() + 1  # an entry may start inside a field of a rejected one
+        if fields.keys() != {"name", "value"}:
+            continue
+        name, value = fields["name"], fields["value"]
+        shown = m.group(f"{value}v").rstrip()
+        quoted = shown[0] in "\"'"
+        inner = shown[1:-1] if quoted else shown
+        if not quoted and inner.lower() in _ENV_NO_STRING:
+            continue
+        named = m.group(f"{name}v").rstrip()
+        named = named[1:-1] if named[0] in "\"'" else named
+        if not _secret_key(named) or not _literal(inner, references):
+            continue
+        at = m.start(f"{value}v")
+        out.append(text[pos:at] + (f"{shown[0]}***{shown[0]}" if quoted else "***"))
+        pos = at + len(shown)
+        start = max(start, m.end())
+    out.append(text[pos:])
+    return "".join(out)
+
+
 def redact_text(text: str, *, references: bool = False) -> str:
     """``text`` with the credentials of every URL in it masked, with its scheme or without:
     userinfo (``redis://:pw@host``, ``redis://:p@ss/w@host`` up to the last '@',
@@ -634,7 +697,9 @@ def redact_text(text: str, *, references: bool = False) -> str:
     (``hooks.slack.com/services/T…/B…/***``); a Go DSN's credentials
     (``user:pw@tcp(db:3306)/app``); every token its prefix names (``ghp_…``, ``xoxb-…``,
     ``sk-…``, ``AKIA…``), URL or not; and the value after a name that names a secret
-    (``password=…``, ``"token": "…"``, ``passwd: …``, ``--token …``; see :data:`_TEXT_PAIR`).
+    (``password=…``, ``"token": "…"``, ``passwd: …``, ``--token …``; see :data:`_TEXT_PAIR`)
+    or in a ``{name: …, value: …}`` entry whose name names one (``{"name": "PGPASSWORD",
+    "value": "***"}``; see :data:`_ENV_ENTRY`).
 
     With ``references`` (unresolved config), a ``${…}`` interpolation is left as it is.
     """
@@ -652,7 +717,7 @@ def redact_text(text: str, *, references: bool = False) -> str:
         )
     text = _URLS.sub(lambda m: _redact_url(m.group(), references), text)
     # Tokens before pairs: ``token=ghp_***`` keeps the prefix that says which token to rotate.
-    return _redact_pairs(_redact_tokens(text), references)
+    return _redact_pairs(_redact_env_entries(_redact_tokens(text), references), references)
 
 
 def _redact_args(items: list[Any], references: bool) -> list[Any]:
@@ -692,14 +757,26 @@ def _entry_name(entry: dict[Any, Any]) -> str | None:
     return name if isinstance(name, str) else None
 
 
+def _reference(key: str) -> bool:
+    """Whether ``key`` holds a reference to a secret, not one: its last word is ``ref``
+    (Kubernetes' ``secretKeyRef`` and ``configMapKeyRef``, cert-manager's
+    ``passwordSecretRef``: :data:`_POINTER_WORDS`)."""
+    words = _KEY_WORD.findall(key)
+    return bool(words) and words[-1].lower() == "ref"
+
+
 def _entry_key(key: Any, parent: str, secret: bool, named: str | None) -> str:
     """The key that a mapping's ``key`` is redacted under: the parent's below a secret key,
     the entry's name for the value of a ``{name: …, value: …}`` entry (:func:`_entry_name`),
-    else its own."""
+    the reference's for the ``key`` of a reference (``secretKeyRef: {name: db, key:
+    password}``: the name of a key in that Secret, no secret itself; a ``key`` elsewhere is
+    one), else its own."""
     if secret:
         return parent
     if named is not None and str(key).lower() == "value":
         return named
+    if str(key).lower() == "key" and _reference(parent):
+        return parent
     return str(key)
 
 

@@ -860,3 +860,125 @@ def test_the_literal_check_names_a_secret_env_entry_s_value() -> None:
         {"name": "LOG_LEVEL", "value": "debug"},
     ]
     assert secret_paths({"env": env}) == ["env[0].value"]
+
+
+# --- a {name, value} entry written in text; the key of a secretKeyRef ---
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        # JSON (a Kubernetes API error quoting the pod spec), a Python repr, YAML flow.
+        (
+            'invalid env: {"name": "PGPASSWORD", "value": "hunter2"}',
+            'invalid env: {"name": "PGPASSWORD", "value": "***"}',
+        ),
+        (
+            "{'name': 'AWS_SECRET_ACCESS_KEY', 'value': 'abc'}",
+            "{'name': 'AWS_SECRET_ACCESS_KEY', 'value': '***'}",
+        ),
+        ("{name: DB_PASSWORD, value: s3cret}", "{name: DB_PASSWORD, value: ***}"),
+        # The value first; field names in any case; a Java map; spaces and lines around.
+        ("{value: s3cret, name: DB_PASSWORD}", "{value: ***, name: DB_PASSWORD}"),
+        ('{"value": "a, b", "name": "API_TOKEN"}', '{"value": "***", "name": "API_TOKEN"}'),
+        ('{"Name": "PGPASSWORD", "Value": "x"}', '{"Name": "PGPASSWORD", "Value": "***"}'),
+        ("{name=PGPASSWORD, value=hunter2}", "{name=PGPASSWORD, value=***}"),
+        (
+            '{\n  "name": "PGPASSWORD",\n  "value": "hunter2"\n}',
+            '{\n  "name": "PGPASSWORD",\n  "value": "***"\n}',
+        ),
+        ("{name: PGPASSWORD, value: two words }", "{name: PGPASSWORD, value: *** }"),
+        # Escaped quotes, a number, a token its prefix names: the whole value, as redact() does.
+        ('{"name":"DB_PASS","value":"a\\"b"}', '{"name":"DB_PASS","value":"***"}'),
+        ('{"name": "DB_PASS", "value": 1234}', '{"name": "DB_PASS", "value": ***}'),
+        (
+            '{"name": "GITHUB_TOKEN", "value": "ghp_abcdefghijklmnopqrstuvwxyz0123456789"}',
+            '{"name": "GITHUB_TOKEN", "value": "***"}',
+        ),
+        # A list of them: each by its own name.
+        (
+            '[{"name": "LOG_LEVEL", "value": "debug"}, {"name": "REDIS_PASSWORD", "value": "x"}]',
+            '[{"name": "LOG_LEVEL", "value": "debug"}, {"name": "REDIS_PASSWORD", "value": "***"}]',
+        ),
+        # A client's repr of an env var has a third field.
+        (
+            "{'name': 'PGPASSWORD', 'value': 'hunter2', 'value_from': None}",
+            "{'name': 'PGPASSWORD', 'value': '***', 'value_from': None}",
+        ),
+    ],
+)
+def test_redact_text_masks_the_value_of_a_secret_s_env_entry(text: str, shown: str) -> None:
+    assert redact_text(text) == shown
+    assert redact({"error": text}) == {"error": shown}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # A name that is no secret's; no value; a null and a boolean, as redact() leaves them.
+        '{"name": "LOG_LEVEL", "value": "debug"}',
+        "{name: MAX_TOKENS, value: 16}",
+        '{"name": "PGPASSWORD", "value": ""}',
+        '{"name": "PGPASSWORD", "value": null}',
+        "{'name': 'PGPASSWORD', 'value': None}",
+        "{name: API_TOKEN, value: true}",
+        # The value comes from a Secret: its name and key are shown.
+        "{name: PGPASSWORD, valueFrom: {secretKeyRef: {name: db, key: password}}}",
+        '{"secretKeyRef": {"name": "db", "key": "password"}}',
+        # Two names, two values: no such entry.
+        "{name: PGPASSWORD, name: hunter2}",
+    ],
+)
+def test_redact_text_leaves_env_entries_that_hold_no_secret(text: str) -> None:
+    assert redact_text(text) == text
+
+
+def test_an_env_entry_read_from_the_environment_is_no_literal() -> None:
+    text = "{name: API_TOKEN, value: ${oc.env:API_TOKEN,none}}"
+    assert redact_text(text, references=True) == text
+    assert redact_text(text) == "{name: API_TOKEN, value: ***}"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # Where a plain value could end, and where an entry could start, over and over: each
+        # tried from every brace would cost quadratic time (minutes here), not linear.
+        "{value: a" + " " * 200_000 + "x",
+        "{name: LOG_LEVEL, value: a" + " " * 200_000 + "x",
+        "{value: a" * 22_000,
+        "{value: ${" * 20_000,
+        "{'value': \"{\"value\": '" * 9_000,
+        '{"value": "' + '\\"' * 100_000,
+        ("{" + " " * 60) * 3_000,
+        "{name: a, name: b, " * 10_000,
+        '{"value": "x",' * 14_000,
+    ],
+)
+def test_env_entries_are_found_in_linear_time(text: str) -> None:
+    # No clock: the suite's timeout (pyproject.toml) fails a quadratic search.
+    assert redact_text(text) == text
+    tail = ', {"name": "PGPASSWORD", "value": "hunter2"}'
+    assert redact_text(text + "\n" + tail) == text + "\n" + tail.replace("hunter2", "***")
+
+
+def test_the_key_of_a_secret_key_ref_is_shown_and_a_bare_key_masked() -> None:
+    env = [
+        {"name": "PGPASSWORD", "valueFrom": {"secretKeyRef": {"name": "db", "key": "password"}}},
+        {"name": "MODE", "valueFrom": {"configMapKeyRef": {"name": "cfg", "key": "mode"}}},
+    ]
+    assert redact({"env": env}) == {"env": env}
+    assert secret_paths({"env": env}) == []
+    # A key elsewhere is a secret, as before: top level, below a secret, in a non-reference.
+    assert redact({"key": "abc", "auth": {"key": "abc"}, "keys": {"key": "abc"}}) == {
+        "key": "***",
+        "auth": {"key": "***"},
+        "keys": {"key": "***"},
+    }
+    # A reference below a secret key stays masked whole; a reference's value is still text.
+    assert redact({"credentials": {"secretKeyRef": {"name": "db", "key": "pw"}}}) == {
+        "credentials": {"secretKeyRef": {"name": "***", "key": "***"}}
+    }
+    assert redact({"secretKeyRef": {"name": "db", "key": "redis://:pw@cache:6379"}}) == {
+        "secretKeyRef": {"name": "db", "key": "redis://***@cache:6379"}
+    }
