@@ -689,6 +689,7 @@ async def _serve_async(
 
     import uvicorn
 
+    from infercore.server.logs import flush_held_lines
     from infercore.server.loopwatch import unwatched
     from infercore.server.shutdown import (
         IDLE_LINGER_S,
@@ -849,6 +850,9 @@ async def _serve_async(
         socket_file.remove()
     if worker is not None:
         watch.cancel()
+    # Failures and uvicorn's warnings held back since their last line (a flood's tail) would
+    # otherwise go uncounted: nothing more is served that could log the next line.
+    flush_held_lines()
     if code == 0 and state.signals:
         log.info("stopped")
     return code

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -10,7 +12,8 @@ import re
 import sys
 import time
 import warnings
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Hashable
 from typing import Any, TextIO
 
 _STD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "color_message", "taskName"}
@@ -80,6 +83,114 @@ class TextFormatter(logging.Formatter):
         return _TRACEBACK_CONTROL.sub(_escape_control, text)
 
 
+#: Runs a callback after a delay in seconds: ``(delay_s, callback)``.
+Schedule = Callable[[float, Callable[[], None]], object]
+
+
+def call_later(delay_s: float, callback: Callable[[], None]) -> None:
+    """``loop.call_later`` on the running event loop; nothing without one (then the next line
+    of the key, or :func:`flush_held_lines` at the stop, tells the count)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    loop.call_later(delay_s, callback)
+
+
+class _Key:
+    """One key's limit: when its next line may come, the lines held back since its last one,
+    and that line (logger, level, text) for the line that tells their count."""
+
+    __slots__ = ("due", "held", "level", "line", "logger")
+
+    def __init__(self) -> None:
+        self.due = 0.0
+        self.held = 0
+        self.logger = logging.getLogger()
+        self.level = logging.WARNING
+        self.line = ""
+
+
+#: Every :class:`_HeldLines` alive, for :func:`flush_held_lines`.
+_LIMITS: weakref.WeakSet[_HeldLines] = weakref.WeakSet()
+
+
+class _HeldLines:
+    """What :class:`FailureLog` and :class:`ClientWarningLimit` share: at most one line per key
+    and interval, and the count of the lines held back told once, by the next line of the key
+    or by a line of its own (:meth:`flush`; :meth:`hold` schedules one).
+
+    ``note`` ends the line of its own: where the lines held back went.
+    """
+
+    def __init__(
+        self, interval_s: float, clock: Callable[[], float], schedule: Schedule, note: str
+    ) -> None:
+        self.interval_s = interval_s
+        self.clock = clock
+        self._schedule = schedule
+        self._tell = f"%s (%d more like it since the last such line, {note})"
+        self._keys: dict[Hashable, _Key] = {}
+        _LIMITS.add(self)
+
+    def hold(self, key: Hashable, now: float) -> _Key | None:
+        """``None`` when a line of ``key`` now is held back (and counted); else the key's
+        state, for :meth:`logged`."""
+        state = self._keys.get(key)
+        if state is None:
+            state = self._keys[key] = _Key()
+        if now < state.due:
+            if not state.held:
+                # The first held back since the key's last line: once an interval has passed
+                # after the next line could have come, without one, a line tells the count.
+                # One timer per key and interval of a flood, none per request.
+                check = functools.partial(self._quiet, state, state.due)
+                self._schedule(state.due - now + self.interval_s, check)
+            state.held += 1
+            return None
+        return state
+
+    def logged(self, state: _Key, now: float, logger: logging.Logger, level: int, line: str) -> int:
+        """A line of the key is logged now: the count it tells (held back since the last)."""
+        held = state.held
+        state.due, state.held = now + self.interval_s, 0
+        state.logger, state.level, state.line = logger, level, line
+        return held
+
+    def _quiet(self, state: _Key, due: float) -> None:
+        # The same ``due``: no line of the key was logged since the check was scheduled.
+        if state.due == due and state.held:
+            self._told(state)
+
+    def _told(self, state: _Key) -> None:
+        held, state.held = state.held, 0
+        state.logger.log(state.level, self._tell, state.line, held)
+
+    def flush(self) -> int:
+        """Log, for every key with lines held back, one line with their count (the text of
+        the key's last line, then ``(N more like it since the last such line, …)``); each
+        count is told once. How many lines were logged."""
+        told = [state for state in self._keys.values() if state.held]
+        for state in told:
+            self._told(state)
+        return len(told)
+
+
+def flush_held_lines() -> int:
+    """:meth:`FailureLog.flush` and :meth:`ClientWarningLimit.flush` for every one alive: the
+    server calls it as it stops, so that the lines held back last, after a flood's last line,
+    are counted in the log. How many lines were logged."""
+    return sum(limit.flush() for limit in list(_LIMITS))
+
+
+def _text(msg: str, args: tuple[Any, ...]) -> str:
+    """``msg % args`` as a log record makes its message, or ``msg`` when they do not fit."""
+    try:
+        return msg % args if args else msg
+    except (TypeError, ValueError):
+        return msg
+
+
 class FailureLog:
     """Warnings about failed requests, at most one line per key and interval.
 
@@ -87,12 +198,17 @@ class FailureLog:
     cost the core more than the rejection itself and bury everything else in the log. The
     first failure of a key (model, reason) is logged at once; the ones after it within
     ``interval_s`` go to DEBUG only, and the next line logged for that key says how many
-    there were. Every failure is counted in the metrics whatever is logged.
+    there were. Once a flood stops, no next line comes: if none has come an interval after
+    it could have, a line of its own says how many (the first line's text, then ``(N more
+    like it since the last such line, logged at DEBUG)``), as :func:`flush_held_lines` does
+    when the server stops. Every failure is counted in the metrics whatever is logged.
 
     Args:
         logger: Where the lines go.
         interval_s: Shortest time between two WARNING lines of one key.
         clock: Seconds, monotonic (tests pass their own).
+        schedule: Runs the check for a count left untold (tests pass their own):
+            ``loop.call_later`` on the running loop, nothing without one.
     """
 
     def __init__(
@@ -100,12 +216,10 @@ class FailureLog:
         logger: logging.Logger,
         interval_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
+        schedule: Schedule = call_later,
     ) -> None:
         self._log = logger
-        self._interval_s = interval_s
-        self._clock = clock
-        #: key -> (time of the next line allowed, failures not logged since the last line)
-        self._state: dict[tuple[str, str], tuple[float, int]] = {}
+        self._lines = _HeldLines(interval_s, clock, schedule, "logged at DEBUG")
 
     def warning(self, key: tuple[str, str], msg: str, *args: Any, extra: dict[str, Any]) -> None:
         self.log(logging.WARNING, key, msg, *args, extra=extra)
@@ -120,17 +234,22 @@ class FailureLog:
         exc_info: bool = False,
     ) -> None:
         """Log at ``level`` unless ``key`` was logged less than ``interval_s`` ago (DEBUG then)."""
-        now = self._clock()
-        due, held = self._state.get(key, (0.0, 0))
-        if now < due:
-            self._state[key] = (due, held + 1)
+        lines = self._lines
+        now = lines.clock()
+        state = lines.hold(key, now)
+        if state is None:
             self._log.debug(msg, *args, extra=extra, exc_info=exc_info)
             return
-        self._state[key] = (now + self._interval_s, 0)
+        held = lines.logged(state, now, self._log, level, _text(msg, args))
         if held:
             msg += " (and %d more like it in the last %.0f s, logged at DEBUG)"
-            args = (*args, held, self._interval_s)
+            args = (*args, held, lines.interval_s)
         self._log.log(level, msg, *args, extra=extra, exc_info=exc_info)
+
+    def flush(self) -> int:
+        """One line for each key with failures held back since its last line, saying how
+        many (each told once); how many lines."""
+        return self._lines.flush()
 
 
 #: What uvicorn logs at WARNING for one request a client sent: the request is answered (a 400
@@ -148,37 +267,45 @@ CLIENT_WARNINGS = frozenset(
 class ClientWarningLimit(logging.Filter):
     """On uvicorn's logger: each of :data:`CLIENT_WARNINGS` at most once per ``interval_s``,
     as :class:`FailureLog` limits infercore's own failure lines; the next line logged says how
-    many were left out since the one before (none is logged for those left out last, once
-    the client stops). Other records pass untouched.
+    many were left out since the one before. Those left out last, once the client stops, are
+    counted by a line of their own (``… (N more like it since the last such line, left
+    out)``) an interval after the next line could have come, or when the server stops
+    (:func:`flush_held_lines`). Other records pass untouched.
 
     Args:
         interval_s: Shortest time between two lines of one message.
         clock: Seconds, monotonic (tests pass their own).
+        schedule: As :class:`FailureLog`'s.
     """
 
     def __init__(
-        self, interval_s: float = 10.0, clock: Callable[[], float] = time.monotonic
+        self,
+        interval_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+        schedule: Schedule = call_later,
     ) -> None:
         super().__init__()
-        self._interval_s = interval_s
-        self._clock = clock
-        #: message -> (time of the next line allowed, lines left out since the last one)
-        self._state: dict[str, tuple[float, int]] = {}
+        self._lines = _HeldLines(interval_s, clock, schedule, "left out")
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.msg
         if not isinstance(msg, str) or msg not in CLIENT_WARNINGS:
             return True
-        now = self._clock()
-        due, held = self._state.get(msg, (0.0, 0))
-        if now < due:
-            self._state[msg] = (due, held + 1)
+        lines = self._lines
+        now = lines.clock()
+        state = lines.hold(msg, now)
+        if state is None:
             return False
-        self._state[msg] = (now + self._interval_s, 0)
+        held = lines.logged(state, now, logging.getLogger(record.name), record.levelno, msg)
         if held:
             record.msg = f"{msg} (and %d more like it since the last such line, left out)"
             record.args = (held,)
         return True
+
+    def flush(self) -> int:
+        """One line for each message with lines left out since its last one, saying how many
+        (each told once); how many lines."""
+        return self._lines.flush()
 
 
 #: The logger Python warnings go to (the name ``logging.captureWarnings`` uses).

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -272,6 +273,49 @@ def test_a_second_signal_stops_without_waiting(launcher: object) -> None:
     assert "Traceback" not in log and "Exception in" not in log, log
     t.join(timeout=5.0)
     assert not t.is_alive()
+
+
+def _malformed_request(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10.0) as sock:
+        sock.sendall(b"GET /x HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n")
+        return sock.recv(65536)
+
+
+def test_the_lines_held_back_are_counted_in_the_log_when_the_server_stops(
+    launcher: object,
+) -> None:
+    # Failures of one model and reason, and uvicorn's warning about malformed requests, are
+    # logged once per 10 s: the ones after the first are counted by the next line, and the
+    # last ones, with no next line to come, by one line each as the server stops.
+    server = launcher.start(  # type: ignore[attr-defined]
+        [
+            "+recipe=iris",
+            "batching=dynamic",  # a fixed fill window, so the requests' own timeout passes
+            "batching.max_batch_size=64",
+            "batching.max_queue_delay_ms=4000",
+            "batching.queue_timeout_ms=10000",
+            "server.drain_delay_s=0",
+        ]
+    )
+    with httpx.Client(base_url=server.url, timeout=10.0) as client:
+        for _ in range(3):
+            r = client.post(INFER, json=BODY, headers={"X-Infercore-Timeout-Ms": "50"})
+            assert r.status_code == 504, r.text
+    for _ in range(4):
+        assert _malformed_request(server.port).startswith(b"HTTP/1.1 400 ")
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(timeout=10.0) == 0, server.log_text()
+    lines = server.log_text().splitlines()
+    failed = [line for line in lines if "request failed:" in line]
+    assert len(failed) == 2, lines
+    assert failed[1].endswith("(2 more like it since the last such line, logged at DEBUG)"), failed
+    invalid = [line for line in lines if "Invalid HTTP request received." in line]
+    assert len(invalid) == 2, lines
+    assert invalid[1].endswith(
+        "Invalid HTTP request received. (3 more like it since the last such line, left out)"
+    ), invalid
+    # Told before the process ends, once each.
+    assert lines[-1].endswith("stopped"), lines
 
 
 ADMIN_TOKEN = "shutdown-test-token-" + "x" * 24

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Callable
 
 import pytest
 
@@ -89,4 +91,199 @@ def test_uvicorn_s_client_warnings_are_one_line_per_interval_then_the_count() ->
         "Invalid HTTP request: other",
         "Invalid HTTP request: other",
         "Invalid HTTP request received. (and 4 more like it since the last such line, left out)",
+    ]
+
+
+# -- the count of the lines held back last ----------------------------------------------------
+
+
+class Timers:
+    """A ``schedule`` that keeps what it is given; the test runs it when it likes."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[float, Callable[[], None]]] = []
+
+    def __call__(self, delay_s: float, callback: Callable[[], None]) -> None:
+        self.pending.append((delay_s, callback))
+
+    def run(self) -> None:
+        pending, self.pending = self.pending, []
+        for _, callback in pending:
+            callback()
+
+
+def flood(flog: FailureLog, key: tuple[str, str], n: int) -> None:
+    for i in range(n):
+        flog.warning(key, "request failed: %s", f"full {i}", extra={"request_id": str(i)})
+
+
+def test_a_flood_s_last_count_gets_a_line_once_an_interval_passed_without_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock, timers = Clock(), Timers()
+    flog = FailureLog(
+        logging.getLogger("test.failures"), interval_s=10.0, clock=clock, schedule=timers
+    )
+    key = ("fraud", "queue_full")
+    with caplog.at_level(logging.WARNING, logger="test.failures"):
+        flood(flog, key, 5)
+        clock.t += 3.0
+        flood(flog, key, 1)
+        # One check for the flood, not one per request: one interval after the next line
+        # could have come (at 110), without one.
+        assert [delay for delay, _ in timers.pending] == [20.0]
+        clock.t += 17.0
+        timers.run()
+        assert warnings(caplog) == [
+            "request failed: full 0",
+            "request failed: full 0 (5 more like it since the last such line, logged at DEBUG)",
+        ]
+        timers.run()
+        assert flog.flush() == 0  # told once
+        flood(flog, key, 1)  # the next line counts none of them again
+        assert warnings(caplog)[-1] == "request failed: full 0"
+    assert len(warnings(caplog)) == 3
+
+
+def test_the_check_tells_nothing_once_the_next_line_told_the_count(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock, timers = Clock(), Timers()
+    flog = FailureLog(
+        logging.getLogger("test.failures"), interval_s=10.0, clock=clock, schedule=timers
+    )
+    key = ("fraud", "queue_full")
+    with caplog.at_level(logging.WARNING, logger="test.failures"):
+        flood(flog, key, 3)
+        clock.t += 10.0
+        flood(flog, key, 1)  # the flood goes on: its next line says how many
+        timers.run()
+    assert warnings(caplog) == [
+        "request failed: full 0",
+        "request failed: full 0 (and 2 more like it in the last 10 s, logged at DEBUG)",
+    ]
+
+
+def test_flush_tells_each_key_s_count_once(caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock()
+    flog = FailureLog(
+        logging.getLogger("test.failures"), interval_s=10.0, clock=clock, schedule=Timers()
+    )
+    with caplog.at_level(logging.DEBUG, logger="test.failures"):
+        flood(flog, ("a", "queue_full"), 4)
+        flood(flog, ("b", "queue_full"), 1)  # nothing held back
+        flog.log(logging.ERROR, ("a", "internal"), "request failed unexpectedly", extra={})
+        flog.log(logging.ERROR, ("a", "internal"), "request failed unexpectedly", extra={})
+        caplog.clear()
+        assert flog.flush() == 2
+        told = [(r.levelno, r.getMessage()) for r in caplog.records]
+        assert told == [
+            (
+                logging.WARNING,
+                "request failed: full 0 (3 more like it since the last such line, logged at DEBUG)",
+            ),
+            (
+                logging.ERROR,
+                "request failed unexpectedly (1 more like it since the last such line, "
+                "logged at DEBUG)",
+            ),
+        ]
+        caplog.clear()
+        assert flog.flush() == 0
+        clock.t += 10.0
+        flood(flog, ("a", "queue_full"), 1)
+        assert [r.getMessage() for r in caplog.records] == ["request failed: full 0"]
+
+
+def test_without_a_running_loop_no_check_is_scheduled_and_with_one_it_runs() -> None:
+    from infercore.server.logs import call_later
+
+    ran: list[str] = []
+    call_later(0.0, lambda: ran.append("without a loop"))
+
+    async def scenario() -> None:
+        done = asyncio.Event()
+        call_later(0.0, done.set)
+        await asyncio.wait_for(done.wait(), timeout=10.0)
+        ran.append("with a loop")
+
+    asyncio.run(scenario())
+    assert ran == ["with a loop"]
+
+
+def test_uvicorn_s_warnings_left_out_last_are_counted_by_a_line_of_their_own() -> None:
+    from infercore.server.logs import ClientWarningLimit
+
+    clock, timers = Clock(), Timers()
+    lines: list[tuple[str, int]] = []
+    logger = logging.getLogger("test.uvicorn.error")
+    handler = logging.Handler()
+
+    def emit(record: logging.LogRecord) -> None:
+        lines.append((record.getMessage(), record.levelno))
+
+    handler.emit = emit  # type: ignore[method-assign]
+    logger.addHandler(handler)
+    limit = ClientWarningLimit(interval_s=10.0, clock=clock, schedule=timers)
+    logger.addFilter(limit)
+    try:
+        for _ in range(4):
+            logger.warning("Invalid HTTP request received.")
+        for _ in range(2):
+            logger.warning("Unsupported upgrade request.")
+        assert [delay for delay, _ in timers.pending] == [20.0, 20.0]
+        clock.t += 20.0
+        timers.run()  # through the limit itself, which lets the count through
+        for _ in range(3):
+            logger.warning("Invalid HTTP request received.")
+        assert limit.flush() == 1
+        assert limit.flush() == 0
+    finally:
+        logger.removeFilter(limit)
+        logger.removeHandler(handler)
+    told = " (%d more like it since the last such line, left out)"
+    assert lines == [
+        ("Invalid HTTP request received.", logging.WARNING),
+        ("Unsupported upgrade request.", logging.WARNING),
+        ("Invalid HTTP request received." + told % 3, logging.WARNING),
+        ("Unsupported upgrade request." + told % 1, logging.WARNING),
+        ("Invalid HTTP request received.", logging.WARNING),
+        ("Invalid HTTP request received." + told % 2, logging.WARNING),
+    ]
+
+
+def test_flush_held_lines_tells_every_failure_log_and_client_warning_limit(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from infercore.server.logs import ClientWarningLimit, flush_held_lines
+
+    clock = Clock()
+    flog = FailureLog(
+        logging.getLogger("test.flush.failures"), interval_s=10.0, clock=clock, schedule=Timers()
+    )
+    limit = ClientWarningLimit(interval_s=10.0, clock=clock, schedule=Timers())
+    logger = logging.getLogger("test.flush.uvicorn")
+    logger.addFilter(limit)
+
+    def ours() -> list[str]:
+        # Other limits alive in the process are flushed too, into their own loggers.
+        names = ("test.flush.failures", "test.flush.uvicorn")
+        return [r.getMessage() for r in caplog.records if r.name in names]
+
+    try:
+        with caplog.at_level(logging.WARNING):
+            flood(flog, ("a", "queue_full"), 3)
+            for _ in range(3):
+                logger.warning("Exceeded concurrency limit.")
+            caplog.clear()
+            flush_held_lines()
+            told = ours()
+            caplog.clear()
+            flush_held_lines()
+            assert ours() == []
+    finally:
+        logger.removeFilter(limit)
+    assert sorted(told) == [
+        "Exceeded concurrency limit. (2 more like it since the last such line, left out)",
+        "request failed: full 0 (2 more like it since the last such line, logged at DEBUG)",
     ]
