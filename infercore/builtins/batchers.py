@@ -7,7 +7,9 @@ They answer a request whose queue wait passed ``queue_timeout_ms`` with 503
 ``queue_timeout`` and never run it, and never run a request whose caller has gone. With
 ``priority_levels``, ``dynamic`` (and so ``adaptive`` and ``torch-gpu``) queues by level, and
 ``priority_queue_policy`` gives single levels a bound and a queue timeout of their own
-(:class:`LevelQueuePolicy`). Only the
+(:class:`LevelQueuePolicy`); ``timeout_action: delay`` (a level's, or the batcher's for every
+level) moves a request past its queue timeout behind the others instead of refusing it, until
+its deadline. Only the
 outputs the model declares are passed on, each checked against its declared datatype and shape
 (:class:`OutputCheck`).
 """
@@ -20,7 +22,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any, Literal, NoReturn
 
 import msgspec
 import numpy as np
@@ -57,6 +59,10 @@ PositiveMs = Annotated[float, msgspec.Meta(gt=0, le=MAX_MS)]
 #: The most request priority levels a batcher may have (``priority_levels``): one queue per level.
 MAX_PRIORITY_LEVELS = 255
 PriorityLevel = Annotated[int, msgspec.Meta(ge=0, le=MAX_PRIORITY_LEVELS)]
+#: What becomes of a request whose queue timeout passed (Triton's ``timeout_action``):
+#: ``reject``: 503 queue_timeout, never run; ``delay``: queued on behind every request of its
+#: level and the levels above that has not timed out, until its deadline (then 504).
+TimeoutAction = Literal["reject", "delay"]
 
 _QUEUED, _RUNNING, _DONE = 0, 1, 2
 
@@ -542,8 +548,12 @@ class LevelQueuePolicy(msgspec.Struct, forbid_unknown_fields=True, frozen=True, 
     #: batcher's ``max_queue_size`` still bounds all levels together.
     max_queue_size: PositiveInt | None = None
     #: Longest queue wait at this level, in place of the batcher's ``queue_timeout_ms``
-    #: (longer or shorter); then 503 queue_timeout and the request never runs.
+    #: (longer or shorter); then ``timeout_action``.
     queue_timeout_ms: PositiveMs | None = None
+    #: What a request of this level gets past its queue timeout, in place of the batcher's
+    #: ``timeout_action``: ``reject`` (503 queue_timeout, never run) or ``delay`` (served after
+    #: every request of this level and those above that has not timed out, until its deadline).
+    timeout_action: TimeoutAction | None = None
 
 
 class DynamicBatcherConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -553,11 +563,18 @@ class DynamicBatcherConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=Tr
     max_queue_delay_ms: DelayMs = 0.0
     #: Requests waiting; beyond this: 503 queue_full.
     max_queue_size: PositiveInt = 512
-    #: Longest queue wait; then 503 queue_timeout and the request never runs.
+    #: Longest queue wait; then ``timeout_action``.
     queue_timeout_ms: PositiveMs = 1000
+    #: What a request gets once its queue wait passed its queue timeout (Triton's
+    #: ``timeout_action``, here for every level without its own in ``priority_queue_policy``):
+    #: ``reject``: 503 queue_timeout, and it never runs; ``delay``: it stays queued, behind
+    #: every request of its level and the levels above that has not timed out, until its
+    #: deadline (504 deadline_exceeded); it still counts towards ``max_queue_size``.
+    timeout_action: TimeoutAction = "reject"
     #: Also answer 503 queue_full, at once, a request that would wait too long: when the rows
     #: queued or running take the model more than 80 % of ``queue_timeout_ms`` at the rate
-    #: measured while requests were waiting (:data:`HEADROOM`).
+    #: measured while requests were waiting (:data:`HEADROOM`). Not for a request whose
+    #: ``timeout_action`` is ``delay``: passing its queue timeout is no failure.
     reject_expected_timeouts: bool = True
     #: Model calls in flight at once.
     max_concurrent_batches: PositiveInt = 1
@@ -576,9 +593,10 @@ class DynamicBatcherConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=Tr
     #: Queue policies of single levels (Triton's ``priority_queue_policy``), by level (1 to
     #: ``priority_levels``): ``{3: {max_queue_size: 64, queue_timeout_ms: 5000}}`` bounds
     #: level 3's waiting requests on top of ``max_queue_size`` and gives them their own queue
-    #: timeout. A timed-out request is answered 503 queue_timeout (Triton's ``REJECT``; there
-    #: is no ``DELAY``), and a request's own timeout may shorten a level's, never extend it
-    #: (as ``allow_timeout_override``). Needs ``priority_levels``.
+    #: timeout; ``timeout_action`` there says what a timed-out request of the level gets
+    #: (Triton's ``REJECT`` or ``DELAY``). A request's own timeout may shorten a level's queue
+    #: timeout, never extend it (as ``allow_timeout_override``), and bounds a delayed request.
+    #: Needs ``priority_levels``.
     priority_queue_policy: dict[int, LevelQueuePolicy] = msgspec.field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -772,27 +790,120 @@ class _LevelQueue:
             if it.state == _QUEUED
         )
 
+    def compact(self) -> None:
+        """Drop the requests that timed out or whose callers went, keeping each deque's order
+        (and so each request's place: a delayed one stays delayed)."""
+        for queue in self._levels:
+            live = [it for it in queue if it.state == _QUEUED]
+            gone = len(queue) - len(live)
+            if gone:
+                queue.clear()
+                queue.extend(live)
+                self._len -= gone
+
+
+class _DelayingLevelQueue(_LevelQueue):
+    """The queue by level when a level's ``timeout_action`` is ``delay`` (Triton's ``DELAY``).
+
+    Each level has two deques, its requests and then its delayed ones (their queue timeout
+    passed; :meth:`delay` moves them), served in that order: ``[1, 1 delayed, 2, 2 delayed,
+    ...]``. A delayed request so goes only when no request of its level or a level above that
+    has not timed out waits, and before those of the levels below, as in Triton. The base
+    class's reads, ``popleft`` and iteration work on the deques in order unchanged; only where
+    a level's requests are is told here. A batcher whose levels all reject keeps the base
+    class (and a batcher with ``timeout_action: delay`` and no levels, one level of this), so
+    this costs nothing where no level delays.
+    """
+
+    __slots__ = ()
+
+    def __init__(self, levels: int, default: int) -> None:
+        super().__init__(2 * levels, default)
+
+    def append(self, item: _Item) -> None:
+        index = 2 * (self.level_of(item) - 1)
+        self._levels[index].append(item)
+        self._len += 1
+        if index < self._top:
+            self._top = index
+
+    def delay(self, item: _Item) -> None:
+        """Move ``item``, still queued, behind the requests of its level that have not timed
+        out. It is near the front of its deque: its level's requests time out in the order
+        they came (one queue timeout for the level); those ahead of it have left already."""
+        index = 2 * (self.level_of(item) - 1)
+        self._levels[index].remove(item)
+        self._levels[index + 1].append(item)
+
+    def full_at(self, level: int, bound: int) -> bool:
+        """Whether ``bound`` requests still wait at ``level``, delayed ones included."""
+        index = 2 * (level - 1)
+        queues = self._levels[index : index + 2]
+        if sum(len(queue) for queue in queues) < bound:
+            return False
+        live = 0
+        for queue in queues:
+            kept = [it for it in queue if it.state == _QUEUED]
+            gone = len(queue) - len(kept)
+            if gone:
+                queue.clear()
+                queue.extend(kept)
+                self._len -= gone
+            live += len(kept)
+        return live >= bound
+
+    def rows_ahead(self, level: int) -> int:
+        """The rows still queued ahead of a request joining ``level`` (0: the default) now:
+        those of the levels above, delayed or not, and the ones of its level not delayed."""
+        top = self._top
+        end = 2 * ((level or self._default) - 1) + 1
+        return sum(
+            it.rows
+            for queue in self._levels[top : max(end, top)]
+            for it in queue
+            if it.state == _QUEUED
+        )
+
 
 class _LevelPolicy:
     """One level's queue policy as :meth:`DynamicBatcher.submit` applies it (built once, at the
-    batcher's construction, for every level when ``priority_queue_policy`` is set).
+    batcher's construction, for every level when ``priority_queue_policy`` is set or the
+    batcher's ``timeout_action`` is ``delay``).
 
     ``max_queue_size``: the level's own bound (0: only the shared one); ``timeout_s`` and
     ``timeout_ms``: its queue timeout; ``own_timeout``: whether that is the level's own (its
-    timeouts then name it); ``scale``: its queue timeout over the batcher's, by which the work
-    a request of this level may have ahead of it (``reject_expected_timeouts``) is scaled.
+    timeouts then name it); ``delay``: whether a request past it is delayed, not refused;
+    ``scale``: its queue timeout over the batcher's, by which the work a request of this level
+    may have ahead of it (``reject_expected_timeouts``) is scaled; infinite for a level that
+    delays, whose requests that check never refuses (waiting past the timeout is no failure).
     """
 
-    __slots__ = ("level", "max_queue_size", "own_timeout", "scale", "timeout_ms", "timeout_s")
+    __slots__ = (
+        "delay",
+        "level",
+        "max_queue_size",
+        "own_timeout",
+        "scale",
+        "timeout_ms",
+        "timeout_s",
+    )
 
-    def __init__(self, level: int, policy: LevelQueuePolicy | None, shared_ms: float) -> None:
+    def __init__(
+        self,
+        level: int,
+        policy: LevelQueuePolicy | None,
+        shared_ms: float,
+        shared_action: TimeoutAction = "reject",
+    ) -> None:
         self.level = level
         self.max_queue_size = (policy.max_queue_size if policy else None) or 0
         own = policy.queue_timeout_ms if policy else None
         self.own_timeout = own is not None
         self.timeout_ms = shared_ms if own is None else own
         self.timeout_s = self.timeout_ms / 1000
-        self.scale = self.timeout_ms / shared_ms
+        action = (policy.timeout_action if policy else None) or shared_action
+        self.delay = action == "delay"
+        self.scale = math.inf if self.delay else self.timeout_ms / shared_ms
 
 
 class _Filling:
@@ -835,6 +946,18 @@ class DynamicBatcher(Batcher):
     policies no per-level work is done; with them, a request costs one index into a tuple of
     per-level policies, and a level at its bound a pass over that level's queue.
 
+    ``timeout_action`` (Triton's, the batcher's for every level or a level's own) says what a
+    request gets once its queue timeout passed: ``reject``, the default, answers it 503
+    ``queue_timeout``; ``delay`` keeps it queued but moves it behind every request of its level
+    and the levels above that has not timed out (before those of the levels below), so it runs
+    only when none of them waits. Unlike Triton's, a delayed request is not delayed
+    indefinitely: at its deadline it is answered 504 ``deadline_exceeded``, as any queued
+    request is, and it counts towards its level's ``max_queue_size`` and ``max_queue_size``
+    until it leaves. ``reject_expected_timeouts`` does not refuse a request of a level that
+    delays (waiting past its queue timeout is no failure there). :attr:`delayed_requests`
+    counts the delays. Where no level delays, the queue and each request's path are as without
+    the option.
+
     Each request gets exactly its own rows back. If a batch of several requests fails, each
     request is retried alone, so one poisoned request cannot fail its batch-mates. A model
     whose tensors have no batch dimension is called once per request. :meth:`stop` refuses
@@ -854,26 +977,36 @@ class DynamicBatcher(Batcher):
         observer: BatchObserver | None = None,
     ) -> None:
         super().__init__(config, context, model, observer)
-        # With priority levels, a queue per level (the collector's logic is the same).
-        self._queue: collections.deque[_Item] | _LevelQueue = (
-            _LevelQueue(config.priority_levels, config.default_priority_level)
-            if config.priority_levels
-            else collections.deque()
-        )
-        # With priority_queue_policy, each level's policy by level - 1 (one index per request);
-        # None keeps submit's other paths as they are without it.
+        levels = config.priority_levels
+        # With priority_queue_policy or timeout_action: delay, each level's policy by level - 1
+        # (one index per request); None keeps submit's other paths as they are without them.
+        # timeout_action: delay without levels is one level's policy: the whole queue's.
         self._level_policies: tuple[_LevelPolicy, ...] | None = None
-        self._default_level = config.default_priority_level
+        self._default_level = config.default_priority_level if levels else 1
         #: The largest share of queue_timeout_ms a level may wait (``full`` judges by it).
         self._lenient_scale = 1.0
-        if config.priority_levels and config.priority_queue_policy:
+        if (levels and config.priority_queue_policy) or config.timeout_action == "delay":
             self._level_policies = tuple(
                 _LevelPolicy(
-                    level, config.priority_queue_policy.get(level), config.queue_timeout_ms
+                    level,
+                    config.priority_queue_policy.get(level),
+                    config.queue_timeout_ms,
+                    config.timeout_action,
                 )
-                for level in range(1, config.priority_levels + 1)
+                for level in range(1, max(levels, 1) + 1)
             )
             self._lenient_scale = max(p.scale for p in self._level_policies)
+        # With priority levels, a queue per level (the collector's logic is the same); where a
+        # level delays timed-out requests, two (its own, then its delayed ones).
+        self._queue: collections.deque[_Item] | _LevelQueue
+        if self._level_policies is not None and any(p.delay for p in self._level_policies):
+            self._queue = _DelayingLevelQueue(max(levels, 1), self._default_level)
+        elif levels:
+            self._queue = _LevelQueue(levels, config.default_priority_level)
+        else:
+            self._queue = collections.deque()
+        #: Requests whose queue timeout passed at a level that delays them (not refused).
+        self.delayed_requests = 0
         self._waiting = 0
         self._queued_rows = 0
         self._running_rows = 0  # rows of batches formed and not yet answered
@@ -1059,18 +1192,24 @@ class DynamicBatcher(Batcher):
                     self.config.queue_timeout_ms,
                 )
             timeout_s = self.config.queue_timeout_ms / 1000
+            on_timeout = self._expire
         else:
             level_policy = policies[(priority or self._default_level) - 1]
             self._admit_at_level(priority, level_policy)
             timeout_s = level_policy.timeout_s
             if level_policy.own_timeout:
                 policy = level_policy
-        if len(self._queue) >= 2 * self.config.max_queue_size:
+            on_timeout = self._delay if level_policy.delay else self._expire
+        queue = self._queue
+        if len(queue) >= 2 * self.config.max_queue_size:
             # Timed-out and abandoned requests stay in the deque until they reach its head;
             # drop them so that memory stays bounded while the model is slow or stuck.
-            live = [it for it in self._queue if it.state == _QUEUED]
-            self._queue.clear()
-            self._queue.extend(live)
+            if isinstance(queue, _LevelQueue):
+                queue.compact()
+            else:
+                live = [it for it in queue if it.state == _QUEUED]
+                queue.clear()
+                queue.extend(live)
         loop = asyncio.get_running_loop()
         now = loop.time()
         rows = _rows(self.model, inputs)
@@ -1079,9 +1218,7 @@ class DynamicBatcher(Batcher):
         if priority:
             item.level = priority
         limit = now + timeout_s
-        item.timer = loop.call_at(
-            min(limit, deadline), self._expire, item, deadline <= limit, policy
-        )
+        item.timer = loop.call_at(min(limit, deadline), on_timeout, item, deadline <= limit, policy)
         self._queue.append(item)
         self._waiting += 1
         self._queued_rows += rows
@@ -1187,6 +1324,21 @@ class DynamicBatcher(Batcher):
                         f"{policy.level} (priority_queue_policy.{policy.level}.queue_timeout_ms)"
                     )
                 )
+
+    def _delay(self, item: _Item, by_deadline: bool, policy: _LevelPolicy | None) -> None:
+        """:meth:`_expire` for a level whose ``timeout_action`` is ``delay``: past its queue
+        timeout, a request is queued on behind the others (:meth:`_DelayingLevelQueue.delay`)
+        until its deadline, when it is answered as any request at its deadline is (504)."""
+        if by_deadline or item.state != _QUEUED:
+            self._expire(item, by_deadline, policy)
+            return
+        queue = self._queue
+        assert isinstance(queue, _DelayingLevelQueue)
+        queue.delay(item)
+        self.delayed_requests += 1
+        item.timer = asyncio.get_running_loop().call_at(
+            item.deadline, self._expire, item, True, None
+        )
 
     def _next_live(self) -> _Item | None:
         while self._queue:
