@@ -192,6 +192,24 @@ class LoopHistogram(Histogram):
         if i < len(bounds) and amount <= bounds[i]:
             self._buckets[i].value += 1
 
+    def observe_many(self, amount: float, count: int) -> None:
+        """:meth:`observe` of ``amount``, ``count`` times, in one step."""
+        self._sum.value += amount * count
+        bounds = self._upper_bounds
+        i = bisect_left(bounds, amount)
+        if i < len(bounds) and amount <= bounds[i]:
+            self._buckets[i].value += count
+
+
+def observe_many(histogram: Any, amount: float, count: int) -> None:
+    """``count`` observations of ``amount``: at once on a :class:`LoopHistogram` (a request
+    group's queue wait, one per request), one by one on any other histogram."""
+    if isinstance(histogram, LoopHistogram):
+        histogram.observe_many(amount, count)
+    else:
+        for _ in range(count):
+            histogram.observe(amount)
+
 
 def _single_process() -> bool:
     """Values live in this process (not in ``prometheus_client``'s multiprocess files)."""
@@ -507,8 +525,11 @@ class VersionMetrics(ResponseCounters):
         self.batch_size.observe(rows)
         self.inference_duration.observe(inference_seconds)
 
-    def observe_queue_wait(self, seconds: float) -> None:
-        self.queue_wait.observe(seconds)
+    def observe_queue_wait(self, seconds: float, requests: int = 1) -> None:
+        if requests == 1:
+            self.queue_wait.observe(seconds)
+        else:
+            observe_many(self.queue_wait, seconds, requests)
 
     def set_queue_depth(self, depth: int) -> None:
         self.queue_depth.set(depth)

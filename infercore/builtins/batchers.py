@@ -33,6 +33,7 @@ from infercore.components import (
     ComponentContext,
     Model,
     Tensors,
+    submission_requests,
     v2_datatype,
 )
 from infercore.errors import (
@@ -502,10 +503,10 @@ class NoBatcher(Batcher):
                 self.observer.set_queue_depth(self._waiting)
             now = time.perf_counter()
             self._drain.took(1, now, self._waiting > 0)
-            self.observer.observe_queue_wait(now - start)
+            self.observer.observe_queue_wait(now - start, submission_requests())
         else:
             await self._slots.acquire()
-            self.observer.observe_queue_wait(0.0)
+            self.observer.observe_queue_wait(0.0, submission_requests())
         # The model call runs in its own task, which owns the slot until the model returns: a
         # caller that goes (disconnect, deadline) cannot stop a call already running in a
         # worker thread, so the slot must stay taken until then, or the next request would
@@ -657,6 +658,7 @@ class _Item:
         "key",
         "level",
         "queued_at",
+        "requests",
         "rows",
         "state",
         "timer",
@@ -681,6 +683,8 @@ class _Item:
         self.enqueued = t
         self.deadline = deadline
         self.queued_at = queued_at
+        #: The requests it stands for (a request group's: :func:`submission_requests`).
+        self.requests = submission_requests()
         self.state = _QUEUED
         self.timer: asyncio.TimerHandle | None = None
 
@@ -1356,7 +1360,7 @@ class DynamicBatcher(Batcher):
         self._queued_rows -= item.rows
         if item.timer is not None:
             item.timer.cancel()
-        self.observer.observe_queue_wait(now - item.queued_at)
+        self.observer.observe_queue_wait(now - item.queued_at, item.requests)
 
     # Hooks for subclasses (the adaptive batcher): when to stop waiting for a batch to fill,
     # and what happened to each batch. They run on the event loop and must not block.

@@ -1,7 +1,12 @@
 """The abstract interfaces every plugin component implements."""
 
 from infercore.components.base import Component, ComponentContext, EmptyConfig
-from infercore.components.batching import Batcher, BatchObserver, NullObserver
+from infercore.components.batching import (
+    Batcher,
+    BatchObserver,
+    NullObserver,
+    submission_requests,
+)
 from infercore.components.drift import (
     Action,
     DriftDetector,
@@ -43,5 +48,6 @@ __all__ = [
     "TensorSpec",
     "Tensors",
     "WrappingRouter",
+    "submission_requests",
     "v2_datatype",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import contextvars
 from typing import Any, Protocol
 
 from infercore.components.base import Component, ComponentContext
@@ -15,12 +16,24 @@ from infercore.components.model import Model, Tensors
 IDLE_TURN_S = 20e-6
 
 
+#: Requests one submission stands for: a request group (``server.group_requests``) submits its
+#: requests' stacked rows once, from a task of its own that sets this; 1 otherwise. A batcher
+#: reads it in ``submit`` (:func:`submission_requests`) and passes it to
+#: :meth:`BatchObserver.observe_queue_wait`, so that queue waits are counted per request.
+SUBMISSION_REQUESTS: contextvars.ContextVar[int] = contextvars.ContextVar(
+    "infercore_submission_requests", default=1
+)
+submission_requests = SUBMISSION_REQUESTS.get
+
+
 class BatchObserver(Protocol):
     """Where a batcher reports what it did (infercore binds it to the version's metrics)."""
 
     def observe_batch(self, rows: int, inference_seconds: float) -> None: ...
 
-    def observe_queue_wait(self, seconds: float) -> None: ...
+    def observe_queue_wait(self, seconds: float, requests: int = 1) -> None:
+        """One submission waited ``seconds`` in the queue; it stands for ``requests``
+        requests (:func:`submission_requests`), each of which waited that long."""
 
     def set_queue_depth(self, depth: int) -> None: ...
 
@@ -31,7 +44,7 @@ class NullObserver:
     def observe_batch(self, rows: int, inference_seconds: float) -> None:
         pass
 
-    def observe_queue_wait(self, seconds: float) -> None:
+    def observe_queue_wait(self, seconds: float, requests: int = 1) -> None:
         pass
 
     def set_queue_depth(self, depth: int) -> None:

@@ -49,7 +49,7 @@ import numpy as np
 import numpy.typing as npt
 
 from infercore.components import Tensors
-from infercore.components.batching import IDLE_TURN_S
+from infercore.components.batching import IDLE_TURN_S, SUBMISSION_REQUESTS
 from infercore.components.features import begin_request, degraded_parts
 from infercore.errors import (
     DeadlineExceeded,
@@ -345,6 +345,8 @@ class RequestGroups:
             member.future.set_result(result)
 
     async def _several(self, members: list[_Member]) -> None:
+        # The group's own task: the batcher counts its queue wait once per request.
+        SUBMISSION_REQUESTS.set(len(members))
         first = members[0].fields
         stacked = {name: np.concatenate([m.fields[name] for m in members]) for name in first}
         deadline = max(m.deadline for m in members)

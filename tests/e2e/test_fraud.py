@@ -468,13 +468,18 @@ def test_concurrent_requests_are_grouped_and_scored_as_each_alone(
     answered = metric(after, "infercore_requests_total", code="200", **labels) - metric(
         before, "infercore_requests_total", code="200", **labels
     )
-    submissions = metric(after, "infercore_queue_wait_seconds_count", **labels) - metric(
+    waits = metric(after, "infercore_queue_wait_seconds_count", **labels) - metric(
         before, "infercore_queue_wait_seconds_count", **labels
     )
+    calls = metric(after, "infercore_batch_size_count", **labels) - metric(
+        before, "infercore_batch_size_count", **labels
+    )
     assert answered == len(responses)
-    # Requests that arrived together shared batcher submissions (V1 and V2 requests may
-    # decode to different dtypes and then form groups of their own).
-    assert 0 < submissions < answered, (submissions, answered)
+    # Each request's queue wait is counted, also when it shared a submission (a group).
+    assert waits == answered, (waits, answered)
+    # Requests that arrived together shared model calls (V1 and V2 requests may decode to
+    # different dtypes and then form groups of their own).
+    assert 0 < calls < answered, (calls, answered)
 
 
 def test_v2_request_one_named_input_per_field(

@@ -195,6 +195,8 @@ def test_concurrent_requests_share_fetches_and_model_calls_and_get_their_own_ans
     assert model.calls == source.calls  # one batcher submission per group
     assert sum(model.batches) == source.rows
     assert metric_value(text, "infercore_requests_total", model="m", code="200") == n
+    # A group's one submission waited for each of its requests: counted once per request.
+    assert metric_value(text, "infercore_queue_wait_seconds_count", model="m") == n
 
 
 @pytest.mark.parametrize(
