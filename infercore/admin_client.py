@@ -14,7 +14,9 @@
 
 The admin URL and token come from ``--url``/``--token`` (or ``--token-file``), else from
 ``INFERCORE_ADMIN_URL`` (default ``http://127.0.0.1:8081``; ``unix:/path/admin.sock`` for a
-Unix socket) and ``INFERCORE_ADMIN_TOKEN``. Only the standard library is used to call the API.
+Unix socket) and ``INFERCORE_ADMIN_TOKEN``. A read waits :data:`READ_TIMEOUT_S` for the server,
+a change :data:`CHANGE_TIMEOUT_S` (``--timeout`` or ``INFERCORE_ADMIN_TIMEOUT``: one wait for
+both). Only the standard library is used to call the API.
 
 ``models token NAME`` calls nothing: it prints a new random token for NAME and the
 ``NAME:sha256:<digest>`` line that names it in ``admin.tokens_file``, so that the file holds
@@ -67,29 +69,41 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
-class AdminClient:
-    """A minimal client of the admin API (``http://host:port`` or ``unix:/path``)."""
+#: How long a read (``GET``: list, approvals, whoami, audit, events) waits for the server.
+READ_TIMEOUT_S = 10.0
+#: How long a change waits: a load reads and warms a model, and every change waits up to 10 s
+#: for ``admin.state_file`` to be written.
+CHANGE_TIMEOUT_S = 60.0
 
-    def __init__(self, url: str, token: str, *, timeout: float = 60.0) -> None:
+
+class AdminClient:
+    """A minimal client of the admin API (``http://host:port`` or ``unix:/path``).
+
+    Args:
+        timeout: Seconds to wait for a connection and for each read of the answer; ``None``:
+            :data:`READ_TIMEOUT_S` for ``GET``, :data:`CHANGE_TIMEOUT_S` for the rest.
+    """
+
+    def __init__(self, url: str, token: str, *, timeout: float | None = None) -> None:
         self.url = url
         self.token = token
         self.timeout = timeout
 
-    def _connection(self) -> http.client.HTTPConnection:
+    def _connection(self, timeout: float) -> http.client.HTTPConnection:
         if self.url.startswith("unix:"):
             path = self.url[len("unix:") :]
             if path.startswith("//"):
                 path = path[2:]
-            return _UnixConnection(path, self.timeout)
+            return _UnixConnection(path, timeout)
         parts = urllib.parse.urlsplit(self.url)
         if parts.scheme == "https":
             return http.client.HTTPSConnection(
-                parts.hostname or "127.0.0.1", parts.port or 443, timeout=self.timeout
+                parts.hostname or "127.0.0.1", parts.port or 443, timeout=timeout
             )
         if parts.scheme != "http":
             raise AdminError(0, "usage", f"unsupported admin URL {self.url!r} (http:// or unix:)")
         return http.client.HTTPConnection(
-            parts.hostname or "127.0.0.1", parts.port or 80, timeout=self.timeout
+            parts.hostname or "127.0.0.1", parts.port or 80, timeout=timeout
         )
 
     def request(
@@ -111,12 +125,22 @@ class AdminClient:
         headers = {"Authorization": f"Bearer {self.token}", "Accept": "application/json"}
         if body is not None:
             headers["Content-Type"] = "application/json"
-        conn = self._connection()
+        timeout = self.timeout
+        if timeout is None:
+            timeout = READ_TIMEOUT_S if method == "GET" else CHANGE_TIMEOUT_S
+        conn = self._connection(timeout)
         try:
             conn.request(method, path, body=data or None, headers=headers)
             response = conn.getresponse()
             raw = response.read()
             status = response.status
+        except TimeoutError:
+            raise AdminError(
+                0,
+                "unreachable",
+                f"the admin API at {self.url} did not answer within {timeout:g} s "
+                "(--timeout or INFERCORE_ADMIN_TIMEOUT waits longer)",
+            ) from None
         except OSError as exc:
             raise AdminError(
                 0, "unreachable", f"cannot reach the admin API at {self.url}: {exc}"
@@ -153,7 +177,23 @@ def _connection_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", help=f"admin API URL (env INFERCORE_ADMIN_URL; {DEFAULT_URL})")
     parser.add_argument("--token", help="bearer token (env INFERCORE_ADMIN_TOKEN)")
     parser.add_argument("--token-file", help="read the bearer token from this file")
+    parser.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        help=f"seconds to wait for the server (env INFERCORE_ADMIN_TIMEOUT; default "
+        f"{READ_TIMEOUT_S:g} for reads, {CHANGE_TIMEOUT_S:g} for changes)",
+    )
     parser.add_argument("--json", action="store_true", help="print the API's JSON answer")
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (0 < value < math.inf):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -227,10 +267,7 @@ def add_models_parser(sub: Any) -> None:
     models = sub.add_parser(
         "models", help="versions, rollouts and approvals (the admin API)", allow_abbrev=False
     )
-    models.add_argument("--url", help=f"admin API URL (env INFERCORE_ADMIN_URL; {DEFAULT_URL})")
-    models.add_argument("--token", help="bearer token (env INFERCORE_ADMIN_TOKEN)")
-    models.add_argument("--token-file", help="read the bearer token from this file")
-    models.add_argument("--json", action="store_true", help="print the API's JSON answer")
+    _connection_options(models)
     msub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
 
     def decided(p: argparse.ArgumentParser) -> None:
@@ -306,7 +343,13 @@ def _client(args: argparse.Namespace) -> AdminClient:
             f"{source}: the admin token contains a control character (a line break?); "
             "it cannot be sent in an HTTP header",
         )
-    return AdminClient(url, token)
+    timeout = args.timeout
+    if timeout is None and os.environ.get("INFERCORE_ADMIN_TIMEOUT"):
+        try:
+            timeout = _positive_seconds(os.environ["INFERCORE_ADMIN_TIMEOUT"])
+        except argparse.ArgumentTypeError as exc:
+            raise AdminError(0, "usage", f"INFERCORE_ADMIN_TIMEOUT: {exc}") from None
+    return AdminClient(url, token, timeout=timeout)
 
 
 def _whoami(client: AdminClient) -> str | None:

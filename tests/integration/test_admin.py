@@ -1064,3 +1064,84 @@ def test_serve_refuses_an_enabled_admin_api_without_a_token() -> None:
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("infercore: config error: admin.enabled:"), result.stderr
     assert "INFERCORE_ADMIN_TOKEN" in lines[-1]
+
+
+@pytest.fixture
+def silent_admin_url() -> Any:
+    """An admin URL whose server accepts connections and never answers."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()
+
+
+@pytest.mark.parametrize(
+    ("options", "env", "waited"),
+    [(["--timeout", "0.2"], {}, "0.2"), ([], {"INFERCORE_ADMIN_TIMEOUT": "0.3"}, "0.3")],
+    ids=["option", "env"],
+)
+def test_the_cli_gives_up_on_a_silent_admin_api_after_its_timeout(
+    silent_admin_url: str,
+    options: list[str],
+    env: dict[str, str],
+    waited: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from infercore.cli import run as cli
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    argv = ["models", "--url", silent_admin_url, "--token", TOKEN, *options, "list"]
+    assert cli(argv) == 1
+    err = capsys.readouterr().err
+    assert f"did not answer within {waited} s" in err, err
+    assert "INFERCORE_ADMIN_TIMEOUT" in err
+
+
+def test_reads_wait_less_than_changes_by_default(
+    silent_admin_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from infercore import admin_client
+    from infercore.cli import run as cli
+
+    monkeypatch.setattr(admin_client, "READ_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(admin_client, "CHANGE_TIMEOUT_S", 0.4)
+    assert cli(["models", "--url", silent_admin_url, "--token", TOKEN, "list"]) == 1
+    assert "within 0.2 s" in capsys.readouterr().err
+    argv = [
+        "models",
+        "--url",
+        silent_admin_url,
+        "--token",
+        TOKEN,
+        "promote",
+        "m",
+        "2",
+        "--to",
+        "shadow",
+        "--by",
+        "x",
+    ]
+    assert cli(argv) == 1
+    assert "within 0.4 s" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon"])
+def test_a_bad_timeout_is_a_usage_error(
+    value: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from infercore.cli import run as cli
+
+    with pytest.raises(SystemExit) as info:
+        cli(["models", "--timeout", value, "list"])
+    assert info.value.code == 2
+    assert "not a positive number of seconds" in capsys.readouterr().err
+    monkeypatch.setenv("INFERCORE_ADMIN_TIMEOUT", value)
+    assert cli(["models", "--token", TOKEN, "list"]) == 2
+    assert "INFERCORE_ADMIN_TIMEOUT" in capsys.readouterr().err

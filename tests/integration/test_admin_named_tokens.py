@@ -944,6 +944,9 @@ def test_the_cli_says_when_a_change_did_not_reach_the_state_file(
             return json.dumps({"status": "applied", "state_file": outcome}).encode()
 
     class Connection:
+        def __init__(self, timeout: float) -> None:
+            pass
+
         def request(self, *args: Any, **kwargs: Any) -> None:
             pass
 
