@@ -246,8 +246,21 @@ def _hydra_error(exc: Exception, overrides: list[str]) -> ConfigError:
                 f"{group}: unknown option {option!r}; available: {opts}", hint=f"use {how}"
             )
         return ConfigError(f"config {what!r} not found")
-    first = text.splitlines()[0] if text else type(exc).__name__
-    return ConfigError(f"cannot compose config from {overrides}: {first}")
+    if "Cannot merge DictConfig with ListConfig" in text:
+        source = re.search(r"In '([^']+)'", text)
+        key = re.search(r"full_key: (\S+)", text)
+        return ConfigError(
+            f"{source.group(1) if source else 'the config'}: "
+            f"{key.group(1) + ': ' if key else ''}a list where a mapping is "
+            "expected",
+            hint="a recipe's top level, and keys such as models, batching and features, take "
+            "`key: value` entries (models: {NAME: {versions: ...}})",
+        )
+    # Hydra's first line often only says where ("... raised while composing config:"); the
+    # cause is on the next.
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    first = " ".join(lines[:2] if lines and lines[0].endswith(":") else lines[:1])
+    return ConfigError(f"cannot compose config from {overrides}: {first or type(exc).__name__}")
 
 
 #: A recipe name: a file ``NAME.yaml`` directly in the recipes folder. The same name is the

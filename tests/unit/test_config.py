@@ -793,3 +793,14 @@ def test_redact_leaves_ordinary_values_alone() -> None:
 def test_redact_the_composed_iris_config_changes_nothing() -> None:
     data = compose(["+recipe=iris"], recipes_dir=RECIPES_DIR).data
     assert redact(data) == data
+
+
+@pytest.mark.parametrize("body", ["- a\n- b\n", "models: [a, b]\n"], ids=["top-level", "models"])
+def test_a_list_where_a_mapping_belongs_names_the_recipe_and_the_fix(
+    tmp_path: Path, body: str
+) -> None:
+    # Hydra's message puts its cause on a second line, after "... raised while composing
+    # config:", which alone said nothing.
+    text = _error(["+recipe=listed"], recipes_dir=_recipe(tmp_path, "listed", body))
+    assert text.startswith("recipe/listed: a list where a mapping is expected"), text
+    assert "`key: value` entries" in text
