@@ -49,7 +49,8 @@ alone does not say that the change is on disk.
 A decision that could not be recorded is not made: 503 ``audit_unavailable``, nothing
 changed. Decisions are recorded before they are carried out; a load or an unload, whose outcome
 is known only once done, is recorded when asked (``load_requested``, ``unload_requested``) and
-again when done. Opening the file is no proof that a line can be written to it (a full disk
+again when done (``loaded``/``load_failed``, ``unloaded``/``unload_failed``), refusals that
+tried nothing included. Opening the file is no proof that a line can be written to it (a full disk
 opens and then fails every write), so the request's own line is the check.
 """
 
@@ -69,7 +70,6 @@ from infercore.lifecycle import state as rollout_state
 from infercore.lifecycle.audit import AuditLog, now_iso
 from infercore.lifecycle.control import LifecycleRollout
 from infercore.runtime.errors import Conflict
-from infercore.runtime.repository import REFUSED_LOADS
 from infercore.runtime.served import (
     CANARY,
     CANDIDATE,
@@ -828,13 +828,10 @@ class Lifecycle:
             failed("cancelled: the server stopped while the version loaded")
             raise
         except InfercoreError as exc:
-            # Refusals that tried nothing (unknown, invalid, the server draining) are no
-            # failed load to record; a folder the repository refuses (no pinned digest, out
-            # of the model root) is (infercore_model_load_failures_total counts it too).
-            if isinstance(exc, REFUSED_LOADS) or (
-                exc.status_code != 404 and exc.reason not in ("invalid_input", "shutting_down")
-            ):
-                failed(exc.message)
+            # Every load_requested on record gets its outcome, refusals that tried nothing
+            # (an unknown version, a malformed name, the server draining) included; the
+            # runtime counts only real attempts in infercore_model_load_failures_total.
+            failed(exc.message)
             raise
         self._record(
             {
@@ -858,7 +855,23 @@ class Lifecycle:
         served = self.runtime.model(model)
         stage = served.version(version).stage
         self._record_request("unload_requested", model, version, by, why)
-        sv = await self.runtime.unload(model, version)
+        try:
+            sv = await self.runtime.unload(model, version)
+        except InfercoreError as exc:
+            # unload_requested is on record: so is its outcome (a conflict, the server
+            # draining).
+            self._record(
+                {
+                    "event": "unload_failed",
+                    "model": model,
+                    "version": version,
+                    "actor": by,
+                    "reason": why,
+                    "error": exc.message,
+                },
+                strict=False,
+            )
+            raise
         stale = self._pending_for(model, {version})
         record: dict[str, Any] = {
             "event": "unloaded",

@@ -377,9 +377,16 @@ def test_admin_state_changes_are_refused_from_the_signal_on(
             assert answer.status_code == 503, (path, answer.status_code, answer.text)
             assert answer.json()["reason"] == "shutting_down", (path, answer.text)
         assert admin.get("/admin/models", headers=headers).status_code == 200  # reads still go
-        # A refusal tried nothing: the audit shows no failed load for it.
-        events = [r["event"] for r in admin.get("/admin/audit", headers=headers).json()]
-        assert "load_failed" not in events, events
+        # Each load or unload asked is on record with its outcome: refused, shutting down.
+        records = admin.get("/admin/audit", headers=headers).json()
+        events = [r["event"] for r in records]
+        assert events[-4:] == [
+            "load_requested",
+            "load_failed",
+            "unload_requested",
+            "unload_failed",
+        ], events
+        assert all("shutting down" in r["error"] for r in records[-3::2]), records[-4:]
     assert server.process.wait(timeout=30) == 0, server.log_text()
     log = server.log_text()
     assert "Traceback" not in log, log

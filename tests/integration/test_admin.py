@@ -899,10 +899,18 @@ def test_a_refused_repository_load_counts_as_a_load_failure(tmp_path: Path) -> N
         with pytest.raises(InvalidInput, match="no digest pinned"):
             await rt.lifecycle.load("iris", "4", by="drift:ks")
         assert (await counted(i))["4"] == 2.0
-        # Each load_requested on record has its outcome there too.
+        # Each load_requested on record has its outcome there too, an unknown version's
+        # (which counts no load failure) included.
         records = (await a.get("/admin/audit")).json()
+        asked = [r["version"] for r in records if r["event"] == "load_requested"]
         outcomes = [(r["event"], r["version"]) for r in records if r["event"] != "load_requested"]
-        assert outcomes == [("load_failed", "4"), ("load_failed", "5"), ("load_failed", "4")]
+        assert outcomes == [
+            ("load_failed", "9"),
+            ("load_failed", "4"),
+            ("load_failed", "5"),
+            ("load_failed", "4"),
+        ]
+        assert asked == [version for _, version in outcomes]
 
         # A serving version whose pin is gone: the runtime refuses the reload (422) and counts
         # it; the admin API does not count it again.
