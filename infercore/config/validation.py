@@ -177,9 +177,14 @@ def describe(
     expected = _EXPECTED.search(msg)
     if expected:
         got = repr(value) if found else expected.group("got")
+        want = expected.group("want")
+        hint = "correct the value's type"
+        if want.split(" | ")[0] == "str" and expected.group("got") in ("int", "float", "bool"):
+            # YAML reads 0123, 1e5, yes and an all-digit digest as numbers and booleans.
+            hint = "quote it ('...') in YAML, which reads digits, 1e5, yes/no as other types"
         return ConfigError(
-            f"{full}: expected {expected.group('want')}, got {got}{suffix}",
-            hint="correct the value's type",
+            f"{full}: expected {want}, got {got}{suffix}",
+            hint=hint,
         )
     values, others = (
         _literal_choices(target, segs) if msg.startswith("Invalid enum value") else ([], [])

@@ -804,3 +804,26 @@ def test_a_list_where_a_mapping_belongs_names_the_recipe_and_the_fix(
     text = _error(["+recipe=listed"], recipes_dir=_recipe(tmp_path, "listed", body))
     assert text.startswith("recipe/listed: a list where a mapping is expected"), text
     assert "`key: value` entries" in text
+
+
+def test_a_number_where_a_string_belongs_says_to_quote_it(tmp_path: Path) -> None:
+    # An all-digit digest is an int to YAML (and 0123 one too).
+    digest = "1" * 64
+    text = _error(
+        ["+recipe=digits"],
+        recipes_dir=_recipe(
+            tmp_path,
+            "digits",
+            f"""\
+            models:
+              m:
+                versions:
+                  "1":
+                    loader: {{kind: onnx, path: m.onnx, sha256: {digest}}}
+            """,
+        ),
+    )
+    assert text.startswith("models.m.versions.1.loader.sha256: expected str"), text
+    assert "hint: quote it ('...') in YAML" in text
+    text = _error(["+recipe=iris", "server.host=8"])
+    assert "expected str, got 8" in text and "quote it" in text
