@@ -93,13 +93,20 @@ def _lookup(data: Any, segments: list[str | int]) -> tuple[bool, Any]:
     return True, cur
 
 
-def join_path(base: str, segments: list[str | int]) -> str:
+def join_path(base: str, segments: list[str | int], data: Any = None) -> str:
+    """``base.a[0].b``: an int is a list index, or, where ``data`` has a mapping there (an
+    int key, as YAML reads ``2:``), a key like any other (``priority_queue_policy.2``)."""
     out = base
+    cur = data
     for seg in segments:
-        if isinstance(seg, int):
+        if isinstance(seg, int) and not isinstance(cur, Mapping):
             out += f"[{seg}]"
         else:
-            out = f"{out}.{seg}" if out else seg
+            out = f"{out}.{seg}" if out else str(seg)
+        try:
+            cur = cur[seg] if cur is not None else None
+        except (KeyError, IndexError, TypeError):
+            cur = None
     return out
 
 
@@ -148,7 +155,7 @@ def describe(
         for seg in segs:
             tp = _child_type(tp, seg)
         bad = _failing_key(mapping, tp, keys_only=True) if found else None
-        full = join_path(path, segs) or "<root>"
+        full = join_path(path, segs, data) or "<root>"
         expected = _EXPECTED.search(msg)
         want = f"expected {expected.group('want')}" if expected else msg
         shown = f" {bad!r}" if bad is not None else ""
@@ -159,7 +166,7 @@ def describe(
     unknown = _UNKNOWN.search(msg)
     if unknown:
         name = unknown.group("field")
-        full = join_path(path, [*segs, name])
+        full = join_path(path, [*segs, name], data)
         _, parent = _lookup(data, segs)
         value = _shown(parent.get(name), name) if isinstance(parent, Mapping) else None
         allowed = allowed_fields(target, segs)
@@ -170,9 +177,9 @@ def describe(
         )
     missing = _MISSING.search(msg)
     if missing:
-        full = join_path(path, [*segs, missing.group("field")])
+        full = join_path(path, [*segs, missing.group("field")], data)
         return ConfigError(f"{full}: required key is missing{suffix}", hint="set it")
-    full = join_path(path, segs) or "<root>"
+    full = join_path(path, segs, data) or "<root>"
     found, value = _lookup(data, segs)
     expected = _EXPECTED.search(msg)
     if expected:
