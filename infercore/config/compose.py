@@ -181,12 +181,23 @@ def _interpolation_error(cfg: Any, exc: Exception) -> ConfigError:
     raw: Any = OmegaConf.to_container(cfg, resolve=False)
     for part in key.split(".") if key else []:
         raw = raw.get(part) if isinstance(raw, dict) else None
-    for var in _ENV_REF.findall(raw) if isinstance(raw, str) else []:
+    env_vars = _ENV_REF.findall(raw) if isinstance(raw, str) else []
+    for var in env_vars:
         if os.environ.get(var) == "":
             return ConfigError(
                 f"{key}: the environment variable {var} is set but empty",
                 hint=f"give {var} a value, or unset it to use the default",
             )
+    set_vars = [var for var in env_vars if os.environ.get(var) is not None]
+    if set_vars and "oc.decode" in raw:
+        # The variable is set, and its text does not parse (`{a: 1`, an unclosed quote).
+        var = set_vars[0]
+        return ConfigError(
+            f"{key}: the environment variable {var} does not parse as a value "
+            f"({str(exc).splitlines()[0]})",
+            hint=f"set {var} to a plain value (a number, a word); quote text with {{, [, "
+            "or a comma in it",
+        )
     return ConfigError(
         f"{key or '<config>'}: {str(exc).splitlines()[0]}",
         hint="an ${oc.env:VAR} needs the variable set, or a default: ${oc.env:VAR,default}",

@@ -161,6 +161,16 @@ def test_prod_port_set_but_empty_names_the_variable(monkeypatch: pytest.MonkeyPa
     assert "unset it to use the default" in text and "Grammar" not in text
 
 
+def test_prod_port_that_does_not_parse_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("INFERCORE_PORT", "{a: 1")
+    text = _error(["+recipe=iris", "env=prod"])
+    assert text.startswith(
+        "server.port: the environment variable INFERCORE_PORT does not parse as a value"
+    ), text
+    assert "set INFERCORE_PORT to a plain value" in text
+    assert "{a: 1" not in text  # its value is not shown: it may be a secret elsewhere
+
+
 def test_prod_port_that_is_not_a_number_names_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("INFERCORE_PORT", "eighty")
     text = _error(["+recipe=iris", "env=prod"])
