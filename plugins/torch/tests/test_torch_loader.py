@@ -325,6 +325,19 @@ def test_a_whole_pickled_module_is_refused(artifacts: Artifacts) -> None:
     assert_no_unpickling_advice(err.value, "torch.nn.modules.container.Sequential")
 
 
+@pytest.mark.parametrize(
+    "content", [b"weights: 1, 2, 3\n", b"\x00" * 64, b""], ids=["text", "zeros", "empty"]
+)
+def test_a_file_that_is_no_torch_save_file_is_named_so(
+    artifacts: Artifacts, content: bytes
+) -> None:
+    (artifacts.root / "notes.pt").write_bytes(content)
+    model = build(artifacts.root, path="notes.pt", **artifacts.mlp_architecture())
+    with pytest.raises(ModelLoadError, match=r"not a torch\.save file") as err:
+        asyncio.run(model.start())
+    assert "pickled" not in str(err.value)
+
+
 def test_a_wrong_architecture_kwargs_key_names_the_option_and_the_parameters(
     artifacts: Artifacts,
 ) -> None:

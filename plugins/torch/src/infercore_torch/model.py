@@ -673,6 +673,15 @@ class TorchModel(Model):
                 ) from None
             state: Any = load_safetensors(data)
         else:
+            # torch.save writes a zip archive (legacy files: a pickle, protocol 2+ starts with
+            # 0x80); anything else is no torch file at all, not a refused pickle.
+            if not (data.startswith(b"PK\x03\x04") or data[:1] == b"\x80"):
+                raise ModelLoadError(
+                    f"{path}.path: not a torch.save file (neither a zip archive nor a pickle: "
+                    f"{len(data)} bytes starting {data[:8]!r})",
+                    hint="point it at the state dict `torch.save(model.state_dict(), f)` wrote, "
+                    "or a .safetensors file",
+                )
             try:
                 state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
             except Exception as exc:
