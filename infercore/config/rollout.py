@@ -32,7 +32,11 @@ class GuardConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_on
         window_s: The sliding window the rates and p99s are computed over.
         min_requests: Canary requests needed in the window before the guard judges it.
         max_error_rate_delta: Trip when the canary's error rate (5xx, timeouts) exceeds the
-            primary's by more than this (0.05 = five percentage points).
+            primary's by more than this (0.05 = five percentage points). Only what the version
+            answers for counts: not a 4xx, not a 503 for a request it never ran (queue_full,
+            queue_timeout, shutting_down, feature_store_unavailable), not a client that went
+            away, and not a timeout against a deadline the client shortened unless the version
+            had already taken longer than the latency bound below.
         max_p99_ratio: Trip when the canary's p99 latency exceeds the primary's times this,
             plus ``p99_slack_ms`` (judged once the primary has ``min_requests`` too).
         p99_slack_ms: Added to the bound so that sub-millisecond noise never trips it.

@@ -4,6 +4,13 @@ Each version that takes routed traffic records its requests into a :class:`Windo
 time slots, each with a request count, an error count and a latency histogram (fixed
 geometric buckets, so recording is a bisect and three increments, and p99 is read off the
 merged histogram). :func:`judge` compares a canary's window with the primary's.
+
+A window holds only what its version answers for (``Runtime.infer`` decides): answers it gave,
+500s, and 504s against the server's own deadline. Not: a bad request (4xx); an answer it never
+ran (503 ``queue_full``, ``queue_timeout``, ``shutting_down``, ``feature_store_unavailable``:
+load and shared parts, which any client can drive); a client that went away; a timeout
+against a deadline the client shortened (``X-Infercore-Timeout-Ms``, V2 ``parameters.timeout``)
+unless the version had already taken longer than :func:`latency_bound`.
 """
 
 from __future__ import annotations
@@ -124,6 +131,19 @@ def may_trip(config: GuardConfig, canary: Window, now: float) -> bool:
     return requests >= config.min_requests and errors > config.max_error_rate_delta * requests
 
 
+def latency_bound(config: GuardConfig, primary: WindowStats) -> float | None:
+    """The p99 (seconds) a canary is held to: the primary's times ``max_p99_ratio``, plus
+    ``p99_slack_ms``; ``None`` while the primary has fewer than ``min_requests`` in its window.
+
+    The runtime also holds a request timed out by the client's own deadline to it: a version
+    that did not answer within this bound is slow by the guard's own measure, whoever set the
+    deadline; one cut off sooner says only that the client asked for more.
+    """
+    if primary.requests < config.min_requests:
+        return None
+    return primary.p99_s * config.max_p99_ratio + config.p99_slack_ms / 1000
+
+
 def judge(config: GuardConfig, canary: WindowStats, primary: WindowStats) -> Verdict | None:
     """A verdict when the canary breaks the recipe's bounds relative to the primary."""
     if canary.requests < config.min_requests:
@@ -135,12 +155,11 @@ def judge(config: GuardConfig, canary: WindowStats, primary: WindowStats) -> Ver
             f"canary error rate {canary.error_rate:.1%} vs primary {primary.error_rate:.1%} "
             f"over {canary.requests} requests (bound: +{config.max_error_rate_delta:.1%})",
         )
-    if primary.requests >= config.min_requests:
-        bound = primary.p99_s * config.max_p99_ratio + config.p99_slack_ms / 1000
-        if canary.p99_s > bound:
-            return Verdict(
-                "latency",
-                f"canary p99 {canary.p99_s * 1000:.1f} ms vs primary "
-                f"{primary.p99_s * 1000:.1f} ms (bound: {bound * 1000:.1f} ms)",
-            )
+    bound = latency_bound(config, primary)
+    if bound is not None and canary.p99_s > bound:
+        return Verdict(
+            "latency",
+            f"canary p99 {canary.p99_s * 1000:.1f} ms vs primary "
+            f"{primary.p99_s * 1000:.1f} ms (bound: {bound * 1000:.1f} ms)",
+        )
     return None

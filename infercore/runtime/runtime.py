@@ -46,11 +46,14 @@ from infercore.config.compose import Composed
 from infercore.config.schema import VERSION_RE, ModelConfig
 from infercore.errors import (
     ConfigError,
+    FeatureStoreUnavailable,
     InfercoreError,
     InvalidInput,
     ModelLoadError,
     ModelNotFound,
     PluginError,
+    QueueFull,
+    QueueTimeout,
     ShuttingDown,
 )
 from infercore.metrics import Metrics
@@ -65,7 +68,7 @@ from infercore.runtime.grouping import (
     RunAlone,
     batcher_option,
 )
-from infercore.runtime.guard import Verdict, Window, judge, may_trip
+from infercore.runtime.guard import Verdict, Window, judge, latency_bound, may_trip
 from infercore.runtime.inputs import prepare_inputs
 from infercore.runtime.outputs import plan_outputs
 from infercore.runtime.repository import (
@@ -121,6 +124,12 @@ _HISTORY = 16
 #: A canary's failure is judged at once, at most this often: when the primary fails too, the
 #: guard does not trip and each canary error would otherwise pay for a full judgement.
 _GUARD_ON_ERROR_S = 0.05
+#: 503s for requests the version never ran: the load on its queue (which a client can drive,
+#: pinning requests to a version with the header router or a versioned URL), a server
+#: stopping, a feature store every version shares. Counted in the version's metrics; never
+#: evidence for the guard. A version too slow for its share of traffic still shows, in the
+#: latency of what it ran (queue wait included) and in 504s against the server's deadline.
+_NOT_RUN = (QueueFull, QueueTimeout, ShuttingDown, FeatureStoreUnavailable)
 _NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 
 
@@ -167,6 +176,9 @@ class Runtime:
         self.listeners: list[Callable[[Event], None]] = []
         self._lifecycle: Lifecycle | None = None
         self._batching: dict[str, tuple[Node, str]] = {}
+        #: Model name -> the guard's latency bound at its last judgement (guard.latency_bound):
+        #: what a timeout against a client's own deadline must have outlasted to count.
+        self._guard_bounds: dict[str, float] = {}
         model_root = composed.model_root
         label = composed.label
         # Components may register their own metric families on the app's registry; batchers
@@ -876,6 +888,7 @@ class Runtime:
         declared: Mapping[str, str] | None,
         deadline: float,
         priority: int = 0,
+        client_deadline: bool = False,
     ) -> Tensors:
         """Features -> input checks -> batcher -> model, for one request.
 
@@ -884,12 +897,18 @@ class Runtime:
         ``priority``: the batcher's priority level for the request (``protocol.v2.priority_level``);
         0, the default level. A request at a level of its own runs alone: a group is queued as
         one request, at the default level.
+        ``client_deadline``: ``deadline`` is the client's own, earlier than the server's
+        (``X-Infercore-Timeout-Ms``, V2 ``parameters.timeout``). Its passing is then the
+        client's choice, not evidence against the version: the canary guard counts such a
+        timeout only when the version had already taken longer than the guard's latency bound
+        (:func:`~infercore.runtime.guard.latency_bound`).
         """
         if self.draining:
             raise ShuttingDown("the server is shutting down")
         sv.enter()
         t0 = time.perf_counter()
         error: bool | None = True  # None: the client went; nothing to judge the version by
+        judged = True  # False: counted in the metrics, but no evidence for the guard
         try:
             groups = sv.groups
             result = None
@@ -900,15 +919,34 @@ class Runtime:
             error = False
             return result
         except InfercoreError as exc:
-            # A bad request is not the version's fault; a 5xx (or 504) is.
-            error = exc.status_code >= 500
+            # A 5xx (or a 504 against the server's deadline) is the version's fault. A bad
+            # request is not, nor an answer the version never ran, nor a deadline the client
+            # cut short: any client can cause those, at any version it names.
+            code = exc.status_code
+            error = code >= 500
+            if not error or isinstance(exc, _NOT_RUN):
+                judged = False
+            elif client_deadline and code == 504:
+                judged = self._outlasted_bound(served, time.perf_counter() - t0)
             raise
         except asyncio.CancelledError:
-            # The deadline passed (the version was too slow), or the client went.
-            error = True if asyncio.get_running_loop().time() >= deadline else None
+            # The deadline passed (the version was too slow, or the client's own deadline
+            # was too short for it), or the client went.
+            if asyncio.get_running_loop().time() < deadline:
+                error = None
+            elif client_deadline:
+                judged = self._outlasted_bound(served, time.perf_counter() - t0)
             raise
         finally:
-            self._finish(served, sv, time.perf_counter() - t0, error)
+            self._finish(served, sv, time.perf_counter() - t0, error, judged)
+
+    def _outlasted_bound(self, served: ServedModel, elapsed: float) -> bool:
+        """Whether a request timed out by the client's own deadline ran longer than the
+        guard's latency bound: then the version was slow by the guard's measure, whoever set
+        the deadline (else a canary that hangs would go unjudged behind clients that all send
+        deadlines). Unknown bound (the primary has too few requests yet): not judged."""
+        bound = self._guard_bounds.get(served.name)
+        return bound is not None and elapsed >= bound
 
     async def _run_alone(
         self,
@@ -1037,7 +1075,12 @@ class Runtime:
             start = end
 
     def _finish(
-        self, served: ServedModel, sv: ServedVersion, elapsed: float, error: bool | None
+        self,
+        served: ServedModel,
+        sv: ServedVersion,
+        elapsed: float,
+        error: bool | None,
+        judged: bool = True,
     ) -> None:
         sv.leave()
         if error is None:
@@ -1045,7 +1088,7 @@ class Runtime:
         sv.route_duration.observe(elapsed)
         if error:
             sv.route_errors.inc()
-        if served.guarding and sv.window is not None:
+        if judged and served.guarding and sv.window is not None:
             now = time.monotonic()
             sv.window.record(now, elapsed, error)
             if now >= served.next_guard_check or (
@@ -1075,6 +1118,11 @@ class Runtime:
         if primary.window is None:
             return []
         base = primary.window.stats(now)
+        bound = latency_bound(guard, base)
+        if bound is None:
+            self._guard_bounds.pop(served.name, None)
+        else:
+            self._guard_bounds[served.name] = bound
         dropped: list[str] = []
         for sv in list(served.versions.values()):
             if sv.stage != CANARY or sv.weight <= 0 or sv.window is None:

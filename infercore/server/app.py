@@ -665,7 +665,14 @@ def create_app(
             try:
                 try:
                     outputs = await runtime.infer(
-                        served, sv, fields, declared=declared, deadline=deadline, priority=priority
+                        served,
+                        sv,
+                        fields,
+                        declared=declared,
+                        deadline=deadline,
+                        priority=priority,
+                        # The client's own deadline: its passing is not the version's fault.
+                        client_deadline=deadline != start + timeout_s,
                     )
                 except BaseException as exc:
                     # Cancelled by its deadline (and by nothing else): a timeout.

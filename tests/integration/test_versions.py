@@ -10,14 +10,16 @@ from __future__ import annotations
 import asyncio
 import math
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 
 from infercore.artifacts import sha256_file
-from infercore.errors import ConfigError
+from infercore.errors import ConfigError, InfercoreError
 from infercore.runtime.errors import LoadFailed
 from infercore.server import create_app
 from infercore.testing import async_app_client, runtime_from_dict
@@ -439,6 +441,200 @@ def test_a_healthy_canary_keeps_its_weight() -> None:
 
     asyncio.run(scenario())
     assert rt.models["m"].versions["2"].weight == 50
+
+
+# What a client can make a version look like: any client may pin a request to a version
+# (X-Infercore-Variant, or a versioned URL) and shorten its deadline (X-Infercore-Timeout-Ms,
+# parameters.timeout). An audit tripped a healthy canary that way in 1.8 s: one routed
+# request, then one pinned to the canary with a 0.7 ms deadline, repeated. These drive the
+# runtime as the app does (infercore/server/app.py): the request is cancelled at its deadline
+# (asyncio.timeout_at, the app's watch), and ``client_deadline`` says who set the deadline.
+
+
+def attacked(features: dict[str, Any] | None = None, **guard: Any) -> Any:
+    """Version 2 a healthy canary at weight 10 behind the header router, as in the audit."""
+    cfg = config(
+        {"1": {"loader": fake(0)}, "2": {"loader": fake(100), "stage": "canary", "weight": 10}},
+        routing={"kind": "header", "inner": {"kind": "weighted"}},
+        # A wide slack: the latency bound is not under test here, only the error rate.
+        rollout={"guard": {"min_requests": 20, "check_interval_s": 0, **guard}},
+    )
+    if features is not None:
+        cfg["features"] = features
+    return runtime_from_dict(cfg)
+
+
+async def runtime_request(
+    rt: Any,
+    headers: dict[str, str],
+    deadline: float,
+    *,
+    client_deadline: bool = False,
+    row: tuple[float, ...] = (1, 2, 3, 4),
+    watch: bool = True,
+) -> str:
+    """One request through the runtime, as the app runs it: ``ok``, or the error's reason.
+
+    ``watch``: cancel it at its deadline, as the app's deadline watch does; without, only a
+    part that checks the deadline itself ends it (a 504 raised inside the runtime)."""
+    served = rt.models["m"]
+    try:
+        sv = served.pick(None, headers, "rid")
+        async with asyncio.timeout_at(deadline if watch else None):
+            await rt.infer(
+                served,
+                sv,
+                {"x": np.array([row], np.float32)},
+                declared=None,
+                deadline=deadline,
+                client_deadline=client_deadline,
+            )
+    except TimeoutError:
+        return "deadline_exceeded"
+    except InfercoreError as exc:
+        return exc.reason
+    return "ok"
+
+
+PIN = {"x-infercore-variant": "2"}
+
+
+@pytest.mark.parametrize(
+    "features",
+    # The request cancelled at its deadline (the app's watch); or, with no watch, a 504
+    # raised by the feature source, which sees the deadline passed before its 30 s fetch.
+    [None, {"kind": "fake", "latency_s": 30.0}],
+    ids=["cancelled-at-the-deadline", "504-raised-inside"],
+)
+@pytest.mark.parametrize(
+    "client_deadline", [True, False], ids=["client-deadline", "server-deadline"]
+)
+def test_pinned_requests_past_a_client_deadline_do_not_trip_the_guard(
+    features: dict[str, Any] | None, client_deadline: bool
+) -> None:
+    """The audit's attack, at the runtime: pinned requests whose deadline has passed. Against
+    the client's own deadline they are not the canary's fault; against the server's they are,
+    and the same requests still trip the guard (it is not switched off)."""
+    # The latency bound is not under test: 1 s of slack keeps it out of every judgement.
+    rt = attacked(features, p99_slack_ms=1000)
+
+    async def scenario() -> list[str]:
+        await rt.start()
+        try:
+            loop = asyncio.get_running_loop()
+            pinned = []
+            for _ in range(200):
+                if features is None:
+                    # A routed request with time to spare (behind the 30 s feature source it
+                    # would take 30 s: the primary's window then stays empty, error rate 0).
+                    assert await runtime_request(rt, {}, loop.time() + 60) == "ok"
+                # A pinned one whose deadline has passed, before any model could answer.
+                pinned.append(
+                    await runtime_request(
+                        rt,
+                        PIN,
+                        loop.time(),
+                        client_deadline=client_deadline,
+                        watch=features is None,
+                    )
+                )
+            return pinned
+        finally:
+            await rt.stop()
+
+    pinned = asyncio.run(scenario())
+    assert set(pinned) == {"deadline_exceeded"}, pinned
+    canary = rt.models["m"].versions["2"]
+    if client_deadline:
+        assert canary.weight == 10, "the client's own deadline tripped the guard"
+        assert rt.metrics.guard_trips.labels("m", "2", "error_rate")._value.get() == 0
+    else:
+        # The server's deadline passed: the canary's failure (the guard still works).
+        assert canary.weight == 0, "a timeout against the server's deadline no longer counts"
+        assert rt.metrics.guard_trips.labels("m", "2", "error_rate")._value.get() == 1
+
+
+def test_a_client_deadline_the_version_outlasted_the_latency_bound_by_still_counts() -> None:
+    """A canary that hangs behind clients who all send their own deadlines: each timeout came
+    after the guard's latency bound (the primary's p99 x max_p99_ratio + slack), so the
+    canary was slow by the guard's measure whoever set the deadline, and the guard drops it."""
+    # Every fetch takes 30 s: a request ends at its deadline, 504 (the slack puts the bound
+    # near 50 ms; the deadline is 200 ms away). The primary's p99 is set below, not measured.
+    rt = attacked({"kind": "fake", "latency_s": 30.0}, min_requests=5, p99_slack_ms=49)
+
+    async def scenario() -> list[str]:
+        await rt.start()
+        try:
+            served = rt.models["m"]
+            window = served.versions["1"].window
+            now = time.monotonic()
+            for _ in range(20):
+                window.record(now, 0.001, False)  # the primary answers in 1 ms
+            rt.check_guard(served, now)  # the bound the next timeouts are held to: ~50 ms
+            loop = asyncio.get_running_loop()
+            outcomes = []
+            # Cut off at once (below the bound): the client asked for more than the guard.
+            for _ in range(10):
+                outcomes.append(await runtime_request(rt, PIN, loop.time(), client_deadline=True))
+            assert served.versions["2"].weight == 10
+            assert served.versions["2"].window.counts(time.monotonic()) == (0, 0)
+            # 200 ms to answer, past the bound: the canary's fault.
+            for _ in range(10):
+                outcomes.append(
+                    await runtime_request(rt, PIN, loop.time() + 0.2, client_deadline=True)
+                )
+                if served.versions["2"].weight == 0:
+                    break
+            return outcomes
+        finally:
+            await rt.stop()
+
+    outcomes = asyncio.run(scenario())
+    assert set(outcomes) == {"deadline_exceeded"}, outcomes
+    assert rt.models["m"].versions["2"].weight == 0
+    assert rt.metrics.guard_trips.labels("m", "2", "error_rate")._value.get() == 1
+
+
+@pytest.mark.parametrize(
+    ("features", "row", "reason"),
+    [
+        # Every second fetch fails: each pinned request meets the feature store's outage.
+        (
+            {"kind": "fake", "fail": "unavailable", "fail_every": 2},
+            (1, 2, 3, 4),
+            "feature_store_unavailable",
+        ),
+        # A shape the model does not take: the request is bad, not the version.
+        (None, (1, 2, 3), "invalid_input"),
+    ],
+    ids=["feature-store-down", "bad-input"],
+)
+def test_answers_the_canary_never_ran_are_no_evidence_against_it(
+    features: dict[str, Any] | None, row: tuple[float, ...], reason: str
+) -> None:
+    """Pinned requests answered without the canary running them (a 503 for a shared part, a
+    400) leave its guard window empty: they say nothing about it."""
+    rt = attacked(features, p99_slack_ms=1000)
+
+    async def scenario() -> list[str]:
+        await rt.start()
+        try:
+            loop = asyncio.get_running_loop()
+            pinned = []
+            for _ in range(100):
+                assert await runtime_request(rt, {}, loop.time() + 60) == "ok"
+                pinned.append(await runtime_request(rt, PIN, loop.time() + 60, row=row))
+            return pinned
+        finally:
+            await rt.stop()
+
+    pinned = asyncio.run(scenario())
+    assert set(pinned) == {reason}, pinned
+    canary = rt.models["m"].versions["2"]
+    assert canary.weight == 10
+    # Only routed requests (weight 10 of the 100) are in the canary's window, never a pinned one.
+    requests, errors = canary.window.counts(time.monotonic())
+    assert errors == 0 and requests < 50, (requests, errors)
 
 
 # -- swaps under load ------------------------------------------------------------------------
