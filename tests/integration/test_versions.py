@@ -554,6 +554,42 @@ def test_pinned_requests_past_a_client_deadline_do_not_trip_the_guard(
         assert rt.metrics.guard_trips.labels("m", "2", "error_rate")._value.get() == 1
 
 
+@pytest.mark.parametrize(
+    ("timeout", "where"),
+    [
+        ({"x-infercore-timeout-ms": "0.001"}, "header"),
+        ({"parameters": {"timeout": 1}}, "parameters"),  # microseconds, as tritonclient's
+    ],
+    ids=["header", "parameters"],
+)
+def test_the_audits_attack_over_http_leaves_the_canary_its_weight(
+    timeout: dict[str, Any], where: str
+) -> None:
+    """The audit's pattern through the app: the app tells the runtime that the deadline was
+    the client's (without that, 200 pinned 504s trip the guard)."""
+    rt = attacked(p99_slack_ms=1000)
+
+    async def scenario() -> list[int]:
+        codes = []
+        async with async_app_client(rt) as c:
+            for _ in range(200):
+                assert (await c.post("/v2/models/m/infer", json=body())).status_code == 200
+                headers = dict(PIN)
+                doc = body()
+                if where == "header":
+                    headers.update(timeout)
+                else:
+                    doc.update(timeout)
+                answer = await c.post("/v2/models/m/infer", json=doc, headers=headers)
+                codes.append(answer.status_code)
+        return codes
+
+    codes = asyncio.run(scenario())
+    assert 504 in codes, codes  # the deadlines did pass
+    assert rt.models["m"].versions["2"].weight == 10
+    assert rt.metrics.guard_trips.labels("m", "2", "error_rate")._value.get() == 0
+
+
 def test_a_client_deadline_the_version_outlasted_the_latency_bound_by_still_counts() -> None:
     """A canary that hangs behind clients who all send their own deadlines: each timeout came
     after the guard's latency bound (the primary's p99 x max_p99_ratio + slack), so the
