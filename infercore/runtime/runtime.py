@@ -1513,9 +1513,20 @@ class Runtime:
         """
         served = self.model(name)
         self._check_changes_allowed()
+        # What the body says wrong (400) before what the state refuses (409).
+        for version, value in weights.items():
+            served.version(version)
+            _check_weight(value)
+        if served.primary not in weights:
+            raise InvalidInput(
+                f"the weights must include the primary ({served.primary!r})",
+                hint=f"e.g. {{{served.primary!r}: 90, 'CANARY': 10}}",
+            )
+        total = math.fsum(weights.values())
+        if abs(total - 100.0) > 1e-6:
+            raise InvalidInput(f"the weights add up to {total:g}, not 100")
         for version, value in weights.items():
             sv = served.version(version)
-            _check_weight(value)
             if sv.stage not in (PRIMARY, CANARY):
                 raise Conflict(
                     f"model {name!r} version {version!r} is {sv.stage}: only the primary and "
@@ -1531,14 +1542,6 @@ class Runtime:
                         "traffic",
                         hint="use routing: {kind: weighted} (or ab) for this model",
                     )
-        if served.primary not in weights:
-            raise InvalidInput(
-                f"the weights must include the primary ({served.primary!r})",
-                hint=f"e.g. {{{served.primary!r}: 90, 'CANARY': 10}}",
-            )
-        total = math.fsum(weights.values())
-        if abs(total - 100.0) > 1e-6:
-            raise InvalidInput(f"the weights add up to {total:g}, not 100")
         if dry_run:
             return
         for sv in served.versions.values():

@@ -569,6 +569,22 @@ def test_every_change_is_refused_when_the_audit_log_cannot_be_written(
     run(rt, scenario)
 
 
+def test_weights_that_do_not_add_up_are_a_400_whatever_the_versions_stages() -> None:
+    """What the body says wrong (400) is said before what the state refuses (409)."""
+    rt = runtime_from_dict(rollout_config())  # 2 is a shadow: it takes no weight
+
+    async def scenario(a: httpx.AsyncClient, i: httpx.AsyncClient) -> None:
+        url = "/admin/models/m/weights"
+        r = await a.put(url, json={"weights": {"1": 50, "2": 40}, "by": "ann"})
+        assert "add up to 90" in assert_refused(r, 400, "invalid_input")["error"]
+        r = await a.put(url, json={"weights": {"2": 100}, "by": "ann"})
+        assert "must include the primary" in assert_refused(r, 400, "invalid_input")["error"]
+        r = await a.put(url, json={"weights": {"1": 50, "2": 50}, "by": "ann"})
+        assert "only the primary and canaries" in assert_refused(r, 409, "conflict")["error"]
+
+    run(rt, scenario)
+
+
 def test_a_gated_primary_cannot_be_bypassed_by_weights() -> None:
     rt = runtime_from_dict(rollout_config())  # canary and primary need approval
 
