@@ -11,6 +11,7 @@ from infercore.components import ComponentContext, FeatureSource, Tensors
 from infercore.components.model import Array
 from infercore.errors import InvalidInput
 from infercore.hookspecs import hookimpl
+from infercore.protocol.names import listed
 
 
 class RequestFeatureSourceConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -61,7 +62,7 @@ class RequestFeatureSource(FeatureSource):
                     continue
                 # Neither form: say what the client did send, not only the first field.
                 raise InvalidInput(
-                    f"missing input {input_name!r} (got {', '.join(map(repr, fields))})",
+                    f"missing input {input_name!r} (got {listed(fields)})",
                     hint=f"send {input_name!r} as one tensor, or its fields: {', '.join(columns)}",
                 )
             parts = []

@@ -15,7 +15,8 @@ import numpy as np
 
 from infercore.components.model import Array
 from infercore.errors import InvalidInput
-from infercore.protocol.tensors import UNREADABLE_JSON, json_array, malformed_json
+from infercore.protocol.names import listed
+from infercore.protocol.tensors import UNREADABLE_JSON, json_array, malformed_json, parse_json
 
 _decoder = msgspec.json.Decoder()
 #: Behind a feature source the names are its request fields (an entity key, a few values), not
@@ -49,7 +50,7 @@ def decode(
     fields), for the error of plain values sent to a model of several inputs.
     """
     try:
-        doc = _decoder.decode(body)
+        doc = parse_json(_decoder, body)
     except UNREADABLE_JSON as exc:
         raise malformed_json(exc, body) from None
     if not isinstance(doc, dict):
@@ -79,7 +80,7 @@ def decode(
                     missing = set(keys) ^ set(inst)
                     raise InvalidInput(
                         f"instances[{n}]: fields differ from instances[0] "
-                        f"({', '.join(sorted(missing))})"
+                        f"({listed(sorted(missing))})"
                     )
             return {k: _column(k, [inst[k] for inst in instances]) for k in keys}
         if any(isinstance(i, dict) for i in instances):

@@ -6,7 +6,7 @@ Length``), which standard clients such as ``tritonclient[http]`` use by default.
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +24,7 @@ from infercore.protocol.tensors import (
     from_json,
     malformed_json,
     non_finite,
+    parse_json,
     to_binary,
     to_json_data,
 )
@@ -104,13 +105,33 @@ def _flat_input(
     return None
 
 
-def decode(body: bytes, header_length: int | None, *, max_elements: int) -> DecodedV2:
+def _too_many_rows(name: str, shape: list[int], max_rows: int) -> InvalidInput:
+    return InvalidInput(
+        f"input {name!r}: shape {shape} has {shape[0]} rows; the limit is {max_rows}",
+        hint="split the request (server.max_request_rows)",
+    )
+
+
+def decode(
+    body: bytes,
+    header_length: int | None,
+    *,
+    max_elements: int,
+    max_rows: int | None = None,
+    unbatched: Callable[[str], bool] | None = None,
+) -> DecodedV2:
     """Decode a V2 inference request body.
 
     Args:
         body: The raw body.
         header_length: ``Inference-Header-Content-Length`` when the binary extension is used.
         max_elements: Upper bound on the elements any one tensor may declare.
+        max_rows: Most rows (first-dimension entries) one input may declare, checked from the
+            declared shape before its data is converted (RELIABILITY P14); ``None``: no limit
+            here (the request path checks rows again against the model's signature).
+        unbatched: Whether the model takes an input of this name whose first dimension is
+            not the batch dimension (a fixed size): such an input is not held to
+            ``max_rows``. Called only for an input over the limit.
 
     Raises:
         InvalidInput: Anything malformed, naming the input.
@@ -130,11 +151,20 @@ def decode(body: bytes, header_length: int | None, *, max_elements: int) -> Deco
     else:
         head, blob = body, memoryview(b"")
     try:
-        req = _decoder.decode(head)
+        req = parse_json(_decoder, head)
     except msgspec.ValidationError as exc:
         raise InvalidInput(f"invalid V2 request: {_validation_message(exc)}") from None
     except UNREADABLE_JSON as exc:
-        raise malformed_json(exc, head) from None
+        error = malformed_json(exc, head)
+        if header_length is None:
+            raise error from None
+        # The header's length cut the JSON (or took binary bytes into it): say so.
+        raise InvalidInput(
+            f"{error.message} (the JSON header is the first {header_length} bytes of the "
+            f"{len(body)}-byte body, as Inference-Header-Content-Length says)",
+            hint="Inference-Header-Content-Length must be the byte length of the JSON header "
+            "that starts the body" + (f"; {error.hint}" if error.hint else ""),
+        ) from None
     if not req.inputs:
         raise InvalidInput("`inputs` is empty", hint="send at least one input tensor")
     tensors: dict[str, Array] = {}
@@ -162,6 +192,14 @@ def decode(body: bytes, header_length: int | None, *, max_elements: int) -> Deco
                 datatypes[name] = datatype
                 continue
         count = check_shape(name, shape, max_elements=max_elements)
+        # From the declared shape, before the data is converted (or the binary read).
+        if (
+            max_rows is not None
+            and shape
+            and shape[0] > max_rows
+            and (unbatched is None or not unbatched(name))
+        ):
+            raise _too_many_rows(name, shape, max_rows)
         size = None
         if params is not None:
             _refuse_shared_memory(params, f"input {name!r}")

@@ -10,6 +10,7 @@ import numpy.typing as npt
 
 from infercore.components import Tensors, TensorSpec
 from infercore.errors import InvalidInput
+from infercore.protocol.names import listed
 from infercore.protocol.tensors import coerce
 
 log = logging.getLogger("infercore.runtime")
@@ -89,7 +90,10 @@ def prepare_inputs(
         out[spec.name] = arr
     if len(out) != len(tensors):
         unknown = sorted(set(tensors) - set(out))
-        raise InvalidInput(f"unknown input {unknown[0]!r}", hint=names_hint(specs, request_fields))
+        raise InvalidInput(
+            f"unknown input{'s' if len(unknown) > 1 else ''} {listed(unknown)}",
+            hint=names_hint(specs, request_fields),
+        )
     if rows is not None:
         if rows == 0:
             raise InvalidInput("the request has no rows")

@@ -10,6 +10,7 @@ import asyncio
 import itertools
 import logging
 import os
+import re
 import zlib
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -315,14 +316,16 @@ class _Deadlines:
 def _inference_target(path: str) -> tuple[str, str | None, str] | None:
     """``(model, version, protocol)`` of an inference path, or ``None`` (Litestar routes it).
 
-    Only the shapes the inference routes match, with non-empty segments; anything else (an
-    unknown V1 verb, empty names, extra segments) is left to the routes' own handling.
+    Only the shapes the inference routes match; anything else (an unknown V1 verb, extra
+    segments) is left to the routes' own handling. A V2 path with an empty model or version
+    (``/v2/models//infer``) is taken too: it is answered 404 naming the empty name, where
+    Litestar's routing would read it without the empty segment, as another route (a 405).
     """
     if path.startswith("/v2/models/") and path.endswith("/infer"):
         parts = path[11:-6].split("/")
-        if len(parts) == 1 and parts[0]:
+        if len(parts) == 1:
             return parts[0], None, "v2"
-        if len(parts) == 3 and parts[1] == "versions" and parts[0] and parts[2]:
+        if len(parts) == 3 and parts[1] == "versions":
             return parts[0], parts[2], "v2"
         return None
     if path.startswith("/v1/models/") and path.endswith(":predict"):
@@ -358,9 +361,9 @@ def _content_type_ok(headers: Mapping[str, str], binary: bool) -> str | None:
     # The encoding is checked whether or not a content type was sent: a compressed body
     # without a Content-Type header is still not JSON.
     encoding = headers.get("content-encoding")
-    if encoding:
+    if encoding is not None:
         encoding = encoding.strip().lower()
-        if encoding == "identity":
+        if not encoding or encoding == "identity":  # an empty header: no encoding either
             encoding = None
         elif encoding not in _ENCODINGS:
             raise UnsupportedMediaType(
@@ -422,15 +425,20 @@ def _ms(seconds: float) -> str:
     return f"{ms:.0f}" if ms >= 1 else f"{ms:.3g}"
 
 
+#: A decimal number as JSON writes one, without a sign: what ``X-Infercore-Timeout-Ms`` takes.
+#: Python's ``float`` alone would take ``1_000``, ``+5``, ``inf`` and inner spaces too.
+_DECIMAL = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
+#: Whitespace HTTP allows around a header's value (RFC 9110 OWS).
+_OWS = " \t"
+
+
 def _client_timeout(headers: Mapping[str, str]) -> float | None:
     """``X-Infercore-Timeout-Ms``: the client's own deadline, in seconds (``None``: none)."""
     raw = headers.get("x-infercore-timeout-ms")
     if raw is None:
         return None
-    try:
-        ms = float(raw)
-    except ValueError:
-        ms = -1.0
+    value = raw.strip(_OWS)
+    ms = float(value) if _DECIMAL.fullmatch(value) else -1.0
     if not 0 < ms < 1e9:  # NaN and inf fail too
         # The bound is the OpenAPI schema's (exclusiveMaximum): said, not left to be guessed.
         raise InvalidInput(
@@ -442,13 +450,36 @@ def _client_timeout(headers: Mapping[str, str]) -> float | None:
 
 
 def _header_length(headers: Mapping[str, str]) -> int | None:
+    """``Inference-Header-Content-Length``: digits only (``int`` alone would take ``+75``,
+    ``1_0`` and inner spaces), and only once (the fast path joins repeated ones with commas,
+    as HTTP combines them; Litestar's headers list them)."""
     raw = headers.get("inference-header-content-length")
     if raw is None:
         return None
-    try:
-        return int(raw)
-    except ValueError:
-        raise InvalidInput("Inference-Header-Content-Length must be an integer") from None
+    getall = getattr(headers, "getall", None)
+    if "," in raw or (getall is not None and len(getall("inference-header-content-length")) > 1):
+        raise InvalidInput(
+            "Inference-Header-Content-Length appears more than once",
+            hint="send it once: the byte length of the JSON header that starts the body",
+        )
+    value = raw.strip(_OWS)
+    digits = value[1:] if value[:1] == "-" else value  # a negative one is named as such
+    if not (digits.isascii() and digits.isdigit()):
+        raise InvalidInput(
+            f"Inference-Header-Content-Length must be a byte count (digits only), got {raw[:40]!r}",
+            hint="the byte length of the JSON header that starts the body",
+        )
+    return int(value)
+
+
+def _unbatched_input(served: ServedModel, name: str) -> bool:
+    """Whether a version of ``served`` takes an input (or its feature source a request
+    field) named ``name`` whose first dimension is a fixed size, not the batch dimension:
+    the row limit does not hold for it (:func:`~infercore.runtime.inputs.prepare_inputs`)."""
+    specs = list(served.features.request_inputs() or ())
+    for sv in served.versions.values():
+        specs.extend(sv.model.inputs)
+    return any(spec.name == name and not spec.batched for spec in specs)
 
 
 def create_app(
@@ -615,7 +646,13 @@ def create_app(
             if encoding is not None:
                 body = _inflate(body, encoding, cfg.max_body_bytes)
             if protocol == "v2":
-                decoded = v2.decode(body, header_length, max_elements=max_elements)
+                decoded = v2.decode(
+                    body,
+                    header_length,
+                    max_elements=max_elements,
+                    max_rows=max_rows,
+                    unbatched=lambda name: _unbatched_input(served, name),
+                )
                 if decoded.timeout_s is not None and start + decoded.timeout_s < deadline:
                     # Triton's parameters.timeout: it may shorten the deadline, never extend it.
                     deadline = start + decoded.timeout_s
@@ -642,7 +679,7 @@ def create_app(
                     for name in decoded.outputs:
                         if name not in known_outputs:
                             raise InvalidInput(
-                                f"unknown output {name!r}",
+                                f"unknown output {quoted(name)}",
                                 hint=f"the model's outputs are: {', '.join(known_outputs)}",
                             )
             else:
@@ -800,6 +837,13 @@ def create_app(
         headers: dict[str, str] = {}
         for k, v in scope["headers"]:
             headers.setdefault(k.decode("latin-1"), v.decode("latin-1"))
+        if "inference-header-content-length" in headers:
+            # Repeated, joined with commas as HTTP combines them: _header_length refuses it.
+            values = [v for k, v in scope["headers"] if k == b"inference-header-content-length"]
+            if len(values) > 1:
+                headers["inference-header-content-length"] = ", ".join(
+                    v.decode("latin-1") for v in values
+                )
 
         async def read_body() -> bytes:
             declared = headers.get("content-length")
@@ -1160,13 +1204,55 @@ def create_app(
             if watch is not None:
                 watch.stop()
 
+    # Litestar registers copies of the handlers: their functions identify them.
+    inference_handlers = frozenset(
+        h.fn for h in (infer, infer_version, v1_predict, v1_predict_version)
+    )
+
+    def empty_name(request: Request[Any, Any, Any]) -> Response[bytes] | None:
+        """The 404 of a V2 inference path with an empty model or version
+        (``/v2/models//infer``), which Litestar's routing reads without the empty segment as
+        another route and refuses 405: answered and counted as the fast path answers it."""
+        target = _inference_target(request.scope["path"])
+        if request.method != "POST" or target is None:
+            return None
+        model_name, version, _ = target
+        try:
+            served = served_or_404(model_name)
+            if version is None:
+                return None  # not an empty name: Litestar's answer stands
+            served.version(version)
+        except ModelNotFound as exc:
+            rid = _request_id(request.headers)
+            count_rejection(exc, model_name, version, rid, None)
+            return Response(
+                error_body(exc),
+                status_code=exc.status_code,
+                media_type=JSON,
+                headers={"x-request-id": rid},
+            )
+        return None
+
     def counted(handle: Callable[..., Response[bytes]]) -> Callable[..., Response[bytes]]:
-        """An exception handler that counts its answer, as inference rejections are counted:
-        metadata and readiness 404s, unknown routes, 405s ("every non-2xx counts one reason")."""
+        """An exception handler that counts its answer when it answers an inference request
+        (a V2 infer or V1 predict route), as inference rejections are counted: the request
+        counters count inference requests only, every answer of them by code and every
+        failure by reason. Metadata and readiness 404s, unknown routes and 405s are answered
+        with their reason but not counted: a scanner or a client probing versions would
+        otherwise raise the inference error rate of a model."""
 
         def handle_counted(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+            if isinstance(exc, MethodNotAllowedException):
+                answered = empty_name(request)
+                if answered is not None:
+                    return answered
             response = handle(request, exc)
-            name = request.path_params.get("model_name")
+            if getattr(request.scope.get("route_handler"), "fn", None) not in inference_handlers:
+                return response
+            name = (
+                request.path_params.get("model_name")
+                or request.path_params.get("target", "").partition(":")[0]
+            )
             # Label values from the config only: a name from the URL would add a series each.
             counters = failure_metrics(name if name in runtime.models else "", "")
             counters.count_response(response.status_code or 500)

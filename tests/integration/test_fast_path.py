@@ -50,6 +50,10 @@ REQUESTS: list[tuple[str, str, bytes, dict[str, str]]] = [
     ("POST", "/v1/models/m:explain", msgspec.json.encode({"instances": [[1, 2, 3, 4]]}), JSON),
     ("POST", "/v1/models/m:predict", b'{"instances": 3}', JSON),
     ("GET", "/v2/models/m/infer", b"", JSON),  # wrong method: Litestar's 405 either way
+    # Empty names: 404 model_not_found naming them either way (not Litestar's 405, which
+    # reads the path without the empty segment as a metadata route).
+    ("POST", "/v2/models//infer", msgspec.json.encode(BODY), RID),
+    ("POST", "/v2/models/m/versions//infer", msgspec.json.encode(BODY), RID),
 ]
 
 
@@ -116,8 +120,8 @@ def test_both_paths_count_the_same_responses(
         ("/v2/models/m/versions/3/infer", ("m", "3", "v2")),
         ("/v1/models/m:predict", ("m", None, "v1")),
         ("/v1/models/m/versions/3:predict", ("m", "3", "v1")),
-        ("/v2/models//infer", None),
-        ("/v2/models/m/versions//infer", None),
+        ("/v2/models//infer", ("", None, "v2")),  # answered 404 naming the empty name
+        ("/v2/models/m/versions//infer", ("m", "", "v2")),
         ("/v2/models/m/x/3/infer", None),
         ("/v2/models/m/infer/extra", None),
         ("/v1/models/m:explain", None),

@@ -111,11 +111,13 @@ def test_every_family_counts_what_was_sent() -> None:
             headers={"content-type": "application/json"},
         )
         send(500, "POST", "/v2/models/m/infer", json=body([[POISON, 0, 0, 0]]))
-        # Successful requests that are not inference are not counted; every non-2xx is
-        # (DESIGN: every non-2xx counts one reason), an unknown route included.
+        # Requests that are not inference are not counted, whatever their answer: a
+        # metadata 404 or an unknown route is no inference request (every non-2xx answer
+        # of an inference request counts one reason).
         c.get("/v2/models/m")
         c.get("/v2/health/ready")
-        send(404, "GET", "/nope")
+        assert c.get("/v2/models/m/versions/9").status_code == 404
+        assert c.get("/nope").status_code == 404
 
         s = scrape(c)
         model = runtime.models["m"].versions["1"].model
