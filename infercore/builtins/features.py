@@ -7,9 +7,9 @@ from collections.abc import Mapping, Sequence
 import msgspec
 import numpy as np
 
-from infercore.components import ComponentContext, FeatureSource, Tensors
+from infercore.components import ComponentContext, FeatureSource, Tensors, TensorSpec
 from infercore.components.model import Array
-from infercore.errors import InvalidInput
+from infercore.errors import ConfigError, InvalidInput
 from infercore.hookspecs import hookimpl
 from infercore.protocol.names import listed
 
@@ -43,6 +43,29 @@ class RequestFeatureSource(FeatureSource):
         assemble = self.config.assemble
         built = [c for name in model_inputs for c in assemble.get(name, ())]
         return [*model_inputs, *built]
+
+    def check_model_inputs(self, inputs: Sequence[TensorSpec]) -> None:
+        """Each ``assemble`` entry builds an input the model takes, as wide as its fields."""
+        specs = {spec.name: spec for spec in inputs}
+        path = f"{self.context.path}.assemble"
+        for name, columns in self.config.assemble.items():
+            spec = specs.get(name)
+            if spec is None:
+                raise ConfigError(
+                    f"{path}.{name}: the model takes no input {name!r} (its inputs: "
+                    f"{', '.join(sorted(specs)) or 'none'})",
+                    hint="name the entry after the input it builds, e.g. "
+                    f"assemble: {{{next(iter(sorted(specs)), 'input')}: [{', '.join(columns)}]}}",
+                )
+            shape = list(spec.shape)
+            if len(shape) != 2 or shape[1] not in (-1, len(columns)):
+                raise ConfigError(
+                    f"{path}.{name}: {len(columns)} field(s) make a [N, {len(columns)}] "
+                    f"tensor, but input {name!r} is {shape}",
+                    hint=f"list {shape[1]} fields, one per column of the input"
+                    if len(shape) == 2
+                    else f"send {name!r} whole, or serve a model whose input is [N, k]",
+                )
 
     async def fetch(self, fields: Mapping[str, Array], *, deadline: float) -> Tensors:
         assemble = self.config.assemble

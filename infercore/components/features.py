@@ -102,6 +102,18 @@ class FeatureSource(Component):
         """
         return None
 
+    def check_model_inputs(self, inputs: Sequence[TensorSpec]) -> None:
+        """Refuse a config that could not serve the model: called at start-up, once the
+        model's versions have loaded, with the inputs of every version that loaded.
+
+        The default checks nothing. The ``request`` source refuses an ``assemble`` entry named
+        after no input, or listing more or fewer fields than its input has columns: the
+        server would otherwise report ready and answer every request 400.
+
+        Raises:
+            ConfigError: Naming the config path and what the model takes.
+        """
+
     @abc.abstractmethod
     async def fetch(self, fields: Mapping[str, Array], *, deadline: float) -> Tensors:
         """Return the model's inputs for the rows of one request.

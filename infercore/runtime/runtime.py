@@ -611,8 +611,14 @@ class Runtime:
         # drift monitoring starts (its cooldown is part of it) and before readiness.
         await self.lifecycle.restore_state()
         for served in self.models.values():
+            loaded = [sv.model for sv in served.versions.values() if sv.ready]
+            if loaded:
+                # What the feature source's config assembles, against what the model takes:
+                # a mismatch would report ready and answer every request 400.
+                served.features.check_model_inputs(
+                    [spec for model in loaded for spec in model.inputs]
+                )
             if served.drift is not None:
-                loaded = [sv.model for sv in served.versions.values() if sv.ready]
                 if loaded:  # tensor names are known once a version has loaded
                     served.drift.check_tensors(
                         {spec.name for model in loaded for spec in model.inputs},
