@@ -18,7 +18,7 @@ from infercore.errors import ConfigError, InvalidInput
 from infercore.plugin_manager import make_plugin_manager
 from infercore.registry import Registry
 from infercore_feast.breaker import CircuitBreaker
-from infercore_feast.cache import MISSING, TTLCache
+from infercore_feast.cache import ENTRY_BYTES, MISSING, SWEEP_PER_PUT, TTLCache
 from infercore_feast.config import redis_connection_string
 from infercore_feast.merging import ReadFailed, ReadMerger
 from infercore_feast.source import _check_range
@@ -52,6 +52,7 @@ def test_cache_keeps_an_expired_entry_stale_s_longer_for_get_stale_only() -> Non
     now[0] = 5.0
     assert cache.get_stale("a") is MISSING
     assert cache.get("a") is MISSING and len(cache) == 0  # dropped once past both
+    assert cache.nbytes == 0
     cache.put("a", 2)  # a fresh read replaces it
     assert cache.get("a") == 2
 
@@ -65,11 +66,110 @@ def test_cache_evicts_the_least_recently_used() -> None:
     assert cache.get("b") is MISSING and cache.get("a") == 1 and cache.get("c") == 3
 
 
-@pytest.mark.parametrize(("ttl", "size"), [(0.0, 10), (5.0, 0)])
-def test_cache_can_be_turned_off(ttl: float, size: int) -> None:
-    cache: TTLCache[int] = TTLCache(ttl, size)
+@pytest.mark.parametrize(
+    ("ttl", "size", "max_bytes"), [(0.0, 10, 10**6), (5.0, 0, 10**6), (5.0, 10, 0)]
+)
+def test_cache_can_be_turned_off(ttl: float, size: int, max_bytes: int) -> None:
+    cache: TTLCache[int] = TTLCache(ttl, size, max_bytes=max_bytes)
     cache.put("a", 1)
-    assert cache.get("a") is MISSING
+    assert cache.get("a") is MISSING and cache.nbytes == 0
+
+
+def test_cache_put_sweeps_a_few_expired_entries_from_the_old_end() -> None:
+    """Keys never asked for again go when later puts come, a bounded number per put (no scan
+    of the whole cache on the request path); rows kept for ``get_stale`` stay their time."""
+    now = [0.0]
+    cache: TTLCache[int] = TTLCache(2.0, 100, clock=lambda: now[0], stale_s=1.0)
+    for i in range(5):
+        cache.put(f"old{i}", i)  # expired at 2, gone at 3
+    now[0] = 0.5
+    for i in range(5):
+        cache.put(f"mid{i}", i)  # expired at 2.5, kept for get_stale until 3.5
+    now[0] = 3.2
+    cache.put("a", 1)
+    assert len(cache) == 10 - SWEEP_PER_PUT + 1
+    cache.put("b", 2)
+    assert len(cache) == 5 + 2  # the last old one swept; the mid ones kept for get_stale
+    assert all(cache.get_stale(f"mid{i}") == i for i in range(5))
+    now[0] = 3.6
+    cache.put("c", 3)
+    cache.put("d", 4)
+    assert len(cache) == 4  # the mid ones swept too; the four new ones live
+    assert cache.nbytes == sum(ENTRY_BYTES + len(k) for k in "abcd")
+    assert [cache.get(k) for k in "abcd"] == [1, 2, 3, 4]
+
+
+def test_cache_sweep_stops_at_the_first_live_entry() -> None:
+    now = [0.0]
+    cache: TTLCache[int] = TTLCache(2.0, 100, clock=lambda: now[0])
+    cache.put("old", 0)
+    now[0] = 1.0
+    cache.put("live", 1)
+    now[0] = 2.5  # "old" expired, "live" not
+    cache.put("new", 2)
+    assert len(cache) == 2 and cache.get("live") == 1 and cache.get("new") == 2
+
+
+def test_cache_is_bounded_by_bytes() -> None:
+    """Each entry counts ENTRY_BYTES, its key and the size it was put with; the least
+    recently used go until the bytes fit; an entry bigger than the bound is not cached."""
+    entry = ENTRY_BYTES + 1 + 100  # a one-character key, a 100-byte value
+    cache: TTLCache[str] = TTLCache(60.0, 1000, max_bytes=3 * entry)
+    for key in "abc":
+        cache.put(key, key, 100)
+    assert len(cache) == 3 and cache.nbytes == 3 * entry
+    assert cache.get("a") == "a"  # now the most recent
+    cache.put("d", "d", 100)
+    assert cache.get("b") is MISSING and len(cache) == 3 and cache.nbytes == 3 * entry
+    cache.put("a", "a2", 100)  # replacing an entry counts it once
+    assert len(cache) == 3 and cache.nbytes == 3 * entry
+    cache.put("e", "e", 50)
+    cache.put("f", "f", 50)  # two smaller entries take the room of one and a half
+    assert cache.get("c") is MISSING and cache.nbytes <= 3 * entry
+    held = len(cache)
+    cache.put("huge", "huge", 3 * entry)  # larger than the whole bound
+    assert cache.get("huge") is MISSING and len(cache) == held
+    assert cache.discard_where(lambda v: v == "e") == 1
+    cache.clear()
+    assert len(cache) == 0 and cache.nbytes == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["put", "put", "get", "get", "stale", "tick", "discard"]),
+            st.integers(0, 12),
+            st.integers(0, 300),
+        ),
+        max_size=60,
+    )
+)
+def test_cache_counts_its_bytes_and_keeps_its_bounds(ops: list[tuple[str, int, int]]) -> None:
+    """Whatever the puts, lookups, expiries and discards: the count is the sum of what the
+    entries held were put with, both bounds hold, and get never answers an expired entry."""
+    now = [0.0]
+    bound = 4 * ENTRY_BYTES + 400
+    cache: TTLCache[int] = TTLCache(3.0, 6, clock=lambda: now[0], stale_s=2.0, max_bytes=bound)
+    sizes: dict[str, int] = {}
+    put: dict[str, tuple[int, float]] = {}
+    for op, n, size in ops:
+        key = "k" * (n % 8 + 1)
+        if op == "put":
+            cache.put(key, n, size)
+            sizes[key], put[key] = ENTRY_BYTES + len(key) + size, (n, now[0])
+        elif op == "get":
+            value = cache.get(key)
+            assert value is MISSING or (value, True) == (put[key][0], now[0] < put[key][1] + 3)
+        elif op == "stale":
+            cache.get_stale(key)
+        elif op == "tick":
+            now[0] += n / 2
+        else:
+            cache.discard_where(n.__eq__)
+        held = list(cache._data)
+        assert cache.nbytes == sum(sizes[k] for k in held)
+        assert len(held) <= 6 and cache.nbytes <= bound
 
 
 # -- breaker -------------------------------------------------------------------------------

@@ -952,6 +952,12 @@ def _input(index: int, **changes: Any) -> list[dict[str, Any]]:
             r"features\.serve_stale_s: 60 needs the cache",
         ),
         (
+            {"serve_stale_s": 60, "cache_max_bytes": 0},
+            r"features\.serve_stale_s: 60 needs the cache, which .*cache_max_bytes: 0",
+        ),
+        ({"max_entity_key_bytes": 0}, r"max_entity_key_bytes"),
+        ({"cache_max_bytes": -1}, r"cache_max_bytes"),
+        (
             {"breaker_failing_s": 5},
             r"features\.breaker_failing_s: 5 is not less than breaker_reset_s \(5\)",
         ),

@@ -77,6 +77,8 @@ class FeastSourceConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True,
     max_batch_entities: PositiveInt = 256
     cache_ttl_s: NonNegative = 5.0
     cache_max_entries: Annotated[int, msgspec.Meta(ge=0)] = 100_000
+    cache_max_bytes: Annotated[int, msgspec.Meta(ge=0)] = 64 * 1024 * 1024
+    max_entity_key_bytes: PositiveInt = 256
     timeout_ms: Positive = 50.0
     on_failure: Literal["fail_closed", "fail_open"] = "fail_closed"
     serve_stale_s: NonNegative = 0.0
@@ -183,10 +185,12 @@ def check_config(
         feast_inputs.append(FeastInput(i, spec.name, view, feature, spec.datatype, default))
     if config.online_store == "redis":
         redis_connection_string(config.redis_url, path=f"{path}.redis_url")
-    if config.serve_stale_s and not (config.cache_ttl_s and config.cache_max_entries):
+    if config.serve_stale_s and not (
+        config.cache_ttl_s and config.cache_max_entries and config.cache_max_bytes
+    ):
         raise ConfigError(
             f"{path}.serve_stale_s: {config.serve_stale_s:g} needs the cache, which "
-            "cache_ttl_s: 0 or cache_max_entries: 0 turns off",
+            "cache_ttl_s: 0, cache_max_entries: 0 or cache_max_bytes: 0 turns off",
             hint="stale rows are the cache's expired ones; turn the cache on or set "
             "serve_stale_s: 0",
         )

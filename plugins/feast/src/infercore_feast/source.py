@@ -14,7 +14,7 @@ import weakref
 from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -72,6 +72,11 @@ _REFUSALS = {
 #: at most ~0.5 % of a core. It is also the longest an emptied store is served as "every
 #: entity is new" while such reads keep coming (README: "A read that finds none of its keys").
 SUSPECT_CHECK_INTERVAL_S = 0.1
+
+#: What a cached row of feast values costs besides its BYTES values' lengths: the row's two
+#: tuples, and per value a slot and a number object (a Python float or int is 24-28 bytes, a
+#: numpy scalar 32). See :func:`row_nbytes_estimate`.
+_ROW_BYTES, _VALUE_BYTES, _BYTES_VALUE_BYTES = 96, 40, 33
 
 T = TypeVar("T")
 
@@ -161,7 +166,8 @@ class _Counted:
 class FeastFeatureSource(FeatureSource):
     """Model inputs from the request and from Feast's online store (``kind: feast``).
 
-    Per request: the entity keys come from the ``entity.field`` column; keys held in the TTL
+    Per request: the entity keys come from the ``entity.field`` column (none longer than
+    ``max_entity_key_bytes``: a 400 before any lookup otherwise); keys held in the TTL
     cache are answered at once; the others join a merged read (:class:`ReadMerger`: at once
     when no read is in flight; else it collects keys from every concurrent request for at most
     ``batch_window_ms``, until the reads in flight end, or up to ``max_batch_entities`` keys),
@@ -257,8 +263,18 @@ class FeastFeatureSource(FeatureSource):
         self._m_defaults = [m.defaults.labels(model, i.ref) for i in self._feast_inputs]
         self._m_stale = m.stale_rows.labels(model)
         self.cache: TTLCache[Prepared] = TTLCache(
-            config.cache_ttl_s, config.cache_max_entries, stale_s=config.serve_stale_s
+            config.cache_ttl_s,
+            config.cache_max_entries,
+            stale_s=config.serve_stale_s,
+            max_bytes=config.cache_max_bytes,
         )
+        #: What a cached row costs (:meth:`_row_nbytes`): a numeric row, a fixed size; BYTES
+        #: values add their lengths.
+        self._row_bytes = row_nbytes_estimate(len(self._feast_inputs))
+        self._bytes_inputs = tuple(
+            j for j, item in enumerate(self._feast_inputs) if item.datatype == "BYTES"
+        )
+        self._max_key_bytes = config.max_entity_key_bytes
         self.breaker = CircuitBreaker(
             config.breaker_failures,
             config.breaker_reset_s,
@@ -964,10 +980,10 @@ class FeastFeatureSource(FeatureSource):
             rows = [lost if misses(row, gone) else row for row in rows]
         else:
             lost = None
-        cache = self.cache
+        cache, nbytes = self.cache, self._row_nbytes
         for key, row in zip(keys, rows, strict=True):
             if row is not lost:
-                cache.put(key, row)
+                cache.put(key, row, nbytes(row))
         return rows
 
     def _keep_late(self, keys: list[str], read: asyncio.Future[list[Prepared]]) -> None:
@@ -983,7 +999,18 @@ class FeastFeatureSource(FeatureSource):
         cache, gone = self.cache, self._lost_inputs
         for key, row in zip(keys, rows, strict=True):
             if not (gone and self._misses(row, gone)) and cache.get(key) is MISSING:
-                cache.put(key, row)
+                cache.put(key, row, self._row_nbytes(row))
+
+    def _row_nbytes(self, row: Prepared) -> int:
+        """About what caching ``row`` holds in memory that no other entry shares."""
+        if row is self._unknown:
+            return 0  # one row for every entity the store does not know
+        size = self._row_bytes
+        for j in self._bytes_inputs:
+            value = row[0][j]
+            if isinstance(value, bytes):
+                size += _BYTES_VALUE_BYTES + len(value)
+        return size
 
     def _read_blocking(self, reader: feast_store.RowReader, keys: list[str]) -> list[Prepared]:
         return [self._prepare(row) for row in reader(keys)]
@@ -1039,24 +1066,53 @@ class FeastFeatureSource(FeatureSource):
                 "field of every instance (V1)",
             )
         column = _one_per_row(name, column)
+        # Every key's length is checked before any is looked up, cached or read: an
+        # over-long one is a client's mistake (or an attack on the cache's memory), never
+        # something to send the store.
+        limit = self._max_key_bytes
         if column.dtype.kind == "U":
-            return [str(v) for v in column.tolist()]
+            keys = [str(v) for v in column.tolist()]
+            # At most 4 bytes a character: no key is longer in UTF-8 than the array's width.
+            if column.dtype.itemsize > limit:
+                self._check_key_lengths(keys)
+            return keys
         if column.dtype.kind in "OS":
-            keys: list[str] = []
+            keys = []
+            short = limit // 4  # a key of no more characters fits, whatever they are
             for value in column.tolist():
                 if isinstance(value, bytes):
+                    if len(value) > limit:  # before decoding it
+                        self._refuse_long_key(len(keys), len(value))
                     try:
                         value = value.decode()
                     except UnicodeDecodeError:
                         raise InvalidInput(f"field {name!r}: keys must be UTF-8 text") from None
-                if not isinstance(value, str):
+                elif not isinstance(value, str):
                     raise InvalidInput(f"field {name!r}: expected a string key per row")
+                elif len(value) > short and _utf8_len(value) > limit:
+                    self._refuse_long_key(len(keys), _utf8_len(value))
                 keys.append(value)
             return keys
         raise InvalidInput(
             f"field {name!r}: expected string keys, got numbers or booleans",
             hint=f"send {name!r} as text: a BYTES input (V2, datatype BYTES) or a string field "
             'of every instance (V1, in quotes: "42", not 42)',
+        )
+
+    def _check_key_lengths(self, keys: list[str]) -> None:
+        """Refuse the first key longer than ``max_entity_key_bytes`` in UTF-8."""
+        limit = self._max_key_bytes
+        for row, key in enumerate(keys):
+            if len(key) > limit // 4 and _utf8_len(key) > limit:
+                self._refuse_long_key(row, _utf8_len(key))
+
+    def _refuse_long_key(self, row: int, length: int) -> NoReturn:
+        name, limit = self.config.entity.field, self._max_key_bytes
+        raise InvalidInput(
+            f"field {name!r}: the entity key of row {row} is {length} bytes long, more than "
+            f"max_entity_key_bytes ({limit})",
+            hint=f"send the entity's id (a card or customer id), not data; the operator may "
+            f"raise {self.context.path}.max_entity_key_bytes",
         )
 
     def _request_columns(self, fields: Mapping[str, npt.NDArray[Any]], rows: int) -> dict[str, Any]:
@@ -1174,6 +1230,17 @@ def _bound(dtype: np.dtype[Any], bound: float) -> float:
     of the array's values gives numpy's answer exactly."""
     common = np.result_type(dtype, bound)
     return float(common.type(bound))
+
+
+def _utf8_len(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode())
+
+
+def row_nbytes_estimate(values: int) -> int:
+    """About what a cached row of ``values`` numeric feast values holds (BYTES values add
+    their lengths: :meth:`FeastFeatureSource._row_nbytes`). Counted by the cache's
+    ``cache_max_bytes``; ``benchmarks/bench_cache.py`` measures it."""
+    return _ROW_BYTES + _VALUE_BYTES * values
 
 
 def _one_per_row(name: str, column: npt.NDArray[Any]) -> npt.NDArray[Any]:
