@@ -253,6 +253,9 @@ class HeaderRouter(WrappingRouter):
             return (wanted[:_MAX_VARIANT],)
         return self.inner.candidates(headers, table)
 
+    def forced(self, headers: Mapping[str, str]) -> bool:
+        return bool(headers.get(self._header)) or self.inner.forced(headers)
+
 
 Fraction = Annotated[float, msgspec.Meta(ge=0, le=1)]
 

@@ -152,6 +152,13 @@ class Router(Component):
         """The name metrics give ``version`` (an A/B arm's name). Default: the version."""
         return version
 
+    def forced(self, headers: Mapping[str, str]) -> bool:
+        """Whether these headers name the version themselves (``X-Infercore-Variant``), so
+        that the traffic split did not choose it. The canary guard judges a version by the
+        requests the split sent it only: any client can aim forced ones (and their load, and
+        their inputs) at one version. Default: ``False``."""
+        return False
+
     @property
     def splits_traffic(self) -> bool:
         """Whether canary weights in ``table.split`` send traffic to canaries."""
@@ -208,6 +215,9 @@ class WrappingRouter(Router):
 
     def variant(self, version: str) -> str:
         return self.inner.variant(version)
+
+    def forced(self, headers: Mapping[str, str]) -> bool:
+        return self.inner.forced(headers)
 
     @property
     def splits_traffic(self) -> bool:

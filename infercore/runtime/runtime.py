@@ -52,8 +52,6 @@ from infercore.errors import (
     ModelLoadError,
     ModelNotFound,
     PluginError,
-    QueueFull,
-    QueueTimeout,
     ShuttingDown,
 )
 from infercore.metrics import Metrics
@@ -124,12 +122,10 @@ _HISTORY = 16
 #: A canary's failure is judged at once, at most this often: when the primary fails too, the
 #: guard does not trip and each canary error would otherwise pay for a full judgement.
 _GUARD_ON_ERROR_S = 0.05
-#: 503s for requests the version never ran: the load on its queue (which a client can drive,
-#: pinning requests to a version with the header router or a versioned URL), a server
-#: stopping, a feature store every version shares. Counted in the version's metrics; never
-#: evidence for the guard. A version too slow for its share of traffic still shows, in the
-#: latency of what it ran (queue wait included) and in 504s against the server's deadline.
-_NOT_RUN = (QueueFull, QueueTimeout, ShuttingDown, FeatureStoreUnavailable)
+#: 503s that say nothing about the version: a server stopping, a feature store every version
+#: shares. Counted in the version's metrics; never evidence for the guard. (A full queue or a
+#: queue timeout is: a canary that hangs answers nothing else once its first batch is stuck.)
+_NOT_RUN = (ShuttingDown, FeatureStoreUnavailable)
 _NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 
 
@@ -895,6 +891,7 @@ class Runtime:
         deadline: float,
         priority: int = 0,
         client_deadline: bool = False,
+        pinned: bool = False,
     ) -> Tensors:
         """Features -> input checks -> batcher -> model, for one request.
 
@@ -908,13 +905,17 @@ class Runtime:
         client's choice, not evidence against the version: the canary guard counts such a
         timeout only when the version had already taken longer than the guard's latency bound
         (:func:`~infercore.runtime.guard.latency_bound`).
+        ``pinned``: the request named its version (a versioned URL, ``X-Infercore-Variant``;
+        :meth:`Router.forced`) rather than taking the traffic split's choice. Counted in the
+        metrics, never evidence for the guard: any client can aim such requests, their inputs
+        and their timing at one version.
         """
         if self.draining:
             raise ShuttingDown("the server is shutting down")
         sv.enter()
         t0 = time.perf_counter()
         error: bool | None = True  # None: the client went; nothing to judge the version by
-        judged = True  # False: counted in the metrics, but no evidence for the guard
+        judged = not pinned  # False: counted in the metrics, but no evidence for the guard
         try:
             groups = sv.groups
             result = None
@@ -926,13 +927,13 @@ class Runtime:
             return result
         except InfercoreError as exc:
             # A 5xx (or a 504 against the server's deadline) is the version's fault. A bad
-            # request is not, nor an answer the version never ran, nor a deadline the client
-            # cut short: any client can cause those, at any version it names.
+            # request is not, nor a stopping server or a shared feature store, nor a deadline
+            # the client cut short: any client can cause those.
             code = exc.status_code
             error = code >= 500
             if not error or isinstance(exc, _NOT_RUN):
                 judged = False
-            elif client_deadline and code == 504:
+            elif client_deadline and code == 504 and judged:
                 judged = self._outlasted_bound(served, time.perf_counter() - t0)
             raise
         except asyncio.CancelledError:
@@ -940,7 +941,7 @@ class Runtime:
             # was too short for it), or the client went.
             if asyncio.get_running_loop().time() < deadline:
                 error = None
-            elif client_deadline:
+            elif client_deadline and judged:
                 judged = self._outlasted_bound(served, time.perf_counter() - t0)
             raise
         finally:

@@ -710,6 +710,10 @@ def create_app(
                         priority=priority,
                         # The client's own deadline: its passing is not the version's fault.
                         client_deadline=deadline != start + timeout_s,
+                        # A request that named its version is no evidence for the canary
+                        # guard (asked only while it judges a canary).
+                        pinned=served.guarding
+                        and (version is not None or served.router.forced(headers)),
                     )
                 except BaseException as exc:
                     # Cancelled by its deadline (and by nothing else): a timeout.

@@ -590,6 +590,77 @@ def test_the_audits_attack_over_http_leaves_the_canary_its_weight(
     assert rt.metrics.guard_trips.labels("m", "2", "error_rate")._value.get() == 0
 
 
+def test_requests_pinned_to_a_canary_are_no_evidence_but_routed_ones_are() -> None:
+    """Any client may pin requests to a version (X-Infercore-Variant, a versioned URL) and
+    choose their inputs and timing: only what the traffic split sent a version judges it."""
+    rt = runtime_from_dict(
+        config(
+            {
+                "1": {"loader": fake(0)},
+                "2": {"loader": fake(100, fail_on_value=1.0), "stage": "canary", "weight": 10},
+            },
+            routing={"kind": "header", "inner": {"kind": "weighted"}},
+            rollout={"guard": {"min_requests": 20, "check_interval_s": 0}},
+        )
+    )
+
+    async def scenario() -> tuple[list[int], list[int]]:
+        async with async_app_client(rt) as c:
+            pinned = []
+            for _ in range(100):
+                for url, headers in (
+                    ("/v2/models/m/infer", PIN),
+                    ("/v2/models/m/versions/2/infer", {}),
+                ):
+                    r = await c.post(url, json=body(1.0), headers=headers)
+                    pinned.append(r.status_code)
+                assert (await c.post("/v2/models/m/infer", json=body(2.0))).status_code == 200
+            assert rt.models["m"].versions["2"].weight == 10, "pinned failures tripped it"
+            routed = []
+            for _ in range(600):
+                routed.append((await c.post("/v2/models/m/infer", json=body(1.0))).status_code)
+                if rt.models["m"].versions["2"].weight == 0:
+                    break
+            return pinned, routed
+
+    pinned, routed = asyncio.run(scenario())
+    assert set(pinned) == {500}
+    # The split's own requests to the failing canary: judged, and the guard drops it.
+    assert 500 in routed and rt.models["m"].versions["2"].weight == 0
+
+
+def test_a_canary_that_hangs_is_dropped_on_its_queue_timeouts() -> None:
+    """Once a hung canary's first batch is stuck, its routed requests are answered 503
+    queue_timeout: evidence against it (a full or timed-out queue is the version's own)."""
+    cfg = config(
+        {
+            "1": {"loader": fake(0)},
+            "2": {"loader": fake(100, latency_s=2.0), "stage": "canary", "weight": 50},
+        },
+        routing={"kind": "weighted"},
+        rollout={"guard": {"min_requests": 20, "check_interval_s": 0}},
+        batching={"kind": "dynamic", "max_batch_size": 4, "queue_timeout_ms": 100},
+    )
+    cfg["server"] = {"request_timeout_ms": 500, "group_requests": False}
+    rt = runtime_from_dict(cfg)
+
+    async def scenario() -> list[int]:
+        codes: list[int] = []
+        async with async_app_client(rt) as c:
+            for _ in range(30):
+                answers = await asyncio.gather(
+                    *(c.post("/v2/models/m/infer", json=body()) for _ in range(20))
+                )
+                codes.extend(a.status_code for a in answers)
+                if rt.models["m"].versions["2"].weight == 0:
+                    break
+        return codes
+
+    codes = asyncio.run(scenario())
+    assert 503 in codes, codes
+    assert rt.models["m"].versions["2"].weight == 0, "the hung canary kept its traffic"
+
+
 def test_a_client_deadline_the_version_outlasted_the_latency_bound_by_still_counts() -> None:
     """A canary that hangs behind clients who all send their own deadlines: each timeout came
     after the guard's latency bound (the primary's p99 x max_p99_ratio + slack), so the
