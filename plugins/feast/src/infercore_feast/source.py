@@ -7,9 +7,11 @@ import contextlib
 import functools
 import logging
 import math
+import os
 import sqlite3
 import threading
 import time
+import urllib.parse
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
@@ -36,6 +38,7 @@ from infercore_feast import store as feast_store
 from infercore_feast.breaker import CLOSED, OPEN, CircuitBreaker
 from infercore_feast.cache import MISSING, TTLCache
 from infercore_feast.config import FeastInput, FeastSourceConfig, check_config
+from infercore_feast.failures import clean, corrupt_registry, redis_needs_auth
 from infercore_feast.merging import ReadFailed, ReadMerger
 from infercore_feast.metrics import feature_metrics
 from infercore_feast.restore_lock import RestoreLock, restore_lock
@@ -77,6 +80,12 @@ SUSPECT_CHECK_INTERVAL_S = 0.1
 #: tuples, and per value a slot and a number object (a Python float or int is 24-28 bytes, a
 #: numpy scalar 32). See :func:`row_nbytes_estimate`.
 _ROW_BYTES, _VALUE_BYTES, _BYTES_VALUE_BYTES = 96, 40, 33
+
+#: How to give the Redis server its password (the URL's own form; never the password).
+_AUTH_HINT = (
+    "put the password in INFERCORE_REDIS_URL (redis_url): redis://:PASSWORD@host:port/db, "
+    "or redis://USER:PASSWORD@host:port/db for an ACL user"
+)
 
 T = TypeVar("T")
 
@@ -340,7 +349,7 @@ class FeastFeatureSource(FeatureSource):
         except Exception as exc:
             raise PluginError(
                 f"{path}: the Feast {self.config.online_store} store could not be prepared: "
-                f"{type(exc).__name__}: {self._scrub(str(exc))}",
+                + (self._needs_auth() if redis_needs_auth(exc) else self._describe(exc)),
                 hint=self._open_hint(exc),
             ) from exc
         self.store, self._views, self.markers = opened.store, opened.views, opened.markers
@@ -385,7 +394,20 @@ class FeastFeatureSource(FeatureSource):
     def _open_hint(self, exc: Exception) -> str:
         """The fix for a store that could not be opened, for the case at hand."""
         config = self.config
+        if corrupt_registry(exc):
+            # Written by `feast apply` from the repo's definitions: nothing else is lost.
+            rebuild = (
+                "materialize_on_start applies the repo's definitions and rebuilds it at the "
+                "next start"
+                if config.materialize_on_start
+                else "rebuild it with `feast apply` in the repo folder, or set "
+                "materialize_on_start: true to have it rebuilt at start-up"
+            )
+            name = self._registry_name()
+            return f"the Feast registry file ({name}) is corrupt: delete it; {rebuild}"
         if config.online_store == "redis":
+            if redis_needs_auth(exc):
+                return _AUTH_HINT
             return "check INFERCORE_REDIS_URL (redis_url) and that the server is up"
         if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError):
             # Not a database, or a damaged one: materializing again does not repair a file,
@@ -434,13 +456,36 @@ class FeastFeatureSource(FeatureSource):
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(lock.close)
 
+    def _registry_name(self) -> str:
+        """The registry file, as the operator configured it (never an absolute path: S6)."""
+        value = self.config.registry_path
+        if value is None:
+            return "registry_path, default data/registry.db in the repo folder"
+        if os.path.isabs(value):
+            return "the file registry_path names"
+        return f"registry_path: {value} in the repo folder"
+
+    def _needs_auth(self) -> str:
+        """What is wrong when the Redis server refuses a client that has not authenticated."""
+        if urllib.parse.urlsplit(self.config.redis_url).password:
+            return "the Redis server requires authentication"
+        return "the Redis server requires authentication and redis_url has no password"
+
     def _scrub(self, text: str) -> str:
-        """``text`` fit for a log line or an error: no local paths, no redis URL (S6)."""
+        """``text`` fit for a log line or an error: no local paths, no redis URL, no Redis
+        pipeline command (entity keys), nothing that does not print (S6)."""
         if self._where is not None:
             text = self._where.scrub(text)
         if self.config.online_store == "redis":
             text = text.replace(self.config.redis_url, "<redis_url>")
-        return " ".join(text.split())[:300]
+        return clean(text)
+
+    def _describe(self, exc: BaseException) -> str:
+        """``exc`` for a log line or an error: its type and scrubbed text, or (a Redis server
+        that requires a password) what is wrong and the fix."""
+        if redis_needs_auth(exc):
+            return f"{self._needs_auth()}; {_AUTH_HINT}"
+        return f"{type(exc).__name__}: {self._scrub(str(exc))}"
 
     def _breaker_changed(self, state: str) -> None:
         self._m_breaker.set(0 if state == CLOSED else 1)
@@ -579,10 +624,9 @@ class FeastFeatureSource(FeatureSource):
 
     def _check_failed(self, exc: Exception) -> None:
         log.debug(
-            "feast: the empty-store check of model %s could not read: %s: %s",
+            "feast: the empty-store check of model %s could not read: %s",
             self._model,
-            type(exc).__name__,
-            self._scrub(str(exc)),
+            self._describe(exc),
         )
 
     async def _in_check_thread(self, fn: Callable[..., T], *args: Any) -> T:
@@ -665,10 +709,9 @@ class FeastFeatureSource(FeatureSource):
                     await self._release(lock)
                 log.error(
                     "feast: model %s could not take the materialization lock or check the "
-                    "store: %s: %s; next try in %gs",
+                    "store: %s; next try in %gs",
                     model,
-                    type(exc).__name__,
-                    self._scrub(str(exc)),
+                    self._describe(exc),
                     self.config.empty_check_s,
                 )
                 return
@@ -697,11 +740,10 @@ class FeastFeatureSource(FeatureSource):
             except Exception as exc:
                 self._m_restores["failed"].inc()
                 log.error(
-                    "feast: materializing %s again for model %s failed: %s: %s; next try in %gs",
+                    "feast: materializing %s again for model %s failed: %s; next try in %gs",
                     ", ".join(views),
                     model,
-                    type(exc).__name__,
-                    self._scrub(str(exc)),
+                    self._describe(exc),
                     self.config.empty_check_s,
                 )
                 return
@@ -951,12 +993,7 @@ class FeastFeatureSource(FeatureSource):
         except Exception as exc:
             self._m_fetch.observe(time.perf_counter() - t0)
             self.breaker.record_failure()
-            log.warning(
-                "feast read of %d keys failed: %s: %s",
-                len(keys),
-                type(exc).__name__,
-                self._scrub(str(exc)),
-            )
+            log.warning("feast read of %d keys failed: %s", len(keys), self._describe(exc))
             raise ReadFailed("error") from None
         elapsed = time.perf_counter() - t0
         self._m_fetch.observe(elapsed)

@@ -30,6 +30,7 @@ from typing import Any, cast
 from infercore.artifacts import resolve_artifact
 from infercore.errors import ConfigError
 from infercore_feast.config import FeastInput, FeastSourceConfig, redis_connection_string
+from infercore_feast.failures import clean
 
 log = logging.getLogger("infercore.feast")
 
@@ -291,7 +292,7 @@ def _definition_error(
     for frame, lineno in traceback.walk_tb(exc.__traceback__):
         if frame.f_code.co_filename == filename:
             line = f" line {lineno}"  # the innermost of the file's own lines
-    text = " ".join(where.scrub(str(exc)).split())[:300]
+    text = clean(where.scrub(str(exc)))
     return ConfigError(
         f"{path}.repo: {name}{line} failed: {type(exc).__name__}: {text}",
         hint="fix the definition there; Feast's definitions run as code, as `feast apply` runs "
@@ -595,7 +596,7 @@ def prepare_store(
             # from a definition whose argument Feast took and could not use.
             raise ConfigError(
                 f"{path}.repo: Feast could not apply the definitions: {type(exc).__name__}: "
-                + " ".join(where.scrub(str(exc)).split())[:300],
+                + clean(where.scrub(str(exc))),
                 hint="check the definitions in the feature repo" + _type_checks_hint(path),
             ) from exc
         log.info(
@@ -668,7 +669,7 @@ def _offline_span_if_readable(view: Any, where: StoreLocation) -> OfflineSpan | 
             "feast: the offline source of %s could not be read: %s: %s",
             view.name,
             type(exc).__name__,
-            " ".join(where.scrub(str(exc)).split())[:300],
+            clean(where.scrub(str(exc))),
         )
         return None
 
