@@ -608,7 +608,10 @@ class Runtime:
         await self.lifecycle.restore_state()
         for served in self.models.values():
             loaded = [sv.model for sv in served.versions.values() if sv.ready]
-            if loaded:
+            # The config is checked against the models' tensors only when every version
+            # loaded: a name only a version that failed (optional, P5) takes is no error.
+            unloaded = [sv.version for sv in served.versions.values() if not sv.ready]
+            if loaded and not unloaded:
                 # What the feature source's config assembles, against what the model takes:
                 # a mismatch would report ready and answer every request 400.
                 served.features.check_model_inputs(
@@ -616,10 +619,20 @@ class Runtime:
                 )
             if served.drift is not None:
                 if loaded:  # tensor names are known once a version has loaded
-                    served.drift.check_tensors(
-                        {spec.name for model in loaded for spec in model.inputs},
-                        {spec.name for model in loaded for spec in model.outputs},
-                    )
+                    try:
+                        served.drift.check_tensors(
+                            {spec.name for model in loaded for spec in model.inputs},
+                            {spec.name for model in loaded for spec in model.outputs},
+                        )
+                    except ConfigError as exc:
+                        if not unloaded:
+                            raise
+                        log.warning(
+                            "%s (not refused: version(s) %s did not load and may take it)",
+                            exc,
+                            ", ".join(unloaded),
+                        )
+                if loaded and not unloaded:
                     served.drift.expect_columns(
                         [(spec.name, spec.shape) for model in loaded for spec in model.inputs],
                         [(spec.name, spec.shape) for model in loaded for spec in model.outputs],
