@@ -204,8 +204,11 @@ def _report(exc: BaseException) -> int:
 
 
 def _one_line(exc: BaseException) -> str:
-    """The error as one line, whatever a plugin's message contained."""
-    return " ".join(str(exc).split())
+    """The error as one line, whatever a plugin's message contained, credentials masked (a
+    Hydra error quotes the override it could not parse, a password in a URL included)."""
+    from infercore.redaction import redact_text
+
+    return redact_text(" ".join(str(exc).split()))
 
 
 def _check_admin_args(args: argparse.Namespace) -> None:

@@ -193,8 +193,7 @@ def _interpolation_error(cfg: Any, exc: Exception) -> ConfigError:
         # The variable is set, and its text does not parse (`{a: 1`, an unclosed quote).
         var = set_vars[0]
         return ConfigError(
-            f"{key}: the environment variable {var} does not parse as a value "
-            f"({str(exc).splitlines()[0]})",
+            f"{key}: the environment variable {var} does not parse as a value",
             hint=f"set {var} to a plain value (a number, a word); quote text with {{, [, "
             "or a comma in it",
         )

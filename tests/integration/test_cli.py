@@ -770,6 +770,14 @@ def test_config_validate_refuses_what_serve_refuses(
         assert line.startswith(f"{ERROR_PREFIX} {expected}"), (case, command, line)
 
 
+def test_a_config_error_quoting_an_override_masks_its_password() -> None:
+    # Hydra quotes an override it cannot parse, whole: a URL's password included.
+    override = "feature_store.redis_url=redis://:s3cretpw@cache:6379/0{"
+    line = _assert_one_config_error(run("config", "validate", "+recipe=fraud", override))
+    assert "redis://***@cache:6379/0{" in line
+    assert "s3cretpw" not in line
+
+
 def test_config_validate_refuses_a_folder_as_the_artifact(tmp_path: Path) -> None:
     recipes = _write_recipe(
         tmp_path / "recipes",

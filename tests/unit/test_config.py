@@ -162,13 +162,15 @@ def test_prod_port_set_but_empty_names_the_variable(monkeypatch: pytest.MonkeyPa
 
 
 def test_prod_port_that_does_not_parse_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("INFERCORE_PORT", "{a: 1")
-    text = _error(["+recipe=iris", "env=prod"])
-    assert text.startswith(
-        "server.port: the environment variable INFERCORE_PORT does not parse as a value"
-    ), text
-    assert "set INFERCORE_PORT to a plain value" in text
-    assert "{a: 1" not in text  # its value is not shown: it may be a secret elsewhere
+    for value in ("{a: 1", "${hunter2", "${hunter2}"):
+        monkeypatch.setenv("INFERCORE_PORT", value)
+        text = _error(["+recipe=iris", "env=prod"])
+        assert text.startswith(
+            "server.port: the environment variable INFERCORE_PORT does not parse as a value"
+        ), text
+        assert "set INFERCORE_PORT to a plain value" in text
+        # Its value is not shown, nor Hydra's line quoting it: it may be a secret elsewhere.
+        assert "a: 1" not in text and "hunter2" not in text, text
 
 
 def test_prod_port_that_is_not_a_number_names_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
