@@ -336,6 +336,7 @@ def test_a_file_that_is_no_torch_save_file_is_named_so(
     with pytest.raises(ModelLoadError, match=r"not a torch\.save file") as err:
         asyncio.run(model.start())
     assert "pickled" not in str(err.value)
+    assert "weights" not in str(err.value)  # the file's content is not quoted
 
 
 def test_a_wrong_architecture_kwargs_key_names_the_option_and_the_parameters(

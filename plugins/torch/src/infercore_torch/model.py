@@ -676,9 +676,10 @@ class TorchModel(Model):
             # torch.save writes a zip archive (legacy files: a pickle, protocol 2+ starts with
             # 0x80); anything else is no torch file at all, not a refused pickle.
             if not (data.startswith(b"PK\x03\x04") or data[:1] == b"\x80"):
+                kind = "empty" if not data else "text" if data[:64].isascii() else "binary"
                 raise ModelLoadError(
                     f"{path}.path: not a torch.save file (neither a zip archive nor a pickle: "
-                    f"{len(data)} bytes starting {data[:8]!r})",
+                    f"{len(data)} bytes, {kind})",
                     hint="point it at the state dict `torch.save(model.state_dict(), f)` wrote, "
                     "or a .safetensors file",
                 )
