@@ -101,7 +101,7 @@ class _Key:
     """One key's limit: when its next line may come, the lines held back since its last one,
     and that line (logger, level, text) for the line that tells their count."""
 
-    __slots__ = ("due", "held", "level", "line", "logger")
+    __slots__ = ("due", "extra", "held", "level", "line", "logger")
 
     def __init__(self) -> None:
         self.due = 0.0
@@ -109,6 +109,9 @@ class _Key:
         self.logger = logging.getLogger()
         self.level = logging.WARNING
         self.line = ""
+        #: The last line's structured fields (its request id left out: the count is no
+        #: request's), for the line that tells the count (JSON logs keep model and reason).
+        self.extra: dict[str, Any] | None = None
 
 
 #: Every :class:`_HeldLines` alive, for :func:`flush_held_lines`.
@@ -150,11 +153,20 @@ class _HeldLines:
             return None
         return state
 
-    def logged(self, state: _Key, now: float, logger: logging.Logger, level: int, line: str) -> int:
+    def logged(
+        self,
+        state: _Key,
+        now: float,
+        logger: logging.Logger,
+        level: int,
+        line: str,
+        extra: dict[str, Any] | None = None,
+    ) -> int:
         """A line of the key is logged now: the count it tells (held back since the last)."""
         held = state.held
         state.due, state.held = now + self.interval_s, 0
         state.logger, state.level, state.line = logger, level, line
+        state.extra = {k: v for k, v in extra.items() if k != "request_id"} if extra else None
         return held
 
     def _quiet(self, state: _Key, due: float) -> None:
@@ -164,7 +176,7 @@ class _HeldLines:
 
     def _told(self, state: _Key) -> None:
         held, state.held = state.held, 0
-        state.logger.log(state.level, self._tell, state.line, held)
+        state.logger.log(state.level, self._tell, state.line, held, extra=state.extra)
 
     def flush(self) -> int:
         """Log, for every key with lines held back, one line with their count (the text of
@@ -240,7 +252,7 @@ class FailureLog:
         if state is None:
             self._log.debug(msg, *args, extra=extra, exc_info=exc_info)
             return
-        held = lines.logged(state, now, self._log, level, _text(msg, args))
+        held = lines.logged(state, now, self._log, level, _text(msg, args), extra)
         if held:
             msg += " (and %d more like it in the last %.0f s, logged at DEBUG)"
             args = (*args, held, lines.interval_s)

@@ -287,3 +287,23 @@ def test_flush_held_lines_tells_every_failure_log_and_client_warning_limit(
         "Exceeded concurrency limit. (2 more like it since the last such line, left out)",
         "request failed: full 0 (2 more like it since the last such line, logged at DEBUG)",
     ]
+
+
+def test_the_count_line_keeps_the_last_lines_fields_but_its_request_id(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # JSON logs (server.log_format=json) carry model and reason as fields: the line that tells
+    # a count keeps them, so it can be found beside the lines it counts.
+    clock = Clock()
+    flog = FailureLog(
+        logging.getLogger("test.failures"), interval_s=10.0, clock=clock, schedule=Timers()
+    )
+    fields = {"model": "m", "reason": "queue_full", "request_id": "r1"}
+    with caplog.at_level(logging.DEBUG, logger="test.failures"):
+        for _ in range(3):
+            flog.warning(("m", "queue_full"), "request failed", extra=fields)
+        caplog.clear()
+        assert flog.flush() == 1
+    (record,) = caplog.records
+    assert (record.model, record.reason) == ("m", "queue_full")  # type: ignore[attr-defined]
+    assert not hasattr(record, "request_id")
