@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Generator
 from typing import Any
 
@@ -16,7 +17,14 @@ import numpy as np
 from infercore.components.model import Array
 from infercore.errors import InvalidInput
 from infercore.protocol.names import listed
-from infercore.protocol.tensors import UNREADABLE_JSON, json_array, malformed_json, parse_json
+from infercore.protocol.tensors import (
+    GC_PAUSE_BYTES,
+    MAX_DIMS,
+    UNREADABLE_JSON,
+    json_array,
+    malformed_json,
+    parse_json,
+)
 
 _decoder = msgspec.json.Decoder()
 #: Behind a feature source the names are its request fields (an entity key, a few values), not
@@ -32,9 +40,48 @@ def _several_inputs(message: str, names: Callable[[], str] | None) -> InvalidInp
 _encoder = msgspec.json.Encoder()
 
 
-def _column(name: str, values: list[Any]) -> Array:
+def _column(name: str, values: list[Any], max_rows: int) -> Array:
     """One field's values across instances; every value must have the type of the first."""
-    return json_array(f"field {name!r}", values)
+    what = f"field {name!r}"
+    if values and type(values[0]) is list and values[0] and type(values[0][0]) is list:
+        _check_nesting(what, values, max_rows)
+    return json_array(what, values)
+
+
+def _check_nesting(what: str, values: list[Any], max_rows: int) -> None:
+    """Refuse, before any value is converted (RELIABILITY P14), nesting that would cost the
+    conversion time out of proportion to the values it carries: lists at one depth of
+    different lengths, lists beside values, or lists holding no values at all (more of them
+    than ``max_rows``, as the rows are limited). One pass over the lists of each depth at
+    C speed (``map``), never over the values.
+
+    Called for rows whose first holds lists (three levels or more): flat values and rows of
+    values cost the conversion what their values cost, and the typed conversion refuses a
+    list among values at once, without walking it.
+    """
+    level = values
+    lists = 0
+    for _ in range(MAX_DIMS):  # deeper: json_array refuses it before converting
+        if set(map(type, level)) != {list}:
+            raise InvalidInput(
+                f"{what}: data is ragged (lists and values at the same depth)",
+                hint="every row needs the same nesting",
+            )
+        sizes = set(map(len, level))
+        if len(sizes) > 1:
+            raise InvalidInput(f"{what}: data is ragged (nested lists of different lengths)")
+        lists += len(level)
+        if not level[0]:  # every list empty: no values at all
+            if lists > max_rows:
+                raise InvalidInput(
+                    f"{what}: data is {lists} nested lists without a value; the limit is "
+                    f"{max_rows} (as for rows)",
+                    hint="send the values; a row without values is `[]` (server.max_request_rows)",
+                )
+            return
+        if type(level[0][0]) is not list:
+            return  # the next depth holds values
+        level = list(itertools.chain.from_iterable(level))
 
 
 def decode(
@@ -43,14 +90,21 @@ def decode(
     default_input: str | None,
     max_rows: int,
     names: Callable[[], str] | None = None,
+    unbatched: Callable[[str], bool] | None = None,
 ) -> dict[str, Array]:
     """Decode a V1 predict body into named columns (rows along axis 0).
 
     ``names`` says what a request carries (the model's inputs, or its feature source's
     fields), for the error of plain values sent to a model of several inputs.
+
+    ``max_rows`` holds for ``instances`` and for each ``inputs`` column, checked before any
+    value is converted (RELIABILITY P14), except for a column ``unbatched`` names (an input
+    whose first dimension is a fixed size, not the batch dimension; called only for a column
+    over the limit).
     """
     try:
-        doc = parse_json(_decoder, body)
+        # A small body (the usual one) decoded at once, without parse_json's call.
+        doc = _decoder.decode(body) if len(body) < GC_PAUSE_BYTES else parse_json(_decoder, body)
     except UNREADABLE_JSON as exc:
         raise malformed_json(exc, body) from None
     if not isinstance(doc, dict):
@@ -82,26 +136,41 @@ def decode(
                         f"instances[{n}]: fields differ from instances[0] "
                         f"({listed(sorted(missing))})"
                     )
-            return {k: _column(k, [inst[k] for inst in instances]) for k in keys}
+            return {k: _column(k, [inst[k] for inst in instances], max_rows) for k in keys}
         if any(isinstance(i, dict) for i in instances):
             raise InvalidInput("`instances` mixes objects and values")
         if default_input is None:
             raise _several_inputs(
                 "this model has several inputs: send instances as objects keyed by name", names
             )
-        return {default_input: _column(default_input, instances)}
+        return {default_input: _column(default_input, instances, max_rows)}
     if "inputs" in doc:
         inputs = doc["inputs"]
         if isinstance(inputs, dict):
-            return {k: _column(k, v if isinstance(v, list) else [v]) for k, v in inputs.items()}
+            return {k: _input_column(k, v, max_rows, unbatched) for k, v in inputs.items()}
         if default_input is None:
             raise _several_inputs(
                 "this model has several inputs: send `inputs` as an object", names
             )
-        return {
-            default_input: _column(default_input, inputs if isinstance(inputs, list) else [inputs])
-        }
+        return {default_input: _input_column(default_input, inputs, max_rows, unbatched)}
     raise InvalidInput("the body needs `instances` (a list) or `inputs`")
+
+
+def _input_column(
+    name: str, values: Any, max_rows: int, unbatched: Callable[[str], bool] | None
+) -> Array:
+    """An ``inputs`` column (rows along its first dimension), its rows counted first."""
+    if not isinstance(values, list):
+        values = [values]
+    elif len(values) > max_rows and (unbatched is None or not unbatched(name)):
+        # Imported here, on the error path: the runtime package imports this one's siblings.
+        from infercore.runtime.errors import quoted
+
+        raise InvalidInput(
+            f"`inputs` {quoted(name)} has {len(values)} rows; the limit is {max_rows}",
+            hint="split the request (server.max_request_rows)",
+        )
+    return _column(name, values, max_rows)
 
 
 def _row_value(arr: Array, i: int) -> Any:

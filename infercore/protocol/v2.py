@@ -17,6 +17,7 @@ from infercore.components.model import Array
 from infercore.components.tensors import V2_TO_NUMPY, v2_datatype
 from infercore.errors import InvalidInput
 from infercore.protocol.tensors import (
+    GC_PAUSE_BYTES,
     UNREADABLE_JSON,
     _from_flat_json,
     check_shape,
@@ -151,7 +152,8 @@ def decode(
     else:
         head, blob = body, memoryview(b"")
     try:
-        req = parse_json(_decoder, head)
+        # A small body (the usual one) decoded at once, without parse_json's call.
+        req = _decoder.decode(head) if len(head) < GC_PAUSE_BYTES else parse_json(_decoder, head)
     except msgspec.ValidationError as exc:
         raise InvalidInput(f"invalid V2 request: {_validation_message(exc)}") from None
     except UNREADABLE_JSON as exc:

@@ -7,6 +7,7 @@ are decoded with msgspec straight from bytes.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import os
@@ -25,6 +26,7 @@ from litestar.exceptions import (
     HTTPException,
     ImproperlyConfiguredException,
     MethodNotAllowedException,
+    NotFoundException,
 )
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from litestar.openapi import OpenAPIConfig
@@ -318,14 +320,20 @@ def _inference_target(path: str) -> tuple[str, str | None, str] | None:
 
     Only the shapes the inference routes match; anything else (an unknown V1 verb, extra
     segments) is left to the routes' own handling. A V2 path with an empty model or version
-    (``/v2/models//infer``) is taken too: it is answered 404 naming the empty name, where
-    Litestar's routing would read it without the empty segment, as another route (a 405).
+    (``/v2/models//infer``, ``/v2/models//versions/1/infer``, ``/v2/models/m/versions//infer``)
+    is taken too: it is answered 404 naming the empty name, where Litestar's routing reads it
+    without the empty segment as another route (a 405 or a 404, which the routes' error
+    handler answers as this path does). Not taken: ``/v2/models/infer`` (the metadata route of
+    a model named ``infer``: its ``/infer`` is no segment after a model's) and
+    ``/v2/models//versions//infer``, which Litestar reads as the inference route of a model
+    named ``versions``: both paths answer them as Litestar's routing does.
     """
-    if path.startswith("/v2/models/") and path.endswith("/infer"):
+    # Longer than the prefix and the suffix together: in "/v2/models/infer" they overlap.
+    if len(path) > 16 and path.startswith("/v2/models/") and path.endswith("/infer"):
         parts = path[11:-6].split("/")
         if len(parts) == 1:
             return parts[0], None, "v2"
-        if len(parts) == 3 and parts[1] == "versions":
+        if len(parts) == 3 and parts[1] == "versions" and (parts[0] or parts[2]):
             return parts[0], parts[2], "v2"
         return None
     if path.startswith("/v1/models/") and path.endswith(":predict"):
@@ -449,6 +457,11 @@ def _client_timeout(headers: Mapping[str, str]) -> float | None:
     return ms / 1000
 
 
+#: Digits an ``Inference-Header-Content-Length`` may have (``2**63`` has 19; a body holds far
+#: fewer bytes).
+_MAX_LENGTH_DIGITS = 19
+
+
 def _header_length(headers: Mapping[str, str]) -> int | None:
     """``Inference-Header-Content-Length``: digits only (``int`` alone would take ``+75``,
     ``1_0`` and inner spaces), and only once (the fast path joins repeated ones with commas,
@@ -464,9 +477,12 @@ def _header_length(headers: Mapping[str, str]) -> int | None:
         )
     value = raw.strip(_OWS)
     digits = value[1:] if value[:1] == "-" else value  # a negative one is named as such
-    if not (digits.isascii() and digits.isdigit()):
+    # At most 19 digits: more is past any body limit, and past 4300 ``int`` itself refuses
+    # (Python's limit on converting long digit strings, a ValueError).
+    if not (digits.isascii() and digits.isdigit() and len(digits) <= _MAX_LENGTH_DIGITS):
         raise InvalidInput(
-            f"Inference-Header-Content-Length must be a byte count (digits only), got {raw[:40]!r}",
+            "Inference-Header-Content-Length must be a byte count (digits only, at most "
+            f"{_MAX_LENGTH_DIGITS}), got {raw[:40]!r}",
             hint="the byte length of the JSON header that starts the body",
         )
     return int(value)
@@ -509,6 +525,12 @@ def create_app(
     max_rows = cfg.max_request_rows
     max_output = cfg.max_output_bytes
     unrouted: dict[tuple[str, str], ResponseCounters] = {}
+    # The decoders' row-limit exemption of each model, built once (not a closure per request);
+    # the runtime's models are fixed when it is built (the partial at the call sites is only
+    # a fallback, never reached today).
+    unbatched_of: dict[str, Callable[[str], bool]] = {
+        name: functools.partial(_unbatched_input, served) for name, served in runtime.models.items()
+    }
     deadlines = _Deadlines()
     failure_log = FailureLog(log)
 
@@ -651,7 +673,8 @@ def create_app(
                     header_length,
                     max_elements=max_elements,
                     max_rows=max_rows,
-                    unbatched=lambda name: _unbatched_input(served, name),
+                    unbatched=unbatched_of.get(served.name)
+                    or functools.partial(_unbatched_input, served),
                 )
                 if decoded.timeout_s is not None and start + decoded.timeout_s < deadline:
                     # Triton's parameters.timeout: it may shorten the deadline, never extend it.
@@ -693,6 +716,8 @@ def create_app(
                         default_input=sv.default_input,
                         max_rows=max_rows,
                         names=sv.names_hint,
+                        unbatched=unbatched_of.get(served.name)
+                        or functools.partial(_unbatched_input, served),
                     ),
                 )
                 vm = sv.metrics
@@ -1215,8 +1240,9 @@ def create_app(
 
     def empty_name(request: Request[Any, Any, Any]) -> Response[bytes] | None:
         """The 404 of a V2 inference path with an empty model or version
-        (``/v2/models//infer``), which Litestar's routing reads without the empty segment as
-        another route and refuses 405: answered and counted as the fast path answers it."""
+        (``/v2/models//infer``, ``/v2/models//versions/1/infer``), which Litestar's routing
+        reads without the empty segment as another route and refuses (405, or 404 without
+        a route): answered and counted as the fast path answers it."""
         target = _inference_target(request.scope["path"])
         if request.method != "POST" or target is None:
             return None
@@ -1246,7 +1272,7 @@ def create_app(
         otherwise raise the inference error rate of a model."""
 
         def handle_counted(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
-            if isinstance(exc, MethodNotAllowedException):
+            if isinstance(exc, MethodNotAllowedException | NotFoundException):
                 answered = empty_name(request)
                 if answered is not None:
                     return answered

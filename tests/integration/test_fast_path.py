@@ -54,6 +54,12 @@ REQUESTS: list[tuple[str, str, bytes, dict[str, str]]] = [
     # reads the path without the empty segment as a metadata route).
     ("POST", "/v2/models//infer", msgspec.json.encode(BODY), RID),
     ("POST", "/v2/models/m/versions//infer", msgspec.json.encode(BODY), RID),
+    # Litestar finds no route for it (a 404 not_found): answered as the fast path answers it.
+    ("POST", "/v2/models//versions/1/infer", msgspec.json.encode(BODY), RID),
+    # The metadata route of a model named "infer" (a 405), and the inference route of a model
+    # named "versions" as Litestar reads it: neither is taken by the fast path.
+    ("POST", "/v2/models/infer", msgspec.json.encode(BODY), JSON),
+    ("POST", "/v2/models//versions//infer", msgspec.json.encode(BODY), RID),
 ]
 
 
@@ -122,6 +128,9 @@ def test_both_paths_count_the_same_responses(
         ("/v1/models/m/versions/3:predict", ("m", "3", "v1")),
         ("/v2/models//infer", ("", None, "v2")),  # answered 404 naming the empty name
         ("/v2/models/m/versions//infer", ("m", "", "v2")),
+        ("/v2/models//versions/1/infer", ("", "1", "v2")),
+        ("/v2/models/infer", None),  # the metadata route of a model named "infer"
+        ("/v2/models//versions//infer", None),  # Litestar reads it as model "versions"
         ("/v2/models/m/x/3/infer", None),
         ("/v2/models/m/infer/extra", None),
         ("/v1/models/m:explain", None),

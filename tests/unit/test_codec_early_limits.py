@@ -257,3 +257,101 @@ def test_a_missing_assembled_input_lists_what_came_bounded() -> None:
     message = str(info.value)
     assert "missing input 'input' (got 'u0'" in message and "… and 19990 more" in message
     assert len(message) < 1000
+
+
+# --- V1: rows of `inputs` columns and nesting, before converting ----------------------------
+
+
+@pytest.fixture
+def no_v1_conversion(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Converting a V1 column fails the test."""
+
+    def converted(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the data was converted before the refusal")
+
+    monkeypatch.setattr(v1, "json_array", converted)
+
+
+def v1_refused(doc: Any, *needles: str, **kw: Any) -> str:
+    kw.setdefault("default_input", "x")
+    with pytest.raises(InvalidInput) as info:
+        v1.decode(json.dumps(doc).encode(), max_rows=16, **kw)
+    message = str(info.value)
+    for needle in needles:
+        assert needle in message, message
+    return message
+
+
+@pytest.mark.usefixtures("no_v1_conversion")
+@pytest.mark.parametrize(
+    ("doc", "name"),
+    [
+        ({"inputs": [[]] * 3000}, "x"),  # the audit's 2.7M empty lists, smaller
+        ({"inputs": [0] * 3000}, "x"),
+        ({"inputs": {"x": [[]] * 3000}}, "x"),
+        # Each column before its own conversion, as V2 checks each input before its own.
+        ({"inputs": {"b": [[1.0]] * 17, "a": [[1.0]]}}, "b"),
+    ],
+)
+def test_v1_inputs_rows_over_the_limit_are_refused_unconverted(doc: Any, name: str) -> None:
+    rows = len(doc["inputs"] if isinstance(doc["inputs"], list) else doc["inputs"][name])
+    v1_refused(
+        doc, f"`inputs` '{name}' has {rows} rows; the limit is 16", "server.max_request_rows"
+    )
+
+
+def test_v1_inputs_rows_at_the_limit_and_unbatched_inputs_pass() -> None:
+    doc = {"inputs": {"x": [[0.5]] * 16, "fixed": [1.0] * 5000}}
+    asked: list[str] = []
+
+    def unbatched(name: str) -> bool:
+        asked.append(name)
+        return name == "fixed"
+
+    raw = json.dumps(doc).encode()
+    columns = v1.decode(raw, default_input=None, max_rows=16, unbatched=unbatched)
+    assert columns["x"].shape == (16, 1)
+    assert columns["fixed"].shape == (5000,)
+    assert asked == ["fixed"]  # asked only for the column over the limit
+    v1_refused(doc, "`inputs` 'fixed' has 5000 rows", default_input=None)
+
+
+@pytest.mark.usefixtures("no_v1_conversion")
+@pytest.mark.parametrize(
+    ("doc", "needle"),
+    [
+        # One row of many empty lists (the audit's 2.7 million, smaller): no values at all.
+        ({"instances": [[[]] * 3000]}, "3001 nested lists without a value; the limit is 16"),
+        ({"instances": [[[[]] * 100] * 30]}, "3031 nested lists without a value"),
+        ({"inputs": [[[]] * 3000]}, "3001 nested lists without a value; the limit is 16"),
+        ({"inputs": {"x": [[[]] * 3000]}}, "3001 nested lists without a value"),
+        ({"instances": [{"x": [[]] * 3000}]}, "3001 nested lists without a value"),
+        # Ragged, or lists beside values, found before the converter walks the good part.
+        ({"instances": [[[]] * 3000 + [[0]]]}, "ragged (nested lists of different lengths)"),
+        ({"instances": [[[0]] * 3000, [[0], [0]]]}, "ragged (nested lists of different lengths)"),
+        ({"instances": [[[]] * 3000, "x"]}, "ragged (lists and values at the same depth)"),
+        ({"instances": [[[0]] * 3000 + [0]]}, "ragged (lists and values at the same depth)"),
+    ],
+)
+def test_v1_nesting_without_values_or_ragged_is_refused_unconverted(doc: Any, needle: str) -> None:
+    message = v1_refused(doc, needle)
+    assert "field 'x'" in message  # the input, by name
+    if "without a value" in needle:
+        assert "server.max_request_rows" in message  # the limit's setting
+
+
+@pytest.mark.parametrize(
+    ("doc", "shape"),
+    [
+        ({"instances": [[[1, 2], [3, 4]], [[5, 6], [7, 8]]]}, (2, 2, 2)),
+        ({"instances": [[[]] * 15]}, (1, 15, 0)),  # 16 lists: at the limit
+        ({"instances": [[[[0.5]] * 3] * 2]}, (1, 2, 3, 1)),
+        ({"inputs": [[[1], [2]]] * 16}, (16, 2, 1)),
+        ({"inputs": {"x": [[1, 2]] * 16}}, (16, 2)),
+        ({"instances": [[1, 2]] * 16}, (16, 2)),
+        ({"inputs": 3}, (1,)),
+    ],
+)
+def test_v1_data_that_fits_is_decoded_as_before(doc: Any, shape: tuple[int, ...]) -> None:
+    raw = json.dumps(doc).encode()
+    assert v1.decode(raw, default_input="x", max_rows=16)["x"].shape == shape
