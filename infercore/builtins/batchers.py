@@ -339,6 +339,15 @@ class _Drain:
         return 1000 * queued * self._seconds / self._units
 
 
+def _observe_wait(observer: BatchObserver, seconds: float, requests: int) -> None:
+    """``observe_queue_wait``, with ``requests`` only when it is not 1: an observer written
+    before that argument (``observe_queue_wait(self, seconds)``) keeps working."""
+    if requests == 1:
+        observer.observe_queue_wait(seconds)
+    else:
+        observer.observe_queue_wait(seconds, requests)
+
+
 def _horizon_s(queue_timeout_ms: float, on: bool) -> float | None:
     return queue_timeout_ms / 1000 * HEADROOM if on else None
 
@@ -503,10 +512,10 @@ class NoBatcher(Batcher):
                 self.observer.set_queue_depth(self._waiting)
             now = time.perf_counter()
             self._drain.took(1, now, self._waiting > 0)
-            self.observer.observe_queue_wait(now - start, submission_requests())
+            _observe_wait(self.observer, now - start, submission_requests())
         else:
             await self._slots.acquire()
-            self.observer.observe_queue_wait(0.0, submission_requests())
+            _observe_wait(self.observer, 0.0, submission_requests())
         # The model call runs in its own task, which owns the slot until the model returns: a
         # caller that goes (disconnect, deadline) cannot stop a call already running in a
         # worker thread, so the slot must stay taken until then, or the next request would
@@ -775,13 +784,18 @@ class _LevelQueue:
         queue = self._levels[level - 1]
         if len(queue) < bound:
             return False
+        return self._drop_gone(queue) >= bound
+
+    def _drop_gone(self, queue: collections.deque[_Item]) -> int:
+        """Drop ``queue``'s requests that timed out or whose callers went, keeping the order
+        of the others; how many are left."""
         live = [it for it in queue if it.state == _QUEUED]
         gone = len(queue) - len(live)
         if gone:
             queue.clear()
             queue.extend(live)
             self._len -= gone
-        return len(live) >= bound
+        return len(live)
 
     def rows_ahead(self, level: int) -> int:
         """The rows of the requests still queued at ``level`` (0: the default) or above: those
@@ -798,12 +812,7 @@ class _LevelQueue:
         """Drop the requests that timed out or whose callers went, keeping each deque's order
         (and so each request's place: a delayed one stays delayed)."""
         for queue in self._levels:
-            live = [it for it in queue if it.state == _QUEUED]
-            gone = len(queue) - len(live)
-            if gone:
-                queue.clear()
-                queue.extend(live)
-                self._len -= gone
+            self._drop_gone(queue)
 
 
 class _DelayingLevelQueue(_LevelQueue):
@@ -845,16 +854,7 @@ class _DelayingLevelQueue(_LevelQueue):
         queues = self._levels[index : index + 2]
         if sum(len(queue) for queue in queues) < bound:
             return False
-        live = 0
-        for queue in queues:
-            kept = [it for it in queue if it.state == _QUEUED]
-            gone = len(queue) - len(kept)
-            if gone:
-                queue.clear()
-                queue.extend(kept)
-                self._len -= gone
-            live += len(kept)
-        return live >= bound
+        return sum(self._drop_gone(queue) for queue in queues) >= bound
 
     def rows_ahead(self, level: int) -> int:
         """The rows still queued ahead of a request joining ``level`` (0: the default) now:
@@ -1360,7 +1360,7 @@ class DynamicBatcher(Batcher):
         self._queued_rows -= item.rows
         if item.timer is not None:
             item.timer.cancel()
-        self.observer.observe_queue_wait(now - item.queued_at, item.requests)
+        _observe_wait(self.observer, now - item.queued_at, item.requests)
 
     # Hooks for subclasses (the adaptive batcher): when to stop waiting for a batch to fill,
     # and what happened to each batch. They run on the event loop and must not block.
