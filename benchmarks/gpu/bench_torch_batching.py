@@ -13,6 +13,7 @@ Configurations (those needing CUDA are skipped without it, and the JSON says so)
 - ``cuda/torch-gpu``: model on CUDA, ``torch-gpu`` batcher (pinned buffers, streams).
 
     python benchmarks/gpu/bench_torch_batching.py --out DIR [--duration 10] [--clients 64]
+        [--max-batch 32] [--gpu-slots 3] [--skip-cpu]
 
 Writes ``DIR/torch_batching.json`` and ``DIR/torch_batching.md``.
 """
@@ -92,7 +93,9 @@ async def start_model(root: Path, digest: str, device: str) -> TorchModel:
     return model
 
 
-def make_batcher(kind: str, model: TorchModel, root: Path, max_batch: int) -> Batcher:
+def make_batcher(
+    kind: str, model: TorchModel, root: Path, max_batch: int, gpu_slots: int = 3
+) -> Batcher:
     context = ComponentContext(path="bench.batching", model_root=root)
     if kind == "dynamic":
         config = msgspec.convert(
@@ -101,7 +104,11 @@ def make_batcher(kind: str, model: TorchModel, root: Path, max_batch: int) -> Ba
         )
         return DynamicBatcher(config, context, model)
     gpu_config = msgspec.convert(
-        {"max_batch_size": max_batch, "max_concurrent_batches": 3, "queue_timeout_ms": 30000},
+        {
+            "max_batch_size": max_batch,
+            "max_concurrent_batches": gpu_slots,
+            "queue_timeout_ms": 30000,
+        },
         TorchGpuBatcher.Config,
     )
     return TorchGpuBatcher(gpu_config, context, model)
@@ -165,6 +172,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "clients": args.clients,
         "duration_s": args.duration,
         "max_batch_size": args.max_batch,
+        "gpu_slots": args.gpu_slots,
         "runs": {},
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -180,7 +188,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     results["runs"][name] = {"skipped": "--skip-cpu"}
                     continue
                 model = await start_model(root, digest, device)
-                batcher = make_batcher(kind, model, root, args.max_batch)
+                batcher = make_batcher(kind, model, root, args.max_batch, args.gpu_slots)
                 await batcher.start()
                 try:
                     await drive(batcher, args.clients, min(1.0, args.duration))  # warm
@@ -198,7 +206,8 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         f"torch {results['torch']}, GPU: {results['gpu'] or 'none'}, "
         f"{results['clients']} closed-loop clients, {results['duration_s']} s per run, "
-        f"max_batch_size {results['max_batch_size']}.",
+        f"max_batch_size {results['max_batch_size']}, torch-gpu "
+        f"max_concurrent_batches {results.get('gpu_slots', 3)}.",
         "",
         "| run | requests/s | p50 ms | p95 ms | p99 ms | errors |",
         "|---|---:|---:|---:|---:|---:|",
@@ -221,6 +230,13 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per run")
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument(
+        "--gpu-slots",
+        type=int,
+        default=3,
+        help="torch-gpu max_concurrent_batches: staging slots, each with its own CUDA stream "
+        "(1: copy-in, compute and copy-out of consecutive batches cannot overlap)",
+    )
     parser.add_argument("--skip-cpu", action="store_true", help="only the CUDA runs")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

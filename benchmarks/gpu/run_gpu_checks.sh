@@ -7,9 +7,10 @@
 # CPU build); else python3. Except with .venv's, the wheels of benchmarks/gpu/bundle.sh
 # (.gpu-bundle, or $GPU_BUNDLE), when there, are installed into a temporary folder first: a
 # machine with torch but no package index.
-# Bounded: about 3 minutes.
+# Bounded: about 4 minutes with CUDA (DURATION=10 s per run).
 #  1. the `gpu`-marked tests (skip without CUDA) of plugins/torch and plugins/onnx;
-#  2. bench_torch_batching.py: torch-gpu vs dynamic batching, CPU and CUDA, JSON + markdown.
+#  2. bench_torch_batching.py: torch-gpu vs dynamic batching, CPU and CUDA, JSON + markdown;
+#     with CUDA also one staging slot vs three (slots1/) and 256 clients, batches of 128 (large/).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 out="${1:-${OUT:-benchmarks/gpu/results}}"
@@ -56,5 +57,14 @@ timeout 300 "${py[@]}" -m pytest -m gpu plugins/torch plugins/onnx -q -rs -p no:
     --junitxml "$out/gpu-tests.xml" 2>&1 | tee "$out/gpu-tests.txt" || status=$?
 timeout 600 "${py[@]}" benchmarks/gpu/bench_torch_batching.py --out "$out" \
     --duration "$duration" 2>&1 | tee "$out/bench.txt" || status=$?
+if "${py[@]}" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+    # CUDA only: one staging slot (no overlap of consecutive batches) against the default three,
+    # and larger batches under more clients.
+    timeout 300 "${py[@]}" benchmarks/gpu/bench_torch_batching.py --out "$out/slots1" --skip-cpu \
+        --gpu-slots 1 --duration "$duration" 2>&1 | tee -a "$out/bench.txt" || status=$?
+    timeout 300 "${py[@]}" benchmarks/gpu/bench_torch_batching.py --out "$out/large" --skip-cpu \
+        --clients 256 --max-batch 128 --duration "$duration" 2>&1 | tee -a "$out/bench.txt" \
+        || status=$?
+fi
 echo "gpu-checks: results in $out (exit $status)"
 exit "$status"
