@@ -208,6 +208,39 @@ def test_torchscript_needs_declared_inputs(artifacts: Artifacts) -> None:
         build(artifacts.root, path="mlp.torchscript", trusted=True, sha256=digest)
 
 
+_MOVE_OFF_THE_CPU = """
+import asyncio, sys, warnings
+from pathlib import Path
+import msgspec, torch
+import infercore_torch.model as m
+from infercore.components import ComponentContext
+warnings.simplefilter("ignore")
+assert "torch.export.passes" not in sys.modules
+m.select_device = lambda torch, requested, config_path: torch.device("meta")
+for options in ({OPTIONS}):
+    config = msgspec.convert(options, m.TorchModel.Config)
+    context = ComponentContext(path="models.m.loader", model_root=Path({ROOT!r}))
+    model = m.TorchModel(config, context)
+    asyncio.run(model.start())
+    print(model.format, sorted({{p.device.type for p in model._module.parameters()}}))
+"""
+
+
+def test_exported_programs_move_to_a_device_other_than_the_cpu(artifacts: Artifacts) -> None:
+    # The path CUDA takes (a `meta` device stands in for it): torch.export's device pass lives
+    # in a submodule `import torch` leaves out, so a fresh process must find it by itself.
+    options = [
+        {"path": "mlp.pt2", "trusted": True, "sha256": artifacts.digest("mlp.pt2")},
+        {"path": "other.pt", **artifacts.mlp_architecture()},
+    ]
+    script = _MOVE_OFF_THE_CPU.format(OPTIONS=repr(options), ROOT=str(artifacts.root))
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["export ['meta']", "state_dict ['meta']"]
+
+
 # -- state dicts ------------------------------------------------------------------------------
 
 

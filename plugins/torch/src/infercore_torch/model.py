@@ -632,7 +632,7 @@ class TorchModel(Model):
                 ) from None
         if program is not None and device.type != "cpu":
             # CUDA-specific: also moves device constants baked into the graph.
-            program = torch.export.passes.move_to_device_pass(program, device)
+            program = move_program(program, device)
             module = program.module()
             if self.format == "state_dict":
                 module.load_state_dict(state, strict=True)
@@ -788,6 +788,18 @@ class TorchModel(Model):
                         hint=f"declare a size in {allowed}, or -1",
                     )
         return ranges
+
+
+def move_program(program: Any, device: Any) -> Any:
+    """``program`` (a ``torch.export`` program) with its parameters, buffers and the device
+    constants baked into its graph on ``device``.
+
+    ``torch.export.passes`` is a submodule ``import torch`` does not load (``torch.export.passes``
+    as an attribute raises ``AttributeError`` until something imports it): import it by name.
+    """
+    from torch.export.passes import move_to_device_pass
+
+    return move_to_device_pass(program, device)
 
 
 def to_numpy(tensor: Any, spec: TensorSpec, *, where: str = "model") -> Array:
