@@ -157,6 +157,15 @@ def test_a_request_of_the_wrong_kind_is_invalid_input(cpu_model: TorchModel) -> 
         pipeline.run([{"input": np.ones((1, 4), dtype=np.complex64)}])
     with pytest.raises(InvalidInput, match="missing input 'input'"):
         pipeline.run([{"x": rows(1, 0)}])
+    # A bad request behind good ones in one batch: named the same (it is not checked as the
+    # first one's shape, nor written with the others in one copy).
+    good = {"input": rows(1, 0)}
+    with pytest.raises(InvalidInput, match=r"got complex64 \[1, 4\]"):
+        pipeline.run([good, good, {"input": np.ones((1, 4), dtype=np.complex64)}])
+    with pytest.raises(InvalidInput, match=r"shape \[1, 5\] does not match the model's \[-1, 4\]"):
+        pipeline.run([good, {"input": np.ones((1, 5), dtype=np.float32)}])
+    with pytest.raises(InvalidInput, match=r"shape \[1\] does not match"):
+        pipeline.run([good, {"input": np.ones((1,), dtype=np.float32)}])
     assert pipeline.stats.in_flight == 0 and len(pipeline._free) == 1  # the slot came back
 
 

@@ -233,8 +233,7 @@ class StagingPipeline:
             rows = sum(int(part[first].shape[0]) for part in parts)
         except KeyError:
             raise InvalidInput(f"missing input {first!r}") from None
-        for part in parts:
-            self.model.check_dims(part)
+        self._check_parts(parts)
         padded = padded_size(rows, self.preferred, self.pad)
         staged = self._assemble(slot, parts, rows, padded)
         with self._lock:
@@ -252,6 +251,29 @@ class StagingPipeline:
             }
         return self._run_cuda(slot, staged, rows, padded)
 
+    def _check_parts(self, parts: Sequence[Tensors]) -> None:
+        """:meth:`TorchModel.check_dims` for each request, paid once per distinct shape.
+
+        The model is batchable, so the check leaves the row dimension out, and a request
+        whose every input has the first request's trailing dimensions passes exactly when the
+        first one does (the batcher only batches such requests).
+        """
+        model = self.model
+        first = parts[0]
+        model.check_dims(first)
+        if len(parts) == 1:
+            return
+        if not model.batchable:
+            for part in parts[1:]:
+                model.check_dims(part)
+            return
+        trailing = [(name, first[name].shape[1:]) for name in first]
+        for part in parts[1:]:
+            if len(part) != len(trailing) or any(
+                name not in part or part[name].shape[1:] != shape for name, shape in trailing
+            ):
+                model.check_dims(part)
+
     def _assemble(self, slot: _Slot, parts: Sequence[Tensors], rows: int, padded: int) -> list[Any]:
         """Write each request's rows into the slot's host buffers; views of ``padded`` rows."""
         staged = []
@@ -266,6 +288,14 @@ class StagingPipeline:
             dtype = torch_dtype(self.torch, spec.datatype)
             buf = self._buffer(slot.host_in, spec, padded, trailing, dtype)
             host = buf.numpy()  # shares the buffer's memory
+            if len(arrays) > 1:
+                # One C loop writes every request's rows; a part it refuses is found below.
+                try:
+                    np.concatenate(arrays, axis=0, out=host[:rows], casting="same_kind")
+                except (TypeError, ValueError):
+                    pass
+                else:
+                    arrays = []
             offset = 0
             for array in arrays:
                 n = int(array.shape[0])
