@@ -13,7 +13,7 @@ Configurations (those needing CUDA are skipped without it, and the JSON says so)
 - ``cuda/torch-gpu``: model on CUDA, ``torch-gpu`` batcher (pinned buffers, streams).
 
     python benchmarks/gpu/bench_torch_batching.py --out DIR [--duration 10] [--clients 64]
-        [--max-batch 32] [--gpu-slots 3] [--skip-cpu]
+        [--max-batch 32] [--image-size 32] [--gpu-slots 3] [--skip-cpu]
 
 Writes ``DIR/torch_batching.json`` and ``DIR/torch_batching.md``.
 """
@@ -40,7 +40,7 @@ from infercore.builtins.batchers import DynamicBatcher
 from infercore.components import Batcher, ComponentContext
 from infercore_torch import TorchGpuBatcher, TorchModel
 
-IMAGE = (3, 32, 32)
+IMAGE = (3, 32, 32)  # --image-size changes the side
 
 
 class Block(torch.nn.Module):
@@ -76,11 +76,11 @@ class SmallResNet(torch.nn.Module):
         return self.head(x.mean(dim=(2, 3)))
 
 
-def export_model(root: Path) -> str:
+def export_model(root: Path, image: tuple[int, ...]) -> str:
     torch.manual_seed(0)
     net = SmallResNet().eval()
     batch = torch.export.Dim("batch", min=1, max=1024)
-    program = torch.export.export(net, (torch.randn(4, *IMAGE),), dynamic_shapes=({0: batch},))
+    program = torch.export.export(net, (torch.randn(4, *image),), dynamic_shapes=({0: batch},))
     torch.export.save(program, root / "resnet.pt2")
     return hashlib.sha256((root / "resnet.pt2").read_bytes()).hexdigest()
 
@@ -114,11 +114,13 @@ def make_batcher(
     return TorchGpuBatcher(gpu_config, context, model)
 
 
-async def drive(batcher: Batcher, clients: int, duration: float) -> dict[str, Any]:
+async def drive(
+    batcher: Batcher, clients: int, duration: float, image: tuple[int, ...]
+) -> dict[str, Any]:
     name = batcher.model.inputs[0].name
     loop = asyncio.get_running_loop()
     rng = np.random.default_rng(0)
-    images = rng.normal(size=(256, 1, *IMAGE)).astype(np.float32)
+    images = rng.normal(size=(256, 1, *image)).astype(np.float32)
     latencies: list[float] = []
     errors = 0
     first_error: dict[str, str] = {}
@@ -163,8 +165,9 @@ async def drive(batcher: Batcher, clients: int, duration: float) -> dict[str, An
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
+    image = (IMAGE[0], args.image_size, args.image_size)
     results: dict[str, Any] = {
-        "model": "SmallResNet (torch.export, 1x3x32x32 per request)",
+        "model": f"SmallResNet (torch.export, 1x{'x'.join(map(str, image))} per request)",
         "torch": torch.__version__,
         "cuda": torch.version.cuda if cuda else None,
         "gpu": torch.cuda.get_device_name(0) if cuda else None,
@@ -177,7 +180,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        digest = export_model(root)
+        digest = export_model(root, image)
         for device in ("cpu", "cuda"):
             for kind in ("dynamic", "torch-gpu"):
                 name = f"{device}/{kind}"
@@ -191,8 +194,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 batcher = make_batcher(kind, model, root, args.max_batch, args.gpu_slots)
                 await batcher.start()
                 try:
-                    await drive(batcher, args.clients, min(1.0, args.duration))  # warm
-                    results["runs"][name] = await drive(batcher, args.clients, args.duration)
+                    await drive(batcher, args.clients, min(1.0, args.duration), image)  # warm
+                    results["runs"][name] = await drive(batcher, args.clients, args.duration, image)
                 finally:
                     await batcher.stop()
                     await model.stop()
@@ -230,6 +233,9 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per run")
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument(
+        "--image-size", type=int, default=32, help="side of each 3-channel request image"
+    )
     parser.add_argument(
         "--gpu-slots",
         type=int,

@@ -7,10 +7,11 @@
 # CPU build); else python3. Except with .venv's, the wheels of benchmarks/gpu/bundle.sh
 # (.gpu-bundle, or $GPU_BUNDLE), when there, are installed into a temporary folder first: a
 # machine with torch but no package index.
-# Bounded: about 4 minutes with CUDA (DURATION=10 s per run).
+# Bounded: about 5 minutes with CUDA (DURATION=10 s per run).
 #  1. the `gpu`-marked tests (skip without CUDA) of plugins/torch and plugins/onnx;
 #  2. bench_torch_batching.py: torch-gpu vs dynamic batching, CPU and CUDA, JSON + markdown;
-#     with CUDA also one staging slot vs three (slots1/) and 256 clients, batches of 128 (large/).
+#     with CUDA also one staging slot vs three (slots1/), 256 clients with batches of 128
+#     (large/) and 224x224 images (image224/).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 out="${1:-${OUT:-benchmarks/gpu/results}}"
@@ -64,6 +65,10 @@ if "${py[@]}" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() els
         --gpu-slots 1 --duration "$duration" 2>&1 | tee -a "$out/bench.txt" || status=$?
     timeout 300 "${py[@]}" benchmarks/gpu/bench_torch_batching.py --out "$out/large" --skip-cpu \
         --clients 256 --max-batch 128 --duration "$duration" 2>&1 | tee -a "$out/bench.txt" \
+        || status=$?
+    # 224x224 images (600 KB a request): where pinned buffers and overlapped copies pay.
+    timeout 300 "${py[@]}" benchmarks/gpu/bench_torch_batching.py --out "$out/image224" \
+        --skip-cpu --image-size 224 --duration "$duration" 2>&1 | tee -a "$out/bench.txt" \
         || status=$?
 fi
 echo "gpu-checks: results in $out (exit $status)"
