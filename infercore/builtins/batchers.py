@@ -510,12 +510,20 @@ class NoBatcher(Batcher):
                 if caller is not None:
                     self._queued.discard(caller)
                 self.observer.set_queue_depth(self._waiting)
-            now = time.perf_counter()
-            self._drain.took(1, now, self._waiting > 0)
-            _observe_wait(self.observer, now - start, submission_requests())
+            now: float | None = time.perf_counter()
+            waited = now - start
         else:
             await self._slots.acquire()
-            _observe_wait(self.observer, 0.0, submission_requests())
+            now, waited = None, 0.0
+        # The slot is this request's from here; until the call's task owns it, whatever
+        # raises (an observer's bug) gives it back, or the batcher would lose it for good.
+        try:
+            if now is not None:
+                self._drain.took(1, now, self._waiting > 0)
+            _observe_wait(self.observer, waited, submission_requests())
+        except BaseException:
+            self._slots.release()
+            raise
         # The model call runs in its own task, which owns the slot until the model returns: a
         # caller that goes (disconnect, deadline) cannot stop a call already running in a
         # worker thread, so the slot must stay taken until then, or the next request would

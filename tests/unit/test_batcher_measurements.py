@@ -354,3 +354,60 @@ def test_the_runtime_checks_a_fill_delay_against_the_server_s_request_timeout() 
         runtime_from_dict(late)
     fine = fake_model_config(batching={"kind": "dynamic", "max_queue_delay_ms": 5})
     runtime_from_dict(fine)
+
+
+# ------------------------------------------------ a failing observer keeps no slot
+
+
+class FailingOnce(Recorder):
+    """An observer whose first ``observe_queue_wait`` raises (a plugin's bug)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed = False
+
+    def observe_queue_wait(self, seconds: float) -> None:
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("observer bug")
+        super().observe_queue_wait(seconds)
+
+
+@pytest.mark.parametrize("queued", [False, True], ids=["free-slot", "after-a-wait"])
+def test_the_none_batcher_gets_its_slot_back_when_the_observer_raises(queued: bool) -> None:
+    async def scenario() -> list[Any]:
+        model = await fake_model()
+        observer = FailingOnce()
+        config = convert(
+            {"max_concurrency": 1, "queue_timeout_ms": 2000},
+            NoBatcher.Config,
+            path="models.m.batching",
+        )
+        batcher = NoBatcher(config, BATCH_CTX, model, observer)
+        await batcher.start()
+        results: list[Any] = []
+        if queued:
+            # The one slot is busy, so the failing observation comes after a queue wait.
+            hold = model.holds[9.0] = asyncio.Event()
+            first = asyncio.ensure_future(batcher.submit(request(9.0), deadline=later()))
+            observer.failed = True  # the first request's observation passes
+            await asyncio.sleep(0.01)
+            observer.failed = False
+            second = asyncio.ensure_future(batcher.submit(request(2.0), deadline=later()))
+            await asyncio.sleep(0.01)
+            hold.set()
+            results += await settle(first, second)
+        else:
+            results += await settle(batcher.submit(request(1.0), deadline=later()))
+        # Had the failed request kept the one slot, this would wait out its queue timeout.
+        results += await settle(batcher.submit(request(3.0), deadline=later(1.0)))
+        async with asyncio.timeout(5):
+            await batcher.stop()  # waits for every slot: a lost one would hang it
+        return results
+
+    results = run(scenario())
+    failed = [r for r in results if isinstance(r, BaseException)]
+    assert [str(r) for r in failed] == ["observer bug"]
+    last = results[-1]
+    assert isinstance(last, dict), last  # served, not a 503 queue_timeout
+    np.testing.assert_array_equal(last["echo"], request(3.0)["x"])
