@@ -2,6 +2,7 @@
 # GPU checks of infercore-torch (and infercore-onnx io_binding), for a machine with an NVIDIA GPU.
 #   benchmarks/gpu/run_gpu_checks.sh [OUT_DIR]       # default: $OUT, else benchmarks/gpu/results
 #   ALLOW_CPU=1 benchmarks/gpu/run_gpu_checks.sh DIR  # no GPU: run the CPU parts only
+#   BENCH=0 benchmarks/gpu/run_gpu_checks.sh DIR      # the gpu tests only (under a minute)
 # Python: $PYTHON when set; else .venv's (needs the CUDA build of torch there: `uv pip install
 # --python .venv torch`; the lock never installs torch, and .ci/install-torch-cpu installs the
 # CPU build); else python3. Except with .venv's, the wheels of benchmarks/gpu/bundle.sh
@@ -56,6 +57,10 @@ fi
 status=0
 timeout 300 "${py[@]}" -m pytest -m gpu plugins/torch plugins/onnx -q -rs -p no:cacheprovider \
     --junitxml "$out/gpu-tests.xml" 2>&1 | tee "$out/gpu-tests.txt" || status=$?
+if [ "${BENCH:-1}" = 0 ]; then
+    echo "gpu-checks: BENCH=0: tests only; results in $out (exit $status)"
+    exit "$status"
+fi
 timeout 600 "${py[@]}" benchmarks/gpu/bench_torch_batching.py --out "$out" \
     --duration "$duration" 2>&1 | tee "$out/bench.txt" || status=$?
 if "${py[@]}" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then

@@ -490,15 +490,27 @@ def test_importing_the_plugin_does_not_import_torch() -> None:
 # -- served end to end ---------------------------------------------------------------------------
 
 
+_CUDA = pytest.param(
+    "cuda",
+    marks=[
+        pytest.mark.gpu,
+        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    ],
+)
+
+
+@pytest.mark.parametrize("device", ["cpu", _CUDA])
 @pytest.mark.parametrize(
     "batching",
     [{"kind": "none"}, {"kind": "dynamic"}, {"kind": "torch-gpu", "max_batch_size": 8}],
     ids=["none", "dynamic", "torch-gpu"],
 )
-def test_served_end_to_end(artifacts: Artifacts, batching: dict[str, Any]) -> None:
+def test_served_end_to_end(artifacts: Artifacts, batching: dict[str, Any], device: str) -> None:
+    # On CUDA (benchmarks/gpu/run_gpu_checks.sh): the V2 path through each batcher, results
+    # equal to the CPU module's.
     loader = {
         "kind": "torch", "path": "mlp.pt2", "trusted": True, "sha256": artifacts.digest("mlp.pt2"),
-        "device": "cpu",
+        "device": device,
     }  # fmt: skip
     recipe = {
         "model_root": str(artifacts.root),
