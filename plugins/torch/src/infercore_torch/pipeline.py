@@ -88,6 +88,14 @@ def padded_size(rows: int, preferred: Sequence[int], pad: bool) -> int:
     )
 
 
+def _shape(value: Any) -> tuple[int, tuple[int, ...]] | None:
+    """A request input's rank and trailing dimensions (its rows left out), or ``None`` for a
+    missing or shapeless value (compared, not trusted: :meth:`TorchModel.check_dims` words
+    any error)."""
+    shape = getattr(value, "shape", None)
+    return None if shape is None else (len(shape), tuple(shape[1:]))
+
+
 class StagingPipeline:
     """Assemble, copy, run and split batches for one :class:`TorchModel` (see the module doc).
 
@@ -255,8 +263,9 @@ class StagingPipeline:
         """:meth:`TorchModel.check_dims` for each request, paid once per distinct shape.
 
         The model is batchable, so the check leaves the row dimension out, and a request
-        whose every input has the first request's trailing dimensions passes exactly when the
-        first one does (the batcher only batches such requests).
+        whose every input has the first request's rank and trailing dimensions passes exactly
+        when the first one does (the batcher only batches such requests). Only the model's
+        inputs are compared: other keys are ignored, as the check ignores them.
         """
         model = self.model
         first = parts[0]
@@ -267,11 +276,9 @@ class StagingPipeline:
             for part in parts[1:]:
                 model.check_dims(part)
             return
-        trailing = [(name, first[name].shape[1:]) for name in first]
+        shapes = [(spec.name, _shape(first.get(spec.name))) for spec in model.inputs]
         for part in parts[1:]:
-            if len(part) != len(trailing) or any(
-                name not in part or part[name].shape[1:] != shape for name, shape in trailing
-            ):
+            if any(_shape(part.get(name)) != shape for name, shape in shapes):
                 model.check_dims(part)
 
     def _assemble(self, slot: _Slot, parts: Sequence[Tensors], rows: int, padded: int) -> list[Any]:
