@@ -521,6 +521,9 @@ class VersionMetrics(ResponseCounters):
         self.queue_depth = metrics.queue_depth.labels(model, version)
         self.inflight = metrics.inflight.labels(model, version)
 
+    #: Its methods never raise: a batcher calls them unwrapped (no ``GuardedObserver``).
+    infallible = True
+
     def observe_batch(self, rows: int, inference_seconds: float) -> None:
         self.batch_size.observe(rows)
         self.inference_duration.observe(inference_seconds)

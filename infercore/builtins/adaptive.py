@@ -16,8 +16,7 @@ import asyncio
 import collections
 import math
 import time
-from collections.abc import Iterable
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable, Iterable
 
 from infercore.builtins.batchers import (
     DelayMs,
@@ -38,13 +37,6 @@ class AdaptiveBatcherConfig(
     #: Latency goal: the p99 of queue wait + model call per request, in milliseconds. The
     #: wait grows while the measured p99 is under 0.8 x this and shrinks when it is over.
     target_p99_ms: PositiveMs = 50.0
-
-
-@runtime_checkable
-class WaitTargetSink(Protocol):
-    """An observer that also shows the adaptive wait (``VersionMetrics`` does)."""
-
-    def set_batch_wait_target(self, seconds: float) -> None: ...
 
 
 class WaitController:
@@ -255,8 +247,10 @@ class AdaptiveBatcher(DynamicBatcher):
         self._turn_t = 0.0
         self._idle_check: asyncio.Handle | None = None
         self._idle = False
-        sink = self.observer
-        self._wait_sink = sink if isinstance(sink, WaitTargetSink) else None
+        # Looked up by attribute, not with a runtime Protocol: from Python 3.12 isinstance()
+        # does not see the methods a GuardedObserver passes through (__getattr__).
+        show = getattr(self.observer, "set_batch_wait_target", None)
+        self._wait_sink: Callable[[float], None] | None = show if callable(show) else None
 
     async def start(self) -> None:
         await super().start()
@@ -264,7 +258,7 @@ class AdaptiveBatcher(DynamicBatcher):
 
     def _show_wait(self) -> None:
         if self._wait_sink is not None:
-            self._wait_sink.set_batch_wait_target(self.controller.wait_s)
+            self._wait_sink(self.controller.wait_s)
 
     def _fill_until(self, first: _Item, rows: int, loop: asyncio.AbstractEventLoop) -> float:
         now = loop.time()

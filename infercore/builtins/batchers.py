@@ -464,6 +464,8 @@ class NoBatcher(Batcher):
         if self._stopping:
             raise ShuttingDown("the model version is stopping")
         loop = asyncio.get_running_loop()
+        now: float | None = None  # when a queued request got its slot (perf_counter)
+        waited = 0.0
         if self._slots.locked():
             if self._waiting >= self.config.max_queue_size:
                 raise QueueFull(f"queue of model {self.context.model_name!r} is full")
@@ -481,13 +483,15 @@ class NoBatcher(Batcher):
             limit = loop.time() + self.config.queue_timeout_ms / 1000
             start = time.perf_counter()
             self._waiting += 1
-            self.observer.set_queue_depth(self._waiting)
             caller = asyncio.current_task()
             if caller is not None:
                 self._queued.add(caller)
+            acquired = False
             try:
+                self.observer.set_queue_depth(self._waiting)
                 async with asyncio.timeout_at(min(limit, deadline)):
                     await self._slots.acquire()
+                acquired = True
             except BaseException as exc:  # timed out, the caller went, or stop_now()
                 if self._waiting == 1:
                     self._drain.idle()  # the queue empties without a take
@@ -509,16 +513,17 @@ class NoBatcher(Batcher):
                 self._waiting -= 1
                 if caller is not None:
                     self._queued.discard(caller)
-                self.observer.set_queue_depth(self._waiting)
-            now: float | None = time.perf_counter()
+                if not acquired:
+                    self.observer.set_queue_depth(self._waiting)
+            now = time.perf_counter()
             waited = now - start
         else:
             await self._slots.acquire()
-            now, waited = None, 0.0
         # The slot is this request's from here; until the call's task owns it, whatever
         # raises (an observer's bug) gives it back, or the batcher would lose it for good.
         try:
             if now is not None:
+                self.observer.set_queue_depth(self._waiting)
                 self._drain.took(1, now, self._waiting > 0)
             _observe_wait(self.observer, waited, submission_requests())
         except BaseException:

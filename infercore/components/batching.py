@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import abc
 import contextvars
+import logging
+import time
 from typing import Any, Protocol
 
 from infercore.components.base import Component, ComponentContext
@@ -41,6 +43,9 @@ class BatchObserver(Protocol):
 class NullObserver:
     """An observer that records nothing (for tests and embedding)."""
 
+    #: Its methods never raise: a batcher calls them as they are (see :class:`GuardedObserver`).
+    infallible = True
+
     def observe_batch(self, rows: int, inference_seconds: float) -> None:
         pass
 
@@ -49,6 +54,103 @@ class NullObserver:
 
     def set_queue_depth(self, depth: int) -> None:
         pass
+
+
+log = logging.getLogger("infercore.batching")
+
+#: After an observer's first failure is logged, further ones are logged at most this often.
+_REPEAT_LOG_S = 60.0
+
+
+class GuardedObserver:
+    """Another party's observer, made harmless to the batcher that calls it.
+
+    An exception from one of its methods is logged (the first with its traceback, then a count
+    at most once a minute) and goes no further: a metrics hook's bug must not fail a request,
+    keep a model slot or end a batcher's collector. ``observe_queue_wait`` gets ``requests``
+    only when it is not 1, so an observer written before that argument keeps working. Other
+    attributes (``set_batch_wait_target``) are passed through, guarded the same way.
+    infercore's own observers (``infallible = True``) are used unwrapped.
+    """
+
+    def __init__(self, inner: Any, where: str) -> None:
+        self.inner = inner
+        self.where = where
+        self.failures = 0
+        self._unlogged = 0
+        self._logged_at: float | None = None
+
+    def _failed(self, method: str, exc: Exception) -> None:
+        self.failures += 1
+        now = time.monotonic()
+        if self._logged_at is None:
+            self._logged_at = now
+            log.error(
+                "%s: the batch observer's %s raised %s; observations it fails are dropped",
+                self.where,
+                method,
+                type(exc).__name__,
+                exc_info=exc,
+            )
+            return
+        self._unlogged += 1
+        if now - self._logged_at >= _REPEAT_LOG_S:
+            log.warning(
+                "%s: the batch observer raised %d more times (last: %s from %s)",
+                self.where,
+                self._unlogged,
+                type(exc).__name__,
+                method,
+            )
+            self._logged_at, self._unlogged = now, 0
+
+    def observe_batch(self, rows: int, inference_seconds: float) -> None:
+        try:
+            self.inner.observe_batch(rows, inference_seconds)
+        except Exception as exc:
+            self._failed("observe_batch", exc)
+
+    def observe_queue_wait(self, seconds: float, requests: int = 1) -> None:
+        try:
+            if requests == 1:
+                self.inner.observe_queue_wait(seconds)
+            else:
+                self.inner.observe_queue_wait(seconds, requests)
+        except Exception as exc:
+            self._failed("observe_queue_wait", exc)
+
+    def set_queue_depth(self, depth: int) -> None:
+        try:
+            self.inner.set_queue_depth(depth)
+        except Exception as exc:
+            self._failed("set_queue_depth", exc)
+
+    def __getattr__(self, name: str) -> Any:
+        inner = self.__dict__.get("inner")
+        if inner is None or name.startswith("__"):  # copy/pickle probes, a half-built wrapper
+            raise AttributeError(name)
+        attr = getattr(inner, name)  # AttributeError where the observer has none
+        if not callable(attr):
+            return attr
+
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return attr(*args, **kwargs)
+            except Exception as exc:
+                self._failed(name, exc)
+                return None
+
+        return guarded
+
+
+def guard_observer(observer: BatchObserver | None, where: str) -> BatchObserver:
+    """``observer`` as a batcher should call it: infercore's own as it is, another party's
+    in a :class:`GuardedObserver`, none as a :class:`NullObserver`."""
+    if observer is None:
+        return NullObserver()
+    if getattr(observer, "infallible", False) is True or isinstance(observer, GuardedObserver):
+        return observer
+    return GuardedObserver(observer, where)
 
 
 class Batcher(Component):
@@ -71,7 +173,7 @@ class Batcher(Component):
     ) -> None:
         super().__init__(config, context)
         self.model = model
-        self.observer: BatchObserver = observer or NullObserver()
+        self.observer: BatchObserver = guard_observer(observer, context.path)
 
     @abc.abstractmethod
     async def submit(self, inputs: Tensors, *, deadline: float) -> Tensors:

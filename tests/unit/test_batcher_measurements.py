@@ -360,24 +360,46 @@ def test_the_runtime_checks_a_fill_delay_against_the_server_s_request_timeout() 
 
 
 class FailingOnce(Recorder):
-    """An observer whose first ``observe_queue_wait`` raises (a plugin's bug)."""
+    """An observer that raises once, at the first call of ``method`` (with ``arg``, if given)
+    after it is armed, though it says it never does (a bug in one of infercore's own: the
+    batcher calls it unguarded)."""
 
-    def __init__(self) -> None:
+    infallible = True
+
+    def __init__(self, method: str, arg: Any = None) -> None:
         super().__init__()
-        self.failed = False
+        self.method, self.arg = method, arg
+        self.armed = False
+
+    def _maybe_fail(self, method: str, arg: Any) -> None:
+        if self.armed and method == self.method and self.arg in (None, arg):
+            self.armed = False
+            raise RuntimeError("observer bug")
 
     def observe_queue_wait(self, seconds: float) -> None:
-        if not self.failed:
-            self.failed = True
-            raise RuntimeError("observer bug")
+        self._maybe_fail("observe_queue_wait", seconds)
         super().observe_queue_wait(seconds)
 
+    def set_queue_depth(self, depth: int) -> None:
+        self._maybe_fail("set_queue_depth", depth)
 
-@pytest.mark.parametrize("queued", [False, True], ids=["free-slot", "after-a-wait"])
-def test_the_none_batcher_gets_its_slot_back_when_the_observer_raises(queued: bool) -> None:
+
+@pytest.mark.parametrize(
+    ("queued", "method", "arg"),
+    [
+        (False, "observe_queue_wait", None),
+        (True, "observe_queue_wait", None),
+        (True, "set_queue_depth", 1),  # as the request joins the queue
+        (True, "set_queue_depth", 0),  # as it leaves it with a slot
+    ],
+    ids=["free-slot", "after-a-wait", "queue-depth-joining", "queue-depth-leaving"],
+)
+def test_the_none_batcher_gets_its_slot_back_when_the_observer_raises(
+    queued: bool, method: str, arg: Any
+) -> None:
     async def scenario() -> list[Any]:
         model = await fake_model()
-        observer = FailingOnce()
+        observer = FailingOnce(method, arg)
         config = convert(
             {"max_concurrency": 1, "queue_timeout_ms": 2000},
             NoBatcher.Config,
@@ -387,22 +409,24 @@ def test_the_none_batcher_gets_its_slot_back_when_the_observer_raises(queued: bo
         await batcher.start()
         results: list[Any] = []
         if queued:
-            # The one slot is busy, so the failing observation comes after a queue wait.
+            # The one slot is busy, so the failing call comes with a queue wait.
             hold = model.holds[9.0] = asyncio.Event()
             first = asyncio.ensure_future(batcher.submit(request(9.0), deadline=later()))
-            observer.failed = True  # the first request's observation passes
             await asyncio.sleep(0.01)
-            observer.failed = False
+            observer.armed = True
             second = asyncio.ensure_future(batcher.submit(request(2.0), deadline=later()))
             await asyncio.sleep(0.01)
             hold.set()
             results += await settle(first, second)
         else:
+            observer.armed = True
             results += await settle(batcher.submit(request(1.0), deadline=later()))
+        assert not observer.armed  # it did raise
         # Had the failed request kept the one slot, this would wait out its queue timeout.
         results += await settle(batcher.submit(request(3.0), deadline=later(1.0)))
         async with asyncio.timeout(5):
             await batcher.stop()  # waits for every slot: a lost one would hang it
+        assert batcher.queue_depth == 0
         return results
 
     results = run(scenario())
@@ -411,3 +435,86 @@ def test_the_none_batcher_gets_its_slot_back_when_the_observer_raises(queued: bo
     last = results[-1]
     assert isinstance(last, dict), last  # served, not a 503 queue_timeout
     np.testing.assert_array_equal(last["echo"], request(3.0)["x"])
+
+
+class Broken:
+    """An observer every method of which raises (a plugin's bug)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def _raise(self, *args: Any) -> None:
+        self.calls += 1
+        raise RuntimeError("observer bug")
+
+    observe_batch = observe_queue_wait = set_queue_depth = set_batch_wait_target = _raise
+
+
+@pytest.mark.parametrize("kind", [NoBatcher, DynamicBatcher, AdaptiveBatcher])
+def test_an_observer_that_raises_fails_no_request_and_is_logged_once(
+    kind: type[Batcher], caplog: pytest.LogCaptureFixture
+) -> None:
+    observer = Broken()
+
+    async def scenario() -> list[Any]:
+        model = await fake_model()
+        config = convert({}, kind.Config, path="models.m.batching")
+        batcher = kind(config, BATCH_CTX, model, observer)
+        await batcher.start()
+        results = []
+        for value in range(1, 4):  # one after the other: each forms its own batch
+            results += await settle(
+                *(batcher.submit(request(value + i / 10), deadline=later(2)) for i in range(3))
+            )
+        async with asyncio.timeout(5):
+            await batcher.stop()
+        return results
+
+    with caplog.at_level("WARNING", logger="infercore.batching"):
+        results = run(scenario())
+    assert [type(r) for r in results] == [dict] * 9, results
+    for r, value in zip(results, [v + i / 10 for v in range(1, 4) for i in range(3)], strict=True):
+        np.testing.assert_array_equal(r["echo"], request(value)["x"])
+    assert observer.calls >= 9  # it was called, and raised, on the way
+    lines = [r for r in caplog.records if r.name == "infercore.batching"]
+    assert len(lines) == 1 and lines[0].exc_info is not None
+    assert "models.m.batching: the batch observer's" in lines[0].getMessage()
+
+
+def test_infercores_own_observer_is_not_wrapped() -> None:
+    from infercore.components.batching import GuardedObserver, NullObserver
+    from infercore.metrics import Metrics, VersionMetrics
+
+    async def scenario() -> None:
+        model = await fake_model()
+        config = convert({}, DynamicBatcher.Config, path="models.m.batching")
+        vm = VersionMetrics(Metrics(), "m", "1")
+        assert DynamicBatcher(config, BATCH_CTX, model, vm).observer is vm
+        assert isinstance(DynamicBatcher(config, BATCH_CTX, model).observer, NullObserver)
+        other = DynamicBatcher(config, BATCH_CTX, model, Recorder()).observer
+        assert isinstance(other, GuardedObserver)
+        assert not hasattr(other, "set_batch_wait_target")  # Recorder has none: not invented
+
+    run(scenario())
+
+
+def test_a_wrapped_observer_still_shows_the_adaptive_wait() -> None:
+    class Shows(Recorder):
+        def __init__(self) -> None:
+            super().__init__()
+            self.targets: list[float] = []
+
+        def set_batch_wait_target(self, seconds: float) -> None:
+            self.targets.append(seconds)
+
+    async def scenario() -> Shows:
+        model = await fake_model()
+        observer = Shows()
+        config = convert({}, AdaptiveBatcher.Config, path="models.m.batching")
+        batcher = AdaptiveBatcher(config, BATCH_CTX, model, observer)
+        await batcher.start()
+        await batcher.stop()
+        return observer
+
+    observer = run(scenario())
+    assert len(observer.targets) == 1 and observer.targets[0] >= 0
