@@ -467,7 +467,8 @@ def _plugins() -> int:
     from infercore.plugin_manager import make_plugin_manager
     from infercore.registry import Registry
 
-    pm, infos = make_plugin_manager()
+    # A plugin that fails to import is listed as such, not in place of the table.
+    pm, infos = make_plugin_manager(keep_going=True)
     registry = Registry(pm)
     kinds = registry.kinds_by_plugin()
     rows = [("PLUGIN", "DISTRIBUTION", "VERSION", "LICENCE", "KINDS")]
@@ -475,6 +476,8 @@ def _plugins() -> int:
         added = kinds.get(name, {})
         text = "; ".join(f"{role}: {', '.join(sorted(k))}" for role, k in sorted(added.items()))
         rows.append((name, info.distribution, info.version, info.license, text or "-"))
+    for name in sorted(pm.broken):
+        rows.append((name, "?", "?", "?", "failed to import (below)"))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[4])
@@ -489,7 +492,9 @@ def _plugins() -> int:
         by_variable.setdefault(variable, []).append(name)
     for variable, names in by_variable.items():
         print(f"note: installed but left out by {variable}: {', '.join(names)}", file=sys.stderr)
-    return 0
+    for error in pm.broken.values():
+        print(f"infercore: error: {_one_line(error)}", file=sys.stderr)
+    return 1 if pm.broken else 0
 
 
 def _deploy_k8s(args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ import importlib
 import importlib.metadata as md
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from types import ModuleType
 
@@ -61,6 +62,19 @@ class InfercorePluginManager(pluggy.PluginManager):
         super().__init__(project_name)
         #: Installed plugins not loaded, by name: the variable that left each out.
         self.skipped: dict[str, str] = {}
+        #: Installed plugins that failed to import, by name (only with ``keep_going``).
+        self.broken: dict[str, PluginError] = {}
+
+
+def _import_hint(name: str, exc: BaseException) -> str:
+    """How to get past a plugin that fails to import: what to fix, or how to skip it."""
+    skip = f"skip it with INFERCORE_DISABLE_PLUGINS={name}"
+    if isinstance(exc, SyntaxError):
+        where = os.path.basename(exc.filename or "") or "its code"
+        return f"fix the syntax error (line {exc.lineno} of {where}), or {skip}"
+    if isinstance(exc, ModuleNotFoundError) and exc.name:
+        return f"install {exc.name!r}, which the plugin imports (or reinstall it), or {skip}"
+    return f"reinstall it, or {skip}"
 
 
 def _warn_unknown(variable: str, names: set[str], known: set[str]) -> None:
@@ -112,14 +126,33 @@ def _register(pm: pluggy.PluginManager, name: str, plugin: object) -> None:
         ) from None
 
 
+def misgrouped_entry_points() -> list[tuple[str, str, str]]:
+    """Entry points in a group that looks like infercore's but is not it (``infercore_plugins``,
+    ``infercore.plugins`` …), as ``(distribution, group, name)``: infercore never sees them.
+
+    Reads every installed distribution's entry points: for an error's hint, not a hot path.
+    """
+    found = set()
+    for dist in md.distributions():
+        for ep in dist.entry_points:
+            group = ep.group
+            if group != ENTRY_POINT_GROUP and "infercore" in group.lower():
+                found.add((dist.name, group, ep.name))
+    return sorted(found)
+
+
 def make_plugin_manager(
     extra_plugins: list[tuple[str, object]] | None = None,
+    *,
+    keep_going: bool = False,
 ) -> tuple[InfercorePluginManager, dict[str, PluginInfo]]:
     """Build a plugin manager with built-ins, entry-point plugins and ``extra_plugins``.
 
     Args:
         extra_plugins: ``(name, plugin object)`` pairs registered after the others (tests and
             embedding applications use this).
+        keep_going: Leave out an installed plugin that fails to import, keeping its error in
+            ``pm.broken``, instead of raising (``infercore plugins`` lists the others).
 
     Returns:
         The manager and, by plugin name, what is known about each plugin.
@@ -172,10 +205,14 @@ def make_plugin_manager(
         try:
             plugin = ep.load()
         except Exception as exc:
-            raise PluginError(
+            error = PluginError(
                 f"plugin {ep.name!r} ({ep.value}) failed to import: {type(exc).__name__}: {exc}",
-                hint=f"reinstall it, or skip it with INFERCORE_DISABLE_PLUGINS={ep.name}",
-            ) from exc
+                hint=_import_hint(ep.name, exc),
+            )
+            if not keep_going:
+                raise error from exc
+            pm.broken[ep.name] = error
+            continue
         _register(pm, ep.name, plugin)
         dist = ep.dist
         infos[ep.name] = PluginInfo(
@@ -198,8 +235,10 @@ def make_plugin_manager(
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
         plugin_name = pm.get_name(exc.plugin) or "?"
+        # pluggy's text names the plugin by its repr: a module's holds its absolute path.
+        detail = re.sub(r"<module '([^']+)' from '[^']*'>", r"module \1", str(exc))
         raise PluginError(
-            f"plugin {plugin_name!r} implements a hook infercore does not define: {exc}",
+            f"plugin {plugin_name!r} implements a hook infercore does not define: {detail}",
             hint="hook names are listed in infercore.hookspecs (e.g. register_model_loaders)",
         ) from None
     return pm, infos

@@ -29,6 +29,7 @@ from infercore.components import (
 )
 from infercore.config.validation import convert
 from infercore.errors import ConfigError, PluginError
+from infercore.plugin_manager import ENTRY_POINT_GROUP, misgrouped_entry_points
 
 C = TypeVar("C", bound=Component)
 
@@ -258,11 +259,24 @@ class Registry:
     def _unknown_kind_hint(self, kind: str) -> str:
         """Install the plugin, or, when the environment left installed plugins out, say so."""
         skipped: dict[str, str] = getattr(self.pm, "skipped", {})
-        if not skipped:
-            return "install the plugin that provides it (see `infercore plugins`)"
 
         def norm(name: str) -> str:
             return name.lower().replace("_", "-")
+
+        if not skipped:
+            try:
+                misgrouped = misgrouped_entry_points()
+            except Exception:  # a broken installation: the hint stays the plain one
+                misgrouped = []
+            for dist, group, name in misgrouped:
+                if norm(name) == norm(kind):
+                    return (
+                        f"{dist} declares {name!r} as an entry point of group {group!r}; "
+                        f"infercore reads the group {ENTRY_POINT_GROUP!r}: "
+                        f"[project.entry-points.{ENTRY_POINT_GROUP}] in its pyproject.toml, "
+                        "then reinstall it"
+                    )
+            return "install the plugin that provides it (see `infercore plugins`)"
 
         for name, variable in sorted(skipped.items()):
             if norm(name) == norm(kind):
@@ -286,8 +300,12 @@ class Registry:
         cls, cfg = self.resolve(role, node, path=context.path, context=label)
         try:
             return cls(cfg, context, *args)
-        except ConfigError:
-            raise
+        except ConfigError as exc:
+            # As a schema error of the node says it: which recipe the options came from.
+            suffix = f" ({label})"
+            if not label or exc.message.endswith(suffix):
+                raise
+            raise ConfigError(exc.message + suffix, hint=exc.hint) from exc
         except Exception as exc:
             raise PluginError(
                 f"{context.path}: {role} {cls.kind!r} from plugin "

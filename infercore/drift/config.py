@@ -25,7 +25,7 @@ class DriftConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, froz
           sample_rate: 0.5
           window_size: 1000
           detectors:
-            inputs_ks: {kind: stats-ks, reference: fraud/artifacts/reference.parquet}
+            inputs_ks: {kind: ks, reference: fraud/artifacts/reference_served.parquet}
           actions:
             - {kind: log}
             - {kind: webhook, url: "http://127.0.0.1:9000/drift", allow_hosts: [127.0.0.1]}

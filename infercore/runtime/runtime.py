@@ -319,8 +319,9 @@ class Runtime:
                 )
             elif sv.stage not in (PRIMARY, CANARY):
                 log.warning(
-                    "%s: version %r is %s: it gets no traffic until it is the primary or a "
-                    "canary with a weight",
+                    "%s: version %r is %s: the traffic split gives it nothing until it is the "
+                    "primary or a canary with a weight (a router that picks it by name, as "
+                    "`header` does, still reaches it)",
                     path,
                     version,
                     sv.stage,

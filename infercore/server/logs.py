@@ -325,9 +325,30 @@ WARNINGS_LOGGER = "py.warnings"
 _warnings_log = logging.getLogger(WARNINGS_LOGGER)
 
 
+#: Plugin packages whose loggers :func:`configure` set to the server's level.
+_leveled: set[str] = set()
+
+
+def plugin_packages() -> set[str]:
+    """The top-level packages of the installed plugins (entry points of group ``infercore``),
+    infercore's own left out: their loggers log at the server's level."""
+    from importlib import metadata
+
+    from infercore.plugin_manager import ENTRY_POINT_GROUP
+
+    packages = set()
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        package = ep.module.split(".", 1)[0]
+        if package and package != "infercore":
+            packages.add(package)
+    return packages
+
+
 def configure(level: str = "info", fmt: str = "text", stream: str = "stderr") -> None:
     """Route infercore's (and uvicorn's) logs, and Python warnings, to stderr (or stdout) in
-    the chosen format."""
+    the chosen format; and every other logger's records too, through the root logger: the
+    installed plugins' packages (``logging.getLogger(__name__)`` in a plugin) at ``level``,
+    libraries at their own level (the root's WARNING unless they set one)."""
     handler = logging.StreamHandler(sys.stdout if stream == "stdout" else sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     for name in ("infercore", "uvicorn", "uvicorn.error", WARNINGS_LOGGER):
@@ -335,6 +356,20 @@ def configure(level: str = "info", fmt: str = "text", stream: str = "stderr") ->
         logger.handlers[:] = [handler]
         logger.setLevel(level.upper())
         logger.propagate = False
+    # Without a handler on the root logger, a plugin's or a library's line is dropped below
+    # WARNING and printed bare (no time, level or logger; no JSON) above it. Handlers others
+    # put there (a test's log capture) stay; the one an earlier call put there goes.
+    root = logging.getLogger()
+    root.handlers[:] = [h for h in root.handlers if not getattr(h, "infercore_root", False)]
+    handler.infercore_root = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    try:
+        packages = plugin_packages()
+    except Exception:  # a broken installation: the plugin manager names it, not this
+        packages = set()
+    for package in packages | _leveled:
+        logging.getLogger(package).setLevel(level.upper())
+    _leveled.update(packages)
     # uvicorn logs a WARNING per malformed request (and per upgrade it cannot serve): a client
     # sending them in a loop would flood the log. At most one line per message every 10 s.
     uvicorn_log = logging.getLogger("uvicorn.error")

@@ -23,7 +23,7 @@ from infercore.components import (
     RoutingTable,
     Tensors,
 )
-from infercore.errors import PluginError
+from infercore.errors import ConfigError, PluginError
 from infercore.hookspecs import hookimpl
 from infercore.plugin_manager import BUILTIN_PLUGINS, make_plugin_manager
 from infercore.registry import Registry
@@ -489,3 +489,119 @@ def test_the_same_distribution_seen_twice_is_registered_once(
     _with_entry_points(monkeypatch, *twice)
     pm, infos = make_plugin_manager()
     assert pm.get_plugin("onnx") is plugin and infos["onnx"].distribution == "infercore-onnx"
+
+
+class _Broken(_FakeEntryPoint):
+    """An entry point whose module raises ``exc`` on import."""
+
+    def __init__(self, name: str, exc: Exception) -> None:
+        super().__init__(name, f"infercore-{name}", None)
+        self.exc = exc
+
+    def load(self) -> object:
+        raise self.exc
+
+
+def _syntax_error() -> SyntaxError:
+    try:
+        compile("def f(:\n", "/home/me/src/infercore_bad/action.py", "exec")
+    except SyntaxError as exc:
+        return exc
+    raise AssertionError("compiled")
+
+
+@pytest.mark.parametrize(
+    ("exc", "hint"),
+    [
+        (_syntax_error(), "fix the syntax error (line 1 of action.py), or skip it with"),
+        (
+            ModuleNotFoundError("No module named 'sklearnx'", name="sklearnx"),
+            "install 'sklearnx', which the plugin imports (or reinstall it), or skip it with",
+        ),
+        (RuntimeError("boom"), "reinstall it, or skip it with"),
+    ],
+    ids=["syntax", "missing-module", "other"],
+)
+def test_a_plugin_that_fails_to_import_says_what_to_fix(
+    monkeypatch: pytest.MonkeyPatch, exc: Exception, hint: str
+) -> None:
+    _with_entry_points(monkeypatch, _Broken("bad", exc))
+    with pytest.raises(PluginError) as info:
+        make_plugin_manager()
+    assert info.value.hint is not None and info.value.hint.startswith(hint)
+    assert info.value.hint.endswith("INFERCORE_DISABLE_PLUGINS=bad")
+    assert "/home/me" not in str(info.value)
+
+
+def test_the_plugins_command_lists_the_others_and_names_a_broken_one(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from infercore import cli
+
+    _with_entry_points(
+        monkeypatch,
+        _FakeEntryPoint("good", "infercore-good", _Loaders()),
+        _Broken("bad", _syntax_error()),
+    )
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["plugins"])
+    assert exited.value.code == 1
+    out, err = capsys.readouterr()
+    table = {line.split()[0]: line for line in out.splitlines() if line.strip()}
+    assert "good" in table and "builtins.batchers" in table  # the rest is still listed
+    assert table["bad"].rstrip().endswith("failed to import (below)")
+    assert err.splitlines()[-1].startswith(
+        "infercore: error: plugin 'bad' (infercore-bad:plugin) failed to import: SyntaxError:"
+    )
+    assert "fix the syntax error (line 1 of action.py)" in err
+
+
+def test_a_misspelt_hook_names_the_module_not_its_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    import types
+
+    module = types.ModuleType("infercore_typo")
+    module.__file__ = "/home/me/site-packages/infercore_typo/__init__.py"
+
+    @hookimpl
+    def register_model_loader() -> list[Any]:  # the hook is register_model_loaders
+        return []
+
+    module.register_model_loader = register_model_loader  # type: ignore[attr-defined]
+    _with_entry_points(monkeypatch, _FakeEntryPoint("typo", "infercore-typo", module))
+    with pytest.raises(PluginError, match="does not define") as info:
+        make_plugin_manager()
+    assert "/home/me" not in str(info.value) and "infercore_typo" in str(info.value)
+
+
+def test_an_unknown_kind_declared_in_another_entry_point_group_says_so(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import infercore.plugin_manager as manager
+    from infercore.components import ComponentContext
+
+    class _Dist:
+        name = "infercore-fr"
+        entry_points = [
+            type("EP", (), {"group": "infercore_plugins", "name": "fr"})(),
+            type("EP", (), {"group": "console_scripts", "name": "fr"})(),
+        ]
+
+    with pytest.MonkeyPatch.context() as only_here:  # importlib's entry_points() reads it too
+        only_here.setattr(manager.md, "distributions", lambda: [_Dist()])
+        found = manager.misgrouped_entry_points()
+    assert found == [("infercore-fr", "infercore_plugins", "fr")]
+    import infercore.registry as registry_module
+
+    monkeypatch.setattr(registry_module, "misgrouped_entry_points", lambda: found)
+    registry = Registry(make_plugin_manager()[0])
+    with pytest.raises(ConfigError) as info:
+        registry.build("router", {"kind": "fr"}, ComponentContext("routing", Path(".")))
+    assert info.value.message.startswith("routing.kind: unknown router 'fr'")
+    assert info.value.hint == (
+        "infercore-fr declares 'fr' as an entry point of group 'infercore_plugins'; infercore "
+        "reads the group 'infercore': [project.entry-points.infercore] in its pyproject.toml, "
+        "then reinstall it"
+    )
+    with pytest.raises(ConfigError) as other:
+        registry.build("router", {"kind": "nope"}, ComponentContext("routing", Path(".")))
+    assert other.value.hint == "install the plugin that provides it (see `infercore plugins`)"

@@ -1,0 +1,47 @@
+"""A config error a component raises in ``__init__`` names the recipe, as a schema error does."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from infercore.components import ComponentContext
+from infercore.errors import ConfigError
+from infercore.plugin_manager import make_plugin_manager
+from infercore.registry import Registry
+from infercore.testing import FakeModel
+
+
+def _model() -> FakeModel:
+    model = FakeModel(FakeModel.Config(features=4), ComponentContext("models.m.loader", Path(".")))
+    asyncio.run(model.start())
+    return model
+
+
+@pytest.mark.parametrize("label", ["recipe=iris", ""])
+def test_an_init_config_error_names_the_recipe_once(label: str) -> None:
+    registry = Registry(make_plugin_manager()[0])
+    context = ComponentContext("batching", Path("."), extra={"request_timeout_ms": 1000})
+    node = {"kind": "dynamic", "max_queue_delay_ms": 4000}
+    with pytest.raises(ConfigError) as info:
+        registry.build("batcher", node, context, _model(), label=label)
+    message = info.value.message
+    assert message.startswith("batching.max_queue_delay_ms: 4000 is not below")
+    assert message.count("recipe=iris") == (1 if label else 0)
+    assert message.endswith(" (recipe=iris)") == bool(label)
+    assert info.value.hint and "lower max_queue_delay_ms" in info.value.hint
+
+
+def test_a_schema_error_is_not_named_twice() -> None:
+    registry = Registry(make_plugin_manager()[0])
+    with pytest.raises(ConfigError) as info:
+        registry.build(
+            "batcher",
+            {"kind": "dynamic", "max_queue_size": 0},
+            ComponentContext("batching", Path(".")),
+            _model(),
+            label="recipe=iris",
+        )
+    assert str(info.value).count("(recipe=iris)") == 1
