@@ -570,10 +570,13 @@ class Runtime:
     def model(self, name: str) -> ServedModel:
         served = self.models.get(name)
         if served is None:
-            raise ModelNotFound(
-                f"unknown model {quoted(name)}",
-                hint=f"served models: {', '.join(self.models) or 'none'}",
-            )
+            hint = f"served models: {', '.join(self.models) or 'none'}"
+            if name == "stats":  # tritonclient's get_inference_statistics() with no model
+                hint = (
+                    "Triton's statistics extension (GET /v2/models/stats) is not served; "
+                    f"GET /metrics has the Prometheus metrics; {hint}"
+                )
+            raise ModelNotFound(f"unknown model {quoted(name)}", hint=hint)
         return served
 
     # -- start and stop -------------------------------------------------------------------

@@ -162,7 +162,9 @@ def _check_content_type(request: Request[Any, Any, Any]) -> None:
     if raw is None:  # tritonclient sends its JSON bodies without one
         return
     media = raw.split(";", 1)[0].strip().lower()
-    if media != JSON:
+    # tritonclient.http.aio (aiohttp) labels every body application/octet-stream: read as
+    # JSON, as Triton does.
+    if media not in (JSON, "application/octet-stream"):
         raise UnsupportedMediaType(
             f"content type {media[:60]!r} is not accepted", hint=f"send the body as {JSON}"
         )

@@ -364,8 +364,13 @@ _METRICS_TYPE = "; ".join(
 _ENCODINGS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 
-def _content_type_ok(headers: Mapping[str, str], binary: bool) -> str | None:
-    """Check the content type and encoding; the encoding to undo (``None``: identity)."""
+def _content_type_ok(headers: Mapping[str, str]) -> str | None:
+    """Check the content type and encoding; the encoding to undo (``None``: identity).
+
+    ``application/octet-stream`` without ``Inference-Header-Content-Length`` is a JSON body,
+    as Triton reads it: ``tritonclient.http.aio`` (aiohttp) sends that type with every
+    request, also one whose tensors are all JSON.
+    """
     # The encoding is checked whether or not a content type was sent: a compressed body
     # without a Content-Type header is still not JSON.
     encoding = headers.get("content-encoding")
@@ -387,10 +392,6 @@ def _content_type_ok(headers: Mapping[str, str], binary: bool) -> str | None:
             f"content type {media!r} is not accepted",
             hint="send application/json (or application/octet-stream with "
             "Inference-Header-Content-Length)",
-        )
-    if media == "application/octet-stream" and not binary:
-        raise UnsupportedMediaType(
-            "application/octet-stream needs the Inference-Header-Content-Length header"
         )
     return encoding
 
@@ -643,7 +644,7 @@ def create_app(
                     )
             priority = 0  # the version's default level
             header_length = _header_length(headers) if protocol == "v2" else None
-            encoding = _content_type_ok(headers, header_length is not None)
+            encoding = _content_type_ok(headers)
             client_s = _client_timeout(headers) if "x-infercore-timeout-ms" in headers else None
             if client_s is not None and start + client_s < deadline:
                 deadline = start + client_s
@@ -945,8 +946,9 @@ def create_app(
             return None
         declared = headers.get("content-length")
         try:
-            binary = protocol == "v2" and _header_length(headers) is not None
-            _content_type_ok(headers, binary)
+            if protocol == "v2":
+                _header_length(headers)  # a malformed one: the request path words it
+            _content_type_ok(headers)
             if declared is not None and declared.isdigit() and int(declared) > max_body:
                 return None
         except InfercoreError:

@@ -71,6 +71,34 @@ def handle_infercore_error(request: Request[Any, Any, Any], exc: InfercoreError)
     return from_infercore_error(exc)
 
 
+def unserved_extension(path: str) -> str | None:
+    """What a Triton client asking for one of Triton's HTTP extensions infercore does not
+    serve should be told, or ``None`` for any other unknown path."""
+    parts = path.strip("/").split("/")
+    if len(parts) < 2 or parts[0] != "v2":
+        return None
+    if parts[1] == "repository":
+        return (
+            "the model repository extension is served on the admin listener "
+            "(admin.enabled, admin.port), not on this one"
+        )
+    if parts[1] in ("systemsharedmemory", "cudasharedmemory"):
+        return (
+            "the shared-memory extensions are not served: send the tensors in the request body "
+            "(JSON, or the binary tensor extension)"
+        )
+    if parts[1] in ("trace", "logging"):
+        return f"Triton's {parts[1]} extension is not served"
+    if parts[1] == "models" and parts[-1] == "config":
+        return (
+            "the model configuration extension is not served: GET /v2/models/NAME gives a "
+            "model's metadata"
+        )
+    if parts[1] == "models" and parts[-1] == "stats":
+        return "the statistics extension is not served: GET /metrics has the Prometheus metrics"
+    return None
+
+
 def http_exception_handler(body_limit: str) -> Callable[..., Response[bytes]]:
     """The handler of Litestar's HTTP errors; a 413 names ``body_limit``, the setting to raise."""
 
@@ -83,6 +111,9 @@ def http_exception_handler(body_limit: str) -> Callable[..., Response[bytes]]:
             message = f"request body too large ({body_limit})"
         elif status == 404:
             message = f"no route for {request.method} {request.url.path}"
+            note = unserved_extension(request.url.path)
+            if note is not None:
+                message = f"{message}: {note} (hint: GET /v2 lists the extensions served)"
         elif status >= 500:
             log.error("%s %s failed: %s", request.method, request.url.path, exc.detail)
             message = "internal error"

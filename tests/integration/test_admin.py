@@ -675,6 +675,8 @@ def test_admin_bodies_are_json_and_the_413_names_the_admin_limit(tmp_path: Path)
         r = await a.post(
             "/v2/repository/models/m/unload",
             content=b'{"parameters": {"version": "3", "unload_dependents": false}}',
+            # As tritonclient.http.aio (aiohttp) labels every body; Triton reads it as JSON.
+            headers={"content-type": "application/octet-stream"},
         )
         assert r.status_code == 200, r.text
         assert (await a.post(load)).status_code == 200  # an empty body: load the model

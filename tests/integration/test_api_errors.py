@@ -298,13 +298,20 @@ def test_identity_encoding_is_fine(client: Any) -> None:
     assert r.status_code == 200, r.text
 
 
-def test_octet_stream_without_the_header_length_is_415(client: Any) -> None:
+def test_octet_stream_without_the_header_length_is_read_as_json(client: Any) -> None:
+    # tritonclient.http.aio (aiohttp) labels every body so, JSON-only requests too; Triton
+    # reads such a body as JSON.
+    json_only = client.post("/v2/models/m/infer", json=body())
     r = client.post(
         "/v2/models/m/infer",
         content=httpx.Response(200, json=body()).content,
         headers={"content-type": "application/octet-stream"},
     )
-    assert_error(r, 415, "unsupported_media_type")
+    assert r.status_code == 200, r.text
+    assert r.json()["outputs"] == json_only.json()["outputs"]
+    octet = {"content-type": "application/octet-stream"}
+    not_json = client.post("/v2/models/m/infer", content=b"\x00\x01", headers=octet)
+    assert_error(not_json, 400, "invalid_input")
 
 
 def test_body_over_the_limit_is_413_and_the_server_keeps_serving(client: Any) -> None:
@@ -694,3 +701,34 @@ def test_an_unexpected_failure_is_a_counted_500_internal_without_details() -> No
     assert (
         'infercore_request_failures_total{model="m",reason="internal",version="1"} 1.0' in metrics
     )
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "says"),
+    [
+        ("GET", "/v2/models/m/config", "the model configuration extension is not served"),
+        ("GET", "/v2/models/m/versions/1/config", "the model configuration extension"),
+        ("GET", "/v2/models/m/stats", "the statistics extension is not served: GET /metrics"),
+        ("GET", "/v2/models/m/versions/1/stats", "the statistics extension is not served"),
+        ("POST", "/v2/repository/index", "the model repository extension is served on the"),
+        ("POST", "/v2/repository/models/m/load", "the model repository extension is served"),
+        ("GET", "/v2/systemsharedmemory/status", "the shared-memory extensions are not served"),
+        ("POST", "/v2/cudasharedmemory/region/r/register", "the shared-memory extensions"),
+        ("GET", "/v2/trace/setting", "Triton's trace extension is not served"),
+        ("GET", "/v2/logging", "Triton's logging extension is not served"),
+    ],
+)
+def test_tritons_extensions_that_are_not_served_are_named(
+    client: Any, method: str, path: str, says: str
+) -> None:
+    r = client.request(method, path)
+    doc = assert_error(r, 404, "not_found")
+    assert doc["error"].startswith(f"no route for {method} {path}: {says}"), doc
+    assert doc["error"].endswith("(hint: GET /v2 lists the extensions served)")
+
+
+def test_statistics_of_every_model_is_not_an_unknown_model_called_stats(client: Any) -> None:
+    doc = assert_error(client.get("/v2/models/stats"), 404, "model_not_found")
+    assert "Triton's statistics extension (GET /v2/models/stats) is not served" in doc["error"]
+    assert "served models: m" in doc["error"]
+    assert "no route" in assert_error(client.get("/v2/models/m/nope"), 404, "not_found")["error"]

@@ -172,7 +172,8 @@ def test_off_a_malformed_request_gets_its_400_even_while_the_queue_is_full() -> 
         ("/v2/models/m/versions/9/infer", JSON, 404, "model_not_found"),
         ("/v2/models/m/infer", {"content-type": "text/plain"}, 415, "unsupported_media_type"),
         ("/v2/models/m/infer", {**JSON, "content-encoding": "br"}, 415, "unsupported_media_type"),
-        ("/v2/models/m/infer", {"content-type": "application/octet-stream"}, 415, None),
+        # No Inference-Header-Content-Length: a JSON body (as Triton reads it), so queue full.
+        ("/v2/models/m/infer", {"content-type": "application/octet-stream"}, 503, "queue_full"),
         ("/v2/models/m/infer", {**JSON, "inference-header-content-length": "x"}, 400, None),
         # Escaped: left to the request path, which finds the queue full.
         ("/v2/models/%6D/infer", JSON, 503, "queue_full"),
