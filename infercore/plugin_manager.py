@@ -236,7 +236,7 @@ def make_plugin_manager(
     except pluggy.PluginValidationError as exc:
         plugin_name = pm.get_name(exc.plugin) or "?"
         # pluggy's text names the plugin by its repr: a module's holds its absolute path.
-        detail = re.sub(r"<module '([^']+)' from '[^']*'>", r"module \1", str(exc))
+        detail = re.sub(r"<module '([^']+)' from (['\"]).*?\2>", r"module \1", str(exc))
         raise PluginError(
             f"plugin {plugin_name!r} implements a hook infercore does not define: {detail}",
             hint="hook names are listed in infercore.hookspecs (e.g. register_model_loaders)",

@@ -57,9 +57,18 @@ def _restore_log_config() -> Iterator[None]:
         (lg, list(lg.handlers), list(lg.filters), lg.level, lg.propagate)
         for lg in (logging.getLogger(n) for n in names)
     ]
+    from infercore.server import logs
+
+    root = logging.getLogger()
+    root_handlers, leveled = list(root.handlers), set(logs._leveled)
     yield
     for lg, handlers, filters, level, propagate in saved:
         lg.handlers[:] = handlers
         lg.filters[:] = filters
         lg.setLevel(level)
         lg.propagate = propagate
+    # Its handler on the root logger too, and the levels it gave plugin packages' loggers.
+    root.handlers[:] = root_handlers
+    for package in logs._leveled - leveled:
+        logging.getLogger(package).setLevel(logging.NOTSET)
+    logs._leveled.intersection_update(leveled)

@@ -47,7 +47,9 @@ class DriftDetector(Component):
 
     A detector that keeps the columns it tests in a ``features`` list (set by the end of
     :meth:`start`) has them checked against the model's monitored columns when the server
-    starts: a name the model lacks is a config error then, not a failure every window.
+    starts: a name the model lacks is a config error then, not a failure every window. The
+    error names the option ``features`` (or the one the detector's ``features_option`` names,
+    where its columns come from another option).
     """
 
     @abc.abstractmethod

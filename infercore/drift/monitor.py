@@ -396,8 +396,10 @@ class DriftMonitor:
             shown = ", ".join(have[:20]) + (f" … ({len(have)} in all)" if len(have) > 20 else "")
             names = ", ".join(map(repr, missing[:10]))
             verb = "is not a column" if len(missing) == 1 else "are not columns"
+            # The option that holds them, where a detector keeps them under another name.
+            option = getattr(detector, "features_option", None) or "features"
             raise ConfigError(
-                f"{self._path}.detectors.{name}.features: {names} {verb} of model "
+                f"{self._path}.detectors.{name}.{option}: {names} {verb} of model "
                 f"{self.model}'s monitored tensors",
                 hint=f"columns: {shown or 'none'}; a tensor of shape [N, k] becomes "
                 "name[0] … name[k-1]; outputs are monitored only when listed in `outputs`",

@@ -570,13 +570,10 @@ class Runtime:
     def model(self, name: str) -> ServedModel:
         served = self.models.get(name)
         if served is None:
-            hint = f"served models: {', '.join(self.models) or 'none'}"
-            if name == "stats":  # tritonclient's get_inference_statistics() with no model
-                hint = (
-                    "Triton's statistics extension (GET /v2/models/stats) is not served; "
-                    f"GET /metrics has the Prometheus metrics; {hint}"
-                )
-            raise ModelNotFound(f"unknown model {quoted(name)}", hint=hint)
+            raise ModelNotFound(
+                f"unknown model {quoted(name)}",
+                hint=f"served models: {', '.join(self.models) or 'none'}",
+            )
         return served
 
     # -- start and stop -------------------------------------------------------------------

@@ -994,7 +994,7 @@ def create_admin_app(runtime: Runtime, token: AdminTokens) -> BearerAuth:
         ],
         exception_handlers={
             **EXCEPTION_HANDLERS,
-            HTTPException: http_exception_handler("admin.max_body_bytes"),
+            HTTPException: http_exception_handler("admin.max_body_bytes", extension_notes=False),
         },
         request_max_body_size=cfg.max_body_bytes,
         openapi_config=None,

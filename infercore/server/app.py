@@ -396,6 +396,13 @@ def _content_type_ok(headers: Mapping[str, str]) -> str | None:
     return encoding
 
 
+def _binary_without_length(headers: Mapping[str, str], exc: InvalidInput) -> bool:
+    """Whether ``exc`` (from decoding a body without Inference-Header-Content-Length) is most
+    likely a binary-extension body sent without that header: octet-stream, not JSON."""
+    media = (headers.get("content-type") or "").split(";", 1)[0].strip().lower()
+    return media == "application/octet-stream" and exc.message.startswith("malformed JSON")
+
+
 def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
     """A gzip or deflate body, decompressed to at most ``limit`` bytes (no zip bombs)."""
     inflater = zlib.decompressobj(_ENCODINGS[encoding])
@@ -669,14 +676,24 @@ def create_app(
             if encoding is not None:
                 body = _inflate(body, encoding, cfg.max_body_bytes)
             if protocol == "v2":
-                decoded = v2.decode(
-                    body,
-                    header_length,
-                    max_elements=max_elements,
-                    max_rows=max_rows,
-                    unbatched=unbatched_of.get(served.name)
-                    or functools.partial(_unbatched_input, served),
-                )
+                try:
+                    decoded = v2.decode(
+                        body,
+                        header_length,
+                        max_elements=max_elements,
+                        max_rows=max_rows,
+                        unbatched=unbatched_of.get(served.name)
+                        or functools.partial(_unbatched_input, served),
+                    )
+                except InvalidInput as exc:
+                    if header_length is None and _binary_without_length(headers, exc):
+                        raise InvalidInput(
+                            exc.message,
+                            hint="a body of binary tensors needs the "
+                            "Inference-Header-Content-Length header (the byte length of its "
+                            "JSON header); without it the body is read as JSON",
+                        ) from None
+                    raise
                 if decoded.timeout_s is not None and start + decoded.timeout_s < deadline:
                     # Triton's parameters.timeout: it may shorten the deadline, never extend it.
                     deadline = start + decoded.timeout_s
@@ -1039,7 +1056,17 @@ def create_app(
         operation_class=ModelMetadataOperation,
     )
     async def model_metadata(model_name: FromPath[str]) -> Response[bytes]:
-        return metadata(*lookup_version(model_name, None))
+        try:
+            return metadata(*lookup_version(model_name, None))
+        except ModelNotFound as exc:
+            if model_name != "stats":
+                raise
+            # tritonclient's get_inference_statistics() with no model asks for this.
+            raise ModelNotFound(
+                exc.message,
+                hint="Triton's statistics extension (GET /v2/models/stats) is not served; "
+                f"GET /metrics has the Prometheus metrics; {exc.hint}",
+            ) from None
 
     @get(
         "/v2/models/{model_name:str}/versions/{version:str}",

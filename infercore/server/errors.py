@@ -99,8 +99,15 @@ def unserved_extension(path: str) -> str | None:
     return None
 
 
-def http_exception_handler(body_limit: str) -> Callable[..., Response[bytes]]:
-    """The handler of Litestar's HTTP errors; a 413 names ``body_limit``, the setting to raise."""
+def http_exception_handler(
+    body_limit: str, *, extension_notes: bool = True
+) -> Callable[..., Response[bytes]]:
+    """The handler of Litestar's HTTP errors; a 413 names ``body_limit``, the setting to raise.
+
+    ``extension_notes``: a 404 for one of Triton's endpoints says which extension it belongs
+    to (:func:`unserved_extension`); off on the admin listener, which serves the repository
+    extension itself.
+    """
 
     def handle_http_exception(
         request: Request[Any, Any, Any], exc: HTTPException
@@ -111,7 +118,7 @@ def http_exception_handler(body_limit: str) -> Callable[..., Response[bytes]]:
             message = f"request body too large ({body_limit})"
         elif status == 404:
             message = f"no route for {request.method} {request.url.path}"
-            note = unserved_extension(request.url.path)
+            note = unserved_extension(request.url.path) if extension_notes else None
             if note is not None:
                 message = f"{message}: {note} (hint: GET /v2 lists the extensions served)"
         elif status >= 500:

@@ -344,6 +344,34 @@ def plugin_packages() -> set[str]:
     return packages
 
 
+class _RootFilter(logging.Filter):
+    """What infercore's handler on the root logger lets through: a plugin package's records
+    at the server's level; any other library's at WARNING or the server's level, whichever is
+    higher (a library that sets its own logger to INFO does not fill the log, nor print what
+    its INFO lines hold); and only a record no handler below the root printed already (a
+    library with a handler of its own that still propagates would print it twice)."""
+
+    def __init__(self, level: int, packages: frozenset[str]) -> None:
+        super().__init__()
+        self.level = level
+        self.library_level = max(level, logging.WARNING)
+        self.packages = packages
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        name = record.name
+        floor = self.level if name.partition(".")[0] in self.packages else self.library_level
+        if record.levelno < floor:
+            return False
+        logger: logging.Logger | None = logging.getLogger(name)
+        while logger is not None and logger.parent is not None:  # stop at the root
+            if any(not isinstance(h, logging.NullHandler) for h in logger.handlers):
+                return False
+            if not logger.propagate:
+                break
+            logger = logger.parent
+        return True
+
+
 def configure(level: str = "info", fmt: str = "text", stream: str = "stderr") -> None:
     """Route infercore's (and uvicorn's) logs, and Python warnings, to stderr (or stdout) in
     the chosen format; and every other logger's records too, through the root logger: the
@@ -359,10 +387,6 @@ def configure(level: str = "info", fmt: str = "text", stream: str = "stderr") ->
     # Without a handler on the root logger, a plugin's or a library's line is dropped below
     # WARNING and printed bare (no time, level or logger; no JSON) above it. Handlers others
     # put there (a test's log capture) stay; the one an earlier call put there goes.
-    root = logging.getLogger()
-    root.handlers[:] = [h for h in root.handlers if not getattr(h, "infercore_root", False)]
-    handler.infercore_root = True  # type: ignore[attr-defined]
-    root.addHandler(handler)
     try:
         packages = plugin_packages()
     except Exception:  # a broken installation: the plugin manager names it, not this
@@ -370,6 +394,13 @@ def configure(level: str = "info", fmt: str = "text", stream: str = "stderr") ->
     for package in packages | _leveled:
         logging.getLogger(package).setLevel(level.upper())
     _leveled.update(packages)
+    root = logging.getLogger()
+    root.handlers[:] = [h for h in root.handlers if not getattr(h, "infercore_root", False)]
+    to_root = logging.StreamHandler(handler.stream)
+    to_root.setFormatter(handler.formatter)
+    to_root.addFilter(_RootFilter(logging.getLevelName(level.upper()), frozenset(_leveled)))
+    to_root.infercore_root = True  # type: ignore[attr-defined]
+    root.addHandler(to_root)
     # uvicorn logs a WARNING per malformed request (and per upgrade it cannot serve): a client
     # sending them in a loop would flood the log. At most one line per message every 10 s.
     uvicorn_log = logging.getLogger("uvicorn.error")

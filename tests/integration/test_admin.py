@@ -680,6 +680,9 @@ def test_admin_bodies_are_json_and_the_413_names_the_admin_limit(tmp_path: Path)
         )
         assert r.status_code == 200, r.text
         assert (await a.post(load)).status_code == 200  # an empty body: load the model
+        # A typo here is a plain 404: this listener serves the repository extension.
+        typo = assert_refused(await a.post("/v2/repository/models/m/lod"), 404, "not_found")
+        assert typo["error"] == "no route for POST /v2/repository/models/m/lod"
         # The inference listener's limit is still server.max_body_bytes.
         r = await i.post("/v2/models/m/infer", content=b"x" * (9 * 1024 * 1024))
         assert "server.max_body_bytes" in assert_refused(r, 413, "body_too_large")["error"]

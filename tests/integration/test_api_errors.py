@@ -311,7 +311,12 @@ def test_octet_stream_without_the_header_length_is_read_as_json(client: Any) -> 
     assert r.json()["outputs"] == json_only.json()["outputs"]
     octet = {"content-type": "application/octet-stream"}
     not_json = client.post("/v2/models/m/infer", content=b"\x00\x01", headers=octet)
-    assert_error(not_json, 400, "invalid_input")
+    doc = assert_error(not_json, 400, "invalid_input")
+    assert doc["error"].startswith("malformed JSON"), doc
+    assert "needs the Inference-Header-Content-Length header" in doc["error"], doc
+    # As JSON, the same bytes get no such hint: nothing suggests a binary body.
+    doc = assert_error(post_raw(client, b"\x00\x01", "/v2/models/m/infer"), 400, "invalid_input")
+    assert "Inference-Header-Content-Length" not in doc["error"], doc
 
 
 def test_body_over_the_limit_is_413_and_the_server_keeps_serving(client: Any) -> None:
@@ -732,3 +737,7 @@ def test_statistics_of_every_model_is_not_an_unknown_model_called_stats(client: 
     assert "Triton's statistics extension (GET /v2/models/stats) is not served" in doc["error"]
     assert "served models: m" in doc["error"]
     assert "no route" in assert_error(client.get("/v2/models/m/nope"), 404, "not_found")["error"]
+    # Only there: an inference request for a model called stats is an unknown model.
+    for path in ("/v1/models/stats:predict", "/v2/models/stats/infer"):
+        doc = assert_error(client.post(path, json={}), 404, "model_not_found")
+        assert "statistics" not in doc["error"], doc

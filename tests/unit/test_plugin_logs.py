@@ -53,3 +53,27 @@ def test_the_level_follows_a_second_configure(
     err = capsys.readouterr().err
     assert err.count("shown once") == 1 and "below error now" not in err  # one root handler
     assert "infercore_paging.batcher" in err  # formatted: the logger is named
+
+
+def test_a_librarys_own_info_level_and_own_handler_are_respected(
+    plugin_package: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    chatty = logging.getLogger("chattylib")
+    chatty.setLevel(logging.INFO)  # a library that turns its own INFO lines on
+    own = logging.getLogger("ownhandlerlib")
+    mine = logging.StreamHandler()  # writes to the captured stderr, bare
+    own.addHandler(mine)
+    try:
+        configure("info", "json", "stderr")
+        chatty.info("CA file at /etc/secret/ca.pem")  # not a warning: not in the log
+        chatty.warning("chatty warning")
+        own.warning("own warning")  # printed by its own handler, and not a second time
+        err = capsys.readouterr().err
+    finally:
+        chatty.setLevel(logging.NOTSET)
+        own.removeHandler(mine)
+    assert "/etc/secret" not in err
+    assert err.count("own warning") == 1 and err.count("chatty warning") == 1
+    assert [json.loads(line)["logger"] for line in err.splitlines() if line.startswith("{")] == [
+        "chattylib"
+    ]

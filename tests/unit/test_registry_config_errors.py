@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from infercore.builtins.batchers import NoBatcher
 from infercore.components import ComponentContext
 from infercore.errors import ConfigError
+from infercore.hookspecs import hookimpl
 from infercore.plugin_manager import make_plugin_manager
 from infercore.registry import Registry
 from infercore.testing import FakeModel
@@ -34,14 +37,24 @@ def test_an_init_config_error_names_the_recipe_once(label: str) -> None:
     assert info.value.hint and "lower max_queue_delay_ms" in info.value.hint
 
 
-def test_a_schema_error_is_not_named_twice() -> None:
-    registry = Registry(make_plugin_manager()[0])
+class _Wraps(NoBatcher):
+    """A batcher whose __init__ re-raises an inner component's error, already named."""
+
+    kind = "wraps"
+
+    def __init__(self, *args: Any) -> None:
+        raise ConfigError("batching.inner.x: bad (recipe=iris)", hint="fix x")
+
+
+class _Plugin:
+    @hookimpl
+    def register_batchers(self) -> list[Any]:
+        return [_Wraps]
+
+
+def test_an_error_already_naming_the_recipe_is_not_named_twice() -> None:
+    registry = Registry(make_plugin_manager([("wraps", _Plugin())])[0])
+    context = ComponentContext("batching", Path("."))
     with pytest.raises(ConfigError) as info:
-        registry.build(
-            "batcher",
-            {"kind": "dynamic", "max_queue_size": 0},
-            ComponentContext("batching", Path(".")),
-            _model(),
-            label="recipe=iris",
-        )
-    assert str(info.value).count("(recipe=iris)") == 1
+        registry.build("batcher", {"kind": "wraps"}, context, _model(), label="recipe=iris")
+    assert str(info.value) == "batching.inner.x: bad (recipe=iris) (hint: fix x)"
