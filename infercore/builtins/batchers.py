@@ -36,6 +36,7 @@ from infercore.components import (
     submission_requests,
     v2_datatype,
 )
+from infercore.components.batching import observe_wait
 from infercore.errors import (
     BackendError,
     ConfigError,
@@ -339,15 +340,6 @@ class _Drain:
         return 1000 * queued * self._seconds / self._units
 
 
-def _observe_wait(observer: BatchObserver, seconds: float, requests: int) -> None:
-    """``observe_queue_wait``, with ``requests`` only when it is not 1: an observer written
-    before that argument (``observe_queue_wait(self, seconds)``) keeps working."""
-    if requests == 1:
-        observer.observe_queue_wait(seconds)
-    else:
-        observer.observe_queue_wait(seconds, requests)
-
-
 def _horizon_s(queue_timeout_ms: float, on: bool) -> float | None:
     return queue_timeout_ms / 1000 * HEADROOM if on else None
 
@@ -525,7 +517,7 @@ class NoBatcher(Batcher):
             if now is not None:
                 self.observer.set_queue_depth(self._waiting)
                 self._drain.took(1, now, self._waiting > 0)
-            _observe_wait(self.observer, waited, submission_requests())
+            observe_wait(self.observer, waited, submission_requests())
         except BaseException:
             self._slots.release()
             raise
@@ -1373,7 +1365,7 @@ class DynamicBatcher(Batcher):
         self._queued_rows -= item.rows
         if item.timer is not None:
             item.timer.cancel()
-        _observe_wait(self.observer, now - item.queued_at, item.requests)
+        observe_wait(self.observer, now - item.queued_at, item.requests)
 
     # Hooks for subclasses (the adaptive batcher): when to stop waiting for a batch to fill,
     # and what happened to each batch. They run on the event loop and must not block.

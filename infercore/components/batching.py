@@ -40,6 +40,15 @@ class BatchObserver(Protocol):
     def set_queue_depth(self, depth: int) -> None: ...
 
 
+def observe_wait(observer: BatchObserver, seconds: float, requests: int) -> None:
+    """``observer.observe_queue_wait``, with ``requests`` only when it is not 1: an observer
+    written before that argument (``observe_queue_wait(self, seconds)``) keeps working."""
+    if requests == 1:
+        observer.observe_queue_wait(seconds)
+    else:
+        observer.observe_queue_wait(seconds, requests)
+
+
 class NullObserver:
     """An observer that records nothing (for tests and embedding)."""
 
@@ -67,8 +76,8 @@ class GuardedObserver:
 
     An exception from one of its methods is logged (the first with its traceback, then a count
     at most once a minute) and goes no further: a metrics hook's bug must not fail a request,
-    keep a model slot or end a batcher's collector. ``observe_queue_wait`` gets ``requests``
-    only when it is not 1, so an observer written before that argument keeps working. Other
+    keep a model slot or end a batcher's collector. ``observe_queue_wait`` goes through
+    :func:`observe_wait`, so an observer written before its ``requests`` argument works. Other
     attributes (``set_batch_wait_target``) are passed through, guarded the same way.
     infercore's own observers (``infallible = True``) are used unwrapped.
     """
@@ -112,10 +121,7 @@ class GuardedObserver:
 
     def observe_queue_wait(self, seconds: float, requests: int = 1) -> None:
         try:
-            if requests == 1:
-                self.inner.observe_queue_wait(seconds)
-            else:
-                self.inner.observe_queue_wait(seconds, requests)
+            observe_wait(self.inner, seconds, requests)
         except Exception as exc:
             self._failed("observe_queue_wait", exc)
 

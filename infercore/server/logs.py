@@ -376,7 +376,7 @@ def configure(level: str = "info", fmt: str = "text", stream: str = "stderr") ->
     """Route infercore's (and uvicorn's) logs, and Python warnings, to stderr (or stdout) in
     the chosen format; and every other logger's records too, through the root logger: the
     installed plugins' packages (``logging.getLogger(__name__)`` in a plugin) at ``level``,
-    libraries at their own level (the root's WARNING unless they set one)."""
+    other libraries at WARNING or ``level``, whichever is higher (:class:`_RootFilter`)."""
     handler = logging.StreamHandler(sys.stdout if stream == "stdout" else sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     for name in ("infercore", "uvicorn", "uvicorn.error", WARNINGS_LOGGER):
